@@ -1,0 +1,97 @@
+# reuseportd build. `make` builds the BPF object, then the Swift products.
+#   make            build everything (debug)
+#   make run        start the daemon with its built-in demo configuration
+#   make test       every test: unit + real-kernel tests (needs root)
+#   make V=1 ...    show full commands
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := all
+
+OUTPUT      ?= .output
+CLANG       ?= clang
+OBJCOPY     ?= llvm-objcopy
+SWIFT       ?= swift
+SWIFT_FLAGS ?=
+CONFIG      ?= debug
+ARCH        := $(shell uname -m)
+
+BPF_SRC     := bpf/dispatch.bpf.c
+ABI_HEADER  := bpf/dispatch.h
+BPF_OBJ     := $(OUTPUT)/dispatch.bpf.o
+# Debian packages the build and the tests need (apt names).
+APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2
+
+ifeq ($(V),1)
+Q =
+msg =
+else
+Q = @
+msg = @printf '  %-8s %s\n' "$(1)" "$(2)";
+endif
+
+BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
+	-fdebug-prefix-map=$(CURDIR)=.
+
+.PHONY: all bpf build run test unit-test deps clean help vectors
+
+all: build
+
+help:
+	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+
+# Installs what is missing when run as root; otherwise names it and stops.
+deps: $(OUTPUT)/.deps
+$(OUTPUT)/.deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(Q)missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "  APT     installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 1; \
+		else \
+			echo "missing Debian packages:$$missing"; \
+			echo "install them with: sudo apt-get install$$missing"; exit 1; \
+		fi; \
+	fi
+	$(Q)command -v $(CLANG) >/dev/null || { echo "no $(CLANG) with the BPF target: the Swift toolchain ships one (/opt/swift/usr/bin)"; exit 1; }
+	$(Q)touch $@
+
+# The object is reproducible: -fdebug-prefix-map drops the build folder from the debug
+# info, and --strip-debug keeps BTF (which libbpf needs) but drops DWARF.
+bpf: $(BPF_OBJ)
+$(BPF_OBJ): $(BPF_SRC) $(ABI_HEADER) $(OUTPUT)/.deps
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $(BPF_SRC) -o $@.tmp
+	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
+	$(Q)rm -f $@.tmp
+
+# SwiftPM does not see that CReuseportABI depends on the ABI header and the object (it
+# reaches them through a relative include and #embed): touch the C file when either
+# changes so the Swift side is rebuilt with them.
+$(OUTPUT)/.abi-stamp: $(BPF_OBJ) $(ABI_HEADER)
+	$(Q)touch Sources/CReuseportABI/object.c $@
+
+build: $(OUTPUT)/.abi-stamp
+	$(call msg,SWIFT,build -c $(CONFIG))
+	$(Q)$(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS)
+
+run: build
+	$(Q)$(SWIFT) run -c $(CONFIG) $(SWIFT_FLAGS) reuseportd $(ARGS)
+
+unit-test: $(OUTPUT)/.abi-stamp
+	$(call msg,TEST,swift test)
+	$(Q)$(SWIFT) test $(SWIFT_FLAGS)
+
+test: unit-test
+
+clean:
+	$(call msg,CLEAN,$(OUTPUT) .build)
+	$(Q)rm -rf $(OUTPUT) .build
+
+# Flow-hash test vectors from the C hash in the ABI header (checked in; the Swift tests
+# hold the Swift implementation to them).
+vectors: bpf/testdata/flow-hash-vectors.txt
+bpf/testdata/flow-hash-vectors.txt: bpf/testdata/flow-hash-vectors.c $(ABI_HEADER)
+	$(call msg,GEN,$@)
+	$(Q)$(CLANG) -O2 -Wall -Werror -o $(OUTPUT)/flow-hash-vectors $< && $(OUTPUT)/flow-hash-vectors > $@

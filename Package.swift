@@ -1,0 +1,87 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// The layout mirrors the architecture:
+//   bpf/                      the data plane (BPF C + the one ABI header, bpf/dispatch.h)
+//   Sources/CLibbpf           libbpf, as a system library
+//   Sources/CReuseportABI     the ABI header and the compiled BPF object, for Swift
+//   Sources/ReuseportKit      typed Swift over libbpf and sockets: load, attach, slots, buckets, counters, pins
+//   Sources/ReuseportControl  the control-socket protocol between the daemon and the CLI
+//   Sources/ReuseportDaemon   configuration, supervision, built-in workers (the daemon as a library)
+//   Sources/reuseportd        the daemon executable
+//   Sources/reuseportctl      the operator CLI
+//   Sources/kernel-check      the kernel-feature suite, run on the host and inside VMs
+//   Sources/reuseport-bench   the benchmark suite
+let package = Package(
+    name: "reuseportd",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "reuseportd", targets: ["reuseportd"]),
+        .executable(name: "reuseportctl", targets: ["reuseportctl"]),
+        .executable(name: "kernel-check", targets: ["kernel-check"]),
+        .executable(name: "reuseport-bench", targets: ["reuseport-bench"]),
+        .library(name: "ReuseportKit", targets: ["ReuseportKit"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+    ],
+    targets: [
+        .systemLibrary(name: "CLibbpf", pkgConfig: "libbpf", providers: [.apt(["libbpf-dev", "libelf-dev", "zlib1g-dev"])]),
+        // Includes bpf/dispatch.h and embeds the BPF object that `make` builds into .output/.
+        .target(name: "CReuseportABI"),
+        .target(
+            name: "ReuseportKit",
+            dependencies: [
+                "CLibbpf", "CReuseportABI",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .target(
+            name: "ReuseportControl",
+            dependencies: ["ReuseportKit"]
+        ),
+        .target(
+            name: "ReuseportDaemon",
+            dependencies: [
+                "ReuseportKit", "ReuseportControl",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "TOMLKit", package: "TOMLKit"),
+            ]
+        ),
+        .executableTarget(
+            name: "reuseportd",
+            dependencies: [
+                "ReuseportDaemon",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "reuseportctl",
+            dependencies: [
+                "ReuseportKit", "ReuseportControl",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(
+            name: "kernel-check",
+            dependencies: ["ReuseportKit", "ReuseportTestSupport"]
+        ),
+        .executableTarget(
+            name: "reuseport-bench",
+            dependencies: [
+                "ReuseportKit",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // Real-socket helpers (clients from many source ports, receive with deadline) shared by
+        // the tests, the kernel-feature suite and the benchmarks.
+        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit"]),
+        .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),
+    ],
+    // C23 for #embed of the BPF object (Sources/CReuseportABI/object.c).
+    cLanguageStandard: .gnu2x
+)

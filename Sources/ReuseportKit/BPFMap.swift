@@ -1,0 +1,106 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLibbpf
+@_exported import CReuseportABI
+
+/// An open BPF map: owns its fd and closes it once. Keys of every map in
+/// bpf/dispatch.h are `__u32`; values are the C structs from that header.
+public final class BPFMap: @unchecked Sendable {
+    public let name: String
+    public let fd: Int32
+    public let type: UInt32
+    public let keySize: Int
+    public let valueSize: Int
+    public let maxEntries: UInt32
+
+    /// Takes ownership of `fd` and checks the map against the layout this build expects:
+    /// a pinned map left by another version is refused with `.abiMismatch`.
+    init(owning fd: Int32, name: String, keySize expectedKey: Int, valueSize expectedValue: Int) throws {
+        var info = bpf_map_info()
+        var length = UInt32(MemoryLayout<bpf_map_info>.size)
+        if bpf_obj_get_info_by_fd(fd, &info, &length) != 0 {
+            let code = errno
+            Syscall.close(fd)
+            throw ReuseportError.system("bpf_obj_get_info_by_fd(\(name))", code)
+        }
+        self.name = name
+        self.fd = fd
+        self.type = info.type
+        self.keySize = Int(info.key_size)
+        self.valueSize = Int(info.value_size)
+        self.maxEntries = info.max_entries
+        if keySize != expectedKey {
+            throw ReuseportError.abiMismatch(map: name, field: "key", kernel: keySize, expected: expectedKey)
+        }
+        // A REUSEPORT_SOCKARRAY takes a u64 fd and answers a u64 cookie; its value_size
+        // is whatever was declared, 8 here.
+        if valueSize != expectedValue {
+            throw ReuseportError.abiMismatch(map: name, field: "value", kernel: valueSize, expected: expectedValue)
+        }
+    }
+
+    /// Opens the map pinned at `path` (bpf_obj_get).
+    convenience init(pinnedAt path: String, name: String, keySize: Int, valueSize: Int) throws {
+        let fd = bpf_obj_get(path)
+        if fd < 0 { throw ReuseportError.system("bpf_obj_get(\(path))", errno) }
+        try self.init(owning: fd, name: name, keySize: keySize, valueSize: valueSize)
+    }
+
+    deinit { Syscall.close(fd) }
+
+    /// Pins the map at `path` (bpf_obj_pin); the path's folder must be on bpffs.
+    public func pin(at path: String) throws {
+        if bpf_obj_pin(fd, path) != 0 { throw ReuseportError.system("bpf_obj_pin(\(path))", errno) }
+    }
+
+    /// The value at `key`, or nil if the key has none (ENOENT).
+    public func lookup<Value: BitwiseCopyable>(_ key: UInt32, as: Value.Type) throws -> Value? {
+        precondition(MemoryLayout<Value>.size == valueSize, "value type does not match map \(name)")
+        var key = key
+        let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
+        defer { value.deallocate() }
+        if bpf_map_lookup_elem(fd, &key, value) != 0 {
+            let code = errno
+            if code == ENOENT { return nil }
+            throw ReuseportError.system("bpf_map_lookup_elem(\(name)[\(key)])", code)
+        }
+        return value.pointee
+    }
+
+    public func update<Value: BitwiseCopyable>(_ key: UInt32, _ value: Value, flags: UInt64 = UInt64(BPF_ANY)) throws {
+        var key = key
+        var value = value
+        if bpf_map_update_elem(fd, &key, &value, flags) != 0 {
+            throw ReuseportError.system("bpf_map_update_elem(\(name)[\(key)])", errno)
+        }
+    }
+
+    /// Removes `key`; true if there was a value.
+    @discardableResult
+    public func delete(_ key: UInt32) throws -> Bool {
+        var key = key
+        if bpf_map_delete_elem(fd, &key) != 0 {
+            let code = errno
+            if code == ENOENT { return false }
+            throw ReuseportError.system("bpf_map_delete_elem(\(name)[\(key)])", code)
+        }
+        return true
+    }
+
+    /// The values of all possible CPUs at `key` of a per-CPU map.
+    public func lookupPerCPU<Value: BitwiseCopyable>(_ key: UInt32, as: Value.Type) throws -> [Value] {
+        precondition(MemoryLayout<Value>.size == valueSize, "value type does not match map \(name)")
+        let cpus = Int(libbpf_num_possible_cpus())
+        guard cpus > 0 else { throw ReuseportError.system("libbpf_num_possible_cpus", -Int32(cpus)) }
+        // Each CPU's value is padded to 8 bytes in the buffer (kernel/bpf/syscall.c, bpf_map_copy_value()).
+        let stride = (valueSize + 7) & ~7
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: stride * cpus, alignment: 8)
+        defer { buffer.deallocate() }
+        var key = key
+        if bpf_map_lookup_elem(fd, &key, buffer) != 0 {
+            throw ReuseportError.system("bpf_map_lookup_elem(\(name)[\(key)])", errno)
+        }
+        return (0..<cpus).map { buffer.load(fromByteOffset: $0 * stride, as: Value.self) }
+    }
+}

@@ -1,0 +1,178 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLibbpf
+import CReuseportABI
+
+/// The maps shared by every listener of one service (bpf/dispatch.h): configuration,
+/// bucket table, counters and worker state. Each listener has its own socket array.
+public final class DispatchMaps: @unchecked Sendable {
+    public let config: BPFMap
+    public let buckets: BPFMap
+    public let slotStats: BPFMap
+    public let globalStats: BPFMap
+    public let slotState: BPFMap
+
+    /// The names, in the object and as pin file names.
+    public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS, RP_MAP_SLOT_STATE]
+
+    static let layouts: [String: Int] = [
+        RP_MAP_CONFIG: MemoryLayout<rp_config>.size,
+        RP_MAP_BUCKETS: MemoryLayout<rp_slot_t>.size,
+        RP_MAP_SLOT_STATS: MemoryLayout<rp_slot_stats>.size,
+        RP_MAP_GLOBAL_STATS: MemoryLayout<rp_global_stats>.size,
+        RP_MAP_SLOT_STATE: MemoryLayout<rp_slot_state>.size,
+    ]
+
+    init(open: (String, Int) throws -> BPFMap) throws {
+        func map(_ name: String) throws -> BPFMap { try open(name, DispatchMaps.layouts[name]!) }
+        config = try map(RP_MAP_CONFIG)
+        buckets = try map(RP_MAP_BUCKETS)
+        slotStats = try map(RP_MAP_SLOT_STATS)
+        globalStats = try map(RP_MAP_GLOBAL_STATS)
+        slotState = try map(RP_MAP_SLOT_STATE)
+    }
+
+    /// Opens the maps a daemon pinned for one service.
+    public convenience init(pinned layout: PinLayout) throws {
+        try self.init { name, valueSize in
+            try BPFMap(pinnedAt: layout.path(ofShared: name), name: name,
+                       keySize: MemoryLayout<UInt32>.size, valueSize: valueSize)
+        }
+    }
+
+    var all: [BPFMap] { [config, buckets, slotStats, globalStats, slotState] }
+
+    public func pin(_ layout: PinLayout) throws {
+        for map in all { try map.pin(at: layout.path(ofShared: map.name)) }
+    }
+
+    // MARK: configuration
+
+    /// The configuration; a zeroed one (abi_version 0) before the first write.
+    public func readConfig() throws -> rp_config {
+        try config.lookup(0, as: rp_config.self) ?? rp_config()
+    }
+
+    public func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int) throws {
+        guard (1...Int(RP_MAX_BUCKETS)).contains(bucketCount) else {
+            throw ReuseportError.invalidArgument("bucket count \(bucketCount) is outside 1...\(RP_MAX_BUCKETS)")
+        }
+        guard (0...Int(RP_MAX_SLOTS)).contains(slotCount) else {
+            throw ReuseportError.invalidArgument("slot count \(slotCount) is outside 0...\(RP_MAX_SLOTS)")
+        }
+        let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed,
+                              bucket_count: UInt32(bucketCount), slot_count: UInt32(slotCount))
+        try config.update(0, value)
+    }
+
+    /// Refuses maps written by a program of another ABI version.
+    public func checkConfiguredABI() throws {
+        let version = try readConfig().abi_version
+        guard version == UInt32(RP_ABI_VERSION) else {
+            throw ReuseportError.abiMismatch(map: RP_MAP_CONFIG, field: "abi_version",
+                                             kernel: Int(version), expected: Int(RP_ABI_VERSION))
+        }
+    }
+
+    // MARK: buckets
+
+    /// The first `count` entries of the bucket table (default: the configured count).
+    public func readBuckets(count: Int? = nil) throws -> [UInt32] {
+        let count = try count ?? Int(readConfig().bucket_count)
+        return try (0..<UInt32(count)).map { try buckets.lookup($0, as: rp_slot_t.self) ?? 0 }
+    }
+
+    /// Writes the bucket table; with `previous`, only the entries that differ.
+    public func writeBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
+        guard table.count <= Int(RP_MAX_BUCKETS) else {
+            throw ReuseportError.invalidArgument("bucket table of \(table.count) entries exceeds \(RP_MAX_BUCKETS)")
+        }
+        for (bucket, slot) in table.enumerated() where previous == nil || previous![safe: bucket] != slot {
+            guard slot < UInt32(RP_MAX_SLOTS) else {
+                throw ReuseportError.invalidArgument("bucket \(bucket) names slot \(slot), beyond \(RP_MAX_SLOTS - 1)")
+            }
+            try buckets.update(UInt32(bucket), slot)
+        }
+    }
+
+    // MARK: counters
+
+    /// The slot's counters, summed over CPUs.
+    public func slotCounters(_ slot: UInt32) throws -> rp_slot_stats {
+        try slotStats.lookupPerCPU(slot, as: rp_slot_stats.self).reduce(into: rp_slot_stats()) { sum, cpu in
+            sum.packets &+= cpu.packets
+            sum.bytes &+= cpu.bytes
+            sum.fallbacks &+= cpu.fallbacks
+        }
+    }
+
+    /// The global counters, summed over CPUs.
+    public func globalCounters() throws -> rp_global_stats {
+        try globalStats.lookupPerCPU(0, as: rp_global_stats.self).reduce(into: rp_global_stats()) { sum, cpu in
+            sum.dropped_no_slot &+= cpu.dropped_no_slot
+            sum.unparsable &+= cpu.unparsable
+            sum.fallbacks &+= cpu.fallbacks
+            sum.select_errors &+= cpu.select_errors
+        }
+    }
+
+    /// Zeroes a slot's counters on every CPU (a slot that is reused starts from zero).
+    public func resetSlotCounters(_ slot: UInt32) throws {
+        let cpus = Int(libbpf_num_possible_cpus())
+        let stride = (slotStats.valueSize + 7) & ~7
+        let zeros = [UInt8](repeating: 0, count: stride * max(cpus, 1))
+        var key = slot
+        let result = zeros.withUnsafeBytes { bpf_map_update_elem(slotStats.fd, &key, $0.baseAddress, UInt64(BPF_ANY)) }
+        if result != 0 { throw ReuseportError.system("bpf_map_update_elem(\(slotStats.name)[\(slot)])", errno) }
+    }
+
+    // MARK: worker state
+
+    public func readSlotState(_ slot: UInt32) throws -> rp_slot_state {
+        try slotState.lookup(slot, as: rp_slot_state.self) ?? rp_slot_state()
+    }
+
+    public func writeSlotState(_ slot: UInt32, _ state: rp_slot_state) throws {
+        try slotState.update(slot, state)
+    }
+}
+
+extension Array {
+    subscript(safe index: Int) -> Element? { indices.contains(index) ? self[index] : nil }
+}
+
+/// One listener's REUSEPORT_SOCKARRAY: slot → socket.
+public final class SocketArray: @unchecked Sendable {
+    public let map: BPFMap
+
+    init(map: BPFMap) { self.map = map }
+
+    public convenience init(pinned layout: PinLayout, listener: Int) throws {
+        try self.init(map: BPFMap(pinnedAt: layout.path(ofSockets: listener), name: RP_MAP_SOCKETS,
+                                  keySize: MemoryLayout<UInt32>.size, valueSize: MemoryLayout<UInt64>.size))
+    }
+
+    /// Puts `socket` at `slot`. The socket must be bound (TCP: listening) with SO_REUSEPORT,
+    /// in the group the program is attached to, else the kernel answers EINVAL; a socket
+    /// already in the array answers EBUSY.
+    public func insert(_ socket: ReuseportSocket, at slot: UInt32) throws {
+        var key = slot
+        var fd = UInt64(socket.fd.rawValue)
+        if bpf_map_update_elem(map.fd, &key, &fd, UInt64(BPF_ANY)) != 0 {
+            throw ReuseportError.system("bpf_map_update_elem(sockarray \(RP_MAP_SOCKETS)[\(slot)], \(socket.endpoint))", errno)
+        }
+    }
+
+    /// Empties `slot`; flows of its buckets then fall back to live slots.
+    @discardableResult
+    public func remove(at slot: UInt32) throws -> Bool { try map.delete(slot) }
+
+    /// The cookie of the socket at `slot`, or nil when the slot is empty.
+    public func cookie(at slot: UInt32) throws -> UInt64? { try map.lookup(slot, as: UInt64.self) }
+
+    /// The slots below `limit` that hold a socket.
+    public func liveSlots(below limit: Int) throws -> Set<UInt32> {
+        try Set((0..<UInt32(limit)).filter { try cookie(at: $0) != nil })
+    }
+}

@@ -1,0 +1,64 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every failure the kit reports. Each names the call that failed, the errno it gave
+/// and, where one is known, a hint at the usual cause.
+public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable {
+    /// A syscall or libbpf call failed. `call` names it, with its main argument.
+    case system(call: String, errno: Int32, hint: String?)
+    /// A map's key or value size in the kernel disagrees with the layout Swift was built with.
+    case abiMismatch(map: String, field: String, kernel: Int, expected: Int)
+    /// Input that can never work: a malformed address, a slot out of range.
+    case invalidArgument(String)
+
+    public var description: String {
+        switch self {
+        case .system(let call, let errno, let hint):
+            var text = "\(call): \(String(cString: strerror(errno))) (errno \(errno))"
+            if let hint { text += "; \(hint)" }
+            return text
+        case .abiMismatch(let map, let field, let kernel, let expected):
+            return "map \(map): \(field) is \(kernel) bytes in the kernel but \(expected) in this build"
+                + "; the pinned maps belong to another version of reuseportd (remove the pins or use that version)"
+        case .invalidArgument(let text):
+            return text
+        }
+    }
+
+    /// The errno of a `.system` error.
+    public var errno: Int32? {
+        if case .system(_, let errno, _) = self { return errno }
+        return nil
+    }
+
+    /// Builds a `.system` error from `errno` with the hint usual for that call and errno.
+    static func system(_ call: String, _ code: Int32 = Glibc.errno) -> ReuseportError {
+        .system(call: call, errno: code, hint: hint(call: call, errno: code))
+    }
+
+    private static func hint(call: String, errno: Int32) -> String? {
+        switch errno {
+        case EPERM where call.hasPrefix("bpf") || call.hasPrefix("mount"):
+            return "needs root, or CAP_BPF with CAP_NET_ADMIN (and CAP_SYS_ADMIN to mount bpffs)"
+        case EPERM, EACCES:
+            return call.hasPrefix("bind") ? "ports below 1024 need root or CAP_NET_BIND_SERVICE" : "needs root"
+        case EADDRINUSE:
+            return "another socket holds this address without SO_REUSEPORT, or under another user"
+        case EADDRNOTAVAIL:
+            return "the address is not configured on any interface of this host"
+        case ENOENT where call.hasPrefix("bpf_obj_get"):
+            return "nothing is pinned there: is the daemon running, and is --pin-dir right?"
+        case EINVAL where call.contains("sockarray"):
+            return "a socket must be bound (TCP: listening) with SO_REUSEPORT before it enters the array"
+        case EBUSY where call.contains("sockarray"):
+            return "the socket is already in the array at another slot"
+        case E2BIG:
+            return "the key is beyond the map's size"
+        case ENOMEM where call.hasPrefix("bpf"):
+            return "kernels before 5.11 charge maps to RLIMIT_MEMLOCK: raise it (ulimit -l) or run as root"
+        default:
+            return nil
+        }
+    }
+}

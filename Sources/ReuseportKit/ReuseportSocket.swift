@@ -1,0 +1,110 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import SystemPackage
+
+/// A socket bound with SO_REUSEPORT: one slot of a listener's reuseport group.
+///
+/// It is created close-on-exec; handing it to a worker is explicit (the daemon dups it
+/// onto fd 3 in the child). It owns its fd and closes it exactly once, on `close()` or
+/// when it is released.
+public final class ReuseportSocket: @unchecked Sendable {
+    /// The endpoint actually bound: with port 0 asked, the port the kernel chose.
+    public let endpoint: Endpoint
+    private var rawFD: Int32
+
+    /// The open descriptor. Using it after `close()` is a programming error.
+    public var fd: FileDescriptor {
+        precondition(rawFD >= 0, "ReuseportSocket used after close()")
+        return FileDescriptor(rawValue: rawFD)
+    }
+
+    public var isClosed: Bool { rawFD < 0 }
+
+    /// Creates, configures and binds the socket; TCP sockets also listen, because the
+    /// kernel forms a TCP reuseport group only at listen() and only then will the socket
+    /// array take it (net/core/sock_reuseport.c, reuseport_array_update_check()).
+    ///
+    /// - Parameters:
+    ///   - endpoint: the address to bind. Port 0 picks a free port.
+    ///   - receiveBuffer: SO_RCVBUF in bytes, if set (the kernel doubles it and caps it at
+    ///     net.core.rmem_max; SO_RCVBUFFORCE is tried first, which root may use past the cap).
+    ///   - v6Only: IPV6_V6ONLY for IPv6 sockets; false makes `[::]` take IPv4 too.
+    ///   - backlog: listen() backlog for TCP.
+    public init(endpoint: Endpoint, receiveBuffer: Int? = nil, v6Only: Bool = true, backlog: Int32 = 1024) throws {
+        let family = endpoint.address.address.family
+        let fd = try Syscall.retrying("socket(\(endpoint.transport))") {
+            socket(family, endpoint.transport.socketType | Int32(SOCK_CLOEXEC.rawValue), 0)
+        }
+        do {
+            try Syscall.setOption(fd, SOL_SOCKET, SO_REUSEPORT, Int32(1), "SO_REUSEPORT")
+            if endpoint.transport == .tcp {
+                try Syscall.setOption(fd, SOL_SOCKET, SO_REUSEADDR, Int32(1), "SO_REUSEADDR")
+            }
+            if family == AF_INET6 {
+                try Syscall.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(v6Only ? 1 : 0), "IPV6_V6ONLY")
+            }
+            if let receiveBuffer {
+                let size = Int32(clamping: receiveBuffer)
+                do {
+                    try Syscall.setOption(fd, SOL_SOCKET, SO_RCVBUFFORCE, size, "SO_RCVBUFFORCE")
+                } catch {
+                    try Syscall.setOption(fd, SOL_SOCKET, SO_RCVBUF, size, "SO_RCVBUF")
+                }
+            }
+            _ = try endpoint.address.withSockaddr { address, length in
+                try Syscall.retrying("bind(\(endpoint))") { bind(fd, address, length) }
+            }
+            if endpoint.transport == .tcp {
+                try Syscall.retrying("listen(\(endpoint))") { listen(fd, backlog) }
+            }
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            _ = try withUnsafeMutablePointer(to: &storage) { pointer in
+                try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                    try Syscall.retrying("getsockname(\(endpoint))") { getsockname(fd, address, &length) }
+                }
+            }
+            self.endpoint = Endpoint(endpoint.transport, SocketAddress(storage: storage)!)
+            self.rawFD = fd
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+    }
+
+    deinit { close() }
+
+    /// Closes the socket (once; later calls do nothing). A socket closed while in a
+    /// REUSEPORT_SOCKARRAY leaves the array: lookups of its slot give ENOENT.
+    public func close() {
+        guard rawFD >= 0 else { return }
+        Syscall.close(rawFD)
+        rawFD = -1
+    }
+
+    /// The socket cookie (SO_COOKIE): what a REUSEPORT_SOCKARRAY lookup returns.
+    public func cookie() throws -> UInt64 {
+        try Syscall.getOption(fd.rawValue, SOL_SOCKET, rp_SO_COOKIE, UInt64.self, "SO_COOKIE")
+    }
+
+    /// The receive buffer the kernel granted (SO_RCVBUF, already doubled by the kernel).
+    public func receiveBufferSize() throws -> Int {
+        Int(try Syscall.getOption(fd.rawValue, SOL_SOCKET, SO_RCVBUF, Int32.self, "SO_RCVBUF"))
+    }
+
+    /// Attaches an SK_REUSEPORT program to this socket's group (SO_ATTACH_REUSEPORT_EBPF).
+    /// Attaching through one member applies to the whole group and replaces any program
+    /// attached before.
+    public func attach(_ program: DispatchProgram) throws {
+        try Syscall.setOption(fd.rawValue, SOL_SOCKET, rp_SO_ATTACH_REUSEPORT_EBPF, program.programFD,
+                              "SO_ATTACH_REUSEPORT_EBPF, \(endpoint)")
+    }
+
+    /// Detaches the group's program: the kernel's own hash selects again.
+    public func detachProgram() throws {
+        try Syscall.setOption(fd.rawValue, SOL_SOCKET, rp_SO_DETACH_REUSEPORT_BPF, Int32(0),
+                              "SO_DETACH_REUSEPORT_BPF, \(endpoint)")
+    }
+}

@@ -1,0 +1,1 @@
+print("reuseportd: not yet")

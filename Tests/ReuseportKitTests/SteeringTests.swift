@@ -1,0 +1,271 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import ReuseportTestSupport
+import Testing
+@testable import ReuseportKit
+
+/// The steering program on the running kernel: real sockets, real packets, counters read
+/// back from the maps. Needs root (loading BPF); every test here says so when it skips.
+@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+struct SteeringTests {
+    static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
+
+    func service(_ transport: Transport, on address: IPAddress, slots: Int, seed: UInt32 = 0x5eed)
+        throws -> ServiceDataPlane
+    {
+        try ServiceDataPlane(endpoints: [Endpoint(transport, SocketAddress(address, 0))], slotCount: slots,
+                             options: .init(seed: seed))
+    }
+
+    func sockets(_ plane: ServiceDataPlane) -> [UInt32: ReuseportSocket] {
+        plane.listeners[0].sockets
+    }
+
+    /// 512 flows from distinct source ports each land on the slot the Swift side predicts.
+    /// 16 slots too: above 10 sockets the kernel's UDP lookup takes another path (hslot2).
+    @Test(arguments: [4, 16], families)
+    func udpFlowsLandOnThePredictedSlot(slots: Int, address: IPAddress) throws {
+        let plane = try service(.udp, on: address, slots: slots)
+        let destination = plane.listeners[0].endpoint.address
+        let clients = try Traffic.clients(512, on: address)
+        let landed = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        let snapshot = try plane.snapshot()
+        var used = Set<UInt32>()
+        for client in clients {
+            let predicted = snapshot.placement(of: FlowTuple(.udp, from: client.local, to: destination)).slot
+            #expect(landed[client.local] == predicted, "\(client.local)")
+            used.insert(landed[client.local]!)
+        }
+        #expect(used.count == slots, "every slot receives some of 512 flows")
+        var total: UInt64 = 0
+        for slot in 0..<UInt32(slots) { total += try plane.maps.slotCounters(slot).packets }
+        #expect(total == 512, "the program counted every datagram: the BPF path ran")
+    }
+
+    /// TCP: the listener at the predicted slot accepts each connection.
+    @Test(arguments: [4, 16], families)
+    func tcpConnectionsAreAcceptedByThePredictedListener(slots: Int, address: IPAddress) throws {
+        let plane = try service(.tcp, on: address, slots: slots)
+        let destination = plane.listeners[0].endpoint.address
+        let snapshot = try plane.snapshot()
+        for _ in 0..<512 {
+            let client = try FlowClient(.tcp, local: SocketAddress(address, 0))
+            try client.connect(to: destination)
+            let accepted = try #require(try Traffic.acceptOne(from: sockets(plane)))
+            #expect(accepted.peer == client.local)
+            #expect(accepted.slot == snapshot.placement(of: FlowTuple(.tcp, from: client.local, to: destination)).slot)
+        }
+        var total: UInt64 = 0
+        for slot in 0..<UInt32(slots) { total += try plane.maps.slotCounters(slot).packets }
+        #expect(total == 512)
+    }
+
+    /// Closing the socket at one slot and putting a new one there moves no flow.
+    @Test func replacingASocketAtItsSlotMovesNoFlow() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 4)
+        let destination = plane.listeners[0].endpoint.address
+        let clients = try Traffic.clients(512, on: .loopbackV4)
+        let before = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        try plane.closeSlot(1)
+        try plane.reopenSlot(1)
+        let after = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        #expect(before == after)
+        #expect(Set(before.values).count == 4)
+    }
+
+    /// Why the product exists: the same scenario without the program moves flows. The
+    /// kernel moves its last socket into the hole (net/core/sock_reuseport.c,
+    /// __reuseport_detach_sock()) and hashes on socket positions.
+    @Test func withoutTheProgramReplacingASocketMovesFlows() throws {
+        let first = try ReuseportSocket(endpoint: Endpoint(parsing: "udp://127.0.0.1:0"))
+        var group: [UInt32: ReuseportSocket] = [0: first]
+        for slot in 1..<UInt32(4) { group[slot] = try ReuseportSocket(endpoint: first.endpoint) }
+        let clients = try Traffic.clients(512, on: .loopbackV4)
+        let before = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
+        group[1]!.close()
+        group[1] = try ReuseportSocket(endpoint: first.endpoint)
+        let after = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
+        let moved = clients.filter { before[$0.local] != after[$0.local] }.count
+        print("kernel default, 4 sockets, one replaced: \(moved) of 512 flows moved (\(moved * 100 / 512)%)")
+        #expect(moved > 512 / 8, "the kernel's own reuseport moved only \(moved) flows")
+    }
+
+    /// A foreign SO_REUSEPORT socket of the same user on the same port receives nothing.
+    @Test func foreignSocketOnThePortGetsNothing() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 4)
+        let foreign = try ReuseportSocket(endpoint: plane.listeners[0].endpoint)
+        var all = sockets(plane)
+        all[99] = foreign
+        let clients = try Traffic.clients(250, on: .loopbackV4)
+        var deliveries: [Delivery] = []
+        // Read after each round: 1000 datagrams at once would overflow default receive buffers.
+        for round in 0..<4 {
+            for client in clients { try client.send(Array("r\(round)".utf8), to: plane.listeners[0].endpoint.address) }
+            deliveries += try Traffic.receive(from: all, expected: 250)
+        }
+        #expect(deliveries.count == 1000)
+        #expect(try (0..<UInt32(4)).map { try plane.maps.slotCounters($0).packets }.reduce(0, +) == 1000)
+        #expect(deliveries.filter { $0.slot == 99 }.isEmpty)
+    }
+
+    /// An empty slot's flows go to the predicted fallback slot and are counted; refilling
+    /// the slot brings them back.
+    @Test(arguments: families)
+    func emptySlotFallsBackDeterministically(address: IPAddress) throws {
+        let plane = try service(.udp, on: address, slots: 4)
+        let destination = plane.listeners[0].endpoint.address
+        let clients = try Traffic.clients(400, on: address)
+        let before = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        try plane.closeSlot(2)
+
+        let snapshot = try plane.snapshot()
+        #expect(snapshot.liveSlots == [0, 1, 3])
+        let during = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        var fellBack = 0
+        for client in clients {
+            let placement = snapshot.placement(of: FlowTuple(.udp, from: client.local, to: destination))
+            #expect(during[client.local] == placement.slot)
+            if before[client.local] == 2 {
+                fellBack += 1
+                #expect(placement.isFallback)
+            } else {
+                #expect(during[client.local] == before[client.local], "flows of live slots stay")
+            }
+        }
+        #expect(fellBack > 0)
+        let fallbacks = try [0, 1, 3].map { try plane.maps.slotCounters($0).fallbacks }.reduce(0, +)
+        #expect(fallbacks == UInt64(fellBack))
+        #expect(try plane.maps.globalCounters().fallbacks == UInt64(fellBack))
+        // The same flow always falls back to the same slot.
+        let again = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        #expect(again == during)
+
+        try plane.reopenSlot(2)
+        let restored = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
+        #expect(restored == before)
+    }
+
+    /// With no live slot the program drops and counts; it never lets the kernel choose.
+    @Test func noLiveSlotDropsAndCounts() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 2)
+        let foreign = try ReuseportSocket(endpoint: plane.listeners[0].endpoint)
+        let destination = plane.listeners[0].endpoint.address
+        // Keep the group (and its program) alive through the foreign socket.
+        try plane.closeSlot(0)
+        try plane.closeSlot(1)
+        let clients = try Traffic.clients(20, on: .loopbackV4)
+        for client in clients { try client.send([1, 2, 3], to: destination) }
+        let got = try Traffic.receive(from: [7: foreign], expected: 1, idleMs: 300)
+        #expect(got.isEmpty)
+        #expect(try plane.maps.globalCounters().dropped_no_slot == 20)
+    }
+
+    /// Per-slot packets and payload bytes in the maps equal what was sent.
+    @Test func countersEqualWhatWasSent() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 4)
+        let destination = plane.listeners[0].endpoint.address
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        for (i, client) in clients.enumerated() {
+            for j in 0..<5 { try client.send([UInt8](repeating: 7, count: 10 + i + j), to: destination) }
+        }
+        let deliveries = try Traffic.receive(from: sockets(plane), expected: 320)
+        #expect(deliveries.count == 320)
+        for slot in 0..<UInt32(4) {
+            let mine = deliveries.filter { $0.slot == slot }
+            let counters = try plane.maps.slotCounters(slot)
+            #expect(counters.packets == UInt64(mine.count))
+            #expect(counters.bytes == UInt64(mine.reduce(0) { $0 + $1.payload.count }))
+            #expect(counters.fallbacks == 0)
+        }
+        let global = try plane.maps.globalCounters()
+        #expect(global.dropped_no_slot == 0 && global.unparsable == 0 && global.select_errors == 0)
+    }
+
+    /// Pinned maps reopen, in this process and from a second one (bpftool), with the same slots.
+    @Test func pinnedMapsReopenFromASecondProcess() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 4)
+        let layout = PinLayout(root: "/sys/fs/bpf/reuseportd-test-\(getpid())", service: "pins")
+        try plane.pin(layout)
+        defer { layout.remove() }
+
+        let reopened = try DispatchMaps(pinned: layout)
+        try reopened.checkConfiguredABI()
+        #expect(try reopened.readBuckets() == plane.buckets)
+        let array = try SocketArray(pinned: layout, listener: 0)
+        for slot in 0..<UInt32(4) {
+            let cookie = try plane.listeners[0].sockets[slot]!.cookie()
+            #expect(try array.cookie(at: slot) == cookie)
+            let output = try run("/usr/sbin/bpftool", ["-j", "map", "lookup", "pinned", layout.path(ofSockets: 0),
+                                                       "key", "\(slot)", "0", "0", "0"])
+            // bpftool prints the u64 cookie as 8 little-endian hex bytes.
+            let expected = (0..<8).map { "\"0x" + String(format2(UInt8(truncatingIfNeeded: cookie >> (8 * $0)))) + "\"" }
+            #expect(output.contains(expected.joined(separator: ",")), "bpftool: \(output)")
+        }
+        // A map opened with the wrong layout is refused with a typed error.
+        #expect(throws: ReuseportError.abiMismatch(map: RP_MAP_SLOT_STATE, field: "value", kernel: 32, expected: 16)) {
+            _ = try BPFMap(pinnedAt: layout.path(ofShared: RP_MAP_SLOT_STATE), name: RP_MAP_SLOT_STATE,
+                           keySize: 4, valueSize: 16)
+        }
+    }
+
+    /// The array's rules, with exact errno values.
+    @Test func socketArrayRules() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 2)
+        let array = plane.listeners[0].program.sockets
+        let unbound = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(unbound) }
+        var key: UInt32 = 5
+        var value = UInt64(unbound)
+        #expect(bpf_map_update_elem_checked(array.map.fd, &key, &value) == EINVAL)
+        #expect(throws: ReuseportError.self) { try array.insert(plane.listeners[0].sockets[0]!, at: 3) }
+        do {
+            try array.insert(plane.listeners[0].sockets[0]!, at: 3)
+        } catch let error as ReuseportError {
+            #expect(error.errno == EBUSY)
+            #expect(error.description.contains("already in the array"))
+        }
+        #expect(try array.cookie(at: 0) == plane.listeners[0].sockets[0]!.cookie())
+        #expect(try array.cookie(at: 7) == nil)
+    }
+}
+
+func format2(_ byte: UInt8) -> String {
+    let digits = Array("0123456789abcdef")
+    return String([digits[Int(byte >> 4)], digits[Int(byte & 15)]])
+}
+
+import CLibbpf
+
+func bpf_map_update_elem_checked(_ fd: Int32, _ key: inout UInt32, _ value: inout UInt64) -> Int32 {
+    bpf_map_update_elem(fd, &key, &value, UInt64(BPF_ANY)) == 0 ? 0 : errno
+}
+
+/// Runs a program and returns its standard output.
+func run(_ path: String, _ arguments: [String]) throws -> String {
+    var pipeFDs: [Int32] = [0, 0]
+    guard pipe(&pipeFDs) == 0 else { throw ReuseportError.system("pipe") }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
+    posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
+    let argv = ([path] + arguments).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid: pid_t = 0
+    let result = posix_spawn(&pid, path, &actions, nil, argv, environ)
+    posix_spawn_file_actions_destroy(&actions)
+    close(pipeFDs[1])
+    guard result == 0 else { close(pipeFDs[0]); throw ReuseportError.system("posix_spawn(\(path))", result) }
+    var output: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while true {
+        let count = read(pipeFDs[0], &buffer, buffer.count)
+        if count <= 0 { break }
+        output += buffer[0..<count]
+    }
+    close(pipeFDs[0])
+    var status: Int32 = 0
+    waitpid(pid, &status, 0)
+    return String(decoding: output, as: UTF8.self)
+}
