@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 #include "CReuseportABI.h"
 
-// Built by `make` (see the Makefile, target .output/dispatch.bpf.o). Building the Swift
-// package without make fails here: run `make` once first.
+// Built by `make` (see the Makefile, target .output/dispatch.bpf.o).
+#if !__has_embed("../../.output/dispatch.bpf.o")
+#error "the BPF object .output/dispatch.bpf.o is missing: run `make` (it builds the object, then the Swift package)"
+#endif
 static const unsigned char object[] = {
 #embed "../../.output/dispatch.bpf.o"
 };
