@@ -1,7 +1,8 @@
 # reuseportd build. `make` builds the BPF object, then the Swift products.
 #   make            build everything (debug)
 #   make run        start the daemon with its built-in demo configuration
-#   make test       every test: unit + real-kernel tests (needs root)
+#   make test       every test: unit + real-kernel tests + kernel-feature suite (needs root)
+#   make kernel-test  the kernel-feature suite on the running kernel (CHECKS=... picks checks)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -31,12 +32,12 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test deps clean help vectors
+.PHONY: all bpf build run test unit-test kernel-test deps clean help vectors
 
 all: build
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 deps: $(OUTPUT)/.deps
@@ -83,7 +84,15 @@ unit-test: $(OUTPUT)/.abi-stamp
 	$(call msg,TEST,swift test)
 	$(Q)$(SWIFT) test $(SWIFT_FLAGS)
 
-test: unit-test
+# The kernel-feature suite (Sources/kernel-check) on the running kernel; `make vmtest`
+# runs the same suite inside VMs. One line per check; V=1 adds the measured values.
+kernel-test: $(OUTPUT)/.abi-stamp
+	$(call msg,CHECK,kernel-check on $(shell uname -r))
+	$(Q)$(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS) --product kernel-check $(if $(Q),>/dev/null)
+	$(Q)"$$($(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS) --show-bin-path)/kernel-check" \
+		$(if $(Q),--no-values) $(CHECKS)
+
+test: unit-test kernel-test
 
 clean:
 	$(call msg,CLEAN,$(OUTPUT) .build)

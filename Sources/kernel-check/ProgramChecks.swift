@@ -1,0 +1,104 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLibbpf
+import ReuseportKit
+import ReuseportTestSupport
+
+/// Does the kernel load and run the steering program, and does it know every field of
+/// `struct sk_reuseport_md` that the program reads?
+enum ProgramChecks {
+    static let all: [Check] = [loadAndAttach, contextFields]
+
+    static let loadAndAttach = Check(
+        "program-load-attach",
+        "the steering program passes the verifier, attaches to a UDP group and runs (counters move)"
+    ) { context in
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
+                                         options: .init(seed: 0x5eed))
+        let program = plane.listeners[0].program
+        var info = bpf_prog_info()
+        var length = UInt32(MemoryLayout<bpf_prog_info>.size)
+        if bpf_obj_get_info_by_fd(program.programFD, &info, &length) != 0 {
+            throw ReuseportError.system(call: "bpf_obj_get_info_by_fd(\(RP_PROG_DISPATCH))", errno: errno, hint: nil)
+        }
+        context.record("xlated_insns", info.xlated_prog_len / 8)
+        context.record("jited_bytes", info.jited_prog_len)
+
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let payload = [UInt8](repeating: 0x42, count: 100)
+        try client.send(payload, to: plane.listeners[0].endpoint.address)
+        let got = try Traffic.receive(from: plane.listeners[0].sockets, expected: 1)
+        try context.expect(got.count == 1, "the datagram did not arrive")
+        let counters = try (0..<UInt32(2)).map { try plane.maps.slotCounters($0) }
+        let global = try plane.maps.globalCounters()
+        try context.expect(counters.map(\.packets).reduce(0, +) == 1,
+                           "the program did not count the datagram: is it attached?")
+        // ctx->len counts the UDP header too: the program subtracts it.
+        try context.expect(counters.map(\.bytes).reduce(0, +) == 100,
+                           "payload bytes counted: \(counters.map(\.bytes).reduce(0, +)), sent 100 (ctx->len)")
+        try context.expect(global.unparsable == 0 && global.dropped_no_slot == 0,
+                           "unparsable \(global.unparsable), dropped \(global.dropped_no_slot)")
+        return "loaded (\(info.xlated_prog_len / 8) insns), attached, 1 datagram steered and counted"
+    }
+
+    /// The fields of `struct sk_reuseport_md` (include/uapi/linux/bpf.h) with their offsets
+    /// and load sizes; the kernel checks each access in sk_reuseport_is_valid_access()
+    /// (net/core/filter.c) against the struct it was built with, so a field it does not
+    /// know is refused at load time. Pointers are 8-byte loads, the rest 4.
+    static let fields: [(name: String, offset: Int16, size: Int32, usedByProgram: Bool)] = [
+        ("data", 0, BPF_DW, true),
+        ("data_end", 8, BPF_DW, true),
+        ("len", 16, BPF_W, true),
+        ("eth_protocol", 20, BPF_W, true),
+        ("ip_protocol", 24, BPF_W, true),
+        ("bind_inany", 28, BPF_W, false),
+        ("hash", 32, BPF_W, false),
+        ("sk", 40, BPF_DW, false),
+        ("migrating_sk", 48, BPF_DW, false),
+    ]
+
+    static let contextFields = Check(
+        "context-fields",
+        "every sk_reuseport_md field the program reads is accepted by the verifier (others are recorded)"
+    ) { context in
+        var missing: [String] = []
+        var available: [String] = []
+        for field in fields {
+            let code = probeLoad(offset: field.offset, size: field.size)
+            context.record(field.name, code == 0 ? "yes" : "no(\(errnoName(code)))")
+            if code == 0 {
+                available.append(field.name)
+            } else if field.usedByProgram {
+                missing.append("\(field.name): \(errnoName(code))")
+            }
+        }
+        try context.expect(missing.isEmpty, "fields the program reads are refused: \(missing.joined(separator: ", "))")
+        return "all 5 used fields load; available: \(available.joined(separator: ","))"
+    }
+
+    /// Loads `r2 = *(size *)(ctx + offset); r0 = SK_PASS; exit` as an SK_REUSEPORT program.
+    /// Returns 0 if the verifier accepts it, else the errno.
+    static func probeLoad(offset: Int16, size: Int32) -> Int32 {
+        let instructions = [
+            bpf_insn(code: UInt8(BPF_LDX | BPF_MEM | size), dst_reg: 2, src_reg: 1, off: offset, imm: 0),
+            bpf_insn(code: UInt8(BPF_ALU64 | BPF_MOV | BPF_K), dst_reg: 0, src_reg: 0, off: 0,
+                     imm: Int32(SK_PASS.rawValue)),
+            bpf_insn(code: UInt8(BPF_JMP | BPF_EXIT), dst_reg: 0, src_reg: 0, off: 0, imm: 0),
+        ]
+        let fd = bpf_prog_load(BPF_PROG_TYPE_SK_REUSEPORT, "rp_probe", "GPL", instructions, instructions.count, nil)
+        if fd < 0 { return errno }
+        close(fd)
+        return 0
+    }
+}
+
+/// "EINVAL", "ENOENT", ... for the errno values these checks meet; the number otherwise.
+func errnoName(_ code: Int32) -> String {
+    let names: [Int32: String] = [
+        EPERM: "EPERM", ENOENT: "ENOENT", EINVAL: "EINVAL", EBUSY: "EBUSY", EACCES: "EACCES",
+        E2BIG: "E2BIG", ENOMEM: "ENOMEM", EEXIST: "EEXIST", EOPNOTSUPP: "EOPNOTSUPP", EISCONN: "EISCONN",
+        EAFNOSUPPORT: "EAFNOSUPPORT", EBADF: "EBADF",
+    ]
+    return names[code] ?? "errno \(code)"
+}
