@@ -10,6 +10,7 @@ import PackageDescription
 //   Sources/ReuseportDaemon   configuration, supervision, built-in workers (the daemon as a library)
 //   Sources/reuseportd        the daemon executable
 //   Sources/reuseportctl      the operator CLI
+//   Sources/CSockDiag         sock_diag/netlink uapi for the CLI (per-socket drop counters)
 //   Sources/kernel-check      the kernel-feature suite, run on the host and inside VMs
 //   Sources/reuseport-bench   the benchmark suite
 let package = Package(
@@ -59,10 +60,12 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // sock_diag and capability uapi for reuseportctl (per-socket drops, privilege probes).
+        .target(name: "CSockDiag"),
         .executableTarget(
             name: "reuseportctl",
             dependencies: [
-                "ReuseportKit", "ReuseportControl",
+                "ReuseportKit", "ReuseportControl", "CLibbpf", "CSockDiag",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -81,6 +84,9 @@ let package = Package(
         // the tests, the kernel-feature suite and the benchmarks.
         .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),
+        // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
+        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],
+                    exclude: ["golden"]),
     ],
     // C23 for #embed of the BPF object (Sources/CReuseportABI/object.c).
     cLanguageStandard: .gnu2x

@@ -1,1 +1,53 @@
-print("reuseportctl: not yet")
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+
+// Only this file decides exit codes: 0 success, 1 runtime error (CtlError and anything
+// a command throws), 2 bad arguments (ArgumentParser's parse and validate() errors).
+
+/// `--watch [SECONDS]`: ArgumentParser has no option with an optional value, so an interval
+/// given right after --watch (or as --watch=SECONDS) becomes `--watch --interval SECONDS`.
+func expandingWatchInterval(_ arguments: [String]) -> [String] {
+    var result: [String] = []
+    var index = 0
+    while index < arguments.count {
+        let argument = arguments[index]
+        if argument.hasPrefix("--watch=") {
+            result += ["--watch", "--interval", String(argument.dropFirst("--watch=".count))]
+        } else if argument == "--watch", index + 1 < arguments.count, Double(arguments[index + 1]) != nil {
+            result += ["--watch", "--interval", arguments[index + 1]]
+            index += 1
+        } else {
+            result.append(argument)
+        }
+        index += 1
+    }
+    return result
+}
+
+func writeStandardError(_ text: String) {
+    var text = text
+    text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+}
+
+/// Ends the process for `error`: help and clean exits 0 (ArgumentParser prints them),
+/// argument errors 2 with ArgumentParser's message and usage, anything else 1.
+func exit(for error: Error) -> Never {
+    let code = ReuseportCtl.exitCode(for: error)
+    if code == .success { ReuseportCtl.exit(withError: error) }
+    if code == .validationFailure {
+        writeStandardError(ReuseportCtl.fullMessage(for: error) + "\n")
+        exit(2)
+    }
+    if let exitCode = error as? ExitCode { exit(exitCode.rawValue) }
+    writeStandardError("reuseportctl: error: \(error)\n")
+    exit(1)
+}
+
+do {
+    var command = try ReuseportCtl.parseAsRoot(expandingWatchInterval(Array(CommandLine.arguments.dropFirst())))
+    try command.run()
+} catch {
+    exit(for: error)
+}

@@ -1,0 +1,196 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import ReuseportControl
+import ReuseportKit
+
+/// What the actions share: the daemon to ask, the service, and waiting for the pins to show
+/// the result (the daemon answers when it has acted; the worker may take a moment to be up).
+struct ActionOptions: ParsableArguments {
+    @Flag(name: .customLong("no-wait"), help: "Return when the daemon has accepted, without waiting for the result.")
+    var noWait = false
+
+    @Option(help: ArgumentHelp("Seconds to wait for the daemon and for the result.", valueName: "SECONDS"))
+    var timeout: Double = 30
+
+    func validate() throws {
+        guard timeout.isFinite, timeout > 0, timeout <= 3600 else {
+            throw ValidationError("--timeout \(timeout) is outside (0, 3600] seconds")
+        }
+    }
+}
+
+extension LocationOptions {
+    /// The service an action is for: the one named, or the daemon's only one.
+    func actionService(_ named: String?, client: ControlClient) throws -> String {
+        let status = try client.perform(ControlRequest(command: .status))
+        let names = (status.services ?? []).map(\.name)
+        if let named {
+            guard names.contains(named) else { throw CtlError.noSuchService(named, root: "the daemon", existing: names) }
+            return named
+        }
+        guard names.count == 1 else {
+            throw CtlError.serviceNeeded(existing: names, root: "the daemon at \(controlSocket)")
+        }
+        return names[0]
+    }
+
+    /// Polls the pinned maps of `service` until `done` holds or `timeout` passes; the last
+    /// snapshot read and whether `done` held. Nil if the pins cannot be read (other --pin-dir).
+    func waitForPins(_ service: String, timeout: Double, until done: (ServiceSnapshot) -> Bool)
+        -> (snapshot: ServiceSnapshot, done: Bool)?
+    {
+        let reader = ServiceReader(root: pinDirectory)
+        let deadline = monotonicSeconds() + timeout
+        while true {
+            guard let snapshot = try? reader.read([service], sockets: false).first else { return nil }
+            if done(snapshot) { return (snapshot, true) }
+            if monotonicSeconds() >= deadline { return (snapshot, false) }
+            usleep(50_000)
+        }
+    }
+
+    func pinnedSnapshot(_ service: String) -> ServiceSnapshot? {
+        try? ServiceReader(root: pinDirectory).read([service], sockets: false).first
+    }
+}
+
+struct RestartCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restart",
+        abstract: "Restart the worker of one slot (its socket, and so its flows, stay).",
+        discussion: """
+            Asks the daemon to stop the slot's worker and start a new one on the same socket. \
+            Datagrams that arrive meanwhile wait in the socket for the new worker. Then waits \
+            (see --no-wait) until the pinned state shows a new worker running.
+
+            Examples:
+              reuseportctl restart 2
+              reuseportctl restart 0 --service dns --no-wait
+            """
+    )
+
+    @OptionGroup(title: "Locations") var location: LocationOptions
+    @OptionGroup var service: ServiceOption
+    @OptionGroup var action: ActionOptions
+
+    @Argument(help: ArgumentHelp("The slot whose worker to restart.", valueName: "SLOT"))
+    var slot: UInt32
+
+    func validate() throws {
+        guard slot < UInt32(RP_MAX_SLOTS) else {
+            throw ValidationError("SLOT \(slot) is beyond the last possible slot, \(RP_MAX_SLOTS - 1)")
+        }
+    }
+
+    func run() throws {
+        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: action.timeout)
+        let name = try location.actionService(service.service, client: client)
+        let before = location.pinnedSnapshot(name)?.slots.first { $0.index == slot }
+        let response = try client.perform(ControlRequest(command: .restart, service: name, slot: slot))
+        print(response.message ?? "restart of slot \(slot) of \(name) accepted")
+        guard !action.noWait else { return }
+        let oldPid = before?.pid
+        let oldRestarts = before?.state.restarts
+        let result = location.waitForPins(name, timeout: action.timeout) { snapshot in
+            guard let now = snapshot.slots.first(where: { $0.index == slot }) else { return false }
+            let renewed = (oldPid != nil && now.pid != oldPid) || (oldRestarts != nil && now.state.restarts != oldRestarts)
+            return now.workerState == .running && now.pid != nil && renewed
+        }
+        guard let result else { return }
+        let now = result.snapshot.slots.first { $0.index == slot }
+        let pid = HumanFormat.optional(now?.pid)
+        guard result.done else {
+            throw CtlError.timeout("slot \(slot) of \(name) has no new running worker after \(Int(action.timeout)) s:"
+                                   + " state \(now.map { "\($0.workerState)" } ?? "unknown"), pid \(pid)")
+        }
+        print("slot \(slot) of \(name): worker \(HumanFormat.optional(oldPid)) -> \(pid), running")
+    }
+}
+
+struct ScaleCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "scale",
+        abstract: "Change the number of workers (slots) of a service, moving the fewest buckets.",
+        discussion: """
+            Growing from N to M slots moves only the buckets the new slots need (1 - N/M of them); \
+            shrinking moves only the buckets of the removed slots. Then waits (see --no-wait) until \
+            the pinned state shows N workers running, and says how many buckets moved.
+
+            Examples:
+              reuseportctl scale 8
+              reuseportctl scale 2 --service dns
+            """
+    )
+
+    @OptionGroup(title: "Locations") var location: LocationOptions
+    @OptionGroup var service: ServiceOption
+    @OptionGroup var action: ActionOptions
+
+    @Argument(help: ArgumentHelp("The number of workers.", valueName: "N"))
+    var workers: Int
+
+    func validate() throws {
+        guard (1...Int(RP_MAX_SLOTS)).contains(workers) else {
+            throw ValidationError("N \(workers) is outside 1...\(RP_MAX_SLOTS) workers")
+        }
+    }
+
+    func run() throws {
+        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: action.timeout)
+        let name = try location.actionService(service.service, client: client)
+        let before = location.pinnedSnapshot(name)
+        let response = try client.perform(ControlRequest(command: .scale, service: name, workers: workers))
+        print(response.message ?? "scale of \(name) to \(workers) accepted")
+        guard !action.noWait else { return }
+        let result = location.waitForPins(name, timeout: action.timeout) { snapshot in
+            snapshot.config.slot_count == UInt32(workers)
+                && (0..<UInt32(workers)).allSatisfy { slot in
+                    snapshot.slots.contains { $0.index == slot && $0.workerState == .running && $0.pid != nil }
+                }
+        }
+        guard let result else { return }
+        guard result.done else {
+            let running = result.snapshot.slots.filter { $0.workerState == .running }.count
+            throw CtlError.timeout("\(name) does not show \(workers) running workers after \(Int(action.timeout)) s:"
+                                   + " slot_count \(result.snapshot.config.slot_count), \(running) running")
+        }
+        var summary = "\(name): \(workers) workers running"
+        if let before, before.buckets.count == result.snapshot.buckets.count, !before.buckets.isEmpty {
+            let moved = zip(before.buckets, result.snapshot.buckets).filter { $0 != $1 }.count
+            summary += "; \(moved) of \(before.buckets.count) buckets moved"
+                + " (\(HumanFormat.percent(UInt64(moved), of: UInt64(before.buckets.count))))"
+        }
+        print(summary)
+    }
+}
+
+struct ReloadCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reload",
+        abstract: "Make the daemon re-read its configuration file (as SIGHUP does).",
+        discussion: """
+            Examples:
+              reuseportctl reload
+              reuseportctl reload --run-dir /run/reuseportd-staging
+            """
+    )
+
+    @OptionGroup(title: "Locations") var location: LocationOptions
+
+    @Option(help: ArgumentHelp("Seconds to wait for the daemon's answer.", valueName: "SECONDS"))
+    var timeout: Double = 30
+
+    func validate() throws {
+        guard timeout.isFinite, timeout > 0, timeout <= 3600 else {
+            throw ValidationError("--timeout \(timeout) is outside (0, 3600] seconds")
+        }
+    }
+
+    func run() throws {
+        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: timeout)
+        let response = try client.perform(ControlRequest(command: .reload))
+        print(response.message ?? "reloaded")
+    }
+}

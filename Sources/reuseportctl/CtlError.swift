@@ -1,0 +1,46 @@
+import ReuseportKit
+
+/// A runtime failure of a command: the daemon, the pins or the kernel did not give what was
+/// asked. `main` prints it and exits with status 1 (bad arguments exit with 2 before any
+/// command runs). Each case says where it looked and what to try.
+enum CtlError: Error, CustomStringConvertible {
+    case noPins(root: String, reason: String)
+    case noSuchService(String, root: String, existing: [String])
+    case serviceNeeded(existing: [String], root: String)
+    case unreadablePins(service: String, directory: String, underlying: Error)
+    case noDaemon(socket: String, reason: String)
+    case daemon(socket: String, reason: String)
+    case daemonRefused(String)
+    case listener(String)
+    case timeout(String)
+    case kernel(Error)
+
+    var description: String {
+        switch self {
+        case .noPins(let root, let reason):
+            return "no services pinned under \(root): \(reason)"
+                + "\n  is reuseportd running, and does --pin-dir name its pin folder?"
+        case .noSuchService(let name, let root, let existing):
+            return "no service '\(name)' under \(root); pinned there: \(existing.joined(separator: ", "))"
+        case .serviceNeeded(let existing, let root):
+            return "several services are pinned under \(root) (\(existing.joined(separator: ", "))): "
+                + "choose one with --service NAME"
+        case .unreadablePins(let service, let directory, let underlying):
+            return "cannot read the maps of service '\(service)' in \(directory): \(underlying)"
+        case .noDaemon(let socket, let reason):
+            return "no daemon answers at \(socket): \(reason)"
+                + "\n  is reuseportd running, and does --run-dir name its run folder?"
+                + " (read-only commands such as `map dump` work without it)"
+        case .daemon(let socket, let reason):
+            return "control socket \(socket): \(reason)"
+        case .daemonRefused(let reason):
+            return "the daemon refused: \(reason)"
+        case .listener(let reason):
+            return reason
+        case .timeout(let reason):
+            return reason
+        case .kernel(let error):
+            return "\(error)"
+        }
+    }
+}

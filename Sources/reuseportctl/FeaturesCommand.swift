@@ -1,0 +1,291 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import CLibbpf
+import CSockDiag
+import ReuseportKit
+
+/// `features`: probes the running kernel for everything reuseportd needs.
+struct FeaturesCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "features",
+        abstract: "Probe the running kernel for what reuseportd needs.",
+        discussion: """
+            Each probe asks the kernel itself (loads a program, creates a map, binds sockets on \
+            127.0.0.1 and sends one datagram through the steering program); nothing is inferred \
+            from the version number except where the line says "by version". SINCE is the kernel \
+            release that brought the feature.
+
+            Exit status: 0 when every required feature is present, 1 otherwise.
+
+            Examples:
+              reuseportctl features
+              reuseportctl features --json | jq '.features[] | select(.present | not)'
+            """
+    )
+
+    @Flag(help: "Print JSON (schema: docs/cli.md).")
+    var json = false
+
+    func run() throws {
+        let report = KernelProbe.run()
+        if json {
+            print(try JSONOutput.string(report))
+        } else {
+            print(report.text, terminator: "")
+        }
+        let missing = report.features.filter { $0.required && !$0.present }
+        if !missing.isEmpty {
+            throw CtlError.listener("required kernel features missing: " + missing.map(\.name).joined(separator: ", "))
+        }
+    }
+}
+
+struct FeatureReport: Encodable {
+    struct Feature: Encodable {
+        var name: String
+        var since: String
+        var required: Bool
+        var present: Bool
+        var detail: String
+    }
+
+    var kernel: String
+    var machine: String
+    var features: [Feature]
+
+    var text: String {
+        var table = TextTable([("FEATURE", .left), ("SINCE", .left), ("STATUS", .left), ("DETAIL", .left)])
+        for feature in features {
+            let status = feature.present ? "present" : (feature.required ? "MISSING" : "missing (optional)")
+            table.add([feature.name, feature.since, status, feature.detail])
+        }
+        return "kernel \(kernel) (\(machine))\n\n" + table.render()
+    }
+}
+
+/// The probes, each asking the kernel directly.
+enum KernelProbe {
+    static func run() -> FeatureReport {
+        var system = utsname()
+        uname(&system)
+        let release = withUnsafeBytes(of: system.release) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+        let machine = withUnsafeBytes(of: system.machine) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+        var features: [FeatureReport.Feature] = []
+        func add(_ name: String, _ since: String, required: Bool = true, _ probe: () -> (Bool, String)) {
+            let (present, detail) = probe()
+            features.append(.init(name: name, since: since, required: required, present: present, detail: detail))
+        }
+
+        add("privileges to load and attach BPF", "5.8 (CAP_BPF)") { privileges() }
+        add("bpffs at \(BPFFilesystem.mountPoint)", "4.4") { bpffs() }
+        add("BPF_PROG_TYPE_SK_REUSEPORT", "4.19") {
+            libbpfProbe(libbpf_probe_bpf_prog_type(BPF_PROG_TYPE_SK_REUSEPORT, nil), "program type")
+        }
+        add("BPF_MAP_TYPE_REUSEPORT_SOCKARRAY", "4.19") {
+            libbpfProbe(libbpf_probe_bpf_map_type(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, nil), "map type")
+        }
+        add("BPF_MAP_TYPE_PERCPU_ARRAY", "4.6") {
+            libbpfProbe(libbpf_probe_bpf_map_type(BPF_MAP_TYPE_PERCPU_ARRAY, nil), "map type")
+        }
+        for (helper, name) in [(BPF_FUNC_sk_select_reuseport, "bpf_sk_select_reuseport"),
+                               (BPF_FUNC_skb_load_bytes_relative, "bpf_skb_load_bytes_relative"),
+                               (BPF_FUNC_skb_load_bytes, "bpf_skb_load_bytes")] {
+            add("helper \(name) in sk_reuseport", "4.19") {
+                libbpfProbe(libbpf_probe_bpf_helper(BPF_PROG_TYPE_SK_REUSEPORT, helper, nil), "helper")
+            }
+        }
+        add("bounded loops in the verifier", "5.3") { boundedLoops() }
+        add("sk_reuseport_md data, data_end, len, eth_protocol, ip_protocol", "4.19") { dispatchProgram() }
+        add("SO_ATTACH_REUSEPORT_EBPF steering, end to end", "4.19") { steering() }
+        add("sock_diag socket memory info (receive drops)", "3.6", required: false) { socketDrops() }
+        add("maps charged to memcg, not RLIMIT_MEMLOCK", "5.11", required: false) { memcgAccounting(release) }
+        add("BPF run-time statistics (bpf_enable_stats)", "5.8", required: false) { runStatistics() }
+        return FeatureReport(kernel: release, machine: machine, features: features)
+    }
+
+    static func libbpfProbe(_ result: Int32, _ what: String) -> (Bool, String) {
+        switch result {
+        case 1: return (true, "the kernel accepts this \(what)")
+        case 0: return (false, "the kernel rejects this \(what)")
+        default: return (false, "probe failed: \(String(cString: strerror(-result)))")
+        }
+    }
+
+    static func privileges() -> (Bool, String) {
+        let effective = capabilities()
+        func has(_ capability: Int32) -> Bool { effective.map { $0 & (1 << UInt64(capability)) != 0 } ?? false }
+        let names = [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+                     (CAP_PERFMON, "CAP_PERFMON")].filter { has($0.0) }.map(\.1)
+        let held = names.isEmpty ? "no BPF-related capabilities" : names.joined(separator: ", ")
+        let who = geteuid() == 0 ? "root" : "uid \(geteuid())"
+        let enough = has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_NET_ADMIN))
+        return (enough, enough ? "\(who), \(held)" : "\(who), \(held): needs root, or CAP_BPF + CAP_NET_ADMIN")
+    }
+
+    /// CapEff of this process (/proc/self/status).
+    static func capabilities() -> UInt64? {
+        guard let file = fopen("/proc/self/status", "r") else { return nil }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 512)
+        while fgets(&line, Int32(line.count), file) != nil {
+            let text = line.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+            if text.hasPrefix("CapEff:") {
+                return UInt64(text.dropFirst("CapEff:".count).trimmingBlanks, radix: 16)
+            }
+        }
+        return nil
+    }
+
+    static func bpffs() -> (Bool, String) {
+        if BPFFilesystem.isBPF(BPFFilesystem.mountPoint) { return (true, "mounted") }
+        guard let file = fopen("/proc/filesystems", "r") else { return (false, "cannot read /proc/filesystems") }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), file) != nil {
+            if line.withUnsafeBufferPointer({ String(cString: $0.baseAddress!) }).split(whereSeparator: { $0 == "\t" || $0 == " " || $0 == "\n" }).last == "bpf" {
+                return (true, "not mounted, but the kernel has it: the daemon mounts it"
+                        + " (mount -t bpf bpf \(BPFFilesystem.mountPoint); needs CAP_SYS_ADMIN)")
+            }
+        }
+        return (false, "the kernel has no bpf filesystem")
+    }
+
+    /// Loads a four-instruction SK_REUSEPORT program with a backward jump: verifiers before
+    /// 5.3 reject any back-edge ("back-edge from insn"); later ones prove it terminates.
+    static func boundedLoops() -> (Bool, String) {
+        func insn(_ code: Int32, dst: UInt8 = 0, offset: Int16 = 0, imm: Int32 = 0) -> UInt64 {
+            UInt64(UInt8(code)) | UInt64(dst & 0x0f) << 8 | UInt64(UInt16(bitPattern: offset)) << 16
+                | UInt64(UInt32(bitPattern: imm)) << 32
+        }
+        let program: [UInt64] = [
+            insn(BPF_ALU64 | BPF_MOV | BPF_K, dst: 0, imm: 0),   // r0 = SK_DROP
+            insn(BPF_ALU64 | BPF_MOV | BPF_K, dst: 1, imm: 4),   // r1 = 4
+            insn(BPF_ALU64 | BPF_SUB | BPF_K, dst: 1, imm: 1),   // r1 -= 1
+            insn(BPF_JMP | BPF_JNE | BPF_K, dst: 1, offset: -2), // if r1 != 0 goto r1 -= 1
+            insn(BPF_JMP | BPF_EXIT),
+        ]
+        let fd = program.withUnsafeBytes { raw in
+            bpf_prog_load(BPF_PROG_TYPE_SK_REUSEPORT, "rp_loop_probe", "GPL",
+                          raw.bindMemory(to: bpf_insn.self).baseAddress, program.count, nil)
+        }
+        if fd < 0 { return (false, "the verifier rejected a loop: \(String(cString: strerror(-fd)))") }
+        close(fd)
+        return (true, "the verifier accepted a loop")
+    }
+
+    static func dispatchProgram() -> (Bool, String) {
+        do {
+            _ = try DispatchProgram()
+            return (true, "the verifier accepted rp_dispatch, which reads them")
+        } catch {
+            return (false, "rp_dispatch does not load: \(error)")
+        }
+    }
+
+    /// Two slots on 127.0.0.1:0; one datagram must reach the slot the flow hash predicts and
+    /// be counted by the program.
+    static func steering() -> (Bool, String) {
+        do {
+            let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
+                                             options: .init(seed: 0x5eed))
+            defer { plane.close() }
+            let destination = plane.listeners[0].endpoint.address
+            let client = try ProbeClient()
+            defer { client.close() }
+            try client.send(to: destination)
+            let predicted = try plane.snapshot().placement(of: FlowTuple(.udp, from: client.local, to: destination)).slot
+            guard let landed = receive(plane.listeners[0].sockets) else {
+                return (false, "the datagram did not arrive on any slot within 1 s")
+            }
+            let counted = try plane.maps.slotCounters(landed).packets
+            guard landed == predicted, counted == 1 else {
+                return (false, "landed on slot \(landed), predicted \(HumanFormat.optional(predicted)), counted \(counted)")
+            }
+            return (true, "a datagram landed on the predicted slot and was counted")
+        } catch {
+            return (false, "\(error)")
+        }
+    }
+
+    static func receive(_ sockets: [UInt32: ReuseportSocket]) -> UInt32? {
+        let order = sockets.keys.sorted()
+        var fds = order.map { pollfd(fd: sockets[$0]!.fd.rawValue, events: Int16(POLLIN), revents: 0) }
+        guard poll(&fds, nfds_t(fds.count), 1000) > 0 else { return nil }
+        return fds.firstIndex { $0.revents & Int16(POLLIN) != 0 }.map { order[$0] }
+    }
+
+    static func socketDrops() -> (Bool, String) {
+        do {
+            let socket = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
+            defer { socket.close() }
+            let cookie = try socket.cookie()
+            guard let found = try SocketDiagnostics.sockets([.udp])[cookie] else {
+                return (false, "sock_diag did not list a bound UDP socket")
+            }
+            return found.drops == nil ? (false, "sock_diag lists sockets without SK_MEMINFO_DROPS")
+                : (true, "per-socket drops, matched by cookie")
+        } catch {
+            return (false, "\(error)")
+        }
+    }
+
+    static func memcgAccounting(_ release: String) -> (Bool, String) {
+        let parts = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        let atLeast = parts.count == 2 && (parts[0], parts[1]) >= (5, 11)
+        if atLeast { return (true, "by version") }
+        var limit = rlimit()
+        getrlimit(__rlimit_resource_t(__RLIMIT_MEMLOCK.rawValue), &limit)
+        let text = limit.rlim_cur == rlim_t.max ? "unlimited" : HumanFormat.bytes(UInt64(limit.rlim_cur))
+        return (false, "by version: maps count against RLIMIT_MEMLOCK (now \(text))")
+    }
+
+    static func runStatistics() -> (Bool, String) {
+        let fd = bpf_enable_stats(BPF_STATS_RUN_TIME)
+        if fd < 0 { return (false, String(cString: strerror(-fd))) }
+        close(fd)
+        return (true, "enabled and disabled again")
+    }
+}
+
+/// A UDP client on 127.0.0.1 with a kernel-chosen port, for the steering probe.
+final class ProbeClient {
+    let fd: Int32
+    let local: SocketAddress
+
+    init() throws {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        if fd < 0 { throw ReuseportError.system(call: "socket(udp)", errno: errno, hint: nil) }
+        let any = SocketAddress(.loopbackV4, 0)
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let bound = any.withSockaddr { bind(fd, $0, $1) }
+        let named = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard bound == 0, named == 0, let local = SocketAddress(storage: storage) else {
+            let code = errno
+            Glibc.close(fd)
+            throw ReuseportError.system(call: "bind(udp://127.0.0.1:0)", errno: code, hint: nil)
+        }
+        self.fd = fd
+        self.local = local
+    }
+
+    func send(to destination: SocketAddress) throws {
+        let payload: [UInt8] = Array("reuseportctl features".utf8)
+        let sent = payload.withUnsafeBytes { bytes in
+            destination.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
+        }
+        if sent < 0 { throw ReuseportError.system(call: "sendto(\(destination))", errno: errno, hint: nil) }
+    }
+
+    func close() { Glibc.close(fd) }
+}
+
+extension Substring {
+    var trimmingBlanks: String {
+        String(drop { $0 == " " || $0 == "\t" }.reversed().drop { $0 == " " || $0 == "\t" || $0 == "\n" }.reversed())
+    }
+}

@@ -1,0 +1,216 @@
+import ArgumentParser
+import Foundation
+import ReuseportKit
+
+/// `map`: the pinned maps, as they are.
+struct MapCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "map",
+        abstract: "Show the pinned maps of a service.",
+        subcommands: [MapDumpCommand.self],
+        defaultSubcommand: MapDumpCommand.self
+    )
+}
+
+struct MapDumpCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dump",
+        abstract: "Every slot of each service: worker, state, counters, socket, drops; buckets and seed.",
+        discussion: """
+            Reads the maps pinned under --pin-dir (the daemon need not answer) and asks the kernel \
+            (sock_diag) about each slot's socket, matched by its cookie, for the receive drops.
+
+            Columns: SLOT index; PID and STATE of its worker; RESTARTS; IN STATE time since the \
+            last state change; BUCKETS of the bucket table that name the slot; PACKETS, BYTES and \
+            FALLBACKS steered to it by the program (FALLBACKS: of those, how many came because their \
+            own slot was empty); DROPS the kernel dropped at its socket(s); COOKIE of its socket \
+            (first listener).
+
+            Examples:
+              reuseportctl map dump
+              reuseportctl map dump --service dns --json | jq '.services[0].slots[] | {slot, pid}'
+            """
+    )
+
+    @OptionGroup(title: "Locations") var location: LocationOptions
+    @OptionGroup var service: ServiceOption
+
+    @Flag(help: "Print JSON (schema: docs/cli.md, \"version\": \(MapDump.version)).")
+    var json = false
+
+    func run() throws {
+        let reader = ServiceReader(root: location.pinDirectory)
+        let snapshots = try reader.read(reader.select(service.service))
+        let now = realtimeNanoseconds()
+        if json {
+            print(try MapDump(root: location.pinDirectory, services: snapshots, now: now).encoded())
+        } else {
+            print(snapshots.map { MapDumpCommand.render($0, now: now) }.joined(separator: "\n"), terminator: "")
+        }
+    }
+
+    /// The human view of one service.
+    static func render(_ service: ServiceSnapshot, now: UInt64) -> String {
+        var text = "service \(service.name)  (\(service.directory))\n"
+        text += "  listeners  \(listenerSummary(service))\n"
+        let config = service.config
+        if config.abi_version == 0 {
+            text += "  config     not written yet: the program drops every packet\n"
+        } else {
+            text += "  seed \(HumanFormat.hex32(config.seed))  buckets \(config.bucket_count)"
+                + "  slots \(config.slot_count)  abi \(config.abi_version)\n"
+        }
+        text += "  global     \(globalSummary(service.global))\n"
+        if let problem = service.diagnosticsProblem { text += "  drops      unknown: \(problem)\n" }
+        var table = TextTable([
+            ("SLOT", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
+            ("BUCKETS", .right), ("PACKETS", .right), ("BYTES", .right), ("FALLBACKS", .right),
+            ("DROPS", .right), ("COOKIE", .right),
+        ])
+        for slot in service.slots {
+            let cookie = slot.sockets.first.map { "\($0.cookie)" } ?? "-"
+            table.add([
+                "\(slot.index)", HumanFormat.optional(slot.pid), "\(slot.workerState)", "\(slot.state.restarts)",
+                HumanFormat.duration(slot.secondsInState(now: now)), "\(slot.buckets)", "\(slot.counters.packets)",
+                HumanFormat.bytes(slot.counters.bytes), "\(slot.counters.fallbacks)", HumanFormat.optional(slot.drops),
+                cookie,
+            ])
+        }
+        text += "\n" + table.render(indent: "  ")
+        if service.listeners.count > 1 {
+            text += "  (DROPS: summed over the \(service.listeners.count) listeners' sockets; COOKIE: listener 0;"
+                + " --json has each socket)\n"
+        }
+        return text
+    }
+
+    static func listenerSummary(_ service: ServiceSnapshot) -> String {
+        if service.listeners.isEmpty { return "none pinned" }
+        return service.listeners.map { listener in
+            let endpoint = listener.endpoint.map { "\($0)" } ?? "unknown (no socket in its array)"
+            return "\(listener.index): \(endpoint)"
+        }.joined(separator: ", ")
+    }
+
+    static func globalSummary(_ global: rp_global_stats) -> String {
+        "dropped_no_slot \(global.dropped_no_slot)  unparsable \(global.unparsable)"
+            + "  fallbacks \(global.fallbacks)  select_errors \(global.select_errors)"
+    }
+}
+
+/// `map dump --json`. The schema is documented in docs/cli.md; `version` changes only when a
+/// field changes meaning or goes away (new fields may be added without a new version).
+struct MapDump: Encodable {
+    static let version = 1
+
+    struct Service: Encodable {
+        var name: String
+        var pinDirectory: String
+        var abiVersion: UInt32
+        var seed: UInt32
+        var bucketCount: UInt32
+        var slotCount: UInt32
+        var listeners: [Listener]
+        var global: Global
+        var slots: [Slot]
+        @Nullable var socketDiagnosticsError: String?
+    }
+
+    struct Listener: Encodable {
+        var index: Int
+        @Nullable var endpoint: String?
+        var liveSlots: [UInt32]
+    }
+
+    struct Global: Encodable {
+        var droppedNoSlot: UInt64
+        var unparsable: UInt64
+        var fallbacks: UInt64
+        var selectErrors: UInt64
+    }
+
+    struct Slot: Encodable {
+        var slot: UInt32
+        @Nullable var pid: UInt32?
+        var state: String
+        var restarts: UInt32
+        var generation: UInt32
+        var sinceNs: UInt64
+        @Nullable var secondsInState: Double?
+        var buckets: Int
+        var packets: UInt64
+        var bytes: UInt64
+        var fallbacks: UInt64
+        @Nullable var receiveDrops: UInt64?
+        var sockets: [Socket]
+    }
+
+    struct Socket: Encodable {
+        var listener: Int
+        var cookie: UInt64
+        @Nullable var inode: UInt64?
+        @Nullable var receiveDrops: UInt64?
+        @Nullable var receiveQueue: UInt64?
+    }
+
+    var version = MapDump.version
+    var pinDir: String
+    var nowNs: UInt64
+    var services: [Service]
+
+    init(root: String, services: [ServiceSnapshot], now: UInt64) {
+        pinDir = root
+        nowNs = now
+        self.services = services.map { service in
+            Service(
+                name: service.name, pinDirectory: service.directory, abiVersion: service.config.abi_version,
+                seed: service.config.seed, bucketCount: service.config.bucket_count,
+                slotCount: service.config.slot_count,
+                listeners: service.listeners.map {
+                    Listener(index: $0.index, endpoint: $0.endpoint?.description, liveSlots: $0.cookies.keys.sorted())
+                },
+                global: Global(droppedNoSlot: service.global.dropped_no_slot, unparsable: service.global.unparsable,
+                               fallbacks: service.global.fallbacks, selectErrors: service.global.select_errors),
+                slots: service.slots.map { slot in
+                    Slot(slot: slot.index, pid: slot.pid, state: "\(slot.workerState)", restarts: slot.state.restarts,
+                         generation: slot.state.generation, sinceNs: slot.state.since_ns,
+                         secondsInState: slot.secondsInState(now: now).map { ($0 * 1000).rounded() / 1000 },
+                         buckets: slot.buckets, packets: slot.counters.packets, bytes: slot.counters.bytes,
+                         fallbacks: slot.counters.fallbacks, receiveDrops: slot.drops,
+                         sockets: slot.sockets.map {
+                             Socket(listener: $0.listener, cookie: $0.cookie, inode: $0.diagnosis?.inode,
+                                    receiveDrops: $0.diagnosis?.drops, receiveQueue: $0.diagnosis?.receiveQueue)
+                         })
+                },
+                socketDiagnosticsError: service.diagnosticsProblem)
+        }
+    }
+
+    func encoded() throws -> String {
+        try JSONOutput.string(self)
+    }
+}
+
+/// Every --json output: snake_case keys, sorted, pretty-printed; absent values are null.
+enum JSONOutput {
+    static func string<T: Encodable>(_ value: T) throws -> String {
+        let encoder = JSONEncoder()
+        encoder.keyEncodingStrategy = .convertToSnakeCase
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        return String(decoding: try encoder.encode(value), as: UTF8.self)
+    }
+}
+
+/// An optional that is written as `null` when absent (synthesized Encodable would drop the
+/// key): every documented key is always there.
+@propertyWrapper
+struct Nullable<Value: Encodable>: Encodable {
+    var wrappedValue: Value?
+
+    init(wrappedValue: Value?) { self.wrappedValue = wrappedValue }
+
+    func encode(to encoder: Encoder) throws {
+        var container = encoder.singleValueContainer()
+        if let wrappedValue { try container.encode(wrappedValue) } else { try container.encodeNil() }
+    }
+}

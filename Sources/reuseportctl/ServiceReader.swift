@@ -1,0 +1,178 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ReuseportKit
+
+/// One service as its pins show it at one moment: configuration, slots with their worker
+/// state, counters and sockets, the bucket table and the global counters. `map dump`,
+/// `stats` and `which` all read through this.
+struct ServiceSnapshot: Sendable {
+    struct Listener: Sendable {
+        var index: Int
+        /// Learnt from the kernel (sock_diag) through the cookie of any socket in the array;
+        /// nil when the array is empty or the kernel could not say.
+        var endpoint: Endpoint?
+        /// Slot → socket cookie for the slots holding a socket.
+        var cookies: [UInt32: UInt64]
+    }
+
+    struct SlotSocket: Sendable {
+        var listener: Int
+        var cookie: UInt64
+        var diagnosis: SocketDiagnosis?
+    }
+
+    struct Slot: Sendable {
+        var index: UInt32
+        var state: rp_slot_state
+        var counters: rp_slot_stats
+        var buckets: Int
+        var sockets: [SlotSocket]
+
+        var workerState: WorkerState { WorkerState(rawValue: state.state) }
+        var pid: UInt32? { state.pid == 0 ? nil : state.pid }
+        /// Receive drops summed over the slot's sockets; nil if none of them reported any.
+        var drops: UInt64? {
+            let known = sockets.compactMap { $0.diagnosis?.drops }
+            return known.isEmpty ? nil : known.reduce(0, +)
+        }
+        /// Seconds since the last state change, at `now` (CLOCK_REALTIME ns).
+        func secondsInState(now: UInt64) -> Double? {
+            state.since_ns == 0 || state.since_ns > now ? nil : Double(now - state.since_ns) / 1e9
+        }
+    }
+
+    var name: String
+    var directory: String
+    var config: rp_config
+    var buckets: [UInt32]
+    var listeners: [Listener]
+    var slots: [Slot]
+    var global: rp_global_stats
+    /// Why drops are missing, if sock_diag failed.
+    var diagnosticsProblem: String?
+
+    var steering: SteeringSnapshot? {
+        guard let first = listeners.first else { return nil }
+        return steering(listener: first.index)
+    }
+
+    /// What the program of `listener` sees: the shared tables and that listener's live slots.
+    func steering(listener: Int) -> SteeringSnapshot {
+        let live = Set(listeners.first { $0.index == listener }?.cookies.keys.map { $0 } ?? [])
+        return SteeringSnapshot(seed: config.seed, slotCount: config.slot_count, buckets: buckets, liveSlots: live)
+    }
+}
+
+/// Reads services from the pin folder.
+struct ServiceReader {
+    var root: String
+
+    /// The pinned services, or a CtlError naming the folder when there is none.
+    func serviceNames() throws -> [String] {
+        var info = stat()
+        if stat(root, &info) != 0 {
+            let reason = BPFFilesystem.isBPF(BPFFilesystem.mountPoint) || !root.hasPrefix(BPFFilesystem.mountPoint)
+                ? "the folder does not exist" : "bpffs is not mounted at \(BPFFilesystem.mountPoint)"
+            throw CtlError.noPins(root: root, reason: reason)
+        }
+        let names = PinLayout.services(under: root)
+        if names.isEmpty { throw CtlError.noPins(root: root, reason: "the folder holds no service") }
+        return names
+    }
+
+    /// `service` if given and pinned, else every pinned service.
+    func select(_ service: String?) throws -> [String] {
+        let names = try serviceNames()
+        guard let service else { return names }
+        guard names.contains(service) else { throw CtlError.noSuchService(service, root: root, existing: names) }
+        return [service]
+    }
+
+    /// `service`, or the only one pinned.
+    func selectOne(_ service: String?) throws -> String {
+        let names = try select(service)
+        guard names.count == 1 else { throw CtlError.serviceNeeded(existing: names, root: root) }
+        return names[0]
+    }
+
+    /// Reads services; with `sockets`, also asks the kernel about each slot's sockets
+    /// (drops, listen address).
+    func read(_ names: [String], sockets: Bool = true) throws -> [ServiceSnapshot] {
+        var snapshots = try names.map { try read($0) }
+        guard sockets else { return snapshots }
+        let cookies = snapshots.flatMap { $0.listeners.flatMap { $0.cookies.values } }
+        guard !cookies.isEmpty else { return snapshots }
+        let diagnoses: [UInt64: SocketDiagnosis]
+        do {
+            diagnoses = try SocketDiagnostics.sockets(Set(Transport.allCases))
+        } catch {
+            for index in snapshots.indices { snapshots[index].diagnosticsProblem = "\(error)" }
+            return snapshots
+        }
+        for index in snapshots.indices { attach(diagnoses, to: &snapshots[index]) }
+        return snapshots
+    }
+
+    private func attach(_ diagnoses: [UInt64: SocketDiagnosis], to snapshot: inout ServiceSnapshot) {
+        for index in snapshot.listeners.indices {
+            let listener = snapshot.listeners[index]
+            let known = listener.cookies.keys.sorted().compactMap { diagnoses[listener.cookies[$0]!] }
+            if let socket = known.first { snapshot.listeners[index].endpoint = Endpoint(socket.transport, socket.local) }
+        }
+        for index in snapshot.slots.indices {
+            for socket in snapshot.slots[index].sockets.indices {
+                let cookie = snapshot.slots[index].sockets[socket].cookie
+                snapshot.slots[index].sockets[socket].diagnosis = diagnoses[cookie]
+            }
+        }
+    }
+
+    private func read(_ name: String) throws -> ServiceSnapshot {
+        let layout = PinLayout(root: root, service: name)
+        do {
+            let maps = try DispatchMaps(pinned: layout)
+            let config = try maps.readConfig()
+            if config.abi_version != 0 { try maps.checkConfiguredABI() }
+            let buckets = config.abi_version == 0 ? [] : try maps.readBuckets(count: Int(config.bucket_count))
+            var listeners: [ServiceSnapshot.Listener] = []
+            for index in layout.listeners() {
+                let array = try SocketArray(pinned: layout, listener: index)
+                var cookies: [UInt32: UInt64] = [:]
+                for slot in 0..<UInt32(RP_MAX_SLOTS) {
+                    if let cookie = try array.cookie(at: slot) { cookies[slot] = cookie }
+                }
+                listeners.append(.init(index: index, endpoint: nil, cookies: cookies))
+            }
+            var perSlot = [Int](repeating: 0, count: Int(RP_MAX_SLOTS))
+            for slot in buckets where slot < UInt32(RP_MAX_SLOTS) { perSlot[Int(slot)] += 1 }
+            // Every configured slot, and any other that has a worker, a socket or buckets (a
+            // slot being removed by a scale-down, or a daemon that lost track of one).
+            var slots: [ServiceSnapshot.Slot] = []
+            for slot in 0..<UInt32(RP_MAX_SLOTS) {
+                let state = try maps.readSlotState(slot)
+                let sockets = listeners.compactMap { listener in
+                    listener.cookies[slot].map { ServiceSnapshot.SlotSocket(listener: listener.index, cookie: $0) }
+                }
+                let shown = slot < config.slot_count || state.state != WorkerState.empty.rawValue || state.pid != 0
+                    || !sockets.isEmpty || perSlot[Int(slot)] > 0
+                guard shown else { continue }
+                slots.append(.init(index: slot, state: state, counters: try maps.slotCounters(slot),
+                                   buckets: perSlot[Int(slot)], sockets: sockets))
+            }
+            return ServiceSnapshot(name: name, directory: layout.serviceDirectory, config: config, buckets: buckets,
+                                   listeners: listeners, slots: slots, global: try maps.globalCounters())
+        } catch {
+            throw CtlError.unreadablePins(service: name, directory: layout.serviceDirectory, underlying: error)
+        }
+    }
+}
+
+/// CLOCK_REALTIME in nanoseconds, as rp_slot_state.since_ns is written. The environment
+/// variable REUSEPORTCTL_NOW_NS fixes it, so tests can compare output exactly.
+func realtimeNanoseconds() -> UInt64 {
+    if let fixed = getenv("REUSEPORTCTL_NOW_NS"), let value = UInt64(String(cString: fixed)) { return value }
+    var now = timespec()
+    clock_gettime(CLOCK_REALTIME, &now)
+    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+}

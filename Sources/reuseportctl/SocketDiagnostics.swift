@@ -1,0 +1,145 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSockDiag
+import ReuseportKit
+
+/// What the kernel reports about one socket through sock_diag.
+struct SocketDiagnosis: Sendable {
+    var transport: Transport
+    var local: SocketAddress
+    var cookie: UInt64
+    var inode: UInt64
+    /// Bytes waiting in the receive queue (UDP) or the accept queue length (TCP listener).
+    var receiveQueue: UInt64
+    /// sk_drops: datagrams the kernel dropped at this socket (receive buffer full, filter,
+    /// checksum); nil when the kernel did not report it.
+    var drops: UInt64?
+}
+
+/// sock_diag (NETLINK_SOCK_DIAG, inet_diag): every UDP socket and TCP listener of this network
+/// namespace with its cookie, inode and SK_MEMINFO_DROPS. A REUSEPORT_SOCKARRAY lookup gives
+/// a socket's cookie, and inet_diag reports the same cookie (net/core/sock_diag.c,
+/// sock_diag_save_cookie()), so a slot's socket is matched exactly, unlike /proc/net/udp
+/// which has no cookie. INET_DIAG_SKMEMINFO came with 3.6; udp_diag is a module the kernel
+/// loads on the first request.
+enum SocketDiagnostics {
+    /// The sockets of `transports`, both families, by cookie.
+    static func sockets(_ transports: Set<Transport>) throws -> [UInt64: SocketDiagnosis] {
+        let socket = Glibc.socket(AF_NETLINK, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
+                                  NETLINK_SOCK_DIAG)
+        if socket < 0 { throw ReuseportError.system(call: "socket(AF_NETLINK, NETLINK_SOCK_DIAG)", errno: errno, hint: nil) }
+        defer { close(socket) }
+        var found: [UInt64: SocketDiagnosis] = [:]
+        var sequence: UInt32 = 1
+        for transport in Transport.allCases where transports.contains(transport) {
+            for family in [AF_INET, AF_INET6] {
+                try dump(socket, transport: transport, family: family, sequence: sequence) { found[$0.cookie] = $0 }
+                sequence += 1
+            }
+        }
+        return found
+    }
+
+    private static func dump(_ socket: Int32, transport: Transport, family: Int32, sequence: UInt32,
+                             _ each: (SocketDiagnosis) -> Void) throws {
+        let call = "sock_diag dump(\(transport), \(family == AF_INET ? "IPv4" : "IPv6"))"
+        var request = rp_diag_request()
+        request.header.nlmsg_len = UInt32(MemoryLayout<rp_diag_request>.size)
+        request.header.nlmsg_type = UInt16(SOCK_DIAG_BY_FAMILY)
+        request.header.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_DUMP)
+        request.header.nlmsg_seq = sequence
+        request.body.sdiag_family = UInt8(family)
+        request.body.sdiag_protocol = transport.ipProtocol
+        request.body.idiag_ext = UInt8(1 << (INET_DIAG_SKMEMINFO - 1))
+        // UDP sockets are in TCP_CLOSE (unconnected) or TCP_ESTABLISHED; for TCP only listeners matter.
+        request.body.idiag_states = transport == .udp ? UInt32.max : UInt32(1 << 10)  // TCP_LISTEN
+        var kernel = sockaddr_nl()
+        kernel.nl_family = sa_family_t(AF_NETLINK)
+        let sent = withUnsafePointer(to: &kernel) { address in
+            address.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                withUnsafeBytes(of: &request) { bytes in
+                    sendto(socket, bytes.baseAddress, bytes.count, 0, address, socklen_t(MemoryLayout<sockaddr_nl>.size))
+                }
+            }
+        }
+        if sent < 0 { throw ReuseportError.system(call: call, errno: errno, hint: nil) }
+
+        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            let count = buffer.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, 0) }
+            if count < 0 {
+                if errno == EINTR { continue }
+                throw ReuseportError.system(call: call, errno: errno, hint: nil)
+            }
+            let done = try buffer.withUnsafeBytes { bytes in
+                try parse(UnsafeRawBufferPointer(rebasing: bytes[0..<count]), transport: transport, call: call, each)
+            }
+            if done || count == 0 { return }
+        }
+    }
+
+    /// Parses one read of netlink messages; true at NLMSG_DONE.
+    private static func parse(_ bytes: UnsafeRawBufferPointer, transport: Transport, call: String,
+                              _ each: (SocketDiagnosis) -> Void) throws -> Bool {
+        let headerSize = MemoryLayout<nlmsghdr>.size
+        var offset = 0
+        while offset + headerSize <= bytes.count {
+            let header = bytes.loadUnaligned(fromByteOffset: offset, as: nlmsghdr.self)
+            let length = Int(header.nlmsg_len)
+            guard length >= headerSize, offset + length <= bytes.count else { return true }
+            let body = offset + Int(rp_nlmsg_align(UInt32(headerSize)))
+            switch Int32(header.nlmsg_type) {
+            case NLMSG_DONE:
+                return true
+            case NLMSG_ERROR:
+                let code = bytes.loadUnaligned(fromByteOffset: body, as: Int32.self)
+                if code == 0 { return true }
+                let hint = -code == ENOENT ? "the kernel has no sock_diag for \(transport) (module \(transport)_diag)" : nil
+                throw ReuseportError.system(call: call, errno: -code, hint: hint)
+            case Int32(SOCK_DIAG_BY_FAMILY):
+                if let socket = diagnosis(bytes, from: body, to: offset + length, transport: transport) { each(socket) }
+            default:
+                break
+            }
+            offset += Int(rp_nlmsg_align(UInt32(length)))
+        }
+        return false
+    }
+
+    private static func diagnosis(_ bytes: UnsafeRawBufferPointer, from start: Int, to end: Int,
+                                  transport: Transport) -> SocketDiagnosis? {
+        let messageSize = MemoryLayout<inet_diag_msg>.size
+        guard start + messageSize <= end else { return nil }
+        let message = bytes.loadUnaligned(fromByteOffset: start, as: inet_diag_msg.self)
+        let addressBytes = withUnsafeBytes(of: message.id.idiag_src) { Array($0) }
+        let address: IPAddress?
+        switch Int32(message.idiag_family) {
+        case AF_INET: address = IPAddress(bytes: Array(addressBytes[0..<4]))
+        case AF_INET6: address = IPAddress(bytes: addressBytes)
+        default: address = nil
+        }
+        guard let address else { return nil }
+        let cookie = UInt64(message.id.idiag_cookie.0) | UInt64(message.id.idiag_cookie.1) << 32
+        var drops: UInt64?
+        var offset = start + Int(rp_nlmsg_align(UInt32(messageSize)))
+        let attributeHeader = MemoryLayout<nlattr>.size
+        while offset + attributeHeader <= end {
+            let attribute = bytes.loadUnaligned(fromByteOffset: offset, as: nlattr.self)
+            let length = Int(attribute.nla_len)
+            guard length >= attributeHeader, offset + length <= end else { break }
+            if Int(attribute.nla_type) == INET_DIAG_SKMEMINFO {
+                let fields = (length - attributeHeader) / MemoryLayout<UInt32>.size
+                let index = Int(SK_MEMINFO_DROPS)
+                if index < fields {
+                    let value = bytes.loadUnaligned(fromByteOffset: offset + attributeHeader + index * 4, as: UInt32.self)
+                    drops = UInt64(value)
+                }
+            }
+            offset += Int(rp_nla_align(UInt32(length)))
+        }
+        return SocketDiagnosis(transport: transport, local: SocketAddress(address, UInt16(bigEndian: message.id.idiag_sport)),
+                               cookie: cookie, inode: UInt64(message.idiag_inode),
+                               receiveQueue: UInt64(message.idiag_rqueue), drops: drops)
+    }
+}

@@ -1,0 +1,201 @@
+import ArgumentParser
+import ReuseportKit
+
+/// The transports a listener can have, as an argument.
+enum TransportChoice: String, CaseIterable, ExpressibleByArgument {
+    case udp, tcp
+
+    var transport: Transport { self == .udp ? .udp : .tcp }
+}
+
+/// `which`: where the program sends a client, from the same hash and tables.
+struct WhichCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "which",
+        abstract: "Which slot and worker a client at ADDR:PORT lands on.",
+        discussion: """
+            Computes the flow hash of bpf/dispatch.h in user space with the pinned seed, bucket \
+            table and live slots, exactly as the program does: bucket = hash % buckets, slot = \
+            bucket table[bucket]; if that slot has no socket, the same probe the program makes \
+            picks a live one (a fallback).
+
+            The hash covers the destination address too. By default it is the service's listen \
+            address; a service bound to a wildcard address (0.0.0.0 or ::) needs --to with the \
+            address clients send to.
+
+            Examples:
+              reuseportctl which 198.51.100.7:40000
+              reuseportctl which '[2001:db8::7]:40000' --proto tcp --service web
+              reuseportctl which 198.51.100.7:40000 --to 192.0.2.1:53
+            """
+    )
+
+    @OptionGroup(title: "Locations") var location: LocationOptions
+    @OptionGroup var service: ServiceOption
+
+    @Argument(help: ArgumentHelp("The client's address and port (IPv6 in brackets); several may be given.",
+                                 valueName: "ADDR:PORT"))
+    var clients: [String]
+
+    @Option(name: .customLong("proto"), help: "The transport of the flow (default: the service's only one).")
+    var transport: TransportChoice?
+
+    @Option(name: .customLong("to"),
+            help: ArgumentHelp("The address and port the client sends to (default: the listen address).",
+                               valueName: "ADDR:PORT"))
+    var destination: String?
+
+    @Flag(help: "Print JSON (schema: docs/cli.md).")
+    var json = false
+
+    func validate() throws {
+        guard !clients.isEmpty else { throw ValidationError("give the client's ADDR:PORT, e.g. 198.51.100.7:40000") }
+        for client in clients { _ = try parsed(client, "ADDR:PORT") }
+        if let destination { _ = try parsed(destination, "--to") }
+    }
+
+    private func parsed(_ text: String, _ what: String) throws -> SocketAddress {
+        do {
+            return try SocketAddress(parsing: text)
+        } catch {
+            throw ValidationError("\(what): \(error)")
+        }
+    }
+
+    func run() throws {
+        let reader = ServiceReader(root: location.pinDirectory)
+        let name = try reader.selectOne(service.service)
+        guard let snapshot = try reader.read([name]).first else { return }
+        guard snapshot.config.abi_version != 0 else {
+            throw CtlError.listener("service '\(name)' has no configuration written yet: the program drops every packet")
+        }
+        let to = try destination.map { try parsed($0, "--to") }
+        var answers: [WhichAnswer] = []
+        for client in clients {
+            let clientAddress = try parsed(client, "ADDR:PORT")
+            let (listener, destination) = try route(snapshot, client: clientAddress, to: to)
+            let flow = FlowTuple(listener.transport, from: clientAddress, to: destination)
+            let placement = snapshot.steering(listener: listener.index).placement(of: flow)
+            answers.append(WhichAnswer(snapshot: snapshot, listener: listener.index, endpoint: listener.endpoint,
+                                       flow: flow, placement: placement))
+        }
+        if json {
+            print(try JSONOutput.string(answers))
+        } else {
+            print(answers.map(\.text).joined(separator: "\n"), terminator: "")
+        }
+    }
+
+    /// The listener the flow arrives on and the destination it hashes.
+    private func route(_ snapshot: ServiceSnapshot, client: SocketAddress, to: SocketAddress?) throws
+        -> (listener: (index: Int, transport: Transport, endpoint: Endpoint), destination: SocketAddress)
+    {
+        let known = snapshot.listeners.compactMap { listener in listener.endpoint.map { (listener.index, $0) } }
+        guard !known.isEmpty else {
+            throw CtlError.listener("cannot tell where service '\(snapshot.name)' listens: no listener has a socket"
+                                    + " in its array\(snapshot.diagnosticsProblem.map { " (\($0))" } ?? "")")
+        }
+        let clientV4 = client.address.unmapped.isV4
+        // An IPv4 client reaches an IPv6 wildcard socket too (dual-stack), as an IPv4 packet.
+        func accepts(_ endpoint: Endpoint) -> Bool {
+            let listenV4 = endpoint.address.address.isV4
+            return listenV4 == clientV4 || (!listenV4 && clientV4 && endpoint.address.address.isWildcard)
+        }
+        var candidates = known.filter { transport == nil || $0.1.transport == transport!.transport }
+        guard !candidates.isEmpty else {
+            throw CtlError.listener("service '\(snapshot.name)' has no \(transport!.rawValue) listener; it listens on "
+                                    + known.map { "\($0.1)" }.joined(separator: ", "))
+        }
+        candidates = candidates.filter { accepts($0.1) }
+        guard !candidates.isEmpty else {
+            throw CtlError.listener("no listener of service '\(snapshot.name)' takes IPv\(clientV4 ? 4 : 6) clients;"
+                                    + " it listens on " + known.map { "\($0.1)" }.joined(separator: ", "))
+        }
+        if Set(candidates.map(\.1.transport)).count > 1 {
+            throw CtlError.listener("service '\(snapshot.name)' listens on both udp and tcp ("
+                                    + candidates.map { "\($0.1)" }.joined(separator: ", ") + "): choose with --proto")
+        }
+        // Prefer the listener of the client's own family over a dual-stack one.
+        let chosen = candidates.first { $0.1.address.address.isV4 == clientV4 } ?? candidates[0]
+        let endpoint = chosen.1
+        let listen = endpoint.address
+        let destination: SocketAddress
+        if let to {
+            guard to.port == listen.port else {
+                throw CtlError.listener("--to \(to): service '\(snapshot.name)' listens on port \(listen.port) (\(endpoint))")
+            }
+            guard listen.address.isWildcard || to.address.unmapped == listen.address.unmapped else {
+                throw CtlError.listener("--to \(to): service '\(snapshot.name)' listens on \(endpoint) only")
+            }
+            guard to.address.unmapped.isV4 == clientV4 else {
+                throw CtlError.listener("--to \(to) and the client \(client) are not of the same IP version")
+            }
+            destination = to
+        } else {
+            guard !listen.address.isWildcard else {
+                throw CtlError.listener("service '\(snapshot.name)' listens on the wildcard address (\(endpoint)),"
+                                        + " and the flow hash covers the destination address:"
+                                        + " give the address clients send to with --to ADDR:\(listen.port)")
+            }
+            destination = listen
+        }
+        return ((chosen.0, endpoint.transport, endpoint), destination)
+    }
+}
+
+/// The answer of `which`, for both views.
+struct WhichAnswer: Encodable {
+    var service: String
+    var listener: Int
+    var endpoint: String
+    var transport: String
+    var client: String
+    var destination: String
+    var seed: UInt32
+    var hash: UInt32
+    var bucket: UInt32
+    var bucketCount: Int
+    var bucketSlot: UInt32
+    @Nullable var slot: UInt32?
+    var fallback: Bool
+    @Nullable var pid: UInt32?
+    @Nullable var state: String?
+    @Nullable var cookie: UInt64?
+
+    init(snapshot: ServiceSnapshot, listener: Int, endpoint: Endpoint, flow: FlowTuple, placement: Placement) {
+        service = snapshot.name
+        self.listener = listener
+        self.endpoint = endpoint.description
+        transport = flow.transport.rawValue
+        client = flow.source.description
+        destination = flow.destination.description
+        seed = snapshot.config.seed
+        hash = placement.hash
+        bucket = placement.bucket
+        bucketCount = snapshot.buckets.count
+        bucketSlot = placement.bucketSlot
+        slot = placement.slot
+        fallback = placement.isFallback
+        let slotInfo = snapshot.slots.first { $0.index == placement.slot }
+        pid = placement.slot == nil ? nil : slotInfo?.pid
+        state = placement.slot == nil ? nil : slotInfo.map { "\($0.workerState)" }
+        cookie = placement.slot.flatMap { slot in
+            snapshot.listeners.first { $0.index == listener }?.cookies[slot]
+        }
+    }
+
+    var text: String {
+        var text = "\(transport) \(client) -> \(destination)  (service \(service), listener \(listener): \(endpoint))\n"
+        text += "  hash    \(HumanFormat.hex32(hash))  (seed \(HumanFormat.hex32(seed)))\n"
+        text += "  bucket  \(bucket) of \(bucketCount) -> slot \(bucketSlot)"
+        guard let slot else {
+            text += ", which has no socket\n"
+            text += "  slot    none: no slot has a socket, the program drops this flow (dropped_no_slot)\n"
+            return text
+        }
+        text += fallback ? ", which has no socket: falls back\n" : "\n"
+        text += "  slot    \(slot)\(fallback ? " (fallback)" : "")\(cookie.map { "  socket cookie \($0)" } ?? "")\n"
+        text += "  worker  \(pid.map { "pid \($0)" } ?? "no pid")\(state.map { ", \($0)" } ?? "")\n"
+        return text
+    }
+}

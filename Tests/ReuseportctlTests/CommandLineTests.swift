@@ -1,0 +1,66 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// What needs no pins: help, argument errors, the daemon missing, the kernel probe.
+@Suite struct CommandLineTests {
+    static let golden = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("golden")
+
+    /// `--help` of the root and of each command, exactly as checked in under golden/
+    /// (regenerate with `.build/debug/reuseportctl <command> --help` at COLUMNS=100).
+    @Test(arguments: [[], ["map", "dump"], ["which"], ["stats"], ["restart"], ["scale"], ["reload"], ["features"]])
+    func helpIsExact(command: [String]) throws {
+        let result = try reuseportctl(command + ["--help"])
+        #expect(result.status == 0)
+        let name = command.isEmpty ? "reuseportctl" : command.joined(separator: "-")
+        let expected = try String(contentsOf: Self.golden.appendingPathComponent("\(name).help.txt"), encoding: .utf8)
+        #expect(result.stdout == expected)
+    }
+
+    @Test func badArgumentsExitWith2() throws {
+        let unknown = try reuseportctl(["map", "dump", "--frobnicate"])
+        #expect(unknown.status == 2)
+        #expect(unknown.stderr.contains("--frobnicate"))
+        let scale = try reuseportctl(["scale", "0"])
+        #expect(scale.status == 2)
+        #expect(scale.stderr.contains("N 0 is outside 1...1024 workers"), "\(scale)")
+        let slot = try reuseportctl(["restart", "5000"])
+        #expect(slot.status == 2)
+        #expect(slot.stderr.contains("SLOT 5000 is beyond the last possible slot, 1023"), "\(slot)")
+        let watch = try reuseportctl(["stats", "--watch", "--prometheus"])
+        #expect(watch.status == 2)
+    }
+
+    /// No daemon: status 1 and the socket path tried.
+    @Test func actionsWithoutDaemonNameTheSocket() throws {
+        let runDirectory = "/tmp/reuseportctl-test-\(getpid())-nodaemon"
+        for command in [["restart", "1"], ["scale", "3"], ["reload"]] {
+            let result = try reuseportctl(command + ["--run-dir", runDirectory])
+            #expect(result.status == 1)
+            #expect(result.stderr.contains("no daemon answers at \(runDirectory)/control.sock"), "\(result)")
+        }
+    }
+
+    @Test func completionScriptIsGenerated() throws {
+        for shell in ["bash", "zsh", "fish"] {
+            let result = try reuseportctl(["--generate-completion-script", shell])
+            #expect(result.status == 0)
+            #expect(result.stdout.contains("which") && result.stdout.contains("pin-dir"), "\(shell)")
+        }
+    }
+
+    @Test(.enabled(if: isRoot, "the probes load BPF programs")) func featuresArePresentOnThisKernel() throws {
+        let result = try reuseportctl(["features", "--json"])
+        #expect(result.status == 0, "\(result)")
+        let report = try #require(try decodeJSON(result.stdout) as? [String: Any])
+        let features = try #require(report["features"] as? [[String: Any]])
+        #expect(features.count >= 12)
+        for feature in features where feature["required"] as? Bool == true {
+            #expect(feature["present"] as? Bool == true, "\(feature)")
+        }
+    }
+}

@@ -1,0 +1,110 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+
+/// The built executables (reuseportctl, reuseportd) sit beside the test bundle in .build/<triple>/debug.
+enum BuiltProduct {
+    static let directory: String = {
+        let bundle = Bundle.main.executableURL ?? URL(fileURLWithPath: CommandLine.arguments[0])
+        return bundle.resolvingSymlinksInPath().deletingLastPathComponent().path
+    }()
+
+    static func path(_ name: String) -> String { "\(directory)/\(name)" }
+}
+
+struct CtlResult: CustomStringConvertible {
+    var status: Int32
+    var stdout: String
+    var stderr: String
+
+    var description: String { "exit \(status)\nstdout:\n\(stdout)\nstderr:\n\(stderr)" }
+}
+
+/// Runs `reuseportctl` with `arguments`, the environment given plus COLUMNS=100 (help text
+/// wraps at the terminal width), and returns its exit status and output.
+func reuseportctl(_ arguments: [String], environment: [String: String] = [:]) throws -> CtlResult {
+    try run(BuiltProduct.path("reuseportctl"), arguments, environment: environment)
+}
+
+func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> CtlResult {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: executable)
+    process.arguments = arguments
+    var env = ProcessInfo.processInfo.environment
+    env["COLUMNS"] = "100"
+    env.merge(environment) { $1 }
+    process.environment = env
+    let out = Pipe()
+    let err = Pipe()
+    process.standardOutput = out
+    process.standardError = err
+    try process.run()
+    // Read both pipes before waiting, so a large output cannot block the child.
+    nonisolated(unsafe) var stderrData = Data()
+    let group = DispatchGroup()
+    group.enter()
+    DispatchQueue.global().async {
+        stderrData = err.fileHandleForReading.readDataToEndOfFile()
+        group.leave()
+    }
+    let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
+    group.wait()
+    process.waitUntilExit()
+    return CtlResult(status: process.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
+                     stderr: String(decoding: stderrData, as: UTF8.self))
+}
+
+/// A unique bpffs pin root for one test, removed with everything under it.
+struct PinRoot {
+    let path: String
+
+    init(_ label: String) {
+        path = "/sys/fs/bpf/reuseportd-test-\(getpid())-\(label)"
+    }
+}
+
+/// A service as the daemon would leave it, made by the test: a data plane on 127.0.0.1:0,
+/// pinned under a unique root, with worker state the test writes into rp_slot_state.
+final class PinnedService {
+    let plane: ServiceDataPlane
+    let layout: PinLayout
+    var endpoint: Endpoint { plane.listeners[0].endpoint }
+
+    init(root: PinRoot, name: String = "svc", transport: Transport = .udp, address: IPAddress = .loopbackV4,
+         slots: Int = 4, seed: UInt32 = 0x5eed, bucketCount: Int = 64, receiveBuffer: Int? = nil) throws {
+        plane = try ServiceDataPlane(endpoints: [Endpoint(transport, SocketAddress(address, 0))], slotCount: slots,
+                                     options: .init(bucketCount: bucketCount, seed: seed, receiveBuffer: receiveBuffer))
+        layout = PinLayout(root: root.path, service: name)
+        try plane.pin(layout)
+    }
+
+    /// Writes rp_slot_state for `slot` as the daemon does.
+    func setState(_ slot: UInt32, pid: UInt32, state: WorkerState, restarts: UInt32 = 0, since: UInt64) throws {
+        let cookie = try plane.listeners[0].sockets[slot]?.cookie() ?? 0
+        try plane.maps.writeSlotState(slot, rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts,
+                                                          generation: 0, since_ns: since, socket_cookie: cookie))
+    }
+
+    func cookie(_ slot: UInt32) throws -> UInt64 { try plane.listeners[0].sockets[slot]!.cookie() }
+
+    deinit {
+        plane.close()
+        layout.remove()
+    }
+}
+
+/// Sends one datagram of `size` bytes from each client and returns the slot each landed on.
+func sendAndReceive(_ clients: [FlowClient], to service: PinnedService, size: Int = 10) throws -> [SocketAddress: UInt32] {
+    for client in clients { try client.send([UInt8](repeating: 0x61, count: size), to: service.endpoint.address) }
+    let deliveries = try Traffic.receive(from: service.plane.listeners[0].sockets, expected: clients.count)
+    var slots: [SocketAddress: UInt32] = [:]
+    for delivery in deliveries { slots[delivery.source] = delivery.slot }
+    return slots
+}
+
+func decodeJSON(_ text: String) throws -> Any {
+    try JSONSerialization.jsonObject(with: Data(text.utf8))
+}

@@ -1,0 +1,142 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// `map dump` against a service the test pins itself: real maps, real sockets, real datagrams.
+@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+struct MapDumpTests {
+    /// The JSON lists every slot with the pid and state written, and its counters equal the
+    /// datagrams each slot received.
+    @Test func jsonListsSlotsPidsAndCountsEveryDatagram() throws {
+        let root = PinRoot("dump-json")
+        let service = try PinnedService(root: root, slots: 4)
+        for slot in 0..<UInt32(4) {
+            try service.setState(slot, pid: 4000 + slot, state: .running, restarts: slot, since: 1_000_000_000)
+        }
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let landed = try sendAndReceive(clients, to: service, size: 10)
+        #expect(landed.count == 64)
+
+        let result = try reuseportctl(["map", "dump", "--json", "--pin-dir", root.path])
+        #expect(result.status == 0, "\(result)")
+        let dump = try #require(try decodeJSON(result.stdout) as? [String: Any])
+        #expect(dump["version"] as? Int == 1)
+        let services = try #require(dump["services"] as? [[String: Any]])
+        #expect(services.count == 1)
+        let svc = services[0]
+        #expect(svc["name"] as? String == "svc")
+        #expect(svc["seed"] as? Int == 0x5eed)
+        #expect(svc["bucket_count"] as? Int == 64)
+        #expect(svc["slot_count"] as? Int == 4)
+        let listeners = try #require(svc["listeners"] as? [[String: Any]])
+        #expect(listeners.first?["endpoint"] as? String == service.endpoint.description)
+        let slots = try #require(svc["slots"] as? [[String: Any]])
+        #expect(slots.map { $0["slot"] as? Int } == [0, 1, 2, 3])
+        var bucketTotal = 0
+        for entry in slots {
+            let slot = UInt32(entry["slot"] as! Int)
+            let received = landed.values.filter { $0 == slot }.count
+            #expect(entry["pid"] as? Int == Int(4000 + slot))
+            #expect(entry["state"] as? String == "running")
+            #expect(entry["restarts"] as? Int == Int(slot))
+            #expect(entry["packets"] as? Int == received, "slot \(slot)")
+            #expect(entry["bytes"] as? Int == received * 10, "slot \(slot)")
+            #expect(entry["fallbacks"] as? Int == 0)
+            #expect(entry["receive_drops"] as? Int == 0)
+            let sockets = try #require(entry["sockets"] as? [[String: Any]])
+            #expect(sockets.first?["cookie"] as? UInt64 == (try service.cookie(slot)))
+            bucketTotal += entry["buckets"] as? Int ?? 0
+            #expect(entry["buckets"] as? Int == 16)
+        }
+        #expect(bucketTotal == 64)
+        let global = try #require(svc["global"] as? [String: Any])
+        #expect(global["dropped_no_slot"] as? Int == 0)
+    }
+
+    /// The human table, exactly: fixed clock, fixed pids, no traffic on two slots.
+    @Test func humanTableIsExact() throws {
+        let root = PinRoot("dump-table")
+        let service = try PinnedService(root: root, name: "dns", slots: 3, seed: 0xabc, bucketCount: 12)
+        let now: UInt64 = 1_800_000_000_000_000_000
+        try service.setState(0, pid: 101, state: .running, restarts: 0, since: now - 3725 * 1_000_000_000)
+        try service.setState(1, pid: 202, state: .running, restarts: 12, since: now - 45 * 1_000_000_000)
+        try service.setState(2, pid: 0, state: .backoff, restarts: 3, since: now - 200_000 * 1_000_000_000)
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let slot = try #require(try sendAndReceive([client], to: service, size: 2000)[client.local])
+
+        let result = try reuseportctl(["map", "dump", "--pin-dir", root.path],
+                                      environment: ["REUSEPORTCTL_NOW_NS": "\(now)"])
+        #expect(result.status == 0, "\(result)")
+        // Only the cookies (and so the width of their column) and the slot the datagram took vary.
+        let cookies = try (0..<UInt32(3)).map { "\(try service.cookie($0))" }
+        let width = max(6, cookies.map(\.count).max()!)
+        func right(_ text: String, _ width: Int) -> String { String(repeating: " ", count: width - text.count) + text }
+        func line(_ index: UInt32, _ pid: String, _ state: String, _ restarts: String, _ time: String) -> String {
+            let (packets, bytes) = index == slot ? ("1", "2.0 KiB") : ("0", "0 B")
+            return ["  " + right("\(index)", 4), right(pid, 3), state, right(restarts, 8), right(time, 8), right("4", 7),
+                    right(packets, 7), right(bytes, 7), right("0", 9), right("0", 5), right(cookies[Int(index)], width)]
+                .joined(separator: "  ")
+        }
+        let expected = """
+            service dns  (\(root.path)/dns)
+              listeners  0: \(service.endpoint)
+              seed 0x00000abc  buckets 12  slots 3  abi 1
+              global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0
+
+              SLOT  PID  STATE    RESTARTS  IN STATE  BUCKETS  PACKETS    BYTES  FALLBACKS  DROPS  \(right("COOKIE", width))
+            \(line(0, "101", "running", "0", "1h02m"))
+            \(line(1, "202", "running", "12", "45s"))
+            \(line(2, "-", "backoff", "3", "2d07h"))
+
+            """
+        #expect(result.stdout == expected)
+    }
+
+    /// A socket whose buffer overflows: the DROPS column shows the kernel's count for exactly
+    /// that socket, the same number /proc/net/udp reports for its inode.
+    @Test func dropsAreTheSocketsOwn() throws {
+        let root = PinRoot("dump-drops")
+        let service = try PinnedService(root: root, slots: 1, receiveBuffer: 4096)
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        for _ in 0..<200 { try client.send([UInt8](repeating: 0, count: 1000), to: service.endpoint.address) }
+
+        let result = try reuseportctl(["map", "dump", "--json", "--pin-dir", root.path])
+        #expect(result.status == 0, "\(result)")
+        let dump = try #require(try decodeJSON(result.stdout) as? [String: Any])
+        let slot = try #require(((dump["services"] as? [[String: Any]])?.first?["slots"] as? [[String: Any]])?.first)
+        let drops = try #require(slot["receive_drops"] as? Int)
+        #expect(drops > 0)
+        #expect(slot["packets"] as? Int == 200)
+        let socket = try #require((slot["sockets"] as? [[String: Any]])?.first)
+        let inode = try #require(socket["inode"] as? Int)
+        #expect(procNetUDPDrops(inode: inode) == drops)
+    }
+
+    /// /proc/net/udp: the last column is drops, the tenth the inode.
+    func procNetUDPDrops(inode: Int) -> Int? {
+        guard let text = try? String(contentsOfFile: "/proc/net/udp", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n").dropFirst() {
+            let fields = line.split(separator: " ")
+            if fields.count >= 13, Int(fields[9]) == inode { return Int(fields[fields.count - 1]) }
+        }
+        return nil
+    }
+
+    /// Errors say where the tool looked: exit status 1.
+    @Test func missingPinsAndServicesAreNamed() throws {
+        let root = PinRoot("dump-errors")
+        let none = try reuseportctl(["map", "dump", "--pin-dir", root.path])
+        #expect(none.status == 1)
+        #expect(none.stderr.contains("no services pinned under \(root.path)"), "\(none)")
+
+        let service = try PinnedService(root: root, name: "alpha", slots: 1)
+        _ = service
+        let wrong = try reuseportctl(["map", "dump", "--service", "beta", "--pin-dir", root.path])
+        #expect(wrong.status == 1)
+        #expect(wrong.stderr == "reuseportctl: error: no service 'beta' under \(root.path); pinned there: alpha\n")
+    }
+}

@@ -1,0 +1,66 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+struct StatsTests {
+    /// The exposition has HELP and TYPE for each family and one sample per slot with the
+    /// counts of the datagrams sent.
+    @Test func prometheusCountsEveryDatagram() throws {
+        let root = PinRoot("stats-prom")
+        let service = try PinnedService(root: root, name: "edge", slots: 3)
+        try service.setState(1, pid: 77, state: .running, restarts: 5, since: 1)
+        let clients = try Traffic.clients(30, on: .loopbackV4)
+        let landed = try sendAndReceive(clients, to: service, size: 7)
+        let result = try reuseportctl(["stats", "--prometheus", "--pin-dir", root.path])
+        #expect(result.status == 0, "\(result)")
+        let lines = Set(result.stdout.split(separator: "\n").map(String.init))
+        #expect(lines.contains("# TYPE reuseport_slot_packets_total counter"))
+        #expect(lines.contains { $0.hasPrefix("# HELP reuseport_slot_packets_total ") })
+        for slot in 0..<UInt32(3) {
+            let count = landed.values.filter { $0 == slot }.count
+            #expect(lines.contains("reuseport_slot_packets_total{service=\"edge\",slot=\"\(slot)\"} \(count)"))
+            #expect(lines.contains("reuseport_slot_bytes_total{service=\"edge\",slot=\"\(slot)\"} \(count * 7)"))
+            #expect(lines.contains("reuseport_slot_receive_drops_total{service=\"edge\",slot=\"\(slot)\",listener=\"0\"} 0"))
+        }
+        #expect(lines.contains("reuseport_slot_worker_restarts_total{service=\"edge\",slot=\"1\"} 5"))
+        #expect(lines.contains("reuseport_slot_state{service=\"edge\",slot=\"1\",state=\"running\"} 1"))
+        #expect(lines.contains("reuseport_dropped_no_slot_total{service=\"edge\"} 0"))
+        #expect(lines.contains("reuseport_slots{service=\"edge\"} 3"))
+        // Every sample line is NAME{labels} VALUE with a numeric value.
+        for line in lines where !line.hasPrefix("#") {
+            #expect(line.split(separator: " ").count == 2 && Double(line.split(separator: " ")[1]) != nil, "\(line)")
+        }
+    }
+
+    /// The table's totals equal the datagrams sent; --watch redraws with rates and stops cleanly
+    /// on SIGINT with status 0.
+    @Test func totalsAndWatchStopOnInterrupt() throws {
+        let root = PinRoot("stats-watch")
+        let service = try PinnedService(root: root, name: "edge", slots: 2)
+        let clients = try Traffic.clients(10, on: .loopbackV4)
+        _ = try sendAndReceive(clients, to: service, size: 100)
+        let plain = try reuseportctl(["stats", "--pin-dir", root.path])
+        #expect(plain.status == 0, "\(plain)")
+        let total = plain.stdout.split(separator: "\n").first { $0.contains("total") }
+        #expect(total?.split(separator: " ").prefix(4) == ["total", "10", "1000", "B"], "\(plain)")
+
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: BuiltProduct.path("reuseportctl"))
+        process.arguments = ["stats", "--watch", "0.2", "--pin-dir", root.path]
+        let out = Pipe()
+        process.standardOutput = out
+        try process.run()
+        usleep(700_000)
+        kill(process.processIdentifier, SIGINT)
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        process.waitUntilExit()
+        #expect(process.terminationReason == .exit && process.terminationStatus == 0)
+        #expect(text.components(separatedBy: "Ctrl-C to stop").count >= 3, "redrew at least twice:\n\(text)")
+        #expect(text.contains("PKT/S"))
+    }
+}

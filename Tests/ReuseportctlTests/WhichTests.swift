@@ -1,0 +1,88 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// `which` against a pinned service: its answer must be where the kernel delivered the datagram.
+@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+struct WhichTests {
+    func answers(_ result: CtlResult) throws -> [[String: Any]] {
+        #expect(result.status == 0, "\(result)")
+        return try #require(try decodeJSON(result.stdout) as? [[String: Any]])
+    }
+
+    /// 200 client ports, IPv4 and IPv6: `which` names the slot that received each datagram.
+    @Test(arguments: [IPAddress.loopbackV4, .loopbackV6])
+    func agreesWithTheKernelFor200Clients(address: IPAddress) throws {
+        let root = PinRoot("which-\(address.isV4 ? 4 : 6)")
+        let service = try PinnedService(root: root, address: address, slots: 5, bucketCount: 256)
+        let clients = try Traffic.clients(200, on: address)
+        let landed = try sendAndReceive(clients, to: service)
+        #expect(landed.count == 200)
+        let result = try reuseportctl(["which", "--json", "--pin-dir", root.path] + clients.map { "\($0.local)" })
+        let list = try answers(result)
+        #expect(list.count == 200)
+        for (client, answer) in zip(clients, list) {
+            #expect(answer["client"] as? String == "\(client.local)")
+            #expect(answer["slot"] as? Int == landed[client.local].map(Int.init), "\(client.local)")
+            #expect(answer["fallback"] as? Bool == false)
+        }
+        #expect(Set(landed.values).count == 5)
+    }
+
+    /// A slot without a socket: `which` says the flow falls back, and to the slot it really reaches.
+    @Test func reportsFallbackToTheSlotTheKernelPicks() throws {
+        let root = PinRoot("which-fallback")
+        let service = try PinnedService(root: root, slots: 4, bucketCount: 64)
+        try service.plane.closeSlot(2)
+        let clients = try Traffic.clients(100, on: .loopbackV4)
+        let landed = try sendAndReceive(clients, to: service)
+        let list = try answers(try reuseportctl(["which", "--json", "--pin-dir", root.path]
+                                                + clients.map { "\($0.local)" }))
+        var fallbacks = 0
+        for (client, answer) in zip(clients, list) {
+            #expect(answer["slot"] as? Int == landed[client.local].map(Int.init))
+            if answer["bucket_slot"] as? Int == 2 {
+                fallbacks += 1
+                #expect(answer["fallback"] as? Bool == true)
+            }
+        }
+        #expect(fallbacks > 0, "some of 100 flows hash to slot 2's 16 buckets")
+    }
+
+    /// A wildcard listener: without --to the tool asks for it; with it, the answer matches.
+    @Test func wildcardListenerNeedsTo() throws {
+        let root = PinRoot("which-wildcard")
+        let service = try PinnedService(root: root, address: IPAddress("0.0.0.0")!, slots: 3)
+        let port = service.endpoint.address.port
+        let refused = try reuseportctl(["which", "127.0.0.1:4000", "--pin-dir", root.path])
+        #expect(refused.status == 1)
+        #expect(refused.stderr.contains("wildcard address") && refused.stderr.contains("--to ADDR:\(port)"),
+                "\(refused)")
+
+        let clients = try Traffic.clients(20, on: .loopbackV4)
+        for client in clients { try client.send([1], to: SocketAddress(.loopbackV4, port)) }
+        let deliveries = try Traffic.receive(from: service.plane.listeners[0].sockets, expected: 20)
+        let list = try answers(try reuseportctl(["which", "--json", "--to", "127.0.0.1:\(port)", "--pin-dir", root.path]
+                                                + clients.map { "\($0.local)" }))
+        for (client, answer) in zip(clients, list) {
+            #expect(answer["slot"] as? Int == deliveries.first { $0.source == client.local }.map { Int($0.slot) })
+        }
+    }
+
+    /// Bad addresses are argument errors (exit 2) that say what is wrong.
+    @Test func badAddressesAreArgumentErrors() throws {
+        let noPort = try reuseportctl(["which", "10.0.0.1"])
+        #expect(noPort.status == 2)
+        #expect(noPort.stderr.contains("'10.0.0.1': expected ADDR:PORT"), "\(noPort)")
+        let badTo = try reuseportctl(["which", "10.0.0.1:5", "--to", "[::1]"])
+        #expect(badTo.status == 2)
+        #expect(badTo.stderr.contains("--to"), "\(badTo)")
+        let badProto = try reuseportctl(["which", "10.0.0.1:5", "--proto", "sctp"])
+        #expect(badProto.status == 2)
+        #expect(badProto.stderr.contains("sctp"), "\(badProto)")
+    }
+}
