@@ -8,6 +8,7 @@ import PackageDescription
 //   Sources/ReuseportKit      typed Swift over libbpf and sockets: load, attach, slots, buckets, counters, pins
 //   Sources/ReuseportControl  the control-socket protocol between the daemon and the CLI
 //   Sources/ReuseportDaemon   configuration, supervision, built-in workers (the daemon as a library)
+//   Sources/CReuseportProcess signalfd, prctl, SO_PEERCRED: process calls Swift cannot import
 //   Sources/reuseportd        the daemon executable
 //   Sources/reuseportctl      the operator CLI
 //   Sources/CSockDiag         sock_diag/netlink uapi for the CLI (per-socket drop counters)
@@ -44,10 +45,12 @@ let package = Package(
             name: "ReuseportControl",
             dependencies: ["ReuseportKit"]
         ),
+        // signalfd, prctl and SO_PEERCRED for the daemon (Glibc does not export them to Swift).
+        .target(name: "CReuseportProcess"),
         .target(
             name: "ReuseportDaemon",
             dependencies: [
-                "ReuseportKit", "ReuseportControl",
+                "ReuseportKit", "ReuseportControl", "CReuseportProcess",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ]
@@ -87,6 +90,11 @@ let package = Package(
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],
                     exclude: ["golden"]),
+        // Runs the real reuseportd binary (built beside the test bundle) against real sockets.
+        .testTarget(
+            name: "ReuseportDaemonTests",
+            dependencies: ["ReuseportDaemon", "ReuseportControl", "ReuseportKit", "ReuseportTestSupport"]
+        ),
     ],
     // C23 for #embed of the BPF object (Sources/CReuseportABI/object.c).
     cLanguageStandard: .gnu2x

@@ -96,7 +96,7 @@ public struct SlotStatus: Codable, Sendable, Equatable {
 public enum ControlFraming {
     public static func encode<T: Encodable>(_ value: T) throws -> Data {
         let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys]
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         var data = try encoder.encode(value)
         data.append(0x0a)
         return data

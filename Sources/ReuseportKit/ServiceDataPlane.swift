@@ -106,16 +106,15 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         let target = Array(0..<UInt32(count))
         for slot in target where !slots.contains(slot) { try openSlot(slot) }
+        let previous = buckets
         let table = BucketAssignment.rebalance(buckets, to: target)
         try setBuckets(table)
         let removed = slots.filter { $0 >= UInt32(count) }
         // slot_count shrinks only after no bucket names a removed slot.
         try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: count)
         for slot in removed { try closeSlot(slot) }
-        let moved = BucketAssignment.moved(from: buckets, to: table)
         slots = target
-        buckets = table
-        return moved
+        return BucketAssignment.moved(from: previous, to: table)
     }
 
     /// Writes a new bucket table (only the entries that change).

@@ -1,1 +1,175 @@
-print("reuseportd: not yet")
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import Logging
+import ReuseportControl
+import ReuseportDaemon
+import ReuseportKit
+
+/// Exit statuses: 0 stopped cleanly, 1 could not start or failed at run time, 2 invalid
+/// configuration, 64 bad command line (ArgumentParser's usage error).
+@main
+struct Reuseportd: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reuseportd",
+        abstract: "Own SO_REUSEPORT sockets, steer flows with eBPF, and keep a worker on every slot.",
+        discussion: """
+            Without --config, runs the built-in demo: service "demo" on udp://127.0.0.1:5300 with 4 whoami
+            workers. SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully.
+            See docs/configuration.md and docs/operations.md.
+            """,
+        subcommands: [Run.self, Worker.self, ExecWorker.self],
+        defaultSubcommand: Run.self
+    )
+}
+
+extension Reuseportd {
+    struct Run: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Run the daemon (the default).")
+
+        @Option(name: .long, help: "The TOML configuration file (default: the built-in demo).")
+        var config: String?
+
+        @Option(name: .long, help: "Where the maps are pinned on bpffs, one folder per service.")
+        var pinDir: String = PinLayout.defaultRoot
+
+        @Option(name: .long, help: "Where the control socket lives.")
+        var runDir: String = ControlDefaults.runDirectory
+
+        @Flag(name: .long, help: "Check the configuration, print it in short and exit (0: valid, 2: invalid).")
+        var check = false
+
+        @Option(name: .long, help: "trace, debug, info, notice, warning, error or critical.")
+        var logLevel: String = "info"
+
+        func validate() throws {
+            guard Logger.Level(rawValue: logLevel) != nil else {
+                throw ValidationError("--log-level \(logLevel): use trace, debug, info, notice, warning, error or critical")
+            }
+        }
+
+        func run() throws {
+            let configuration: DaemonConfiguration
+            do {
+                configuration = try Daemon.loadConfiguration(path: config)
+            } catch {
+                printError("reuseportd: invalid configuration: \(error)")
+                throw ExitCode(2)
+            }
+            if check {
+                for service in configuration.services {
+                    print("\(service.name): \(service.listen.map(\.description).joined(separator: ", ")), "
+                        + "\(service.workers) workers")
+                }
+                return
+            }
+            let level = Logger.Level(rawValue: logLevel) ?? .info
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+            let logger = Logger(label: "reuseportd")
+            let daemon: Daemon
+            do {
+                daemon = try Daemon(configuration: configuration,
+                                    options: .init(configPath: config, pinRoot: pinDir, runDirectory: runDir,
+                                                   executable: selfExecutable()),
+                                    logger: logger)
+            } catch {
+                printError("reuseportd: cannot start: \(error)")
+                throw ExitCode(1)
+            }
+            logger.notice("ready: control socket \(ControlDefaults.socketPath(runDirectory: runDir))")
+            let status = daemon.run()
+            if status != 0 { throw ExitCode(status) }
+        }
+    }
+
+    struct Worker: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Run a built-in worker on the sockets passed the systemd way (LISTEN_FDS from fd 3).",
+            discussion: """
+                echo returns each datagram (TCP: the stream) unchanged. whoami answers each datagram (TCP: each \
+                line) with "slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>", a newline, then the payload.
+                Works under reuseportd and under systemd-socket-activate, e.g.:
+                  systemd-socket-activate --datagram -l 127.0.0.1:5301 reuseportd worker whoami
+                """)
+
+        @Argument(help: "echo or whoami.")
+        var kind: BuiltinKindArgument
+
+        func run() throws {
+            do {
+                try BuiltinWorker(kind: kind.kind, sockets: ActivatedSockets.fromEnvironment()).run()
+            } catch {
+                printError("reuseportd worker \(kind.kind.rawValue): \(error)")
+                throw ExitCode(1)
+            }
+        }
+    }
+
+    /// The first step of every worker start (see WorkerLaunch.swift). Not for people.
+    struct ExecWorker: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "exec-worker", abstract: "Internal: become a worker (drop privileges, set LISTEN_PID, exec).",
+            shouldDisplay: false)
+
+        @Option(help: "The daemon's pid: the worker does not start if its parent is another process.")
+        var parent: Int32
+
+        @Option(help: "Run as this user.")
+        var user: String?
+
+        @Option(help: "Run with this group.")
+        var group: String?
+
+        @Option(help: "Run this built-in worker instead of a program.")
+        var builtin: BuiltinKindArgument?
+
+        @Argument(parsing: .postTerminator, help: "The program and its arguments.")
+        var command: [String] = []
+
+        func validate() throws {
+            guard (builtin == nil) != command.isEmpty else {
+                throw ValidationError("give either --builtin KIND or -- PROGRAM ARGS...")
+            }
+        }
+
+        func run() throws {
+            let program: WorkerProgram = builtin.map { .builtin($0.kind) } ?? .exec(command)
+            do {
+                try WorkerExec(parent: parent, user: user, group: group, program: program).run()
+            } catch {
+                printError("reuseportd exec-worker: \(error)")
+                throw ExitCode(127)
+            }
+        }
+    }
+}
+
+struct BuiltinKindArgument: ExpressibleByArgument {
+    var kind: BuiltinWorkerKind
+
+    init?(argument: String) {
+        guard let kind = BuiltinWorkerKind(rawValue: argument) else { return nil }
+        self.kind = kind
+    }
+
+    static var allValueStrings: [String] { BuiltinWorkerKind.allCases.map(\.rawValue) }
+}
+
+func printError(_ text: String) {
+    let line = text + "\n"
+    _ = line.withCString { write(2, $0, strlen($0)) }
+}
+
+/// This binary's path, to spawn as `exec-worker` (resolved rather than /proc/self/exe so
+/// that workers show up as reuseportd in ps and top, not as "exe").
+func selfExecutable() -> String {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard count > 0 else { return CommandLine.arguments[0] }
+    return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}

@@ -1,0 +1,34 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+// The few process and socket calls the daemon needs that Swift cannot import from Glibc
+// (signalfd, prctl, SO_PEERCRED's struct ucred, and the _GNU_SOURCE calls accept4 and pipe2). Every symbol is prefixed rpd_.
+#ifndef CREUSEPORT_PROCESS_H
+#define CREUSEPORT_PROCESS_H
+
+#include <signal.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/un.h>
+
+/* signalfd(2) for `mask`, close-on-exec and non-blocking. -1 and errno on failure. */
+int rpd_signalfd(const sigset_t *mask);
+
+/* Reads one struct signalfd_siginfo; returns the signal number, 0 when none is
+ * pending (EAGAIN), -1 and errno on failure. */
+int rpd_signalfd_read(int fd);
+
+/* prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent
+ * exits. Cleared by credential changes (kernel/cred.c, commit_creds()), so it must be
+ * set after dropping privileges. */
+int rpd_set_parent_death_signal(int sig);
+
+/* The peer's credentials of a connected Unix socket (SO_PEERCRED). */
+int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/* pipe2(fds, O_CLOEXEC). */
+int rpd_pipe_cloexec(int fds[2]);
+
+/* accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), filling `address` when given. */
+int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length);
+
+#endif

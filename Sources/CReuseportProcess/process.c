@@ -1,0 +1,60 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "CReuseportProcess.h"
+
+int rpd_signalfd(const sigset_t *mask)
+{
+	return signalfd(-1, mask, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+int rpd_signalfd_read(int fd)
+{
+	struct signalfd_siginfo info;
+	ssize_t n;
+
+	do {
+		n = read(fd, &info, sizeof(info));
+	} while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return errno == EAGAIN ? 0 : -1;
+	if (n != sizeof(info)) {
+		errno = EIO;
+		return -1;
+	}
+	return (int)info.ssi_signo;
+}
+
+int rpd_set_parent_death_signal(int sig)
+{
+	return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0);
+}
+
+int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+		return -1;
+	*pid = cred.pid;
+	*uid = cred.uid;
+	*gid = cred.gid;
+	return 0;
+}
+
+int rpd_pipe_cloexec(int fds[2])
+{
+	return pipe2(fds, O_CLOEXEC);
+}
+
+int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length)
+{
+	return accept4(fd, address, length, SOCK_CLOEXEC | SOCK_NONBLOCK);
+}

@@ -1,0 +1,113 @@
+import ReuseportKit
+
+/// The daemon's configuration: what `--config FILE` describes (docs/configuration.md).
+public struct DaemonConfiguration: Sendable, Equatable {
+    /// How long a stopping worker gets between SIGTERM and SIGKILL.
+    public var stopTimeoutMs: Int
+    public var services: [ServiceConfiguration]
+
+    public static let defaultStopTimeoutMs = 5000
+
+    public init(stopTimeoutMs: Int = DaemonConfiguration.defaultStopTimeoutMs, services: [ServiceConfiguration]) {
+        self.stopTimeoutMs = stopTimeoutMs
+        self.services = services
+    }
+
+    /// The embedded configuration used without `--config`: a demo to try at once.
+    public static let embeddedText = """
+        # reuseportd's built-in demo: 4 whoami workers on udp://127.0.0.1:5300.
+        [[service]]
+        name = "demo"
+        listen = ["udp://127.0.0.1:5300"]
+        workers = 4
+        builtin = "whoami"
+        """
+
+    /// Where the embedded configuration says it comes from in messages.
+    public static let embeddedName = "<built-in demo configuration>"
+}
+
+/// The program a service's workers run.
+public enum WorkerProgram: Sendable, Equatable {
+    /// `exec = ["/path", "arg", ...]`
+    case exec([String])
+    /// `builtin = "echo" | "whoami"`
+    case builtin(BuiltinWorkerKind)
+}
+
+public enum BuiltinWorkerKind: String, Sendable, CaseIterable {
+    case echo, whoami
+}
+
+/// One `[[service]]` table.
+public struct ServiceConfiguration: Sendable, Equatable {
+    public var name: String
+    public var listen: [Endpoint]
+    public var workers: Int
+    public var program: WorkerProgram
+    /// Run workers as this user (name or numeric id); nil keeps the daemon's.
+    public var user: String?
+    /// Run workers with this group (name or numeric id); nil: the user's primary group.
+    public var group: String?
+    /// SO_RCVBUF of every socket, in bytes; nil keeps the kernel default.
+    public var receiveBuffer: Int?
+    public var bucketCount: Int
+    public var seed: UInt32
+    public var restart: RestartPolicy
+    /// A slot down this long has its buckets pointed at live slots until it is healthy again.
+    public var failoverAfterMs: Int
+
+    public static let defaultFailoverAfterMs = 5000
+
+    public init(name: String, listen: [Endpoint], workers: Int, program: WorkerProgram, user: String? = nil,
+                group: String? = nil, receiveBuffer: Int? = nil, bucketCount: Int = Int(RP_DEFAULT_BUCKETS),
+                seed: UInt32 = 0, restart: RestartPolicy = RestartPolicy(),
+                failoverAfterMs: Int = ServiceConfiguration.defaultFailoverAfterMs) {
+        self.name = name
+        self.listen = listen
+        self.workers = workers
+        self.program = program
+        self.user = user
+        self.group = group
+        self.receiveBuffer = receiveBuffer
+        self.bucketCount = bucketCount
+        self.seed = seed
+        self.restart = restart
+        self.failoverAfterMs = failoverAfterMs
+    }
+
+    /// What the sockets and the program depend on: a change here needs new sockets
+    /// (the service is rebuilt), a change elsewhere does not.
+    var dataPlaneShape: [String] {
+        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)"]
+    }
+}
+
+/// When a slot's worker is started again after it exits.
+///
+/// The first restart after a healthy run is immediate (a worker killed once loses no
+/// time); each further exit within `healthyAfterMs` of its start doubles the wait, from
+/// `backoffMinimumMs` up to `backoffMaximumMs`.
+public struct RestartPolicy: Sendable, Equatable {
+    public var backoffMinimumMs: Int
+    public var backoffMaximumMs: Int
+    /// A worker that lived this long resets the back-off.
+    public var healthyAfterMs: Int
+    /// A worker alive this long counts as running (and a failed-over slot gets its buckets back).
+    public var readyAfterMs: Int
+
+    public init(backoffMinimumMs: Int = 100, backoffMaximumMs: Int = 10_000, healthyAfterMs: Int = 10_000,
+                readyAfterMs: Int = 500) {
+        self.backoffMinimumMs = backoffMinimumMs
+        self.backoffMaximumMs = backoffMaximumMs
+        self.healthyAfterMs = healthyAfterMs
+        self.readyAfterMs = readyAfterMs
+    }
+
+    /// The wait before the next start, after `failures` quick exits in a row (0: none yet).
+    public func delayMs(afterQuickExits failures: Int) -> Int {
+        guard failures > 0 else { return 0 }
+        let doublings = min(failures - 1, 30)
+        return min(backoffMaximumMs, backoffMinimumMs << doublings)
+    }
+}

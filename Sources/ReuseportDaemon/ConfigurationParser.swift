@@ -1,0 +1,287 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ReuseportKit
+import TOMLKit
+
+/// A configuration that cannot be used: names the file, the key (`service[1].workers`)
+/// or the line and column (TOML syntax), and what is wrong.
+public struct ConfigurationError: Error, CustomStringConvertible, Equatable, Sendable {
+    public var file: String
+    public var key: String?
+    public var line: Int?
+    public var column: Int?
+    public var problem: String
+
+    public var description: String {
+        // Syntax errors carry the line and column in `problem`.
+        var location = file
+        if let key { location += ": \(key)" }
+        return "\(location): \(problem)"
+    }
+}
+
+/// TOML text → `DaemonConfiguration`, checking every key (docs/configuration.md).
+public enum ConfigurationParser {
+    /// Reads and parses `path`.
+    public static func load(path: String) throws(ConfigurationError) -> DaemonConfiguration {
+        guard let text = readText(path) else {
+            throw ConfigurationError(file: path, problem: "cannot read the file: \(String(cString: strerror(errno)))")
+        }
+        return try parse(text, file: path)
+    }
+
+    /// Parses configuration text; `file` names it in errors.
+    public static func parse(_ text: String, file: String) throws(ConfigurationError) -> DaemonConfiguration {
+        let table: TOMLTable
+        do {
+            table = try TOMLTable(string: text)
+        } catch let error as TOMLParseError {
+            throw ConfigurationError(file: file, line: error.source.begin.line, column: error.source.begin.column,
+                                     problem: "TOML syntax error at line \(error.source.begin.line), column \(error.source.begin.column): \(error.description)")
+        } catch {
+            throw ConfigurationError(file: file, problem: "TOML syntax error: \(error)")
+        }
+        let reader = TableReader(table: table, path: nil, file: file)
+        try reader.rejectUnknown(["stop_timeout_ms", "service"])
+        let stopTimeout = try reader.milliseconds("stop_timeout_ms") ?? DaemonConfiguration.defaultStopTimeoutMs
+        guard let serviceTables = table["service"] else {
+            throw ConfigurationError(file: file, key: "service",
+                                     problem: "no service: add at least one [[service]] table")
+        }
+        guard let array = serviceTables.array else {
+            throw ConfigurationError(file: file, key: "service",
+                                     problem: "must be an array of tables ([[service]]), not \(serviceTables.type)")
+        }
+        guard !array.isEmpty else {
+            throw ConfigurationError(file: file, key: "service", problem: "no service: add at least one [[service]] table")
+        }
+        var services: [ServiceConfiguration] = []
+        for (index, element) in array.enumerated() {
+            guard let table = element.table else {
+                throw ConfigurationError(file: file, key: "service[\(index)]",
+                                         problem: "must be a table ([[service]]), not \(element.type)")
+            }
+            services.append(try parseService(table, path: "service[\(index)]", file: file))
+        }
+        try checkUnique(services, file: file)
+        return DaemonConfiguration(stopTimeoutMs: stopTimeout, services: services)
+    }
+
+    static let serviceKeys = [
+        "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
+        "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
+        "failover_after_ms",
+    ]
+
+    static func parseService(_ table: TOMLTable, path: String, file: String) throws(ConfigurationError)
+        -> ServiceConfiguration
+    {
+        let reader = TableReader(table: table, path: path, file: file)
+        try reader.rejectUnknown(serviceKeys)
+        guard let name = try reader.string("name") else { throw reader.error("name", "is required") }
+        guard ServiceName.isValid(name) else {
+            throw reader.error("name", "'\(name)' is not a valid service name: use 1 to 64 letters, digits, '-', '_' or '.'"
+                + " (it names a folder under the pin directory)")
+        }
+        guard let listenTexts = try reader.strings("listen") else {
+            throw reader.error("listen", "is required: a list like [\"udp://127.0.0.1:5300\"]")
+        }
+        guard !listenTexts.isEmpty else { throw reader.error("listen", "is empty: give at least one address") }
+        var listen: [Endpoint] = []
+        for (index, text) in listenTexts.enumerated() {
+            do {
+                listen.append(try Endpoint(parsing: text))
+            } catch {
+                throw reader.error("listen[\(index)]", "\(error)")
+            }
+        }
+        guard let workers = try reader.integer("workers") else { throw reader.error("workers", "is required") }
+        guard (1...Int(RP_MAX_SLOTS)).contains(workers) else {
+            throw reader.error("workers", "must be between 1 and \(RP_MAX_SLOTS), got \(workers)")
+        }
+        let exec = try reader.strings("exec")
+        let builtin = try reader.string("builtin")
+        let program: WorkerProgram
+        switch (exec, builtin) {
+        case (nil, nil):
+            throw ConfigurationError(file: file, key: path,
+                                     problem: "needs either exec = [\"/path/to/server\", ...] or builtin = \"echo\" | \"whoami\"")
+        case (.some, .some):
+            throw reader.error("exec", "and builtin are both set: choose one")
+        case (.some(let argv), nil):
+            guard let first = argv.first, !first.isEmpty else {
+                throw reader.error("exec", "is empty: give the program and its arguments")
+            }
+            program = .exec(argv)
+        case (nil, .some(let name)):
+            guard let kind = BuiltinWorkerKind(rawValue: name) else {
+                throw reader.error("builtin", "unknown built-in worker '\(name)': use \"echo\" or \"whoami\"")
+            }
+            program = .builtin(kind)
+        }
+        let user = try reader.identity("user")
+        let group = try reader.identity("group")
+        if let user, UserIdentity.lookUpUser(user) == nil {
+            throw reader.error("user", "no such user '\(user)' on this system")
+        }
+        if let group, UserIdentity.lookUpGroup(group) == nil {
+            throw reader.error("group", "no such group '\(group)' on this system")
+        }
+        let receiveBuffer = try reader.integer("rcvbuf")
+        if let receiveBuffer, !(1...Int(Int32.max)).contains(receiveBuffer) {
+            throw reader.error("rcvbuf", "must be between 1 and \(Int32.max) bytes, got \(receiveBuffer)")
+        }
+        let buckets = try reader.integer("buckets") ?? Int(RP_DEFAULT_BUCKETS)
+        guard (1...Int(RP_MAX_BUCKETS)).contains(buckets) else {
+            throw reader.error("buckets", "must be between 1 and \(RP_MAX_BUCKETS), got \(buckets)")
+        }
+        guard buckets >= workers else {
+            throw reader.error("buckets", "\(buckets) buckets cannot spread over \(workers) workers: need at least one each")
+        }
+        let seed = try reader.integer("seed") ?? 0
+        guard (0...Int(UInt32.max)).contains(seed) else {
+            throw reader.error("seed", "must be between 0 and \(UInt32.max), got \(seed)")
+        }
+        var restart = RestartPolicy()
+        restart.backoffMinimumMs = try reader.milliseconds("restart_backoff_min_ms") ?? restart.backoffMinimumMs
+        restart.backoffMaximumMs = try reader.milliseconds("restart_backoff_max_ms") ?? restart.backoffMaximumMs
+        restart.healthyAfterMs = try reader.milliseconds("healthy_after_ms") ?? restart.healthyAfterMs
+        restart.readyAfterMs = try reader.milliseconds("ready_after_ms") ?? restart.readyAfterMs
+        guard restart.backoffMinimumMs > 0 else { throw reader.error("restart_backoff_min_ms", "must be at least 1") }
+        guard restart.backoffMaximumMs >= restart.backoffMinimumMs else {
+            throw reader.error("restart_backoff_max_ms",
+                               "(\(restart.backoffMaximumMs)) is below restart_backoff_min_ms (\(restart.backoffMinimumMs))")
+        }
+        let failover = try reader.milliseconds("failover_after_ms") ?? ServiceConfiguration.defaultFailoverAfterMs
+        return ServiceConfiguration(name: name, listen: listen, workers: workers, program: program, user: user,
+                                    group: group, receiveBuffer: receiveBuffer, bucketCount: buckets,
+                                    seed: UInt32(seed), restart: restart, failoverAfterMs: failover)
+    }
+
+    /// Service names and listen addresses are unique across the file. Two listeners
+    /// overlap when they share transport and port and one address is the other's or a
+    /// wildcard: the kernel would then split that port's traffic between two services.
+    static func checkUnique(_ services: [ServiceConfiguration], file: String) throws(ConfigurationError) {
+        var names: [String: Int] = [:]
+        var seen: [(endpoint: Endpoint, key: String)] = []
+        for (index, service) in services.enumerated() {
+            if let first = names[service.name] {
+                throw ConfigurationError(file: file, key: "service[\(index)].name",
+                                         problem: "'\(service.name)' is already the name of service[\(first)]")
+            }
+            names[service.name] = index
+            for (position, endpoint) in service.listen.enumerated() where endpoint.address.port != 0 {
+                let key = "service[\(index)].listen[\(position)]"
+                if let clash = seen.first(where: { overlaps($0.endpoint, endpoint) }) {
+                    throw ConfigurationError(file: file, key: key,
+                                             problem: "\(endpoint) overlaps \(clash.endpoint) of \(clash.key): "
+                                                 + "each address and port may belong to one listener only")
+                }
+                seen.append((endpoint, key))
+            }
+        }
+    }
+
+    static func overlaps(_ a: Endpoint, _ b: Endpoint) -> Bool {
+        guard a.transport == b.transport, a.address.port == b.address.port else { return false }
+        let x = a.address.address, y = b.address.address
+        if x == y { return true }
+        // A wildcard of one family covers that family's addresses ([::] also IPv4 unless v6only,
+        // which the daemon sets, so it covers IPv6 only).
+        return x.isV4 == y.isV4 && (x.isWildcard || y.isWildcard)
+    }
+
+    static func readText(_ path: String) -> String? {
+        guard let file = fopen(path, "r") else { return nil }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let count = fread(&chunk, 1, chunk.count, file)
+            if count > 0 { bytes.append(contentsOf: chunk[0..<count]) }
+            if count < chunk.count {
+                if ferror(file) != 0 { return nil }
+                break
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// Service names become folder names on bpffs and log labels.
+enum ServiceName {
+    static func isValid(_ name: String) -> Bool {
+        guard (1...64).contains(name.utf8.count), name != ".", name != ".." else { return false }
+        return name.utf8.allSatisfy { byte in
+            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a)
+                || byte == 0x2d || byte == 0x5f || byte == 0x2e
+        }
+    }
+}
+
+/// Typed reads of one TOML table, each error naming `path.key`.
+struct TableReader {
+    let table: TOMLTable
+    let path: String?
+    let file: String
+
+    func key(_ name: String) -> String { path.map { "\($0).\(name)" } ?? name }
+
+    func error(_ name: String, _ problem: String) -> ConfigurationError {
+        ConfigurationError(file: file, key: key(name), problem: problem)
+    }
+
+    func rejectUnknown(_ known: [String]) throws(ConfigurationError) {
+        for name in table.keys.sorted() where !known.contains(name) {
+            throw error(name, "unknown key (known keys here: \(known.joined(separator: ", ")))")
+        }
+    }
+
+    func string(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = table[name] else { return nil }
+        guard let text = value.string else { throw error(name, "must be a string, not \(value.type)") }
+        return text
+    }
+
+    func integer(_ name: String) throws(ConfigurationError) -> Int? {
+        guard let value = table[name] else { return nil }
+        guard let number = value.int else { throw error(name, "must be an integer, not \(value.type)") }
+        return number
+    }
+
+    /// A duration in milliseconds: 0 up to one day.
+    func milliseconds(_ name: String) throws(ConfigurationError) -> Int? {
+        guard let value = try integer(name) else { return nil }
+        guard (0...86_400_000).contains(value) else {
+            throw error(name, "must be between 0 and 86400000 milliseconds, got \(value)")
+        }
+        return value
+    }
+
+    func strings(_ name: String) throws(ConfigurationError) -> [String]? {
+        guard let value = table[name] else { return nil }
+        guard let array = value.array else { throw error(name, "must be an array of strings, not \(value.type)") }
+        var result: [String] = []
+        for (index, element) in array.enumerated() {
+            guard let text = element.string else {
+                throw error("\(name)[\(index)]", "must be a string, not \(element.type)")
+            }
+            result.append(text)
+        }
+        return result
+    }
+
+    /// A user or group: a name, or a numeric id (as an integer or a string of digits).
+    func identity(_ name: String) throws(ConfigurationError) -> String? {
+        guard let value = table[name] else { return nil }
+        if let number = value.int {
+            guard number >= 0 && number < Int(UInt32.max) else { throw error(name, "\(number) is not a valid id") }
+            return String(number)
+        }
+        guard let text = value.string, !text.isEmpty else {
+            throw error(name, "must be a name or a numeric id, not \(value.type)")
+        }
+        return text
+    }
+}

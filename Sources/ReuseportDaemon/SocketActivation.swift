@@ -1,0 +1,84 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The environment a worker is started with, the systemd way (sd_listen_fds(3)):
+/// its sockets from fd 3 on, `LISTEN_FDS`, `LISTEN_PID` (the worker's own pid),
+/// `LISTEN_FDNAMES`, and from reuseportd also `REUSEPORT_SLOT` and `REUSEPORT_SERVICE`.
+public enum ActivationEnvironment {
+    public static let firstDescriptor: Int32 = 3
+    public static let listenFDs = "LISTEN_FDS"
+    public static let listenPID = "LISTEN_PID"
+    public static let listenFDNames = "LISTEN_FDNAMES"
+    public static let slot = "REUSEPORT_SLOT"
+    public static let service = "REUSEPORT_SERVICE"
+}
+
+/// The sockets a worker was handed, read from its environment.
+public struct ActivatedSockets: Sendable {
+    public var descriptors: [Int32]
+    public var names: [String]
+    /// `REUSEPORT_SLOT`, when started by reuseportd.
+    public var slot: String?
+    /// `REUSEPORT_SERVICE`, when started by reuseportd.
+    public var service: String?
+
+    /// Reads and checks `LISTEN_*` as sd_listen_fds() does: `LISTEN_PID` must be this
+    /// process, the descriptors are made close-on-exec, and the variables are removed so
+    /// that a child of the worker does not take them for its own.
+    public static func fromEnvironment() throws(WorkerError) -> ActivatedSockets {
+        let environment = ProcessEnvironment.current
+        guard let countText = environment[ActivationEnvironment.listenFDs] else {
+            throw WorkerError("no sockets were passed (LISTEN_FDS is not set): start this worker from reuseportd, "
+                + "or under systemd-socket-activate (e.g. systemd-socket-activate --datagram -l 5300 reuseportd worker whoami)")
+        }
+        guard let count = Int(countText), count > 0, count < 1024 else {
+            throw WorkerError("LISTEN_FDS=\(countText) is not a number of sockets (1 to 1023)")
+        }
+        if let pidText = environment[ActivationEnvironment.listenPID] {
+            guard let pid = Int32(pidText), pid == getpid() else {
+                throw WorkerError("LISTEN_PID=\(pidText) is not this process (\(getpid())): the sockets are meant for another")
+            }
+        }
+        let descriptors = (0..<Int32(count)).map { ActivationEnvironment.firstDescriptor + $0 }
+        for fd in descriptors {
+            guard fcntl(fd, F_SETFD, FD_CLOEXEC) == 0 else {
+                throw WorkerError("fd \(fd) of LISTEN_FDS=\(count) is not open: \(String(cString: strerror(errno)))")
+            }
+        }
+        var names = environment[ActivationEnvironment.listenFDNames]?.split(separator: ":", omittingEmptySubsequences: false)
+            .map(String.init) ?? []
+        if names.count != count { names = descriptors.map { "fd\($0)" } }
+        for name in [ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID, ActivationEnvironment.listenFDNames] {
+            unsetenv(name)
+        }
+        return ActivatedSockets(descriptors: descriptors, names: names,
+                                slot: environment[ActivationEnvironment.slot],
+                                service: environment[ActivationEnvironment.service])
+    }
+}
+
+public struct WorkerError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ description: String) { self.description = description }
+
+    static func system(_ call: String) -> WorkerError {
+        WorkerError("\(call): \(String(cString: strerror(errno)))")
+    }
+}
+
+/// The process environment as a dictionary (reading `environ`).
+enum ProcessEnvironment {
+    static var current: [String: String] {
+        var result: [String: String] = [:]
+        var pointer = environ
+        while let entry = pointer.pointee {
+            let text = String(cString: entry)
+            if let equals = text.firstIndex(of: "=") {
+                result[String(text[..<equals])] = String(text[text.index(after: equals)...])
+            }
+            pointer += 1
+        }
+        return result
+    }
+}

@@ -1,0 +1,74 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The user and group a worker runs as, resolved from names or numeric ids.
+public struct UserIdentity: Sendable, Equatable {
+    public var uid: uid_t?
+    public var gid: gid_t?
+    /// The user name, for initgroups (supplementary groups); nil for a bare numeric uid.
+    public var userName: String?
+
+    /// Looks up a user by name or numeric id.
+    public static func lookUpUser(_ text: String) -> (uid: uid_t, gid: gid_t, name: String?)? {
+        if let entry = getpwnam(text) {
+            return (entry.pointee.pw_uid, entry.pointee.pw_gid, String(cString: entry.pointee.pw_name))
+        }
+        guard let number = UInt32(text) else { return nil }
+        if let entry = getpwuid(number) {
+            return (number, entry.pointee.pw_gid, String(cString: entry.pointee.pw_name))
+        }
+        // A uid without a passwd entry: its group defaults to the same number.
+        return (number, number, nil)
+    }
+
+    /// Looks up a group by name or numeric id.
+    public static func lookUpGroup(_ text: String) -> gid_t? {
+        if let entry = getgrnam(text) { return entry.pointee.gr_gid }
+        return UInt32(text)
+    }
+
+    /// Resolves the configured `user` and `group`; nil for both means "stay as we are".
+    public static func resolve(user: String?, group: String?) -> Result<UserIdentity, IdentityError> {
+        var identity = UserIdentity()
+        if let user {
+            guard let entry = lookUpUser(user) else { return .failure(IdentityError(what: "no such user '\(user)'")) }
+            identity.uid = entry.uid
+            identity.gid = entry.gid
+            identity.userName = entry.name
+        }
+        if let group {
+            guard let gid = lookUpGroup(group) else { return .failure(IdentityError(what: "no such group '\(group)'")) }
+            identity.gid = gid
+        }
+        return .success(identity)
+    }
+
+    /// Drops to this identity: supplementary groups, then gid, then uid (the order matters:
+    /// after setuid the process may no longer change its groups).
+    public func apply() -> Result<Void, IdentityError> {
+        guard uid != nil || gid != nil else { return .success(()) }
+        if let gid {
+            if let userName, uid != nil {
+                if initgroups(userName, gid) != 0 { return .failure(.system("initgroups(\(userName), \(gid))")) }
+            } else {
+                var groups = [gid]
+                if setgroups(1, &groups) != 0 { return .failure(.system("setgroups([\(gid)])")) }
+            }
+            if setgid(gid) != 0 { return .failure(.system("setgid(\(gid))")) }
+        }
+        if let uid, setuid(uid) != 0 { return .failure(.system("setuid(\(uid))")) }
+        return .success(())
+    }
+}
+
+public struct IdentityError: Error, CustomStringConvertible {
+    public var what: String
+    public var description: String { what }
+
+    static func system(_ call: String) -> IdentityError {
+        let code = errno
+        let hint = code == EPERM ? " (changing user or group needs root or CAP_SETUID/CAP_SETGID)" : ""
+        return IdentityError(what: "\(call): \(String(cString: strerror(code)))\(hint)")
+    }
+}

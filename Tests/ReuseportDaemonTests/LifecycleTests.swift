@@ -1,0 +1,190 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// Reload, stop and bad input, with the real daemon binary.
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct LifecycleTests {
+    static func config(workers: Int) -> String {
+        """
+        [[service]]
+        name = "grow"
+        listen = ["udp://127.0.0.1:0"]
+        workers = \(workers)
+        builtin = "whoami"
+        """
+    }
+
+    /// SIGHUP with 4 → 6 → 3 workers: only the flows that must move do (to a new slot when
+    /// growing, from a removed slot when shrinking), and their share is the ideal one.
+    @Test func sighupResizingMovesOnlyTheMinimumShareOfFlows() throws {
+        let daemon = try DaemonUnderTest(config: LifecycleTests.config(workers: 4))
+        let destination = try udpEndpoint(try daemon.waitForWorkers("running"), "grow")
+        let clients = try Traffic.clients(1024, on: .loopbackV4)
+        var previous = try Whoami.ask(clients, to: destination).map { try #require($0).slot }
+        var table = try pinnedBuckets(daemon, service: "grow")
+
+        var removedPids: [Int32] = []
+        for (from, to) in [(4, 6), (6, 3)] {
+            let before = try daemon.status()[0].slots
+            removedPids = before.filter { $0.slot >= UInt32(to) }.compactMap(\.pid)
+            try daemon.rewriteConfig(LifecycleTests.config(workers: to))
+            daemon.signal(SIGHUP)
+            try daemon.waitFor("\(to) workers with a pid") { services in
+                services[0].slots.count == to && services[0].slots.allSatisfy { $0.pid != nil }
+            }
+            let current = try Whoami.ask(clients, to: destination).map { try #require($0).slot }
+            let newTable = try pinnedBuckets(daemon, service: "grow")
+            let kept = Set(0..<UInt32(min(from, to)))
+            let moved = zip(previous, current).filter { $0 != $1 }
+            let share = Double(moved.count) / Double(clients.count)
+            // Growing N → M moves (M−N)/M of the flows; shrinking moves the removed slots' (N−M)/N.
+            let ideal = from < to ? Double(to - from) / Double(to) : Double(from - to) / Double(from)
+            let movedBuckets = BucketAssignment.moved(from: table, to: newTable)
+            let minimumBuckets = zip(table, newTable).filter { !kept.contains($0.0) || !kept.contains($0.1) }.count
+            print("SIGHUP \(from) → \(to) workers: \(moved.count) of \(clients.count) flows moved "
+                + String(format: "(%.1f%%, ideal %.1f%%)", share * 100, ideal * 100)
+                + "; \(movedBuckets) of \(table.count) buckets moved")
+            for (old, new) in moved {
+                #expect(!kept.contains(old) || !kept.contains(new), "a flow moved between kept slots \(old) → \(new)")
+            }
+            #expect(movedBuckets == minimumBuckets, "no bucket moved between two kept slots")
+            let perSlot = newTable.reduce(into: [UInt32: Int]()) { $0[$1, default: 0] += 1 }
+            #expect(perSlot.count == to && perSlot.values.max()! - perSlot.values.min()! <= 1, "balanced: \(perSlot)")
+            #expect(abs(share - ideal) < 0.06, "moved share \(share) is near the ideal \(ideal)")
+            #expect(Set(current).count == to, "every slot serves")
+            previous = current
+            table = newTable
+        }
+        // The workers of removed slots are stopped.
+        let deadline = nowMs() + 5000
+        while removedPids.contains(where: processExists) && nowMs() < deadline { sleepMs(20) }
+        #expect(!removedPids.contains(where: processExists), "the workers of slots 3 to 5 exited")
+    }
+
+    /// A reload with an invalid file keeps the running configuration.
+    @Test func invalidReloadKeepsTheRunningConfiguration() throws {
+        let daemon = try DaemonUnderTest(config: LifecycleTests.config(workers: 2))
+        try daemon.waitForWorkers()
+        try daemon.rewriteConfig(LifecycleTests.config(workers: 0))
+        let response = try daemon.request(.init(command: .reload))
+        #expect(!response.ok)
+        #expect(response.error?.contains("service[0].workers") == true, "\(response.error ?? "")")
+        daemon.signal(SIGHUP)
+        sleepMs(200)
+        #expect(try daemon.status()[0].slots.count == 2)
+        #expect(daemon.log.contains("reload failed, the running configuration stays"))
+    }
+
+    /// SIGTERM: every worker exits (one ignores SIGTERM and is killed at the timeout),
+    /// every socket is closed, every pin and the control socket are removed, status 0.
+    @Test func gracefulStopLeavesNoWorkerSocketOrPin() throws {
+        let daemon = try DaemonUnderTest(config: """
+            stop_timeout_ms = 500
+
+            [[service]]
+            name = "plain"
+            listen = ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"]
+            workers = 3
+            builtin = "echo"
+
+            [[service]]
+            name = "stubborn"
+            listen = ["udp://[::1]:0"]
+            workers = 2
+            exec = ["/bin/sh", "-c", "trap '' TERM; exec \(DaemonBinary.path) worker whoami"]
+            """)
+        let services = try daemon.waitForWorkers()
+        let pids = services.flatMap { $0.slots.compactMap(\.pid) }
+        let endpoints = try services.flatMap { try $0.listeners.map { try Endpoint(parsing: $0) } }
+        #expect(pids.count == 5)
+        #expect(PinLayout.services(under: daemon.pinRoot) == ["plain", "stubborn"])
+
+        daemon.signal(SIGTERM)
+        let status = daemon.waitForExit(timeoutMs: 10_000)
+        #expect(status == 0, "exit status; log:\n\(daemon.log)")
+        for pid in pids { #expect(!processExists(pid), "worker \(pid) is gone") }
+        #expect(daemon.log.contains("did not stop in time: SIGKILL"), "the stubborn workers were killed")
+        // A socket without SO_REUSEPORT binds only if no socket holds the address any more.
+        for endpoint in endpoints {
+            let probe = socket(endpoint.address.address.family,
+                               endpoint.transport == .udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue), 0)
+            defer { close(probe) }
+            let bound = endpoint.address.withSockaddr { bind(probe, $0, $1) }
+            #expect(bound == 0, "\(endpoint) is free: \(String(cString: strerror(errno)))")
+        }
+        #expect(access(daemon.pinRoot, F_OK) != 0, "the pin folder is gone")
+        #expect(access("\(daemon.runDirectory)/control.sock", F_OK) != 0, "the control socket is gone")
+    }
+
+    /// Invalid configurations: exit status 2, and the message names the file, the key and the problem.
+    @Test(arguments: [
+        ("syntax", "[[service]\nname = \"x\"\n", ["line 1", "TOML syntax error"]),
+        ("unknown key", "[[service]]\nname = \"x\"\nlisten = [\"udp://127.0.0.1:0\"]\nworkers = 1\nbuiltin = \"echo\"\nworkerz = 2\n",
+         ["service[0].workerz", "unknown key"]),
+        ("bad address", "[[service]]\nname = \"x\"\nlisten = [\"udp://127.0.0.300:53\"]\nworkers = 1\nbuiltin = \"echo\"\n",
+         ["service[0].listen[0]", "not an IPv4 or IPv6 address"]),
+        ("bad port", "[[service]]\nname = \"x\"\nlisten = [\"udp://127.0.0.1:70000\"]\nworkers = 1\nbuiltin = \"echo\"\n",
+         ["service[0].listen[0]", "not a port"]),
+        ("duplicate port", """
+            [[service]]
+            name = "a"
+            listen = ["udp://127.0.0.1:5399"]
+            workers = 1
+            builtin = "echo"
+            [[service]]
+            name = "b"
+            listen = ["udp://0.0.0.0:5399"]
+            workers = 1
+            builtin = "echo"
+            """, ["service[1].listen[0]", "overlaps udp://127.0.0.1:5399 of service[0].listen[0]"]),
+        ("zero workers", "[[service]]\nname = \"x\"\nlisten = [\"udp://127.0.0.1:0\"]\nworkers = 0\nbuiltin = \"echo\"\n",
+         ["service[0].workers", "must be between 1 and 1024, got 0"]),
+        ("no program", "[[service]]\nname = \"x\"\nlisten = [\"udp://127.0.0.1:0\"]\nworkers = 1\n",
+         ["service[0]", "needs either exec"]),
+        ("unknown user", "[[service]]\nname = \"x\"\nlisten = [\"udp://127.0.0.1:0\"]\nworkers = 1\nbuiltin = \"echo\"\nuser = \"no-such-user-here\"\n",
+         ["service[0].user", "no such user"]),
+    ])
+    func badConfigurationExitsWithStatus2(name: String, config: String, expected: [String]) throws {
+        let directory = try TemporaryDirectory()
+        let file = try directory.write("bad.toml", config)
+        let output = "\(directory.path)/output"
+        let pid = try spawn([DaemonBinary.path, "--config", file, "--pin-dir", "/sys/fs/bpf/reuseportd-test-\(getpid())-bad",
+                             "--run-dir", "\(directory.path)/run"], output: output)
+        let status = waitExit(pid, timeoutMs: 10_000)
+        let message = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+        #expect(status == 2, "\(name): status \(status.map(String.init) ?? "none"); output: \(message)")
+        #expect(message.contains(file), "\(name): names the file: \(message)")
+        for text in expected { #expect(message.contains(text), "\(name): says '\(text)': \(message)") }
+        #expect(access("\(directory.path)/run", F_OK) != 0, "nothing was started")
+    }
+
+    /// A bind failure names the address and the reason, and the daemon exits 1 leaving nothing.
+    @Test func bindFailureNamesTheAddress() throws {
+        // A socket without SO_REUSEPORT holds the port.
+        let holder = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(holder) }
+        let any = SocketAddress(.loopbackV4, 0)
+        _ = any.withSockaddr { bind(holder, $0, $1) }
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = withUnsafeMutablePointer(to: &storage) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(holder, $0, &length) }
+        }
+        let port = try #require(SocketAddress(storage: storage)).port
+        let daemon = try DaemonUnderTest(config: """
+            [[service]]
+            name = "taken"
+            listen = ["udp://127.0.0.1:\(port)"]
+            workers = 2
+            builtin = "echo"
+            """)
+        #expect(daemon.waitForExit(timeoutMs: 10_000) == 1)
+        #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
+        #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")
+    }
+}
