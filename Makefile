@@ -3,6 +3,7 @@
 #   make run        start the daemon with its built-in demo configuration
 #   make test       every test: unit + real-kernel tests + kernel-feature suite (needs root)
 #   make kernel-test  the kernel-feature suite on the running kernel (CHECKS=... picks checks)
+#   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -18,8 +19,12 @@ ARCH        := $(shell uname -m)
 BPF_SRC     := bpf/dispatch.bpf.c
 ABI_HEADER  := bpf/dispatch.h
 BPF_OBJ     := $(OUTPUT)/dispatch.bpf.o
+# Reference programs for the benchmarks (bpf/baseline.bpf.c), embedded beside dispatch.bpf.o.
+BASELINE_OBJ := $(OUTPUT)/baseline.bpf.o
 # Debian packages the build and the tests need (apt names).
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2
+# ... and what `make bench` needs on top (gnuplot draws the chart).
+BENCH_APT_PACKAGES := gnuplot-nox
 
 ifeq ($(V),1)
 Q =
@@ -32,18 +37,16 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test deps clean help vectors
+.PHONY: all bpf build run test unit-test kernel-test deps clean help vectors bench
 
 all: build
 
 help:
-	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
-deps: $(OUTPUT)/.deps
-$(OUTPUT)/.deps: Makefile
-	$(Q)mkdir -p $(OUTPUT)
-	$(Q)missing=""; for p in $(APT_PACKAGES); do \
+define apt_install
+	$(Q)missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -55,22 +58,34 @@ $(OUTPUT)/.deps: Makefile
 			echo "install them with: sudo apt-get install$$missing"; exit 1; \
 		fi; \
 	fi
+endef
+
+deps: $(OUTPUT)/.deps
+$(OUTPUT)/.deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(APT_PACKAGES))
 	$(Q)command -v $(CLANG) >/dev/null || { echo "no $(CLANG) with the BPF target: the Swift toolchain ships one (/opt/swift/usr/bin)"; exit 1; }
 	$(Q)touch $@
 
 # The object is reproducible: -fdebug-prefix-map drops the build folder from the debug
 # info, and --strip-debug keeps BTF (which libbpf needs) but drops DWARF.
-bpf: $(BPF_OBJ)
+bpf: $(BPF_OBJ) $(BASELINE_OBJ)
 $(BPF_OBJ): $(BPF_SRC) $(ABI_HEADER) $(OUTPUT)/.deps
 	$(call msg,BPF,$@)
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $(BPF_SRC) -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 
+$(BASELINE_OBJ): bpf/baseline.bpf.c bpf/baseline.h $(ABI_HEADER) $(OUTPUT)/.deps
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
+	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
+	$(Q)rm -f $@.tmp
+
 # SwiftPM does not see that CReuseportABI depends on the ABI header and the object (it
 # reaches them through a relative include and #embed): touch the C file when either
 # changes so the Swift side is rebuilt with them.
-$(OUTPUT)/.abi-stamp: $(BPF_OBJ) $(ABI_HEADER)
+$(OUTPUT)/.abi-stamp: $(BPF_OBJ) $(BASELINE_OBJ) $(ABI_HEADER) bpf/baseline.h
 	$(Q)touch Sources/CReuseportABI/object.c $@
 
 build: $(OUTPUT)/.abi-stamp
@@ -93,6 +108,19 @@ kernel-test: $(OUTPUT)/.abi-stamp
 		$(if $(Q),--no-values) $(CHECKS)
 
 test: unit-test kernel-test
+
+# The benchmark suite (Sources/reuseport-bench): release build, then docs/benchmarks.md and
+# docs/benchmarks.png from one run. BENCH_ARGS passes options (e.g. --quick).
+$(OUTPUT)/.bench-deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(BENCH_APT_PACKAGES))
+	$(Q)touch $@
+
+bench: $(OUTPUT)/.abi-stamp $(OUTPUT)/.bench-deps
+	$(call msg,SWIFT,build -c release)
+	$(Q)$(SWIFT) build -c release $(SWIFT_FLAGS)
+	$(Q)"$$($(SWIFT) build -c release $(SWIFT_FLAGS) --show-bin-path)/reuseport-bench" \
+		--output docs/benchmarks.md $(BENCH_ARGS)
 
 clean:
 	$(call msg,CLEAN,$(OUTPUT) .build)

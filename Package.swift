@@ -13,7 +13,7 @@ import PackageDescription
 //   Sources/reuseportctl      the operator CLI
 //   Sources/CSockDiag         sock_diag/netlink uapi for the CLI (per-socket drop counters)
 //   Sources/kernel-check      the kernel-feature suite, run on the host and inside VMs
-//   Sources/reuseport-bench   the benchmark suite
+//   Sources/reuseport-bench   the benchmark suite (Sources/CReuseportBench: the libc calls it needs)
 let package = Package(
     name: "reuseportd",
     platforms: [.macOS(.v13)],
@@ -79,10 +79,12 @@ let package = Package(
         .executableTarget(
             name: "reuseport-bench",
             dependencies: [
-                "ReuseportKit",
+                "ReuseportKit", "ReuseportTestSupport", "CReuseportBench", "CLibbpf",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
+        // sendmmsg/recvmmsg and epoll, which Swift's Glibc module does not declare.
+        .target(name: "CReuseportBench"),
         // Real-socket helpers (clients from many source ports, receive with deadline) shared by
         // the tests, the kernel-feature suite and the benchmarks.
         .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit"]),

@@ -97,7 +97,7 @@ public final class ReuseportSocket: @unchecked Sendable {
     /// Attaches an SK_REUSEPORT program to this socket's group (SO_ATTACH_REUSEPORT_EBPF).
     /// Attaching through one member applies to the whole group and replaces any program
     /// attached before.
-    public func attach(_ program: DispatchProgram) throws {
+    public func attach(_ program: some ReuseportProgram) throws {
         try Syscall.setOption(fd.rawValue, SOL_SOCKET, rp_SO_ATTACH_REUSEPORT_EBPF, program.programFD,
                               "SO_ATTACH_REUSEPORT_EBPF, \(endpoint)")
     }

@@ -9,10 +9,15 @@
 #include <sys/vfs.h>
 #include <linux/magic.h>
 #include "../../../bpf/dispatch.h"
+#include "../../../bpf/baseline.h"
 
 /* dispatch.bpf.o, compiled by `make` and embedded by object.c. */
 const unsigned char *rp_dispatch_object(void);
 size_t rp_dispatch_object_size(void);
+
+/* baseline.bpf.o: the reference programs the benchmarks measure rp_dispatch against. */
+const unsigned char *rp_baseline_object(void);
+size_t rp_baseline_object_size(void);
 
 /* <asm-generic/socket.h> values that glibc's headers may not define. */
 static const int rp_SO_ATTACH_REUSEPORT_EBPF = 52;

@@ -1,0 +1,38 @@
+import CReuseportABI
+
+/// One of the reference programs of bpf/baseline.bpf.c, loaded from the object embedded
+/// in the binary: what the benchmarks measure the steering program against.
+///
+/// Needs the same kernel as `DispatchProgram` (SK_REUSEPORT, REUSEPORT_SOCKARRAY: 4.19).
+public final class BaselineProgram: ReuseportProgram, @unchecked Sendable {
+    public enum Kind: String, Sendable, CaseIterable {
+        /// `return SK_PASS` and nothing else: the kernel then selects by its own hash.
+        case pass
+        /// Selects the socket at RP_BASELINE_FIXED_SLOT of its own socket array.
+        case fixedSlot
+
+        var programName: String { self == .pass ? RP_PROG_BASELINE_PASS : RP_PROG_BASELINE_FIXED }
+    }
+
+    public let kind: Kind
+    public let programFD: Int32
+    /// The program's REUSEPORT_SOCKARRAY (used by `.fixedSlot` only).
+    public let sockets: SocketArray
+
+    public init(_ kind: Kind) throws {
+        let object = try EmbeddedObject(rp_baseline_object(), count: rp_baseline_object_size(),
+                                        name: "baseline.bpf.o")
+        try object.load()
+        self.kind = kind
+        programFD = try object.programFD(kind.programName)
+        do {
+            sockets = SocketArray(map: try object.openMap(RP_MAP_BASELINE_SOCKETS, keySize: MemoryLayout<UInt32>.size,
+                                                          valueSize: MemoryLayout<UInt64>.size))
+        } catch {
+            Syscall.close(programFD)
+            throw error
+        }
+    }
+
+    deinit { Syscall.close(programFD) }
+}

@@ -1,0 +1,105 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CLibbpf
+
+/// A BPF object embedded in the binary (Sources/CReuseportABI/object.c), opened with
+/// libbpf for the time it takes to load it and copy out the fds to keep.
+///
+/// The object (and every fd libbpf holds for it) is closed when this is released, so
+/// whatever outlives the load is taken with `duplicate`.
+final class EmbeddedObject {
+    let name: String
+    let object: OpaquePointer
+
+    /// Opens (does not load) the object at `bytes`. `name` is what errors call it.
+    init(_ bytes: UnsafePointer<UInt8>, count: Int, name: String) throws {
+        var options = bpf_object_open_opts()
+        // LIBBPF_OPTS() is a macro Swift cannot use: set the size by hand.
+        options.sz = MemoryLayout<bpf_object_open_opts>.size
+        let object: OpaquePointer? = "reuseportd".withCString { objectName in
+            options.object_name = objectName
+            return bpf_object__open_mem(bytes, count, &options)
+        }
+        guard let object else { throw ReuseportError.system("bpf_object__open_mem(\(name))", errno) }
+        self.name = name
+        self.object = object
+    }
+
+    deinit { bpf_object__close(object) }
+
+    /// Makes the map `mapName` use the existing map behind `fd` instead of creating one.
+    func reuse(map mapName: String, fd: Int32) throws {
+        let result = bpf_map__reuse_fd(try map(mapName), fd)
+        if result != 0 { throw ReuseportError.system("bpf_map__reuse_fd(\(mapName))", -result) }
+    }
+
+    /// Creates the maps and loads every program of the object.
+    func load() throws {
+        let loaded = bpf_object__load(object)
+        if loaded != 0 { throw ReuseportError.system("bpf_object__load(\(name))", -loaded) }
+    }
+
+    func map(_ mapName: String) throws -> OpaquePointer {
+        guard let map = bpf_object__find_map_by_name(object, mapName) else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name) has no map \(mapName)")
+        }
+        return map
+    }
+
+    /// An fd of its own (close-on-exec) for the loaded program `programName`.
+    func programFD(_ programName: String) throws -> Int32 {
+        guard let program = bpf_object__find_program_by_name(object, programName) else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name) has no program \(programName)")
+        }
+        return try Self.duplicate(bpf_program__fd(program), programName)
+    }
+
+    /// The loaded map `mapName`, as a `BPFMap` with an fd of its own.
+    func openMap(_ mapName: String, keySize: Int, valueSize: Int) throws -> BPFMap {
+        try BPFMap(owning: Self.duplicate(bpf_map__fd(map(mapName)), mapName), name: mapName,
+                   keySize: keySize, valueSize: valueSize)
+    }
+
+    static func duplicate(_ fd: Int32, _ what: String) throws -> Int32 {
+        try Syscall.retrying("fcntl(F_DUPFD_CLOEXEC, \(what))") { fcntl(fd, F_DUPFD_CLOEXEC, 3) }
+    }
+}
+
+/// A loaded SK_REUSEPORT program that can be attached to a reuseport group.
+public protocol ReuseportProgram: AnyObject {
+    /// The program's fd, owned by the conforming object.
+    var programFD: Int32 { get }
+}
+
+extension ReuseportProgram {
+    /// Run-time statistics of the program: runs and total nanoseconds. The kernel counts
+    /// only while statistics are enabled (`RunTimeStatistics.enable()` or the sysctl
+    /// kernel.bpf_stats_enabled), and each run then also pays for two clock reads.
+    public func runStatistics() throws -> (runs: UInt64, nanoseconds: UInt64) {
+        var info = bpf_prog_info()
+        var length = UInt32(MemoryLayout<bpf_prog_info>.size)
+        if bpf_obj_get_info_by_fd(programFD, &info, &length) != 0 {
+            throw ReuseportError.system("bpf_obj_get_info_by_fd(program fd \(programFD))", errno)
+        }
+        return (info.run_cnt, info.run_time_ns)
+    }
+}
+
+/// The kernel's BPF run-time statistics (BPF_STATS_RUN_TIME), on while this is alive.
+///
+/// Needs 5.8. The kernel counts enablers: statistics stay on while any fd from
+/// bpf_enable_stats() is open or the sysctl is set, so another enabler may keep them on.
+public final class RunTimeStatistics: @unchecked Sendable {
+    private let fd: Int32
+
+    private init(fd: Int32) { self.fd = fd }
+
+    public static func enable() throws -> RunTimeStatistics {
+        let fd = bpf_enable_stats(BPF_STATS_RUN_TIME)
+        if fd < 0 { throw ReuseportError.system("bpf_enable_stats(BPF_STATS_RUN_TIME)", -fd) }
+        return RunTimeStatistics(fd: fd)
+    }
+
+    deinit { Syscall.close(fd) }
+}

@@ -1,0 +1,132 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportBench
+import ReuseportKit
+
+/// Errors of the benchmark's own socket work, naming the call.
+struct BenchError: Error, CustomStringConvertible {
+    var description: String
+
+    init(_ text: String) { description = text }
+
+    static func system(_ call: String, _ code: Int32 = errno) -> BenchError {
+        BenchError("\(call): \(String(cString: strerror(code))) (errno \(code))")
+    }
+}
+
+/// A socket address in a stable heap buffer, for msghdr.msg_name.
+final class SockaddrBuffer {
+    let pointer: UnsafeMutableRawPointer
+    let length: socklen_t
+
+    init(_ address: SocketAddress) {
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: MemoryLayout<sockaddr_storage>.size, alignment: 8)
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: MemoryLayout<sockaddr_storage>.size)
+        length = address.withSockaddr { source, length in
+            buffer.copyMemory(from: source, byteCount: Int(length))
+            return length
+        }
+        pointer = buffer
+    }
+
+    deinit { pointer.deallocate() }
+}
+
+/// The load generator's flows: one UDP socket per flow, each bound to its own source
+/// port on a loopback address, unconnected (the destination is given per message, so
+/// one set of flows serves every receiver group of a run).
+final class FlowSet {
+    let fds: [Int32]
+    let sources: [SocketAddress]
+
+    init(count: Int, address: IPAddress) throws {
+        var fds: [Int32] = []
+        var sources: [SocketAddress] = []
+        do {
+            for _ in 0..<count {
+                let fd = socket(address.family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                if fd < 0 { throw BenchError.system("socket") }
+                fds.append(fd)
+                let local = SocketAddress(address, 0)
+                let bound = local.withSockaddr { bind(fd, $0, $1) }
+                if bound != 0 { throw BenchError.system("bind(\(local))") }
+                sources.append(try localAddress(fd))
+            }
+        } catch {
+            for fd in fds { close(fd) }
+            throw error
+        }
+        self.fds = fds
+        self.sources = sources
+    }
+
+    deinit { for fd in fds { close(fd) } }
+}
+
+func localAddress(_ fd: Int32) throws -> SocketAddress {
+    var storage = sockaddr_storage()
+    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+    let result = withUnsafeMutablePointer(to: &storage) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+    }
+    if result != 0 { throw BenchError.system("getsockname") }
+    return SocketAddress(storage: storage)!
+}
+
+/// What one sender run did.
+struct SendResult {
+    var sent = 0
+    var failedCalls = 0
+    var seconds = 0.0
+    /// CPU time of the sending thread: user space (the generator's own work) and kernel
+    /// (send path, and on loopback the whole receive path up to the socket queue).
+    var userSeconds = 0.0
+    var systemSeconds = 0.0
+
+    var rate: Double { seconds > 0 ? Double(sent) / seconds : 0 }
+    /// Datagrams per second of the sending thread's own CPU time: what the rate would be
+    /// if the thread had its CPU to itself (on a shared machine it does not).
+    var ratePerCPUSecond: Double { userSeconds + systemSeconds > 0 ? Double(sent) / (userSeconds + systemSeconds) : 0 }
+    var userShare: Double { userSeconds + systemSeconds > 0 ? userSeconds / (userSeconds + systemSeconds) : 0 }
+}
+
+/// Sends as fast as it can for `seconds`: sendmmsg(2) with `batch` datagrams of
+/// `payloadSize` bytes from each flow in turn, so every flow sends the same share.
+func blast(from flows: FlowSet, to destination: SocketAddress, seconds: Double, batch: Int = 32,
+           payloadSize: Int = 64) -> SendResult
+{
+    let name = SockaddrBuffer(destination)
+    let payload = UnsafeMutableRawPointer.allocate(byteCount: payloadSize, alignment: 8)
+    payload.initializeMemory(as: UInt8.self, repeating: 0x5a, count: payloadSize)
+    defer { payload.deallocate() }
+    let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
+    iov.initialize(to: iovec(iov_base: payload, iov_len: payloadSize))
+    defer { iov.deallocate() }
+    let messages = UnsafeMutablePointer<mmsghdr>.allocate(capacity: batch)
+    defer { messages.deallocate() }
+    for i in 0..<batch {
+        var header = msghdr()
+        header.msg_name = name.pointer
+        header.msg_namelen = name.length
+        header.msg_iov = iov
+        header.msg_iovlen = 1
+        messages[i] = mmsghdr(msg_hdr: header, msg_len: 0)
+    }
+    var result = SendResult()
+    let cpuBefore = threadCPUTime()
+    let start = now()
+    var end = start
+    var index = 0
+    while end - start < seconds {
+        let sent = sendmmsg(flows.fds[index], messages, UInt32(batch), 0)
+        if sent > 0 { result.sent += Int(sent) } else { result.failedCalls += 1 }
+        index = index + 1 == flows.fds.count ? 0 : index + 1
+        end = now()
+    }
+    let cpuAfter = threadCPUTime()
+    result.seconds = end - start
+    result.userSeconds = cpuAfter.user - cpuBefore.user
+    result.systemSeconds = cpuAfter.system - cpuBefore.system
+    return result
+}

@@ -1,0 +1,59 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ReuseportKit
+
+/// Item 2: nanoseconds per run of the steering program against the empty and the
+/// fixed-slot programs, from the kernel's BPF run-time statistics, interleaved.
+struct ProgramCostBench {
+    static let programs: [Selection] = [.emptyProgram, .fixedSlot, .steering]
+    static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
+
+    /// family → program → ns per run, one per repeat.
+    var nanoseconds: [IPAddress: [Selection: [Double]]] = [:]
+    var runs: [IPAddress: [Selection: [UInt64]]] = [:]
+
+    static func run(_ settings: Settings) throws -> ProgramCostBench {
+        var result = ProgramCostBench()
+        let cpus = CPUPlan.choose()
+        let statistics = try RunTimeStatistics.enable()
+        defer { withExtendedLifetime(statistics) {} }
+        for family in families {
+            let flows = try FlowSet(count: settings.flows, address: family)
+            let groups = try programs.map { try SocketGroup($0, sockets: 4, address: family) }
+            defer { for group in groups { group.close() } }
+            for group in groups { _ = runTrial(group, flows: flows, workers: 4, seconds: 0.05, cpus: cpus) }
+            for rep in 0..<settings.costRepeats {
+                for group in interleaved(groups, repeat: rep) {
+                    let cost = try measureCost(group, flows: flows, seconds: settings.costSeconds, cpus: cpus)
+                    result.nanoseconds[family, default: [:]][group.selection, default: []].append(cost.perRun)
+                    result.runs[family, default: [:]][group.selection, default: []].append(cost.runs)
+                }
+            }
+            Log.note("  program cost: \(family.isV4 ? "IPv4" : "IPv6") done")
+        }
+        return result
+    }
+
+    func perRun(_ family: IPAddress, _ selection: Selection) -> [Double] { nanoseconds[family]?[selection] ?? [] }
+
+    /// Steering minus fixed-slot, paired by repeat: what the steering logic itself adds.
+    func logicCost(_ family: IPAddress) -> Summary? {
+        Summary(zip(perRun(family, .steering), perRun(family, .fixedSlot)).map { $0 - $1 })
+    }
+}
+
+/// Runs load at `group` and reads how often its program ran and for how long.
+func measureCost(_ group: SocketGroup, flows: FlowSet, seconds: Double, cpus: CPUPlan) throws
+    -> (perRun: Double, runs: UInt64)
+{
+    guard let program = group.program else { throw BenchError("\(group.selection.rawValue) has no program") }
+    let before = try program.runStatistics()
+    _ = runTrial(group, flows: flows, workers: group.sockets.count, seconds: seconds, cpus: cpus)
+    let after = try program.runStatistics()
+    let runs = after.runs - before.runs
+    guard runs > 0 else {
+        throw BenchError("\(group.selection.rawValue): the program did not run (are BPF statistics enabled?)")
+    }
+    return (Double(after.nanoseconds - before.nanoseconds) / Double(runs), runs)
+}

@@ -1,0 +1,151 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportBench
+
+/// Worker threads that read datagrams (recvmmsg(2), 64 at a time) from a set of sockets
+/// until stopped, and count them.
+///
+/// With at least as many threads as sockets, thread i polls socket i mod count (N threads
+/// on one socket is the classic single-socket server) without ever sleeping in the kernel:
+/// a sleeping reader makes the sender pay a cross-CPU wakeup (an IPI, and a VM exit on a
+/// virtual machine) for nearly every datagram, and that, not the delivery path, would set
+/// the rate. An empty socket yields the CPU (sched_yield) to the other readers instead.
+/// With fewer threads than sockets (up to 1024 sockets), each thread waits on its share
+/// with epoll: those runs count program run times, not rates.
+final class ReceiverGroup {
+    private let stopFlag = StopFlag()
+    private var threads: [PinnedThread] = []
+    private let counts: UnsafeMutablePointer<UInt64>
+    private let busy: UnsafeMutablePointer<Double>
+    let fds: [Int32]
+    let threadCount: Int
+
+    /// Starts `threads` readers on `cpu` (nil: unpinned).
+    init(fds: [Int32], threads threadCount: Int, cpu: Int?) {
+        self.fds = fds
+        self.threadCount = threadCount
+        counts = .allocate(capacity: max(fds.count, threadCount))
+        counts.initialize(repeating: 0, count: max(fds.count, threadCount))
+        busy = .allocate(capacity: threadCount)
+        busy.initialize(repeating: 0, count: threadCount)
+        for fd in fds {
+            var timeout = timeval(tv_sec: 0, tv_usec: 10_000)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        }
+        for index in 0..<threadCount {
+            let mine = threadCount >= fds.count
+                ? [index % fds.count]
+                : Array(stride(from: index, to: fds.count, by: threadCount))
+            let counts = counts
+            let busy = busy
+            let stop = stopFlag
+            let fds = fds
+            let single = threadCount >= fds.count
+            threads.append(PinnedThread(cpu: cpu) {
+                let before = threadCPUTime()
+                if single {
+                    counts[index] = Self.drainPolling(fds[mine[0]], stop: stop)
+                } else {
+                    Self.drainWaiting(fds, mine, counts: counts, stop: stop)
+                }
+                let after = threadCPUTime()
+                busy[index] = after.user + after.system - before.user - before.system
+            })
+        }
+    }
+
+    deinit {
+        counts.deallocate()
+        busy.deallocate()
+    }
+
+    /// Stops the readers once their sockets are drained. Returns datagrams per thread
+    /// (one thread per socket or more) or per socket (fewer threads than sockets), and the
+    /// readers' CPU seconds in all.
+    func stop() -> (counts: [UInt64], cpuSeconds: Double) {
+        stopFlag.raise()
+        for thread in threads { thread.join() }
+        let n = threadCount >= fds.count ? threadCount : fds.count
+        return (Array(UnsafeBufferPointer(start: counts, count: n)),
+                UnsafeBufferPointer(start: busy, count: threadCount).reduce(0, +))
+    }
+
+    static let batch = 64
+    static let bufferSize = 2048
+
+    /// Buffers for one recvmmsg of `batch` datagrams.
+    final class Batch {
+        let messages: UnsafeMutablePointer<mmsghdr>
+        let iovecs: UnsafeMutablePointer<iovec>
+        let storage: UnsafeMutableRawPointer
+
+        init() {
+            messages = .allocate(capacity: ReceiverGroup.batch)
+            iovecs = .allocate(capacity: ReceiverGroup.batch)
+            storage = .allocate(byteCount: ReceiverGroup.batch * ReceiverGroup.bufferSize, alignment: 64)
+            for i in 0..<ReceiverGroup.batch {
+                iovecs[i] = iovec(iov_base: storage + i * ReceiverGroup.bufferSize, iov_len: ReceiverGroup.bufferSize)
+                var header = msghdr()
+                header.msg_iov = iovecs + i
+                header.msg_iovlen = 1
+                messages[i] = mmsghdr(msg_hdr: header, msg_len: 0)
+            }
+        }
+
+        deinit {
+            messages.deallocate()
+            iovecs.deallocate()
+            storage.deallocate()
+        }
+
+        func receive(_ fd: Int32, flags: Int32) -> Int32 {
+            recvmmsg(fd, messages, UInt32(ReceiverGroup.batch), flags, nil)
+        }
+    }
+
+    /// Polls one socket until stopped and empty.
+    static func drainPolling(_ fd: Int32, stop: StopFlag) -> UInt64 {
+        let batch = Batch()
+        var total: UInt64 = 0
+        while true {
+            let got = batch.receive(fd, flags: rp_bench_MSG_DONTWAIT)
+            if got > 0 {
+                total += UInt64(got)
+            } else if stop.isRaised {
+                return total
+            } else {
+                sched_yield()
+            }
+        }
+    }
+
+    /// Waits on several sockets with epoll, draining each that is readable.
+    static func drainWaiting(_ fds: [Int32], _ mine: [Int], counts: UnsafeMutablePointer<UInt64>, stop: StopFlag) {
+        let epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
+        defer { close(epoll) }
+        for index in mine {
+            var event = epoll_event()
+            event.events = EPOLLIN.rawValue
+            event.data.u64 = UInt64(index)
+            epoll_ctl(epoll, EPOLL_CTL_ADD, fds[index], &event)
+        }
+        let batch = Batch()
+        var events = [epoll_event](repeating: epoll_event(), count: 64)
+        while true {
+            let ready = epoll_wait(epoll, &events, Int32(events.count), 10)
+            if ready <= 0 {
+                if stop.isRaised { return }
+                continue
+            }
+            for event in events[0..<Int(ready)] {
+                let index = Int(event.data.u64)
+                while true {
+                    let got = batch.receive(fds[index], flags: rp_bench_MSG_DONTWAIT)
+                    if got <= 0 { break }
+                    counts[index] += UInt64(got)
+                }
+            }
+        }
+    }
+}

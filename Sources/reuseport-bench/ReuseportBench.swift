@@ -1,0 +1,111 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import ReuseportKit
+
+/// How long and how often each item measures.
+struct Settings {
+    var repeats = 5
+    var trialSeconds = 1.0
+    var costRepeats = 7
+    var costSeconds = 0.3
+    var flows = 256
+    var balanceFlows = 100_000
+    var scaleRepeats = 3
+    var resizeFlows = 8192
+    var deathKills = 8
+}
+
+@main
+struct ReuseportBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reuseport-bench",
+        abstract: "Benchmarks reuseportd's steering against the kernel's own SO_REUSEPORT on loopback.",
+        discussion: "Needs root (BPF). Writes a Markdown report and a PNG chart beside it (gnuplot).",
+        subcommands: [Suite.self, KernelWorker.self],
+        defaultSubcommand: Suite.self
+    )
+}
+
+struct Suite: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "run", abstract: "Run the suite (the default).")
+
+    @Option(help: "The Markdown report to write; the chart goes beside it with .png.")
+    var output = "docs/benchmarks.md"
+
+    @Option(help: "Items to run, comma-separated (1 throughput, 2 program cost, 3 worker death, 4 resize, 5 balance, 6 scale).")
+    var items = "1,2,3,4,5,6"
+
+    @Option(help: "Repeats of each throughput trial.")
+    var repeats = 5
+
+    @Option(help: "Seconds per throughput trial.")
+    var trialSeconds = 1.0
+
+    @Option(help: "The reuseportd binary for item 3 (default: beside this one).")
+    var reuseportd: String?
+
+    @Flag(help: "Short trials and few repeats: to try the suite, not to publish numbers.")
+    var quick = false
+
+    func validate() throws {
+        guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1, not \(repeats)") }
+        guard trialSeconds > 0 else { throw ValidationError("--trial-seconds must be positive, not \(trialSeconds)") }
+        for item in items.split(separator: ",") where Int(item).map({ !(1...6).contains($0) }) ?? true {
+            throw ValidationError("--items: '\(item)' is not an item number 1-6")
+        }
+    }
+
+    func run() throws {
+        guard geteuid() == 0 else {
+            throw ValidationError("the benchmarks load BPF programs and pin CPUs: run them as root")
+        }
+        var settings = Settings()
+        settings.repeats = repeats
+        settings.trialSeconds = trialSeconds
+        if quick {
+            settings.repeats = min(repeats, 2)
+            settings.trialSeconds = min(trialSeconds, 0.3)
+            settings.costRepeats = 3
+            settings.costSeconds = 0.1
+            settings.balanceFlows = 20_000
+            settings.scaleRepeats = 1
+            settings.resizeFlows = 2048
+            settings.deathKills = 3
+        }
+        raiseFileLimit()
+        let selected = Set(items.split(separator: ",").compactMap { Int($0) })
+        var report = Report(settings: settings, quick: quick)
+        let started = now()
+        if selected.contains(1) {
+            Log.note("1. throughput")
+            report.throughput = try ThroughputBench.run(settings)
+        }
+        if selected.contains(2) {
+            Log.note("2. program cost")
+            report.cost = try ProgramCostBench.run(settings)
+        }
+        if selected.contains(5) {
+            Log.note("5. balance")
+            report.balance = try BalanceBench.run(settings)
+        }
+        if selected.contains(6) {
+            Log.note("6. scale")
+            report.scale = try ScaleBench.run(settings)
+        }
+        report.seconds = now() - started
+        try report.write(to: output)
+        Log.note("wrote \(output) and \(Report.chartPath(for: output)) in \(Int(report.seconds)) s")
+    }
+}
+
+/// The scale runs open more than a thousand sockets at once.
+func raiseFileLimit() {
+    var limit = rlimit()
+    getrlimit(RLIMIT_NOFILE_ENUM, &limit)
+    limit.rlim_cur = limit.rlim_max
+    setrlimit(RLIMIT_NOFILE_ENUM, &limit)
+}
+
+private let RLIMIT_NOFILE_ENUM = __rlimit_resource_t(RLIMIT_NOFILE.rawValue)

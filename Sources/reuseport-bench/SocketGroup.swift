@@ -1,0 +1,140 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ReuseportKit
+
+/// How a group of receiving sockets on one port chooses a socket for each datagram.
+enum Selection: String, CaseIterable {
+    /// One socket, all workers read it (no SO_REUSEPORT choice at all).
+    case oneSocket = "one socket"
+    /// N sockets with SO_REUSEPORT, no program: the kernel's hash over socket positions.
+    case kernel = "kernel reuseport"
+    /// N sockets, bpf/baseline.bpf.c rp_base_pass attached (returns SK_PASS, no selection).
+    case emptyProgram = "empty program"
+    /// N sockets, rp_base_fixed attached (always the socket at slot 0).
+    case fixedSlot = "fixed-slot program"
+    /// reuseportd's data plane: rp_dispatch with its bucket table (ServiceDataPlane).
+    case steering = "reuseportd steering"
+}
+
+/// Sockets bound to one loopback port (a port of their own, chosen by the kernel), with
+/// the program of `selection` attached.
+final class SocketGroup {
+    let selection: Selection
+    let destination: SocketAddress
+    private(set) var sockets: [ReuseportSocket]
+    let plane: ServiceDataPlane?
+    let baseline: BaselineProgram?
+
+    static let receiveBuffer = 4 << 20
+
+    init(_ selection: Selection, sockets count: Int, address: IPAddress,
+         bucketCount: Int = Int(RP_DEFAULT_BUCKETS)) throws
+    {
+        self.selection = selection
+        let endpoint = Endpoint(.udp, SocketAddress(address, 0))
+        switch selection {
+        case .steering:
+            let plane = try ServiceDataPlane(endpoints: [endpoint], slotCount: count,
+                                             options: .init(bucketCount: bucketCount, seed: 0x5eed,
+                                                            receiveBuffer: Self.receiveBuffer))
+            self.plane = plane
+            baseline = nil
+            sockets = (0..<UInt32(count)).map { plane.listeners[0].sockets[$0]! }
+        default:
+            plane = nil
+            let first = try ReuseportSocket(endpoint: endpoint, receiveBuffer: Self.receiveBuffer)
+            let size = selection == .oneSocket ? 1 : count
+            sockets = [first]
+            for _ in 1..<max(size, 1) {
+                sockets.append(try ReuseportSocket(endpoint: first.endpoint, receiveBuffer: Self.receiveBuffer))
+            }
+            switch selection {
+            case .emptyProgram:
+                let program = try BaselineProgram(.pass)
+                try first.attach(program)
+                baseline = program
+            case .fixedSlot:
+                let program = try BaselineProgram(.fixedSlot)
+                try first.attach(program)
+                for (slot, socket) in sockets.enumerated() { try program.sockets.insert(socket, at: UInt32(slot)) }
+                baseline = program
+            default:
+                baseline = nil
+            }
+        }
+        destination = sockets[0].endpoint.address
+    }
+
+    var fds: [Int32] { sockets.map { $0.fd.rawValue } }
+
+    /// The attached program, if any (for its run-time statistics).
+    var program: (any ReuseportProgram)? {
+        if let plane { return plane.listeners[0].program }
+        return baseline
+    }
+
+    /// Adds a socket to the group (kernel reuseport: it joins at the end).
+    func addSocket() throws {
+        sockets.append(try ReuseportSocket(endpoint: sockets[0].endpoint, receiveBuffer: Self.receiveBuffer))
+    }
+
+    /// Closes the socket at `index`.
+    func removeSocket(at index: Int) {
+        sockets.remove(at: index).close()
+    }
+
+    func close() {
+        plane?.close()
+        for socket in sockets { socket.close() }
+    }
+}
+
+/// Where the sender and the receivers run.
+struct CPUPlan {
+    var sender: Int?
+    var receivers: Int?
+
+    /// The first allowed CPU sends, the second receives; with one CPU nothing is pinned.
+    static func choose() -> CPUPlan {
+        let cpus = allowedCPUs()
+        return cpus.count >= 2 ? CPUPlan(sender: cpus[0], receivers: cpus[1]) : CPUPlan()
+    }
+
+    var text: String {
+        guard let sender, let receivers else { return "not pinned (one CPU)" }
+        return "sender on CPU \(sender), every receiver on CPU \(receivers)"
+    }
+}
+
+/// One timed run: receivers on `group`, the sender blasting at it from `flows`.
+struct TrialResult {
+    var send: SendResult
+    var delivered: UInt64
+    var perReceiver: [UInt64]
+    var receiverCPUSeconds: Double
+
+    var deliveredRate: Double { send.seconds > 0 ? Double(delivered) / send.seconds : 0 }
+    /// Delivered datagrams per second of the sender's CPU time (it runs the receive path too).
+    var deliveredPerCPUSecond: Double {
+        let cpu = send.userSeconds + send.systemSeconds
+        return cpu > 0 ? Double(delivered) / cpu : 0
+    }
+    var lost: Int { max(send.sent - Int(delivered), 0) }
+}
+
+func runTrial(_ group: SocketGroup, flows: FlowSet, workers: Int, seconds: Double, cpus: CPUPlan,
+              payloadSize: Int = 64) -> TrialResult
+{
+    let receivers = ReceiverGroup(fds: group.fds, threads: workers, cpu: cpus.receivers)
+    pause(0.01)
+    var send = SendResult()
+    let destination = group.destination
+    let sender = PinnedThread(cpu: cpus.sender) {
+        send = blast(from: flows, to: destination, seconds: seconds, payloadSize: payloadSize)
+    }
+    sender.join()
+    let received = receivers.stop()
+    return TrialResult(send: send, delivered: received.counts.reduce(0, +), perReceiver: received.counts,
+                       receiverCPUSeconds: received.cpuSeconds)
+}
