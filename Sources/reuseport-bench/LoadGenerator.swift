@@ -103,7 +103,7 @@ func blast(from flows: FlowSet, to destination: SocketAddress, seconds: Double, 
     let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
     iov.initialize(to: iovec(iov_base: payload, iov_len: payloadSize))
     defer { iov.deallocate() }
-    let messages = UnsafeMutablePointer<mmsghdr>.allocate(capacity: batch)
+    let messages = UnsafeMutablePointer<rp_bench_mmsghdr>.allocate(capacity: batch)
     defer { messages.deallocate() }
     for i in 0..<batch {
         var header = msghdr()
@@ -111,7 +111,7 @@ func blast(from flows: FlowSet, to destination: SocketAddress, seconds: Double, 
         header.msg_namelen = name.length
         header.msg_iov = iov
         header.msg_iovlen = 1
-        messages[i] = mmsghdr(msg_hdr: header, msg_len: 0)
+        messages[i] = rp_bench_mmsghdr(msg_hdr: header, msg_len: 0)
     }
     var result = SendResult()
     let cpuBefore = threadCPUTime()
@@ -119,7 +119,7 @@ func blast(from flows: FlowSet, to destination: SocketAddress, seconds: Double, 
     var end = start
     var index = 0
     while end - start < seconds {
-        let sent = sendmmsg(flows.fds[index], messages, UInt32(batch), 0)
+        let sent = rp_bench_sendmmsg(flows.fds[index], messages, UInt32(batch), 0)
         if sent > 0 { result.sent += Int(sent) } else { result.failedCalls += 1 }
         index = index + 1 == flows.fds.count ? 0 : index + 1
         end = now()

@@ -76,7 +76,7 @@ final class ReceiverGroup {
 
     /// Buffers for one recvmmsg of `batch` datagrams.
     final class Batch {
-        let messages: UnsafeMutablePointer<mmsghdr>
+        let messages: UnsafeMutablePointer<rp_bench_mmsghdr>
         let iovecs: UnsafeMutablePointer<iovec>
         let storage: UnsafeMutableRawPointer
 
@@ -89,7 +89,7 @@ final class ReceiverGroup {
                 var header = msghdr()
                 header.msg_iov = iovecs + i
                 header.msg_iovlen = 1
-                messages[i] = mmsghdr(msg_hdr: header, msg_len: 0)
+                messages[i] = rp_bench_mmsghdr(msg_hdr: header, msg_len: 0)
             }
         }
 
@@ -100,7 +100,7 @@ final class ReceiverGroup {
         }
 
         func receive(_ fd: Int32, flags: Int32) -> Int32 {
-            recvmmsg(fd, messages, UInt32(ReceiverGroup.batch), flags, nil)
+            rp_bench_recvmmsg(fd, messages, UInt32(ReceiverGroup.batch), flags)
         }
     }
 

@@ -20,28 +20,24 @@ func pause(_ seconds: Double) {
 
 /// The CPUs this process may run on (sched_getaffinity), in order.
 func allowedCPUs() -> [Int] {
-    var set = cpu_set_t()
-    guard sched_getaffinity(0, MemoryLayout<cpu_set_t>.size, &set) == 0 else { return [0] }
-    return withUnsafeBytes(of: &set) { raw in
-        (0..<(raw.count * 8)).filter { raw[$0 / 8] & (1 << ($0 % 8)) != 0 }
-    }
+    var mask = [UInt8](repeating: 0, count: 128)
+    guard rp_bench_allowed_cpus(&mask, mask.count) == 0 else { return [0] }
+    return (0..<(mask.count * 8)).filter { mask[$0 / 8] & (1 << ($0 % 8)) != 0 }
 }
 
 /// Pins the calling thread to one CPU (sched_setaffinity on the thread, not the process).
 func pinCurrentThread(to cpu: Int) {
-    var set = cpu_set_t()
-    withUnsafeMutableBytes(of: &set) { $0[cpu / 8] |= UInt8(1 << (cpu % 8)) }
-    if sched_setaffinity(0, MemoryLayout<cpu_set_t>.size, &set) != 0 {
+    if rp_bench_pin_thread(Int32(cpu)) != 0 {
         Log.note("sched_setaffinity(cpu \(cpu)): \(String(cString: strerror(errno))); running unpinned")
     }
 }
 
 /// CPU time of the calling thread: user and system seconds (getrusage(RUSAGE_THREAD)).
 func threadCPUTime() -> (user: Double, system: Double) {
-    var usage = rusage()
-    getrusage(__rusage_who_t(rp_bench_RUSAGE_THREAD), &usage)
-    func seconds(_ t: timeval) -> Double { Double(t.tv_sec) + Double(t.tv_usec) / 1e6 }
-    return (seconds(usage.ru_utime), seconds(usage.ru_stime))
+    var user: Int64 = 0
+    var system: Int64 = 0
+    rp_bench_thread_cpu_us(&user, &system)
+    return (Double(user) / 1e6, Double(system) / 1e6)
 }
 
 /// A POSIX thread, optionally pinned to a CPU, joined explicitly. The benchmarks use

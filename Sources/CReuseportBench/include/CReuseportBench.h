@@ -1,21 +1,32 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-// The libc declarations the benchmarks need that Swift's Glibc module leaves out:
-// sendmmsg/recvmmsg, struct mmsghdr, sched_setaffinity and RUSAGE_THREAD (glibc
-// declares them only under _GNU_SOURCE), and epoll.
+// The libc calls the benchmarks need that Swift's Glibc module leaves out. glibc declares
+// sendmmsg/recvmmsg, struct mmsghdr, sched_setaffinity and RUSAGE_THREAD only under
+// _GNU_SOURCE, which cannot be defined here (the headers would then disagree with Glibc's
+// module): shim.c defines it and wraps the calls. Every symbol is prefixed rp_bench_.
 #ifndef CREUSEPORT_BENCH_H
 #define CREUSEPORT_BENCH_H
 
-#ifndef _GNU_SOURCE
-#define _GNU_SOURCE
-#endif
+#include <stddef.h>
 #include <sys/socket.h>
 #include <sys/epoll.h>
-#include <sched.h>
 
-/* Flags of the calls above, as plain ints (Swift imports some as enum cases). */
-static const int rp_bench_MSG_WAITFORONE = MSG_WAITFORONE;
+/* struct mmsghdr of <sys/socket.h>, same layout. */
+struct rp_bench_mmsghdr {
+	struct msghdr msg_hdr;
+	unsigned int msg_len;
+};
+
+int rp_bench_sendmmsg(int fd, struct rp_bench_mmsghdr *messages, unsigned int count, int flags);
+/* recvmmsg without a timeout. */
+int rp_bench_recvmmsg(int fd, struct rp_bench_mmsghdr *messages, unsigned int count, int flags);
+
+/* Pins the calling thread to one CPU; 0 or -1 with errno. */
+int rp_bench_pin_thread(int cpu);
+/* Sets bit i of mask (len bytes) for each CPU the process may run on; 0 or -1 with errno. */
+int rp_bench_allowed_cpus(unsigned char *mask, size_t len);
+/* User and system time of the calling thread, in microseconds (getrusage(RUSAGE_THREAD)). */
+int rp_bench_thread_cpu_us(long long *user, long long *system);
+
 static const int rp_bench_MSG_DONTWAIT = MSG_DONTWAIT;
-/* RUSAGE_THREAD of <sys/resource.h>: including it here clashes with Glibc's module. */
-static const int rp_bench_RUSAGE_THREAD = 1;
 
 #endif
