@@ -27,7 +27,9 @@ extension LocationOptions {
         let status = try client.perform(ControlRequest(command: .status))
         let names = (status.services ?? []).map(\.name)
         if let named {
-            guard names.contains(named) else { throw CtlError.noSuchService(named, root: "the daemon", existing: names) }
+            guard names.contains(named) else {
+                throw CtlError.noSuchDaemonService(named, socket: controlSocket, existing: names)
+            }
             return named
         }
         guard names.count == 1 else {
