@@ -22,7 +22,7 @@ BPF_OBJ     := $(OUTPUT)/dispatch.bpf.o
 # Reference programs for the benchmarks (bpf/baseline.bpf.c), embedded beside dispatch.bpf.o.
 BASELINE_OBJ := $(OUTPUT)/baseline.bpf.o
 # Debian packages the build and the tests need (apt names).
-APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2
+APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... and what `make bench` needs on top (gnuplot draws the chart).
 BENCH_APT_PACKAGES := gnuplot-nox
 

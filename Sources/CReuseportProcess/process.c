@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <spawn.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -57,4 +58,9 @@ int rpd_pipe_cloexec(int fds[2])
 int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length)
 {
 	return accept4(fd, address, length, SOCK_CLOEXEC | SOCK_NONBLOCK);
+}
+
+int rpd_spawn_close_from(posix_spawn_file_actions_t *actions, int lowest)
+{
+	return posix_spawn_file_actions_addclosefrom_np(actions, lowest);
 }

@@ -46,6 +46,10 @@ public struct WorkerSpawn {
         for (index, fd) in staged.enumerated() {
             posix_spawn_file_actions_adddup2(&actions, fd, ActivationEnvironment.firstDescriptor + Int32(index))
         }
+        // Everything above the sockets goes, including fds the daemon inherited without
+        // close-on-exec from whoever started it.
+        let closing = rpd_spawn_close_from(&actions, ActivationEnvironment.firstDescriptor + Int32(sockets.count))
+        guard closing == 0 else { throw WorkerError("posix_spawn_file_actions_addclosefrom_np: \(String(cString: strerror(closing)))") }
 
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)

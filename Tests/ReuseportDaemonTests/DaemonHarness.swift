@@ -281,3 +281,17 @@ func udpEndpoint(_ services: [ServiceStatus], _ name: String) throws -> SocketAd
     else { throw HarnessError("service \(name) has no UDP listener in \(services)") }
     return try Endpoint(parsing: text).address
 }
+
+/// One `[[service]]` table for a test configuration.
+func serviceTable(_ name: String, listen: [String] = ["udp://127.0.0.1:0"], workers: Int,
+                  program: String = "builtin = \"whoami\"", extra: String = "") -> String {
+    """
+    [[service]]
+    name = "\(name)"
+    listen = [\(listen.map { "\"\($0)\"" }.joined(separator: ", "))]
+    workers = \(workers)
+    \(program)
+    \(extra)
+
+    """
+}

@@ -9,15 +9,7 @@ import Testing
 /// Reload, stop and bad input, with the real daemon binary.
 @Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct LifecycleTests {
-    static func config(workers: Int) -> String {
-        """
-        [[service]]
-        name = "grow"
-        listen = ["udp://127.0.0.1:0"]
-        workers = \(workers)
-        builtin = "whoami"
-        """
-    }
+    static func config(workers: Int) -> String { serviceTable("grow", workers: workers) }
 
     /// SIGHUP with 4 → 6 → 3 workers: only the flows that must move do (to a new slot when
     /// growing, from a removed slot when shrinking), and their share is the ideal one.
@@ -176,13 +168,8 @@ struct LifecycleTests {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(holder, $0, &length) }
         }
         let port = try #require(SocketAddress(storage: storage)).port
-        let daemon = try DaemonUnderTest(config: """
-            [[service]]
-            name = "taken"
-            listen = ["udp://127.0.0.1:\(port)"]
-            workers = 2
-            builtin = "echo"
-            """)
+        let daemon = try DaemonUnderTest(
+            config: serviceTable("taken", listen: ["udp://127.0.0.1:\(port)"], workers: 2, program: "builtin = \"echo\""))
         #expect(daemon.waitForExit(timeoutMs: 10_000) == 1)
         #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
         #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")

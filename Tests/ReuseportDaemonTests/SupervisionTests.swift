@@ -14,15 +14,8 @@ struct SupervisionTests {
     /// every datagram must be answered (the sockets outlive the workers, so what arrives
     /// while a slot has no worker waits in its socket), and the replacement must answer.
     @Test func killingEveryWorkerMovesNoFlowAndLosesNoDatagram() throws {
-        let daemon = try DaemonUnderTest(config: """
-            [[service]]
-            name = "steady"
-            listen = ["udp://127.0.0.1:0"]
-            workers = 4
-            builtin = "whoami"
-            rcvbuf = 8388608
-            failover_after_ms = 30000
-            """)
+        let daemon = try DaemonUnderTest(
+            config: serviceTable("steady", workers: 4, extra: "rcvbuf = 8388608\nfailover_after_ms = 30000"))
         let services = try daemon.waitForWorkers()
         let destination = try udpEndpoint(services, "steady")
         let clients = try Traffic.clients(256, on: .loopbackV4)

@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 // The few process and socket calls the daemon needs that Swift cannot import from Glibc
-// (signalfd, prctl, SO_PEERCRED's struct ucred, and the _GNU_SOURCE calls accept4 and pipe2). Every symbol is prefixed rpd_.
+// (signalfd, prctl, SO_PEERCRED's struct ucred, and the _GNU_SOURCE calls accept4, pipe2 and
+// posix_spawn_file_actions_addclosefrom_np). Every symbol is prefixed rpd_.
 #ifndef CREUSEPORT_PROCESS_H
 #define CREUSEPORT_PROCESS_H
 
 #include <signal.h>
+#include <spawn.h>
 #include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -24,6 +26,10 @@ int rpd_set_parent_death_signal(int sig);
 
 /* The peer's credentials of a connected Unix socket (SO_PEERCRED). */
 int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
+
+/* posix_spawn_file_actions_addclosefrom_np (glibc 2.34): the child closes every fd from
+ * `lowest` up, so that nothing the daemon inherited without close-on-exec reaches a worker. */
+int rpd_spawn_close_from(posix_spawn_file_actions_t *actions, int lowest);
 
 /* pipe2(fds, O_CLOEXEC). */
 int rpd_pipe_cloexec(int fds[2]);

@@ -1,0 +1,102 @@
+import ReuseportDaemon
+import ReuseportKit
+import Testing
+
+/// The configuration parser and the restart policy, in process (no root needed).
+struct ConfigurationTests {
+    @Test func theEmbeddedDemoIsValid() throws {
+        let configuration = try Daemon.loadConfiguration(path: nil)
+        #expect(configuration.services.count == 1)
+        let demo = configuration.services[0]
+        #expect(demo.name == "demo" && demo.workers == 4 && demo.program == .builtin(.whoami))
+        #expect(demo.listen == [try Endpoint(parsing: "udp://127.0.0.1:5300")])
+    }
+
+    @Test func everyKeyIsRead() throws {
+        let configuration = try ConfigurationParser.parse("""
+            stop_timeout_ms = 1500
+            [[service]]
+            name = "full"
+            listen = ["udp://[::1]:0", "tcp://0.0.0.0:0"]
+            workers = 3
+            exec = ["/bin/server", "-v"]
+            user = "nobody"
+            group = 0
+            rcvbuf = 65536
+            buckets = 64
+            seed = 4294967295
+            restart_backoff_min_ms = 5
+            restart_backoff_max_ms = 50
+            healthy_after_ms = 700
+            ready_after_ms = 70
+            failover_after_ms = 900
+            """, file: "full.toml")
+        #expect(configuration.stopTimeoutMs == 1500)
+        let service = configuration.services[0]
+        #expect(service.program == .exec(["/bin/server", "-v"]))
+        #expect(service.user == "nobody" && service.group == "0")
+        #expect(service.receiveBuffer == 65536 && service.bucketCount == 64 && service.seed == UInt32.max)
+        #expect(service.restart == RestartPolicy(backoffMinimumMs: 5, backoffMaximumMs: 50, healthyAfterMs: 700,
+                                                 readyAfterMs: 70))
+        #expect(service.failoverAfterMs == 900)
+    }
+
+    @Test(arguments: [
+        ("name = 5", "service[0].name: must be a string, not integer"),
+        ("name = \"a/b\"", "service[0].name: 'a/b' is not a valid service name"),
+        ("listen = []", "service[0].listen: is empty"),
+        ("listen = [\"quic://1.2.3.4:5\"]", "service[0].listen[0]: 'quic://1.2.3.4:5': unknown scheme 'quic'"),
+        ("listen = [\"udp://::1:53\"]", "service[0].listen[0]"),
+        ("workers = 1025", "service[0].workers: must be between 1 and 1024, got 1025"),
+        ("workers = 2.5", "service[0].workers: must be an integer"),
+        ("builtin = \"cat\"", "service[0].builtin: unknown built-in worker 'cat'"),
+        ("exec = []", "service[0].exec: is empty"),
+        ("exec = [\"/bin/x\"]", "service[0].exec: and builtin are both set"),
+        ("buckets = 2", "service[0].buckets: 2 buckets cannot spread over 3 workers"),
+        ("restart_backoff_max_ms = 10", "service[0].restart_backoff_max_ms: (10) is below restart_backoff_min_ms (100)"),
+        ("failover_after_ms = -1", "service[0].failover_after_ms: must be between 0 and 86400000"),
+        ("group = \"no-such-group-here\"", "service[0].group: no such group"),
+    ])
+    func eachMistakeIsNamed(line: String, expected: String) throws {
+        var keys = ["name = \"s\"", "listen = [\"udp://127.0.0.1:0\"]", "workers = 3", "builtin = \"echo\""]
+        let key = line.split(separator: " ")[0]
+        keys.removeAll { $0.hasPrefix("\(key) ") || (line == "exec = []" && $0.hasPrefix("builtin ")) }
+        let text = "[[service]]\n" + (keys + [line]).joined(separator: "\n") + "\n"
+        let error = #expect(throws: ConfigurationError.self) { try ConfigurationParser.parse(text, file: "t.toml") }
+        #expect(error?.description.hasPrefix("t.toml: \(expected)") == true, "\(error.map { "\($0)" } ?? "")")
+    }
+
+    @Test func serviceNamesAndAddressesAreUnique() {
+        let service = { (name: String, listen: String) in
+            "[[service]]\nname = \"\(name)\"\nlisten = [\"\(listen)\"]\nworkers = 1\nbuiltin = \"echo\"\n"
+        }
+        let sameName = #expect(throws: ConfigurationError.self) {
+            try ConfigurationParser.parse(service("a", "udp://127.0.0.1:1") + service("a", "udp://127.0.0.1:2"), file: "f")
+        }
+        #expect(sameName?.key == "service[1].name")
+        // Same port, other transport or another specific address: allowed.
+        #expect(throws: Never.self) {
+            try ConfigurationParser.parse(service("a", "udp://127.0.0.1:9") + service("b", "tcp://127.0.0.1:9")
+                + service("c", "udp://127.0.0.2:9") + service("d", "udp://[::]:9"), file: "f")
+        }
+        let wildcard = #expect(throws: ConfigurationError.self) {
+            try ConfigurationParser.parse(service("a", "udp://[::1]:9") + service("b", "udp://[::]:9"), file: "f")
+        }
+        #expect(wildcard?.key == "service[1].listen[0]")
+    }
+
+    @Test func missingServicesAndUnknownTopLevelKeys() {
+        let none = #expect(throws: ConfigurationError.self) { try ConfigurationParser.parse("", file: "f") }
+        #expect(none?.description == "f: service: no service: add at least one [[service]] table")
+        let unknown = #expect(throws: ConfigurationError.self) {
+            try ConfigurationParser.parse("stop_timeout = 5\n", file: "f")
+        }
+        #expect(unknown?.key == "stop_timeout")
+    }
+
+    @Test func backOffDoublesFromTheMinimumToTheMaximum() {
+        let policy = RestartPolicy(backoffMinimumMs: 100, backoffMaximumMs: 1000)
+        #expect((0..<7).map { policy.delayMs(afterQuickExits: $0) } == [0, 100, 200, 400, 800, 1000, 1000])
+        #expect(policy.delayMs(afterQuickExits: 500) == 1000, "no overflow")
+    }
+}
