@@ -3,6 +3,7 @@
 #   make run        start the daemon with its built-in demo configuration
 #   make test       every test: unit + real-kernel tests + kernel-feature suite (needs root)
 #   make kernel-test  the kernel-feature suite on the running kernel (CHECKS=... picks checks)
+#   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12", KVM=1, BREAK=CHECK)
 #   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
@@ -25,6 +26,8 @@ BASELINE_OBJ := $(OUTPUT)/baseline.bpf.o
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... and what `make bench` needs on top (gnuplot draws the chart).
 BENCH_APT_PACKAGES := gnuplot-nox
+# ... and what `make vmtest` needs on top.
+VM_APT_PACKAGES := qemu-system-x86 busybox-static cpio
 
 ifeq ($(V),1)
 Q =
@@ -37,12 +40,12 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test deps clean help vectors bench
+.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench
 
 all: build
 
 help:
-	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,9p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -108,6 +111,29 @@ kernel-test: $(OUTPUT)/.abi-stamp
 		$(if $(Q),--no-values) $(CHECKS)
 
 test: unit-test kernel-test
+
+# The suite in VMs (Tests/vm/): a fully static kernel-check in a busybox initramfs, booted
+# under QEMU on each kernel of KERNELS (Debian cloud kernels, fetched and cached under
+# $(VM_DIR)); prints a table kernel x check and fails if a check fails or a VM does not
+# report. KVM=1 uses KVM instead of TCG; BREAK=CHECK makes CHECK expect a wrong result.
+KERNELS      ?= 5.10 6.1 6.12
+VM_DIR       := $(OUTPUT)/vm
+STATIC_BUILD := $(OUTPUT)/static-build
+
+$(OUTPUT)/.vm-deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(VM_APT_PACKAGES))
+	$(Q)touch $@
+
+vmtest: $(OUTPUT)/.abi-stamp $(OUTPUT)/.vm-deps
+	$(call msg,SWIFT,build -c release -static-executable kernel-check)
+	$(Q)mkdir -p $(VM_DIR)/bin
+	$(Q)$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc -static-executable --build-path $(STATIC_BUILD) \
+		--product kernel-check >$(VM_DIR)/static-build.log 2>&1 || { cat $(VM_DIR)/static-build.log; exit 1; }
+	$(Q)$(OBJCOPY) --strip-all $(STATIC_BUILD)/release/kernel-check $(VM_DIR)/bin/kernel-check
+	$(call msg,CPIO,$(VM_DIR)/initramfs.cpio.gz)
+	$(Q)Tests/vm/mkinitramfs.sh $(VM_DIR)/initramfs.cpio.gz $(VM_DIR)/bin/kernel-check
+	$(Q)VM_DIR=$(VM_DIR) V=$(V) KVM=$(KVM) BREAK=$(BREAK) Tests/vm/run.sh $(VM_DIR)/initramfs.cpio.gz $(KERNELS)
 
 # The benchmark suite (Sources/reuseport-bench): release build, then docs/benchmarks.md and
 # docs/benchmarks.png from one run. BENCH_ARGS passes options (e.g. --quick).

@@ -136,7 +136,8 @@ enum SocketArrayChecks {
         let othersKeptAfter = clients.filter { predicted($0) != 1 && $0 !== peer }
             .filter { second[$0.local] == predicted($0) }.count
         let slotPeerWent = second[peer.local].map { "slot\($0)" } ?? "lost"
-        context.record("slot_connected.peer_went_to", slotPeerWent + " (predicted slot2, connected socket slot1)")
+        // The peer's flow is predicted on slot 2; the socket connected to it is slot 1's.
+        context.record("slot_connected.peer_went_to", slotPeerWent)
         context.record("slot_connected.its_flows_kept", "\(slot1Kept)/\(onSlot1.count)")
         context.record("slot_connected.other_flows_kept", "\(othersKeptAfter)/\(flows - onSlot1.count - 1)")
         context.record("slot_connected.lost", flows - second.count)
