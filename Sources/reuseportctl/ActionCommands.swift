@@ -33,7 +33,7 @@ extension LocationOptions {
             return named
         }
         guard names.count == 1 else {
-            throw CtlError.serviceNeeded(existing: names, root: "the daemon at \(controlSocket)")
+            throw CtlError.daemonServiceNeeded(existing: names, socket: controlSocket)
         }
         return names[0]
     }

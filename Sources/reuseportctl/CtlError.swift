@@ -7,6 +7,7 @@ enum CtlError: Error, CustomStringConvertible {
     case noPins(root: String, reason: String)
     case noSuchService(String, root: String, existing: [String])
     case serviceNeeded(existing: [String], root: String)
+    case daemonServiceNeeded(existing: [String], socket: String)
     case noSuchDaemonService(String, socket: String, existing: [String])
     case unreadablePins(service: String, directory: String, underlying: Error)
     case noDaemon(socket: String, reason: String)
@@ -20,11 +21,14 @@ enum CtlError: Error, CustomStringConvertible {
         switch self {
         case .noPins(let root, let reason):
             return "no services pinned under \(root): \(reason)"
-                + "\n  is reuseportd running, and does --pin-dir name its pin folder?"
+                + (reason.hasPrefix("permission") ? "" : "\n  is reuseportd running, and does --pin-dir name its pin folder?")
         case .noSuchService(let name, let root, let existing):
             return "no service '\(name)' under \(root); pinned there: \(existing.joined(separator: ", "))"
         case .noSuchDaemonService(let name, let socket, let existing):
             return "the daemon at \(socket) runs no service '\(name)'; it runs: \(existing.joined(separator: ", "))"
+        case .daemonServiceNeeded(let existing, let socket):
+            return "the daemon at \(socket) runs several services (\(existing.joined(separator: ", "))):"
+                + " choose one with --service NAME"
         case .serviceNeeded(let existing, let root):
             return "several services are pinned under \(root) (\(existing.joined(separator: ", "))): "
                 + "choose one with --service NAME"

@@ -35,9 +35,11 @@ struct FeaturesCommand: ParsableCommand {
         } else {
             print(report.text, terminator: "")
         }
-        let missing = report.features.filter { $0.required && !$0.present }
+        let missing = report.features.filter { $0.required && $0.present == false }
+        let unknown = report.features.filter { $0.required && $0.present == nil }
         if !missing.isEmpty {
-            throw CtlError.listener("required kernel features missing: " + missing.map(\.name).joined(separator: ", "))
+            throw CtlError.listener("required kernel features missing: " + missing.map(\.name).joined(separator: ", ")
+                                    + (unknown.isEmpty ? "" : "; \(unknown.count) more not probed without privileges"))
         }
     }
 }
@@ -47,7 +49,8 @@ struct FeatureReport: Encodable {
         var name: String
         var since: String
         var required: Bool
-        var present: Bool
+        /// nil: not probed (the probe needs privileges this process lacks).
+        @Nullable var present: Bool?
         var detail: String
     }
 
@@ -58,7 +61,11 @@ struct FeatureReport: Encodable {
     var text: String {
         var table = TextTable([("FEATURE", .left), ("SINCE", .left), ("STATUS", .left), ("DETAIL", .left)])
         for feature in features {
-            let status = feature.present ? "present" : (feature.required ? "MISSING" : "missing (optional)")
+            let status = switch feature.present {
+            case true?: "present"
+            case false?: feature.required ? "MISSING" : "missing (optional)"
+            case nil: "unknown"
+            }
             table.add([feature.name, feature.since, status, feature.detail])
         }
         return "kernel \(kernel) (\(machine))\n\n" + table.render()
@@ -73,13 +80,21 @@ enum KernelProbe {
         let release = withUnsafeBytes(of: system.release) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
         let machine = withUnsafeBytes(of: system.machine) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
         var features: [FeatureReport.Feature] = []
-        func add(_ name: String, _ since: String, required: Bool = true, _ probe: () -> (Bool, String)) {
+        let privileged = privileges()
+        // Without the privileges every BPF probe fails with EPERM, which says nothing about the kernel.
+        func add(_ name: String, _ since: String, required: Bool = true, needsPrivileges: Bool = true,
+                 _ probe: () -> (Bool, String)) {
+            if needsPrivileges && !privileged.0 {
+                features.append(.init(name: name, since: since, required: required, present: nil,
+                                      detail: "not probed: needs the privileges above"))
+                return
+            }
             let (present, detail) = probe()
             features.append(.init(name: name, since: since, required: required, present: present, detail: detail))
         }
 
-        add("privileges to load and attach BPF", "5.8 (CAP_BPF)") { privileges() }
-        add("bpffs at \(BPFFilesystem.mountPoint)", "4.4") { bpffs() }
+        add("privileges to load and attach BPF", "5.8 (CAP_BPF)", needsPrivileges: false) { privileged }
+        add("bpffs at \(BPFFilesystem.mountPoint)", "4.4", needsPrivileges: false) { bpffs() }
         add("BPF_PROG_TYPE_SK_REUSEPORT", "4.19") {
             libbpfProbe(libbpf_probe_bpf_prog_type(BPF_PROG_TYPE_SK_REUSEPORT, nil), "program type")
         }
@@ -99,8 +114,10 @@ enum KernelProbe {
         add("bounded loops in the verifier", "5.3") { boundedLoops() }
         add("sk_reuseport_md data, data_end, len, eth_protocol, ip_protocol", "4.19") { dispatchProgram() }
         add("SO_ATTACH_REUSEPORT_EBPF steering, end to end", "4.19") { steering() }
-        add("sock_diag socket memory info (receive drops)", "3.6", required: false) { socketDrops() }
-        add("maps charged to memcg, not RLIMIT_MEMLOCK", "5.11", required: false) { memcgAccounting(release) }
+        add("sock_diag socket memory info (receive drops)", "3.6", required: false, needsPrivileges: false) { socketDrops() }
+        add("maps charged to memcg, not RLIMIT_MEMLOCK", "5.11", required: false, needsPrivileges: false) {
+            memcgAccounting(release)
+        }
         add("BPF run-time statistics (bpf_enable_stats)", "5.8", required: false) { runStatistics() }
         return FeatureReport(kernel: release, machine: machine, features: features)
     }

@@ -71,9 +71,15 @@ struct ServiceReader {
     /// The pinned services, or a CtlError naming the folder when there is none.
     func serviceNames() throws -> [String] {
         var info = stat()
-        if stat(root, &info) != 0 {
-            let reason = BPFFilesystem.isBPF(BPFFilesystem.mountPoint) || !root.hasPrefix(BPFFilesystem.mountPoint)
-                ? "the folder does not exist" : "bpffs is not mounted at \(BPFFilesystem.mountPoint)"
+        if stat(root, &info) != 0 || access(root, R_OK | X_OK) != 0 {
+            let reason: String
+            if errno == EACCES || errno == EPERM {
+                reason = "permission denied: reading the pins needs root (or CAP_BPF and CAP_DAC_READ_SEARCH)"
+            } else if root.hasPrefix(BPFFilesystem.mountPoint) && !BPFFilesystem.isBPF(BPFFilesystem.mountPoint) {
+                reason = "bpffs is not mounted at \(BPFFilesystem.mountPoint)"
+            } else {
+                reason = "the folder does not exist"
+            }
             throw CtlError.noPins(root: root, reason: reason)
         }
         let names = PinLayout.services(under: root)

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ArgumentParser
+import CLibbpf
 
 // Only this file decides exit codes: 0 success, 1 runtime error (CtlError and anything
 // a command throws), 2 bad arguments (ArgumentParser's parse and validate() errors).
@@ -45,6 +46,8 @@ func exit(for error: Error) -> Never {
     exit(1)
 }
 
+// libbpf's own messages would repeat, less precisely, what our errors say (call, errno, hint).
+libbpf_set_print(nil)
 do {
     var command = try ReuseportCtl.parseAsRoot(expandingWatchInterval(Array(CommandLine.arguments.dropFirst())))
     try command.run()

@@ -64,3 +64,30 @@ import Testing
         }
     }
 }
+
+/// Without privileges the tool says so instead of blaming the kernel or the daemon.
+@Suite(.enabled(if: isRoot && access("/usr/bin/setpriv", X_OK) == 0, "drops to nobody with setpriv, as root"))
+struct UnprivilegedTests {
+    func asNobody(_ arguments: [String]) throws -> CtlResult {
+        try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                                     BuiltProduct.path("reuseportctl")] + arguments)
+    }
+
+    @Test func mapDumpSaysPermissionDenied() throws {
+        let result = try asNobody(["map", "dump"])
+        #expect(result.status == 1)
+        #expect(result.stderr.contains("permission denied: reading the pins needs root"), "\(result)")
+    }
+
+    @Test func featuresReportPrivilegesMissingAndDoNotGuessTheRest() throws {
+        let result = try asNobody(["features", "--json"])
+        #expect(result.status == 1, "\(result)")
+        let report = try #require(try decodeJSON(result.stdout) as? [String: Any])
+        let features = try #require(report["features"] as? [[String: Any]])
+        let privileges = try #require(features.first)
+        #expect((privileges["name"] as? String)?.hasPrefix("privileges") == true)
+        #expect(privileges["present"] as? Bool == false)
+        let program = try #require(features.first { $0["name"] as? String == "BPF_PROG_TYPE_SK_REUSEPORT" })
+        #expect(program["present"] is NSNull, "not probed, not reported missing: \(program)")
+    }
+}

@@ -55,6 +55,17 @@ struct MapDumpTests {
         #expect(bucketTotal == 64)
         let global = try #require(svc["global"] as? [String: Any])
         #expect(global["dropped_no_slot"] as? Int == 0)
+
+        // The documented schema (docs/cli.md), key for key: nothing missing, nothing unannounced.
+        #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services"])
+        #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
+                                  "listeners", "global", "socket_diagnostics_error", "slots"])
+        #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
+        #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors"])
+        #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "generation", "since_ns", "seconds_in_state",
+                                       "buckets", "packets", "bytes", "fallbacks", "receive_drops", "sockets"])
+        let socket = try #require((slots[0]["sockets"] as? [[String: Any]])?.first)
+        #expect(Set(socket.keys) == ["listener", "cookie", "inode", "receive_drops", "receive_queue"])
     }
 
     /// The human table, exactly: fixed clock, fixed pids, no traffic on two slots.

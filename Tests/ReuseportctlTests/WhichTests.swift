@@ -33,6 +33,26 @@ struct WhichTests {
         #expect(Set(landed.values).count == 5)
     }
 
+    /// TCP: the listener at the slot `which` names accepts each connection.
+    @Test func agreesWithTheKernelForTCPConnections() throws {
+        let root = PinRoot("which-tcp")
+        let service = try PinnedService(root: root, transport: .tcp, slots: 4, bucketCount: 128)
+        var accepted: [(SocketAddress, UInt32)] = []
+        for _ in 0..<60 {
+            let client = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+            try client.connect(to: service.endpoint.address)
+            let (slot, peer) = try #require(try Traffic.acceptOne(from: service.plane.listeners[0].sockets))
+            accepted.append((peer, slot))
+        }
+        let list = try answers(try reuseportctl(["which", "--json", "--proto", "tcp", "--pin-dir", root.path]
+                                                + accepted.map { "\($0.0)" }))
+        for ((peer, slot), answer) in zip(accepted, list) {
+            #expect(answer["transport"] as? String == "tcp")
+            #expect(answer["slot"] as? Int == Int(slot), "\(peer)")
+        }
+        #expect(Set(accepted.map(\.1)).count == 4)
+    }
+
     /// A slot without a socket: `which` says the flow falls back, and to the slot it really reaches.
     @Test func reportsFallbackToTheSlotTheKernelPicks() throws {
         let root = PinRoot("which-fallback")
