@@ -174,4 +174,43 @@ struct LifecycleTests {
         #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
         #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")
     }
+
+    /// A program that cannot be executed: its slots back off with the reason in the log,
+    /// and the other service keeps answering.
+    @Test func unstartableProgramBacksOffWhileOthersServe() throws {
+        let daemon = try DaemonUnderTest(config: serviceTable(
+            "broken", workers: 2, program: "exec = [\"/nonexistent/server\", \"--flag\"]",
+            extra: "restart_backoff_min_ms = 50\nrestart_backoff_max_ms = 200") + serviceTable("fine", workers: 1))
+        let services = try daemon.waitFor("the broken slots restarting in back-off") { services in
+            services[0].slots.allSatisfy { $0.restarts >= 2 && $0.state != "running" }
+                && services[1].slots.allSatisfy { $0.state == "running" }
+        }
+        let reasons = daemon.log.split(separator: "\n").filter {
+            $0.contains("exec /nonexistent/server: No such file or directory")
+        }
+        for slot in 0..<2 {
+            #expect(reasons.contains { $0.contains("service=broken") && $0.contains("slot=\(slot)") },
+                    "slot \(slot)'s failure is logged: \(daemon.log)")
+        }
+        #expect(daemon.log.contains("exited with status 127"))
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        #expect(try Whoami.ask([client], to: udpEndpoint(services, "fine"))[0]?.service == "fine")
+    }
+
+    /// Without root (here: as nobody) the daemon says which privileges it needs, and exits 1.
+    @Test func withoutPrivilegesItSaysWhichAreNeeded() throws {
+        let directory = try TemporaryDirectory()
+        chmod(directory.path, 0o777)
+        let config = try directory.write("c.toml", serviceTable("unprivileged", workers: 1))
+        chmod(config, 0o644)
+        let output = "\(directory.path)/output"
+        let pid = try spawn(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DaemonBinary.path,
+                             "--config", config, "--pin-dir", "/sys/fs/bpf/reuseportd-test-\(getpid())-unprivileged",
+                             "--run-dir", "\(directory.path)/run"], output: output)
+        #expect(waitExit(pid, timeoutMs: 10_000) == 1)
+        let message = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+        #expect(message.contains("reuseportd: cannot start: service unprivileged: "), "\(message)")
+        #expect(message.contains("Operation not permitted (errno 1); needs root, or CAP_BPF with CAP_NET_ADMIN"), "\(message)")
+        #expect(access("\(directory.path)/run/control.sock", F_OK) != 0, "the control socket is removed")
+    }
 }

@@ -126,6 +126,25 @@ struct WorkerTests {
         #expect(try daemon.status()[0].slots.count == 3, "the first daemon is unaffected")
     }
 
+    /// Peer credentials are checked even if the socket's mode is opened up: another user is refused.
+    @Test(.enabled(if: access("/usr/bin/socat", X_OK) == 0, "socat is not installed (make deps installs it)"))
+    func controlSocketRefusesOtherUsers() throws {
+        let daemon = try DaemonUnderTest(config: serviceTable("private", workers: 1))
+        try daemon.waitForWorkers()
+        let socketPath = "\(daemon.runDirectory)/control.sock"
+        chmod(daemon.directory.path, 0o755)
+        chmod(socketPath, 0o666)
+        let output = "\(daemon.directory.path)/refused"
+        let pid = try spawn(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c",
+                             "echo '{\"command\":\"status\"}' | /usr/bin/socat - UNIX-CONNECT:\(socketPath)"],
+                            output: output)
+        #expect(waitExit(pid, timeoutMs: 5000) == 0)
+        let answer = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
+        #expect(answer.contains("\"ok\":false") && answer.contains("permission denied"), "\(answer)")
+        #expect(!answer.contains("services"), "nothing is revealed")
+        #expect(daemon.log.contains("control: refused a client of uid 65534"))
+    }
+
     /// The built-in worker under systemd-socket-activate (no REUSEPORT_* variables: slot and service are "-").
     @Test(.enabled(if: access("/usr/bin/systemd-socket-activate", X_OK) == 0, "systemd-socket-activate is not installed"))
     func builtinWorkerRunsUnderSystemdSocketActivate() throws {
