@@ -89,12 +89,18 @@ public struct BuiltinWorker {
                 let peer = SocketAddress(storage: storage)?.description ?? "?"
                 reply = Array("\(prefix)\(peer)\n".utf8) + buffer[0..<count]
             }
-            _ = reply.withUnsafeBytes { bytes in
-                withUnsafePointer(to: &storage) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT), $0, length)
+            // A full send buffer (EAGAIN, ENOBUFS) is waited out briefly rather than dropping the answer.
+            for _ in 0..<10 {
+                let sent = reply.withUnsafeBytes { bytes in
+                    withUnsafePointer(to: &storage) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                            sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT), $0, length)
+                        }
                     }
                 }
+                guard sent < 0, errno == EAGAIN || errno == ENOBUFS || errno == EINTR else { break }
+                var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                _ = poll(&entry, 1, 100)
             }
         }
     }

@@ -21,6 +21,8 @@ final class ControlServer {
     struct Client {
         var received: [UInt8] = []
         var deadline: Int64
+        /// Set for a client of another user: its request is read, then refused.
+        var refusal: String?
     }
 
     /// Creates the run directory and binds the socket. Refuses when another daemon answers there.
@@ -76,7 +78,8 @@ final class ControlServer {
         }
     }
 
-    /// Accepts waiting clients, refusing those of other users.
+    /// Accepts waiting clients. Those of other users are answered with a refusal once their
+    /// request is read (answering before it would race with their write).
     func acceptClients(now: Int64) {
         while true {
             let client = rpd_accept_nonblocking(fd, nil, nil)
@@ -88,12 +91,12 @@ final class ControlServer {
                 close(client)
                 continue
             }
-            guard uid == 0 || uid == geteuid() else {
+            var state = Client(deadline: now + ControlServer.requestTimeoutNs)
+            if uid != 0 && uid != geteuid() {
                 logger.warning("control: refused a client of uid \(uid) (pid \(pid)): only root and uid \(geteuid()) may")
-                reply(client, .failure("permission denied: only root or uid \(geteuid()) may control this daemon"))
-                continue
+                state.refusal = "permission denied: only root or uid \(geteuid()) may control this daemon"
             }
-            clients[client] = Client(deadline: now + ControlServer.requestTimeoutNs)
+            clients[client] = state
         }
     }
 
@@ -114,7 +117,8 @@ final class ControlServer {
                 clients.removeValue(forKey: client)
                 let response: ControlResponse
                 do {
-                    response = handle(try ControlFraming.decode(ControlRequest.self, from: line))
+                    let request = try ControlFraming.decode(ControlRequest.self, from: line)
+                    response = state.refusal.map(ControlResponse.failure) ?? handle(request)
                 } catch {
                     response = .failure("bad request: \(error)")
                 }

@@ -160,6 +160,7 @@ public final class Daemon {
                 close(output.fd)
                 throw error
             }
+            output.logger[metadataKey: "pid"] = "\(pid)"
             outputs[output.fd] = output
             workers[pid] = (service, slot)
             if slot.everStarted { slot.restarts &+= 1 }

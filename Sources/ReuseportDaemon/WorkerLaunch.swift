@@ -32,6 +32,9 @@ public struct WorkerSpawn {
         var staged: [Int32] = []
         defer { for fd in staged { close(fd) } }
         for socket in sockets {
+            // Blocking, as systemd passes sockets: a previous worker may have made the shared
+            // file description non-blocking, and the next program may not expect that.
+            _ = fcntl(socket, F_SETFL, fcntl(socket, F_GETFL) & ~O_NONBLOCK)
             let copy = fcntl(socket, F_DUPFD_CLOEXEC, ActivationEnvironment.firstDescriptor + Int32(sockets.count))
             guard copy >= 0 else { throw WorkerError.system("fcntl(F_DUPFD_CLOEXEC, fd \(socket))") }
             staged.append(copy)

@@ -9,7 +9,8 @@ import Logging
 /// the worker and every child it handed the pipe to have exited.
 final class WorkerOutput {
     let fd: Int32
-    let logger: Logger
+    /// Labelled with service and slot; the pid is added once the worker is spawned.
+    var logger: Logger
     private var pending: [UInt8] = []
     static let longestLine = 4096
 

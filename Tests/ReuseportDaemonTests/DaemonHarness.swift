@@ -295,3 +295,20 @@ func serviceTable(_ name: String, listen: [String] = ["udp://127.0.0.1:0"], work
 
     """
 }
+
+/// The kernel's receive drops (/proc/net/udp and udp6, last column) of every UDP socket bound to
+/// one of `ports`: datagrams that did not fit a socket's receive buffer.
+func kernelUDPDrops(ports: Set<UInt16>) -> Int {
+    var drops = 0
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = (try? String(contentsOfFile: table, encoding: .utf8)) ?? ""
+        for line in text.split(separator: "\n").dropFirst() {
+            let fields = line.split(separator: " ")
+            guard fields.count >= 13, let colon = fields[1].lastIndex(of: ":"),
+                  let port = UInt16(fields[1][fields[1].index(after: colon)...], radix: 16), ports.contains(port)
+            else { continue }
+            drops += Int(fields[fields.count - 1]) ?? 0
+        }
+    }
+    return drops
+}

@@ -12,7 +12,8 @@ struct SupervisionTests {
     /// 256 flows send a numbered datagram every 25 ms while each of the 4 workers is
     /// SIGKILLed in turn. Every flow must stay on its slot (the whoami answers say which),
     /// every datagram must be answered (the sockets outlive the workers, so what arrives
-    /// while a slot has no worker waits in its socket), and the replacement must answer.
+    /// while a slot has no worker waits in its socket) except the one a worker may have read
+    /// and not yet answered when it was killed, and the replacement must answer.
     @Test func killingEveryWorkerMovesNoFlowAndLosesNoDatagram() throws {
         let daemon = try DaemonUnderTest(
             config: serviceTable("steady", workers: 4, extra: "rcvbuf = 8388608\nfailover_after_ms = 30000"))
@@ -71,13 +72,23 @@ struct SupervisionTests {
         }
         try drain(until: nowMs() + 3000)
 
-        let lost = (0..<flows).reduce(0) { $0 + rounds - answered[$1].count }
+        // A datagram can only be lost inside a worker: the one it had read and not yet answered
+        // when SIGKILL came. The sockets lose none (kernel drop counters), so at most one per kill.
+        var lostPerSlot: [UInt32: Int] = [:]
+        for flow in 0..<flows where answered[flow].count < rounds {
+            lostPerSlot[slotOfFlow[flow] ?? UInt32.max, default: 0] += rounds - answered[flow].count
+        }
+        let lost = lostPerSlot.values.reduce(0, +)
+        let drops = kernelUDPDrops(ports: Set(clients.map(\.local.port) + [destination.port]))
         let latencies = (0..<UInt32(workers)).map { replacementFirstAnswerMs[$0] }
-        print("SIGKILL under load: \(flows) flows × \(rounds) datagrams, \(lost) lost, \(misplaced.count) answered by another slot; "
+        print("SIGKILL under load: \(flows) flows × \(rounds) datagrams, \(lost) lost (held by a killed worker), "
+            + "\(drops) dropped by the kernel, \(misplaced.count) answered by another slot; "
             + "death → replacement's first answer: "
             + latencies.enumerated().map { "slot \($0.offset) \($0.element.map { String(format: "%.1f ms", $0) } ?? "never")" }
                 .joined(separator: ", "))
-        #expect(lost == 0, "every datagram is answered")
+        #expect(drops == 0, "no socket dropped a datagram")
+        #expect(lostPerSlot.values.allSatisfy { $0 <= 1 } && lostPerSlot.keys.allSatisfy { $0 < UInt32(workers) },
+                "at most the one datagram a killed worker held is lost: \(lostPerSlot)")
         #expect(misplaced.isEmpty, "\(misplaced.prefix(5))")
         #expect(Set(slotOfFlow.compactMap { $0 }).count == workers, "the flows spread over every slot")
         for slot in 0..<UInt32(workers) {
