@@ -16,6 +16,8 @@ enum CtlError: Error, CustomStringConvertible {
     case listener(String)
     case timeout(String)
     case kernel(Error)
+    /// Some services were shown, these could not be read.
+    case unreadable([CtlError])
 
     var description: String {
         switch self {
@@ -48,6 +50,8 @@ enum CtlError: Error, CustomStringConvertible {
             return reason
         case .kernel(let error):
             return "\(error)"
+        case .unreadable(let failures):
+            return failures.map(\.description).joined(separator: "\nreuseportctl: error: ")
         }
     }
 }

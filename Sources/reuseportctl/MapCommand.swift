@@ -40,13 +40,15 @@ struct MapDumpCommand: ParsableCommand {
 
     func run() throws {
         let reader = ServiceReader(root: location.pinDirectory)
-        let snapshots = try reader.read(reader.select(service.service))
+        let (snapshots, failures) = reader.readEach(try reader.select(service.service))
+        if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
         let now = realtimeNanoseconds()
         if json {
-            print(try MapDump(root: location.pinDirectory, services: snapshots, now: now).encoded())
+            print(try MapDump(root: location.pinDirectory, services: snapshots, failures: failures, now: now).encoded())
         } else {
             print(snapshots.map { MapDumpCommand.render($0, now: now) }.joined(separator: "\n"), terminator: "")
         }
+        if !failures.isEmpty { throw CtlError.unreadable(failures) }
     }
 
     /// The human view of one service.
@@ -153,14 +155,21 @@ struct MapDump: Encodable {
         @Nullable var receiveQueue: UInt64?
     }
 
+    struct Failure: Encodable {
+        var error: String
+    }
+
     var version = MapDump.version
     var pinDir: String
     var nowNs: UInt64
     var services: [Service]
+    /// Services found under the pin folder whose maps could not be read.
+    var errors: [Failure]
 
-    init(root: String, services: [ServiceSnapshot], now: UInt64) {
+    init(root: String, services: [ServiceSnapshot], failures: [CtlError], now: UInt64) {
         pinDir = root
         nowNs = now
+        errors = failures.map { Failure(error: $0.description) }
         self.services = services.map { service in
             Service(
                 name: service.name, pinDirectory: service.directory, abiVersion: service.config.abi_version,

@@ -103,9 +103,32 @@ struct ServiceReader {
     }
 
     /// Reads services; with `sockets`, also asks the kernel about each slot's sockets
-    /// (drops, listen address).
+    /// (drops, listen address). Throws the first service that cannot be read.
     func read(_ names: [String], sockets: Bool = true) throws -> [ServiceSnapshot] {
-        var snapshots = try names.map { try read($0) }
+        let outcome = readEach(names, sockets: sockets)
+        if let failure = outcome.failures.first { throw failure }
+        return outcome.snapshots
+    }
+
+    /// Reads what can be read: one service half pinned (a daemon starting or stopping it)
+    /// must not hide the others.
+    func readEach(_ names: [String], sockets: Bool = true) -> (snapshots: [ServiceSnapshot], failures: [CtlError]) {
+        var snapshots: [ServiceSnapshot] = []
+        var failures: [CtlError] = []
+        for name in names {
+            do {
+                snapshots.append(try read(name))
+            } catch let error as CtlError {
+                failures.append(error)
+            } catch {
+                failures.append(.kernel(error))
+            }
+        }
+        return (attachingSockets(snapshots, sockets: sockets), failures)
+    }
+
+    private func attachingSockets(_ snapshots: [ServiceSnapshot], sockets: Bool) -> [ServiceSnapshot] {
+        var snapshots = snapshots
         guard sockets else { return snapshots }
         let cookies = snapshots.flatMap { $0.listeners.flatMap { $0.cookies.values } }
         guard !cookies.isEmpty else { return snapshots }

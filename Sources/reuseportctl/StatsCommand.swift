@@ -48,14 +48,18 @@ struct StatsCommand: ParsableCommand {
     func run() throws {
         let reader = ServiceReader(root: location.pinDirectory)
         let names = try reader.select(service.service)
-        if prometheus {
-            print(PrometheusExposition.render(try reader.read(names)), terminator: "")
-        } else if watch {
-            try StatsWatch(reader: reader, names: names, interval: interval).run()
-        } else {
-            print(try reader.read(names).map { StatsCommand.render($0, previous: nil, seconds: 0) }
-                .joined(separator: "\n"), terminator: "")
+        if watch {
+            return try StatsWatch(reader: reader, names: names, interval: interval).run()
         }
+        let (snapshots, failures) = reader.readEach(names)
+        if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
+        if prometheus {
+            print(PrometheusExposition.render(snapshots), terminator: "")
+        } else {
+            print(snapshots.map { StatsCommand.render($0, previous: nil, seconds: 0) }.joined(separator: "\n"),
+                  terminator: "")
+        }
+        if !failures.isEmpty { throw CtlError.unreadable(failures) }
     }
 
     /// One service's counters; with `previous` (taken `seconds` earlier), rates too.
@@ -130,7 +134,7 @@ struct StatsWatch {
         let terminal = isatty(1) == 1
         var previous: [String: (snapshot: ServiceSnapshot, at: Double)] = [:]
         while true {
-            let snapshots = try reader.read(names)
+            let (snapshots, failures) = reader.readEach(names)
             let now = monotonicSeconds()
             var frame = terminal ? "\u{1B}[H\u{1B}[2J" : ""
             frame += "every \(HumanFormat.fixed(interval, digits: 1))s, Ctrl-C to stop\n\n"
@@ -138,6 +142,7 @@ struct StatsWatch {
                 let old = previous[snapshot.name]
                 return StatsCommand.render(snapshot, previous: old?.snapshot, seconds: old.map { now - $0.at } ?? 0)
             }.joined(separator: "\n")
+            frame += failures.map { "\n\($0)\n" }.joined()
             print(frame, terminator: terminal ? "" : "\n")
             fflushStandardOutput()
             for snapshot in snapshots { previous[snapshot.name] = (snapshot, now) }

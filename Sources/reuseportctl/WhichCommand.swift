@@ -1,4 +1,5 @@
 import ArgumentParser
+import ReuseportControl
 import ReuseportKit
 
 /// The transports a listener can have, as an argument.
@@ -65,7 +66,8 @@ struct WhichCommand: ParsableCommand {
     func run() throws {
         let reader = ServiceReader(root: location.pinDirectory)
         let name = try reader.selectOne(service.service)
-        guard let snapshot = try reader.read([name]).first else { return }
+        guard var snapshot = try reader.read([name]).first else { return }
+        if snapshot.listeners.allSatisfy({ $0.endpoint == nil }) { learnEndpointsFromDaemon(&snapshot) }
         guard snapshot.config.abi_version != 0 else {
             throw CtlError.listener("service '\(name)' has no configuration written yet: the program drops every packet")
         }
@@ -83,6 +85,18 @@ struct WhichCommand: ParsableCommand {
             print(try JSONOutput.string(answers))
         } else {
             print(answers.map(\.text).joined(separator: "\n"), terminator: "")
+        }
+    }
+
+    /// When the kernel could not say where the listeners are (no sock_diag, or no socket in an
+    /// array), the daemon can, if it answers: its status lists them in listener order.
+    private func learnEndpointsFromDaemon(_ snapshot: inout ServiceSnapshot) {
+        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: 2)
+        guard let status = try? client.perform(ControlRequest(command: .status, service: snapshot.name)),
+              let listeners = status.services?.first(where: { $0.name == snapshot.name })?.listeners
+        else { return }
+        for index in snapshot.listeners.indices where snapshot.listeners[index].index < listeners.count {
+            snapshot.listeners[index].endpoint = try? Endpoint(parsing: listeners[snapshot.listeners[index].index])
         }
     }
 

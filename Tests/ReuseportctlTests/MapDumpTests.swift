@@ -57,7 +57,8 @@ struct MapDumpTests {
         #expect(global["dropped_no_slot"] as? Int == 0)
 
         // The documented schema (docs/cli.md), key for key: nothing missing, nothing unannounced.
-        #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services"])
+        #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors"])
+        #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
                                   "listeners", "global", "socket_diagnostics_error", "slots"])
         #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
@@ -129,12 +130,39 @@ struct MapDumpTests {
 
     /// /proc/net/udp: the last column is drops, the tenth the inode.
     func procNetUDPDrops(inode: Int) -> Int? {
-        guard let text = try? String(contentsOfFile: "/proc/net/udp", encoding: .utf8) else { return nil }
+        // Read to the end: procfs reports size 0, and the table can be long on a busy machine.
+        guard let file = FileHandle(forReadingAtPath: "/proc/net/udp") else { return nil }
+        defer { try? file.close() }
+        let text = String(decoding: file.readDataToEndOfFile(), as: UTF8.self)
         for line in text.split(separator: "\n").dropFirst() {
             let fields = line.split(separator: " ")
             if fields.count >= 13, Int(fields[9]) == inode { return Int(fields[fields.count - 1]) }
         }
         return nil
+    }
+
+    /// A service whose pins are half gone (a daemon starting or removing it) does not hide the
+    /// others: they are shown, the broken one is named, and the status is 1.
+    @Test func halfPinnedServiceDoesNotHideTheOthers() throws {
+        let root = PinRoot("dump-partial")
+        let good = try PinnedService(root: root, name: "good", slots: 2)
+        let broken = try PinnedService(root: root, name: "broken", slots: 2)
+        _ = good
+        #expect(unlink(broken.layout.path(ofShared: RP_MAP_SLOT_STATE)) == 0)
+
+        let table = try reuseportctl(["map", "dump", "--pin-dir", root.path])
+        #expect(table.status == 1)
+        #expect(table.stdout.contains("service good"), "\(table)")
+        #expect(table.stderr.contains("cannot read the maps of service 'broken'")
+                && table.stderr.contains("\(RP_MAP_SLOT_STATE)"), "\(table)")
+        let json = try reuseportctl(["map", "dump", "--json", "--pin-dir", root.path])
+        #expect(json.status == 1)
+        let dump = try #require(try decodeJSON(json.stdout) as? [String: Any])
+        #expect((dump["services"] as? [[String: Any]])?.map { $0["name"] as? String } == ["good"])
+        #expect((dump["errors"] as? [[String: Any]])?.count == 1)
+        let prometheus = try reuseportctl(["stats", "--prometheus", "--pin-dir", root.path])
+        #expect(prometheus.status == 1)
+        #expect(prometheus.stdout.contains("service=\"good\""))
     }
 
     /// Errors say where the tool looked: exit status 1.
