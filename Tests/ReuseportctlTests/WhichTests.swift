@@ -93,6 +93,37 @@ struct WhichTests {
         }
     }
 
+    /// The human answer, exactly (its numbers are checked against the kernel by the tests above),
+    /// for a direct hit and for a fallback.
+    @Test func humanAnswerIsExact() throws {
+        let root = PinRoot("which-text")
+        let service = try PinnedService(root: root, name: "dns", slots: 3, seed: 0xabc, bucketCount: 12)
+        for slot in 0..<UInt32(3) { try service.setState(slot, pid: 300 + slot, state: .running, since: 1) }
+        let destination = service.endpoint.address
+        let client = try SocketAddress(parsing: "198.51.100.7:40000")
+        let direct = try service.plane.snapshot().placement(of: FlowTuple(.udp, from: client, to: destination))
+        let slot = try #require(direct.slot)
+        func hex(_ value: UInt32) -> String {
+            let digits = String(value, radix: 16)
+            return "0x" + String(repeating: "0", count: 8 - digits.count) + digits
+        }
+        let head = "udp 198.51.100.7:40000 -> \(destination)  (service dns, listener 0: \(service.endpoint))\n"
+            + "  hash    \(hex(direct.hash))  (seed 0x00000abc)\n"
+        let hit = try reuseportctl(["which", "198.51.100.7:40000", "--pin-dir", root.path])
+        #expect(hit.status == 0, "\(hit)")
+        #expect(hit.stdout == head + "  bucket  \(direct.bucket) of 12 -> slot \(slot)\n"
+                + "  slot    \(slot)  socket cookie \(try service.cookie(slot))\n"
+                + "  worker  pid \(300 + slot), running\n")
+
+        try service.plane.closeSlot(slot)
+        let fallback = try #require(try service.plane.snapshot().placement(of: FlowTuple(.udp, from: client, to: destination)).slot)
+        let moved = try reuseportctl(["which", "198.51.100.7:40000", "--pin-dir", root.path])
+        #expect(moved.status == 0, "\(moved)")
+        #expect(moved.stdout == head + "  bucket  \(direct.bucket) of 12 -> slot \(slot), which has no socket: falls back\n"
+                + "  slot    \(fallback) (fallback)  socket cookie \(try service.cookie(fallback))\n"
+                + "  worker  pid \(300 + fallback), running\n")
+    }
+
     /// Bad addresses are argument errors (exit 2) that say what is wrong.
     @Test func badAddressesAreArgumentErrors() throws {
         let noPort = try reuseportctl(["which", "10.0.0.1"])
