@@ -14,9 +14,14 @@ struct Reuseportd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "reuseportd",
         abstract: "Own SO_REUSEPORT sockets, steer flows with eBPF, and keep a worker on every slot.",
+        usage: """
+            reuseportd [--config FILE] [--pin-dir DIR] [--run-dir DIR] [--check] [--log-level LEVEL]
+            reuseportd worker echo|whoami
+            """,
         discussion: """
-            Without --config, runs the built-in demo: service "demo" on udp://127.0.0.1:5300 with 4 whoami
-            workers. SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully.
+            The daemon's options are those of 'run', the default subcommand (see 'reuseportd help run'). \
+            Without --config it runs the built-in demo: service "demo" on udp://127.0.0.1:5300 with 4 whoami \
+            workers. SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully. \
             See docs/configuration.md and docs/operations.md.
             """,
         subcommands: [Run.self, Worker.self, ExecWorker.self],

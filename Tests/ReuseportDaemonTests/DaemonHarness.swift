@@ -102,15 +102,16 @@ final class DaemonUnderTest {
     let pid: pid_t
     private(set) var exitStatus: Int32?
 
-    init(config: String) throws {
+    /// `pinRoot`: reuse another run's pin root (default: a fresh one).
+    init(config: String, pinRoot: String? = nil) throws {
         guard DaemonBinary.exists else { throw HarnessError("no reuseportd binary at \(DaemonBinary.path): run swift build") }
         directory = try TemporaryDirectory()
         configPath = try directory.write("reuseportd.toml", config)
         DaemonUnderTest.counter += 1
-        pinRoot = "/sys/fs/bpf/reuseportd-test-\(getpid())-\(DaemonUnderTest.counter)"
+        self.pinRoot = pinRoot ?? "/sys/fs/bpf/reuseportd-test-\(getpid())-\(DaemonUnderTest.counter)"
         runDirectory = "\(directory.path)/run"
         logPath = "\(directory.path)/daemon.log"
-        pid = try spawn([DaemonBinary.path, "--config", configPath, "--pin-dir", pinRoot, "--run-dir", runDirectory,
+        pid = try spawn([DaemonBinary.path, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", runDirectory,
                          "--log-level", "debug"], output: logPath)
     }
 

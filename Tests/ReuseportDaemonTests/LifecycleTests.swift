@@ -58,6 +58,47 @@ struct LifecycleTests {
         #expect(!removedPids.contains(where: processExists), "the workers of slots 3 to 5 exited")
     }
 
+    /// Reloads that add a service, change a program (every worker restarted on its own socket)
+    /// and remove a service (workers stopped, sockets closed, pins removed).
+    @Test func reloadAddsChangesAndRemovesServices() throws {
+        let first = serviceTable("kept", workers: 2)
+        let daemon = try DaemonUnderTest(config: first)
+        let before = try daemon.waitForWorkers()
+        let kept = try udpEndpoint(before, "kept")
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        #expect(try Whoami.ask([client], to: kept)[0]?.service == "kept")
+
+        try daemon.rewriteConfig(first + serviceTable("added", listen: ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"],
+                                                      workers: 1, program: "builtin = \"echo\""))
+        let added = try daemon.request(.init(command: .reload))
+        #expect(added.ok && added.message == "reloaded: added added", "\(added)")
+        let both = try daemon.waitForWorkers()
+        #expect(both.map(\.name) == ["kept", "added"] && both[0].slots.map(\.pid) == before[0].slots.map(\.pid))
+        let echo = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        try echo.send(Array("ping".utf8), to: udpEndpoint(both, "added"))
+        #expect(try echo.receive(timeoutMs: 3000) == Array("ping".utf8))
+        // TCP echo returns the stream.
+        let stream = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+        try stream.connect(to: Endpoint(parsing: try #require(both[1].listeners.first { $0.hasPrefix("tcp") })).address)
+        _ = Array("a stream".utf8).withUnsafeBytes { write(stream.fd, $0.baseAddress, $0.count) }
+        #expect(try stream.receive(timeoutMs: 3000) == Array("a stream".utf8))
+
+        // Another program for "kept" (echo), "added" removed.
+        try daemon.rewriteConfig(serviceTable("kept", workers: 2, program: "builtin = \"echo\""))
+        daemon.signal(SIGHUP)
+        let after = try daemon.waitFor("kept restarted with echo, added gone") { services in
+            services.map(\.name) == ["kept"] && services[0].slots.allSatisfy { $0.restarts == 1 && $0.pid != nil }
+        }
+        #expect(try udpEndpoint(after, "kept") == kept, "the same sockets")
+        try client.send(Array("echoed".utf8), to: kept)
+        #expect(try client.receive(timeoutMs: 3000) == Array("echoed".utf8), "kept now runs echo")
+        #expect(PinLayout.services(under: daemon.pinRoot) == ["kept"], "the removed service's pins are gone")
+        let addedPort = try udpEndpoint(both, "added")
+        let probe = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(probe) }
+        #expect(addedPort.withSockaddr { bind(probe, $0, $1) } == 0, "the removed service's socket is closed")
+    }
+
     /// A reload with an invalid file keeps the running configuration.
     @Test func invalidReloadKeepsTheRunningConfiguration() throws {
         let daemon = try DaemonUnderTest(config: LifecycleTests.config(workers: 2))

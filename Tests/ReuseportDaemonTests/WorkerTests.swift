@@ -84,6 +84,17 @@ struct WorkerTests {
         let deadline = nowMs() + 3000
         while pids.contains(where: processExists) && nowMs() < deadline { sleepMs(20) }
         #expect(!pids.contains(where: processExists), "no worker outlives the daemon")
+
+        // Its pins stay behind; the next daemon replaces them and serves.
+        #expect(PinLayout.services(under: daemon.pinRoot) == ["orphans"])
+        let next = try DaemonUnderTest(config: serviceTable("orphans", workers: 2, program: "builtin = \"echo\""),
+                                       pinRoot: daemon.pinRoot)
+        let services = try next.waitForWorkers()
+        #expect(next.log.contains("removing stale pins left at \(daemon.pinRoot)/orphans"))
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        try client.send(Array("after".utf8), to: udpEndpoint(services, "orphans"))
+        #expect(try client.receive(timeoutMs: 3000) == Array("after".utf8), "echo answers")
+        #expect(try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "orphans")).readConfig().slot_count == 2)
     }
 
     /// restart and scale through the control socket; its mode; errors name what is wrong;
