@@ -136,7 +136,7 @@ final class DaemonUnderTest {
             }
         }
         guard connected == 0 else { throw HarnessError("connect(\(path)): \(String(cString: strerror(errno)))") }
-        var timeout = timeval(tv_sec: 5, tv_usec: 0)
+        var timeout = timeval(tv_sec: 30, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         let data = try ControlFraming.encode(request)
         _ = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
@@ -160,7 +160,7 @@ final class DaemonUnderTest {
 
     /// Waits until the daemon answers and `condition` holds for its status.
     @discardableResult
-    func waitFor(_ what: String, timeoutMs: Int = 10_000, _ condition: ([ServiceStatus]) -> Bool) throws
+    func waitFor(_ what: String, timeoutMs: Int = 30_000, _ condition: ([ServiceStatus]) -> Bool) throws
         -> [ServiceStatus]
     {
         let deadline = nowMs() + Double(timeoutMs)
@@ -183,7 +183,7 @@ final class DaemonUnderTest {
 
     /// Waits until every slot of every service has a worker in state `state`.
     @discardableResult
-    func waitForWorkers(_ state: String = "running", timeoutMs: Int = 10_000) throws -> [ServiceStatus] {
+    func waitForWorkers(_ state: String = "running", timeoutMs: Int = 30_000) throws -> [ServiceStatus] {
         try waitFor("every worker \(state)", timeoutMs: timeoutMs) { services in
             services.allSatisfy { $0.slots.allSatisfy { $0.state == state && $0.pid != nil } }
         }

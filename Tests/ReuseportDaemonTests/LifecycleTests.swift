@@ -53,7 +53,7 @@ struct LifecycleTests {
             table = newTable
         }
         // The workers of removed slots are stopped.
-        let deadline = nowMs() + 5000
+        let deadline = nowMs() + 20_000
         while removedPids.contains(where: processExists) && nowMs() < deadline { sleepMs(20) }
         #expect(!removedPids.contains(where: processExists), "the workers of slots 3 to 5 exited")
     }
@@ -76,12 +76,12 @@ struct LifecycleTests {
         #expect(both.map(\.name) == ["kept", "added"] && both[0].slots.map(\.pid) == before[0].slots.map(\.pid))
         let echo = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
         try echo.send(Array("ping".utf8), to: udpEndpoint(both, "added"))
-        #expect(try echo.receive(timeoutMs: 3000) == Array("ping".utf8))
+        #expect(try echo.receive(timeoutMs: 10_000) == Array("ping".utf8))
         // TCP echo returns the stream.
         let stream = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
         try stream.connect(to: Endpoint(parsing: try #require(both[1].listeners.first { $0.hasPrefix("tcp") })).address)
         _ = Array("a stream".utf8).withUnsafeBytes { write(stream.fd, $0.baseAddress, $0.count) }
-        #expect(try stream.receive(timeoutMs: 3000) == Array("a stream".utf8))
+        #expect(try stream.receive(timeoutMs: 10_000) == Array("a stream".utf8))
 
         // Another program for "kept" (echo), "added" removed.
         try daemon.rewriteConfig(serviceTable("kept", workers: 2, program: "builtin = \"echo\""))
@@ -91,7 +91,7 @@ struct LifecycleTests {
         }
         #expect(try udpEndpoint(after, "kept") == kept, "the same sockets")
         try client.send(Array("echoed".utf8), to: kept)
-        #expect(try client.receive(timeoutMs: 3000) == Array("echoed".utf8), "kept now runs echo")
+        #expect(try client.receive(timeoutMs: 10_000) == Array("echoed".utf8), "kept now runs echo")
         #expect(PinLayout.services(under: daemon.pinRoot) == ["kept"], "the removed service's pins are gone")
         let addedPort = try udpEndpoint(both, "added")
         let probe = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
@@ -138,7 +138,7 @@ struct LifecycleTests {
         #expect(PinLayout.services(under: daemon.pinRoot) == ["plain", "stubborn"])
 
         daemon.signal(SIGTERM)
-        let status = daemon.waitForExit(timeoutMs: 10_000)
+        let status = daemon.waitForExit(timeoutMs: 30_000)
         #expect(status == 0, "exit status; log:\n\(daemon.log)")
         for pid in pids { #expect(!processExists(pid), "worker \(pid) is gone") }
         #expect(daemon.log.contains("did not stop in time: SIGKILL"), "the stubborn workers were killed")
@@ -211,7 +211,7 @@ struct LifecycleTests {
         let port = try #require(SocketAddress(storage: storage)).port
         let daemon = try DaemonUnderTest(
             config: serviceTable("taken", listen: ["udp://127.0.0.1:\(port)"], workers: 2, program: "builtin = \"echo\""))
-        #expect(daemon.waitForExit(timeoutMs: 10_000) == 1)
+        #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
         #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
         #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")
     }
@@ -248,7 +248,7 @@ struct LifecycleTests {
         let pid = try spawn(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DaemonBinary.path,
                              "--config", config, "--pin-dir", "/sys/fs/bpf/reuseportd-test-\(getpid())-unprivileged",
                              "--run-dir", "\(directory.path)/run"], output: output)
-        #expect(waitExit(pid, timeoutMs: 10_000) == 1)
+        #expect(waitExit(pid, timeoutMs: 30_000) == 1)
         let message = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
         #expect(message.contains("reuseportd: cannot start: service unprivileged: "), "\(message)")
         #expect(message.contains("Operation not permitted (errno 1); needs root, or CAP_BPF with CAP_NET_ADMIN"), "\(message)")
