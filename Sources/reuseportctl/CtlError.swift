@@ -13,7 +13,9 @@ enum CtlError: Error, CustomStringConvertible {
     case noDaemon(socket: String, reason: String)
     case daemon(socket: String, reason: String)
     case daemonRefused(String)
-    case listener(String)
+    /// The pins do not hold what the question needs (which listener, which address).
+    case unanswerable(String)
+    case featuresMissing(String)
     case timeout(String)
     case kernel(Error)
     /// Some services were shown, these could not be read.
@@ -44,7 +46,7 @@ enum CtlError: Error, CustomStringConvertible {
             return "control socket \(socket): \(reason)"
         case .daemonRefused(let reason):
             return "the daemon refused: \(reason)"
-        case .listener(let reason):
+        case .unanswerable(let reason), .featuresMissing(let reason):
             return reason
         case .timeout(let reason):
             return reason

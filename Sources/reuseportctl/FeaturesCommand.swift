@@ -38,7 +38,7 @@ struct FeaturesCommand: ParsableCommand {
         let missing = report.features.filter { $0.required && $0.present == false }
         let unknown = report.features.filter { $0.required && $0.present == nil }
         if !missing.isEmpty {
-            throw CtlError.listener("required kernel features missing: " + missing.map(\.name).joined(separator: ", ")
+            throw CtlError.featuresMissing("required kernel features missing: " + missing.map(\.name).joined(separator: ", ")
                                     + (unknown.isEmpty ? "" : "; \(unknown.count) more not probed without privileges"))
         }
     }

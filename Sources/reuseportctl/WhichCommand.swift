@@ -69,7 +69,7 @@ struct WhichCommand: ParsableCommand {
         guard var snapshot = try reader.read([name]).first else { return }
         if snapshot.listeners.allSatisfy({ $0.endpoint == nil }) { learnEndpointsFromDaemon(&snapshot) }
         guard snapshot.config.abi_version != 0 else {
-            throw CtlError.listener("service '\(name)' has no configuration written yet: the program drops every packet")
+            throw CtlError.unanswerable("service '\(name)' has no configuration written yet: the program drops every packet")
         }
         let to = try destination.map { try parsed($0, "--to") }
         var answers: [WhichAnswer] = []
@@ -106,7 +106,7 @@ struct WhichCommand: ParsableCommand {
     {
         let known = snapshot.listeners.compactMap { listener in listener.endpoint.map { (listener.index, $0) } }
         guard !known.isEmpty else {
-            throw CtlError.listener("cannot tell where service '\(snapshot.name)' listens: no listener has a socket"
+            throw CtlError.unanswerable("cannot tell where service '\(snapshot.name)' listens: no listener has a socket"
                                     + " in its array\(snapshot.diagnosticsProblem.map { " (\($0))" } ?? "")")
         }
         let clientV4 = client.address.unmapped.isV4
@@ -117,16 +117,16 @@ struct WhichCommand: ParsableCommand {
         }
         var candidates = known.filter { transport == nil || $0.1.transport == transport!.transport }
         guard !candidates.isEmpty else {
-            throw CtlError.listener("service '\(snapshot.name)' has no \(transport!.rawValue) listener; it listens on "
+            throw CtlError.unanswerable("service '\(snapshot.name)' has no \(transport!.rawValue) listener; it listens on "
                                     + known.map { "\($0.1)" }.joined(separator: ", "))
         }
         candidates = candidates.filter { accepts($0.1) }
         guard !candidates.isEmpty else {
-            throw CtlError.listener("no listener of service '\(snapshot.name)' takes IPv\(clientV4 ? 4 : 6) clients;"
+            throw CtlError.unanswerable("no listener of service '\(snapshot.name)' takes IPv\(clientV4 ? 4 : 6) clients;"
                                     + " it listens on " + known.map { "\($0.1)" }.joined(separator: ", "))
         }
         if Set(candidates.map(\.1.transport)).count > 1 {
-            throw CtlError.listener("service '\(snapshot.name)' listens on both udp and tcp ("
+            throw CtlError.unanswerable("service '\(snapshot.name)' listens on both udp and tcp ("
                                     + candidates.map { "\($0.1)" }.joined(separator: ", ") + "): choose with --proto")
         }
         // Prefer the listener of the client's own family over a dual-stack one.
@@ -136,18 +136,18 @@ struct WhichCommand: ParsableCommand {
         let destination: SocketAddress
         if let to {
             guard to.port == listen.port else {
-                throw CtlError.listener("--to \(to): service '\(snapshot.name)' listens on port \(listen.port) (\(endpoint))")
+                throw CtlError.unanswerable("--to \(to): service '\(snapshot.name)' listens on port \(listen.port) (\(endpoint))")
             }
             guard listen.address.isWildcard || to.address.unmapped == listen.address.unmapped else {
-                throw CtlError.listener("--to \(to): service '\(snapshot.name)' listens on \(endpoint) only")
+                throw CtlError.unanswerable("--to \(to): service '\(snapshot.name)' listens on \(endpoint) only")
             }
             guard to.address.unmapped.isV4 == clientV4 else {
-                throw CtlError.listener("--to \(to) and the client \(client) are not of the same IP version")
+                throw CtlError.unanswerable("--to \(to) and the client \(client) are not of the same IP version")
             }
             destination = to
         } else {
             guard !listen.address.isWildcard else {
-                throw CtlError.listener("service '\(snapshot.name)' listens on the wildcard address (\(endpoint)),"
+                throw CtlError.unanswerable("service '\(snapshot.name)' listens on the wildcard address (\(endpoint)),"
                                         + " and the flow hash covers the destination address:"
                                         + " give the address clients send to with --to ADDR:\(listen.port)")
             }

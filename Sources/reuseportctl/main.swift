@@ -14,7 +14,7 @@ func expandingWatchInterval(_ arguments: [String]) -> [String] {
     var index = 0
     while index < arguments.count {
         let argument = arguments[index]
-        if argument.hasPrefix("--watch=") {
+        if argument.hasPrefix("--watch="), Double(argument.dropFirst("--watch=".count)) != nil {
             result += ["--watch", "--interval", String(argument.dropFirst("--watch=".count))]
         } else if argument == "--watch", index + 1 < arguments.count, Double(arguments[index + 1]) != nil {
             result += ["--watch", "--interval", arguments[index + 1]]
