@@ -104,6 +104,13 @@ public struct RestartPolicy: Sendable, Equatable {
         self.readyAfterMs = readyAfterMs
     }
 
+    /// After a worker that lived `livedMs` exited, with `quickExits` quick exits before it: the
+    /// wait before the next start, and the new count of quick exits in a row.
+    public func afterExit(livedMs: Int, quickExits: Int) -> (delayMs: Int, quickExits: Int) {
+        let before = livedMs >= healthyAfterMs ? 0 : quickExits
+        return (delayMs(afterQuickExits: before), before + 1)
+    }
+
     /// The wait before the next start, after `failures` quick exits in a row (0: none yet).
     public func delayMs(afterQuickExits failures: Int) -> Int {
         guard failures > 0 else { return 0 }

@@ -171,7 +171,7 @@ public final class Daemon {
             logger.info("worker started, pid \(pid)")
         } catch {
             logger.error("cannot start a worker: \(error)")
-            scheduleRestart(service, slot, now: now, quick: true)
+            scheduleRestart(service, slot, now: now, livedNs: 0)
         }
     }
 
@@ -215,16 +215,16 @@ public final class Daemon {
             var logger = service.logger
             logger[metadataKey: "slot"] = "\(slot.index)"
             logger.warning("worker pid \(pid) \(Daemon.describe(status: status)) after \(lived / 1_000_000) ms")
-            scheduleRestart(service, slot, now: now, quick: lived < service.configuration.restart.healthyAfterMs.msAsNs)
+            scheduleRestart(service, slot, now: now, livedNs: lived)
         }
     }
 
     /// After an exit: start again at once after a healthy run, else after the back-off.
-    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, quick: Bool) {
+    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64) {
         if slot.downSince == nil { slot.downSince = now }
-        if !quick { slot.quickExits = 0 }
-        let delay = service.configuration.restart.delayMs(afterQuickExits: slot.quickExits)
-        slot.quickExits += 1
+        let delay: Int
+        (delay, slot.quickExits) = service.configuration.restart.afterExit(livedMs: Int(livedNs / 1_000_000),
+                                                                           quickExits: slot.quickExits)
         if stopping { return }
         if delay == 0 {
             startWorker(service, slot, now: now)
@@ -429,6 +429,7 @@ public final class Daemon {
 
     /// Re-reads the configuration file and applies the difference. A bad file changes nothing.
     func reload() -> ControlResponse {
+        guard !stopping else { return .failure("the daemon is stopping") }
         let next: DaemonConfiguration
         do {
             next = try Daemon.loadConfiguration(path: options.configPath)

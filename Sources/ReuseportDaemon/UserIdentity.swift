@@ -47,7 +47,9 @@ public struct UserIdentity: Sendable, Equatable {
     /// Drops to this identity: supplementary groups, then gid, then uid (the order matters:
     /// after setuid the process may no longer change its groups).
     public func apply() -> Result<Void, IdentityError> {
-        guard uid != nil || gid != nil else { return .success(()) }
+        // Already that user and group (a daemon not run as root, configured with its own user):
+        // nothing to change, and setgroups would need privileges.
+        guard uid.map({ $0 != getuid() }) ?? false || gid.map({ $0 != getgid() }) ?? false else { return .success(()) }
         if let gid {
             if let userName, uid != nil {
                 if initgroups(userName, gid) != 0 { return .failure(.system("initgroups(\(userName), \(gid))")) }

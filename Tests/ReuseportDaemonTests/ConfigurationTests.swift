@@ -99,4 +99,17 @@ struct ConfigurationTests {
         #expect((0..<7).map { policy.delayMs(afterQuickExits: $0) } == [0, 100, 200, 400, 800, 1000, 1000])
         #expect(policy.delayMs(afterQuickExits: 500) == 1000, "no overflow")
     }
+
+    @Test func aHealthyRunResetsTheBackOff() {
+        let policy = RestartPolicy(backoffMinimumMs: 100, backoffMaximumMs: 1000, healthyAfterMs: 5000)
+        var quickExits = 0
+        var delays: [Int] = []
+        for lived in [10, 10, 10, 10, 6000, 10, 4999] {
+            let next = policy.afterExit(livedMs: lived, quickExits: quickExits)
+            delays.append(next.delayMs)
+            quickExits = next.quickExits
+        }
+        // The exit after the healthy 6 s run is restarted at once, and the count starts over.
+        #expect(delays == [0, 100, 200, 400, 0, 100, 200])
+    }
 }
