@@ -48,9 +48,9 @@ final class LiveDaemon {
         """
     }
 
-    /// Waits until `map dump --json` shows `workers` running slots; returns that dump's service.
+    /// Waits (BPF loads take seconds on a loaded machine) until `map dump --json` shows `workers` running slots; returns that dump's service.
     @discardableResult
-    func waitUntilRunning(_ workers: Int, timeoutSeconds: Double = 15) throws -> [String: Any] {
+    func waitUntilRunning(_ workers: Int, timeoutSeconds: Double = 30) throws -> [String: Any] {
         let deadline = Date().addingTimeInterval(timeoutSeconds)
         var last = ""
         while Date() < deadline {
@@ -95,6 +95,8 @@ final class LiveDaemon {
             if process.isRunning { kill(process.processIdentifier, SIGKILL) }
             process.waitUntilExit()
         }
+        // A daemon that had to be killed leaves its pins: remove them.
+        for service in PinLayout.services(under: pinRoot) { PinLayout(root: pinRoot, service: service).remove() }
         try? FileManager.default.removeItem(atPath: directory)
     }
 }
