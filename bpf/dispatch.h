@@ -144,8 +144,10 @@ static inline __u32 rp_be32(__u32 word)
 /*
  * The flow hash of a packet. addrs holds the source then the destination address as
  * read from the packet: 2 words for IPv4, 8 for IPv6. ports = sport << 16 | dport.
+ * Always inlined: with ipv6 a constant at the call, the loop unrolls to straight-line
+ * code; left to itself, clang makes it a BPF-to-BPF call with a loop.
  */
-static inline __u32 rp_flow_hash(__u32 seed, __u32 ip_protocol, int ipv6, const __u32 addrs[8], __u32 ports)
+static inline __attribute__((always_inline)) __u32 rp_flow_hash(__u32 seed, __u32 ip_protocol, int ipv6, const __u32 addrs[8], __u32 ports)
 {
 	__u32 n = ipv6 ? 8 : 2;
 	__u32 h = rp_hash_mix(seed, (ipv6 ? 6 : 4) << 8 | ip_protocol);
