@@ -106,36 +106,34 @@ static __always_inline int load_ports(struct sk_reuseport_md *ctx, __u32 *ports)
 }
 
 /*
- * One path per family, so that each inlines rp_flow_hash() with a constant word count:
- * the hash becomes straight-line code (no loop, no BPF-to-BPF call), and IPv4 copies
- * out 8 bytes of addresses instead of clearing and filling 32.
+ * Called once per family with a constant ipv6, so that each call inlines rp_flow_hash()
+ * with a constant word count: the hash becomes straight-line code (no loop, no
+ * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32.
  */
+static __always_inline int family_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 proto, const int ipv6,
+				       __u32 *hash)
+{
+	__u32 addrs[8], ports;
+
+	if (load_ports(ctx, &ports))
+		return -1;
+	if (bpf_skb_load_bytes_relative(ctx, ipv6 ? IPV6_SADDR_OFF : IPV4_SADDR_OFF, addrs, ipv6 ? 32 : 8,
+					BPF_HDR_START_NET))
+		return -1;
+	*hash = rp_flow_hash(seed, proto, ipv6, addrs, ports);
+	return 0;
+}
+
 static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 *hash)
 {
-	__u32 ports, proto = ctx->ip_protocol;
+	__u32 proto = ctx->ip_protocol;
 
 	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
 		return -1;
-	if (ctx->eth_protocol == bpf_htons(ETH_P_IP)) {
-		__u32 addrs[2];
-
-		if (load_ports(ctx, &ports))
-			return -1;
-		if (bpf_skb_load_bytes_relative(ctx, IPV4_SADDR_OFF, addrs, sizeof(addrs), BPF_HDR_START_NET))
-			return -1;
-		*hash = rp_flow_hash(seed, proto, 0, addrs, ports);
-		return 0;
-	}
-	if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6)) {
-		__u32 addrs[8];
-
-		if (load_ports(ctx, &ports))
-			return -1;
-		if (bpf_skb_load_bytes_relative(ctx, IPV6_SADDR_OFF, addrs, sizeof(addrs), BPF_HDR_START_NET))
-			return -1;
-		*hash = rp_flow_hash(seed, proto, 1, addrs, ports);
-		return 0;
-	}
+	if (ctx->eth_protocol == bpf_htons(ETH_P_IP))
+		return family_hash(ctx, seed, proto, 0, hash);
+	if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6))
+		return family_hash(ctx, seed, proto, 1, hash);
 	return -1;
 }
 

@@ -76,6 +76,15 @@ struct Chart {
                     (family.isV4 ? "IPv4" : "IPv6", ProgramCostBench.programs.map { Summary(c.perRun(family, $0)) })
                 }))
         }
+        if let r = report.resize, !r.steps.isEmpty {
+            let grows = r.steps.filter { $0.to > $0.from }
+            panels.append(bars(
+                title: "4. Flows moved when growing N -> N+1", ylabel: "% of flows moved",
+                series: ["ideal 1/(N+1)", "kernel default", "reuseportd"],
+                rows: grows.map { step in
+                    ("\(step.from) -> \(step.to)", [step.ideal, step.kernel ?? 0, step.reuseportd ?? 0].map { Summary([$0 * 100]) })
+                }))
+        }
         if let b = report.balance {
             panels.append(bars(
                 title: "5. Balance over \(b.flows) flows: busiest worker / mean", ylabel: "busiest / mean",
@@ -97,26 +106,13 @@ func findExecutable(_ name: String) -> String? {
     return nil
 }
 
-/// Starts `arguments` (argv[0] a path), returns its pid.
-func spawn(_ arguments: [String], environment: [String]? = nil) throws -> pid_t {
+/// Runs `arguments` to the end; returns its exit status (128 + signal if killed).
+func spawnAndWait(_ arguments: [String]) throws -> Int32 {
     var pid = pid_t()
     var argv = arguments.map { strdup($0) } + [nil]
     defer { for pointer in argv { free(pointer) } }
-    let result: Int32
-    if let environment {
-        var envp = environment.map { strdup($0) } + [nil]
-        defer { for pointer in envp { free(pointer) } }
-        result = posix_spawn(&pid, arguments[0], nil, nil, &argv, &envp)
-    } else {
-        result = posix_spawn(&pid, arguments[0], nil, nil, &argv, environ)
-    }
+    let result = posix_spawn(&pid, arguments[0], nil, nil, &argv, environ)
     if result != 0 { throw BenchError.system("posix_spawn(\(arguments[0]))", result) }
-    return pid
-}
-
-/// Runs `arguments` to the end; returns its exit status (128 + signal if killed).
-func spawnAndWait(_ arguments: [String]) throws -> Int32 {
-    let pid = try spawn(arguments)
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 {
         if errno != EINTR { throw BenchError.system("waitpid(\(pid))") }

@@ -122,24 +122,13 @@ final class ReceiverGroup {
 
     /// Waits on several sockets with epoll, draining each that is readable.
     static func drainWaiting(_ fds: [Int32], _ mine: [Int], counts: UnsafeMutablePointer<UInt64>, stop: StopFlag) {
-        let epoll = epoll_create1(Int32(EPOLL_CLOEXEC))
-        defer { close(epoll) }
-        for index in mine {
-            var event = epoll_event()
-            event.events = EPOLLIN.rawValue
-            event.data.u64 = UInt64(index)
-            epoll_ctl(epoll, EPOLL_CTL_ADD, fds[index], &event)
-        }
+        guard let epoll = try? EpollSet(mine.map { fds[$0] }) else { return }
         let batch = Batch()
-        var events = [epoll_event](repeating: epoll_event(), count: 64)
         while true {
-            let ready = epoll_wait(epoll, &events, Int32(events.count), 10)
-            if ready <= 0 {
-                if stop.isRaised { return }
-                continue
-            }
-            for event in events[0..<Int(ready)] {
-                let index = Int(event.data.u64)
+            let ready = epoll.wait(timeoutMs: 10)
+            if ready.isEmpty && stop.isRaised { return }
+            for member in ready {
+                let index = mine[member]
                 while true {
                     let got = batch.receive(fds[index], flags: rp_bench_MSG_DONTWAIT)
                     if got <= 0 { break }

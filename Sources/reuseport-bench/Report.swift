@@ -10,6 +10,8 @@ struct Report {
     var seconds = 0.0
     var throughput: ThroughputBench?
     var cost: ProgramCostBench?
+    var death: WorkerDeathBench?
+    var resize: ResizeBench?
     var balance: BalanceBench?
     var scale: ScaleBench?
 
@@ -50,6 +52,8 @@ struct Report {
         lines += targetsSection()
         if let throughput { lines += throughputSection(throughput) }
         if let cost { lines += costSection(cost) }
+        if let death { lines += deathSection(death) }
+        if let resize { lines += resizeSection(resize) }
         if let balance { lines += balanceSection(balance) }
         if let scale { lines += scaleSection(scale) }
         return lines.joined(separator: "\n") + "\n"
@@ -68,6 +72,22 @@ struct Report {
             let v6 = cost.logicCost(.loopbackV6).map { ", IPv6 \(fixed($0.median, 0)) ns" } ?? ""
             lines.append("| steering logic ≤ 40 ns/packet over the fixed-slot program | IPv4 \(fixed(logic.median, 0)) ns\(v6) "
                 + "| \(logic.median <= 40 ? "yes" : "**no**") |")
+        }
+        if let death, death.error == nil {
+            let moved = death.kills(.reuseportd).compactMap(\.movedShare).max() ?? 0
+            let lost = death.lost(.reuseportd)
+            lines.append("| 0 flows moved and 0 datagrams lost when a worker dies (below saturation) | reuseportd: most "
+                + "flows moved by one kill \(percent(moved)), \(lost) of \(death.sent(.reuseportd)) datagrams lost | "
+                + "\(moved == 0 && lost == 0 ? "yes" : "**no**") |")
+        }
+        if let resize {
+            let grows = resize.steps.filter { $0.to > $0.from }
+            let worst = grows.compactMap { step in step.reuseportd.map { $0 / step.ideal } }.max()
+            if let worst {
+                lines.append("| growing by one moves ≤ 1.1 × 1/(N+1) of the flows | reuseportd: at most "
+                    + "\(fixed(worst, 3)) × 1/(N+1) (N = \(ResizeBench.sizes.map(String.init).joined(separator: ", "))) "
+                    + "| \(worst <= 1.1 ? "yes" : "**no**") |")
+            }
         }
         lines.append("")
         return lines
@@ -156,6 +176,73 @@ struct Report {
 }
 
 extension Report {
+    func deathSection(_ d: WorkerDeathBench) -> [String] {
+        var lines = ["## 3. Flow stability and loss when a worker dies", ""]
+        if let error = d.error {
+            lines += ["Not measured: \(error).", ""]
+            return lines
+        }
+        lines.append("\(WorkerDeathBench.workers) whoami workers; \(WorkerDeathBench.flowCount) flows send "
+            + "\(Int(WorkerDeathBench.rate)) numbered datagrams/s in all (well below what the workers answer: the "
+            + "kernel-default workers and reuseportd's answer every one of them between kills) and record every "
+            + "answer: which slot and which pid. Each worker in turn is killed with SIGKILL, 1.5 s apart, "
+            + "\(settings.deathKills / WorkerDeathBench.workers) rounds per side, the two sides alternating. "
+            + "**Kernel default**: each worker process is the only owner of its SO_REUSEPORT socket (the benchmark, "
+            + "as its supervisor, binds it and passes it as fd 3 the systemd way, keeping no copy), so the socket "
+            + "dies with the worker; the supervisor reaps the dead one and at once starts a replacement on a new "
+            + "socket. **reuseportd**: the real daemon (`reuseportd --config`, `healthy_after_ms = 1000` so that no "
+            + "restart waits for back-off) restarts the worker on the socket it keeps. Both sides run the same "
+            + "worker, reuseportd's built-in whoami.")
+        lines.append("")
+        lines.append("| | kernel default | reuseportd |")
+        lines.append("| --- | --- | --- |")
+        func row(_ label: String, _ cell: (WorkerDeathBench.Mode) -> String) {
+            lines.append("| \(label) | \(cell(.kernel)) | \(cell(.reuseportd)) |")
+        }
+        row("kills") { "\(d.kills($0).count)" }
+        row("flows that changed worker, per kill: median (min–max)") { mode in
+            let shares = d.kills(mode).compactMap(\.movedShare)
+            guard let s = Summary(shares) else { return "–" }
+            return "\(percent(s.median)) (\(percent(s.min))–\(percent(s.max)))"
+        }
+        row("datagrams lost") { mode in
+            let sent = d.sent(mode)
+            return "\(d.lost(mode)) of \(sent) (\(fixed(Double(d.lost(mode)) / Double(max(sent, 1)) * 100, 3)) %)"
+        }
+        row("time from SIGKILL to the replacement's first answer: p50") { mode in
+            latencyText(d.kills(mode).compactMap(\.firstAnswer), 0.5)
+        }
+        row("… p99") { mode in latencyText(d.kills(mode).compactMap(\.firstAnswer), 0.99) }
+        row("… max") { mode in latencyText(d.kills(mode).compactMap(\.firstAnswer), 1) }
+        lines.append("")
+        lines.append("With this few kills per side the p99 is close to the maximum. A flow \"changed worker\" when its "
+            + "slot after the replacement settled (its last answer before the next kill) differs from its slot before "
+            + "the kill; in the kernel default the replacement is the worker at the same slot number.")
+        lines.append("")
+        return lines
+    }
+
+    func resizeSection(_ r: ResizeBench) -> [String] {
+        var lines = ["## 4. Growing and shrinking the worker count", ""]
+        lines.append("Share of \(r.flows) flows (one datagram each, from their own source ports) that land on a "
+            + "different worker after the change. **Kernel default**: N sockets with SO_REUSEPORT, one more joins, "
+            + "then it leaves. **reuseportd**: the real daemon with whoami workers, the worker count rewritten in its "
+            + "configuration and SIGHUP sent; the placement is read from the whoami answers once every slot answers "
+            + "and two probes agree. The ideal is the share the new (or removed) worker must take: 1/(N+1).")
+        lines.append("")
+        if let error = r.error { lines += ["reuseportd not measured: \(error).", ""] }
+        lines.append("| change | ideal 1/(N+1) | kernel default | reuseportd | reuseportd / ideal |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for step in r.steps {
+            let ratio = step.reuseportd.map { fixed($0 / step.ideal, 3) } ?? "–"
+            lines.append("| \(step.from) → \(step.to) | \(percent(step.ideal)) | \(step.kernel.map(percent) ?? "–") | "
+                + "\(step.reuseportd.map(percent) ?? "–") | \(ratio) |")
+        }
+        lines.append("")
+        if r.unanswered > 0 { lines.append("Probes that went unanswered (kernel default): \(r.unanswered)."); lines.append("") }
+        return lines
+    }
+
     func balanceSection(_ b: BalanceBench) -> [String] {
         var lines = ["## 5. Balance", ""]
         lines.append("Busiest worker's flows / mean flows per worker, for \(b.flows) flows (one datagram each from its own "
@@ -217,6 +304,13 @@ extension Report {
         lines.append("")
         return lines
     }
+}
+
+func percent(_ share: Double) -> String { "\(fixed(share * 100, 1)) %" }
+
+func latencyText(_ seconds: [Double], _ q: Double) -> String {
+    guard !seconds.isEmpty else { return "–" }
+    return "\(fixed(Summary.quantile(seconds.sorted(), q) * 1000, 1)) ms"
 }
 
 func kib(_ bytes: Int) -> String {

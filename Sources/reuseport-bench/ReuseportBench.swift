@@ -14,7 +14,7 @@ struct Settings {
     var balanceFlows = 100_000
     var scaleRepeats = 3
     var resizeFlows = 8192
-    var deathKills = 8
+    var deathKills = 12
 }
 
 @main
@@ -23,7 +23,7 @@ struct ReuseportBench: ParsableCommand {
         commandName: "reuseport-bench",
         abstract: "Benchmarks reuseportd's steering against the kernel's own SO_REUSEPORT on loopback.",
         discussion: "Needs root (BPF). Writes a Markdown report and a PNG chart beside it (gnuplot).",
-        subcommands: [Suite.self, KernelWorker.self],
+        subcommands: [Suite.self],
         defaultSubcommand: Suite.self
     )
 }
@@ -72,7 +72,7 @@ struct Suite: ParsableCommand {
             settings.balanceFlows = 20_000
             settings.scaleRepeats = 1
             settings.resizeFlows = 2048
-            settings.deathKills = 3
+            settings.deathKills = 4
         }
         raiseFileLimit()
         let selected = Set(items.split(separator: ",").compactMap { Int($0) })
@@ -86,6 +86,15 @@ struct Suite: ParsableCommand {
             Log.note("2. program cost")
             report.cost = try ProgramCostBench.run(settings)
         }
+        let binaries = executableFolder()
+        if selected.contains(3) {
+            Log.note("3. worker death")
+            report.death = try WorkerDeathBench.run(settings, daemonBinary: reuseportd ?? "\(binaries)/reuseportd")
+        }
+        if selected.contains(4) {
+            Log.note("4. resize")
+            report.resize = try ResizeBench.run(settings, daemonBinary: reuseportd ?? "\(binaries)/reuseportd")
+        }
         if selected.contains(5) {
             Log.note("5. balance")
             report.balance = try BalanceBench.run(settings)
@@ -98,6 +107,14 @@ struct Suite: ParsableCommand {
         try report.write(to: output)
         Log.note("wrote \(output) and \(Report.chartPath(for: output)) in \(Int(report.seconds)) s")
     }
+}
+
+/// The folder of this executable (reuseportd is built beside it).
+func executableFolder() -> String {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let path = String(decoding: buffer[0..<max(count, 0)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
 }
 
 /// The scale runs open more than a thousand sockets at once.

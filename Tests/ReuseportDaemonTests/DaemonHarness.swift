@@ -52,22 +52,6 @@ final class TemporaryDirectory {
     deinit { try? FileManager.default.removeItem(atPath: path) }
 }
 
-/// Starts a process with stdout and stderr to a file; stdin from /dev/null.
-func spawn(_ arguments: [String], output: String) throws -> pid_t {
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-    posix_spawn_file_actions_adddup2(&actions, 1, 2)
-    let argv = arguments.map { strdup($0) } + [nil]
-    defer { for pointer in argv { free(pointer) } }
-    var pid: pid_t = 0
-    let result = posix_spawn(&pid, arguments[0], &actions, nil, argv, environ)
-    guard result == 0 else { throw HarnessError("posix_spawn(\(arguments[0])): \(String(cString: strerror(result)))") }
-    return pid
-}
-
 /// Waits for `pid` to exit; returns its exit status (or 128 + signal), nil on timeout.
 func waitExit(_ pid: pid_t, timeoutMs: Int) -> Int32? {
     let deadline = nowMs() + Double(timeoutMs)

@@ -1,0 +1,199 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportBench
+import ReuseportKit
+import ReuseportTestSupport
+import Synchronization
+
+/// The real daemon, run with its own configuration, pin root, run folder and log, for
+/// items 3 and 4. Its built-in whoami workers answer each datagram with
+/// `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>`, a newline, then the payload.
+final class DaemonProcess {
+    let folder: String
+    let configPath: String
+    let pinRoot: String
+    let logPath: String
+    let pid: pid_t
+    let destination: SocketAddress
+    private var stopped = false
+
+    private static let started = Atomic<Int>(0)
+
+    /// Starts `binary` with one whoami service of `workers` workers on a free loopback port.
+    init(binary: String, workers: Int) throws {
+        var template = Array("/tmp/reuseport-bench-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw BenchError.system("mkdtemp") }
+        folder = String(cString: made)
+        configPath = "\(folder)/reuseportd.toml"
+        logPath = "\(folder)/daemon.log"
+        let number = DaemonProcess.started.add(1, ordering: .relaxed).newValue
+        pinRoot = "/sys/fs/bpf/reuseport-bench-\(getpid())-\(number)"
+        destination = try freeUDPPort(on: .loopbackV4)
+        try Self.writeConfig(configPath, destination: destination, workers: workers)
+        pid = try spawn([binary, "--config", configPath, "--pin-dir", pinRoot, "--run-dir", "\(folder)/run",
+                         "--log-level", "notice"], output: logPath)
+    }
+
+    /// The configuration: whoami workers; a worker counts as healthy after 1 s (the default
+    /// is 10 s), so that killing every worker in turn restarts each at once, with no back-off.
+    static func writeConfig(_ path: String, destination: SocketAddress, workers: Int) throws {
+        var text = """
+            [[service]]
+            name = "bench"
+            listen = ["udp://\(destination)"]
+            workers = \(workers)
+            builtin = "whoami"
+            healthy_after_ms = 1000
+
+            """
+        try writeFile(path, &text)
+    }
+
+    /// Rewrites the worker count and sends SIGHUP (the daemon reloads and resizes).
+    func reload(workers: Int) throws {
+        try Self.writeConfig(configPath, destination: destination, workers: workers)
+        kill(pid, SIGHUP)
+    }
+
+    var log: String { (try? readText(logPath)) ?? "" }
+
+    var hasExited: Bool {
+        var status: Int32 = 0
+        return waitpid(pid, &status, WNOHANG) == pid
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; removes the folder.
+    func stop() {
+        guard !stopped else { return }
+        stopped = true
+        kill(pid, SIGTERM)
+        let deadline = now() + 5
+        var status: Int32 = 0
+        while waitpid(pid, &status, WNOHANG) == 0 {
+            if now() > deadline {
+                kill(pid, SIGKILL)
+                waitpid(pid, &status, 0)
+                break
+            }
+            pause(0.02)
+        }
+        _ = try? spawnAndWait(["/bin/rm", "-rf", folder])
+    }
+
+    deinit { stop() }
+}
+
+/// A loopback UDP port that was free a moment ago (bound once, then closed).
+func freeUDPPort(on address: IPAddress) throws -> SocketAddress {
+    let socket = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(address, 0)))
+    defer { socket.close() }
+    return socket.endpoint.address
+}
+
+/// What a whoami worker said: its slot and pid, and the payload it echoed.
+struct WhoamiReply {
+    var slot: Int
+    var pid: Int32
+    var payload: ArraySlice<UInt8>
+
+    init?(_ bytes: ArraySlice<UInt8>) {
+        guard let newline = bytes.firstIndex(of: 0x0a) else { return nil }
+        var slot: Int?
+        var pid: Int32?
+        for field in bytes[bytes.startIndex..<newline].split(separator: 0x20) {
+            let text = String(decoding: field, as: UTF8.self)
+            if text.hasPrefix("slot=") { slot = Int(text.dropFirst(5)) }
+            if text.hasPrefix("pid=") { pid = Int32(text.dropFirst(4)) }
+        }
+        guard let slot, let pid else { return nil }
+        self.slot = slot
+        self.pid = pid
+        payload = bytes[(newline + 1)...]
+    }
+}
+
+/// Sends one datagram from every flow to whoami workers (in chunks, so that no queue
+/// overflows) and returns each flow's answer, by flow index.
+func probe(_ flows: FlowSet, to destination: SocketAddress, chunk: Int = 256, timeout: Double = 2)
+    throws -> [Int: WhoamiReply]
+{
+    var answers: [Int: WhoamiReply] = [:]
+    var buffer = [UInt8](repeating: 0, count: 2048)
+    let epoll = try EpollSet(flows.fds)
+    for start in stride(from: 0, to: flows.fds.count, by: chunk) {
+        let indices = start..<min(start + chunk, flows.fds.count)
+        for index in indices {
+            var payload = UInt32(index).littleEndian
+            let sent = destination.withSockaddr { address, length in
+                sendto(flows.fds[index], &payload, 4, 0, address, length)
+            }
+            if sent < 0 { throw BenchError.system("sendto(\(destination))") }
+        }
+        let deadline = now() + timeout
+        while indices.contains(where: { answers[$0] == nil }) && now() < deadline {
+            for index in epoll.wait(timeoutMs: 20) {
+                while true {
+                    let count = buffer.withUnsafeMutableBytes { recv(flows.fds[index], $0.baseAddress, $0.count, rp_bench_MSG_DONTWAIT) }
+                    if count <= 0 { break }
+                    if let reply = WhoamiReply(buffer[0..<count]) { answers[index] = reply }
+                }
+            }
+        }
+    }
+    return answers
+}
+
+/// For each flow, the index of the socket in `sockets` that receives its datagram.
+func probeKernelGroup(_ flows: FlowSet, to destination: SocketAddress, sockets: [Int32], chunk: Int = 256,
+                      timeout: Double = 2) throws -> [Int: Int]
+{
+    var answers: [Int: Int] = [:]
+    var payload = UInt32(0)
+    let epoll = try EpollSet(sockets)
+    for start in stride(from: 0, to: flows.fds.count, by: chunk) {
+        let indices = start..<min(start + chunk, flows.fds.count)
+        for index in indices {
+            payload = UInt32(index).littleEndian
+            let sent = destination.withSockaddr { sendto(flows.fds[index], &payload, 4, 0, $0, $1) }
+            if sent < 0 { throw BenchError.system("sendto(\(destination))") }
+        }
+        let deadline = now() + timeout
+        while indices.contains(where: { answers[$0] == nil }) && now() < deadline {
+            for socket in epoll.wait(timeoutMs: 20) {
+                while true {
+                    let count = recv(sockets[socket], &payload, 4, rp_bench_MSG_DONTWAIT)
+                    if count < 4 { break }
+                    answers[Int(UInt32(littleEndian: payload))] = socket
+                }
+            }
+        }
+    }
+    return answers
+}
+
+/// An epoll set over fds; `wait` answers the indices of the readable ones.
+final class EpollSet {
+    let fd: Int32
+    private var events: [epoll_event]
+
+    init(_ fds: [Int32]) throws {
+        fd = epoll_create1(Int32(EPOLL_CLOEXEC))
+        if fd < 0 { throw BenchError.system("epoll_create1") }
+        events = [epoll_event](repeating: epoll_event(), count: 256)
+        for (index, member) in fds.enumerated() {
+            var event = epoll_event()
+            event.events = EPOLLIN.rawValue
+            event.data.u64 = UInt64(index)
+            if epoll_ctl(fd, EPOLL_CTL_ADD, member, &event) != 0 { throw BenchError.system("epoll_ctl") }
+        }
+    }
+
+    deinit { close(fd) }
+
+    func wait(timeoutMs: Int32) -> [Int] {
+        let ready = epoll_wait(fd, &events, Int32(events.count), timeoutMs)
+        guard ready > 0 else { return [] }
+        return events[0..<Int(ready)].map { Int($0.data.u64) }
+    }
+}
