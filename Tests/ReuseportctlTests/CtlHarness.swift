@@ -74,8 +74,10 @@ final class PinnedService {
     var endpoint: Endpoint { plane.listeners[0].endpoint }
 
     init(root: PinRoot, name: String = "svc", transport: Transport = .udp, address: IPAddress = .loopbackV4,
-         slots: Int = 4, seed: UInt32 = 0x5eed, bucketCount: Int = 64, receiveBuffer: Int? = nil) throws {
-        plane = try ServiceDataPlane(endpoints: [Endpoint(transport, SocketAddress(address, 0))], slotCount: slots,
+         slots: Int = 4, seed: UInt32 = 0x5eed, bucketCount: Int = 64, receiveBuffer: Int? = nil,
+         extraListeners: [Endpoint] = []) throws {
+        plane = try ServiceDataPlane(endpoints: [Endpoint(transport, SocketAddress(address, 0))] + extraListeners,
+                                     slotCount: slots,
                                      options: .init(bucketCount: bucketCount, seed: seed, receiveBuffer: receiveBuffer))
         layout = PinLayout(root: root.path, service: name)
         try plane.pin(layout)

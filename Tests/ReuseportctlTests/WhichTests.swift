@@ -53,6 +53,35 @@ struct WhichTests {
         #expect(Set(accepted.map(\.1)).count == 4)
     }
 
+    /// A service with a UDP and a TCP listener: the dump shows each listener and each slot's two
+    /// sockets; `which` needs --proto and then answers for that listener.
+    @Test func twoListenersNeedProto() throws {
+        let root = PinRoot("which-two")
+        let service = try PinnedService(root: root, slots: 3, extraListeners: [Endpoint(.tcp, SocketAddress(.loopbackV4, 0))])
+        let tcp = service.plane.listeners[1].endpoint
+        let dump = try reuseportctl(["map", "dump", "--json", "--pin-dir", root.path])
+        #expect(dump.status == 0, "\(dump)")
+        let svc = try #require((try decodeJSON(dump.stdout) as? [String: Any])?["services"] as? [[String: Any]]).first
+        let listeners = try #require(svc?["listeners"] as? [[String: Any]])
+        #expect(listeners.map { $0["endpoint"] as? String } == ["\(service.endpoint)", "\(tcp)"])
+        for slot in try #require(svc?["slots"] as? [[String: Any]]) {
+            let sockets = try #require(slot["sockets"] as? [[String: Any]])
+            #expect(sockets.map { $0["listener"] as? Int } == [0, 1])
+            #expect(sockets.allSatisfy { $0["inode"] is Int })
+        }
+
+        let ambiguous = try reuseportctl(["which", "127.0.0.1:4000", "--pin-dir", root.path])
+        #expect(ambiguous.status == 1)
+        #expect(ambiguous.stderr.contains("choose with --proto"), "\(ambiguous)")
+        let answer = try #require(try answers(try reuseportctl(["which", "127.0.0.1:4000", "--proto", "tcp", "--json",
+                                                                 "--pin-dir", root.path])).first)
+        #expect(answer["listener"] as? Int == 1)
+        #expect(answer["destination"] as? String == "\(tcp.address)")
+        let expected = try service.plane.snapshot(listener: 1)
+            .placement(of: FlowTuple(.tcp, from: try SocketAddress(parsing: "127.0.0.1:4000"), to: tcp.address))
+        #expect(answer["slot"] as? Int == expected.slot.map(Int.init))
+    }
+
     /// A slot without a socket: `which` says the flow falls back, and to the slot it really reaches.
     @Test func reportsFallbackToTheSlotTheKernelPicks() throws {
         let root = PinRoot("which-fallback")
