@@ -104,15 +104,17 @@ unit-test: $(OUTPUT)/.abi-stamp
 
 # The kernel-feature suite (Sources/kernel-check) on the running kernel; `make vmtest`
 # runs the same suite inside VMs. One line per check; V=1 adds the measured values.
+# Its daemon check runs the reuseportd built beside it.
 kernel-test: $(OUTPUT)/.abi-stamp
 	$(call msg,CHECK,kernel-check on $(shell uname -r))
-	$(Q)$(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS) --product kernel-check $(if $(Q),>/dev/null)
+	$(Q)for product in kernel-check reuseportd; do \
+		$(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS) --product $$product $(if $(Q),>/dev/null) || exit 1; done
 	$(Q)"$$($(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS) --show-bin-path)/kernel-check" \
 		$(if $(Q),--no-values) $(CHECKS)
 
 test: unit-test kernel-test
 
-# The suite in VMs (Tests/vm/): a fully static kernel-check in a busybox initramfs, booted
+# The suite in VMs (Tests/vm/): fully static kernel-check and reuseportd in a busybox initramfs, booted
 # under QEMU on each kernel of KERNELS (Debian cloud kernels, fetched and cached under
 # $(VM_DIR)); prints a table kernel x check and fails if a check fails or a VM does not
 # report. KVM=1 uses KVM instead of TCG; BREAK=CHECK makes CHECK expect a wrong result.
@@ -125,14 +127,18 @@ $(OUTPUT)/.vm-deps: Makefile
 	$(call apt_install,$(VM_APT_PACKAGES))
 	$(Q)touch $@
 
+VM_PRODUCTS  := kernel-check reuseportd
+
 vmtest: $(OUTPUT)/.abi-stamp $(OUTPUT)/.vm-deps
-	$(call msg,SWIFT,build -c release -static-executable kernel-check)
 	$(Q)mkdir -p $(VM_DIR)/bin
-	$(Q)$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc -static-executable --build-path $(STATIC_BUILD) \
-		--product kernel-check >$(VM_DIR)/static-build.log 2>&1 || { cat $(VM_DIR)/static-build.log; exit 1; }
-	$(Q)$(OBJCOPY) --strip-all $(STATIC_BUILD)/release/kernel-check $(VM_DIR)/bin/kernel-check
+	$(Q)for product in $(VM_PRODUCTS); do \
+		printf '  %-8s %s\n' SWIFT "build -c release -static-executable $$product"; \
+		$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc -static-executable --build-path $(STATIC_BUILD) \
+			--product $$product >$(VM_DIR)/static-build.log 2>&1 || { cat $(VM_DIR)/static-build.log; exit 1; }; \
+		$(OBJCOPY) --strip-all $(STATIC_BUILD)/release/$$product $(VM_DIR)/bin/$$product || exit 1; \
+	done
 	$(call msg,CPIO,$(VM_DIR)/initramfs.cpio.gz)
-	$(Q)Tests/vm/mkinitramfs.sh $(VM_DIR)/initramfs.cpio.gz $(VM_DIR)/bin/kernel-check
+	$(Q)Tests/vm/mkinitramfs.sh $(VM_DIR)/initramfs.cpio.gz $(addprefix $(VM_DIR)/bin/,$(VM_PRODUCTS))
 	$(Q)VM_DIR=$(VM_DIR) V=$(V) KVM=$(KVM) BREAK=$(BREAK) Tests/vm/run.sh $(VM_DIR)/initramfs.cpio.gz $(KERNELS)
 
 # The benchmark suite (Sources/reuseport-bench): release build, then docs/benchmarks.md and

@@ -3,15 +3,17 @@ import Glibc
 #endif
 import ReuseportKit
 
-/// A child process whose standard output is read through a pipe (stderr is inherited).
+/// A child process whose standard output is read through a pipe (stderr is inherited), or
+/// goes with stderr to a file (a long-running child that nobody drains, like the daemon).
 final class Subprocess {
     let pid: pid_t
     private var outputFD: Int32
     private(set) var output: [UInt8] = []
     private var status: Int32?
 
-    /// Starts `path` with `arguments` (argv[0] is `path`).
-    init(_ path: String, _ arguments: [String], environment: [String]? = nil) throws {
+    /// Starts `path` with `arguments` (argv[0] is `path`); with `outputFile`, its stdout and
+    /// stderr are appended to that file.
+    init(_ path: String, _ arguments: [String], environment: [String]? = nil, outputFile: String? = nil) throws {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw ReuseportError.system(call: "pipe", errno: errno, hint: nil) }
         // Close-on-exec, so that only this child (through the dup2 below) holds the write end.
@@ -19,7 +21,12 @@ final class Subprocess {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
+        if let outputFile {
+            posix_spawn_file_actions_addopen(&actions, 1, outputFile, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+            posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        } else {
+            posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
+        }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
