@@ -13,8 +13,7 @@ enum PinChecks {
         "pinned-maps-reopen",
         "maps pinned on bpffs reopen from a second process with the same config, buckets and socket cookies"
     ) { context in
-        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 4,
-                                         options: .init(seed: 0x5eed))
+        let plane = try Fixture.service(.udp, on: .loopbackV4, slots: 4)
         let layout = PinLayout(root: "/sys/fs/bpf/kernel-check-\(getpid())", service: "pins")
         try plane.pin(layout)
         defer { layout.remove() }

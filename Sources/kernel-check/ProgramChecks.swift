@@ -14,8 +14,7 @@ enum ProgramChecks {
         "program-load-attach",
         "the steering program passes the verifier, attaches to a UDP group and runs (counters move)"
     ) { context in
-        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
-                                         options: .init(seed: 0x5eed))
+        let plane = try Fixture.service(.udp, on: .loopbackV4, slots: 2)
         let program = plane.listeners[0].program
         var info = bpf_prog_info()
         var length = UInt32(MemoryLayout<bpf_prog_info>.size)

@@ -25,8 +25,7 @@ enum SocketArrayChecks {
     }
 
     static func service(slots: Int) throws -> ServiceDataPlane {
-        try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: slots,
-                             options: .init(seed: 0x5eed))
+        try Fixture.service(.udp, on: .loopbackV4, slots: slots)
     }
 
     static let unboundIsRefused = Check(
@@ -96,7 +95,7 @@ enum SocketArrayChecks {
         }
 
         // Case 1: a foreign socket joins the group and connects to client 0.
-        let foreign = try ReuseportSocket(endpoint: plane.listeners[0].endpoint)
+        let foreign = try Fixture.socket(plane.listeners[0].endpoint)
         try connect(foreign, to: clients[0].local)
         let foreignSlot: UInt32 = 99
         var all = plane.listeners[0].sockets

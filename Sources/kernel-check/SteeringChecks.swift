@@ -34,8 +34,7 @@ enum SteeringChecks {
         } + [closedSocketLeavesArray, replacingKeepsFlows, kernelDefaultMovesFlows, foreignSocketGetsNothing]
 
     static func service(_ transport: Transport, _ family: Family, slots: Int) throws -> ServiceDataPlane {
-        try ServiceDataPlane(endpoints: [Endpoint(transport, SocketAddress(family.listen, 0))], slotCount: slots,
-                             options: .init(seed: 0x5eed, v6Only: family != .mapped))
+        try Fixture.service(transport, on: family.listen, slots: slots, v6Only: family != .mapped)
     }
 
     /// The address clients send to (for [::], the IPv4 loopback on the same port).
@@ -146,13 +145,13 @@ enum SteeringChecks {
         "kernel-default-moves",
         "without the program, replacing one of 4 sockets moves flows (fraction recorded)"
     ) { context in
-        let first = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
+        let first = try Fixture.socket(Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
         var group: [UInt32: ReuseportSocket] = [0: first]
-        for slot in 1..<UInt32(4) { group[slot] = try ReuseportSocket(endpoint: first.endpoint) }
+        for slot in 1..<UInt32(4) { group[slot] = try Fixture.socket(first.endpoint) }
         let clients = try Traffic.clients(udpFlows, on: .loopbackV4)
         let before = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
         group[1]!.close()
-        group[1] = try ReuseportSocket(endpoint: first.endpoint)
+        group[1] = try Fixture.socket(first.endpoint)
         let after = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
         let moved = clients.filter { before[$0.local] != after[$0.local] }.count
         context.record("moved", "\(moved)/\(udpFlows)")
@@ -167,7 +166,7 @@ enum SteeringChecks {
     ) { context in
         let plane = try service(.udp, .v4, slots: 4)
         let destination = plane.listeners[0].endpoint.address
-        let foreign = try ReuseportSocket(endpoint: plane.listeners[0].endpoint)
+        let foreign = try Fixture.socket(plane.listeners[0].endpoint)
         var all = plane.listeners[0].sockets
         all[99] = foreign
         let clients = try Traffic.clients(250, on: .loopbackV4)
