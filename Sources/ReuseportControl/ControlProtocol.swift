@@ -65,13 +65,19 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     public var workers: Int
     public var pinDirectory: String
     public var slots: [SlotStatus]
+    /// How many times a slot of this service has been failed over since the daemon started
+    /// (its buckets pointed at live slots after being down for `failover_after_ms`).
+    /// Optional so that older daemons' answers still decode.
+    public var failovers: Int?
 
-    public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus]) {
+    public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
+                failovers: Int? = nil) {
         self.name = name
         self.listeners = listeners
         self.workers = workers
         self.pinDirectory = pinDirectory
         self.slots = slots
+        self.failovers = failovers
     }
 }
 

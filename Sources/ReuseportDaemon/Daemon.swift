@@ -400,7 +400,8 @@ public final class Daemon {
                 slots: service.slots.map {
                     SlotStatus(slot: $0.index, pid: $0.pid, state: $0.state.description, restarts: Int($0.restarts),
                                buckets: buckets[$0.index] ?? 0)
-                })
+                },
+                failovers: service.failovers)
         }
     }
 

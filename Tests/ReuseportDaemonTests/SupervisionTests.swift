@@ -137,7 +137,8 @@ struct SupervisionTests {
         let nominal = try maps.readBuckets()
 
         // Failover after 800 ms of being down.
-        try daemon.waitFor("slot 1 failed over") { $0[0].slots[1].state == "failed-over" }
+        let failing = try daemon.waitFor("slot 1 failed over") { $0[0].slots[1].state == "failed-over" }
+        #expect(failing[0].failovers == 1, "the failover is counted")
         let failedOver = try maps.readBuckets()
         #expect(!failedOver.contains(1), "no bucket points at slot 1")
         #expect(BucketAssignment.moved(from: nominal, to: failedOver) == nominal.filter { $0 == 1 }.count,
