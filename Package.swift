@@ -88,6 +88,8 @@ let package = Package(
         // Real-socket helpers (clients from many source ports, receive with deadline) shared by
         // the tests, the kernel-feature suite and the benchmarks.
         .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit"]),
+        // The benchmark's own arithmetic and parsing (no timings).
+        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],

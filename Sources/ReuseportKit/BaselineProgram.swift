@@ -10,13 +10,21 @@ public final class BaselineProgram: ReuseportProgram, @unchecked Sendable {
         case pass
         /// Selects the socket at RP_BASELINE_FIXED_SLOT of its own socket array.
         case fixedSlot
+        /// Copies out the packet's IP addresses as rp_dispatch does, then selects like `.fixedSlot`.
+        case addressLoad
 
-        var programName: String { self == .pass ? RP_PROG_BASELINE_PASS : RP_PROG_BASELINE_FIXED }
+        var programName: String {
+            switch self {
+            case .pass: RP_PROG_BASELINE_PASS
+            case .fixedSlot: RP_PROG_BASELINE_FIXED
+            case .addressLoad: RP_PROG_BASELINE_LOAD
+            }
+        }
     }
 
     public let kind: Kind
     public let programFD: Int32
-    /// The program's REUSEPORT_SOCKARRAY (used by `.fixedSlot` only).
+    /// The program's REUSEPORT_SOCKARRAY (not used by `.pass`).
     public let sockets: SocketArray
 
     public init(_ kind: Kind) throws {

@@ -6,7 +6,7 @@ import ReuseportKit
 /// Item 2: nanoseconds per run of the steering program against the empty and the
 /// fixed-slot programs, from the kernel's BPF run-time statistics, interleaved.
 struct ProgramCostBench {
-    static let programs: [Selection] = [.emptyProgram, .fixedSlot, .steering]
+    static let programs: [Selection] = [.emptyProgram, .fixedSlot, .addressLoad, .steering]
     static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
 
     /// family → program → ns per run, one per repeat.
@@ -38,8 +38,8 @@ struct ProgramCostBench {
     func perRun(_ family: IPAddress, _ selection: Selection) -> [Double] { nanoseconds[family]?[selection] ?? [] }
 
     /// Steering minus fixed-slot, paired by repeat: what the steering logic itself adds.
-    func logicCost(_ family: IPAddress) -> Summary? {
-        Summary(zip(perRun(family, .steering), perRun(family, .fixedSlot)).map { $0 - $1 })
+    func logicCost(_ family: IPAddress, over baseline: Selection = .fixedSlot) -> Summary? {
+        Summary(zip(perRun(family, .steering), perRun(family, baseline)).map { $0 - $1 })
     }
 }
 

@@ -13,6 +13,8 @@ enum Selection: String, CaseIterable {
     case emptyProgram = "empty program"
     /// N sockets, rp_base_fixed attached (always the socket at slot 0).
     case fixedSlot = "fixed-slot program"
+    /// N sockets, rp_base_load attached (copies out the IP addresses, then slot 0).
+    case addressLoad = "fixed slot + address load"
     /// reuseportd's data plane: rp_dispatch with its bucket table (ServiceDataPlane).
     case steering = "reuseportd steering"
 }
@@ -54,8 +56,8 @@ final class SocketGroup {
                 let program = try BaselineProgram(.pass)
                 try first.attach(program)
                 baseline = program
-            case .fixedSlot:
-                let program = try BaselineProgram(.fixedSlot)
+            case .fixedSlot, .addressLoad:
+                let program = try BaselineProgram(selection == .fixedSlot ? .fixedSlot : .addressLoad)
                 try first.attach(program)
                 for (slot, socket) in sockets.enumerated() { try program.sockets.insert(socket, at: UInt32(slot)) }
                 baseline = program
