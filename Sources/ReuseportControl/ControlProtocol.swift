@@ -17,7 +17,7 @@ public enum ControlDefaults {
 
 /// What a client asks. Encoded as `{"command": "...", ...}`.
 public struct ControlRequest: Codable, Sendable, Equatable {
-    public enum Command: String, Codable, Sendable {
+    public enum Command: String, Codable, Sendable, CaseIterable {
         /// Per-service, per-slot worker state as the daemon sees it.
         case status
         /// Restart the worker of `slot` in `service` (its socket and flows stay).
@@ -110,5 +110,60 @@ public enum ControlFraming {
 
     public static func decode<T: Decodable>(_ type: T.Type, from line: Data) throws -> T {
         try JSONDecoder().decode(type, from: line)
+    }
+}
+
+/// Why a request line was refused, as a sentence for the client.
+public struct ControlRequestError: Error, CustomStringConvertible, Equatable {
+    public var description: String
+}
+
+extension ControlFraming {
+    /// Decodes one request line. Errors name the field that is wrong and what it takes,
+    /// never a decoder's internals.
+    public static func decodeRequest(_ line: Data) throws(ControlRequestError) -> ControlRequest {
+        let example = #"a request is one JSON object per line, e.g. {"command":"status"}"#
+        guard let object = try? JSONSerialization.jsonObject(with: line) else {
+            throw ControlRequestError(description: "bad request: not JSON; \(example)")
+        }
+        guard let fields = object as? [String: Any] else {
+            throw ControlRequestError(description: "bad request: not a JSON object; \(example)")
+        }
+        let commands = ControlRequest.Command.allCases.map(\.rawValue).joined(separator: ", ")
+        if let command = fields["command"] as? String, ControlRequest.Command(rawValue: command) == nil {
+            throw ControlRequestError(description: "bad request: unknown command '\(command)' (one of \(commands))")
+        }
+        // The decoder reports an out-of-range number without the field's name: check here.
+        for (field, takes, limit) in numericFields where fields[field] != nil && !(fields[field] is NSNull) {
+            guard let number = fields[field] as? NSNumber, number.doubleValue >= 0, number.doubleValue <= limit,
+                  number.doubleValue == number.doubleValue.rounded()
+            else {
+                throw ControlRequestError(description: "bad request: field '\(field)' must be \(takes)")
+            }
+        }
+        do {
+            return try JSONDecoder().decode(ControlRequest.self, from: line)
+        } catch let DecodingError.keyNotFound(key, _) {
+            throw ControlRequestError(description: "bad request: missing field '\(key.stringValue)'")
+        } catch {
+            let field = fieldName(of: error) ?? "?"
+            let takes = field == "command" ? "one of \(commands)"
+                : numericFields.first { $0.name == field }?.takes ?? "a string"
+            throw ControlRequestError(description: "bad request: field '\(field)' must be \(takes)")
+        }
+    }
+
+    private static let numericFields: [(name: String, takes: String, limit: Double)] = [
+        ("slot", "a slot number from 0 to \(UInt32.max)", Double(UInt32.max)),
+        ("workers", "a whole number of workers, 0 or more", Double(Int32.max)),
+    ]
+
+    private static func fieldName(of error: Error) -> String? {
+        switch error as? DecodingError {
+        case .typeMismatch(_, let context), .valueNotFound(_, let context), .dataCorrupted(let context):
+            return context.codingPath.last?.stringValue
+        default:
+            return nil
+        }
     }
 }

@@ -117,10 +117,10 @@ final class ControlServer {
                 clients.removeValue(forKey: client)
                 let response: ControlResponse
                 do {
-                    let request = try ControlFraming.decode(ControlRequest.self, from: line)
+                    let request = try ControlFraming.decodeRequest(line)
                     response = state.refusal.map(ControlResponse.failure) ?? handle(request)
                 } catch {
-                    response = .failure("bad request: \(error)")
+                    response = .failure("\(error)")
                 }
                 reply(client, response)
                 return

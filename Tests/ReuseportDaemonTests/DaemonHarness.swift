@@ -105,11 +105,10 @@ final class DaemonUnderTest {
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
     }
 
-    /// Sends one request on the control socket and reads the answer.
-    func request(_ request: ControlRequest) throws -> ControlResponse {
+    /// A connected client of the control socket (closed by the caller), reads time out after 30 s.
+    func connectControl() throws -> Int32 {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw HarnessError("socket(AF_UNIX)") }
-        defer { close(fd) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let path = ControlDefaults.socketPath(runDirectory: runDirectory)
@@ -119,17 +118,40 @@ final class DaemonUnderTest {
                 connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
             }
         }
-        guard connected == 0 else { throw HarnessError("connect(\(path)): \(String(cString: strerror(errno)))") }
+        guard connected == 0 else {
+            close(fd)
+            throw HarnessError("connect(\(path)): \(String(cString: strerror(errno)))")
+        }
         var timeout = timeval(tv_sec: 30, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        let data = try ControlFraming.encode(request)
-        _ = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        return fd
+    }
+
+    /// Writes `bytes` to the control socket and reads until the daemon's answer line ends
+    /// or it closes. Returns what arrived (nil: closed without a byte).
+    func exchange(_ bytes: [UInt8]) throws -> [UInt8]? {
+        let fd = try connectControl()
+        defer { close(fd) }
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            if written <= 0 { break }  // the daemon may close on an oversized request
+            offset += written
+        }
         var received: [UInt8] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while !received.contains(0x0a) {
             let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            guard count > 0 else { throw HarnessError("control socket closed without an answer") }
+            if count <= 0 { break }
             received += buffer[0..<count]
+        }
+        return received.isEmpty ? nil : received
+    }
+
+    /// Sends one request on the control socket and reads the answer.
+    func request(_ request: ControlRequest) throws -> ControlResponse {
+        guard let received = try exchange(Array(try ControlFraming.encode(request))) else {
+            throw HarnessError("control socket closed without an answer")
         }
         return try ControlFraming.decode(ControlResponse.self, from: Data(received.prefix { $0 != 0x0a }))
     }
