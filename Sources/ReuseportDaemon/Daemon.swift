@@ -68,10 +68,13 @@ public final class Daemon {
         }
     }
 
-    private func startService(_ configuration: ServiceConfiguration) throws {
+    /// `ownGroups`: addresses whose reuseport group is this daemon's own (a service being rebuilt
+    /// or moved on reload, whose old workers may still hold their sockets): not checked as taken.
+    private func startService(_ configuration: ServiceConfiguration, ownGroups: Set<Endpoint> = []) throws {
         let service: ServiceRuntime
         do {
-            service = try ServiceRuntime(configuration: configuration, pinRoot: options.pinRoot, logger: logger)
+            service = try ServiceRuntime(configuration: configuration, pinRoot: options.pinRoot, logger: logger,
+                                         ownGroups: ownGroups)
         } catch {
             throw ServiceStartError(service: configuration.name, underlying: error)
         }
@@ -443,6 +446,7 @@ public final class Daemon {
         let wanted = Dictionary(uniqueKeysWithValues: next.services.map { ($0.name, $0) })
         // Stop what goes (or needs new sockets) first: its addresses may be reused below.
         let keeps: (ServiceRuntime) -> Bool = { wanted[$0.name]?.dataPlaneShape == $0.configuration.dataPlaneShape }
+        let ownGroups = Set(services.flatMap(\.listeners))
         for service in services where !keeps(service) {
             stopService(service, now: now)
             notes.append(wanted[service.name] == nil ? "removed \(service.name)" : "rebuilt \(service.name)")
@@ -452,7 +456,7 @@ public final class Daemon {
         for new in next.services {
             guard let service = service(named: new.name) else {
                 do {
-                    try startService(new)
+                    try startService(new, ownGroups: ownGroups)
                     if !notes.contains("rebuilt \(new.name)") { notes.append("added \(new.name)") }
                 } catch {
                     failures.append("\(error)")

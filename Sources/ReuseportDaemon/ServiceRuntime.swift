@@ -51,14 +51,16 @@ final class ServiceRuntime {
 
     var name: String { configuration.name }
 
-    /// Binds the sockets, loads and attaches the program and pins the maps.
-    init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger) throws {
+    /// Binds the sockets, loads and attaches the program and pins the maps. Refuses an address
+    /// held by a reuseport group other than `ownGroups` (ListenerClaim).
+    init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger, ownGroups: Set<Endpoint> = []) throws {
         self.configuration = configuration
         var logger = logger
         logger[metadataKey: "service"] = "\(configuration.name)"
         self.logger = logger
         let options = ServiceDataPlane.Options(bucketCount: configuration.bucketCount, seed: configuration.seed,
                                                receiveBuffer: configuration.receiveBuffer)
+        for endpoint in configuration.listen where !ownGroups.contains(endpoint) { try ListenerClaim.checkFree(endpoint) }
         plane = try ServiceDataPlane(endpoints: configuration.listen, slotCount: configuration.workers, options: options)
         pins = PinLayout(root: pinRoot, service: configuration.name)
         if access(pins.serviceDirectory, F_OK) == 0 {

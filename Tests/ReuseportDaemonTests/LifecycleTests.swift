@@ -99,6 +99,22 @@ struct LifecycleTests {
         #expect(addedPort.withSockaddr { bind(probe, $0, $1) } == 0, "the removed service's socket is closed")
     }
 
+    /// A reload that needs new sockets on a fixed port (here: another rcvbuf) rebuilds the service
+    /// although its old workers still hold the old sockets for a moment: its own group is not "taken".
+    @Test func reloadRebuildsAServiceOnAFixedPort() throws {
+        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let listen = ["udp://127.0.0.1:\(port)"]
+        let daemon = try DaemonUnderTest(config: serviceTable("fixed", listen: listen, workers: 2))
+        let before = try daemon.waitForWorkers()[0].slots.compactMap(\.pid)
+        try daemon.rewriteConfig(serviceTable("fixed", listen: listen, workers: 2, extra: "rcvbuf = 1048576"))
+        let response = try daemon.request(.init(command: .reload))
+        #expect(response.ok && response.message == "reloaded: rebuilt fixed", "\(response)")
+        let after = try daemon.waitForWorkers()[0].slots.compactMap(\.pid)
+        #expect(Set(after).isDisjoint(with: before), "new workers")
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        #expect(try Whoami.ask([client], to: SocketAddress(.loopbackV4, port))[0].map { after.contains($0.pid) } == true)
+    }
+
     /// A reload with an invalid file keeps the running configuration.
     @Test func invalidReloadKeepsTheRunningConfiguration() throws {
         let daemon = try DaemonUnderTest(config: LifecycleTests.config(workers: 2))
@@ -214,6 +230,20 @@ struct LifecycleTests {
         #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
         #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
         #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")
+    }
+
+    /// A port already served by someone else's SO_REUSEPORT group is not joined (that would
+    /// take the group over): the daemon refuses, names the address, and exits 1.
+    @Test func aPortInAnotherReuseportGroupIsNotTakenOver() throws {
+        let other = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
+        let daemon = try DaemonUnderTest(config: serviceTable("intruder", listen: ["\(other.endpoint)"], workers: 1))
+        #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
+        #expect(daemon.log.contains("service intruder: \(other.endpoint) is already bound by another socket"), "\(daemon.log)")
+        // The other group still gets its datagrams.
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        try client.send(Array("mine".utf8), to: other.endpoint.address)
+        let deliveries = try Traffic.receive(from: [0: other], expected: 1)
+        #expect(deliveries.first?.payload == Array("mine".utf8))
     }
 
     /// A program that cannot be executed: its slots back off with the reason in the log,
