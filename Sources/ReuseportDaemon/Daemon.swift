@@ -129,7 +129,7 @@ public final class Daemon {
             reapWorkers()
         case SIGHUP:
             let response = reload()
-            if !response.ok { logger.error("reload failed, the running configuration stays: \(response.error ?? "")") }
+            if !response.ok { logger.error("reload (SIGHUP): \(response.error ?? "")") }
         case SIGTERM, SIGINT:
             if stopping {
                 logger.warning("second stop signal: killing every worker now")
