@@ -117,12 +117,14 @@ final class ServiceRuntime {
 
     /// Rewrites the bucket table: each failed-over slot's buckets go to live slots, every
     /// other bucket stays. Restoring writes back exactly the buckets that moved.
-    func applyFailover() {
+    /// `wholeTable`: write every entry, not only those that differ from `effectiveBuckets` (after a
+    /// failed write, when the kernel's table is not known).
+    func applyFailover(wholeTable: Bool = false) {
         let live = slots.filter { !$0.failedOver }.map(\.index)
         let table = live.isEmpty || live.count == slots.count
             ? plane.buckets : BucketAssignment.rebalance(plane.buckets, to: live)
         do {
-            try plane.maps.writeBuckets(table, previous: effectiveBuckets)
+            try plane.maps.writeBuckets(table, previous: wholeTable ? nil : effectiveBuckets)
             effectiveBuckets = table
         } catch {
             logger.error("cannot write the bucket table: \(error)")
@@ -135,10 +137,17 @@ final class ServiceRuntime {
     /// sockets are closed here; their workers are the caller's to stop, and then to mark
     /// empty with `clear`), the added ones and the number of buckets moved.
     func resize(to count: Int) throws -> (removed: [SlotRecord], added: [SlotRecord], moved: Int) {
-        // Resize from the nominal table, then lay the failover over it again.
-        try plane.maps.writeBuckets(plane.buckets, previous: effectiveBuckets)
-        effectiveBuckets = plane.buckets
-        let moved = try plane.resize(to: count)
+        // Resize from the nominal table, then lay the failover over it again (also when the
+        // resize fails: the plane has undone its part, and failed-over slots must stay so).
+        let moved: Int
+        do {
+            try plane.maps.writeBuckets(plane.buckets, previous: effectiveBuckets)
+            effectiveBuckets = plane.buckets
+            moved = try plane.resize(to: count)
+        } catch {
+            applyFailover(wholeTable: true)
+            throw error
+        }
         effectiveBuckets = plane.buckets
         let removed = slots.filter { $0.index >= UInt32(count) }
         slots.removeAll { $0.index >= UInt32(count) }

@@ -99,16 +99,28 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// New slots' sockets are bound and inserted before any bucket points at them; removed
     /// slots lose their buckets before their sockets leave the arrays and close.
     /// Returns the number of buckets that moved.
+    ///
+    /// If binding or inserting a new slot's socket or writing the table fails, the table is
+    /// written back and the new slots' sockets leave the arrays and close before the error is
+    /// thrown: a socket left in an array would make the next insert at its slot fail with EBUSY.
     @discardableResult
     public func resize(to count: Int) throws -> Int {
         guard (1...Int(RP_MAX_SLOTS)).contains(count) else {
             throw ReuseportError.invalidArgument("slot count \(count) is outside 1...\(RP_MAX_SLOTS)")
         }
         let target = Array(0..<UInt32(count))
-        for slot in target where !slots.contains(slot) { try openSlot(slot) }
         let previous = buckets
         let table = BucketAssignment.rebalance(buckets, to: target)
-        try setBuckets(table)
+        let added = target.filter { !slots.contains($0) }
+        do {
+            for slot in added { try openSlot(slot) }
+            try setBuckets(table)
+        } catch {
+            // A failed write may have left part of the new table: write all of the old one.
+            try? maps.writeBuckets(previous)
+            for slot in added { try? closeSlot(slot) }
+            throw error
+        }
         let removed = slots.filter { $0 >= UInt32(count) }
         // slot_count shrinks only after no bucket names a removed slot.
         try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: count)

@@ -1,0 +1,96 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportControl
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// Operations that fail half-way on the running kernel, with the real daemon binary: what they
+/// did must be undone, so that nothing is left half-changed and the operation can be retried.
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct PartialFailureTests {
+    /// Sets the daemon's soft limit of open files so that exactly `free` more descriptors fit.
+    static func limitDescriptors(of pid: pid_t, free: Int?) throws {
+        var soft = "unlimited"
+        if let free {
+            let open = Set(try FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd").compactMap { Int($0) })
+            var limit = 0
+            var left = free
+            while left > 0 {
+                if !open.contains(limit) { left -= 1 }
+                limit += 1
+            }
+            soft = "\(limit)"
+        }
+        let hard = try String(contentsOfFile: "/proc/\(pid)/limits", encoding: .utf8).split(separator: "\n")
+            .first { $0.hasPrefix("Max open files") }?.split(separator: " ", omittingEmptySubsequences: true)
+        let hardLimit = hard.map { String($0[$0.count - 2]) } ?? "unlimited"
+        if soft == "unlimited" { soft = hardLimit }
+        let directory = try TemporaryDirectory()
+        let child = try spawn(["/usr/bin/prlimit", "--pid", "\(pid)", "--nofile=\(soft):\(hardLimit)"],
+                              output: "\(directory.path)/prlimit.log")
+        let status = waitExit(child, timeoutMs: 10_000)
+        let log = (try? String(contentsOfFile: "\(directory.path)/prlimit.log", encoding: .utf8)) ?? ""
+        guard status == 0 else { throw HarnessError("prlimit --nofile=\(soft):\(hardLimit) failed (\(String(describing: status))): \(log)") }
+    }
+
+    /// A scale that runs out of file descriptors while binding the new slots' sockets fails,
+    /// and leaves the service as it was: the same slots, the sockets it did bind out of the
+    /// arrays, and a failed-over slot still failed over (its buckets on live slots). Once
+    /// descriptors are there again, the same scale succeeds.
+    @Test func aScaleThatFailsHalfWayChangesNothingAndCanBeRetried() throws {
+        // Slot 1 never starts: it fails over at once and waits 10 minutes before the next start.
+        let script = """
+            [ "$REUSEPORT_SLOT" = 1 ] && exit 3
+            exec \(DaemonBinary.path) worker whoami
+            """
+        let daemon = try DaemonUnderTest(config: """
+            [[service]]
+            name = "partial"
+            listen = ["udp://127.0.0.1:0"]
+            workers = 2
+            exec = ["/bin/sh", "-c", '''\(script)''']
+            restart_backoff_min_ms = 600000
+            restart_backoff_max_ms = 600000
+            failover_after_ms = 100
+            ready_after_ms = 100
+            """)
+        let services = try daemon.waitFor("slot 0 running, slot 1 failed over") { services in
+            services[0].slots.map(\.state) == ["running", "failed-over"]
+        }
+        let destination = try udpEndpoint(services, "partial")
+        sleepMs(300)  // the dead workers' output pipes reach their end and close
+        let failedOver = try pinnedBuckets(daemon, service: "partial")
+        try #require(!failedOver.contains(1), "slot 1's buckets are on slot 0")
+
+        // Room for the control connection and two sockets: slots 2 and 3 bind, slot 4 cannot.
+        try PartialFailureTests.limitDescriptors(of: daemon.pid, free: 3)
+        let failed = try daemon.request(ControlRequest(command: .scale, service: "partial", workers: 6))
+        try PartialFailureTests.limitDescriptors(of: daemon.pid, free: nil)
+        try #require(!failed.ok, "the scale ran out of descriptors: \(failed)")
+        print("scale with no descriptors left: \(failed.error ?? "")")
+
+        let after = try daemon.status()[0]
+        #expect(after.workers == 2 && after.slots.map(\.slot) == [0, 1], "still slots 0 and 1")
+        #expect(try pinnedBuckets(daemon, service: "partial") == failedOver,
+                "the bucket table is the one before the scale: slot 1 is still failed over")
+        let layout = PinLayout(root: daemon.pinRoot, service: "partial")
+        let array = try SocketArray(pinned: layout, listener: 0)
+        #expect(try array.liveSlots(below: Int(RP_MAX_SLOTS)) == [0, 1], "no socket of the failed scale is left in the array")
+
+        // The same scale, with descriptors: it succeeds, and slot 1 stays failed over.
+        let retried = try daemon.request(ControlRequest(command: .scale, service: "partial", workers: 6))
+        #expect(retried.ok, "the scale succeeds once descriptors are there: \(retried.error ?? "")")
+        try daemon.waitFor("slots 0 and 2 to 5 running") { services in
+            services[0].slots.filter { $0.state == "running" }.map(\.slot) == [0, 2, 3, 4, 5]
+        }
+        let table = try pinnedBuckets(daemon, service: "partial")
+        #expect(!table.contains(1), "slot 1 is still failed over: no bucket names it")
+        #expect(Set(table) == [0, 2, 3, 4, 5], "every live slot has buckets")
+        let clients = try Traffic.clients(100, on: .loopbackV4)
+        let replies = try Whoami.ask(clients, to: destination)
+        #expect(replies.allSatisfy { $0 != nil && $0!.slot != 1 }, "every flow is answered by a live slot")
+    }
+}
