@@ -158,17 +158,29 @@ public enum Traffic {
 
     /// Sends one datagram from each client to `destination` and returns, per client source,
     /// the slot that received it. Throws if any datagram is not received.
+    ///
+    /// Sends in rounds of `batch` and reads after each: queuing hundreds of datagrams before
+    /// reading any can overflow a default receive buffer (each small datagram is charged its
+    /// skb's truesize, over 1 KiB), and a lost datagram would look like a misplaced flow.
     public static func slotsOf(clients: [FlowClient], sending destination: SocketAddress,
-                               sockets: [UInt32: ReuseportSocket]) throws -> [SocketAddress: UInt32] {
-        for (index, client) in clients.enumerated() {
-            try client.send(Array("flow \(index)".utf8), to: destination)
-        }
-        let deliveries = try receive(from: sockets, expected: clients.count)
-        guard deliveries.count == clients.count else {
-            throw TrafficError.timeout("\(deliveries.count) of \(clients.count) datagrams arrived")
-        }
+                               sockets: [UInt32: ReuseportSocket], batch: Int = 64) throws -> [SocketAddress: UInt32] {
         var slots: [SocketAddress: UInt32] = [:]
-        for delivery in deliveries { slots[delivery.source] = delivery.slot }
+        var start = 0
+        while start < clients.count {
+            let round = clients[start..<min(start + batch, clients.count)]
+            for (offset, client) in round.enumerated() {
+                try client.send(Array("flow \(start + offset)".utf8), to: destination)
+            }
+            let deliveries = try receive(from: sockets, expected: round.count)
+            guard deliveries.count == round.count else {
+                throw TrafficError.timeout("\(deliveries.count) of \(round.count) datagrams of a round arrived")
+            }
+            for delivery in deliveries { slots[delivery.source] = delivery.slot }
+            start += round.count
+        }
+        guard slots.count == clients.count else {
+            throw TrafficError.timeout("\(slots.count) of \(clients.count) clients were seen")
+        }
         return slots
     }
 }
