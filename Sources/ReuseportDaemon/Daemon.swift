@@ -289,11 +289,13 @@ public final class Daemon {
         var deadlines: [Int64] = Array(retiring.values.filter { $0 != Int64.max })
         for service in services {
             for slot in service.slots {
-                if slot.pid == nil, let at = slot.nextStartAt { deadlines.append(at) }
-                if let started = slot.startedAt, slot.state == .starting || slot.state == .failedOver {
+                // The same conditions as in tick(): a deadline tick() would not act on stays in the
+                // past, and poll() would return at once, again and again (e.g. a failover while stopping).
+                if slot.pid == nil, let at = slot.nextStartAt, !stopping { deadlines.append(at) }
+                if let started = slot.startedAt, slot.pid != nil, slot.state == .starting || slot.state == .failedOver {
                     deadlines.append(started + service.configuration.restart.readyAfterMs.msAsNs)
                 }
-                if let down = slot.downSince, !slot.failedOver {
+                if let down = slot.downSince, !slot.failedOver, !stopping {
                     deadlines.append(down + service.configuration.failoverAfterMs.msAsNs)
                 }
             }
