@@ -27,16 +27,22 @@ public struct SteeringSnapshot: Sendable {
     }
 
     /// Reads a live (or pinned) service: config and buckets from `maps`, live slots from `sockets`.
+    /// Every slot of the array counts, not only those below slot_count: the program selects a
+    /// bucket's slot whenever it has a socket (slot_count bounds only the fallback probe).
     public init(maps: DispatchMaps, sockets: SocketArray) throws {
         let config = try maps.readConfig()
         self.init(seed: config.seed, slotCount: config.slot_count,
-                  buckets: try maps.readBuckets(count: Int(config.bucket_count)),
-                  liveSlots: try sockets.liveSlots(below: Int(config.slot_count)))
+                  buckets: try maps.readBuckets(count: Int(min(config.bucket_count, UInt32(RP_MAX_BUCKETS) + 1))),
+                  liveSlots: try sockets.liveSlots(below: Int(RP_MAX_SLOTS)))
     }
 
-    /// Mirrors rp_dispatch() in bpf/dispatch.bpf.c step by step.
+    /// Mirrors rp_dispatch() in bpf/dispatch.bpf.c step by step. A table of no bucket or of
+    /// more than RP_MAX_BUCKETS is a bucket_count the program refuses: it drops every packet.
     public func placement(of flow: FlowTuple) -> Placement {
         let hash = FlowHash.hash(flow, seed: seed)
+        guard (1...Int(RP_MAX_BUCKETS)).contains(buckets.count) else {
+            return Placement(hash: hash, bucket: 0, bucketSlot: 0, slot: nil)
+        }
         let bucket = hash % UInt32(buckets.count)
         let bucketSlot = buckets[Int(bucket)]
         if liveSlots.contains(bucketSlot) {

@@ -163,7 +163,10 @@ struct ServiceReader {
             let maps = try DispatchMaps(pinned: layout)
             let config = try maps.readConfig()
             if config.abi_version != 0 { try maps.checkConfiguredABI() }
-            let buckets = config.abi_version == 0 ? [] : try maps.readBuckets(count: Int(config.bucket_count))
+            // The program reads no entry of a bucket_count it refuses (0, above RP_MAX_BUCKETS); the map has
+            // no more than RP_MAX_BUCKETS entries, and a count up to 2^32 - 1 would take hours to read.
+            let buckets = config.abi_version == 0 || !(1...UInt32(RP_MAX_BUCKETS)).contains(config.bucket_count)
+                ? [] : try maps.readBuckets(count: Int(config.bucket_count))
             var listeners: [ServiceSnapshot.Listener] = []
             for index in layout.listeners() {
                 let array = try SocketArray(pinned: layout, listener: index)

@@ -1,0 +1,49 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// The prediction (SteeringSnapshot) against rp_dispatch() in the branches a healthy service
+/// rarely takes.
+@Suite(.serialized)
+struct PlacementMirrorTests {
+    /// A bucket may name a slot at or beyond slot_count that has a socket: while a resize grows
+    /// the slots, the buckets move before slot_count is written. The program selects that slot
+    /// (it checks only the socket array), and the prediction read from the maps must too.
+    @Test(.enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+    func aLiveSlotBeyondSlotCountIsSelectedAsTheProgramDoes() throws {
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
+                                         options: .init(bucketCount: 64, seed: 0x5eed))
+        let destination = plane.listeners[0].endpoint.address
+        let extra = try ReuseportSocket(endpoint: plane.listeners[0].endpoint)
+        try plane.listeners[0].program.sockets.insert(extra, at: 5)
+        var table = plane.buckets
+        for bucket in stride(from: 0, to: table.count, by: 4) { table[bucket] = 5 }
+        try plane.setBuckets(table)
+        #expect(try plane.maps.readConfig().slot_count == 2)
+
+        var sockets = plane.listeners[0].sockets
+        sockets[5] = extra
+        let clients = try Traffic.clients(200, on: .loopbackV4)
+        let landed = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets)
+        let snapshot = try plane.snapshot()
+        for client in clients {
+            let predicted = snapshot.placement(of: FlowTuple(.udp, from: client.local, to: destination))
+            #expect(landed[client.local] == predicted.slot, "\(client.local): bucket slot \(predicted.bucketSlot)")
+        }
+        #expect(Set(landed.values) == [0, 1, 5], "flows of the buckets naming slot 5 land there")
+    }
+
+    /// rp_dispatch() drops every packet while bucket_count is 0 or above RP_MAX_BUCKETS; the
+    /// prediction says the same, and does not divide by zero.
+    @Test(arguments: [0, Int(RP_MAX_BUCKETS) + 1])
+    func aBucketCountTheProgramRefusesPlacesNothing(buckets: Int) {
+        let snapshot = SteeringSnapshot(seed: 1, slotCount: 2, buckets: [UInt32](repeating: 0, count: buckets),
+                                        liveSlots: [0, 1])
+        let flow = FlowTuple(.udp, from: SocketAddress(.loopbackV4, 40000), to: SocketAddress(.loopbackV4, 53))
+        #expect(snapshot.placement(of: flow).slot == nil)
+    }
+}
