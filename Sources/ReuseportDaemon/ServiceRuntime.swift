@@ -120,9 +120,8 @@ final class ServiceRuntime {
     /// `wholeTable`: write every entry, not only those that differ from `effectiveBuckets` (after a
     /// failed write, when the kernel's table is not known).
     func applyFailover(wholeTable: Bool = false) {
-        let live = slots.filter { !$0.failedOver }.map(\.index)
-        let table = live.isEmpty || live.count == slots.count
-            ? plane.buckets : BucketAssignment.rebalance(plane.buckets, to: live)
+        let table = ServiceRuntime.failedOver(plane.buckets, slots: slots.map(\.index),
+                                              failed: Set(slots.filter(\.failedOver).map(\.index)))
         do {
             try plane.maps.writeBuckets(table, previous: wholeTable ? nil : effectiveBuckets)
             effectiveBuckets = table
@@ -131,24 +130,33 @@ final class ServiceRuntime {
         }
     }
 
+    /// `nominal` with the buckets of the `failed` slots spread over the other `slots` (none
+    /// failed, or all: `nominal` as it is).
+    static func failedOver(_ nominal: [UInt32], slots: [UInt32], failed: Set<UInt32>) -> [UInt32] {
+        let live = slots.filter { !failed.contains($0) }
+        return live.isEmpty || live.count == slots.count ? nominal : BucketAssignment.rebalance(nominal, to: live)
+    }
+
     func noteFailover() { failovers += 1 }
 
     /// Changes the slot count, moving the fewest buckets. Returns the removed slots (their
     /// sockets are closed here; their workers are the caller's to stop, and then to mark
     /// empty with `clear`), the added ones and the number of buckets moved.
     func resize(to count: Int) throws -> (removed: [SlotRecord], added: [SlotRecord], moved: Int) {
-        // Resize from the nominal table, then lay the failover over it again (also when the
-        // resize fails: the plane has undone its part, and failed-over slots must stay so).
+        // The failover is laid over the new table as the plane writes it: a failed-over slot never
+        // gets its buckets back, not even between two writes (slots added now are live). If the
+        // resize fails, the plane has written back the table it found; lay the failover again anyway.
+        let failed = Set(slots.filter(\.failedOver).map(\.index))
+        let target = Array(0..<UInt32(count))
         let moved: Int
         do {
-            try plane.maps.writeBuckets(plane.buckets, previous: effectiveBuckets)
-            effectiveBuckets = plane.buckets
-            moved = try plane.resize(to: count)
+            moved = try plane.resize(to: count, written: { ServiceRuntime.failedOver($0, slots: target, failed: failed) },
+                                     current: effectiveBuckets)
         } catch {
             applyFailover(wholeTable: true)
             throw error
         }
-        effectiveBuckets = plane.buckets
+        effectiveBuckets = ServiceRuntime.failedOver(plane.buckets, slots: target, failed: failed)
         let removed = slots.filter { $0.index >= UInt32(count) }
         slots.removeAll { $0.index >= UInt32(count) }
         var added: [SlotRecord] = []

@@ -103,24 +103,38 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// If binding or inserting a new slot's socket or writing the table fails, the table is
     /// written back and the new slots' sockets leave the arrays and close before the error is
     /// thrown: a socket left in an array would make the next insert at its slot fail with EBUSY.
+    ///
+    /// - Parameters:
+    ///   - written: makes the table written to rp_buckets from the new `buckets` (by default the
+    ///     same). The daemon lays its failover over it here, so that no write ever gives a
+    ///     failed-over slot its buckets back. It may name only slots below `count`.
+    ///   - current: the table rp_buckets holds now, if not `buckets` (the daemon's failover).
     @discardableResult
-    public func resize(to count: Int) throws -> Int {
+    public func resize(to count: Int, written: ([UInt32]) -> [UInt32] = { $0 }, current: [UInt32]? = nil) throws
+        -> Int
+    {
         guard (1...Int(RP_MAX_SLOTS)).contains(count) else {
             throw ReuseportError.invalidArgument("slot count \(count) is outside 1...\(RP_MAX_SLOTS)")
         }
         let target = Array(0..<UInt32(count))
         let previous = buckets
+        let inKernel = current ?? buckets
         let table = BucketAssignment.rebalance(buckets, to: target)
+        let writing = written(table)
+        guard writing.count == options.bucketCount, writing.allSatisfy({ $0 < UInt32(count) }) else {
+            throw ReuseportError.invalidArgument("the table to write must have \(options.bucketCount) entries, all below \(count)")
+        }
         let added = target.filter { !slots.contains($0) }
         do {
             for slot in added { try openSlot(slot) }
-            try setBuckets(table)
+            try maps.writeBuckets(writing, previous: inKernel)
         } catch {
             // A failed write may have left part of the new table: write all of the old one.
-            try? maps.writeBuckets(previous)
+            try? maps.writeBuckets(inKernel)
             for slot in added { try? closeSlot(slot) }
             throw error
         }
+        buckets = table
         let removed = slots.filter { $0 >= UInt32(count) }
         // slot_count shrinks only after no bucket names a removed slot.
         try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: count)

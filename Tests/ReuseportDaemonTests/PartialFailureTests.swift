@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import Synchronization
 import Testing
 
 /// Operations that fail half-way on the running kernel, with the real daemon binary: what they
@@ -36,27 +37,32 @@ struct PartialFailureTests {
         guard status == 0 else { throw HarnessError("prlimit --nofile=\(soft):\(hardLimit) failed (\(String(describing: status))): \(log)") }
     }
 
-    /// A scale that runs out of file descriptors while binding the new slots' sockets fails,
-    /// and leaves the service as it was: the same slots, the sockets it did bind out of the
-    /// arrays, and a failed-over slot still failed over (its buckets on live slots). Once
-    /// descriptors are there again, the same scale succeeds.
-    @Test func aScaleThatFailsHalfWayChangesNothingAndCanBeRetried() throws {
-        // Slot 1 never starts: it fails over at once and waits 10 minutes before the next start.
+    /// A daemon with one service of `workers` slots whose slot 1 never starts: it fails over
+    /// 100 ms after its first exit and waits 10 minutes before its next start.
+    static func daemonWithSlotOneDown(_ name: String, workers: Int) throws -> DaemonUnderTest {
         let script = """
             [ "$REUSEPORT_SLOT" = 1 ] && exit 3
             exec \(DaemonBinary.path) worker whoami
             """
-        let daemon = try DaemonUnderTest(config: """
+        return try DaemonUnderTest(config: """
             [[service]]
-            name = "partial"
+            name = "\(name)"
             listen = ["udp://127.0.0.1:0"]
-            workers = 2
+            workers = \(workers)
             exec = ["/bin/sh", "-c", '''\(script)''']
             restart_backoff_min_ms = 600000
             restart_backoff_max_ms = 600000
             failover_after_ms = 100
             ready_after_ms = 100
             """)
+    }
+
+    /// A scale that runs out of file descriptors while binding the new slots' sockets fails,
+    /// and leaves the service as it was: the same slots, the sockets it did bind out of the
+    /// arrays, and a failed-over slot still failed over (its buckets on live slots). Once
+    /// descriptors are there again, the same scale succeeds.
+    @Test func aScaleThatFailsHalfWayChangesNothingAndCanBeRetried() throws {
+        let daemon = try PartialFailureTests.daemonWithSlotOneDown("partial", workers: 2)
         let services = try daemon.waitFor("slot 0 running, slot 1 failed over") { services in
             services[0].slots.map(\.state) == ["running", "failed-over"]
         }
@@ -92,5 +98,45 @@ struct PartialFailureTests {
         let clients = try Traffic.clients(100, on: .loopbackV4)
         let replies = try Whoami.ask(clients, to: destination)
         #expect(replies.allSatisfy { $0 != nil && $0!.slot != 1 }, "every flow is answered by a live slot")
+    }
+
+    /// While slot 1 is failed over (no worker, its buckets on live slots), scaling the service
+    /// must never point a bucket at slot 1 again, not even for a moment: what arrives there
+    /// waits for a worker that is not coming. The program's own counter for slot 1 says whether
+    /// a single datagram was steered there while clients send during the scales.
+    @Test func scalingNeverSteersToAFailedOverSlot() throws {
+        let daemon = try PartialFailureTests.daemonWithSlotOneDown("failed", workers: 4)
+        let services = try daemon.waitFor("slots 0, 2, 3 running, slot 1 failed over") { services in
+            services[0].slots.map(\.state) == ["running", "failed-over", "running", "running"]
+        }
+        let destination = try udpEndpoint(services, "failed")
+        let maps = try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "failed"))
+        try #require(!(try maps.readBuckets()).contains(1))
+        let before = try maps.slotCounters(1).packets
+
+        // Clients send from another thread for as long as the scales take.
+        let clients = try Traffic.clients(128, on: .loopbackV4)
+        let sending = Atomic<Bool>(true)
+        let sent = Atomic<Int>(0)
+        let done = DispatchSemaphore(value: 0)
+        nonisolated(unsafe) let senders = clients
+        DispatchQueue.global().async {
+            while sending.load(ordering: .relaxed) {
+                for client in senders { try? client.send(Array("x".utf8), to: destination) }
+                sent.add(senders.count, ordering: .relaxed)
+            }
+            done.signal()
+        }
+        for workers in [6, 3, 5] {
+            let response = try daemon.request(ControlRequest(command: .scale, service: "failed", workers: workers))
+            #expect(response.ok, "scale to \(workers): \(response.error ?? "")")
+        }
+        sending.store(false, ordering: .relaxed)
+        done.wait()
+        let steered = try maps.slotCounters(1).packets - before
+        print("scales 4 → 6 → 3 → 5 with slot 1 failed over: \(sent.load(ordering: .relaxed)) datagrams sent, "
+            + "\(steered) steered to slot 1")
+        #expect(steered == 0, "no datagram was steered to the failed-over slot 1")
+        #expect(!(try maps.readBuckets()).contains(1), "slot 1 is still failed over")
     }
 }
