@@ -21,7 +21,6 @@ struct Chart {
         script += "set output '\(path)'\n"
         script += "set style data histograms\nset style histogram errorbars gap 1 lw 1\n"
         script += "set style fill solid 0.8 border -1\nset boxwidth 0.9\nset grid ytics\nset key top left\n"
-        script += "set yrange [0:*]\n"
         script += "set multiplot layout \(rows),2\n"
         for panel in panels { script += panel }
         script += "unset multiplot\n"
@@ -34,7 +33,8 @@ struct Chart {
     }
 
     /// A clustered bar panel: one row per group, columns (median, min, max) per series.
-    func bars(title: String, ylabel: String, series: [String], rows: [(String, [Summary?])], scale: Double = 1) -> String {
+    func bars(title: String, ylabel: String, series: [String], rows: [(String, [Summary?])], scale: Double = 1,
+              yrange: String = "[0:*]") -> String {
         let name = "$d\(abs(title.hashValue % 100000))"
         var text = "\(name) << EOD\n"
         for (label, values) in rows {
@@ -49,7 +49,7 @@ struct Chart {
             text += "\n"
         }
         text += "EOD\n"
-        text += "set title \"\(title)\"\nset ylabel \"\(ylabel)\"\n"
+        text += "set title \"\(title)\"\nset ylabel \"\(ylabel)\"\nset yrange \(yrange)\n"
         let plots = series.enumerated().map { index, label in
             let c = 2 + index * 3
             return "\(name) using \(c):\(c + 1):\(c + 2)\(index == 0 ? ":xtic(1)" : "") title \"\(label)\""
@@ -76,6 +76,19 @@ struct Chart {
                     (family.isV4 ? "IPv4" : "IPv6", ProgramCostBench.programs.map { Summary(c.perRun(family, $0)) })
                 }))
         }
+        if let d = report.death, d.error == nil {
+            panels.append(bars(
+                title: "3. SIGKILL of one worker of 4 under load (per kill: median, min-max)", ylabel: "",
+                series: WorkerDeathBench.Mode.allCases.map(\.rawValue),
+                rows: [
+                    ("% of flows moved", WorkerDeathBench.Mode.allCases.map { mode in
+                        Summary(d.kills(mode).compactMap(\.movedShare).map { $0 * 100 })
+                    }),
+                    ("ms to first answer", WorkerDeathBench.Mode.allCases.map { mode in
+                        Summary(d.kills(mode).compactMap(\.firstAnswer).map { $0 * 1000 })
+                    }),
+                ]))
+        }
         if let r = report.resize, !r.steps.isEmpty {
             let grows = r.steps.filter { $0.to > $0.from }
             panels.append(bars(
@@ -91,6 +104,15 @@ struct Chart {
                 series: BalanceBench.selections.map(\.rawValue),
                 rows: BalanceBench.workerCounts.map { n in
                     ("N = \(n)", BalanceBench.selections.map { Summary(b.ratios[n]?[$0] ?? []) })
+                }, yrange: "[0.95:*]"))
+        }
+        if let s = report.scale {
+            panels.append(bars(
+                title: "6. BPF run time per packet as the slots grow (4,096 buckets)", ylabel: "ns per run",
+                series: [Selection.fixedSlot.rawValue, Selection.steering.rawValue],
+                rows: ScaleBench.slotCounts.map { slots in
+                    ("\(slots) slots", [Summary(s.cost(.fixedSlot, slots: slots, buckets: 0)),
+                                       Summary(s.cost(.steering, slots: slots, buckets: Int(RP_DEFAULT_BUCKETS)))])
                 }))
         }
         return panels

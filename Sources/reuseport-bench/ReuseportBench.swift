@@ -6,7 +6,7 @@ import ReuseportKit
 
 /// How long and how often each item measures.
 struct Settings {
-    var repeats = 5
+    var repeats = 7
     var trialSeconds = 1.0
     var costRepeats = 7
     var costSeconds = 0.3
@@ -38,7 +38,7 @@ struct Suite: ParsableCommand {
     var items = "1,2,3,4,5,6"
 
     @Option(help: "Repeats of each throughput trial.")
-    var repeats = 5
+    var repeats = 7
 
     @Option(help: "Seconds per throughput trial.")
     var trialSeconds = 1.0

@@ -33,6 +33,10 @@ struct WorkerDeathBench {
         var kills: [Kill] = []
         var sent = 0
         var answered = 0
+        /// Of the lost, how many the killed worker had most likely read already: sent to its
+        /// slot less than 100 ms before the kill. They die with the process, whatever owns
+        /// the socket.
+        var lostInKilledWorker = 0
         var lost: Int { sent - answered }
     }
 
@@ -69,6 +73,7 @@ struct WorkerDeathBench {
 
     func kills(_ mode: Mode) -> [Kill] { sessions[mode]?.flatMap(\.kills) ?? [] }
     func lost(_ mode: Mode) -> Int { sessions[mode]?.map(\.lost).reduce(0, +) ?? 0 }
+    func lostInKilledWorker(_ mode: Mode) -> Int { sessions[mode]?.map(\.lostInKilledWorker).reduce(0, +) ?? 0 }
     func sent(_ mode: Mode) -> Int { sessions[mode]?.map(\.sent).reduce(0, +) ?? 0 }
 
     /// One worker killed per slot, 1.5 s apart, under `rate` datagrams/s from all flows.
@@ -102,6 +107,7 @@ struct WorkerDeathBench {
         if let failure { throw failure }
         var session = Session(kills: kills.withLock { $0 }, sent: load.sent, answered: load.answeredCount)
         load.analyse(&session.kills)
+        session.lostInKilledWorker = load.lostInKilledWorkers(session.kills)
         return session
     }
 }
@@ -120,6 +126,7 @@ final class WhoamiLoad {
     let session: UInt32
     private(set) var sent = 0
     private var answered: [[Bool]]
+    private var sendTimes: [[Double]]
     private(set) var answers: [Answer] = []
     private let pids = Mutex<[Int: Int32]>([:])
 
@@ -128,6 +135,7 @@ final class WhoamiLoad {
         self.destination = destination
         self.session = session
         answered = Array(repeating: [], count: flows.fds.count)
+        sendTimes = Array(repeating: [], count: flows.fds.count)
     }
 
     var answeredCount: Int { answered.map { $0.filter { $0 }.count }.reduce(0, +) }
@@ -136,7 +144,7 @@ final class WhoamiLoad {
     func currentPid(ofSlot slot: Int) -> Int32? { pids.withLock { $0[slot] } }
 
     /// Sends at WorkerDeathBench.rate until `stop` is raised and 1 s more (the last
-    /// replacement settles), then waits 0.5 s for late answers.
+    /// replacement settles), then waits 1 s for late answers.
     func run(until stop: StopFlag) {
         guard let epoll = try? EpollSet(flows.fds) else { return }
         var buffer = [UInt8](repeating: 0, count: 2048)
@@ -146,7 +154,7 @@ final class WhoamiLoad {
         while true {
             let t = now()
             if stopAt == nil && stop.isRaised { stopAt = t + 1.0 }
-            if let stopAt, t > stopAt + 0.5 { break }
+            if let stopAt, t > stopAt + 1.0 { break }
             if stopAt == nil || t < stopAt! {
                 let due = Int((t - start) * WorkerDeathBench.rate)
                 while sent < due {
@@ -154,6 +162,7 @@ final class WhoamiLoad {
                     let result = destination.withSockaddr { sendto(flows.fds[flow], &payload, 12, 0, $0, $1) }
                     if result == 12 {
                         answered[flow].append(false)
+                        sendTimes[flow].append(t)
                         sent += 1
                     }
                     flow = flow + 1 == flows.fds.count ? 0 : flow + 1
@@ -178,6 +187,23 @@ final class WhoamiLoad {
                 }
             }
         }
+    }
+
+    /// Unanswered datagrams sent to a killed worker's slot less than 100 ms before the kill
+    /// (the flow's slot taken from its last answer before the kill).
+    func lostInKilledWorkers(_ kills: [WorkerDeathBench.Kill]) -> Int {
+        var count = 0
+        for kill in kills {
+            var slotBefore: [Int: Int] = [:]
+            for answer in answers where answer.time < kill.time { slotBefore[answer.flow] = answer.slot }
+            for flow in answered.indices where slotBefore[flow] == kill.slot {
+                for (seq, time) in sendTimes[flow].enumerated()
+                where !answered[flow][seq] && time <= kill.time && kill.time - time < 0.1 {
+                    count += 1
+                }
+            }
+        }
+        return count
     }
 
     /// Fills in, for each kill, the time to the first answer from a new worker at its slot,
