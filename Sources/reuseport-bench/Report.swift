@@ -119,8 +119,10 @@ struct Report {
             + "sockets with SO_REUSEPORT and no program, \"reuseportd steering\" the same N sockets with "
             + "`rp_dispatch` attached and a 4,096-bucket table (`ServiceDataPlane`). The sender sends "
             + "\(settings.trialSeconds) s per trial from \(t.flowCount) flows (one UDP socket per source port, "
-            + "`sendmmsg` 32 datagrams of 64 bytes per call, flows in turn); \(settings.repeats) repeats, "
-            + "the three variants interleaved within each repeat. CPUs: \(t.cpus.text).")
+            + "`sendmmsg` 32 datagrams of 64 bytes per call, flows in turn); \(settings.repeats) repeats, each "
+            + "variant's trial cut into \(ThroughputBench.slices) slices that take turns with the other variants' "
+            + "(so a burst of load from other processes hits all three alike). CPUs: \(t.cpus.text). The ratio is "
+            + "taken per repeat, then its median.")
         lines.append("")
         lines.append("| N | one socket | kernel reuseport | reuseportd steering | steered / kernel |")
         lines.append("| --- | --- | --- | --- | --- |")

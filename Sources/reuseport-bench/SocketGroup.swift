@@ -117,6 +117,19 @@ struct TrialResult {
     var receiverCPUSeconds: Double
 
     var deliveredRate: Double { send.seconds > 0 ? Double(delivered) / send.seconds : 0 }
+
+    /// Two runs of the same variant as one.
+    static func + (a: TrialResult, b: TrialResult) -> TrialResult {
+        var send = a.send
+        send.sent += b.send.sent
+        send.failedCalls += b.send.failedCalls
+        send.seconds += b.send.seconds
+        send.userSeconds += b.send.userSeconds
+        send.systemSeconds += b.send.systemSeconds
+        return TrialResult(send: send, delivered: a.delivered + b.delivered,
+                           perReceiver: zip(a.perReceiver, b.perReceiver).map { $0 + $1 },
+                           receiverCPUSeconds: a.receiverCPUSeconds + b.receiverCPUSeconds)
+    }
     /// Delivered datagrams per second of the sender's CPU time (it runs the receive path too).
     var deliveredPerCPUSecond: Double {
         let cpu = send.userSeconds + send.systemSeconds

@@ -8,6 +8,7 @@ import ReuseportKit
 struct ThroughputBench {
     static let workerCounts = [1, 2, 4]
     static let selections: [Selection] = [.oneSocket, .kernel, .steering]
+    static let slices = 5
 
     struct Cell {
         var trials: [TrialResult] = []
@@ -38,11 +39,19 @@ struct ThroughputBench {
                 _ = runTrial(groups[n]![selection]!, flows: flows, workers: n, seconds: 0.1, cpus: result.cpus)
             }
         }
+        // Each repeat's trial of a variant is made of `slices` slices, the variants taking
+        // turns slice by slice: a burst of load from other processes then hits all of them.
         for rep in 0..<settings.repeats {
             for n in workerCounts {
-                for selection in interleaved(selections, repeat: rep + n) {
-                    let trial = runTrial(groups[n]![selection]!, flows: flows, workers: n,
-                                         seconds: settings.trialSeconds, cpus: result.cpus)
+                var trials: [Selection: TrialResult] = [:]
+                for slice in 0..<slices {
+                    for selection in interleaved(selections, repeat: rep + n + slice) {
+                        let trial = runTrial(groups[n]![selection]!, flows: flows, workers: n,
+                                             seconds: settings.trialSeconds / Double(slices), cpus: result.cpus)
+                        trials[selection] = trials[selection].map { $0 + trial } ?? trial
+                    }
+                }
+                for (selection, trial) in trials {
                     result.cells[n, default: [:]][selection, default: Cell()].trials.append(trial)
                 }
             }
