@@ -12,6 +12,9 @@ struct ServiceSnapshot: Sendable {
         /// Learnt from the kernel (sock_diag) through the cookie of any socket in the array;
         /// nil when the array is empty or the kernel could not say.
         var endpoint: Endpoint?
+        /// Whether an IPv6 wildcard listener also takes IPv4 clients (IPV6_V6ONLY off), as the
+        /// kernel says; nil when it did not (the daemon's sockets are v6-only).
+        var dualStack: Bool?
         /// Slot → socket cookie for the slots holding a socket.
         var cookies: [UInt32: UInt64]
     }
@@ -147,7 +150,10 @@ struct ServiceReader {
         for index in snapshot.listeners.indices {
             let listener = snapshot.listeners[index]
             let known = listener.cookies.keys.sorted().compactMap { diagnoses[listener.cookies[$0]!] }
-            if let socket = known.first { snapshot.listeners[index].endpoint = Endpoint(socket.transport, socket.local) }
+            if let socket = known.first {
+                snapshot.listeners[index].endpoint = Endpoint(socket.transport, socket.local)
+                snapshot.listeners[index].dualStack = socket.v6Only.map { !$0 }
+            }
         }
         for index in snapshot.slots.indices {
             for socket in snapshot.slots[index].sockets.indices {

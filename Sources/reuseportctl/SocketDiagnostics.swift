@@ -15,6 +15,8 @@ struct SocketDiagnosis: Sendable {
     /// sk_drops: datagrams the kernel dropped at this socket (receive buffer full, filter,
     /// checksum); nil when the kernel did not report it.
     var drops: UInt64?
+    /// IPV6_V6ONLY of an IPv6 socket (nil for IPv4, or when the kernel did not say).
+    var v6Only: Bool? = nil
 }
 
 /// sock_diag (NETLINK_SOCK_DIAG, inet_diag): every UDP socket and TCP listener of this network
@@ -122,6 +124,7 @@ enum SocketDiagnostics {
         guard let address else { return nil }
         let cookie = UInt64(message.id.idiag_cookie.0) | UInt64(message.id.idiag_cookie.1) << 32
         var drops: UInt64?
+        var v6Only: Bool?
         var offset = start + Int(rp_nlmsg_align(UInt32(messageSize)))
         let attributeHeader = MemoryLayout<nlattr>.size
         while offset + attributeHeader <= end {
@@ -136,10 +139,13 @@ enum SocketDiagnostics {
                     drops = UInt64(value)
                 }
             }
+            if Int(attribute.nla_type) == INET_DIAG_SKV6ONLY, length > attributeHeader {
+                v6Only = bytes.load(fromByteOffset: offset + attributeHeader, as: UInt8.self) != 0
+            }
             offset += Int(rp_nla_align(UInt32(length)))
         }
         return SocketDiagnosis(transport: transport, local: SocketAddress(address, UInt16(bigEndian: message.id.idiag_sport)),
                                cookie: cookie, inode: UInt64(message.idiag_inode),
-                               receiveQueue: UInt64(message.idiag_rqueue), drops: drops)
+                               receiveQueue: UInt64(message.idiag_rqueue), drops: drops, v6Only: v6Only)
     }
 }

@@ -109,22 +109,26 @@ struct WhichCommand: ParsableCommand {
         -> (listener: (index: Int, transport: Transport, endpoint: Endpoint), destination: SocketAddress)
     {
         let known = snapshot.listeners.compactMap { listener in listener.endpoint.map { (listener.index, $0) } }
+        let dualStack = Set(snapshot.listeners.filter { $0.dualStack == true }.map(\.index))
         guard !known.isEmpty else {
             throw CtlError.unanswerable("cannot tell where service '\(snapshot.name)' listens: no listener has a socket"
                                     + " in its array\(snapshot.diagnosticsProblem.map { " (\($0))" } ?? "")")
         }
         let clientV4 = client.address.unmapped.isV4
-        // An IPv4 client reaches an IPv6 wildcard socket too (dual-stack), as an IPv4 packet.
-        func accepts(_ endpoint: Endpoint) -> Bool {
-            let listenV4 = endpoint.address.address.isV4
-            return listenV4 == clientV4 || (!listenV4 && clientV4 && endpoint.address.address.isWildcard)
+        // An IPv4 client reaches an IPv6 wildcard socket too, as an IPv4 packet, if the socket is
+        // dual-stack (IPV6_V6ONLY off): the daemon's are not, a ServiceDataPlane's may be.
+        func accepts(_ listener: (index: Int, endpoint: Endpoint)) -> Bool {
+            let listenV4 = listener.endpoint.address.address.isV4
+            return listenV4 == clientV4
+                || (!listenV4 && clientV4 && listener.endpoint.address.address.isWildcard
+                    && dualStack.contains(listener.index))
         }
         var candidates = known.filter { transport == nil || $0.1.transport == transport!.transport }
         guard !candidates.isEmpty else {
             throw CtlError.unanswerable("service '\(snapshot.name)' has no \(transport!.rawValue) listener; it listens on "
                                     + known.map { "\($0.1)" }.joined(separator: ", "))
         }
-        candidates = candidates.filter { accepts($0.1) }
+        candidates = candidates.filter { accepts(($0.0, $0.1)) }
         guard !candidates.isEmpty else {
             throw CtlError.unanswerable("no listener of service '\(snapshot.name)' takes IPv\(clientV4 ? 4 : 6) clients;"
                                     + " it listens on " + known.map { "\($0.1)" }.joined(separator: ", "))
