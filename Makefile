@@ -150,9 +150,9 @@ $(OUTPUT)/.bench-deps: Makefile
 
 bench: $(OUTPUT)/.abi-stamp $(OUTPUT)/.bench-deps
 	$(call msg,SWIFT,build -c release)
-	$(Q)$(SWIFT) build -c release $(SWIFT_FLAGS)
-	$(Q)"$$($(SWIFT) build -c release $(SWIFT_FLAGS) --show-bin-path)/reuseport-bench" \
-		--output docs/benchmarks.md $(BENCH_ARGS)
+	$(Q)start=$$(date +%s); $(SWIFT) build -c release $(SWIFT_FLAGS) && \
+		"$$($(SWIFT) build -c release $(SWIFT_FLAGS) --show-bin-path)/reuseport-bench" \
+		--output docs/benchmarks.md --build-seconds $$(( $$(date +%s) - start )) $(BENCH_ARGS)
 
 clean:
 	$(call msg,CLEAN,$(OUTPUT) .build)

@@ -49,6 +49,9 @@ struct Suite: ParsableCommand {
     @Flag(help: "Short trials and few repeats: to try the suite, not to publish numbers.")
     var quick = false
 
+    @Option(help: "Seconds the build before this run took (make bench passes it, for the report).")
+    var buildSeconds: Int?
+
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1, not \(repeats)") }
         guard trialSeconds > 0 else { throw ValidationError("--trial-seconds must be positive, not \(trialSeconds)") }
@@ -77,6 +80,7 @@ struct Suite: ParsableCommand {
         raiseFileLimit()
         let selected = Set(items.split(separator: ",").compactMap { Int($0) })
         var report = Report(settings: settings, quick: quick)
+        report.buildSeconds = buildSeconds
         let started = now()
         if selected.contains(1) {
             Log.note("1. throughput")
