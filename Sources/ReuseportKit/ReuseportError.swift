@@ -52,7 +52,7 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
         case EINVAL where call.contains("sockarray"):
             return "a socket must be bound (TCP: listening) with SO_REUSEPORT before it enters the array"
         case EBUSY where call.contains("sockarray"):
-            return "the socket is already in the array at another slot"
+            return "the socket is already in the array (at this slot or another) or in another one: remove it first"
         case E2BIG:
             return "the key is beyond the map's size"
         case ENOMEM where call.hasPrefix("bpf"):
