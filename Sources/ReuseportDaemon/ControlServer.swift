@@ -149,17 +149,26 @@ final class ControlServer {
     private func reply(_ client: Int32, _ response: ControlResponse) {
         defer { close(client) }
         guard let data = try? ControlFraming.encode(response) else { return }
-        // The response is small; wait briefly for room rather than lose it.
-        _ = fcntl(client, F_SETFL, fcntl(client, F_GETFL) & ~O_NONBLOCK)
-        var timeout = timeval(tv_sec: 2, tv_usec: 0)
-        setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-        data.withUnsafeBytes { raw in
+        // Never block the loop on a client that does not read: let the socket's send buffer
+        // hold the whole answer (a Unix stream write is bounded by the sender's SO_SNDBUF,
+        // unix(7)), then write without blocking. SO_SNDBUFFORCE (root) passes
+        // net.core.wmem_max; without it the kernel caps SO_SNDBUF there.
+        var size = Int32(clamping: data.count + 64 * 1024)
+        if setsockopt(client, SOL_SOCKET, SO_SNDBUFFORCE, &size, socklen_t(MemoryLayout<Int32>.size)) != 0 {
+            setsockopt(client, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        }
+        let written = data.withUnsafeBytes { raw -> Int in
             var offset = 0
             while offset < raw.count {
-                let written = write(client, raw.baseAddress! + offset, raw.count - offset)
-                if written <= 0 { return }
-                offset += written
+                let count = send(client, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_DONTWAIT | MSG_NOSIGNAL))
+                if count < 0 && errno == EINTR { continue }
+                if count <= 0 { break }
+                offset += count
             }
+            return offset
+        }
+        if written < data.count {
+            logger.warning("control: answer cut at \(written) of \(data.count) bytes: the client does not read it")
         }
     }
 
