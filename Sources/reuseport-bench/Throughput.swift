@@ -7,7 +7,7 @@ import ReuseportKit
 /// reuseport against reuseportd's steering, interleaved and repeated in one run.
 struct ThroughputBench {
     static let workerCounts = [1, 2, 4]
-    static let selections: [Selection] = [.oneSocket, .kernel, .steering]
+    static let selections: [Selection] = [.oneSocket, .kernel, .fixedSlot, .steering]
     static let slices = 5
 
     struct Cell {
@@ -62,12 +62,14 @@ struct ThroughputBench {
 
     func rates(_ n: Int, _ selection: Selection) -> [Double] { cells[n]?[selection]?.rates ?? [] }
 
-    func ratio(_ n: Int) -> Summary? { Summary(pairedRatios(rates(n, .steering), rates(n, .kernel))) }
+    func ratio(_ n: Int, _ selection: Selection = .steering) -> Summary? {
+        Summary(pairedRatios(rates(n, selection), rates(n, .kernel)))
+    }
 
     func ratesPerCPU(_ n: Int, _ selection: Selection) -> [Double] { cells[n]?[selection]?.ratesPerCPU ?? [] }
 
-    func ratioPerCPU(_ n: Int) -> Summary? {
-        Summary(pairedRatios(ratesPerCPU(n, .steering), ratesPerCPU(n, .kernel)))
+    func ratioPerCPU(_ n: Int, _ selection: Selection = .steering) -> Summary? {
+        Summary(pairedRatios(ratesPerCPU(n, selection), ratesPerCPU(n, .kernel)))
     }
 
     var allTrials: [TrialResult] { cells.values.flatMap { $0.values.flatMap(\.trials) } }
