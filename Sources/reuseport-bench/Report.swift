@@ -178,7 +178,8 @@ struct Report {
         let lost = trials.map(\.lost).reduce(0, +)
         let sent = trials.map(\.send.sent).reduce(0, +)
         lines.append("- The generator's own work is negligible: the sending thread spends \(summaryText(userShare, digits: 2)) % "
-            + "of its CPU time in user space (building and issuing `sendmmsg` calls); the rest is the kernel's send "
+            + "of its CPU time in user space (building and issuing `sendmmsg` calls; as sampled by the scheduler tick); "
+            + "the rest is the kernel's send "
             + "and receive path, which is what is measured.")
         lines.append("- The workers keep up: they lost \(lost) of \(sent) datagrams "
             + "(\(fixed(Double(lost) / Double(max(sent, 1)) * 100, 3)) %), so no receive queue overflowed and "
