@@ -34,8 +34,7 @@ public final class BaselineProgram: ReuseportProgram, @unchecked Sendable {
         self.kind = kind
         programFD = try object.programFD(kind.programName)
         do {
-            sockets = SocketArray(map: try object.openMap(RP_MAP_BASELINE_SOCKETS, keySize: MemoryLayout<UInt32>.size,
-                                                          valueSize: MemoryLayout<UInt64>.size))
+            sockets = try SocketArray(RP_MAP_BASELINE_SOCKETS, in: object)
         } catch {
             Syscall.close(programFD)
             throw error

@@ -146,11 +146,20 @@ extension Array {
 public final class SocketArray: @unchecked Sendable {
     public let map: BPFMap
 
+    /// A REUSEPORT_SOCKARRAY's layout: a u32 slot key; a u64 value (an fd written, a cookie read).
+    static let keySize = MemoryLayout<UInt32>.size
+    static let valueSize = MemoryLayout<UInt64>.size
+
     init(map: BPFMap) { self.map = map }
 
     public convenience init(pinned layout: PinLayout, listener: Int) throws {
         try self.init(map: BPFMap(pinnedAt: layout.path(ofSockets: listener), name: RP_MAP_SOCKETS,
-                                  keySize: MemoryLayout<UInt32>.size, valueSize: MemoryLayout<UInt64>.size))
+                                  keySize: SocketArray.keySize, valueSize: SocketArray.valueSize))
+    }
+
+    /// The array named `name` in a loaded object.
+    convenience init(_ name: String, in object: EmbeddedObject) throws {
+        try self.init(map: object.openMap(name, keySize: SocketArray.keySize, valueSize: SocketArray.valueSize))
     }
 
     /// Puts `socket` at `slot`. The socket must be bound (TCP: listening) with SO_REUSEPORT,

@@ -35,8 +35,7 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
             maps = try DispatchMaps { name, valueSize in
                 try object.openMap(name, keySize: MemoryLayout<UInt32>.size, valueSize: valueSize)
             }
-            sockets = SocketArray(map: try object.openMap(RP_MAP_SOCKETS, keySize: MemoryLayout<UInt32>.size,
-                                                          valueSize: MemoryLayout<UInt64>.size))
+            sockets = try SocketArray(RP_MAP_SOCKETS, in: object)
         } catch {
             Syscall.close(programFD)
             throw error
