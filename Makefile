@@ -17,11 +17,15 @@ SWIFT_FLAGS ?=
 CONFIG      ?= debug
 ARCH        := $(shell uname -m)
 
-BPF_SRC     := bpf/dispatch.bpf.c
 ABI_HEADER  := bpf/dispatch.h
-BPF_OBJ     := $(OUTPUT)/dispatch.bpf.o
-# Reference programs for the benchmarks (bpf/baseline.bpf.c), embedded beside dispatch.bpf.o.
-BASELINE_OBJ := $(OUTPUT)/baseline.bpf.o
+# The steering program, the benchmarks' reference programs (baseline) and a program built
+# only for the tests (too_large): each bpf/X.bpf.c becomes $(OUTPUT)/X.bpf.o, embedded by
+# a C target of the Swift package.
+BPF_NAMES   := dispatch baseline too_large
+BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES))
+BPF_HEADERS := $(wildcard bpf/*.h)
+# The C files that #embed the objects.
+EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c
 # Debian packages the build and the tests need (apt names).
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... and what `make bench` needs on top (gnuplot draws the chart).
@@ -72,24 +76,18 @@ $(OUTPUT)/.deps: Makefile
 
 # The object is reproducible: -fdebug-prefix-map drops the build folder from the debug
 # info, and --strip-debug keeps BTF (which libbpf needs) but drops DWARF.
-bpf: $(BPF_OBJ) $(BASELINE_OBJ)
-$(BPF_OBJ): $(BPF_SRC) $(ABI_HEADER) $(OUTPUT)/.deps
-	$(call msg,BPF,$@)
-	$(Q)$(CLANG) $(BPF_CFLAGS) -c $(BPF_SRC) -o $@.tmp
-	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
-	$(Q)rm -f $@.tmp
-
-$(BASELINE_OBJ): bpf/baseline.bpf.c bpf/baseline.h $(ABI_HEADER) $(OUTPUT)/.deps
+bpf: $(BPF_OBJS)
+$(OUTPUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
 	$(call msg,BPF,$@)
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 
-# SwiftPM does not see that CReuseportABI depends on the ABI header and the object (it
-# reaches them through a relative include and #embed): touch the C file when either
+# SwiftPM does not see that the C targets depend on the headers and the objects (it
+# reaches them through a relative include and #embed): touch the C files when any
 # changes so the Swift side is rebuilt with them.
-$(OUTPUT)/.abi-stamp: $(BPF_OBJ) $(BASELINE_OBJ) $(ABI_HEADER) bpf/baseline.h
-	$(Q)touch Sources/CReuseportABI/object.c $@
+$(OUTPUT)/.abi-stamp: $(BPF_OBJS) $(BPF_HEADERS)
+	$(Q)touch $(EMBEDDERS) $@
 
 build: $(OUTPUT)/.abi-stamp
 	$(call msg,SWIFT,build -c $(CONFIG))
@@ -118,7 +116,7 @@ test: unit-test kernel-test
 # under QEMU on each kernel of KERNELS (Debian cloud kernels, fetched and cached under
 # $(VM_DIR)); prints a table kernel x check and fails if a check fails or a VM does not
 # report. KVM=1 uses KVM instead of TCG; BREAK=CHECK makes CHECK expect a wrong result.
-KERNELS      ?= 5.10 6.1 6.12
+KERNELS      ?= 5.10 6.1 6.12 testing
 VM_DIR       := $(OUTPUT)/vm
 STATIC_BUILD := $(OUTPUT)/static-build
 

@@ -14,9 +14,10 @@ import PackageDescription
 //   Sources/CSockDiag         sock_diag/netlink uapi for the CLI (per-socket drop counters)
 //   Sources/kernel-check      the kernel-feature suite, run on the host and inside VMs
 //   Sources/reuseport-bench   the benchmark suite (Sources/CReuseportBench: the libc calls it needs)
+//   Sources/ReuseportTestSupport  real-socket helpers for the tests, kernel-check and the bench
+//                             (Sources/CReuseportTestPrograms: BPF objects built only for tests)
 let package = Package(
     name: "reuseportd",
-    platforms: [.macOS(.v13)],
     products: [
         .executable(name: "reuseportd", targets: ["reuseportd"]),
         .executable(name: "reuseportctl", targets: ["reuseportctl"]),
@@ -87,7 +88,9 @@ let package = Package(
         .target(name: "CReuseportBench"),
         // Real-socket helpers (clients from many source ports, receive with deadline) shared by
         // the tests, the kernel-feature suite and the benchmarks.
-        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit"]),
+        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit", "CReuseportTestPrograms"]),
+        // BPF objects built only for the tests (bpf/too_large.bpf.c), embedded like CReuseportABI's.
+        .target(name: "CReuseportTestPrograms"),
         // The benchmark's own arithmetic and parsing (no timings).
         .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),

@@ -4,7 +4,8 @@
  *
  * hash(tuple, seed) -> bucket = hash % bucket_count -> slot = rp_buckets[bucket]
  * -> bpf_sk_select_reuseport(rp_sockets, slot). An empty slot falls back to a
- * live one chosen from the same hash; with no live slot the packet is dropped.
+ * live one from rp_fallback, chosen by the same hash; with no live slot the packet
+ * is dropped.
  *
  * The program never returns SK_PASS without a selection: the kernel would then
  * fall back to its own hash over *every* socket of the group, including a
@@ -36,6 +37,13 @@ struct {
 	__type(key, __u32);
 	__type(value, rp_slot_t);
 } rp_buckets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RP_FALLBACK_BUCKETS);
+	__type(key, __u32);
+	__type(value, rp_slot_t);
+} rp_fallback SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_REUSEPORT_SOCKARRAY);
@@ -164,7 +172,7 @@ int rp_dispatch(struct sk_reuseport_md *ctx)
 {
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
-	__u32 zero = 0, hash, bucket, n, start;
+	__u32 zero = 0, hash, bucket, first;
 	__u32 *slot;
 	long err;
 
@@ -197,23 +205,25 @@ int rp_dispatch(struct sk_reuseport_md *ctx)
 	}
 
 	/*
-	 * The bucket's slot is empty: probe the slots in order from a start
-	 * derived from the flow hash, so that one flow always lands on the same
-	 * live slot and the flows of an empty slot spread over all live ones.
-	 * The loop is bounded by a constant for the verifier (5.3+ bounded loops).
+	 * The bucket's slot is empty: take the flow's entry of the fallback table, which
+	 * user space keeps spread over the slots that hold a socket. One flow always lands
+	 * on the same live slot, and the flows of an empty slot spread over all live ones.
+	 * A few consecutive entries are tried, in case a socket left the array before the
+	 * table was rewritten. The loop is unrolled: a constant, small verification cost on
+	 * every kernel, whatever RP_MAX_SLOTS is.
 	 */
-	n = cfg->slot_count;
-	if (n > RP_MAX_SLOTS)
-		n = RP_MAX_SLOTS;
-	start = rp_fallback_start(hash, n);
-	for (__u32 i = 0; i < RP_MAX_SLOTS; i++) {
+	if (cfg->live_count == 0)
+		goto drop;
+	first = rp_fallback_index(hash);
+#pragma unroll
+	for (__u32 i = 0; i < RP_FALLBACK_TRIES; i++) {
+		__u32 index = (first + i) & (RP_FALLBACK_BUCKETS - 1);
+		__u32 *fallback = bpf_map_lookup_elem(&rp_fallback, &index);
 		__u32 s;
 
-		if (i >= n)
+		if (!fallback)
 			break;
-		s = start + i;
-		if (s >= n)
-			s -= n;
+		s = *fallback;
 		if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
 			g = global_stats();
 			if (g)
@@ -223,6 +233,7 @@ int rp_dispatch(struct sk_reuseport_md *ctx)
 		}
 	}
 
+drop:
 	g = global_stats();
 	if (g)
 		g->dropped_no_slot++;

@@ -5,25 +5,40 @@
  * This header is the single source of every map name, key/value layout, enum and
  * limit shared by bpf/dispatch.bpf.c and the Swift side (through the CReuseportABI
  * C module). Swift never restates anything defined here; it checks the layouts
- * again at run time when it opens a map (see ReuseportKit/MapABI.swift).
+ * again at run time when it opens a map (ReuseportKit/BPFMap.swift, DispatchMaps.swift).
  *
- * The flow hash is defined here too, once, as a static inline function, so the
- * kernel program and the user-space predictor cannot drift. ReuseportKit also
- * carries a pure-Swift implementation that must agree bit for bit
- * (Tests/ReuseportKitTests/FlowHashTests.swift, vectors in bpf/testdata).
+ * The flow hash is defined here too, once, as static inline functions that the
+ * kernel program compiles and Swift calls (ReuseportKit/FlowHash.swift), so the
+ * program and the user-space predictor cannot drift. The vectors in bpf/testdata
+ * pin the hash itself (Tests/ReuseportKitTests/FlowHashTests.swift).
  */
 #ifndef REUSEPORT_DISPATCH_H
 #define REUSEPORT_DISPATCH_H
 
 #include <linux/types.h>
 
-/* ABI version, stored in the config map: user space refuses maps of another. */
-#define RP_ABI_VERSION 1
+/*
+ * ABI version, stored in the config map: user space refuses maps of another.
+ * 2: the fallback table (rp_fallback, rp_config.live_count) replaced the probe loop.
+ */
+#define RP_ABI_VERSION 2
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
 #define RP_MAX_BUCKETS 65536  /* entries in the bucket table */
 #define RP_DEFAULT_BUCKETS 4096
+/*
+ * The fallback table: where a flow goes when its bucket's slot holds no socket. A
+ * power of two, so the index is a mask; 4 entries per slot even at RP_MAX_SLOTS.
+ */
+#define RP_FALLBACK_BUCKETS 4096
+/*
+ * Consecutive fallback entries tried before a packet is dropped. A constant, unrolled:
+ * the verifier's cost of the program must not grow with RP_MAX_SLOTS (a loop of up to
+ * 1024 selects was refused as too large by the 7.2 verifier). More than one covers a
+ * socket that left the array before user space rewrote the table.
+ */
+#define RP_FALLBACK_TRIES 4
 
 /* Map names as libbpf sees them in the object (and the file names of the pins). */
 #define RP_MAP_CONFIG "rp_config"
@@ -32,6 +47,7 @@
 #define RP_MAP_SLOT_STATS "rp_slot_stats"
 #define RP_MAP_GLOBAL_STATS "rp_global_stats"
 #define RP_MAP_SLOT_STATE "rp_slot_state"
+#define RP_MAP_FALLBACK "rp_fallback"
 #define RP_PROG_DISPATCH "rp_dispatch"
 
 /* rp_config: an ARRAY with one entry at key 0. */
@@ -39,11 +55,16 @@ struct rp_config {
 	__u32 abi_version;   /* RP_ABI_VERSION; 0 means "not configured": drop */
 	__u32 seed;          /* key of the flow hash */
 	__u32 bucket_count;  /* active entries of rp_buckets, 1..RP_MAX_BUCKETS */
-	__u32 slot_count;    /* slots in use: fallback probes 0..slot_count-1 */
+	__u32 slot_count;    /* slots in use (0..slot_count-1); for user space, the program ignores it */
+	__u32 live_count;    /* slots holding a socket, spread over rp_fallback; 0: no fallback, drop */
+	__u32 reserved;      /* 0 */
 };
 
 /*
  * rp_buckets: ARRAY, key __u32 bucket, value __u32 slot.
+ * rp_fallback: ARRAY of RP_FALLBACK_BUCKETS, key __u32 index, value __u32 slot: the live
+ * slots (those holding a socket), each on about RP_FALLBACK_BUCKETS / live_count entries.
+ * User space writes it before a socket leaves the array and after one enters it.
  * rp_sockets: REUSEPORT_SOCKARRAY, key __u32 slot; user space writes a socket fd
  * (as __u64), a lookup returns the socket cookie (__u64).
  */
@@ -88,12 +109,14 @@ struct rp_slot_state {
 	__u64 socket_cookie; /* cookie of the slot's socket in the first listener */
 };
 
-_Static_assert(sizeof(struct rp_config) == 16, "rp_config layout");
+_Static_assert(sizeof(struct rp_config) == 24, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
 _Static_assert(sizeof(struct rp_global_stats) == 32, "rp_global_stats layout");
 _Static_assert(sizeof(struct rp_slot_state) == 32, "rp_slot_state layout");
 _Static_assert(sizeof(rp_slot_t) == 4, "slot index is a __u32");
 _Static_assert((RP_MAX_BUCKETS & (RP_MAX_BUCKETS - 1)) == 0, "bucket limit is a power of two");
+_Static_assert((RP_FALLBACK_BUCKETS & (RP_FALLBACK_BUCKETS - 1)) == 0, "fallback table is a power of two");
+_Static_assert(RP_FALLBACK_BUCKETS >= RP_MAX_SLOTS, "every live slot gets a fallback entry");
 
 /*
  * The flow hash: MurmurHash3 (x86_32) over 32-bit words, seeded with
@@ -158,10 +181,13 @@ static inline __attribute__((always_inline)) __u32 rp_flow_hash(__u32 seed, __u3
 	return rp_hash_finish(h, n + 2);
 }
 
-/* Where a flow whose slot is empty starts probing for a live one. */
-static inline __u32 rp_fallback_start(__u32 hash, __u32 slot_count)
+/*
+ * The first rp_fallback entry a flow whose slot is empty tries. A second mix of the
+ * flow hash: the flows of one bucket (one slot) spread over the whole fallback table.
+ */
+static inline __u32 rp_fallback_index(__u32 hash)
 {
-	return slot_count ? rp_hash_finish(hash ^ 0x9e3779b9u, 1) % slot_count : 0;
+	return rp_hash_finish(hash ^ 0x9e3779b9u, 1) & (RP_FALLBACK_BUCKETS - 1);
 }
 
 #endif /* REUSEPORT_DISPATCH_H */

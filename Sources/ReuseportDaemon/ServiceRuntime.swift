@@ -35,16 +35,13 @@ final class SlotRecord {
 }
 
 /// One running service: its data plane (sockets, program, maps, pins) and its slots.
-/// The supervision decisions live in `Daemon`; this type keeps the service's kernel
-/// state (bucket table, rp_slot_state) in step with them.
+/// The supervision decisions live in `Daemon`; this type hands them to the data plane,
+/// the only writer of the service's maps (bucket tables, rp_slot_state).
 final class ServiceRuntime {
     private(set) var configuration: ServiceConfiguration
     let plane: ServiceDataPlane
     let pins: PinLayout
     var slots: [SlotRecord]
-    /// The table as written to rp_buckets: `plane.buckets` with failed-over slots' buckets
-    /// spread over the live ones.
-    private(set) var effectiveBuckets: [UInt32]
     /// How many times a slot of this service has been failed over.
     private(set) var failovers = 0
     let logger: Logger
@@ -74,7 +71,6 @@ final class ServiceRuntime {
             pins.remove()
             throw error
         }
-        effectiveBuckets = plane.buckets
         slots = []
         for slot in plane.slots { slots.append(try makeRecord(slot)) }
         for slot in slots { publish(slot) }
@@ -109,54 +105,31 @@ final class ServiceRuntime {
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
                                 generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie)
         do {
-            try plane.maps.writeSlotState(slot.index, row)
+            try plane.publish(row, slot: slot.index)
         } catch {
             logger.error("cannot publish the state of slot \(slot.index): \(error)")
         }
     }
 
-    /// Rewrites the bucket table: each failed-over slot's buckets go to live slots, every
-    /// other bucket stays. Restoring writes back exactly the buckets that moved.
-    /// `wholeTable`: write every entry, not only those that differ from `effectiveBuckets` (after a
-    /// failed write, when the kernel's table is not known).
-    func applyFailover(wholeTable: Bool = false) {
-        let table = ServiceRuntime.failedOver(plane.buckets, slots: slots.map(\.index),
-                                              failed: Set(slots.filter(\.failedOver).map(\.index)))
-        do {
-            try plane.maps.writeBuckets(table, previous: wholeTable ? nil : effectiveBuckets)
-            effectiveBuckets = table
-        } catch {
-            logger.error("cannot write the bucket table: \(error)")
+    /// Hands the slots' failover decisions to the data plane: a slot marked failed over lends
+    /// its buckets to the live slots, a slot no longer marked gets back exactly those buckets.
+    func applyFailover() {
+        for slot in slots where slot.failedOver != plane.failedOver.contains(slot.index) {
+            do {
+                if slot.failedOver { try plane.failOver(slot.index) } else { try plane.restore(slot.index) }
+            } catch {
+                logger.error("cannot write the bucket table for slot \(slot.index)'s failover: \(error)")
+            }
         }
-    }
-
-    /// `nominal` with the buckets of the `failed` slots spread over the other `slots` (none
-    /// failed, or all: `nominal` as it is).
-    static func failedOver(_ nominal: [UInt32], slots: [UInt32], failed: Set<UInt32>) -> [UInt32] {
-        let live = slots.filter { !failed.contains($0) }
-        return live.isEmpty || live.count == slots.count ? nominal : BucketAssignment.rebalance(nominal, to: live)
     }
 
     func noteFailover() { failovers += 1 }
 
-    /// Changes the slot count, moving the fewest buckets. Returns the removed slots (their
-    /// sockets are closed here; their workers are the caller's to stop, and then to mark
-    /// empty with `clear`), the added ones and the number of buckets moved.
+    /// Changes the slot count, moving the fewest buckets (a failed-over slot stays so). Returns
+    /// the removed slots (their sockets are closed here; their workers are the caller's to stop,
+    /// and then to mark empty with `clear`), the added ones and the number of buckets moved.
     func resize(to count: Int) throws -> (removed: [SlotRecord], added: [SlotRecord], moved: Int) {
-        // The failover is laid over the new table as the plane writes it: a failed-over slot never
-        // gets its buckets back, not even between two writes (slots added now are live). If the
-        // resize fails, the plane has written back the table it found; lay the failover again anyway.
-        let failed = Set(slots.filter(\.failedOver).map(\.index))
-        let target = Array(0..<UInt32(count))
-        let moved: Int
-        do {
-            moved = try plane.resize(to: count, written: { ServiceRuntime.failedOver($0, slots: target, failed: failed) },
-                                     current: effectiveBuckets)
-        } catch {
-            applyFailover(wholeTable: true)
-            throw error
-        }
-        effectiveBuckets = ServiceRuntime.failedOver(plane.buckets, slots: target, failed: failed)
+        let moved = try plane.resize(to: count)
         let removed = slots.filter { $0.index >= UInt32(count) }
         slots.removeAll { $0.index >= UInt32(count) }
         var added: [SlotRecord] = []
@@ -167,7 +140,6 @@ final class ServiceRuntime {
         }
         for record in added { publish(record) }
         configuration.workers = count
-        applyFailover()
         return (removed, added, moved)
     }
 
@@ -181,7 +153,7 @@ final class ServiceRuntime {
 
     /// Buckets per slot in the table as written.
     func bucketCounts() -> [UInt32: Int] {
-        effectiveBuckets.reduce(into: [:]) { $0[$1, default: 0] += 1 }
+        plane.effectiveBuckets.reduce(into: [:]) { $0[$1, default: 0] += 1 }
     }
 
     /// Closes every socket and removes the pins. Workers must be stopped by the caller.

@@ -46,6 +46,13 @@ public enum BucketAssignment {
         return table
     }
 
+    /// `nominal` with the buckets of the `failed` slots spread over the other `slots`, moving no
+    /// other bucket (none failed, or all: `nominal` as it is).
+    public static func overlay(_ nominal: [UInt32], slots: [UInt32], failed: Set<UInt32>) -> [UInt32] {
+        let live = slots.filter { !failed.contains($0) }
+        return live.isEmpty || live.count == slots.count ? nominal : rebalance(nominal, to: live)
+    }
+
     /// How many buckets differ between two tables of the same size.
     public static func moved(from old: [UInt32], to new: [UInt32]) -> Int {
         zip(old, new).reduce(0) { $0 + ($1.0 == $1.1 ? 0 : 1) }

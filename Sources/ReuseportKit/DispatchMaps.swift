@@ -5,20 +5,27 @@ import CLibbpf
 import CReuseportABI
 
 /// The maps shared by every listener of one service (bpf/dispatch.h): configuration,
-/// bucket table, counters and worker state. Each listener has its own socket array.
+/// bucket table, fallback table, counters and worker state. Each listener has its own
+/// socket array.
+///
+/// Anyone may read them (reuseportctl opens the pins); only the service's
+/// `ServiceDataPlane` writes them: the write operations are internal to ReuseportKit.
 public final class DispatchMaps: @unchecked Sendable {
     public let config: BPFMap
     public let buckets: BPFMap
+    public let fallback: BPFMap
     public let slotStats: BPFMap
     public let globalStats: BPFMap
     public let slotState: BPFMap
 
     /// The names, in the object and as pin file names.
-    public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS, RP_MAP_SLOT_STATE]
+    public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
+                               RP_MAP_SLOT_STATE]
 
     static let layouts: [String: Int] = [
         RP_MAP_CONFIG: MemoryLayout<rp_config>.size,
         RP_MAP_BUCKETS: MemoryLayout<rp_slot_t>.size,
+        RP_MAP_FALLBACK: MemoryLayout<rp_slot_t>.size,
         RP_MAP_SLOT_STATS: MemoryLayout<rp_slot_stats>.size,
         RP_MAP_GLOBAL_STATS: MemoryLayout<rp_global_stats>.size,
         RP_MAP_SLOT_STATE: MemoryLayout<rp_slot_state>.size,
@@ -28,6 +35,7 @@ public final class DispatchMaps: @unchecked Sendable {
         func map(_ name: String) throws -> BPFMap { try open(name, DispatchMaps.layouts[name]!) }
         config = try map(RP_MAP_CONFIG)
         buckets = try map(RP_MAP_BUCKETS)
+        fallback = try map(RP_MAP_FALLBACK)
         slotStats = try map(RP_MAP_SLOT_STATS)
         globalStats = try map(RP_MAP_GLOBAL_STATS)
         slotState = try map(RP_MAP_SLOT_STATE)
@@ -41,7 +49,7 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
-    var all: [BPFMap] { [config, buckets, slotStats, globalStats, slotState] }
+    var all: [BPFMap] { [config, buckets, fallback, slotStats, globalStats, slotState] }
 
     public func pin(_ layout: PinLayout) throws {
         for map in all { try map.pin(at: layout.path(ofShared: map.name)) }
@@ -54,15 +62,15 @@ public final class DispatchMaps: @unchecked Sendable {
         try config.lookup(0, as: rp_config.self) ?? rp_config()
     }
 
-    public func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int) throws {
+    func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int) throws {
         guard (1...Int(RP_MAX_BUCKETS)).contains(bucketCount) else {
             throw ReuseportError.invalidArgument("bucket count \(bucketCount) is outside 1...\(RP_MAX_BUCKETS)")
         }
-        guard (0...Int(RP_MAX_SLOTS)).contains(slotCount) else {
-            throw ReuseportError.invalidArgument("slot count \(slotCount) is outside 0...\(RP_MAX_SLOTS)")
+        for (what, count) in [("slot", slotCount), ("live slot", liveCount)] where !(0...Int(RP_MAX_SLOTS)).contains(count) {
+            throw ReuseportError.invalidArgument("\(what) count \(count) is outside 0...\(RP_MAX_SLOTS)")
         }
-        let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed,
-                              bucket_count: UInt32(bucketCount), slot_count: UInt32(slotCount))
+        let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed, bucket_count: UInt32(bucketCount),
+                              slot_count: UInt32(slotCount), live_count: UInt32(liveCount), reserved: 0)
         try config.update(0, value)
     }
 
@@ -84,15 +92,30 @@ public final class DispatchMaps: @unchecked Sendable {
     }
 
     /// Writes the bucket table; with `previous`, only the entries that differ.
-    public func writeBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
-        guard table.count <= Int(RP_MAX_BUCKETS) else {
-            throw ReuseportError.invalidArgument("bucket table of \(table.count) entries exceeds \(RP_MAX_BUCKETS)")
+    func writeBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
+        try write(table, to: buckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+    }
+
+    /// The fallback table (RP_FALLBACK_BUCKETS entries): which live slot each entry names.
+    public func readFallback() throws -> [UInt32] {
+        try (0..<UInt32(RP_FALLBACK_BUCKETS)).map { try fallback.lookup($0, as: rp_slot_t.self) ?? 0 }
+    }
+
+    /// Writes the fallback table; with `previous`, only the entries that differ.
+    func writeFallback(_ table: [UInt32], previous: [UInt32]? = nil) throws {
+        try write(table, to: fallback, limit: Int(RP_FALLBACK_BUCKETS), previous: previous)
+    }
+
+    /// Writes a table of slots (index → slot) into `map`: every entry, or those that differ from `previous`.
+    private func write(_ table: [UInt32], to map: BPFMap, limit: Int, previous: [UInt32]?) throws {
+        guard table.count <= limit else {
+            throw ReuseportError.invalidArgument("\(map.name) table of \(table.count) entries exceeds \(limit)")
         }
-        for (bucket, slot) in table.enumerated() where previous == nil || previous![safe: bucket] != slot {
+        for (index, slot) in table.enumerated() where previous == nil || previous![safe: index] != slot {
             guard slot < UInt32(RP_MAX_SLOTS) else {
-                throw ReuseportError.invalidArgument("bucket \(bucket) names slot \(slot), beyond \(RP_MAX_SLOTS - 1)")
+                throw ReuseportError.invalidArgument("\(map.name)[\(index)] names slot \(slot), beyond \(RP_MAX_SLOTS - 1)")
             }
-            try buckets.update(UInt32(bucket), slot)
+            try map.update(UInt32(index), slot)
         }
     }
 
@@ -118,7 +141,7 @@ public final class DispatchMaps: @unchecked Sendable {
     }
 
     /// Zeroes a slot's counters on every CPU (a slot that is reused starts from zero).
-    public func resetSlotCounters(_ slot: UInt32) throws {
+    func resetSlotCounters(_ slot: UInt32) throws {
         let cpus = Int(libbpf_num_possible_cpus())
         let stride = (slotStats.valueSize + 7) & ~7
         let zeros = [UInt8](repeating: 0, count: stride * max(cpus, 1))
@@ -133,7 +156,7 @@ public final class DispatchMaps: @unchecked Sendable {
         try slotState.lookup(slot, as: rp_slot_state.self) ?? rp_slot_state()
     }
 
-    public func writeSlotState(_ slot: UInt32, _ state: rp_slot_state) throws {
+    func writeSlotState(_ slot: UInt32, _ state: rp_slot_state) throws {
         try slotState.update(slot, state)
     }
 }

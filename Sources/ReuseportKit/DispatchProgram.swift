@@ -13,12 +13,15 @@ import CReuseportABI
 /// REUSEPORT_SOCKARRAY, while config, buckets, counters and worker state are created
 /// once and handed to the others (`bpf_map__reuse_fd`).
 ///
-/// Needs: SK_REUSEPORT programs and REUSEPORT_SOCKARRAY (4.19), bounded loops (5.3).
+/// Needs: SK_REUSEPORT programs and REUSEPORT_SOCKARRAY (4.19); the verifier's statistics
+/// log level (5.2). Tested on 5.10 to 7.2 (docs/kernel-support.md).
 public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     /// The loaded program's fd, owned.
     public let programFD: Int32
     public let maps: DispatchMaps
     public let sockets: SocketArray
+    /// What the verifier said when it accepted the program (its cost: processed instructions).
+    public let verifier: VerifierReport
 
     /// Loads the program. With `shared`, the new instance uses those maps instead of
     /// creating its own (a second listener of the same service).
@@ -29,6 +32,7 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
             for map in shared.all { try object.reuse(map: map.name, fd: map.fd) }
         }
         try object.load()
+        verifier = object.verifierReports[RP_PROG_DISPATCH] ?? VerifierReport(log: "")
         // Keep our own copies: the object (and its fds) is closed when init returns.
         programFD = try object.programFD(RP_PROG_DISPATCH)
         do {

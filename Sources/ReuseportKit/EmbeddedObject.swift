@@ -34,10 +34,42 @@ final class EmbeddedObject {
         if result != 0 { throw ReuseportError.system("bpf_map__reuse_fd(\(mapName))", -result) }
     }
 
-    /// Creates the maps and loads every program of the object.
+    /// What the verifier said of each program of the last successful `load()`, by name.
+    private(set) var verifierReports: [String: VerifierReport] = [:]
+
+    /// Creates the maps and loads every program of the object. Each program is loaded with a
+    /// verifier log of its own (statistics level, or `VerifierReport.requestedLogLevel`), so a
+    /// refusal names the verifier's verdict and a success records its cost.
     func load() throws {
+        var buffers: [(program: OpaquePointer, buffer: UnsafeMutablePointer<CChar>)] = []
+        defer { for entry in buffers { entry.buffer.deallocate() } }
+        let level = VerifierReport.requestedLogLevel
+        let size = VerifierReport.logSize(level: level)
+        var program = bpf_object__next_program(object, nil)
+        while let current = program {
+            let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: size)
+            buffer.initialize(to: 0)
+            buffers.append((current, buffer))
+            // libbpf keeps the pointer until the load; it retries with a log of its own only
+            // when the level is 0, so with ours it reports the kernel's answer unchanged.
+            bpf_program__set_log_buf(current, buffer, size)
+            bpf_program__set_log_level(current, level)
+            program = bpf_object__next_program(object, current)
+        }
         let loaded = bpf_object__load(object)
-        if loaded != 0 { throw ReuseportError.system("bpf_object__load(\(name))", -loaded) }
+        let logs = buffers.map { (name: String(cString: bpf_program__name($0.program)), log: String(cString: $0.buffer),
+                                  loaded: bpf_program__fd($0.program) >= 0) }
+        if loaded != 0 {
+            // libbpf loads the programs in order and stops at the first the kernel refuses.
+            guard let refused = logs.first(where: { !$0.loaded && !$0.log.isEmpty }) else {
+                throw ReuseportError.system("bpf_object__load(\(name))", -loaded)
+            }
+            throw ReuseportError.programRefused(
+                object: name, program: refused.name, errno: -loaded,
+                verdict: VerifierReport.verdict(of: refused.log),
+                logPath: VerifierReport.save(refused.log, program: refused.name))
+        }
+        verifierReports = Dictionary(uniqueKeysWithValues: logs.map { ($0.name, VerifierReport(log: $0.log)) })
     }
 
     func map(_ mapName: String) throws -> OpaquePointer {

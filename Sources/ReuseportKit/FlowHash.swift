@@ -17,60 +17,28 @@ public struct FlowTuple: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "\(transport) \(source) -> \(destination)" }
 }
 
-/// The flow hash of bpf/dispatch.h, in Swift: MurmurHash3 (x86_32) over 32-bit words with
-/// the configured seed, finished with fmix32. Bit-identical to the BPF program; the test
-/// vectors in bpf/testdata/flow-hash-vectors.txt hold both to it.
+/// The flow hash of bpf/dispatch.h, called from Swift: the same C functions the BPF program
+/// compiles (rp_flow_hash, rp_fallback_index), so the prediction cannot drift from the
+/// program. The test vectors in bpf/testdata/flow-hash-vectors.txt pin the hash itself.
 public enum FlowHash {
-    /// The words hashed: tag (ip version << 8 | protocol), source address, destination
-    /// address (big-endian words), then source port << 16 | destination port.
-    public static func words(of flow: FlowTuple) -> [UInt32] {
-        let version: UInt32 = flow.source.address.isV4 ? 4 : 6
-        var words = [version << 8 | UInt32(flow.transport.ipProtocol)]
-        for address in [flow.source.address, flow.destination.address] {
-            let bytes = address.bytes
-            for i in stride(from: 0, to: bytes.count, by: 4) {
-                words.append(UInt32(bytes[i]) << 24 | UInt32(bytes[i + 1]) << 16 | UInt32(bytes[i + 2]) << 8
-                             | UInt32(bytes[i + 3]))
-            }
-        }
-        words.append(UInt32(flow.source.port) << 16 | UInt32(flow.destination.port))
-        return words
+    /// The flow's addresses as the program loads them (source then destination, network
+    /// order, 2 words for IPv4, 8 for IPv6) and its ports word (source << 16 | destination).
+    static func inputs(of flow: FlowTuple) -> (addresses: [UInt32], ports: UInt32) {
+        var words = [UInt32](repeating: 0, count: 8)
+        let bytes = flow.source.address.bytes + flow.destination.address.bytes
+        words.withUnsafeMutableBytes { $0.copyBytes(from: bytes) }
+        return (words, UInt32(flow.source.port) << 16 | UInt32(flow.destination.port))
     }
 
     public static func hash(_ flow: FlowTuple, seed: UInt32) -> UInt32 {
-        hash(words: words(of: flow), seed: seed)
+        let (addresses, ports) = inputs(of: flow)
+        return rp_flow_hash(seed, UInt32(flow.transport.ipProtocol), flow.source.address.isV4 ? 0 : 1, addresses, ports)
     }
 
-    public static func hash(words: [UInt32], seed: UInt32) -> UInt32 {
-        var h = seed
-        for word in words { h = mix(h, word) }
-        return finish(h, count: UInt32(words.count))
-    }
+    /// The bucket of a hash: hash mod count, as the program computes it (a mask when count is
+    /// a power of two, which gives the same result).
+    public static func bucket(hash: UInt32, count: UInt32) -> UInt32 { hash % count }
 
-    @inline(__always)
-    static func rotateLeft(_ x: UInt32, _ r: UInt32) -> UInt32 { x << r | x >> (32 - r) }
-
-    @inline(__always)
-    static func mix(_ h: UInt32, _ k: UInt32) -> UInt32 {
-        var k = k &* 0xcc9e_2d51
-        k = rotateLeft(k, 15) &* 0x1b87_3593
-        let h = rotateLeft(h ^ k, 13)
-        return h &* 5 &+ 0xe654_6b64
-    }
-
-    @inline(__always)
-    static func finish(_ h: UInt32, count: UInt32) -> UInt32 {
-        var h = h ^ (count &* 4)
-        h ^= h >> 16
-        h &*= 0x85eb_ca6b
-        h ^= h >> 13
-        h &*= 0xc2b2_ae35
-        h ^= h >> 16
-        return h
-    }
-
-    /// Where the fallback probe starts for a flow whose slot is empty.
-    public static func fallbackStart(hash: UInt32, slotCount: UInt32) -> UInt32 {
-        slotCount == 0 ? 0 : finish(hash ^ 0x9e37_79b9, count: 1) % slotCount
-    }
+    /// The first rp_fallback entry the program tries for a flow whose slot is empty.
+    public static func fallbackIndex(hash: UInt32) -> UInt32 { rp_fallback_index(hash) }
 }

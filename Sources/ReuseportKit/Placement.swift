@@ -12,27 +12,45 @@ public struct Placement: Sendable, Equatable {
     public var isFallback: Bool { slot != nil && slot != bucketSlot }
 }
 
-/// What the program reads, captured at one moment: seed, bucket table, live slots.
+/// What the program reads, captured at one moment: seed, bucket table, fallback table, live
+/// slots.
 public struct SteeringSnapshot: Sendable {
     public var seed: UInt32
     public var slotCount: UInt32
     public var buckets: [UInt32]
+    /// rp_fallback, RP_FALLBACK_BUCKETS entries.
+    public var fallback: [UInt32]
+    /// rp_config.live_count: 0 means the program drops a flow whose slot is empty.
+    public var liveCount: UInt32
+    /// The slots that hold a socket in the listener's array.
     public var liveSlots: Set<UInt32>
 
-    public init(seed: UInt32, slotCount: UInt32, buckets: [UInt32], liveSlots: Set<UInt32>) {
+    public init(seed: UInt32, slotCount: UInt32, buckets: [UInt32], fallback: [UInt32], liveCount: UInt32,
+                liveSlots: Set<UInt32>) {
         self.seed = seed
         self.slotCount = slotCount
         self.buckets = buckets
+        self.fallback = fallback
+        self.liveCount = liveCount
         self.liveSlots = liveSlots
     }
 
-    /// Reads a live (or pinned) service: config and buckets from `maps`, live slots from `sockets`.
-    /// Every slot of the array counts, not only those below slot_count: the program selects a
-    /// bucket's slot whenever it has a socket (slot_count bounds only the fallback probe).
+    /// A snapshot whose fallback table is the one the data plane would write for these live slots.
+    public init(seed: UInt32, slotCount: UInt32, buckets: [UInt32], liveSlots: Set<UInt32>) {
+        let live = liveSlots.sorted()
+        self.init(seed: seed, slotCount: slotCount, buckets: buckets,
+                  fallback: live.isEmpty ? [] : BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: live),
+                  liveCount: UInt32(live.count), liveSlots: liveSlots)
+    }
+
+    /// Reads a live (or pinned) service: config, buckets and fallback from `maps`, live slots
+    /// from `sockets`. Every slot of the array counts, not only those below slot_count: the
+    /// program selects a bucket's slot whenever it has a socket.
     public init(maps: DispatchMaps, sockets: SocketArray) throws {
         let config = try maps.readConfig()
         self.init(seed: config.seed, slotCount: config.slot_count,
                   buckets: try maps.readBuckets(count: Int(min(config.bucket_count, UInt32(RP_MAX_BUCKETS) + 1))),
+                  fallback: try maps.readFallback(), liveCount: config.live_count,
                   liveSlots: try sockets.liveSlots(below: Int(RP_MAX_SLOTS)))
     }
 
@@ -43,19 +61,17 @@ public struct SteeringSnapshot: Sendable {
         guard (1...Int(RP_MAX_BUCKETS)).contains(buckets.count) else {
             return Placement(hash: hash, bucket: 0, bucketSlot: 0, slot: nil)
         }
-        let bucket = hash % UInt32(buckets.count)
+        let bucket = FlowHash.bucket(hash: hash, count: UInt32(buckets.count))
         let bucketSlot = buckets[Int(bucket)]
+        var placement = Placement(hash: hash, bucket: bucket, bucketSlot: bucketSlot, slot: nil)
         if liveSlots.contains(bucketSlot) {
-            return Placement(hash: hash, bucket: bucket, bucketSlot: bucketSlot, slot: bucketSlot)
+            placement.slot = bucketSlot
+        } else if liveCount > 0, fallback.count == Int(RP_FALLBACK_BUCKETS) {
+            let first = FlowHash.fallbackIndex(hash: hash)
+            placement.slot = (0..<UInt32(RP_FALLBACK_TRIES)).lazy
+                .map { self.fallback[Int((first + $0) & UInt32(RP_FALLBACK_BUCKETS - 1))] }
+                .first { self.liveSlots.contains($0) }
         }
-        let n = min(slotCount, UInt32(RP_MAX_SLOTS))
-        let start = FlowHash.fallbackStart(hash: hash, slotCount: n)
-        for i in 0..<n {
-            let slot = (start + i) % n
-            if liveSlots.contains(slot) {
-                return Placement(hash: hash, bucket: bucket, bucketSlot: bucketSlot, slot: slot)
-            }
-        }
-        return Placement(hash: hash, bucket: bucket, bucketSlot: bucketSlot, slot: nil)
+        return placement
     }
 }

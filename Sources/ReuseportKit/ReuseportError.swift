@@ -11,6 +11,10 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
     case abiMismatch(map: String, field: String, kernel: Int, expected: Int)
     /// Input that can never work: a malformed address, a slot out of range.
     case invalidArgument(String)
+    /// The kernel's verifier refused `program` of `object`: `verdict` is what it said last (for
+    /// example "BPF program is too large. Processed 1000001 insn"), `logPath` a file with its
+    /// whole log, when that could be written.
+    case programRefused(object: String, program: String, errno: Int32, verdict: String, logPath: String?)
 
     public var description: String {
         switch self {
@@ -23,13 +27,25 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
                 + "; the pinned maps belong to another version of reuseportd (remove the pins or use that version)"
         case .invalidArgument(let text):
             return text
+        case .programRefused(let object, let program, let errno, let verdict, let logPath):
+            var text = "bpf_object__load(\(object)): the kernel's verifier refused program \(program): "
+                + (verdict.isEmpty ? "it gave no reason" : verdict)
+                + " (errno \(errno), \(String(cString: strerror(errno))))"
+            text += logPath.map { "; verifier log: \($0)" } ?? ""
+            return text + "; \(Self.refusedHint)"
         }
     }
 
-    /// The errno of a `.system` error.
+    static let refusedHint = "this kernel cannot run this build of the program: check `reuseportctl features`, "
+        + "and report the kernel (uname -r) with the verifier log"
+
+
+    /// The errno of a `.system` or `.programRefused` error.
     public var errno: Int32? {
-        if case .system(_, let errno, _) = self { return errno }
-        return nil
+        switch self {
+        case .system(_, let errno, _), .programRefused(_, _, let errno, _, _): return errno
+        default: return nil
+        }
     }
 
     /// Builds a `.system` error from `errno` with the hint usual for that call and errno.
@@ -37,15 +53,22 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
         .system(call: call, errno: code, hint: hint(call: call, errno: code))
     }
 
+    /// The hint for `errno` from `call`: chosen by the call and the errno together, never by
+    /// the errno alone (E2BIG means "key beyond the map" from a map call, but "program too
+    /// large" or "attribute too big" from others).
     private static func hint(call: String, errno: Int32) -> String? {
+        let bpf = call.hasPrefix("bpf")
+        let mapCall = call.hasPrefix("bpf_map_")
         switch errno {
-        case EPERM where call.hasPrefix("bpf") || call.hasPrefix("mount"):
+        case EPERM where bpf || call.hasPrefix("mount"):
             return "needs root, or CAP_BPF with CAP_NET_ADMIN (and CAP_SYS_ADMIN to mount bpffs)"
+        case EPERM where call.hasPrefix("bind"), EACCES where call.hasPrefix("bind"):
+            return "ports below 1024 need root or CAP_NET_BIND_SERVICE"
         case EPERM, EACCES:
-            return call.hasPrefix("bind") ? "ports below 1024 need root or CAP_NET_BIND_SERVICE" : "needs root"
-        case EADDRINUSE:
+            return "needs root"
+        case EADDRINUSE where call.hasPrefix("bind") || call.hasPrefix("listen"):
             return "another socket holds this address without SO_REUSEPORT, or under another user"
-        case EADDRNOTAVAIL:
+        case EADDRNOTAVAIL where call.hasPrefix("bind"):
             return "the address is not configured on any interface of this host"
         case ENOENT where call.hasPrefix("bpf_obj_get"):
             return "nothing is pinned there: is the daemon running, and is --pin-dir right?"
@@ -53,9 +76,9 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
             return "a socket must be bound (TCP: listening) with SO_REUSEPORT before it enters the array"
         case EBUSY where call.contains("sockarray"):
             return "the socket is already in the array (at this slot or another) or in another one: remove it first"
-        case E2BIG:
+        case E2BIG where mapCall:
             return "the key is beyond the map's size"
-        case ENOMEM where call.hasPrefix("bpf"):
+        case ENOMEM where bpf:
             return "kernels before 5.11 charge maps to RLIMIT_MEMLOCK: raise it (ulimit -l) or run as root"
         default:
             return nil

@@ -1,12 +1,22 @@
 import CReuseportABI
 
 /// The steering data plane of one service: for each listener a reuseport group of one
-/// socket per slot, its program attached, the socket array filled; one bucket table
-/// and one configuration for all listeners.
+/// socket per slot, its program attached, the socket array filled; one bucket table, one
+/// fallback table and one configuration for all listeners.
 ///
 /// It owns the sockets: a slot's socket outlives any worker that serves it, which is
 /// what lets a replacement worker take over the same socket (and the datagrams queued
 /// in it) without moving a single flow.
+///
+/// It is the only writer of the service's maps (rp_config, rp_buckets, rp_fallback, the
+/// socket arrays, rp_slot_state) and holds what they must say:
+/// - the *nominal* bucket table (`buckets`): where each bucket's flows belong;
+/// - the failover overlay (`failedOver`): slots whose buckets are lent to the others;
+/// - the *effective* table (`effectiveBuckets`): the nominal one with the overlay laid over
+///   it, which is what rp_buckets holds;
+/// - the fallback table (`fallback`): rp_fallback, spread over the slots holding a socket.
+/// Every change (resize, failover, restore, a slot closed or reopened) is one operation
+/// here, so that no write ever puts a table in the kernel that the others do not know.
 public final class ServiceDataPlane: @unchecked Sendable {
     public struct Options: Sendable {
         public var bucketCount: Int
@@ -36,15 +46,24 @@ public final class ServiceDataPlane: @unchecked Sendable {
     }
 
     public let options: Options
+    /// The service's maps, for reading (counters, tables, state). Only this type writes them.
     public let maps: DispatchMaps
     public let listeners: [Listener]
-    /// The table last written to rp_buckets.
-    public private(set) var buckets: [UInt32]
-    /// Slot indices in use (each with one socket per listener).
+    /// Slot indices in use: 0..<slot count.
     public private(set) var slots: [UInt32]
+    /// The nominal bucket table: where each bucket's flows belong.
+    public private(set) var buckets: [UInt32]
+    /// Slots whose buckets are failed over: spread over the other slots in rp_buckets.
+    public private(set) var failedOver: Set<UInt32> = []
+    /// The table rp_buckets holds: `buckets` with the failed-over slots' buckets spread over
+    /// the other slots, moving no other bucket.
+    public private(set) var effectiveBuckets: [UInt32]
+    /// The table rp_fallback holds: the slots holding a socket, each on about
+    /// RP_FALLBACK_BUCKETS / live entries.
+    public private(set) var fallback: [UInt32]
 
     /// Binds `slotCount` sockets on each endpoint, loads and attaches the program, fills the
-    /// arrays and writes the configuration and an even bucket table.
+    /// arrays and writes the configuration, an even bucket table and the fallback table.
     public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options()) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         guard (1...Int(RP_MAX_SLOTS)).contains(slotCount) else {
@@ -69,17 +88,23 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         self.maps = shared!
         self.listeners = listeners
-        self.slots = []
-        self.buckets = []
-        for slot in 0..<UInt32(slotCount) { try openSlot(slot) }
-        slots = Array(0..<UInt32(slotCount))
-        buckets = BucketAssignment.initial(bucketCount: options.bucketCount, slots: slots)
+        self.slots = Array(0..<UInt32(slotCount))
+        self.buckets = BucketAssignment.initial(bucketCount: options.bucketCount, slots: slots)
+        self.effectiveBuckets = buckets
+        self.fallback = BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: slots)
+        for slot in slots { try insertSockets(slot) }
         try maps.writeBuckets(buckets)
-        try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: slotCount)
+        try maps.writeFallback(fallback)
+        try spreadFallback(over: liveSlots)
     }
 
-    /// Binds (if not yet bound) and inserts the slot's socket on every listener.
-    private func openSlot(_ slot: UInt32) throws {
+    /// The slots that hold a socket (on the first listener; every operation here fills and
+    /// empties a slot on all listeners together).
+    public var liveSlots: [UInt32] { listeners[0].sockets.keys.sorted() }
+
+    /// Binds (if not yet bound) and inserts the slot's socket on every listener. The fallback
+    /// table is the caller's to spread over it.
+    private func insertSockets(_ slot: UInt32) throws {
         try maps.resetSlotCounters(slot)
         for listener in listeners {
             let socket = try listener.sockets[slot]
@@ -90,6 +115,41 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
     }
 
+    /// Takes the slot's sockets out of the arrays and closes them. The fallback table must no
+    /// longer name the slot.
+    private func removeSockets(_ slot: UInt32) throws {
+        for listener in listeners {
+            try listener.program.sockets.remove(at: slot)
+            listener.sockets.removeValue(forKey: slot)?.close()
+        }
+    }
+
+    /// Writes rp_fallback spread over `live` (moving the fewest entries), then rp_config with
+    /// its live count: a socket enters the array before the fallback names it, and leaves it
+    /// only after the fallback no longer does. With no live slot, live_count 0 tells the
+    /// program to drop, and the table stays as it was.
+    private func spreadFallback(over live: [UInt32]) throws {
+        if !live.isEmpty {
+            let table = BucketAssignment.rebalance(fallback, to: live)
+            try maps.writeFallback(table, previous: fallback)
+            fallback = table
+        }
+        try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: slots.count,
+                             liveCount: live.count)
+    }
+
+    /// Writes `table` to rp_buckets (the entries that differ from `effectiveBuckets`). If a
+    /// write fails, the kernel's table is not known: the whole previous table is written back.
+    private func writeEffective(_ table: [UInt32]) throws {
+        do {
+            try maps.writeBuckets(table, previous: effectiveBuckets)
+        } catch {
+            try? maps.writeBuckets(effectiveBuckets)
+            throw error
+        }
+        effectiveBuckets = table
+    }
+
     /// The sockets of `slot`, one per listener, in listener order: what its worker gets.
     public func sockets(ofSlot slot: UInt32) -> [ReuseportSocket] {
         listeners.compactMap { $0.sockets[slot] }
@@ -97,73 +157,93 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     /// Changes the number of slots to `count` (slots 0..<count), moving the fewest buckets.
     /// New slots' sockets are bound and inserted before any bucket points at them; removed
-    /// slots lose their buckets before their sockets leave the arrays and close.
-    /// Returns the number of buckets that moved.
+    /// slots lose their buckets before their sockets leave the arrays and close. A slot that
+    /// is failed over stays so (its buckets are never given back, not even between two
+    /// writes); a removed one is no longer. Returns the number of nominal buckets that moved.
     ///
     /// If binding or inserting a new slot's socket or writing the table fails, the table is
     /// written back and the new slots' sockets leave the arrays and close before the error is
     /// thrown: a socket left in an array would make the next insert at its slot fail with EBUSY.
-    ///
-    /// - Parameters:
-    ///   - written: makes the table written to rp_buckets from the new `buckets` (by default the
-    ///     same). The daemon lays its failover over it here, so that no write ever gives a
-    ///     failed-over slot its buckets back. It may name only slots below `count`.
-    ///   - current: the table rp_buckets holds now, if not `buckets` (the daemon's failover).
     @discardableResult
-    public func resize(to count: Int, written: ([UInt32]) -> [UInt32] = { $0 }, current: [UInt32]? = nil) throws
-        -> Int
-    {
+    public func resize(to count: Int) throws -> Int {
         guard (1...Int(RP_MAX_SLOTS)).contains(count) else {
             throw ReuseportError.invalidArgument("slot count \(count) is outside 1...\(RP_MAX_SLOTS)")
         }
         let target = Array(0..<UInt32(count))
-        let previous = buckets
-        let inKernel = current ?? buckets
         let table = BucketAssignment.rebalance(buckets, to: target)
-        let writing = written(table)
-        guard writing.count == options.bucketCount, writing.allSatisfy({ $0 < UInt32(count) }) else {
-            throw ReuseportError.invalidArgument("the table to write must have \(options.bucketCount) entries, all below \(count)")
-        }
+        let failed = failedOver.filter { $0 < UInt32(count) }
         let added = target.filter { !slots.contains($0) }
         do {
-            for slot in added { try openSlot(slot) }
-            try maps.writeBuckets(writing, previous: inKernel)
+            for slot in added { try insertSockets(slot) }
+            try spreadFallback(over: liveSlots)
+            try writeEffective(BucketAssignment.overlay(table, slots: target, failed: failed))
         } catch {
-            // A failed write may have left part of the new table: write all of the old one.
-            try? maps.writeBuckets(inKernel)
-            for slot in added { try? closeSlot(slot) }
+            try? spreadFallback(over: liveSlots.filter { !added.contains($0) })
+            for slot in added { try? removeSockets(slot) }
             throw error
         }
-        buckets = table
+        let moved = BucketAssignment.moved(from: buckets, to: table)
         let removed = slots.filter { $0 >= UInt32(count) }
-        // slot_count shrinks only after no bucket names a removed slot.
-        try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: count)
-        for slot in removed { try closeSlot(slot) }
+        buckets = table
+        failedOver = failed
         slots = target
-        return BucketAssignment.moved(from: previous, to: table)
+        // No bucket names a removed slot any more: once the fallback does not either, their
+        // sockets may leave (and slot_count shrinks with it).
+        try spreadFallback(over: liveSlots.filter { $0 < UInt32(count) })
+        for slot in removed { try removeSockets(slot) }
+        return moved
     }
 
-    /// Writes a new bucket table (only the entries that change).
+    /// Replaces the nominal bucket table; rp_buckets gets it with the failover laid over it.
     public func setBuckets(_ table: [UInt32]) throws {
         guard table.count == options.bucketCount else {
             throw ReuseportError.invalidArgument("bucket table has \(table.count) entries, expected \(options.bucketCount)")
         }
-        try maps.writeBuckets(table, previous: buckets)
+        try writeEffective(BucketAssignment.overlay(table, slots: slots, failed: failedOver))
         buckets = table
     }
 
-    /// Takes the slot's sockets out of the arrays and closes them (its flows fall back).
-    public func closeSlot(_ slot: UInt32) throws {
-        for listener in listeners {
-            try listener.program.sockets.remove(at: slot)
-            listener.sockets.removeValue(forKey: slot)?.close()
+    /// Spreads `slot`'s buckets over the other slots that are not failed over, moving no other
+    /// bucket. Returns how many buckets it lent.
+    @discardableResult
+    public func failOver(_ slot: UInt32) throws -> Int {
+        try setFailedOver(failedOver.union([slot]), slot)
+    }
+
+    /// Gives a failed-over slot back exactly the buckets it lent. Returns how many.
+    @discardableResult
+    public func restore(_ slot: UInt32) throws -> Int {
+        try setFailedOver(failedOver.subtracting([slot]), slot)
+    }
+
+    private func setFailedOver(_ failed: Set<UInt32>, _ slot: UInt32) throws -> Int {
+        guard slots.contains(slot) else {
+            throw ReuseportError.invalidArgument("slot \(slot) is not in use (slots 0...\(slots.count - 1))")
         }
+        let table = BucketAssignment.overlay(buckets, slots: slots, failed: failed)
+        let moved = BucketAssignment.moved(from: effectiveBuckets, to: table)
+        try writeEffective(table)
+        failedOver = failed
+        return moved
+    }
+
+    /// Takes the slot's sockets out of the arrays and closes them; its flows fall back. The
+    /// fallback table stops naming the slot first.
+    public func closeSlot(_ slot: UInt32) throws {
+        try spreadFallback(over: liveSlots.filter { $0 != slot })
+        try removeSockets(slot)
     }
 
     /// Puts a fresh socket at `slot` on every listener (after `closeSlot`, or to replace one).
     public func reopenSlot(_ slot: UInt32) throws {
-        for listener in listeners { listener.sockets.removeValue(forKey: slot)?.close() }
-        try openSlot(slot)
+        if listeners.contains(where: { $0.sockets[slot] != nil }) { try closeSlot(slot) }
+        try insertSockets(slot)
+        try spreadFallback(over: liveSlots)
+    }
+
+    /// Publishes a slot's worker row in rp_slot_state (for reuseportctl).
+    public func publish(_ state: rp_slot_state, slot: UInt32) throws {
+        try maps.writeSlotState(slot, state)
     }
 
     /// What the program would do with a flow now.

@@ -8,7 +8,7 @@ import ReuseportTestSupport
 /// Does the kernel load and run the steering program, and does it know every field of
 /// `struct sk_reuseport_md` that the program reads?
 enum ProgramChecks {
-    static let all: [Check] = [loadAndAttach, contextFields]
+    static let all: [Check] = [loadAndAttach, verifierBudget, verifierRefusal, contextFields]
 
     static let loadAndAttach = Check(
         "program-load-attach",
@@ -23,6 +23,7 @@ enum ProgramChecks {
         }
         context.record("xlated_insns", info.xlated_prog_len / 8)
         context.record("jited_bytes", info.jited_prog_len)
+        context.record("verified_insns", program.verifier.processedInstructions.map(String.init) ?? "?")
 
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
         let payload = [UInt8](repeating: 0x42, count: 100)
@@ -39,6 +40,23 @@ enum ProgramChecks {
         try context.expect(global.unparsable == 0 && global.dropped_no_slot == 0,
                            "unparsable \(global.unparsable), dropped \(global.dropped_no_slot)")
         return "loaded (\(info.xlated_prog_len / 8) insns), attached, 1 datagram steered and counted"
+    }
+
+    static let verifierBudget = Check(
+        "verifier-budget",
+        "the verifier processes at most \(VerifierScenario.dispatchBudget) instructions for the steering program"
+    ) { context in
+        let processed = try VerifierScenario.dispatchWithinBudget()
+        context.record("verified_insns", processed)
+        return "\(processed) instructions processed (budget \(VerifierScenario.dispatchBudget), kernel limit 1000000)"
+    }
+
+    static let verifierRefusal = Check(
+        "verifier-refusal",
+        "a program the verifier refuses as too large is reported with the verifier's verdict, not a map hint"
+    ) { _ in
+        let text = try VerifierScenario.refusalNamesTheVerdict()
+        return "refused: \(text.split(separator: ";").first ?? "")"
     }
 
     /// The fields of `struct sk_reuseport_md` (include/uapi/linux/bpf.h) with their offsets

@@ -31,10 +31,22 @@ enum SteeringChecks {
     static let all: [Check] =
         Transport.allCases.flatMap { transport in
             Family.allCases.flatMap { family in groupSizes.map { exactSlot(transport, family, slots: $0) } }
-        } + [closedSocketLeavesArray, replacingKeepsFlows, kernelDefaultMovesFlows, foreignSocketGetsNothing]
+        } + [Family.v4, .v6].map(fallbackTable)
+        + [closedSocketLeavesArray, replacingKeepsFlows, kernelDefaultMovesFlows, foreignSocketGetsNothing]
 
     static func service(_ transport: Transport, _ family: Family, slots: Int) throws -> ServiceDataPlane {
         try Fixture.service(transport, on: family.listen, slots: slots, v6Only: family != .mapped)
+    }
+
+    /// Emptied slots' flows go where `which` predicts through the fallback table, are counted,
+    /// and come back when the slots are refilled (FallbackScenario).
+    static func fallbackTable(_ family: Family) -> Check {
+        Check("fallback-udp\(family.rawValue)",
+              "flows of 2 emptied slots of 8 fall back to the predicted live slot, counted; refilling restores them") { _ in
+            let plane = try service(.udp, family, slots: 8)
+            return try FallbackScenario.run(plane, clients: try Traffic.clients(256, on: family.client), emptied: [2, 5],
+                                            destination: destination(of: plane, family))
+        }
     }
 
     /// The address clients send to (for [::], the IPv4 loopback on the same port).

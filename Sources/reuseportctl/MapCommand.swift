@@ -60,7 +60,7 @@ struct MapDumpCommand: ParsableCommand {
             text += "  config     not written yet: the program drops every packet\n"
         } else {
             text += "  seed \(HumanFormat.hex32(config.seed))  buckets \(config.bucket_count)"
-                + "  slots \(config.slot_count)  abi \(config.abi_version)\n"
+                + "  slots \(config.slot_count)  live \(config.live_count)  abi \(config.abi_version)\n"
         }
         text += "  global     \(globalSummary(service.global))\n"
         if let problem = service.diagnosticsProblem { text += "  drops      unknown: \(problem)\n" }
@@ -112,6 +112,7 @@ struct MapDump: Encodable {
         var seed: UInt32
         var bucketCount: UInt32
         var slotCount: UInt32
+        var liveCount: UInt32
         var listeners: [Listener]
         var global: Global
         var slots: [Slot]
@@ -174,7 +175,7 @@ struct MapDump: Encodable {
             Service(
                 name: service.name, pinDirectory: service.directory, abiVersion: service.config.abi_version,
                 seed: service.config.seed, bucketCount: service.config.bucket_count,
-                slotCount: service.config.slot_count,
+                slotCount: service.config.slot_count, liveCount: service.config.live_count,
                 listeners: service.listeners.map {
                     Listener(index: $0.index, endpoint: $0.endpoint?.description, liveSlots: $0.cookies.keys.sorted())
                 },

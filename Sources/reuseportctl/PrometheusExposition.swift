@@ -59,6 +59,10 @@ enum PrometheusExposition {
             }
         }
         family("reuseport_slots", "gauge", "Slots configured (rp_config.slot_count).") { [([], "\($0.config.slot_count)")] }
+        family("reuseport_live_slots", "gauge",
+               "Slots holding a socket, over which the fallback table is spread (rp_config.live_count).") {
+            [([], "\($0.config.live_count)")]
+        }
         family("reuseport_buckets", "gauge", "Entries of the bucket table in use.") { [([], "\($0.config.bucket_count)")] }
         let global: [(String, String, (rp_global_stats) -> UInt64)] = [
             ("reuseport_dropped_no_slot_total", "Packets dropped because no slot had a socket (or no configuration).",

@@ -49,6 +49,8 @@ struct ServiceSnapshot: Sendable {
     var directory: String
     var config: rp_config
     var buckets: [UInt32]
+    /// rp_fallback (empty when the service is not configured).
+    var fallback: [UInt32]
     var listeners: [Listener]
     var slots: [Slot]
     var global: rp_global_stats
@@ -63,7 +65,8 @@ struct ServiceSnapshot: Sendable {
     /// What the program of `listener` sees: the shared tables and that listener's live slots.
     func steering(listener: Int) -> SteeringSnapshot {
         let live = Set(listeners.first { $0.index == listener }?.cookies.keys.map { $0 } ?? [])
-        return SteeringSnapshot(seed: config.seed, slotCount: config.slot_count, buckets: buckets, liveSlots: live)
+        return SteeringSnapshot(seed: config.seed, slotCount: config.slot_count, buckets: buckets, fallback: fallback,
+                                liveCount: config.live_count, liveSlots: live)
     }
 }
 
@@ -173,6 +176,7 @@ struct ServiceReader {
             // no more than RP_MAX_BUCKETS entries, and a count up to 2^32 - 1 would take hours to read.
             let buckets = config.abi_version == 0 || !(1...UInt32(RP_MAX_BUCKETS)).contains(config.bucket_count)
                 ? [] : try maps.readBuckets(count: Int(config.bucket_count))
+            let fallback = config.abi_version == 0 ? [] : try maps.readFallback()
             var listeners: [ServiceSnapshot.Listener] = []
             for index in layout.listeners() {
                 let array = try SocketArray(pinned: layout, listener: index)
@@ -198,7 +202,7 @@ struct ServiceReader {
                 slots.append(.init(index: slot, state: state, counters: try maps.slotCounters(slot),
                                    buckets: perSlot[Int(slot)], sockets: sockets))
             }
-            return ServiceSnapshot(name: name, directory: layout.serviceDirectory, config: config, buckets: buckets,
+            return ServiceSnapshot(name: name, directory: layout.serviceDirectory, config: config, buckets: buckets, fallback: fallback,
                                    listeners: listeners, slots: slots, global: try maps.globalCounters())
         } catch {
             throw CtlError.unreadablePins(service: name, directory: layout.serviceDirectory, underlying: error)

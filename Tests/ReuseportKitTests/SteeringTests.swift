@@ -111,40 +111,17 @@ struct SteeringTests {
     }
 
     /// An empty slot's flows go to the predicted fallback slot and are counted; refilling
-    /// the slot brings them back.
+    /// the slot brings them back (FallbackScenario: kernel-check runs it on every kernel too).
     @Test(arguments: families)
     func emptySlotFallsBackDeterministically(address: IPAddress) throws {
         let plane = try service(.udp, on: address, slots: 4)
-        let destination = plane.listeners[0].endpoint.address
-        let clients = try Traffic.clients(400, on: address)
-        let before = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        try plane.closeSlot(2)
+        try FallbackScenario.run(plane, clients: try Traffic.clients(400, on: address), emptied: [2])
+    }
 
-        let snapshot = try plane.snapshot()
-        #expect(snapshot.liveSlots == [0, 1, 3])
-        let during = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        var fellBack = 0
-        for client in clients {
-            let placement = snapshot.placement(of: FlowTuple(.udp, from: client.local, to: destination))
-            #expect(during[client.local] == placement.slot)
-            if before[client.local] == 2 {
-                fellBack += 1
-                #expect(placement.isFallback)
-            } else {
-                #expect(during[client.local] == before[client.local], "flows of live slots stay")
-            }
-        }
-        #expect(fellBack > 0)
-        let fallbacks = try [0, 1, 3].map { try plane.maps.slotCounters($0).fallbacks }.reduce(0, +)
-        #expect(fallbacks == UInt64(fellBack))
-        #expect(try plane.maps.globalCounters().fallbacks == UInt64(fellBack))
-        // The same flow always falls back to the same slot.
-        let again = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        #expect(again == during)
-
-        try plane.reopenSlot(2)
-        let restored = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        #expect(restored == before)
+    /// Two empty slots of eight: each one's flows spread over the six live slots.
+    @Test func twoEmptySlotsFallBackDeterministically() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 8)
+        try FallbackScenario.run(plane, clients: try Traffic.clients(400, on: .loopbackV4), emptied: [2, 5])
     }
 
     /// With no live slot the program drops and counts; it never lets the kernel choose.

@@ -86,8 +86,8 @@ final class PinnedService {
     /// Writes rp_slot_state for `slot` as the daemon does.
     func setState(_ slot: UInt32, pid: UInt32, state: WorkerState, restarts: UInt32 = 0, since: UInt64) throws {
         let cookie = try plane.listeners[0].sockets[slot]?.cookie() ?? 0
-        try plane.maps.writeSlotState(slot, rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts,
-                                                          generation: 0, since_ns: since, socket_cookie: cookie))
+        try plane.publish(rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts, generation: 0,
+                                        since_ns: since, socket_cookie: cookie), slot: slot)
     }
 
     func cookie(_ slot: UInt32) throws -> UInt64 { try plane.listeners[0].sockets[slot]!.cookie() }

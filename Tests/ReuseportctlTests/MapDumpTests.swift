@@ -32,6 +32,7 @@ struct MapDumpTests {
         #expect(svc["seed"] as? Int == 0x5eed)
         #expect(svc["bucket_count"] as? Int == 64)
         #expect(svc["slot_count"] as? Int == 4)
+        #expect(svc["live_count"] as? Int == 4)
         let listeners = try #require(svc["listeners"] as? [[String: Any]])
         #expect(listeners.first?["endpoint"] as? String == service.endpoint.description)
         let slots = try #require(svc["slots"] as? [[String: Any]])
@@ -60,7 +61,7 @@ struct MapDumpTests {
         #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors"])
         #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
-                                  "listeners", "global", "socket_diagnostics_error", "slots"])
+                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots"])
         #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
         #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors"])
         #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "generation", "since_ns", "seconds_in_state",
@@ -96,7 +97,7 @@ struct MapDumpTests {
         let expected = """
             service dns  (\(root.path)/dns)
               listeners  0: \(service.endpoint)
-              seed 0x00000abc  buckets 12  slots 3  abi 1
+              seed 0x00000abc  buckets 12  slots 3  live 3  abi \(RP_ABI_VERSION)
               global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0
 
               SLOT  PID  STATE    RESTARTS  IN STATE  BUCKETS  PACKETS    BYTES  FALLBACKS  DROPS  \(right("COOKIE", width))

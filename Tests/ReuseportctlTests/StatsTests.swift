@@ -31,6 +31,7 @@ struct StatsTests {
         #expect(lines.contains("reuseport_slot_state{service=\"edge\",slot=\"1\",state=\"running\"} 1"))
         #expect(lines.contains("reuseport_dropped_no_slot_total{service=\"edge\"} 0"))
         #expect(lines.contains("reuseport_slots{service=\"edge\"} 3"))
+        #expect(lines.contains("reuseport_live_slots{service=\"edge\"} 3"))
         // Every sample line is NAME{labels} VALUE with a numeric value.
         for line in lines where !line.hasPrefix("#") {
             #expect(line.split(separator: " ").count == 2 && Double(line.split(separator: " ")[1]) != nil, "\(line)")

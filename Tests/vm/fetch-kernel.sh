@@ -4,10 +4,13 @@
 #   Tests/vm/fetch-kernel.sh KERNEL
 #
 # KERNEL is 5.10 (bullseye), 6.1 (bookworm), 6.12 (trixie), or a Debian suite name
-# (e.g. bookworm-backports): the suite's linux-image-cloud-amd64 is resolved to the
-# versioned image package, downloaded with a private apt configuration (its own
-# sources.list, state and cache under $VM_DIR/apt/<suite>; the system's apt is not
-# touched), and its /boot/vmlinuz-* extracted to $VM_DIR/kernels/<KERNEL>/vmlinuz.
+# (e.g. testing, the newest kernel Debian ships; bookworm-backports): the suite's
+# linux-image-cloud-amd64 is resolved to the versioned image package, downloaded with a
+# private apt configuration (its own sources.list, state and cache under
+# $VM_DIR/apt/<suite>; the system's apt is not touched), and its kernel extracted to
+# $VM_DIR/kernels/<KERNEL>/vmlinuz. Up to 6.x the image package holds /boot/vmlinuz-*;
+# from 7.x it holds no kernel and depends on linux-binary-<version>-cloud-amd64, which
+# has it at /usr/lib/modules/<version>/vmlinuz: both layouts are handled.
 # A kernel fetched once is reused without any network access; delete its folder
 # to fetch the suite's current one again.
 #
@@ -24,7 +27,7 @@ case $kernel in
 5.10) suite=bullseye ;;
 6.1) suite=bookworm ;;
 6.12) suite=trixie ;;
-*[!a-z-]* | '') echo "fetch-kernel: unknown kernel '$kernel' (use 5.10, 6.1, 6.12 or a Debian suite name)" >&2; exit 2 ;;
+*[!a-z-]* | '') echo "fetch-kernel: unknown kernel '$kernel' (use 5.10, 6.1, 6.12 or a Debian suite name such as testing)" >&2; exit 2 ;;
 *) suite=$kernel ;;
 esac
 
@@ -67,12 +70,22 @@ if [ -z "$image" ]; then
     exit 1
 fi
 version=$(apt-cache "${apt[@]}" show --no-all-versions "$image" | sed -n 's/^Version: //p' | head -n1)
-(cd "$apt_dir/cache/archives" && quiet apt-get "${apt[@]}" download "$image")
-deb=$(ls "$apt_dir"/cache/archives/"${image}"_*.deb | head -n1)
+# From 7.x the image package is a shell that depends on linux-binary-<version>-cloud-amd64.
+binary=$(apt-cache "${apt[@]}" depends "$image" | sed -n 's/^ *Depends: \(linux-binary-[0-9][^ ]*-cloud-amd64\).*/\1/p' | head -n1)
+(cd "$apt_dir/cache/archives" && quiet apt-get "${apt[@]}" download "$image" ${binary:+"$binary"})
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards './boot/vmlinuz-*'
-mv "$tmp"/boot/vmlinuz-* "$out/vmlinuz"
+for package in "$image" $binary; do
+    deb=$(ls "$apt_dir"/cache/archives/"${package}"_*.deb | head -n1)
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" --wildcards --no-wildcards-match-slash \
+        './boot/vmlinuz-*' './usr/lib/modules/*/vmlinuz' 2>/dev/null || true
+done
+kernel_file=$(ls "$tmp"/boot/vmlinuz-* "$tmp"/usr/lib/modules/*/vmlinuz 2>/dev/null | head -n1 || true)
+if [ -z "$kernel_file" ]; then
+    echo "fetch-kernel: neither $image nor ${binary:-its dependencies} holds a vmlinuz" >&2
+    exit 1
+fi
+mv "$kernel_file" "$out/vmlinuz"
 echo "$image $version ($suite)" >"$out/package"
 echo "$out/vmlinuz"

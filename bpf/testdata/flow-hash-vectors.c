@@ -3,7 +3,7 @@
  * Prints flow-hash test vectors from the hash in dispatch.h (the code the BPF program
  * compiles), for the Swift implementation to be checked against:
  *   make vectors   (writes bpf/testdata/flow-hash-vectors.txt)
- * Line format: seed proto source destination hash bucket/4096 fallback-start/7
+ * Line format: seed proto source destination hash bucket/4096 fallback-index
  */
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -48,7 +48,7 @@ int main(void)
 		printf("0x%08x %s %s%s%s:%u %s%s%s:%u 0x%08x %u %u\n", v->seed, v->proto,
 		       v4 ? "" : "[", v->src, v4 ? "" : "]", v->sport,
 		       v4 ? "" : "[", v->dst, v4 ? "" : "]", v->dport, h, h % 4096,
-		       rp_fallback_start(h, 7));
+		       rp_fallback_index(h));
 	}
 	return 0;
 }

@@ -1,0 +1,82 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportTestPrograms
+import ReuseportKit
+
+/// The verifier's side of the data plane: what loading costs, and what a refusal says.
+/// Run by a `@Test` on the running kernel and by kernel-check on every kernel of the VM matrix.
+public enum VerifierScenario {
+    /// The most instructions the verifier may process for rp_dispatch on any kernel we test.
+    ///
+    /// The kernel refuses a program past 1,000,000 (BPF_COMPLEXITY_LIMIT_INSNS), and how many
+    /// it processes for the same object changes with the kernel's pruning: the probe loop of
+    /// ABI 1 passed on 5.10 to 6.18 and was refused on 7.2. The budget is 5 % of the limit, a
+    /// factor of 20 against such swings, and still leaves the features to come (flow tracking,
+    /// generations, QUIC connection IDs) room to grow from today's program (under 1,000) to
+    /// about 50 times its size. A program over budget must be made cheaper, not the budget larger.
+    public static let dispatchBudget = 50_000
+
+    /// The program of bpf/too_large.bpf.c.
+    public static let tooLargeProgram = RP_PROG_TEST_TOO_LARGE
+
+    /// Loads the steering program; fails if the verifier processed more than the budget.
+    /// Returns the processed count.
+    public static func dispatchWithinBudget() throws -> Int {
+        let program = try DispatchProgram()
+        guard let processed = program.verifier.processedInstructions else {
+            throw ScenarioFailure("the verifier's log has no \"processed N insns\" line: \(program.verifier.log)")
+        }
+        try require(processed <= dispatchBudget,
+                    "\(RP_PROG_DISPATCH): the verifier processed \(processed) instructions, over the budget of "
+                        + "\(dispatchBudget)")
+        return processed
+    }
+
+    /// Loads bpf/too_large.bpf.c, which every verifier must refuse as too large, and checks what
+    /// the error says: the program, the verifier's verdict naming its limit, a log file that
+    /// holds it, and no hint meant for map calls. Returns the error's text.
+    public static func refusalNamesTheVerdict() throws -> String {
+        let error: ReuseportError
+        do {
+            let reports = try VerifierReport.verify(object: rp_test_too_large_object(),
+                                                    count: rp_test_too_large_object_size(), name: "too_large.bpf.o")
+            throw ScenarioFailure("the verifier accepted \(RP_PROG_TEST_TOO_LARGE): \(reports)")
+        } catch let refused as ReuseportError {
+            error = refused
+        }
+        guard case .programRefused(_, let program, let code, let verdict, let logPath) = error else {
+            throw ScenarioFailure("expected a refusal by the verifier, got: \(error)")
+        }
+        let text = error.description
+        try require(program == RP_PROG_TEST_TOO_LARGE, "the error names program \(program)")
+        try require(code == E2BIG, "errno \(code), expected E2BIG (\(E2BIG)): \(text)")
+        try require(verdict.contains("too large") && verdict.contains("processed 1000001 insns"),
+                    "the verdict does not name the verifier's limit: \(verdict)")
+        try require(!text.contains("the key is beyond the map's size"), "a map hint on a program load: \(text)")
+        let path = try logPath ?? { throw ScenarioFailure("no verifier log file: \(text)") }()
+        try require(text.contains(path), "the error does not name the log file: \(text)")
+        let log = try FileText.contents(of: path)
+        try require(log.contains("processed 1000001 insns"), "the log file \(path) lacks the verdict: \(log)")
+        unlink(path)
+        return text
+    }
+}
+
+/// Reads a small text file whole.
+enum FileText {
+    static func contents(of path: String) throws -> String {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw ScenarioFailure("open(\(path)): errno \(errno)") }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = Glibc.read(fd, &buffer, buffer.count)
+            if count < 0 && errno == EINTR { continue }
+            if count <= 0 { break }
+            bytes += buffer[0..<count]
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}

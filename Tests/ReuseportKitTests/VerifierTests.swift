@@ -1,0 +1,50 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import ReuseportTestSupport
+import Testing
+@testable import ReuseportKit
+
+/// What the verifier says of our programs on the running kernel, and what a refusal reports.
+@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+struct VerifierTests {
+    /// The steering program's verification cost stays inside its budget (VerifierScenario).
+    @Test func dispatchIsWithinTheVerifierBudget() throws {
+        let processed = try VerifierScenario.dispatchWithinBudget()
+        #expect(processed > 0 && processed <= VerifierScenario.dispatchBudget)
+    }
+
+    /// A program the verifier refuses as too large: the error names the program, the verdict
+    /// with the verifier's limit and a log file, never a map hint.
+    @Test func aRefusedLoadNamesTheVerifiersVerdict() throws {
+        let text = try VerifierScenario.refusalNamesTheVerdict()
+        #expect(text.contains("refused program \(VerifierScenario.tooLargeProgram)"))
+    }
+}
+
+/// Hints are chosen by the call and the errno together.
+@Suite struct ErrorHintTests {
+    @Test func e2bigIsAMapHintOnlyForMapCalls() {
+        let map = ReuseportError.system("bpf_map_lookup_elem(rp_buckets[70000])", E2BIG)
+        #expect(map.description.contains("the key is beyond the map's size"))
+        let load = ReuseportError.system("bpf_object__load(dispatch.bpf.o)", E2BIG)
+        #expect(!load.description.contains("the key is beyond"), "\(load)")
+    }
+
+    @Test func verdictIsTheLastMessageWithTheStatistics() {
+        let log = """
+            0: R1=ctx() R10=fp0
+            BPF program is too large. Processed 1000001 insn
+            verification time 123 usec
+            stack depth 0
+            processed 1000001 insns (limit 1000000) max_states_per_insn 4 total_states 14903 peak_states 500
+
+            """
+        #expect(VerifierReport.verdict(of: log)
+                == "BPF program is too large. Processed 1000001 insn (processed 1000001 insns (limit 1000000) "
+                    + "max_states_per_insn 4 total_states 14903 peak_states 500)")
+        #expect(VerifierReport(log: log).processedInstructions == 1_000_001)
+        #expect(VerifierReport(log: "").processedInstructions == nil)
+    }
+}
