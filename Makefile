@@ -3,7 +3,7 @@
 #   make run        start the daemon with its built-in demo configuration
 #   make test       every test: unit + real-kernel tests + kernel-feature suite (needs root)
 #   make kernel-test  the kernel-feature suite on the running kernel (CHECKS=... picks checks)
-#   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12", KVM=1, BREAK=CHECK)
+#   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12 testing", KVM=1, BREAK=CHECK)
 #   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:

@@ -51,15 +51,17 @@ public struct VerifierReport: Sendable, Equatable {
         level & 3 == 0 ? 64 << 10 : 64 << 20
     }
 
-    /// The lines that say why a program was refused: the last message before the statistics,
-    /// with the statistics line itself ("processed N insns (limit ...)") when there is one.
+    /// The lines that say why a program was refused: the last (up to 3) messages before the
+    /// statistics, then the statistics line itself ("processed N insns (limit ...)") when there
+    /// is one. Kernels word and split the verdict differently (7.2 puts "insns processed N" on a
+    /// line of its own), so no single line is taken to be the whole of it.
     static func verdict(of log: String) -> String {
         let lines = log.split(separator: "\n").filter { !$0.allSatisfy(\.isWhitespace) }
         let statistics = lines.last { $0.hasPrefix("processed ") }
-        let message = lines.last {
+        let messages = lines.filter {
             !$0.hasPrefix("processed ") && !$0.hasPrefix("verification time") && !$0.hasPrefix("stack depth")
-        }
-        return [message.map(String.init), statistics.map { "(\($0))" }].compactMap { $0 }.joined(separator: " ")
+        }.suffix(3)
+        return (messages.map(String.init) + [statistics.map { "(\($0))" }].compactMap { $0 }).joined(separator: " ")
     }
 
     /// Writes a refused program's log to a new file of its own under $TMPDIR (or /tmp) and

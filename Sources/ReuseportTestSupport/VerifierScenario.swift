@@ -51,12 +51,12 @@ public enum VerifierScenario {
         let text = error.description
         try require(program == RP_PROG_TEST_TOO_LARGE, "the error names program \(program)")
         try require(code == E2BIG, "errno \(code), expected E2BIG (\(E2BIG)): \(text)")
-        try require(verdict.contains("too large") && verdict.contains("processed 1000001 insns"),
-                    "the verdict does not name the verifier's limit: \(verdict)")
+        let log = try logPath.map(FileText.contents(of:)) ?? ""
+        try require(verdict.contains("too large") && verdict.contains("processed 1000001 insns (limit 1000000)"),
+                    "the verdict does not name the verifier's limit: \(verdict); the log: \(log)")
         try require(!text.contains("the key is beyond the map's size"), "a map hint on a program load: \(text)")
         let path = try logPath ?? { throw ScenarioFailure("no verifier log file: \(text)") }()
         try require(text.contains(path), "the error does not name the log file: \(text)")
-        let log = try FileText.contents(of: path)
         try require(log.contains("processed 1000001 insns"), "the log file \(path) lacks the verdict: \(log)")
         unlink(path)
         return text

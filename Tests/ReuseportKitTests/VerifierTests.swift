@@ -42,8 +42,11 @@ struct VerifierTests {
 
             """
         #expect(VerifierReport.verdict(of: log)
-                == "BPF program is too large. Processed 1000001 insn (processed 1000001 insns (limit 1000000) "
-                    + "max_states_per_insn 4 total_states 14903 peak_states 500)")
+                == "0: R1=ctx() R10=fp0 BPF program is too large. Processed 1000001 insn (processed 1000001 insns "
+                    + "(limit 1000000) max_states_per_insn 4 total_states 14903 peak_states 500)")
+        // A verdict split over two lines keeps both.
+        #expect(VerifierReport.verdict(of: "BPF program is too large.\ninsns processed 7\nprocessed 7 insns (limit 9)\n")
+                == "BPF program is too large. insns processed 7 (processed 7 insns (limit 9))")
         #expect(VerifierReport(log: log).processedInstructions == 1_000_001)
         #expect(VerifierReport(log: "").processedInstructions == nil)
     }
