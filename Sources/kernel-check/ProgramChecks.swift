@@ -23,7 +23,6 @@ enum ProgramChecks {
         }
         context.record("xlated_insns", info.xlated_prog_len / 8)
         context.record("jited_bytes", info.jited_prog_len)
-        context.record("verified_insns", program.verifier.processedInstructions.map(String.init) ?? "?")
 
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
         let payload = [UInt8](repeating: 0x42, count: 100)
