@@ -51,8 +51,9 @@ let package = Package(
         .target(
             name: "ReuseportDaemon",
             dependencies: [
-                "ReuseportKit", "ReuseportControl", "CReuseportProcess",
+                "ReuseportKit", "ReuseportControl",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ]
         ),

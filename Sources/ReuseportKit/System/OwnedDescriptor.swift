@@ -37,8 +37,7 @@ public final class OwnedDescriptor: @unchecked Sendable, CustomStringConvertible
     /// A second, close-on-exec descriptor of the same open file, numbered `lowest` or above
     /// (fcntl(2) F_DUPFD_CLOEXEC).
     public func duplicate(atLeast lowest: Int32 = 0) throws -> OwnedDescriptor {
-        let copy = try Syscall.retrying("fcntl(F_DUPFD_CLOEXEC, \(self))") { fcntl(fd.rawValue, F_DUPFD_CLOEXEC, lowest) }
-        return OwnedDescriptor(adopting: FileDescriptor(rawValue: copy))
+        try Syscall.duplicate(fd, atLeast: lowest)
     }
 
     /// Sets or clears O_NONBLOCK. It belongs to the open file description, so every

@@ -66,16 +66,28 @@ public enum Syscall {
         try retrying("listen(\(label))") { Glibc.listen(fd.rawValue, backlog) }
     }
 
-    /// accept4(2) of one waiting connection, close-on-exec and non-blocking; nil when none waits.
-    public static func accept(_ fd: FileDescriptor) throws -> OwnedDescriptor? {
+    /// accept4(2) of one waiting connection, close-on-exec and non-blocking, with its peer's
+    /// address (nil for a Unix socket); nil when none waits.
+    public static func accept(_ fd: FileDescriptor) throws -> (descriptor: OwnedDescriptor, peer: SocketAddress?)? {
         while true {
-            let client = rpd_accept_nonblocking(fd.rawValue, nil, nil)
-            if client >= 0 { return OwnedDescriptor(adopting: FileDescriptor(rawValue: client)) }
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let client = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { rpd_accept_nonblocking(fd.rawValue, $0, &length) }
+            }
+            if client >= 0 {
+                return (OwnedDescriptor(adopting: FileDescriptor(rawValue: client)), SocketAddress(storage: storage))
+            }
             let code = errno
             if code == EINTR { continue }
             if code == EAGAIN || code == EWOULDBLOCK { return nil }
             throw ReuseportError.system("accept4", code)
         }
+    }
+
+    /// send(2) of what fits now; throws on any error, EAGAIN included.
+    public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, flags: Int32) throws -> Int {
+        try retrying("send(fd \(fd.rawValue))") { Glibc.send(fd.rawValue, bytes.baseAddress, bytes.count, flags) }
     }
 
     /// The credentials of a connected Unix socket's peer (SO_PEERCRED, unix(7)).
@@ -147,6 +159,12 @@ public enum Syscall {
         var buffer = [UInt8](repeating: 0, count: 4096)
         while let count = try read(fd, into: &buffer), count > 0 { output += buffer[0..<count] }
         return output
+    }
+
+    /// A close-on-exec copy of `fd` numbered `lowest` or above (fcntl(2) F_DUPFD_CLOEXEC).
+    public static func duplicate(_ fd: FileDescriptor, atLeast lowest: Int32 = 0) throws -> OwnedDescriptor {
+        let copy = try retrying("fcntl(F_DUPFD_CLOEXEC, fd \(fd.rawValue))") { fcntl(fd.rawValue, F_DUPFD_CLOEXEC, lowest) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: copy))
     }
 
     /// Sets or clears O_NONBLOCK on the open file description (fcntl(2) F_GETFL/F_SETFL).
