@@ -52,7 +52,7 @@ final class ControlServer {
     /// Whether something accepts connections at `path`.
     static func answers(_ path: String) -> Bool {
         guard let probe = try? Syscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), "AF_UNIX") else { return false }
-        return (try? Syscall.connect(probe.fd, unixPath: path)) != nil
+        return withExtendedLifetime(probe) { (try? Syscall.connect(probe.fd, unixPath: path)) != nil }
     }
 
     /// Accepts waiting clients. Those of other users are answered with a refusal once their

@@ -41,7 +41,7 @@ enum ListenerClaim {
             try? Syscall.setOption(probe.fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(1), "IPV6_V6ONLY")
         }
         do {
-            try Syscall.bind(probe.fd, endpoint.address, "\(endpoint)")
+            try withExtendedLifetime(probe) { try Syscall.bind(probe.fd, endpoint.address, "\(endpoint)") }
             return true
         } catch {
             return (error as? ReuseportError)?.errno != EADDRINUSE

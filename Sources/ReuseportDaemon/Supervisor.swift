@@ -98,7 +98,7 @@ final class Supervisor {
                                     environment: workerEnvironment(service, slot),
                                     sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
                                     output: writeEnd.fd)
-            let pid = try spawn.start()
+            let pid = try withExtendedLifetime(writeEnd) { try spawn.start() }
             output.logger[metadataKey: "pid"] = "\(pid)"
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)

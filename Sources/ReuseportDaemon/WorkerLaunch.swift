@@ -42,8 +42,10 @@ public struct WorkerSpawn {
         // Everything above the sockets goes, including fds the daemon inherited without
         // close-on-exec from whoever started it.
         actions.append(.closeFrom(first + Int32(sockets.count)))
-        return try ProcessSpawn(path: executable, arguments: arguments, environment: environment, fileActions: actions,
-                                newProcessGroup: true, resetSignals: true).start()
+        return try withExtendedLifetime(staged) {
+            try ProcessSpawn(path: executable, arguments: arguments, environment: environment, fileActions: actions,
+                             newProcessGroup: true, resetSignals: true).start()
+        }
     }
 }
 

@@ -150,27 +150,11 @@ enum DaemonCheck {
     }
 
     static func writeFile(_ path: String, _ text: String) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CheckFailure(description: "open(\(path)): \(errnoName(errno))") }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        guard write(fd, bytes, bytes.count) == bytes.count else {
-            throw CheckFailure(description: "write(\(path)): \(errnoName(errno))")
-        }
+        try Syscall.writeFile(path, Array(text.utf8), mode: 0o600)
     }
 
     static func readFile(_ path: String) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return "" }
-        defer { close(fd) }
-        var data: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 8192)
-        while true {
-            let count = read(fd, &buffer, buffer.count)
-            if count <= 0 { break }
-            data += buffer[0..<count]
-        }
-        return String(decoding: data, as: UTF8.self)
+        String(decoding: (try? Syscall.readFile(path)) ?? [], as: UTF8.self)
     }
 
     /// Removes the check's temporary folder: its files and the daemon's (emptied) run folder.

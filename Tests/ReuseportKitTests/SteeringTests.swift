@@ -247,7 +247,7 @@ func run(_ path: String, _ arguments: [String]) throws -> String {
     let pipe = try Syscall.pipe()
     let pid = try ProcessSpawn(path, arguments, fileActions: [.duplicate(pipe.write.fd.rawValue, to: 1)]).start()
     pipe.write.close()
-    let output = try Syscall.readToEnd(pipe.read.fd)
+    let output = try withExtendedLifetime(pipe.read) { try Syscall.readToEnd(pipe.read.fd) }
     _ = try Syscall.wait(pid, block: true)
     return String(decoding: output, as: UTF8.self)
 }

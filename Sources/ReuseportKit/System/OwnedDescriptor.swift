@@ -15,7 +15,9 @@ public final class OwnedDescriptor: @unchecked Sendable, CustomStringConvertible
         rawFD = fd.rawValue
     }
 
-    /// The open descriptor. Using it after `close()` is a programming error.
+    /// The open descriptor. Using it after `close()` is a programming error. The owner closes
+    /// it when released, which may be right after its last use: keep the owner alive while the
+    /// number is in use (`withExtendedLifetime`), or store the owner.
     public var fd: FileDescriptor {
         precondition(rawFD >= 0, "OwnedDescriptor used after close()")
         return FileDescriptor(rawValue: rawFD)

@@ -245,6 +245,31 @@ public enum Syscall {
 
     // MARK: files
 
+    /// open(2), close-on-exec.
+    public static func open(_ path: String, _ flags: Int32, mode: mode_t = 0) throws -> OwnedDescriptor {
+        let fd = try retrying("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC, mode) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+    }
+
+    /// The whole content of `path`.
+    public static func readFile(_ path: String) throws -> [UInt8] {
+        let file = try open(path, O_RDONLY)
+        return try withExtendedLifetime(file) { try readToEnd(file.fd) }
+    }
+
+    /// Replaces the content of `path` (created with `mode` if missing) with `bytes`.
+    public static func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
+        let file = try open(path, O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+        try withExtendedLifetime(file) {
+            var offset = 0
+            while offset < bytes.count {
+                offset += try bytes[offset...].withUnsafeBytes { rest in
+                    try retrying("write(\(path))") { Glibc.write(file.fd.rawValue, rest.baseAddress, rest.count) }
+                }
+            }
+        }
+    }
+
     /// mkdir -p with `mode` for the folders it creates.
     public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
         var current = ""
