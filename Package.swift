@@ -5,10 +5,11 @@ import PackageDescription
 //   bpf/                      the data plane (BPF C + the one ABI header, bpf/dispatch.h)
 //   Sources/CLibbpf           libbpf, as a system library
 //   Sources/CReuseportABI     the ABI header and the compiled BPF object, for Swift
-//   Sources/ReuseportKit      typed Swift over libbpf and sockets: load, attach, slots, buckets, counters, pins
+//   Sources/ReuseportKit      typed Swift over libbpf and sockets: load, attach, slots, buckets, counters, pins;
+//                             System/ is the one system layer (owned fds, syscalls, spawn, wait, clock)
 //   Sources/ReuseportControl  the control-socket protocol between the daemon and the CLI
 //   Sources/ReuseportDaemon   configuration, supervision, built-in workers (the daemon as a library)
-//   Sources/CReuseportProcess signalfd, prctl, SO_PEERCRED: process calls Swift cannot import
+//   Sources/CReuseportProcess signalfd, prctl, pidfd_open, SO_PEERCRED: calls Swift cannot import
 //   Sources/reuseportd        the daemon executable
 //   Sources/reuseportctl      the operator CLI
 //   Sources/CSockDiag         sock_diag/netlink uapi for the CLI (per-socket drop counters)
@@ -35,10 +36,12 @@ let package = Package(
         .systemLibrary(name: "CLibbpf", pkgConfig: "libbpf", providers: [.apt(["libbpf-dev", "libelf-dev", "zlib1g-dev"])]),
         // Includes bpf/dispatch.h and embeds the BPF object that `make` builds into .output/.
         .target(name: "CReuseportABI"),
+        // signalfd, prctl, pidfd_open, SO_PEERCRED for the system layer (Glibc does not export them to Swift).
+        .target(name: "CReuseportProcess"),
         .target(
             name: "ReuseportKit",
             dependencies: [
-                "CLibbpf", "CReuseportABI",
+                "CLibbpf", "CReuseportABI", "CReuseportProcess",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
@@ -46,13 +49,12 @@ let package = Package(
             name: "ReuseportControl",
             dependencies: ["ReuseportKit"]
         ),
-        // signalfd, prctl and SO_PEERCRED for the daemon (Glibc does not export them to Swift).
-        .target(name: "CReuseportProcess"),
         .target(
             name: "ReuseportDaemon",
             dependencies: [
-                "ReuseportKit", "ReuseportControl", "CReuseportProcess",
+                "ReuseportKit", "ReuseportControl",
                 .product(name: "Logging", package: "swift-log"),
+                .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "TOMLKit", package: "TOMLKit"),
             ]
         ),

@@ -6,6 +6,7 @@
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "CReuseportProcess.h"
@@ -63,4 +64,9 @@ int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length)
 int rpd_spawn_close_from(posix_spawn_file_actions_t *actions, int lowest)
 {
 	return posix_spawn_file_actions_addclosefrom_np(actions, lowest);
+}
+
+int rpd_pidfd_open(pid_t pid)
+{
+	return (int)syscall(SYS_pidfd_open, pid, 0);
 }

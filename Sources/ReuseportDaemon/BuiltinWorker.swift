@@ -1,8 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CReuseportProcess
 import ReuseportKit
+import SystemPackage
 
 /// The built-in workers: `echo` returns each datagram (TCP: the stream) unchanged;
 /// `whoami` answers each datagram (TCP: each line) with
@@ -19,43 +19,39 @@ public struct BuiltinWorker {
     }
 
     /// Serves until killed. Returns only by throwing.
-    public func run() throws(WorkerError) -> Never {
+    public func run() throws -> Never {
         var listeners: [Int32: Bool] = [:]  // fd → is a TCP listener
         for fd in sockets.descriptors {
-            var type: Int32 = 0
-            var length = socklen_t(MemoryLayout<Int32>.size)
-            guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) == 0 else {
-                throw WorkerError.system("getsockopt(fd \(fd), SO_TYPE): fd \(fd) is not a socket")
+            let type: Int32
+            do {
+                type = try Syscall.getOption(fd, SOL_SOCKET, SO_TYPE, Int32.self, "fd \(fd), SO_TYPE")
+            } catch let error as ReuseportError {
+                throw ReuseportError.system(call: "getsockopt(fd \(fd), SO_TYPE)", errno: error.errno ?? EBADF,
+                                            hint: "fd \(fd) is not a socket")
             }
             guard type == Int32(SOCK_DGRAM.rawValue) || type == Int32(SOCK_STREAM.rawValue) else {
                 throw WorkerError("fd \(fd) is neither a datagram nor a stream socket")
             }
             listeners[fd] = type == Int32(SOCK_STREAM.rawValue)
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+            try? Syscall.setNonBlocking(FileDescriptor(rawValue: fd), true)
         }
         let prefix = "slot=\(sockets.slot ?? "-") pid=\(getpid()) service=\(sockets.service ?? "-") peer="
         var connections: [Int32: Connection] = [:]
         var buffer = [UInt8](repeating: 0, count: 65536)
         while true {
-            var fds = sockets.descriptors.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            fds += connections.keys.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-            if poll(&fds, nfds_t(fds.count), -1) < 0 {
-                if errno == EINTR { continue }
-                throw WorkerError.system("poll")
-            }
-            for entry in fds where entry.revents != 0 {
-                if let isListener = listeners[entry.fd] {
+            let watched = (sockets.descriptors + connections.keys).map { FileDescriptor(rawValue: $0) }
+            for ready in try Syscall.poll(watched, timeoutMs: -1).map(\.rawValue) {
+                if let isListener = listeners[ready] {
                     if isListener {
-                        acceptAll(entry.fd, into: &connections)
+                        acceptAll(ready, into: &connections)
                     } else {
-                        serveDatagrams(entry.fd, prefix: prefix, buffer: &buffer)
+                        serveDatagrams(ready, prefix: prefix, buffer: &buffer)
                     }
-                } else if var connection = connections[entry.fd] {
+                } else if var connection = connections[ready] {
                     if serve(&connection, prefix: prefix, buffer: &buffer) {
-                        connections[entry.fd] = connection
+                        connections[ready] = connection
                     } else {
-                        close(entry.fd)
-                        connections.removeValue(forKey: entry.fd)
+                        connections.removeValue(forKey: ready)?.descriptor.close()
                     }
                 }
             }
@@ -63,7 +59,8 @@ public struct BuiltinWorker {
     }
 
     struct Connection {
-        let fd: Int32
+        let descriptor: OwnedDescriptor
+        var fd: Int32 { descriptor.fd.rawValue }
         var peer: String
         var pending: [UInt8] = []
     }
@@ -106,16 +103,8 @@ public struct BuiltinWorker {
     }
 
     func acceptAll(_ fd: Int32, into connections: inout [Int32: Connection]) {
-        while true {
-            var storage = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let accepted = withUnsafeMutablePointer(to: &storage) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    rpd_accept_nonblocking(fd, $0, &length)
-                }
-            }
-            if accepted < 0 { return }
-            connections[accepted] = Connection(fd: accepted, peer: SocketAddress(storage: storage)?.description ?? "?")
+        while let (accepted, peer) = try? Syscall.accept(FileDescriptor(rawValue: fd)) {
+            connections[accepted.fd.rawValue] = Connection(descriptor: accepted, peer: peer?.description ?? "?")
         }
     }
 

@@ -1,7 +1,6 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CReuseportProcess
 import ReuseportKit
 
 /// Before binding a service's sockets: is the address free?
@@ -34,16 +33,18 @@ enum ListenerClaim {
     /// the real bind will report them).
     static func probeBinds(_ endpoint: Endpoint, reusePort: Bool) -> Bool {
         let type = endpoint.transport == .udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue)
-        let probe = socket(endpoint.address.address.family, type | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard probe >= 0 else { return true }
-        defer { close(probe) }
-        var one: Int32 = 1
-        let size = socklen_t(MemoryLayout<Int32>.size)
-        if reusePort { setsockopt(probe, SOL_SOCKET, SO_REUSEPORT, &one, size) }
-        if endpoint.transport == .tcp { setsockopt(probe, SOL_SOCKET, SO_REUSEADDR, &one, size) }
+        guard let probe = try? Syscall.socket(endpoint.address.address.family, type, "probe \(endpoint)") else { return true }
+        if reusePort { try? Syscall.setOption(probe.fd, SOL_SOCKET, SO_REUSEPORT, Int32(1), "SO_REUSEPORT") }
+        if endpoint.transport == .tcp { try? Syscall.setOption(probe.fd, SOL_SOCKET, SO_REUSEADDR, Int32(1), "SO_REUSEADDR") }
         // As the daemon binds: IPv6 sockets are v6-only.
-        if endpoint.address.address.family == AF_INET6 { setsockopt(probe, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, size) }
-        let bound = endpoint.address.withSockaddr { bind(probe, $0, $1) }
-        return bound == 0 || errno != EADDRINUSE
+        if endpoint.address.address.family == AF_INET6 {
+            try? Syscall.setOption(probe.fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(1), "IPV6_V6ONLY")
+        }
+        do {
+            try withExtendedLifetime(probe) { try Syscall.bind(probe.fd, endpoint.address, "\(endpoint)") }
+            return true
+        } catch {
+            return (error as? ReuseportError)?.errno != EADDRINUSE
+        }
     }
 }

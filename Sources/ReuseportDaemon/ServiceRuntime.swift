@@ -13,7 +13,7 @@ final class SlotRecord {
     let socketCookie: UInt64
     var pid: pid_t?
     var state: WorkerState = .empty
-    var sinceNs: UInt64 = Clock.realtimeNs()
+    var sinceNs: UInt64 = WallClock.nanoseconds()
     /// Worker starts after the first.
     var restarts: UInt32 = 0
     var everStarted = false
@@ -96,7 +96,7 @@ final class ServiceRuntime {
     func transition(_ slot: SlotRecord, to state: WorkerState) {
         if slot.state != state {
             slot.state = state
-            slot.sinceNs = Clock.realtimeNs()
+            slot.sinceNs = WallClock.nanoseconds()
         }
         publish(slot)
     }

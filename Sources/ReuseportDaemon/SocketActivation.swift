@@ -58,13 +58,12 @@ public struct ActivatedSockets: Sendable {
     }
 }
 
+/// A worker that cannot start for a reason of its own: a missing or foreign activation
+/// environment, a user that does not exist, a daemon already gone. Failed calls are
+/// `ReuseportError`s.
 public struct WorkerError: Error, CustomStringConvertible {
     public var description: String
     public init(_ description: String) { self.description = description }
-
-    static func system(_ call: String) -> WorkerError {
-        WorkerError("\(call): \(String(cString: strerror(errno)))")
-    }
 }
 
 /// The process environment as a dictionary (reading `environ`).

@@ -1,30 +1,30 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CReuseportProcess
 import Logging
+import ReuseportKit
 
 /// The read end of a worker's stdout/stderr pipe: each line goes to the daemon's log,
 /// labelled with service, slot and pid. It is closed at end of file, which comes when
 /// the worker and every child it handed the pipe to have exited.
 final class WorkerOutput {
-    let fd: Int32
+    let descriptor: OwnedDescriptor
     /// Labelled with service and slot; the pid is added once the worker is spawned.
     var logger: Logger
     private var pending: [UInt8] = []
     static let longestLine = 4096
 
-    /// Creates the pipe; `writeEnd` goes to the child and must be closed by the caller after spawning.
-    static func pipe(logger: Logger) throws(WorkerError) -> (WorkerOutput, writeEnd: Int32) {
-        var ends: [Int32] = [-1, -1]
-        guard rpd_pipe_cloexec(&ends) == 0 else { throw WorkerError.system("pipe2") }
+    /// Creates the pipe; `writeEnd` goes to the child, and closes when the caller lets it go
+    /// after spawning.
+    static func pipe(logger: Logger) throws -> (WorkerOutput, writeEnd: OwnedDescriptor) {
+        let ends = try Syscall.pipe()
         // Only the daemon's end is non-blocking: the worker's writes block as usual.
-        _ = fcntl(ends[0], F_SETFL, fcntl(ends[0], F_GETFL) | O_NONBLOCK)
-        return (WorkerOutput(fd: ends[0], logger: logger), ends[1])
+        try ends.read.setNonBlocking(true)
+        return (WorkerOutput(descriptor: ends.read, logger: logger), ends.write)
     }
 
-    private init(fd: Int32, logger: Logger) {
-        self.fd = fd
+    private init(descriptor: OwnedDescriptor, logger: Logger) {
+        self.descriptor = descriptor
         self.logger = logger
     }
 
@@ -32,16 +32,19 @@ final class WorkerOutput {
     func readAvailable() -> Bool {
         var buffer = [UInt8](repeating: 0, count: 16384)
         while true {
-            let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if count > 0 {
-                pending += buffer[0..<count]
-                emitLines()
-                continue
+            let count: Int?
+            do {
+                count = try Syscall.read(descriptor.fd, into: &buffer)
+            } catch {
+                break
             }
-            if count < 0 && (errno == EAGAIN || errno == EINTR) { return true }
-            finish()
-            return false
+            guard let count else { return true }
+            if count == 0 { break }
+            pending += buffer[0..<count]
+            emitLines()
         }
+        finish()
+        return false
     }
 
     private func emitLines() {
@@ -62,6 +65,6 @@ final class WorkerOutput {
     private func finish() {
         if !pending.isEmpty { log(pending[...]) }
         pending.removeAll()
-        close(fd)
+        descriptor.close()
     }
 }

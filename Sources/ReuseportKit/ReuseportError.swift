@@ -49,7 +49,7 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
     }
 
     /// Builds a `.system` error from `errno` with the hint usual for that call and errno.
-    static func system(_ call: String, _ code: Int32 = Glibc.errno) -> ReuseportError {
+    public static func system(_ call: String, _ code: Int32 = Glibc.errno) -> ReuseportError {
         .system(call: call, errno: code, hint: hint(call: call, errno: code))
     }
 

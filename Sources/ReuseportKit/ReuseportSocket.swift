@@ -12,15 +12,12 @@ import SystemPackage
 public final class ReuseportSocket: @unchecked Sendable {
     /// The endpoint actually bound: with port 0 asked, the port the kernel chose.
     public let endpoint: Endpoint
-    private var rawFD: Int32
+    private let descriptor: OwnedDescriptor
 
     /// The open descriptor. Using it after `close()` is a programming error.
-    public var fd: FileDescriptor {
-        precondition(rawFD >= 0, "ReuseportSocket used after close()")
-        return FileDescriptor(rawValue: rawFD)
-    }
+    public var fd: FileDescriptor { descriptor.fd }
 
-    public var isClosed: Bool { rawFD < 0 }
+    public var isClosed: Bool { descriptor.isClosed }
 
     /// Creates, configures and binds the socket; TCP sockets also listen, because the
     /// kernel forms a TCP reuseport group only at listen() and only then will the socket
@@ -34,55 +31,44 @@ public final class ReuseportSocket: @unchecked Sendable {
     ///   - backlog: listen() backlog for TCP.
     public init(endpoint: Endpoint, receiveBuffer: Int? = nil, v6Only: Bool = true, backlog: Int32 = 1024) throws {
         let family = endpoint.address.address.family
-        let fd = try Syscall.retrying("socket(\(endpoint.transport))") {
-            socket(family, endpoint.transport.socketType | Int32(SOCK_CLOEXEC.rawValue), 0)
+        // Closed by its deinit if anything below throws.
+        let descriptor = try Syscall.socket(family, endpoint.transport.socketType, "\(endpoint.transport)")
+        let fd = descriptor.fd.rawValue
+        try Syscall.setOption(fd, SOL_SOCKET, SO_REUSEPORT, Int32(1), "SO_REUSEPORT")
+        if endpoint.transport == .tcp {
+            try Syscall.setOption(fd, SOL_SOCKET, SO_REUSEADDR, Int32(1), "SO_REUSEADDR")
         }
-        do {
-            try Syscall.setOption(fd, SOL_SOCKET, SO_REUSEPORT, Int32(1), "SO_REUSEPORT")
-            if endpoint.transport == .tcp {
-                try Syscall.setOption(fd, SOL_SOCKET, SO_REUSEADDR, Int32(1), "SO_REUSEADDR")
-            }
-            if family == AF_INET6 {
-                try Syscall.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(v6Only ? 1 : 0), "IPV6_V6ONLY")
-            }
-            if let receiveBuffer {
-                let size = Int32(clamping: receiveBuffer)
-                do {
-                    try Syscall.setOption(fd, SOL_SOCKET, SO_RCVBUFFORCE, size, "SO_RCVBUFFORCE")
-                } catch {
-                    try Syscall.setOption(fd, SOL_SOCKET, SO_RCVBUF, size, "SO_RCVBUF")
-                }
-            }
-            _ = try endpoint.address.withSockaddr { address, length in
-                try Syscall.retrying("bind(\(endpoint))") { bind(fd, address, length) }
-            }
-            if endpoint.transport == .tcp {
-                try Syscall.retrying("listen(\(endpoint))") { listen(fd, backlog) }
-            }
-            var storage = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            _ = try withUnsafeMutablePointer(to: &storage) { pointer in
-                try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
-                    try Syscall.retrying("getsockname(\(endpoint))") { getsockname(fd, address, &length) }
-                }
-            }
-            self.endpoint = Endpoint(endpoint.transport, SocketAddress(storage: storage)!)
-            self.rawFD = fd
-        } catch {
-            Syscall.close(fd)
-            throw error
+        if family == AF_INET6 {
+            try Syscall.setOption(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(v6Only ? 1 : 0), "IPV6_V6ONLY")
         }
+        if let receiveBuffer {
+            let size = Int32(clamping: receiveBuffer)
+            do {
+                try Syscall.setOption(fd, SOL_SOCKET, SO_RCVBUFFORCE, size, "SO_RCVBUFFORCE")
+            } catch {
+                try Syscall.setOption(fd, SOL_SOCKET, SO_RCVBUF, size, "SO_RCVBUF")
+            }
+        }
+        try Syscall.bind(descriptor.fd, endpoint.address, "\(endpoint)")
+        if endpoint.transport == .tcp {
+            try Syscall.listen(descriptor.fd, backlog: backlog, "\(endpoint)")
+        }
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = try withUnsafeMutablePointer(to: &storage) { pointer in
+            try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                try Syscall.retrying("getsockname(\(endpoint))") { getsockname(fd, address, &length) }
+            }
+        }
+        self.endpoint = Endpoint(endpoint.transport, SocketAddress(storage: storage)!)
+        self.descriptor = descriptor
     }
 
     deinit { close() }
 
     /// Closes the socket (once; later calls do nothing). A socket closed while in a
     /// REUSEPORT_SOCKARRAY leaves the array: lookups of its slot give ENOENT.
-    public func close() {
-        guard rawFD >= 0 else { return }
-        Syscall.close(rawFD)
-        rawFD = -1
-    }
+    public func close() { descriptor.close() }
 
     /// The socket cookie (SO_COOKIE): what a REUSEPORT_SOCKARRAY lookup returns.
     public func cookie() throws -> UInt64 {

@@ -191,16 +191,7 @@ public var isRoot: Bool { geteuid() == 0 }
 /// Starts a process (argv[0] a path) with stdin from /dev/null and stdout and stderr
 /// appended to `output`; returns its pid. The caller reaps it.
 public func spawn(_ arguments: [String], output: String) throws -> pid_t {
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, output, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-    posix_spawn_file_actions_adddup2(&actions, 1, 2)
-    let argv = arguments.map { strdup($0) } + [nil]
-    defer { for pointer in argv { free(pointer) } }
-    var pid: pid_t = 0
-    let result = posix_spawn(&pid, arguments[0], &actions, nil, argv, environ)
-    if result != 0 { throw TrafficError.system("posix_spawn(\(arguments[0]))", result) }
-    return pid
+    try ProcessSpawn(path: arguments[0], arguments: arguments,
+                     fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
+                                   .duplicate(1, to: 2)]).start()
 }

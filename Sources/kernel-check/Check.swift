@@ -85,13 +85,6 @@ enum Output {
     }
 }
 
-/// Monotonic milliseconds, for timing checks.
-func monotonicMilliseconds() -> Int {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec * 1000 + now.tv_nsec / 1_000_000
-}
-
 /// A percentage with one decimal, as text ("48.6%").
 func percent(_ part: Int, of whole: Int) -> String {
     guard whole > 0 else { return "n/a" }

@@ -55,7 +55,7 @@ enum DaemonCheck {
         // "service kernelcheck listening on udp://127.0.0.1:PORT with 4 workers, ..."
         let prefix = "listening on udp://127.0.0.1:"
         let port = try waitFor("the daemon to report its port", failure) { () -> UInt16? in
-            if let status = daemon.reap(timeoutMs: 0) { throw failure("reuseportd exited (\(Subprocess.describe(status)))") }
+            if let status = daemon.reap(timeoutMs: 0) { throw failure("reuseportd exited (\(status))") }
             let text = readFile(log)
             guard let range = text.firstRange(of: prefix) else { return nil }
             return UInt16(text[range.upperBound...].prefix { $0.isNumber })
@@ -88,9 +88,9 @@ enum DaemonCheck {
         // for the replacement.
         let victim: UInt32 = 1
         kill(pid_t(before[victim]!), SIGKILL)
-        let killedAt = monotonicMilliseconds()
+        let killedAt = MonotonicClock.milliseconds()
         let second = try ask(clients, destination, round: 2, timeoutMs: waitMs)
-        let restartMs = monotonicMilliseconds() - killedAt
+        let restartMs = MonotonicClock.milliseconds() - killedAt
         let after = try waitFor("slot \(victim) running again", failure) { try workers() }
         let moved = clients.filter { first[$0.local]?.slot != second[$0.local]?.slot }.count
         let victimFlows = clients.filter { first[$0.local]?.slot == victim }
@@ -112,10 +112,10 @@ enum DaemonCheck {
         -> [SocketAddress: (slot: UInt32, pid: UInt32)]
     {
         for client in clients { try client.send(Array("round \(round)".utf8), to: destination) }
-        let deadline = monotonicMilliseconds() + timeoutMs
+        let deadline = MonotonicClock.milliseconds() + timeoutMs
         var answers: [SocketAddress: (slot: UInt32, pid: UInt32)] = [:]
         for client in clients {
-            let left = max(deadline - monotonicMilliseconds(), 0)
+            let left = max(deadline - MonotonicClock.milliseconds(), 0)
             guard let reply = try client.receive(timeoutMs: Int32(left)) else { continue }
             // "slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>\n<payload>"
             var fields: [Substring: Substring] = [:]
@@ -131,8 +131,8 @@ enum DaemonCheck {
 
     /// Polls `probe` every 50 ms until it gives a value or `waitMs` passes.
     static func waitFor<T>(_ what: String, _ failure: (String) -> CheckFailure, _ probe: () throws -> T?) throws -> T {
-        let deadline = monotonicMilliseconds() + waitMs
-        while monotonicMilliseconds() < deadline {
+        let deadline = MonotonicClock.milliseconds() + waitMs
+        while MonotonicClock.milliseconds() < deadline {
             if let value = try probe() { return value }
             usleep(50_000)
         }
@@ -142,35 +142,19 @@ enum DaemonCheck {
     /// SIGTERM (graceful stop: workers, sockets, pins), SIGKILL if it takes too long.
     static func stop(_ daemon: Subprocess) {
         guard daemon.reap(timeoutMs: 0) == nil else { return }
-        kill(daemon.pid, SIGTERM)
+        try? Syscall.kill(daemon.pid, SIGTERM)
         if daemon.reap(timeoutMs: 15_000) == nil {
-            kill(daemon.pid, SIGKILL)
+            try? Syscall.kill(daemon.pid, SIGKILL)
             _ = daemon.reap(timeoutMs: 5000)
         }
     }
 
     static func writeFile(_ path: String, _ text: String) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { throw CheckFailure(description: "open(\(path)): \(errnoName(errno))") }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        guard write(fd, bytes, bytes.count) == bytes.count else {
-            throw CheckFailure(description: "write(\(path)): \(errnoName(errno))")
-        }
+        try Syscall.writeFile(path, Array(text.utf8), mode: 0o600)
     }
 
     static func readFile(_ path: String) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return "" }
-        defer { close(fd) }
-        var data: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 8192)
-        while true {
-            let count = read(fd, &buffer, buffer.count)
-            if count <= 0 { break }
-            data += buffer[0..<count]
-        }
-        return String(decoding: data, as: UTF8.self)
+        String(decoding: (try? Syscall.readFile(path)) ?? [], as: UTF8.self)
     }
 
     /// Removes the check's temporary folder: its files and the daemon's (emptied) run folder.

@@ -24,7 +24,7 @@ enum PinChecks {
             throw CheckFailure(description: "the second process did not finish in 30 s")
         }
         let lines = child.text.split(separator: "\n").map(String.init)
-        try context.expect(status == 0, "the second process failed (\(Subprocess.describe(status))): \(child.text)")
+        try context.expect(status == .exited(0), "the second process failed (\(status)): \(child.text)")
         try context.expect(lines == expected, "the second process sees \(lines.prefix(3)), this one \(expected.prefix(3))")
         return "second process (pid \(child.pid)) read the same config, \(plane.buckets.count) buckets and 4 cookies"
     }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ReuseportKit
 
 // kernel-check: the kernel-feature suite. Runs on the host (`make kernel-test`) and as
 // the only program inside the test VMs (`make vmtest`), so it is a plain executable that
@@ -42,8 +43,8 @@ func kernelRelease() -> String {
 /// Runs one check in this process and prints its CHECK line. Returns the exit status.
 func runOne(_ check: Check, broken: Bool) -> Int32 {
     let context = CheckContext(name: check.name, broken: broken)
-    let start = monotonicMilliseconds()
-    func elapsed() -> String { "[\(monotonicMilliseconds() - start) ms]" }
+    let start = MonotonicClock.milliseconds()
+    func elapsed() -> String { "[\(MonotonicClock.milliseconds() - start) ms]" }
     do {
         let detail = try check.run(context)
         Output.line("CHECK \(check.name) PASS \(detail) \(elapsed())")
@@ -81,7 +82,7 @@ func runAll(_ selected: [Check], broken: String?, timeoutSeconds: Int, values: B
             if let line = lines.last(where: { $0.hasPrefix(prefix) }) {
                 result = String(line.dropFirst(prefix.count).prefix(4))
             } else {
-                let why = status.map { "exited (\(Subprocess.describe($0))) without a result" }
+                let why = status.map { "exited (\($0)) without a result" }
                     ?? "did not finish in \(timeoutSeconds) s"
                 Output.line("CHECK \(check.name) FAIL \(why)")
                 result = "FAIL"

@@ -130,14 +130,5 @@ func findExecutable(_ name: String) -> String? {
 
 /// Runs `arguments` to the end; returns its exit status (128 + signal if killed).
 func spawnAndWait(_ arguments: [String]) throws -> Int32 {
-    var pid = pid_t()
-    var argv = arguments.map { strdup($0) } + [nil]
-    defer { for pointer in argv { free(pointer) } }
-    let result = posix_spawn(&pid, arguments[0], nil, nil, &argv, environ)
-    if result != 0 { throw BenchError.system("posix_spawn(\(arguments[0]))", result) }
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 {
-        if errno != EINTR { throw BenchError.system("waitpid(\(pid))") }
-    }
-    return status & 0x7f == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    try ProcessSpawn(path: arguments[0], arguments: arguments).run().shellStatus
 }

@@ -115,14 +115,14 @@ func blast(from flows: FlowSet, to destination: SocketAddress, seconds: Double, 
     }
     var result = SendResult()
     let cpuBefore = threadCPUTime()
-    let start = now()
+    let start = MonotonicClock.seconds()
     var end = start
     var index = 0
     while end - start < seconds {
         let sent = rp_bench_sendmmsg(flows.fds[index], messages, UInt32(batch), 0)
         if sent > 0 { result.sent += Int(sent) } else { result.failedCalls += 1 }
         index = index + 1 == flows.fds.count ? 0 : index + 1
-        end = now()
+        end = MonotonicClock.seconds()
     }
     let cpuAfter = threadCPUTime()
     result.seconds = end - start

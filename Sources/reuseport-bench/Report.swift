@@ -398,11 +398,7 @@ func summaryText(_ summary: Summary?, scale: Double = 1, digits: Int) -> String 
 }
 
 func writeFile(_ path: String, _ text: inout String) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-    if fd < 0 { throw BenchError.system("open(\(path))") }
-    defer { close(fd) }
-    let written = text.withUTF8 { write(fd, $0.baseAddress, $0.count) }
-    if written < 0 { throw BenchError.system("write(\(path))") }
+    try Syscall.writeFile(path, Array(text.utf8))
 }
 
 /// What the report says about the machine.
@@ -447,16 +443,5 @@ extension Substring {
 }
 
 func readText(_ path: String) throws -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    if fd < 0 { throw BenchError.system("open(\(path))") }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count < 0 { throw BenchError.system("read(\(path))") }
-        if count == 0 { break }
-        bytes += buffer[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
+    String(decoding: try Syscall.readFile(path), as: UTF8.self)
 }

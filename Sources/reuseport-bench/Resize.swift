@@ -78,9 +78,9 @@ struct ResizeBench {
 /// (a reload takes effect a moment after SIGHUP, its bucket writes are not one atomic
 /// step, and a new slot answers once its worker has started).
 func settledPlacement(_ flows: FlowSet, _ daemon: DaemonProcess, slots: Int, timeout: Double = 15) throws -> [Int: Int] {
-    let deadline = now() + timeout
+    let deadline = MonotonicClock.seconds() + timeout
     var previous: [Int: Int]?
-    while now() < deadline {
+    while MonotonicClock.seconds() < deadline {
         if daemon.hasExited { throw BenchError("reuseportd exited; its log:\n\(daemon.log)") }
         let answers = try probe(flows, to: daemon.destination, timeout: 0.5)
         let placement = answers.mapValues(\.slot)

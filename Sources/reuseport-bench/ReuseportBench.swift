@@ -81,7 +81,7 @@ struct Suite: ParsableCommand {
         let selected = Set(items.split(separator: ",").compactMap { Int($0) })
         var report = Report(settings: settings, quick: quick)
         report.buildSeconds = buildSeconds
-        let started = now()
+        let started = MonotonicClock.seconds()
         if selected.contains(1) {
             Log.note("1. throughput")
             report.throughput = try ThroughputBench.run(settings)
@@ -107,7 +107,7 @@ struct Suite: ParsableCommand {
             Log.note("6. scale")
             report.scale = try ScaleBench.run(settings)
         }
-        report.seconds = now() - started
+        report.seconds = MonotonicClock.seconds() - started
         try report.write(to: output)
         Log.note("wrote \(output) and \(Report.chartPath(for: output)) in \(Int(report.seconds)) s")
     }

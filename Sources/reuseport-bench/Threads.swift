@@ -2,14 +2,8 @@
 import Glibc
 #endif
 import CReuseportBench
+import ReuseportKit
 import Synchronization
-
-/// Seconds on CLOCK_MONOTONIC.
-func now() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
 
 /// Sleeps for `seconds` (nanosleep, resumed after signals).
 func pause(_ seconds: Double) {

@@ -53,27 +53,33 @@ final class DaemonProcess {
     /// Rewrites the worker count and sends SIGHUP (the daemon reloads and resizes).
     func reload(workers: Int) throws {
         try Self.writeConfig(configPath, destination: destination, workers: workers)
-        kill(pid, SIGHUP)
+        try? Syscall.kill(pid, SIGHUP)
     }
 
     var log: String { (try? readText(logPath)) ?? "" }
 
     var hasExited: Bool {
-        var status: Int32 = 0
-        return waitpid(pid, &status, WNOHANG) == pid
+        (try? Syscall.wait(pid, block: false)) != nil
     }
 
     /// SIGTERM, then SIGKILL after 5 s; removes the folder.
     func stop() {
         guard !stopped else { return }
         stopped = true
-        kill(pid, SIGTERM)
-        let deadline = now() + 5
-        var status: Int32 = 0
-        while waitpid(pid, &status, WNOHANG) == 0 {
-            if now() > deadline {
-                kill(pid, SIGKILL)
-                waitpid(pid, &status, 0)
+        try? Syscall.kill(pid, SIGTERM)
+        let deadline = MonotonicClock.seconds() + 5
+        // Until it is reaped, or waitpid fails (then there is nothing left to wait for).
+        func running() -> Bool {
+            do {
+                return try Syscall.wait(pid, block: false) == nil
+            } catch {
+                return false
+            }
+        }
+        while running() {
+            if MonotonicClock.seconds() > deadline {
+                try? Syscall.kill(pid, SIGKILL)
+                _ = try? Syscall.wait(pid, block: true)
                 break
             }
             pause(0.02)
@@ -130,8 +136,8 @@ func probe(_ flows: FlowSet, to destination: SocketAddress, chunk: Int = 256, ti
             }
             if sent < 0 { throw BenchError.system("sendto(\(destination))") }
         }
-        let deadline = now() + timeout
-        while indices.contains(where: { answers[$0] == nil }) && now() < deadline {
+        let deadline = MonotonicClock.seconds() + timeout
+        while indices.contains(where: { answers[$0] == nil }) && MonotonicClock.seconds() < deadline {
             for index in epoll.wait(timeoutMs: 20) {
                 while true {
                     let count = buffer.withUnsafeMutableBytes { recv(flows.fds[index], $0.baseAddress, $0.count, rp_bench_MSG_DONTWAIT) }
@@ -158,8 +164,8 @@ func probeKernelGroup(_ flows: FlowSet, to destination: SocketAddress, sockets: 
             let sent = destination.withSockaddr { sendto(flows.fds[index], &payload, 4, 0, $0, $1) }
             if sent < 0 { throw BenchError.system("sendto(\(destination))") }
         }
-        let deadline = now() + timeout
-        while indices.contains(where: { answers[$0] == nil }) && now() < deadline {
+        let deadline = MonotonicClock.seconds() + timeout
+        while indices.contains(where: { answers[$0] == nil }) && MonotonicClock.seconds() < deadline {
             for socket in epoll.wait(timeoutMs: 20) {
                 while true {
                     let count = recv(sockets[socket], &payload, 4, rp_bench_MSG_DONTWAIT)

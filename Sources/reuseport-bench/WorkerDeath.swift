@@ -92,7 +92,7 @@ struct WorkerDeathBench {
                     failure = BenchError("\(mode.rawValue): slot \(slot) never answered")
                     break
                 }
-                let time = now()
+                let time = MonotonicClock.seconds()
                 kill(pid, SIGKILL)
                 kills.withLock { $0.append(Kill(slot: slot, pid: pid, time: time)) }
                 if mode == .kernel {
@@ -148,11 +148,11 @@ final class WhoamiLoad {
     func run(until stop: StopFlag) {
         guard let epoll = try? EpollSet(flows.fds) else { return }
         var buffer = [UInt8](repeating: 0, count: 2048)
-        let start = now()
+        let start = MonotonicClock.seconds()
         var stopAt: Double?
         var flow = 0
         while true {
-            let t = now()
+            let t = MonotonicClock.seconds()
             if stopAt == nil && stop.isRaised { stopAt = t + 1.0 }
             if let stopAt, t > stopAt + 1.0 { break }
             if stopAt == nil || t < stopAt! {
@@ -182,7 +182,7 @@ final class WhoamiLoad {
                     }
                     guard words.2 == session, Int(words.0) == index, Int(words.1) < answered[index].count else { continue }
                     answered[index][Int(words.1)] = true
-                    answers.append(Answer(time: now(), flow: index, slot: reply.slot, pid: reply.pid))
+                    answers.append(Answer(time: MonotonicClock.seconds(), flow: index, slot: reply.slot, pid: reply.pid))
                     pids.withLock { $0[reply.slot] = reply.pid }
                 }
             }
@@ -253,41 +253,29 @@ final class KernelDefaultService {
     private func start(slot: Int) throws {
         let socket = try ReuseportSocket(endpoint: Endpoint(.udp, destination))
         defer { socket.close() }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        // dup2 leaves the copy without FD_CLOEXEC: the worker keeps fd 3.
-        posix_spawn_file_actions_adddup2(&actions, socket.fd.rawValue, 3)
         let arguments = ["/bin/sh", "-c", "LISTEN_PID=$$ exec \"$0\" worker whoami", binary]
-        var environment = ["LISTEN_FDS=1", "REUSEPORT_SLOT=\(slot)", "REUSEPORT_SERVICE=kernel",
-                           "PATH=/usr/bin:/bin"]
-        var argv = arguments.map { strdup($0) } + [nil]
-        var envp = environment.map { strdup($0) } + [nil]
-        defer {
-            for pointer in argv + envp { free(pointer) }
-            environment.removeAll()
-        }
-        var pid = pid_t()
-        let result = posix_spawn(&pid, arguments[0], &actions, nil, &argv, &envp)
-        if result != 0 { throw BenchError.system("posix_spawn(\(binary) worker whoami)", result) }
+        let environment = ["LISTEN_FDS=1", "REUSEPORT_SLOT=\(slot)", "REUSEPORT_SERVICE=kernel", "PATH=/usr/bin:/bin"]
+        let pid = try ProcessSpawn(
+            path: arguments[0], arguments: arguments, environment: environment,
+            fileActions: [
+                .nullInput, .open(1, path: "/dev/null", flags: O_WRONLY), .duplicate(1, to: 2),
+                // dup2 leaves the copy without FD_CLOEXEC: the worker keeps fd 3.
+                .duplicate(socket.fd.rawValue, to: 3),
+            ]
+        ).start()
         pids.withLock { $0[slot] = pid }
     }
 
     /// Reaps the dead worker of `slot` and starts its replacement on a new socket.
     func replace(slot: Int, dead: pid_t) throws {
-        var status: Int32 = 0
-        waitpid(dead, &status, 0)
+        _ = try? Syscall.wait(dead, block: true)
         try start(slot: slot)
     }
 
     func stop() {
         for pid in pids.withLock({ Array($0.values) }) {
-            kill(pid, SIGKILL)
-            var status: Int32 = 0
-            waitpid(pid, &status, 0)
+            try? Syscall.kill(pid, SIGKILL)
+            _ = try? Syscall.wait(pid, block: true)
         }
         pids.withLock { $0.removeAll() }
     }

@@ -44,11 +44,11 @@ extension LocationOptions {
         -> (snapshot: ServiceSnapshot, done: Bool)?
     {
         let reader = ServiceReader(root: pinDirectory)
-        let deadline = monotonicSeconds() + timeout
+        let deadline = MonotonicClock.seconds() + timeout
         while true {
             guard let snapshot = try? reader.read([service], sockets: false).first else { return nil }
             if done(snapshot) { return (snapshot, true) }
-            if monotonicSeconds() >= deadline { return (snapshot, false) }
+            if MonotonicClock.seconds() >= deadline { return (snapshot, false) }
             usleep(50_000)
         }
     }

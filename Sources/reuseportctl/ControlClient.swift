@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import ReuseportControl
+import ReuseportKit
 
 /// The client side of the control protocol (Sources/ReuseportControl/ControlProtocol.swift):
 /// connect, send one JSON line, read one JSON line.
@@ -78,9 +79,9 @@ struct ControlClient {
     private func readLine(_ fd: Int32) throws -> Data {
         var data = Data()
         var buffer = [UInt8](repeating: 0, count: 4096)
-        let deadline = monotonicSeconds() + timeoutSeconds
+        let deadline = MonotonicClock.seconds() + timeoutSeconds
         while !data.contains(0x0a) {
-            let left = deadline - monotonicSeconds()
+            let left = deadline - MonotonicClock.seconds()
             guard left > 0 else {
                 throw CtlError.timeout("the daemon at \(socketPath) did not answer within \(Int(timeoutSeconds)) s:"
                                        + " it may be wedged (read-only commands such as `map dump` still work)")

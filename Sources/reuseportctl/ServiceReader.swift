@@ -214,7 +214,5 @@ struct ServiceReader {
 /// variable REUSEPORTCTL_NOW_NS fixes it, so tests can compare output exactly.
 func realtimeNanoseconds() -> UInt64 {
     if let fixed = getenv("REUSEPORTCTL_NOW_NS"), let value = UInt64(String(cString: fixed)) { return value }
-    var now = timespec()
-    clock_gettime(CLOCK_REALTIME, &now)
-    return UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)
+    return WallClock.nanoseconds()
 }

@@ -137,7 +137,7 @@ struct StatsWatch {
         var previous: [String: (snapshot: ServiceSnapshot, at: Double)] = [:]
         while true {
             let (snapshots, failures) = reader.readEach(names)
-            let now = monotonicSeconds()
+            let now = MonotonicClock.seconds()
             var frame = terminal ? "\u{1B}[H\u{1B}[2J" : ""
             frame += "every \(HumanFormat.fixed(interval, digits: 1))s, Ctrl-C to stop\n\n"
             frame += snapshots.map { snapshot in
@@ -158,12 +158,6 @@ struct StatsWatch {
             }
         }
     }
-}
-
-func monotonicSeconds() -> Double {
-    var now = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
 }
 
 func fflushStandardOutput() { fflush(nil) }

@@ -87,8 +87,12 @@ extension Reuseportd {
                 throw ExitCode(1)
             }
             logger.notice("ready: control socket \(ControlDefaults.socketPath(runDirectory: runDir))")
-            let status = daemon.run()
-            if status != 0 { throw ExitCode(status) }
+            do {
+                try daemon.run()
+            } catch {
+                logger.critical("\(error)")
+                throw ExitCode(1)
+            }
         }
     }
 
@@ -173,8 +177,5 @@ func printError(_ text: String) {
 /// This binary's path, to spawn as `exec-worker` (resolved rather than /proc/self/exe so
 /// that workers show up as reuseportd in ps and top, not as "exe").
 func selfExecutable() -> String {
-    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    guard count > 0 else { return CommandLine.arguments[0] }
-    return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    Syscall.executablePath() ?? CommandLine.arguments[0]
 }

@@ -221,28 +221,10 @@ func bpf_map_update_elem_checked(_ fd: Int32, _ key: inout UInt32, _ value: inou
 
 /// Runs a program and returns its standard output.
 func run(_ path: String, _ arguments: [String]) throws -> String {
-    var pipeFDs: [Int32] = [0, 0]
-    guard pipe(&pipeFDs) == 0 else { throw ReuseportError.system("pipe") }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    posix_spawn_file_actions_adddup2(&actions, pipeFDs[1], 1)
-    posix_spawn_file_actions_addclose(&actions, pipeFDs[0])
-    let argv = ([path] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    var pid: pid_t = 0
-    let result = posix_spawn(&pid, path, &actions, nil, argv, environ)
-    posix_spawn_file_actions_destroy(&actions)
-    close(pipeFDs[1])
-    guard result == 0 else { close(pipeFDs[0]); throw ReuseportError.system("posix_spawn(\(path))", result) }
-    var output: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let count = read(pipeFDs[0], &buffer, buffer.count)
-        if count <= 0 { break }
-        output += buffer[0..<count]
-    }
-    close(pipeFDs[0])
-    var status: Int32 = 0
-    waitpid(pid, &status, 0)
+    let pipe = try Syscall.pipe()
+    let pid = try ProcessSpawn(path, arguments, fileActions: [.duplicate(pipe.write.fd.rawValue, to: 1)]).start()
+    pipe.write.close()
+    let output = try withExtendedLifetime(pipe.read) { try Syscall.readToEnd(pipe.read.fd) }
+    _ = try Syscall.wait(pid, block: true)
     return String(decoding: output, as: UTF8.self)
 }

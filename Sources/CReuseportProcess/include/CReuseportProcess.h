@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-// The few process and socket calls the daemon needs that Swift cannot import from Glibc
-// (signalfd, prctl, SO_PEERCRED's struct ucred, and the _GNU_SOURCE calls accept4, pipe2 and
-// posix_spawn_file_actions_addclosefrom_np). Every symbol is prefixed rpd_.
+// The few process and socket calls the system layer (ReuseportKit/System) needs that Swift
+// cannot import from Glibc (signalfd, prctl, SO_PEERCRED's struct ucred, pidfd_open, and the
+// _GNU_SOURCE calls accept4, pipe2 and posix_spawn_file_actions_addclosefrom_np). Every
+// symbol is prefixed rpd_.
 #ifndef CREUSEPORT_PROCESS_H
 #define CREUSEPORT_PROCESS_H
 
@@ -36,5 +37,8 @@ int rpd_pipe_cloexec(int fds[2]);
 
 /* accept4(fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK), filling `address` when given. */
 int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length);
+
+/* pidfd_open(2) (Linux 5.3; glibc has no wrapper before 2.36). -1 and errno on failure. */
+int rpd_pidfd_open(pid_t pid);
 
 #endif

@@ -1,0 +1,75 @@
+import CReuseportABI
+import ReuseportControl
+import ReuseportKit
+
+/// Answers the control socket's commands (ReuseportControl/ControlProtocol.swift): status,
+/// restart and scale through the supervisor, reload through `ConfigurationReload`.
+struct ControlCommands {
+    let supervisor: Supervisor
+    let reload: ConfigurationReload
+
+    func handle(_ request: ControlRequest) -> ControlResponse {
+        switch request.command {
+        case .status:
+            return ControlResponse(ok: true, services: supervisor.status(of: request.service))
+        case .reload:
+            return reload.apply()
+        case .restart:
+            guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
+                return .failure(unknownService(request.service))
+            }
+            guard let index = request.slot, let slot = service.slot(index) else {
+                return .failure("service \(service.name) has no slot \(request.slot.map(String.init) ?? "(none given)"): "
+                    + "its slots are 0 to \(service.slots.count - 1)")
+            }
+            supervisor.restart(service, slot)
+            return ControlResponse(ok: true, message: "restarting slot \(index) of \(service.name)",
+                                   services: supervisor.status(of: service.name))
+        case .scale:
+            guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
+                return .failure(unknownService(request.service))
+            }
+            guard let workers = request.workers, (1...Int(RP_MAX_SLOTS)).contains(workers),
+                  workers <= service.configuration.bucketCount
+            else {
+                return .failure("scale needs a worker count between 1 and "
+                    + "\(min(Int(RP_MAX_SLOTS), service.configuration.bucketCount)), got \(request.workers.map(String.init) ?? "none")")
+            }
+            do {
+                let moved = try supervisor.scale(service, to: workers)
+                return ControlResponse(ok: true, message: "scaled \(service.name) to \(workers) workers, \(moved) buckets moved",
+                                       services: supervisor.status(of: service.name))
+            } catch {
+                return .failure("scaling \(service.name) to \(workers) failed: \(error)")
+            }
+        }
+    }
+
+    /// Without a service name, the only service, if there is exactly one.
+    func soleService(_ name: String?) -> ServiceRuntime? {
+        name == nil && supervisor.services.count == 1 ? supervisor.services[0] : nil
+    }
+
+    func unknownService(_ name: String?) -> String {
+        let names = supervisor.services.map(\.name).joined(separator: ", ")
+        guard let name else { return "name a service: this daemon runs \(names)" }
+        return "no service named '\(name)': this daemon runs \(names)"
+    }
+}
+
+extension Supervisor {
+    /// The control protocol's view of the services named (nil: all).
+    func status(of name: String?) -> [ServiceStatus] {
+        services.filter { name == nil || $0.name == name }.map { service in
+            let buckets = service.bucketCounts()
+            return ServiceStatus(
+                name: service.name, listeners: service.listeners.map(\.description), workers: service.slots.count,
+                pinDirectory: service.pins.serviceDirectory,
+                slots: service.slots.map {
+                    SlotStatus(slot: $0.index, pid: $0.pid, state: $0.state.description, restarts: Int($0.restarts),
+                               buckets: buckets[$0.index] ?? 0)
+                },
+                failovers: service.failovers)
+        }
+    }
+}

@@ -1,0 +1,269 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import ReuseportKit
+import SystemPackage
+
+/// Keeps a worker on every slot of every service: starts workers, reaps them on SIGCHLD,
+/// restarts them after a back-off, fails a slot's buckets over while it is down, and stops
+/// workers (SIGTERM to the process group, SIGKILL at the stop timeout). Its deadlines are
+/// in SupervisorTimers.swift. Workers are reaped with waitpid().
+final class Supervisor {
+    var configuration: DaemonConfiguration
+    let pinRoot: String
+    /// This binary, spawned as `exec-worker` to start each worker.
+    let executable: String
+    let logger: Logger
+    var services: [ServiceRuntime] = []
+    /// Live workers that belong to a slot.
+    var workers: [pid_t: (service: ServiceRuntime, slot: SlotRecord)] = [:]
+    /// Workers being stopped (restarted, scaled away, or at shutdown): pid → SIGKILL deadline.
+    var retiring: [pid_t: Int64] = [:]
+    /// The workers' output pipes, by their read end.
+    private(set) var outputs: [FileDescriptor: WorkerOutput] = [:]
+    private(set) var stopping = false
+
+    init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
+        self.configuration = configuration
+        self.pinRoot = pinRoot
+        self.executable = executable
+        self.logger = logger
+    }
+
+    /// Stopping, and every worker has exited.
+    var isStopped: Bool { stopping && workers.isEmpty && retiring.isEmpty }
+
+    // MARK: services
+
+    /// Binds a service's sockets, loads its program and pins its maps; starts no worker.
+    /// `ownGroups`: addresses whose reuseport group is this daemon's own (a service being rebuilt
+    /// or moved on reload, whose old workers may still hold their sockets): not checked as taken.
+    @discardableResult
+    func addService(_ configuration: ServiceConfiguration, ownGroups: Set<Endpoint> = []) throws -> ServiceRuntime {
+        let service: ServiceRuntime
+        do {
+            service = try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
+                                         ownGroups: ownGroups)
+        } catch {
+            throw ServiceStartError(service: configuration.name, underlying: error)
+        }
+        services.append(service)
+        let listeners = service.listeners.map(\.description).joined(separator: ", ")
+        service.logger.notice(
+            "service \(service.name) listening on \(listeners) with \(service.slots.count) workers, maps pinned at \(service.pins.serviceDirectory)")
+        return service
+    }
+
+    func startWorkers(of service: ServiceRuntime) {
+        for slot in service.slots { startWorker(service, slot, now: MonotonicClock.nanoseconds()) }
+    }
+
+    func startAllWorkers() {
+        for service in services { startWorkers(of: service) }
+    }
+
+    func service(named name: String) -> ServiceRuntime? { services.first { $0.name == name } }
+
+    /// Stops a service's workers (in the background) and closes its sockets and pins now.
+    func stopService(_ service: ServiceRuntime, now: Int64) {
+        for slot in service.slots {
+            if let pid = slot.pid { retire(pid, now: now) }
+            slot.pid = nil
+            slot.nextStartAt = nil
+        }
+        service.close()
+        service.logger.notice("service \(service.name) stopped")
+    }
+
+    /// Closes every service's sockets and removes its pins (after reading what the workers'
+    /// pipes still hold, with `drainingOutput`). Workers must be gone.
+    func closeServices(drainingOutput: Bool = false) {
+        if drainingOutput { for output in outputs.values { _ = output.readAvailable() } }
+        for service in services { service.close() }
+        services.removeAll()
+    }
+
+    // MARK: workers
+
+    func startWorker(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
+        var logger = service.logger
+        logger[metadataKey: "slot"] = "\(slot.index)"
+        slot.nextStartAt = nil
+        do {
+            // The write end closes when this scope ends: the worker holds the only copy.
+            let (output, writeEnd) = try WorkerOutput.pipe(logger: logger)
+            let spawn = WorkerSpawn(executable: executable,
+                                    arguments: workerArguments(service.configuration),
+                                    environment: workerEnvironment(service, slot),
+                                    sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
+                                    output: writeEnd.fd)
+            let pid = try withExtendedLifetime(writeEnd) { try spawn.start() }
+            output.logger[metadataKey: "pid"] = "\(pid)"
+            outputs[output.descriptor.fd] = output
+            workers[pid] = (service, slot)
+            if slot.everStarted { slot.restarts &+= 1 }
+            slot.everStarted = true
+            slot.pid = pid
+            slot.startedAt = now
+            service.transition(slot, to: slot.failedOver ? .failedOver : .starting)
+            logger.info("worker started, pid \(pid)")
+        } catch {
+            logger.error("cannot start a worker: \(error)")
+            scheduleRestart(service, slot, now: now, livedNs: 0)
+        }
+    }
+
+    func workerArguments(_ service: ServiceConfiguration) -> [String] {
+        var arguments = ["reuseportd", "exec-worker", "--parent", String(getpid())]
+        if let user = service.user { arguments += ["--user", user] }
+        if let group = service.group { arguments += ["--group", group] }
+        switch service.program {
+        case .builtin(let kind): arguments += ["--builtin", kind.rawValue]
+        case .exec(let argv): arguments += ["--"] + argv
+        }
+        return arguments
+    }
+
+    func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
+        let ours: Set<String> = [ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID,
+                                 ActivationEnvironment.listenFDNames, ActivationEnvironment.slot,
+                                 ActivationEnvironment.service]
+        var environment = ProcessEnvironment.current.filter { !ours.contains($0.key) }.map { "\($0.key)=\($0.value)" }
+        let count = service.plane.listeners.count
+        environment += [
+            "\(ActivationEnvironment.listenFDs)=\(count)",
+            "\(ActivationEnvironment.listenFDNames)=\((0..<count).map { "listener\($0)" }.joined(separator: ":"))",
+            "\(ActivationEnvironment.slot)=\(slot.index)",
+            "\(ActivationEnvironment.service)=\(service.name)",
+        ]
+        return environment
+    }
+
+    /// Reads a worker's pipe; forgets it at end of file.
+    func readOutput(_ fd: FileDescriptor) {
+        if let output = outputs[fd], !output.readAvailable() { outputs.removeValue(forKey: fd) }
+    }
+
+    func reapWorkers() {
+        let now = MonotonicClock.nanoseconds()
+        while let (pid, status) = try? Syscall.wait(block: false) {
+            if retiring.removeValue(forKey: pid) != nil { continue }
+            guard let (service, slot) = workers.removeValue(forKey: pid) else { continue }
+            let lived = now - (slot.startedAt ?? now)
+            slot.pid = nil
+            slot.startedAt = nil
+            var logger = service.logger
+            logger[metadataKey: "slot"] = "\(slot.index)"
+            logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
+            scheduleRestart(service, slot, now: now, livedNs: lived)
+        }
+    }
+
+    /// After an exit: start again at once after a healthy run, else after the back-off.
+    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64) {
+        if slot.downSince == nil { slot.downSince = now }
+        let delay: Int
+        (delay, slot.quickExits) = service.configuration.restart.afterExit(livedMs: Int(livedNs / 1_000_000),
+                                                                           quickExits: slot.quickExits)
+        if stopping { return }
+        if delay == 0 {
+            startWorker(service, slot, now: now)
+        } else {
+            slot.nextStartAt = now + delay.msAsNs
+            service.transition(slot, to: slot.failedOver ? .failedOver : .backoff)
+            service.logger.info("slot \(slot.index): next start in \(delay) ms")
+        }
+    }
+
+    /// Sends SIGTERM to a worker's process group; SIGKILL follows at the stop timeout.
+    func retire(_ pid: pid_t, now: Int64) {
+        workers.removeValue(forKey: pid)
+        retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+        Supervisor.signal(pid, SIGTERM)
+    }
+
+    static func signal(_ pid: pid_t, _ signal: Int32) {
+        // The worker leads its own process group: its children go too.
+        do {
+            try Syscall.kill(-pid, signal)
+        } catch {
+            try? Syscall.kill(pid, signal)
+        }
+    }
+
+    /// Starts a new worker on the slot at once and stops the old one: for a moment both
+    /// read the same socket, so no datagram waits for the restart.
+    func restart(_ service: ServiceRuntime, _ slot: SlotRecord) {
+        let now = MonotonicClock.nanoseconds()
+        if let pid = slot.pid { retire(pid, now: now) }
+        slot.pid = nil
+        slot.quickExits = 0
+        startWorker(service, slot, now: now)
+    }
+
+    func scale(_ service: ServiceRuntime, to count: Int) throws -> Int {
+        let before = service.slots.count
+        let (removed, added, moved) = try service.resize(to: count)
+        let now = MonotonicClock.nanoseconds()
+        for slot in removed {
+            if let pid = slot.pid { retire(pid, now: now) }
+            service.clear(slot)
+        }
+        for slot in added { startWorker(service, slot, now: now) }
+        service.logger.notice("workers \(before) → \(count): \(moved) of \(service.configuration.bucketCount) buckets moved")
+        return moved
+    }
+
+    // MARK: stop
+
+    func beginStop(reason: String) {
+        logger.notice("\(reason): stopping \(workers.count) workers (SIGKILL after \(configuration.stopTimeoutMs) ms)")
+        stopping = true
+        let now = MonotonicClock.nanoseconds()
+        for (pid, worker) in workers {
+            worker.slot.pid = nil
+            worker.slot.nextStartAt = nil
+            worker.service.transition(worker.slot, to: .stopping)
+            retire(pid, now: now)
+        }
+        for service in services {
+            for slot in service.slots where slot.state != .stopping {
+                slot.nextStartAt = nil
+                service.transition(slot, to: .stopping)
+            }
+        }
+    }
+
+    /// A second stop signal: the retiring workers' SIGKILL deadlines are now.
+    func killRetiringNow() {
+        for pid in Array(retiring.keys) { retiring[pid] = 0 }
+    }
+
+    /// When the daemon cannot go on: SIGKILL to every worker, reap them all, close every
+    /// service. Nothing is left running.
+    func killAllAndClose() {
+        stopping = true
+        let pids = Array(workers.keys) + Array(retiring.keys)
+        for pid in pids { Supervisor.signal(pid, SIGKILL) }
+        for pid in pids { _ = try? Syscall.wait(pid, block: true) }
+        workers.removeAll()
+        retiring.removeAll()
+        closeServices(drainingOutput: true)
+    }
+}
+
+extension WaitStatus {
+    /// "exited with status 3", "was killed by signal 9": for the log.
+    var sentence: String {
+        switch self {
+        case .exited(let code): return "exited with status \(code)"
+        case .killed(let signal): return "was killed by signal \(signal)"
+        }
+    }
+}
+
+extension Int {
+    /// Milliseconds as nanoseconds.
+    var msAsNs: Int64 { Int64(self) * 1_000_000 }
+}

@@ -1,0 +1,94 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ReuseportKit
+
+/// Everything the supervisor waits for, in one list: it decides both what `fireTimers`
+/// does now and how long the loop may sleep (`nextDeadline`). Each timer's condition is
+/// written once, in `deadline(of:)`: a deadline that nothing would act on must not be
+/// listed, or poll() would return at once, again and again (e.g. a failover while stopping).
+enum SupervisorTimer {
+    /// A slot in back-off: start its next worker.
+    case start(ServiceRuntime, SlotRecord)
+    /// A starting worker has lived `readyAfterMs`: it is running.
+    case ready(ServiceRuntime, SlotRecord)
+    /// A slot has been down `failoverAfterMs`: its buckets go to live slots.
+    case failover(ServiceRuntime, SlotRecord)
+    /// A retiring worker did not stop in time: SIGKILL.
+    case kill(pid_t)
+}
+
+extension Supervisor {
+    /// Every timer, slot by slot (start, ready, failover), then the retiring workers.
+    func timers() -> [SupervisorTimer] {
+        var timers: [SupervisorTimer] = []
+        for service in services {
+            for slot in service.slots {
+                timers += [.start(service, slot), .ready(service, slot), .failover(service, slot)]
+            }
+        }
+        return timers + retiring.keys.map { .kill($0) }
+    }
+
+    /// When `timer` is due, or nil while its condition does not hold.
+    func deadline(of timer: SupervisorTimer) -> Int64? {
+        switch timer {
+        case .start(_, let slot):
+            guard slot.pid == nil, !stopping else { return nil }
+            return slot.nextStartAt
+        case .ready(let service, let slot):
+            guard let started = slot.startedAt, slot.pid != nil, slot.state == .starting || slot.state == .failedOver
+            else { return nil }
+            return started + service.configuration.restart.readyAfterMs.msAsNs
+        case .failover(let service, let slot):
+            guard let down = slot.downSince, !slot.failedOver, !stopping else { return nil }
+            return down + service.configuration.failoverAfterMs.msAsNs
+        case .kill(let pid):
+            // Int64.max: SIGKILL sent, waiting for SIGCHLD.
+            guard let deadline = retiring[pid], deadline != Int64.max else { return nil }
+            return deadline
+        }
+    }
+
+    func nextDeadline() -> Int64? { timers().compactMap(deadline(of:)).min() }
+
+    /// Acts on every timer due at `now`. Each is checked again just before it fires: an
+    /// earlier one may have changed its slot (a worker that became ready is not failed over).
+    func fireTimers(now: Int64) {
+        for timer in timers() {
+            guard let at = deadline(of: timer), at <= now else { continue }
+            switch timer {
+            case .start(let service, let slot):
+                startWorker(service, slot, now: now)
+            case .ready(let service, let slot):
+                becameReady(service, slot)
+            case .failover(let service, let slot):
+                failOver(service, slot)
+            case .kill(let pid):
+                logger.warning("worker pid \(pid) did not stop in time: SIGKILL")
+                Supervisor.signal(pid, SIGKILL)
+                retiring[pid] = Int64.max
+            }
+        }
+    }
+
+    func becameReady(_ service: ServiceRuntime, _ slot: SlotRecord) {
+        slot.downSince = nil
+        if slot.failedOver {
+            slot.failedOver = false
+            service.applyFailover()
+            service.logger.notice("slot \(slot.index) is healthy again: its buckets are back")
+        }
+        service.transition(slot, to: .running)
+    }
+
+    func failOver(_ service: ServiceRuntime, _ slot: SlotRecord) {
+        slot.failedOver = true
+        service.noteFailover()
+        let before = service.bucketCounts()[slot.index] ?? 0
+        service.applyFailover()
+        service.logger.warning(
+            "slot \(slot.index) down for \(service.configuration.failoverAfterMs) ms: its \(before) buckets now point at live slots (failover \(service.failovers))")
+        service.transition(slot, to: .failedOver)
+    }
+}

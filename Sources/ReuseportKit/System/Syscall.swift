@@ -1,0 +1,289 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import CReuseportProcess
+import SystemPackage
+
+/// Thin wrappers over the syscalls the project makes, in one place: EINTR is retried here,
+/// descriptors come back owned and close-on-exec, and every failure becomes a
+/// `ReuseportError.system` naming the call, its errno and a hint.
+public enum Syscall {
+    /// Runs `body` until it does not fail with EINTR; returns its result or throws.
+    @discardableResult
+    public static func retrying<T: BinaryInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws -> T {
+        while true {
+            let result = body()
+            if result >= 0 { return result }
+            let code = errno
+            if code == EINTR { continue }
+            throw ReuseportError.system(call(), code)
+        }
+    }
+
+    /// For calls that return an error number instead of setting errno (posix_spawn and friends).
+    static func checking(_ call: @autoclosure () -> String, _ result: Int32) throws {
+        if result != 0 { throw ReuseportError.system(call(), result) }
+    }
+
+    /// Closes `fd`; EINTR is not retried (Linux has released the fd already, see close(2)).
+    public static func close(_ fd: Int32) {
+        _ = Glibc.close(fd)
+    }
+
+    // MARK: sockets
+
+    /// socket(2), close-on-exec (and non-blocking when asked).
+    public static func socket(_ family: Int32, _ type: Int32, nonBlocking: Bool = false, _ label: String)
+        throws -> OwnedDescriptor
+    {
+        let flags = Int32(SOCK_CLOEXEC.rawValue) | (nonBlocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
+        let fd = try retrying("socket(\(label))") { Glibc.socket(family, type | flags, 0) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+    }
+
+    public static func bind(_ fd: FileDescriptor, _ address: SocketAddress, _ label: String) throws {
+        _ = try address.withSockaddr { address, length in
+            try retrying("bind(\(label))") { Glibc.bind(fd.rawValue, address, length) }
+        }
+    }
+
+    /// bind(2) to a Unix socket path.
+    public static func bind(_ fd: FileDescriptor, unixPath path: String) throws {
+        _ = try withUnixAddress(path) { address, length in
+            try retrying("bind(\(path))") { Glibc.bind(fd.rawValue, address, length) }
+        }
+    }
+
+    /// connect(2) to a Unix socket path.
+    public static func connect(_ fd: FileDescriptor, unixPath path: String) throws {
+        _ = try withUnixAddress(path) { address, length in
+            try retrying("connect(\(path))") { Glibc.connect(fd.rawValue, address, length) }
+        }
+    }
+
+    public static func listen(_ fd: FileDescriptor, backlog: Int32, _ label: String) throws {
+        try retrying("listen(\(label))") { Glibc.listen(fd.rawValue, backlog) }
+    }
+
+    /// accept4(2) of one waiting connection, close-on-exec and non-blocking, with its peer's
+    /// address (nil for a Unix socket); nil when none waits.
+    public static func accept(_ fd: FileDescriptor) throws -> (descriptor: OwnedDescriptor, peer: SocketAddress?)? {
+        while true {
+            var storage = sockaddr_storage()
+            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+            let client = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { rpd_accept_nonblocking(fd.rawValue, $0, &length) }
+            }
+            if client >= 0 {
+                return (OwnedDescriptor(adopting: FileDescriptor(rawValue: client)), SocketAddress(storage: storage))
+            }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return nil }
+            throw ReuseportError.system("accept4", code)
+        }
+    }
+
+    /// send(2) of what fits now; throws on any error, EAGAIN included.
+    public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, flags: Int32) throws -> Int {
+        try retrying("send(fd \(fd.rawValue))") { Glibc.send(fd.rawValue, bytes.baseAddress, bytes.count, flags) }
+    }
+
+    /// The credentials of a connected Unix socket's peer (SO_PEERCRED, unix(7)).
+    public static func peerCredentials(_ fd: FileDescriptor) throws -> (pid: pid_t, uid: uid_t, gid: gid_t) {
+        var pid: pid_t = 0
+        var uid: uid_t = 0
+        var gid: gid_t = 0
+        try retrying("getsockopt(SO_PEERCRED)") { rpd_peer_credentials(fd.rawValue, &pid, &uid, &gid) }
+        return (pid, uid, gid)
+    }
+
+    public static func setOption<T: BitwiseCopyable>(_ fd: Int32, _ level: Int32, _ name: Int32, _ value: T, _ label: String) throws {
+        var value = value
+        try retrying("setsockopt(\(label))") {
+            setsockopt(fd, level, name, &value, socklen_t(MemoryLayout<T>.size))
+        }
+    }
+
+    public static func setOption<T: BitwiseCopyable>(_ fd: FileDescriptor, _ level: Int32, _ name: Int32, _ value: T,
+                                                     _ label: String) throws {
+        try setOption(fd.rawValue, level, name, value, label)
+    }
+
+    public static func getOption<T: BitwiseCopyable>(_ fd: Int32, _ level: Int32, _ name: Int32, _ type: T.Type, _ label: String) throws -> T {
+        let storage = UnsafeMutablePointer<T>.allocate(capacity: 1)
+        defer { storage.deallocate() }
+        var length = socklen_t(MemoryLayout<T>.size)
+        try retrying("getsockopt(\(label))") { getsockopt(fd, level, name, storage, &length) }
+        return storage.pointee
+    }
+
+    static func withUnixAddress<R>(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) throws -> R) rethrows -> R {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: Array(path.utf8.prefix(raw.count - 1)))
+        }
+        return try withUnsafePointer(to: &address) {
+            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { try body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+    }
+
+    // MARK: pipes and reading
+
+    /// pipe2(2), both ends close-on-exec.
+    public static func pipe() throws -> (read: OwnedDescriptor, write: OwnedDescriptor) {
+        var ends: [Int32] = [-1, -1]
+        try retrying("pipe2") { rpd_pipe_cloexec(&ends) }
+        return (OwnedDescriptor(adopting: FileDescriptor(rawValue: ends[0])),
+                OwnedDescriptor(adopting: FileDescriptor(rawValue: ends[1])))
+    }
+
+    /// read(2) into `buffer`: the byte count (0 at end of file), or nil when a non-blocking
+    /// descriptor has nothing now (EAGAIN).
+    public static func read(_ fd: FileDescriptor, into buffer: inout [UInt8]) throws -> Int? {
+        while true {
+            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress, $0.count) }
+            if count >= 0 { return count }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return nil }
+            throw ReuseportError.system("read(fd \(fd.rawValue))", code)
+        }
+    }
+
+    /// Reads until end of file.
+    public static func readToEnd(_ fd: FileDescriptor) throws -> [UInt8] {
+        var output: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while let count = try read(fd, into: &buffer), count > 0 { output += buffer[0..<count] }
+        return output
+    }
+
+    /// A close-on-exec copy of `fd` numbered `lowest` or above (fcntl(2) F_DUPFD_CLOEXEC).
+    public static func duplicate(_ fd: FileDescriptor, atLeast lowest: Int32 = 0) throws -> OwnedDescriptor {
+        let copy = try retrying("fcntl(F_DUPFD_CLOEXEC, fd \(fd.rawValue))") { fcntl(fd.rawValue, F_DUPFD_CLOEXEC, lowest) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: copy))
+    }
+
+    /// Sets or clears O_NONBLOCK on the open file description (fcntl(2) F_GETFL/F_SETFL).
+    public static func setNonBlocking(_ fd: FileDescriptor, _ nonBlocking: Bool) throws {
+        let flags = try retrying("fcntl(F_GETFL, fd \(fd.rawValue))") { fcntl(fd.rawValue, F_GETFL) }
+        let wanted = nonBlocking ? flags | O_NONBLOCK : flags & ~O_NONBLOCK
+        if wanted != flags {
+            try retrying("fcntl(F_SETFL, fd \(fd.rawValue))") { fcntl(fd.rawValue, F_SETFL, wanted) }
+        }
+    }
+
+    /// poll(2) for input on `fds`: those readable, hung up or in error. A signal that
+    /// interrupts the wait returns none rather than waiting again with a stale timeout:
+    /// the caller recomputes its deadlines. `timeoutMs` -1 waits without limit.
+    public static func poll(_ fds: [FileDescriptor], timeoutMs: Int32) throws -> [FileDescriptor] {
+        var entries = fds.map { pollfd(fd: $0.rawValue, events: Int16(POLLIN), revents: 0) }
+        if Glibc.poll(&entries, nfds_t(entries.count), timeoutMs) < 0 {
+            let code = errno
+            if code == EINTR { return [] }
+            throw ReuseportError.system("poll", code)
+        }
+        return entries.filter { $0.revents != 0 }.map { FileDescriptor(rawValue: $0.fd) }
+    }
+
+    // MARK: signals and processes
+
+    /// Blocks `signals` in this thread (sigprocmask(2)), as a signalfd needs.
+    public static func blockSignals(_ signals: [Int32]) throws {
+        var mask = signalSet(signals)
+        try retrying("sigprocmask(SIG_BLOCK)") { sigprocmask(SIG_BLOCK, &mask, nil) }
+    }
+
+    /// signalfd(2) for `signals` (which must be blocked), close-on-exec and non-blocking.
+    public static func signalfd(_ signals: [Int32]) throws -> OwnedDescriptor {
+        var mask = signalSet(signals)
+        let fd = try retrying("signalfd") { rpd_signalfd(&mask) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+    }
+
+    /// The next signal queued on a signalfd, nil when none is.
+    public static func readSignal(_ fd: FileDescriptor) throws -> Int32? {
+        let signal = try retrying("read(signalfd)") { rpd_signalfd_read(fd.rawValue) }
+        return signal == 0 ? nil : signal
+    }
+
+    static func signalSet(_ signals: [Int32]) -> sigset_t {
+        var mask = sigset_t()
+        sigemptyset(&mask)
+        for signal in signals { sigaddset(&mask, signal) }
+        return mask
+    }
+
+    /// kill(2); a negative `pid` names a process group.
+    public static func kill(_ pid: pid_t, _ signal: Int32) throws {
+        try retrying("kill(\(pid), \(signal))") { Glibc.kill(pid, signal) }
+    }
+
+    /// waitpid(2) for `pid` (-1: any child). With `block` false, nil when no such child has
+    /// exited yet.
+    public static func wait(_ pid: pid_t = -1, block: Bool) throws -> (pid: pid_t, status: WaitStatus)? {
+        var status: Int32 = 0
+        let reaped = try retrying("waitpid(\(pid))") { waitpid(pid, &status, block ? 0 : WNOHANG) }
+        return reaped == 0 ? nil : (reaped, WaitStatus(raw: status))
+    }
+
+    /// pidfd_open(2) (Linux 5.3): a descriptor that stays bound to this one process, which
+    /// becomes readable when it exits and is safe against pid reuse.
+    public static func pidfdOpen(_ pid: pid_t) throws -> OwnedDescriptor {
+        let fd = try retrying("pidfd_open(\(pid))") { rpd_pidfd_open(pid) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+    }
+
+    /// prctl(PR_SET_PDEATHSIG): `signal` comes when the parent exits. Credential changes
+    /// clear it (kernel/cred.c, commit_creds()): set it after dropping privileges.
+    public static func setParentDeathSignal(_ signal: Int32) throws {
+        try retrying("prctl(PR_SET_PDEATHSIG)") { rpd_set_parent_death_signal(signal) }
+    }
+
+    // MARK: files
+
+    /// open(2), close-on-exec.
+    public static func open(_ path: String, _ flags: Int32, mode: mode_t = 0) throws -> OwnedDescriptor {
+        let fd = try retrying("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC, mode) }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+    }
+
+    /// The whole content of `path`.
+    public static func readFile(_ path: String) throws -> [UInt8] {
+        let file = try open(path, O_RDONLY)
+        return try withExtendedLifetime(file) { try readToEnd(file.fd) }
+    }
+
+    /// Replaces the content of `path` (created with `mode` if missing) with `bytes`.
+    public static func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
+        let file = try open(path, O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
+        try withExtendedLifetime(file) {
+            var offset = 0
+            while offset < bytes.count {
+                offset += try bytes[offset...].withUnsafeBytes { rest in
+                    try retrying("write(\(path))") { Glibc.write(file.fd.rawValue, rest.baseAddress, rest.count) }
+                }
+            }
+        }
+    }
+
+    /// mkdir -p with `mode` for the folders it creates.
+    public static func makeDirectories(_ path: String, mode: mode_t = 0o755) throws {
+        var current = ""
+        for component in path.split(separator: "/") {
+            current += "/\(component)"
+            if mkdir(current, mode) != 0 && errno != EEXIST { throw ReuseportError.system("mkdir(\(current))") }
+        }
+    }
+
+    /// readlink("/proc/self/exe"): this program's own path.
+    public static func executablePath() -> String? {
+        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+        let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard count > 0 else { return nil }
+        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+}
