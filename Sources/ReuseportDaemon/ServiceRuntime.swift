@@ -25,8 +25,6 @@ final class SlotRecord {
     var downSince: Int64?
     /// In back-off: when to start the next worker.
     var nextStartAt: Int64?
-    /// Its buckets point at live slots.
-    var failedOver = false
 
     init(index: UInt32, socketCookie: UInt64) {
         self.index = index
@@ -111,19 +109,32 @@ final class ServiceRuntime {
         }
     }
 
-    /// Hands the slots' failover decisions to the data plane: a slot marked failed over lends
-    /// its buckets to the live slots, a slot no longer marked gets back exactly those buckets.
-    func applyFailover() {
-        for slot in slots where slot.failedOver != plane.failedOver.contains(slot.index) {
-            do {
-                if slot.failedOver { try plane.failOver(slot.index) } else { try plane.restore(slot.index) }
-            } catch {
-                logger.error("cannot write the bucket table for slot \(slot.index)'s failover: \(error)")
-            }
+    /// Whether the data plane has the slot's buckets lent to the live slots.
+    func isFailedOver(_ slot: SlotRecord) -> Bool { plane.failedOver.contains(slot.index) }
+
+    /// Lends the slot's buckets to the live slots (the data plane moves no other bucket).
+    /// Returns how many moved, or nil when the table could not be written (logged).
+    func failOver(_ slot: SlotRecord) -> Int? {
+        do {
+            let lent = try plane.failOver(slot.index)
+            failovers += 1
+            return lent
+        } catch {
+            logger.error("cannot fail over slot \(slot.index): \(error)")
+            return nil
         }
     }
 
-    func noteFailover() { failovers += 1 }
+    /// Gives a failed-over slot back exactly the buckets it lent. Returns how many, or nil when
+    /// the table could not be written (logged; the slot stays failed over).
+    func restore(_ slot: SlotRecord) -> Int? {
+        do {
+            return try plane.restore(slot.index)
+        } catch {
+            logger.error("cannot restore slot \(slot.index)'s buckets: \(error)")
+            return nil
+        }
+    }
 
     /// Changes the slot count, moving the fewest buckets (a failed-over slot stays so). Returns
     /// the removed slots (their sockets are closed here; their workers are the caller's to stop,

@@ -106,7 +106,7 @@ final class Supervisor {
             slot.everStarted = true
             slot.pid = pid
             slot.startedAt = now
-            service.transition(slot, to: slot.failedOver ? .failedOver : .starting)
+            service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
         } catch {
             logger.error("cannot start a worker: \(error)")
@@ -171,7 +171,7 @@ final class Supervisor {
             startWorker(service, slot, now: now)
         } else {
             slot.nextStartAt = now + delay.msAsNs
-            service.transition(slot, to: slot.failedOver ? .failedOver : .backoff)
+            service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .backoff)
             service.logger.info("slot \(slot.index): next start in \(delay) ms")
         }
     }

@@ -41,7 +41,7 @@ extension Supervisor {
             else { return nil }
             return started + service.configuration.restart.readyAfterMs.msAsNs
         case .failover(let service, let slot):
-            guard let down = slot.downSince, !slot.failedOver, !stopping else { return nil }
+            guard let down = slot.downSince, !service.isFailedOver(slot), !stopping else { return nil }
             return down + service.configuration.failoverAfterMs.msAsNs
         case .kill(let pid):
             // Int64.max: SIGKILL sent, waiting for SIGCHLD.
@@ -74,21 +74,20 @@ extension Supervisor {
 
     func becameReady(_ service: ServiceRuntime, _ slot: SlotRecord) {
         slot.downSince = nil
-        if slot.failedOver {
-            slot.failedOver = false
-            service.applyFailover()
-            service.logger.notice("slot \(slot.index) is healthy again: its buckets are back")
+        if service.isFailedOver(slot), let restored = service.restore(slot) {
+            service.logger.notice("slot \(slot.index) is healthy again: its \(restored) buckets are back")
         }
         service.transition(slot, to: .running)
     }
 
     func failOver(_ service: ServiceRuntime, _ slot: SlotRecord) {
-        slot.failedOver = true
-        service.noteFailover()
-        let before = service.bucketCounts()[slot.index] ?? 0
-        service.applyFailover()
+        guard let lent = service.failOver(slot) else {
+            // Not written (logged): try again after another failover delay, not in a busy loop.
+            slot.downSince = MonotonicClock.nanoseconds()
+            return
+        }
         service.logger.warning(
-            "slot \(slot.index) down for \(service.configuration.failoverAfterMs) ms: its \(before) buckets now point at live slots (failover \(service.failovers))")
+            "slot \(slot.index) down for \(service.configuration.failoverAfterMs) ms: its \(lent) buckets now point at live slots (failover \(service.failovers))")
         service.transition(slot, to: .failedOver)
     }
 }
