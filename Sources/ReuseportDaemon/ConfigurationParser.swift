@@ -97,8 +97,8 @@ public enum ConfigurationParser {
             }
         }
         guard let workers = try reader.integer("workers") else { throw reader.error("workers", "is required") }
-        guard (1...Int(RP_MAX_SLOTS)).contains(workers) else {
-            throw reader.error("workers", "must be between 1 and \(RP_MAX_SLOTS), got \(workers)")
+        guard SlotCount.range.contains(workers) else {
+            throw reader.error("workers", "must be between 1 and \(SlotCount.range.upperBound), got \(workers)")
         }
         let exec = try reader.strings("exec")
         let builtin = try reader.string("builtin")
@@ -133,8 +133,8 @@ public enum ConfigurationParser {
             throw reader.error("rcvbuf", "must be between 1 and \(Int32.max) bytes, got \(receiveBuffer)")
         }
         let buckets = try reader.integer("buckets") ?? Int(RP_DEFAULT_BUCKETS)
-        guard (1...Int(RP_MAX_BUCKETS)).contains(buckets) else {
-            throw reader.error("buckets", "must be between 1 and \(RP_MAX_BUCKETS), got \(buckets)")
+        guard BucketCount.range.contains(buckets) else {
+            throw reader.error("buckets", "must be between 1 and \(BucketCount.range.upperBound), got \(buckets)")
         }
         guard buckets >= workers else {
             throw reader.error("buckets", "\(buckets) buckets cannot spread over \(workers) workers: need at least one each")

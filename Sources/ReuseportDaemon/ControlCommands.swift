@@ -29,11 +29,11 @@ struct ControlCommands {
             guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
                 return .failure(unknownService(request.service))
             }
-            guard let workers = request.workers, (1...Int(RP_MAX_SLOTS)).contains(workers),
+            guard let workers = request.workers, SlotCount.range.contains(workers),
                   workers <= service.configuration.bucketCount
             else {
                 return .failure("scale needs a worker count between 1 and "
-                    + "\(min(Int(RP_MAX_SLOTS), service.configuration.bucketCount)), got \(request.workers.map(String.init) ?? "none")")
+                    + "\(min(SlotCount.range.upperBound, service.configuration.bucketCount)), got \(request.workers.map(String.init) ?? "none")")
             }
             do {
                 let moved = try supervisor.scale(service, to: workers)

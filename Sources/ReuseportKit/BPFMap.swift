@@ -2,13 +2,16 @@
 import Glibc
 #endif
 import CLibbpf
+import SystemPackage
 @_exported import CReuseportABI
 
 /// An open BPF map: owns its fd and closes it once. Keys of every map in
 /// bpf/dispatch.h are `__u32`; values are the C structs from that header.
 public final class BPFMap: @unchecked Sendable {
     public let name: String
-    public let fd: Int32
+    private let descriptor: OwnedDescriptor
+    /// The map's fd, for the libbpf calls of ReuseportKit; this object must outlive its use.
+    var fd: Int32 { descriptor.fd.rawValue }
     public let type: UInt32
     public let keySize: Int
     public let valueSize: Int
@@ -16,16 +19,14 @@ public final class BPFMap: @unchecked Sendable {
 
     /// Takes ownership of `fd` and checks the map against the layout this build expects:
     /// a pinned map left by another version is refused with `.abiMismatch`.
-    init(owning fd: Int32, name: String, keySize expectedKey: Int, valueSize expectedValue: Int) throws {
+    init(owning descriptor: OwnedDescriptor, name: String, keySize expectedKey: Int, valueSize expectedValue: Int) throws {
         var info = bpf_map_info()
         var length = UInt32(MemoryLayout<bpf_map_info>.size)
-        if bpf_obj_get_info_by_fd(fd, &info, &length) != 0 {
-            let code = errno
-            Syscall.close(fd)
-            throw ReuseportError.system("bpf_obj_get_info_by_fd(\(name))", code)
+        if bpf_obj_get_info_by_fd(descriptor.fd.rawValue, &info, &length) != 0 {
+            throw ReuseportError.system("bpf_obj_get_info_by_fd(\(name))", errno)
         }
         self.name = name
-        self.fd = fd
+        self.descriptor = descriptor
         self.type = info.type
         self.keySize = Int(info.key_size)
         self.valueSize = Int(info.value_size)
@@ -44,10 +45,15 @@ public final class BPFMap: @unchecked Sendable {
     convenience init(pinnedAt path: String, name: String, keySize: Int, valueSize: Int) throws {
         let fd = bpf_obj_get(path)
         if fd < 0 { throw ReuseportError.system("bpf_obj_get(\(path))", errno) }
-        try self.init(owning: fd, name: name, keySize: keySize, valueSize: valueSize)
+        try self.init(owning: OwnedDescriptor(adopting: FileDescriptor(rawValue: fd)), name: name, keySize: keySize,
+                      valueSize: valueSize)
     }
 
-    deinit { Syscall.close(fd) }
+    /// Runs `body` with the map's fd, keeping the map open meanwhile: for probes of the kernel's
+    /// own answers (raw libbpf calls with exact errno) and for /proc/self/fdinfo.
+    public func withDescriptor<Result>(_ body: (Int32) throws -> Result) rethrows -> Result {
+        try withExtendedLifetime(self) { try body(fd) }
+    }
 
     /// Pins the map at `path` (bpf_obj_pin); the path's folder must be on bpffs.
     public func pin(at path: String) throws {

@@ -23,7 +23,9 @@ public final class BaselineProgram: ReuseportProgram, @unchecked Sendable {
     }
 
     public let kind: Kind
-    public let programFD: Int32
+    private let descriptor: OwnedDescriptor
+    /// The loaded program's fd; this object owns it and must outlive its use.
+    public var programFD: Int32 { descriptor.fd.rawValue }
     /// The program's REUSEPORT_SOCKARRAY (not used by `.pass`).
     public let sockets: SocketArray
 
@@ -32,14 +34,7 @@ public final class BaselineProgram: ReuseportProgram, @unchecked Sendable {
                                         name: "baseline.bpf.o")
         try object.load()
         self.kind = kind
-        programFD = try object.programFD(kind.programName)
-        do {
-            sockets = try SocketArray(RP_MAP_BASELINE_SOCKETS, in: object)
-        } catch {
-            Syscall.close(programFD)
-            throw error
-        }
+        descriptor = try object.programFD(kind.programName)
+        sockets = try SocketArray(RP_MAP_BASELINE_SOCKETS, in: object)
     }
-
-    deinit { Syscall.close(programFD) }
 }

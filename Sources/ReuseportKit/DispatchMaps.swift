@@ -63,12 +63,10 @@ public final class DispatchMaps: @unchecked Sendable {
     }
 
     func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int) throws {
-        guard (1...Int(RP_MAX_BUCKETS)).contains(bucketCount) else {
-            throw ReuseportError.invalidArgument("bucket count \(bucketCount) is outside 1...\(RP_MAX_BUCKETS)")
-        }
-        for (what, count) in [("slot", slotCount), ("live slot", liveCount)] where !(0...Int(RP_MAX_SLOTS)).contains(count) {
-            throw ReuseportError.invalidArgument("\(what) count \(count) is outside 0...\(RP_MAX_SLOTS)")
-        }
+        _ = try BucketCount(bucketCount)
+        // A service has at least one slot; none of them may hold a socket (live count 0).
+        _ = try SlotCount(slotCount)
+        if liveCount != 0 { _ = try SlotCount(liveCount, what: "live slot count") }
         let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed, bucket_count: UInt32(bucketCount),
                               slot_count: UInt32(slotCount), live_count: UInt32(liveCount), reserved: 0)
         try config.update(0, value)
@@ -112,9 +110,7 @@ public final class DispatchMaps: @unchecked Sendable {
             throw ReuseportError.invalidArgument("\(map.name) table of \(table.count) entries exceeds \(limit)")
         }
         for (index, slot) in table.enumerated() where previous == nil || previous![safe: index] != slot {
-            guard slot < UInt32(RP_MAX_SLOTS) else {
-                throw ReuseportError.invalidArgument("\(map.name)[\(index)] names slot \(slot), beyond \(RP_MAX_SLOTS - 1)")
-            }
+            _ = try Slot(slot, what: "\(map.name)[\(index)]: slot")
             try map.update(UInt32(index), slot)
         }
     }

@@ -16,8 +16,9 @@ import CReuseportABI
 /// Needs: SK_REUSEPORT programs and REUSEPORT_SOCKARRAY (4.19); the verifier's statistics
 /// log level (5.2). Tested on 5.10 to 7.2 (docs/kernel-support.md).
 public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
-    /// The loaded program's fd, owned.
-    public let programFD: Int32
+    private let descriptor: OwnedDescriptor
+    /// The loaded program's fd; this object owns it and must outlive its use.
+    public var programFD: Int32 { descriptor.fd.rawValue }
     public let maps: DispatchMaps
     public let sockets: SocketArray
     /// What the verifier said when it accepted the program (its cost: processed instructions).
@@ -34,19 +35,12 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
         try object.load()
         verifier = object.verifierReports[RP_PROG_DISPATCH] ?? VerifierReport(log: "")
         // Keep our own copies: the object (and its fds) is closed when init returns.
-        programFD = try object.programFD(RP_PROG_DISPATCH)
-        do {
-            maps = try DispatchMaps { name, valueSize in
-                try object.openMap(name, keySize: MemoryLayout<UInt32>.size, valueSize: valueSize)
-            }
-            sockets = try SocketArray(RP_MAP_SOCKETS, in: object)
-        } catch {
-            Syscall.close(programFD)
-            throw error
+        descriptor = try object.programFD(RP_PROG_DISPATCH)
+        maps = try DispatchMaps { name, valueSize in
+            try object.openMap(name, keySize: MemoryLayout<UInt32>.size, valueSize: valueSize)
         }
+        sockets = try SocketArray(RP_MAP_SOCKETS, in: object)
     }
-
-    deinit { Syscall.close(programFD) }
 
     /// Pins this listener's program and socket array (the shared maps are pinned once,
     /// through `DispatchMaps.pin`).

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CLibbpf
+import SystemPackage
 
 /// A BPF object embedded in the binary (Sources/CReuseportABI/object.c), opened with
 /// libbpf for the time it takes to load it and copy out the fds to keep.
@@ -80,21 +81,17 @@ final class EmbeddedObject {
     }
 
     /// An fd of its own (close-on-exec) for the loaded program `programName`.
-    func programFD(_ programName: String) throws -> Int32 {
+    func programFD(_ programName: String) throws -> OwnedDescriptor {
         guard let program = bpf_object__find_program_by_name(object, programName) else {
             throw ReuseportError.invalidArgument("embedded BPF object \(name) has no program \(programName)")
         }
-        return try Self.duplicate(bpf_program__fd(program), programName)
+        return try Syscall.duplicate(FileDescriptor(rawValue: bpf_program__fd(program)), atLeast: 3)
     }
 
     /// The loaded map `mapName`, as a `BPFMap` with an fd of its own.
     func openMap(_ mapName: String, keySize: Int, valueSize: Int) throws -> BPFMap {
-        try BPFMap(owning: Self.duplicate(bpf_map__fd(map(mapName)), mapName), name: mapName,
-                   keySize: keySize, valueSize: valueSize)
-    }
-
-    static func duplicate(_ fd: Int32, _ what: String) throws -> Int32 {
-        try Syscall.retrying("fcntl(F_DUPFD_CLOEXEC, \(what))") { fcntl(fd, F_DUPFD_CLOEXEC, 3) }
+        try BPFMap(owning: Syscall.duplicate(FileDescriptor(rawValue: bpf_map__fd(map(mapName))), atLeast: 3),
+                   name: mapName, keySize: keySize, valueSize: valueSize)
     }
 }
 
@@ -123,15 +120,13 @@ extension ReuseportProgram {
 /// Needs 5.8. The kernel counts enablers: statistics stay on while any fd from
 /// bpf_enable_stats() is open or the sysctl is set, so another enabler may keep them on.
 public final class RunTimeStatistics: @unchecked Sendable {
-    private let fd: Int32
+    private let descriptor: OwnedDescriptor
 
-    private init(fd: Int32) { self.fd = fd }
+    private init(_ descriptor: OwnedDescriptor) { self.descriptor = descriptor }
 
     public static func enable() throws -> RunTimeStatistics {
         let fd = bpf_enable_stats(BPF_STATS_RUN_TIME)
         if fd < 0 { throw ReuseportError.system("bpf_enable_stats(BPF_STATS_RUN_TIME)", -fd) }
-        return RunTimeStatistics(fd: fd)
+        return RunTimeStatistics(OwnedDescriptor(adopting: FileDescriptor(rawValue: fd)))
     }
-
-    deinit { Syscall.close(fd) }
 }

@@ -58,7 +58,7 @@ public struct SteeringSnapshot: Sendable {
     /// more than RP_MAX_BUCKETS is a bucket_count the program refuses: it drops every packet.
     public func placement(of flow: FlowTuple) -> Placement {
         let hash = FlowHash.hash(flow, seed: seed)
-        guard (1...Int(RP_MAX_BUCKETS)).contains(buckets.count) else {
+        guard BucketCount.range.contains(buckets.count) else {
             return Placement(hash: hash, bucket: 0, bucketSlot: 0, slot: nil)
         }
         let bucket = FlowHash.bucket(hash: hash, count: UInt32(buckets.count))

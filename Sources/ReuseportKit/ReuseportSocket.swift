@@ -17,7 +17,6 @@ public final class ReuseportSocket: @unchecked Sendable {
     /// The open descriptor. Using it after `close()` is a programming error.
     public var fd: FileDescriptor { descriptor.fd }
 
-    public var isClosed: Bool { descriptor.isClosed }
 
     /// Creates, configures and binds the socket; TCP sockets also listen, because the
     /// kernel forms a TCP reuseport group only at listen() and only then will the socket
@@ -72,25 +71,14 @@ public final class ReuseportSocket: @unchecked Sendable {
 
     /// The socket cookie (SO_COOKIE): what a REUSEPORT_SOCKARRAY lookup returns.
     public func cookie() throws -> UInt64 {
-        try Syscall.getOption(fd.rawValue, SOL_SOCKET, rp_SO_COOKIE, UInt64.self, "SO_COOKIE")
-    }
-
-    /// The receive buffer the kernel granted (SO_RCVBUF, already doubled by the kernel).
-    public func receiveBufferSize() throws -> Int {
-        Int(try Syscall.getOption(fd.rawValue, SOL_SOCKET, SO_RCVBUF, Int32.self, "SO_RCVBUF"))
+        try Syscall.getOption(fd.rawValue, SOL_SOCKET, SO_COOKIE, UInt64.self, "SO_COOKIE")
     }
 
     /// Attaches an SK_REUSEPORT program to this socket's group (SO_ATTACH_REUSEPORT_EBPF).
     /// Attaching through one member applies to the whole group and replaces any program
     /// attached before.
     public func attach(_ program: some ReuseportProgram) throws {
-        try Syscall.setOption(fd.rawValue, SOL_SOCKET, rp_SO_ATTACH_REUSEPORT_EBPF, program.programFD,
+        try Syscall.setOption(fd.rawValue, SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, program.programFD,
                               "SO_ATTACH_REUSEPORT_EBPF, \(endpoint)")
-    }
-
-    /// Detaches the group's program: the kernel's own hash selects again.
-    public func detachProgram() throws {
-        try Syscall.setOption(fd.rawValue, SOL_SOCKET, rp_SO_DETACH_REUSEPORT_BPF, Int32(0),
-                              "SO_DETACH_REUSEPORT_BPF, \(endpoint)")
     }
 }

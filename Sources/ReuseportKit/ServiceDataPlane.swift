@@ -66,12 +66,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// arrays and writes the configuration, an even bucket table and the fallback table.
     public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options()) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
-        guard (1...Int(RP_MAX_SLOTS)).contains(slotCount) else {
-            throw ReuseportError.invalidArgument("slot count \(slotCount) is outside 1...\(RP_MAX_SLOTS)")
-        }
-        guard (1...Int(RP_MAX_BUCKETS)).contains(options.bucketCount) else {
-            throw ReuseportError.invalidArgument("bucket count \(options.bucketCount) is outside 1...\(RP_MAX_BUCKETS)")
-        }
+        _ = try SlotCount(slotCount)
+        _ = try BucketCount(options.bucketCount)
         self.options = options
         var listeners: [Listener] = []
         var shared: DispatchMaps?
@@ -166,9 +162,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// thrown: a socket left in an array would make the next insert at its slot fail with EBUSY.
     @discardableResult
     public func resize(to count: Int) throws -> Int {
-        guard (1...Int(RP_MAX_SLOTS)).contains(count) else {
-            throw ReuseportError.invalidArgument("slot count \(count) is outside 1...\(RP_MAX_SLOTS)")
-        }
+        _ = try SlotCount(count)
         let target = Array(0..<UInt32(count))
         let table = BucketAssignment.rebalance(buckets, to: target)
         let failed = failedOver.filter { $0 < UInt32(count) }

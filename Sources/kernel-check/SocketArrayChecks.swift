@@ -14,14 +14,14 @@ enum SocketArrayChecks {
     static func update(_ array: SocketArray, slot: UInt32, fd: Int32) -> Int32 {
         var key = slot
         var value = UInt64(fd)
-        return bpf_map_update_elem(array.map.fd, &key, &value, UInt64(BPF_ANY)) == 0 ? 0 : errno
+        return array.map.withDescriptor { bpf_map_update_elem($0, &key, &value, UInt64(BPF_ANY)) } == 0 ? 0 : errno
     }
 
     /// Looks `slot` up straight through libbpf; returns 0 or the errno, and the cookie.
     static func lookup(_ array: SocketArray, slot: UInt32) -> (result: Int32, cookie: UInt64) {
         var key = slot
         var value: UInt64 = 0
-        return (bpf_map_lookup_elem(array.map.fd, &key, &value) == 0 ? 0 : errno, value)
+        return (array.map.withDescriptor { bpf_map_lookup_elem($0, &key, &value) } == 0 ? 0 : errno, value)
     }
 
     static func service(slots: Int) throws -> ServiceDataPlane {

@@ -94,7 +94,7 @@ func mapMemory(_ plane: ServiceDataPlane) throws -> ([ScaleBench.MapMemory], Int
                                  (maps.globalStats, false), (maps.slotState, false), (listener.sockets.map, true)]
     let memory = try all.map { map, perListener in
         ScaleBench.MapMemory(name: map.name, type: mapTypeName(map.type), entries: map.maxEntries,
-                             valueSize: map.valueSize, bytes: try memlock(of: map.fd), perListener: perListener)
+                             valueSize: map.valueSize, bytes: try map.withDescriptor(memlock(of:)), perListener: perListener)
     }
     return (memory, try memlock(of: listener.programFD))
 }

@@ -81,8 +81,8 @@ struct RestartCommand: ParsableCommand {
     var slot: UInt32
 
     func validate() throws {
-        guard slot < UInt32(RP_MAX_SLOTS) else {
-            throw ValidationError("SLOT \(slot) is beyond the last possible slot, \(RP_MAX_SLOTS - 1)")
+        guard Slot.range.contains(Int(slot)) else {
+            throw ValidationError("SLOT \(slot) is beyond the last possible slot, \(Slot.range.upperBound)")
         }
     }
 
@@ -134,8 +134,8 @@ struct ScaleCommand: ParsableCommand {
     var workers: Int
 
     func validate() throws {
-        guard (1...Int(RP_MAX_SLOTS)).contains(workers) else {
-            throw ValidationError("N \(workers) is outside 1...\(RP_MAX_SLOTS) workers")
+        guard SlotCount.range.contains(workers) else {
+            throw ValidationError("N \(workers) is outside \(SlotCount.range) workers")
         }
     }
 

@@ -174,7 +174,7 @@ struct ServiceReader {
             if config.abi_version != 0 { try maps.checkConfiguredABI() }
             // The program reads no entry of a bucket_count it refuses (0, above RP_MAX_BUCKETS); the map has
             // no more than RP_MAX_BUCKETS entries, and a count up to 2^32 - 1 would take hours to read.
-            let buckets = config.abi_version == 0 || !(1...UInt32(RP_MAX_BUCKETS)).contains(config.bucket_count)
+            let buckets = config.abi_version == 0 || !BucketCount.range.contains(Int(config.bucket_count))
                 ? [] : try maps.readBuckets(count: Int(config.bucket_count))
             let fallback = config.abi_version == 0 ? [] : try maps.readFallback()
             var listeners: [ServiceSnapshot.Listener] = []

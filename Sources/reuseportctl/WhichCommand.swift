@@ -71,9 +71,9 @@ struct WhichCommand: ParsableCommand {
         guard snapshot.config.abi_version != 0 else {
             throw CtlError.unanswerable("service '\(name)' has no configuration written yet: the program drops every packet")
         }
-        guard (1...UInt32(RP_MAX_BUCKETS)).contains(snapshot.config.bucket_count) else {
+        guard BucketCount.range.contains(Int(snapshot.config.bucket_count)) else {
             throw CtlError.unanswerable("service '\(name)' has bucket_count \(snapshot.config.bucket_count) in its configuration,"
-                                    + " outside 1...\(RP_MAX_BUCKETS): the program drops every packet")
+                                    + " outside \(BucketCount.range): the program drops every packet")
         }
         let to = try destination.map { try parsed($0, "--to") }
         var answers: [WhichAnswer] = []
