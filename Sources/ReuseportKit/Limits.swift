@@ -17,36 +17,40 @@ public struct Slot: Hashable, Sendable, CustomStringConvertible {
     public var description: String { "\(index)" }
 }
 
-/// How many slots (workers) a service has: 1...RP_MAX_SLOTS. Every check of a slot count uses
-/// `range`.
-public struct SlotCount: Hashable, Sendable, CustomStringConvertible {
-    public static let range = 1...Int(RP_MAX_SLOTS)
-    public let value: Int
+/// A count bounded by a limit of bpf/dispatch.h, checked once, in `init(_:what:)`.
+public protocol BoundedCount: Hashable, Sendable, CustomStringConvertible {
+    static var range: ClosedRange<Int> { get }
+    /// What an error calls a count that is out of range ("slot count").
+    static var noun: String { get }
+    var value: Int { get }
+    init(unchecked value: Int)
+}
 
-    /// Throws `invalidArgument` naming `what` when `value` is outside `range`.
-    public init(_ value: Int, what: String = "slot count") throws {
+extension BoundedCount {
+    /// Throws `invalidArgument` naming `what` (default: `noun`) when `value` is outside `range`.
+    public init(_ value: Int, what: String = Self.noun) throws {
         guard Self.range.contains(value) else {
             throw ReuseportError.invalidArgument("\(what) \(value) is outside \(Self.range)")
         }
-        self.value = value
+        self.init(unchecked: value)
     }
 
     public var description: String { "\(value)" }
 }
 
-/// How many entries of rp_buckets a service uses: 1...RP_MAX_BUCKETS. The program drops every
-/// packet of a configuration outside it. Every check of a bucket count uses `range`.
-public struct BucketCount: Hashable, Sendable, CustomStringConvertible {
-    public static let range = 1...Int(RP_MAX_BUCKETS)
+/// How many slots (workers) a service has: 1...RP_MAX_SLOTS.
+public struct SlotCount: BoundedCount {
+    public static let range = 1...Int(RP_MAX_SLOTS)
+    public static let noun = "slot count"
     public let value: Int
+    public init(unchecked value: Int) { self.value = value }
+}
 
-    /// Throws `invalidArgument` naming `what` when `value` is outside `range`.
-    public init(_ value: Int, what: String = "bucket count") throws {
-        guard Self.range.contains(value) else {
-            throw ReuseportError.invalidArgument("\(what) \(value) is outside \(Self.range)")
-        }
-        self.value = value
-    }
-
-    public var description: String { "\(value)" }
+/// How many entries of rp_buckets a service uses: 1...RP_MAX_BUCKETS. The program drops every
+/// packet of a configuration outside it.
+public struct BucketCount: BoundedCount {
+    public static let range = 1...Int(RP_MAX_BUCKETS)
+    public static let noun = "bucket count"
+    public let value: Int
+    public init(unchecked value: Int) { self.value = value }
 }
