@@ -74,7 +74,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kernel-check",
-            dependencies: ["ReuseportKit", "ReuseportTestSupport"]
+            dependencies: ["ReuseportKit", "ReuseportControl", "ReuseportTestSupport"]
         ),
         .executableTarget(
             name: "reuseport-bench",
@@ -87,9 +87,10 @@ let package = Package(
         .target(name: "CReuseportBench"),
         // Real-socket helpers (clients from many source ports, receive with deadline) shared by
         // the tests, the kernel-feature suite and the benchmarks.
-        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit"]),
+        // The one test daemon launcher, whoami parser and steering scenarios as well.
+        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit", "ReuseportControl"]),
         // The benchmark's own arithmetic and parsing (no timings).
-        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench"]),
+        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],

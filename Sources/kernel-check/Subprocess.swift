@@ -3,17 +3,16 @@ import Glibc
 #endif
 import ReuseportKit
 
-/// A child process whose standard output is read through a pipe (stderr is inherited), or
-/// goes with stderr to a file (a long-running child that nobody drains, like the daemon).
+/// A child process whose standard output is read through a pipe (stderr is inherited).
+/// (The daemon is started by ReuseportTestSupport's TestDaemon instead.)
 final class Subprocess {
     let pid: pid_t
     private var outputFD: Int32
     private(set) var output: [UInt8] = []
     private var status: Int32?
 
-    /// Starts `path` with `arguments` (argv[0] is `path`); with `outputFile`, its stdout and
-    /// stderr are appended to that file.
-    init(_ path: String, _ arguments: [String], environment: [String]? = nil, outputFile: String? = nil) throws {
+    /// Starts `path` with `arguments` (argv[0] is `path`).
+    init(_ path: String, _ arguments: [String], environment: [String]? = nil) throws {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw ReuseportError.system(call: "pipe", errno: errno, hint: nil) }
         // Close-on-exec, so that only this child (through the dup2 below) holds the write end.
@@ -21,12 +20,7 @@ final class Subprocess {
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
-        if let outputFile {
-            posix_spawn_file_actions_addopen(&actions, 1, outputFile, O_WRONLY | O_CREAT | O_APPEND, 0o600)
-            posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        } else {
-            posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
-        }
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
@@ -99,13 +93,5 @@ final class Subprocess {
     static func describe(_ status: Int32) -> String {
         let signal = status & 0x7f
         return signal == 0 ? "exit \((status >> 8) & 0xff)" : "signal \(signal)"
-    }
-
-    /// This program's own path, to start a second instance of it.
-    static var selfPath: String {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard count > 0 else { return "/proc/self/exe" }
-        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }

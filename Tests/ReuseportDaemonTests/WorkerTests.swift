@@ -18,9 +18,9 @@ struct WorkerTests {
             echo "env pid=$$ LISTEN_PID=$LISTEN_PID LISTEN_FDS=$LISTEN_FDS LISTEN_FDNAMES=$LISTEN_FDNAMES \
             slot=$REUSEPORT_SLOT service=$REUSEPORT_SERVICE uid=$(id -u) \
             fd0=$(readlink /proc/$$/fd/0) fd3=$(readlink /proc/$$/fd/3) fd4=$(readlink /proc/$$/fd/4)"
-            exec \(DaemonBinary.path) worker whoami
+            exec \(TestDaemon.builtBinary) worker whoami
             """
-        let daemon = try DaemonUnderTest(config: """
+        let daemon = try TestDaemon(config: """
             [[service]]
             name = "env"
             listen = ["udp://[::1]:0", "tcp://[::1]:0"]
@@ -77,7 +77,7 @@ struct WorkerTests {
 
     /// SIGKILL the daemon: the kernel kills its workers (PR_SET_PDEATHSIG).
     @Test func workersDieWithTheDaemon() throws {
-        let daemon = try DaemonUnderTest(config: serviceTable("orphans", workers: 3, program: "builtin = \"echo\""))
+        let daemon = try TestDaemon(config: serviceTable("orphans", workers: 3, program: "builtin = \"echo\""))
         let pids = try daemon.waitForWorkers()[0].slots.compactMap(\.pid)
         daemon.signal(SIGKILL)
         #expect(daemon.waitForExit(timeoutMs: 30_000) == 128 + SIGKILL)
@@ -87,7 +87,7 @@ struct WorkerTests {
 
         // Its pins stay behind; the next daemon replaces them and serves.
         #expect(PinLayout.services(under: daemon.pinRoot) == ["orphans"])
-        let next = try DaemonUnderTest(config: serviceTable("orphans", workers: 2, program: "builtin = \"echo\""),
+        let next = try TestDaemon(config: serviceTable("orphans", workers: 2, program: "builtin = \"echo\""),
                                        pinRoot: daemon.pinRoot)
         let services = try next.waitForWorkers()
         #expect(next.log.contains("removing stale pins left at \(daemon.pinRoot)/orphans"))
@@ -100,7 +100,7 @@ struct WorkerTests {
     /// restart and scale through the control socket; its mode; errors name what is wrong;
     /// a second daemon on the same run folder is refused.
     @Test func controlSocketActions() throws {
-        let daemon = try DaemonUnderTest(config: serviceTable("ctl", workers: 2))
+        let daemon = try TestDaemon(config: serviceTable("ctl", workers: 2))
         let before = try daemon.waitForWorkers()[0].slots
         var info = stat()
         #expect(stat("\(daemon.runDirectory)/control.sock", &info) == 0 && info.st_mode & 0o777 == 0o600)
@@ -130,7 +130,7 @@ struct WorkerTests {
         #expect(!badScale.ok && badScale.error?.contains("between 1 and 1024") == true)
 
         let output = "\(daemon.directory.path)/second.log"
-        let second = try spawn([DaemonBinary.path, "--config", daemon.configPath, "--pin-dir", daemon.pinRoot,
+        let second = try spawn([TestDaemon.builtBinary, "--config", daemon.configPath, "--pin-dir", daemon.pinRoot,
                                 "--run-dir", daemon.runDirectory], output: output)
         #expect(waitExit(second, timeoutMs: 30_000) == 1)
         #expect((try? String(contentsOfFile: output, encoding: .utf8))?.contains("another reuseportd is running") == true)
@@ -140,7 +140,7 @@ struct WorkerTests {
     /// Peer credentials are checked even if the socket's mode is opened up: another user is refused.
     @Test(.enabled(if: access("/usr/bin/socat", X_OK) == 0, "socat is not installed (make deps installs it)"))
     func controlSocketRefusesOtherUsers() throws {
-        let daemon = try DaemonUnderTest(config: serviceTable("private", workers: 1))
+        let daemon = try TestDaemon(config: serviceTable("private", workers: 1))
         try daemon.waitForWorkers()
         let socketPath = "\(daemon.runDirectory)/control.sock"
         chmod(daemon.directory.path, 0o755)
@@ -163,7 +163,7 @@ struct WorkerTests {
         let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
         let directory = try TemporaryDirectory()
         let pid = try spawn(["/usr/bin/systemd-socket-activate", "--datagram", "-l", "127.0.0.1:\(port)",
-                             DaemonBinary.path, "worker", "whoami"], output: "\(directory.path)/log")
+                             TestDaemon.builtBinary, "worker", "whoami"], output: "\(directory.path)/log")
         defer {
             kill(pid, SIGKILL)
             _ = waitExit(pid, timeoutMs: 2000)
