@@ -118,14 +118,17 @@ struct LifecycleTests {
     /// A reload with an invalid file keeps the running configuration.
     @Test func invalidReloadKeepsTheRunningConfiguration() throws {
         let daemon = try TestDaemon(config: LifecycleTests.config(workers: 2))
-        try daemon.waitForWorkers()
+        let running = try daemon.waitForWorkers()[0].slots.map(\.pid)
         try daemon.rewriteConfig(LifecycleTests.config(workers: 0))
         let response = try daemon.request(.init(command: .reload))
         #expect(!response.ok)
         #expect(response.error?.contains("service[0].workers") == true, "\(response.error ?? "")")
         daemon.signal(SIGHUP)
         sleepMs(200)
-        #expect(try daemon.status()[0].slots.count == 2)
+        let after = try daemon.status()[0].slots
+        #expect(after.count == 2)
+        #expect(after.map(\.pid) == running, "the same workers serve on")
+        // A SIGHUP has no one to answer: the log is the only place its refusal is reported.
         #expect(daemon.log.contains("reload (SIGHUP): the configuration is invalid, nothing changed: "
             + "\(daemon.configPath): service[0].workers"), "\(daemon.log)")
     }
@@ -158,6 +161,7 @@ struct LifecycleTests {
         let status = daemon.waitForExit(timeoutMs: 30_000)
         #expect(status == 0, "exit status; log:\n\(daemon.log)")
         for pid in pids { #expect(!processExists(pid), "worker \(pid) is gone") }
+        // The daemon has exited, and with it its control socket: only the log tells how a worker ended.
         #expect(daemon.log.contains("did not stop in time: SIGKILL"), "the stubborn workers were killed")
         // A socket without SO_REUSEPORT binds only if no socket holds the address any more.
         for endpoint in endpoints {
@@ -229,6 +233,7 @@ struct LifecycleTests {
         let daemon = try TestDaemon(
             config: serviceTable("taken", listen: ["udp://127.0.0.1:\(port)"], workers: 2, program: "builtin = \"echo\""))
         #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
+        // The daemon exits before it opens its control socket: the log is its only answer.
         #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
         #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")
     }
@@ -239,6 +244,7 @@ struct LifecycleTests {
         let other = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
         let daemon = try TestDaemon(config: serviceTable("intruder", listen: ["\(other.endpoint)"], workers: 1))
         #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
+        // The daemon exits before it opens its control socket: the log is its only answer.
         #expect(daemon.log.contains("service intruder: \(other.endpoint) is already bound by another socket"), "\(daemon.log)")
         // The other group still gets its datagrams.
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
@@ -257,6 +263,8 @@ struct LifecycleTests {
             services[0].slots.allSatisfy { $0.restarts >= 2 && $0.state != "running" }
                 && services[1].slots.allSatisfy { $0.state == "running" }
         }
+        // `status` gives each slot's state and restarts (above), not why a start failed: that is
+        // only in the log.
         let reasons = daemon.log.split(separator: "\n").filter {
             $0.contains("exec /nonexistent/server: No such file or directory")
         }

@@ -163,6 +163,7 @@ struct SupervisionTests {
         for (index, gap) in gaps.enumerated() where index < expected.count {
             #expect(gap >= expected[index] * 0.9, "gap \(index) is \(gap) ms, the back-off is \(expected[index]) ms")
         }
+        // What a worker writes to stderr goes to the daemon's log: here the log is what is tested.
         let marked = daemon.log.split(separator: "\n").filter { $0.contains("slot 1 is not ready to serve") }
         #expect(!marked.isEmpty && marked.allSatisfy { $0.contains("service=flaky") && $0.contains("slot=1") },
                 "the worker's stderr is in the daemon's log, marked with service and slot")
