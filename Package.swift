@@ -77,7 +77,7 @@ let package = Package(
         ),
         .executableTarget(
             name: "kernel-check",
-            dependencies: ["ReuseportKit", "ReuseportTestSupport"]
+            dependencies: ["ReuseportKit", "ReuseportControl", "ReuseportTestSupport"]
         ),
         .executableTarget(
             name: "reuseport-bench",
@@ -90,11 +90,12 @@ let package = Package(
         .target(name: "CReuseportBench"),
         // Real-socket helpers (clients from many source ports, receive with deadline) shared by
         // the tests, the kernel-feature suite and the benchmarks.
-        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit", "CReuseportTestPrograms"]),
+        // The one test daemon launcher, whoami parser and steering scenarios as well.
+        .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit", "ReuseportControl", "CReuseportTestPrograms"]),
         // BPF objects built only for the tests (bpf/too_large.bpf.c), embedded like CReuseportABI's.
         .target(name: "CReuseportTestPrograms"),
         // The benchmark's own arithmetic and parsing (no timings).
-        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench"]),
+        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],

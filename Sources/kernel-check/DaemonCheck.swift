@@ -1,13 +1,14 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
 
 /// The daemon end to end: start reuseportd (the binary beside this one, or $REUSEPORTD)
-/// with 4 whoami workers on a port it picks, learn the port from its log and the workers
-/// from its pinned rp_slot_state, SIGKILL one worker, and check that every flow is
-/// answered from the same slot before and after, the killed slot's by the new worker.
+/// with 4 whoami workers on a port it picks, learn the port from its control socket and
+/// the workers from its pinned rp_slot_state, SIGKILL one worker, and check that every flow
+/// is answered from the same slot before and after, the killed slot's by the new worker.
 enum DaemonCheck {
     static let all: [Check] = [endToEnd]
 
@@ -19,8 +20,7 @@ enum DaemonCheck {
 
     static var daemonPath: String {
         if let path = getenv("REUSEPORTD") { return String(cString: path) }
-        let me = Subprocess.selfPath
-        return String(me[..<(me.lastIndex(of: "/") ?? me.startIndex)]) + "/reuseportd"
+        return TestDaemon.builtBinary
     }
 
     static let endToEnd = Check(
@@ -31,34 +31,23 @@ enum DaemonCheck {
         guard access(binary, X_OK) == 0 else {
             throw CheckSkip(description: "no reuseportd at \(binary) (build it beside kernel-check, or set REUSEPORTD)")
         }
-        var template = Array("/tmp/kernel-check-daemon-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else { throw CheckFailure(description: "mkdtemp: \(errnoName(errno))") }
-        let directory = String(cString: made)
-        defer { removeTree(directory) }
-        let config = "\(directory)/reuseportd.toml"
-        let log = "\(directory)/daemon.log"
-        try writeFile(config, """
+        let daemon = try TestDaemon(config: """
             [[service]]
             name = "\(service)"
             listen = ["udp://127.0.0.1:0"]
             workers = \(slots)
             builtin = "whoami"
-            """)
-        let layout = PinLayout(root: "/sys/fs/bpf/kernel-check-\(getpid())", service: service)
-        let daemon = try Subprocess(binary, ["--config", config, "--pin-dir", layout.root, "--run-dir", "\(directory)/run"],
-                                    outputFile: log)
-        defer { stop(daemon) }
+            """, binary: binary, pinRoot: TestPinRoot.unique("kernel-check"), logLevel: nil)
+        defer { daemon.stop() }
+        let layout = PinLayout(root: daemon.pinRoot, service: service)
         func failure(_ what: String) -> CheckFailure {
-            CheckFailure(description: "\(what); daemon log: \(readFile(log).split(separator: "\n").suffix(5).joined(separator: " | "))")
+            CheckFailure(description: "\(what); daemon log: \(daemon.logTail())")
         }
 
-        // "service kernelcheck listening on udp://127.0.0.1:PORT with 4 workers, ..."
-        let prefix = "listening on udp://127.0.0.1:"
         let port = try waitFor("the daemon to report its port", failure) { () -> UInt16? in
-            if let status = daemon.reap(timeoutMs: 0) { throw failure("reuseportd exited (\(status))") }
-            let text = readFile(log)
-            guard let range = text.firstRange(of: prefix) else { return nil }
-            return UInt16(text[range.upperBound...].prefix { $0.isNumber })
+            if let status = daemon.checkExited() { throw failure("reuseportd exited (status \(status))") }
+            let listener = (try? daemon.status())?.first { $0.name == service }?.listeners.first { $0.hasPrefix("udp://") }
+            return try listener.map { try Endpoint(parsing: $0).address.port }
         }
         let maps = try waitFor("the daemon's pins", failure) { try? DispatchMaps(pinned: layout) }
         func workers() throws -> [UInt32: UInt32]? {
@@ -94,7 +83,7 @@ enum DaemonCheck {
         let after = try waitFor("slot \(victim) running again", failure) { try workers() }
         let moved = clients.filter { first[$0.local]?.slot != second[$0.local]?.slot }.count
         let victimFlows = clients.filter { first[$0.local]?.slot == victim }
-        let answeredByNew = victimFlows.filter { second[$0.local]?.pid == after[victim]! }.count
+        let answeredByNew = victimFlows.filter { second[$0.local].map { UInt32($0.pid) } == after[victim]! }.count
         context.record("flows_moved", "\(moved)/\(flows)")
         context.record("killed_slot_flows_answered_by_replacement", "\(answeredByNew)/\(victimFlows.count)")
         context.record("kill_to_all_answered_ms", restartMs)
@@ -107,25 +96,15 @@ enum DaemonCheck {
             + "\(after[victim]!)), 0 flows moved, all answered in \(restartMs) ms"
     }
 
-    /// Sends one datagram per client and reads each whoami answer: slot and pid per client.
+    /// Sends one datagram per client (no second try) and reads each whoami answer, by client.
     static func ask(_ clients: [FlowClient], _ destination: SocketAddress, round: Int, timeoutMs: Int = 5000) throws
-        -> [SocketAddress: (slot: UInt32, pid: UInt32)]
+        -> [SocketAddress: WhoamiReply]
     {
-        for client in clients { try client.send(Array("round \(round)".utf8), to: destination) }
-        let deadline = MonotonicClock.milliseconds() + timeoutMs
-        var answers: [SocketAddress: (slot: UInt32, pid: UInt32)] = [:]
-        for client in clients {
-            let left = max(deadline - MonotonicClock.milliseconds(), 0)
-            guard let reply = try client.receive(timeoutMs: Int32(left)) else { continue }
-            // "slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>\n<payload>"
-            var fields: [Substring: Substring] = [:]
-            for field in String(decoding: reply.prefix { $0 != 0x0a }, as: UTF8.self).split(separator: " ") {
-                if let equals = field.firstIndex(of: "=") { fields[field[..<equals]] = field[field.index(after: equals)...] }
-            }
-            if let slot = fields["slot"].flatMap({ UInt32($0) }), let pid = fields["pid"].flatMap({ UInt32($0) }) {
-                answers[client.local] = (slot, pid)
-            }
+        let replies = try Whoami.ask(clients, to: destination, attempts: 1, timeoutMs: timeoutMs) { _ in
+            Array("round \(round)".utf8)
         }
+        var answers: [SocketAddress: WhoamiReply] = [:]
+        for (client, reply) in zip(clients, replies) { answers[client.local] = reply }
         return answers
     }
 
@@ -137,30 +116,5 @@ enum DaemonCheck {
             usleep(50_000)
         }
         throw failure("timed out after \(waitMs / 1000) s waiting for \(what)")
-    }
-
-    /// SIGTERM (graceful stop: workers, sockets, pins), SIGKILL if it takes too long.
-    static func stop(_ daemon: Subprocess) {
-        guard daemon.reap(timeoutMs: 0) == nil else { return }
-        try? Syscall.kill(daemon.pid, SIGTERM)
-        if daemon.reap(timeoutMs: 15_000) == nil {
-            try? Syscall.kill(daemon.pid, SIGKILL)
-            _ = daemon.reap(timeoutMs: 5000)
-        }
-    }
-
-    static func writeFile(_ path: String, _ text: String) throws {
-        try Syscall.writeFile(path, Array(text.utf8), mode: 0o600)
-    }
-
-    static func readFile(_ path: String) -> String {
-        String(decoding: (try? Syscall.readFile(path)) ?? [], as: UTF8.self)
-    }
-
-    /// Removes the check's temporary folder: its files and the daemon's (emptied) run folder.
-    static func removeTree(_ path: String) {
-        for name in ["reuseportd.toml", "daemon.log"] { unlink("\(path)/\(name)") }
-        rmdir("\(path)/run")
-        rmdir(path)
     }
 }

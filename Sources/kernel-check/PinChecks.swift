@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ReuseportKit
+import ReuseportTestSupport
 
 /// Pinned maps outlive the process that pinned them: a second process (this program
 /// again, `kernel-check reopen-pins`) opens them and sees the same configuration,
@@ -14,12 +15,12 @@ enum PinChecks {
         "maps pinned on bpffs reopen from a second process with the same config, buckets and socket cookies"
     ) { context in
         let plane = try Fixture.service(.udp, on: .loopbackV4, slots: 4)
-        let layout = PinLayout(root: "/sys/fs/bpf/kernel-check-\(getpid())", service: "pins")
+        let layout = PinLayout(root: TestPinRoot.unique("kernel-check-pins"), service: "pins")
         try plane.pin(layout)
         defer { layout.remove() }
         let expected = try describe(maps: plane.maps, sockets: plane.listeners[0].program.sockets)
 
-        let child = try Subprocess(Subprocess.selfPath, ["reopen-pins", layout.root, layout.service])
+        let child = try Subprocess(BuiltProducts.selfPath, ["reopen-pins", layout.root, layout.service])
         guard let status = child.wait(timeoutMs: 30_000) else {
             throw CheckFailure(description: "the second process did not finish in 30 s")
         }

@@ -55,11 +55,6 @@ enum SteeringChecks {
         return family == .mapped ? SocketAddress(.loopbackV4, bound.port) : bound
     }
 
-    /// A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
-    static func unmapped(_ address: SocketAddress) -> SocketAddress {
-        SocketAddress(address.address.unmapped, address.port)
-    }
-
     static func exactSlot(_ transport: Transport, _ family: Family, slots: Int) -> Check {
         let flows = transport == .udp ? udpFlows : tcpFlows
         return Check(
@@ -70,43 +65,22 @@ enum SteeringChecks {
         ) { context in
             let plane = try service(transport, family, slots: slots)
             let destination = destination(of: plane, family)
-            let sockets = plane.listeners[0].sockets
-            let snapshot = try plane.snapshot()
-            var landed: [SocketAddress: UInt32] = [:]
-            var clients: [FlowClient] = []
-            if transport == .udp {
-                clients = try Traffic.clients(flows, on: family.client)
-                for (index, client) in clients.enumerated() {
-                    try client.send(Array("flow \(index)".utf8), to: destination)
-                }
-                for delivery in try Traffic.receive(from: sockets, expected: flows) {
-                    landed[unmapped(delivery.source)] = delivery.slot
-                }
-            } else {
-                for _ in 0..<flows {
-                    let client = try FlowClient(.tcp, local: SocketAddress(family.client, 0))
-                    try client.connect(to: destination)
-                    guard let accepted = try Traffic.acceptOne(from: sockets) else {
-                        throw CheckFailure(description: "connection from \(client.local) was not accepted")
-                    }
-                    landed[unmapped(accepted.peer)] = accepted.slot
-                    clients.append(client)
-                }
-            }
+            let outcome = try SteeringScenario.exactSlot(plane, transport, clients: family.client, to: destination,
+                                                         flows: flows)
             var onSlot = 0
             var firstMiss: String?
-            for client in clients {
-                let predicted = snapshot.placement(of: FlowTuple(transport, from: client.local, to: destination)).slot!
+            for landing in outcome.landings {
+                let predicted = landing.predicted!
                 // --break: expect the neighbouring slot, which no flow can satisfy.
                 let expected = context.broken ? (predicted + 1) % UInt32(slots) : predicted
-                if landed[client.local] == expected {
+                if landing.slot == expected && landing.peer == landing.client {
                     onSlot += 1
                 } else if firstMiss == nil {
-                    firstMiss = "\(client.local) expected slot \(expected), got \(landed[client.local].map(String.init) ?? "nothing")"
+                    firstMiss = "\(landing.client) expected slot \(expected), got \(landing.slot.map(String.init) ?? "nothing")"
                 }
             }
-            let used = Set(landed.values).count
-            let counted = try (0..<UInt32(slots)).map { try plane.maps.slotCounters($0).packets }.reduce(0, +)
+            let used = outcome.slotsUsed
+            let counted = outcome.counted
             context.record("on_expected_slot", "\(onSlot)/\(flows)")
             try context.expect(onSlot == flows, "\(onSlot)/\(flows) flows on the expected slot; first miss: \(firstMiss!)"
                                + (context.broken ? " (deliberately broken: expected slot shifted by one)" : ""))
@@ -136,14 +110,8 @@ enum SteeringChecks {
         "closing a slot's socket and putting a new one at the same slot keeps every flow on its slot"
     ) { context in
         let plane = try service(.udp, .v4, slots: 4)
-        let destination = plane.listeners[0].endpoint.address
-        let clients = try Traffic.clients(udpFlows, on: .loopbackV4)
-        let before = try Traffic.slotsOf(clients: clients, sending: destination, sockets: plane.listeners[0].sockets)
-        try plane.closeSlot(1)
-        try plane.reopenSlot(1)
-        let after = try Traffic.slotsOf(clients: clients, sending: destination, sockets: plane.listeners[0].sockets)
-        let moved = clients.filter { before[$0.local] != after[$0.local] }.count
-        let onReplaced = before.values.filter { $0 == 1 }.count
+        let outcome = try SteeringScenario.replaceAtSlot(plane, slot: 1, flows: udpFlows)
+        let (moved, onReplaced) = (outcome.moved, outcome.onReplaced)
         context.record("moved", "\(moved)/\(udpFlows)")
         try context.expect(onReplaced > 0, "no flow was on the replaced slot: the check proves nothing")
         try context.expect(moved == 0, "\(moved) of \(udpFlows) flows changed slot")
@@ -157,15 +125,8 @@ enum SteeringChecks {
         "kernel-default-moves",
         "without the program, replacing one of 4 sockets moves flows (fraction recorded)"
     ) { context in
-        let first = try Fixture.socket(Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
-        var group: [UInt32: ReuseportSocket] = [0: first]
-        for slot in 1..<UInt32(4) { group[slot] = try Fixture.socket(first.endpoint) }
-        let clients = try Traffic.clients(udpFlows, on: .loopbackV4)
-        let before = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
-        group[1]!.close()
-        group[1] = try Fixture.socket(first.endpoint)
-        let after = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
-        let moved = clients.filter { before[$0.local] != after[$0.local] }.count
+        let moved = try SteeringScenario.kernelDefaultReplace(sockets: 4, replacing: 1, flows: udpFlows,
+                                                              receiveBuffer: Fixture.receiveBuffer).moved
         context.record("moved", "\(moved)/\(udpFlows)")
         context.record("fraction", percent(moved, of: udpFlows))
         try context.expect(moved > 0, "the kernel's own reuseport moved no flow")
@@ -177,19 +138,9 @@ enum SteeringChecks {
         "a foreign SO_REUSEPORT socket on the port receives none of 1000 datagrams"
     ) { context in
         let plane = try service(.udp, .v4, slots: 4)
-        let destination = plane.listeners[0].endpoint.address
-        let foreign = try Fixture.socket(plane.listeners[0].endpoint)
-        var all = plane.listeners[0].sockets
-        all[99] = foreign
-        let clients = try Traffic.clients(250, on: .loopbackV4)
-        var deliveries: [Delivery] = []
-        // Read after each round: 1000 datagrams at once could overflow default receive buffers.
-        for round in 0..<4 {
-            for client in clients { try client.send(Array("r\(round)".utf8), to: destination) }
-            deliveries += try Traffic.receive(from: all, expected: 250)
-        }
-        let toForeign = deliveries.filter { $0.slot == 99 }.count
-        let counted = try (0..<UInt32(4)).map { try plane.maps.slotCounters($0).packets }.reduce(0, +)
+        let outcome = try SteeringScenario.foreignSocket(plane, clients: 250, rounds: 4,
+                                                         receiveBuffer: Fixture.receiveBuffer)
+        let (deliveries, toForeign, counted) = (outcome.deliveries, outcome.toForeign, outcome.counted)
         context.record("foreign_received", toForeign)
         try context.expect(deliveries.count == 1000, "\(deliveries.count) of 1000 datagrams arrived")
         try context.expect(toForeign == 0, "the foreign socket received \(toForeign)")

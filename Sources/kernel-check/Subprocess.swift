@@ -3,27 +3,22 @@ import Glibc
 #endif
 import ReuseportKit
 
-/// A child process whose standard output is read through a pipe (stderr is inherited), or
-/// goes with stderr to a file (a long-running child that nobody drains, like the daemon).
+/// A child process whose standard output is read through a pipe (stderr is inherited).
+/// (The daemon is started by ReuseportTestSupport's TestDaemon instead.)
 final class Subprocess {
     let pid: pid_t
     private let output: OwnedDescriptor
     private(set) var bytes: [UInt8] = []
     private var status: WaitStatus?
 
-    /// Starts `path` with `arguments` (argv[0] is `path`); with `outputFile`, its stdout and
-    /// stderr are appended to that file.
-    init(_ path: String, _ arguments: [String], environment: [String]? = nil, outputFile: String? = nil) throws {
+    /// Starts `path` with `arguments` (argv[0] is `path`).
+    init(_ path: String, _ arguments: [String], environment: [String]? = nil) throws {
         // Both ends close-on-exec: only this child (through the dup2 of a file action) holds the write end.
         let pipe = try Syscall.pipe()
-        var actions: [ProcessSpawn.FileAction]
-        if let outputFile {
-            actions = [.open(1, path: outputFile, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o600), .duplicate(1, to: 2)]
-        } else {
-            actions = [.duplicate(pipe.write.fd.rawValue, to: 1)]
+        let actions: [ProcessSpawn.FileAction] = [.duplicate(pipe.write.fd.rawValue, to: 1), .nullInput]
+        pid = try withExtendedLifetime(pipe.write) {
+            try ProcessSpawn(path, arguments, environment: environment, fileActions: actions).start()
         }
-        actions.append(.nullInput)
-        pid = try ProcessSpawn(path, arguments, environment: environment, fileActions: actions).start()
         pipe.write.close()
         output = pipe.read
     }

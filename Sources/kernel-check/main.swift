@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ReuseportKit
+import ReuseportTestSupport
 
 // kernel-check: the kernel-feature suite. Runs on the host (`make kernel-test`) and as
 // the only program inside the test VMs (`make vmtest`), so it is a plain executable that
@@ -74,7 +75,7 @@ func runAll(_ selected: [Check], broken: String?, timeoutSeconds: Int, values: B
         if broken == check.name { arguments.append("--broken") }
         var result: String
         do {
-            let child = try Subprocess(Subprocess.selfPath, arguments)
+            let child = try Subprocess(BuiltProducts.selfPath, arguments)
             let status = child.wait(timeoutMs: timeoutSeconds * 1000)
             let lines = child.text.split(separator: "\n").map(String.init)
             for line in lines where values || !line.hasPrefix("VALUE ") { Output.line(line) }

@@ -83,7 +83,7 @@ func settledPlacement(_ flows: FlowSet, _ daemon: DaemonProcess, slots: Int, tim
     while MonotonicClock.seconds() < deadline {
         if daemon.hasExited { throw BenchError("reuseportd exited; its log:\n\(daemon.log)") }
         let answers = try probe(flows, to: daemon.destination, timeout: 0.5)
-        let placement = answers.mapValues(\.slot)
+        let placement = answers.mapValues { Int($0.slot) }
         if placement.count == flows.fds.count && Set(placement.values) == Set(0..<slots) {
             if placement == previous { return placement }
             previous = placement

@@ -4,90 +4,47 @@ import Glibc
 import CReuseportBench
 import ReuseportKit
 import ReuseportTestSupport
-import Synchronization
 
-/// The real daemon, run with its own configuration, pin root, run folder and log, for
-/// items 3 and 4. Its built-in whoami workers answer each datagram with
+/// The real daemon (ReuseportTestSupport's launcher) with one whoami service on a free
+/// loopback port, for items 3 and 4. Its built-in whoami workers answer each datagram with
 /// `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>`, a newline, then the payload.
 final class DaemonProcess {
-    let folder: String
-    let configPath: String
-    let pinRoot: String
-    let logPath: String
-    let pid: pid_t
+    let daemon: TestDaemon
     let destination: SocketAddress
-    private var stopped = false
-
-    private static let started = Atomic<Int>(0)
 
     /// Starts `binary` with one whoami service of `workers` workers on a free loopback port.
     init(binary: String, workers: Int) throws {
-        var template = Array("/tmp/reuseport-bench-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else { throw BenchError.system("mkdtemp") }
-        folder = String(cString: made)
-        configPath = "\(folder)/reuseportd.toml"
-        logPath = "\(folder)/daemon.log"
-        let number = DaemonProcess.started.add(1, ordering: .relaxed).newValue
-        pinRoot = "/sys/fs/bpf/reuseport-bench-\(getpid())-\(number)"
         destination = try freeUDPPort(on: .loopbackV4)
-        try Self.writeConfig(configPath, destination: destination, workers: workers)
-        pid = try spawn([binary, "--config", configPath, "--pin-dir", pinRoot, "--run-dir", "\(folder)/run",
-                         "--log-level", "notice"], output: logPath)
+        daemon = try TestDaemon(config: Self.config(destination: destination, workers: workers), binary: binary,
+                                pinRoot: TestPinRoot.unique("bench"), logLevel: "notice")
     }
 
     /// The configuration: whoami workers; a worker counts as healthy after 1 s (the default
     /// is 10 s), so that killing every worker in turn restarts each at once, with no back-off.
-    static func writeConfig(_ path: String, destination: SocketAddress, workers: Int) throws {
-        var text = """
-            [[service]]
-            name = "bench"
-            listen = ["udp://\(destination)"]
-            workers = \(workers)
-            builtin = "whoami"
-            healthy_after_ms = 1000
+    static func config(destination: SocketAddress, workers: Int) -> String {
+        """
+        [[service]]
+        name = "bench"
+        listen = ["udp://\(destination)"]
+        workers = \(workers)
+        builtin = "whoami"
+        healthy_after_ms = 1000
 
-            """
-        try writeFile(path, &text)
+        """
     }
 
     /// Rewrites the worker count and sends SIGHUP (the daemon reloads and resizes).
     func reload(workers: Int) throws {
-        try Self.writeConfig(configPath, destination: destination, workers: workers)
-        try? Syscall.kill(pid, SIGHUP)
+        try daemon.rewriteConfig(Self.config(destination: destination, workers: workers))
+        daemon.signal(SIGHUP)
     }
 
-    var log: String { (try? readText(logPath)) ?? "" }
+    var log: String { daemon.log }
 
-    var hasExited: Bool {
-        (try? Syscall.wait(pid, block: false)) != nil
-    }
+    var hasExited: Bool { daemon.checkExited() != nil }
 
-    /// SIGTERM, then SIGKILL after 5 s; removes the folder.
-    func stop() {
-        guard !stopped else { return }
-        stopped = true
-        try? Syscall.kill(pid, SIGTERM)
-        let deadline = MonotonicClock.seconds() + 5
-        // Until it is reaped, or waitpid fails (then there is nothing left to wait for).
-        func running() -> Bool {
-            do {
-                return try Syscall.wait(pid, block: false) == nil
-            } catch {
-                return false
-            }
-        }
-        while running() {
-            if MonotonicClock.seconds() > deadline {
-                try? Syscall.kill(pid, SIGKILL)
-                _ = try? Syscall.wait(pid, block: true)
-                break
-            }
-            pause(0.02)
-        }
-        _ = try? spawnAndWait(["/bin/rm", "-rf", folder])
-    }
-
-    deinit { stop() }
+    /// SIGTERM, then SIGKILL after 5 s; the launcher removes the folder and any pins left.
+    func stop() { daemon.stop(timeoutMs: 5000) }
 }
 
 /// A loopback UDP port that was free a moment ago (bound once, then closed).
@@ -95,28 +52,6 @@ func freeUDPPort(on address: IPAddress) throws -> SocketAddress {
     let socket = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(address, 0)))
     defer { socket.close() }
     return socket.endpoint.address
-}
-
-/// What a whoami worker said: its slot and pid, and the payload it echoed.
-struct WhoamiReply {
-    var slot: Int
-    var pid: Int32
-    var payload: ArraySlice<UInt8>
-
-    init?(_ bytes: ArraySlice<UInt8>) {
-        guard let newline = bytes.firstIndex(of: 0x0a) else { return nil }
-        var slot: Int?
-        var pid: Int32?
-        for field in bytes[bytes.startIndex..<newline].split(separator: 0x20) {
-            let text = String(decoding: field, as: UTF8.self)
-            if text.hasPrefix("slot=") { slot = Int(text.dropFirst(5)) }
-            if text.hasPrefix("pid=") { pid = Int32(text.dropFirst(4)) }
-        }
-        guard let slot, let pid else { return nil }
-        self.slot = slot
-        self.pid = pid
-        payload = bytes[(newline + 1)...]
-    }
 }
 
 /// Sends one datagram from every flow to whoami workers (in chunks, so that no queue

@@ -182,8 +182,8 @@ final class WhoamiLoad {
                     }
                     guard words.2 == session, Int(words.0) == index, Int(words.1) < answered[index].count else { continue }
                     answered[index][Int(words.1)] = true
-                    answers.append(Answer(time: MonotonicClock.seconds(), flow: index, slot: reply.slot, pid: reply.pid))
-                    pids.withLock { $0[reply.slot] = reply.pid }
+                    answers.append(Answer(time: MonotonicClock.seconds(), flow: index, slot: Int(reply.slot), pid: reply.pid))
+                    pids.withLock { $0[Int(reply.slot)] = reply.pid }
                 }
             }
         }

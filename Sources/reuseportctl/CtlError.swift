@@ -10,8 +10,6 @@ enum CtlError: Error, CustomStringConvertible {
     case daemonServiceNeeded(existing: [String], socket: String)
     case noSuchDaemonService(String, socket: String, existing: [String])
     case unreadablePins(service: String, directory: String, underlying: Error)
-    case noDaemon(socket: String, reason: String)
-    case daemon(socket: String, reason: String)
     case daemonRefused(String)
     /// The pins do not hold what the question needs (which listener, which address).
     case unanswerable(String)
@@ -38,12 +36,6 @@ enum CtlError: Error, CustomStringConvertible {
                 + "choose one with --service NAME"
         case .unreadablePins(let service, let directory, let underlying):
             return "cannot read the maps of service '\(service)' in \(directory): \(underlying)"
-        case .noDaemon(let socket, let reason):
-            return "no daemon answers at \(socket): \(reason)"
-                + "\n  is reuseportd running, and does --run-dir name its run folder?"
-                + " (read-only commands such as `map dump` work without it)"
-        case .daemon(let socket, let reason):
-            return "control socket \(socket): \(reason)"
         case .daemonRefused(let reason):
             return "the daemon refused: \(reason)"
         case .unanswerable(let reason), .featuresMissing(let reason):

@@ -1,4 +1,5 @@
 import Testing
+import ReuseportTestSupport
 @testable import reuseport_bench
 
 /// The arithmetic behind docs/benchmarks.md: quantiles, ratios, orderings, shares.
@@ -59,7 +60,7 @@ struct StatisticsTests {
     }
 }
 
-/// The whoami answer both sides of items 3 and 4 are read from.
+/// The whoami answer both sides of items 3 and 4 are read from (ReuseportTestSupport parses it).
 struct WhoamiReplyTests {
     @Test func parsesSlotPidAndPayload() throws {
         let bytes = Array("slot=3 pid=4242 service=bench peer=127.0.0.1:40000\n".utf8) + [1, 2, 0x0a, 3]

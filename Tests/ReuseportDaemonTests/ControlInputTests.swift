@@ -9,15 +9,15 @@ import Testing
 
 /// Bad control requests get an error that names what is wrong; none of them crashes the
 /// daemon, stalls it, or disturbs a slot.
-@Suite(.serialized, .enabled(if: isRoot && DaemonBinary.exists, "needs root and the reuseportd binary"))
+@Suite(.serialized, .enabled(if: isRoot && TestDaemon.isBuilt, "needs root and the reuseportd binary"))
 struct ControlInputTests {
-    func answer(_ daemon: DaemonUnderTest, _ text: String) throws -> ControlResponse? {
+    func answer(_ daemon: TestDaemon, _ text: String) throws -> ControlResponse? {
         guard let bytes = try daemon.exchange(Array(text.utf8)) else { return nil }
         return try? ControlFraming.decode(ControlResponse.self, from: Data(bytes.prefix { $0 != 0x0a }))
     }
 
     @Test func malformedRequestsAreRefusedAndTheDaemonServesOn() throws {
-        let daemon = try DaemonUnderTest(config: serviceTable("steady", workers: 2))
+        let daemon = try TestDaemon(config: serviceTable("steady", workers: 2))
         let before = try daemon.waitForWorkers()
         let endpoint = try udpEndpoint(before, "steady")
 

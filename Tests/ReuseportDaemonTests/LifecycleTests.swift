@@ -14,7 +14,7 @@ struct LifecycleTests {
     /// SIGHUP with 4 → 6 → 3 workers: only the flows that must move do (to a new slot when
     /// growing, from a removed slot when shrinking), and their share is the ideal one.
     @Test func sighupResizingMovesOnlyTheMinimumShareOfFlows() throws {
-        let daemon = try DaemonUnderTest(config: LifecycleTests.config(workers: 4))
+        let daemon = try TestDaemon(config: LifecycleTests.config(workers: 4))
         let destination = try udpEndpoint(try daemon.waitForWorkers("running"), "grow")
         let clients = try Traffic.clients(1024, on: .loopbackV4)
         var previous = try Whoami.ask(clients, to: destination).map { try #require($0).slot }
@@ -62,7 +62,7 @@ struct LifecycleTests {
     /// and remove a service (workers stopped, sockets closed, pins removed).
     @Test func reloadAddsChangesAndRemovesServices() throws {
         let first = serviceTable("kept", workers: 2)
-        let daemon = try DaemonUnderTest(config: first)
+        let daemon = try TestDaemon(config: first)
         let before = try daemon.waitForWorkers()
         let kept = try udpEndpoint(before, "kept")
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
@@ -104,7 +104,7 @@ struct LifecycleTests {
     @Test func reloadRebuildsAServiceOnAFixedPort() throws {
         let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
         let listen = ["udp://127.0.0.1:\(port)"]
-        let daemon = try DaemonUnderTest(config: serviceTable("fixed", listen: listen, workers: 2))
+        let daemon = try TestDaemon(config: serviceTable("fixed", listen: listen, workers: 2))
         let before = try daemon.waitForWorkers()[0].slots.compactMap(\.pid)
         try daemon.rewriteConfig(serviceTable("fixed", listen: listen, workers: 2, extra: "rcvbuf = 1048576"))
         let response = try daemon.request(.init(command: .reload))
@@ -117,15 +117,18 @@ struct LifecycleTests {
 
     /// A reload with an invalid file keeps the running configuration.
     @Test func invalidReloadKeepsTheRunningConfiguration() throws {
-        let daemon = try DaemonUnderTest(config: LifecycleTests.config(workers: 2))
-        try daemon.waitForWorkers()
+        let daemon = try TestDaemon(config: LifecycleTests.config(workers: 2))
+        let running = try daemon.waitForWorkers()[0].slots.map(\.pid)
         try daemon.rewriteConfig(LifecycleTests.config(workers: 0))
         let response = try daemon.request(.init(command: .reload))
         #expect(!response.ok)
         #expect(response.error?.contains("service[0].workers") == true, "\(response.error ?? "")")
         daemon.signal(SIGHUP)
         sleepMs(200)
-        #expect(try daemon.status()[0].slots.count == 2)
+        let after = try daemon.status()[0].slots
+        #expect(after.count == 2)
+        #expect(after.map(\.pid) == running, "the same workers serve on")
+        // A SIGHUP has no one to answer: the log is the only place its refusal is reported.
         #expect(daemon.log.contains("reload (SIGHUP): the configuration is invalid, nothing changed: "
             + "\(daemon.configPath): service[0].workers"), "\(daemon.log)")
     }
@@ -133,7 +136,7 @@ struct LifecycleTests {
     /// SIGTERM: every worker exits (one ignores SIGTERM and is killed at the timeout),
     /// every socket is closed, every pin and the control socket are removed, status 0.
     @Test func gracefulStopLeavesNoWorkerSocketOrPin() throws {
-        let daemon = try DaemonUnderTest(config: """
+        let daemon = try TestDaemon(config: """
             stop_timeout_ms = 500
 
             [[service]]
@@ -146,7 +149,7 @@ struct LifecycleTests {
             name = "stubborn"
             listen = ["udp://[::1]:0"]
             workers = 2
-            exec = ["/bin/sh", "-c", "trap '' TERM; exec \(DaemonBinary.path) worker whoami"]
+            exec = ["/bin/sh", "-c", "trap '' TERM; exec \(TestDaemon.builtBinary) worker whoami"]
             """)
         let services = try daemon.waitForWorkers()
         let pids = services.flatMap { $0.slots.compactMap(\.pid) }
@@ -158,6 +161,7 @@ struct LifecycleTests {
         let status = daemon.waitForExit(timeoutMs: 30_000)
         #expect(status == 0, "exit status; log:\n\(daemon.log)")
         for pid in pids { #expect(!processExists(pid), "worker \(pid) is gone") }
+        // The daemon has exited, and with it its control socket: only the log tells how a worker ended.
         #expect(daemon.log.contains("did not stop in time: SIGKILL"), "the stubborn workers were killed")
         // A socket without SO_REUSEPORT binds only if no socket holds the address any more.
         for endpoint in endpoints {
@@ -203,7 +207,7 @@ struct LifecycleTests {
         let directory = try TemporaryDirectory()
         let file = try directory.write("bad.toml", config)
         let output = "\(directory.path)/output"
-        let pid = try spawn([DaemonBinary.path, "--config", file, "--pin-dir", "/sys/fs/bpf/reuseportd-test-\(getpid())-bad",
+        let pid = try spawn([TestDaemon.builtBinary, "--config", file, "--pin-dir", TestPinRoot.unique("bad"),
                              "--run-dir", "\(directory.path)/run"], output: output)
         let status = waitExit(pid, timeoutMs: 10_000)
         let message = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""
@@ -226,9 +230,10 @@ struct LifecycleTests {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(holder, $0, &length) }
         }
         let port = try #require(SocketAddress(storage: storage)).port
-        let daemon = try DaemonUnderTest(
+        let daemon = try TestDaemon(
             config: serviceTable("taken", listen: ["udp://127.0.0.1:\(port)"], workers: 2, program: "builtin = \"echo\""))
         #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
+        // The daemon exits before it opens its control socket: the log is its only answer.
         #expect(daemon.log.contains("bind(udp://127.0.0.1:\(port)): Address already in use"), "\(daemon.log)")
         #expect(PinLayout.services(under: daemon.pinRoot).isEmpty, "no pins left")
     }
@@ -237,8 +242,9 @@ struct LifecycleTests {
     /// take the group over): the daemon refuses, names the address, and exits 1.
     @Test func aPortInAnotherReuseportGroupIsNotTakenOver() throws {
         let other = try ReuseportSocket(endpoint: Endpoint(.udp, SocketAddress(.loopbackV4, 0)))
-        let daemon = try DaemonUnderTest(config: serviceTable("intruder", listen: ["\(other.endpoint)"], workers: 1))
+        let daemon = try TestDaemon(config: serviceTable("intruder", listen: ["\(other.endpoint)"], workers: 1))
         #expect(daemon.waitForExit(timeoutMs: 30_000) == 1)
+        // The daemon exits before it opens its control socket: the log is its only answer.
         #expect(daemon.log.contains("service intruder: \(other.endpoint) is already bound by another socket"), "\(daemon.log)")
         // The other group still gets its datagrams.
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
@@ -250,13 +256,15 @@ struct LifecycleTests {
     /// A program that cannot be executed: its slots back off with the reason in the log,
     /// and the other service keeps answering.
     @Test func unstartableProgramBacksOffWhileOthersServe() throws {
-        let daemon = try DaemonUnderTest(config: serviceTable(
+        let daemon = try TestDaemon(config: serviceTable(
             "broken", workers: 2, program: "exec = [\"/nonexistent/server\", \"--flag\"]",
             extra: "restart_backoff_min_ms = 50\nrestart_backoff_max_ms = 200") + serviceTable("fine", workers: 1))
         let services = try daemon.waitFor("the broken slots restarting in back-off") { services in
             services[0].slots.allSatisfy { $0.restarts >= 2 && $0.state != "running" }
                 && services[1].slots.allSatisfy { $0.state == "running" }
         }
+        // `status` gives each slot's state and restarts (above), not why a start failed: that is
+        // only in the log.
         let reasons = daemon.log.split(separator: "\n").filter {
             $0.contains("exec /nonexistent/server: No such file or directory")
         }
@@ -276,8 +284,8 @@ struct LifecycleTests {
         let config = try directory.write("c.toml", serviceTable("unprivileged", workers: 1))
         chmod(config, 0o644)
         let output = "\(directory.path)/output"
-        let pid = try spawn(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", DaemonBinary.path,
-                             "--config", config, "--pin-dir", "/sys/fs/bpf/reuseportd-test-\(getpid())-unprivileged",
+        let pid = try spawn(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TestDaemon.builtBinary,
+                             "--config", config, "--pin-dir", TestPinRoot.unique("unprivileged"),
                              "--run-dir", "\(directory.path)/run"], output: output)
         #expect(waitExit(pid, timeoutMs: 30_000) == 1)
         let message = (try? String(contentsOfFile: output, encoding: .utf8)) ?? ""

@@ -39,12 +39,12 @@ struct PartialFailureTests {
 
     /// A daemon with one service of `workers` slots whose slot 1 never starts: it fails over
     /// 100 ms after its first exit and waits 10 minutes before its next start.
-    static func daemonWithSlotOneDown(_ name: String, workers: Int) throws -> DaemonUnderTest {
+    static func daemonWithSlotOneDown(_ name: String, workers: Int) throws -> TestDaemon {
         let script = """
             [ "$REUSEPORT_SLOT" = 1 ] && exit 3
-            exec \(DaemonBinary.path) worker whoami
+            exec \(TestDaemon.builtBinary) worker whoami
             """
-        return try DaemonUnderTest(config: """
+        return try TestDaemon(config: """
             [[service]]
             name = "\(name)"
             listen = ["udp://127.0.0.1:0"]

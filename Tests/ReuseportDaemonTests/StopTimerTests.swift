@@ -25,7 +25,7 @@ struct StopTimerTests {
     @Test func aFailoverDeadlineDuringTheStopDoesNotSpin() throws {
         let directory = try TemporaryDirectory()
         let trapped = "\(directory.path)/trapped"
-        let daemon = try DaemonUnderTest(config: """
+        let daemon = try TestDaemon(config: """
             stop_timeout_ms = 4000
             [[service]]
             name = "stubborn"

@@ -15,7 +15,7 @@ struct SupervisionTests {
     /// while a slot has no worker waits in its socket) except the one a worker may have read
     /// and not yet answered when it was killed, and the replacement must answer.
     @Test func killingEveryWorkerMovesNoFlowAndLosesNoDatagram() throws {
-        let daemon = try DaemonUnderTest(
+        let daemon = try TestDaemon(
             config: serviceTable("steady", workers: 4, extra: "rcvbuf = 8388608\nfailover_after_ms = 30000"))
         let services = try daemon.waitForWorkers()
         let destination = try udpEndpoint(services, "steady")
@@ -114,9 +114,9 @@ struct SupervisionTests {
               date +%s%N >> \(starts)
               [ -e \(marker) ] || { echo "slot 1 is not ready to serve" >&2; exit 3; }
             fi
-            exec \(DaemonBinary.path) worker whoami
+            exec \(TestDaemon.builtBinary) worker whoami
             """
-        let daemon = try DaemonUnderTest(config: """
+        let daemon = try TestDaemon(config: """
             [[service]]
             name = "flaky"
             listen = ["udp://127.0.0.1:0"]
@@ -163,6 +163,7 @@ struct SupervisionTests {
         for (index, gap) in gaps.enumerated() where index < expected.count {
             #expect(gap >= expected[index] * 0.9, "gap \(index) is \(gap) ms, the back-off is \(expected[index]) ms")
         }
+        // What a worker writes to stderr goes to the daemon's log: here the log is what is tested.
         let marked = daemon.log.split(separator: "\n").filter { $0.contains("slot 1 is not ready to serve") }
         #expect(!marked.isEmpty && marked.allSatisfy { $0.contains("service=flaky") && $0.contains("slot=1") },
                 "the worker's stderr is in the daemon's log, marked with service and slot")

@@ -29,19 +29,12 @@ struct SteeringTests {
     func udpFlowsLandOnThePredictedSlot(slots: Int, address: IPAddress) throws {
         let plane = try service(.udp, on: address, slots: slots)
         let destination = plane.listeners[0].endpoint.address
-        let clients = try Traffic.clients(512, on: address)
-        let landed = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        let snapshot = try plane.snapshot()
-        var used = Set<UInt32>()
-        for client in clients {
-            let predicted = snapshot.placement(of: FlowTuple(.udp, from: client.local, to: destination)).slot
-            #expect(landed[client.local] == predicted, "\(client.local)")
-            used.insert(landed[client.local]!)
+        let outcome = try SteeringScenario.exactSlot(plane, .udp, clients: address, to: destination, flows: 512)
+        for landing in outcome.landings {
+            #expect(landing.slot != nil && landing.slot == landing.predicted, "\(landing.client)")
         }
-        #expect(used.count == slots, "every slot receives some of 512 flows")
-        var total: UInt64 = 0
-        for slot in 0..<UInt32(slots) { total += try plane.maps.slotCounters(slot).packets }
-        #expect(total == 512, "the program counted every datagram: the BPF path ran")
+        #expect(outcome.slotsUsed == slots, "every slot receives some of 512 flows")
+        #expect(outcome.counted == 512, "the program counted every datagram: the BPF path ran")
     }
 
     /// TCP: the listener at the predicted slot accepts each connection.
@@ -49,45 +42,27 @@ struct SteeringTests {
     func tcpConnectionsAreAcceptedByThePredictedListener(slots: Int, address: IPAddress) throws {
         let plane = try service(.tcp, on: address, slots: slots)
         let destination = plane.listeners[0].endpoint.address
-        let snapshot = try plane.snapshot()
-        for _ in 0..<512 {
-            let client = try FlowClient(.tcp, local: SocketAddress(address, 0))
-            try client.connect(to: destination)
-            let accepted = try #require(try Traffic.acceptOne(from: sockets(plane)))
-            #expect(accepted.peer == client.local)
-            #expect(accepted.slot == snapshot.placement(of: FlowTuple(.tcp, from: client.local, to: destination)).slot)
+        let outcome = try SteeringScenario.exactSlot(plane, .tcp, clients: address, to: destination, flows: 512)
+        for landing in outcome.landings {
+            #expect(landing.peer == landing.client)
+            #expect(landing.slot == landing.predicted)
         }
-        var total: UInt64 = 0
-        for slot in 0..<UInt32(slots) { total += try plane.maps.slotCounters(slot).packets }
-        #expect(total == 512)
+        #expect(outcome.counted == 512)
     }
 
     /// Closing the socket at one slot and putting a new one there moves no flow.
     @Test func replacingASocketAtItsSlotMovesNoFlow() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 4)
-        let destination = plane.listeners[0].endpoint.address
-        let clients = try Traffic.clients(512, on: .loopbackV4)
-        let before = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        try plane.closeSlot(1)
-        try plane.reopenSlot(1)
-        let after = try Traffic.slotsOf(clients: clients, sending: destination, sockets: sockets(plane))
-        #expect(before == after)
-        #expect(Set(before.values).count == 4)
+        let outcome = try SteeringScenario.replaceAtSlot(plane, slot: 1, flows: 512)
+        #expect(outcome.before == outcome.after)
+        #expect(Set(outcome.before.values).count == 4)
     }
 
     /// Why the product exists: the same scenario without the program moves flows. The
     /// kernel moves its last socket into the hole (net/core/sock_reuseport.c,
     /// __reuseport_detach_sock()) and hashes on socket positions.
     @Test func withoutTheProgramReplacingASocketMovesFlows() throws {
-        let first = try ReuseportSocket(endpoint: Endpoint(parsing: "udp://127.0.0.1:0"))
-        var group: [UInt32: ReuseportSocket] = [0: first]
-        for slot in 1..<UInt32(4) { group[slot] = try ReuseportSocket(endpoint: first.endpoint) }
-        let clients = try Traffic.clients(512, on: .loopbackV4)
-        let before = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
-        group[1]!.close()
-        group[1] = try ReuseportSocket(endpoint: first.endpoint)
-        let after = try Traffic.slotsOf(clients: clients, sending: first.endpoint.address, sockets: group)
-        let moved = clients.filter { before[$0.local] != after[$0.local] }.count
+        let moved = try SteeringScenario.kernelDefaultReplace(sockets: 4, replacing: 1, flows: 512).moved
         print("kernel default, 4 sockets, one replaced: \(moved) of 512 flows moved (\(moved * 100 / 512)%)")
         #expect(moved > 512 / 8, "the kernel's own reuseport moved only \(moved) flows")
     }
@@ -95,19 +70,10 @@ struct SteeringTests {
     /// A foreign SO_REUSEPORT socket of the same user on the same port receives nothing.
     @Test func foreignSocketOnThePortGetsNothing() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 4)
-        let foreign = try ReuseportSocket(endpoint: plane.listeners[0].endpoint)
-        var all = sockets(plane)
-        all[99] = foreign
-        let clients = try Traffic.clients(250, on: .loopbackV4)
-        var deliveries: [Delivery] = []
-        // Read after each round: 1000 datagrams at once would overflow default receive buffers.
-        for round in 0..<4 {
-            for client in clients { try client.send(Array("r\(round)".utf8), to: plane.listeners[0].endpoint.address) }
-            deliveries += try Traffic.receive(from: all, expected: 250)
-        }
-        #expect(deliveries.count == 1000)
-        #expect(try (0..<UInt32(4)).map { try plane.maps.slotCounters($0).packets }.reduce(0, +) == 1000)
-        #expect(deliveries.filter { $0.slot == 99 }.isEmpty)
+        let outcome = try SteeringScenario.foreignSocket(plane, clients: 250, rounds: 4)
+        #expect(outcome.deliveries.count == 1000)
+        #expect(outcome.counted == 1000)
+        #expect(outcome.toForeign == 0)
     }
 
     /// An empty slot's flows go to the predicted fallback slot and are counted; refilling

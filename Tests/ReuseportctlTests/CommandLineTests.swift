@@ -70,11 +70,18 @@ import Testing
 struct UnprivilegedTests {
     func asNobody(_ arguments: [String]) throws -> CtlResult {
         try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
-                                     BuiltProduct.path("reuseportctl")] + arguments)
+                                     BuiltProducts.path("reuseportctl")] + arguments)
     }
 
+    /// The test pins a service of its own first, so that the folder exists whatever this
+    /// machine holds: nobody is denied it (a 0700 pin folder; with bpffs mounted 0700, as
+    /// systemd does, already /sys/fs/bpf), and the message must say so, not "does not exist".
     @Test func mapDumpSaysPermissionDenied() throws {
-        let result = try asNobody(["map", "dump"])
+        let root = PinRoot("unprivileged-dump")
+        let service = try PinnedService(root: root, slots: 1)
+        _ = service
+        #expect(access(root.path, F_OK) == 0, "root sees the pin folder")
+        let result = try asNobody(["map", "dump", "--pin-dir", root.path])
         #expect(result.status == 1)
         #expect(result.stderr.contains("permission denied: reading the pins needs root"), "\(result)")
     }

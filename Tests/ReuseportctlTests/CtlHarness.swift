@@ -5,16 +5,6 @@ import Foundation
 import ReuseportKit
 import ReuseportTestSupport
 
-/// The built executables (reuseportctl, reuseportd) sit beside the test bundle in .build/<triple>/debug.
-enum BuiltProduct {
-    static let directory: String = {
-        let bundle = Bundle.main.executableURL ?? URL(fileURLWithPath: CommandLine.arguments[0])
-        return bundle.resolvingSymlinksInPath().deletingLastPathComponent().path
-    }()
-
-    static func path(_ name: String) -> String { "\(directory)/\(name)" }
-}
-
 struct CtlResult: CustomStringConvertible {
     var status: Int32
     var stdout: String
@@ -26,7 +16,7 @@ struct CtlResult: CustomStringConvertible {
 /// Runs `reuseportctl` with `arguments`, the environment given plus COLUMNS=100 (help text
 /// wraps at the terminal width), and returns its exit status and output.
 func reuseportctl(_ arguments: [String], environment: [String: String] = [:]) throws -> CtlResult {
-    try run(BuiltProduct.path("reuseportctl"), arguments, environment: environment)
+    try run(BuiltProducts.path("reuseportctl"), arguments, environment: environment)
 }
 
 func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> CtlResult {
@@ -57,12 +47,12 @@ func run(_ executable: String, _ arguments: [String], environment: [String: Stri
                      stderr: String(decoding: stderrData, as: UTF8.self))
 }
 
-/// A unique bpffs pin root for one test, removed with everything under it.
+/// A bpffs pin root of one test's own (the services pinned in it remove themselves).
 struct PinRoot {
     let path: String
 
     init(_ label: String) {
-        path = "/sys/fs/bpf/reuseportd-test-\(getpid())-\(label)"
+        path = TestPinRoot.path(label)
     }
 }
 

@@ -6,35 +6,20 @@ import ReuseportKit
 import ReuseportTestSupport
 import Testing
 
-/// The real reuseportd with its own configuration (port 0), pin root and run folder.
+/// The real reuseportd (ReuseportTestSupport's launcher) with its own configuration (port 0),
+/// pin root and run folder, seen through reuseportctl.
 final class LiveDaemon {
-    nonisolated(unsafe) static var counter = 0
-    let directory: String
-    let configPath: String
-    let pinRoot: String
-    let runDirectory: String
-    let process = Process()
+    let daemon: TestDaemon
 
-    var locations: [String] { ["--pin-dir", pinRoot, "--run-dir", runDirectory] }
-    var log: String { (try? String(contentsOfFile: "\(directory)/daemon.log", encoding: .utf8)) ?? "" }
+    var pinRoot: String { daemon.pinRoot }
+    var configPath: String { daemon.configPath }
+    var pid: pid_t { daemon.pid }
+    var locations: [String] { ["--pin-dir", daemon.pinRoot, "--run-dir", daemon.runDirectory] }
+    var log: String { daemon.log }
 
     init(workers: Int, service: String = "live") throws {
-        var template = Array("/tmp/reuseportctl-test-XXXXXX".utf8CString)
-        guard let made = mkdtemp(&template) else { throw LiveDaemonError("mkdtemp: errno \(errno)") }
-        directory = String(cString: made)
-        LiveDaemon.counter += 1
-        pinRoot = "/sys/fs/bpf/reuseportd-test-\(getpid())-live\(LiveDaemon.counter)"
-        runDirectory = "\(directory)/run"
-        configPath = "\(directory)/reuseportd.toml"
-        try LiveDaemon.config(service: service, workers: workers).write(toFile: configPath, atomically: true, encoding: .utf8)
-        _ = FileManager.default.createFile(atPath: "\(directory)/daemon.log", contents: nil)
-        let log = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(directory)/daemon.log"))
-        process.executableURL = URL(fileURLWithPath: BuiltProduct.path("reuseportd"))
-        process.arguments = ["--config", configPath] + locations
-        process.standardOutput = log
-        process.standardError = log
-        process.standardInput = FileHandle.nullDevice
-        try process.run()
+        daemon = try TestDaemon(config: LiveDaemon.config(service: service, workers: workers),
+                                pinRoot: TestPinRoot.unique("live"))
     }
 
     static func config(service: String, workers: Int) -> String {
@@ -54,7 +39,7 @@ final class LiveDaemon {
         let deadline = Date().addingTimeInterval(timeoutSeconds)
         var last = ""
         while Date() < deadline {
-            guard process.isRunning else { throw LiveDaemonError("reuseportd exited; log:\n\(log)") }
+            guard daemon.checkExited() == nil else { throw HarnessError("reuseportd exited; log:\n\(log)") }
             let result = try reuseportctl(["map", "dump", "--json"] + locations)
             last = "\(result)"
             if result.status == 0, let service = try? LiveDaemon.firstService(result.stdout) {
@@ -66,7 +51,7 @@ final class LiveDaemon {
             }
             usleep(50_000)
         }
-        throw LiveDaemonError("no \(workers) running workers after \(timeoutSeconds) s; last: \(last); log:\n\(log)")
+        throw HarnessError("no \(workers) running workers after \(timeoutSeconds) s; last: \(last); log:\n\(log)")
     }
 
     static func firstService(_ json: String) throws -> [String: Any] {
@@ -76,7 +61,7 @@ final class LiveDaemon {
 
     func dump() throws -> [String: Any] {
         let result = try reuseportctl(["map", "dump", "--json"] + locations)
-        guard result.status == 0 else { throw LiveDaemonError("map dump failed: \(result)") }
+        guard result.status == 0 else { throw HarnessError("map dump failed: \(result)") }
         return try LiveDaemon.firstService(result.stdout)
     }
 
@@ -87,50 +72,15 @@ final class LiveDaemon {
         return try Endpoint(parsing: endpoint).address
     }
 
-    deinit {
-        if process.isRunning {
-            kill(process.processIdentifier, SIGTERM)
-            let deadline = Date().addingTimeInterval(10)
-            while process.isRunning && Date() < deadline { usleep(20_000) }
-            if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-            process.waitUntilExit()
-        }
-        // A daemon that had to be killed leaves its pins: remove them.
-        for service in PinLayout.services(under: pinRoot) { PinLayout(root: pinRoot, service: service).remove() }
-        try? FileManager.default.removeItem(atPath: directory)
-    }
+    /// A graceful stop; the launcher kills what is left and removes the pins.
+    deinit { daemon.stop(timeoutMs: 10_000) }
 }
 
-struct LiveDaemonError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
-
-/// A whoami reply: `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>\n<payload>`.
-struct WhoamiReply {
-    var slot: Int
-    var pid: Int
-
-    init?(_ bytes: [UInt8]) {
-        let line = String(decoding: bytes.prefix { $0 != 0x0a }, as: UTF8.self)
-        var fields: [String: String] = [:]
-        for pair in line.split(separator: " ") {
-            let parts = pair.split(separator: "=", maxSplits: 1)
-            if parts.count == 2 { fields[String(parts[0])] = String(parts[1]) }
-        }
-        guard let slot = fields["slot"].flatMap(Int.init), let pid = fields["pid"].flatMap(Int.init) else { return nil }
-        self.slot = slot
-        self.pid = pid
-    }
-}
-
-/// Sends `payload` from each client and reads its whoami reply.
+/// Sends `payload` once from each client and returns every client's whoami reply.
 func askWhoami(_ clients: [FlowClient], at address: SocketAddress, payload: [UInt8]) throws -> [WhoamiReply] {
-    try clients.map { client in
-        try client.send(payload, to: address)
-        let bytes = try #require(try client.receive(timeoutMs: 3000), "no reply to \(client.local)")
-        return try #require(WhoamiReply(bytes), "not a whoami reply: \(bytes)")
-    }
+    // One attempt only: a flow's second datagram would count twice in its slot's counters.
+    let replies = try Whoami.ask(clients, to: address, attempts: 1, timeoutMs: 3000) { _ in payload }
+    return try zip(clients, replies).map { client, reply in try #require(reply, "no reply to \(client.local)") }
 }
 
 /// reuseportctl against a live reuseportd: what it shows must be what the daemon and the
@@ -152,9 +102,9 @@ struct LiveDaemonTests {
         #expect(slots.map { $0["slot"] as? Int } == [0, 1, 2, 3])
         for entry in slots {
             let slot = try #require(entry["slot"] as? Int)
-            let answered = replies.filter { $0.slot == slot }
+            let answered = replies.filter { Int($0.slot) == slot }
             #expect(!answered.isEmpty, "120 flows reach every one of 4 slots")
-            #expect(Set(answered.map(\.pid)) == [entry["pid"] as? Int ?? -1], "slot \(slot)")
+            #expect(Set(answered.map { Int($0.pid) }) == [entry["pid"] as? Int ?? -1], "slot \(slot)")
             #expect(entry["state"] as? String == "running")
             #expect(entry["packets"] as? Int == answered.count, "slot \(slot)")
             #expect(entry["bytes"] as? Int == answered.count * payload.count, "slot \(slot)")
@@ -175,8 +125,8 @@ struct LiveDaemonTests {
         let answers = try #require(try decodeJSON(result.stdout) as? [[String: Any]])
         #expect(answers.count == 200)
         for (index, answer) in answers.enumerated() {
-            #expect(answer["slot"] as? Int == replies[index].slot, "\(clients[index].local)")
-            #expect(answer["pid"] as? Int == replies[index].pid, "\(clients[index].local)")
+            #expect(answer["slot"] as? Int == Int(replies[index].slot), "\(clients[index].local)")
+            #expect(answer["pid"] as? Int == Int(replies[index].pid), "\(clients[index].local)")
         }
         #expect(Set(replies.map(\.slot)).count == 5)
     }
@@ -234,8 +184,8 @@ struct LiveDaemonTests {
         #expect(unknown.status == 1)
         #expect(unknown.stderr.contains("runs no service 'nope'; it runs: live"), "\(unknown)")
 
-        kill(daemon.process.processIdentifier, SIGSTOP)
-        defer { kill(daemon.process.processIdentifier, SIGCONT) }
+        kill(daemon.pid, SIGSTOP)
+        defer { kill(daemon.pid, SIGCONT) }
         let dump = try reuseportctl(["map", "dump"] + daemon.locations)
         #expect(dump.status == 0, "\(dump)")
         #expect(dump.stdout.contains("running"))

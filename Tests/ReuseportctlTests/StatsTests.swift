@@ -51,7 +51,7 @@ struct StatsTests {
         #expect(total?.split(separator: " ").prefix(4) == ["total", "10", "1000", "B"], "\(plain)")
 
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: BuiltProduct.path("reuseportctl"))
+        process.executableURL = URL(fileURLWithPath: BuiltProducts.path("reuseportctl"))
         process.arguments = ["stats", "--watch", "0.2", "--pin-dir", root.path]
         let out = Pipe()
         process.standardOutput = out

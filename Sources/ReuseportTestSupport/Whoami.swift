@@ -1,0 +1,68 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ReuseportKit
+
+/// A whoami answer (reuseportd's built-in worker, `reuseportd worker whoami`):
+/// `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>\n<payload>`.
+public struct WhoamiReply: Equatable, Sendable {
+    public var slot: UInt32
+    public var pid: Int32
+    public var service: String
+    public var peer: String
+    /// The datagram the worker answered, echoed.
+    public var payload: [UInt8]
+
+    public init?(_ received: some Collection<UInt8>) {
+        let bytes = Array(received)
+        guard let newline = bytes.firstIndex(of: 0x0a) else { return nil }
+        let header = String(decoding: bytes[..<newline], as: UTF8.self)
+        var fields: [String: String] = [:]
+        for part in header.split(separator: " ") {
+            guard let equals = part.firstIndex(of: "=") else { return nil }
+            fields[String(part[..<equals])] = String(part[part.index(after: equals)...])
+        }
+        guard let slot = fields["slot"].flatMap({ UInt32($0) }), let pid = fields["pid"].flatMap({ Int32($0) }),
+              let service = fields["service"], let peer = fields["peer"]
+        else { return nil }
+        self.slot = slot
+        self.pid = pid
+        self.service = service
+        self.peer = peer
+        payload = Array(bytes[(newline + 1)...])
+    }
+}
+
+public enum Whoami {
+    /// Sends one datagram from each client (`payload(index)`, default `probe <index>`) and
+    /// returns the whoami answer each got, by client index. A client still without an answer
+    /// after `timeoutMs` is asked again, up to `attempts` times in all.
+    public static func ask(_ clients: [FlowClient], to destination: SocketAddress, attempts: Int = 3,
+                           timeoutMs: Int = 2000, payload: (Int) -> [UInt8] = { Array("probe \($0)".utf8) })
+        throws -> [WhoamiReply?]
+    {
+        var replies = [WhoamiReply?](repeating: nil, count: clients.count)
+        for _ in 0..<attempts {
+            let missing = replies.indices.filter { replies[$0] == nil }
+            if missing.isEmpty { break }
+            for index in missing { try clients[index].send(payload(index), to: destination) }
+            var fds = missing.map { pollfd(fd: clients[$0].fd, events: Int16(POLLIN), revents: 0) }
+            let deadline = nowMs() + Double(timeoutMs)
+            var pending = missing.count
+            while pending > 0 && nowMs() < deadline {
+                if poll(&fds, nfds_t(fds.count), 100) <= 0 { continue }
+                for (position, index) in missing.enumerated() where fds[position].revents & Int16(POLLIN) != 0 {
+                    fds[position].revents = 0
+                    while let bytes = try clients[index].receive(timeoutMs: 0) {
+                        if replies[index] == nil, let reply = WhoamiReply(bytes) {
+                            replies[index] = reply
+                            pending -= 1
+                            fds[position].events = 0
+                        }
+                    }
+                }
+            }
+        }
+        return replies
+    }
+}
