@@ -2,7 +2,9 @@ import ReuseportControl
 import ReuseportKit
 
 /// Re-reads the configuration file and applies the difference (SIGHUP or `reuseportctl
-/// reload`). A bad file changes nothing.
+/// reload`). A bad file changes nothing, and neither does one that cannot be applied (an
+/// address taken, a program the verifier refuses): new data planes are built beside the
+/// running ones, make-before-break, before anything running is touched.
 struct ConfigurationReload {
     /// nil: the embedded demo configuration.
     let configPath: String?
@@ -18,27 +20,53 @@ struct ConfigurationReload {
         }
         var notes: [String] = []
         var failures: [String] = []
-        let now = MonotonicClock.nanoseconds()
         let wanted = Dictionary(uniqueKeysWithValues: next.services.map { ($0.name, $0) })
-        // Stop what goes (or needs new sockets) first: its addresses may be reused below.
-        let keeps: (ServiceRuntime) -> Bool = { wanted[$0.name]?.dataPlaneShape == $0.configuration.dataPlaneShape }
+        // First every new data plane (a service added, or one whose sockets or program change)
+        // is built beside what runs. If one cannot be, the others are discarded and nothing
+        // has changed: no old socket was closed, no worker stopped, no pin touched.
         let ownGroups = Set(supervisor.services.flatMap(\.listeners))
-        for service in supervisor.services where !keeps(service) {
-            supervisor.stopService(service, now: now)
-            notes.append(wanted[service.name] == nil ? "removed \(service.name)" : "rebuilt \(service.name)")
-        }
-        supervisor.services.removeAll { !keeps($0) }
-        supervisor.configuration.stopTimeoutMs = next.stopTimeoutMs
+        var staged: [(new: ServiceRuntime, old: ServiceRuntime?)] = []
         for new in next.services {
-            guard let service = supervisor.service(named: new.name) else {
-                do {
-                    supervisor.startWorkers(of: try supervisor.addService(new, ownGroups: ownGroups))
-                    if !notes.contains("rebuilt \(new.name)") { notes.append("added \(new.name)") }
-                } catch {
-                    failures.append("\(error)")
-                }
+            let old = supervisor.service(named: new.name)
+            if let old, old.configuration.dataPlaneShape == new.dataPlaneShape { continue }
+            do {
+                staged.append((try supervisor.stageService(new, ownGroups: ownGroups, predecessor: old), old))
+            } catch {
+                for service in staged { service.new.close() }
+                return .failure("the configuration cannot be applied, nothing changed: \(error)")
+            }
+        }
+        // Then each takes over: its workers start, its program is attached (the switch), the
+        // old workers and sockets go. Only then do removed services stop: an address that moves
+        // from a removed service to an added one is never left without a socket.
+        for (new, old) in staged {
+            let moved = old.flatMap { $0.movedShare(to: new) } ?? 0
+            do {
+                try supervisor.replace(old, with: new)
+            } catch {
+                failures.append("\(error)")
                 continue
             }
+            if old == nil {
+                notes.append("added \(new.name)")
+            } else if moved > 0 {
+                notes.append("rebuilt \(new.name) (\(percent(moved)) of flows moved to another slot)")
+                new.logger.notice("rebuilt: \(percent(moved)) of flows moved to another slot (estimated from 4096 sampled flows)")
+            } else {
+                notes.append("rebuilt \(new.name)")
+            }
+        }
+        let now = MonotonicClock.nanoseconds()
+        for service in supervisor.services where wanted[service.name] == nil {
+            supervisor.stopService(service, now: now)
+            notes.append("removed \(service.name)")
+        }
+        supervisor.services.removeAll { wanted[$0.name] == nil }
+        supervisor.configuration.stopTimeoutMs = next.stopTimeoutMs
+        let rebuilt = Set(staged.map { ObjectIdentifier($0.new) })
+        for new in next.services {
+            guard let service = supervisor.service(named: new.name), !rebuilt.contains(ObjectIdentifier(service))
+            else { continue }
             let programChanged = new.program != service.configuration.program || new.user != service.configuration.user
                 || new.group != service.configuration.group
             service.update(new)
@@ -64,4 +92,10 @@ struct ConfigurationReload {
         supervisor.logger.notice("configuration reloaded: \(summary)")
         return ControlResponse(ok: true, message: "reloaded: \(summary)", services: supervisor.status(of: nil))
     }
+}
+
+/// 0.748 → "74.8%".
+private func percent(_ share: Double) -> String {
+    let tenths = Int((share * 1000).rounded())
+    return "\(tenths / 10).\(tenths % 10)%"
 }

@@ -13,7 +13,10 @@ struct ControlCommands {
         case .status:
             return ControlResponse(ok: true, services: supervisor.status(of: request.service))
         case .reload:
-            return reload.apply()
+            let response = reload.apply()
+            // As for SIGHUP: the log says why a reload was refused, not only the one who asked.
+            if !response.ok { supervisor.logger.error("reload (control): \(response.error ?? "")") }
+            return response
         case .restart:
             guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
                 return .failure(unknownService(request.service))

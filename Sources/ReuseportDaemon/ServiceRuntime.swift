@@ -39,6 +39,8 @@ final class ServiceRuntime {
     private(set) var configuration: ServiceConfiguration
     let plane: ServiceDataPlane
     let pins: PinLayout
+    /// Whether `pins` are this runtime's (a staged one's are pinned only once it took over).
+    private(set) var pinned = false
     var slots: [SlotRecord]
     /// How many times a slot of this service has been failed over.
     private(set) var failovers = 0
@@ -48,30 +50,100 @@ final class ServiceRuntime {
 
     /// Binds the sockets, loads and attaches the program and pins the maps. Refuses an address
     /// held by a reuseport group other than `ownGroups` (ListenerClaim).
-    init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger, ownGroups: Set<Endpoint> = []) throws {
+    ///
+    /// `staged` (on reload): the data plane is built beside what runs, make-before-break: its
+    /// programs are not attached and its maps not pinned (a predecessor's pins are still
+    /// there) until `takeOver(from:)` and `pinInPlace()`. With `predecessor` (the running
+    /// runtime of the same service), a listener configured with port 0 as before keeps the
+    /// port it got.
+    init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger, ownGroups: Set<Endpoint> = [],
+         staged: Bool = false, predecessor: ServiceRuntime? = nil) throws {
         self.configuration = configuration
         var logger = logger
         logger[metadataKey: "service"] = "\(configuration.name)"
         self.logger = logger
         let options = ServiceDataPlane.Options(bucketCount: configuration.bucketCount, seed: configuration.seed,
                                                receiveBuffer: configuration.receiveBuffer)
-        for endpoint in configuration.listen where !ownGroups.contains(endpoint) { try ListenerClaim.checkFree(endpoint) }
-        plane = try ServiceDataPlane(endpoints: configuration.listen, slotCount: configuration.workers, options: options)
+        var endpoints = configuration.listen
+        if let predecessor {
+            for (index, endpoint) in endpoints.enumerated() where endpoint.address.port == 0 {
+                if index < predecessor.configuration.listen.count, predecessor.configuration.listen[index] == endpoint {
+                    endpoints[index] = predecessor.listeners[index]
+                }
+            }
+        }
+        for endpoint in endpoints where !ownGroups.contains(endpoint) { try ListenerClaim.checkFree(endpoint) }
+        plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
+                                     attach: !staged)
         pins = PinLayout(root: pinRoot, service: configuration.name)
+        slots = []
+        if !staged {
+            do {
+                try pinInPlace()
+            } catch {
+                plane.close()
+                throw error
+            }
+        }
+        for slot in plane.slots { slots.append(try makeRecord(slot)) }
+        for slot in slots { publish(slot) }
+    }
+
+    /// Switches the groups to this runtime's programs (staged, its workers started), from
+    /// `predecessor`'s if there is one. If that fails, switches back to the predecessor's
+    /// programs and throws, having changed nothing. The predecessor's workers, sockets and
+    /// pins are the caller's to retire; then `pinInPlace()`.
+    func takeOver(from predecessor: ServiceRuntime?) throws {
+        do {
+            try plane.attachPrograms()
+        } catch {
+            try? predecessor?.plane.attachPrograms()
+            throw error
+        }
+    }
+
+    /// Pins the maps at the service's folder (a staged runtime: once its predecessor's `close()`
+    /// removed its pins). Pins found there belong to no running service: they are removed.
+    func pinInPlace() throws {
         if access(pins.serviceDirectory, F_OK) == 0 {
             logger.warning("removing stale pins left at \(pins.serviceDirectory)")
             pins.remove()
         }
         do {
             try plane.pin(pins)
+            pinned = true
         } catch {
-            plane.close()
             pins.remove()
             throw error
         }
-        slots = []
-        for slot in plane.slots { slots.append(try makeRecord(slot)) }
-        for slot in slots { publish(slot) }
+    }
+
+    /// The share of flows (on the first listener) that the steering of `other` puts on another
+    /// slot than this runtime's, estimated from `samples` made-up flows (the hash gives no
+    /// other way: the daemon keeps no table of flows). Nil when the first listeners differ.
+    func movedShare(to other: ServiceRuntime, samples: Int = 4096) -> Double? {
+        guard let destination = listeners.first, destination == other.listeners.first,
+              let before = try? plane.snapshot(), let after = try? other.plane.snapshot()
+        else { return nil }
+        var moved = 0
+        var state: UInt32 = 0x9e37_79b9
+        for _ in 0..<samples {
+            // xorshift32: spread sources over addresses and ports.
+            state ^= state << 13
+            state ^= state >> 17
+            state ^= state << 5
+            let source = destination.address.address.isV4
+                ? SocketAddress(IPAddress(bytes: [10, UInt8(truncatingIfNeeded: state >> 24),
+                                                  UInt8(truncatingIfNeeded: state >> 16), UInt8(truncatingIfNeeded: state >> 8)])!,
+                                UInt16(truncatingIfNeeded: state) | 1024)
+                : SocketAddress(IPAddress(bytes: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                  UInt8(truncatingIfNeeded: state >> 24), UInt8(truncatingIfNeeded: state >> 16),
+                                                  UInt8(truncatingIfNeeded: state >> 8), 1])!,
+                                UInt16(truncatingIfNeeded: state) | 1024)
+            let flow = FlowTuple(destination.transport, from: source, to: destination.address)
+            if before.placement(of: flow).slot != after.placement(of: flow).slot { moved += 1 }
+        }
+        return Double(moved) / Double(samples)
     }
 
     private func makeRecord(_ slot: UInt32) throws -> SlotRecord {
@@ -167,9 +239,11 @@ final class ServiceRuntime {
         plane.effectiveBuckets.reduce(into: [:]) { $0[$1, default: 0] += 1 }
     }
 
-    /// Closes every socket and removes the pins. Workers must be stopped by the caller.
+    /// Closes every socket and removes the pins if they are this runtime's. Workers must be
+    /// stopped by the caller.
     func close() {
         plane.close()
-        pins.remove()
+        if pinned { pins.remove() }
+        pinned = false
     }
 }

@@ -55,6 +55,81 @@ final class Supervisor {
         return service
     }
 
+    /// Builds a service's data plane beside what runs (on reload), make-before-break: sockets
+    /// bound (joining the running group where the address is the same), program loaded, maps
+    /// written; nothing attached, pinned or started. `replace(_:with:)` puts it in service;
+    /// `close()` discards it and changes nothing.
+    func stageService(_ configuration: ServiceConfiguration, ownGroups: Set<Endpoint>,
+                      predecessor: ServiceRuntime?) throws -> ServiceRuntime {
+        do {
+            return try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
+                                      ownGroups: ownGroups, staged: true, predecessor: predecessor)
+        } catch {
+            throw ServiceStartError(service: configuration.name, underlying: error)
+        }
+    }
+
+    /// Puts a staged service in service, in place of `old` if given: starts its workers on its
+    /// sockets (which get no traffic yet), switches every group to its program at once, waits
+    /// until the old sockets hold no datagram (after the switch none enters them; the old
+    /// workers answer what is queued), then retires the old workers, closes the old sockets,
+    /// and pins the new maps where the old ones were. If the switch fails, the new service is
+    /// discarded, the old one serves on, and the error is thrown.
+    func replace(_ old: ServiceRuntime?, with new: ServiceRuntime) throws {
+        startWorkers(of: new)
+        do {
+            try new.takeOver(from: old)
+        } catch {
+            discard(new)
+            throw ServiceStartError(service: new.name, underlying: error)
+        }
+        if let old {
+            waitUntilDrained(old, limitMs: 200)
+            let now = MonotonicClock.nanoseconds()
+            for slot in old.slots {
+                if let pid = slot.pid { retire(pid, now: now) }
+                slot.pid = nil
+                slot.nextStartAt = nil
+            }
+            old.close()
+        }
+        if let index = services.firstIndex(where: { $0 === old }) { services[index] = new } else { services.append(new) }
+        let listeners = new.listeners.map(\.description).joined(separator: ", ")
+        do {
+            try new.pinInPlace()
+        } catch {
+            new.logger.error("service \(new.name) serves, but its maps could not be pinned: \(error)")
+            throw ServiceStartError(service: new.name, underlying: error)
+        }
+        new.logger.notice(
+            "service \(new.name) listening on \(listeners) with \(new.slots.count) workers, maps pinned at \(new.pins.serviceDirectory)")
+    }
+
+    /// Stops a staged service that did not take over: its workers, its sockets (its pins are
+    /// not its own yet).
+    private func discard(_ service: ServiceRuntime) {
+        let now = MonotonicClock.nanoseconds()
+        for slot in service.slots {
+            if let pid = slot.pid { retire(pid, now: now) }
+            slot.pid = nil
+        }
+        service.close()
+    }
+
+    /// Waits until none of `service`'s sockets has input queued, for at most `limitMs`, then a
+    /// little longer: a worker that has just read a datagram has not yet answered it, and a
+    /// built-in worker dies on SIGTERM at once. Blocks the loop for that long (a few ms when
+    /// the workers keep up; `limitMs` when a slot has no worker to read its queue).
+    private func waitUntilDrained(_ service: ServiceRuntime, limitMs: Int) {
+        let sockets = service.plane.listeners.flatMap { $0.sockets.values.map(\.fd) }
+        let deadline = MonotonicClock.nanoseconds() + limitMs.msAsNs
+        while MonotonicClock.nanoseconds() < deadline, let ready = try? Syscall.poll(sockets, timeoutMs: 0),
+              !ready.isEmpty {
+            _ = try? Syscall.poll([], timeoutMs: 1)
+        }
+        _ = try? Syscall.poll([], timeoutMs: 20)
+    }
+
     func startWorkers(of service: ServiceRuntime) {
         for slot in service.slots { startWorker(service, slot, now: MonotonicClock.nanoseconds()) }
     }

@@ -64,7 +64,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     /// Binds `slotCount` sockets on each endpoint, loads and attaches the program, fills the
     /// arrays and writes the configuration, an even bucket table and the fallback table.
-    public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options()) throws {
+    ///
+    /// With `attach` false the programs are loaded and their arrays filled but not attached:
+    /// `attachPrograms()` does that later. This is how a service is rebuilt make-before-break
+    /// on an address it already holds: the new sockets join the running reuseport group (one
+    /// (protocol, address, port) is one group; net/core/sock_reuseport.c, reuseport_add_sock())
+    /// and get no traffic while the group's program, which selects only from its own array,
+    /// is the old one.
+    public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         _ = try SlotCount(slotCount)
         _ = try BucketCount(options.bucketCount)
@@ -77,7 +84,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
             // The first socket fixes the port (when 0 was asked); the others join its group.
             let first = try ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer,
                                             v6Only: options.v6Only)
-            try first.attach(program)
+            if attach { try first.attach(program) }
             let listener = Listener(endpoint: first.endpoint, program: program)
             listener.sockets[0] = first
             listeners.append(listener)
@@ -233,6 +240,21 @@ public final class ServiceDataPlane: @unchecked Sendable {
         if listeners.contains(where: { $0.sockets[slot] != nil }) { try closeSlot(slot) }
         try insertSockets(slot)
         try spreadFallback(over: liveSlots)
+    }
+
+    /// Attaches every listener's program to its group through the listener's first socket
+    /// (SO_ATTACH_REUSEPORT_EBPF): for each group one atomic switch, from whatever program it
+    /// had (reuseport_attach_prog() replaces reuse->prog under the group's lock), to this one.
+    /// From then on every packet of the group is steered to this plane's sockets, also those
+    /// the kernel had been steering to another plane's sockets in the same group. If a later
+    /// listener fails, the earlier ones stay switched: the caller switches them back.
+    public func attachPrograms() throws {
+        for listener in listeners {
+            guard let socket = listener.sockets.values.first else {
+                throw ReuseportError.invalidArgument("listener \(listener.endpoint) has no socket to attach through")
+            }
+            try socket.attach(listener.program)
+        }
     }
 
     /// Publishes a slot's worker row in rp_slot_state (for reuseportctl).
