@@ -1,7 +1,8 @@
 import ReuseportKit
 
 /// The daemon's configuration: what `--config FILE` describes (docs/configuration.md).
-public struct DaemonConfiguration: Sendable, Equatable {
+/// Codable: a reload gets it, checked, from a short-lived child (ConfigurationCheck.swift).
+public struct DaemonConfiguration: Sendable, Equatable, Codable {
     /// How long a stopping worker gets between SIGTERM and SIGKILL.
     public var stopTimeoutMs: Int
     public var services: [ServiceConfiguration]
@@ -28,19 +29,19 @@ public struct DaemonConfiguration: Sendable, Equatable {
 }
 
 /// The program a service's workers run.
-public enum WorkerProgram: Sendable, Equatable {
+public enum WorkerProgram: Sendable, Equatable, Codable {
     /// `exec = ["/path", "arg", ...]`
     case exec([String])
     /// `builtin = "echo" | "whoami"`
     case builtin(BuiltinWorkerKind)
 }
 
-public enum BuiltinWorkerKind: String, Sendable, CaseIterable {
+public enum BuiltinWorkerKind: String, Sendable, CaseIterable, Codable {
     case echo, whoami
 }
 
 /// One `[[service]]` table.
-public struct ServiceConfiguration: Sendable, Equatable {
+public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var name: String
     public var listen: [Endpoint]
     public var workers: Int
@@ -88,7 +89,7 @@ public struct ServiceConfiguration: Sendable, Equatable {
 /// The first restart after a healthy run is immediate (a worker killed once loses no
 /// time); each further exit within `healthyAfterMs` of its start doubles the wait, from
 /// `backoffMinimumMs` up to `backoffMaximumMs`.
-public struct RestartPolicy: Sendable, Equatable {
+public struct RestartPolicy: Sendable, Equatable, Codable {
     public var backoffMinimumMs: Int
     public var backoffMaximumMs: Int
     /// A worker that lived this long resets the back-off.

@@ -6,7 +6,7 @@ import TOMLKit
 
 /// A configuration that cannot be used: names the file, the key (`service[1].workers`)
 /// or the line and column (TOML syntax), and what is wrong.
-public struct ConfigurationError: Error, CustomStringConvertible, Equatable, Sendable {
+public struct ConfigurationError: Error, CustomStringConvertible, Equatable, Sendable, Codable {
     public var file: String
     public var key: String?
     public var line: Int?

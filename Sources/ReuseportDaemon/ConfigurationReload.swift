@@ -14,7 +14,7 @@ struct ConfigurationReload {
         guard !supervisor.stopping else { return .failure("the daemon is stopping") }
         let next: DaemonConfiguration
         do {
-            next = try Daemon.loadConfiguration(path: configPath)
+            next = try ConfigurationCheck.load(path: configPath, executable: supervisor.executable)
         } catch {
             return .failure("the configuration is invalid, nothing changed: \(error)")
         }

@@ -183,3 +183,20 @@ public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { "\(transport)://\(address)" }
 }
+
+/// As its text, `udp://127.0.0.1:5300`.
+extension Endpoint: Codable {
+    public init(from decoder: Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        do {
+            try self.init(parsing: text)
+        } catch {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: "\(error)"))
+        }
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
+    }
+}

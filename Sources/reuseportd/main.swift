@@ -24,7 +24,7 @@ struct Reuseportd: ParsableCommand {
             workers. SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully. \
             See docs/configuration.md and docs/operations.md.
             """,
-        subcommands: [Run.self, Worker.self, ExecWorker.self],
+        subcommands: [Run.self, Worker.self, ExecWorker.self, CheckConfig.self],
         defaultSubcommand: Run.self
     )
 }
@@ -154,6 +154,26 @@ extension Reuseportd {
                 printError("reuseportd exec-worker: \(error)")
                 throw ExitCode(127)
             }
+        }
+    }
+}
+
+extension Reuseportd {
+    /// How the daemon reads its file on reload (see ConfigurationCheck.swift). Not for people.
+    struct CheckConfig: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "check-config",
+            abstract: "Internal: parse and check the configuration, write it as JSON (0: valid, 2: invalid).",
+            shouldDisplay: false)
+
+        @Option(help: "The TOML configuration file (default: the built-in demo).")
+        var config: String?
+
+        func run() throws {
+            let (json, valid) = ConfigurationCheck.outcome(path: config)
+            let written = json.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+            guard written == json.count else { throw ExitCode(1) }
+            if !valid { throw ExitCode(2) }
         }
     }
 }
