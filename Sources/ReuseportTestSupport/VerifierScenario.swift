@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CReuseportABI
 import CReuseportTestPrograms
 import ReuseportKit
 
@@ -31,6 +32,11 @@ public enum VerifierScenario {
                     "\(RP_PROG_DISPATCH): the verifier processed \(processed) instructions, over the budget of "
                         + "\(dispatchBudget)")
         return processed
+    }
+
+    /// What the verifier says of each program of bpf/baseline.bpf.c (the benchmarks' references).
+    public static func baselineReports() throws -> [String: VerifierReport] {
+        try VerifierReport.verify(object: rp_baseline_object(), count: rp_baseline_object_size(), name: "baseline.bpf.o")
     }
 
     /// Loads bpf/too_large.bpf.c, which every verifier must refuse as too large, and checks what
