@@ -70,6 +70,7 @@ public final class Daemon {
     /// itself fails (a `ReuseportError`), after killing and reaping every worker and closing
     /// everything.
     public func run() throws {
+        supervisor.prepareWorkers()
         supervisor.startAllWorkers()
         do {
             try serve()

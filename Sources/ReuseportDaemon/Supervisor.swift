@@ -7,8 +7,10 @@ import SystemPackage
 
 /// Keeps a worker on every slot of every service: starts workers, reaps them on SIGCHLD,
 /// restarts them after a back-off, fails a slot's buckets over while it is down, and stops
-/// workers (SIGTERM to the process group, SIGKILL at the stop timeout). Its deadlines are
-/// in SupervisorTimers.swift. Workers are reaped with waitpid().
+/// workers (SIGTERM to every process of the worker, SIGKILL at the stop timeout). Its
+/// deadlines are in SupervisorTimers.swift. Workers are reaped with waitpid(); whatever a
+/// worker forks is tracked with it (`WorkerProcesses`) and stopped with it, also when the
+/// worker exits by itself and leaves children behind.
 final class Supervisor {
     var configuration: DaemonConfiguration
     let pinRoot: String
@@ -18,8 +20,15 @@ final class Supervisor {
     var services: [ServiceRuntime] = []
     /// Live workers that belong to a slot.
     var workers: [pid_t: (service: ServiceRuntime, slot: SlotRecord)] = [:]
-    /// Workers being stopped (restarted, scaled away, or at shutdown): pid → SIGKILL deadline.
+    /// Workers being stopped (restarted, scaled away, at shutdown, or exited with processes
+    /// left behind), by the worker's pid → SIGKILL deadline. One leaves this list when the
+    /// worker and every process it started are gone.
     var retiring: [pid_t: Int64] = [:]
+    /// The processes of every worker start not yet entirely gone, by the worker's pid.
+    private(set) var processes: [pid_t: WorkerProcesses] = [:]
+    /// Where each worker start gets a cgroup (nil: process groups only). Set by `prepareWorkers`.
+    private(set) var cgroups: WorkerCgroups?
+    private var workerStarts = 0
     /// The workers' output pipes, by their read end.
     private(set) var outputs: [FileDescriptor: WorkerOutput] = [:]
     private(set) var stopping = false
@@ -55,6 +64,17 @@ final class Supervisor {
         return service
     }
 
+    /// Before the first worker: become the reaper of workers' orphans, and make the workers'
+    /// cgroup folder where cgroup v2 allows it.
+    func prepareWorkers() {
+        do {
+            try Syscall.becomeChildSubreaper()
+        } catch {
+            logger.warning("cannot become the reaper of workers' orphans: \(error)")
+        }
+        cgroups = WorkerCgroups.make(logger: logger)
+    }
+
     func startWorkers(of service: ServiceRuntime) {
         for slot in service.slots { startWorker(service, slot, now: MonotonicClock.nanoseconds()) }
     }
@@ -82,6 +102,7 @@ final class Supervisor {
         if drainingOutput { for output in outputs.values { _ = output.readAvailable() } }
         for service in services { service.close() }
         services.removeAll()
+        cgroups?.remove()
     }
 
     // MARK: workers
@@ -90,11 +111,14 @@ final class Supervisor {
         var logger = service.logger
         logger[metadataKey: "slot"] = "\(slot.index)"
         slot.nextStartAt = nil
+        var cgroup: String?
         do {
+            workerStarts += 1
+            cgroup = try cgroups?.make(service: service.name, slot: slot.index, sequence: workerStarts)
             // The write end closes when this scope ends: the worker holds the only copy.
             let (output, writeEnd) = try WorkerOutput.pipe(logger: logger)
             let spawn = WorkerSpawn(executable: executable,
-                                    arguments: workerArguments(service.configuration),
+                                    arguments: workerArguments(service.configuration, cgroup: cgroup),
                                     environment: workerEnvironment(service, slot),
                                     sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
                                     output: writeEnd.fd)
@@ -102,6 +126,7 @@ final class Supervisor {
             output.logger[metadataKey: "pid"] = "\(pid)"
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)
+            processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup)
             if slot.everStarted { slot.restarts &+= 1 }
             slot.everStarted = true
             slot.pid = pid
@@ -109,13 +134,15 @@ final class Supervisor {
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
         } catch {
+            if let cgroup { _ = try? Syscall.removeDirectory(cgroup) }
             logger.error("cannot start a worker: \(error)")
             scheduleRestart(service, slot, now: now, livedNs: 0)
         }
     }
 
-    func workerArguments(_ service: ServiceConfiguration) -> [String] {
+    func workerArguments(_ service: ServiceConfiguration, cgroup: String? = nil) -> [String] {
         var arguments = ["reuseportd", "exec-worker", "--parent", String(getpid())]
+        if let cgroup { arguments += ["--cgroup", cgroup] }
         if let user = service.user { arguments += ["--user", user] }
         if let group = service.group { arguments += ["--group", group] }
         switch service.program {
@@ -147,8 +174,10 @@ final class Supervisor {
 
     func reapWorkers() {
         let now = MonotonicClock.nanoseconds()
+        // Every child, including orphans of workers re-parented to the daemon (their pids are
+        // not workers': they are reaped and otherwise ignored).
         while let (pid, status) = try? Syscall.wait(block: false) {
-            if retiring.removeValue(forKey: pid) != nil { continue }
+            processes[pid]?.leaderDidExit()
             guard let (service, slot) = workers.removeValue(forKey: pid) else { continue }
             let lived = now - (slot.startedAt ?? now)
             slot.pid = nil
@@ -156,7 +185,23 @@ final class Supervisor {
             var logger = service.logger
             logger[metadataKey: "slot"] = "\(slot.index)"
             logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
+            if let left = processes[pid], !left.isEmpty {
+                // They hold the slot's socket and would read beside the replacement: stop them.
+                let stopMs = configuration.stopTimeoutMs
+                logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
+                left.signalAll(SIGTERM)
+                retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+            }
             scheduleRestart(service, slot, now: now, livedNs: lived)
+        }
+        forgetFinishedWorkers()
+    }
+
+    /// Drops every worker start whose worker has exited and whose processes are all gone.
+    func forgetFinishedWorkers() {
+        for (pid, left) in processes where left.leaderExited && left.release() {
+            processes.removeValue(forKey: pid)
+            retiring.removeValue(forKey: pid)
         }
     }
 
@@ -176,19 +221,20 @@ final class Supervisor {
         }
     }
 
-    /// Sends SIGTERM to a worker's process group; SIGKILL follows at the stop timeout.
+    /// Sends SIGTERM to every process of a worker; SIGKILL follows at the stop timeout.
     func retire(_ pid: pid_t, now: Int64) {
         workers.removeValue(forKey: pid)
         retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
-        Supervisor.signal(pid, SIGTERM)
+        signal(pid, SIGTERM)
     }
 
-    static func signal(_ pid: pid_t, _ signal: Int32) {
-        // The worker leads its own process group: its children go too.
-        do {
-            try Syscall.kill(-pid, signal)
-        } catch {
-            try? Syscall.kill(pid, signal)
+    /// Sends `signal` to every process of the worker `pid`.
+    func signal(_ pid: pid_t, _ signal: Int32) {
+        if let tracked = processes[pid] {
+            tracked.signalAll(signal)
+        } else {
+            // The worker leads its own process group: its children go too.
+            try? Syscall.kill(-pid, signal)
         }
     }
 
@@ -244,11 +290,12 @@ final class Supervisor {
     /// service. Nothing is left running.
     func killAllAndClose() {
         stopping = true
-        let pids = Array(workers.keys) + Array(retiring.keys)
-        for pid in pids { Supervisor.signal(pid, SIGKILL) }
-        for pid in pids { _ = try? Syscall.wait(pid, block: true) }
+        for pid in Set(workers.keys).union(retiring.keys).union(processes.keys) { signal(pid, SIGKILL) }
+        // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
+        while (try? Syscall.wait(block: true)) != nil {}
         workers.removeAll()
         retiring.removeAll()
+        processes.removeAll()
         closeServices(drainingOutput: true)
     }
 }

@@ -66,7 +66,7 @@ extension Supervisor {
                 failOver(service, slot)
             case .kill(let pid):
                 logger.warning("worker pid \(pid) did not stop in time: SIGKILL")
-                Supervisor.signal(pid, SIGKILL)
+                signal(pid, SIGKILL)
                 retiring[pid] = Int64.max
             }
         }
