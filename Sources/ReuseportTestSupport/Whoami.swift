@@ -46,21 +46,16 @@ public enum Whoami {
             let missing = replies.indices.filter { replies[$0] == nil }
             if missing.isEmpty { break }
             for index in missing { try clients[index].send(payload(index), to: destination) }
-            var fds = missing.map { pollfd(fd: clients[$0].fd, events: Int16(POLLIN), revents: 0) }
             let deadline = nowMs() + Double(timeoutMs)
-            var pending = missing.count
-            while pending > 0 && nowMs() < deadline {
-                if poll(&fds, nfds_t(fds.count), 100) <= 0 { continue }
-                for (position, index) in missing.enumerated() where fds[position].revents & Int16(POLLIN) != 0 {
-                    fds[position].revents = 0
+            var pending = missing
+            while !pending.isEmpty && nowMs() < deadline {
+                let ready = try Syscall.poll(pending.map { clients[$0].descriptor.fd }, timeoutMs: 100)
+                for index in pending where ready.contains(clients[index].descriptor.fd) {
                     while let bytes = try clients[index].receive(timeoutMs: 0) {
-                        if replies[index] == nil, let reply = WhoamiReply(bytes) {
-                            replies[index] = reply
-                            pending -= 1
-                            fds[position].events = 0
-                        }
+                        if replies[index] == nil, let reply = WhoamiReply(bytes) { replies[index] = reply }
                     }
                 }
+                pending.removeAll { replies[$0] != nil }
             }
         }
         return replies

@@ -108,7 +108,7 @@ enum ProgramChecks {
         ]
         let fd = bpf_prog_load(BPF_PROG_TYPE_SK_REUSEPORT, "rp_probe", "GPL", instructions, instructions.count, nil)
         if fd < 0 { return errno }
-        close(fd)
+        Syscall.close(fd)
         return 0
     }
 }
