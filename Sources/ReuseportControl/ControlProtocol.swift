@@ -69,15 +69,23 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     /// (its buckets pointed at live slots after being down for `failover_after_ms`).
     /// Optional so that older daemons' answers still decode.
     public var failovers: Int?
+    /// Workers started at once instead of after their back-off because a signal killed the
+    /// last one running (every other slot was down). Optional: older daemons do not send it.
+    public var rescueStarts: Int?
+    /// Datagrams still queued at removed slots' sockets (scale-down) that no worker read: the
+    /// worker died, or did not read them within `stop_timeout_ms`. Optional, as above.
+    public var removedSlotDrops: Int?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
-                failovers: Int? = nil) {
+                failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil) {
         self.name = name
         self.listeners = listeners
         self.workers = workers
         self.pinDirectory = pinDirectory
         self.slots = slots
         self.failovers = failovers
+        self.rescueStarts = rescueStarts
+        self.removedSlotDrops = removedSlotDrops
     }
 }
 

@@ -69,7 +69,8 @@ extension Supervisor {
                     SlotStatus(slot: $0.index, pid: $0.pid, state: $0.state.description, restarts: Int($0.restarts),
                                buckets: buckets[$0.index] ?? 0)
                 },
-                failovers: service.failovers)
+                failovers: service.failovers, rescueStarts: service.rescueStarts,
+                removedSlotDrops: service.removedSlotDrops)
         }
     }
 }

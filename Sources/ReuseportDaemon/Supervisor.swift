@@ -29,6 +29,8 @@ final class Supervisor {
     /// Where each worker start gets a cgroup (nil: process groups only). Set by `prepareWorkers`.
     private(set) var cgroups: WorkerCgroups?
     private var workerStarts = 0
+    /// Workers of removed slots still reading what was queued at their sockets (scale-down).
+    var draining: [pid_t: SlotDrain] = [:]
     /// The workers' output pipes, by their read end.
     private(set) var outputs: [FileDescriptor: WorkerOutput] = [:]
     private(set) var stopping = false
@@ -41,7 +43,7 @@ final class Supervisor {
     }
 
     /// Stopping, and every worker has exited.
-    var isStopped: Bool { stopping && workers.isEmpty && retiring.isEmpty }
+    var isStopped: Bool { stopping && workers.isEmpty && retiring.isEmpty && draining.isEmpty }
 
     // MARK: services
 
@@ -87,6 +89,7 @@ final class Supervisor {
 
     /// Stops a service's workers (in the background) and closes its sockets and pins now.
     func stopService(_ service: ServiceRuntime, now: Int64) {
+        for (pid, drain) in draining where drain.service === service { endDrain(pid, now: now, counting: false) }
         for slot in service.slots {
             if let pid = slot.pid { retire(pid, now: now) }
             slot.pid = nil
@@ -136,7 +139,7 @@ final class Supervisor {
         } catch {
             if let cgroup { _ = try? Syscall.removeDirectory(cgroup) }
             logger.error("cannot start a worker: \(error)")
-            scheduleRestart(service, slot, now: now, livedNs: 0)
+            scheduleRestart(service, slot, now: now, livedNs: 0, status: nil)
         }
     }
 
@@ -177,7 +180,19 @@ final class Supervisor {
         // Every child, including orphans of workers re-parented to the daemon (their pids are
         // not workers': they are reaped and otherwise ignored).
         while let (pid, status) = try? Syscall.wait(block: false) {
-            processes[pid]?.leaderDidExit()
+            guard let exited = processes[pid] else { continue }
+            exited.leaderDidExit()
+            if retiring[pid] == nil, !exited.isEmpty {
+                // They hold the slot's socket and would read beside the replacement: stop them.
+                let stopMs = configuration.stopTimeoutMs
+                logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
+                exited.signalAll(SIGTERM)
+                retiring[pid] = now + stopMs.msAsNs
+            }
+            if draining[pid] != nil {
+                endDrain(pid, now: now, counting: true, reason: "its worker \(status.sentence)", exited: true)
+                continue
+            }
             guard let (service, slot) = workers.removeValue(forKey: pid) else { continue }
             let lived = now - (slot.startedAt ?? now)
             slot.pid = nil
@@ -185,14 +200,7 @@ final class Supervisor {
             var logger = service.logger
             logger[metadataKey: "slot"] = "\(slot.index)"
             logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
-            if let left = processes[pid], !left.isEmpty {
-                // They hold the slot's socket and would read beside the replacement: stop them.
-                let stopMs = configuration.stopTimeoutMs
-                logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
-                left.signalAll(SIGTERM)
-                retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
-            }
-            scheduleRestart(service, slot, now: now, livedNs: lived)
+            scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
         }
         forgetFinishedWorkers()
     }
@@ -205,16 +213,37 @@ final class Supervisor {
         }
     }
 
-    /// After an exit: start again at once after a healthy run, else after the back-off.
-    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64) {
+    /// After an exit (`status`; nil: the worker could not be spawned): start again at once after
+    /// a healthy run or after a signal killed a ready worker, else after the back-off (jittered).
+    ///
+    /// A service never has every slot in back-off while one could start: when a signal killed
+    /// this worker and no other slot has a worker, it starts at once, provided a worker of the
+    /// service became ready since the last such rescue. A program that cannot start never
+    /// becomes ready, so it still backs off; one that dies of a signal right after every start
+    /// is rescued at most once per ready worker.
+    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64,
+                         status: WaitStatus?) {
         if slot.downSince == nil { slot.downSince = now }
-        let delay: Int
-        (delay, slot.quickExits) = service.configuration.restart.afterExit(livedMs: Int(livedNs / 1_000_000),
-                                                                           quickExits: slot.quickExits)
+        var killed = false
+        if case .killed = status { killed = true }
+        var delay: Int
+        (delay, slot.quickExits) = service.configuration.restart.afterExit(
+            livedMs: Int(livedNs / 1_000_000), quickExits: slot.quickExits, killedBySignal: killed)
         if stopping { return }
+        if delay > 0, killed, !service.slots.contains(where: { $0 !== slot && $0.pid != nil }),
+           let ready = service.lastReadyAt, ready > (service.lastRescueAt ?? Int64.min)
+        {
+            service.lastRescueAt = now
+            service.rescueStarts += 1
+            service.logger.warning(
+                "slot \(slot.index): every other slot is down, starting at once instead of in \(delay) ms (rescue \(service.rescueStarts))")
+            delay = 0
+        }
         if delay == 0 {
             startWorker(service, slot, now: now)
         } else {
+            var random = SystemRandomNumberGenerator()
+            delay = RestartPolicy.jittered(delay, using: &random)
             slot.nextStartAt = now + delay.msAsNs
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .backoff)
             service.logger.info("slot \(slot.index): next start in \(delay) ms")
@@ -252,8 +281,16 @@ final class Supervisor {
         let before = service.slots.count
         let (removed, added, moved) = try service.resize(to: count)
         let now = MonotonicClock.nanoseconds()
-        for slot in removed {
-            if let pid = slot.pid { retire(pid, now: now) }
+        for (slot, sockets) in removed {
+            let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
+                                  deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
+            if let pid = slot.pid {
+                workers.removeValue(forKey: pid)
+                draining[pid] = drain
+            } else {
+                // Nobody will read what is queued there.
+                finish(drain, reason: "it had no worker")
+            }
             service.clear(slot)
         }
         for slot in added { startWorker(service, slot, now: now) }
@@ -267,6 +304,7 @@ final class Supervisor {
         logger.notice("\(reason): stopping \(workers.count) workers (SIGKILL after \(configuration.stopTimeoutMs) ms)")
         stopping = true
         let now = MonotonicClock.nanoseconds()
+        for pid in Array(draining.keys) { endDrain(pid, now: now, counting: false) }
         for (pid, worker) in workers {
             worker.slot.pid = nil
             worker.slot.nextStartAt = nil
@@ -290,12 +328,16 @@ final class Supervisor {
     /// service. Nothing is left running.
     func killAllAndClose() {
         stopping = true
-        for pid in Set(workers.keys).union(retiring.keys).union(processes.keys) { signal(pid, SIGKILL) }
+        for pid in Set(workers.keys).union(retiring.keys).union(processes.keys).union(draining.keys) {
+            signal(pid, SIGKILL)
+        }
         // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
         while (try? Syscall.wait(block: true)) != nil {}
+        for drain in draining.values { for socket in drain.sockets { socket.close() } }
         workers.removeAll()
         retiring.removeAll()
         processes.removeAll()
+        draining.removeAll()
         closeServices(drainingOutput: true)
     }
 }

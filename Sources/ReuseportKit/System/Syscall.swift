@@ -358,4 +358,28 @@ public enum Syscall {
         guard count > 0 else { return nil }
         return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
+
+    // MARK: receive queues
+
+    /// ioctl(SIOCINQ): for a UDP socket, the length of the datagram at the head of its receive
+    /// queue, 0 when the queue is empty (udp_ioctl → first_packet_length in net/ipv4/udp.c; a
+    /// queued empty datagram also reads 0). A TCP listener answers EINVAL (tcp_ioctl).
+    /// SIOCINQ is FIONREAD (linux/sockios.h); Swift sees only the latter.
+    public static func queuedBytes(_ fd: FileDescriptor) throws -> Int {
+        var count: Int32 = 0
+        try retrying("ioctl(fd \(fd.rawValue), SIOCINQ)") { ioctl(fd.rawValue, UInt(FIONREAD), &count) }
+        return Int(count)
+    }
+
+    /// recv(2) with MSG_DONTWAIT | MSG_TRUNC into no buffer: takes one datagram off the socket's
+    /// queue and discards it. False when the queue is empty (EAGAIN).
+    public static func discardDatagram(_ fd: FileDescriptor) throws -> Bool {
+        while true {
+            if recv(fd.rawValue, nil, 0, Int32(MSG_DONTWAIT | MSG_TRUNC)) >= 0 { return true }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return false }
+            throw ReuseportError.system("recv(fd \(fd.rawValue), MSG_TRUNC)", code)
+        }
+    }
 }
