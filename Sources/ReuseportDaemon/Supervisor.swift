@@ -33,6 +33,8 @@ final class Supervisor {
     var draining: [pid_t: SlotDrain] = [:]
     /// The workers' output pipes, by their read end.
     private(set) var outputs: [FileDescriptor: WorkerOutput] = [:]
+    /// Output lines not logged (rate limit), by service name and slot, since the daemon started.
+    private var outputDrops: [String: [UInt32: OutputDrops]] = [:]
     private(set) var stopping = false
 
     init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
@@ -102,7 +104,7 @@ final class Supervisor {
     /// Closes every service's sockets and removes its pins (after reading what the workers'
     /// pipes still hold, with `drainingOutput`). Workers must be gone.
     func closeServices(drainingOutput: Bool = false) {
-        if drainingOutput { for output in outputs.values { _ = output.readAvailable() } }
+        if drainingOutput { for output in outputs.values { output.drain() } }
         for service in services { service.close() }
         services.removeAll()
         cgroups?.remove()
@@ -110,7 +112,9 @@ final class Supervisor {
 
     // MARK: workers
 
-    func startWorker(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
+    /// Returns why the worker could not start (it is then retried after the back-off), nil when it did.
+    @discardableResult
+    func startWorker(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) -> Error? {
         var logger = service.logger
         logger[metadataKey: "slot"] = "\(slot.index)"
         slot.nextStartAt = nil
@@ -119,7 +123,7 @@ final class Supervisor {
             workerStarts += 1
             cgroup = try cgroups?.make(service: service.name, slot: slot.index, sequence: workerStarts)
             // The write end closes when this scope ends: the worker holds the only copy.
-            let (output, writeEnd) = try WorkerOutput.pipe(logger: logger)
+            let (output, writeEnd) = try WorkerOutput.pipe(logger: logger, drops: drops(of: service, slot))
             let spawn = WorkerSpawn(executable: executable,
                                     arguments: workerArguments(service.configuration, cgroup: cgroup),
                                     environment: workerEnvironment(service, slot),
@@ -136,11 +140,21 @@ final class Supervisor {
             slot.startedAt = now
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
+            return nil
         } catch {
             if let cgroup { _ = try? Syscall.removeDirectory(cgroup) }
             logger.error("cannot start a worker: \(error)")
             scheduleRestart(service, slot, now: now, livedNs: 0, status: nil)
+            return error
         }
+    }
+
+    /// The drop counts of a slot's workers' output.
+    func drops(of service: ServiceRuntime, _ slot: SlotRecord) -> OutputDrops {
+        if let drops = outputDrops[service.name]?[slot.index] { return drops }
+        let drops = OutputDrops()
+        outputDrops[service.name, default: [:]][slot.index] = drops
+        return drops
     }
 
     func workerArguments(_ service: ServiceConfiguration, cgroup: String? = nil) -> [String] {
@@ -170,9 +184,19 @@ final class Supervisor {
         return environment
     }
 
-    /// Reads a worker's pipe; forgets it at end of file.
-    func readOutput(_ fd: FileDescriptor) {
-        if let output = outputs[fd], !output.readAvailable() { outputs.removeValue(forKey: fd) }
+    /// Reads one chunk of a worker's pipe; forgets it at end of file.
+    func readOutput(_ fd: FileDescriptor, now: Int64) {
+        if let output = outputs[fd], !output.readChunk(now: now) { outputs.removeValue(forKey: fd) }
+    }
+
+    /// The pipes to poll now: not those that have read their share of this second.
+    func polledOutputs(now: Int64) -> [FileDescriptor] {
+        outputs.filter { $0.value.pausedUntil(now: now) == nil }.map(\.key)
+    }
+
+    /// When the first paused pipe is polled again.
+    func nextOutputResume(now: Int64) -> Int64? {
+        outputs.values.compactMap { $0.pausedUntil(now: now) }.min()
     }
 
     func reapWorkers() {
@@ -269,15 +293,26 @@ final class Supervisor {
 
     /// Starts a new worker on the slot at once and stops the old one: for a moment both
     /// read the same socket, so no datagram waits for the restart.
-    func restart(_ service: ServiceRuntime, _ slot: SlotRecord) {
+    /// Returns why the new worker could not start, nil when it did.
+    @discardableResult
+    func restart(_ service: ServiceRuntime, _ slot: SlotRecord) -> Error? {
         let now = MonotonicClock.nanoseconds()
         if let pid = slot.pid { retire(pid, now: now) }
         slot.pid = nil
         slot.quickExits = 0
-        startWorker(service, slot, now: now)
+        return startWorker(service, slot, now: now)
     }
 
+    /// Returns the buckets moved.
     func scale(_ service: ServiceRuntime, to count: Int) throws -> Int {
+        try scaleReportingStarts(service, to: count).moved
+    }
+
+    /// Scales; returns the buckets moved and the added slots whose worker could not start, with
+    /// why (they are retried after the back-off).
+    func scaleReportingStarts(_ service: ServiceRuntime, to count: Int) throws
+        -> (moved: Int, failures: [(slot: UInt32, error: Error)])
+    {
         let before = service.slots.count
         let (removed, added, moved) = try service.resize(to: count)
         let now = MonotonicClock.nanoseconds()
@@ -293,9 +328,12 @@ final class Supervisor {
             }
             service.clear(slot)
         }
-        for slot in added { startWorker(service, slot, now: now) }
+        var failures: [(slot: UInt32, error: Error)] = []
+        for slot in added {
+            if let error = startWorker(service, slot, now: now) { failures.append((slot.index, error)) }
+        }
         service.logger.notice("workers \(before) → \(count): \(moved) of \(service.configuration.bucketCount) buckets moved")
-        return moved
+        return (moved, failures)
     }
 
     // MARK: stop

@@ -382,4 +382,14 @@ public enum Syscall {
             throw ReuseportError.system("recv(fd \(fd.rawValue), MSG_TRUNC)", code)
         }
     }
+
+    // MARK: limits
+
+    /// The soft and hard RLIMIT_NOFILE of this process (getrlimit(2)): a new descriptor gets
+    /// EMFILE once every number below the soft limit is taken.
+    public static func openFileLimit() throws -> (soft: UInt64, hard: UInt64) {
+        var limit = rlimit()
+        try retrying("getrlimit(RLIMIT_NOFILE)") { getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
+        return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
+    }
 }
