@@ -70,3 +70,8 @@ int rpd_pidfd_open(pid_t pid)
 {
 	return (int)syscall(SYS_pidfd_open, pid, 0);
 }
+
+int rpd_set_child_subreaper(int on)
+{
+	return prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0);
+}

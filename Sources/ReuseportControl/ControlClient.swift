@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import ReuseportKit
 
 /// Why a control client got no answer. Each case names the socket and what to try.
 public enum ControlClientError: Error, CustomStringConvertible, Equatable {
@@ -68,46 +69,41 @@ public struct ControlClient: Sendable {
     }
 
     private func exchange(_ bytes: Data, tolerateEarlyClose: Bool) throws(ControlClientError) -> Data? {
-        let fd = try connect()
-        defer { close(fd) }
+        let connection = try connect()
+        defer { connection.close() }
         var offset = 0
         while offset < bytes.count {
-            let written = bytes.withUnsafeBytes { raw in
-                Glibc.send(fd, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
+            do {
+                offset += try bytes.withUnsafeBytes { raw in
+                    try Syscall.send(connection.fd, UnsafeRawBufferPointer(rebasing: raw[offset...]),
+                                     flags: Int32(MSG_NOSIGNAL))
+                }
+            } catch {
+                let code = Self.errno(of: error)
+                if tolerateEarlyClose && (code == EPIPE || code == ECONNRESET) { break }
+                throw .daemon(socket: socketPath, reason: "send: \(String(cString: strerror(code)))")
             }
-            if written < 0 {
-                if errno == EINTR { continue }
-                if tolerateEarlyClose && (errno == EPIPE || errno == ECONNRESET) { break }
-                throw .daemon(socket: socketPath, reason: "send: \(String(cString: strerror(errno)))")
-            }
-            offset += written
         }
-        let answer = try readLine(fd, tolerateReset: tolerateEarlyClose)
+        let answer = try readLine(connection, tolerateReset: tolerateEarlyClose)
         return answer.isEmpty ? nil : answer.prefix { $0 != 0x0a }
     }
 
-    /// A connected socket (the caller closes it), for a client that sends by hand.
-    public func connect() throws(ControlClientError) -> Int32 {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+    /// A connected socket, for a client that sends by hand.
+    public func connect() throws(ControlClientError) -> OwnedDescriptor {
+        let capacity = MemoryLayout.size(ofValue: sockaddr_un().sun_path)
         guard socketPath.utf8.count < capacity else {
             throw .noDaemon(socket: socketPath, reason: "the path is longer than \(capacity - 1) bytes")
         }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: socketPath.utf8)
-            raw[socketPath.utf8.count] = 0
+        let connection: OwnedDescriptor
+        do {
+            connection = try Syscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), "AF_UNIX")
+        } catch {
+            throw .noDaemon(socket: socketPath, reason: "socket: \(String(cString: strerror(Self.errno(of: error))))")
         }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { throw .noDaemon(socket: socketPath, reason: "socket: \(String(cString: strerror(errno)))") }
-        let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        if result != 0 {
-            let code = errno
-            close(fd)
+        do {
+            try Syscall.connect(connection.fd, unixPath: socketPath)
+        } catch {
+            let code = Self.errno(of: error)
             let reason: String
             switch code {
             case ENOENT: reason = "no such socket"
@@ -117,33 +113,38 @@ public struct ControlClient: Sendable {
             }
             throw .noDaemon(socket: socketPath, reason: reason)
         }
-        return fd
+        return connection
     }
 
     /// Reads until a newline or the end; empty if the daemon closed without a byte.
-    private func readLine(_ fd: Int32, tolerateReset: Bool) throws(ControlClientError) -> Data {
+    private func readLine(_ connection: OwnedDescriptor, tolerateReset: Bool) throws(ControlClientError) -> Data {
         var data = Data()
         var buffer = [UInt8](repeating: 0, count: 4096)
-        let deadline = Self.monotonicSeconds() + timeoutSeconds
+        let deadline = MonotonicClock.seconds() + timeoutSeconds
         while !data.contains(0x0a) {
-            let left = deadline - Self.monotonicSeconds()
+            let left = deadline - MonotonicClock.seconds()
             guard left > 0 else {
                 throw .timeout("the daemon at \(socketPath) did not answer within \(Int(timeoutSeconds)) s:"
                                + " it may be wedged (read-only commands such as `map dump` still work)")
             }
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&poller, 1, Int32(min(left * 1000, 1000)))
-            if ready < 0 && errno != EINTR {
-                throw .daemon(socket: socketPath, reason: "poll: \(String(cString: strerror(errno)))")
+            let ready: Bool
+            do {
+                ready = try !Syscall.poll([connection.fd], timeoutMs: Int32(min(left * 1000, 1000))).isEmpty
+            } catch {
+                throw .daemon(socket: socketPath, reason: "poll: \(String(cString: strerror(Self.errno(of: error))))")
             }
-            guard ready > 0 else { continue }
-            let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-            if count < 0 {
-                if errno == EINTR { continue }
+            // Empty also when a signal ended the wait early: the deadline is checked again.
+            guard ready else { continue }
+            let count: Int?
+            do {
+                count = try Syscall.receive(connection.fd, into: &buffer)
+            } catch {
+                let code = Self.errno(of: error)
                 // The daemon may reset a connection whose request it refused unread.
-                if tolerateReset && errno == ECONNRESET { break }
-                throw .daemon(socket: socketPath, reason: "recv: \(String(cString: strerror(errno)))")
+                if tolerateReset && code == ECONNRESET { break }
+                throw .daemon(socket: socketPath, reason: "recv: \(String(cString: strerror(code)))")
             }
+            guard let count else { continue }
             if count == 0 { break }
             data.append(contentsOf: buffer[0..<count])
             guard data.count <= ControlDefaults.maximumRequestBytes * 16 else {
@@ -153,9 +154,6 @@ public struct ControlClient: Sendable {
         return data
     }
 
-    private static func monotonicSeconds() -> Double {
-        var now = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &now)
-        return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
-    }
+    /// The errno of a system-layer error.
+    private static func errno(of error: any Error) -> Int32 { (error as? ReuseportError)?.errno ?? EIO }
 }

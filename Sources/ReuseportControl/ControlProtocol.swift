@@ -48,12 +48,17 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     /// A one-line summary of what was done ("restarted slot 2 of demo").
     public var message: String?
     public var services: [ServiceStatus]?
+    /// A `scale` or `restart` that was done but whose new worker could not start on these slots
+    /// (each is retried after the restart back-off). Absent when every worker started.
+    public var startFailures: [SlotStartFailure]?
 
-    public init(ok: Bool, error: String? = nil, message: String? = nil, services: [ServiceStatus]? = nil) {
+    public init(ok: Bool, error: String? = nil, message: String? = nil, services: [ServiceStatus]? = nil,
+                startFailures: [SlotStartFailure]? = nil) {
         self.ok = ok
         self.error = error
         self.message = message
         self.services = services
+        self.startFailures = startFailures
     }
 
     public static func failure(_ error: String) -> ControlResponse { ControlResponse(ok: false, error: error) }
@@ -69,15 +74,23 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     /// (its buckets pointed at live slots after being down for `failover_after_ms`).
     /// Optional so that older daemons' answers still decode.
     public var failovers: Int?
+    /// Workers started at once instead of after their back-off because a signal killed the
+    /// last one running (every other slot was down). Optional: older daemons do not send it.
+    public var rescueStarts: Int?
+    /// Datagrams still queued at removed slots' sockets (scale-down) that no worker read: the
+    /// worker died, or did not read them within `stop_timeout_ms`. Optional, as above.
+    public var removedSlotDrops: Int?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
-                failovers: Int? = nil) {
+                failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil) {
         self.name = name
         self.listeners = listeners
         self.workers = workers
         self.pinDirectory = pinDirectory
         self.slots = slots
         self.failovers = failovers
+        self.rescueStarts = rescueStarts
+        self.removedSlotDrops = removedSlotDrops
     }
 }
 
@@ -88,13 +101,32 @@ public struct SlotStatus: Codable, Sendable, Equatable {
     public var state: String
     public var restarts: Int
     public var buckets: Int
+    /// Lines of output of this slot's workers that the daemon did not log (more than its limit
+    /// of lines a second), and their bytes, since the daemon started. Optional so that older
+    /// daemons' answers still decode.
+    public var droppedOutputLines: Int?
+    public var droppedOutputBytes: Int?
 
-    public init(slot: UInt32, pid: Int32?, state: String, restarts: Int, buckets: Int) {
+    public init(slot: UInt32, pid: Int32?, state: String, restarts: Int, buckets: Int,
+                droppedOutputLines: Int? = nil, droppedOutputBytes: Int? = nil) {
         self.slot = slot
         self.pid = pid
         self.state = state
         self.restarts = restarts
         self.buckets = buckets
+        self.droppedOutputLines = droppedOutputLines
+        self.droppedOutputBytes = droppedOutputBytes
+    }
+}
+
+/// A slot whose new worker could not start, and why (the error of the call that failed).
+public struct SlotStartFailure: Codable, Sendable, Equatable {
+    public var slot: UInt32
+    public var error: String
+
+    public init(slot: UInt32, error: String) {
+        self.slot = slot
+        self.error = error
     }
 }
 

@@ -7,6 +7,8 @@ import SystemPackage
 /// The built-in workers: `echo` returns each datagram (TCP: the stream) unchanged;
 /// `whoami` answers each datagram (TCP: each line) with
 /// `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>`, a newline, then the payload.
+/// A UDP answer larger than a datagram can be (`largestDatagram`) echoes only the start of
+/// the payload, and its header ends with ` truncated=<bytes left out>`.
 ///
 /// Single-threaded: one poll() over the activated sockets and accepted connections.
 public struct BuiltinWorker {
@@ -84,7 +86,7 @@ public struct BuiltinWorker {
                 reply = Array(buffer[0..<count])
             case .whoami:
                 let peer = SocketAddress(storage: storage)?.description ?? "?"
-                reply = Array("\(prefix)\(peer)\n".utf8) + buffer[0..<count]
+                reply = BuiltinWorker.whoamiDatagram(header: "\(prefix)\(peer)", payload: buffer[0..<count])
             }
             // A full send buffer (EAGAIN, ENOBUFS) is waited out briefly rather than dropping the answer.
             for _ in 0..<10 {
@@ -100,6 +102,24 @@ public struct BuiltinWorker {
                 _ = poll(&entry, 1, 100)
             }
         }
+    }
+
+    /// The largest UDP payload over IPv4: 65,535 bytes of IP packet less 20 of IP header and 8 of
+    /// UDP header (IPv6 allows 65,527; the smaller serves both). sendto(2) of more fails with EMSGSIZE.
+    static let largestDatagram = 65_507
+
+    /// `header`, a newline and `payload`, cut to `largestDatagram`: then only the start of the
+    /// payload is echoed and the header says how many bytes were left out (` truncated=N`).
+    static func whoamiDatagram(header: String, payload: ArraySlice<UInt8>) -> [UInt8] {
+        if header.utf8.count + 1 + payload.count <= largestDatagram { return Array("\(header)\n".utf8) + payload }
+        // The count's own digits take room from the payload: settle it (twice is enough, as the
+        // count only grows and its digit count changes at most once).
+        var leftOut = 0
+        for _ in 0..<3 {
+            let room = largestDatagram - ("\(header) truncated=\(leftOut)\n".utf8.count)
+            leftOut = payload.count - max(0, room)
+        }
+        return Array("\(header) truncated=\(leftOut)\n".utf8) + payload.dropLast(leftOut)
     }
 
     func acceptAll(_ fd: Int32, into connections: inout [Int32: Connection]) {

@@ -88,7 +88,10 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
 ///
 /// The first restart after a healthy run is immediate (a worker killed once loses no
 /// time); each further exit within `healthyAfterMs` of its start doubles the wait, from
-/// `backoffMinimumMs` up to `backoffMaximumMs`.
+/// `backoffMinimumMs` up to `backoffMaximumMs`. A worker killed by a signal after it was
+/// ready (alive `readyAfterMs`) did start: its death is not a quick exit, it is restarted at
+/// once and the count starts over. The back-off is for a program that cannot start, not for
+/// one that something outside kills.
 public struct RestartPolicy: Sendable, Equatable, Codable {
     public var backoffMinimumMs: Int
     public var backoffMaximumMs: Int
@@ -107,9 +110,21 @@ public struct RestartPolicy: Sendable, Equatable, Codable {
 
     /// After a worker that lived `livedMs` exited, with `quickExits` quick exits before it: the
     /// wait before the next start, and the new count of quick exits in a row.
-    public func afterExit(livedMs: Int, quickExits: Int) -> (delayMs: Int, quickExits: Int) {
+    /// `killedBySignal`: the worker did not exit by itself (SIGKILL from outside, the OOM killer,
+    /// a crash).
+    public func afterExit(livedMs: Int, quickExits: Int, killedBySignal: Bool = false)
+        -> (delayMs: Int, quickExits: Int)
+    {
+        if killedBySignal && livedMs >= readyAfterMs { return (0, 0) }
         let before = livedMs >= healthyAfterMs ? 0 : quickExits
         return (delayMs(afterQuickExits: before), before + 1)
+    }
+
+    /// `delayMs` plus up to a quarter more, at random: slots that went down together (a kill
+    /// storm, a dependency that came back) do not all restart, and die, in step. Only ever
+    /// longer, so a back-off is never shorter than documented.
+    public static func jittered(_ delayMs: Int, using random: inout some RandomNumberGenerator) -> Int {
+        delayMs <= 0 ? delayMs : delayMs + Int.random(in: 0...(delayMs / 4), using: &random)
     }
 
     /// The wait before the next start, after `failures` quick exits in a row (0: none yet).

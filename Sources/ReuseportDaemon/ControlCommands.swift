@@ -25,9 +25,10 @@ struct ControlCommands {
                 return .failure("service \(service.name) has no slot \(request.slot.map(String.init) ?? "(none given)"): "
                     + "its slots are 0 to \(service.slots.count - 1)")
             }
-            supervisor.restart(service, slot)
-            return ControlResponse(ok: true, message: "restarting slot \(index) of \(service.name)",
-                                   services: supervisor.status(of: service.name))
+            let failures = supervisor.restart(service, slot).map { [SlotStartFailure(slot: index, error: "\($0)")] }
+            return ControlResponse(ok: true,
+                                   message: "restarting slot \(index) of \(service.name)" + sentence(failures ?? []),
+                                   services: supervisor.status(of: service.name), startFailures: failures)
         case .scale:
             guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
                 return .failure(unknownService(request.service))
@@ -39,13 +40,24 @@ struct ControlCommands {
                     + "\(min(SlotCount.range.upperBound, service.configuration.bucketCount)), got \(request.workers.map(String.init) ?? "none")")
             }
             do {
-                let moved = try supervisor.scale(service, to: workers)
-                return ControlResponse(ok: true, message: "scaled \(service.name) to \(workers) workers, \(moved) buckets moved",
-                                       services: supervisor.status(of: service.name))
+                let (moved, failed) = try supervisor.scaleReportingStarts(service, to: workers)
+                let failures = failed.map { SlotStartFailure(slot: $0.slot, error: "\($0.error)") }
+                return ControlResponse(ok: true,
+                                       message: "scaled \(service.name) to \(workers) workers, \(moved) buckets moved"
+                                           + sentence(failures),
+                                       services: supervisor.status(of: service.name),
+                                       startFailures: failures.isEmpty ? nil : failures)
             } catch {
                 return .failure("scaling \(service.name) to \(workers) failed: \(error)")
             }
         }
+    }
+
+    /// "; slot 24 could not start (…), retried after the back-off", or nothing when all started.
+    func sentence(_ failures: [SlotStartFailure]) -> String {
+        guard !failures.isEmpty else { return "" }
+        let list = failures.map { "slot \($0.slot) could not start (\($0.error))" }.joined(separator: "; ")
+        return "; \(list); retried after the restart back-off"
     }
 
     /// Without a service name, the only service, if there is exactly one.
@@ -68,11 +80,14 @@ extension Supervisor {
             return ServiceStatus(
                 name: service.name, listeners: service.listeners.map(\.description), workers: service.slots.count,
                 pinDirectory: service.pins.serviceDirectory,
-                slots: service.slots.map {
-                    SlotStatus(slot: $0.index, pid: $0.pid, state: $0.state.description, restarts: Int($0.restarts),
-                               buckets: buckets[$0.index] ?? 0)
+                slots: service.slots.map { slot -> SlotStatus in
+                    let drops = drops(of: service, slot)
+                    return SlotStatus(slot: slot.index, pid: slot.pid, state: slot.state.description,
+                                      restarts: Int(slot.restarts), buckets: buckets[slot.index] ?? 0,
+                                      droppedOutputLines: drops.lines, droppedOutputBytes: drops.bytes)
                 },
-                failovers: service.failovers)
+                failovers: service.failovers, rescueStarts: service.rescueStarts,
+                removedSlotDrops: service.removedSlotDrops)
         }
     }
 }

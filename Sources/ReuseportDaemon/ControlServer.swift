@@ -18,6 +18,16 @@ final class ControlServer {
     private(set) var clients: [FileDescriptor: Client] = [:]
     let logger: Logger
     static let requestTimeoutNs: Int64 = 5_000_000_000
+    /// The most clients accepted in one loop round.
+    static let acceptsPerRound = 16
+    /// While accept4 fails for want of descriptors or memory, the listening socket stays
+    /// readable (the connection waits in the backlog), so poll() would return at once again
+    /// and again: the socket is left out of poll() for this long instead.
+    static let acceptRetryNs: Int64 = 250_000_000
+    /// Until when the listening socket is not polled (accept4 ran out of descriptors).
+    private var acceptPausedUntil: Int64?
+    /// Since when accept4 has been failing, and how often: logged once when it starts, once when it ends.
+    private var acceptFailing: (since: Int64, attempts: Int)?
 
     struct Client {
         let descriptor: OwnedDescriptor
@@ -55,10 +65,36 @@ final class ControlServer {
         return withExtendedLifetime(probe) { (try? Syscall.connect(probe.fd, unixPath: path)) != nil }
     }
 
-    /// Accepts waiting clients. Those of other users are answered with a refusal once their
-    /// request is read (answering before it would race with their write).
+    /// Whether the listening socket is to be polled at `now`.
+    func isAccepting(now: Int64) -> Bool { acceptPausedUntil.map { $0 <= now } ?? true }
+
+    /// When the listening socket is polled again; nil while it is (a past time is no deadline:
+    /// poll() would return at once, again and again).
+    func acceptResume(now: Int64) -> Int64? { acceptPausedUntil.flatMap { $0 > now ? $0 : nil } }
+
+    /// Accepts waiting clients (at most `acceptsPerRound`). Those of other users are answered
+    /// with a refusal once their request is read (answering before it would race with their write).
     func acceptClients(now: Int64) {
-        while let (client, _) = try? Syscall.accept(descriptor.fd) {
+        acceptPausedUntil = nil
+        for _ in 0..<ControlServer.acceptsPerRound {
+            let accepted: (descriptor: OwnedDescriptor, peer: SocketAddress?)?
+            do {
+                accepted = try Syscall.accept(descriptor.fd)
+            } catch let error as ReuseportError where [EMFILE, ENFILE, ENOBUFS, ENOMEM].contains(error.errno ?? 0) {
+                pauseAccepting(error, now: now)
+                return
+            } catch let error as ReuseportError where error.errno == ECONNABORTED {
+                continue  // that client is gone; the next may not be
+            } catch {
+                logger.warning("control: \(error)")
+                break
+            }
+            guard let (client, _) = accepted else { break }
+            if let failing = acceptFailing {
+                let after = "after \((now - failing.since) / 1_000_000) ms (\(failing.attempts) attempts failed)"
+                logger.notice("control: accepting clients again \(after)")
+                acceptFailing = nil
+            }
             guard let (pid, uid, _) = try? Syscall.peerCredentials(client.fd) else { continue }
             var state = Client(descriptor: client, deadline: now + ControlServer.requestTimeoutNs)
             if uid != 0 && uid != geteuid() {
@@ -67,6 +103,24 @@ final class ControlServer {
             }
             clients[client.fd] = state
         }
+    }
+
+    private func pauseAccepting(_ error: ReuseportError, now: Int64) {
+        acceptPausedUntil = now + ControlServer.acceptRetryNs
+        if let failing = acceptFailing {
+            acceptFailing = (failing.since, failing.attempts + 1)
+            return
+        }
+        acceptFailing = (now, 1)
+        var why = "\(error)"
+        if error.errno == EMFILE, let limit = try? Syscall.openFileLimit() {
+            why += ": the daemon holds its limit of \(limit.soft) open descriptors (RLIMIT_NOFILE, hard limit "
+                + "\(limit.hard)); raise it (ulimit -n, LimitNOFILE= in the unit) or run fewer workers"
+        } else if error.errno == ENFILE {
+            why += ": the system's limit of open files is reached (fs.file-max)"
+        }
+        let retry = "they wait in the backlog, tried again every \(ControlServer.acceptRetryNs / 1_000_000) ms"
+        logger.error("control: cannot accept clients: \(why); \(retry) (logged again when it works)")
     }
 
     /// Reads from a client; when its line is complete, answers it with `handle`.

@@ -70,6 +70,7 @@ public final class Daemon {
     /// itself fails (a `ReuseportError`), after killing and reaping every worker and closing
     /// everything.
     public func run() throws {
+        supervisor.prepareWorkers()
         supervisor.startAllWorkers()
         do {
             try serve()
@@ -89,10 +90,18 @@ public final class Daemon {
             supervisor.fireTimers(now: now)
             control?.expire(now: now)
             if supervisor.isStopped { return }
+            // Each source gets a bounded share of a round (one chunk of a worker's output, a few
+            // accepted clients), so none can keep the loop from the others; a source that has
+            // had its share for now (a chatty worker's second, a listener out of descriptors)
+            // is left out of poll() until its deadline.
             var watched = [signals.descriptor.fd]
-            if let control { watched += [control.descriptor.fd] + control.clients.keys }
-            watched += supervisor.outputs.keys
-            let deadline = [supervisor.nextDeadline(), control?.nextDeadline].compactMap { $0 }.min()
+            if let control {
+                if control.isAccepting(now: now) { watched.append(control.descriptor.fd) }
+                watched += control.clients.keys
+            }
+            watched += supervisor.polledOutputs(now: now)
+            let deadline = [supervisor.nextDeadline(), control?.nextDeadline, control?.acceptResume(now: now),
+                            supervisor.nextOutputResume(now: now)].compactMap { $0 }.min()
             let timeout = deadline.map { Int32(clamping: max(0, ($0 - now + 999_999) / 1_000_000)) } ?? -1
             for fd in try Syscall.poll(watched, timeoutMs: timeout) {
                 if fd == signals.descriptor.fd {
@@ -100,7 +109,7 @@ public final class Daemon {
                 } else if let control, fd == control.descriptor.fd {
                     control.acceptClients(now: MonotonicClock.nanoseconds())
                 } else if supervisor.outputs[fd] != nil {
-                    supervisor.readOutput(fd)
+                    supervisor.readOutput(fd, now: MonotonicClock.nanoseconds())
                 } else if let control, control.clients[fd] != nil {
                     control.read(fd) { commands.handle($0) }
                 }

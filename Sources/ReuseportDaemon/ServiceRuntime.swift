@@ -44,6 +44,16 @@ final class ServiceRuntime {
     var slots: [SlotRecord]
     /// How many times a slot of this service has been failed over.
     private(set) var failovers = 0
+    /// Datagrams that were still queued at a removed slot's socket when its drain ended (the
+    /// worker died, or `stop_timeout_ms` passed): read and discarded by the daemon, unanswered.
+    var removedSlotDrops = 0
+    /// Workers started at once instead of after their back-off, because every other slot of the
+    /// service was down (Supervisor.scheduleRestart).
+    var rescueStarts = 0
+    /// When a worker of this service last became ready: proof that its program can start.
+    var lastReadyAt: Int64?
+    /// When a rescue start last happened: each needs a worker to have become ready since.
+    var lastRescueAt: Int64?
     let logger: Logger
 
     var name: String { configuration.name }
@@ -209,10 +219,13 @@ final class ServiceRuntime {
     }
 
     /// Changes the slot count, moving the fewest buckets (a failed-over slot stays so). Returns
-    /// the removed slots (their sockets are closed here; their workers are the caller's to stop,
-    /// and then to mark empty with `clear`), the added ones and the number of buckets moved.
-    func resize(to count: Int) throws -> (removed: [SlotRecord], added: [SlotRecord], moved: Int) {
-        let moved = try plane.resize(to: count)
+    /// the removed slots with their sockets (out of the arrays, no bucket names them, still open:
+    /// the caller drains and closes them, stops their workers and marks them empty with `clear`),
+    /// the added ones and the number of buckets moved.
+    func resize(to count: Int) throws
+        -> (removed: [(slot: SlotRecord, sockets: [ReuseportSocket])], added: [SlotRecord], moved: Int)
+    {
+        let (moved, sockets) = try plane.resizeKeepingRemoved(to: count)
         let removed = slots.filter { $0.index >= UInt32(count) }
         slots.removeAll { $0.index >= UInt32(count) }
         var added: [SlotRecord] = []
@@ -223,7 +236,7 @@ final class ServiceRuntime {
         }
         for record in added { publish(record) }
         configuration.workers = count
-        return (removed, added, moved)
+        return (removed.map { ($0, sockets[$0.index] ?? []) }, added, moved)
     }
 
     /// Publishes a removed slot as empty.

@@ -7,8 +7,10 @@ import SystemPackage
 
 /// Keeps a worker on every slot of every service: starts workers, reaps them on SIGCHLD,
 /// restarts them after a back-off, fails a slot's buckets over while it is down, and stops
-/// workers (SIGTERM to the process group, SIGKILL at the stop timeout). Its deadlines are
-/// in SupervisorTimers.swift. Workers are reaped with waitpid().
+/// workers (SIGTERM to every process of the worker, SIGKILL at the stop timeout). Its
+/// deadlines are in SupervisorTimers.swift. Workers are reaped with waitpid(); whatever a
+/// worker forks is tracked with it (`WorkerProcesses`) and stopped with it, also when the
+/// worker exits by itself and leaves children behind.
 final class Supervisor {
     var configuration: DaemonConfiguration
     let pinRoot: String
@@ -18,10 +20,21 @@ final class Supervisor {
     var services: [ServiceRuntime] = []
     /// Live workers that belong to a slot.
     var workers: [pid_t: (service: ServiceRuntime, slot: SlotRecord)] = [:]
-    /// Workers being stopped (restarted, scaled away, or at shutdown): pid → SIGKILL deadline.
+    /// Workers being stopped (restarted, scaled away, at shutdown, or exited with processes
+    /// left behind), by the worker's pid → SIGKILL deadline. One leaves this list when the
+    /// worker and every process it started are gone.
     var retiring: [pid_t: Int64] = [:]
+    /// The processes of every worker start not yet entirely gone, by the worker's pid.
+    private(set) var processes: [pid_t: WorkerProcesses] = [:]
+    /// Where each worker start gets a cgroup (nil: process groups only). Set by `prepareWorkers`.
+    private(set) var cgroups: WorkerCgroups?
+    private var workerStarts = 0
+    /// Workers of removed slots still reading what was queued at their sockets (scale-down).
+    var draining: [pid_t: SlotDrain] = [:]
     /// The workers' output pipes, by their read end.
     private(set) var outputs: [FileDescriptor: WorkerOutput] = [:]
+    /// Output lines not logged (rate limit), by service name and slot, since the daemon started.
+    private var outputDrops: [String: [UInt32: OutputDrops]] = [:]
     private(set) var stopping = false
 
     init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
@@ -32,7 +45,7 @@ final class Supervisor {
     }
 
     /// Stopping, and every worker has exited.
-    var isStopped: Bool { stopping && workers.isEmpty && retiring.isEmpty }
+    var isStopped: Bool { stopping && workers.isEmpty && retiring.isEmpty && draining.isEmpty }
 
     // MARK: services
 
@@ -130,6 +143,17 @@ final class Supervisor {
         _ = try? Syscall.poll([], timeoutMs: 20)
     }
 
+    /// Before the first worker: become the reaper of workers' orphans, and make the workers'
+    /// cgroup folder where cgroup v2 allows it.
+    func prepareWorkers() {
+        do {
+            try Syscall.becomeChildSubreaper()
+        } catch {
+            logger.warning("cannot become the reaper of workers' orphans: \(error)")
+        }
+        cgroups = WorkerCgroups.make(logger: logger)
+    }
+
     func startWorkers(of service: ServiceRuntime) {
         for slot in service.slots { startWorker(service, slot, now: MonotonicClock.nanoseconds()) }
     }
@@ -142,6 +166,7 @@ final class Supervisor {
 
     /// Stops a service's workers (in the background) and closes its sockets and pins now.
     func stopService(_ service: ServiceRuntime, now: Int64) {
+        for (pid, drain) in draining where drain.service === service { endDrain(pid, now: now, counting: false) }
         for slot in service.slots {
             if let pid = slot.pid { retire(pid, now: now) }
             slot.pid = nil
@@ -154,22 +179,28 @@ final class Supervisor {
     /// Closes every service's sockets and removes its pins (after reading what the workers'
     /// pipes still hold, with `drainingOutput`). Workers must be gone.
     func closeServices(drainingOutput: Bool = false) {
-        if drainingOutput { for output in outputs.values { _ = output.readAvailable() } }
+        if drainingOutput { for output in outputs.values { output.drain() } }
         for service in services { service.close() }
         services.removeAll()
+        cgroups?.remove()
     }
 
     // MARK: workers
 
-    func startWorker(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
+    /// Returns why the worker could not start (it is then retried after the back-off), nil when it did.
+    @discardableResult
+    func startWorker(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) -> Error? {
         var logger = service.logger
         logger[metadataKey: "slot"] = "\(slot.index)"
         slot.nextStartAt = nil
+        var cgroup: String?
         do {
+            workerStarts += 1
+            cgroup = try cgroups?.make(service: service.name, slot: slot.index, sequence: workerStarts)
             // The write end closes when this scope ends: the worker holds the only copy.
-            let (output, writeEnd) = try WorkerOutput.pipe(logger: logger)
+            let (output, writeEnd) = try WorkerOutput.pipe(logger: logger, drops: drops(of: service, slot))
             let spawn = WorkerSpawn(executable: executable,
-                                    arguments: workerArguments(service.configuration),
+                                    arguments: workerArguments(service.configuration, cgroup: cgroup),
                                     environment: workerEnvironment(service, slot),
                                     sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
                                     output: writeEnd.fd)
@@ -177,20 +208,33 @@ final class Supervisor {
             output.logger[metadataKey: "pid"] = "\(pid)"
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)
+            processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup)
             if slot.everStarted { slot.restarts &+= 1 }
             slot.everStarted = true
             slot.pid = pid
             slot.startedAt = now
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
+            return nil
         } catch {
+            if let cgroup { _ = try? Syscall.removeDirectory(cgroup) }
             logger.error("cannot start a worker: \(error)")
-            scheduleRestart(service, slot, now: now, livedNs: 0)
+            scheduleRestart(service, slot, now: now, livedNs: 0, status: nil)
+            return error
         }
     }
 
-    func workerArguments(_ service: ServiceConfiguration) -> [String] {
+    /// The drop counts of a slot's workers' output.
+    func drops(of service: ServiceRuntime, _ slot: SlotRecord) -> OutputDrops {
+        if let drops = outputDrops[service.name]?[slot.index] { return drops }
+        let drops = OutputDrops()
+        outputDrops[service.name, default: [:]][slot.index] = drops
+        return drops
+    }
+
+    func workerArguments(_ service: ServiceConfiguration, cgroup: String? = nil) -> [String] {
         var arguments = ["reuseportd", "exec-worker", "--parent", String(getpid())]
+        if let cgroup { arguments += ["--cgroup", cgroup] }
         if let user = service.user { arguments += ["--user", user] }
         if let group = service.group { arguments += ["--group", group] }
         switch service.program {
@@ -215,15 +259,39 @@ final class Supervisor {
         return environment
     }
 
-    /// Reads a worker's pipe; forgets it at end of file.
-    func readOutput(_ fd: FileDescriptor) {
-        if let output = outputs[fd], !output.readAvailable() { outputs.removeValue(forKey: fd) }
+    /// Reads one chunk of a worker's pipe; forgets it at end of file.
+    func readOutput(_ fd: FileDescriptor, now: Int64) {
+        if let output = outputs[fd], !output.readChunk(now: now) { outputs.removeValue(forKey: fd) }
+    }
+
+    /// The pipes to poll now: not those that have read their share of this second.
+    func polledOutputs(now: Int64) -> [FileDescriptor] {
+        outputs.filter { $0.value.pausedUntil(now: now) == nil }.map(\.key)
+    }
+
+    /// When the first paused pipe is polled again.
+    func nextOutputResume(now: Int64) -> Int64? {
+        outputs.values.compactMap { $0.pausedUntil(now: now) }.min()
     }
 
     func reapWorkers() {
         let now = MonotonicClock.nanoseconds()
+        // Every child, including orphans of workers re-parented to the daemon (their pids are
+        // not workers': they are reaped and otherwise ignored).
         while let (pid, status) = try? Syscall.wait(block: false) {
-            if retiring.removeValue(forKey: pid) != nil { continue }
+            guard let exited = processes[pid] else { continue }
+            exited.leaderDidExit()
+            if retiring[pid] == nil, !exited.isEmpty {
+                // They hold the slot's socket and would read beside the replacement: stop them.
+                let stopMs = configuration.stopTimeoutMs
+                logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
+                exited.signalAll(SIGTERM)
+                retiring[pid] = now + stopMs.msAsNs
+            }
+            if draining[pid] != nil {
+                endDrain(pid, now: now, counting: true, reason: "its worker \(status.sentence)", exited: true)
+                continue
+            }
             guard let (service, slot) = workers.removeValue(forKey: pid) else { continue }
             let lived = now - (slot.startedAt ?? now)
             slot.pid = nil
@@ -231,63 +299,116 @@ final class Supervisor {
             var logger = service.logger
             logger[metadataKey: "slot"] = "\(slot.index)"
             logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
-            scheduleRestart(service, slot, now: now, livedNs: lived)
+            scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
+        }
+        forgetFinishedWorkers()
+    }
+
+    /// Drops every worker start whose worker has exited and whose processes are all gone.
+    func forgetFinishedWorkers() {
+        for (pid, left) in processes where left.leaderExited && left.release() {
+            processes.removeValue(forKey: pid)
+            retiring.removeValue(forKey: pid)
         }
     }
 
-    /// After an exit: start again at once after a healthy run, else after the back-off.
-    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64) {
+    /// After an exit (`status`; nil: the worker could not be spawned): start again at once after
+    /// a healthy run or after a signal killed a ready worker, else after the back-off (jittered).
+    ///
+    /// A service never has every slot in back-off while one could start: when a signal killed
+    /// this worker and no other slot has a worker, it starts at once, provided a worker of the
+    /// service became ready since the last such rescue. A program that cannot start never
+    /// becomes ready, so it still backs off; one that dies of a signal right after every start
+    /// is rescued at most once per ready worker.
+    func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64,
+                         status: WaitStatus?) {
         if slot.downSince == nil { slot.downSince = now }
-        let delay: Int
-        (delay, slot.quickExits) = service.configuration.restart.afterExit(livedMs: Int(livedNs / 1_000_000),
-                                                                           quickExits: slot.quickExits)
+        var killed = false
+        if case .killed = status { killed = true }
+        var delay: Int
+        (delay, slot.quickExits) = service.configuration.restart.afterExit(
+            livedMs: Int(livedNs / 1_000_000), quickExits: slot.quickExits, killedBySignal: killed)
         if stopping { return }
+        if delay > 0, killed, !service.slots.contains(where: { $0 !== slot && $0.pid != nil }),
+           let ready = service.lastReadyAt, ready > (service.lastRescueAt ?? Int64.min)
+        {
+            service.lastRescueAt = now
+            service.rescueStarts += 1
+            service.logger.warning(
+                "slot \(slot.index): every other slot is down, starting at once instead of in \(delay) ms (rescue \(service.rescueStarts))")
+            delay = 0
+        }
         if delay == 0 {
             startWorker(service, slot, now: now)
         } else {
+            var random = SystemRandomNumberGenerator()
+            delay = RestartPolicy.jittered(delay, using: &random)
             slot.nextStartAt = now + delay.msAsNs
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .backoff)
             service.logger.info("slot \(slot.index): next start in \(delay) ms")
         }
     }
 
-    /// Sends SIGTERM to a worker's process group; SIGKILL follows at the stop timeout.
+    /// Sends SIGTERM to every process of a worker; SIGKILL follows at the stop timeout.
     func retire(_ pid: pid_t, now: Int64) {
         workers.removeValue(forKey: pid)
         retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
-        Supervisor.signal(pid, SIGTERM)
+        signal(pid, SIGTERM)
     }
 
-    static func signal(_ pid: pid_t, _ signal: Int32) {
-        // The worker leads its own process group: its children go too.
-        do {
-            try Syscall.kill(-pid, signal)
-        } catch {
-            try? Syscall.kill(pid, signal)
+    /// Sends `signal` to every process of the worker `pid`.
+    func signal(_ pid: pid_t, _ signal: Int32) {
+        if let tracked = processes[pid] {
+            tracked.signalAll(signal)
+        } else {
+            // The worker leads its own process group: its children go too.
+            try? Syscall.kill(-pid, signal)
         }
     }
 
     /// Starts a new worker on the slot at once and stops the old one: for a moment both
     /// read the same socket, so no datagram waits for the restart.
-    func restart(_ service: ServiceRuntime, _ slot: SlotRecord) {
+    /// Returns why the new worker could not start, nil when it did.
+    @discardableResult
+    func restart(_ service: ServiceRuntime, _ slot: SlotRecord) -> Error? {
         let now = MonotonicClock.nanoseconds()
         if let pid = slot.pid { retire(pid, now: now) }
         slot.pid = nil
         slot.quickExits = 0
-        startWorker(service, slot, now: now)
+        return startWorker(service, slot, now: now)
     }
 
+    /// Returns the buckets moved.
     func scale(_ service: ServiceRuntime, to count: Int) throws -> Int {
+        try scaleReportingStarts(service, to: count).moved
+    }
+
+    /// Scales; returns the buckets moved and the added slots whose worker could not start, with
+    /// why (they are retried after the back-off).
+    func scaleReportingStarts(_ service: ServiceRuntime, to count: Int) throws
+        -> (moved: Int, failures: [(slot: UInt32, error: Error)])
+    {
         let before = service.slots.count
         let (removed, added, moved) = try service.resize(to: count)
         let now = MonotonicClock.nanoseconds()
-        for slot in removed {
-            if let pid = slot.pid { retire(pid, now: now) }
+        for (slot, sockets) in removed {
+            let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
+                                  deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
+            if let pid = slot.pid {
+                workers.removeValue(forKey: pid)
+                draining[pid] = drain
+            } else {
+                // Nobody will read what is queued there.
+                finish(drain, reason: "it had no worker")
+            }
             service.clear(slot)
         }
-        for slot in added { startWorker(service, slot, now: now) }
+        var failures: [(slot: UInt32, error: Error)] = []
+        for slot in added {
+            if let error = startWorker(service, slot, now: now) { failures.append((slot.index, error)) }
+        }
         service.logger.notice("workers \(before) → \(count): \(moved) of \(service.configuration.bucketCount) buckets moved")
-        return moved
+        return (moved, failures)
     }
 
     // MARK: stop
@@ -296,6 +417,7 @@ final class Supervisor {
         logger.notice("\(reason): stopping \(workers.count) workers (SIGKILL after \(configuration.stopTimeoutMs) ms)")
         stopping = true
         let now = MonotonicClock.nanoseconds()
+        for pid in Array(draining.keys) { endDrain(pid, now: now, counting: false) }
         for (pid, worker) in workers {
             worker.slot.pid = nil
             worker.slot.nextStartAt = nil
@@ -319,11 +441,16 @@ final class Supervisor {
     /// service. Nothing is left running.
     func killAllAndClose() {
         stopping = true
-        let pids = Array(workers.keys) + Array(retiring.keys)
-        for pid in pids { Supervisor.signal(pid, SIGKILL) }
-        for pid in pids { _ = try? Syscall.wait(pid, block: true) }
+        for pid in Set(workers.keys).union(retiring.keys).union(processes.keys).union(draining.keys) {
+            signal(pid, SIGKILL)
+        }
+        // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
+        while (try? Syscall.wait(block: true)) != nil {}
+        for drain in draining.values { for socket in drain.sockets { socket.close() } }
         workers.removeAll()
         retiring.removeAll()
+        processes.removeAll()
+        draining.removeAll()
         closeServices(drainingOutput: true)
     }
 }

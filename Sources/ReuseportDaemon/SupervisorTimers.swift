@@ -16,6 +16,8 @@ enum SupervisorTimer {
     case failover(ServiceRuntime, SlotRecord)
     /// A retiring worker did not stop in time: SIGKILL.
     case kill(pid_t)
+    /// A removed slot's worker is reading what was queued at its sockets: check the queues.
+    case drain(pid_t)
 }
 
 extension Supervisor {
@@ -27,7 +29,7 @@ extension Supervisor {
                 timers += [.start(service, slot), .ready(service, slot), .failover(service, slot)]
             }
         }
-        return timers + retiring.keys.map { .kill($0) }
+        return timers + retiring.keys.map { .kill($0) } + draining.keys.map { .drain($0) }
     }
 
     /// When `timer` is due, or nil while its condition does not hold.
@@ -47,6 +49,8 @@ extension Supervisor {
             // Int64.max: SIGKILL sent, waiting for SIGCHLD.
             guard let deadline = retiring[pid], deadline != Int64.max else { return nil }
             return deadline
+        case .drain(let pid):
+            return draining[pid]?.nextCheck
         }
     }
 
@@ -66,14 +70,17 @@ extension Supervisor {
                 failOver(service, slot)
             case .kill(let pid):
                 logger.warning("worker pid \(pid) did not stop in time: SIGKILL")
-                Supervisor.signal(pid, SIGKILL)
+                signal(pid, SIGKILL)
                 retiring[pid] = Int64.max
+            case .drain(let pid):
+                checkDrain(pid, now: now)
             }
         }
     }
 
     func becameReady(_ service: ServiceRuntime, _ slot: SlotRecord) {
         slot.downSince = nil
+        service.lastReadyAt = MonotonicClock.nanoseconds()
         if service.isFailedOver(slot), let restored = service.restore(slot) {
             service.logger.notice("slot \(slot.index) is healthy again: its \(restored) buckets are back")
         }

@@ -55,16 +55,28 @@ public struct WorkerExec {
     public var user: String?
     public var group: String?
     public var program: WorkerProgram
+    /// The cgroup v2 folder this worker start gets (see WorkerProcesses), joined before anything else.
+    public var cgroup: String?
 
-    public init(parent: pid_t, user: String?, group: String?, program: WorkerProgram) {
+    public init(parent: pid_t, user: String?, group: String?, program: WorkerProgram, cgroup: String? = nil) {
         self.parent = parent
         self.user = user
         self.group = group
         self.program = program
+        self.cgroup = cgroup
     }
 
     /// Becomes the worker; returns only by throwing (`WorkerError`, or `ReuseportError` for a failed call).
     public func run() throws -> Never {
+        // Still root: join the worker's cgroup, so that everything the program forks is in it.
+        // Not fatal: the process group still tracks what does not call setsid().
+        if let cgroup {
+            do {
+                try Syscall.writeFile("\(cgroup)/cgroup.procs", Array(String(getpid()).utf8))
+            } catch {
+                _ = try? FileDescriptor.standardError.writeAll(Array("reuseportd exec-worker: cannot join \(cgroup): \(error)\n".utf8))
+            }
+        }
         switch UserIdentity.resolve(user: user, group: group).flatMap({ $0.apply() }) {
         case .success: break
         case .failure(let error): throw WorkerError("cannot run as user \(user ?? "-") group \(group ?? "-"): \(error)")

@@ -6,7 +6,8 @@ import Glibc
 public enum Transport: String, Sendable, Hashable, CaseIterable, Codable {
     case udp, tcp
 
-    var socketType: Int32 { self == .udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue) }
+    /// SOCK_DGRAM or SOCK_STREAM, for socket(2).
+    public var socketType: Int32 { self == .udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue) }
     /// The IP protocol number, as the BPF program sees it in `ctx->ip_protocol`.
     public var ipProtocol: UInt8 { self == .udp ? UInt8(IPPROTO_UDP) : UInt8(IPPROTO_TCP) }
 }

@@ -52,14 +52,7 @@ public final class ReuseportSocket: @unchecked Sendable {
         if endpoint.transport == .tcp {
             try Syscall.listen(descriptor.fd, backlog: backlog, "\(endpoint)")
         }
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        _ = try withUnsafeMutablePointer(to: &storage) { pointer in
-            try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
-                try Syscall.retrying("getsockname(\(endpoint))") { getsockname(fd, address, &length) }
-            }
-        }
-        self.endpoint = Endpoint(endpoint.transport, SocketAddress(storage: storage)!)
+        self.endpoint = Endpoint(endpoint.transport, try Syscall.localAddress(descriptor.fd, "\(endpoint)")!)
         self.descriptor = descriptor
     }
 

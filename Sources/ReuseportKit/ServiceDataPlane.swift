@@ -121,10 +121,18 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// Takes the slot's sockets out of the arrays and closes them. The fallback table must no
     /// longer name the slot.
     private func removeSockets(_ slot: UInt32) throws {
+        for socket in try takeSockets(slot) { socket.close() }
+    }
+
+    /// Takes the slot's sockets out of the arrays and out of this plane, open, in listener
+    /// order. The fallback table must no longer name the slot.
+    private func takeSockets(_ slot: UInt32) throws -> [ReuseportSocket] {
+        var taken: [ReuseportSocket] = []
         for listener in listeners {
             try listener.program.sockets.remove(at: slot)
-            listener.sockets.removeValue(forKey: slot)?.close()
+            if let socket = listener.sockets.removeValue(forKey: slot) { taken.append(socket) }
         }
+        return taken
     }
 
     /// Writes rp_fallback spread over `live` (moving the fewest entries), then rp_config with
@@ -169,6 +177,20 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// thrown: a socket left in an array would make the next insert at its slot fail with EBUSY.
     @discardableResult
     public func resize(to count: Int) throws -> Int {
+        let (moved, removed) = try resizeKeepingRemoved(to: count)
+        for socket in removed.values.joined() { socket.close() }
+        return moved
+    }
+
+    /// `resize(to:)`, except that the removed slots' sockets are not closed: they leave the
+    /// arrays and this plane and are handed to the caller, open, by slot (in listener order).
+    ///
+    /// This is for draining: once no bucket and no fallback entry names a removed slot, no new
+    /// datagram is steered to its socket, but what is already queued there is only read if the
+    /// socket stays open and its worker still runs. Closing the last descriptor of a UDP socket
+    /// frees its receive queue (udp_destruct_common in net/ipv4/udp.c). The
+    /// caller owns the sockets now and closes them when their queues are empty.
+    public func resizeKeepingRemoved(to count: Int) throws -> (moved: Int, removed: [UInt32: [ReuseportSocket]]) {
         _ = try SlotCount(count)
         let target = Array(0..<UInt32(count))
         let table = BucketAssignment.rebalance(buckets, to: target)
@@ -191,8 +213,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
         // No bucket names a removed slot any more: once the fallback does not either, their
         // sockets may leave (and slot_count shrinks with it).
         try spreadFallback(over: liveSlots.filter { $0 < UInt32(count) })
-        for slot in removed { try removeSockets(slot) }
-        return moved
+        var taken: [UInt32: [ReuseportSocket]] = [:]
+        for slot in removed { taken[slot] = try takeSockets(slot) }
+        return (moved, taken)
     }
 
     /// Replaces the nominal bucket table; rp_buckets gets it with the failover laid over it.

@@ -80,6 +80,6 @@ public struct VerifierReport: Sendable, Equatable {
             guard count > 0 else { return nil }
             written += count
         }
-        return String(cString: template)
+        return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }

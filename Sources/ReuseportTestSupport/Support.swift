@@ -4,83 +4,50 @@ import Glibc
 import ReuseportKit
 
 /// Real-socket helpers for tests, the kernel-feature suite and benchmarks: clients from
-/// distinct source ports, and receiving on a service's sockets with a deadline.
+/// distinct source ports, and receiving on a service's sockets with a deadline. Failed calls
+/// throw `ReuseportError.system`.
 public enum TrafficError: Error, CustomStringConvertible {
-    case system(String, Int32)
     case timeout(String)
 
     public var description: String {
         switch self {
-        case .system(let call, let code): "\(call): \(String(decoding: strerrorBytes(code), as: UTF8.self))"
         case .timeout(let what): "timed out: \(what)"
         }
     }
 }
 
-func strerrorBytes(_ code: Int32) -> [UInt8] {
-    guard let text = strerror(code) else { return [] }
-    return Array(UnsafeBufferPointer(start: text, count: strlen(text))).map { UInt8(bitPattern: $0) }
-}
-
-func check(_ result: Int32, _ call: String) throws {
-    if result < 0 { throw TrafficError.system(call, errno) }
-}
-
 /// A client socket (UDP or TCP) bound to its own source address and port.
 public final class FlowClient {
-    public let fd: Int32
+    let descriptor: OwnedDescriptor
     public let transport: Transport
-    public private(set) var local: SocketAddress
+    public let local: SocketAddress
+
+    /// The socket's number, for a test's own calls; this client owns it and closes it on release.
+    public var fd: Int32 { descriptor.fd.rawValue }
 
     /// A socket bound to `local` (port 0: the kernel picks a free source port).
     public init(_ transport: Transport, local: SocketAddress) throws {
         self.transport = transport
-        let type = transport == .udp ? Int32(SOCK_DGRAM.rawValue) : Int32(SOCK_STREAM.rawValue)
-        fd = socket(local.address.family, type | Int32(SOCK_CLOEXEC.rawValue), 0)
-        try check(fd, "socket")
-        self.local = local
-        do {
-            try local.withSockaddr { try check(bind(fd, $0, $1), "bind(\(local))") }
-            self.local = try FlowClient.localAddress(fd)
-        } catch {
-            close(fd)
-            throw error
-        }
-    }
-
-    deinit { close(fd) }
-
-    static func localAddress(_ fd: Int32) throws -> SocketAddress {
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        try withUnsafeMutablePointer(to: &storage) {
-            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { try check(getsockname(fd, $0, &length), "getsockname") }
-        }
-        return SocketAddress(storage: storage)!
+        descriptor = try Syscall.socket(local.address.family, transport.socketType, "\(transport)")
+        try Syscall.bind(descriptor.fd, local, "\(local)")
+        self.local = try Syscall.localAddress(descriptor.fd, "\(local)")!
     }
 
     /// Sends one datagram to `destination`.
     public func send(_ payload: [UInt8], to destination: SocketAddress) throws {
-        let sent = payload.withUnsafeBytes { bytes in
-            destination.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
-        }
-        if sent < 0 { throw TrafficError.system("sendto(\(destination))", errno) }
+        try payload.withUnsafeBytes { try Syscall.send(descriptor.fd, $0, to: destination) }
     }
 
     /// Connects (TCP) to `destination`.
     public func connect(to destination: SocketAddress) throws {
-        try destination.withSockaddr { try check(Glibc.connect(fd, $0, $1), "connect(\(destination))") }
+        try Syscall.connect(descriptor.fd, destination, "\(destination)")
     }
 
     /// Receives one datagram or stream chunk, waiting at most `timeoutMs`.
     public func receive(timeoutMs: Int32) throws -> [UInt8]? {
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let ready = poll(&pfd, 1, timeoutMs)
-        if ready < 0 { throw TrafficError.system("poll", errno) }
-        if ready == 0 { return nil }
+        if try Syscall.poll([descriptor.fd], timeoutMs: timeoutMs).isEmpty { return nil }
         var buffer = [UInt8](repeating: 0, count: 65536)
-        let count = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
-        if count < 0 { throw TrafficError.system("recv", errno) }
+        guard let count = try Syscall.receive(descriptor.fd, into: &buffer) else { return nil }
         return Array(buffer[0..<count])
     }
 }
@@ -103,33 +70,15 @@ public enum Traffic {
     public static func receive(from sockets: [UInt32: ReuseportSocket], expected: Int,
                                idleMs: Int32 = 1000) throws -> [Delivery] {
         let order = sockets.keys.sorted()
-        var fds = order.map { pollfd(fd: sockets[$0]!.fd.rawValue, events: Int16(POLLIN), revents: 0) }
+        let fds = order.map { sockets[$0]!.fd }
         var deliveries: [Delivery] = []
         var buffer = [UInt8](repeating: 0, count: 65536)
         while deliveries.count < expected {
-            let ready = poll(&fds, nfds_t(fds.count), idleMs)
-            if ready < 0 {
-                if errno == EINTR { continue }
-                throw TrafficError.system("poll", errno)
-            }
-            if ready == 0 { break }
-            for (index, slot) in order.enumerated() where fds[index].revents & Int16(POLLIN) != 0 {
-                while true {
-                    var storage = sockaddr_storage()
-                    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-                    let count = buffer.withUnsafeMutableBytes { bytes in
-                        withUnsafeMutablePointer(to: &storage) {
-                            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                                recvfrom(fds[index].fd, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT), $0, &length)
-                            }
-                        }
-                    }
-                    if count < 0 {
-                        if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { break }
-                        throw TrafficError.system("recvfrom", errno)
-                    }
-                    deliveries.append(Delivery(slot: slot, source: SocketAddress(storage: storage)!,
-                                               payload: Array(buffer[0..<count])))
+            let ready = try Syscall.poll(fds, timeoutMs: idleMs)
+            if ready.isEmpty { break }
+            for (index, slot) in order.enumerated() where ready.contains(fds[index]) {
+                while let (count, source) = try Syscall.receiveFrom(fds[index], into: &buffer, flags: Int32(MSG_DONTWAIT)) {
+                    deliveries.append(Delivery(slot: slot, source: source!, payload: Array(buffer[0..<count])))
                 }
             }
         }
@@ -142,18 +91,13 @@ public enum Traffic {
         -> (slot: UInt32, peer: SocketAddress)?
     {
         let order = sockets.keys.sorted()
-        var fds = order.map { pollfd(fd: sockets[$0]!.fd.rawValue, events: Int16(POLLIN), revents: 0) }
-        let ready = poll(&fds, nfds_t(fds.count), timeoutMs)
-        if ready < 0 { throw TrafficError.system("poll", errno) }
-        guard ready > 0, let index = fds.firstIndex(where: { $0.revents & Int16(POLLIN) != 0 }) else { return nil }
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let accepted = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { accept(fds[index].fd, $0, &length) }
-        }
-        try check(accepted, "accept")
-        close(accepted)
-        return (order[index], SocketAddress(storage: storage)!)
+        let fds = order.map { sockets[$0]!.fd }
+        let ready = try Syscall.poll(fds, timeoutMs: timeoutMs)
+        guard let index = fds.firstIndex(where: ready.contains),
+              let (accepted, peer) = try Syscall.accept(fds[index])
+        else { return nil }
+        accepted.close()
+        return (order[index], peer!)
     }
 
     /// Sends one datagram from each client to `destination` and returns, per client source,

@@ -13,11 +13,7 @@ public struct HarnessError: Error, CustomStringConvertible {
 }
 
 /// Monotonic milliseconds, for timing in tests.
-public func nowMs() -> Double {
-    var time = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &time)
-    return Double(time.tv_sec) * 1000 + Double(time.tv_nsec) / 1_000_000
-}
+public func nowMs() -> Double { Double(MonotonicClock.nanoseconds()) / 1_000_000 }
 
 public func sleepMs(_ ms: Int) { usleep(useconds_t(max(ms, 0) * 1000)) }
 
@@ -25,13 +21,11 @@ public func sleepMs(_ ms: Int) { usleep(useconds_t(max(ms, 0) * 1000)) }
 public func waitExit(_ pid: pid_t, timeoutMs: Int) -> Int32? {
     let deadline = nowMs() + Double(timeoutMs)
     while true {
-        var status: Int32 = 0
-        let result = waitpid(pid, &status, WNOHANG)
-        if result == pid {
-            let signal = status & 0x7f
-            return signal == 0 ? (status >> 8) & 0xff : 128 + signal
+        do {
+            if let reaped = try Syscall.wait(pid, block: false) { return reaped.status.shellStatus }
+        } catch {
+            return nil
         }
-        if result < 0 && errno != EINTR { return nil }
         if nowMs() > deadline { return nil }
         sleepMs(10)
     }
@@ -39,7 +33,7 @@ public func waitExit(_ pid: pid_t, timeoutMs: Int) -> Int32? {
 
 /// Whether a process with this pid exists (and is not a zombie of ours).
 public func processExists(_ pid: pid_t) -> Bool {
-    guard kill(pid, 0) == 0 else { return false }
+    guard (try? Syscall.kill(pid, 0)) != nil else { return false }
     let status = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
     return !status.contains(") Z ")
 }
@@ -48,12 +42,7 @@ public func processExists(_ pid: pid_t) -> Bool {
 /// test bundle, in one folder).
 public enum BuiltProducts {
     /// This program's own path (/proc/self/exe), to find its siblings or start a second instance.
-    public static let selfPath: String = {
-        var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-        let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard count > 0 else { return "/proc/self/exe" }
-        return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }()
+    public static let selfPath = Syscall.executablePath() ?? "/proc/self/exe"
 
     public static var directory: String { String(selfPath[..<(selfPath.lastIndex(of: "/") ?? selfPath.startIndex)]) }
 
@@ -147,8 +136,8 @@ public final class TestDaemon {
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
     }
 
-    /// A connected client of the control socket (closed by the caller).
-    public func connectControl() throws -> Int32 { try control.connect() }
+    /// A connected client of the control socket: the caller owns the number and closes it.
+    public func connectControl() throws -> Int32 { try control.connect().release() }
 
     /// Writes `bytes` to the control socket as they are and reads until the daemon's answer
     /// line ends or it closes. Returns what arrived (nil: closed without a byte).
@@ -198,7 +187,7 @@ public final class TestDaemon {
         }
     }
 
-    public func signal(_ signal: Int32) { kill(pid, signal) }
+    public func signal(_ signal: Int32) { try? Syscall.kill(pid, signal) }
 
     /// The exit status once the daemon has exited (reaping it): its code, or 128 + signal.
     public func checkExited() -> Int32? {
@@ -226,7 +215,7 @@ public final class TestDaemon {
     /// any pins a killed daemon could not.
     deinit {
         if checkExited() == nil {
-            kill(pid, SIGKILL)
+            signal(SIGKILL)
             _ = waitExit(pid, timeoutMs: 5000)
         }
         TestPinRoot.remove(pinRoot)

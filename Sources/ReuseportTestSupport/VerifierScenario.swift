@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CReuseportABI
 import CReuseportTestPrograms
 import ReuseportKit
 
@@ -33,6 +34,11 @@ public enum VerifierScenario {
         return processed
     }
 
+    /// What the verifier says of each program of bpf/baseline.bpf.c (the benchmarks' references).
+    public static func baselineReports() throws -> [String: VerifierReport] {
+        try VerifierReport.verify(object: rp_baseline_object(), count: rp_baseline_object_size(), name: "baseline.bpf.o")
+    }
+
     /// Loads bpf/too_large.bpf.c, which every verifier must refuse as too large, and checks what
     /// the error says: the program, the verifier's verdict naming its limit, a log file that
     /// holds it, and no hint meant for map calls. Returns the error's text.
@@ -51,7 +57,7 @@ public enum VerifierScenario {
         let text = error.description
         try require(program == RP_PROG_TEST_TOO_LARGE, "the error names program \(program)")
         try require(code == E2BIG, "errno \(code), expected E2BIG (\(E2BIG)): \(text)")
-        let log = try logPath.map(FileText.contents(of:)) ?? ""
+        let log = try logPath.map { String(decoding: try Syscall.readFile($0), as: UTF8.self) } ?? ""
         try require(verdict.contains("too large") && verdict.contains("processed 1000001 insns (limit 1000000)"),
                     "the verdict does not name the verifier's limit: \(verdict); the log: \(log)")
         try require(!text.contains("the key is beyond the map's size"), "a map hint on a program load: \(text)")
@@ -60,23 +66,5 @@ public enum VerifierScenario {
         try require(log.contains("processed 1000001 insns"), "the log file \(path) lacks the verdict: \(log)")
         unlink(path)
         return text
-    }
-}
-
-/// Reads a small text file whole.
-enum FileText {
-    static func contents(of path: String) throws -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw ScenarioFailure("open(\(path)): errno \(errno)") }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let count = Glibc.read(fd, &buffer, buffer.count)
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 { break }
-            bytes += buffer[0..<count]
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 }

@@ -4,14 +4,16 @@ import Glibc
 import ReuseportKit
 
 /// A whoami answer (reuseportd's built-in worker, `reuseportd worker whoami`):
-/// `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>\n<payload>`.
+/// `slot=<slot> pid=<pid> service=<name> peer=<addr>:<port>[ truncated=<n>]\n<payload>`.
 public struct WhoamiReply: Equatable, Sendable {
     public var slot: UInt32
     public var pid: Int32
     public var service: String
     public var peer: String
-    /// The datagram the worker answered, echoed.
+    /// The datagram the worker answered, echoed (its start only when `truncated` > 0).
     public var payload: [UInt8]
+    /// Bytes of the datagram left out of `payload` so that the answer fits one datagram; 0 when none.
+    public var truncated: Int
 
     public init?(_ received: some Collection<UInt8>) {
         let bytes = Array(received)
@@ -25,6 +27,8 @@ public struct WhoamiReply: Equatable, Sendable {
         guard let slot = fields["slot"].flatMap({ UInt32($0) }), let pid = fields["pid"].flatMap({ Int32($0) }),
               let service = fields["service"], let peer = fields["peer"]
         else { return nil }
+        guard let truncated = fields["truncated"].map({ Int($0) }) ?? 0 else { return nil }
+        self.truncated = truncated
         self.slot = slot
         self.pid = pid
         self.service = service
@@ -46,21 +50,16 @@ public enum Whoami {
             let missing = replies.indices.filter { replies[$0] == nil }
             if missing.isEmpty { break }
             for index in missing { try clients[index].send(payload(index), to: destination) }
-            var fds = missing.map { pollfd(fd: clients[$0].fd, events: Int16(POLLIN), revents: 0) }
             let deadline = nowMs() + Double(timeoutMs)
-            var pending = missing.count
-            while pending > 0 && nowMs() < deadline {
-                if poll(&fds, nfds_t(fds.count), 100) <= 0 { continue }
-                for (position, index) in missing.enumerated() where fds[position].revents & Int16(POLLIN) != 0 {
-                    fds[position].revents = 0
+            var pending = missing
+            while !pending.isEmpty && nowMs() < deadline {
+                let ready = try Syscall.poll(pending.map { clients[$0].descriptor.fd }, timeoutMs: 100)
+                for index in pending where ready.contains(clients[index].descriptor.fd) {
                     while let bytes = try clients[index].receive(timeoutMs: 0) {
-                        if replies[index] == nil, let reply = WhoamiReply(bytes) {
-                            replies[index] = reply
-                            pending -= 1
-                            fds[position].events = 0
-                        }
+                        if replies[index] == nil, let reply = WhoamiReply(bytes) { replies[index] = reply }
                     }
                 }
+                pending.removeAll { replies[$0] != nil }
             }
         }
         return replies

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ReuseportKit
 
 /// One named kernel-feature check. `run` returns the detail printed with PASS, throws
 /// `CheckFailure` (or any error) for FAIL and `CheckSkip` for SKIP.
@@ -65,23 +66,11 @@ final class CheckContext: @unchecked Sendable {
 /// check crashes or the VM powers off.
 enum Output {
     static func line(_ text: String) {
-        write(1, text + "\n")
+        try? Array((text + "\n").utf8).withUnsafeBytes { try Syscall.writeAll(.standardOutput, $0, "write(stdout)") }
     }
 
     static func error(_ text: String) {
-        write(2, text + "\n")
-    }
-
-    private static func write(_ fd: Int32, _ text: String) {
-        var bytes = Array(text.utf8)
-        var offset = 0
-        while offset < bytes.count {
-            let count = bytes.withUnsafeMutableBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if count < 0 && errno == EINTR { continue }
-            if count <= 0 { return }
-            offset += count
-        }
-        bytes.removeAll()
+        try? Array((text + "\n").utf8).withUnsafeBytes { try Syscall.writeAll(.standardError, $0, "write(stderr)") }
     }
 }
 

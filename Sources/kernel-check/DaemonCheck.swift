@@ -76,7 +76,7 @@ enum DaemonCheck {
         // Kill slot 1's worker and ask again at once: the datagrams wait in slot 1's socket
         // for the replacement.
         let victim: UInt32 = 1
-        kill(pid_t(before[victim]!), SIGKILL)
+        try? Syscall.kill(pid_t(before[victim]!), SIGKILL)
         let killedAt = MonotonicClock.milliseconds()
         let second = try ask(clients, destination, round: 2, timeoutMs: waitMs)
         let restartMs = MonotonicClock.milliseconds() - killedAt

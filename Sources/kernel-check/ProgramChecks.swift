@@ -47,6 +47,10 @@ enum ProgramChecks {
     ) { context in
         let processed = try VerifierScenario.dispatchWithinBudget()
         context.record("verified_insns", processed)
+        // The benchmarks' reference programs, for scale (not budgeted).
+        for (program, report) in try VerifierScenario.baselineReports().sorted(by: { $0.key < $1.key }) {
+            context.record("\(program).verified_insns", report.processedInstructions.map(String.init) ?? "?")
+        }
         return "\(processed) instructions processed (budget \(VerifierScenario.dispatchBudget), kernel limit 1000000)"
     }
 
@@ -104,7 +108,7 @@ enum ProgramChecks {
         ]
         let fd = bpf_prog_load(BPF_PROG_TYPE_SK_REUSEPORT, "rp_probe", "GPL", instructions, instructions.count, nil)
         if fd < 0 { return errno }
-        close(fd)
+        Syscall.close(fd)
         return 0
     }
 }

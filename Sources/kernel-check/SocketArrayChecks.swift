@@ -32,10 +32,9 @@ enum SocketArrayChecks {
         "array-unbound-einval", "inserting an unbound UDP socket into the array fails with EINVAL"
     ) { context in
         let plane = try service(slots: 2)
-        let unbound = socket(AF_INET, Int32(SOCK_DGRAM.rawValue | SOCK_CLOEXEC.rawValue), 0)
-        guard unbound >= 0 else { throw CheckFailure(description: "socket(): \(errnoName(errno))") }
-        defer { close(unbound) }
-        return try context.expectErrno(update(plane.listeners[0].program.sockets, slot: 5, fd: unbound), EINVAL)
+        let unbound = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "udp")
+        let refused = unbound.withFD { update(plane.listeners[0].program.sockets, slot: 5, fd: $0) }
+        return try context.expectErrno(refused, EINVAL)
     }
 
     static let sameSocketTwiceIsBusy = Check(
@@ -79,11 +78,7 @@ enum SocketArrayChecks {
             snapshot.placement(of: FlowTuple(.udp, from: client.local, to: destination)).slot!
         }
         func connect(_ socket: ReuseportSocket, to peer: SocketAddress) throws {
-            try peer.withSockaddr { address, length in
-                if Glibc.connect(socket.fd.rawValue, address, length) != 0 {
-                    throw CheckFailure(description: "connect(\(peer)): \(errnoName(errno))")
-                }
-            }
+            try Syscall.connect(socket.fd, peer, "\(peer)")
         }
         func send(round: Int, to sockets: [UInt32: ReuseportSocket]) throws -> [SocketAddress: UInt32] {
             for client in clients { try client.send(Array("c\(round)".utf8), to: destination) }

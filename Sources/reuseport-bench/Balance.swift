@@ -55,7 +55,7 @@ struct BalanceBench {
 /// A tuple whose bind fails (a port someone else holds) is skipped for the next.
 func sendOnePerFlow(_ count: Int, to destination: SocketAddress, addressBlock: UInt8) throws -> Int {
     var sent = 0
-    var payload: [UInt8] = Array("balance".utf8)
+    let payload: [UInt8] = Array("balance".utf8)
     var host: UInt8 = 1
     var port: UInt16 = 20000
     while sent < count {
@@ -66,14 +66,11 @@ func sendOnePerFlow(_ count: Int, to destination: SocketAddress, addressBlock: U
             guard host < 250 else { throw BenchError("ran out of source tuples after \(sent) flows") }
             host += 1
         }
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { throw BenchError.system("socket") }
-        defer { close(fd) }
-        if source.withSockaddr({ bind(fd, $0, $1) }) != 0 { continue }
-        let result = payload.withUnsafeMutableBytes { bytes in
-            destination.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
-        }
-        if result < 0 { throw BenchError.system("sendto(\(destination)) from \(source)") }
+        let client = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "udp")
+        defer { client.close() }
+        // A source tuple another socket holds is skipped.
+        do { try Syscall.bind(client.fd, source, "\(source)") } catch { continue }
+        try payload.withUnsafeBytes { _ = try Syscall.send(client.fd, $0, to: destination) }
         sent += 1
     }
     return sent

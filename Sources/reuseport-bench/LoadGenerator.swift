@@ -37,41 +37,22 @@ final class SockaddrBuffer {
 /// port on a loopback address, unconnected (the destination is given per message, so
 /// one set of flows serves every receiver group of a run).
 final class FlowSet {
+    private let descriptors: [OwnedDescriptor]
+    /// The sockets' numbers, for the calls in CReuseportBench; valid while this set lives.
     let fds: [Int32]
     let sources: [SocketAddress]
 
     init(count: Int, address: IPAddress) throws {
-        var fds: [Int32] = []
-        var sources: [SocketAddress] = []
-        do {
-            for _ in 0..<count {
-                let fd = socket(address.family, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-                if fd < 0 { throw BenchError.system("socket") }
-                fds.append(fd)
-                let local = SocketAddress(address, 0)
-                let bound = local.withSockaddr { bind(fd, $0, $1) }
-                if bound != 0 { throw BenchError.system("bind(\(local))") }
-                sources.append(try localAddress(fd))
-            }
-        } catch {
-            for fd in fds { close(fd) }
-            throw error
+        let local = SocketAddress(address, 0)
+        // Each closed by its owner if a later one fails.
+        descriptors = try (0..<count).map { _ in
+            let descriptor = try Syscall.socket(address.family, Int32(SOCK_DGRAM.rawValue), "udp")
+            try Syscall.bind(descriptor.fd, local, "\(local)")
+            return descriptor
         }
-        self.fds = fds
-        self.sources = sources
+        sources = try descriptors.map { try Syscall.localAddress($0.fd, "\(local)")! }
+        fds = descriptors.map { $0.fd.rawValue }
     }
-
-    deinit { for fd in fds { close(fd) } }
-}
-
-func localAddress(_ fd: Int32) throws -> SocketAddress {
-    var storage = sockaddr_storage()
-    var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-    let result = withUnsafeMutablePointer(to: &storage) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-    }
-    if result != 0 { throw BenchError.system("getsockname") }
-    return SocketAddress(storage: storage)!
 }
 
 /// What one sender run did.

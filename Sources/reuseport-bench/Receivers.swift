@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CReuseportBench
+import ReuseportKit
 
 /// Worker threads that read datagrams (recvmmsg(2), 64 at a time) from a set of sockets
 /// until stopped, and count them.
@@ -30,8 +31,7 @@ final class ReceiverGroup {
         busy = .allocate(capacity: threadCount)
         busy.initialize(repeating: 0, count: threadCount)
         for fd in fds {
-            var timeout = timeval(tv_sec: 0, tv_usec: 10_000)
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+            try? Syscall.setOption(fd, SOL_SOCKET, SO_RCVTIMEO, timeval(tv_sec: 0, tv_usec: 10_000), "SO_RCVTIMEO")
         }
         for index in 0..<threadCount {
             let mine = threadCount >= fds.count

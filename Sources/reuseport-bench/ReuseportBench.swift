@@ -115,9 +115,7 @@ struct Suite: ParsableCommand {
 
 /// The folder of this executable (reuseportd is built beside it).
 func executableFolder() -> String {
-    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    let path = String(decoding: buffer[0..<max(count, 0)].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    let path = Syscall.executablePath() ?? ""
     return path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
 }
 

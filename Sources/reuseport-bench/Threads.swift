@@ -72,7 +72,6 @@ final class StopFlag: Sendable {
 /// Progress lines on standard error (the report goes to the file).
 enum Log {
     static func note(_ text: String) {
-        var line = text + "\n"
-        line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+        try? Array((text + "\n").utf8).withUnsafeBytes { try Syscall.writeAll(.standardError, $0, "write(stderr)") }
     }
 }

@@ -93,7 +93,7 @@ struct WorkerDeathBench {
                     break
                 }
                 let time = MonotonicClock.seconds()
-                kill(pid, SIGKILL)
+                try? Syscall.kill(pid, SIGKILL)
                 kills.withLock { $0.append(Kill(slot: slot, pid: pid, time: time)) }
                 if mode == .kernel {
                     do { try kernel.replace(slot: slot, dead: pid) } catch { failure = error }

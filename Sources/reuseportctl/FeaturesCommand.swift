@@ -208,9 +208,9 @@ enum KernelProbe {
 
     static func receive(_ sockets: [UInt32: ReuseportSocket]) -> UInt32? {
         let order = sockets.keys.sorted()
-        var fds = order.map { pollfd(fd: sockets[$0]!.fd.rawValue, events: Int16(POLLIN), revents: 0) }
-        guard poll(&fds, nfds_t(fds.count), 1000) > 0 else { return nil }
-        return fds.firstIndex { $0.revents & Int16(POLLIN) != 0 }.map { order[$0] }
+        let fds = order.map { sockets[$0]!.fd }
+        guard let ready = try? Syscall.poll(fds, timeoutMs: 1000) else { return nil }
+        return fds.firstIndex(where: ready.contains).map { order[$0] }
     }
 
     static func socketDrops() -> (Bool, String) {
@@ -241,44 +241,27 @@ enum KernelProbe {
     static func runStatistics() -> (Bool, String) {
         let fd = bpf_enable_stats(BPF_STATS_RUN_TIME)
         if fd < 0 { return (false, String(cString: strerror(-fd))) }
-        close(fd)
+        Syscall.close(fd)
         return (true, "enabled and disabled again")
     }
 }
 
 /// A UDP client on 127.0.0.1 with a kernel-chosen port, for the steering probe.
 final class ProbeClient {
-    let fd: Int32
+    private let descriptor: OwnedDescriptor
     let local: SocketAddress
 
     init() throws {
-        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        if fd < 0 { throw ReuseportError.system(call: "socket(udp)", errno: errno, hint: nil) }
-        let any = SocketAddress(.loopbackV4, 0)
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let bound = any.withSockaddr { bind(fd, $0, $1) }
-        let named = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-        }
-        guard bound == 0, named == 0, let local = SocketAddress(storage: storage) else {
-            let code = errno
-            Glibc.close(fd)
-            throw ReuseportError.system(call: "bind(udp://127.0.0.1:0)", errno: code, hint: nil)
-        }
-        self.fd = fd
-        self.local = local
+        descriptor = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "udp")
+        try Syscall.bind(descriptor.fd, SocketAddress(.loopbackV4, 0), "udp://127.0.0.1:0")
+        local = try Syscall.localAddress(descriptor.fd, "udp://127.0.0.1:0")!
     }
 
     func send(to destination: SocketAddress) throws {
-        let payload: [UInt8] = Array("reuseportctl features".utf8)
-        let sent = payload.withUnsafeBytes { bytes in
-            destination.withSockaddr { sendto(fd, bytes.baseAddress, bytes.count, 0, $0, $1) }
-        }
-        if sent < 0 { throw ReuseportError.system(call: "sendto(\(destination))", errno: errno, hint: nil) }
+        try Array("reuseportctl features".utf8).withUnsafeBytes { try Syscall.send(descriptor.fd, $0, to: destination) }
     }
 
-    func close() { Glibc.close(fd) }
+    func close() { descriptor.close() }
 }
 
 extension Substring {

@@ -28,10 +28,9 @@ struct SocketDiagnosis: Sendable {
 enum SocketDiagnostics {
     /// The sockets of `transports`, both families, by cookie.
     static func sockets(_ transports: Set<Transport>) throws -> [UInt64: SocketDiagnosis] {
-        let socket = Glibc.socket(AF_NETLINK, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
-                                  NETLINK_SOCK_DIAG)
-        if socket < 0 { throw ReuseportError.system(call: "socket(AF_NETLINK, NETLINK_SOCK_DIAG)", errno: errno, hint: nil) }
-        defer { close(socket) }
+        let socket = try Syscall.socket(AF_NETLINK, Int32(SOCK_DGRAM.rawValue), protocol: NETLINK_SOCK_DIAG,
+                                        "AF_NETLINK, NETLINK_SOCK_DIAG")
+        defer { socket.close() }
         var found: [UInt64: SocketDiagnosis] = [:]
         var sequence: UInt32 = 1
         for transport in Transport.allCases where transports.contains(transport) {
@@ -43,7 +42,7 @@ enum SocketDiagnostics {
         return found
     }
 
-    private static func dump(_ socket: Int32, transport: Transport, family: Int32, sequence: UInt32,
+    private static func dump(_ socket: OwnedDescriptor, transport: Transport, family: Int32, sequence: UInt32,
                              _ each: (SocketDiagnosis) -> Void) throws {
         let call = "sock_diag dump(\(transport), \(family == AF_INET ? "IPv4" : "IPv6"))"
         var request = rp_diag_request()
@@ -58,22 +57,18 @@ enum SocketDiagnostics {
         request.body.idiag_states = transport == .udp ? UInt32.max : UInt32(1 << 10)  // TCP_LISTEN
         var kernel = sockaddr_nl()
         kernel.nl_family = sa_family_t(AF_NETLINK)
-        let sent = withUnsafePointer(to: &kernel) { address in
-            address.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
-                withUnsafeBytes(of: &request) { bytes in
-                    sendto(socket, bytes.baseAddress, bytes.count, 0, address, socklen_t(MemoryLayout<sockaddr_nl>.size))
+        try withUnsafePointer(to: &kernel) { address in
+            try address.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                try withUnsafeBytes(of: &request) { bytes in
+                    try Syscall.send(socket.fd, bytes, to: address, length: socklen_t(MemoryLayout<sockaddr_nl>.size), call)
                 }
             }
         }
-        if sent < 0 { throw ReuseportError.system(call: call, errno: errno, hint: nil) }
 
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
-            let count = buffer.withUnsafeMutableBytes { recv(socket, $0.baseAddress, $0.count, 0) }
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw ReuseportError.system(call: call, errno: errno, hint: nil)
-            }
+            // A blocking socket: nil (EAGAIN) cannot come.
+            let count = try Syscall.receive(socket.fd, into: &buffer, call) ?? 0
             let done = try buffer.withUnsafeBytes { bytes in
                 try parse(UnsafeRawBufferPointer(rebasing: bytes[0..<count]), transport: transport, call: call, each)
             }

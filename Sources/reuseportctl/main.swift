@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ReuseportKit
 import ArgumentParser
 import CLibbpf
 
@@ -28,8 +29,7 @@ func expandingWatchInterval(_ arguments: [String]) -> [String] {
 }
 
 func writeStandardError(_ text: String) {
-    var text = text
-    text.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    try? Array(text.utf8).withUnsafeBytes { try Syscall.writeAll(.standardError, $0, "write(stderr)") }
 }
 
 /// Ends the process for `error`: help and clean exits 0 (ArgumentParser prints them),

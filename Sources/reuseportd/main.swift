@@ -137,6 +137,9 @@ extension Reuseportd {
         @Option(help: "Run this built-in worker instead of a program.")
         var builtin: BuiltinKindArgument?
 
+        @Option(help: "Join this cgroup v2 folder first.")
+        var cgroup: String?
+
         @Argument(parsing: .postTerminator, help: "The program and its arguments.")
         var command: [String] = []
 
@@ -149,7 +152,7 @@ extension Reuseportd {
         func run() throws {
             let program: WorkerProgram = builtin.map { .builtin($0.kind) } ?? .exec(command)
             do {
-                try WorkerExec(parent: parent, user: user, group: group, program: program).run()
+                try WorkerExec(parent: parent, user: user, group: group, program: program, cgroup: cgroup).run()
             } catch {
                 printError("reuseportd exec-worker: \(error)")
                 throw ExitCode(127)

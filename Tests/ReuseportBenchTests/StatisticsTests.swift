@@ -68,6 +68,13 @@ struct WhoamiReplyTests {
         #expect(reply.slot == 3)
         #expect(reply.pid == 4242)
         #expect(Array(reply.payload) == [1, 2, 0x0a, 3])
+        #expect(reply.truncated == 0)
+    }
+
+    @Test func parsesTheTruncatedCount() throws {
+        let bytes = Array("slot=0 pid=7 service=demo peer=127.0.0.1:40000 truncated=82\nabc".utf8)
+        #expect(try #require(WhoamiReply(bytes[...])).truncated == 82)
+        #expect(WhoamiReply(Array("slot=0 pid=7 service=demo peer=p truncated=many\nabc".utf8)[...]) == nil)
     }
 
     @Test func rejectsAnswersWithoutSlotOrNewline() {

@@ -112,4 +112,23 @@ struct ConfigurationTests {
         // The exit after the healthy 6 s run is restarted at once, and the count starts over.
         #expect(delays == [0, 100, 200, 400, 0, 100, 200])
     }
+
+    /// A worker killed by a signal after it was ready did start: no quick exit, restarted at
+    /// once, the count starts over. Killed before it was ready, it is a quick exit as before.
+    @Test func aSignalAfterReadyIsNotAQuickExit() {
+        let policy = RestartPolicy(backoffMinimumMs: 100, backoffMaximumMs: 1000, healthyAfterMs: 5000,
+                                   readyAfterMs: 500)
+        #expect(policy.afterExit(livedMs: 600, quickExits: 4, killedBySignal: true) == (0, 0))
+        #expect(policy.afterExit(livedMs: 600, quickExits: 4, killedBySignal: false) == (800, 5))
+        #expect(policy.afterExit(livedMs: 100, quickExits: 2, killedBySignal: true) == (200, 3))
+    }
+
+    /// Jitter only lengthens a back-off, by at most a quarter, and spreads equal ones apart.
+    @Test func jitterLengthensByAtMostAQuarter() {
+        var random = SystemRandomNumberGenerator()
+        let delays = (0..<200).map { _ in RestartPolicy.jittered(1000, using: &random) }
+        #expect(delays.allSatisfy { (1000...1250).contains($0) })
+        #expect(Set(delays).count > 50, "spread")
+        #expect(RestartPolicy.jittered(0, using: &random) == 0)
+    }
 }

@@ -48,3 +48,43 @@ func kernelUDPDrops(ports: Set<UInt16>) -> Int {
     }
     return drops
 }
+
+/// Flows that each send numbered datagrams (`"<flow> <seq>"`) to a whoami service and read the
+/// answers: which sequence numbers each flow got back.
+final class NumberedFlows {
+    let clients: [FlowClient]
+    private(set) var answered: [Set<Int>]
+    private var fds: [pollfd]
+
+    init(_ clients: [FlowClient]) {
+        self.clients = clients
+        answered = Array(repeating: [], count: clients.count)
+        fds = clients.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+    }
+
+    /// Sends datagram `seq` on every flow.
+    func send(_ seq: Int, to destination: SocketAddress) throws {
+        for (flow, client) in clients.enumerated() { try client.send(Array("\(flow) \(seq)".utf8), to: destination) }
+    }
+
+    /// Reads answers until `deadline` (nowMs), or until every flow has `expected` of them;
+    /// `onReply(flow, seq, reply)` sees each.
+    func receive(until deadline: Double, orAll expected: Int? = nil,
+                 _ onReply: (Int, Int, WhoamiReply) -> Void = { _, _, _ in }) throws {
+        while nowMs() < deadline {
+            if let expected, answered.allSatisfy({ $0.count >= expected }) { return }
+            let wait = Int32(max(0, min(50, deadline - nowMs())))
+            guard poll(&fds, nfds_t(fds.count), wait) > 0 else { continue }
+            for flow in 0..<clients.count where fds[flow].revents & Int16(POLLIN) != 0 {
+                fds[flow].revents = 0
+                while let bytes = try clients[flow].receive(timeoutMs: 0) {
+                    guard let reply = WhoamiReply(bytes) else { continue }
+                    let fields = String(decoding: reply.payload, as: UTF8.self).split(separator: " ")
+                    guard fields.count == 2, let seq = Int(fields[1]) else { continue }
+                    answered[flow].insert(seq)
+                    onReply(flow, seq, reply)
+                }
+            }
+        }
+    }
+}

@@ -26,42 +26,29 @@ struct SupervisionTests {
         let warmupRounds = 20, roundsBetweenKills = 20, workers = 4
         let rounds = warmupRounds + workers * roundsBetweenKills + 10
         var slotOfFlow = [UInt32?](repeating: nil, count: flows)
-        var answered = [Set<Int>](repeating: [], count: flows)
         var misplaced: [String] = []
         var kills: [(slot: UInt32, oldPid: Int32, at: Double)] = []
         var replacementFirstAnswerMs: [UInt32: Double] = [:]
-        var fds = clients.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+        let numbered = NumberedFlows(clients)
 
         func drain(until deadline: Double, orAll expected: Int? = nil) throws {
-            while nowMs() < deadline {
-                if let expected, answered.allSatisfy({ $0.count >= expected }) { return }
-                let wait = Int32(max(0, min(50, deadline - nowMs())))
-                guard poll(&fds, nfds_t(fds.count), wait) > 0 else { continue }
-                for flow in 0..<flows where fds[flow].revents & Int16(POLLIN) != 0 {
-                    fds[flow].revents = 0
-                    while let bytes = try clients[flow].receive(timeoutMs: 0) {
-                        guard let reply = WhoamiReply(bytes) else { continue }
-                        let fields = String(decoding: reply.payload, as: UTF8.self).split(separator: " ")
-                        guard fields.count == 2, let seq = Int(fields[1]) else { continue }
-                        answered[flow].insert(seq)
-                        if let slot = slotOfFlow[flow], slot != reply.slot {
-                            misplaced.append("flow \(flow) seq \(seq): slot \(reply.slot), was \(slot)")
-                        }
-                        slotOfFlow[flow] = slotOfFlow[flow] ?? reply.slot
-                        if let kill = kills.last(where: { $0.slot == reply.slot }), reply.pid != kill.oldPid,
-                           replacementFirstAnswerMs[reply.slot] == nil
-                        {
-                            // Taken when this test reads the answer: an upper bound when it lags.
-                            replacementFirstAnswerMs[reply.slot] = nowMs() - kill.at
-                        }
-                    }
+            try numbered.receive(until: deadline, orAll: expected) { flow, seq, reply in
+                if let slot = slotOfFlow[flow], slot != reply.slot {
+                    misplaced.append("flow \(flow) seq \(seq): slot \(reply.slot), was \(slot)")
+                }
+                slotOfFlow[flow] = slotOfFlow[flow] ?? reply.slot
+                if let kill = kills.last(where: { $0.slot == reply.slot }), reply.pid != kill.oldPid,
+                   replacementFirstAnswerMs[reply.slot] == nil
+                {
+                    // Taken when this test reads the answer: an upper bound when it lags.
+                    replacementFirstAnswerMs[reply.slot] = nowMs() - kill.at
                 }
             }
         }
 
         let start = nowMs()
         for round in 0..<rounds {
-            for flow in 0..<flows { try clients[flow].send(Array("\(flow) \(round)".utf8), to: destination) }
+            try numbered.send(round, to: destination)
             let killIndex = (round - warmupRounds) / roundsBetweenKills
             if round >= warmupRounds, (round - warmupRounds) % roundsBetweenKills == 0, killIndex < workers {
                 let slot = UInt32(killIndex)
@@ -76,8 +63,8 @@ struct SupervisionTests {
         // A datagram can only be lost inside a worker: the one it had read and not yet answered
         // when SIGKILL came. The sockets lose none (kernel drop counters), so at most one per kill.
         var lostPerSlot: [UInt32: Int] = [:]
-        for flow in 0..<flows where answered[flow].count < rounds {
-            lostPerSlot[slotOfFlow[flow] ?? UInt32.max, default: 0] += rounds - answered[flow].count
+        for flow in 0..<flows where numbered.answered[flow].count < rounds {
+            lostPerSlot[slotOfFlow[flow] ?? UInt32.max, default: 0] += rounds - numbered.answered[flow].count
         }
         let lost = lostPerSlot.values.reduce(0, +)
         let drops = kernelUDPDrops(ports: Set(clients.map(\.local.port) + [destination.port]))

@@ -140,8 +140,8 @@ struct SteeringTests {
         for slot in 0..<UInt32(4) {
             let cookie = try plane.listeners[0].sockets[slot]!.cookie()
             #expect(try array.cookie(at: slot) == cookie)
-            let output = try run("/usr/sbin/bpftool", ["-j", "map", "lookup", "pinned", layout.path(ofSockets: 0),
-                                                       "key", "\(slot)", "0", "0", "0"])
+            let output = try Subprocess.run("/usr/sbin/bpftool", ["-j", "map", "lookup", "pinned", layout.path(ofSockets: 0),
+                                                                  "key", "\(slot)", "0", "0", "0"]).output
             // bpftool prints the u64 cookie as 8 little-endian hex bytes.
             let expected = (0..<8).map { "\"0x" + String(format2(UInt8(truncatingIfNeeded: cookie >> (8 * $0)))) + "\"" }
             #expect(output.contains(expected.joined(separator: ",")), "bpftool: \(output)")
@@ -157,11 +157,11 @@ struct SteeringTests {
     @Test func socketArrayRules() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 2)
         let array = plane.listeners[0].program.sockets
-        let unbound = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-        defer { close(unbound) }
-        var key: UInt32 = 5
-        var value = UInt64(unbound)
-        #expect(bpf_map_update_elem_checked(array.map.fd, &key, &value) == EINVAL)
+        let unbound = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "udp")
+        let refused = array.map.withDescriptor { map in
+            unbound.withFD { socket in bpf_map_update_elem_checked(map, key: 5, value: UInt64(socket)) }
+        }
+        #expect(refused == EINVAL)
         #expect(throws: ReuseportError.self) { try array.insert(plane.listeners[0].sockets[0]!, at: 3) }
         do {
             try array.insert(plane.listeners[0].sockets[0]!, at: 3)
@@ -181,16 +181,8 @@ func format2(_ byte: UInt8) -> String {
 
 import CLibbpf
 
-func bpf_map_update_elem_checked(_ fd: Int32, _ key: inout UInt32, _ value: inout UInt64) -> Int32 {
-    bpf_map_update_elem(fd, &key, &value, UInt64(BPF_ANY)) == 0 ? 0 : errno
-}
-
-/// Runs a program and returns its standard output.
-func run(_ path: String, _ arguments: [String]) throws -> String {
-    let pipe = try Syscall.pipe()
-    let pid = try ProcessSpawn(path, arguments, fileActions: [.duplicate(pipe.write.fd.rawValue, to: 1)]).start()
-    pipe.write.close()
-    let output = try withExtendedLifetime(pipe.read) { try Syscall.readToEnd(pipe.read.fd) }
-    _ = try Syscall.wait(pid, block: true)
-    return String(decoding: output, as: UTF8.self)
+func bpf_map_update_elem_checked(_ fd: Int32, key: UInt32, value: UInt64) -> Int32 {
+    var key = key
+    var value = value
+    return bpf_map_update_elem(fd, &key, &value, UInt64(BPF_ANY)) == 0 ? 0 : errno
 }

@@ -20,31 +20,12 @@ func reuseportctl(_ arguments: [String], environment: [String: String] = [:]) th
 }
 
 func run(_ executable: String, _ arguments: [String], environment: [String: String] = [:]) throws -> CtlResult {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
     var env = ProcessInfo.processInfo.environment
     env["COLUMNS"] = "100"
     env.merge(environment) { $1 }
-    process.environment = env
-    let out = Pipe()
-    let err = Pipe()
-    process.standardOutput = out
-    process.standardError = err
-    try process.run()
-    // Read both pipes before waiting, so a large output cannot block the child.
-    nonisolated(unsafe) var stderrData = Data()
-    let group = DispatchGroup()
-    group.enter()
-    DispatchQueue.global().async {
-        stderrData = err.fileHandleForReading.readDataToEndOfFile()
-        group.leave()
-    }
-    let stdoutData = out.fileHandleForReading.readDataToEndOfFile()
-    group.wait()
-    process.waitUntilExit()
-    return CtlResult(status: process.terminationStatus, stdout: String(decoding: stdoutData, as: UTF8.self),
-                     stderr: String(decoding: stderrData, as: UTF8.self))
+    let result = try Subprocess.run(executable, arguments, environment: env.map { "\($0.key)=\($0.value)" },
+                                    captureStandardError: true)
+    return CtlResult(status: result.status.shellStatus, stdout: result.output, stderr: result.errors)
 }
 
 /// A bpffs pin root of one test's own (the services pinned in it remove themselves).

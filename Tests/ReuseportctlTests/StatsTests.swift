@@ -50,17 +50,12 @@ struct StatsTests {
         let total = plain.stdout.split(separator: "\n").first { $0.contains("total") }
         #expect(total?.split(separator: " ").prefix(4) == ["total", "10", "1000", "B"], "\(plain)")
 
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: BuiltProducts.path("reuseportctl"))
-        process.arguments = ["stats", "--watch", "0.2", "--pin-dir", root.path]
-        let out = Pipe()
-        process.standardOutput = out
-        try process.run()
+        let watch = try Subprocess(BuiltProducts.path("reuseportctl"), ["stats", "--watch", "0.2", "--pin-dir", root.path])
         usleep(700_000)
-        kill(process.processIdentifier, SIGINT)
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        process.waitUntilExit()
-        #expect(process.terminationReason == .exit && process.terminationStatus == 0)
+        try Syscall.kill(watch.pid, SIGINT)
+        let status = watch.wait()
+        let text = watch.text
+        #expect(status == .exited(0))
         #expect(text.components(separatedBy: "Ctrl-C to stop").count >= 3, "redrew at least twice:\n\(text)")
         #expect(text.contains("PKT/S"))
     }

@@ -25,6 +25,11 @@ int rpd_signalfd_read(int fd);
  * set after dropping privileges. */
 int rpd_set_parent_death_signal(int sig);
 
+/* prctl(PR_SET_CHILD_SUBREAPER, on): orphans among this process's descendants are
+ * re-parented to it instead of to init, so that the daemon reaps (and can stop) what a
+ * worker forked and left behind (kernel/exit.c, find_new_reaper()). Since 3.4. */
+int rpd_set_child_subreaper(int on);
+
 /* The peer's credentials of a connected Unix socket (SO_PEERCRED). */
 int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 

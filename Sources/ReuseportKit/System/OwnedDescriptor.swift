@@ -16,11 +16,24 @@ public final class OwnedDescriptor: @unchecked Sendable, CustomStringConvertible
     }
 
     /// The open descriptor. Using it after `close()` is a programming error. The owner closes
-    /// it when released, which may be right after its last use: keep the owner alive while the
-    /// number is in use (`withExtendedLifetime`), or store the owner.
+    /// it when released, which may be right after its last use, before a call that is handed
+    /// the number: pass it with `withFD`, or store the owner.
     public var fd: FileDescriptor {
         precondition(rawFD >= 0, "OwnedDescriptor used after close()")
         return FileDescriptor(rawValue: rawFD)
+    }
+
+    /// Calls `body` with the descriptor's number and keeps this owner, and so the descriptor,
+    /// alive until `body` returns.
+    public func withFD<R>(_ body: (Int32) throws -> R) rethrows -> R {
+        try withExtendedLifetime(self) { try body(fd.rawValue) }
+    }
+
+    /// Gives up ownership without closing: the caller now owns the returned number.
+    public func release() -> Int32 {
+        precondition(rawFD >= 0, "OwnedDescriptor released after close()")
+        defer { rawFD = -1 }
+        return rawFD
     }
 
     public var isClosed: Bool { rawFD < 0 }

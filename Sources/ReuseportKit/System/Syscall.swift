@@ -21,6 +21,20 @@ public enum Syscall {
         }
     }
 
+    /// As `retrying`, but nil when a non-blocking descriptor would block (EAGAIN).
+    static func retryingUnlessWouldBlock<T: BinaryInteger>(_ call: @autoclosure () -> String, _ body: () -> T) throws
+        -> T?
+    {
+        while true {
+            let result = body()
+            if result >= 0 { return result }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return nil }
+            throw ReuseportError.system(call(), code)
+        }
+    }
+
     /// For calls that return an error number instead of setting errno (posix_spawn and friends).
     static func checking(_ call: @autoclosure () -> String, _ result: Int32) throws {
         if result != 0 { throw ReuseportError.system(call(), result) }
@@ -34,11 +48,11 @@ public enum Syscall {
     // MARK: sockets
 
     /// socket(2), close-on-exec (and non-blocking when asked).
-    public static func socket(_ family: Int32, _ type: Int32, nonBlocking: Bool = false, _ label: String)
-        throws -> OwnedDescriptor
+    public static func socket(_ family: Int32, _ type: Int32, protocol: Int32 = 0, nonBlocking: Bool = false,
+                              _ label: String) throws -> OwnedDescriptor
     {
         let flags = Int32(SOCK_CLOEXEC.rawValue) | (nonBlocking ? Int32(SOCK_NONBLOCK.rawValue) : 0)
-        let fd = try retrying("socket(\(label))") { Glibc.socket(family, type | flags, 0) }
+        let fd = try retrying("socket(\(label))") { Glibc.socket(family, type | flags, `protocol`) }
         return OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
     }
 
@@ -55,6 +69,26 @@ public enum Syscall {
         }
     }
 
+    /// connect(2) to an IP address (for UDP: sets the only peer the socket talks to).
+    public static func connect(_ fd: FileDescriptor, _ address: SocketAddress, _ label: String) throws {
+        _ = try address.withSockaddr { address, length in
+            try retrying("connect(\(label))") { Glibc.connect(fd.rawValue, address, length) }
+        }
+    }
+
+    /// getsockname(2): the address the socket is bound to (with port 0 asked, the port the
+    /// kernel chose); nil for a family other than IPv4 and IPv6.
+    public static func localAddress(_ fd: FileDescriptor, _ label: String) throws -> SocketAddress? {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        _ = try withUnsafeMutablePointer(to: &storage) { pointer in
+            try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { address in
+                try retrying("getsockname(\(label))") { getsockname(fd.rawValue, address, &length) }
+            }
+        }
+        return SocketAddress(storage: storage)
+    }
+
     /// connect(2) to a Unix socket path.
     public static func connect(_ fd: FileDescriptor, unixPath path: String) throws {
         _ = try withUnixAddress(path) { address, length in
@@ -69,25 +103,64 @@ public enum Syscall {
     /// accept4(2) of one waiting connection, close-on-exec and non-blocking, with its peer's
     /// address (nil for a Unix socket); nil when none waits.
     public static func accept(_ fd: FileDescriptor) throws -> (descriptor: OwnedDescriptor, peer: SocketAddress?)? {
-        while true {
-            var storage = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let client = withUnsafeMutablePointer(to: &storage) {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let client = try retryingUnlessWouldBlock("accept4") {
+            withUnsafeMutablePointer(to: &storage) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { rpd_accept_nonblocking(fd.rawValue, $0, &length) }
             }
-            if client >= 0 {
-                return (OwnedDescriptor(adopting: FileDescriptor(rawValue: client)), SocketAddress(storage: storage))
-            }
-            let code = errno
-            if code == EINTR { continue }
-            if code == EAGAIN || code == EWOULDBLOCK { return nil }
-            throw ReuseportError.system("accept4", code)
         }
+        guard let client else { return nil }
+        return (OwnedDescriptor(adopting: FileDescriptor(rawValue: client)), SocketAddress(storage: storage))
     }
 
     /// send(2) of what fits now; throws on any error, EAGAIN included.
     public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, flags: Int32) throws -> Int {
         try retrying("send(fd \(fd.rawValue))") { Glibc.send(fd.rawValue, bytes.baseAddress, bytes.count, flags) }
+    }
+
+    /// sendto(2) of one datagram to `address`; returns the bytes sent.
+    @discardableResult
+    public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, to address: SocketAddress,
+                            flags: Int32 = 0) throws -> Int {
+        try address.withSockaddr { pointer, length in
+            try send(fd, bytes, to: pointer, length: length, flags: flags, "sendto(\(address))")
+        }
+    }
+
+    /// sendto(2) to an address of any family (a netlink peer, say); `call` names it in errors.
+    @discardableResult
+    public static func send(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, to address: UnsafePointer<sockaddr>,
+                            length: socklen_t, flags: Int32 = 0, _ call: @autoclosure () -> String) throws -> Int {
+        try retrying(call()) { Glibc.sendto(fd.rawValue, bytes.baseAddress, bytes.count, flags, address, length) }
+    }
+
+    /// recv(2) into `buffer`: the byte count (0: the peer shut down), or nil when nothing is
+    /// waiting on a non-blocking descriptor or with MSG_DONTWAIT (EAGAIN).
+    public static func receive(_ fd: FileDescriptor, into buffer: inout [UInt8], flags: Int32 = 0,
+                               _ call: @autoclosure () -> String = "recv") throws -> Int? {
+        try retryingUnlessWouldBlock(call()) {
+            buffer.withUnsafeMutableBytes { Glibc.recv(fd.rawValue, $0.baseAddress, $0.count, flags) }
+        }
+    }
+
+    /// recvfrom(2) into `buffer`: the byte count and the sender (nil for a family other than
+    /// IPv4 and IPv6), or nil as `receive` gives it.
+    public static func receiveFrom(_ fd: FileDescriptor, into buffer: inout [UInt8], flags: Int32 = 0) throws
+        -> (count: Int, source: SocketAddress?)?
+    {
+        var storage = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let count = try retryingUnlessWouldBlock("recvfrom") {
+            buffer.withUnsafeMutableBytes { bytes in
+                withUnsafeMutablePointer(to: &storage) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        Glibc.recvfrom(fd.rawValue, bytes.baseAddress, bytes.count, flags, $0, &length)
+                    }
+                }
+            }
+        }
+        return count.map { ($0, SocketAddress(storage: storage)) }
     }
 
     /// The credentials of a connected Unix socket's peer (SO_PEERCRED, unix(7)).
@@ -143,13 +216,17 @@ public enum Syscall {
     /// read(2) into `buffer`: the byte count (0 at end of file), or nil when a non-blocking
     /// descriptor has nothing now (EAGAIN).
     public static func read(_ fd: FileDescriptor, into buffer: inout [UInt8]) throws -> Int? {
-        while true {
-            let count = buffer.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress, $0.count) }
-            if count >= 0 { return count }
-            let code = errno
-            if code == EINTR { continue }
-            if code == EAGAIN || code == EWOULDBLOCK { return nil }
-            throw ReuseportError.system("read(fd \(fd.rawValue))", code)
+        try retryingUnlessWouldBlock("read(fd \(fd.rawValue))") {
+            buffer.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress, $0.count) }
+        }
+    }
+
+    /// write(2) of all of `bytes`, continuing after short writes.
+    public static func writeAll(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer,
+                                _ call: @autoclosure () -> String) throws {
+        var offset = 0
+        while offset < bytes.count {
+            offset += try retrying(call()) { Glibc.write(fd.rawValue, bytes.baseAddress! + offset, bytes.count - offset) }
         }
     }
 
@@ -254,19 +331,14 @@ public enum Syscall {
     /// The whole content of `path`.
     public static func readFile(_ path: String) throws -> [UInt8] {
         let file = try open(path, O_RDONLY)
-        return try withExtendedLifetime(file) { try readToEnd(file.fd) }
+        return try file.withFD { try readToEnd(FileDescriptor(rawValue: $0)) }
     }
 
     /// Replaces the content of `path` (created with `mode` if missing) with `bytes`.
     public static func writeFile(_ path: String, _ bytes: [UInt8], mode: mode_t = 0o644) throws {
         let file = try open(path, O_WRONLY | O_CREAT | O_TRUNC, mode: mode)
-        try withExtendedLifetime(file) {
-            var offset = 0
-            while offset < bytes.count {
-                offset += try bytes[offset...].withUnsafeBytes { rest in
-                    try retrying("write(\(path))") { Glibc.write(file.fd.rawValue, rest.baseAddress, rest.count) }
-                }
-            }
+        try file.withFD { fd in
+            try bytes.withUnsafeBytes { try writeAll(FileDescriptor(rawValue: fd), $0, "write(\(path))") }
         }
     }
 
@@ -285,5 +357,39 @@ public enum Syscall {
         let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
         guard count > 0 else { return nil }
         return String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    // MARK: receive queues
+
+    /// ioctl(SIOCINQ): for a UDP socket, the length of the datagram at the head of its receive
+    /// queue, 0 when the queue is empty (udp_ioctl → first_packet_length in net/ipv4/udp.c; a
+    /// queued empty datagram also reads 0). A TCP listener answers EINVAL (tcp_ioctl).
+    /// SIOCINQ is FIONREAD (linux/sockios.h); Swift sees only the latter.
+    public static func queuedBytes(_ fd: FileDescriptor) throws -> Int {
+        var count: Int32 = 0
+        try retrying("ioctl(fd \(fd.rawValue), SIOCINQ)") { ioctl(fd.rawValue, UInt(FIONREAD), &count) }
+        return Int(count)
+    }
+
+    /// recv(2) with MSG_DONTWAIT | MSG_TRUNC into no buffer: takes one datagram off the socket's
+    /// queue and discards it. False when the queue is empty (EAGAIN).
+    public static func discardDatagram(_ fd: FileDescriptor) throws -> Bool {
+        while true {
+            if recv(fd.rawValue, nil, 0, Int32(MSG_DONTWAIT | MSG_TRUNC)) >= 0 { return true }
+            let code = errno
+            if code == EINTR { continue }
+            if code == EAGAIN || code == EWOULDBLOCK { return false }
+            throw ReuseportError.system("recv(fd \(fd.rawValue), MSG_TRUNC)", code)
+        }
+    }
+
+    // MARK: limits
+
+    /// The soft and hard RLIMIT_NOFILE of this process (getrlimit(2)): a new descriptor gets
+    /// EMFILE once every number below the soft limit is taken.
+    public static func openFileLimit() throws -> (soft: UInt64, hard: UInt64) {
+        var limit = rlimit()
+        try retrying("getrlimit(RLIMIT_NOFILE)") { getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) }
+        return (UInt64(limit.rlim_cur), UInt64(limit.rlim_max))
     }
 }

@@ -1,0 +1,136 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import ReuseportKit
+
+/// Everything one worker start spawned: the worker and whatever it forks, tracked the way
+/// systemd tracks a service, so that all of it stops together when the worker exits, is
+/// restarted, is scaled away or the daemon stops. A helper left behind would keep the
+/// slot's socket (it inherited fd 3) and read datagrams beside the replacement.
+///
+/// - With cgroup v2, each worker start gets a cgroup of its own (`WorkerCgroups`): the
+///   worker joins it before it execs the program, everything it forks stays in it, even
+///   what calls setsid(), and `cgroup.kill` (5.14+) or a SIGKILL to each member stops it all.
+/// - Without, the worker's process group: it leads one, and its children stay in it unless
+///   they call setsid() or setpgid().
+/// The daemon is a child subreaper (`Syscall.becomeChildSubreaper`): orphans of a worker are
+/// re-parented to it, so it reaps them and nothing is left to init.
+final class WorkerProcesses {
+    /// The worker's pid, which leads its process group.
+    let leader: pid_t
+    /// The worker's cgroup folder, when cgroup v2 is used.
+    let cgroup: String?
+    private(set) var leaderExited = false
+
+    init(leader: pid_t, cgroup: String?) {
+        self.leader = leader
+        self.cgroup = cgroup
+    }
+
+    /// The pids in the worker's cgroup now (empty without one).
+    var members: [pid_t] {
+        guard let cgroup, let bytes = try? Syscall.readFile("\(cgroup)/cgroup.procs") else { return [] }
+        return String(decoding: bytes, as: UTF8.self).split(separator: "\n").compactMap { pid_t($0) }
+    }
+
+    /// No process of this worker is left (zombies reaped: the daemon is their parent or reaper).
+    var isEmpty: Bool {
+        if cgroup != nil { return members.isEmpty }
+        // kill(2) with signal 0 to the group: ESRCH once no process of it is left.
+        return (try? Syscall.kill(-leader, 0)) == nil
+    }
+
+    func leaderDidExit() { leaderExited = true }
+
+    /// Sends `signal` to every process of the worker. SIGKILL with cgroup v2 goes through
+    /// cgroup.kill where the kernel has it: one write, and no fork can race it.
+    func signalAll(_ signal: Int32) {
+        if let cgroup {
+            if signal == SIGKILL, (try? Syscall.writeFile("\(cgroup)/cgroup.kill", Array("1".utf8))) != nil { return }
+            for pid in members { try? Syscall.kill(pid, signal) }
+        }
+        try? Syscall.kill(-leader, signal)
+    }
+
+    /// Removes the cgroup folder once the worker is gone; false while it still has members.
+    func release() -> Bool {
+        guard isEmpty else { return false }
+        if let cgroup { _ = try? Syscall.removeDirectory(cgroup) }
+        return true
+    }
+}
+
+/// The folder under which workers' cgroups are made: `reuseportd-<pid>` inside the daemon's
+/// own cgroup v2 (under systemd, the unit's cgroup: it needs `Delegate=yes`). Nil when there
+/// is no cgroup v2 or it is not writable; the daemon then falls back to process groups.
+struct WorkerCgroups {
+    let root: String
+
+    /// Finds the daemon's cgroup v2 folder and makes `reuseportd-<pid>` in it, or says why not.
+    static func make(logger: Logger) -> WorkerCgroups? {
+        guard let mount = cgroup2Mount() else {
+            logger.notice("no cgroup v2 mounted: workers are tracked by process group (children that call setsid() escape)")
+            return nil
+        }
+        guard let own = ownCgroup() else {
+            logger.notice("no cgroup v2 path in /proc/self/cgroup: workers are tracked by process group")
+            return nil
+        }
+        let parent = own == "/" ? mount : mount + own
+        removeStale(in: parent)
+        let root = "\(parent)/reuseportd-\(getpid())"
+        do {
+            try Syscall.makeDirectory(root)
+        } catch {
+            logger.notice("cannot make a cgroup for the workers (\(error)): workers are tracked by process group")
+            return nil
+        }
+        logger.info("workers' cgroups under \(root)")
+        return WorkerCgroups(root: root)
+    }
+
+    /// A new, empty cgroup for one worker start.
+    func make(service: String, slot: UInt32, sequence: Int) throws -> String {
+        let path = "\(root)/\(service).\(slot).\(sequence)"
+        try Syscall.makeDirectory(path)
+        return path
+    }
+
+    /// Removes the (empty) folders left by this daemon. rmdir(2) refuses the cgroup's files
+    /// (and any folder that still has a process), so every entry is simply tried.
+    func remove() {
+        for child in Syscall.directoryEntries(root) { _ = try? Syscall.removeDirectory("\(root)/\(child)") }
+        _ = try? Syscall.removeDirectory(root)
+    }
+
+    /// The mount point of cgroup v2, from /proc/self/mountinfo ("... MOUNTPOINT ... - cgroup2 ...").
+    static func cgroup2Mount() -> String? {
+        guard let bytes = try? Syscall.readFile("/proc/self/mountinfo") else { return nil }
+        for line in String(decoding: bytes, as: UTF8.self).split(separator: "\n") {
+            let halves = line.split(separator: " - ", maxSplits: 1)
+            guard halves.count == 2, halves[1].hasPrefix("cgroup2 ") else { continue }
+            let fields = halves[0].split(separator: " ")
+            if fields.count > 4 { return String(fields[4]) }
+        }
+        return nil
+    }
+
+    /// The daemon's own cgroup v2 path, from /proc/self/cgroup ("0::/PATH").
+    static func ownCgroup() -> String? {
+        guard let bytes = try? Syscall.readFile("/proc/self/cgroup") else { return nil }
+        return String(decoding: bytes, as: UTF8.self).split(separator: "\n")
+            .first { $0.hasPrefix("0::") }.map { String($0.dropFirst(3)) }
+    }
+
+    /// `reuseportd-<pid>` folders of daemons that are gone (killed before they could clean up):
+    /// their empty worker folders and themselves. A folder with a live member stays.
+    static func removeStale(in parent: String) {
+        for name in Syscall.directoryEntries(parent) where name.hasPrefix("reuseportd-") {
+            guard let pid = pid_t(name.dropFirst("reuseportd-".count)), pid != getpid(),
+                  (try? Syscall.kill(pid, 0)) == nil else { continue }
+            for child in Syscall.directoryEntries("\(parent)/\(name)") { _ = try? Syscall.removeDirectory("\(parent)/\(name)/\(child)") }
+            _ = try? Syscall.removeDirectory("\(parent)/\(name)")
+        }
+    }
+}
