@@ -36,6 +36,14 @@ final class Supervisor {
     /// Output lines not logged (rate limit), by service name and slot, since the daemon started.
     private var outputDrops: [String: [UInt32: OutputDrops]] = [:]
     private(set) var stopping = false
+    /// The workers' NOTIFY_SOCKET (set by the daemon; nil in tests of the supervisor alone).
+    var notify: NotifySocket?
+    /// When the stall check next samples the slots' sockets (WorkerLiveness.swift).
+    var nextStallCheck: Int64?
+    /// sock_diag failed at the last stall check (logged once).
+    var stallCheckFailing = false
+    /// The stall check's netlink socket, kept open: a daemon out of descriptors still samples.
+    var sockDiag: OwnedDescriptor?
 
     init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
         self.configuration = configuration
@@ -85,6 +93,8 @@ final class Supervisor {
 
     func startAllWorkers() {
         for service in services { startWorkers(of: service) }
+        nextStallCheck = MonotonicClock.nanoseconds() + Supervisor.stallCheckIntervalNs
+        if hasStallCheck { sockDiag = try? SocketDiagnostics.openSocket() }
     }
 
     func service(named name: String) -> ServiceRuntime? { services.first { $0.name == name } }
@@ -108,6 +118,8 @@ final class Supervisor {
         for service in services { service.close() }
         services.removeAll()
         cgroups?.remove()
+        sockDiag?.close()
+        sockDiag = nil
     }
 
     // MARK: workers
@@ -138,6 +150,10 @@ final class Supervisor {
             slot.everStarted = true
             slot.pid = pid
             slot.startedAt = now
+            let watchdogMs = service.configuration.watchdogMs
+            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
+            slot.notifiedReady = false
+            slot.notifiedStatus = nil
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
             return nil
@@ -170,9 +186,11 @@ final class Supervisor {
     }
 
     func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
+        // The daemon's own NOTIFY_SOCKET (when systemd runs it) is not the workers'.
         let ours: Set<String> = [ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID,
                                  ActivationEnvironment.listenFDNames, ActivationEnvironment.slot,
-                                 ActivationEnvironment.service]
+                                 ActivationEnvironment.service, ActivationEnvironment.notifySocket,
+                                 ActivationEnvironment.watchdogUsec, ActivationEnvironment.watchdogPID]
         var environment = ProcessEnvironment.current.filter { !ours.contains($0.key) }.map { "\($0.key)=\($0.value)" }
         let count = service.plane.listeners.count
         environment += [
@@ -181,6 +199,10 @@ final class Supervisor {
             "\(ActivationEnvironment.slot)=\(slot.index)",
             "\(ActivationEnvironment.service)=\(service.name)",
         ]
+        if let notify { environment.append("\(ActivationEnvironment.notifySocket)=\(notify.path)") }
+        if service.configuration.watchdogMs > 0 {
+            environment.append("\(ActivationEnvironment.watchdogUsec)=\(service.configuration.watchdogMs * 1000)")
+        }
         return environment
     }
 
