@@ -12,7 +12,8 @@ import PackageDescription
 //   Sources/CReuseportProcess signalfd, prctl, pidfd_open, SO_PEERCRED: calls Swift cannot import
 //   Sources/reuseportd        the daemon executable
 //   Sources/reuseportctl      the operator CLI
-//   Sources/CSockDiag         sock_diag/netlink uapi for the CLI (per-socket drop counters)
+//   Sources/CSockDiag         sock_diag/netlink and capability uapi (per-socket queues and drops: ReuseportKit's
+//                             SocketDiagnostics, for the CLI and the daemon's stall check)
 //   Sources/kernel-check      the kernel-feature suite, run on the host and inside VMs
 //   Sources/reuseport-bench   the benchmark suite (Sources/CReuseportBench: the libc calls it needs)
 //   Sources/ReuseportTestSupport  real-socket helpers for the tests, kernel-check and the bench
@@ -41,7 +42,7 @@ let package = Package(
         .target(
             name: "ReuseportKit",
             dependencies: [
-                "CLibbpf", "CReuseportABI", "CReuseportProcess",
+                "CLibbpf", "CReuseportABI", "CReuseportProcess", "CSockDiag",
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
@@ -66,7 +67,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        // sock_diag and capability uapi for reuseportctl (per-socket drops, privilege probes).
+        // sock_diag and capability uapi (per-socket queues and drops, privilege probes).
         .target(name: "CSockDiag"),
         .executableTarget(
             name: "reuseportctl",

@@ -20,8 +20,9 @@
 /*
  * ABI version, stored in the config map: user space refuses maps of another.
  * 2: the fallback table (rp_fallback, rp_config.live_count) replaced the probe loop.
+ * 3: rp_slot_state grew stalls and watchdog_restarts (40 bytes); RP_WORKER_STALLED.
  */
-#define RP_ABI_VERSION 2
+#define RP_ABI_VERSION 3
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
@@ -85,7 +86,12 @@ struct rp_global_stats {
 	__u64 select_errors;     /* bpf_sk_select_reuseport failed other than ENOENT */
 };
 
-/* Worker state, as the daemon reports it (rp_slot_state). */
+/*
+ * Worker state, as the daemon reports it (rp_slot_state). New values are added at the
+ * end. RP_WORKER_STALLED: the worker is alive but its socket's receive queue stays full
+ * while the kernel drops datagrams at it (it closed the socket or stopped reading); the
+ * daemon samples sock_diag every second and goes back to RUNNING when the queue drains.
+ */
 enum rp_worker_state {
 	RP_WORKER_EMPTY = 0,     /* slot unused */
 	RP_WORKER_STARTING = 1,  /* spawned, not yet seen healthy */
@@ -93,6 +99,7 @@ enum rp_worker_state {
 	RP_WORKER_BACKOFF = 3,   /* exited, waiting before the next start */
 	RP_WORKER_FAILED_OVER = 4, /* down too long: buckets point at live slots */
 	RP_WORKER_STOPPING = 5,
+	RP_WORKER_STALLED = 6,   /* running, but its receive queue stays full and drops grow */
 };
 
 /*
@@ -107,12 +114,14 @@ struct rp_slot_state {
 	__u32 generation;    /* reserved for generational upgrades, 0 today */
 	__u64 since_ns;      /* CLOCK_REALTIME of the last state change */
 	__u64 socket_cookie; /* cookie of the slot's socket in the first listener */
+	__u32 stalls;        /* times the slot was marked RP_WORKER_STALLED */
+	__u32 watchdog_restarts; /* workers stopped for missing their watchdog (WATCHDOG=1) */
 };
 
 _Static_assert(sizeof(struct rp_config) == 24, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
 _Static_assert(sizeof(struct rp_global_stats) == 32, "rp_global_stats layout");
-_Static_assert(sizeof(struct rp_slot_state) == 32, "rp_slot_state layout");
+_Static_assert(sizeof(struct rp_slot_state) == 40, "rp_slot_state layout");
 _Static_assert(sizeof(rp_slot_t) == 4, "slot index is a __u32");
 _Static_assert((RP_MAX_BUCKETS & (RP_MAX_BUCKETS - 1)) == 0, "bucket limit is a power of two");
 _Static_assert((RP_FALLBACK_BUCKETS & (RP_FALLBACK_BUCKETS - 1)) == 0, "fallback table is a power of two");

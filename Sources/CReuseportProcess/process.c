@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <spawn.h>
+#include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -74,4 +75,45 @@ int rpd_pidfd_open(pid_t pid)
 int rpd_set_child_subreaper(int on)
 {
 	return prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0);
+}
+
+long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pid_t *pid, uid_t *uid)
+{
+	union {
+		struct cmsghdr align;
+		char bytes[CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int) * 253)];
+	} control;
+	struct iovec iov = { .iov_base = buffer, .iov_len = length };
+	struct msghdr message = {
+		.msg_iov = &iov, .msg_iovlen = 1, .msg_control = &control, .msg_controllen = sizeof(control),
+	};
+	struct cmsghdr *header;
+	ssize_t n;
+
+	*pid = 0;
+	*uid = (uid_t)-1;
+	n = recvmsg(fd, &message, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC);
+	if (n < 0)
+		return -1;
+	for (header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+		if (header->cmsg_level != SOL_SOCKET)
+			continue;
+		if (header->cmsg_type == SCM_CREDENTIALS && header->cmsg_len >= CMSG_LEN(sizeof(struct ucred))) {
+			struct ucred credentials;
+
+			memcpy(&credentials, CMSG_DATA(header), sizeof(credentials));
+			*pid = credentials.pid;
+			*uid = credentials.uid;
+		} else if (header->cmsg_type == SCM_RIGHTS) {
+			size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+
+			for (size_t i = 0; i < count; i++) {
+				int passed;
+
+				memcpy(&passed, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
+				close(passed);
+			}
+		}
+	}
+	return n;
 }

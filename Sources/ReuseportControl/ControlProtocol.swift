@@ -51,14 +51,18 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     /// A `scale` or `restart` that was done but whose new worker could not start on these slots
     /// (each is retried after the restart back-off). Absent when every worker started.
     public var startFailures: [SlotStartFailure]?
+    /// `status`: datagrams the notify socket ignored since the daemon started. Optional: older
+    /// daemons do not send it.
+    public var ignoredNotifications: IgnoredNotifications?
 
     public init(ok: Bool, error: String? = nil, message: String? = nil, services: [ServiceStatus]? = nil,
-                startFailures: [SlotStartFailure]? = nil) {
+                startFailures: [SlotStartFailure]? = nil, ignoredNotifications: IgnoredNotifications? = nil) {
         self.ok = ok
         self.error = error
         self.message = message
         self.services = services
         self.startFailures = startFailures
+        self.ignoredNotifications = ignoredNotifications
     }
 
     public static func failure(_ error: String) -> ControlResponse { ControlResponse(ok: false, error: error) }
@@ -106,9 +110,20 @@ public struct SlotStatus: Codable, Sendable, Equatable {
     /// daemons' answers still decode.
     public var droppedOutputLines: Int?
     public var droppedOutputBytes: Int?
+    /// Workers of this slot stopped (SIGABRT) because they sent no `WATCHDOG=1` within
+    /// `watchdog_ms`, since the daemon started. Optional, as above.
+    public var watchdogRestarts: Int?
+    /// Times the slot was marked `stalled` (receive queue full, drops growing). Optional, as above.
+    public var stalls: Int?
+    /// The current worker sent `READY=1` to its NOTIFY_SOCKET (recorded only: readiness is still
+    /// `ready_after_ms`). Optional, as above.
+    public var notifiedReady: Bool?
+    /// The last `STATUS=` the current worker sent, if any.
+    public var notifiedStatus: String?
 
     public init(slot: UInt32, pid: Int32?, state: String, restarts: Int, buckets: Int,
-                droppedOutputLines: Int? = nil, droppedOutputBytes: Int? = nil) {
+                droppedOutputLines: Int? = nil, droppedOutputBytes: Int? = nil, watchdogRestarts: Int? = nil,
+                stalls: Int? = nil, notifiedReady: Bool? = nil, notifiedStatus: String? = nil) {
         self.slot = slot
         self.pid = pid
         self.state = state
@@ -116,6 +131,26 @@ public struct SlotStatus: Codable, Sendable, Equatable {
         self.buckets = buckets
         self.droppedOutputLines = droppedOutputLines
         self.droppedOutputBytes = droppedOutputBytes
+        self.watchdogRestarts = watchdogRestarts
+        self.stalls = stalls
+        self.notifiedReady = notifiedReady
+        self.notifiedStatus = notifiedStatus
+    }
+}
+
+/// Datagrams the daemon's notify socket ignored, by why.
+public struct IgnoredNotifications: Codable, Sendable, Equatable {
+    /// Not `KEY=VALUE` lines of UTF-8 (or empty).
+    public var malformed = 0
+    /// Longer than 4096 bytes.
+    public var oversized = 0
+    /// From a process that is not a worker (nor in a worker's process group or cgroup).
+    public var notWorker = 0
+
+    public init(malformed: Int = 0, oversized: Int = 0, notWorker: Int = 0) {
+        self.malformed = malformed
+        self.oversized = oversized
+        self.notWorker = notWorker
     }
 }
 

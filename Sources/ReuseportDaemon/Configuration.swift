@@ -57,6 +57,9 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var restart: RestartPolicy
     /// A slot down this long has its buckets pointed at live slots until it is healthy again.
     public var failoverAfterMs: Int
+    /// A worker that sends no `WATCHDOG=1` to its NOTIFY_SOCKET for this long is stopped
+    /// (SIGABRT, SIGKILL at the stop timeout) and restarted, as systemd's `WatchdogSec=`; 0: off.
+    public var watchdogMs: Int = 0
 
     public static let defaultFailoverAfterMs = 5000
 

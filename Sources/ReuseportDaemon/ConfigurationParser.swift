@@ -71,7 +71,7 @@ public enum ConfigurationParser {
     static let serviceKeys = [
         "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
-        "failover_after_ms",
+        "failover_after_ms", "watchdog_ms",
     ]
 
     static func parseService(_ table: TOMLTable, path: String, file: String) throws(ConfigurationError)
@@ -154,9 +154,11 @@ public enum ConfigurationParser {
                                "(\(restart.backoffMaximumMs)) is below restart_backoff_min_ms (\(restart.backoffMinimumMs))")
         }
         let failover = try reader.milliseconds("failover_after_ms") ?? ServiceConfiguration.defaultFailoverAfterMs
-        return ServiceConfiguration(name: name, listen: listen, workers: workers, program: program, user: user,
-                                    group: group, receiveBuffer: receiveBuffer, bucketCount: buckets,
-                                    seed: UInt32(seed), restart: restart, failoverAfterMs: failover)
+        var service = ServiceConfiguration(name: name, listen: listen, workers: workers, program: program, user: user,
+                                           group: group, receiveBuffer: receiveBuffer, bucketCount: buckets,
+                                           seed: UInt32(seed), restart: restart, failoverAfterMs: failover)
+        service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
+        return service
     }
 
     /// Service names and listen addresses are unique across the file. Two listeners

@@ -11,7 +11,8 @@ struct ControlCommands {
     func handle(_ request: ControlRequest) -> ControlResponse {
         switch request.command {
         case .status:
-            return ControlResponse(ok: true, services: supervisor.status(of: request.service))
+            return ControlResponse(ok: true, services: supervisor.status(of: request.service),
+                                   ignoredNotifications: supervisor.notify?.ignored)
         case .reload:
             let response = reload.apply()
             // As for SIGHUP: the log says why a reload was refused, not only the one who asked.
@@ -84,7 +85,9 @@ extension Supervisor {
                     let drops = drops(of: service, slot)
                     return SlotStatus(slot: slot.index, pid: slot.pid, state: slot.state.description,
                                       restarts: Int(slot.restarts), buckets: buckets[slot.index] ?? 0,
-                                      droppedOutputLines: drops.lines, droppedOutputBytes: drops.bytes)
+                                      droppedOutputLines: drops.lines, droppedOutputBytes: drops.bytes,
+                                      watchdogRestarts: Int(slot.watchdogRestarts), stalls: Int(slot.stalls),
+                                      notifiedReady: slot.notifiedReady, notifiedStatus: slot.notifiedStatus)
                 },
                 failovers: service.failovers, rescueStarts: service.rescueStarts,
                 removedSlotDrops: service.removedSlotDrops)

@@ -7,7 +7,8 @@ import ReuseportKit
 import SystemPackage
 
 /// The daemon's event loop: one thread, one poll() over a signalfd (SIGCHLD, SIGTERM,
-/// SIGINT, SIGHUP), the control socket and its clients, and the workers' output pipes; the
+/// SIGINT, SIGHUP), the control socket and its clients, the workers' notify socket
+/// (NotifySocket.swift) and the workers' output pipes; the
 /// supervisor's timers (SupervisorTimers.swift) and the control clients' deadlines set the
 /// poll timeout. Nothing here blocks for long: a reload or scale runs inline (binding sockets
 /// and writing maps takes milliseconds).
@@ -51,8 +52,16 @@ public final class Daemon {
         self.logger = logger
         signals = try SignalChannel()
         let control = try ControlServer(runDirectory: options.runDirectory, logger: logger)
+        let notify: NotifySocket
+        do {
+            notify = try NotifySocket(runDirectory: options.runDirectory)
+        } catch {
+            control.shutdown()
+            throw error
+        }
         supervisor = Supervisor(configuration: configuration, pinRoot: options.pinRoot, executable: options.executable,
                                 logger: logger)
+        supervisor.notify = notify
         commands = ControlCommands(supervisor: supervisor,
                                    reload: ConfigurationReload(configPath: options.configPath, supervisor: supervisor))
         do {
@@ -60,6 +69,7 @@ public final class Daemon {
         } catch {
             supervisor.closeServices()
             control.shutdown()
+            notify.close()
             throw error
         }
         self.control = control
@@ -78,9 +88,11 @@ public final class Daemon {
             control?.shutdown()
             control = nil
             supervisor.killAllAndClose()
+            supervisor.notify?.close()
             throw error
         }
         supervisor.closeServices(drainingOutput: true)
+        supervisor.notify?.close()
         logger.notice("stopped: every worker exited, sockets closed, pins removed")
     }
 
@@ -95,6 +107,7 @@ public final class Daemon {
             // had its share for now (a chatty worker's second, a listener out of descriptors)
             // is left out of poll() until its deadline.
             var watched = [signals.descriptor.fd]
+            if let notify = supervisor.notify { watched.append(notify.descriptor.fd) }
             if let control {
                 if control.isAccepting(now: now) { watched.append(control.descriptor.fd) }
                 watched += control.clients.keys
@@ -106,6 +119,8 @@ public final class Daemon {
             for fd in try Syscall.poll(watched, timeoutMs: timeout) {
                 if fd == signals.descriptor.fd {
                     for signal in signals.drain() { handle(signal: signal) }
+                } else if fd == supervisor.notify?.descriptor.fd {
+                    supervisor.readNotifications(now: MonotonicClock.nanoseconds())
                 } else if let control, fd == control.descriptor.fd {
                     control.acceptClients(now: MonotonicClock.nanoseconds())
                 } else if supervisor.outputs[fd] != nil {

@@ -25,6 +25,17 @@ final class SlotRecord {
     var downSince: Int64?
     /// In back-off: when to start the next worker.
     var nextStartAt: Int64?
+    /// When the current worker's watchdog expires (`watchdog_ms` after its start or its last
+    /// `WATCHDOG=1`); nil without a watchdog, or once it fired.
+    var watchdogDeadline: Int64?
+    /// Workers stopped for missing their watchdog.
+    var watchdogRestarts: UInt32 = 0
+    /// The current worker sent `READY=1`; its last `STATUS=`.
+    var notifiedReady = false
+    var notifiedStatus: String?
+    /// Times the slot was marked stalled, and what the stall check saw last (SlotStallCheck).
+    var stalls: UInt32 = 0
+    var stallSamples = StallSamples()
 
     init(index: UInt32, socketCookie: UInt64) {
         self.index = index
@@ -183,7 +194,8 @@ final class ServiceRuntime {
 
     func publish(_ slot: SlotRecord) {
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
-                                generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie)
+                                generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
+                                stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts)
         do {
             try plane.publish(row, slot: slot.index)
         } catch {

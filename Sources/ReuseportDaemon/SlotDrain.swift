@@ -3,7 +3,8 @@ import Glibc
 #endif
 import ReuseportKit
 
-/// A removed slot whose sockets still hold datagrams for its worker (scale-down).
+/// A slot whose sockets still hold datagrams for its worker: removed by a scale-down, or
+/// replaced when a reload rebuilt its service (`kind`).
 ///
 /// Resizing moves the slot's buckets away and takes its sockets out of the arrays, so nothing
 /// new is steered there; what was queued before stays in the sockets, and only the slot's
@@ -32,7 +33,12 @@ final class SlotDrain {
     /// Checks in a row that must find every queue empty before the worker is stopped.
     static let emptyChecksBeforeStop = 5
 
-    init(service: ServiceRuntime, slot: UInt32, sockets: [ReuseportSocket], deadline: Int64, now: Int64) {
+    /// "removed" or "replaced": what the log calls the slot.
+    let kind: String
+
+    init(service: ServiceRuntime, slot: UInt32, sockets: [ReuseportSocket], deadline: Int64, now: Int64,
+         kind: String = "removed") {
+        self.kind = kind
         self.service = service
         self.slot = slot
         self.sockets = sockets
@@ -98,6 +104,6 @@ extension Supervisor {
         guard dropped > 0 else { return }
         drain.service.removedSlotDrops += dropped
         drain.service.logger.warning(
-            "removed slot \(drain.slot): \(dropped) queued datagrams dropped, \(reason) (\(drain.service.removedSlotDrops) so far)")
+            "\(drain.kind) slot \(drain.slot): \(dropped) queued datagrams dropped, \(reason) (\(drain.service.removedSlotDrops) so far)")
     }
 }

@@ -4,7 +4,8 @@ import Glibc
 
 /// The environment a worker is started with, the systemd way (sd_listen_fds(3)):
 /// its sockets from fd 3 on, `LISTEN_FDS`, `LISTEN_PID` (the worker's own pid),
-/// `LISTEN_FDNAMES`, and from reuseportd also `REUSEPORT_SLOT` and `REUSEPORT_SERVICE`.
+/// `LISTEN_FDNAMES`, and from reuseportd also `REUSEPORT_SLOT` and `REUSEPORT_SERVICE`; and
+/// the notification protocol (sd_notify(3)): `NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID`.
 public enum ActivationEnvironment {
     public static let firstDescriptor: Int32 = 3
     public static let listenFDs = "LISTEN_FDS"
@@ -12,6 +13,10 @@ public enum ActivationEnvironment {
     public static let listenFDNames = "LISTEN_FDNAMES"
     public static let slot = "REUSEPORT_SLOT"
     public static let service = "REUSEPORT_SERVICE"
+    public static let notifySocket = "NOTIFY_SOCKET"
+    public static let watchdogUsec = "WATCHDOG_USEC"
+    /// Set by the worker itself (exec-worker), as LISTEN_PID: only the child knows its pid.
+    public static let watchdogPID = "WATCHDOG_PID"
 }
 
 /// The sockets a worker was handed, read from its environment.

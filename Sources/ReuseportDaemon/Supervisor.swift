@@ -36,6 +36,14 @@ final class Supervisor {
     /// Output lines not logged (rate limit), by service name and slot, since the daemon started.
     private var outputDrops: [String: [UInt32: OutputDrops]] = [:]
     private(set) var stopping = false
+    /// The workers' NOTIFY_SOCKET (set by the daemon; nil in tests of the supervisor alone).
+    var notify: NotifySocket?
+    /// When the stall check next samples the slots' sockets (WorkerLiveness.swift).
+    var nextStallCheck: Int64?
+    /// sock_diag failed at the last stall check (logged once).
+    var stallCheckFailing = false
+    /// The stall check's netlink socket, kept open: a daemon out of descriptors still samples.
+    var sockDiag: OwnedDescriptor?
 
     init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
         self.configuration = configuration
@@ -97,10 +105,19 @@ final class Supervisor {
             throw ServiceStartError(service: new.name, underlying: error)
         }
         if let old {
-            waitUntilDrained(old, limitMs: 200)
+            // After the switch nothing enters the old sockets; their workers read what is queued
+            // there, and are stopped once it is read (SlotDrain), without holding up the loop.
             let now = MonotonicClock.nanoseconds()
+            let sockets = (try? old.plane.handOverSockets()) ?? [:]
             for slot in old.slots {
-                if let pid = slot.pid { retire(pid, now: now) }
+                let drain = SlotDrain(service: new, slot: slot.index, sockets: sockets[slot.index] ?? [],
+                                      deadline: now + configuration.stopTimeoutMs.msAsNs, now: now, kind: "replaced")
+                if let pid = slot.pid {
+                    workers.removeValue(forKey: pid)
+                    draining[pid] = drain
+                } else {
+                    finish(drain, reason: "it had no worker")
+                }
                 slot.pid = nil
                 slot.nextStartAt = nil
             }
@@ -129,20 +146,6 @@ final class Supervisor {
         service.close()
     }
 
-    /// Waits until none of `service`'s sockets has input queued, for at most `limitMs`, then a
-    /// little longer: a worker that has just read a datagram has not yet answered it, and a
-    /// built-in worker dies on SIGTERM at once. Blocks the loop for that long (a few ms when
-    /// the workers keep up; `limitMs` when a slot has no worker to read its queue).
-    private func waitUntilDrained(_ service: ServiceRuntime, limitMs: Int) {
-        let sockets = service.plane.listeners.flatMap { $0.sockets.values.map(\.fd) }
-        let deadline = MonotonicClock.nanoseconds() + limitMs.msAsNs
-        while MonotonicClock.nanoseconds() < deadline, let ready = try? Syscall.poll(sockets, timeoutMs: 0),
-              !ready.isEmpty {
-            _ = try? Syscall.poll([], timeoutMs: 1)
-        }
-        _ = try? Syscall.poll([], timeoutMs: 20)
-    }
-
     /// Before the first worker: become the reaper of workers' orphans, and make the workers'
     /// cgroup folder where cgroup v2 allows it.
     func prepareWorkers() {
@@ -160,6 +163,8 @@ final class Supervisor {
 
     func startAllWorkers() {
         for service in services { startWorkers(of: service) }
+        nextStallCheck = MonotonicClock.nanoseconds() + Supervisor.stallCheckIntervalNs
+        if hasStallCheck { sockDiag = try? SocketDiagnostics.openSocket() }
     }
 
     func service(named name: String) -> ServiceRuntime? { services.first { $0.name == name } }
@@ -183,6 +188,8 @@ final class Supervisor {
         for service in services { service.close() }
         services.removeAll()
         cgroups?.remove()
+        sockDiag?.close()
+        sockDiag = nil
     }
 
     // MARK: workers
@@ -213,6 +220,10 @@ final class Supervisor {
             slot.everStarted = true
             slot.pid = pid
             slot.startedAt = now
+            let watchdogMs = service.configuration.watchdogMs
+            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
+            slot.notifiedReady = false
+            slot.notifiedStatus = nil
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
             return nil
@@ -245,9 +256,11 @@ final class Supervisor {
     }
 
     func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
+        // The daemon's own NOTIFY_SOCKET (when systemd runs it) is not the workers'.
         let ours: Set<String> = [ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID,
                                  ActivationEnvironment.listenFDNames, ActivationEnvironment.slot,
-                                 ActivationEnvironment.service]
+                                 ActivationEnvironment.service, ActivationEnvironment.notifySocket,
+                                 ActivationEnvironment.watchdogUsec, ActivationEnvironment.watchdogPID]
         var environment = ProcessEnvironment.current.filter { !ours.contains($0.key) }.map { "\($0.key)=\($0.value)" }
         let count = service.plane.listeners.count
         environment += [
@@ -256,6 +269,10 @@ final class Supervisor {
             "\(ActivationEnvironment.slot)=\(slot.index)",
             "\(ActivationEnvironment.service)=\(service.name)",
         ]
+        if let notify { environment.append("\(ActivationEnvironment.notifySocket)=\(notify.path)") }
+        if service.configuration.watchdogMs > 0 {
+            environment.append("\(ActivationEnvironment.watchdogUsec)=\(service.configuration.watchdogMs * 1000)")
+        }
         return environment
     }
 

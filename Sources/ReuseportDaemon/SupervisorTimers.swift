@@ -18,18 +18,24 @@ enum SupervisorTimer {
     case kill(pid_t)
     /// A removed slot's worker is reading what was queued at its sockets: check the queues.
     case drain(pid_t)
+    /// A worker sent no `WATCHDOG=1` for `watchdog_ms`: SIGABRT (WorkerLiveness.swift).
+    case watchdog(ServiceRuntime, SlotRecord)
+    /// Once a second: sample the slots' receive queues for stalled workers.
+    case stallCheck
 }
 
 extension Supervisor {
-    /// Every timer, slot by slot (start, ready, failover), then the retiring workers.
+    /// Every timer, slot by slot (start, ready, failover, watchdog), then the retiring and
+    /// draining workers, then the stall check.
     func timers() -> [SupervisorTimer] {
         var timers: [SupervisorTimer] = []
         for service in services {
             for slot in service.slots {
-                timers += [.start(service, slot), .ready(service, slot), .failover(service, slot)]
+                timers += [.start(service, slot), .ready(service, slot), .failover(service, slot),
+                           .watchdog(service, slot)]
             }
         }
-        return timers + retiring.keys.map { .kill($0) } + draining.keys.map { .drain($0) }
+        return timers + retiring.keys.map { .kill($0) } + draining.keys.map { .drain($0) } + [.stallCheck]
     }
 
     /// When `timer` is due, or nil while its condition does not hold.
@@ -51,6 +57,12 @@ extension Supervisor {
             return deadline
         case .drain(let pid):
             return draining[pid]?.nextCheck
+        case .watchdog(let service, let slot):
+            guard slot.pid != nil, !stopping, service.configuration.watchdogMs > 0 else { return nil }
+            return slot.watchdogDeadline
+        case .stallCheck:
+            guard !stopping, hasStallCheck else { return nil }
+            return nextStallCheck
         }
     }
 
@@ -74,6 +86,10 @@ extension Supervisor {
                 retiring[pid] = Int64.max
             case .drain(let pid):
                 checkDrain(pid, now: now)
+            case .watchdog(let service, let slot):
+                watchdogExpired(service, slot, now: now)
+            case .stallCheck:
+                checkStalls(now: now)
             }
         }
     }

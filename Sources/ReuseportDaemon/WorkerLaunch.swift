@@ -10,8 +10,8 @@ import SystemPackage
 ///    sockets dup'ed onto fd 3…, /dev/null on stdin, a pipe on stdout and stderr, signals
 ///    unblocked and at their defaults, in a process group of its own.
 /// 2. That process (`WorkerExec`) drops to the configured user and group, asks the kernel
-///    for SIGKILL when the daemon dies, sets `LISTEN_PID` to its own pid (which only the
-///    child can know before exec) and execs the configured program, or runs the built-in
+///    for SIGKILL when the daemon dies, sets `LISTEN_PID` (and `WATCHDOG_PID` with a watchdog)
+///    to its own pid (which only the child can know before exec) and execs the configured program, or runs the built-in
 ///    worker in place.
 public struct WorkerSpawn {
     public var executable: String
@@ -86,6 +86,9 @@ public struct WorkerExec {
         try Syscall.setParentDeathSignal(SIGKILL)
         guard getppid() == parent else { throw WorkerError("the daemon (pid \(parent)) is gone; not starting") }
         setenv(ActivationEnvironment.listenPID, String(getpid()), 1)
+        if getenv(ActivationEnvironment.watchdogUsec) != nil {
+            setenv(ActivationEnvironment.watchdogPID, String(getpid()), 1)
+        }
         switch program {
         case .builtin(let kind):
             try BuiltinWorker(kind: kind, sockets: ActivatedSockets.fromEnvironment()).run()

@@ -126,6 +126,16 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     /// Takes the slot's sockets out of the arrays and out of this plane, open, in listener
     /// order. The fallback table must no longer name the slot.
+    /// Hands every slot's sockets to the caller, open, by slot (in listener order), and takes
+    /// them out of this plane's arrays. For a plane that was replaced in its groups (another
+    /// plane's program is attached now, `attachPrograms`): nothing is steered to these sockets
+    /// any more, and what is queued in them is read by their workers while the caller drains.
+    public func handOverSockets() throws -> [UInt32: [ReuseportSocket]] {
+        var taken: [UInt32: [ReuseportSocket]] = [:]
+        for slot in slots { taken[slot] = try takeSockets(slot) }
+        return taken
+    }
+
     private func takeSockets(_ slot: UInt32) throws -> [ReuseportSocket] {
         var taken: [ReuseportSocket] = []
         for listener in listeners {

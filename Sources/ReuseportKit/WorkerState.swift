@@ -14,8 +14,10 @@ public struct WorkerState: Hashable, Sendable, CustomStringConvertible {
     public static let backoff = WorkerState(RP_WORKER_BACKOFF)
     public static let failedOver = WorkerState(RP_WORKER_FAILED_OVER)
     public static let stopping = WorkerState(RP_WORKER_STOPPING)
+    /// Alive, but its receive queue stays full while the kernel drops datagrams at it.
+    public static let stalled = WorkerState(RP_WORKER_STALLED)
 
-    public static let all: [WorkerState] = [.empty, .starting, .running, .backoff, .failedOver, .stopping]
+    public static let all: [WorkerState] = [.empty, .starting, .running, .backoff, .failedOver, .stopping, .stalled]
 
     /// The name reuseportctl shows and the JSON carries.
     public var description: String {
@@ -26,6 +28,7 @@ public struct WorkerState: Hashable, Sendable, CustomStringConvertible {
         case .backoff: "backoff"
         case .failedOver: "failed-over"
         case .stopping: "stopping"
+        case .stalled: "stalled"
         default: "unknown(\(rawValue))"
         }
     }

@@ -43,6 +43,12 @@ enum PrometheusExposition {
                perSlot { UInt64($0.buckets) })
         family("reuseport_slot_worker_restarts_total", "counter", "Worker starts after the first, per slot.",
                perSlot { UInt64($0.state.restarts) })
+        family("reuseport_slot_stalls_total", "counter",
+               "Times the slot was marked stalled: its receive queue stayed full while the kernel dropped datagrams.",
+               perSlot { UInt64($0.state.stalls) })
+        family("reuseport_slot_watchdog_restarts_total", "counter",
+               "Workers stopped (SIGABRT) for sending no WATCHDOG=1 within watchdog_ms, per slot.",
+               perSlot { UInt64($0.state.watchdog_restarts) })
         family("reuseport_slot_state", "gauge", "The slot's worker state (1 for the current state).") { service in
             service.slots.flatMap { slot in
                 WorkerState.all.map { state in

@@ -147,7 +147,8 @@ struct SteeringTests {
             #expect(output.contains(expected.joined(separator: ",")), "bpftool: \(output)")
         }
         // A map opened with the wrong layout is refused with a typed error.
-        #expect(throws: ReuseportError.abiMismatch(map: RP_MAP_SLOT_STATE, field: "value", kernel: 32, expected: 16)) {
+        #expect(throws: ReuseportError.abiMismatch(map: RP_MAP_SLOT_STATE, field: "value",
+                                                   kernel: MemoryLayout<rp_slot_state>.size, expected: 16)) {
             _ = try BPFMap(pinnedAt: layout.path(ofShared: RP_MAP_SLOT_STATE), name: RP_MAP_SLOT_STATE,
                            keySize: 4, valueSize: 16)
         }

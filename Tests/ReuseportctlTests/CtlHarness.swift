@@ -58,7 +58,8 @@ final class PinnedService {
     func setState(_ slot: UInt32, pid: UInt32, state: WorkerState, restarts: UInt32 = 0, since: UInt64) throws {
         let cookie = try plane.listeners[0].sockets[slot]?.cookie() ?? 0
         try plane.publish(rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts, generation: 0,
-                                        since_ns: since, socket_cookie: cookie), slot: slot)
+                                        since_ns: since, socket_cookie: cookie, stalls: 0,
+                                        watchdog_restarts: 0), slot: slot)
     }
 
     func cookie(_ slot: UInt32) throws -> UInt64 { try plane.listeners[0].sockets[slot]!.cookie() }

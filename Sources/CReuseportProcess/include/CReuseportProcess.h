@@ -46,4 +46,12 @@ int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length);
 /* pidfd_open(2) (Linux 5.3; glibc has no wrapper before 2.36). -1 and errno on failure. */
 int rpd_pidfd_open(pid_t pid);
 
+/* recvmsg(2) of one datagram, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC, with the sender's
+ * SCM_CREDENTIALS (the socket needs SO_PASSCRED; the kernel fills them in for a sender that
+ * did not: net/unix/af_unix.c, unix_maybe_add_creds()). Returns the datagram's full length
+ * (more than `length` when it was cut), -1 and errno on failure (EAGAIN: none waits).
+ * *pid is 0 when no credentials came. Descriptors sent
+ * along (SCM_RIGHTS) are closed: nobody may make the daemon hold its fds. */
+long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pid_t *pid, uid_t *uid);
+
 #endif

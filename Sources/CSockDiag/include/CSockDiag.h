@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
-// Kernel uapi that reuseportctl needs and Swift cannot import from Glibc: sock_diag over
-// netlink (per-socket receive drops, matched by socket cookie) and capability numbers.
+// Kernel uapi that Swift cannot import from Glibc: sock_diag over netlink (per-socket receive
+// queues and drops, matched by socket cookie: ReuseportKit/SocketDiagnostics.swift, used by
+// reuseportctl and the daemon) and capability numbers (reuseportctl features).
 // Every symbol is prefixed rp_.
 #ifndef CSOCKDIAG_H
 #define CSOCKDIAG_H

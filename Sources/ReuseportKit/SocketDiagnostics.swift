@@ -5,18 +5,23 @@ import CSockDiag
 import ReuseportKit
 
 /// What the kernel reports about one socket through sock_diag.
-struct SocketDiagnosis: Sendable {
-    var transport: Transport
-    var local: SocketAddress
-    var cookie: UInt64
-    var inode: UInt64
+public struct SocketDiagnosis: Sendable {
+    public var transport: Transport
+    public var local: SocketAddress
+    public var cookie: UInt64
+    public var inode: UInt64
     /// Bytes waiting in the receive queue (UDP) or the accept queue length (TCP listener).
-    var receiveQueue: UInt64
+    public var receiveQueue: UInt64
     /// sk_drops: datagrams the kernel dropped at this socket (receive buffer full, filter,
     /// checksum); nil when the kernel did not report it.
-    var drops: UInt64?
+    public var drops: UInt64?
     /// IPV6_V6ONLY of an IPv6 socket (nil for IPv4, or when the kernel did not say).
-    var v6Only: Bool? = nil
+    public var v6Only: Bool? = nil
+    /// SK_MEMINFO_RMEM_ALLOC and SK_MEMINFO_RCVBUF: the memory the receive queue holds (the
+    /// datagrams' truesize, not their payload) and its limit. UDP drops a datagram that would
+    /// take the first above the second (__udp_enqueue_schedule_skb() in net/ipv4/udp.c).
+    public var receiveMemory: UInt64? = nil
+    public var receiveBuffer: UInt64? = nil
 }
 
 /// sock_diag (NETLINK_SOCK_DIAG, inet_diag): every UDP socket and TCP listener of this network
@@ -25,12 +30,27 @@ struct SocketDiagnosis: Sendable {
 /// sock_diag_save_cookie()), so a slot's socket is matched exactly, unlike /proc/net/udp
 /// which has no cookie. INET_DIAG_SKMEMINFO came with 3.6; udp_diag is a module the kernel
 /// loads on the first request.
-enum SocketDiagnostics {
+/// Shared by reuseportctl (drops per socket) and the daemon (SlotStallMonitor: a slot whose
+/// worker stopped reading).
+public enum SocketDiagnostics {
     /// The sockets of `transports`, both families, by cookie.
-    static func sockets(_ transports: Set<Transport>) throws -> [UInt64: SocketDiagnosis] {
-        let socket = try Syscall.socket(AF_NETLINK, Int32(SOCK_DGRAM.rawValue), protocol: NETLINK_SOCK_DIAG,
-                                        "AF_NETLINK, NETLINK_SOCK_DIAG")
+    public static func sockets(_ transports: Set<Transport>) throws -> [UInt64: SocketDiagnosis] {
+        let socket = try openSocket()
         defer { socket.close() }
+        return try sockets(transports, using: socket)
+    }
+
+    /// A NETLINK_SOCK_DIAG socket, for a caller that asks again and again (the daemon, every
+    /// second) and must not need a new descriptor each time (it may have none to spare).
+    public static func openSocket() throws -> OwnedDescriptor {
+        try Syscall.socket(AF_NETLINK, Int32(SOCK_DGRAM.rawValue), protocol: NETLINK_SOCK_DIAG,
+                           "AF_NETLINK, NETLINK_SOCK_DIAG")
+    }
+
+    /// As `sockets(_:)`, over a socket from `openSocket()`.
+    public static func sockets(_ transports: Set<Transport>, using socket: OwnedDescriptor) throws
+        -> [UInt64: SocketDiagnosis]
+    {
         var found: [UInt64: SocketDiagnosis] = [:]
         var sequence: UInt32 = 1
         for transport in Transport.allCases where transports.contains(transport) {
@@ -120,6 +140,8 @@ enum SocketDiagnostics {
         let cookie = UInt64(message.id.idiag_cookie.0) | UInt64(message.id.idiag_cookie.1) << 32
         var drops: UInt64?
         var v6Only: Bool?
+        var receiveMemory: UInt64?
+        var receiveBuffer: UInt64?
         var offset = start + Int(rp_nlmsg_align(UInt32(messageSize)))
         let attributeHeader = MemoryLayout<nlattr>.size
         while offset + attributeHeader <= end {
@@ -128,11 +150,14 @@ enum SocketDiagnostics {
             guard length >= attributeHeader, offset + length <= end else { break }
             if Int(attribute.nla_type) == INET_DIAG_SKMEMINFO {
                 let fields = (length - attributeHeader) / MemoryLayout<UInt32>.size
-                let index = Int(SK_MEMINFO_DROPS)
-                if index < fields {
-                    let value = bytes.loadUnaligned(fromByteOffset: offset + attributeHeader + index * 4, as: UInt32.self)
-                    drops = UInt64(value)
+                func field(_ index: Int) -> UInt64? {
+                    guard index < fields else { return nil }
+                    let at = offset + attributeHeader + index * MemoryLayout<UInt32>.size
+                    return UInt64(bytes.loadUnaligned(fromByteOffset: at, as: UInt32.self))
                 }
+                drops = field(Int(SK_MEMINFO_DROPS))
+                receiveMemory = field(Int(SK_MEMINFO_RMEM_ALLOC))
+                receiveBuffer = field(Int(SK_MEMINFO_RCVBUF))
             }
             if Int(attribute.nla_type) == INET_DIAG_SKV6ONLY, length > attributeHeader {
                 v6Only = bytes.load(fromByteOffset: offset + attributeHeader, as: UInt8.self) != 0
@@ -141,6 +166,7 @@ enum SocketDiagnostics {
         }
         return SocketDiagnosis(transport: transport, local: SocketAddress(address, UInt16(bigEndian: message.id.idiag_sport)),
                                cookie: cookie, inode: UInt64(message.idiag_inode),
-                               receiveQueue: UInt64(message.idiag_rqueue), drops: drops, v6Only: v6Only)
+                               receiveQueue: UInt64(message.idiag_rqueue), drops: drops, v6Only: v6Only,
+                               receiveMemory: receiveMemory, receiveBuffer: receiveBuffer)
     }
 }

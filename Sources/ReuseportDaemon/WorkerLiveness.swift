@@ -1,0 +1,146 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import ReuseportKit
+
+/// Whether a worker that is alive also serves: its notifications (NOTIFY_SOCKET: `WATCHDOG=1`,
+/// `READY=1`, `STATUS=`), its watchdog, and the stall check of its sockets' receive queues.
+/// The timers are in SupervisorTimers.swift (`watchdog`, `stallCheck`).
+extension Supervisor {
+    /// How often the slots' sockets are sampled with sock_diag.
+    static let stallCheckIntervalNs: Int64 = 1_000_000_000
+    /// Samples in a row with a full queue and more drops before a slot is stalled: a burst that
+    /// fills the queue for a moment is not a stall.
+    static let stallSamplesToMark = 2
+
+    /// Reads what is waiting at the notify socket.
+    func readNotifications(now: Int64) {
+        notify?.receive(logger: logger) { message, sender in notified(message, from: sender, now: now) }
+    }
+
+    /// Applies a notification to the worker that sent it. False when `sender` is not a worker
+    /// of a slot: not a worker's pid, nor in the process group a worker leads, nor in a worker's
+    /// cgroup (a helper the worker forked may speak for it, as with systemd's NotifyAccess=all
+    /// limited to the worker).
+    func notified(_ message: NotifyMessage, from sender: pid_t, now: Int64) -> Bool {
+        guard let leader = worker(of: sender), let (service, slot) = workers[leader], slot.pid == leader else {
+            return false
+        }
+        let watchdogMs = service.configuration.watchdogMs
+        if message.watchdog, watchdogMs > 0, slot.watchdogDeadline != nil {
+            slot.watchdogDeadline = now + watchdogMs.msAsNs
+        }
+        if message.watchdogTrigger, slot.watchdogDeadline != nil { slot.watchdogDeadline = now }
+        if message.ready, !slot.notifiedReady {
+            slot.notifiedReady = true
+            service.logger.debug("slot \(slot.index): worker pid \(leader) sent READY=1")
+        }
+        if let status = message.status { slot.notifiedStatus = status }
+        return true
+    }
+
+    /// The worker (its pid) that `pid` belongs to, if any.
+    func worker(of pid: pid_t) -> pid_t? {
+        if workers[pid] != nil { return pid }
+        if let group = Syscall.processGroup(of: pid), workers[group] != nil { return group }
+        guard let text = try? Syscall.readFile("/proc/\(pid)/cgroup"),
+              let line = String(decoding: text, as: UTF8.self).split(separator: "\n").first(where: { $0.hasPrefix("0::") })
+        else { return nil }
+        let cgroup = line.dropFirst(3)
+        guard cgroup.count > 1 else { return nil }
+        return processes.first { workers[$0.key] != nil && $0.value.cgroup?.hasSuffix(cgroup) == true }?.key
+    }
+
+    /// A worker missed its watchdog: SIGABRT to every process of it (SIGKILL at the stop
+    /// timeout), as systemd does for `WatchdogSec=`. Its exit restarts the slot the usual way.
+    func watchdogExpired(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
+        slot.watchdogDeadline = nil
+        guard let pid = slot.pid else { return }
+        slot.watchdogRestarts &+= 1
+        let stopMs = configuration.stopTimeoutMs
+        service.logger.error(
+            "slot \(slot.index): worker pid \(pid) sent no WATCHDOG=1 for \(service.configuration.watchdogMs) ms: SIGABRT, SIGKILL after \(stopMs) ms (watchdog restart \(slot.watchdogRestarts))")
+        signal(pid, SIGABRT)
+        if retiring[pid] == nil { retiring[pid] = now + stopMs.msAsNs }
+        service.publish(slot)
+    }
+
+    /// Whether some service has a UDP listener to sample.
+    var hasStallCheck: Bool {
+        services.contains { $0.listeners.contains { $0.transport == .udp } }
+    }
+
+    /// Samples every UDP socket of every slot (sock_diag) and marks a running slot stalled when
+    /// its receive queue stayed full while its drops grew (`stallSamplesToMark` samples in a
+    /// row), and a stalled one running again once the queue has drained.
+    func checkStalls(now: Int64) {
+        nextStallCheck = now + Supervisor.stallCheckIntervalNs
+        let diagnoses: [UInt64: SocketDiagnosis]
+        do {
+            if sockDiag == nil { sockDiag = try SocketDiagnostics.openSocket() }
+            diagnoses = try SocketDiagnostics.sockets([.udp], using: sockDiag!)
+            if stallCheckFailing {
+                logger.notice("stall check: sock_diag answers again")
+                stallCheckFailing = false
+            }
+        } catch {
+            if !stallCheckFailing { logger.warning("stall check: cannot sample the sockets: \(error)") }
+            stallCheckFailing = true
+            return
+        }
+        for service in services {
+            for slot in service.slots {
+                let sockets = service.plane.sockets(ofSlot: slot.index).filter { $0.endpoint.transport == .udp }
+                let seen = sockets.compactMap { socket in (try? socket.cookie()).flatMap { diagnoses[$0] } }
+                guard !seen.isEmpty else { continue }
+                let sample = slot.stallSamples.add(seen)
+                if slot.state == .running, sample.fullWithGrowingDrops >= Supervisor.stallSamplesToMark {
+                    slot.stalls &+= 1
+                    service.logger.error(
+                        "slot \(slot.index): worker pid \(slot.pid ?? 0) is not reading: its receive queue is full and the kernel dropped \(sample.newDrops) datagrams in the last second (stall \(slot.stalls))")
+                    service.transition(slot, to: .stalled)
+                } else if slot.state == .stalled, sample.drained {
+                    service.logger.notice("slot \(slot.index): receive queue drained, running again")
+                    service.transition(slot, to: .running)
+                }
+            }
+        }
+    }
+}
+
+/// What the stall check saw of one slot's sockets.
+struct StallSamples {
+    /// Drops summed over the slot's sockets at the last sample.
+    private var lastDrops: UInt64?
+    /// Samples in a row with a full queue and more drops than the sample before.
+    private(set) var fullWithGrowingDrops = 0
+    private(set) var newDrops: UInt64 = 0
+    /// Every queue holds less than half its buffer.
+    private(set) var drained = false
+
+    /// A queue is full at three quarters of SO_RCVBUF: UDP drops a datagram that does not fit
+    /// the rest, so a queue nobody reads stays within one datagram's truesize of the limit.
+    static func isFull(_ socket: SocketDiagnosis) -> Bool {
+        guard let memory = socket.receiveMemory, let buffer = socket.receiveBuffer, buffer > 0 else { return false }
+        return memory * 4 >= buffer * 3
+    }
+
+    static func isDrained(_ socket: SocketDiagnosis) -> Bool {
+        guard let memory = socket.receiveMemory, let buffer = socket.receiveBuffer else { return true }
+        return memory * 2 < buffer
+    }
+
+    mutating func add(_ sockets: [SocketDiagnosis]) -> StallSamples {
+        let drops = sockets.compactMap(\.drops).reduce(0, +)
+        newDrops = lastDrops.map { drops > $0 ? drops - $0 : 0 } ?? 0
+        lastDrops = drops
+        if newDrops > 0, sockets.contains(where: StallSamples.isFull) {
+            fullWithGrowingDrops += 1
+        } else {
+            fullWithGrowingDrops = 0
+        }
+        drained = sockets.allSatisfy(StallSamples.isDrained)
+        return self
+    }
+}

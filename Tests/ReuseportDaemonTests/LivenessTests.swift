@@ -1,0 +1,87 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportControl
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// Workers' notifications (NOTIFY_SOCKET) and systemd's watchdog, per worker, on the real daemon.
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct LivenessTests {
+    /// A worker that sends READY=1, STATUS= and WATCHDOG=1 every 200 ms for 3 s and then
+    /// hangs (alive, silent) is stopped after `watchdog_ms` and replaced; the restart is counted
+    /// per slot. While it pings, it is not touched, and it sees WATCHDOG_USEC and its own
+    /// WATCHDOG_PID.
+    @Test func aWorkerThatStopsPingingIsRestartedAndCounted() throws {
+        let script = """
+            import os, socket, time
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            ok = os.environ.get("WATCHDOG_PID") == str(os.getpid())
+            s.sendto(("READY=1\\nSTATUS=pinging usec=%s pid_ok=%d" % (os.environ.get("WATCHDOG_USEC"), ok)).encode(),
+                     os.environ["NOTIFY_SOCKET"])
+            end = time.monotonic() + 3
+            while time.monotonic() < end:
+                s.sendto(b"WATCHDOG=1", os.environ["NOTIFY_SOCKET"])
+                time.sleep(0.2)
+            time.sleep(3600)
+            """
+        let program = "exec = [\"python3\", \"-c\", \(jsonString(script))]"
+        let daemon = try TestDaemon(config: "stop_timeout_ms = 1000\n" + serviceTable(
+            "dog", workers: 1, program: program, extra: "watchdog_ms = 2000\nready_after_ms = 100"))
+        let first = try daemon.waitFor("the worker's READY=1 and STATUS=") { services in
+            services[0].slots[0].notifiedReady == true && services[0].slots[0].notifiedStatus != nil
+        }[0].slots[0]
+        let started = nowMs()
+        #expect(first.notifiedStatus == "pinging usec=2000000 pid_ok=1")
+        #expect(first.watchdogRestarts == 0)
+
+        let after = try daemon.waitFor("a watchdog restart", timeoutMs: 15_000) { services in
+            services[0].slots[0].watchdogRestarts == 1 && services[0].slots[0].pid != first.pid
+                && services[0].slots[0].pid != nil
+        }[0].slots[0]
+        let elapsed = nowMs() - started
+        #expect(elapsed >= 3000, "the watchdog fired only after the pings stopped (\(elapsed) ms)")
+        #expect(after.restarts >= 1)
+        #expect(daemon.log.contains("sent no WATCHDOG=1 for 2000 ms: SIGABRT"), "\(daemon.logTail())")
+        let ready = try daemon.waitFor("the replacement's READY=1") { $0[0].slots[0].notifiedReady == true }
+        #expect(ready[0].slots[0].watchdogRestarts == 1, "the replacement pings: no second restart yet")
+        #expect(daemon.stop() == 0)
+    }
+
+    /// Datagrams that are not notifications (garbage bytes, a line without '=', more than
+    /// 4096 bytes) and notifications from a process that is not a worker are ignored and
+    /// counted; the daemon and its workers go on.
+    @Test func garbageAtTheNotifySocketIsIgnoredAndCounted() throws {
+        let daemon = try TestDaemon(config: serviceTable("calm", workers: 2))
+        let before = try daemon.waitForWorkers()
+        let socket = try Syscall.socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), "AF_UNIX")
+        defer { socket.close() }
+        try Syscall.connect(socket.fd, unixPath: "\(daemon.runDirectory)/notify.sock")
+        let datagrams: [[UInt8]] = [[0xff, 0xfe, 0x00, 0x41], Array("no assignment here".utf8),
+                                    Array(repeating: 0x41, count: 5000), Array("WATCHDOG=1\nREADY=1".utf8)]
+        for datagram in datagrams {
+            _ = try datagram.withUnsafeBytes { try Syscall.send(socket.fd, $0, flags: 0) }
+        }
+        var ignored: IgnoredNotifications?
+        let deadline = nowMs() + 10_000
+        while nowMs() < deadline {
+            ignored = try daemon.request(ControlRequest(command: .status)).ignoredNotifications
+            if ignored == IgnoredNotifications(malformed: 2, oversized: 1, notWorker: 1) { break }
+            sleepMs(20)
+        }
+        #expect(ignored == IgnoredNotifications(malformed: 2, oversized: 1, notWorker: 1))
+        let after = try daemon.status()
+        #expect(after[0].slots.map(\.pid) == before[0].slots.map(\.pid), "no worker was touched")
+        #expect(after[0].slots.allSatisfy { $0.notifiedReady == false && $0.state == "running" })
+        #expect(daemon.stop() == 0)
+    }
+}
+
+/// `text` as a TOML basic string (JSON's escapes, without `\/`, which TOML lacks).
+func jsonString(_ text: String) -> String {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = .withoutEscapingSlashes
+    return String(decoding: try! encoder.encode(text), as: UTF8.self)
+}
