@@ -5,6 +5,7 @@
 #   make kernel-test  the kernel-feature suite on the running kernel (CHECKS=... picks checks)
 #   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12 testing", KVM=1, BREAK=CHECK)
 #   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
+#   make unit-check score dist/reuseportd.service with systemd-analyze security (fails above 4.5)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -30,6 +31,8 @@ EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/obj
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... and what `make bench` needs on top (gnuplot draws the chart).
 BENCH_APT_PACKAGES := gnuplot-nox
+# ... and what `make unit-check` needs (systemd-analyze; systemd need not run).
+UNIT_APT_PACKAGES := systemd
 # ... and what `make vmtest` needs on top.
 VM_APT_PACKAGES := qemu-system-x86 busybox-static cpio
 
@@ -44,7 +47,7 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench
+.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check
 
 all: build
 
@@ -151,6 +154,28 @@ bench: $(OUTPUT)/.abi-stamp $(OUTPUT)/.bench-deps
 	$(Q)start=$$(date +%s); $(SWIFT) build -c release $(SWIFT_FLAGS) && \
 		"$$($(SWIFT) build -c release $(SWIFT_FLAGS) --show-bin-path)/reuseport-bench" \
 		--output docs/benchmarks.md --build-seconds $$(( $$(date +%s) - start )) $(BENCH_ARGS)
+
+# The unit's exposure as systemd-analyze scores it offline (docs/operations.md, "systemd"):
+# fails when it is above UNIT_MAX_EXPOSURE.
+UNIT_FILE         := dist/reuseportd.service
+UNIT_MAX_EXPOSURE := 4.5
+
+$(OUTPUT)/.unit-deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(UNIT_APT_PACKAGES))
+	$(Q)touch $@
+
+unit-check: $(OUTPUT)/.unit-deps
+	$(call msg,ANALYZE,$(UNIT_FILE))
+	$(Q)systemd-analyze security --offline=true --no-pager $(UNIT_FILE) >$(OUTPUT)/unit-check.txt 2>&1; \
+		score=$$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' $(OUTPUT)/unit-check.txt); \
+		if [ -z "$$score" ]; then cat $(OUTPUT)/unit-check.txt; exit 1; fi; \
+		$(if $(Q),,cat $(OUTPUT)/unit-check.txt;) \
+		if awk "BEGIN { exit !($$score > $(UNIT_MAX_EXPOSURE)) }"; then \
+			grep '✗' $(OUTPUT)/unit-check.txt; \
+			echo "$(UNIT_FILE): exposure $$score, above $(UNIT_MAX_EXPOSURE)"; exit 1; \
+		fi; \
+		echo "  $(UNIT_FILE): exposure $$score (at most $(UNIT_MAX_EXPOSURE))"
 
 clean:
 	$(call msg,CLEAN,$(OUTPUT) .build)

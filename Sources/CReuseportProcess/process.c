@@ -117,3 +117,42 @@ long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pi
 	}
 	return n;
 }
+
+int rpd_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable)
+{
+	struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = { 0 };
+
+	if (syscall(SYS_capget, &header, data) != 0)
+		return -1;
+	*effective = (uint64_t)data[1].effective << 32 | data[0].effective;
+	*permitted = (uint64_t)data[1].permitted << 32 | data[0].permitted;
+	*inheritable = (uint64_t)data[1].inheritable << 32 | data[0].inheritable;
+	return 0;
+}
+
+int rpd_capset(uint64_t effective, uint64_t permitted, uint64_t inheritable)
+{
+	struct __user_cap_header_struct header = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+	struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {
+		{ (uint32_t)effective, (uint32_t)permitted, (uint32_t)inheritable },
+		{ (uint32_t)(effective >> 32), (uint32_t)(permitted >> 32), (uint32_t)(inheritable >> 32) },
+	};
+
+	return (int)syscall(SYS_capset, &header, data);
+}
+
+int rpd_capbset_read(int capability)
+{
+	return prctl(PR_CAPBSET_READ, (unsigned long)capability, 0, 0, 0);
+}
+
+int rpd_capbset_drop(int capability)
+{
+	return prctl(PR_CAPBSET_DROP, (unsigned long)capability, 0, 0, 0);
+}
+
+int rpd_ambient_clear_all(void)
+{
+	return prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+}

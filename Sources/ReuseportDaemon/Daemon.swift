@@ -81,6 +81,7 @@ public final class Daemon {
     /// everything.
     public func run() throws {
         supervisor.prepareWorkers()
+        DaemonPrivileges.dropUnneeded(cgroups: supervisor.cgroups, logger: logger)
         supervisor.startAllWorkers()
         do {
             try serve()

@@ -81,6 +81,8 @@ public struct WorkerExec {
         case .success: break
         case .failure(let error): throw WorkerError("cannot run as user \(user ?? "-") group \(group ?? "-"): \(error)")
         }
+        // A change between two non-zero uids keeps the ambient set, which execve() passes on.
+        try Syscall.clearAmbientCapabilities()
         // After the credential change (it clears the setting), and then check that the daemon
         // did not die before it was set: the signal would never come.
         try Syscall.setParentDeathSignal(SIGKILL)

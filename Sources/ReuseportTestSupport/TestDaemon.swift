@@ -111,9 +111,11 @@ public final class TestDaemon {
     public static var isBuilt: Bool { access(builtBinary, X_OK) == 0 }
 
     /// Starts `binary` with `config`. `pinRoot`: reuse another run's pin root (default: a
-    /// fresh one). `logLevel`: nil leaves the daemon's default.
+    /// fresh one). `logLevel`: nil leaves the daemon's default. `launcher`: a command that
+    /// execs the daemon's command line given after it (e.g. `setpriv … --`); the daemon keeps
+    /// the launcher's pid.
     public init(config: String, binary: String = TestDaemon.builtBinary, pinRoot: String? = nil,
-                logLevel: String? = "debug") throws {
+                logLevel: String? = "debug", launcher: [String] = []) throws {
         guard access(binary, X_OK) == 0 else { throw HarnessError("no reuseportd binary at \(binary): run swift build") }
         directory = try TemporaryDirectory()
         configPath = try directory.write("reuseportd.toml", config)
@@ -121,7 +123,8 @@ public final class TestDaemon {
         runDirectory = "\(directory.path)/run"
         logPath = "\(directory.path)/daemon.log"
         control = ControlClient(runDirectory: runDirectory)
-        pid = try spawn([binary, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", runDirectory]
+        pid = try spawn(launcher
+                        + [binary, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", runDirectory]
                         + (logLevel.map { ["--log-level", $0] } ?? []), output: logPath)
     }
 

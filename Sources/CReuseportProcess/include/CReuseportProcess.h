@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 // The few process and socket calls the system layer (ReuseportKit/System) needs that Swift
-// cannot import from Glibc (signalfd, prctl, SO_PEERCRED's struct ucred, pidfd_open, and the
-// _GNU_SOURCE calls accept4, pipe2 and posix_spawn_file_actions_addclosefrom_np). Every
-// symbol is prefixed rpd_.
+// cannot import from Glibc (signalfd, prctl, SO_PEERCRED's struct ucred, pidfd_open, capget and
+// capset, and the _GNU_SOURCE calls accept4, pipe2 and posix_spawn_file_actions_addclosefrom_np).
+// Every symbol is prefixed rpd_.
 #ifndef CREUSEPORT_PROCESS_H
 #define CREUSEPORT_PROCESS_H
 
@@ -12,6 +12,8 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/un.h>
+
+#include <linux/capability.h>
 
 /* signalfd(2) for `mask`, close-on-exec and non-blocking. -1 and errno on failure. */
 int rpd_signalfd(const sigset_t *mask);
@@ -53,5 +55,23 @@ int rpd_pidfd_open(pid_t pid);
  * *pid is 0 when no credentials came. Descriptors sent
  * along (SCM_RIGHTS) are closed: nobody may make the daemon hold its fds. */
 long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pid_t *pid, uid_t *uid);
+
+/* The capability sets of this process, one bit per CAP_* number (capget(2) with
+ * _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set). -1 and errno on failure. */
+int rpd_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);
+
+/* capset(2) of this process's three sets. Raising a bit not in the permitted set fails
+ * with EPERM; lowering a permitted or inheritable bit also lowers it in the ambient set
+ * (security/commoncap.c, cap_capset()). */
+int rpd_capset(uint64_t effective, uint64_t permitted, uint64_t inheritable);
+
+/* prctl(PR_CAPBSET_READ / PR_CAPBSET_DROP): the bounding set limits what an execve() can
+ * grant, also to root (cap_bprm_creds_from_file()). Dropping needs CAP_SETPCAP. */
+int rpd_capbset_read(int capability);
+int rpd_capbset_drop(int capability);
+
+/* prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL) (4.3): the ambient set survives execve()
+ * of a program without file capabilities, and a change between non-zero uids. */
+int rpd_ambient_clear_all(void);
 
 #endif
