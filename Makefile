@@ -29,6 +29,8 @@ BPF_HEADERS := $(wildcard bpf/*.h)
 EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c
 # Debian packages the build and the tests need (apt names).
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
+# ... promtool and a Prometheus server: the metrics endpoint's tests check and scrape it.
+APT_PACKAGES += prometheus
 # ... and what `make bench` needs on top (gnuplot draws the chart).
 BENCH_APT_PACKAGES := gnuplot-nox
 # ... and what `make unit-check` needs (systemd-analyze; systemd need not run).

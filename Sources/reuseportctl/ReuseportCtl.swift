@@ -21,7 +21,7 @@ struct ReuseportCtl: ParsableCommand {
         subcommands: [
             MapCommand.self, WhichCommand.self, StatsCommand.self,
             RestartCommand.self, ScaleCommand.self, ReloadCommand.self,
-            FeaturesCommand.self,
+            FeaturesCommand.self, ServeMetricsCommand.self,
         ]
     )
 }

@@ -124,10 +124,8 @@ struct ServiceReader {
         for name in names {
             do {
                 snapshots.append(try read(name))
-            } catch let error as CtlError {
-                failures.append(error)
             } catch {
-                failures.append(.kernel(error))
+                failures.append(error as? CtlError ?? .kernel(error))
             }
         }
         return (attachingSockets(snapshots, sockets: sockets), failures)
@@ -167,9 +165,47 @@ struct ServiceReader {
     }
 
     private func read(_ name: String) throws -> ServiceSnapshot {
+        try open(name).snapshot()
+    }
+
+    /// Opens one service's pinned maps; the result reads them again without the pins.
+    func open(_ name: String) throws -> OpenedService {
         let layout = PinLayout(root: root, service: name)
         do {
             let maps = try DispatchMaps(pinned: layout)
+            let arrays = try layout.listeners().map { (index: $0, array: try SocketArray(pinned: layout, listener: $0)) }
+            return OpenedService(name: name, layout: layout, maps: maps, arrays: arrays)
+        } catch {
+            throw CtlError.unreadablePins(service: name, directory: layout.serviceDirectory, underlying: error)
+        }
+    }
+
+    /// Snapshots of services opened earlier (through their fds: the pins need not be reachable
+    /// any more, as after `serve-metrics` dropped root), with their sockets' drops.
+    func snapshots(of services: [OpenedService]) -> (snapshots: [ServiceSnapshot], failures: [CtlError]) {
+        var snapshots: [ServiceSnapshot] = []
+        var failures: [CtlError] = []
+        for service in services {
+            do {
+                snapshots.append(try service.snapshot())
+            } catch {
+                failures.append(error as? CtlError ?? .kernel(error))
+            }
+        }
+        return (attachingSockets(snapshots, sockets: true), failures)
+    }
+}
+
+/// One service's maps, open: a snapshot reads them through these fds, not through the pins.
+/// The listeners are those pinned when it was opened.
+struct OpenedService {
+    var name: String
+    var layout: PinLayout
+    var maps: DispatchMaps
+    var arrays: [(index: Int, array: SocketArray)]
+
+    func snapshot() throws -> ServiceSnapshot {
+        do {
             let config = try maps.readConfig()
             if config.abi_version != 0 { try maps.checkConfiguredABI() }
             // The program reads no entry of a bucket_count it refuses (0, above RP_MAX_BUCKETS); the map has
@@ -178,8 +214,7 @@ struct ServiceReader {
                 ? [] : try maps.readBuckets(count: Int(config.bucket_count))
             let fallback = config.abi_version == 0 ? [] : try maps.readFallback()
             var listeners: [ServiceSnapshot.Listener] = []
-            for index in layout.listeners() {
-                let array = try SocketArray(pinned: layout, listener: index)
+            for (index, array) in arrays {
                 var cookies: [UInt32: UInt64] = [:]
                 for slot in 0..<UInt32(RP_MAX_SLOTS) {
                     if let cookie = try array.cookie(at: slot) { cookies[slot] = cookie }

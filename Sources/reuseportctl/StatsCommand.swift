@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ArgumentParser
+import ReuseportControl
 import ReuseportKit
 
 /// `stats`: the program's counters per slot and in total.
@@ -54,7 +55,8 @@ struct StatsCommand: ParsableCommand {
         let (snapshots, failures) = reader.readEach(names)
         if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
         if prometheus {
-            print(PrometheusExposition.render(snapshots), terminator: "")
+            let daemon = MetricsExposition.daemonStatus(runDirectory: location.runDirectory)
+            print(MetricsExposition.render(snapshots, daemon: daemon), terminator: "")
         } else {
             print(snapshots.map { StatsCommand.render($0, previous: nil, seconds: 0) }.joined(separator: "\n"),
                   terminator: "")

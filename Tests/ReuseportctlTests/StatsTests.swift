@@ -21,21 +21,19 @@ struct StatsTests {
         let lines = Set(result.stdout.split(separator: "\n").map(String.init))
         #expect(lines.contains("# TYPE reuseport_slot_packets_total counter"))
         #expect(lines.contains { $0.hasPrefix("# HELP reuseport_slot_packets_total ") })
+        // swift-prometheus writes gauges as floating point ("3.0"): compare parsed samples.
+        let samples = try PrometheusSamples(result.stdout)
         for slot in 0..<UInt32(3) {
-            let count = landed.values.filter { $0 == slot }.count
-            #expect(lines.contains("reuseport_slot_packets_total{service=\"edge\",slot=\"\(slot)\"} \(count)"))
-            #expect(lines.contains("reuseport_slot_bytes_total{service=\"edge\",slot=\"\(slot)\"} \(count * 7)"))
-            #expect(lines.contains("reuseport_slot_receive_drops_total{service=\"edge\",slot=\"\(slot)\",listener=\"0\"} 0"))
+            let count = Double(landed.values.filter { $0 == slot }.count)
+            #expect(samples[#"reuseport_slot_packets_total{service="edge",slot="\#(slot)"}"#] == count)
+            #expect(samples[#"reuseport_slot_bytes_total{service="edge",slot="\#(slot)"}"#] == count * 7)
+            #expect(samples[#"reuseport_slot_receive_drops_total{service="edge",slot="\#(slot)",listener="0"}"#] == 0)
         }
-        #expect(lines.contains("reuseport_slot_worker_restarts_total{service=\"edge\",slot=\"1\"} 5"))
-        #expect(lines.contains("reuseport_slot_state{service=\"edge\",slot=\"1\",state=\"running\"} 1"))
-        #expect(lines.contains("reuseport_dropped_no_slot_total{service=\"edge\"} 0"))
-        #expect(lines.contains("reuseport_slots{service=\"edge\"} 3"))
-        #expect(lines.contains("reuseport_live_slots{service=\"edge\"} 3"))
-        // Every sample line is NAME{labels} VALUE with a numeric value.
-        for line in lines where !line.hasPrefix("#") {
-            #expect(line.split(separator: " ").count == 2 && Double(line.split(separator: " ")[1]) != nil, "\(line)")
-        }
+        #expect(samples[#"reuseport_slot_worker_restarts_total{service="edge",slot="1"}"#] == 5)
+        #expect(samples[#"reuseport_slot_state{service="edge",slot="1",state="running"}"#] == 1)
+        #expect(samples[#"reuseport_dropped_no_slot_total{service="edge"}"#] == 0)
+        #expect(samples[#"reuseport_slots{service="edge"}"#] == 3)
+        #expect(samples[#"reuseport_live_slots{service="edge"}"#] == 3)
     }
 
     /// The table's totals equal the datagrams sent; --watch redraws with rates and stops cleanly

@@ -1,0 +1,139 @@
+import Prometheus
+import ReuseportControl
+import ReuseportKit
+
+/// The one place that turns snapshots of the pins (and, when the daemon answered, its status)
+/// into a Prometheus registry: `stats --prometheus` prints it, `serve-metrics` serves it. A
+/// fresh registry per read: every value is set from the maps, none is counted here.
+enum MetricsExposition {
+    /// What the daemon counts that the maps do not hold, by service name.
+    typealias DaemonStatus = [String: ServiceStatus]
+
+    /// The text exposition format (0.0.4) of `services`.
+    static func render(_ services: [ServiceSnapshot], daemon: DaemonStatus? = nil, unreadable: Int? = nil) -> String {
+        registry(services, daemon: daemon, unreadable: unreadable).emitToString()
+    }
+
+    /// The daemon's status, if its control socket answers within a second; nil otherwise (no
+    /// daemon, or not root): the maps' metrics do not depend on it.
+    static func daemonStatus(runDirectory: String) -> DaemonStatus? {
+        let client = ControlClient(runDirectory: runDirectory, timeoutSeconds: 1)
+        guard let services = try? client.perform(ControlRequest(command: .status)).services else { return nil }
+        return Dictionary(services.map { ($0.name, $0) }) { first, _ in first }
+    }
+
+    static func registry(_ services: [ServiceSnapshot], daemon: DaemonStatus? = nil,
+                         unreadable: Int? = nil) -> PrometheusCollectorRegistry {
+        let registry = PrometheusCollectorRegistry()
+        let builder = Builder(registry: registry)
+        for service in services {
+            builder.add(service)
+            if let status = daemon?[service.name] { builder.add(status, of: service.name) }
+        }
+        if let unreadable {
+            registry.makeGauge(descriptor: descriptor("reuseport_unreadable_services",
+                                                      "Services whose maps could not be read at this scrape."))
+                .set(Int64(unreadable))
+        }
+        return registry
+    }
+
+    /// Our names are whole (unit suffix included), as docs/cli.md lists them.
+    private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+    }
+
+    private struct Builder {
+        let registry: PrometheusCollectorRegistry
+
+        func counter(_ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
+            registry.makeCounter(descriptor: descriptor(name, help), labels: labels).increment(by: Int64(clamping: value))
+        }
+
+        func gauge(_ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
+            registry.makeGauge(descriptor: descriptor(name, help), labels: labels).set(Int64(clamping: value))
+        }
+
+        func add(_ service: ServiceSnapshot) {
+            let name = ("service", service.name)
+            for slot in service.slots {
+                let labels = [name, ("slot", "\(slot.index)")]
+                counter("reuseport_slot_packets_total",
+                        "Datagrams (UDP) or connection requests (TCP) the program steered to the slot.",
+                        labels, slot.counters.packets)
+                counter("reuseport_slot_bytes_total", "UDP payload bytes the program steered to the slot.",
+                        labels, slot.counters.bytes)
+                counter("reuseport_slot_fallbacks_total",
+                        "Packets steered to the slot because their own slot had no socket.", labels,
+                        slot.counters.fallbacks)
+                for socket in slot.sockets {
+                    guard let drops = socket.diagnosis?.drops else { continue }
+                    counter("reuseport_slot_receive_drops_total",
+                            "Packets the kernel dropped at the slot's socket (sk_drops), per listener.",
+                            labels + [("listener", "\(socket.listener)")], drops)
+                }
+                gauge("reuseport_slot_buckets", "Entries of the bucket table that name the slot.", labels,
+                      UInt64(slot.buckets))
+                counter("reuseport_slot_worker_restarts_total", "Worker starts after the first, per slot.", labels,
+                        UInt64(slot.state.restarts))
+                counter("reuseport_slot_stalls_total",
+                        "Times the slot was marked stalled: its receive queue stayed full while the kernel dropped datagrams.",
+                        labels, UInt64(slot.state.stalls))
+                counter("reuseport_slot_watchdog_restarts_total",
+                        "Workers stopped (SIGABRT) for sending no WATCHDOG=1 within watchdog_ms, per slot.", labels,
+                        UInt64(slot.state.watchdog_restarts))
+                for state in WorkerState.all {
+                    gauge("reuseport_slot_state", "The slot's worker state (1 for the current state).",
+                          labels + [("state", "\(state)")], slot.workerState == state ? 1 : 0)
+                }
+                for listener in service.listeners {
+                    gauge("reuseport_slot_socket_up", "1 if the slot has a socket in the listener's array.",
+                          labels + [("listener", "\(listener.index)")], listener.cookies[slot.index] == nil ? 0 : 1)
+                }
+            }
+            gauge("reuseport_slots", "Slots configured (rp_config.slot_count).", [name], UInt64(service.config.slot_count))
+            gauge("reuseport_live_slots",
+                  "Slots holding a socket, over which the fallback table is spread (rp_config.live_count).", [name],
+                  UInt64(service.config.live_count))
+            gauge("reuseport_buckets", "Entries of the bucket table in use.", [name], UInt64(service.config.bucket_count))
+            let global = service.global
+            counter("reuseport_dropped_no_slot_total",
+                    "Packets dropped because no slot had a socket (or no configuration).", [name], global.dropped_no_slot)
+            counter("reuseport_unparsable_total", "Packets the program could not parse (dropped).", [name],
+                    global.unparsable)
+            counter("reuseport_fallbacks_total", "Packets whose slot had no socket, sent to a live one.", [name],
+                    global.fallbacks)
+            counter("reuseport_select_errors_total", "bpf_sk_select_reuseport() failures other than an empty slot.",
+                    [name], global.select_errors)
+        }
+
+        /// The daemon's own counters (since it started): absent from an older daemon's answer.
+        func add(_ status: ServiceStatus, of service: String) {
+            let name = ("service", service)
+            let perService: [(String, String, Int?)] = [
+                ("reuseport_failovers_total", "Slots failed over (their buckets moved to live slots) since the daemon started.",
+                 status.failovers),
+                ("reuseport_rescue_starts_total",
+                 "Workers started at once, without back-off, because every other slot was down.", status.rescueStarts),
+                ("reuseport_removed_slot_drops_total",
+                 "Datagrams left unread at removed slots' sockets after a scale-down.", status.removedSlotDrops),
+            ]
+            for (metric, help, value) in perService {
+                if let value { counter(metric, help, [name], UInt64(clamping: value)) }
+            }
+            for slot in status.slots {
+                let labels = [name, ("slot", "\(slot.slot)")]
+                if let lines = slot.droppedOutputLines {
+                    counter("reuseport_slot_dropped_output_lines_total",
+                            "Lines of the slot's worker output the daemon did not log (over its rate limit).", labels,
+                            UInt64(clamping: lines))
+                }
+                if let bytes = slot.droppedOutputBytes {
+                    counter("reuseport_slot_dropped_output_bytes_total",
+                            "Bytes of the slot's worker output the daemon did not log (over its rate limit).", labels,
+                            UInt64(clamping: bytes))
+                }
+            }
+        }
+    }
+}

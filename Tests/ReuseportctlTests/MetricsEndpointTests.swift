@@ -1,0 +1,160 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// `serve-metrics` against real pins and real datagrams: its HTTP answer passes promtool, a real
+/// Prometheus server scrapes it, and the process that answers is not root.
+@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and dropping to another user need root"))
+struct MetricsEndpointTests {
+    @Test func prometheusScrapesTheSlotCountersFromAnUnprivilegedServer() throws {
+        let root = PinRoot("serve-metrics")
+        let service = try PinnedService(root: root, name: "edge", slots: 3)
+        let clients = try Traffic.clients(30, on: .loopbackV4)
+        let landed = try sendAndReceive(clients, to: service, size: 7)
+        let endpoint = try MetricsEndpoint(pinRoot: root.path)
+
+        // The process that speaks HTTP runs as nobody, every one of its ids (real, effective, saved, fs).
+        let status = try String(contentsOfFile: "/proc/\(endpoint.serverPid)/status", encoding: .utf8)
+        let uids = status.split(separator: "\n").first { $0.hasPrefix("Uid:") }
+        #expect(uids?.split(whereSeparator: \.isWhitespace).dropFirst() == ["65534", "65534", "65534", "65534"],
+                "\(uids ?? "no Uid line")")
+
+        let exposition = try httpGet(endpoint.address, "/metrics")
+        #expect(exposition.status == 200, "\(exposition)")
+        let samples = try PrometheusSamples(exposition.body)
+        for slot in 0..<UInt32(3) {
+            let count = Double(landed.values.filter { $0 == slot }.count)
+            #expect(samples[#"reuseport_slot_packets_total{service="edge",slot="\#(slot)"}"#] == count)
+        }
+        let file = NSTemporaryDirectory() + "reuseport-metrics-\(getpid()).prom"
+        try exposition.body.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { unlink(file) }
+        let check = try run("/bin/sh", ["-c", "promtool check metrics < \(file)"])
+        #expect(check.status == 0, "promtool: \(check)")
+
+        let prometheus = try PrometheusServer(scraping: endpoint.address)
+        let series = try prometheus.query("reuseport_slot_packets_total", expecting: 3)
+        var bySlot: [String: Double] = [:]
+        for entry in series {
+            let metric = entry["metric"] as? [String: String]
+            let value = (entry["value"] as? [Any])?.last as? String
+            if let slot = metric?["slot"], metric?["service"] == "edge", let value { bySlot[slot] = Double(value) }
+        }
+        for slot in 0..<UInt32(3) {
+            #expect(bySlot["\(slot)"] == Double(landed.values.filter { $0 == slot }.count), "\(series)")
+        }
+    }
+
+    @Test func listenErrorsSayWhatIsWrong() throws {
+        let taken = try FlowClient(.tcp, local: ReuseportKit.SocketAddress(.loopbackV4, 0))
+        #expect(Glibc.listen(taken.fd, 1) == 0)
+        let root = PinRoot("serve-metrics-errors")
+        let busy = try reuseportctl(["serve-metrics", "--listen", "\(taken.local)", "--pin-dir", root.path])
+        #expect(busy.status == 1, "\(busy)")
+        #expect(busy.stderr.contains("cannot serve on \(taken.local): bind(): Address already in use (errno 98)"),
+                "\(busy)")
+        let bad = try reuseportctl(["serve-metrics", "--listen", "localhost:9466"])
+        #expect(bad.status == 2, "\(bad)")
+        #expect(bad.stderr.contains("'localhost' is not an IPv4 or IPv6 address"), "\(bad)")
+    }
+}
+
+/// A running `reuseportctl serve-metrics --listen 127.0.0.1:0`, stopped on release.
+final class MetricsEndpoint {
+    let process: Subprocess
+    let address: ReuseportKit.SocketAddress
+    let serverPid: pid_t
+
+    init(pinRoot: String) throws {
+        process = try Subprocess(BuiltProducts.path("reuseportctl"),
+                                 ["serve-metrics", "--listen", "127.0.0.1:0", "--pin-dir", pinRoot, "--user", "nobody"],
+                                 captureStandardError: true)
+        let deadline = MonotonicClock.milliseconds() + 20_000
+        // "serving metrics on http://127.0.0.1:PORT/metrics as nobody (...), pid N"
+        while !process.text.contains("\n"), MonotonicClock.milliseconds() < deadline {
+            if process.wait(timeoutMs: 100) != nil { break }
+        }
+        let line = process.text.split(separator: "\n").first.map(String.init) ?? ""
+        guard let url = line.split(separator: " ").first(where: { $0.hasPrefix("http://") }),
+              let pid = line.split(separator: " ").last.flatMap({ pid_t($0) }) else {
+            throw HarnessError("serve-metrics did not start: \(process.text) \(String(decoding: process.errorBytes, as: UTF8.self))")
+        }
+        address = try ReuseportKit.SocketAddress(parsing: String(url.dropFirst("http://".count).dropLast("/metrics".count)))
+        serverPid = pid
+    }
+
+    deinit {
+        try? Syscall.kill(process.pid, SIGTERM)
+        _ = process.wait(timeoutMs: 5000)
+    }
+}
+
+/// A Prometheus server on a free loopback port with a throwaway configuration and data folder,
+/// scraping `target` every second; stopped (and its folder removed) on release.
+final class PrometheusServer {
+    let folder: String
+    let address: ReuseportKit.SocketAddress
+    let process: Subprocess
+
+    init(scraping target: ReuseportKit.SocketAddress) throws {
+        folder = NSTemporaryDirectory() + "reuseport-prometheus-\(getpid())-\(MonotonicClock.milliseconds())"
+        try FileManager.default.createDirectory(atPath: folder + "/data", withIntermediateDirectories: true)
+        try """
+            global:
+              scrape_interval: 1s
+              evaluation_interval: 1s
+            scrape_configs:
+              - job_name: reuseport
+                static_configs:
+                  - targets: ['\(target)']
+            """.write(toFile: folder + "/prometheus.yml", atomically: true, encoding: .utf8)
+        // A port the kernel just gave out and took back: free unless another process races for it.
+        address = try FlowClient(.tcp, local: ReuseportKit.SocketAddress(.loopbackV4, 0)).local
+        process = try Subprocess("/usr/bin/prometheus", [
+            "--config.file=\(folder)/prometheus.yml", "--storage.tsdb.path=\(folder)/data",
+            "--web.listen-address=\(address)", "--log.level=warn",
+        ], captureStandardError: true)
+    }
+
+    /// The instant vector of `query` once it has `count` series (30 s at most).
+    func query(_ query: String, expecting count: Int) throws -> [[String: Any]] {
+        let deadline = MonotonicClock.milliseconds() + 30_000
+        var last = ""
+        while MonotonicClock.milliseconds() < deadline {
+            if process.wait(timeoutMs: 500) != nil {
+                throw HarnessError("prometheus ended: \(String(decoding: process.errorBytes, as: UTF8.self))")
+            }
+            guard let answer = try? httpGet(address, "/api/v1/query?query=\(query)"), answer.status == 200 else { continue }
+            last = answer.body
+            let json = try JSONSerialization.jsonObject(with: Data(answer.body.utf8)) as? [String: Any]
+            let result = (json?["data"] as? [String: Any])?["result"] as? [[String: Any]] ?? []
+            if result.count == count { return result }
+        }
+        throw HarnessError("prometheus had no \(count) series of \(query) within 30 s; last answer: \(last)")
+    }
+
+    deinit {
+        try? Syscall.kill(process.pid, SIGTERM)
+        _ = process.wait(timeoutMs: 10_000)
+        try? FileManager.default.removeItem(atPath: folder)
+    }
+}
+
+/// One HTTP/1.0 GET over a real TCP connection: status and body.
+func httpGet(_ address: ReuseportKit.SocketAddress, _ path: String) throws -> (status: Int, body: String) {
+    let client = try FlowClient(.tcp, local: ReuseportKit.SocketAddress(.loopbackV4, 0))
+    try client.connect(to: address)
+    let request = Array("GET \(path) HTTP/1.0\r\nHost: \(address)\r\nConnection: close\r\n\r\n".utf8)
+    #expect(request.withUnsafeBytes { Glibc.write(client.fd, $0.baseAddress, $0.count) } == request.count)
+    var response: [UInt8] = []
+    while let chunk = try client.receive(timeoutMs: 5000), !chunk.isEmpty { response += chunk }
+    let text = String(decoding: response, as: UTF8.self)
+    guard let split = text.range(of: "\r\n\r\n"), let status = Int(text.split(separator: " ").dropFirst().first ?? "") else {
+        throw HarnessError("not an HTTP response from \(address)\(path): \(text)")
+    }
+    return (status, String(text[split.upperBound...]))
+}
