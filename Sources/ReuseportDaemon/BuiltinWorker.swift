@@ -10,7 +10,8 @@ import SystemPackage
 /// A UDP answer larger than a datagram can be (`largestDatagram`) echoes only the start of
 /// the payload, and its header ends with ` truncated=<bytes left out>`.
 ///
-/// Single-threaded: one poll() over the activated sockets and accepted connections.
+/// Single-threaded: one poll() over the activated sockets and accepted connections. They speak
+/// sd_notify (`NotifyClient`): READY=1 once serving, and WATCHDOG=1 when a watchdog is set.
 public struct BuiltinWorker {
     public let kind: BuiltinWorkerKind
     public let sockets: ActivatedSockets
@@ -40,9 +41,17 @@ public struct BuiltinWorker {
         let prefix = "slot=\(sockets.slot ?? "-") pid=\(getpid()) service=\(sockets.service ?? "-") peer="
         var connections: [Int32: Connection] = [:]
         var buffer = [UInt8](repeating: 0, count: 65536)
+        let notifier = NotifyClient()
+        notifier.notify("READY=1")
+        var nextPing = notifier.pingInterval.map { MonotonicClock.nanoseconds() + $0 }
         while true {
+            if let due = nextPing, let interval = notifier.pingInterval, MonotonicClock.nanoseconds() >= due {
+                notifier.notify("WATCHDOG=1")
+                nextPing = due + interval
+            }
+            let timeout = nextPing.map { Int32(clamping: max(0, ($0 - MonotonicClock.nanoseconds()) / 1_000_000)) } ?? -1
             let watched = (sockets.descriptors + connections.keys).map { FileDescriptor(rawValue: $0) }
-            for ready in try Syscall.poll(watched, timeoutMs: -1).map(\.rawValue) {
+            for ready in try Syscall.poll(watched, timeoutMs: timeout).map(\.rawValue) {
                 if let isListener = listeners[ready] {
                     if isListener {
                         acceptAll(ready, into: &connections)

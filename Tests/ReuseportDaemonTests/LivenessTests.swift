@@ -54,7 +54,9 @@ struct LivenessTests {
     /// 4096 bytes) and notifications from a process that is not a worker are ignored and
     /// counted; the daemon and its workers go on.
     @Test func garbageAtTheNotifySocketIsIgnoredAndCounted() throws {
-        let daemon = try TestDaemon(config: serviceTable("calm", workers: 2))
+        // Workers that never notify (the built-in ones send READY=1): nothing may mark them ready.
+        let daemon = try TestDaemon(config: serviceTable("calm", workers: 2,
+                                                         program: "exec = [\"/bin/sh\", \"-c\", \"exec sleep 600\"]"))
         let before = try daemon.waitForWorkers()
         let socket = try Syscall.socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), "AF_UNIX")
         defer { socket.close() }
@@ -75,6 +77,26 @@ struct LivenessTests {
         let after = try daemon.status()
         #expect(after[0].slots.map(\.pid) == before[0].slots.map(\.pid), "no worker was touched")
         #expect(after[0].slots.allSatisfy { $0.notifiedReady == false && $0.state == "running" })
+        #expect(daemon.stop() == 0)
+    }
+
+    /// The built-in workers speak sd_notify: READY=1 once serving, WATCHDOG=1 at half the
+    /// interval. With a watchdog far shorter than the test, none is restarted, and they answer.
+    @Test func builtinWorkersKeepTheirWatchdogFed() throws {
+        let daemon = try TestDaemon(config: serviceTable("fed", workers: 2, extra: "watchdog_ms = 300"))
+        let services = try daemon.waitFor("READY=1 from both built-in workers") {
+            $0.first?.slots.count == 2 && $0[0].slots.allSatisfy { $0.notifiedReady == true }
+        }
+        let pids = services[0].slots.map(\.pid)
+        sleepMs(2000)
+        let after = try daemon.status()
+        #expect(after[0].slots.map(\.pid) == pids, "no worker was restarted: \(after[0].slots)")
+        #expect(after[0].slots.allSatisfy { $0.watchdogRestarts == 0 })
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let replies = try Whoami.ask([client], to: try udpEndpoint(after, "fed"), attempts: 3, timeoutMs: 2000) { _ in
+            Array("fed".utf8)
+        }
+        #expect(replies.first??.payload == Array("fed".utf8))
         #expect(daemon.stop() == 0)
     }
 }
