@@ -137,6 +137,8 @@ struct MapDump: Encodable {
         @Nullable var pid: UInt32?
         var state: String
         var restarts: UInt32
+        var stalls: UInt32
+        var watchdogRestarts: UInt32
         var generation: UInt32
         var sinceNs: UInt64
         @Nullable var secondsInState: Double?
@@ -183,6 +185,7 @@ struct MapDump: Encodable {
                                fallbacks: service.global.fallbacks, selectErrors: service.global.select_errors),
                 slots: service.slots.map { slot in
                     Slot(slot: slot.index, pid: slot.pid, state: "\(slot.workerState)", restarts: slot.state.restarts,
+                         stalls: slot.state.stalls, watchdogRestarts: slot.state.watchdog_restarts,
                          generation: slot.state.generation, sinceNs: slot.state.since_ns,
                          secondsInState: slot.secondsInState(now: now).map { ($0 * 1000).rounded() / 1000 },
                          buckets: slot.buckets, packets: slot.counters.packets, bytes: slot.counters.bytes,
