@@ -245,18 +245,7 @@ final class Supervisor {
     }
 
     func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
-        let ours: Set<String> = [ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID,
-                                 ActivationEnvironment.listenFDNames, ActivationEnvironment.slot,
-                                 ActivationEnvironment.service]
-        var environment = ProcessEnvironment.current.filter { !ours.contains($0.key) }.map { "\($0.key)=\($0.value)" }
-        let count = service.plane.listeners.count
-        environment += [
-            "\(ActivationEnvironment.listenFDs)=\(count)",
-            "\(ActivationEnvironment.listenFDNames)=\((0..<count).map { "listener\($0)" }.joined(separator: ":"))",
-            "\(ActivationEnvironment.slot)=\(slot.index)",
-            "\(ActivationEnvironment.service)=\(service.name)",
-        ]
-        return environment
+        WorkerEnvironment.make(service.configuration, listeners: service.plane.listeners.count, slot: slot.index)
     }
 
     /// Reads one chunk of a worker's pipe; forgets it at end of file.
