@@ -50,6 +50,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var user: String?
     /// Run workers with this group (name or numeric id); nil: the user's primary group.
     public var group: String?
+    /// `environment = ["KEY=value", ...]`: added to every worker's environment (WorkerEnvironment.swift).
+    public var environment: [String]
     /// SO_RCVBUF of every socket, in bytes; nil keeps the kernel default.
     public var receiveBuffer: Int?
     public var bucketCount: Int
@@ -66,8 +68,9 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public init(name: String, listen: [Endpoint], workers: Int, program: WorkerProgram, user: String? = nil,
                 group: String? = nil, receiveBuffer: Int? = nil, bucketCount: Int = Int(RP_DEFAULT_BUCKETS),
                 seed: UInt32 = 0, restart: RestartPolicy = RestartPolicy(),
-                failoverAfterMs: Int = ServiceConfiguration.defaultFailoverAfterMs) {
+                failoverAfterMs: Int = ServiceConfiguration.defaultFailoverAfterMs, environment: [String] = []) {
         self.name = name
+        self.environment = environment
         self.listen = listen
         self.workers = workers
         self.program = program

@@ -24,11 +24,50 @@ public struct ConfigurationError: Error, CustomStringConvertible, Equatable, Sen
 /// TOML text → `DaemonConfiguration`, checking every key (docs/configuration.md).
 public enum ConfigurationParser {
     /// Reads and parses `path`.
+    /// Reads and parses `path`. Root runs what the file says: the file and every folder above it
+    /// must be such that only root can change them, and so must each `exec` program (or its
+    /// worker's own user may): `TrustedPath`, as sshd's StrictModes.
     public static func load(path: String) throws(ConfigurationError) -> DaemonConfiguration {
+        do throws(UntrustedPathError) {
+            // A missing file is left to the read below, which names the errno.
+            try TrustedPath.checkFile(path, missing: .allow)
+        } catch {
+            throw ConfigurationError(file: path, problem: "refused: \(error); root reads only a configuration "
+                + "that nobody else can change (chown root, chmod go-w)")
+        }
         guard let text = readText(path) else {
             throw ConfigurationError(file: path, problem: "cannot read the file: \(String(cString: strerror(errno)))")
         }
-        return try parse(text, file: path)
+        let configuration = try parse(text, file: path)
+        for (index, service) in configuration.services.enumerated() {
+            try checkProgram(service, key: "service[\(index)].exec[0]", file: path)
+        }
+        return configuration
+    }
+
+    /// An `exec` program (found as the worker's execvp(3) would find it) must be one that only
+    /// root, the daemon's user or the worker's own user can change. A program that does not
+    /// exist is left to fail at its start, unless someone else could create it.
+    static func checkProgram(_ service: ServiceConfiguration, key: String, file: String) throws(ConfigurationError) {
+        guard case .exec(let argv) = service.program, let name = argv.first else { return }
+        var owners = TrustedPath.defaultOwners
+        if let user = service.user, let entry = UserIdentity.lookUpUser(user) { owners.insert(entry.uid) }
+        var program = name
+        if !name.contains("/") {
+            let directories = WorkerEnvironment.searchPath(service).split(separator: ":").map(String.init)
+            guard let found = directories.map({ (directory: String) -> String in "\(directory)/\(name)" })
+                .first(where: { (candidate: String) -> Bool in access(candidate, X_OK) == 0 }) else {
+                return
+            }
+            program = found
+        }
+        do throws(UntrustedPathError) {
+            try TrustedPath.checkFile(program, missing: .allowIfOnlyTrustedCanCreate, owners: owners)
+        } catch {
+            throw ConfigurationError(file: file, key: key,
+                                     problem: "program \(program) refused: \(error); root starts only a program that "
+                                         + "nobody but root or the worker's user can change")
+        }
     }
 
     /// Parses configuration text; `file` names it in errors.
@@ -71,7 +110,7 @@ public enum ConfigurationParser {
     static let serviceKeys = [
         "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
-        "failover_after_ms", "watchdog_ms",
+        "failover_after_ms", "watchdog_ms", "environment",
     ]
 
     static func parseService(_ table: TOMLTable, path: String, file: String) throws(ConfigurationError)
@@ -154,9 +193,20 @@ public enum ConfigurationParser {
                                "(\(restart.backoffMaximumMs)) is below restart_backoff_min_ms (\(restart.backoffMinimumMs))")
         }
         let failover = try reader.milliseconds("failover_after_ms") ?? ServiceConfiguration.defaultFailoverAfterMs
+        let environment = try reader.strings("environment") ?? []
+        var names: [String: Int] = [:]
+        for (index, entry) in environment.enumerated() {
+            if let problem = WorkerEnvironment.problem(entry) { throw reader.error("environment[\(index)]", problem) }
+            let name = WorkerEnvironment.split(entry).name
+            if let first = names[name] {
+                throw reader.error("environment[\(index)]", "\(name) is already set by environment[\(first)]")
+            }
+            names[name] = index
+        }
         var service = ServiceConfiguration(name: name, listen: listen, workers: workers, program: program, user: user,
                                            group: group, receiveBuffer: receiveBuffer, bucketCount: buckets,
-                                           seed: UInt32(seed), restart: restart, failoverAfterMs: failover)
+                                           seed: UInt32(seed), restart: restart, failoverAfterMs: failover,
+                                           environment: environment)
         service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
         return service
     }

@@ -46,11 +46,12 @@ final class ControlServer {
         }
     }
 
-    /// Creates the run directory and binds the socket. Refuses when another daemon answers there.
+    /// Creates the run directory (mode 0700; an existing one must be a real folder only root
+    /// can change: `TrustedPath`) and binds the socket. Refuses when another daemon answers there.
     init(runDirectory: String, logger: Logger) throws {
         self.logger = logger
         path = ControlDefaults.socketPath(runDirectory: runDirectory)
-        try Syscall.makeDirectories(runDirectory)
+        try TrustedPath.makeDirectory(runDirectory)
         if ControlServer.answers(path) { throw AlreadyRunning(path: path) }
         unlink(path)
         descriptor = try Syscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), nonBlocking: true, "AF_UNIX")

@@ -47,9 +47,13 @@ public final class Daemon {
     }
 
     /// Binds every service's sockets, pins the maps, opens the control socket; starts no worker
-    /// (`run` does). Nothing is left behind when this throws.
+    /// (`run` does). Nothing is left behind when this throws. A pin root or run folder that
+    /// anyone but root could change throws `UntrustedPathError` before anything is made.
     public init(configuration: DaemonConfiguration, options: Options, logger: Logger) throws {
         self.logger = logger
+        try BPFFilesystem.ensureMounted(for: options.pinRoot)
+        try Daemon.checkTrusted(options.pinRoot)
+        try Daemon.checkTrusted(options.runDirectory)
         signals = try SignalChannel()
         let control = try ControlServer(runDirectory: options.runDirectory, logger: logger)
         let notify: NotifySocket
@@ -73,6 +77,17 @@ public final class Daemon {
             throw error
         }
         self.control = control
+    }
+
+    /// Refuses a pin root or run folder that someone other than root could change. One this
+    /// process may not even examine (a daemon not run as root) is left to the calls that use it,
+    /// which say what they need.
+    static func checkTrusted(_ path: String) throws(UntrustedPathError) {
+        do throws(UntrustedPathError) {
+            try TrustedPath.checkDirectory(path, missing: .allow)
+        } catch {
+            if error.errno == nil { throw error }
+        }
     }
 
     /// Starts the workers and serves until SIGTERM or SIGINT has stopped every one of them;

@@ -124,9 +124,10 @@ final class ServiceRuntime {
     }
 
     /// Pins the maps at the service's folder (a staged runtime: once its predecessor's `close()`
-    /// removed its pins). Pins found there belong to no running service: they are removed.
+    /// removed its pins). Pins found there belong to no running service: they are removed (a
+    /// symbolic link planted there is removed itself, never followed: see `PinLayout.remove`).
     func pinInPlace() throws {
-        if access(pins.serviceDirectory, F_OK) == 0 {
+        if pins.exists {
             logger.warning("removing stale pins left at \(pins.serviceDirectory)")
             pins.remove()
         }

@@ -256,24 +256,8 @@ final class Supervisor {
     }
 
     func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
-        // The daemon's own NOTIFY_SOCKET (when systemd runs it) is not the workers'.
-        let ours: Set<String> = [ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID,
-                                 ActivationEnvironment.listenFDNames, ActivationEnvironment.slot,
-                                 ActivationEnvironment.service, ActivationEnvironment.notifySocket,
-                                 ActivationEnvironment.watchdogUsec, ActivationEnvironment.watchdogPID]
-        var environment = ProcessEnvironment.current.filter { !ours.contains($0.key) }.map { "\($0.key)=\($0.value)" }
-        let count = service.plane.listeners.count
-        environment += [
-            "\(ActivationEnvironment.listenFDs)=\(count)",
-            "\(ActivationEnvironment.listenFDNames)=\((0..<count).map { "listener\($0)" }.joined(separator: ":"))",
-            "\(ActivationEnvironment.slot)=\(slot.index)",
-            "\(ActivationEnvironment.service)=\(service.name)",
-        ]
-        if let notify { environment.append("\(ActivationEnvironment.notifySocket)=\(notify.path)") }
-        if service.configuration.watchdogMs > 0 {
-            environment.append("\(ActivationEnvironment.watchdogUsec)=\(service.configuration.watchdogMs * 1000)")
-        }
-        return environment
+        WorkerEnvironment.make(service.configuration, listeners: service.plane.listeners.count, slot: slot.index,
+                               notifySocket: notify?.path)
     }
 
     /// Reads one chunk of a worker's pipe; forgets it at end of file.

@@ -36,19 +36,36 @@ public struct PinLayout: Sendable, Hashable {
         }.sorted()
     }
 
-    /// Creates the service folder (mounting bpffs at its mount point first if needed).
+    /// Creates the service folder (mounting bpffs at its mount point first if needed). The pin
+    /// root and every folder below it are made mode 0700 and must be real folders that only
+    /// root (or this process's user) can change: see `TrustedPath`. An untrusted one throws
+    /// `UntrustedPathError`, having pinned nothing.
     public func create(listeners: Int) throws {
         try BPFFilesystem.ensureMounted(for: root)
-        try BPFFilesystem.makeDirectories(serviceDirectory)
-        for listener in 0..<listeners { try BPFFilesystem.makeDirectories(listenerDirectory(listener)) }
+        try TrustedPath.makeDirectory(serviceDirectory)
+        for listener in 0..<listeners { try TrustedPath.makeDirectory(listenerDirectory(listener)) }
     }
 
-    /// Removes the service's pins and folders. Missing entries are not an error.
+    /// Whether anything (a folder, or a link planted in its place) is at the service's folder.
+    public var exists: Bool { (try? Syscall.linkStatus(serviceDirectory)) != nil }
+
+    /// Removes the service's pins and folders. Missing entries are not an error. A symbolic link
+    /// (or anything else that is not a real folder) found where a folder belongs is removed
+    /// itself: nothing is ever removed through it.
     public func remove() {
+        guard BPFFilesystem.isDirectory(serviceDirectory) else {
+            _ = try? Syscall.removeEntry(serviceDirectory)
+            _ = rmdir(root)
+            return
+        }
         for listener in listeners() {
-            _ = unlink(path(ofSockets: listener))
-            _ = unlink(path(ofProgram: listener))
-            _ = rmdir(listenerDirectory(listener))
+            if BPFFilesystem.isDirectory(listenerDirectory(listener)) {
+                _ = unlink(path(ofSockets: listener))
+                _ = unlink(path(ofProgram: listener))
+                _ = rmdir(listenerDirectory(listener))
+            } else {
+                _ = try? Syscall.removeEntry(listenerDirectory(listener))
+            }
         }
         for name in DispatchMaps.names { _ = unlink(path(ofShared: name)) }
         _ = rmdir(serviceDirectory)
@@ -66,27 +83,20 @@ public enum BPFFilesystem {
         return statfs(path, &fs) == 0 && UInt(bitPattern: Int(fs.f_type)) == UInt(BPF_FS_MAGIC)
     }
 
-    /// Mounts bpffs at /sys/fs/bpf when `root` lies under it and it is not mounted yet.
+    /// The options of the daemon's own mount: without them bpffs is mode 1777, and any local
+    /// user could make the pin root before the daemon does (systemd mounts it mode 0700 too).
+    public static let mountOptions = "mode=0700"
+
+    /// Mounts bpffs at /sys/fs/bpf, mode 0700, when `root` lies under it and it is not mounted yet.
     public static func ensureMounted(for root: String) throws {
         if isBPF(mountPoint) || !root.hasPrefix(mountPoint) { return }
-        if mount("bpf", mountPoint, "bpf", 0, nil) != 0 {
-            throw ReuseportError.system("mount(bpf, \(mountPoint))", errno)
-        }
+        try Syscall.mount("bpf", at: mountPoint, options: mountOptions)
     }
 
-    static func makeDirectories(_ path: String) throws {
-        var current = ""
-        for component in path.split(separator: "/") {
-            current += "/\(component)"
-            if mkdir(current, 0o700) != 0 && errno != EEXIST {
-                throw ReuseportError.system("mkdir(\(current))", errno)
-            }
-        }
-    }
-
+    /// A real folder (a symbolic link to one is not).
     static func isDirectory(_ path: String) -> Bool {
-        var st = stat()
-        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+        guard let info = try? Syscall.linkStatus(path) else { return false }
+        return (info.st_mode & S_IFMT) == S_IFDIR
     }
 
     static func entries(of path: String) -> [String] {

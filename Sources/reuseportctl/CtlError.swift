@@ -5,6 +5,8 @@ import ReuseportKit
 /// command runs). Each case says where it looked and what to try.
 enum CtlError: Error, CustomStringConvertible {
     case noPins(root: String, reason: String)
+    /// The pin root, or a folder above it, is one that someone other than root could change.
+    case untrustedPins(UntrustedPathError)
     case noSuchService(String, root: String, existing: [String])
     case serviceNeeded(existing: [String], root: String)
     case daemonServiceNeeded(existing: [String], socket: String)
@@ -24,6 +26,9 @@ enum CtlError: Error, CustomStringConvertible {
         case .noPins(let root, let reason):
             return "no services pinned under \(root): \(reason)"
                 + (reason.hasPrefix("permission") ? "" : "\n  is reuseportd running, and does --pin-dir name its pin folder?")
+        case .untrustedPins(let error):
+            return "not reading the pins: \(error)\n  reuseportd refuses such a folder too: "
+                + "it must be a real folder owned by root that only root can write"
         case .noSuchService(let name, let root, let existing):
             return "no service '\(name)' under \(root); pinned there: \(existing.joined(separator: ", "))"
         case .noSuchDaemonService(let name, let socket, let existing):

@@ -76,6 +76,14 @@ struct ServiceReader {
 
     /// The pinned services, or a CtlError naming the folder when there is none.
     func serviceNames() throws -> [String] {
+        // What the daemon demands of its pin root, demanded before anything is read there: pins
+        // in a folder someone else could change could be anyone's. A folder this user may not
+        // even examine is left to the permission message below.
+        do throws(UntrustedPathError) {
+            try TrustedPath.checkDirectory(root, missing: .allow)
+        } catch {
+            if error.errno != EACCES && error.errno != EPERM { throw CtlError.untrustedPins(error) }
+        }
         var info = stat()
         if stat(root, &info) != 0 || access(root, R_OK | X_OK) != 0 {
             let reason: String

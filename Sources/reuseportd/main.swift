@@ -8,7 +8,8 @@ import ReuseportDaemon
 import ReuseportKit
 
 /// Exit statuses: 0 stopped cleanly, 1 could not start or failed at run time, 2 invalid
-/// configuration, 64 bad command line (ArgumentParser's usage error).
+/// configuration (or a configuration file, program, pin root or run folder that anyone but
+/// root could change), 64 bad command line (ArgumentParser's usage error).
 @main
 struct Reuseportd: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -82,6 +83,9 @@ extension Reuseportd {
                                     options: .init(configPath: config, pinRoot: pinDir, runDirectory: runDir,
                                                    executable: selfExecutable()),
                                     logger: logger)
+            } catch let error as UntrustedPathError {
+                printError("reuseportd: refusing to start: \(error)")
+                throw ExitCode(2)
             } catch {
                 printError("reuseportd: cannot start: \(error)")
                 throw ExitCode(1)

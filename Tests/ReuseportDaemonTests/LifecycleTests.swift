@@ -280,9 +280,13 @@ struct LifecycleTests {
     /// Without root (here: as nobody) the daemon says which privileges it needs, and exits 1.
     @Test func withoutPrivilegesItSaysWhichAreNeeded() throws {
         let directory = try TemporaryDirectory()
-        chmod(directory.path, 0o777)
+        // Root's folder and file (the daemon refuses a configuration others could change), and a
+        // run folder of nobody's own, which nobody may use.
+        chmod(directory.path, 0o755)
         let config = try directory.write("c.toml", serviceTable("unprivileged", workers: 1))
         chmod(config, 0o644)
+        mkdir("\(directory.path)/run", 0o700)
+        chown("\(directory.path)/run", 65534, 65534)
         let output = "\(directory.path)/output"
         let pid = try spawn(["/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", TestDaemon.builtBinary,
                              "--config", config, "--pin-dir", TestPinRoot.unique("unprivileged"),
