@@ -42,7 +42,9 @@ public struct BuiltinWorker {
         var connections: [Int32: Connection] = [:]
         var buffer = [UInt8](repeating: 0, count: 65536)
         let notifier = NotifyClient()
-        notifier.notify("READY=1")
+        // The watchdog runs from the worker's start, which was a while ago on a busy machine: the
+        // first ping goes with READY=1.
+        notifier.notify(notifier.pingInterval == nil ? "READY=1" : "READY=1\nWATCHDOG=1")
         var nextPing = notifier.pingInterval.map { MonotonicClock.nanoseconds() + $0 }
         while true {
             if let due = nextPing, let interval = notifier.pingInterval, MonotonicClock.nanoseconds() >= due {
@@ -78,37 +80,23 @@ public struct BuiltinWorker {
 
     /// Answers every queued datagram.
     func serveDatagrams(_ fd: Int32, prefix: String, buffer: inout [UInt8]) {
-        while true {
-            var storage = sockaddr_storage()
-            var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-            let count = buffer.withUnsafeMutableBytes { bytes in
-                withUnsafeMutablePointer(to: &storage) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        recvfrom(fd, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT), $0, &length)
-                    }
-                }
-            }
-            if count < 0 { return }  // EAGAIN: drained (other errors: try again on the next poll)
+        let socket = FileDescriptor(rawValue: fd)
+        // nil: drained (EAGAIN); an error is tried again on the next poll.
+        while let (count, source) = (try? Syscall.receiveFrom(socket, into: &buffer, flags: Int32(MSG_DONTWAIT))) ?? nil {
+            guard let source else { continue }
             let reply: [UInt8]
             switch kind {
             case .echo:
                 reply = Array(buffer[0..<count])
             case .whoami:
-                let peer = SocketAddress(storage: storage)?.description ?? "?"
-                reply = BuiltinWorker.whoamiDatagram(header: "\(prefix)\(peer)", payload: buffer[0..<count])
+                reply = BuiltinWorker.whoamiDatagram(header: "\(prefix)\(source)", payload: buffer[0..<count])
             }
-            // A full send buffer (EAGAIN, ENOBUFS) is waited out briefly rather than dropping the answer.
+            // A full send buffer is waited out briefly rather than dropping the answer.
             for _ in 0..<10 {
-                let sent = reply.withUnsafeBytes { bytes in
-                    withUnsafePointer(to: &storage) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                            sendto(fd, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT), $0, length)
-                        }
-                    }
-                }
-                guard sent < 0, errno == EAGAIN || errno == ENOBUFS || errno == EINTR else { break }
-                var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                _ = poll(&entry, 1, 100)
+                // nil: no room yet; sent, or failed for good (EMSGSIZE cannot happen: whoamiDatagram cuts).
+                let full = (try? reply.withUnsafeBytes { try Syscall.sendNow(socket, $0, to: source) == nil }) ?? false
+                guard full else { break }
+                _ = try? Syscall.waitWritable(socket, timeoutMs: 100)
             }
         }
     }
@@ -139,10 +127,15 @@ public struct BuiltinWorker {
 
     /// Reads what the peer sent and answers it; false when the connection is finished.
     func serve(_ connection: inout Connection, prefix: String, buffer: inout [UInt8]) -> Bool {
-        let fd = connection.fd
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count < 0 { return errno == EAGAIN || errno == EINTR }
+        let count: Int
+        do {
+            guard let read = try Syscall.read(connection.descriptor.fd, into: &buffer) else { return true }
+            count = read
+        } catch {
+            return false
+        }
         if count == 0 { return false }
+        let fd = connection.descriptor.fd
         switch kind {
         case .echo:
             return writeAll(fd, buffer[0..<count])
@@ -157,18 +150,19 @@ public struct BuiltinWorker {
         }
     }
 
-    /// Writes all of `bytes`, waiting for room when the socket is full.
-    func writeAll<C: Collection>(_ fd: Int32, _ bytes: C) -> Bool where C.Element == UInt8 {
+    /// Writes all of `bytes`, waiting up to 5 s at a time for room when the socket is full.
+    func writeAll<C: Collection>(_ fd: FileDescriptor, _ bytes: C) -> Bool where C.Element == UInt8 {
         var remaining = Array(bytes)[...]
         while !remaining.isEmpty {
-            let written = remaining.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            if written < 0 {
-                guard errno == EAGAIN || errno == EINTR else { return false }
-                var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                guard poll(&entry, 1, 5000) > 0 else { return false }
-                continue
+            do {
+                guard let written = try remaining.withUnsafeBytes({ try Syscall.writeNow(fd, $0) }) else {
+                    guard try Syscall.waitWritable(fd, timeoutMs: 5000) else { return false }
+                    continue
+                }
+                remaining = remaining.dropFirst(written)
+            } catch {
+                return false
             }
-            remaining = remaining.dropFirst(written)
         }
         return true
     }

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import SystemPackage
 
 /// What the kernel's verifier said when it loaded a program: its log at the statistics level
 /// (BPF_LOG_STATS, 5.2+), which carries the verdict and "processed N insns (limit 1000000)".
@@ -71,15 +72,12 @@ public struct VerifierReport: Sendable, Equatable {
         var template = Array("\(folder)/reuseportd-verifier-\(program)-XXXXXX".utf8CString)
         let fd = mkstemp(&template)
         guard fd >= 0 else { return nil }
-        defer { Syscall.close(fd) }
-        let bytes = Array(log.utf8)
-        var written = 0
-        while written < bytes.count {
-            let count = bytes[written...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-            if count < 0 && errno == EINTR { continue }
-            guard count > 0 else { return nil }
-            written += count
+        let file = OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+        let wrote = file.withFD { raw in
+            (try? Array(log.utf8).withUnsafeBytes { try Syscall.writeAll(FileDescriptor(rawValue: raw), $0, "write(verifier log)") })
+                != nil
         }
+        guard wrote else { return nil }
         return String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 }

@@ -178,8 +178,11 @@ extension Reuseportd {
 
         func run() throws {
             let (json, valid) = ConfigurationCheck.outcome(path: config)
-            let written = json.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
-            guard written == json.count else { throw ExitCode(1) }
+            do {
+                try json.withUnsafeBytes { try Syscall.writeAll(.standardOutput, $0, "write(stdout)") }
+            } catch {
+                throw ExitCode(1)
+            }
             if !valid { throw ExitCode(2) }
         }
     }
@@ -197,8 +200,7 @@ struct BuiltinKindArgument: ExpressibleByArgument {
 }
 
 func printError(_ text: String) {
-    let line = text + "\n"
-    _ = line.withCString { write(2, $0, strlen($0)) }
+    try? Array((text + "\n").utf8).withUnsafeBytes { try Syscall.writeAll(.standardError, $0, "write(stderr)") }
 }
 
 /// This binary's path, to spawn as `exec-worker` (resolved rather than /proc/self/exe so

@@ -81,14 +81,14 @@ struct LivenessTests {
     }
 
     /// The built-in workers speak sd_notify: READY=1 once serving, WATCHDOG=1 at half the
-    /// interval. With a watchdog far shorter than the test, none is restarted, and they answer.
+    /// interval. With a watchdog a third of the test's wait, none is restarted, and they answer.
     @Test func builtinWorkersKeepTheirWatchdogFed() throws {
-        let daemon = try TestDaemon(config: serviceTable("fed", workers: 2, extra: "watchdog_ms = 300"))
+        let daemon = try TestDaemon(config: serviceTable("fed", workers: 2, extra: "watchdog_ms = 1000"))
         let services = try daemon.waitFor("READY=1 from both built-in workers") {
             $0.first?.slots.count == 2 && $0[0].slots.allSatisfy { $0.notifiedReady == true }
         }
         let pids = services[0].slots.map(\.pid)
-        sleepMs(2000)
+        sleepMs(3000)
         let after = try daemon.status()
         #expect(after[0].slots.map(\.pid) == pids, "no worker was restarted: \(after[0].slots)")
         #expect(after[0].slots.allSatisfy { $0.watchdogRestarts == 0 })
