@@ -205,7 +205,9 @@ public enum ConfigurationParser {
     /// why. Besides deep keys, toml++ asserts what it has not checked, which aborts a debug
     /// build and is undefined behaviour under NDEBUG: that a table header's name starts with a
     /// letter, digit, `-`, `_` or a quote (`parser::parse_key`; `[\`, `[[` at the end of a line),
-    /// and that a value follows `[` or `,` in an array (`parser::parse_value`; `[1, }`). Follows
+    /// that a value follows `[` or `,` in an array (`parser::parse_value`; `[1, }`), and that the
+    /// digits of dates and times are there (`parser::parse_time`; `1979-05-27T;`): no key takes
+    /// a date or a time, so a bare value with ':', or '-' or '+' past its sign, is refused. Follows
     /// TOML's strings ("basic" with escapes, 'literal', their multi-line forms), comments, and
     /// values (a `[` after `=` or inside an array opens no header).
     static func unparseableLine(_ text: String) -> (line: Int, problem: String)? {
@@ -217,11 +219,17 @@ public enum ConfigurationParser {
         /// Whether this line has had its '=' (what follows is a value); the arrays and inline
         /// tables open in values, innermost last; whether the innermost array awaits a value.
         var valueStarted = false, open: [UInt8] = [], arrayAwaitsValue = false
+        /// Whether a key comes next (at the start of a line, in an inline table), not a value.
+        var keyExpected = true
         /// How many of `byte` start at `index`.
         func run(of byte: UInt8) -> Int {
             var end = index
             while end < bytes.count && bytes[end] == byte { end += 1 }
             return end - index
+        }
+        func tooManyDots(_ line: Int) -> (line: Int, problem: String) {
+            (line, "line \(line) has more than \(maximumKeyDots) dots outside strings: keys "
+                + "nested that deep (a.b.c...) would overflow the TOML parser's stack")
         }
         func startsAName(_ byte: UInt8) -> Bool {
             (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a)
@@ -232,7 +240,10 @@ public enum ConfigurationParser {
             if byte == 0x0a {
                 line += 1
                 dots = 0
-                if open.isEmpty { valueStarted = false }
+                if open.isEmpty {
+                    valueStarted = false
+                    keyExpected = true
+                }
                 // A newline ends a comment, and a one-line string (TOML refuses the rest).
                 if inside != .multiLineBasic && inside != .multiLineLiteral { inside = .code }
                 index += 1
@@ -262,19 +273,36 @@ public enum ConfigurationParser {
                     index = name
                     continue
                 }
+                if !keyExpected && !Array("[]{},#=\"'".utf8).contains(byte) {
+                    // A bare value (integer, boolean, float, date, time) up to what ends a value.
+                    var end = index
+                    while end < bytes.count && !Array(" \t\r\n[]{},#=\"'".utf8).contains(bytes[end]) { end += 1 }
+                    let token = bytes[index..<end]
+                    if token.contains(UInt8(ascii: ":"))
+                        || token.dropFirst().contains(where: { $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "+") })
+                    {
+                        return (line, "line \(line): '\(String(decoding: token.prefix(40), as: UTF8.self))' is no value "
+                            + "a configuration takes (no key takes a date or a time)")
+                    }
+                    dots += token.count { $0 == UInt8(ascii: ".") }
+                    if dots > maximumKeyDots { return tooManyDots(line) }
+                    index = end
+                    continue
+                }
                 if byte == UInt8(ascii: "=") {
                     valueStarted = true
+                    keyExpected = false
                 } else if byte == UInt8(ascii: "[") || (byte == UInt8(ascii: "{") && valueStarted) {
                     open.append(byte)
                     arrayAwaitsValue = byte == UInt8(ascii: "[")
+                    keyExpected = byte == UInt8(ascii: "{")
+                } else if byte == UInt8(ascii: ",") {
+                    keyExpected = open.last == UInt8(ascii: "{")
                 } else if byte == UInt8(ascii: "]") || byte == UInt8(ascii: "}") {
                     if !open.isEmpty { open.removeLast() }
                 } else if byte == UInt8(ascii: ".") {
                     dots += 1
-                    if dots > maximumKeyDots {
-                        return (line, "line \(line) has more than \(maximumKeyDots) dots outside strings: keys "
-                            + "nested that deep (a.b.c...) would overflow the TOML parser's stack")
-                    }
+                    if dots > maximumKeyDots { return tooManyDots(line) }
                 } else if byte == UInt8(ascii: "#") {
                     inside = .comment
                 } else if byte == quote || byte == apostrophe {

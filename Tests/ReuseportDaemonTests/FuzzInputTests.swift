@@ -58,16 +58,19 @@ struct FuzzInputTests {
     }
 
     /// toml++ asserts what it has not checked (SIGABRT in a debug build, undefined behaviour
-    /// under NDEBUG), and `make fuzz` found three: a table header whose name starts with
+    /// under NDEBUG), and `make fuzz` found four: a table header whose name starts with
     /// neither a letter, digit, '-', '_' nor a quote (`parser::parse_key`): `[[\urvice]]`, and
     /// after a byte-order mark `[` and an invalid UTF-8 byte (read as U+FFFD), as `[[` alone;
-    /// and an array whose value after ',' is a '}' (`parser::parse_value`).
+    /// an array whose value after ',' is a '}' (`parser::parse_value`); a date-time without
+    /// the digits of its time (`parser::parse_time`).
     @Test(arguments: [
         ("table-header-starting-with-backslash.toml", 2, "a table header needs a name after '[' or '[[' "
             + "(letters, digits, '-', '_' or a quoted name)"),
         ("byte-order-mark-then-header-of-invalid-utf8.toml", 1, "a table header needs a name"),
         ("table-header-without-name.toml", 1, "a table header needs a name"),
         ("array-closed-by-brace-after-comma.toml", 1, "'}' where an array needs a value or ']'"),
+        ("date-time-without-its-time.toml", 4, "'1979-05-27T;;;;;;;;;;;;;;;;;;;;;;;;;;;;;' is no value a configuration "
+            + "takes (no key takes a date or a time)"),
     ])
     func whatTheTOMLParserAssertsIsRefused(_ name: String, line: Int, problem: String) throws {
         let text = String(decoding: try Self.text("regressions/config/\(name)"), as: UTF8.self)
@@ -102,6 +105,10 @@ struct FuzzInputTests {
         #expect(configuration.services[0].program == .exec([
             "/bin/\(dots)", dots, "\(dots)\(dots)\"", "\(dots)\n\(dots)", "\"\(dots)",
         ]))
+        #expect(throws: Never.self) {
+            try ConfigurationParser.parse("[[service]]\nname = 'n-1'\nlisten = ['udp://127.0.0.1:0']\nworkers = +1\n"
+                + "seed = -0\nbuiltin = \"echo\"\n", file: "signs.toml")
+        }
         let deep = "[[service]]\nname = \"s\"\n" + Array(repeating: "a", count: 66).joined(separator: ".") + " = 1\n"
         let error = #expect(throws: ConfigurationError.self) { try ConfigurationParser.parse(deep, file: "t.toml") }
         #expect(error?.line == 3)
