@@ -6,6 +6,7 @@
 #   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12 testing", KVM=1, BREAK=CHECK)
 #   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
 #   make unit-check score dist/reuseportd.service with systemd-analyze security (fails above 4.5)
+#   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -49,12 +50,12 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check
+.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz
 
 all: build
 
 help:
-	@sed -n '1,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -178,6 +179,44 @@ unit-check: $(OUTPUT)/.unit-deps
 			echo "$(UNIT_FILE): exposure $$score, above $(UNIT_MAX_EXPOSURE)"; exit 1; \
 		fi; \
 		echo "  $(UNIT_FILE): exposure $$score (at most $(UNIT_MAX_EXPOSURE))"
+
+# Coverage-guided fuzzing (libFuzzer with AddressSanitizer; docs/fuzzing.md) of the two inputs
+# from outside the root daemon: the configuration parser (fuzz-config) and the control request
+# decoder with the daemon's check of a request (fuzz-control), FUZZ_SECONDS each. Built in their
+# own build path: -sanitize=fuzzer must not reach the normal build. Each starts from the
+# committed seeds (Tests/fuzz/corpus/NAME) and keeps what it finds in $(FUZZ_DIR)/corpus/NAME;
+# a crash fails the target and leaves its input in $(FUZZ_DIR)/crashes/NAME/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := config control
+FUZZ_BUILD   := .build-fuzz
+FUZZ_DIR     := $(OUTPUT)/fuzz
+# TOMLKit never frees the tables it parses (docs/fuzzing.md): no leak checking. The Swift
+# runtime's backtracer is off: AddressSanitizer and libFuzzer report a crash themselves.
+FUZZ_FLAGS   := -max_total_time=$(FUZZ_SECONDS) -max_len=8192 -timeout=10 -detect_leaks=0 -print_final_stats=1
+FUZZ_ENV     := SWIFT_BACKTRACE=enable=no ASAN_OPTIONS=detect_leaks=0
+
+fuzz: $(OUTPUT)/.abi-stamp
+	$(Q)for target in $(FUZZ_TARGETS); do \
+		printf '  %-8s %s\n' SWIFT "build -sanitize=fuzzer,address fuzz-$$target"; \
+		$(SWIFT) build -c debug $(SWIFT_FLAGS) --build-path $(FUZZ_BUILD) --product fuzz-$$target \
+			-Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xcxx -fsanitize=fuzzer-no-link,address \
+			$(if $(Q),>$(OUTPUT)/fuzz-build.log 2>&1 || { cat $(OUTPUT)/fuzz-build.log; exit 1; },|| exit 1); \
+	done
+	$(Q)failed=""; for target in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_DIR)/corpus/$$target $(FUZZ_DIR)/crashes/$$target; \
+		printf '  %-8s %s\n' FUZZ "$$target for $(FUZZ_SECONDS) s (log: $(FUZZ_DIR)/$$target.log)"; \
+		$(FUZZ_ENV) $(FUZZ_BUILD)/debug/fuzz-$$target $(FUZZ_FLAGS) -dict=Tests/fuzz/$$target.dict \
+			-artifact_prefix=$(FUZZ_DIR)/crashes/$$target/ $(FUZZ_DIR)/corpus/$$target Tests/fuzz/corpus/$$target \
+			>$(FUZZ_DIR)/$$target.log 2>&1 || failed="$$failed $$target"; \
+		grep -E '^stat::(number_of_executed_units|peak_rss_mb)' $(FUZZ_DIR)/$$target.log | tail -n 2 | \
+			sed 's/^/           /'; \
+	done; \
+	if [ -n "$$failed" ]; then \
+		for target in $$failed; do \
+			echo "fuzz-$$target failed: inputs in $(FUZZ_DIR)/crashes/$$target/, log $(FUZZ_DIR)/$$target.log"; \
+			ls $(FUZZ_DIR)/crashes/$$target/; \
+		done; exit 1; \
+	fi
 
 clean:
 	$(call msg,CLEAN,$(OUTPUT) .build)

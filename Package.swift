@@ -18,6 +18,7 @@ import PackageDescription
 //   Sources/reuseport-bench   the benchmark suite (Sources/CReuseportBench: the libc calls it needs)
 //   Sources/ReuseportTestSupport  real-socket helpers for the tests, kernel-check and the bench
 //                             (Sources/CReuseportTestPrograms: BPF objects built only for tests)
+//   Tests/fuzz                the fuzz targets of `make fuzz`, their seed corpora and dictionaries
 let package = Package(
     name: "reuseportd",
     products: [
@@ -102,6 +103,17 @@ let package = Package(
         .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit", "ReuseportControl", "CReuseportTestPrograms"]),
         // BPF objects built only for the tests (bpf/too_large.bpf.c), embedded like CReuseportABI's.
         .target(name: "CReuseportTestPrograms"),
+        // libFuzzer targets for the two inputs from outside the root daemon (docs/fuzzing.md):
+        // `make fuzz` builds them with -sanitize=fuzzer in .build-fuzz; the normal build makes
+        // tools that replay inputs through the same checks.
+        .target(name: "FuzzDriver", path: "Tests/fuzz/FuzzDriver"),
+        .executableTarget(
+            name: "fuzz-config", dependencies: ["FuzzDriver", "ReuseportDaemon"], path: "Tests/fuzz/fuzz-config"
+        ),
+        .executableTarget(
+            name: "fuzz-control", dependencies: ["FuzzDriver", "ReuseportDaemon", "ReuseportControl"],
+            path: "Tests/fuzz/fuzz-control"
+        ),
         // The benchmark's own arithmetic and parsing (no timings).
         .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),

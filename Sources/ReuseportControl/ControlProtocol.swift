@@ -183,6 +183,8 @@ public enum ControlFraming {
 /// Why a request line was refused, as a sentence for the client.
 public struct ControlRequestError: Error, CustomStringConvertible, Equatable {
     public var description: String
+
+    public init(description: String) { self.description = description }
 }
 
 extension ControlFraming {

@@ -72,6 +72,9 @@ public enum ConfigurationParser {
 
     /// Parses configuration text; `file` names it in errors.
     public static func parse(_ text: String, file: String) throws(ConfigurationError) -> DaemonConfiguration {
+        if let (line, problem) = unparseableLine(text) {
+            throw ConfigurationError(file: file, line: line, problem: problem)
+        }
         let table: TOMLTable
         do {
             table = try TOMLTable(string: text)
@@ -242,6 +245,156 @@ public enum ConfigurationParser {
         // A wildcard of one family covers that family's addresses ([::] also IPv4 unless v6only,
         // which the daemon sets, so it covers IPv6 only).
         return x.isV4 == y.isV4 && (x.isWildcard || y.isWildcard)
+    }
+
+    /// The most dots on one line outside strings and comments. toml++ limits how deep arrays
+    /// and inline tables nest, but not dotted keys (`a.b.c = 1`, `[a.b.c]`): it recurses once a
+    /// level, and some 30 000 levels overflow an 8 MiB stack (Tests/fuzz/regressions/config).
+    /// A configuration needs none; a line of floats would count too, but none is valid here.
+    static let maximumKeyDots = 64
+
+    /// What toml++ 3.4 (in TOMLKit 0.6) would not survive, found before it parses: the line and
+    /// why. Besides deep keys, toml++ asserts what it has not checked, which aborts a debug
+    /// build and is undefined behaviour under NDEBUG: that a table header's name starts with a
+    /// letter, digit, `-`, `_` or a quote (`parser::parse_key`; `[\`, `[[` at the end of a line),
+    /// that a value follows `[` or `,` in an array (`parser::parse_value`; `[1, }`), and that the
+    /// digits of dates and times are there (`parser::parse_time`; `1979-05-27T;`): no key takes
+    /// a date or a time, so a bare value with ':', or '-' or '+' past its sign, is refused. Follows
+    /// TOML's strings ("basic" with escapes, 'literal', their multi-line forms), comments, and
+    /// values (a `[` after `=` or inside an array opens no header).
+    static func unparseableLine(_ text: String) -> (line: Int, problem: String)? {
+        enum Inside { case code, comment, basic, literal, multiLineBasic, multiLineLiteral }
+        let quote = UInt8(ascii: "\""), apostrophe = UInt8(ascii: "'"), backslash = UInt8(ascii: "\\")
+        let bytes = Array(text.utf8)
+        var inside = Inside.code
+        var line = 1, dots = 0, index = 0
+        /// Whether this line has had its '=' (what follows is a value); the arrays and inline
+        /// tables open in values, innermost last; whether the innermost array awaits a value.
+        var valueStarted = false, open: [UInt8] = [], arrayAwaitsValue = false
+        /// Whether a key comes next (at the start of a line, in an inline table), not a value.
+        var keyExpected = true
+        /// How many of `byte` start at `index`.
+        func run(of byte: UInt8) -> Int {
+            var end = index
+            while end < bytes.count && bytes[end] == byte { end += 1 }
+            return end - index
+        }
+        func tooManyDots(_ line: Int) -> (line: Int, problem: String) {
+            (line, "line \(line) has more than \(maximumKeyDots) dots outside strings: keys "
+                + "nested that deep (a.b.c...) would overflow the TOML parser's stack")
+        }
+        func startsAName(_ byte: UInt8) -> Bool {
+            (byte >= 0x30 && byte <= 0x39) || (byte >= 0x41 && byte <= 0x5a) || (byte >= 0x61 && byte <= 0x7a)
+                || byte == 0x2d || byte == 0x5f || byte == quote || byte == apostrophe || byte == UInt8(ascii: "]")
+        }
+        while index < bytes.count {
+            let byte = bytes[index]
+            if byte == 0x0a {
+                line += 1
+                dots = 0
+                if open.isEmpty {
+                    valueStarted = false
+                    keyExpected = true
+                }
+                // A newline ends a comment, and a one-line string (TOML refuses the rest).
+                if inside != .multiLineBasic && inside != .multiLineLiteral { inside = .code }
+                index += 1
+                continue
+            }
+            switch inside {
+            case .code:
+                // Blanks and comments leave an array awaiting its value.
+                if byte == 0x20 || byte == 0x09 || byte == 0x0d {
+                    index += 1
+                    continue
+                }
+                if byte == UInt8(ascii: "}") && arrayAwaitsValue {
+                    return (line, "line \(line): '}' where an array needs a value or ']'")
+                }
+                if byte != UInt8(ascii: "#") {
+                    arrayAwaitsValue = byte == UInt8(ascii: ",") && open.last == UInt8(ascii: "[")
+                }
+                if byte == UInt8(ascii: "[") && !valueStarted && open.isEmpty {
+                    var name = index + 1
+                    if name < bytes.count && bytes[name] == UInt8(ascii: "[") { name += 1 }
+                    while name < bytes.count && (bytes[name] == 0x20 || bytes[name] == 0x09) { name += 1 }
+                    guard name < bytes.count, startsAName(bytes[name]) else {
+                        return (line, "line \(line): a table header needs a name after '[' or '[[' (letters, digits, "
+                            + "'-', '_' or a quoted name)")
+                    }
+                    index = name
+                    continue
+                }
+                if !keyExpected && !Array("[]{},#=\"'".utf8).contains(byte) {
+                    // A bare value (integer, boolean, float, date, time) up to what ends a value.
+                    var end = index
+                    while end < bytes.count && !Array(" \t\r\n[]{},#=\"'".utf8).contains(bytes[end]) { end += 1 }
+                    let token = bytes[index..<end]
+                    if token.contains(UInt8(ascii: ":"))
+                        || token.dropFirst().contains(where: { $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "+") })
+                    {
+                        return (line, "line \(line): '\(String(decoding: token.prefix(40), as: UTF8.self))' is no value "
+                            + "a configuration takes (no key takes a date or a time)")
+                    }
+                    dots += token.count { $0 == UInt8(ascii: ".") }
+                    if dots > maximumKeyDots { return tooManyDots(line) }
+                    index = end
+                    continue
+                }
+                if byte == UInt8(ascii: "=") {
+                    valueStarted = true
+                    keyExpected = false
+                } else if byte == UInt8(ascii: "[") || (byte == UInt8(ascii: "{") && valueStarted) {
+                    open.append(byte)
+                    arrayAwaitsValue = byte == UInt8(ascii: "[")
+                    keyExpected = byte == UInt8(ascii: "{")
+                } else if byte == UInt8(ascii: ",") {
+                    keyExpected = open.last == UInt8(ascii: "{")
+                } else if byte == UInt8(ascii: "]") || byte == UInt8(ascii: "}") {
+                    if !open.isEmpty { open.removeLast() }
+                } else if byte == UInt8(ascii: ".") {
+                    dots += 1
+                    if dots > maximumKeyDots { return tooManyDots(line) }
+                } else if byte == UInt8(ascii: "#") {
+                    inside = .comment
+                } else if byte == quote || byte == apostrophe {
+                    let count = run(of: byte)
+                    if count >= 3 {
+                        inside = byte == quote ? .multiLineBasic : .multiLineLiteral
+                        index += 3
+                        continue
+                    }
+                    // "" is an empty string; " opens one.
+                    if count == 1 { inside = byte == quote ? .basic : .literal }
+                    index += count
+                    continue
+                }
+            case .comment:
+                break
+            case .basic, .multiLineBasic:
+                if byte == backslash {
+                    // An escape is two bytes; a line-ending backslash leaves its newline to be counted.
+                    index += index + 1 < bytes.count && bytes[index + 1] == 0x0a ? 1 : 2
+                    continue
+                }
+                if byte == quote {
+                    let count = run(of: quote)
+                    // A multi-line string ends at three quotes; up to two more before them are its own.
+                    if inside == .basic || count >= 3 { inside = .code }
+                    index += inside == .code && count >= 3 ? count : 1
+                    continue
+                }
+            case .literal, .multiLineLiteral:
+                if byte == apostrophe {
+                    let count = run(of: apostrophe)
+                    if inside == .literal || count >= 3 { inside = .code }
+                    index += inside == .code && count >= 3 ? count : 1
+                    continue
+                }
+            }
+            index += 1
+        }
+        return nil
     }
 
     static func readText(_ path: String) -> String? {

@@ -9,37 +9,35 @@ struct ControlCommands {
     let reload: ConfigurationReload
 
     func handle(_ request: ControlRequest) -> ControlResponse {
-        switch request.command {
-        case .status:
-            return ControlResponse(ok: true, services: supervisor.status(of: request.service),
+        let targets = supervisor.services.map {
+            ControlTarget(name: $0.name, slots: $0.slots.map(\.index), bucketCount: $0.configuration.bucketCount)
+        }
+        let action: ControlAction
+        do {
+            action = try ControlAction(checking: request, against: targets)
+        } catch {
+            return .failure(error.description)
+        }
+        switch action {
+        case .status(let name):
+            return ControlResponse(ok: true, services: supervisor.status(of: name),
                                    ignoredNotifications: supervisor.notify?.ignored)
         case .reload:
             let response = reload.apply()
             // As for SIGHUP: the log says why a reload was refused, not only the one who asked.
             if !response.ok { supervisor.logger.error("reload (control): \(response.error ?? "")") }
             return response
-        case .restart:
-            guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
-                return .failure(unknownService(request.service))
-            }
-            guard let index = request.slot, let slot = service.slot(index) else {
-                return .failure("service \(service.name) has no slot \(request.slot.map(String.init) ?? "(none given)"): "
-                    + "its slots are 0 to \(service.slots.count - 1)")
+        case .restart(let position, let index):
+            let service = supervisor.services[position]
+            guard let slot = service.slot(index) else {
+                return .failure("service \(service.name) has no slot \(index)")
             }
             let failures = supervisor.restart(service, slot).map { [SlotStartFailure(slot: index, error: "\($0)")] }
             return ControlResponse(ok: true,
                                    message: "restarting slot \(index) of \(service.name)" + sentence(failures ?? []),
                                    services: supervisor.status(of: service.name), startFailures: failures)
-        case .scale:
-            guard let service = request.service.flatMap(supervisor.service(named:)) ?? soleService(request.service) else {
-                return .failure(unknownService(request.service))
-            }
-            guard let workers = request.workers, SlotCount.range.contains(workers),
-                  workers <= service.configuration.bucketCount
-            else {
-                return .failure("scale needs a worker count between 1 and "
-                    + "\(min(SlotCount.range.upperBound, service.configuration.bucketCount)), got \(request.workers.map(String.init) ?? "none")")
-            }
+        case .scale(let position, let workers):
+            let service = supervisor.services[position]
             do {
                 let (moved, failed) = try supervisor.scaleReportingStarts(service, to: workers)
                 let failures = failed.map { SlotStartFailure(slot: $0.slot, error: "\($0.error)") }
@@ -60,16 +58,70 @@ struct ControlCommands {
         let list = failures.map { "slot \($0.slot) could not start (\($0.error))" }.joined(separator: "; ")
         return "; \(list); retried after the restart back-off"
     }
+}
 
-    /// Without a service name, the only service, if there is exactly one.
-    func soleService(_ name: String?) -> ServiceRuntime? {
-        name == nil && supervisor.services.count == 1 ? supervisor.services[0] : nil
+/// What checking a request needs to know of one service the daemon runs.
+package struct ControlTarget: Sendable, Equatable {
+    package var name: String
+    package var slots: [UInt32]
+    package var bucketCount: Int
+
+    package init(name: String, slots: [UInt32], bucketCount: Int) {
+        self.name = name
+        self.slots = slots
+        self.bucketCount = bucketCount
     }
+}
 
-    func unknownService(_ name: String?) -> String {
-        let names = supervisor.services.map(\.name).joined(separator: ", ")
-        guard let name else { return "name a service: this daemon runs \(names)" }
-        return "no service named '\(name)': this daemon runs \(names)"
+/// A decoded request checked against the services, before anything is done: which service
+/// (its position in the list checked against) and which slot or worker count. Needs no
+/// live daemon, so the fuzzer (Tests/fuzz) runs it on every request it decodes.
+package enum ControlAction: Sendable, Equatable {
+    case status(service: String?)
+    case reload
+    case restart(service: Int, slot: UInt32)
+    case scale(service: Int, workers: Int)
+
+    /// Throws the sentence the client gets when the request names no such service, slot or count.
+    package init(checking request: ControlRequest, against services: [ControlTarget]) throws(ControlRequestError) {
+        func target() throws(ControlRequestError) -> Int {
+            if let name = request.service, let position = services.firstIndex(where: { $0.name == name }) {
+                return position
+            }
+            // Without a service name, the only service, if there is exactly one.
+            if request.service == nil && services.count == 1 { return 0 }
+            let names = services.map(\.name).joined(separator: ", ")
+            guard let name = request.service else {
+                throw ControlRequestError(description: "name a service: this daemon runs \(names)")
+            }
+            throw ControlRequestError(description: "no service named '\(name)': this daemon runs \(names)")
+        }
+        switch request.command {
+        case .status:
+            self = .status(service: request.service)
+        case .reload:
+            self = .reload
+        case .restart:
+            let position = try target()
+            let service = services[position]
+            guard let slot = request.slot, service.slots.contains(slot) else {
+                let range = service.slots.min().map { "its slots are \($0) to \(service.slots.max() ?? $0)" }
+                    ?? "it has none"
+                throw ControlRequestError(description: "service \(service.name) has no slot "
+                    + "\(request.slot.map(String.init) ?? "(none given)"): \(range)")
+            }
+            self = .restart(service: position, slot: slot)
+        case .scale:
+            let position = try target()
+            let service = services[position]
+            guard let workers = request.workers, SlotCount.range.contains(workers), workers <= service.bucketCount
+            else {
+                throw ControlRequestError(description: "scale needs a worker count between 1 and "
+                    + "\(min(SlotCount.range.upperBound, service.bucketCount)), "
+                    + "got \(request.workers.map(String.init) ?? "none")")
+            }
+            self = .scale(service: position, workers: workers)
+        }
     }
 }
 
