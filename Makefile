@@ -50,7 +50,8 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz
+.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz \
+	test-least-privilege
 
 all: build
 
@@ -117,6 +118,14 @@ kernel-test: $(OUTPUT)/.abi-stamp
 		$(if $(Q),--no-values) $(CHECKS)
 
 test: unit-test kernel-test
+
+# The daemon tests with every test daemon holding only the capabilities docs/operations.md
+# documents (setpriv lowers its bounding set, as the unit's CapabilityBoundingSet= does).
+LEAST_PRIVILEGE := /usr/bin/setpriv --inh-caps=-all --ambient-caps=-all \
+	--bounding-set=-all,+bpf,+net_admin,+net_bind_service,+setuid,+setgid,+kill --
+test-least-privilege: $(OUTPUT)/.abi-stamp
+	$(call msg,TEST,swift test --filter ReuseportDaemonTests under setpriv)
+	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" $(SWIFT) test $(SWIFT_FLAGS) --filter ReuseportDaemonTests
 
 # The suite in VMs (Tests/vm/): fully static kernel-check and reuseportd in a busybox initramfs, booted
 # under QEMU on each kernel of KERNELS (Debian cloud kernels, fetched and cached under

@@ -108,14 +108,20 @@ public final class TestDaemon {
 
     /// The daemon built beside this program.
     public static var builtBinary: String { BuiltProducts.path("reuseportd") }
+
+    /// `REUSEPORT_TEST_LAUNCHER`, split on spaces; empty when unset.
+    public static var defaultLauncher: [String] {
+        (getenv("REUSEPORT_TEST_LAUNCHER").map { String(cString: $0) } ?? "").split(separator: " ").map(String.init)
+    }
     public static var isBuilt: Bool { access(builtBinary, X_OK) == 0 }
 
     /// Starts `binary` with `config`. `pinRoot`: reuse another run's pin root (default: a
     /// fresh one). `logLevel`: nil leaves the daemon's default. `launcher`: a command that
     /// execs the daemon's command line given after it (e.g. `setpriv … --`); the daemon keeps
-    /// the launcher's pid.
+    /// the launcher's pid. The default is `REUSEPORT_TEST_LAUNCHER` (words split on spaces), so
+    /// that a whole suite can run its daemons under, say, `setpriv` (`make test-least-privilege`).
     public init(config: String, binary: String = TestDaemon.builtBinary, pinRoot: String? = nil,
-                logLevel: String? = "debug", launcher: [String] = []) throws {
+                logLevel: String? = "debug", launcher: [String] = TestDaemon.defaultLauncher) throws {
         guard access(binary, X_OK) == 0 else { throw HarnessError("no reuseportd binary at \(binary): run swift build") }
         directory = try TemporaryDirectory()
         configPath = try directory.write("reuseportd.toml", config)
