@@ -2,15 +2,23 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <spawn.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <linux/sched.h>
+
 #include "CReuseportProcess.h"
+
+_Static_assert(sizeof(struct clone_args) == CLONE_ARGS_SIZE_VER2, "struct clone_args with .cgroup (Linux 5.7)");
+_Static_assert(sizeof(struct rpd_file_action) == 32, "struct rpd_file_action is mirrored by Swift");
 
 int rpd_signalfd(const sigset_t *mask)
 {
@@ -50,6 +58,177 @@ int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid)
 	*uid = cred.uid;
 	*gid = cred.gid;
 	return 0;
+}
+
+/* What a failed child tells its parent through the report pipe. */
+struct rpd_spawn_failure {
+	int32_t error;
+	int32_t step;
+};
+
+static void __attribute__((noreturn)) rpd_spawn_fail(int report, int step)
+{
+	struct rpd_spawn_failure failure = { .error = errno, .step = step };
+	ssize_t n;
+
+	do {
+		n = write(report, &failure, sizeof(failure));
+	} while (n < 0 && errno == EINTR);
+	_exit(127);
+}
+
+/* closefrom(lowest) that spares `keep`. close_range(2) is 5.9; before it, one close() per
+ * number up to RLIMIT_NOFILE. */
+static void rpd_close_from_except(int lowest, int keep)
+{
+	struct rlimit limit;
+	int last;
+
+	if (keep < lowest) {
+		if (syscall(SYS_close_range, (unsigned int)lowest, ~0U, 0) == 0)
+			return;
+	} else if ((keep == lowest || syscall(SYS_close_range, (unsigned int)lowest, (unsigned int)keep - 1, 0) == 0) &&
+		   syscall(SYS_close_range, (unsigned int)keep + 1, ~0U, 0) == 0) {
+		return;
+	}
+	last = getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < (1 << 20) ? (int)limit.rlim_cur : 1 << 16;
+	for (int fd = lowest; fd < last; fd++)
+		if (fd != keep)
+			close(fd);
+}
+
+/* The child of rpd_spawn_into_cgroup(): a copy of a multi-threaded process, so only
+ * async-signal-safe calls (signal-safety(7)) until execve(). The steps and their order are
+ * glibc's posix_spawn child's (sysdeps/unix/sysv/linux/spawni.c, __spawni_child()). */
+static void __attribute__((noreturn))
+rpd_spawn_child(int report, const char *path, char *const argv[], char *const envp[],
+		const struct rpd_file_action *actions, size_t count, int flags, const sigset_t *parent_mask)
+{
+	struct sigaction action = { .sa_handler = SIG_DFL };
+	sigset_t empty;
+	int top = 2;
+
+	/* Handlers are the parent's code: none may run here. Without RESET_SIGNALS an ignored
+	 * signal stays ignored, as across execve(). sigaction() refuses glibc's own signals
+	 * (SIGCANCEL, SIGSETXID) and SIGKILL, SIGSTOP: nothing to do there. */
+	for (int sig = 1; sig < _NSIG; sig++) {
+		struct sigaction old;
+
+		if (sigaction(sig, NULL, &old) != 0)
+			continue;
+		if (old.sa_handler == SIG_DFL || (old.sa_handler == SIG_IGN && !(flags & RPD_SPAWN_RESET_SIGNALS)))
+			continue;
+		sigaction(sig, &action, NULL);
+	}
+	if ((flags & RPD_SPAWN_NEW_PROCESS_GROUP) && setpgid(0, 0) != 0)
+		rpd_spawn_fail(report, RPD_SPAWN_STEP_SETPGID);
+
+	/* The report pipe must outlive every action: above every target, and spared by
+	 * closefrom. F_DUPFD takes the lowest free number, so it overwrites nothing. */
+	for (size_t i = 0; i < count; i++)
+		if (actions[i].kind != RPD_FILE_CLOSE_FROM && actions[i].fd > top)
+			top = actions[i].fd;
+	if (report <= top) {
+		int moved = fcntl(report, F_DUPFD_CLOEXEC, top + 1);
+
+		if (moved < 0)
+			rpd_spawn_fail(report, RPD_SPAWN_STEP_REPORT);
+		report = moved;
+	}
+
+	for (size_t i = 0; i < count; i++) {
+		const struct rpd_file_action *a = &actions[i];
+		int fd;
+
+		switch (a->kind) {
+		case RPD_FILE_OPEN:
+			fd = open(a->path, a->flags, (mode_t)a->mode);
+			if (fd < 0)
+				rpd_spawn_fail(report, (int)i);
+			if (fd != a->fd) {
+				if (dup2(fd, a->fd) < 0)
+					rpd_spawn_fail(report, (int)i);
+				close(fd);
+			}
+			break;
+		case RPD_FILE_DUPLICATE:
+			/* dup2() of a descriptor onto itself leaves close-on-exec set. */
+			if (a->source == a->fd) {
+				int fdflags = fcntl(a->fd, F_GETFD);
+
+				if (fdflags < 0 || fcntl(a->fd, F_SETFD, fdflags & ~FD_CLOEXEC) != 0)
+					rpd_spawn_fail(report, (int)i);
+			} else if (dup2(a->source, a->fd) < 0) {
+				rpd_spawn_fail(report, (int)i);
+			}
+			break;
+		case RPD_FILE_CLOSE:
+			if (close(a->fd) != 0 && errno != EBADF)
+				rpd_spawn_fail(report, (int)i);
+			break;
+		case RPD_FILE_CLOSE_FROM:
+			rpd_close_from_except(a->fd, report);
+			break;
+		default:
+			errno = EINVAL;
+			rpd_spawn_fail(report, (int)i);
+		}
+	}
+
+	sigemptyset(&empty);
+	if (sigprocmask(SIG_SETMASK, (flags & RPD_SPAWN_RESET_SIGNALS) ? &empty : parent_mask, NULL) != 0)
+		rpd_spawn_fail(report, RPD_SPAWN_STEP_SIGNALS);
+	execve(path, argv, envp);
+	rpd_spawn_fail(report, RPD_SPAWN_STEP_EXEC);
+}
+
+pid_t rpd_spawn_into_cgroup(int cgroup_fd, const char *path, char *const argv[], char *const envp[],
+			    const struct rpd_file_action *actions, size_t count, int flags, int *failed_step)
+{
+	struct clone_args args = {
+		.flags = CLONE_INTO_CGROUP,
+		.exit_signal = SIGCHLD,
+		.cgroup = (uint64_t)cgroup_fd,
+	};
+	struct rpd_spawn_failure failure;
+	sigset_t all, old;
+	int report[2];
+	pid_t pid;
+	ssize_t n;
+	int saved;
+
+	*failed_step = RPD_SPAWN_STEP_CLONE;
+	if (pipe2(report, O_CLOEXEC) != 0)
+		return -1;
+	/* Blocked across clone3(), so that no handler of this process runs in the child before
+	 * it has reset them (posix_spawn does the same). */
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &old);
+	/* glibc 2.36 has no clone3() wrapper; its internal one (2.34) is for threads (CLONE_VM).
+	 * No CLONE_VM here: fork semantics, the child runs on a copy of this stack. */
+	pid = (pid_t)syscall(SYS_clone3, &args, sizeof(args));
+	if (pid == 0)
+		rpd_spawn_child(report[1], path, argv, envp, actions, count, flags, &old);
+	saved = errno;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	close(report[1]);
+	if (pid < 0) {
+		close(report[0]);
+		errno = saved;
+		return -1;
+	}
+	do {
+		n = read(report[0], &failure, sizeof(failure));
+	} while (n < 0 && errno == EINTR);
+	close(report[0]);
+	/* EOF: execve() succeeded and closed the write end. */
+	if (n != sizeof(failure))
+		return pid;
+	while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
+		;
+	*failed_step = failure.step;
+	errno = failure.error;
+	return -1;
 }
 
 int rpd_pipe_cloexec(int fds[2])

@@ -206,12 +206,9 @@ final class Supervisor {
             cgroup = try cgroups?.make(service: service.name, slot: slot.index, sequence: workerStarts)
             // The write end closes when this scope ends: the worker holds the only copy.
             let (output, writeEnd) = try WorkerOutput.pipe(logger: logger, drops: drops(of: service, slot))
-            let spawn = WorkerSpawn(executable: executable,
-                                    arguments: workerArguments(service.configuration, cgroup: cgroup),
-                                    environment: workerEnvironment(service, slot),
-                                    sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
-                                    output: writeEnd.fd)
-            let pid = try withExtendedLifetime(writeEnd) { try spawn.start() }
+            let pid = try withExtendedLifetime(writeEnd) {
+                try spawnWorker(service, slot, cgroup: cgroup, output: writeEnd.fd)
+            }
             output.logger[metadataKey: "pid"] = "\(pid)"
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)
@@ -235,6 +232,36 @@ final class Supervisor {
         }
     }
 
+    /// Starts a worker's process inside its cgroup where the kernel can (clone3 with
+    /// CLONE_INTO_CGROUP, 5.7), else with `--cgroup` for `exec-worker` to join it. The first
+    /// start with a cgroup finds out which, and says so once.
+    private func spawnWorker(_ service: ServiceRuntime, _ slot: SlotRecord, cgroup: String?,
+                             output: FileDescriptor) throws -> pid_t
+    {
+        func spawn(inside folder: OwnedDescriptor?) throws -> pid_t {
+            try WorkerSpawn(executable: executable,
+                            arguments: workerArguments(service.configuration, cgroup: folder == nil ? cgroup : nil),
+                            environment: workerEnvironment(service, slot),
+                            sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
+                            output: output, cgroup: folder?.fd).start()
+        }
+        guard let cgroup, cgroups?.createsInside != false else { return try spawn(inside: nil) }
+        // O_RDONLY: Swift cannot import O_PATH (_GNU_SOURCE); clone3 takes either.
+        let folder = try Syscall.open(cgroup, O_RDONLY | O_DIRECTORY)
+        do {
+            let pid = try withExtendedLifetime(folder) { try spawn(inside: folder) }
+            if cgroups?.createsInside == nil {
+                cgroups?.createsInside = true
+                logger.info("workers are created inside their cgroup (clone3 CLONE_INTO_CGROUP)")
+            }
+            return pid
+        } catch where cgroups?.createsInside == nil && ProcessSpawn.cgroupSpawnUnsupported(error) {
+            cgroups?.createsInside = false
+            logger.notice("workers join their cgroup themselves, writing cgroup.procs (slower): \(error)")
+            return try spawn(inside: nil)
+        }
+    }
+
     /// The drop counts of a slot's workers' output.
     func drops(of service: ServiceRuntime, _ slot: SlotRecord) -> OutputDrops {
         if let drops = outputDrops[service.name]?[slot.index] { return drops }
@@ -243,6 +270,7 @@ final class Supervisor {
         return drops
     }
 
+    /// `cgroup`: the folder `exec-worker` joins (only when the process was not created in it).
     func workerArguments(_ service: ServiceConfiguration, cgroup: String? = nil) -> [String] {
         var arguments = ["reuseportd", "exec-worker", "--parent", String(getpid())]
         if let cgroup { arguments += ["--cgroup", cgroup] }

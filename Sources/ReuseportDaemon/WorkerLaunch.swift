@@ -8,7 +8,9 @@ import SystemPackage
 ///
 /// 1. The daemon spawns its own binary as `reuseportd exec-worker`, with the slot's
 ///    sockets dup'ed onto fd 3…, /dev/null on stdin, a pipe on stdout and stderr, signals
-///    unblocked and at their defaults, in a process group of its own.
+///    unblocked and at their defaults, in a process group of its own, and created inside the
+///    worker's cgroup (clone3 CLONE_INTO_CGROUP; on kernels before 5.7 the child joins it
+///    itself, `--cgroup`).
 /// 2. That process (`WorkerExec`) drops to the configured user and group, asks the kernel
 ///    for SIGKILL when the daemon dies, sets `LISTEN_PID` (and `WATCHDOG_PID` with a watchdog)
 ///    to its own pid (which only the child can know before exec) and execs the configured program, or runs the built-in
@@ -21,6 +23,8 @@ public struct WorkerSpawn {
     public var sockets: [FileDescriptor]
     /// Becomes the child's stdout and stderr.
     public var output: FileDescriptor
+    /// The worker's cgroup folder (an O_RDONLY descriptor), which the child is created in (`ProcessSpawn.cgroup`).
+    public var cgroup: FileDescriptor?
 
     /// Starts the process and returns its pid.
     public func start() throws -> pid_t {
@@ -44,7 +48,7 @@ public struct WorkerSpawn {
         actions.append(.closeFrom(first + Int32(sockets.count)))
         return try withExtendedLifetime(staged) {
             try ProcessSpawn(path: executable, arguments: arguments, environment: environment, fileActions: actions,
-                             newProcessGroup: true, resetSignals: true).start()
+                             newProcessGroup: true, resetSignals: true, cgroup: cgroup).start()
         }
     }
 }
@@ -55,7 +59,8 @@ public struct WorkerExec {
     public var user: String?
     public var group: String?
     public var program: WorkerProgram
-    /// The cgroup v2 folder this worker start gets (see WorkerProcesses), joined before anything else.
+    /// The cgroup v2 folder this worker start gets (see WorkerProcesses), joined before anything
+    /// else. Only on kernels before 5.7: the daemon otherwise creates the process inside it.
     public var cgroup: String?
 
     public init(parent: pid_t, user: String?, group: String?, program: WorkerProgram, cgroup: String? = nil) {
@@ -68,8 +73,8 @@ public struct WorkerExec {
 
     /// Becomes the worker; returns only by throwing (`WorkerError`, or `ReuseportError` for a failed call).
     public func run() throws -> Never {
-        // Still root: join the worker's cgroup, so that everything the program forks is in it.
-        // Not fatal: the process group still tracks what does not call setsid().
+        // Still root: join the worker's cgroup (when the daemon could not start us inside it), so
+        // that everything the program forks is in it. Not fatal: the process group still tracks what does not call setsid().
         if let cgroup {
             do {
                 try Syscall.writeFile("\(cgroup)/cgroup.procs", Array(String(getpid()).utf8))

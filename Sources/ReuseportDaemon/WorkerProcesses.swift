@@ -66,6 +66,9 @@ final class WorkerProcesses {
 /// is no cgroup v2 or it is not writable; the daemon then falls back to process groups.
 struct WorkerCgroups {
     let root: String
+    /// Whether workers are created inside their cgroup (clone3 CLONE_INTO_CGROUP, Linux 5.7)
+    /// or join it themselves; nil until the first worker start finds out.
+    var createsInside: Bool?
 
     /// Finds the daemon's cgroup v2 folder and makes `reuseportd-<pid>` in it, or says why not.
     static func make(logger: Logger) -> WorkerCgroups? {
@@ -87,7 +90,7 @@ struct WorkerCgroups {
             return nil
         }
         logger.info("workers' cgroups under \(root)")
-        return WorkerCgroups(root: root)
+        return WorkerCgroups(root: root, createsInside: nil)
     }
 
     /// A new, empty cgroup for one worker start.

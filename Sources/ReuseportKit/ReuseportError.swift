@@ -82,6 +82,11 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
             return "the socket is already in the array (at this slot or another) or in another one: remove it first"
         case E2BIG where mapCall:
             return "the key is beyond the map's size"
+        case ENOSYS where call.hasPrefix("clone3"), EINVAL where call.hasPrefix("clone3"),
+             E2BIG where call.hasPrefix("clone3"):
+            return "CLONE_INTO_CGROUP needs Linux 5.7 (and no seccomp filter that refuses clone3)"
+        case EACCES where call.hasPrefix("clone3"), EPERM where call.hasPrefix("clone3"):
+            return "creating a process in a cgroup needs write access to its cgroup.procs (root, or a delegated cgroup)"
         case ENOMEM where bpf:
             return "kernels before 5.11 charge maps to RLIMIT_MEMLOCK: raise it (ulimit -l) or run as root"
         default:

@@ -1,6 +1,8 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Foundation
+@testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
 import Testing
@@ -41,6 +43,56 @@ struct WorkerProcessTests {
         // Nothing holds the port: a socket without SO_REUSEPORT may bind it.
         let probe = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "probe")
         #expect(throws: Never.self) { try Syscall.bind(probe.fd, SocketAddress(.loopbackV4, port), "probe") }
+    }
+
+    /// A worker is created inside its own cgroup: the program's first look at /proc/self/cgroup
+    /// already shows `reuseportd-<daemon pid>/<service>.<slot>.<start>`.
+    @Test(.enabled(if: WorkerCgroups.cgroup2Mount() != nil, "no cgroup v2 mounted: workers have no cgroup"))
+    func aWorkerStartsInItsCgroup() throws {
+        let folder = try TemporaryDirectory()
+        let report = "\(folder.path)/cgroup"
+        let daemon = try TestDaemon(config: serviceTable(
+            "incgroup", workers: 1,
+            program: "exec = [\"/bin/sh\", \"-c\", \"cat /proc/self/cgroup > \(report).part; mv \(report).part \(report); exec sleep 60\"]"))
+        _ = try daemon.waitForWorkers()
+        let deadline = nowMs() + 5000
+        while access(report, F_OK) != 0 && nowMs() < deadline { sleepMs(20) }
+        let text = try String(contentsOfFile: report, encoding: .utf8)
+        let line = text.split(separator: "\n").first { $0.hasPrefix("0::") }
+        #expect(line?.hasSuffix("/reuseportd-\(daemon.pid)/incgroup.0.1") == true, "the worker's cgroups: \(text)")
+        #expect(daemon.stop() == 0)
+    }
+
+    /// ProcessSpawn with a cgroup: the program (cat, which joins nothing) runs in it from its
+    /// first instruction, in a process group of its own; a failed exec throws the exact errno
+    /// and names execve.
+    @Test(.enabled(if: WorkerCgroups.cgroup2Mount() != nil, "no cgroup v2 mounted"))
+    func processSpawnCreatesTheChildInsideTheCgroup() throws {
+        let mount = try #require(WorkerCgroups.cgroup2Mount())
+        let own = try #require(WorkerCgroups.ownCgroup())
+        let relative = "\(own == "/" ? "" : own)/rpd-spawn-test-\(getpid())"
+        try Syscall.makeDirectory(mount + relative)
+        defer { _ = try? Syscall.removeDirectory(mount + relative) }
+        let cgroup = try Syscall.open(mount + relative, O_RDONLY | O_DIRECTORY)
+
+        let output = try Syscall.pipe()
+        let script = "cat /proc/self/cgroup; cut -d' ' -f5 /proc/$$/stat"
+        let pid = try ProcessSpawn(path: "/bin/sh", arguments: ["sh", "-c", script],
+                                   fileActions: [.nullInput, .duplicate(output.write.fd.rawValue, to: 1), .closeFrom(3)],
+                                   newProcessGroup: true, resetSignals: true, cgroup: cgroup.fd).start()
+        output.write.close()
+        let lines = String(decoding: try Syscall.readToEnd(output.read.fd), as: UTF8.self).split(separator: "\n")
+        #expect(try Syscall.wait(pid, block: true)?.status == .exited(0))
+        #expect(lines.contains { $0 == "0::\(relative)" }, "cgroups of the child: \(lines)")
+        #expect(lines.last.map { $0.trimmingCharacters(in: .whitespaces) } == String(pid), "its own process group")
+
+        let missing = "/nonexistent/rpd-program"
+        #expect {
+            try ProcessSpawn(path: missing, arguments: [missing], cgroup: cgroup.fd).start()
+        } throws: { error in
+            guard case .system(let call, let code, _) = error as? ReuseportError else { return false }
+            return call == "execve(\(missing))" && code == ENOENT
+        }
     }
 
     /// The pids whose command line has `argument`.

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 // The few process and socket calls the system layer (ReuseportKit/System) needs that Swift
 // cannot import from Glibc (signalfd, prctl, SO_PEERCRED's struct ucred, pidfd_open, capget and
-// capset, and the _GNU_SOURCE calls accept4, pipe2 and posix_spawn_file_actions_addclosefrom_np).
+// capset, clone3, and the _GNU_SOURCE calls accept4, pipe2 and posix_spawn_file_actions_addclosefrom_np).
 // Every symbol is prefixed rpd_.
 #ifndef CREUSEPORT_PROCESS_H
 #define CREUSEPORT_PROCESS_H
@@ -38,6 +38,56 @@ int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 /* posix_spawn_file_actions_addclosefrom_np (glibc 2.34): the child closes every fd from
  * `lowest` up, so that nothing the daemon inherited without close-on-exec reaches a worker. */
 int rpd_spawn_close_from(posix_spawn_file_actions_t *actions, int lowest);
+
+/* What a child started by rpd_spawn_into_cgroup() does with its descriptors before execve(),
+ * in order: the same steps as posix_spawn's file actions. */
+enum rpd_file_action_kind {
+	RPD_FILE_OPEN = 0,	 /* open(path, flags, mode) as `fd` */
+	RPD_FILE_DUPLICATE = 1, /* dup2(source, fd), without close-on-exec */
+	RPD_FILE_CLOSE = 2,	 /* close(fd) */
+	RPD_FILE_CLOSE_FROM = 3, /* close every descriptor from `fd` up */
+};
+
+struct rpd_file_action {
+	int32_t kind; /* enum rpd_file_action_kind */
+	int32_t fd;
+	int32_t source;
+	int32_t flags;
+	uint32_t mode;
+	uint32_t pad;
+	const char *path;
+};
+
+enum rpd_spawn_flags {
+	RPD_SPAWN_NEW_PROCESS_GROUP = 1 << 0, /* setpgid(0, 0) */
+	RPD_SPAWN_RESET_SIGNALS = 1 << 1,     /* no signal blocked, every disposition SIG_DFL */
+};
+
+/* The step of a start that failed, in *failed_step. */
+enum {
+	RPD_SPAWN_STEP_CLONE = -1,  /* clone3() itself (or the pipe before it): in the parent */
+	RPD_SPAWN_STEP_EXEC = -2,   /* execve() */
+	RPD_SPAWN_STEP_SETPGID = -3,
+	RPD_SPAWN_STEP_SIGNALS = -4,
+	RPD_SPAWN_STEP_REPORT = -5, /* moving the report pipe above the actions' targets */
+	/* 0, 1, ...: actions[i] */
+};
+
+/* Starts `path` as posix_spawn() would, but created inside the cgroup v2 folder `cgroup_fd`
+ * (an O_PATH or O_RDONLY descriptor of it) with clone3(CLONE_INTO_CGROUP) (Linux 5.7): the
+ * child is never in the parent's cgroup, and the kernel takes the cgroup threadgroup rwsem
+ * only for reading (kernel/cgroup/cgroup.c, cgroup_css_set_fork()), where a write to
+ * cgroup.procs takes it for writing and waits for an RCU grace period.
+ *
+ * Fork semantics (no CLONE_VM): between clone3() and execve() the child makes only
+ * async-signal-safe calls. A failure there reaches the parent through a close-on-exec pipe
+ * (EOF: execve() succeeded); the child is then reaped here.
+ *
+ * Returns the child's pid, or -1 with errno and *failed_step (RPD_SPAWN_STEP_*, or the index
+ * of the action that failed). Kernels without clone3() answer ENOSYS (before 5.3), without
+ * CLONE_INTO_CGROUP EINVAL (5.5, 5.6) or E2BIG (5.3, 5.4: struct clone_args too long). */
+pid_t rpd_spawn_into_cgroup(int cgroup_fd, const char *path, char *const argv[], char *const envp[],
+			    const struct rpd_file_action *actions, size_t count, int flags, int *failed_step);
 
 /* pipe2(fds, O_CLOEXEC). */
 int rpd_pipe_cloexec(int fds[2]);

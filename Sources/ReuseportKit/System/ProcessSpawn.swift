@@ -4,11 +4,14 @@ import Glibc
 import CReuseportProcess
 import SystemPackage
 
-/// Starts a process with posix_spawn(3): the one place the project creates processes.
+/// Starts a process with posix_spawn(3), or inside a cgroup with clone3(2): the one place the
+/// project creates processes.
 ///
 /// posix_spawn rather than fork: a forked child of a Swift process may only call
 /// async-signal-safe functions. The child gets exactly the descriptors the file actions
-/// give it (everything the system layer opens is close-on-exec).
+/// give it (everything the system layer opens is close-on-exec). With `cgroup`, the child is
+/// made by clone3(CLONE_INTO_CGROUP) in C (`rpd_spawn_into_cgroup`), whose child makes only
+/// async-signal-safe calls and follows the same file actions and attributes.
 public struct ProcessSpawn {
     /// What the child does with its descriptors before exec, in order.
     public enum FileAction: Sendable {
@@ -37,15 +40,24 @@ public struct ProcessSpawn {
     /// The child starts with no signal blocked and every signal at its default action
     /// (a daemon that blocks signals for a signalfd must not pass that on).
     public var resetSignals = false
+    /// A cgroup v2 folder (an O_PATH or O_RDONLY descriptor) the child is created in, with
+    /// clone3(CLONE_INTO_CGROUP) (Linux 5.7) instead of posix_spawn. The child is never in this
+    /// process's cgroup, and the kernel takes the cgroup threadgroup rwsem only for reading,
+    /// where writing a pid to cgroup.procs takes it for writing and waits for an RCU grace
+    /// period (kernel/cgroup/cgroup.c, cgroup_css_set_fork() and cgroup_procs_write_start()):
+    /// milliseconds per start. Older kernels throw an error for which `cgroupSpawnUnsupported`
+    /// is true. (glibc 2.39 has this as posix_spawnattr_setcgroup_np.)
+    public var cgroup: FileDescriptor?
 
     public init(path: String, arguments: [String], environment: [String]? = nil, fileActions: [FileAction] = [],
-                newProcessGroup: Bool = false, resetSignals: Bool = false) {
+                newProcessGroup: Bool = false, resetSignals: Bool = false, cgroup: FileDescriptor? = nil) {
         self.path = path
         self.arguments = arguments
         self.environment = environment
         self.fileActions = fileActions
         self.newProcessGroup = newProcessGroup
         self.resetSignals = resetSignals
+        self.cgroup = cgroup
     }
 
     /// `path` with `arguments` after argv[0] = `path`.
@@ -55,6 +67,7 @@ public struct ProcessSpawn {
 
     /// Starts the process and returns its pid. The caller reaps it (`Syscall.wait`).
     public func start() throws -> pid_t {
+        if let cgroup { return try start(inside: cgroup) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
@@ -93,20 +106,98 @@ public struct ProcessSpawn {
         }
         posix_spawnattr_setflags(&attributes, Int16(flags))
 
+        var pid: pid_t = 0
+        let result = withArgumentsAndEnvironment { argv, envp in
+            posix_spawn(&pid, path, &actions, &attributes, argv, envp)
+        }
+        try Syscall.checking("posix_spawn(\(path))", result)
+        return pid
+    }
+
+    /// True for the error `start()` throws with `cgroup` on a kernel without
+    /// clone3(CLONE_INTO_CGROUP): ENOSYS (no clone3, before 5.3, or a seccomp filter that
+    /// hides it), E2BIG (5.3, 5.4: struct clone_args too long), EINVAL (5.5, 5.6: unknown flag).
+    /// The caller then starts without `cgroup`, and the child joins the cgroup itself.
+    public static func cgroupSpawnUnsupported(_ error: Error) -> Bool {
+        guard case .system(let call, let code, _) = error as? ReuseportError else { return false }
+        return call == cloneCall && [ENOSYS, E2BIG, EINVAL].contains(code)
+    }
+
+    static let cloneCall = "clone3(CLONE_INTO_CGROUP)"
+
+    private func start(inside cgroup: FileDescriptor) throws -> pid_t {
+        // Made before clone3: the child may not allocate.
+        let paths: [UnsafeMutablePointer<CChar>?] = fileActions.map {
+            if case .open(_, let path, _, _) = $0 { return strdup(path) }
+            return nil
+        }
+        defer { for path in paths { Glibc.free(path) } }
+        let actions = zip(fileActions, paths).map { action, path in
+            var raw = rpd_file_action()
+            switch action {
+            case .open(let target, _, let flags, let mode):
+                raw.kind = Int32(RPD_FILE_OPEN.rawValue)
+                (raw.fd, raw.flags, raw.mode, raw.path) = (target, flags, UInt32(mode), UnsafePointer(path))
+            case .duplicate(let source, let target):
+                (raw.kind, raw.source, raw.fd) = (Int32(RPD_FILE_DUPLICATE.rawValue), source, target)
+            case .close(let fd):
+                (raw.kind, raw.fd) = (Int32(RPD_FILE_CLOSE.rawValue), fd)
+            case .closeFrom(let lowest):
+                (raw.kind, raw.fd) = (Int32(RPD_FILE_CLOSE_FROM.rawValue), lowest)
+            }
+            return raw
+        }
+        var flags: Int32 = 0
+        if newProcessGroup { flags |= Int32(RPD_SPAWN_NEW_PROCESS_GROUP.rawValue) }
+        if resetSignals { flags |= Int32(RPD_SPAWN_RESET_SIGNALS.rawValue) }
+
+        var step: Int32 = 0
+        let pid = withArgumentsAndEnvironment { argv, envp in
+            actions.withUnsafeBufferPointer {
+                rpd_spawn_into_cgroup(cgroup.rawValue, path, argv, envp, $0.baseAddress, $0.count, flags, &step)
+            }
+        }
+        if pid < 0 {
+            let code = errno
+            throw ReuseportError.system(failedCall(step), code)
+        }
+        return pid
+    }
+
+    /// `arguments` and `environment` (this process's when nil) as the NULL-terminated arrays
+    /// of execve(2), valid during `body`.
+    private func withArgumentsAndEnvironment<R>(
+        _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>, UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R
+    ) -> R {
         let argv = CStringArray(arguments)
         let envp = environment.map(CStringArray.init)
         defer {
             argv.free()
             envp?.free()
         }
-        var pid: pid_t = 0
-        let result = if let envp {
-            posix_spawn(&pid, path, &actions, &attributes, argv.pointers, envp.pointers)
-        } else {
-            posix_spawn(&pid, path, &actions, &attributes, argv.pointers, environ)
+        return argv.pointers.withUnsafeBufferPointer { argv in
+            guard let envp else { return body(argv.baseAddress!, environ) }
+            return envp.pointers.withUnsafeBufferPointer { body(argv.baseAddress!, $0.baseAddress!) }
         }
-        try Syscall.checking("posix_spawn(\(path))", result)
-        return pid
+    }
+
+    /// The call that `rpd_spawn_into_cgroup` reports failed.
+    private func failedCall(_ step: Int32) -> String {
+        switch Int(step) {
+        case RPD_SPAWN_STEP_CLONE: return Self.cloneCall
+        case RPD_SPAWN_STEP_EXEC: return "execve(\(path))"
+        case RPD_SPAWN_STEP_SETPGID: return "setpgid(0, 0)"
+        case RPD_SPAWN_STEP_SIGNALS: return "sigprocmask"
+        case RPD_SPAWN_STEP_REPORT: return "fcntl(F_DUPFD_CLOEXEC)"
+        case let index where fileActions.indices.contains(index):
+            switch fileActions[index] {
+            case .open(let target, let path, _, _): return "open(\(path)) as fd \(target)"
+            case .duplicate(let source, let target): return "dup2(\(source), \(target))"
+            case .close(let fd): return "close(\(fd))"
+            case .closeFrom(let lowest): return "close_range(\(lowest))"
+            }
+        default: return "clone3 child step \(step)"
+        }
     }
 
     /// Starts the process, waits for it and returns how it ended.
