@@ -47,7 +47,13 @@ struct WorkerProcessTests {
 
     /// A worker is created inside its own cgroup: the program's first look at /proc/self/cgroup
     /// already shows `reuseportd-<daemon pid>/<service>.<slot>.<start>`.
-    @Test(.enabled(if: WorkerCgroups.cgroup2Mount() != nil, "no cgroup v2 mounted: workers have no cgroup"))
+    ///
+    /// Not under `make test-least-privilege`: there the daemon has no CAP_DAC_OVERRIDE, and where
+    /// the cgroup it starts in is not its own to write (this machine's root cgroup is mode 0555)
+    /// it falls back to process groups, as documented. With the documented capabilities in a
+    /// delegated cgroup, PrivilegeTests.theDocumentedCapabilitiesAreEnough checks the same.
+    @Test(.enabled(if: WorkerCgroups.cgroup2Mount() != nil, "no cgroup v2 mounted: workers have no cgroup"),
+          .enabled(if: TestDaemon.defaultLauncher.isEmpty, "daemons run under REUSEPORT_TEST_LAUNCHER"))
     func aWorkerStartsInItsCgroup() throws {
         let folder = try TemporaryDirectory()
         let report = "\(folder.path)/cgroup"
