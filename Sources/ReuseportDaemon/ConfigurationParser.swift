@@ -35,8 +35,14 @@ public enum ConfigurationParser {
             throw ConfigurationError(file: path, problem: "refused: \(error); root reads only a configuration "
                 + "that nobody else can change (chown root, chmod go-w)")
         }
-        guard let text = readText(path) else {
-            throw ConfigurationError(file: path, problem: "cannot read the file: \(String(cString: strerror(errno)))")
+        let text: String
+        do {
+            text = String(decoding: try Syscall.readFile(path), as: UTF8.self)
+        } catch let error as ReuseportError {
+            throw ConfigurationError(file: path, problem: "cannot read the file: "
+                + String(cString: strerror(error.errno ?? EIO)))
+        } catch {
+            throw ConfigurationError(file: path, problem: "cannot read the file: \(error)")
         }
         let configuration = try parse(text, file: path)
         for (index, service) in configuration.services.enumerated() {
@@ -395,22 +401,6 @@ public enum ConfigurationParser {
             index += 1
         }
         return nil
-    }
-
-    static func readText(_ path: String) -> String? {
-        guard let file = fopen(path, "r") else { return nil }
-        defer { fclose(file) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let count = fread(&chunk, 1, chunk.count, file)
-            if count > 0 { bytes.append(contentsOf: chunk[0..<count]) }
-            if count < chunk.count {
-                if ferror(file) != 0 { return nil }
-                break
-            }
-        }
-        return String(decoding: bytes, as: UTF8.self)
     }
 }
 

@@ -17,7 +17,7 @@ import Testing
 
     static func vectors() throws -> [Vector] {
         let path = #filePath.split(separator: "/").dropLast(3).joined(separator: "/")
-        let text = try readFile("/\(path)/bpf/testdata/flow-hash-vectors.txt")
+        let text = String(decoding: try Syscall.readFile("/\(path)/bpf/testdata/flow-hash-vectors.txt"), as: UTF8.self)
         return try text.split(separator: "\n").map { line in
             let f = line.split(separator: " ").map(String.init)
             return Vector(
@@ -64,19 +64,6 @@ import Testing
         let busiest = Double(perSlot.max()!)
         #expect(busiest <= 1.15 * mean, "per slot: \(perSlot)")
     }
-}
-
-func readFile(_ path: String) throws -> String {
-    guard let file = fopen(path, "r") else { throw ReuseportError.system("fopen(\(path))") }
-    defer { fclose(file) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let count = fread(&buffer, 1, buffer.count, file)
-        if count == 0 { break }
-        bytes += buffer[0..<count]
-    }
-    return String(decoding: bytes, as: UTF8.self)
 }
 
 #if canImport(Glibc)
