@@ -7,6 +7,13 @@
  * live one from rp_fallback, chosen by the same hash; with no live slot the packet
  * is dropped.
  *
+ * While the daemon changes the placement (a rescale, a restore after failover), the
+ * buckets that change carry flags (RP_BUCKET_*): first the program records each UDP flow
+ * it sees there with the slot it lands on (learning, for one idle timeout), then, once
+ * the buckets point at their new slots, it sends each recorded flow to its recorded slot
+ * (pinned) until the record goes idle. Buckets without flags, which is all of them in
+ * steady state, cost nothing more than reading the bucket.
+ *
  * The program never returns SK_PASS without a selection: the kernel would then
  * fall back to its own hash over *every* socket of the group, including a
  * foreign one that joined the port (net/core/sock_reuseport.c,
@@ -22,6 +29,9 @@
 
 #ifndef ENOENT
 #define ENOENT 2
+#endif
+#ifndef EEXIST
+#define EEXIST 17
 #endif
 
 struct {
@@ -73,6 +83,51 @@ struct {
 	__type(value, struct rp_slot_state);
 } rp_slot_state SEC(".maps");
 
+/* max_entries is the service's max_tracked_flows, set by user space before the load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, RP_DEFAULT_TRACKED_FLOWS);
+	__type(key, struct rp_flow_key);
+	__type(value, struct rp_flow);
+} rp_flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, RP_DEFAULT_TRACKED_FLOWS);
+	__type(key, struct rp_flow_key);
+	__type(value, __u32);
+} rp_untracked SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_flow_stats);
+} rp_flow_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_record_budget);
+} rp_record_budget SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_transition);
+} rp_transition SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, RP_MAX_BUCKETS);
+	__type(key, __u32);
+	__type(value, rp_slot_t);
+} rp_next_buckets SEC(".maps");
+
 /* Offsets from the network header (BPF_HDR_START_NET). */
 #define IPV4_SADDR_OFF 12 /* saddr, daddr: 8 bytes */
 #define IPV6_SADDR_OFF 8  /* saddr, daddr: 32 bytes */
@@ -119,29 +174,31 @@ static __always_inline int load_ports(struct sk_reuseport_md *ctx, __u32 *ports)
  * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32.
  */
 static __always_inline int family_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 proto, const int ipv6,
-				       __u32 *hash)
+				       struct rp_flow_key *key, __u32 *hash)
 {
-	__u32 addrs[8], ports;
-
-	if (load_ports(ctx, &ports))
+	key->family = ipv6 ? 6 : 4;
+	key->protocol = proto;
+	if (load_ports(ctx, &key->ports))
 		return -1;
-	if (bpf_skb_load_bytes_relative(ctx, ipv6 ? IPV6_SADDR_OFF : IPV4_SADDR_OFF, addrs, ipv6 ? 32 : 8,
+	if (bpf_skb_load_bytes_relative(ctx, ipv6 ? IPV6_SADDR_OFF : IPV4_SADDR_OFF, key->addrs, ipv6 ? 32 : 8,
 					BPF_HDR_START_NET))
 		return -1;
-	*hash = rp_flow_hash(seed, proto, ipv6, addrs, ports);
+	*hash = rp_flow_hash(seed, proto, ipv6, key->addrs, key->ports);
 	return 0;
 }
 
-static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 *hash)
+/* The flow's hash, and its key as rp_flows names it (zeroed first: IPv4 fills 2 of 8 words). */
+static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, struct rp_flow_key *key, __u32 *hash)
 {
 	__u32 proto = ctx->ip_protocol;
 
+	__builtin_memset(key, 0, sizeof(*key));
 	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
 		return -1;
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IP))
-		return family_hash(ctx, seed, proto, 0, hash);
+		return family_hash(ctx, seed, proto, 0, key, hash);
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6))
-		return family_hash(ctx, seed, proto, 1, hash);
+		return family_hash(ctx, seed, proto, 1, key, hash);
 	return -1;
 }
 
@@ -167,14 +224,111 @@ static __always_inline void count(__u32 slot, struct sk_reuseport_md *ctx, int f
 		s->fallbacks++;
 }
 
+static __always_inline struct rp_flow_stats *flow_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&rp_flow_stats, &zero);
+}
+
+/*
+ * The rate bound on new records, per CPU (no shared cache line): a token bucket whose
+ * credit is time, at most one second of it. A flood of new tuples while a change learns
+ * gets at most the configured records per second; the rest is counted, and a real flow
+ * whose packet was refused is recorded at one of its next packets.
+ */
+static __always_inline int take_record_credit(__u32 cost_ns, __u64 now)
+{
+	struct rp_record_budget *budget;
+	__u32 zero = 0;
+	__u64 credit;
+
+	if (cost_ns == 0)
+		return 1;
+	budget = bpf_map_lookup_elem(&rp_record_budget, &zero);
+	if (!budget)
+		return 0;
+	credit = budget->credit_ns + (now - budget->last_ns);
+	if (credit > 1000000000ull || now < budget->last_ns)
+		credit = 1000000000ull;
+	budget->last_ns = now;
+	if (credit < cost_ns) {
+		budget->credit_ns = credit;
+		return 0;
+	}
+	budget->credit_ns = credit - cost_ns;
+	return 1;
+}
+
+/*
+ * A flow of a learning bucket landed on `slot` and has no record: record it. When rp_flows
+ * is full the flow is not recorded (it follows the table at the switch) and is counted once,
+ * through a marker in rp_untracked.
+ */
+static __always_inline void record_flow(const struct rp_flow_key *key, __u32 slot, __u32 cost_ns)
+{
+	struct rp_flow_stats *fs = flow_stats();
+	__u64 now = bpf_ktime_get_ns();
+	struct rp_flow flow = { .slot = slot, .packets = 1, .last_seen_ns = now };
+	__u32 marker = 1;
+	long err;
+
+	if (!fs)
+		return;
+	if (bpf_map_lookup_elem(&rp_untracked, key))
+		return;
+	if (!take_record_credit(cost_ns, now)) {
+		fs->rate_refused++;
+		return;
+	}
+	err = bpf_map_update_elem(&rp_flows, key, &flow, BPF_NOEXIST);
+	if (err == 0) {
+		fs->recorded++;
+		return;
+	}
+	if (err == -EEXIST)
+		return; /* another CPU recorded it a moment ago */
+	if (bpf_map_update_elem(&rp_untracked, key, &marker, BPF_NOEXIST) == 0)
+		fs->untracked++;
+	else
+		fs->untracked_uncounted++;
+}
+
+/*
+ * A flow of a switched bucket with a record goes to its recorded slot while that slot holds a
+ * socket. Returns the slot, or -1: no record, or its slot is gone (the flow follows the table).
+ */
+static __always_inline long pinned_slot(struct sk_reuseport_md *ctx, const struct rp_flow_key *key)
+{
+	struct rp_flow_stats *fs;
+	struct rp_flow *flow = bpf_map_lookup_elem(&rp_flows, key);
+	__u32 s;
+
+	if (!flow)
+		return -1;
+	flow->last_seen_ns = bpf_ktime_get_ns();
+	flow->packets++;
+	s = flow->slot;
+	fs = flow_stats();
+	if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
+		if (fs)
+			fs->pinned++;
+		return s;
+	}
+	if (fs)
+		fs->stale++;
+	return -1;
+}
+
 SEC("sk_reuseport")
 int rp_dispatch(struct sk_reuseport_md *ctx)
 {
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
-	__u32 zero = 0, hash, bucket, first;
-	__u32 *slot;
-	long err;
+	struct rp_flow_key key;
+	__u32 zero = 0, hash, bucket, first, flags = 0;
+	__u32 *value;
+	long err, pinned;
 
 	cfg = bpf_map_lookup_elem(&rp_config, &zero);
 	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
@@ -184,16 +338,28 @@ int rp_dispatch(struct sk_reuseport_md *ctx)
 			g->dropped_no_slot++;
 		return SK_DROP;
 	}
-	if (flow_hash(ctx, cfg->seed, &hash))
+	if (flow_hash(ctx, cfg->seed, &key, &hash))
 		return drop_unparsable();
 
 	bucket = bucket_of(hash, cfg->bucket_count);
-	slot = bpf_map_lookup_elem(&rp_buckets, &bucket);
-	if (slot) {
-		__u32 s = *slot;
+	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
+	if (value) {
+		__u32 s = rp_bucket_slot(*value);
 
+		/* Records are for UDP only: a TCP connection, once accepted, never moves. */
+		if (key.protocol == IPPROTO_UDP)
+			flags = *value & RP_BUCKET_FLAGS;
+		if (flags) {
+			pinned = pinned_slot(ctx, &key);
+			if (pinned >= 0) {
+				count(pinned, ctx, 0);
+				return SK_PASS;
+			}
+		}
 		err = bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0);
 		if (err == 0) {
+			if (flags & RP_BUCKET_LEARN)
+				record_flow(&key, s, cfg->record_cost_ns);
 			count(s, ctx, 0);
 			return SK_PASS;
 		}
@@ -228,6 +394,8 @@ int rp_dispatch(struct sk_reuseport_md *ctx)
 			g = global_stats();
 			if (g)
 				g->fallbacks++;
+			if (flags & RP_BUCKET_LEARN)
+				record_flow(&key, s, cfg->record_cost_ns);
 			count(s, ctx, 1);
 			return SK_PASS;
 		}

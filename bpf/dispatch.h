@@ -21,8 +21,11 @@
  * ABI version, stored in the config map: user space refuses maps of another.
  * 2: the fallback table (rp_fallback, rp_config.live_count) replaced the probe loop.
  * 3: rp_slot_state grew stalls and watchdog_restarts (40 bytes); RP_WORKER_STALLED.
+ * 4: flow tracking: rp_buckets values carry transition flags (RP_BUCKET_*), rp_flows,
+ *    rp_untracked, rp_flow_stats, rp_record_budget, rp_transition, rp_next_buckets;
+ *    rp_config.record_cost_ns; rp_slot_state grew records and flags (48 bytes).
  */
-#define RP_ABI_VERSION 3
+#define RP_ABI_VERSION 4
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
@@ -40,6 +43,14 @@
  * socket that left the array before user space rewrote the table.
  */
 #define RP_FALLBACK_TRIES 4
+/*
+ * Flow records kept while a placement change is in progress (rp_flows), by default. Each
+ * costs about 130 bytes of kernel memory while it exists (a hash table without
+ * preallocation: nothing is used in steady state), so the default bounds a service's
+ * records at about 34 MiB. Configurable per service (max_tracked_flows).
+ */
+#define RP_DEFAULT_TRACKED_FLOWS 262144
+#define RP_MAX_TRACKED_FLOWS 16777216
 
 /* Map names as libbpf sees them in the object (and the file names of the pins). */
 #define RP_MAP_CONFIG "rp_config"
@@ -49,6 +60,12 @@
 #define RP_MAP_GLOBAL_STATS "rp_global_stats"
 #define RP_MAP_SLOT_STATE "rp_slot_state"
 #define RP_MAP_FALLBACK "rp_fallback"
+#define RP_MAP_FLOWS "rp_flows"
+#define RP_MAP_UNTRACKED "rp_untracked"
+#define RP_MAP_FLOW_STATS "rp_flow_stats"
+#define RP_MAP_RECORD_BUDGET "rp_record_budget"
+#define RP_MAP_TRANSITION "rp_transition"
+#define RP_MAP_NEXT_BUCKETS "rp_next_buckets"
 #define RP_PROG_DISPATCH "rp_dispatch"
 
 /* rp_config: an ARRAY with one entry at key 0. */
@@ -58,11 +75,13 @@ struct rp_config {
 	__u32 bucket_count;  /* active entries of rp_buckets, 1..RP_MAX_BUCKETS */
 	__u32 slot_count;    /* slots in use (0..slot_count-1); for user space, the program ignores it */
 	__u32 live_count;    /* slots holding a socket, spread over rp_fallback; 0: no fallback, drop */
-	__u32 reserved;      /* 0 */
+	__u32 record_cost_ns; /* per CPU, the credit a new flow record costs (1e9 * CPUs / rate); 0: no bound */
 };
 
 /*
- * rp_buckets: ARRAY, key __u32 bucket, value __u32 slot.
+ * rp_buckets: ARRAY, key __u32 bucket, value __u32: the slot in the low 16 bits, and the
+ * bucket's part in a placement change above them. In steady state the flags are 0 and the
+ * program does nothing more than read the slot: tracking costs no lookup then.
  * rp_fallback: ARRAY of RP_FALLBACK_BUCKETS, key __u32 index, value __u32 slot: the live
  * slots (those holding a socket), each on about RP_FALLBACK_BUCKETS / live_count entries.
  * User space writes it before a socket leaves the array and after one enters it.
@@ -70,6 +89,80 @@ struct rp_config {
  * (as __u64), a lookup returns the socket cookie (__u64).
  */
 typedef __u32 rp_slot_t;
+
+#define RP_BUCKET_SLOT_MASK 0xffffu
+/* Learning: each UDP flow seen here is recorded in rp_flows with the slot it lands on. */
+#define RP_BUCKET_LEARN (1u << 31)
+/* Switched: a UDP flow with a record goes to its recorded slot; the others follow the slot. */
+#define RP_BUCKET_PINNED (1u << 30)
+#define RP_BUCKET_FLAGS (RP_BUCKET_LEARN | RP_BUCKET_PINNED)
+
+static inline __u32 rp_bucket_slot(__u32 value)
+{
+	return value & RP_BUCKET_SLOT_MASK;
+}
+
+/*
+ * rp_flows: HASH without preallocation (memory only while records exist), key struct
+ * rp_flow_key, value struct rp_flow; max_entries is the service's max_tracked_flows, set
+ * before load. The program creates records in RP_BUCKET_LEARN buckets and refreshes
+ * last_seen_ns on every packet of a recorded flow; the daemon deletes those idle longer
+ * than flow_idle_timeout, and a slot that leaves retires once no live record names it.
+ * rp_untracked: same key, value __u32 (unused): flows met while rp_flows was full, each
+ * counted once in rp_flow_stats.untracked.
+ */
+struct rp_flow_key {
+	__u8 family;      /* 4 or 6 */
+	__u8 protocol;    /* IPPROTO_UDP */
+	__u16 reserved;   /* 0 */
+	__u32 ports;      /* source_port << 16 | destination_port */
+	__u32 addrs[8];   /* source then destination address as in the packet; IPv4: addrs[0..1], rest 0 */
+};
+
+struct rp_flow {
+	__u32 slot;         /* where the flow went when it was recorded */
+	__u32 packets;      /* packets seen since (wraps) */
+	__u64 last_seen_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC of its last packet */
+};
+
+/* rp_flow_stats: PERCPU_ARRAY with one entry at key 0. */
+struct rp_flow_stats {
+	__u64 recorded;       /* records created */
+	__u64 untracked;      /* flows not recorded because rp_flows was full, each counted once */
+	__u64 untracked_uncounted; /* packets of such flows that rp_untracked had no room to count */
+	__u64 rate_refused;   /* packets whose new flow was refused a record by the rate bound */
+	__u64 pinned;         /* packets sent to the slot their record names */
+	__u64 stale;          /* packets whose recorded slot held no socket: they followed the table */
+};
+
+/* rp_record_budget: PERCPU_ARRAY with one entry: a token bucket of new records per CPU. */
+struct rp_record_budget {
+	__u64 credit_ns; /* accrued time, at most one second; a record costs rp_config.record_cost_ns */
+	__u64 last_ns;
+};
+
+/*
+ * rp_transition: ARRAY with one entry, written by the daemon only (the program never reads
+ * it): the placement change in progress, so that a daemon started again finishes it.
+ * rp_next_buckets: ARRAY like rp_buckets, value __u32 slot: while learning, the table the
+ * switch will write (without flags).
+ */
+enum rp_transition_phase {
+	RP_TRANSITION_NONE = 0,
+	RP_TRANSITION_LEARNING = 1,  /* recording the flows of the buckets that will move */
+	RP_TRANSITION_DRAINING = 2,  /* switched; recorded flows keep their slot until idle */
+};
+
+struct rp_transition {
+	__u32 phase;            /* enum rp_transition_phase */
+	__u32 slots_after;      /* slot count after the switch */
+	__u32 socket_slots;     /* slots 0..socket_slots-1 hold sockets (leaving ones included) */
+	__u32 moving_buckets;   /* buckets whose slot changes at the switch */
+	__u64 started_ns;       /* CLOCK_MONOTONIC */
+	__u64 switch_ns;        /* learning ends (CLOCK_MONOTONIC) */
+	__u64 drain_deadline_ns; /* leaving slots retire by then, records or not; 0 before the switch */
+	__u64 idle_timeout_ns;  /* flow_idle_timeout of the change */
+};
 
 /* rp_slot_stats: PERCPU_ARRAY, key __u32 slot. Sum over CPUs in user space. */
 struct rp_slot_stats {
@@ -102,6 +195,10 @@ enum rp_worker_state {
 	RP_WORKER_STALLED = 6,   /* running, but its receive queue stays full and drops grow */
 };
 
+/* rp_slot_state.flags */
+#define RP_SLOT_LEAVING 1u   /* a scale-down removes the slot: it takes no new flow and retires once drained */
+#define RP_SLOT_JOINING 2u   /* a scale-up added the slot: it takes flows from the switch on */
+
 /*
  * rp_slot_state: ARRAY, key __u32 slot. Written only by the daemon; the BPF
  * program never reads it. It lives in the object so that it is pinned beside
@@ -116,12 +213,20 @@ struct rp_slot_state {
 	__u64 socket_cookie; /* cookie of the slot's socket in the first listener */
 	__u32 stalls;        /* times the slot was marked RP_WORKER_STALLED */
 	__u32 watchdog_restarts; /* workers stopped for missing their watchdog (WATCHDOG=1) */
+	__u32 records;       /* live flow records naming the slot, at the daemon's last sweep */
+	__u32 flags;         /* RP_SLOT_* */
 };
 
 _Static_assert(sizeof(struct rp_config) == 24, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
 _Static_assert(sizeof(struct rp_global_stats) == 32, "rp_global_stats layout");
-_Static_assert(sizeof(struct rp_slot_state) == 40, "rp_slot_state layout");
+_Static_assert(sizeof(struct rp_slot_state) == 48, "rp_slot_state layout");
+_Static_assert(sizeof(struct rp_flow_key) == 40, "rp_flow_key layout");
+_Static_assert(sizeof(struct rp_flow) == 16, "rp_flow layout");
+_Static_assert(sizeof(struct rp_flow_stats) == 48, "rp_flow_stats layout");
+_Static_assert(sizeof(struct rp_record_budget) == 16, "rp_record_budget layout");
+_Static_assert(sizeof(struct rp_transition) == 48, "rp_transition layout");
+_Static_assert(RP_MAX_SLOTS <= RP_BUCKET_SLOT_MASK, "a slot fits beside the bucket flags");
 _Static_assert(sizeof(rp_slot_t) == 4, "slot index is a __u32");
 _Static_assert((RP_MAX_BUCKETS & (RP_MAX_BUCKETS - 1)) == 0, "bucket limit is a power of two");
 _Static_assert((RP_FALLBACK_BUCKETS & (RP_FALLBACK_BUCKETS - 1)) == 0, "fallback table is a power of two");

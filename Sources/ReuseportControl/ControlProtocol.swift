@@ -22,7 +22,9 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case status
         /// Restart the worker of `slot` in `service` (its socket and flows stay).
         case restart
-        /// Change the worker count of `service` to `workers`, moving the fewest buckets.
+        /// Change the worker count of `service` to `workers`, moving the fewest buckets. With flow
+        /// tracking the change learns live flows first and leaving slots drain; `now` switches at
+        /// once; `dryRun` only says what would move.
         case scale
         /// Re-read the configuration file (as SIGHUP does).
         case reload
@@ -32,12 +34,19 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var service: String?
     public var slot: UInt32?
     public var workers: Int?
+    /// `scale`: switch at once, without learning or draining (live flows of moving buckets move).
+    public var now: Bool?
+    /// `scale`: say what the change would move, change nothing.
+    public var dryRun: Bool?
 
-    public init(command: Command, service: String? = nil, slot: UInt32? = nil, workers: Int? = nil) {
+    public init(command: Command, service: String? = nil, slot: UInt32? = nil, workers: Int? = nil,
+                now: Bool? = nil, dryRun: Bool? = nil) {
         self.command = command
         self.service = service
         self.slot = slot
         self.workers = workers
+        self.now = now
+        self.dryRun = dryRun
     }
 }
 

@@ -119,7 +119,8 @@ public enum ConfigurationParser {
     static let serviceKeys = [
         "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
-        "failover_after_ms", "watchdog_ms", "environment",
+        "failover_after_ms", "watchdog_ms", "environment", "flow_tracking", "flow_idle_timeout_ms",
+        "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms",
     ]
 
     static func parseService(_ table: TOMLTable, path: String, file: String) throws(ConfigurationError)
@@ -217,7 +218,30 @@ public enum ConfigurationParser {
                                            seed: UInt32(seed), restart: restart, failoverAfterMs: failover,
                                            environment: environment)
         service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
+        service.tracking = try parseTracking(reader)
         return service
+    }
+
+    /// The flow-tracking keys of a service (docs/configuration.md, "Placement changes").
+    static func parseTracking(_ reader: TableReader) throws(ConfigurationError) -> ServiceDataPlane.FlowTracking {
+        var tracking = ServiceDataPlane.FlowTracking()
+        tracking.enabled = try reader.boolean("flow_tracking") ?? tracking.enabled
+        tracking.idleTimeoutMs = try reader.milliseconds("flow_idle_timeout_ms") ?? tracking.idleTimeoutMs
+        guard tracking.idleTimeoutMs >= 100 else {
+            throw reader.error("flow_idle_timeout_ms", "must be at least 100 milliseconds, got \(tracking.idleTimeoutMs)")
+        }
+        tracking.maxFlows = try reader.integer("max_tracked_flows") ?? tracking.maxFlows
+        guard TrackedFlowCount.range.contains(tracking.maxFlows) else {
+            throw reader.error("max_tracked_flows",
+                               "must be between 1 and \(TrackedFlowCount.range.upperBound), got \(tracking.maxFlows)")
+        }
+        tracking.recordsPerSecond = try reader.integer("max_new_flows_per_second") ?? tracking.recordsPerSecond
+        guard (0...1_000_000_000).contains(tracking.recordsPerSecond) else {
+            throw reader.error("max_new_flows_per_second",
+                               "must be between 0 (no bound) and 1000000000, got \(tracking.recordsPerSecond)")
+        }
+        tracking.drainTimeoutMs = try reader.milliseconds("drain_timeout_ms") ?? tracking.drainTimeoutMs
+        return tracking
     }
 
     /// Service names and listen addresses are unique across the file. Two listeners
@@ -452,6 +476,12 @@ struct TableReader {
             throw error(name, "must be between 0 and 86400000 milliseconds, got \(value)")
         }
         return value
+    }
+
+    func boolean(_ name: String) throws(ConfigurationError) -> Bool? {
+        guard let value = table[name] else { return nil }
+        guard let flag = value.bool else { throw error(name, "must be true or false, not \(value.type)") }
+        return flag
     }
 
     func strings(_ name: String) throws(ConfigurationError) -> [String]? {

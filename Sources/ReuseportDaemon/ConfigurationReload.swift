@@ -74,10 +74,11 @@ struct ConfigurationReload {
                 for slot in service.slots { supervisor.restart(service, slot) }
                 notes.append("\(service.name): workers restarted with the new program")
             }
-            if new.workers != service.slots.count {
+            if new.workers != service.configuration.workers {
                 do {
                     let moved = try supervisor.scale(service, to: new.workers)
-                    notes.append("\(service.name): \(new.workers) workers, \(moved) buckets moved")
+                    let when = service.plane.pending != nil ? "switch once their live flows are recorded" : "moved"
+                    notes.append("\(service.name): \(new.workers) workers, \(moved) buckets \(when)")
                 } catch {
                     failures.append("\(service.name): cannot change to \(new.workers) workers: \(error)")
                 }

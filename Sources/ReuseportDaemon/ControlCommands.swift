@@ -36,13 +36,22 @@ struct ControlCommands {
             return ControlResponse(ok: true,
                                    message: "restarting slot \(index) of \(service.name)" + sentence(failures ?? []),
                                    services: supervisor.status(of: service.name), startFailures: failures)
-        case .scale(let position, let workers):
+        case .scale(let position, let workers, let now, let dryRun):
             let service = supervisor.services[position]
+            if dryRun {
+                do {
+                    let plan = try service.planResize(to: workers, now: MonotonicClock.nanoseconds())
+                    return ControlResponse(ok: true, message: describe(plan, of: service, to: workers, now: now, done: false),
+                                           services: supervisor.status(of: service.name))
+                } catch {
+                    return .failure("planning \(service.name) at \(workers) workers failed: \(error)")
+                }
+            }
             do {
-                let (moved, failed) = try supervisor.scaleReportingStarts(service, to: workers)
+                let (plan, failed) = try supervisor.scaleReportingStarts(service, to: workers, immediately: now)
                 let failures = failed.map { SlotStartFailure(slot: $0.slot, error: "\($0.error)") }
                 return ControlResponse(ok: true,
-                                       message: "scaled \(service.name) to \(workers) workers, \(moved) buckets moved"
+                                       message: describe(plan, of: service, to: workers, now: now, done: true)
                                            + sentence(failures),
                                        services: supervisor.status(of: service.name),
                                        startFailures: failures.isEmpty ? nil : failures)
@@ -50,6 +59,27 @@ struct ControlCommands {
                 return .failure("scaling \(service.name) to \(workers) failed: \(error)")
             }
         }
+    }
+
+    /// What a scale does or would do, in one sentence.
+    func describe(_ plan: TransitionPlan, of service: ServiceRuntime, to workers: Int, now: Bool, done: Bool) -> String {
+        let verb = done ? "scaled" : "scaling"
+        var text = "\(verb) \(service.name) to \(workers) workers: \(plan.movingBuckets) of \(plan.bucketCount) buckets "
+        let share = plan.bucketCount > 0 ? Double(plan.movingBuckets) * 100 / Double(plan.bucketCount) : 0
+        let leaving = plan.leaving.map(String.init).joined(separator: ", ")
+        if now || !service.plane.tracksFlows {
+            text += (done ? "moved" : "move") + " at once"
+            text += String(format: ": the live flows of those buckets (about %.1f%% of all) move", share)
+            if !plan.leaving.isEmpty {
+                text += "; slots \(leaving) retire now, moving their \(plan.recordedFlowsOnLeaving) recorded flows"
+            }
+        } else {
+            let learnMs = max(plan.switchNs - MonotonicClock.nanoseconds(), 0) / 1_000_000
+            text += done ? "switch in \(learnMs) ms" : "switch after \(service.configuration.tracking.idleTimeoutMs) ms"
+            text += " (flow_idle_timeout_ms), their live flows recorded and kept"
+            if !plan.leaving.isEmpty { text += "; slots \(leaving) take no new flow and retire once their recorded flows are idle" }
+        }
+        return text
     }
 
     /// "; slot 24 could not start (…), retried after the back-off", or nothing when all started.
@@ -80,7 +110,7 @@ package enum ControlAction: Sendable, Equatable {
     case status(service: String?)
     case reload
     case restart(service: Int, slot: UInt32)
-    case scale(service: Int, workers: Int)
+    case scale(service: Int, workers: Int, now: Bool, dryRun: Bool)
 
     /// Throws the sentence the client gets when the request names no such service, slot or count.
     package init(checking request: ControlRequest, against services: [ControlTarget]) throws(ControlRequestError) {
@@ -120,7 +150,7 @@ package enum ControlAction: Sendable, Equatable {
                     + "\(min(SlotCount.range.upperBound, service.bucketCount)), "
                     + "got \(request.workers.map(String.init) ?? "none")")
             }
-            self = .scale(service: position, workers: workers)
+            self = .scale(service: position, workers: workers, now: request.now ?? false, dryRun: request.dryRun ?? false)
         }
     }
 }

@@ -36,6 +36,8 @@ final class SlotRecord {
     /// Times the slot was marked stalled, and what the stall check saw last (SlotStallCheck).
     var stalls: UInt32 = 0
     var stallSamples = StallSamples()
+    /// Live flow records naming the slot at the last sweep of a placement change.
+    var records = 0
 
     init(index: UInt32, socketCookie: UInt64) {
         self.index = index
@@ -61,6 +63,8 @@ final class ServiceRuntime {
     /// Workers started at once instead of after their back-off, because every other slot of the
     /// service was down (Supervisor.scheduleRestart).
     var rescueStarts = 0
+    /// Live recorded flows of leaving slots that retired at the drain timeout (they moved).
+    var flowsMovedAtDeadline = 0
     /// When a worker of this service last became ready: proof that its program can start.
     var lastReadyAt: Int64?
     /// When a rescue start last happened: each needs a worker to have become ready since.
@@ -84,7 +88,8 @@ final class ServiceRuntime {
         logger[metadataKey: "service"] = "\(configuration.name)"
         self.logger = logger
         let options = ServiceDataPlane.Options(bucketCount: configuration.bucketCount, seed: configuration.seed,
-                                               receiveBuffer: configuration.receiveBuffer)
+                                               receiveBuffer: configuration.receiveBuffer,
+                                               tracking: configuration.tracking)
         var endpoints = configuration.listen
         if let predecessor {
             for (index, endpoint) in endpoints.enumerated() where endpoint.address.port == 0 {
@@ -182,6 +187,11 @@ final class ServiceRuntime {
         var configuration = configuration
         configuration.workers = self.configuration.workers
         self.configuration = configuration
+        do {
+            try plane.setTracking(configuration.tracking)
+        } catch {
+            logger.error("cannot apply the new flow-tracking settings: \(error)")
+        }
     }
 
     /// Records a state change and publishes the slot's row in rp_slot_state.
@@ -194,9 +204,13 @@ final class ServiceRuntime {
     }
 
     func publish(_ slot: SlotRecord) {
+        var flags: UInt32 = 0
+        if isLeaving(slot) { flags |= UInt32(RP_SLOT_LEAVING) }
+        if isJoining(slot) { flags |= UInt32(RP_SLOT_JOINING) }
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
                                 generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
-                                stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts)
+                                stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts,
+                                records: UInt32(clamping: slot.records), flags: flags)
         do {
             try plane.publish(row, slot: slot.index)
         } catch {
@@ -204,8 +218,17 @@ final class ServiceRuntime {
         }
     }
 
-    /// Whether the data plane has the slot's buckets lent to the live slots.
-    func isFailedOver(_ slot: SlotRecord) -> Bool { plane.failedOver.contains(slot.index) }
+    /// Whether the slot's buckets are lent to the live slots, or will be at the switch of the
+    /// change being learned (a restore in progress is not: its slot is back at the switch).
+    func isFailedOver(_ slot: SlotRecord) -> Bool { (plane.pending?.failed ?? plane.failedOver).contains(slot.index) }
+
+    /// A slot a scale-down removes: it takes no new flow and retires once drained.
+    func isLeaving(_ slot: SlotRecord) -> Bool {
+        plane.leaving.contains(slot.index) || plane.pending.map { !$0.slots.contains(slot.index) } == true
+    }
+
+    /// A slot a scale-up added: it takes flows from the switch on.
+    func isJoining(_ slot: SlotRecord) -> Bool { !plane.slots.contains(slot.index) && !plane.leaving.contains(slot.index) }
 
     /// Lends the slot's buckets to the live slots (the data plane moves no other bucket).
     /// Returns how many moved, or nil when the table could not be written (logged).
@@ -220,36 +243,57 @@ final class ServiceRuntime {
         }
     }
 
-    /// Gives a failed-over slot back exactly the buckets it lent. Returns how many, or nil when
-    /// the table could not be written (logged; the slot stays failed over).
-    func restore(_ slot: SlotRecord) -> Int? {
+    /// Gives a failed-over slot back exactly the buckets it lent: with flow tracking, as a change
+    /// (the flows the others took over stay there; the slot takes new flows from the switch);
+    /// without, at once. Returns how many buckets, or nil when the table could not be written
+    /// (logged; the slot stays failed over).
+    func restore(_ slot: SlotRecord, now: Int64) -> Int? {
         do {
-            return try plane.restore(slot.index)
+            guard plane.tracksFlows else { return try plane.restore(slot.index) }
+            return try plane.beginRestore(slot.index, now: now).movingBuckets
         } catch {
             logger.error("cannot restore slot \(slot.index)'s buckets: \(error)")
             return nil
         }
     }
 
-    /// Changes the slot count, moving the fewest buckets (a failed-over slot stays so). Returns
-    /// the removed slots with their sockets (out of the arrays, no bucket names them, still open:
-    /// the caller drains and closes them, stops their workers and marks them empty with `clear`),
-    /// the added ones and the number of buckets moved.
-    func resize(to count: Int) throws
-        -> (removed: [(slot: SlotRecord, sockets: [ReuseportSocket])], added: [SlotRecord], moved: Int)
-    {
-        let (moved, sockets) = try plane.resizeKeepingRemoved(to: count)
-        let removed = slots.filter { $0.index >= UInt32(count) }
-        slots.removeAll { $0.index >= UInt32(count) }
+    /// Starts a change to `count` slots (ServiceDataPlane.beginResize): new slots get sockets
+    /// and records now, and take new flows from the switch on; slots beyond `count` take no new
+    /// flow and retire once drained. `immediately` (or without flow tracking): switches at once,
+    /// and the leaving slots retire at the next check. Returns the plan and the added slots.
+    func beginResize(to count: Int, now: Int64, immediately: Bool) throws -> (plan: TransitionPlan, added: [SlotRecord]) {
+        let plan = try plane.beginResize(to: count, now: now, learnNs: immediately ? 0 : nil)
+        if immediately || !plane.tracksFlows { try plane.advance(now: now, force: true, drainNow: immediately) }
         var added: [SlotRecord] = []
-        for index in plane.slots where slot(index) == nil {
+        for index in plane.liveSlots where slot(index) == nil {
             let record = try makeRecord(index)
             slots.append(record)
             added.append(record)
         }
-        for record in added { publish(record) }
+        slots.sort { $0.index < $1.index }
+        for record in slots { publish(record) }
         configuration.workers = count
-        return (removed.map { ($0, sockets[$0.index] ?? []) }, added, moved)
+        return (plan, added)
+    }
+
+    /// What a change to `count` slots would do, without doing it: the buckets that move and the
+    /// recorded flows on the slots that would leave.
+    func planResize(to count: Int, now: Int64) throws -> TransitionPlan {
+        let target = Set(0..<UInt32(count))
+        let next = BucketAssignment.rebalance(plane.pending?.buckets ?? plane.buckets, to: target.sorted())
+        let leaving = Set(plane.liveSlots).subtracting(target)
+        let records = try plane.liveRecordsBySlot(now: now)
+        return TransitionPlan(movingBuckets: BucketAssignment.moved(from: plane.effectiveBuckets, to: next),
+                              bucketCount: configuration.bucketCount, switchNs: now, leaving: leaving.sorted(),
+                              recordedFlowsOnLeaving: leaving.reduce(0) { $0 + (records[$1] ?? 0) })
+    }
+
+    /// Takes a retiring slot out of the service: its sockets leave the arrays and come back open
+    /// for the caller to drain; its record goes.
+    func retire(_ slot: SlotRecord, now: Int64) throws -> [ReuseportSocket] {
+        let sockets = try plane.retire(slot.index, now: now)
+        slots.removeAll { $0 === slot }
+        return sockets
     }
 
     /// Publishes a removed slot as empty.
@@ -258,6 +302,14 @@ final class ServiceRuntime {
         slot.nextStartAt = nil
         slot.restarts = 0
         transition(slot, to: .empty)
+    }
+
+    /// When the change in progress is next checked (switch, sweep of the records); nil with none.
+    var nextTransitionCheck: Int64?
+
+    /// How often a change's records are swept: a quarter of the idle timeout, within 100 ms to 5 s.
+    var sweepIntervalNs: Int64 {
+        Int64(min(max(configuration.tracking.idleTimeoutMs / 4, 100), 5000)) * 1_000_000
     }
 
     /// Buckets per slot in the table as written.

@@ -407,37 +407,100 @@ final class Supervisor {
         return startWorker(service, slot, now: now)
     }
 
-    /// Returns the buckets moved.
+    /// Returns the buckets that move at the switch.
     func scale(_ service: ServiceRuntime, to count: Int) throws -> Int {
-        try scaleReportingStarts(service, to: count).moved
+        try scaleReportingStarts(service, to: count).plan.movingBuckets
     }
 
-    /// Scales; returns the buckets moved and the added slots whose worker could not start, with
-    /// why (they are retried after the back-off).
-    func scaleReportingStarts(_ service: ServiceRuntime, to count: Int) throws
-        -> (moved: Int, failures: [(slot: UInt32, error: Error)])
+    /// Scales as a change (ServiceRuntime.beginResize): with flow tracking, the buckets that move
+    /// learn their live flows for one idle timeout and switch then, and slots that leave retire
+    /// once drained; `immediately` switches now and retires the leaving slots at once. Returns the
+    /// plan and the added slots whose worker could not start, with why (they are retried after
+    /// the back-off).
+    func scaleReportingStarts(_ service: ServiceRuntime, to count: Int, immediately: Bool = false) throws
+        -> (plan: TransitionPlan, failures: [(slot: UInt32, error: Error)])
     {
-        let before = service.slots.count
-        let (removed, added, moved) = try service.resize(to: count)
+        let before = service.plane.slots.count
         let now = MonotonicClock.nanoseconds()
-        for (slot, sockets) in removed {
-            let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
-                                  deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
-            if let pid = slot.pid {
-                workers.removeValue(forKey: pid)
-                draining[pid] = drain
-            } else {
-                // Nobody will read what is queued there.
-                finish(drain, reason: "it had no worker")
-            }
-            service.clear(slot)
-        }
+        let (plan, added) = try service.beginResize(to: count, now: now, immediately: immediately)
         var failures: [(slot: UInt32, error: Error)] = []
         for slot in added {
             if let error = startWorker(service, slot, now: now) { failures.append((slot.index, error)) }
         }
-        service.logger.notice("workers \(before) → \(count): \(moved) of \(service.configuration.bucketCount) buckets moved")
-        return (moved, failures)
+        service.nextTransitionCheck = now
+        let buckets = service.configuration.bucketCount
+        if service.plane.pending != nil {
+            let learnMs = (plan.switchNs - now) / 1_000_000
+            service.logger.notice(
+                "workers \(before) → \(count): \(plan.movingBuckets) of \(buckets) buckets learn their live flows for \(learnMs) ms, then switch\(leavingSentence(plan))")
+        } else {
+            service.logger.notice("workers \(before) → \(count): \(plan.movingBuckets) of \(buckets) buckets moved at once\(leavingSentence(plan))")
+        }
+        checkTransition(service, now: now)
+        return (plan, failures)
+    }
+
+    private func leavingSentence(_ plan: TransitionPlan) -> String {
+        guard !plan.leaving.isEmpty else { return "" }
+        let list = plan.leaving.map(String.init).joined(separator: ", ")
+        return "; slots \(list) leave once their \(plan.recordedFlowsOnLeaving) recorded flows are idle"
+    }
+
+    /// A change's check: switches when learning is over, sweeps the records (idle ones go, those
+    /// of failed-over slots too), retires each leaving slot once no live record names it or the
+    /// drain deadline passed (its worker drains its queue and is stopped: SlotDrain), and ends
+    /// the change once nothing is pending, leaving or recorded.
+    func checkTransition(_ service: ServiceRuntime, now: Int64) {
+        let plane = service.plane
+        do {
+            if let moved = try plane.advance(now: now) {
+                service.logger.notice("placement switched: \(moved) buckets moved; recorded flows keep their slot until idle")
+            }
+            let sweep = try plane.sweep(now: now, forget: plane.failedOver)
+            for slot in service.slots { slot.records = sweep.liveBySlot[slot.index] ?? 0 }
+            let deadlinePassed = plane.drainDeadlineNs.map { now >= $0 } == true
+            for slot in service.slots where plane.leaving.contains(slot.index) {
+                guard slot.records == 0 || deadlinePassed else { continue }
+                if slot.records > 0 {
+                    service.logger.warning(
+                        "slot \(slot.index) retires at the drain timeout with \(slot.records) live recorded flows: they move")
+                    service.flowsMovedAtDeadline += slot.records
+                }
+                retireLeaving(service, slot, now: now)
+            }
+            if sweep.finished {
+                service.logger.notice("placement change finished")
+                service.nextTransitionCheck = nil
+            } else {
+                service.nextTransitionCheck = now + service.sweepIntervalNs
+            }
+            for slot in service.slots { service.publish(slot) }
+        } catch {
+            service.logger.error("placement change: \(error); retried in \(service.sweepIntervalNs / 1_000_000) ms")
+            service.nextTransitionCheck = now + service.sweepIntervalNs
+        }
+    }
+
+    /// Retires a leaving slot: its sockets leave the arrays, its worker reads what is queued
+    /// there and is stopped (SlotDrain).
+    private func retireLeaving(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
+        let sockets: [ReuseportSocket]
+        do {
+            sockets = try service.retire(slot, now: now)
+        } catch {
+            service.logger.error("cannot retire slot \(slot.index): \(error)")
+            return
+        }
+        let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
+                              deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
+        if let pid = slot.pid {
+            workers.removeValue(forKey: pid)
+            draining[pid] = drain
+        } else {
+            finish(drain, reason: "it had no worker")
+        }
+        service.clear(slot)
+        service.logger.info("slot \(slot.index) retired")
     }
 
     // MARK: stop

@@ -22,6 +22,9 @@ enum SupervisorTimer {
     case watchdog(ServiceRuntime, SlotRecord)
     /// Once a second: sample the slots' receive queues for stalled workers.
     case stallCheck
+    /// A placement change in progress: switch when learning is over, sweep records, retire
+    /// drained slots (Supervisor.checkTransition).
+    case transition(ServiceRuntime)
 }
 
 extension Supervisor {
@@ -30,6 +33,7 @@ extension Supervisor {
     func timers() -> [SupervisorTimer] {
         var timers: [SupervisorTimer] = []
         for service in services {
+            timers.append(.transition(service))
             for slot in service.slots {
                 timers += [.start(service, slot), .ready(service, slot), .failover(service, slot),
                            .watchdog(service, slot)]
@@ -63,6 +67,9 @@ extension Supervisor {
         case .stallCheck:
             guard !stopping, hasStallCheck else { return nil }
             return nextStallCheck
+        case .transition(let service):
+            guard !stopping else { return nil }
+            return service.nextTransitionCheck
         }
     }
 
@@ -90,6 +97,8 @@ extension Supervisor {
                 watchdogExpired(service, slot, now: now)
             case .stallCheck:
                 checkStalls(now: now)
+            case .transition(let service):
+                checkTransition(service, now: now)
             }
         }
     }
@@ -97,8 +106,14 @@ extension Supervisor {
     func becameReady(_ service: ServiceRuntime, _ slot: SlotRecord) {
         slot.downSince = nil
         service.lastReadyAt = MonotonicClock.nanoseconds()
-        if service.isFailedOver(slot), let restored = service.restore(slot) {
-            service.logger.notice("slot \(slot.index) is healthy again: its \(restored) buckets are back")
+        if service.isFailedOver(slot), let restored = service.restore(slot, now: MonotonicClock.nanoseconds()) {
+            if service.plane.pending != nil {
+                service.logger.notice(
+                    "slot \(slot.index) is healthy again: its \(restored) buckets come back once their live flows are recorded")
+                service.nextTransitionCheck = MonotonicClock.nanoseconds()
+            } else {
+                service.logger.notice("slot \(slot.index) is healthy again: its \(restored) buckets are back")
+            }
         }
         service.transition(slot, to: .running)
     }

@@ -5,8 +5,9 @@ import CLibbpf
 import SystemPackage
 @_exported import CReuseportABI
 
-/// An open BPF map: owns its fd and closes it once. Keys of every map in
-/// bpf/dispatch.h are `__u32`; values are the C structs from that header.
+/// An open BPF map: owns its fd and closes it once. Keys are `__u32` for every map of
+/// bpf/dispatch.h except the flow records (`struct rp_flow_key`, the `key:` methods); values
+/// are the C structs from that header.
 public final class BPFMap: @unchecked Sendable {
     public let name: String
     private let descriptor: OwnedDescriptor
@@ -92,6 +93,64 @@ public final class BPFMap: @unchecked Sendable {
             throw ReuseportError.system("bpf_map_delete_elem(\(name)[\(key)])", code)
         }
         return true
+    }
+
+    /// The value at a key of another type than `__u32` (struct rp_flow_key), or nil (ENOENT).
+    public func lookup<Key: BitwiseCopyable, Value: BitwiseCopyable>(key: Key, as: Value.Type) throws -> Value? {
+        precondition(MemoryLayout<Key>.size == keySize && MemoryLayout<Value>.size == valueSize,
+                     "key or value type does not match map \(name)")
+        var key = key
+        let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
+        defer { value.deallocate() }
+        if bpf_map_lookup_elem(fd, &key, value) != 0 {
+            let code = errno
+            if code == ENOENT { return nil }
+            throw ReuseportError.system("bpf_map_lookup_elem(\(name))", code)
+        }
+        return value.pointee
+    }
+
+    /// Removes the entry at a key of another type than `__u32`; true if there was one.
+    @discardableResult
+    public func delete<Key: BitwiseCopyable>(key: Key) throws -> Bool {
+        precondition(MemoryLayout<Key>.size == keySize, "key type does not match map \(name)")
+        var key = key
+        if bpf_map_delete_elem(fd, &key) != 0 {
+            let code = errno
+            if code == ENOENT { return false }
+            throw ReuseportError.system("bpf_map_delete_elem(\(name))", code)
+        }
+        return true
+    }
+
+    /// Every entry of a hash map, read `chunk` at a time with BPF_MAP_LOOKUP_BATCH (5.6): a
+    /// million records cost a few hundred system calls, not two million. Entries added or
+    /// removed meanwhile may or may not be seen; none is seen twice.
+    public func entries<Key: BitwiseCopyable, Value: BitwiseCopyable>(as: (Key, Value).Type, chunk: Int = 4096) throws
+        -> [(key: Key, value: Value)]
+    {
+        precondition(MemoryLayout<Key>.size == keySize && MemoryLayout<Value>.size == valueSize,
+                     "key or value type does not match map \(name)")
+        var result: [(key: Key, value: Value)] = []
+        let keys = UnsafeMutablePointer<Key>.allocate(capacity: chunk)
+        let values = UnsafeMutablePointer<Value>.allocate(capacity: chunk)
+        // The batch token of a hash map is a bucket index (u32); give it a key's room anyway.
+        let token = UnsafeMutableRawPointer.allocate(byteCount: max(keySize, 8), alignment: 8)
+        defer { keys.deallocate(); values.deallocate(); token.deallocate() }
+        var options = bpf_map_batch_opts()
+        options.sz = MemoryLayout<bpf_map_batch_opts>.size
+        var first = true
+        while true {
+            var count = UInt32(chunk)
+            let status = bpf_map_lookup_batch(fd, first ? nil : token, token, keys, values, &count, &options)
+            let code = errno
+            for index in 0..<Int(count) { result.append((keys[index], values[index])) }
+            if status != 0 {
+                if code == ENOENT { return result }
+                throw ReuseportError.system("bpf_map_lookup_batch(\(name))", code)
+            }
+            first = false
+        }
     }
 
     /// The values of all possible CPUs at `key` of a per-CPU map.

@@ -17,39 +17,66 @@ public final class DispatchMaps: @unchecked Sendable {
     public let slotStats: BPFMap
     public let globalStats: BPFMap
     public let slotState: BPFMap
+    /// Flow records of a placement change (FlowRecords.swift), and the flows they could not hold.
+    public let flows: BPFMap
+    public let untracked: BPFMap
+    public let flowStats: BPFMap
+    let recordBudget: BPFMap
+    /// The placement change in progress and its target table (Transition.swift).
+    public let transition: BPFMap
+    public let nextBuckets: BPFMap
 
     /// The names, in the object and as pin file names.
     public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
-                               RP_MAP_SLOT_STATE]
+                               RP_MAP_SLOT_STATE, RP_MAP_FLOWS, RP_MAP_UNTRACKED, RP_MAP_FLOW_STATS,
+                               RP_MAP_RECORD_BUDGET, RP_MAP_TRANSITION, RP_MAP_NEXT_BUCKETS]
 
-    static let layouts: [String: Int] = [
-        RP_MAP_CONFIG: MemoryLayout<rp_config>.size,
-        RP_MAP_BUCKETS: MemoryLayout<rp_slot_t>.size,
-        RP_MAP_FALLBACK: MemoryLayout<rp_slot_t>.size,
-        RP_MAP_SLOT_STATS: MemoryLayout<rp_slot_stats>.size,
-        RP_MAP_GLOBAL_STATS: MemoryLayout<rp_global_stats>.size,
-        RP_MAP_SLOT_STATE: MemoryLayout<rp_slot_state>.size,
+    /// Key and value size of each map.
+    static let layouts: [String: (key: Int, value: Int)] = [
+        RP_MAP_CONFIG: (4, MemoryLayout<rp_config>.size),
+        RP_MAP_BUCKETS: (4, MemoryLayout<rp_slot_t>.size),
+        RP_MAP_FALLBACK: (4, MemoryLayout<rp_slot_t>.size),
+        RP_MAP_SLOT_STATS: (4, MemoryLayout<rp_slot_stats>.size),
+        RP_MAP_GLOBAL_STATS: (4, MemoryLayout<rp_global_stats>.size),
+        RP_MAP_SLOT_STATE: (4, MemoryLayout<rp_slot_state>.size),
+        RP_MAP_FLOWS: (MemoryLayout<rp_flow_key>.size, MemoryLayout<rp_flow>.size),
+        RP_MAP_UNTRACKED: (MemoryLayout<rp_flow_key>.size, 4),
+        RP_MAP_FLOW_STATS: (4, MemoryLayout<rp_flow_stats>.size),
+        RP_MAP_RECORD_BUDGET: (4, MemoryLayout<rp_record_budget>.size),
+        RP_MAP_TRANSITION: (4, MemoryLayout<rp_transition>.size),
+        RP_MAP_NEXT_BUCKETS: (4, MemoryLayout<rp_slot_t>.size),
     ]
 
-    init(open: (String, Int) throws -> BPFMap) throws {
-        func map(_ name: String) throws -> BPFMap { try open(name, DispatchMaps.layouts[name]!) }
+    init(open: (_ name: String, _ keySize: Int, _ valueSize: Int) throws -> BPFMap) throws {
+        func map(_ name: String) throws -> BPFMap {
+            let layout = DispatchMaps.layouts[name]!
+            return try open(name, layout.key, layout.value)
+        }
         config = try map(RP_MAP_CONFIG)
         buckets = try map(RP_MAP_BUCKETS)
         fallback = try map(RP_MAP_FALLBACK)
         slotStats = try map(RP_MAP_SLOT_STATS)
         globalStats = try map(RP_MAP_GLOBAL_STATS)
         slotState = try map(RP_MAP_SLOT_STATE)
+        flows = try map(RP_MAP_FLOWS)
+        untracked = try map(RP_MAP_UNTRACKED)
+        flowStats = try map(RP_MAP_FLOW_STATS)
+        recordBudget = try map(RP_MAP_RECORD_BUDGET)
+        transition = try map(RP_MAP_TRANSITION)
+        nextBuckets = try map(RP_MAP_NEXT_BUCKETS)
     }
 
     /// Opens the maps a daemon pinned for one service.
     public convenience init(pinned layout: PinLayout) throws {
-        try self.init { name, valueSize in
-            try BPFMap(pinnedAt: layout.path(ofShared: name), name: name,
-                       keySize: MemoryLayout<UInt32>.size, valueSize: valueSize)
+        try self.init { name, keySize, valueSize in
+            try BPFMap(pinnedAt: layout.path(ofShared: name), name: name, keySize: keySize, valueSize: valueSize)
         }
     }
 
-    var all: [BPFMap] { [config, buckets, fallback, slotStats, globalStats, slotState] }
+    var all: [BPFMap] {
+        [config, buckets, fallback, slotStats, globalStats, slotState, flows, untracked, flowStats, recordBudget,
+         transition, nextBuckets]
+    }
 
     public func pin(_ layout: PinLayout) throws {
         for map in all { try map.pin(at: layout.path(ofShared: map.name)) }
@@ -62,13 +89,14 @@ public final class DispatchMaps: @unchecked Sendable {
         try config.lookup(0, as: rp_config.self) ?? rp_config()
     }
 
-    func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int) throws {
+    func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int, recordCostNs: UInt32) throws {
         _ = try BucketCount(bucketCount)
         // A service has at least one slot; none of them may hold a socket (live count 0).
         _ = try SlotCount(slotCount)
         if liveCount != 0 { _ = try SlotCount(liveCount, what: "live slot count") }
         let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed, bucket_count: UInt32(bucketCount),
-                              slot_count: UInt32(slotCount), live_count: UInt32(liveCount), reserved: 0)
+                              slot_count: UInt32(slotCount), live_count: UInt32(liveCount),
+                              record_cost_ns: recordCostNs)
         try config.update(0, value)
     }
 
@@ -83,15 +111,51 @@ public final class DispatchMaps: @unchecked Sendable {
 
     // MARK: buckets
 
-    /// The first `count` entries of the bucket table (default: the configured count).
+    /// The slots of the first `count` entries of the bucket table (default: the configured
+    /// count), without their transition flags.
     public func readBuckets(count: Int? = nil) throws -> [UInt32] {
+        try readBucketValues(count: count).map { rp_bucket_slot($0) }
+    }
+
+    /// The bucket table's values as the program reads them: slot and RP_BUCKET_* flags.
+    public func readBucketValues(count: Int? = nil) throws -> [UInt32] {
         let count = try count ?? Int(readConfig().bucket_count)
         return try (0..<UInt32(count)).map { try buckets.lookup($0, as: rp_slot_t.self) ?? 0 }
     }
 
-    /// Writes the bucket table; with `previous`, only the entries that differ.
+    /// Writes the bucket table (slot | RP_BUCKET_* flags); with `previous`, only the entries that differ.
     func writeBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
         try write(table, to: buckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+    }
+
+    /// The table a placement change in progress switches to (rp_next_buckets).
+    public func readNextBuckets(count: Int) throws -> [UInt32] {
+        try (0..<UInt32(count)).map { try nextBuckets.lookup($0, as: rp_slot_t.self) ?? 0 }
+    }
+
+    func writeNextBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
+        try write(table, to: nextBuckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+    }
+
+    /// The placement change in progress (phase RP_TRANSITION_NONE when there is none).
+    public func readTransition() throws -> rp_transition {
+        try transition.lookup(0, as: rp_transition.self) ?? rp_transition()
+    }
+
+    func writeTransition(_ value: rp_transition) throws {
+        try transition.update(0, value)
+    }
+
+    /// The flow-tracking counters, summed over CPUs.
+    public func flowCounters() throws -> rp_flow_stats {
+        try flowStats.lookupPerCPU(0, as: rp_flow_stats.self).reduce(into: rp_flow_stats()) { sum, cpu in
+            sum.recorded &+= cpu.recorded
+            sum.untracked &+= cpu.untracked
+            sum.untracked_uncounted &+= cpu.untracked_uncounted
+            sum.rate_refused &+= cpu.rate_refused
+            sum.pinned &+= cpu.pinned
+            sum.stale &+= cpu.stale
+        }
     }
 
     /// The fallback table (RP_FALLBACK_BUCKETS entries): which live slot each entry names.
@@ -109,9 +173,9 @@ public final class DispatchMaps: @unchecked Sendable {
         guard table.count <= limit else {
             throw ReuseportError.invalidArgument("\(map.name) table of \(table.count) entries exceeds \(limit)")
         }
-        for (index, slot) in table.enumerated() where previous == nil || previous![safe: index] != slot {
-            _ = try Slot(slot, what: "\(map.name)[\(index)]: slot")
-            try map.update(UInt32(index), slot)
+        for (index, value) in table.enumerated() where previous == nil || previous![safe: index] != value {
+            _ = try Slot(rp_bucket_slot(value), what: "\(map.name)[\(index)]: slot")
+            try map.update(UInt32(index), value)
         }
     }
 

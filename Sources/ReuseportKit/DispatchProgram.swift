@@ -25,19 +25,25 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     public let verifier: VerifierReport
 
     /// Loads the program. With `shared`, the new instance uses those maps instead of
-    /// creating its own (a second listener of the same service).
-    public init(sharing shared: DispatchMaps? = nil) throws {
+    /// creating its own (a second listener of the same service, or the maps a previous daemon
+    /// pinned). Otherwise rp_flows and rp_untracked are created for `trackedFlows` records.
+    public init(sharing shared: DispatchMaps? = nil, trackedFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS)) throws {
         let object = try EmbeddedObject(rp_dispatch_object(), count: rp_dispatch_object_size(),
                                         name: "dispatch.bpf.o")
         if let shared {
             for map in shared.all { try object.reuse(map: map.name, fd: map.fd) }
+        } else {
+            let records = try TrackedFlowCount(trackedFlows)
+            for name in [RP_MAP_FLOWS, RP_MAP_UNTRACKED] {
+                try object.setMaxEntries(map: name, UInt32(records.value))
+            }
         }
         try object.load()
         verifier = object.verifierReports[RP_PROG_DISPATCH] ?? VerifierReport(log: "")
         // Keep our own copies: the object (and its fds) is closed when init returns.
         descriptor = try object.programFD(RP_PROG_DISPATCH)
-        maps = try DispatchMaps { name, valueSize in
-            try object.openMap(name, keySize: MemoryLayout<UInt32>.size, valueSize: valueSize)
+        maps = try DispatchMaps { name, keySize, valueSize in
+            try object.openMap(name, keySize: keySize, valueSize: valueSize)
         }
         sockets = try SocketArray(RP_MAP_SOCKETS, in: object)
     }

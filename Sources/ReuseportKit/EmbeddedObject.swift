@@ -35,6 +35,12 @@ final class EmbeddedObject {
         if result != 0 { throw ReuseportError.system("bpf_map__reuse_fd(\(mapName))", -result) }
     }
 
+    /// Sizes the map `mapName` before the load (bpf_map__set_max_entries).
+    func setMaxEntries(map mapName: String, _ entries: UInt32) throws {
+        let result = bpf_map__set_max_entries(try map(mapName), entries)
+        if result != 0 { throw ReuseportError.system("bpf_map__set_max_entries(\(mapName), \(entries))", -result) }
+    }
+
     /// What the verifier said of each program of the last successful `load()`, by name.
     private(set) var verifierReports: [String: VerifierReport] = [:]
 

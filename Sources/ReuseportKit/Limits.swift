@@ -54,3 +54,11 @@ public struct BucketCount: BoundedCount {
     public let value: Int
     public init(unchecked value: Int) { self.value = value }
 }
+
+/// How many flow records a service's rp_flows holds: 1...RP_MAX_TRACKED_FLOWS (max_tracked_flows).
+public struct TrackedFlowCount: BoundedCount {
+    public static let range = 1...Int(RP_MAX_TRACKED_FLOWS)
+    public static let noun = "tracked flow count"
+    public let value: Int
+    public init(unchecked value: Int) { self.value = value }
+}

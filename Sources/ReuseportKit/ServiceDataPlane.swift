@@ -1,3 +1,4 @@
+import CLibbpf
 import CReuseportABI
 
 /// The steering data plane of one service: for each listener a reuseport group of one
@@ -23,13 +24,45 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var seed: UInt32
         public var receiveBuffer: Int?
         public var v6Only: Bool
+        public var tracking: FlowTracking
 
         public init(bucketCount: Int = Int(RP_DEFAULT_BUCKETS), seed: UInt32 = 0, receiveBuffer: Int? = nil,
-                    v6Only: Bool = true) {
+                    v6Only: Bool = true, tracking: FlowTracking = FlowTracking()) {
             self.bucketCount = bucketCount
             self.seed = seed
             self.receiveBuffer = receiveBuffer
             self.v6Only = v6Only
+            self.tracking = tracking
+        }
+    }
+
+    /// How placement changes keep live UDP flows where they are (Transition.swift).
+    public struct FlowTracking: Sendable, Equatable, Codable {
+        /// Off: every change applies at once, as without records.
+        public var enabled: Bool
+        /// A flow is live while it has sent within this; a change learns for this long.
+        public var idleTimeoutMs: Int
+        /// rp_flows' capacity.
+        public var maxFlows: Int
+        /// New records per second for the whole service (0: no bound).
+        public var recordsPerSecond: Int
+        /// A change ends at most this long after its switch: leaving slots retire then (0: never).
+        public var drainTimeoutMs: Int
+
+        public init(enabled: Bool = true, idleTimeoutMs: Int = 60_000, maxFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
+                    recordsPerSecond: Int = 100_000, drainTimeoutMs: Int = 3_600_000) {
+            self.enabled = enabled
+            self.idleTimeoutMs = idleTimeoutMs
+            self.maxFlows = maxFlows
+            self.recordsPerSecond = recordsPerSecond
+            self.drainTimeoutMs = drainTimeoutMs
+        }
+
+        /// rp_config.record_cost_ns: the per-CPU credit one record costs.
+        var recordCostNs: UInt32 {
+            guard recordsPerSecond > 0 else { return 0 }
+            let cpus = max(Int(libbpf_num_possible_cpus()), 1)
+            return UInt32(clamping: 1_000_000_000 * cpus / recordsPerSecond)
         }
     }
 
@@ -45,7 +78,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
     }
 
-    public let options: Options
+    public private(set) var options: Options
     /// The service's maps, for reading (counters, tables, state). Only this type writes them.
     public let maps: DispatchMaps
     public let listeners: [Listener]
@@ -61,6 +94,19 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// The table rp_fallback holds: the slots holding a socket, each on about
     /// RP_FALLBACK_BUCKETS / live entries.
     public private(set) var fallback: [UInt32]
+    /// Each bucket's part in a placement change (RP_BUCKET_LEARN, RP_BUCKET_PINNED), written
+    /// beside its slot in rp_buckets; all 0 in steady state.
+    public private(set) var bucketFlags: [UInt32]
+    /// The change being learned: what the switch will write.
+    public private(set) var pending: PendingPlacement?
+    /// Slots that hold sockets but are no longer in `slots`: their recorded flows still go there.
+    /// Each retires (`retire(_:)`) once no live record names it, or at `drainDeadlineNs`.
+    public private(set) var leaving: Set<UInt32> = []
+    /// When the current change ends, records or not (CLOCK_MONOTONIC); nil before a switch or
+    /// with no limit.
+    public private(set) var drainDeadlineNs: Int64?
+    /// When the current change started, for status (CLOCK_MONOTONIC).
+    public private(set) var transitionStartedNs: Int64?
 
     /// Binds `slotCount` sockets on each endpoint, loads and attaches the program, fills the
     /// arrays and writes the configuration, an even bucket table and the fallback table.
@@ -79,7 +125,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         var listeners: [Listener] = []
         var shared: DispatchMaps?
         for requested in endpoints {
-            let program = try DispatchProgram(sharing: shared)
+            let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows)
             shared = shared ?? program.maps
             // The first socket fixes the port (when 0 was asked); the others join its group.
             let first = try ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer,
@@ -94,10 +140,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
         self.slots = Array(0..<UInt32(slotCount))
         self.buckets = BucketAssignment.initial(bucketCount: options.bucketCount, slots: slots)
         self.effectiveBuckets = buckets
+        self.bucketFlags = Array(repeating: 0, count: options.bucketCount)
         self.fallback = BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: slots)
         for slot in slots { try insertSockets(slot) }
         try maps.writeBuckets(buckets)
         try maps.writeFallback(fallback)
+        try maps.writeTransition(rp_transition())
         try spreadFallback(over: liveSlots)
     }
 
@@ -156,19 +204,23 @@ public final class ServiceDataPlane: @unchecked Sendable {
             fallback = table
         }
         try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: slots.count,
-                             liveCount: live.count)
+                             liveCount: live.count, recordCostNs: options.tracking.recordCostNs)
     }
 
-    /// Writes `table` to rp_buckets (the entries that differ from `effectiveBuckets`). If a
-    /// write fails, the kernel's table is not known: the whole previous table is written back.
-    private func writeEffective(_ table: [UInt32]) throws {
+    /// Writes `table` to rp_buckets (the entries that differ from `effectiveBuckets`), each with
+    /// its flags (`flags`, default: as they are). If a write fails, the kernel's table is not
+    /// known: the whole previous table is written back.
+    private func writeEffective(_ table: [UInt32], flags: [UInt32]? = nil) throws {
+        let flags = flags ?? bucketFlags
+        let old = zip(effectiveBuckets, bucketFlags).map { $0 | $1 }
         do {
-            try maps.writeBuckets(table, previous: effectiveBuckets)
+            try maps.writeBuckets(zip(table, flags).map { $0 | $1 }, previous: old)
         } catch {
-            try? maps.writeBuckets(effectiveBuckets)
+            try? maps.writeBuckets(old)
             throw error
         }
         effectiveBuckets = table
+        bucketFlags = flags
     }
 
     /// The sockets of `slot`, one per listener, in listener order: what its worker gets.
@@ -256,7 +308,19 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         let table = BucketAssignment.overlay(buckets, slots: slots, failed: failed)
         let moved = BucketAssignment.moved(from: effectiveBuckets, to: table)
-        try writeEffective(table)
+        // A change being learned keeps its target, with this slot failed over or back too; the
+        // buckets that move at its switch are the ones that learn.
+        var flags = bucketFlags
+        if var next = pending {
+            if failed.contains(slot) { next.failed.insert(slot) } else { next.failed.remove(slot) }
+            pending = next
+            let target = next.effective
+            for bucket in flags.indices {
+                let learn = tracksFlows && target[bucket] != table[bucket] && next.switchNs > 0
+                flags[bucket] = (flags[bucket] & UInt32(RP_BUCKET_PINNED)) | (learn ? UInt32(RP_BUCKET_LEARN) : 0)
+            }
+        }
+        try writeEffective(table, flags: flags)
         failedOver = failed
         return moved
     }
@@ -275,6 +339,200 @@ public final class ServiceDataPlane: @unchecked Sendable {
         try spreadFallback(over: liveSlots)
     }
 
+    // MARK: placement changes that keep live flows (transitions)
+
+    /// Takes new tracking settings (not `maxFlows`: rp_flows is sized at load).
+    public func setTracking(_ tracking: FlowTracking) throws {
+        var tracking = tracking
+        tracking.maxFlows = options.tracking.maxFlows
+        options.tracking = tracking
+        try spreadFallback(over: fallbackSlots)
+    }
+
+    /// Whether changes of this plane learn and pin flows: tracking on and a UDP listener (a TCP
+    /// connection, once accepted, never moves: SYNs simply follow the table).
+    public var tracksFlows: Bool {
+        options.tracking.enabled && listeners.contains { $0.endpoint.transport == .udp }
+    }
+
+    /// The slots the fallback table may name: holding a socket, and neither leaving nor about
+    /// to leave at the switch.
+    private var fallbackSlots: [UInt32] {
+        let staying = Set(pending?.slots ?? slots)
+        return liveSlots.filter { staying.contains($0) && !leaving.contains($0) }
+    }
+
+    /// Starts (or extends) a change to `count` slots, 0..<count. New slots get their sockets now
+    /// and take new flows from the switch on; until then the buckets that will move record the
+    /// flows they see (learning, for one idle timeout, `learnNs`). Slots beyond `count` leave the
+    /// fallback table at once and retire after the switch, once drained. Returns the plan.
+    ///
+    /// A change while another learns replaces its target and learns again for `learnNs`: records
+    /// made so far stay. A change while another drains starts learning on top of it: pinned
+    /// buckets stay pinned. With `learnNs` 0 (or tracking off) nothing is learned: `advance`
+    /// switches at its next call.
+    @discardableResult
+    public func beginResize(to count: Int, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
+        _ = try SlotCount(count)
+        let target = Array(0..<UInt32(count))
+        let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
+        let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target), slots: target,
+                                    failed: base.failed.filter { $0 < UInt32(count) }, switchNs: now)
+        let added = target.filter { !liveSlots.contains($0) }
+        do {
+            for slot in added { try insertSockets(slot) }
+        } catch {
+            for slot in added { try? removeSockets(slot) }
+            throw error
+        }
+        leaving.subtract(target)
+        return try plan(next, now: now, learnNs: learnNs)
+    }
+
+    /// Starts giving a failed-over slot its buckets back as a change: the flows the other slots
+    /// took over while it was down are recorded and stay there; new flows go to the slot from the
+    /// switch on. Without tracking, as `restore(_:)`.
+    @discardableResult
+    public func beginRestore(_ slot: UInt32, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
+        let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
+        var next = base
+        next.failed.remove(slot)
+        return try plan(next, now: now, learnNs: learnNs)
+    }
+
+    /// Makes `next` the pending placement: flags the buckets that move for learning, persists
+    /// the change in rp_transition and rp_next_buckets.
+    private func plan(_ next: PendingPlacement, now: Int64, learnNs: Int64?) throws -> TransitionPlan {
+        var next = next
+        let learn = tracksFlows ? (learnNs ?? Int64(options.tracking.idleTimeoutMs) * 1_000_000) : 0
+        next.switchNs = now + learn
+        let target = next.effective
+        var flags = bucketFlags
+        var moving = 0
+        for bucket in flags.indices {
+            let moves = target[bucket] != effectiveBuckets[bucket]
+            if moves { moving += 1 }
+            flags[bucket] = (flags[bucket] & UInt32(RP_BUCKET_PINNED)) | (moves && learn > 0 ? UInt32(RP_BUCKET_LEARN) : 0)
+        }
+        let records = try liveRecordsBySlot(now: now)
+        let leavingAtSwitch = Set(liveSlots).subtracting(next.slots)
+        pending = next
+        if transitionStartedNs == nil { transitionStartedNs = now }
+        try spreadFallback(over: fallbackSlots)
+        try writeEffective(effectiveBuckets, flags: flags)
+        try maps.writeNextBuckets(next.buckets)
+        try persist(now: now)
+        return TransitionPlan(movingBuckets: moving, bucketCount: options.bucketCount, switchNs: next.switchNs,
+                              leaving: leavingAtSwitch.sorted(),
+                              recordedFlowsOnLeaving: leavingAtSwitch.reduce(0) { $0 + (records[$1] ?? 0) })
+    }
+
+    /// Switches a pending change whose learning is over (or any, with `force`): every bucket
+    /// takes its new slot, and those that moved are pinned in the same write, so a recorded
+    /// flow never sees its bucket's new slot. Returns the buckets moved, nil when nothing was
+    /// due. With `drainNow`, the leaving slots' deadline is now.
+    @discardableResult
+    public func advance(now: Int64, force: Bool = false, drainNow: Bool = false) throws -> Int? {
+        guard let next = pending, force || now >= next.switchNs else { return nil }
+        let target = next.effective
+        var flags = bucketFlags
+        var moved = 0
+        for bucket in flags.indices {
+            let pinned = flags[bucket] & UInt32(RP_BUCKET_PINNED)
+            if target[bucket] != effectiveBuckets[bucket] {
+                moved += 1
+                flags[bucket] = tracksFlows ? UInt32(RP_BUCKET_PINNED) : 0
+            } else {
+                flags[bucket] = pinned
+            }
+        }
+        try writeEffective(target, flags: flags)
+        buckets = next.buckets
+        slots = next.slots
+        failedOver = next.failed
+        pending = nil
+        leaving.formUnion(Set(liveSlots).subtracting(slots))
+        let drainMs = options.tracking.drainTimeoutMs
+        drainDeadlineNs = drainNow || !tracksFlows ? now : (drainMs > 0 ? now + Int64(drainMs) * 1_000_000 : nil)
+        try spreadFallback(over: fallbackSlots)
+        try persist(now: now)
+        return moved
+    }
+
+    /// Takes a leaving slot's sockets out of the arrays and out of this plane, open (in listener
+    /// order), for the caller to drain and close. Its recorded flows, if any are left, follow
+    /// the table from now on.
+    public func retire(_ slot: UInt32, now: Int64) throws -> [ReuseportSocket] {
+        guard leaving.contains(slot) else {
+            throw ReuseportError.invalidArgument("slot \(slot) is not leaving")
+        }
+        let sockets = try takeSockets(slot)
+        leaving.remove(slot)
+        try persist(now: now)
+        return sockets
+    }
+
+    /// Live records by slot: read every record, delete those idle longer than the idle timeout
+    /// and those naming a slot in `forget` (a failed-over slot: its flows have no worker).
+    /// Once no change is pending or leaving and no record is live, the change is over: the
+    /// pinned flags are cleared and the untracked markers removed.
+    public func sweep(now: Int64, forget: Set<UInt32> = []) throws -> SweepResult {
+        let idleNs = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
+        let clock = UInt64(now)
+        var live: [UInt32: Int] = [:]
+        var expired = 0
+        for record in try FlowRecords.read(maps) {
+            if record.idleNs(at: clock) > idleNs || forget.contains(record.slot) {
+                try maps.flows.delete(key: record.flow.recordKey)
+                expired += 1
+            } else {
+                live[record.slot, default: 0] += 1
+            }
+        }
+        var finished = false
+        if pending == nil, leaving.isEmpty, transitionStartedNs != nil,
+           live.isEmpty || drainDeadlineNs.map({ now >= $0 }) == true
+        {
+            try endTransition(now: now)
+            finished = true
+        }
+        return SweepResult(liveBySlot: live, expired: expired, finished: finished)
+    }
+
+    /// Live records by slot, without deleting anything.
+    public func liveRecordsBySlot(now: Int64) throws -> [UInt32: Int] {
+        let idleNs = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
+        return try FlowRecords.read(maps).reduce(into: [:]) { live, record in
+            if record.idleNs(at: UInt64(now)) <= idleNs { live[record.slot, default: 0] += 1 }
+        }
+    }
+
+    /// Clears every pinned flag and every record: the table alone decides again.
+    private func endTransition(now: Int64) throws {
+        try writeEffective(effectiveBuckets, flags: Array(repeating: 0, count: bucketFlags.count))
+        for record in try FlowRecords.read(maps) { try maps.flows.delete(key: record.flow.recordKey) }
+        for (key, _) in try maps.untracked.entries(as: (rp_flow_key, UInt32).self) { try maps.untracked.delete(key: key) }
+        transitionStartedNs = nil
+        drainDeadlineNs = nil
+        try persist(now: now)
+    }
+
+    /// Writes rp_transition: what a daemon started again needs to finish the change.
+    private func persist(now: Int64) throws {
+        var state = rp_transition()
+        if let started = transitionStartedNs {
+            state.phase = pending != nil ? RP_TRANSITION_LEARNING.rawValue : RP_TRANSITION_DRAINING.rawValue
+            state.slots_after = UInt32((pending?.slots ?? slots).count)
+            state.socket_slots = (liveSlots.max() ?? 0) + 1
+            state.moving_buckets = UInt32(bucketFlags.filter { $0 != 0 }.count)
+            state.started_ns = UInt64(started)
+            state.switch_ns = UInt64(pending?.switchNs ?? 0)
+            state.drain_deadline_ns = UInt64(drainDeadlineNs ?? 0)
+            state.idle_timeout_ns = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
+        }
+        try maps.writeTransition(state)
+    }
+
     /// Attaches every listener's program to its group through the listener's first socket
     /// (SO_ATTACH_REUSEPORT_EBPF): for each group one atomic switch, from whatever program it
     /// had (reuseport_attach_prog() replaces reuse->prog under the group's lock), to this one.
@@ -287,6 +545,13 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 throw ReuseportError.invalidArgument("listener \(listener.endpoint) has no socket to attach through")
             }
             try socket.attach(listener.program)
+        }
+    }
+
+    /// Forgets every record naming `slot` (a slot failed over: its flows have no worker and move).
+    public func forgetRecords(of slot: UInt32) throws {
+        for record in try FlowRecords.read(maps) where record.slot == slot {
+            try maps.flows.delete(key: record.flow.recordKey)
         }
     }
 
@@ -316,4 +581,45 @@ public final class ServiceDataPlane: @unchecked Sendable {
     }
 
     deinit { close() }
+}
+
+/// A placement a change will switch to: nominal table, slots, failed-over slots.
+public struct PendingPlacement: Sendable, Equatable {
+    public var buckets: [UInt32]
+    public var slots: [UInt32]
+    public var failed: Set<UInt32>
+    /// When learning ends (CLOCK_MONOTONIC).
+    public var switchNs: Int64
+
+    /// The table rp_buckets will hold: the failed-over slots' buckets lent to the others.
+    public var effective: [UInt32] { BucketAssignment.overlay(buckets, slots: slots, failed: failed) }
+}
+
+/// What a change will do, said before it does it (`reuseportctl scale --dry-run`).
+public struct TransitionPlan: Sendable, Equatable {
+    public var movingBuckets: Int
+    public var bucketCount: Int
+    /// When the buckets switch (CLOCK_MONOTONIC).
+    public var switchNs: Int64
+    /// Slots that leave at the switch and retire once drained.
+    public var leaving: [UInt32]
+    /// Live recorded flows on those slots now: they move if the change does not wait for them.
+    public var recordedFlowsOnLeaving: Int
+
+    public init(movingBuckets: Int, bucketCount: Int, switchNs: Int64, leaving: [UInt32], recordedFlowsOnLeaving: Int) {
+        self.movingBuckets = movingBuckets
+        self.bucketCount = bucketCount
+        self.switchNs = switchNs
+        self.leaving = leaving
+        self.recordedFlowsOnLeaving = recordedFlowsOnLeaving
+    }
+}
+
+/// What a sweep of the records found.
+public struct SweepResult: Sendable, Equatable {
+    public var liveBySlot: [UInt32: Int]
+    public var expired: Int
+    /// The change ended with this sweep.
+    public var finished: Bool
+    public var live: Int { liveBySlot.values.reduce(0, +) }
 }

@@ -117,12 +117,19 @@ struct ScaleCommand: ParsableCommand {
         abstract: "Change the number of workers (slots) of a service, moving the fewest buckets.",
         discussion: """
             Growing from N to M slots moves only the buckets the new slots need (1 - N/M of them); \
-            shrinking moves only the buckets of the removed slots. Then waits (see --no-wait) until \
-            the pinned state shows N workers running, and says how many buckets moved.
+            shrinking moves only the buckets of the removed slots. With flow tracking (the default \
+            for UDP) no live flow moves: the moving buckets first record the flows they see for one \
+            flow_idle_timeout_ms, then switch, and each recorded flow keeps its worker until it is \
+            idle. Slots that leave take no new flow and their workers are stopped once their \
+            recorded flows are idle (or at drain_timeout_ms). --now switches at once instead, and \
+            says first how many flows that moves. Then waits (see --no-wait) until the pinned \
+            state shows workers running on slots 0 to N-1.
 
             Examples:
               reuseportctl scale 8
               reuseportctl scale 2 --service dns
+              reuseportctl scale 2 --dry-run
+              reuseportctl scale 2 --now
             """
     )
 
@@ -132,6 +139,12 @@ struct ScaleCommand: ParsableCommand {
 
     @Argument(help: ArgumentHelp("The number of workers.", valueName: "N"))
     var workers: Int
+
+    @Flag(help: "Switch at once: no learning, leaving slots retire now (their live flows move).")
+    var now = false
+
+    @Flag(help: "Say what the change would move; change nothing.")
+    var dryRun = false
 
     func validate() throws {
         guard SlotCount.range.contains(workers) else {
@@ -143,12 +156,18 @@ struct ScaleCommand: ParsableCommand {
         let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: action.timeout)
         let name = try location.actionService(service.service, client: client)
         let before = location.pinnedSnapshot(name)
-        let response = try client.perform(ControlRequest(command: .scale, service: name, workers: workers))
+        if dryRun || now {
+            // Said before anything changes: what switching at once moves.
+            let plan = try client.perform(ControlRequest(command: .scale, service: name, workers: workers, now: now,
+                                                         dryRun: true))
+            print(plan.message ?? "")
+            if dryRun { return }
+        }
+        let response = try client.perform(ControlRequest(command: .scale, service: name, workers: workers, now: now))
         print(response.message ?? "scale of \(name) to \(workers) accepted")
         guard !action.noWait else { return }
         let result = location.waitForPins(name, timeout: action.timeout) { snapshot in
-            snapshot.config.slot_count == UInt32(workers)
-                && (0..<UInt32(workers)).allSatisfy { slot in
+            (0..<UInt32(workers)).allSatisfy { slot in
                     snapshot.slots.contains { $0.index == slot && $0.workerState == .running && $0.pid != nil }
                 }
         }

@@ -20,7 +20,7 @@ struct ControlActionTests {
         #expect(try ControlAction(checking: .init(command: .restart, slot: 3), against: Self.sole)
             == .restart(service: 0, slot: 3))
         #expect(try ControlAction(checking: .init(command: .scale, workers: 1024), against: Self.sole)
-            == .scale(service: 0, workers: 1024))
+            == .scale(service: 0, workers: 1024, now: false, dryRun: false))
         #expect(try ControlAction(checking: .init(command: .status, service: "x"), against: [])
             == .status(service: "x"))
         #expect(try ControlAction(checking: .init(command: .reload), against: []) == .reload)

@@ -54,6 +54,8 @@ struct PartialFailureTests {
             restart_backoff_max_ms = 600000
             failover_after_ms = 100
             ready_after_ms = 100
+            # the immediate path: FlowTrackingTests covers changes that learn and drain
+            flow_tracking = false
             """)
     }
 

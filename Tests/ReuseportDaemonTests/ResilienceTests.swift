@@ -61,7 +61,7 @@ struct ResilienceTests {
     /// (< 5 % CPU over 3 s, from utime + stime in /proc/PID/stat), must log the limit once, and
     /// must answer the waiting request once the idle connections close.
     @Test func outOfFileDescriptorsTheDaemonWaitsInsteadOfSpinning() throws {
-        let daemon = try TestDaemon(config: serviceTable("many", workers: 2), logLevel: "info")
+        let daemon = try TestDaemon(config: serviceTable("many", workers: 2, extra: "flow_tracking = false"), logLevel: "info")
         try daemon.waitForWorkers()
         // prlimit(2) is not in Swift's Glibc module (a GNU extension): util-linux's prlimit(1) calls it.
         let prlimit = Process()

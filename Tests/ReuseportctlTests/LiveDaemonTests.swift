@@ -150,7 +150,7 @@ struct LiveDaemonTests {
         for slot in [0, 2, 3] { #expect(afterRestart[slot]["pid"] as? Int == slotsBefore[slot]["pid"] as? Int) }
         #expect(restart.stdout.contains("slot 1 of live: worker \(oldPid) -> "), "\(restart)")
 
-        let up = try reuseportctl(["scale", "6"] + daemon.locations)
+        let up = try reuseportctl(["scale", "6", "--now"] + daemon.locations)
         #expect(up.status == 0, "\(up)")
         #expect(up.stdout.contains("1364 of 4096 buckets moved"), "\(up)")
         let six = try daemon.dump()
@@ -160,7 +160,7 @@ struct LiveDaemonTests {
         #expect(sixSlots.allSatisfy { $0["pid"] is Int && $0["state"] as? String == "running" })
         #expect(sixSlots.map { $0["buckets"] as? Int ?? 0 }.reduce(0, +) == 4096)
 
-        let down = try reuseportctl(["scale", "2"] + daemon.locations)
+        let down = try reuseportctl(["scale", "2", "--now"] + daemon.locations)
         #expect(down.status == 0, "\(down)")
         let two = try daemon.dump()
         #expect(two["slot_count"] as? Int == 2)

@@ -36,7 +36,7 @@ func fuzzControlRequest(_ bytes: UnsafeRawBufferPointer) {
         switch action {
         case .restart(let position, let slot):
             guard services[position].slots.contains(slot) else { fatalError("\(action): no such slot") }
-        case .scale(let position, let workers):
+        case .scale(let position, let workers, _, _):
             guard (1...services[position].bucketCount).contains(workers) else { fatalError("\(action): bad count") }
         case .status, .reload:
             break
