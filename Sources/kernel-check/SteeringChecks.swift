@@ -31,7 +31,7 @@ enum SteeringChecks {
     static let all: [Check] =
         Transport.allCases.flatMap { transport in
             Family.allCases.flatMap { family in groupSizes.map { exactSlot(transport, family, slots: $0) } }
-        } + [Family.v4, .v6].map(fallbackTable)
+        } + [Family.v4, .v6].map(fallbackTable) + [Family.v4, .v6].map(flowRecords)
         + [closedSocketLeavesArray, replacingKeepsFlows, kernelDefaultMovesFlows, foreignSocketGetsNothing]
 
     static func service(_ transport: Transport, _ family: Family, slots: Int) throws -> ServiceDataPlane {
@@ -46,6 +46,18 @@ enum SteeringChecks {
             let plane = try service(.udp, family, slots: 8)
             return try FallbackScenario.run(plane, clients: try Traffic.clients(256, on: family.client), emptied: [2, 5],
                                             destination: destination(of: plane, family))
+        }
+    }
+
+    /// A change records the flows of the moving buckets and keeps them through the switch
+    /// (TransitionScenario): a hash map without preallocation, updated by the SK_REUSEPORT program.
+    static func flowRecords(_ family: Family) -> Check {
+        Check("flow-records-udp\(family.rawValue)",
+              "a scale 4 → 6 records the moving buckets' flows; each keeps its slot through the switch") { _ in
+            let plane = try service(.udp, family, slots: 4)
+            return try TransitionScenario.run(plane, clients: try Traffic.clients(256, on: family.client),
+                                              fresh: try Traffic.clients(256, on: family.client),
+                                              destination: destination(of: plane, family))
         }
     }
 

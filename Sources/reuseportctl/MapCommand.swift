@@ -63,11 +63,13 @@ struct MapDumpCommand: ParsableCommand {
                 + "  slots \(config.slot_count)  live \(config.live_count)  abi \(config.abi_version)\n"
         }
         text += "  global     \(globalSummary(service.global))\n"
+        text += "  change     \(changeSummary(service))\n"
+        text += "  flows      \(flowSummary(service))\n"
         if let problem = service.diagnosticsProblem { text += "  drops      unknown: \(problem)\n" }
         var table = TextTable([
             ("SLOT", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
             ("BUCKETS", .right), ("PACKETS", .right), ("BYTES", .right), ("FALLBACKS", .right),
-            ("DROPS", .right), ("COOKIE", .right),
+            ("DROPS", .right), ("RECORDS", .right), ("CHANGE", .left), ("COOKIE", .right),
         ])
         for slot in service.slots {
             let cookie = slot.sockets.first.map { "\($0.cookie)" } ?? "-"
@@ -75,7 +77,7 @@ struct MapDumpCommand: ParsableCommand {
                 "\(slot.index)", HumanFormat.optional(slot.pid), "\(slot.workerState)", "\(slot.state.restarts)",
                 HumanFormat.duration(slot.secondsInState(now: now)), "\(slot.buckets)", "\(slot.counters.packets)",
                 HumanFormat.bytes(slot.counters.bytes), "\(slot.counters.fallbacks)", HumanFormat.optional(slot.drops),
-                cookie,
+                "\(slot.state.records)", slot.role, cookie,
             ])
         }
         text += "\n" + table.render(indent: "  ")
@@ -92,6 +94,31 @@ struct MapDumpCommand: ParsableCommand {
             let endpoint = listener.endpoint.map { "\($0)" } ?? "unknown (no socket in its array)"
             return "\(listener.index): \(endpoint)"
         }.joined(separator: ", ")
+    }
+
+    /// The placement change in progress: phase, time left, buckets moving.
+    static func changeSummary(_ service: ServiceSnapshot) -> String {
+        let change = service.transition
+        let now = UInt64(MonotonicClock.nanoseconds())
+        func left(_ ns: UInt64) -> String { HumanFormat.duration(Double(ns > now ? ns - now : 0) / 1e9) }
+        switch change.phase {
+        case RP_TRANSITION_LEARNING.rawValue:
+            return "learning: \(service.learningBuckets) buckets record their live flows, switch in \(left(change.switch_ns))"
+        case RP_TRANSITION_DRAINING.rawValue:
+            let deadline = change.drain_deadline_ns == 0 ? "no drain timeout" : "drain timeout in \(left(change.drain_deadline_ns))"
+            return "draining: \(service.pinnedBuckets) buckets pinned, recorded flows stay until idle; \(deadline)"
+        default:
+            return "none"
+        }
+    }
+
+    /// Flow records and what could not be recorded.
+    static func flowSummary(_ service: ServiceSnapshot) -> String {
+        let flows = service.flows
+        let memory = HumanFormat.bytes(UInt64(service.records * FlowRecords.bytesPerRecord))
+        return "records \(service.records) of \(service.trackedCapacity) (about \(memory))  recorded \(flows.recorded)"
+            + "  untracked \(flows.untracked)  untracked_uncounted \(flows.untracked_uncounted)"
+            + "  rate_refused \(flows.rate_refused)  pinned \(flows.pinned)  stale \(flows.stale)"
     }
 
     static func globalSummary(_ global: rp_global_stats) -> String {
@@ -116,7 +143,27 @@ struct MapDump: Encodable {
         var listeners: [Listener]
         var global: Global
         var slots: [Slot]
+        var change: Change
         @Nullable var socketDiagnosticsError: String?
+    }
+
+    /// The placement change in progress and the flow-tracking counters.
+    struct Change: Encodable {
+        /// "none", "learning" or "draining".
+        var phase: String
+        var learningBuckets: Int
+        var pinnedBuckets: Int
+        @Nullable var switchNs: UInt64?
+        @Nullable var drainDeadlineNs: UInt64?
+        var records: Int
+        var maxTrackedFlows: UInt32
+        var recordBytes: Int
+        var recorded: UInt64
+        var untracked: UInt64
+        var untrackedUncounted: UInt64
+        var rateRefused: UInt64
+        var pinned: UInt64
+        var stale: UInt64
     }
 
     struct Listener: Encodable {
@@ -147,6 +194,9 @@ struct MapDump: Encodable {
         var bytes: UInt64
         var fallbacks: UInt64
         @Nullable var receiveDrops: UInt64?
+        var records: UInt32
+        var leaving: Bool
+        var joining: Bool
         var sockets: [Socket]
     }
 
@@ -189,12 +239,14 @@ struct MapDump: Encodable {
                          generation: slot.state.generation, sinceNs: slot.state.since_ns,
                          secondsInState: slot.secondsInState(now: now).map { ($0 * 1000).rounded() / 1000 },
                          buckets: slot.buckets, packets: slot.counters.packets, bytes: slot.counters.bytes,
-                         fallbacks: slot.counters.fallbacks, receiveDrops: slot.drops,
+                         fallbacks: slot.counters.fallbacks, receiveDrops: slot.drops, records: slot.state.records,
+                         leaving: slot.isLeaving, joining: slot.isJoining,
                          sockets: slot.sockets.map {
                              Socket(listener: $0.listener, cookie: $0.cookie, inode: $0.diagnosis?.inode,
                                     receiveDrops: $0.diagnosis?.drops, receiveQueue: $0.diagnosis?.receiveQueue)
                          })
                 },
+                change: Change(service),
                 socketDiagnosticsError: service.diagnosticsProblem)
         }
     }
@@ -225,5 +277,29 @@ struct Nullable<Value: Encodable>: Encodable {
     func encode(to encoder: Encoder) throws {
         var container = encoder.singleValueContainer()
         if let wrappedValue { try container.encode(wrappedValue) } else { try container.encodeNil() }
+    }
+}
+
+extension MapDump.Change {
+    init(_ service: ServiceSnapshot) {
+        let change = service.transition
+        switch change.phase {
+        case RP_TRANSITION_LEARNING.rawValue: phase = "learning"
+        case RP_TRANSITION_DRAINING.rawValue: phase = "draining"
+        default: phase = "none"
+        }
+        learningBuckets = service.learningBuckets
+        pinnedBuckets = service.pinnedBuckets
+        switchNs = change.switch_ns == 0 ? nil : change.switch_ns
+        drainDeadlineNs = change.drain_deadline_ns == 0 ? nil : change.drain_deadline_ns
+        records = service.records
+        maxTrackedFlows = service.trackedCapacity
+        recordBytes = service.records * FlowRecords.bytesPerRecord
+        recorded = service.flows.recorded
+        untracked = service.flows.untracked
+        untrackedUncounted = service.flows.untracked_uncounted
+        rateRefused = service.flows.rate_refused
+        pinned = service.flows.pinned
+        stale = service.flows.stale
     }
 }

@@ -79,6 +79,9 @@ enum MetricsExposition {
                 counter("reuseport_slot_stalls_total",
                         "Times the slot was marked stalled: its receive queue stayed full while the kernel dropped datagrams.",
                         labels, UInt64(slot.state.stalls))
+                gauge("reuseport_slot_flow_records", "Live flow records naming the slot (daemon's last sweep).", labels,
+                      UInt64(slot.state.records))
+                gauge("reuseport_slot_leaving", "1 while a scale-down drains the slot.", labels, slot.isLeaving ? 1 : 0)
                 counter("reuseport_slot_watchdog_restarts_total",
                         "Workers stopped (SIGABRT) for sending no WATCHDOG=1 within watchdog_ms, per slot.", labels,
                         UInt64(slot.state.watchdog_restarts))
@@ -105,6 +108,27 @@ enum MetricsExposition {
                     global.fallbacks)
             counter("reuseport_select_errors_total", "bpf_sk_select_reuseport() failures other than an empty slot.",
                     [name], global.select_errors)
+            let flows = service.flows
+            counter("reuseport_flow_records_created_total",
+                    "Flow records made while buckets learned for a placement change.", [name], flows.recorded)
+            counter("reuseport_flows_untracked_total",
+                    "Flows not recorded because max_tracked_flows was reached (each counted once).", [name],
+                    flows.untracked)
+            counter("reuseport_flows_untracked_uncounted_total",
+                    "Packets of unrecorded flows that could not even be counted once (marker table full).", [name],
+                    flows.untracked_uncounted)
+            counter("reuseport_flow_records_rate_refused_total",
+                    "Packets whose new flow was refused a record by max_new_flows_per_second.", [name],
+                    flows.rate_refused)
+            counter("reuseport_flow_pinned_packets_total", "Packets sent to the slot their flow record names.", [name],
+                    flows.pinned)
+            counter("reuseport_flow_stale_packets_total",
+                    "Packets whose recorded slot had no socket: they followed the table.", [name], flows.stale)
+            gauge("reuseport_flow_records", "Flow records held now.", [name], UInt64(service.records))
+            gauge("reuseport_flow_records_capacity", "max_tracked_flows: the records rp_flows can hold.", [name],
+                  UInt64(service.trackedCapacity))
+            gauge("reuseport_placement_change_phase", "0: none, 1: learning, 2: draining.", [name],
+                  UInt64(service.transition.phase))
         }
 
         /// The daemon's own counters (since it started): absent from an older daemon's answer.

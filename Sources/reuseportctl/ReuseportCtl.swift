@@ -19,7 +19,7 @@ struct ReuseportCtl: ParsableCommand {
             Shell completions: reuseportctl --generate-completion-script bash|zsh|fish
             """,
         subcommands: [
-            MapCommand.self, WhichCommand.self, StatsCommand.self,
+            MapCommand.self, WhichCommand.self, FlowsCommand.self, StatsCommand.self,
             RestartCommand.self, ScaleCommand.self, ReloadCommand.self,
             FeaturesCommand.self, ServeMetricsCommand.self,
         ]

@@ -33,6 +33,12 @@ struct ServiceSnapshot: Sendable {
         var sockets: [SlotSocket]
 
         var workerState: WorkerState { WorkerState(rawValue: state.state) }
+        /// A scale-down removes the slot: no new flow, retires once drained.
+        var isLeaving: Bool { state.flags & UInt32(RP_SLOT_LEAVING) != 0 }
+        /// A scale-up added the slot: it takes flows from the switch on.
+        var isJoining: Bool { state.flags & UInt32(RP_SLOT_JOINING) != 0 }
+        /// "leaving", "joining" or "-": the slot's part in a placement change.
+        var role: String { isLeaving ? "leaving" : isJoining ? "joining" : "-" }
         var pid: UInt32? { state.pid == 0 ? nil : state.pid }
         /// Receive drops summed over the slot's sockets; nil if none of them reported any.
         var drops: UInt64? {
@@ -54,6 +60,15 @@ struct ServiceSnapshot: Sendable {
     var listeners: [Listener]
     var slots: [Slot]
     var global: rp_global_stats
+    /// The placement change in progress (phase RP_TRANSITION_NONE: none) and the flow counters.
+    var transition = rp_transition()
+    var flows = rp_flow_stats()
+    /// rp_flows' capacity (max_tracked_flows) and the records it holds now.
+    var trackedCapacity: UInt32 = 0
+    var records = 0
+    /// Buckets learning and pinned now.
+    var learningBuckets = 0
+    var pinnedBuckets = 0
     /// Why drops are missing, if sock_diag failed.
     var diagnosticsProblem: String?
 
@@ -218,8 +233,9 @@ struct OpenedService {
             if config.abi_version != 0 { try maps.checkConfiguredABI() }
             // The program reads no entry of a bucket_count it refuses (0, above RP_MAX_BUCKETS); the map has
             // no more than RP_MAX_BUCKETS entries, and a count up to 2^32 - 1 would take hours to read.
-            let buckets = config.abi_version == 0 || !BucketCount.range.contains(Int(config.bucket_count))
-                ? [] : try maps.readBuckets(count: Int(config.bucket_count))
+            let values = config.abi_version == 0 || !BucketCount.range.contains(Int(config.bucket_count))
+                ? [] : try maps.readBucketValues(count: Int(config.bucket_count))
+            let buckets = values.map { rp_bucket_slot($0) }
             let fallback = config.abi_version == 0 ? [] : try maps.readFallback()
             var listeners: [ServiceSnapshot.Listener] = []
             for (index, array) in arrays {
@@ -245,8 +261,16 @@ struct OpenedService {
                 slots.append(.init(index: slot, state: state, counters: try maps.slotCounters(slot),
                                    buckets: perSlot[Int(slot)], sockets: sockets))
             }
-            return ServiceSnapshot(name: name, directory: layout.serviceDirectory, config: config, buckets: buckets, fallback: fallback,
-                                   listeners: listeners, slots: slots, global: try maps.globalCounters())
+            var snapshot = ServiceSnapshot(name: name, directory: layout.serviceDirectory, config: config, buckets: buckets,
+                                           fallback: fallback, listeners: listeners, slots: slots,
+                                           global: try maps.globalCounters())
+            snapshot.transition = try maps.readTransition()
+            snapshot.flows = try maps.flowCounters()
+            snapshot.trackedCapacity = maps.flows.maxEntries
+            snapshot.records = try maps.flows.entries(as: (rp_flow_key, rp_flow).self).count
+            snapshot.learningBuckets = values.filter { $0 & UInt32(RP_BUCKET_LEARN) != 0 }.count
+            snapshot.pinnedBuckets = values.filter { $0 & UInt32(RP_BUCKET_PINNED) != 0 }.count
+            return snapshot
         } catch {
             throw CtlError.unreadablePins(service: name, directory: layout.serviceDirectory, underlying: error)
         }

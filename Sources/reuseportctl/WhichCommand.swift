@@ -76,14 +76,17 @@ struct WhichCommand: ParsableCommand {
                                     + " outside \(BucketCount.range): the program drops every packet")
         }
         let to = try destination.map { try parsed($0, "--to") }
+        let maps = try reader.open(name).maps
         var answers: [WhichAnswer] = []
         for client in clients {
             let clientAddress = try parsed(client, "ADDR:PORT")
             let (listener, destination) = try route(snapshot, client: clientAddress, to: to)
             let flow = FlowTuple(listener.transport, from: clientAddress, to: destination)
             let placement = snapshot.steering(listener: listener.index).placement(of: flow)
-            answers.append(WhichAnswer(snapshot: snapshot, listener: listener.index, endpoint: listener.endpoint,
-                                       flow: flow, placement: placement))
+            var answer = WhichAnswer(snapshot: snapshot, listener: listener.index, endpoint: listener.endpoint,
+                                     flow: flow, placement: placement)
+            try answer.applyRecord(of: flow, maps: maps, snapshot: snapshot)
+            answers.append(answer)
         }
         if json {
             print(try JSONOutput.string(answers))
@@ -183,6 +186,11 @@ struct WhichAnswer: Encodable {
     @Nullable var pid: UInt32?
     @Nullable var state: String?
     @Nullable var cookie: UInt64?
+    /// The flow has a record (a placement change is in progress) and its bucket is learning or
+    /// pinned: `recordSlot` is where it went when recorded, `pinned` whether it goes there now.
+    @Nullable var recordSlot: UInt32?
+    @Nullable var recordIdleSeconds: Double?
+    var pinned = false
 
     init(snapshot: ServiceSnapshot, listener: Int, endpoint: Endpoint, flow: FlowTuple, placement: Placement) {
         service = snapshot.name
@@ -206,6 +214,25 @@ struct WhichAnswer: Encodable {
         }
     }
 
+    /// As the program does: a UDP flow of a bucket with transition flags and a record goes to the
+    /// recorded slot while that slot has a socket.
+    mutating func applyRecord(of flow: FlowTuple, maps: DispatchMaps, snapshot: ServiceSnapshot) throws {
+        guard flow.transport == .udp, let record = try FlowRecords.record(of: flow, in: maps) else { return }
+        let flags = (try maps.buckets.lookup(bucket, as: UInt32.self) ?? 0) & UInt32(RP_BUCKET_FLAGS)
+        guard flags != 0 else { return }
+        recordSlot = record.slot
+        recordIdleSeconds = Double(record.idleNs(at: UInt64(MonotonicClock.nanoseconds()))) / 1e9
+        let cookies = snapshot.listeners.first { $0.index == listener }?.cookies ?? [:]
+        guard flags & UInt32(RP_BUCKET_PINNED) != 0, let socket = cookies[record.slot] else { return }
+        pinned = true
+        slot = record.slot
+        fallback = false
+        let slotInfo = snapshot.slots.first { $0.index == record.slot }
+        pid = slotInfo?.pid
+        state = slotInfo.map { "\($0.workerState)" }
+        cookie = socket
+    }
+
     var text: String {
         var text = "\(transport) \(client) -> \(destination)  (service \(service), listener \(listener): \(endpoint))\n"
         text += "  hash    \(HumanFormat.hex32(hash))  (seed \(HumanFormat.hex32(seed)))\n"
@@ -215,7 +242,13 @@ struct WhichAnswer: Encodable {
             text += "  slot    none: no slot has a socket, the program drops this flow (dropped_no_slot)\n"
             return text
         }
-        text += fallback ? ", which has no socket: falls back\n" : "\n"
+        if pinned {
+            text += "\n  record  slot \(recordSlot ?? 0), idle \(HumanFormat.duration(recordIdleSeconds)): pinned there while a placement change drains\n"
+        } else if let recordSlot {
+            text += "\n  record  slot \(recordSlot), idle \(HumanFormat.duration(recordIdleSeconds)): learned for the coming switch\n"
+        } else {
+            text += fallback ? ", which has no socket: falls back\n" : "\n"
+        }
         text += "  slot    \(slot)\(fallback ? " (fallback)" : "")\(cookie.map { "  socket cookie \($0)" } ?? "")\n"
         text += "  worker  \(pid.map { "pid \($0)" } ?? "no pid")\(state.map { ", \($0)" } ?? "")\n"
         return text

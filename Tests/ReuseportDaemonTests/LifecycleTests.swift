@@ -9,7 +9,8 @@ import Testing
 /// Reload, stop and bad input, with the real daemon binary.
 @Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct LifecycleTests {
-    static func config(workers: Int) -> String { serviceTable("grow", workers: workers) }
+    /// The immediate path (flow tracking off): FlowTrackingTests covers changes that keep live flows.
+    static func config(workers: Int) -> String { serviceTable("grow", workers: workers, extra: "flow_tracking = false") }
 
     /// SIGHUP with 4 → 6 → 3 workers: only the flows that must move do (to a new slot when
     /// growing, from a removed slot when shrinking), and their share is the ideal one.

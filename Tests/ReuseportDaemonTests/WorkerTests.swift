@@ -121,8 +121,8 @@ struct WorkerTests {
         while processExists(before[1].pid!) && nowMs() < gone { sleepMs(20) }
         #expect(!processExists(before[1].pid!), "the old worker of slot 1 was stopped")
 
-        let scaled = try daemon.request(.init(command: .scale, workers: 3))
-        #expect(scaled.ok && scaled.message?.contains("1365 buckets moved") == true, "\(scaled)")
+        let scaled = try daemon.request(.init(command: .scale, workers: 3, now: true))
+        #expect(scaled.ok && scaled.message?.contains("1365 of 4096 buckets moved at once") == true, "\(scaled)")
         try daemon.waitForWorkers()
         let table = try pinnedBuckets(daemon, service: "ctl")
         #expect(Set(table) == [0, 1, 2])

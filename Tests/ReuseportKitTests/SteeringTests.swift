@@ -90,6 +90,15 @@ struct SteeringTests {
         try FallbackScenario.run(plane, clients: try Traffic.clients(400, on: .loopbackV4), emptied: [2, 5])
     }
 
+    /// A change keeps recorded flows through its switch (TransitionScenario: kernel-check runs it
+    /// on every kernel too).
+    @Test(arguments: [IPAddress.loopbackV4, .loopbackV6])
+    func aChangeKeepsRecordedFlows(_ address: IPAddress) throws {
+        let plane = try service(.udp, on: address, slots: 4)
+        print(try TransitionScenario.run(plane, clients: try Traffic.clients(400, on: address),
+                                         fresh: try Traffic.clients(400, on: address)))
+    }
+
     /// With no live slot the program drops and counts; it never lets the kernel choose.
     @Test func noLiveSlotDropsAndCounts() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 2)

@@ -29,6 +29,7 @@ final class LiveDaemon {
         listen = ["udp://127.0.0.1:0"]
         workers = \(workers)
         builtin = "whoami"
+        flow_idle_timeout_ms = 300
 
         """
     }

@@ -61,12 +61,18 @@ struct MapDumpTests {
         #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors"])
         #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
-                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots"])
+                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots", "change"])
+        let change = try #require(svc["change"] as? [String: Any])
+        #expect(Set(change.keys) == ["phase", "learning_buckets", "pinned_buckets", "switch_ns", "drain_deadline_ns",
+                                     "records", "max_tracked_flows", "record_bytes", "recorded", "untracked",
+                                     "untracked_uncounted", "rate_refused", "pinned", "stale"])
+        #expect(change["phase"] as? String == "none" && change["max_tracked_flows"] as? Int == Int(RP_DEFAULT_TRACKED_FLOWS))
         #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
         #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors"])
         #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "stalls", "watchdog_restarts", "generation",
                                        "since_ns", "seconds_in_state",
-                                       "buckets", "packets", "bytes", "fallbacks", "receive_drops", "sockets"])
+                                       "buckets", "packets", "bytes", "fallbacks", "receive_drops", "records", "leaving",
+                                       "joining", "sockets"])
         let socket = try #require((slots[0]["sockets"] as? [[String: Any]])?.first)
         #expect(Set(socket.keys) == ["listener", "cookie", "inode", "receive_drops", "receive_queue"])
     }
@@ -92,7 +98,8 @@ struct MapDumpTests {
         func line(_ index: UInt32, _ pid: String, _ state: String, _ restarts: String, _ time: String) -> String {
             let (packets, bytes) = index == slot ? ("1", "2.0 KiB") : ("0", "0 B")
             return ["  " + right("\(index)", 4), right(pid, 3), state, right(restarts, 8), right(time, 8), right("4", 7),
-                    right(packets, 7), right(bytes, 7), right("0", 9), right("0", 5), right(cookies[Int(index)], width)]
+                    right(packets, 7), right(bytes, 7), right("0", 9), right("0", 5), right("0", 7), "-     ",
+                    right(cookies[Int(index)], width)]
                 .joined(separator: "  ")
         }
         let expected = """
@@ -100,8 +107,10 @@ struct MapDumpTests {
               listeners  0: \(service.endpoint)
               seed 0x00000abc  buckets 12  slots 3  live 3  abi \(RP_ABI_VERSION)
               global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0
+              change     none
+              flows      records 0 of \(RP_DEFAULT_TRACKED_FLOWS) (about 0 B)  recorded 0  untracked 0  untracked_uncounted 0  rate_refused 0  pinned 0  stale 0
 
-              SLOT  PID  STATE    RESTARTS  IN STATE  BUCKETS  PACKETS    BYTES  FALLBACKS  DROPS  \(right("COOKIE", width))
+              SLOT  PID  STATE    RESTARTS  IN STATE  BUCKETS  PACKETS    BYTES  FALLBACKS  DROPS  RECORDS  CHANGE  \(right("COOKIE", width))
             \(line(0, "101", "running", "0", "1h02m"))
             \(line(1, "202", "running", "12", "45s"))
             \(line(2, "-", "backoff", "3", "2d07h"))
