@@ -99,9 +99,21 @@ final class ServiceRuntime {
             }
         }
         for endpoint in endpoints where !ownGroups.contains(endpoint) { try ListenerClaim.checkFree(endpoint) }
-        plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
-                                     attach: !staged)
         pins = PinLayout(root: pinRoot, service: configuration.name)
+        // A placement change a killed daemon left in its pins is finished, not dropped: its
+        // records keep the flows they pin on the same slots.
+        if !staged, let resumable = ServiceDataPlane.resumableChange(at: pins, options: options) {
+            plane = try ServiceDataPlane(endpoints: endpoints, resuming: resumable, options: options)
+            self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
+            let change = try plane.maps.readTransition()
+            let records = try FlowRecords.read(plane.maps).count
+            logger.notice(
+                "resuming the placement change left in \(pins.serviceDirectory): phase \(change.phase), \(plane.liveSlots.count) slots, \(records) flow records, \(self.configuration.workers) workers after it")
+            nextTransitionCheck = MonotonicClock.nanoseconds()
+        } else {
+            plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
+                                         attach: !staged)
+        }
         slots = []
         if !staged {
             do {
@@ -111,7 +123,7 @@ final class ServiceRuntime {
                 throw error
             }
         }
-        for slot in plane.slots { slots.append(try makeRecord(slot)) }
+        for slot in plane.liveSlots { slots.append(try makeRecord(slot)) }
         for slot in slots { publish(slot) }
     }
 
@@ -133,7 +145,8 @@ final class ServiceRuntime {
     /// symbolic link planted there is removed itself, never followed: see `PinLayout.remove`).
     func pinInPlace() throws {
         if pins.exists {
-            logger.warning("removing stale pins left at \(pins.serviceDirectory)")
+            // Maps a resumed change took over stay open here; only their names are replaced.
+            if nextTransitionCheck == nil { logger.warning("removing stale pins left at \(pins.serviceDirectory)") }
             pins.remove()
         }
         do {

@@ -149,6 +149,68 @@ public final class ServiceDataPlane: @unchecked Sendable {
         try spreadFallback(over: liveSlots)
     }
 
+    /// Resumes the placement change a previous daemon left in `pinned` (its maps, opened from its
+    /// pins; `change.phase` is not NONE): the new programs use those very maps, so every flow
+    /// record, the bucket table with its flags and the counters carry on. Slots
+    /// 0..<socket_slots get new sockets (and, from the caller, new workers) at the same indices,
+    /// so a recorded flow goes to the same slot. A change that was learning switches at its
+    /// switch time (CLOCK_MONOTONIC, which a restart does not reset); one that was draining
+    /// retires its leaving slots as before. Failover is not resumed: every slot starts afresh,
+    /// and the table keeps lent buckets where they are (no flow moves).
+    public init(endpoints: [Endpoint], resuming pinned: DispatchMaps, options: Options) throws {
+        guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
+        let config = try pinned.readConfig()
+        let change = try pinned.readTransition()
+        try pinned.checkConfiguredABI()
+        guard Int(config.bucket_count) == options.bucketCount, config.seed == options.seed else {
+            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(config.bucket_count), seed "
+                + "\(config.seed); the configuration says \(options.bucketCount), \(options.seed)")
+        }
+        let nominal = try SlotCount(Int(config.slot_count)).value
+        let socketSlots = try SlotCount(max(Int(change.socket_slots), nominal), what: "socket_slots").value
+        self.options = options
+        var listeners: [Listener] = []
+        for requested in endpoints {
+            let program = try DispatchProgram(sharing: pinned, trackedFlows: options.tracking.maxFlows)
+            let first = try ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer,
+                                            v6Only: options.v6Only)
+            try first.attach(program)
+            let listener = Listener(endpoint: first.endpoint, program: program)
+            listener.sockets[0] = first
+            listeners.append(listener)
+        }
+        maps = pinned
+        self.listeners = listeners
+        slots = Array(0..<UInt32(nominal))
+        let values = try pinned.readBucketValues(count: options.bucketCount)
+        buckets = values.map { rp_bucket_slot($0) }
+        effectiveBuckets = buckets
+        bucketFlags = values.map { $0 & UInt32(RP_BUCKET_FLAGS) }
+        fallback = try pinned.readFallback()
+        transitionStartedNs = Int64(change.started_ns)
+        if change.phase == RP_TRANSITION_LEARNING.rawValue {
+            let after = try SlotCount(Int(change.slots_after), what: "slots_after").value
+            pending = PendingPlacement(buckets: try pinned.readNextBuckets(count: options.bucketCount),
+                                       slots: Array(0..<UInt32(after)), failed: [], switchNs: Int64(change.switch_ns))
+        } else {
+            drainDeadlineNs = change.drain_deadline_ns == 0 ? nil : Int64(change.drain_deadline_ns)
+        }
+        for slot in 0..<UInt32(socketSlots) { try insertSockets(slot) }
+        leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
+        try spreadFallback(over: fallbackSlots)
+    }
+
+    /// The maps a previous daemon pinned for this service, if they hold a placement change this
+    /// plane can finish (same ABI, seed and bucket count); nil otherwise.
+    public static func resumableChange(at layout: PinLayout, options: Options) -> DispatchMaps? {
+        guard let maps = try? DispatchMaps(pinned: layout), (try? maps.checkConfiguredABI()) != nil,
+              let change = try? maps.readTransition(), change.phase != RP_TRANSITION_NONE.rawValue,
+              let config = try? maps.readConfig(), Int(config.bucket_count) == options.bucketCount,
+              config.seed == options.seed
+        else { return nil }
+        return maps
+    }
+
     /// The slots that hold a socket (on the first listener; every operation here fills and
     /// empties a slot on all listeners together).
     public var liveSlots: [UInt32] { listeners[0].sockets.keys.sorted() }

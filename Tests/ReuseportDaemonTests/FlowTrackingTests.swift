@@ -235,4 +235,59 @@ struct FlowTrackingTests {
         print("256 new flows after the restore: \(onRestored) on slot 1")
         #expect((30...100).contains(onRestored), "new flows go to the restored slot again (about a quarter)")
     }
+
+    /// The daemon is killed with SIGKILL in the middle of a scale 4 → 6 (learning, or draining
+    /// after the switch) and started again on the same pins with the same file (which still says
+    /// 4 workers): it resumes the change from the pinned maps, every recorded flow is served on
+    /// its slot again, the change completes at 6 slots, and new flows reach the new slots.
+    @Test(arguments: ["learning", "draining"])
+    func aDaemonKilledMidChangeFinishesIt(_ phase: String) throws {
+        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let config = serviceTable("resume", listen: ["udp://127.0.0.1:\(port)"], workers: 4, extra: """
+            rcvbuf = 8388608
+            flow_idle_timeout_ms = 2000
+            """)
+        let first = try TestDaemon(config: config)
+        let destination = try udpEndpoint(try first.waitForWorkers(), "resume")
+        let sessions = try Sessions(256)
+        let maps = try Self.maps(first, "resume")
+        try sessions.run(3, to: destination)
+        let before = sessions.slots
+        let response = try first.request(ControlRequest(command: .scale, service: "resume", workers: 6))
+        #expect(response.ok, "\(response)")
+        // Learning lasts 2 s: kill at 1 s (learning) or at 3 s (switched, draining).
+        try sessions.run(phase == "learning" ? 5 : 15, to: destination)
+        let records = try FlowRecords.read(maps)
+        let killedIn = try maps.readTransition().phase
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+
+        let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
+        _ = try second.waitFor("6 slots with a running worker") { services in
+            services[0].slots.filter { $0.state == "running" }.count == 6
+        }
+        // Every flow still reaches the slot it had before the scale (workers are new: the old
+        // ones died with the daemon).
+        var landed: [UInt32] = []
+        for client in sessions.numbered.clients {
+            let reply = try Whoami.ask([client], to: destination, attempts: 5).first!
+            landed.append(try #require(reply).slot)
+        }
+        let moved = landed.indices.filter { landed[$0] != before[$0] }
+        let recordedSources = Set(records.map(\.flow.source))
+        let movedRecorded = moved.filter { recordedSources.contains(sessions.numbered.clients[$0].local) }
+        print("killed while \(phase) (phase \(killedIn)) with \(records.count) records; after the restart "
+            + "\(moved.count) of \(landed.count) flows on another slot, \(movedRecorded.count) of them recorded")
+        #expect(records.count > 30, "the moving buckets' flows were recorded before the kill")
+        #expect(movedRecorded.isEmpty, "no recorded flow moved")
+        if phase == "draining" { #expect(moved.isEmpty, "every live flow was recorded and stays") }
+        let resumed = try Self.maps(second, "resume")
+        _ = try second.waitFor("the change switched", timeoutMs: 10_000) { _ in
+            (try? resumed.readTransition().phase) != RP_TRANSITION_LEARNING.rawValue
+        }
+        let fresh = try Whoami.ask(try Traffic.clients(256, on: .loopbackV4), to: destination).compactMap { $0 }
+        let onNew = fresh.filter { $0.slot >= 4 }.count
+        print("256 new flows after the resumed switch: \(onNew) on slots 4–5")
+        #expect((50...130).contains(onNew), "the resumed change gave the new slots a third of new flows")
+    }
 }
