@@ -320,8 +320,7 @@ static __always_inline long pinned_slot(struct sk_reuseport_md *ctx, const struc
 	return -1;
 }
 
-SEC("sk_reuseport")
-int rp_dispatch(struct sk_reuseport_md *ctx)
+static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 {
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
@@ -405,6 +404,55 @@ drop:
 	g = global_stats();
 	if (g)
 		g->dropped_no_slot++;
+	return SK_DROP;
+}
+
+SEC("sk_reuseport")
+int rp_dispatch(struct sk_reuseport_md *ctx)
+{
+	return dispatch(ctx);
+}
+
+/*
+ * A TCP listener that closes with connections still in its accept queue, or handshakes in
+ * flight, would reset them. With this variant attached (expected attach type
+ * BPF_SK_REUSEPORT_SELECT_OR_MIGRATE, 5.14) the kernel asks the program where to move each
+ * instead (net/core/sock_reuseport.c, reuseport_migrate_sock(); the skb is then an empty
+ * one, so the tuple cannot be read): it goes to a live slot of the fallback table, chosen by
+ * the request's own hash, which a closing (leaving) slot is no longer in. User space loads
+ * this one where the kernel has it and rp_dispatch elsewhere.
+ */
+SEC("sk_reuseport/migrate")
+int rp_dispatch_migrate(struct sk_reuseport_md *ctx)
+{
+	struct rp_global_stats *g;
+	struct rp_config *cfg;
+	__u32 zero = 0, first;
+
+	if (!ctx->migrating_sk)
+		return dispatch(ctx);
+	cfg = bpf_map_lookup_elem(&rp_config, &zero);
+	g = global_stats();
+	if (cfg && cfg->abi_version == RP_ABI_VERSION && cfg->live_count > 0) {
+		first = rp_fallback_index(ctx->hash);
+#pragma unroll
+		for (__u32 i = 0; i < RP_FALLBACK_TRIES; i++) {
+			__u32 index = (first + i) & (RP_FALLBACK_BUCKETS - 1);
+			__u32 *slot = bpf_map_lookup_elem(&rp_fallback, &index);
+			__u32 s;
+
+			if (!slot)
+				break;
+			s = *slot;
+			if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
+				if (g)
+					g->migrated++;
+				return SK_PASS;
+			}
+		}
+	}
+	if (g)
+		g->migrate_failed++;
 	return SK_DROP;
 }
 

@@ -23,7 +23,8 @@
  * 3: rp_slot_state grew stalls and watchdog_restarts (40 bytes); RP_WORKER_STALLED.
  * 4: flow tracking: rp_buckets values carry transition flags (RP_BUCKET_*), rp_flows,
  *    rp_untracked, rp_flow_stats, rp_record_budget, rp_transition, rp_next_buckets;
- *    rp_config.record_cost_ns; rp_slot_state grew records and flags (48 bytes).
+ *    rp_config.record_cost_ns; rp_slot_state grew records and flags (48 bytes);
+ *    rp_global_stats grew migrated and migrate_failed (48 bytes); rp_dispatch_migrate.
  */
 #define RP_ABI_VERSION 4
 
@@ -67,6 +68,7 @@
 #define RP_MAP_TRANSITION "rp_transition"
 #define RP_MAP_NEXT_BUCKETS "rp_next_buckets"
 #define RP_PROG_DISPATCH "rp_dispatch"
+#define RP_PROG_DISPATCH_MIGRATE "rp_dispatch_migrate"
 
 /* rp_config: an ARRAY with one entry at key 0. */
 struct rp_config {
@@ -177,6 +179,8 @@ struct rp_global_stats {
 	__u64 unparsable;        /* packet the program could not parse: dropped */
 	__u64 fallbacks;         /* primary slot empty, a live one was chosen */
 	__u64 select_errors;     /* bpf_sk_select_reuseport failed other than ENOENT */
+	__u64 migrated;          /* TCP requests of a closing listener moved to a live slot (5.14+) */
+	__u64 migrate_failed;    /* ... that found no live slot: the kernel resets them */
 };
 
 /*
@@ -219,7 +223,7 @@ struct rp_slot_state {
 
 _Static_assert(sizeof(struct rp_config) == 24, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
-_Static_assert(sizeof(struct rp_global_stats) == 32, "rp_global_stats layout");
+_Static_assert(sizeof(struct rp_global_stats) == 48, "rp_global_stats layout");
 _Static_assert(sizeof(struct rp_slot_state) == 48, "rp_slot_state layout");
 _Static_assert(sizeof(struct rp_flow_key) == 40, "rp_flow_key layout");
 _Static_assert(sizeof(struct rp_flow) == 16, "rp_flow layout");

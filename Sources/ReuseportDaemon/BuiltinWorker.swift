@@ -12,6 +12,10 @@ import SystemPackage
 ///
 /// Single-threaded: one poll() over the activated sockets and accepted connections. They speak
 /// sd_notify (`NotifyClient`): READY=1 once serving, and WATCHDOG=1 when a watchdog is set.
+///
+/// SIGTERM stops them gracefully, as a server should: what waits in the sockets is still
+/// answered and open TCP connections are served until their clients close them, for at most
+/// `gracefulStopMs`; then they exit (the daemon sends SIGKILL at `stop_timeout_ms` anyway).
 public struct BuiltinWorker {
     public let kind: BuiltinWorkerKind
     public let sockets: ActivatedSockets
@@ -46,15 +50,30 @@ public struct BuiltinWorker {
         // first ping goes with READY=1.
         notifier.notify(notifier.pingInterval == nil ? "READY=1" : "READY=1\nWATCHDOG=1")
         var nextPing = notifier.pingInterval.map { MonotonicClock.nanoseconds() + $0 }
+        let stopSignal = try SignalChannel([SIGTERM])
+        var stopBy: Int64?
         while true {
+            if let deadline = stopBy {
+                let idle = connections.isEmpty && !sockets.descriptors.contains { fd in
+                    listeners[fd] == true ? ((try? Syscall.acceptQueueLength(FileDescriptor(rawValue: fd))) ?? 0) > 0
+                        : ((try? Syscall.queuedBytes(FileDescriptor(rawValue: fd))) ?? 0) > 0
+                }
+                if idle || MonotonicClock.nanoseconds() >= deadline { exit(0) }
+            }
             if let due = nextPing, let interval = notifier.pingInterval, MonotonicClock.nanoseconds() >= due {
                 notifier.notify("WATCHDOG=1")
                 nextPing = due + interval
             }
-            let timeout = nextPing.map { Int32(clamping: max(0, ($0 - MonotonicClock.nanoseconds()) / 1_000_000)) } ?? -1
-            let watched = (sockets.descriptors + connections.keys).map { FileDescriptor(rawValue: $0) }
+            var timeout = nextPing.map { Int32(clamping: max(0, ($0 - MonotonicClock.nanoseconds()) / 1_000_000)) } ?? -1
+            if stopBy != nil { timeout = timeout < 0 ? 10 : min(timeout, 10) }
+            let watched = (sockets.descriptors + connections.keys + [stopSignal.descriptor.fd.rawValue])
+                .map { FileDescriptor(rawValue: $0) }
             for ready in try Syscall.poll(watched, timeoutMs: timeout).map(\.rawValue) {
-                if let isListener = listeners[ready] {
+                if ready == stopSignal.descriptor.fd.rawValue {
+                    if !stopSignal.drain().isEmpty, stopBy == nil {
+                        stopBy = MonotonicClock.nanoseconds() + Int64(BuiltinWorker.gracefulStopMs) * 1_000_000
+                    }
+                } else if let isListener = listeners[ready] {
                     if isListener {
                         acceptAll(ready, into: &connections)
                     } else {
@@ -70,6 +89,9 @@ public struct BuiltinWorker {
             }
         }
     }
+
+    /// How long a stopping worker keeps serving what it holds.
+    static let gracefulStopMs = 2000
 
     struct Connection {
         let descriptor: OwnedDescriptor

@@ -10,11 +10,11 @@ final class SignalChannel {
     static let handled: [Int32] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP]
     let descriptor: OwnedDescriptor
 
-    init() throws {
-        try Syscall.blockSignals(SignalChannel.handled)
-        // A write to a control client that went away must fail with EPIPE, not kill the daemon.
+    init(_ signals: [Int32] = SignalChannel.handled) throws {
+        try Syscall.blockSignals(signals)
+        // A write to a peer that went away must fail with EPIPE, not kill the process.
         signal(SIGPIPE, SIG_IGN)
-        descriptor = try Syscall.signalfd(SignalChannel.handled)
+        descriptor = try Syscall.signalfd(signals)
     }
 
     /// The signals pending now (each at most once: signals of one kind coalesce).

@@ -16,8 +16,11 @@ import ReuseportKit
 /// At `stop_timeout_ms` after the scale, or when the worker dies first, what is still queued is
 /// read off and counted (`removedSlotDrops`, logged).
 ///
-/// TCP listeners are not waited for: SIOCINQ does not apply to them, and connections still
-/// in their accept queue are reset when the last descriptor closes.
+/// A TCP listener is waited for the same way, on its accept queue (TCP_INFO): the worker accepts
+/// what completed its handshake before the listener left the array. Where the kernel migrates a
+/// closing listener's requests (5.14, ReuseportMigration), a handshake still in flight when it
+/// closes goes to a live slot; before 5.14 such a handshake (one that takes longer than the
+/// 50 ms of empty queue) is reset.
 final class SlotDrain {
     let service: ServiceRuntime
     let slot: UInt32
@@ -46,10 +49,15 @@ final class SlotDrain {
         nextCheck = now
     }
 
-    /// Whether a datagram waits in any of the slot's UDP sockets. A socket the ioctl refuses
-    /// (a TCP listener: EINVAL) counts as empty.
+    /// Whether a datagram waits in any of the slot's UDP sockets, or a connection in the accept
+    /// queue of any of its TCP listeners.
     var hasQueued: Bool {
-        sockets.contains { $0.endpoint.transport == .udp && ((try? Syscall.queuedBytes($0.fd)) ?? 0) > 0 }
+        sockets.contains { socket in
+            switch socket.endpoint.transport {
+            case .udp: return ((try? Syscall.queuedBytes(socket.fd)) ?? 0) > 0
+            case .tcp: return ((try? Syscall.acceptQueueLength(socket.fd)) ?? 0) > 0
+            }
+        }
     }
 
     /// Reads off and discards every queued datagram; returns how many.

@@ -197,6 +197,8 @@ public final class DispatchMaps: @unchecked Sendable {
             sum.unparsable &+= cpu.unparsable
             sum.fallbacks &+= cpu.fallbacks
             sum.select_errors &+= cpu.select_errors
+            sum.migrated &+= cpu.migrated
+            sum.migrate_failed &+= cpu.migrate_failed
         }
     }
 

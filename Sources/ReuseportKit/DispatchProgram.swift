@@ -23,6 +23,10 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     public let sockets: SocketArray
     /// What the verifier said when it accepted the program (its cost: processed instructions).
     public let verifier: VerifierReport
+    /// Whether this is rp_dispatch_migrate (the kernel moves a closing TCP listener's pending
+    /// connections to a live slot) rather than rp_dispatch (they are reset): see
+    /// `ReuseportMigration`.
+    public let migrates: Bool
 
     /// Loads the program. With `shared`, the new instance uses those maps instead of
     /// creating its own (a second listener of the same service, or the maps a previous daemon
@@ -38,10 +42,14 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
                 try object.setMaxEntries(map: name, UInt32(records.value))
             }
         }
+        migrates = ReuseportMigration.isSupported
+        let name = migrates ? RP_PROG_DISPATCH_MIGRATE : RP_PROG_DISPATCH
+        try object.setAutoload(program: RP_PROG_DISPATCH, !migrates)
+        try object.setAutoload(program: RP_PROG_DISPATCH_MIGRATE, migrates)
         try object.load()
-        verifier = object.verifierReports[RP_PROG_DISPATCH] ?? VerifierReport(log: "")
+        verifier = object.verifierReports[name] ?? VerifierReport(log: "")
         // Keep our own copies: the object (and its fds) is closed when init returns.
-        descriptor = try object.programFD(RP_PROG_DISPATCH)
+        descriptor = try object.programFD(name)
         maps = try DispatchMaps { name, keySize, valueSize in
             try object.openMap(name, keySize: keySize, valueSize: valueSize)
         }

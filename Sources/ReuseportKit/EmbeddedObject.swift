@@ -87,6 +87,15 @@ final class EmbeddedObject {
     }
 
     /// An fd of its own (close-on-exec) for the loaded program `programName`.
+    /// Whether `load()` loads the program `programName` (bpf_program__set_autoload).
+    func setAutoload(program programName: String, _ load: Bool) throws {
+        guard let program = bpf_object__find_program_by_name(object, programName) else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name) has no program \(programName)")
+        }
+        let result = bpf_program__set_autoload(program, load)
+        if result != 0 { throw ReuseportError.system("bpf_program__set_autoload(\(programName))", -result) }
+    }
+
     func programFD(_ programName: String) throws -> OwnedDescriptor {
         guard let program = bpf_object__find_program_by_name(object, programName) else {
             throw ReuseportError.invalidArgument("embedded BPF object \(name) has no program \(programName)")

@@ -124,6 +124,7 @@ struct MapDumpCommand: ParsableCommand {
     static func globalSummary(_ global: rp_global_stats) -> String {
         "dropped_no_slot \(global.dropped_no_slot)  unparsable \(global.unparsable)"
             + "  fallbacks \(global.fallbacks)  select_errors \(global.select_errors)"
+            + "  migrated \(global.migrated)  migrate_failed \(global.migrate_failed)"
     }
 }
 
@@ -177,6 +178,8 @@ struct MapDump: Encodable {
         var unparsable: UInt64
         var fallbacks: UInt64
         var selectErrors: UInt64
+        var migrated: UInt64
+        var migrateFailed: UInt64
     }
 
     struct Slot: Encodable {
@@ -232,7 +235,8 @@ struct MapDump: Encodable {
                     Listener(index: $0.index, endpoint: $0.endpoint?.description, liveSlots: $0.cookies.keys.sorted())
                 },
                 global: Global(droppedNoSlot: service.global.dropped_no_slot, unparsable: service.global.unparsable,
-                               fallbacks: service.global.fallbacks, selectErrors: service.global.select_errors),
+                               fallbacks: service.global.fallbacks, selectErrors: service.global.select_errors,
+                               migrated: service.global.migrated, migrateFailed: service.global.migrate_failed),
                 slots: service.slots.map { slot in
                     Slot(slot: slot.index, pid: slot.pid, state: "\(slot.workerState)", restarts: slot.state.restarts,
                          stalls: slot.state.stalls, watchdogRestarts: slot.state.watchdog_restarts,

@@ -108,6 +108,12 @@ enum MetricsExposition {
                     global.fallbacks)
             counter("reuseport_select_errors_total", "bpf_sk_select_reuseport() failures other than an empty slot.",
                     [name], global.select_errors)
+            counter("reuseport_tcp_migrated_total",
+                    "TCP requests of a closing listener the program moved to a live slot (Linux 5.14+).", [name],
+                    global.migrated)
+            counter("reuseport_tcp_migrate_failed_total",
+                    "TCP requests of a closing listener that found no live slot (the kernel resets them).", [name],
+                    global.migrate_failed)
             let flows = service.flows
             counter("reuseport_flow_records_created_total",
                     "Flow records made while buckets learned for a placement change.", [name], flows.recorded)

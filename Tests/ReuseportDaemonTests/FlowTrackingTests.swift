@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import Synchronization
 import Testing
 
 /// Placement changes that keep live flows on their worker: the real daemon, real whoami
@@ -289,5 +290,59 @@ struct FlowTrackingTests {
         let onNew = fresh.filter { $0.slot >= 4 }.count
         print("256 new flows after the resumed switch: \(onNew) on slots 4–5")
         #expect((50...130).contains(onNew), "the resumed change gave the new slots a third of new flows")
+    }
+
+    /// A TCP service scaled 4 → 2 → 4 → 2 while 8 clients keep opening connections (connect,
+    /// ask, read the answer, close): none is refused or reset. A leaving listener leaves the
+    /// array at once (no new SYN reaches it) and closes only once its accept queue stayed empty;
+    /// on 5.14+ the kernel moves what a closing listener still holds to a live slot.
+    @Test func tcpScaleDownRefusesNoConnection() throws {
+        let daemon = try TestDaemon(config: serviceTable("stream", listen: ["tcp://127.0.0.1:0"], workers: 4))
+        let services = try daemon.waitForWorkers()
+        let destination = try Endpoint(parsing: try #require(services[0].listeners.first)).address
+        let stop = Atomic<Bool>(false)
+        let done = Atomic<Int>(0)
+        let failed = Atomic<Int>(0)
+        let failures = Mutex<[String]>([])
+        let slow = Atomic<Int>(0)
+        let group = DispatchGroup()
+        for _ in 0..<8 {
+            DispatchQueue.global().async(group: group) {
+                while !stop.load(ordering: .relaxed) {
+                    let started = nowMs()
+                    defer { if nowMs() - started > 500 { slow.add(1, ordering: .relaxed) } }
+                    do {
+                        let client = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+                        try client.connect(to: destination)
+                        try client.send(Array("hello\n".utf8), to: destination)
+                        guard let reply = try client.receive(timeoutMs: 3000), WhoamiReply(reply) != nil else {
+                            throw HarnessError("no answer on an accepted connection")
+                        }
+                        done.add(1, ordering: .relaxed)
+                    } catch {
+                        failed.add(1, ordering: .relaxed)
+                        failures.withLock { $0.append("\(error)") }
+                    }
+                }
+            }
+        }
+        for workers in [2, 4, 2] {
+            sleepMs(700)
+            let response = try daemon.request(ControlRequest(command: .scale, service: "stream", workers: workers))
+            #expect(response.ok, "\(response)")
+        }
+        _ = try daemon.waitFor("2 slots left") { $0[0].slots.map(\.slot) == [0, 1] }
+        sleepMs(700)
+        stop.store(true, ordering: .relaxed)
+        group.wait()
+        let maps = try Self.maps(daemon, "stream")
+        let global = try maps.globalCounters()
+        print("TCP 4 → 2 → 4 → 2 under 8 connecting clients: \(done.load(ordering: .relaxed)) connections served, "
+            + "\(failed.load(ordering: .relaxed)) failed (\(failures.withLock { Array($0.prefix(2)) })), "
+            + "\(slow.load(ordering: .relaxed)) took over 500 ms; migrated \(global.migrated), migrate_failed \(global.migrate_failed) "
+            + "(migration \(ReuseportMigration.isSupported ? "supported" : "not supported"))")
+        #expect(done.load(ordering: .relaxed) > 200, "connections kept coming")
+        #expect(failed.load(ordering: .relaxed) == 0, "none refused or reset: \(failures.withLock { Array($0.prefix(3)) })")
+        #expect(global.migrate_failed == 0)
     }
 }

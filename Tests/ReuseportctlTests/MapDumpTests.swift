@@ -68,7 +68,8 @@ struct MapDumpTests {
                                      "untracked_uncounted", "rate_refused", "pinned", "stale"])
         #expect(change["phase"] as? String == "none" && change["max_tracked_flows"] as? Int == Int(RP_DEFAULT_TRACKED_FLOWS))
         #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
-        #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors"])
+        #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors", "migrated",
+                                     "migrate_failed"])
         #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "stalls", "watchdog_restarts", "generation",
                                        "since_ns", "seconds_in_state",
                                        "buckets", "packets", "bytes", "fallbacks", "receive_drops", "records", "leaving",
@@ -106,7 +107,7 @@ struct MapDumpTests {
             service dns  (\(root.path)/dns)
               listeners  0: \(service.endpoint)
               seed 0x00000abc  buckets 12  slots 3  live 3  abi \(RP_ABI_VERSION)
-              global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0
+              global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0  migrated 0  migrate_failed 0
               change     none
               flows      records 0 of \(RP_DEFAULT_TRACKED_FLOWS) (about 0 B)  recorded 0  untracked 0  untracked_uncounted 0  rate_refused 0  pinned 0  stale 0
 

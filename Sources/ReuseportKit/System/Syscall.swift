@@ -371,6 +371,21 @@ public enum Syscall {
         return Int(count)
     }
 
+    /// Connections waiting in a TCP listener's accept queue: TCP_INFO's tcpi_unacked, which a
+    /// listening socket fills with sk_ack_backlog (tcp_get_info() in net/ipv4/tcp.c).
+    public static func acceptQueueLength(_ fd: FileDescriptor) throws -> Int {
+        // struct tcp_info has bitfields, so it is read as bytes.
+        let size = MemoryLayout<tcp_info>.size
+        let offset = MemoryLayout<tcp_info>.offset(of: \tcp_info.tcpi_unacked)!
+        let storage = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 8)
+        defer { storage.deallocate() }
+        var length = socklen_t(size)
+        try retrying("getsockopt(fd \(fd.rawValue), TCP_INFO)") {
+            getsockopt(fd.rawValue, Int32(IPPROTO_TCP), TCP_INFO, storage, &length)
+        }
+        return Int(storage.load(fromByteOffset: offset, as: UInt32.self))
+    }
+
     /// recv(2) with MSG_DONTWAIT | MSG_TRUNC into no buffer: takes one datagram off the socket's
     /// queue and discards it. False when the queue is empty (EAGAIN).
     public static func discardDatagram(_ fd: FileDescriptor) throws -> Bool {
