@@ -24,10 +24,11 @@ ABI_HEADER  := bpf/dispatch.h
 # only for the tests (too_large): each bpf/X.bpf.c becomes $(OUTPUT)/X.bpf.o, embedded by
 # a C target of the Swift package.
 BPF_NAMES   := dispatch baseline too_large
-BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES))
+# dispatch.bpf.c again without flow tracking, for the benchmarks only (RP_NO_FLOW_TRACKING).
+BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(OUTPUT)/dispatch_untracked.bpf.o
 BPF_HEADERS := $(wildcard bpf/*.h)
 # The C files that #embed the objects.
-EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c
+EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c Sources/CReuseportBench/object.c
 # Debian packages the build and the tests need (apt names).
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... promtool and a Prometheus server: the metrics endpoint's tests check and scrape it.
@@ -87,6 +88,11 @@ bpf: $(BPF_OBJS)
 $(OUTPUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
 	$(call msg,BPF,$@)
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
+	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
+	$(Q)rm -f $@.tmp
+$(OUTPUT)/dispatch_untracked.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) -DRP_NO_FLOW_TRACKING -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 

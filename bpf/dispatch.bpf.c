@@ -345,9 +345,15 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 	if (value) {
 		__u32 s = rp_bucket_slot(*value);
 
-		/* Records are for UDP only: a TCP connection, once accepted, never moves. */
+		/*
+		 * Records are for UDP only: a TCP connection, once accepted, never moves.
+		 * RP_NO_FLOW_TRACKING builds the program as it was before flow tracking, for the
+		 * benchmark that measures what tracking costs in steady state (Makefile).
+		 */
+#ifndef RP_NO_FLOW_TRACKING
 		if (key.protocol == IPPROTO_UDP)
 			flags = *value & RP_BUCKET_FLAGS;
+#endif
 		if (flags) {
 			pinned = pinned_slot(ctx, &key);
 			if (pinned >= 0) {

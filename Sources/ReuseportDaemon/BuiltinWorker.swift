@@ -15,7 +15,8 @@ import SystemPackage
 ///
 /// SIGTERM stops them gracefully, as a server should: what waits in the sockets is still
 /// answered and open TCP connections are served until their clients close them, for at most
-/// `gracefulStopMs`; then they exit (the daemon sends SIGKILL at `stop_timeout_ms` anyway).
+/// `gracefulStopMs`; then they exit (the daemon sends SIGKILL at `stop_timeout_ms` anyway). A
+/// worker started with SIGTERM ignored (`trap '' TERM`, nohup-style) keeps ignoring it.
 public struct BuiltinWorker {
     public let kind: BuiltinWorkerKind
     public let sockets: ActivatedSockets
@@ -50,7 +51,7 @@ public struct BuiltinWorker {
         // first ping goes with READY=1.
         notifier.notify(notifier.pingInterval == nil ? "READY=1" : "READY=1\nWATCHDOG=1")
         var nextPing = notifier.pingInterval.map { MonotonicClock.nanoseconds() + $0 }
-        let stopSignal = try SignalChannel([SIGTERM])
+        let stopSignal = Syscall.isIgnored(SIGTERM) ? nil : try SignalChannel([SIGTERM])
         var stopBy: Int64?
         while true {
             if let deadline = stopBy {
@@ -66,10 +67,10 @@ public struct BuiltinWorker {
             }
             var timeout = nextPing.map { Int32(clamping: max(0, ($0 - MonotonicClock.nanoseconds()) / 1_000_000)) } ?? -1
             if stopBy != nil { timeout = timeout < 0 ? 10 : min(timeout, 10) }
-            let watched = (sockets.descriptors + connections.keys + [stopSignal.descriptor.fd.rawValue])
+            let watched = (sockets.descriptors + connections.keys + (stopSignal.map { [$0.descriptor.fd.rawValue] } ?? []))
                 .map { FileDescriptor(rawValue: $0) }
             for ready in try Syscall.poll(watched, timeoutMs: timeout).map(\.rawValue) {
-                if ready == stopSignal.descriptor.fd.rawValue {
+                if let stopSignal, ready == stopSignal.descriptor.fd.rawValue {
                     if !stopSignal.drain().isEmpty, stopBy == nil {
                         stopBy = MonotonicClock.nanoseconds() + Int64(BuiltinWorker.gracefulStopMs) * 1_000_000
                     }

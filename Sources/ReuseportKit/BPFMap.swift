@@ -153,6 +153,29 @@ public final class BPFMap: @unchecked Sendable {
         }
     }
 
+    /// Writes entries in one call (BPF_MAP_UPDATE_BATCH, 5.6). Returns how many were written:
+    /// fewer than given when a hash map filled up (E2BIG).
+    @discardableResult
+    func updateBatch<Key: BitwiseCopyable, Value: BitwiseCopyable>(_ keys: [Key], _ values: [Value]) throws -> Int {
+        precondition(keys.count == values.count && MemoryLayout<Key>.size == keySize
+                     && MemoryLayout<Value>.size == valueSize, "batch does not match map \(name)")
+        var options = bpf_map_batch_opts()
+        options.sz = MemoryLayout<bpf_map_batch_opts>.size
+        options.elem_flags = UInt64(BPF_ANY)
+        var count = UInt32(keys.count)
+        let status = keys.withUnsafeBufferPointer { keyBuffer in
+            values.withUnsafeBufferPointer { valueBuffer in
+                bpf_map_update_batch(fd, keyBuffer.baseAddress, valueBuffer.baseAddress, &count, &options)
+            }
+        }
+        if status != 0 {
+            let code = errno
+            if code == E2BIG { return Int(count) }
+            throw ReuseportError.system("bpf_map_update_batch(\(name))", code)
+        }
+        return Int(count)
+    }
+
     /// The values of all possible CPUs at `key` of a per-CPU map.
     public func lookupPerCPU<Value: BitwiseCopyable>(_ key: UInt32, as: Value.Type) throws -> [Value] {
         precondition(MemoryLayout<Value>.size == valueSize, "value type does not match map \(name)")

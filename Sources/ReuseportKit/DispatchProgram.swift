@@ -31,9 +31,13 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     /// Loads the program. With `shared`, the new instance uses those maps instead of
     /// creating its own (a second listener of the same service, or the maps a previous daemon
     /// pinned). Otherwise rp_flows and rp_untracked are created for `trackedFlows` records.
-    public init(sharing shared: DispatchMaps? = nil, trackedFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS)) throws {
-        let object = try EmbeddedObject(rp_dispatch_object(), count: rp_dispatch_object_size(),
-                                        name: "dispatch.bpf.o")
+    ///
+    /// `object`: another build of bpf/dispatch.bpf.c with the same maps (the benchmarks' build
+    /// without flow tracking); default: the one embedded in this binary.
+    public init(sharing shared: DispatchMaps? = nil, trackedFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
+                object bytes: (pointer: UnsafePointer<UInt8>, count: Int, name: String)? = nil) throws {
+        let object = try bytes.map { try EmbeddedObject($0.pointer, count: $0.count, name: $0.name) }
+            ?? EmbeddedObject(rp_dispatch_object(), count: rp_dispatch_object_size(), name: "dispatch.bpf.o")
         if let shared {
             for map in shared.all { try object.reuse(map: map.name, fd: map.fd) }
         } else {

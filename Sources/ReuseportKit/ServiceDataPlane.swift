@@ -610,6 +610,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
     }
 
+    /// Adds records to rp_flows in bulk (BPF_MAP_UPDATE_BATCH, 5.6), as the program makes them
+    /// while a change learns: for benchmarks and tests that need a table of a given size.
+    /// Returns how many were added before the table was full.
+    @discardableResult
+    public func insertRecords(_ keys: [rp_flow_key], _ values: [rp_flow]) throws -> Int {
+        try maps.flows.updateBatch(keys, values)
+    }
+
     /// Forgets every record naming `slot` (a slot failed over: its flows have no worker and move).
     public func forgetRecords(of slot: UInt32) throws {
         for record in try FlowRecords.read(maps) where record.slot == slot {

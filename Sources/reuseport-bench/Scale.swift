@@ -90,8 +90,10 @@ struct ScaleBench {
 func mapMemory(_ plane: ServiceDataPlane) throws -> ([ScaleBench.MapMemory], Int) {
     let maps = plane.maps
     let listener = plane.listeners[0].program
-    let all: [(BPFMap, Bool)] = [(maps.config, false), (maps.buckets, false), (maps.slotStats, false),
-                                 (maps.globalStats, false), (maps.slotState, false), (listener.sockets.map, true)]
+    let all: [(BPFMap, Bool)] = [(maps.config, false), (maps.buckets, false), (maps.fallback, false),
+                                 (maps.slotStats, false), (maps.globalStats, false), (maps.slotState, false),
+                                 (maps.flows, false), (maps.untracked, false), (maps.flowStats, false),
+                                 (maps.transition, false), (maps.nextBuckets, false), (listener.sockets.map, true)]
     let memory = try all.map { map, perListener in
         ScaleBench.MapMemory(name: map.name, type: mapTypeName(map.type), entries: map.maxEntries,
                              valueSize: map.valueSize, bytes: try map.withDescriptor(memlock(of:)), perListener: perListener)

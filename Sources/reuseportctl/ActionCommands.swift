@@ -178,7 +178,9 @@ struct ScaleCommand: ParsableCommand {
                                    + " slot_count \(result.snapshot.config.slot_count), \(running) running")
         }
         var summary = "\(name): \(workers) workers running"
-        if let before, before.buckets.count == result.snapshot.buckets.count, !before.buckets.isEmpty {
+        if result.snapshot.transition.phase == RP_TRANSITION_LEARNING.rawValue {
+            summary += "; the buckets switch once the live flows are recorded (see map dump)"
+        } else if let before, before.buckets.count == result.snapshot.buckets.count, !before.buckets.isEmpty {
             let moved = zip(before.buckets, result.snapshot.buckets).filter { $0 != $1 }.count
             summary += "; \(moved) of \(before.buckets.count) buckets moved"
                 + " (\(HumanFormat.percent(UInt64(moved), of: UInt64(before.buckets.count))))"

@@ -29,4 +29,8 @@ int rp_bench_thread_cpu_us(long long *user, long long *system);
 
 static const int rp_bench_MSG_DONTWAIT = MSG_DONTWAIT;
 
+/* dispatch_untracked.bpf.o: bpf/dispatch.bpf.c built with RP_NO_FLOW_TRACKING (Makefile). */
+const unsigned char *rp_bench_untracked_object(void);
+size_t rp_bench_untracked_object_size(void);
+
 #endif

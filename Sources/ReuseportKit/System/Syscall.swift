@@ -371,6 +371,16 @@ public enum Syscall {
         return Int(count)
     }
 
+    /// Whether `signal` is ignored (SIG_IGN, for example inherited through exec from `trap ''`
+    /// or nohup): sigaction(2) read without changing it.
+    public static func isIgnored(_ signal: Int32) -> Bool {
+        var current = sigaction()
+        guard sigaction(signal, nil, &current) == 0, let handler = current.__sigaction_handler.sa_handler else {
+            return false
+        }
+        return unsafeBitCast(handler, to: Int.self) == 1  // SIG_IGN is ((__sighandler_t) 1)
+    }
+
     /// Connections waiting in a TCP listener's accept queue: TCP_INFO's tcpi_unacked, which a
     /// listening socket fills with sk_ack_backlog (tcp_get_info() in net/ipv4/tcp.c).
     public static func acceptQueueLength(_ fd: FileDescriptor) throws -> Int {

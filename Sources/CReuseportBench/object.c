@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+#include "CReuseportBench.h"
+
+// Built by `make` (the Makefile's dispatch_untracked rule): rp_dispatch without flow tracking.
+#if !__has_embed("../../.output/dispatch_untracked.bpf.o")
+#error "the BPF object .output/dispatch_untracked.bpf.o is missing: run `make` (it builds the objects, then the Swift package)"
+#endif
+static const unsigned char untracked_object[] = {
+#embed "../../.output/dispatch_untracked.bpf.o"
+};
+
+const unsigned char *rp_bench_untracked_object(void)
+{
+	return untracked_object;
+}
+
+size_t rp_bench_untracked_object_size(void)
+{
+	return sizeof(untracked_object);
+}
