@@ -33,11 +33,14 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     /// pinned). Otherwise rp_flows and rp_untracked are created for `trackedFlows` records.
     ///
     /// `object`: another build of bpf/dispatch.bpf.c with the same maps (the benchmarks' build
-    /// without flow tracking); default: the one embedded in this binary.
+    /// without flow tracking); default: the one embedded in this binary. `socketArray`: use
+    /// that listener's array too (a socket can be in one array only), for such a build.
     public init(sharing shared: DispatchMaps? = nil, trackedFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
-                object bytes: (pointer: UnsafePointer<UInt8>, count: Int, name: String)? = nil) throws {
+                object bytes: (pointer: UnsafePointer<UInt8>, count: Int, name: String)? = nil,
+                socketArray: SocketArray? = nil) throws {
         let object = try bytes.map { try EmbeddedObject($0.pointer, count: $0.count, name: $0.name) }
             ?? EmbeddedObject(rp_dispatch_object(), count: rp_dispatch_object_size(), name: "dispatch.bpf.o")
+        if let socketArray { try object.reuse(map: RP_MAP_SOCKETS, fd: socketArray.map.fd) }
         if let shared {
             for map in shared.all { try object.reuse(map: map.name, fd: map.fd) }
         } else {

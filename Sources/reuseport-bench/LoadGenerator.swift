@@ -42,15 +42,23 @@ final class FlowSet {
     let fds: [Int32]
     let sources: [SocketAddress]
 
-    init(count: Int, address: IPAddress) throws {
+    /// `count` sockets bound to `address`, kernel-chosen ports; with `accept`, only sources it
+    /// accepts are kept (the others are closed and replaced), within 100 × `count` tries.
+    init(count: Int, address: IPAddress, accept: (SocketAddress) -> Bool = { _ in true }) throws {
         let local = SocketAddress(address, 0)
         // Each closed by its owner if a later one fails.
-        descriptors = try (0..<count).map { _ in
+        var kept: [(OwnedDescriptor, SocketAddress)] = []
+        var tries = 0
+        while kept.count < count {
+            tries += 1
+            guard tries <= 100 * count else { throw BenchError("no \(count) source ports pass the filter") }
             let descriptor = try Syscall.socket(address.family, Int32(SOCK_DGRAM.rawValue), "udp")
             try Syscall.bind(descriptor.fd, local, "\(local)")
-            return descriptor
+            let source = try Syscall.localAddress(descriptor.fd, "\(local)")!
+            if accept(source) { kept.append((descriptor, source)) }
         }
-        sources = try descriptors.map { try Syscall.localAddress($0.fd, "\(local)")! }
+        descriptors = kept.map(\.0)
+        sources = kept.map(\.1)
         fds = descriptors.map { $0.fd.rawValue }
     }
 }

@@ -15,6 +15,7 @@ struct Report {
     var resize: ResizeBench?
     var balance: BalanceBench?
     var scale: ScaleBench?
+    var tracking: FlowTrackingBench?
 
     static func chartPath(for output: String) -> String {
         (output.hasSuffix(".md") ? String(output.dropLast(3)) : output) + ".png"
@@ -63,6 +64,7 @@ struct Report {
         if let resize { lines += resizeSection(resize) }
         if let balance { lines += balanceSection(balance) }
         if let scale { lines += scaleSection(scale) }
+        if let tracking { lines += trackingSection(tracking) }
         return lines.joined(separator: "\n") + "\n"
     }
 
@@ -115,9 +117,74 @@ struct Report {
                     + "| \(worst <= 1.1 ? "yes" : "**no**") |")
             }
         }
+        if let rescale = tracking?.rescale {
+            lines.append("| a rescale under \(rescale.flows) live flows moves none (within capacity) | \(rescale.moved) moved, "
+                + "\(rescale.untracked) untracked, \(rescale.lost) not delivered (item 7) | "
+                + "\(rescale.moved == 0 && rescale.lost == 0 ? "yes" : "**no**") |")
+        }
+        if let steady = tracking?.steadyCost {
+            lines.append("| flow tracking costs ≤ 5 ns/packet in steady state | tracked − untracked build, paired: "
+                + "\(fixed(steady.median, 1)) ns (item 7) | \(steady.median <= 5 ? "yes" : "**no**") |")
+        }
         lines.append("")
         return lines
     }
+
+    func trackingSection(_ t: FlowTrackingBench) -> [String] {
+        var lines = ["## 7. Flow tracking", ""]
+        lines.append("Nanoseconds per run from the BPF run-time statistics, as item 2: UDP over IPv4 from \(settings.flows) "
+            + "flows, 4 sockets, \(settings.costSeconds) s per trial, \(settings.costRepeats) repeats, the variants "
+            + "interleaved and paired by repeat. **Steady state:** `rp_dispatch` against the same source built "
+            + "without flow tracking (`-DRP_NO_FLOW_TRACKING`), on the same sockets and tables: what reading the "
+            + "bucket's flags costs when no change runs.")
+        lines.append("")
+        lines.append("| program | ns/run |")
+        lines.append("| --- | --- |")
+        lines.append("| rp_dispatch (flow tracking, no change running) | \(summaryText(Summary(t.tracked), digits: 1)) |")
+        lines.append("| rp_dispatch built without flow tracking | \(summaryText(Summary(t.untracked), digits: 1)) |")
+        lines.append("| difference (paired) | \(summaryText(t.steadyCost, digits: 1)) |")
+        lines.append("")
+        lines.append("**During a change:** a service grows 4 → 8; the bench's flows are all in buckets that move, were "
+            + "recorded while learning, and the buckets switched, so every packet looks its record up in `rp_flows` "
+            + "(a hash table without preallocation) and goes to its recorded slot. The table also holds random "
+            + "records up to its size. Against the same flows on a service in steady state, paired. Memory is "
+            + "`memlock` of `rp_flows` in /proc/self/fdinfo (what the kernel charges), full minus empty; the empty "
+            + "table's fixed part is its bucket array, 16 bytes per entry of capacity rounded up to a power of two.")
+        lines.append("")
+        lines.append("| records | pinned packet ns/run | steady ns/run | difference (paired) | rp_flows memory | per record | empty table | fill time |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for table in t.tables {
+            let difference = Summary(zip(table.pinned, table.steady).map { $0 - $1 })
+            lines.append("| \(table.records) | \(summaryText(Summary(table.pinned), digits: 1)) | "
+                + "\(summaryText(Summary(table.steady), digits: 1)) | \(summaryText(difference, digits: 1)) | "
+                + "\(mebibytes(table.bytes)) | \(fixed(table.bytesPerRecord, 0)) B | \(mebibytes(table.emptyBytes)) | "
+                + "\(fixed(table.fillSeconds, 1)) s |")
+        }
+        lines.append("")
+        if let r = t.rescale {
+            lines.append("**A rescale under \(r.flows) live flows.** Each flow has a source address of its own in 127/8 "
+                + "(one socket, `IP_PKTINFO` picks the source) and sends one datagram per round; a round of every flow "
+                + "took \(fixed(r.roundSeconds, 1)) s. The service grows 4 → 6 as a change with a \(r.idleMs / 1000) s idle "
+                + "timeout: the moving buckets learn for \(r.idleMs / 1000) s (\(r.learningRounds) rounds), then switch; one "
+                + "more round says where each flow lands. `max_new_flows_per_second` is 0 (no bound) here: at the "
+                + "default 100,000 a change meets that many new flows per second at most.")
+            lines.append("")
+            lines.append("| live flows | changed slot | not delivered | records | untracked | rp_flows memory | scale → switched | switch write | new flows on the new slots |")
+            lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            lines.append("| \(r.flows) | \(r.moved) (\(percent(Double(r.moved) / Double(max(r.flows, 1))))) | \(r.lost) | "
+                + "\(r.records) | \(r.untracked) | \(mebibytes(r.recordBytes)) | \(fixed(r.toSwitchSeconds, 2)) s | "
+                + "\(fixed(r.switchWriteSeconds * 1000, 1)) ms | \(r.freshOnNewSlots) of \(r.fresh) "
+                + "(\(percent(Double(r.freshOnNewSlots) / Double(max(r.fresh, 1))))) |")
+            lines.append("")
+            lines.append("New flows reach the new slots from the switch on: one idle timeout after the scale (the "
+                + "learning), plus here the rest of the round in progress (the bench switches between rounds; the "
+                + "daemon checks every quarter of the idle timeout), plus the write of the moving buckets.")
+            lines.append("")
+        }
+        return lines
+    }
+
+    func mebibytes(_ bytes: Int) -> String { "\(fixed(Double(bytes) / 1_048_576, 1)) MiB" }
 
     func throughputSection(_ t: ThroughputBench) -> [String] {
         var lines = ["## 1. Throughput", ""]

@@ -27,6 +27,8 @@ final class SocketGroup {
     private(set) var sockets: [ReuseportSocket]
     let plane: ServiceDataPlane?
     let baseline: BaselineProgram?
+    /// Another build of rp_dispatch attached in place of the plane's own (item 7).
+    private(set) var replacement: DispatchProgram?
 
     static let receiveBuffer = 4 << 20
 
@@ -68,10 +70,27 @@ final class SocketGroup {
         destination = sockets[0].endpoint.address
     }
 
+    /// A group over `plane`'s first listener (its slots' sockets, in slot order).
+    init(plane: ServiceDataPlane) {
+        selection = .steering
+        self.plane = plane
+        baseline = nil
+        sockets = plane.liveSlots.compactMap { plane.listeners[0].sockets[$0] }
+        destination = sockets[0].endpoint.address
+    }
+
+    /// Attaches `program` (sharing the plane's maps and socket array) in place of the plane's:
+    /// the same tables and sockets, another build of the program.
+    func replaceProgram(with program: DispatchProgram) throws {
+        try sockets[0].attach(program)
+        replacement = program
+    }
+
     var fds: [Int32] { sockets.map { $0.fd.rawValue } }
 
     /// The attached program, if any (for its run-time statistics).
     var program: (any ReuseportProgram)? {
+        if let replacement { return replacement }
         if let plane { return plane.listeners[0].program }
         return baseline
     }

@@ -29,6 +29,14 @@ int rp_bench_thread_cpu_us(long long *user, long long *system);
 
 static const int rp_bench_MSG_DONTWAIT = MSG_DONTWAIT;
 
+struct sockaddr_in;
+/* One datagram from each source 127.0.0.0 + first + i, i < count (IP_PKTINFO); datagrams sent or -1. */
+long rp_bench_send_from_sources(int fd, const struct sockaddr_in *destination, unsigned int first,
+				unsigned int count);
+/* Reads what is queued at fd; slot_of[source - 127.0.0.0 - first] = slot + 1. Datagrams read. */
+long rp_bench_drain_sources(int fd, unsigned char *slot_of, unsigned char slot, unsigned int first,
+			    unsigned int count);
+
 /* dispatch_untracked.bpf.o: bpf/dispatch.bpf.c built with RP_NO_FLOW_TRACKING (Makefile). */
 const unsigned char *rp_bench_untracked_object(void);
 size_t rp_bench_untracked_object_size(void);
