@@ -114,6 +114,14 @@ enum KernelProbe {
         add("rp_dispatch passes the verifier (sk_reuseport_md data, data_end, len, eth_protocol, ip_protocol; "
             + "statistics log)", "5.2") { dispatchProgram() }
         add("SO_ATTACH_REUSEPORT_EBPF steering, end to end", "4.19") { steering() }
+        add("flow records (hash map without preallocation, updated by the steering program)", "5.10",
+            required: false) { flowRecords() }
+        add("TCP requests of a closing listener migrated by the program (SELECT_OR_MIGRATE)", "5.14",
+            required: false) {
+            ReuseportMigration.isSupported
+                ? (true, "rp_dispatch_migrate is loaded: a leaving listener's handshakes move to a live slot")
+                : (false, "a leaving TCP listener closes once its accept queue stayed empty; later handshakes are reset")
+        }
         add("sock_diag socket memory info (receive drops)", "3.6", required: false, needsPrivileges: false) { socketDrops() }
         add("maps charged to memcg, not RLIMIT_MEMLOCK", "5.11", required: false, needsPrivileges: false) {
             memcgAccounting(release)
@@ -201,6 +209,39 @@ enum KernelProbe {
                 return (false, "landed on slot \(landed), predicted \(HumanFormat.optional(predicted)), counted \(counted)")
             }
             return (true, "a datagram landed on the predicted slot and was counted")
+        } catch {
+            return (false, "\(error)")
+        }
+    }
+
+    /// Two slots; a change to four learns, and 16 flows send one datagram each: every flow of a
+    /// moving bucket must leave a record naming the slot it landed on (the program wrote rp_flows).
+    static func flowRecords() -> (Bool, String) {
+        do {
+            let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
+                                             options: .init(seed: 0x5eed))
+            defer { plane.close() }
+            try plane.beginResize(to: 4, now: MonotonicClock.nanoseconds(), learnNs: 60_000_000_000)
+            let target = plane.pending!.effective
+            let destination = plane.listeners[0].endpoint.address
+            var recorded = 0
+            for _ in 0..<16 {
+                let client = try ProbeClient()
+                defer { client.close() }
+                try client.send(to: destination)
+                guard let landed = receive(plane.listeners[0].sockets) else {
+                    return (false, "a datagram did not arrive on any slot within 1 s")
+                }
+                _ = try Syscall.discardDatagram(plane.listeners[0].sockets[landed]!.fd)
+                let flow = FlowTuple(.udp, from: client.local, to: destination)
+                let bucket = Int(FlowHash.bucket(hash: FlowHash.hash(flow, seed: 0x5eed), count: UInt32(target.count)))
+                guard target[bucket] != plane.effectiveBuckets[bucket] else { continue }
+                guard let record = try FlowRecords.record(of: flow, in: plane.maps), record.slot == landed else {
+                    return (false, "a flow of a learning bucket landed on slot \(landed) without a record naming it")
+                }
+                recorded += 1
+            }
+            return (true, "\(recorded) flows of learning buckets recorded with their slot")
         } catch {
             return (false, "\(error)")
         }
