@@ -31,7 +31,7 @@ enum SteeringChecks {
     static let all: [Check] =
         Transport.allCases.flatMap { transport in
             Family.allCases.flatMap { family in groupSizes.map { exactSlot(transport, family, slots: $0) } }
-        } + [Family.v4, .v6].map(fallbackTable) + [Family.v4, .v6].map(flowRecords)
+        } + [Family.v4, .v6].map(fallbackTable) + [Family.v4, .v6].map(flowRecords) + [tcpMigration]
         + [closedSocketLeavesArray, replacingKeepsFlows, kernelDefaultMovesFlows, foreignSocketGetsNothing]
 
     static func service(_ transport: Transport, _ family: Family, slots: Int) throws -> ServiceDataPlane {
@@ -59,6 +59,13 @@ enum SteeringChecks {
                                               fresh: try Traffic.clients(256, on: family.client),
                                               destination: destination(of: plane, family))
         }
+    }
+
+    /// A closing TCP listener's queued connections move to a live slot (5.14+), or the check says
+    /// that this kernel resets them (MigrationScenario).
+    static let tcpMigration = Check("tcp-migrate",
+                                    "connections queued at a closing listener are accepted from a live slot (5.14+)") { _ in
+        try MigrationScenario.run(try service(.tcp, .v4, slots: 2), clients: try Traffic.clients(32, .tcp, on: .loopbackV4))
     }
 
     /// The address clients send to (for [::], the IPv4 loopback on the same port).

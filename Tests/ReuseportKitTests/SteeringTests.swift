@@ -90,6 +90,13 @@ struct SteeringTests {
         try FallbackScenario.run(plane, clients: try Traffic.clients(400, on: .loopbackV4), emptied: [2, 5])
     }
 
+    /// A closing TCP listener's queued connections are accepted from a live slot (MigrationScenario;
+    /// kernel-check runs it on every kernel too).
+    @Test func aClosingListenersConnectionsMigrate() throws {
+        let plane = try service(.tcp, on: .loopbackV4, slots: 2)
+        print(try MigrationScenario.run(plane, clients: try Traffic.clients(32, .tcp, on: .loopbackV4)))
+    }
+
     /// A change keeps recorded flows through its switch (TransitionScenario: kernel-check runs it
     /// on every kernel too).
     @Test(arguments: [IPAddress.loopbackV4, .loopbackV6])
