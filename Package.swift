@@ -116,7 +116,7 @@ let package = Package(
         ),
         // The benchmark's own arithmetic and parsing (no timings).
         .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
-        .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI"]),
+        .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI", "CLibbpf"]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],
                     exclude: ["golden"]),
