@@ -52,6 +52,11 @@
  */
 #define RP_DEFAULT_TRACKED_FLOWS 262144
 #define RP_MAX_TRACKED_FLOWS 16777216
+/*
+ * rp_untracked holds at least this many markers (or max_tracked_flows if larger), so that the
+ * flows a full table turns away are counted once each up to that many.
+ */
+#define RP_MIN_UNTRACKED_MARKERS 65536
 
 /* Map names as libbpf sees them in the object (and the file names of the pins). */
 #define RP_MAP_CONFIG "rp_config"

@@ -126,12 +126,20 @@ public final class BPFMap: @unchecked Sendable {
     /// Every entry of a hash map, read `chunk` at a time with BPF_MAP_LOOKUP_BATCH (5.6): a
     /// million records cost a few hundred system calls, not two million. Entries added or
     /// removed meanwhile may or may not be seen; none is seen twice.
-    public func entries<Key: BitwiseCopyable, Value: BitwiseCopyable>(as: (Key, Value).Type, chunk: Int = 4096) throws
+    public func entries<Key: BitwiseCopyable, Value: BitwiseCopyable>(as type: (Key, Value).Type, chunk: Int = 4096) throws
         -> [(key: Key, value: Value)]
     {
+        var result: [(key: Key, value: Value)] = []
+        try forEachEntry(as: type, chunk: chunk) { result.append(($0, $1)) }
+        return result
+    }
+
+    /// `entries`, one entry at a time: memory for one chunk only, however large the map.
+    public func forEachEntry<Key: BitwiseCopyable, Value: BitwiseCopyable>(
+        as: (Key, Value).Type, chunk: Int = 4096, _ body: (Key, Value) throws -> Void
+    ) throws {
         precondition(MemoryLayout<Key>.size == keySize && MemoryLayout<Value>.size == valueSize,
                      "key or value type does not match map \(name)")
-        var result: [(key: Key, value: Value)] = []
         let keys = UnsafeMutablePointer<Key>.allocate(capacity: chunk)
         let values = UnsafeMutablePointer<Value>.allocate(capacity: chunk)
         // The batch token of a hash map is a bucket index (u32); give it a key's room anyway.
@@ -144,9 +152,9 @@ public final class BPFMap: @unchecked Sendable {
             var count = UInt32(chunk)
             let status = bpf_map_lookup_batch(fd, first ? nil : token, token, keys, values, &count, &options)
             let code = errno
-            for index in 0..<Int(count) { result.append((keys[index], values[index])) }
+            for index in 0..<Int(count) { try body(keys[index], values[index]) }
             if status != 0 {
-                if code == ENOENT { return result }
+                if code == ENOENT { return }
                 throw ReuseportError.system("bpf_map_lookup_batch(\(name))", code)
             }
             first = false

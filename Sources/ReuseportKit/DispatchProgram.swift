@@ -45,9 +45,8 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
             for map in shared.all { try object.reuse(map: map.name, fd: map.fd) }
         } else {
             let records = try TrackedFlowCount(trackedFlows)
-            for name in [RP_MAP_FLOWS, RP_MAP_UNTRACKED] {
-                try object.setMaxEntries(map: name, UInt32(records.value))
-            }
+            try object.setMaxEntries(map: RP_MAP_FLOWS, UInt32(records.value))
+            try object.setMaxEntries(map: RP_MAP_UNTRACKED, UInt32(max(records.value, Int(RP_MIN_UNTRACKED_MARKERS))))
         }
         migrates = ReuseportMigration.isSupported
         let name = migrates ? RP_PROG_DISPATCH_MIGRATE : RP_PROG_DISPATCH

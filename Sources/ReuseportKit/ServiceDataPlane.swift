@@ -543,14 +543,19 @@ public final class ServiceDataPlane: @unchecked Sendable {
         let clock = UInt64(now)
         var live: [UInt32: Int] = [:]
         var expired = 0
-        for record in try FlowRecords.read(maps) {
-            if record.idleNs(at: clock) > idleNs || forget.contains(record.slot) {
-                try maps.flows.delete(key: record.flow.recordKey)
-                expired += 1
+        // Raw entries: a sweep of a million records must not build a million FlowTuples.
+        var stale: [rp_flow_key] = []
+        try maps.flows.forEachEntry(as: (rp_flow_key, rp_flow).self) { key, record in
+            let idle = clock > record.last_seen_ns ? clock - record.last_seen_ns : 0
+            if idle > idleNs || forget.contains(record.slot) {
+                stale.append(key)
             } else {
                 live[record.slot, default: 0] += 1
             }
         }
+        // Deleted after the walk: a batch walk over a hash table that changes under it may skip
+        // or repeat a bucket.
+        for key in stale where try maps.flows.delete(key: key) { expired += 1 }
         var finished = false
         if pending == nil, leaving.isEmpty, transitionStartedNs != nil,
            live.isEmpty || drainDeadlineNs.map({ now >= $0 }) == true
@@ -564,15 +569,19 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// Live records by slot, without deleting anything.
     public func liveRecordsBySlot(now: Int64) throws -> [UInt32: Int] {
         let idleNs = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
-        return try FlowRecords.read(maps).reduce(into: [:]) { live, record in
-            if record.idleNs(at: UInt64(now)) <= idleNs { live[record.slot, default: 0] += 1 }
+        let clock = UInt64(now)
+        var live: [UInt32: Int] = [:]
+        try maps.flows.forEachEntry(as: (rp_flow_key, rp_flow).self) { _, record in
+            let seen = record.last_seen_ns
+            if clock <= seen || clock - seen <= idleNs { live[record.slot, default: 0] += 1 }
         }
+        return live
     }
 
     /// Clears every pinned flag and every record: the table alone decides again.
     private func endTransition(now: Int64) throws {
         try writeEffective(effectiveBuckets, flags: Array(repeating: 0, count: bucketFlags.count))
-        for record in try FlowRecords.read(maps) { try maps.flows.delete(key: record.flow.recordKey) }
+        for (key, _) in try maps.flows.entries(as: (rp_flow_key, rp_flow).self) { try maps.flows.delete(key: key) }
         for (key, _) in try maps.untracked.entries(as: (rp_flow_key, UInt32).self) { try maps.untracked.delete(key: key) }
         transitionStartedNs = nil
         drainDeadlineNs = nil
@@ -620,8 +629,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     /// Forgets every record naming `slot` (a slot failed over: its flows have no worker and move).
     public func forgetRecords(of slot: UInt32) throws {
-        for record in try FlowRecords.read(maps) where record.slot == slot {
-            try maps.flows.delete(key: record.flow.recordKey)
+        for (key, record) in try maps.flows.entries(as: (rp_flow_key, rp_flow).self) where record.slot == slot {
+            try maps.flows.delete(key: key)
         }
     }
 
