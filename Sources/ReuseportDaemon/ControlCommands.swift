@@ -77,7 +77,7 @@ struct ControlCommands {
             let learnMs = max(plan.switchNs - MonotonicClock.nanoseconds(), 0) / 1_000_000
             text += done ? "switch in \(learnMs) ms" : "switch after \(service.configuration.tracking.idleTimeoutMs) ms"
             text += " (flow_idle_timeout_ms), their live flows recorded and kept"
-            if !plan.leaving.isEmpty { text += "; slots \(leaving) take no new flow and retire once their recorded flows are idle" }
+            if !plan.leaving.isEmpty { text += "; slots \(leaving) leave: from the switch on they take no new flow, and they retire once their recorded flows are idle" }
         }
         return text
     }

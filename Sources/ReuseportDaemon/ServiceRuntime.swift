@@ -235,7 +235,7 @@ final class ServiceRuntime {
     /// change being learned (a restore in progress is not: its slot is back at the switch).
     func isFailedOver(_ slot: SlotRecord) -> Bool { (plane.pending?.failed ?? plane.failedOver).contains(slot.index) }
 
-    /// A slot a scale-down removes: it takes no new flow and retires once drained.
+    /// A slot a scale-down removes: from the switch on it takes no new flow; it retires once drained.
     func isLeaving(_ slot: SlotRecord) -> Bool {
         plane.leaving.contains(slot.index) || plane.pending.map { !$0.slots.contains(slot.index) } == true
     }

@@ -120,7 +120,7 @@ struct ScaleCommand: ParsableCommand {
             shrinking moves only the buckets of the removed slots. With flow tracking (the default \
             for UDP) no live flow moves: the moving buckets first record the flows they see for one \
             flow_idle_timeout_ms, then switch, and each recorded flow keeps its worker until it is \
-            idle. Slots that leave take no new flow and their workers are stopped once their \
+            idle. Slots that leave take no new flow from the switch on, and their workers are stopped once their \
             recorded flows are idle (or at drain_timeout_ms). --now switches at once instead, and \
             says first how many flows that moves. Then waits (see --no-wait) until the pinned \
             state shows workers running on slots 0 to N-1.

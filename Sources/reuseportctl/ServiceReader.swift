@@ -33,7 +33,7 @@ struct ServiceSnapshot: Sendable {
         var sockets: [SlotSocket]
 
         var workerState: WorkerState { WorkerState(rawValue: state.state) }
-        /// A scale-down removes the slot: no new flow, retires once drained.
+        /// A scale-down removes the slot: no new flow from the switch on, retires once drained.
         var isLeaving: Bool { state.flags & UInt32(RP_SLOT_LEAVING) != 0 }
         /// A scale-up added the slot: it takes flows from the switch on.
         var isJoining: Bool { state.flags & UInt32(RP_SLOT_JOINING) != 0 }
