@@ -51,6 +51,8 @@ struct FlowTrackingBench {
         /// New flows after the switch, and how many landed on the new slots.
         var fresh = 0
         var freshOnNewSlots = 0
+        /// One sweep of the records (what the daemon does every quarter of the idle timeout).
+        var sweepSeconds = 0.0
     }
     var rescale: Rescale?
 
@@ -144,6 +146,9 @@ struct FlowTrackingBench {
         result.untracked = try plane.maps.flowCounters().untracked
         result.records = try FlowRecords.read(plane.maps).count
         result.recordBytes = try plane.maps.flows.withDescriptor(memlock(of:))
+        let sweepStart = MonotonicClock.seconds()
+        _ = try plane.sweep(now: MonotonicClock.nanoseconds())
+        result.sweepSeconds = MonotonicClock.seconds() - sweepStart
         return result
     }
 

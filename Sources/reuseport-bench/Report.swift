@@ -169,16 +169,18 @@ struct Report {
                 + "more round says where each flow lands. `max_new_flows_per_second` is 0 (no bound) here: at the "
                 + "default 100,000 a change meets that many new flows per second at most.")
             lines.append("")
-            lines.append("| live flows | changed slot | not delivered | records | untracked | rp_flows memory | scale → switched | switch write | new flows on the new slots |")
-            lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            lines.append("| live flows | changed slot | not delivered | records | untracked | rp_flows memory | scale → switched | switch write | new flows on the new slots | one sweep of the records |")
+            lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
             lines.append("| \(r.flows) | \(r.moved) (\(percent(Double(r.moved) / Double(max(r.flows, 1))))) | \(r.lost) | "
                 + "\(r.records) | \(r.untracked) | \(mebibytes(r.recordBytes)) | \(fixed(r.toSwitchSeconds, 2)) s | "
                 + "\(fixed(r.switchWriteSeconds * 1000, 1)) ms | \(r.freshOnNewSlots) of \(r.fresh) "
-                + "(\(percent(Double(r.freshOnNewSlots) / Double(max(r.fresh, 1))))) |")
+                + "(\(percent(Double(r.freshOnNewSlots) / Double(max(r.fresh, 1))))) | \(fixed(r.sweepSeconds, 2)) s |")
             lines.append("")
             lines.append("New flows reach the new slots from the switch on: one idle timeout after the scale (the "
                 + "learning), plus here the rest of the round in progress (the bench switches between rounds; the "
-                + "daemon checks every quarter of the idle timeout), plus the write of the moving buckets.")
+                + "daemon checks every quarter of the idle timeout), plus the write of the moving buckets. A sweep "
+                + "(read every record in batches, delete the idle ones) is what the daemon's loop does every quarter "
+                + "of the idle timeout while a change drains; the loop serves nothing else meanwhile.")
             lines.append("")
         }
         return lines
