@@ -30,6 +30,11 @@ struct ConfigurationTests {
             healthy_after_ms = 700
             ready_after_ms = 70
             failover_after_ms = 900
+            flow_tracking = false
+            flow_idle_timeout_ms = 2500
+            max_tracked_flows = 4096
+            max_new_flows_per_second = 500
+            drain_timeout_ms = 60000
             """, file: "full.toml")
         #expect(configuration.stopTimeoutMs == 1500)
         let service = configuration.services[0]
@@ -39,6 +44,24 @@ struct ConfigurationTests {
         #expect(service.restart == RestartPolicy(backoffMinimumMs: 5, backoffMaximumMs: 50, healthyAfterMs: 700,
                                                  readyAfterMs: 70))
         #expect(service.failoverAfterMs == 900)
+        #expect(service.tracking == ServiceDataPlane.FlowTracking(enabled: false, idleTimeoutMs: 2500, maxFlows: 4096,
+                                                                  recordsPerSecond: 500, drainTimeoutMs: 60000))
+    }
+
+    /// Without the keys: tracking on, 60 s idle timeout, 262,144 records, 100,000 new per second,
+    /// a one-hour drain limit.
+    @Test func flowTrackingDefaults() throws {
+        let service = try ConfigurationParser.parse("""
+            [[service]]
+            name = "d"
+            listen = ["udp://127.0.0.1:0"]
+            workers = 1
+            builtin = "echo"
+            """, file: "d.toml").services[0]
+        #expect(service.tracking == ServiceDataPlane.FlowTracking())
+        #expect(service.tracking.enabled && service.tracking.idleTimeoutMs == 60_000
+                    && service.tracking.maxFlows == 262_144 && service.tracking.recordsPerSecond == 100_000
+                    && service.tracking.drainTimeoutMs == 3_600_000)
     }
 
     @Test(arguments: [
@@ -56,6 +79,12 @@ struct ConfigurationTests {
         ("restart_backoff_max_ms = 10", "service[0].restart_backoff_max_ms: (10) is below restart_backoff_min_ms (100)"),
         ("failover_after_ms = -1", "service[0].failover_after_ms: must be between 0 and 86400000"),
         ("group = \"no-such-group-here\"", "service[0].group: no such group"),
+        ("flow_tracking = \"yes\"", "service[0].flow_tracking: must be true or false, not string"),
+        ("flow_idle_timeout_ms = 50", "service[0].flow_idle_timeout_ms: must be at least 100 milliseconds, got 50"),
+        ("max_tracked_flows = 0", "service[0].max_tracked_flows: must be between 1 and 16777216, got 0"),
+        ("max_tracked_flows = 16777217", "service[0].max_tracked_flows: must be between 1 and 16777216"),
+        ("max_new_flows_per_second = -1", "service[0].max_new_flows_per_second: must be between 0 (no bound)"),
+        ("drain_timeout_ms = 86400001", "service[0].drain_timeout_ms: must be between 0 and 86400000"),
     ])
     func eachMistakeIsNamed(line: String, expected: String) throws {
         var keys = ["name = \"s\"", "listen = [\"udp://127.0.0.1:0\"]", "workers = 3", "builtin = \"echo\""]
