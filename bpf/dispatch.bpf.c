@@ -108,7 +108,7 @@ struct {
 } rp_flow_stats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct rp_record_budget);
@@ -232,10 +232,12 @@ static __always_inline struct rp_flow_stats *flow_stats(void)
 }
 
 /*
- * The rate bound on new records, per CPU (no shared cache line): a token bucket whose
- * credit is time, at most one second of it. A flood of new tuples while a change learns
- * gets at most the configured records per second; the rest is counted, and a real flow
- * whose packet was refused is recorded at one of its next packets.
+ * The rate bound on new records: one token bucket for the service, whose credit is time, at
+ * most one second of it. Shared by every CPU (traffic may arrive on one queue only), updated
+ * without atomics: CPUs racing on it may let a few more records through than the bound, never
+ * fewer; it is touched only by packets of new flows in learning buckets. A flood of new tuples
+ * while a change learns gets at most that many records per second; the rest is counted, and
+ * a real flow whose packet was refused is recorded at one of its next packets.
  */
 static __always_inline int take_record_credit(__u32 cost_ns, __u64 now)
 {

@@ -82,7 +82,7 @@ struct rp_config {
 	__u32 bucket_count;  /* active entries of rp_buckets, 1..RP_MAX_BUCKETS */
 	__u32 slot_count;    /* slots in use (0..slot_count-1); for user space, the program ignores it */
 	__u32 live_count;    /* slots holding a socket, spread over rp_fallback; 0: no fallback, drop */
-	__u32 record_cost_ns; /* per CPU, the credit a new flow record costs (1e9 * CPUs / rate); 0: no bound */
+	__u32 record_cost_ns; /* the credit a new flow record costs (1e9 / records per second); 0: no bound */
 };
 
 /*
@@ -142,7 +142,7 @@ struct rp_flow_stats {
 	__u64 stale;          /* packets whose recorded slot held no socket: they followed the table */
 };
 
-/* rp_record_budget: PERCPU_ARRAY with one entry: a token bucket of new records per CPU. */
+/* rp_record_budget: ARRAY with one entry, shared by all CPUs: the token bucket of new records. */
 struct rp_record_budget {
 	__u64 credit_ns; /* accrued time, at most one second; a record costs rp_config.record_cost_ns */
 	__u64 last_ns;

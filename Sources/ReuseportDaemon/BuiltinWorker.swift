@@ -13,10 +13,12 @@ import SystemPackage
 /// Single-threaded: one poll() over the activated sockets and accepted connections. They speak
 /// sd_notify (`NotifyClient`): READY=1 once serving, and WATCHDOG=1 when a watchdog is set.
 ///
-/// SIGTERM stops them gracefully, as a server should: what waits in the sockets is still
-/// answered and open TCP connections are served until their clients close them, for at most
-/// `gracefulStopMs`; then they exit (the daemon sends SIGKILL at `stop_timeout_ms` anyway). A
-/// worker started with SIGTERM ignored (`trap '' TERM`, nohup-style) keeps ignoring it.
+/// SIGTERM stops them gracefully, as a server should: they take no new work (they stop reading
+/// their sockets and accepting: a replacement worker on the same socket takes it, and a
+/// retiring slot's queue was drained before the signal), and serve their open TCP connections
+/// until the clients close them, for at most `gracefulStopMs`; then they exit (the daemon sends
+/// SIGKILL at `stop_timeout_ms` anyway). A worker started with SIGTERM ignored (`trap '' TERM`,
+/// nohup-style) keeps ignoring it.
 public struct BuiltinWorker {
     public let kind: BuiltinWorkerKind
     public let sockets: ActivatedSockets
@@ -54,20 +56,15 @@ public struct BuiltinWorker {
         let stopSignal = Syscall.isIgnored(SIGTERM) ? nil : try SignalChannel([SIGTERM])
         var stopBy: Int64?
         while true {
-            if let deadline = stopBy {
-                let idle = connections.isEmpty && !sockets.descriptors.contains { fd in
-                    listeners[fd] == true ? ((try? Syscall.acceptQueueLength(FileDescriptor(rawValue: fd))) ?? 0) > 0
-                        : ((try? Syscall.queuedBytes(FileDescriptor(rawValue: fd))) ?? 0) > 0
-                }
-                if idle || MonotonicClock.nanoseconds() >= deadline { exit(0) }
-            }
+            if let deadline = stopBy, connections.isEmpty || MonotonicClock.nanoseconds() >= deadline { exit(0) }
             if let due = nextPing, let interval = notifier.pingInterval, MonotonicClock.nanoseconds() >= due {
                 notifier.notify("WATCHDOG=1")
                 nextPing = due + interval
             }
             var timeout = nextPing.map { Int32(clamping: max(0, ($0 - MonotonicClock.nanoseconds()) / 1_000_000)) } ?? -1
             if stopBy != nil { timeout = timeout < 0 ? 10 : min(timeout, 10) }
-            let watched = (sockets.descriptors + connections.keys + (stopSignal.map { [$0.descriptor.fd.rawValue] } ?? []))
+            let taking = stopBy == nil ? sockets.descriptors : []
+            let watched = (taking + connections.keys + (stopSignal.map { [$0.descriptor.fd.rawValue] } ?? []))
                 .map { FileDescriptor(rawValue: $0) }
             for ready in try Syscall.poll(watched, timeoutMs: timeout).map(\.rawValue) {
                 if let stopSignal, ready == stopSignal.descriptor.fd.rawValue {

@@ -235,10 +235,11 @@ public enum ConfigurationParser {
             throw reader.error("max_tracked_flows",
                                "must be between 1 and \(TrackedFlowCount.range.upperBound), got \(tracking.maxFlows)")
         }
-        tracking.recordsPerSecond = try reader.integer("max_new_flows_per_second") ?? tracking.recordsPerSecond
-        guard (0...1_000_000_000).contains(tracking.recordsPerSecond) else {
-            throw reader.error("max_new_flows_per_second",
-                               "must be between 0 (no bound) and 1000000000, got \(tracking.recordsPerSecond)")
+        if let rate = try reader.integer("max_new_flows_per_second") {
+            guard (0...1_000_000_000).contains(rate) else {
+                throw reader.error("max_new_flows_per_second", "must be between 0 (no bound) and 1000000000, got \(rate)")
+            }
+            tracking.recordsPerSecond = rate
         }
         tracking.drainTimeoutMs = try reader.milliseconds("drain_timeout_ms") ?? tracking.drainTimeoutMs
         return tracking

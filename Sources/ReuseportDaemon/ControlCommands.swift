@@ -71,7 +71,8 @@ struct ControlCommands {
             text += (done ? "moved" : "move") + " at once"
             text += String(format: ": the live flows of those buckets (about %.1f%% of all) move", share)
             if !plan.leaving.isEmpty {
-                text += "; slots \(leaving) retire now, moving their \(plan.recordedFlowsOnLeaving) recorded flows"
+                text += "; slots \(leaving) retire now"
+                if plan.recordedFlowsOnLeaving > 0 { text += ", moving their \(plan.recordedFlowsOnLeaving) recorded flows" }
             }
         } else {
             let learnMs = max(plan.switchNs - MonotonicClock.nanoseconds(), 0) / 1_000_000

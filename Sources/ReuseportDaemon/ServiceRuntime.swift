@@ -249,6 +249,11 @@ final class ServiceRuntime {
         do {
             let lent = try plane.failOver(slot.index)
             failovers += 1
+            // Its recorded flows have no worker either: they follow the table from now on.
+            if plane.transitionStartedNs != nil {
+                try plane.forgetRecords(of: slot.index)
+                nextTransitionCheck = MonotonicClock.nanoseconds()
+            }
             return lent
         } catch {
             logger.error("cannot fail over slot \(slot.index): \(error)")
@@ -293,10 +298,13 @@ final class ServiceRuntime {
     /// recorded flows on the slots that would leave.
     func planResize(to count: Int, now: Int64) throws -> TransitionPlan {
         let target = Set(0..<UInt32(count))
-        let next = BucketAssignment.rebalance(plane.pending?.buckets ?? plane.buckets, to: target.sorted())
+        let base = plane.pending
+            ?? PendingPlacement(buckets: plane.buckets, slots: plane.slots, failed: plane.failedOver, switchNs: now)
+        let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target.sorted()),
+                                    slots: target.sorted(), failed: base.failed.intersection(target), switchNs: now)
         let leaving = Set(plane.liveSlots).subtracting(target)
         let records = try plane.liveRecordsBySlot(now: now)
-        return TransitionPlan(movingBuckets: BucketAssignment.moved(from: plane.effectiveBuckets, to: next),
+        return TransitionPlan(movingBuckets: BucketAssignment.moved(from: plane.effectiveBuckets, to: next.effective),
                               bucketCount: configuration.bucketCount, switchNs: now, leaving: leaving.sorted(),
                               recordedFlowsOnLeaving: leaving.reduce(0) { $0 + (records[$1] ?? 0) })
     }

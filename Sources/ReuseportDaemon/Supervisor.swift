@@ -483,7 +483,7 @@ final class Supervisor {
 
     /// Retires a leaving slot: its sockets leave the arrays, its worker reads what is queued
     /// there and is stopped (SlotDrain).
-    private func retireLeaving(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
+    func retireLeaving(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
         let sockets: [ReuseportSocket]
         do {
             sockets = try service.retire(slot, now: now)

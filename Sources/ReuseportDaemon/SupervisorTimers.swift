@@ -119,6 +119,15 @@ extension Supervisor {
     }
 
     func failOver(_ service: ServiceRuntime, _ slot: SlotRecord) {
+        // A leaving slot has no buckets to lend: down this long, it retires, and its recorded
+        // flows (which have no worker) follow the table.
+        if service.plane.leaving.contains(slot.index) {
+            service.logger.warning(
+                "leaving slot \(slot.index) down for \(service.configuration.failoverAfterMs) ms: it retires now, its \(slot.records) recorded flows move")
+            try? service.plane.forgetRecords(of: slot.index)
+            retireLeaving(service, slot, now: MonotonicClock.nanoseconds())
+            return
+        }
         guard let lent = service.failOver(slot) else {
             // Not written (logged): try again after another failover delay, not in a busy loop.
             slot.downSince = MonotonicClock.nanoseconds()

@@ -44,13 +44,15 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var idleTimeoutMs: Int
         /// rp_flows' capacity.
         public var maxFlows: Int
-        /// New records per second for the whole service (0: no bound).
-        public var recordsPerSecond: Int
-        /// A change ends at most this long after its switch: leaving slots retire then (0: never).
+        /// New records per second for the whole service: nil (the default) spreads `maxFlows` over
+        /// one learning window (at least 1,000 a second), so that new tuples sprayed while a change
+        /// learns cannot fill the table before the window ends; 0: no bound.
+        public var recordsPerSecond: Int?
+        /// Leaving slots retire at most this long after the switch, live records or not (0: never).
         public var drainTimeoutMs: Int
 
         public init(enabled: Bool = true, idleTimeoutMs: Int = 60_000, maxFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
-                    recordsPerSecond: Int = 100_000, drainTimeoutMs: Int = 3_600_000) {
+                    recordsPerSecond: Int? = nil, drainTimeoutMs: Int = 3_600_000) {
             self.enabled = enabled
             self.idleTimeoutMs = idleTimeoutMs
             self.maxFlows = maxFlows
@@ -58,11 +60,18 @@ public final class ServiceDataPlane: @unchecked Sendable {
             self.drainTimeoutMs = drainTimeoutMs
         }
 
-        /// rp_config.record_cost_ns: the per-CPU credit one record costs.
+        /// The bound in force: `recordsPerSecond`, or by default `maxFlows` over one idle timeout.
+        public var effectiveRecordsPerSecond: Int {
+            if let recordsPerSecond { return recordsPerSecond }
+            let window = Swift.max(idleTimeoutMs, 1)
+            return Swift.max(1000, maxFlows * 1000 / window)
+        }
+
+        /// rp_config.record_cost_ns: the credit one record costs in the service's token bucket.
         var recordCostNs: UInt32 {
-            guard recordsPerSecond > 0 else { return 0 }
-            let cpus = max(Int(libbpf_num_possible_cpus()), 1)
-            return UInt32(clamping: 1_000_000_000 * cpus / recordsPerSecond)
+            let rate = effectiveRecordsPerSecond
+            guard rate > 0 else { return 0 }
+            return UInt32(clamping: Swift.max(1, 1_000_000_000 / rate))
         }
     }
 
@@ -188,8 +197,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
         bucketFlags = values.map { $0 & UInt32(RP_BUCKET_FLAGS) }
         fallback = try pinned.readFallback()
         transitionStartedNs = Int64(change.started_ns)
+        // The change finishes with the idle timeout it started with; the file's applies after it.
+        if change.idle_timeout_ns > 0, Int(change.idle_timeout_ns / 1_000_000) != options.tracking.idleTimeoutMs {
+            deferredTracking = options.tracking
+            self.options.tracking.idleTimeoutMs = Int(change.idle_timeout_ns / 1_000_000)
+        }
         if change.phase == RP_TRANSITION_LEARNING.rawValue {
             let after = try SlotCount(Int(change.slots_after), what: "slots_after").value
+            // rp_next_buckets holds the table the switch writes (failover laid over it already).
             pending = PendingPlacement(buckets: try pinned.readNextBuckets(count: options.bucketCount),
                                        slots: Array(0..<UInt32(after)), failed: [], switchNs: Int64(change.switch_ns))
         } else {
@@ -365,7 +380,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     }
 
     private func setFailedOver(_ failed: Set<UInt32>, _ slot: UInt32) throws -> Int {
-        guard slots.contains(slot) else {
+        guard slots.contains(slot) || pending?.slots.contains(slot) == true else {
             throw ReuseportError.invalidArgument("slot \(slot) is not in use (slots 0...\(slots.count - 1))")
         }
         let table = BucketAssignment.overlay(buckets, slots: slots, failed: failed)
@@ -373,17 +388,28 @@ public final class ServiceDataPlane: @unchecked Sendable {
         // A change being learned keeps its target, with this slot failed over or back too; the
         // buckets that move at its switch are the ones that learn.
         var flags = bucketFlags
-        if var next = pending {
-            if failed.contains(slot) { next.failed.insert(slot) } else { next.failed.remove(slot) }
-            pending = next
-            let target = next.effective
+        var next = pending
+        if var change = next {
+            if failed.contains(slot) { change.failed.insert(slot) } else { change.failed.remove(slot) }
+            let target = change.effective
+            var newlyLearning = false
             for bucket in flags.indices {
-                let learn = tracksFlows && target[bucket] != table[bucket] && next.switchNs > 0
+                let learn = tracksFlows && target[bucket] != table[bucket]
+                if learn && flags[bucket] & UInt32(RP_BUCKET_LEARN) == 0 { newlyLearning = true }
                 flags[bucket] = (flags[bucket] & UInt32(RP_BUCKET_PINNED)) | (learn ? UInt32(RP_BUCKET_LEARN) : 0)
             }
+            // A bucket that starts learning now gets a whole idle timeout to see its live flows.
+            if newlyLearning {
+                let window = Int64(options.tracking.idleTimeoutMs) * 1_000_000
+                change.switchNs = max(change.switchNs, MonotonicClock.nanoseconds() + window)
+            }
+            next = change
         }
         try writeEffective(table, flags: flags)
+        if let next { try maps.writeNextBuckets(next.effective) }
         failedOver = failed
+        pending = next
+        if pending != nil { try persist(now: MonotonicClock.nanoseconds()) }
         return moved
     }
 
@@ -404,12 +430,21 @@ public final class ServiceDataPlane: @unchecked Sendable {
     // MARK: placement changes that keep live flows (transitions)
 
     /// Takes new tracking settings (not `maxFlows`: rp_flows is sized at load).
+    /// While a change runs, the new settings wait for its end: the change keeps the idle timeout,
+    /// drain timeout and rate it started with.
     public func setTracking(_ tracking: FlowTracking) throws {
         var tracking = tracking
         tracking.maxFlows = options.tracking.maxFlows
+        guard transitionStartedNs == nil else {
+            deferredTracking = tracking
+            return
+        }
         options.tracking = tracking
         try spreadFallback(over: fallbackSlots)
     }
+
+    /// Settings given while a change ran, applied when it ends.
+    private var deferredTracking: FlowTracking?
 
     /// Whether changes of this plane learn and pin flows: tracking on and a UDP listener (a TCP
     /// connection, once accepted, never moves: SYNs simply follow the table).
@@ -419,8 +454,10 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     /// The slots the fallback table may name: holding a socket, and neither leaving nor about
     /// to leave at the switch.
-    private var fallbackSlots: [UInt32] {
-        let staying = Set(pending?.slots ?? slots)
+    private var fallbackSlots: [UInt32] { fallbackSlots(staying: pending?.slots ?? slots) }
+
+    private func fallbackSlots(staying: [UInt32]) -> [UInt32] {
+        let staying = Set(staying)
         return liveSlots.filter { staying.contains($0) && !leaving.contains($0) }
     }
 
@@ -441,14 +478,17 @@ public final class ServiceDataPlane: @unchecked Sendable {
         let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target), slots: target,
                                     failed: base.failed.filter { $0 < UInt32(count) }, switchNs: now)
         let added = target.filter { !liveSlots.contains($0) }
+        let wasLeaving = leaving
         do {
             for slot in added { try insertSockets(slot) }
+            leaving.subtract(target)
+            return try plan(next, now: now, learnNs: learnNs)
         } catch {
+            leaving = wasLeaving
+            try? spreadFallback(over: fallbackSlots)
             for slot in added { try? removeSockets(slot) }
             throw error
         }
-        leaving.subtract(target)
-        return try plan(next, now: now, learnNs: learnNs)
     }
 
     /// Starts giving a failed-over slot its buckets back as a change: the flows the other slots
@@ -478,11 +518,15 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         let records = try liveRecordsBySlot(now: now)
         let leavingAtSwitch = Set(liveSlots).subtracting(next.slots)
+        // Flows a full table turned away in an earlier change may be recorded in this one.
+        if learn > 0 { try clearUntrackedMarkers() }
+        // The kernel's tables first; this plane's state once they are written.
+        try spreadFallback(over: fallbackSlots(staying: next.slots))
+        try writeEffective(effectiveBuckets, flags: flags)
+        // The table the switch writes, failover included: what a daemon started again switches to.
+        try maps.writeNextBuckets(target)
         pending = next
         if transitionStartedNs == nil { transitionStartedNs = now }
-        try spreadFallback(over: fallbackSlots)
-        try writeEffective(effectiveBuckets, flags: flags)
-        try maps.writeNextBuckets(next.buckets)
         try persist(now: now)
         return TransitionPlan(movingBuckets: moving, bucketCount: options.bucketCount, switchNs: next.switchNs,
                               leaving: leavingAtSwitch.sorted(),
@@ -514,6 +558,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
         failedOver = next.failed
         pending = nil
         leaving.formUnion(Set(liveSlots).subtracting(slots))
+        // The drain timeout bounds how long leaving slots wait; records of staying slots keep
+        // their flows until those are idle, however long that takes.
         let drainMs = options.tracking.drainTimeoutMs
         drainDeadlineNs = drainNow || !tracksFlows ? now : (drainMs > 0 ? now + Int64(drainMs) * 1_000_000 : nil)
         try spreadFallback(over: fallbackSlots)
@@ -541,13 +587,16 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public func sweep(now: Int64, forget: Set<UInt32> = []) throws -> SweepResult {
         let idleNs = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
         let clock = UInt64(now)
+        // A record naming a slot that holds no socket (retired at the drain timeout) steers
+        // nothing any more: it goes too, so that the change can end.
+        let holding = Set(liveSlots)
         var live: [UInt32: Int] = [:]
         var expired = 0
         // Raw entries: a sweep of a million records must not build a million FlowTuples.
         var stale: [rp_flow_key] = []
         try maps.flows.forEachEntry(as: (rp_flow_key, rp_flow).self) { key, record in
             let idle = clock > record.last_seen_ns ? clock - record.last_seen_ns : 0
-            if idle > idleNs || forget.contains(record.slot) {
+            if idle > idleNs || forget.contains(record.slot) || !holding.contains(record.slot) {
                 stale.append(key)
             } else {
                 live[record.slot, default: 0] += 1
@@ -557,9 +606,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         // or repeat a bucket.
         for key in stale where try maps.flows.delete(key: key) { expired += 1 }
         var finished = false
-        if pending == nil, leaving.isEmpty, transitionStartedNs != nil,
-           live.isEmpty || drainDeadlineNs.map({ now >= $0 }) == true
-        {
+        if pending == nil, leaving.isEmpty, transitionStartedNs != nil, live.isEmpty {
             try endTransition(now: now)
             finished = true
         }
@@ -582,10 +629,21 @@ public final class ServiceDataPlane: @unchecked Sendable {
     private func endTransition(now: Int64) throws {
         try writeEffective(effectiveBuckets, flags: Array(repeating: 0, count: bucketFlags.count))
         for (key, _) in try maps.flows.entries(as: (rp_flow_key, rp_flow).self) { try maps.flows.delete(key: key) }
-        for (key, _) in try maps.untracked.entries(as: (rp_flow_key, UInt32).self) { try maps.untracked.delete(key: key) }
+        try clearUntrackedMarkers()
         transitionStartedNs = nil
         drainDeadlineNs = nil
+        if let deferred = deferredTracking {
+            deferredTracking = nil
+            options.tracking = deferred
+            try spreadFallback(over: fallbackSlots)
+        }
         try persist(now: now)
+    }
+
+    private func clearUntrackedMarkers() throws {
+        var keys: [rp_flow_key] = []
+        try maps.untracked.forEachEntry(as: (rp_flow_key, UInt32).self) { key, _ in keys.append(key) }
+        for key in keys { try maps.untracked.delete(key: key) }
     }
 
     /// Writes rp_transition: what a daemon started again needs to finish the change.
@@ -669,6 +727,13 @@ public struct PendingPlacement: Sendable, Equatable {
     public var failed: Set<UInt32>
     /// When learning ends (CLOCK_MONOTONIC).
     public var switchNs: Int64
+
+    public init(buckets: [UInt32], slots: [UInt32], failed: Set<UInt32>, switchNs: Int64) {
+        self.buckets = buckets
+        self.slots = slots
+        self.failed = failed
+        self.switchNs = switchNs
+    }
 
     /// The table rp_buckets will hold: the failed-over slots' buckets lent to the others.
     public var effective: [UInt32] { BucketAssignment.overlay(buckets, slots: slots, failed: failed) }

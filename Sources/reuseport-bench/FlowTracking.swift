@@ -40,6 +40,8 @@ struct FlowTrackingBench {
         /// Flows not delivered at all in the round after the switch.
         var lost = 0
         var untracked: UInt64 = 0
+        var rateRefused: UInt64 = 0
+        var rateBound = 0
         var records = 0
         var recordBytes = 0
         /// From `beginResize` to the end of the switch's write; and the write alone.
@@ -78,10 +80,11 @@ struct FlowTrackingBench {
     /// `flows` flows, each from its own source address in 127/8, send one datagram per round,
     /// round after round; the service grows 4 → 6 as a change (the learning lasts `idleMs`, so
     /// every flow sends several times within it) and switches; then one more round says which
-    /// flows changed slot. Records are not rate-bounded here (max_new_flows_per_second 0).
+    /// flows changed slot. The table holds twice the flows; the rate bound is the default.
     static func measureRescale(flows: Int, idleMs: Int) throws -> Rescale {
         var result = Rescale(flows: flows, idleMs: idleMs)
-        var tracking = ServiceDataPlane.FlowTracking(idleTimeoutMs: idleMs, maxFlows: 2 * flows, recordsPerSecond: 0)
+        // The default rate bound: the table's size over the learning window.
+        var tracking = ServiceDataPlane.FlowTracking(idleTimeoutMs: idleMs, maxFlows: 2 * flows)
         tracking.drainTimeoutMs = 0
         let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 4,
                                          options: .init(seed: 0x5eed, receiveBuffer: SocketGroup.receiveBuffer,
@@ -144,6 +147,8 @@ struct FlowTrackingBench {
         result.fresh = 65_536
         result.freshOnNewSlots = round(first: UInt32(flows + 1), count: result.fresh).filter { $0 >= 5 }.count
         result.untracked = try plane.maps.flowCounters().untracked
+        result.rateRefused = try plane.maps.flowCounters().rate_refused
+        result.rateBound = tracking.effectiveRecordsPerSecond
         result.records = try FlowRecords.read(plane.maps).count
         result.recordBytes = try plane.maps.flows.withDescriptor(memlock(of:))
         let sweepStart = MonotonicClock.seconds()

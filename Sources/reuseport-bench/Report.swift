@@ -166,8 +166,10 @@ struct Report {
                 + "(one socket, `IP_PKTINFO` picks the source) and sends one datagram per round; a round of every flow "
                 + "took \(fixed(r.roundSeconds, 1)) s. The service grows 4 → 6 as a change with a \(r.idleMs / 1000) s idle "
                 + "timeout: the moving buckets learn for \(r.idleMs / 1000) s (\(r.learningRounds) rounds), then switch; one "
-                + "more round says where each flow lands. `max_new_flows_per_second` is 0 (no bound) here: at the "
-                + "default 100,000 a change meets that many new flows per second at most.")
+                + "more round says where each flow lands. `max_tracked_flows` is twice the flows, and "
+                + "`max_new_flows_per_second` its default, the table's size over the learning window "
+                + "(\(r.rateBound)/s): packets of flows it refused (`rate_refused`, \(r.rateRefused) here) are recorded at a "
+                + "later round.")
             lines.append("")
             lines.append("| live flows | changed slot | not delivered | records | untracked | rp_flows memory | scale → switched | switch write | new flows on the new slots | one sweep of the records |")
             lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

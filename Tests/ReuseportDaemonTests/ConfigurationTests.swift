@@ -48,8 +48,8 @@ struct ConfigurationTests {
                                                                   recordsPerSecond: 500, drainTimeoutMs: 60000))
     }
 
-    /// Without the keys: tracking on, 60 s idle timeout, 262,144 records, 100,000 new per second,
-    /// a one-hour drain limit.
+    /// Without the keys: tracking on, 60 s idle timeout, 262,144 records, new records bounded to
+    /// the table's size over one learning window (4,369 a second), a one-hour drain limit.
     @Test func flowTrackingDefaults() throws {
         let service = try ConfigurationParser.parse("""
             [[service]]
@@ -60,8 +60,8 @@ struct ConfigurationTests {
             """, file: "d.toml").services[0]
         #expect(service.tracking == ServiceDataPlane.FlowTracking())
         #expect(service.tracking.enabled && service.tracking.idleTimeoutMs == 60_000
-                    && service.tracking.maxFlows == 262_144 && service.tracking.recordsPerSecond == 100_000
-                    && service.tracking.drainTimeoutMs == 3_600_000)
+                    && service.tracking.maxFlows == 262_144 && service.tracking.recordsPerSecond == nil
+                    && service.tracking.effectiveRecordsPerSecond == 4369 && service.tracking.drainTimeoutMs == 3_600_000)
     }
 
     @Test(arguments: [
