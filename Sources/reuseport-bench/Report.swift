@@ -360,7 +360,9 @@ extension Report {
             + "different worker after the change. **Kernel default**: N sockets with SO_REUSEPORT, one more joins, "
             + "then it leaves. **reuseportd**: the real daemon with whoami workers, the worker count rewritten in its "
             + "configuration and SIGHUP sent; the placement is read from the whoami answers once every slot answers "
-            + "and two probes agree. The ideal is the share the new (or removed) worker must take: 1/(N+1).")
+            + "and two probes agree, with flow tracking off: this is what the bucket table itself moves (with "
+            + "tracking, item 7, no live flow moves at all). The ideal is the share the new (or removed) worker "
+            + "must take: 1/(N+1).")
         lines.append("")
         if let error = r.error { lines += ["reuseportd not measured: \(error).", ""] }
         lines.append("| change | ideal 1/(N+1) | kernel default | reuseportd | reuseportd / ideal |")
