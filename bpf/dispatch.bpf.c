@@ -5,7 +5,8 @@
  * hash(tuple, seed) -> bucket = hash % bucket_count -> slot = rp_buckets[bucket]
  * -> bpf_sk_select_reuseport(rp_sockets, slot). An empty slot falls back to a
  * live one from rp_fallback, chosen by the same hash; with no live slot the packet
- * is dropped.
+ * is dropped. A UDP service with QUIC steering (rp_quic_config) first tries the slot
+ * named by the packet's QUIC connection ID (quic_dispatch()).
  *
  * The program never returns SK_PASS without a selection: the kernel would then
  * fall back to its own hash over *every* socket of the group, including a
@@ -72,6 +73,27 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rp_slot_state);
 } rp_slot_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_quic_config);
+} rp_quic_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_quic_stats);
+} rp_quic_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RP_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rp_quic_slot_stats);
+} rp_quic_slot_stats SEC(".maps");
 
 /* Offsets from the network header (BPF_HDR_START_NET). */
 #define IPV4_SADDR_OFF 12 /* saddr, daddr: 8 bytes */
@@ -167,34 +189,28 @@ static __always_inline void count(__u32 slot, struct sk_reuseport_md *ctx, int f
 		s->fallbacks++;
 }
 
-SEC("sk_reuseport")
-int rp_dispatch(struct sk_reuseport_md *ctx)
+/*
+ * Where the flow of a hash goes: its bucket's slot, else a live slot from the fallback
+ * table, else nowhere (drop). The flow hash and the hash of a QUIC long header's DCID both
+ * end here. *selected is the slot that took the packet.
+ */
+static __always_inline int select_by_hash(struct sk_reuseport_md *ctx, struct rp_config *cfg, __u32 hash,
+					  __u32 *selected)
 {
 	struct rp_global_stats *g;
-	struct rp_config *cfg;
-	__u32 zero = 0, hash, bucket, first;
+	__u32 bucket, first;
 	__u32 *slot;
 	long err;
-
-	cfg = bpf_map_lookup_elem(&rp_config, &zero);
-	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
-	    cfg->bucket_count > RP_MAX_BUCKETS) {
-		g = global_stats();
-		if (g)
-			g->dropped_no_slot++;
-		return SK_DROP;
-	}
-	if (flow_hash(ctx, cfg->seed, &hash))
-		return drop_unparsable();
 
 	bucket = bucket_of(hash, cfg->bucket_count);
 	slot = bpf_map_lookup_elem(&rp_buckets, &bucket);
 	if (slot) {
-		__u32 s = *slot;
+		__u32 s = rp_bucket_slot(*slot);
 
 		err = bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0);
 		if (err == 0) {
 			count(s, ctx, 0);
+			*selected = s;
 			return SK_PASS;
 		}
 		if (err != -ENOENT) {
@@ -229,6 +245,7 @@ int rp_dispatch(struct sk_reuseport_md *ctx)
 			if (g)
 				g->fallbacks++;
 			count(s, ctx, 1);
+			*selected = s;
 			return SK_PASS;
 		}
 	}
@@ -238,6 +255,158 @@ drop:
 	if (g)
 		g->dropped_no_slot++;
 	return SK_DROP;
+}
+
+/* What quic_dispatch() leaves to the rest of the program. */
+enum {
+	QUIC_BY_FLOW = -1, /* steer by the flow hash, as any UDP datagram */
+	QUIC_BY_HASH = -2, /* steer by the hash it computed (a long header's DCID) */
+};
+
+/* UDP payload octets from ctx->data, which points at the UDP header. */
+#define UDP_HEADER_LEN 8
+
+/*
+ * Copies the first n octets of the UDP payload into head: straight from the packet when they
+ * are in the linear area (direct packet access, bounds checked against data_end), else with
+ * bpf_skb_load_bytes() (a payload in page fragments: GRO, large datagrams from some NICs).
+ * n is a constant at each call.
+ */
+static __always_inline int quic_copy_head(struct sk_reuseport_md *ctx, __u8 *head, const __u32 n)
+{
+	void *data = ctx->data;
+	void *data_end = ctx->data_end;
+
+	if (data + UDP_HEADER_LEN + n <= data_end) {
+		__builtin_memcpy(head, data + UDP_HEADER_LEN, n);
+		return 0;
+	}
+	return bpf_skb_load_bytes(ctx, UDP_HEADER_LEN, head, n) ? -1 : 0;
+}
+
+/* Sends the packet to the slot its CID names, if that slot holds a socket. */
+static __always_inline int quic_select_slot(struct sk_reuseport_md *ctx, __u32 slot, struct rp_quic_stats *qs)
+{
+	struct rp_quic_slot_stats *ss;
+	struct rp_global_stats *g;
+	long err;
+
+	err = bpf_sk_select_reuseport(ctx, &rp_sockets, &slot, 0);
+	if (err == 0) {
+		count(slot, ctx, 0);
+		ss = bpf_map_lookup_elem(&rp_quic_slot_stats, &slot);
+		if (ss)
+			ss->cid_steered++;
+		qs->cid_steered++;
+		return SK_PASS;
+	}
+	if (err != -ENOENT) {
+		g = global_stats();
+		if (g)
+			g->select_errors++;
+	}
+	return QUIC_BY_FLOW;
+}
+
+/*
+ * QUIC-LB steering (bpf/dispatch.h has the layout): a short header goes to the slot its
+ * DCID's server ID names while that slot holds a socket, else (counted) to flow steering;
+ * a long header goes to the slot its DCID names the same way (a client's Handshake packets
+ * carry the server's CID), else by the hash of its DCID, so that all packets of one
+ * handshake meet one worker even if the client's address changes meanwhile. Version
+ * negotiation and unparsable packets are counted and dropped: a server has nothing to do
+ * with them. Returns SK_PASS, SK_DROP, QUIC_BY_FLOW, or QUIC_BY_HASH with *hash set.
+ */
+static __always_inline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, struct rp_quic_config *qc,
+					 __u32 *hash)
+{
+	__u8 head[RP_QUIC_HEADER_BYTES] = {};
+	struct rp_quic_header h;
+	struct rp_quic_stats *qs;
+	__u32 zero = 0, payload, slot;
+	int verdict;
+
+	qs = bpf_map_lookup_elem(&rp_quic_stats, &zero);
+	if (!qs)
+		return QUIC_BY_FLOW;
+	payload = ctx->len >= UDP_HEADER_LEN ? ctx->len - UDP_HEADER_LEN : 0;
+	if (payload >= RP_QUIC_HEADER_BYTES) {
+		if (quic_copy_head(ctx, head, RP_QUIC_HEADER_BYTES))
+			goto unparsable;
+	} else if (payload >= RP_QUIC_SHORT_HEADER_BYTES) {
+		if (quic_copy_head(ctx, head, RP_QUIC_SHORT_HEADER_BYTES))
+			goto unparsable;
+	}
+	rp_quic_parse(qc, head, payload, &h);
+	if (h.kind == RP_QUIC_SHORT) {
+		slot = rp_quic_server_slot(qc, head + 1);
+		if (slot == RP_QUIC_NO_SLOT) {
+			qs->unknown_cid++;
+			return QUIC_BY_FLOW;
+		}
+		verdict = quic_select_slot(ctx, slot, qs);
+		if (verdict == QUIC_BY_FLOW)
+			qs->fallbacks++;
+		return verdict;
+	}
+	if (h.kind == RP_QUIC_LONG) {
+		if (h.initial)
+			qs->initials++;
+		if (h.dcid_length == qc->cid_length) {
+			slot = rp_quic_server_slot(qc, head + 6);
+			if (slot != RP_QUIC_NO_SLOT && quic_select_slot(ctx, slot, qs) == SK_PASS)
+				return SK_PASS;
+		}
+		qs->dcid_hashed++;
+		*hash = rp_quic_dcid_hash(seed, head + 6, h.dcid_length);
+		return QUIC_BY_HASH;
+	}
+	if (h.kind == RP_QUIC_VERSION_NEGOTIATION) {
+		qs->version_negotiation++;
+		return SK_DROP;
+	}
+unparsable:
+	qs->unparsable++;
+	return SK_DROP;
+}
+
+SEC("sk_reuseport")
+int rp_dispatch(struct sk_reuseport_md *ctx)
+{
+	struct rp_quic_slot_stats *ss;
+	struct rp_quic_config *qc;
+	struct rp_global_stats *g;
+	struct rp_config *cfg;
+	__u32 zero = 0, hash = 0, selected = 0;
+	int verdict = QUIC_BY_FLOW, by_dcid;
+
+	cfg = bpf_map_lookup_elem(&rp_config, &zero);
+	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
+	    cfg->bucket_count > RP_MAX_BUCKETS) {
+		g = global_stats();
+		if (g)
+			g->dropped_no_slot++;
+		return SK_DROP;
+	}
+	if (ctx->ip_protocol == IPPROTO_UDP) {
+		qc = bpf_map_lookup_elem(&rp_quic_config, &zero);
+		if (qc && qc->enabled)
+			verdict = quic_dispatch(ctx, cfg->seed, qc, &hash);
+	}
+	if (verdict == QUIC_BY_FLOW) {
+		if (flow_hash(ctx, cfg->seed, &hash))
+			return drop_unparsable();
+	} else if (verdict != QUIC_BY_HASH) {
+		return verdict;
+	}
+	by_dcid = verdict == QUIC_BY_HASH;
+	verdict = select_by_hash(ctx, cfg, hash, &selected);
+	if (by_dcid && verdict == SK_PASS) {
+		ss = bpf_map_lookup_elem(&rp_quic_slot_stats, &selected);
+		if (ss)
+			ss->dcid_hashed++;
+	}
+	return verdict;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
