@@ -245,8 +245,8 @@ static inline __u32 rp_fallback_index(__u32 hash)
 #define RP_QUIC_NO_SLOT 0xffffffffu
 /* First byte, version, DCID length and a DCID of up to 20 octets. */
 #define RP_QUIC_HEADER_BYTES 26
-/* First byte and the octets the server ID can occupy. */
-#define RP_QUIC_SHORT_HEADER_BYTES (1 + 1 + RP_QUIC_MAX_SERVER_ID_LENGTH)
+/* First byte and the octets the server ID can occupy (a literal: Swift imports only those). */
+#define RP_QUIC_SHORT_HEADER_BYTES 9
 #define RP_QUIC_VERSION_1 0x00000001u
 #define RP_QUIC_VERSION_2 0x6b3343cfu    /* RFC 9369: its Initial is long packet type 1 */
 
@@ -286,6 +286,8 @@ _Static_assert((1u << RP_QUIC_SLOT_BITS) == RP_MAX_SLOTS, "the worker ID's slot 
 _Static_assert(RP_QUIC_MAX_SERVER_ID_LENGTH >= RP_QUIC_MAX_PREFIX_LENGTH + RP_QUIC_MIN_WORKER_ID_LENGTH,
 	       "a prefix of the longest kind leaves room for a worker ID");
 _Static_assert(RP_QUIC_HEADER_BYTES == 6 + RP_QUIC_MAX_CID_LENGTH, "a long header's DCID fits the header bytes");
+_Static_assert(RP_QUIC_SHORT_HEADER_BYTES == 1 + 1 + RP_QUIC_MAX_SERVER_ID_LENGTH,
+	       "a short header's first octet, the CID's first octet and the longest server ID");
 
 /* What a packet is, as far as steering cares. */
 enum rp_quic_kind {

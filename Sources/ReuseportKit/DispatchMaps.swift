@@ -17,10 +17,14 @@ public final class DispatchMaps: @unchecked Sendable {
     public let slotStats: BPFMap
     public let globalStats: BPFMap
     public let slotState: BPFMap
+    /// QUIC connection-ID steering: its layout (written by the data plane) and its counters.
+    public let quicConfig: BPFMap
+    public let quicStats: BPFMap
+    public let quicSlotStats: BPFMap
 
     /// The names, in the object and as pin file names.
     public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
-                               RP_MAP_SLOT_STATE]
+                               RP_MAP_SLOT_STATE, RP_MAP_QUIC_CONFIG, RP_MAP_QUIC_STATS, RP_MAP_QUIC_SLOT_STATS]
 
     static let layouts: [String: Int] = [
         RP_MAP_CONFIG: MemoryLayout<rp_config>.size,
@@ -29,6 +33,9 @@ public final class DispatchMaps: @unchecked Sendable {
         RP_MAP_SLOT_STATS: MemoryLayout<rp_slot_stats>.size,
         RP_MAP_GLOBAL_STATS: MemoryLayout<rp_global_stats>.size,
         RP_MAP_SLOT_STATE: MemoryLayout<rp_slot_state>.size,
+        RP_MAP_QUIC_CONFIG: MemoryLayout<rp_quic_config>.size,
+        RP_MAP_QUIC_STATS: MemoryLayout<rp_quic_stats>.size,
+        RP_MAP_QUIC_SLOT_STATS: MemoryLayout<rp_quic_slot_stats>.size,
     ]
 
     init(open: (String, Int) throws -> BPFMap) throws {
@@ -39,6 +46,9 @@ public final class DispatchMaps: @unchecked Sendable {
         slotStats = try map(RP_MAP_SLOT_STATS)
         globalStats = try map(RP_MAP_GLOBAL_STATS)
         slotState = try map(RP_MAP_SLOT_STATE)
+        quicConfig = try map(RP_MAP_QUIC_CONFIG)
+        quicStats = try map(RP_MAP_QUIC_STATS)
+        quicSlotStats = try map(RP_MAP_QUIC_SLOT_STATS)
     }
 
     /// Opens the maps a daemon pinned for one service.
@@ -49,7 +59,7 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
-    var all: [BPFMap] { [config, buckets, fallback, slotStats, globalStats, slotState] }
+    var all: [BPFMap] { [config, buckets, fallback, slotStats, globalStats, slotState, quicConfig, quicStats, quicSlotStats] }
 
     public func pin(_ layout: PinLayout) throws {
         for map in all { try map.pin(at: layout.path(ofShared: map.name)) }
@@ -70,6 +80,16 @@ public final class DispatchMaps: @unchecked Sendable {
         let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed, bucket_count: UInt32(bucketCount),
                               slot_count: UInt32(slotCount), live_count: UInt32(liveCount), reserved: 0)
         try config.update(0, value)
+    }
+
+    /// The service's QUIC steering layout; nil when it has none (steering off).
+    public func readQuicSteering() throws -> QuicSteering? {
+        try quicConfig.lookup(0, as: rp_quic_config.self).flatMap { QuicSteering($0) }
+    }
+
+    /// Writes rp_quic_config: the layout, or off (all zero) for nil.
+    func writeQuicSteering(_ steering: QuicSteering?) throws {
+        try quicConfig.update(0, steering?.config ?? rp_quic_config())
     }
 
     /// Refuses maps written by a program of another ABI version.
@@ -136,14 +156,38 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
-    /// Zeroes a slot's counters on every CPU (a slot that is reused starts from zero).
+    /// The QUIC counters of the service, summed over CPUs.
+    public func quicCounters() throws -> rp_quic_stats {
+        try quicStats.lookupPerCPU(0, as: rp_quic_stats.self).reduce(into: rp_quic_stats()) { sum, cpu in
+            sum.cid_steered &+= cpu.cid_steered
+            sum.initials &+= cpu.initials
+            sum.dcid_hashed &+= cpu.dcid_hashed
+            sum.unknown_cid &+= cpu.unknown_cid
+            sum.fallbacks &+= cpu.fallbacks
+            sum.version_negotiation &+= cpu.version_negotiation
+            sum.unparsable &+= cpu.unparsable
+        }
+    }
+
+    /// A slot's QUIC counters, summed over CPUs.
+    public func quicSlotCounters(_ slot: UInt32) throws -> rp_quic_slot_stats {
+        try quicSlotStats.lookupPerCPU(slot, as: rp_quic_slot_stats.self).reduce(into: rp_quic_slot_stats()) { sum, cpu in
+            sum.cid_steered &+= cpu.cid_steered
+            sum.dcid_hashed &+= cpu.dcid_hashed
+        }
+    }
+
+    /// Zeroes a slot's counters (rp_slot_stats, rp_quic_slot_stats) on every CPU: a slot that is
+    /// reused starts from zero.
     func resetSlotCounters(_ slot: UInt32) throws {
-        let cpus = Int(libbpf_num_possible_cpus())
-        let stride = (slotStats.valueSize + 7) & ~7
-        let zeros = [UInt8](repeating: 0, count: stride * max(cpus, 1))
-        var key = slot
-        let result = zeros.withUnsafeBytes { bpf_map_update_elem(slotStats.fd, &key, $0.baseAddress, UInt64(BPF_ANY)) }
-        if result != 0 { throw ReuseportError.system("bpf_map_update_elem(\(slotStats.name)[\(slot)])", errno) }
+        for map in [slotStats, quicSlotStats] {
+            let cpus = Int(libbpf_num_possible_cpus())
+            let stride = (map.valueSize + 7) & ~7
+            let zeros = [UInt8](repeating: 0, count: stride * max(cpus, 1))
+            var key = slot
+            let result = zeros.withUnsafeBytes { bpf_map_update_elem(map.fd, &key, $0.baseAddress, UInt64(BPF_ANY)) }
+            if result != 0 { throw ReuseportError.system("bpf_map_update_elem(\(map.name)[\(slot)])", errno) }
+        }
     }
 
     // MARK: worker state

@@ -9,7 +9,7 @@ import CReuseportABI
 /// in it) without moving a single flow.
 ///
 /// It is the only writer of the service's maps (rp_config, rp_buckets, rp_fallback, the
-/// socket arrays, rp_slot_state) and holds what they must say:
+/// socket arrays, rp_slot_state, rp_quic_config) and holds what they must say:
 /// - the *nominal* bucket table (`buckets`): where each bucket's flows belong;
 /// - the failover overlay (`failedOver`): slots whose buckets are lent to the others;
 /// - the *effective* table (`effectiveBuckets`): the nominal one with the overlay laid over
@@ -23,13 +23,16 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var seed: UInt32
         public var receiveBuffer: Int?
         public var v6Only: Bool
+        /// QUIC connection-ID steering (rp_quic_config); nil: off.
+        public var quic: QuicSteering?
 
         public init(bucketCount: Int = Int(RP_DEFAULT_BUCKETS), seed: UInt32 = 0, receiveBuffer: Int? = nil,
-                    v6Only: Bool = true) {
+                    v6Only: Bool = true, quic: QuicSteering? = nil) {
             self.bucketCount = bucketCount
             self.seed = seed
             self.receiveBuffer = receiveBuffer
             self.v6Only = v6Only
+            self.quic = quic
         }
     }
 
@@ -96,6 +99,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         self.effectiveBuckets = buckets
         self.fallback = BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: slots)
         for slot in slots { try insertSockets(slot) }
+        try maps.writeQuicSteering(options.quic)
         try maps.writeBuckets(buckets)
         try maps.writeFallback(fallback)
         try spreadFallback(over: liveSlots)
