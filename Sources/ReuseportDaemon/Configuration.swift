@@ -62,6 +62,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     /// A worker that sends no `WATCHDOG=1` to its NOTIFY_SOCKET for this long is stopped
     /// (SIGABRT, SIGKILL at the stop timeout) and restarted, as systemd's `WatchdogSec=`; 0: off.
     public var watchdogMs: Int = 0
+    /// `[service.quic]`: steer UDP by QUIC connection ID (docs/quic.md); nil: off.
+    public var quic: QuicSteering?
 
     public static let defaultFailoverAfterMs = 5000
 
@@ -86,7 +88,7 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     /// What the sockets and the program depend on: a change here needs new sockets
     /// (the service is rebuilt), a change elsewhere does not.
     var dataPlaneShape: [String] {
-        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)"]
+        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)", "\(String(describing: quic))"]
     }
 }
 

@@ -119,8 +119,48 @@ public enum ConfigurationParser {
     static let serviceKeys = [
         "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
-        "failover_after_ms", "watchdog_ms", "environment",
+        "failover_after_ms", "watchdog_ms", "environment", "quic",
     ]
+
+    static let quicKeys = ["cid_length", "server_id_length", "host_prefix", "config_rotation"]
+
+    /// `[service.quic]`: the QUIC-LB layout of the service's connection IDs (docs/quic.md).
+    static func parseQuic(_ service: TableReader, listen: [Endpoint]) throws(ConfigurationError) -> QuicSteering? {
+        guard let value = service.table["quic"] else { return nil }
+        guard let table = value.table else {
+            throw service.error("quic", "must be a table ([service.quic] or quic = { cid_length = 12 }), not \(value.type)")
+        }
+        let reader = TableReader(table: table, path: service.key("quic"), file: service.file)
+        try reader.rejectUnknown(quicKeys)
+        guard listen.contains(where: { $0.transport == .udp }) else {
+            throw service.error("quic", "needs a udp:// listener: QUIC steering applies to UDP only")
+        }
+        guard let cidLength = try reader.integer("cid_length") else {
+            throw reader.error("cid_length", "is required: the length of the connection IDs the workers issue "
+                + "(\(QuicSteering.cidLengthRange.lowerBound) to \(QuicSteering.cidLengthRange.upperBound))")
+        }
+        var prefix: [UInt8] = []
+        if let text = try reader.string("host_prefix") {
+            guard let octets = QuicSteering.octets(hex: text) else {
+                throw reader.error("host_prefix", "'\(text)' is not hex octets (for example \"0a\" or \"0a1b\")")
+            }
+            prefix = octets
+        }
+        let serverIDLength = try reader.integer("server_id_length")
+        let configRotation = try reader.integer("config_rotation") ?? 0
+        do throws(QuicSteering.Problem) {
+            return try QuicSteering(cidLength: cidLength, serverIDLength: serverIDLength, hostPrefix: prefix,
+                                    configRotation: configRotation)
+        } catch {
+            let key = switch error.setting {
+            case .cidLength: "cid_length"
+            case .serverIDLength: "server_id_length"
+            case .hostPrefix: "host_prefix"
+            case .configRotation: "config_rotation"
+            }
+            throw reader.error(key, error.description)
+        }
+    }
 
     static func parseService(_ table: TOMLTable, path: String, file: String) throws(ConfigurationError)
         -> ServiceConfiguration
@@ -217,6 +257,7 @@ public enum ConfigurationParser {
                                            seed: UInt32(seed), restart: restart, failoverAfterMs: failover,
                                            environment: environment)
         service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
+        service.quic = try parseQuic(reader, listen: listen)
         return service
     }
 

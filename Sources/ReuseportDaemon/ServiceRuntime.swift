@@ -84,7 +84,7 @@ final class ServiceRuntime {
         logger[metadataKey: "service"] = "\(configuration.name)"
         self.logger = logger
         let options = ServiceDataPlane.Options(bucketCount: configuration.bucketCount, seed: configuration.seed,
-                                               receiveBuffer: configuration.receiveBuffer)
+                                               receiveBuffer: configuration.receiveBuffer, quic: configuration.quic)
         var endpoints = configuration.listen
         if let predecessor {
             for (index, endpoint) in endpoints.enumerated() where endpoint.address.port == 0 {
