@@ -32,6 +32,9 @@ EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/obj
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... promtool and a Prometheus server: the metrics endpoint's tests check and scrape it.
 APT_PACKAGES += prometheus
+# ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
+# throwaway certificate.
+APT_PACKAGES += python3-venv openssl
 # ... and what `make bench` needs on top (gnuplot draws the chart).
 BENCH_APT_PACKAGES := gnuplot-nox
 # ... and what `make unit-check` needs (systemd-analyze; systemd need not run).
@@ -103,9 +106,20 @@ build: $(OUTPUT)/.abi-stamp
 run: build
 	$(Q)$(SWIFT) run -c $(CONFIG) $(SWIFT_FLAGS) reuseportd $(ARGS)
 
-unit-test: $(OUTPUT)/.abi-stamp
+# aioquic for the QUIC tests (Tests/quic/, QuicMigrationTests), from PyPI into a venv of the build
+# folder with Debian's Python; the tests are told where it is (REUSEPORT_TEST_PYTHON), and fail,
+# rather than skip, when it is missing.
+QUIC_VENV     := $(OUTPUT)/venv
+QUIC_PACKAGES := aioquic==1.7.2
+$(QUIC_VENV)/.stamp: Makefile $(OUTPUT)/.deps
+	$(call msg,PIP,$(QUIC_PACKAGES) into $(QUIC_VENV))
+	$(Q)rm -rf $(QUIC_VENV) && /usr/bin/python3 -m venv $(QUIC_VENV) && \
+		$(QUIC_VENV)/bin/pip install --quiet --disable-pip-version-check $(QUIC_PACKAGES)
+	$(Q)touch $@
+
+unit-test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
 	$(call msg,TEST,swift test)
-	$(Q)$(SWIFT) test $(SWIFT_FLAGS)
+	$(Q)REUSEPORT_TEST_PYTHON=$(CURDIR)/$(QUIC_VENV)/bin/python3 $(SWIFT) test $(SWIFT_FLAGS)
 
 # The kernel-feature suite (Sources/kernel-check) on the running kernel; `make vmtest`
 # runs the same suite inside VMs. One line per check; V=1 adds the measured values.
