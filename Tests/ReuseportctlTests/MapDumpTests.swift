@@ -61,12 +61,12 @@ struct MapDumpTests {
         #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors"])
         #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
-                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots"])
+                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots", "quic"])
         #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
         #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors"])
         #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "stalls", "watchdog_restarts", "generation",
                                        "since_ns", "seconds_in_state",
-                                       "buckets", "packets", "bytes", "fallbacks", "receive_drops", "sockets"])
+                                       "buckets", "packets", "bytes", "fallbacks", "receive_drops", "sockets", "quic"])
         let socket = try #require((slots[0]["sockets"] as? [[String: Any]])?.first)
         #expect(Set(socket.keys) == ["listener", "cookie", "inode", "receive_drops", "receive_queue"])
     }
