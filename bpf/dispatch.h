@@ -269,7 +269,7 @@ struct rp_quic_stats {
 	__u64 unknown_cid;         /* short header, DCID not of this configuration: flow steering */
 	__u64 fallbacks;           /* short header, DCID naming a slot without a socket: flow steering */
 	__u64 version_negotiation; /* long header of version 0 (only servers send those): dropped */
-	__u64 unparsable;          /* too short for its DCID, or a long-header DCID over 20 octets: dropped */
+	__u64 unparsable;          /* too short for its DCID, or a long-header DCID not of 8 to 20 octets: dropped */
 	__u64 reserved;
 };
 
@@ -309,8 +309,10 @@ struct rp_quic_header {
  * RP_QUIC_HEADER_BYTES when the payload has that many, else the first
  * RP_QUIC_SHORT_HEADER_BYTES when it has those, else none; the rest of head is zero.
  * A valid long-header packet is longer than RP_QUIC_HEADER_BYTES (header protection samples
- * 16 octets that start 4 after the packet number), so a shorter one is unparsable; a short
- * header must hold its DCID.
+ * 16 octets that start 4 after the packet number), so a shorter one is unparsable, and so is
+ * one whose DCID is shorter than any this service's servers issue or a client may choose for
+ * its first Initial (RFC 9000, section 7.2), or longer than version 1 allows. A short header
+ * must hold its DCID.
  */
 static inline __attribute__((always_inline)) void rp_quic_parse(const struct rp_quic_config *qc,
 								   const __u8 head[RP_QUIC_HEADER_BYTES],
@@ -336,7 +338,8 @@ static inline __attribute__((always_inline)) void rp_quic_parse(const struct rp_
 		h->kind = RP_QUIC_VERSION_NEGOTIATION;
 		return;
 	}
-	if (payload_length < RP_QUIC_HEADER_BYTES || head[5] > RP_QUIC_MAX_CID_LENGTH)
+	if (payload_length < RP_QUIC_HEADER_BYTES || head[5] > RP_QUIC_MAX_CID_LENGTH ||
+	    head[5] < RP_QUIC_MIN_CID_LENGTH)
 		return;
 	type = (head[0] >> 4) & 3;
 	h->kind = RP_QUIC_LONG;
@@ -380,23 +383,18 @@ static inline __attribute__((always_inline)) __u32 rp_quic_server_slot(const str
 /*
  * The hash a long-header packet is steered by: its DCID (the client's choice on a first
  * Initial and 0-RTT, kept until the server's first packet), keyed by rp_config.seed, so every
- * packet of one handshake reaches one worker whatever address it comes from. dcid holds
- * RP_QUIC_MAX_CID_LENGTH octets; those past length do not count.
+ * packet of one handshake reaches one worker whatever address it comes from. Only the first
+ * RP_QUIC_MIN_CID_LENGTH octets count (with the length): a client's first DCID has at least
+ * that many random octets (RFC 9000, section 7.2), and a fixed count keeps the program free of
+ * per-octet branches, each of which would multiply the states the verifier walks.
  */
-static inline __attribute__((always_inline)) __u32 rp_quic_dcid_hash(__u32 seed,
-								      const __u8 dcid[RP_QUIC_MAX_CID_LENGTH],
-								      __u32 length)
+static inline __u32 rp_quic_dcid_hash(__u32 seed, const __u8 dcid[RP_QUIC_MIN_CID_LENGTH], __u32 length)
 {
 	__u32 h = rp_hash_mix(seed, 0x51u << 8 | length);
 
-	for (__u32 i = 0; i < RP_QUIC_MAX_CID_LENGTH; i += 4) {
-		__u32 word = 0;
-
-		for (__u32 j = 0; j < 4; j++)
-			word = word << 8 | (i + j < length ? dcid[i + j] : 0);
-		h = rp_hash_mix(h, word);
-	}
-	return rp_hash_finish(h, RP_QUIC_MAX_CID_LENGTH / 4 + 1);
+	h = rp_hash_mix(h, (__u32)dcid[0] << 24 | (__u32)dcid[1] << 16 | (__u32)dcid[2] << 8 | dcid[3]);
+	h = rp_hash_mix(h, (__u32)dcid[4] << 24 | (__u32)dcid[5] << 16 | (__u32)dcid[6] << 8 | dcid[7]);
+	return rp_hash_finish(h, 3);
 }
 
 #endif /* REUSEPORT_DISPATCH_H */

@@ -146,7 +146,7 @@ public struct QuicHeader: Sendable, Equatable {
 
     /// The hash a long header is steered by when its DCID names no live slot (rp_quic_dcid_hash).
     public static func dcidHash(_ dcid: [UInt8], seed: UInt32) -> UInt32 {
-        let padded = dcid + [UInt8](repeating: 0, count: max(0, Int(RP_QUIC_MAX_CID_LENGTH) - dcid.count))
+        let padded = dcid + [UInt8](repeating: 0, count: max(0, Int(RP_QUIC_MIN_CID_LENGTH) - dcid.count))
         return rp_quic_dcid_hash(seed, padded, UInt32(dcid.count))
     }
 

@@ -135,8 +135,13 @@ struct QuicSteeringTests {
         tooLong[5] = 21
         #expect(QuicHeader(payload: tooLong, steering: steering).kind == .unparsable)
         #expect(QuicHeader(payload: [0xc0, 0, 0, 0, 0, 8, 1, 2, 3, 4], steering: steering).kind == .versionNegotiation)
-        #expect(QuicHeader.dcidHash([1, 2, 3], seed: 1) != QuicHeader.dcidHash([1, 2, 3, 0], seed: 1),
-                "the length counts")
+        #expect(QuicHeader.dcidHash([1, 2, 3, 4, 5, 6, 7, 8], seed: 1)
+                != QuicHeader.dcidHash([1, 2, 3, 4, 5, 6, 7, 8, 0], seed: 1), "the length counts")
+        var sevenOctets = QuicHeader.initial(dcid: [1, 2, 3, 4, 5, 6, 7])
+        #expect(QuicHeader(payload: sevenOctets, steering: steering).kind == .unparsable,
+                "no client chooses a first DCID under 8 octets")
+        sevenOctets[5] = 8
+        #expect(QuicHeader(payload: sevenOctets, steering: steering).kind == .long)
     }
 
     @Test func hexRoundTrips() {
