@@ -227,6 +227,33 @@ struct Report {
             + "kernel through a thunk. What `rp_dispatch` does beyond the copy (check the configuration, read the "
             + "ports by direct packet access, hash, look the bucket up, count) is the last row.")
         lines.append("")
+        lines += quicCostLines(c)
+        return lines
+    }
+
+    /// QUIC connection-ID steering (docs/quic.md) against plain flow steering, paired by repeat.
+    func quicCostLines(_ c: ProgramCostBench) -> [String] {
+        var lines = ["### QUIC connection-ID steering", ""]
+        lines.append("The same run, interleaved with the programs above: `rp_dispatch` of a service with "
+            + "`[service.quic]` (12-octet CIDs, 3-octet server ID), sent QUIC short headers whose CID names a live "
+            + "slot (steered by the CID: the QUIC header copied by direct packet access, the server ID decoded, one "
+            + "select; no address copy, no flow hash), QUIC v1 Initials of 1200 octets (steered by the hash of "
+            + "their DCID through the bucket table), and short headers whose CID is not of the layout (the QUIC "
+            + "parse, then flow steering as any datagram). The difference to \"reuseportd steering\" is paired by "
+            + "repeat; negative means cheaper than plain flow steering.")
+        lines.append("")
+        lines.append("| path | IPv4 ns/run | IPv4 − flow steering | IPv6 ns/run | IPv6 − flow steering |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for selection in [Selection.steering] + ProgramCostBench.quicPrograms {
+            var row = "| \(selection.rawValue) |"
+            for family in ProgramCostBench.families {
+                row += " \(summaryText(Summary(c.perRun(family, selection)), digits: 1)) |"
+                row += selection == .steering ? " |"
+                    : " \(summaryText(c.paired(family, selection, minus: .steering), digits: 1)) |"
+            }
+            lines.append(row)
+        }
+        lines.append("")
         return lines
     }
 }
