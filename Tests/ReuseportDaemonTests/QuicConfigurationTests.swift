@@ -44,7 +44,34 @@ struct QuicConfigurationTests {
     ])
     func mistakesAreNamed(line: String, expected: String) {
         let error = #expect(throws: ConfigurationError.self) { try parse(line) }
-        #expect(error?.description.hasPrefix("q.toml: \(expected)") == true, "\(error.map { "\($0)" } ?? "")")
+        // The key's line: the 6th of the file.
+        #expect(error?.description.hasPrefix("q.toml:6: \(expected)") == true, "\(error.map { "\($0)" } ?? "")")
+    }
+
+    /// The error names the line of the offending key, in the right service.
+    @Test func theLineOfTheKeyIsNamed() {
+        let text = """
+            [[service]]
+            name = "a"
+            listen = ["udp://127.0.0.1:0"]
+            workers = 1
+            builtin = "echo"
+            quic = { cid_length = 12 }
+
+            [[service]]
+            name = "b"
+            listen = ["udp://127.0.0.1:0"]
+            workers = 1
+            builtin = "echo"
+
+            [service.quic]
+            cid_length = 12
+            config_rotation = 9
+            """
+        let error = #expect(throws: ConfigurationError.self) { try ConfigurationParser.parse(text, file: "two.toml") }
+        #expect(error?.line == 16)
+        #expect(error?.description.hasPrefix("two.toml:16: service[1].quic.config_rotation: must be between 0 and 6")
+                == true, "\(error.map { "\($0)" } ?? "")")
     }
 
     @Test func aTCPOnlyServiceHasNoQuic() {
