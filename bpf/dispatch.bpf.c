@@ -267,21 +267,25 @@ enum {
 #define UDP_HEADER_LEN 8
 
 /*
- * Copies the first n octets of the UDP payload into head: straight from the packet when they
- * are in the linear area (direct packet access, bounds checked against data_end), else with
- * bpf_skb_load_bytes() (a payload in page fragments: GRO, large datagrams from some NICs).
- * n is a constant at each call.
+ * Copies the first 8 * words octets of the UDP payload into head: straight from the packet,
+ * 8 octets a load, when they are in the linear area (direct packet access, bounds checked
+ * against data_end; the loads need not be aligned where the architecture has efficient
+ * unaligned access, as x86-64 and arm64 have: check_pkt_ptr_alignment() in
+ * kernel/bpf/verifier.c), else with bpf_skb_load_bytes() (a payload that is not in the skb's
+ * linear area, but in its page fragments). words is a constant at each call.
  */
-static __always_inline int quic_copy_head(struct sk_reuseport_md *ctx, __u8 *head, const __u32 n)
+static __always_inline int quic_copy_head(struct sk_reuseport_md *ctx, __u64 *head, const __u32 words)
 {
 	void *data = ctx->data;
 	void *data_end = ctx->data_end;
 
-	if (data + UDP_HEADER_LEN + n <= data_end) {
-		__builtin_memcpy(head, data + UDP_HEADER_LEN, n);
+	if (data + UDP_HEADER_LEN + 8 * words <= data_end) {
+#pragma unroll
+		for (__u32 i = 0; i < words; i++)
+			head[i] = *(__u64 *)(data + UDP_HEADER_LEN + 8 * i);
 		return 0;
 	}
-	return bpf_skb_load_bytes(ctx, UDP_HEADER_LEN, head, n) ? -1 : 0;
+	return bpf_skb_load_bytes(ctx, UDP_HEADER_LEN, head, 8 * words) ? -1 : 0;
 }
 
 /* Sends the packet to the slot its CID names, if that slot holds a socket. */
@@ -324,7 +328,8 @@ static __always_inline int quic_select_slot(struct sk_reuseport_md *ctx, __u32 s
 static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, struct rp_quic_config *qc,
 				    __u32 *hash)
 {
-	__u8 head[RP_QUIC_HEADER_BYTES] = {};
+	__u64 words[RP_QUIC_HEADER_BYTES / 8] = {};
+	__u8 *head = (__u8 *)words;
 	struct rp_quic_header h;
 	struct rp_quic_stats *qs;
 	__u32 zero = 0, payload, slot;
@@ -335,10 +340,10 @@ static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, str
 		return QUIC_BY_FLOW;
 	payload = ctx->len >= UDP_HEADER_LEN ? ctx->len - UDP_HEADER_LEN : 0;
 	if (payload >= RP_QUIC_HEADER_BYTES) {
-		if (quic_copy_head(ctx, head, RP_QUIC_HEADER_BYTES))
+		if (quic_copy_head(ctx, words, RP_QUIC_HEADER_BYTES / 8))
 			goto unparsable;
 	} else if (payload >= RP_QUIC_SHORT_HEADER_BYTES) {
-		if (quic_copy_head(ctx, head, RP_QUIC_SHORT_HEADER_BYTES))
+		if (quic_copy_head(ctx, words, RP_QUIC_SHORT_HEADER_BYTES / 8))
 			goto unparsable;
 	}
 	rp_quic_parse(qc, head, payload, &h);

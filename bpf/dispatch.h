@@ -243,10 +243,16 @@ static inline __u32 rp_fallback_index(__u32 hash)
 #define RP_QUIC_ROTATION_UNROUTABLE 7    /* 0b111: "this CID is not routable by a config" */
 #define RP_QUIC_SLOT_BITS 10             /* log2(RP_MAX_SLOTS) */
 #define RP_QUIC_NO_SLOT 0xffffffffu
-/* First byte, version, DCID length and a DCID of up to 20 octets. */
-#define RP_QUIC_HEADER_BYTES 26
-/* First byte and the octets the server ID can occupy (a literal: Swift imports only those). */
-#define RP_QUIC_SHORT_HEADER_BYTES 9
+/*
+ * The octets the program reads, in 8-octet words: RP_QUIC_HEADER_BYTES of a long header (first
+ * byte, version, DCID length, a DCID of up to 20 octets) and RP_QUIC_SHORT_HEADER_BYTES of a
+ * short one (first byte, the CID's first octet, the longest server ID). No valid packet is
+ * shorter: header protection samples 16 octets starting 4 after the packet number (RFC 9001,
+ * 5.4.2), so a short header with an 8-octet CID has at least 29 octets, a long header with an
+ * 8-octet DCID at least 36. Literals: Swift imports only those.
+ */
+#define RP_QUIC_HEADER_BYTES 32
+#define RP_QUIC_SHORT_HEADER_BYTES 16
 #define RP_QUIC_VERSION_1 0x00000001u
 #define RP_QUIC_VERSION_2 0x6b3343cfu    /* RFC 9369: its Initial is long packet type 1 */
 
@@ -285,9 +291,12 @@ _Static_assert(sizeof(struct rp_quic_slot_stats) == 16, "rp_quic_slot_stats layo
 _Static_assert((1u << RP_QUIC_SLOT_BITS) == RP_MAX_SLOTS, "the worker ID's slot bits cover every slot");
 _Static_assert(RP_QUIC_MAX_SERVER_ID_LENGTH >= RP_QUIC_MAX_PREFIX_LENGTH + RP_QUIC_MIN_WORKER_ID_LENGTH,
 	       "a prefix of the longest kind leaves room for a worker ID");
-_Static_assert(RP_QUIC_HEADER_BYTES == 6 + RP_QUIC_MAX_CID_LENGTH, "a long header's DCID fits the header bytes");
-_Static_assert(RP_QUIC_SHORT_HEADER_BYTES == 1 + 1 + RP_QUIC_MAX_SERVER_ID_LENGTH,
-	       "a short header's first octet, the CID's first octet and the longest server ID");
+_Static_assert(RP_QUIC_HEADER_BYTES >= 6 + RP_QUIC_MAX_CID_LENGTH && RP_QUIC_HEADER_BYTES % 8 == 0,
+	       "a long header's DCID fits the header words");
+_Static_assert(RP_QUIC_SHORT_HEADER_BYTES >= 1 + 1 + RP_QUIC_MAX_SERVER_ID_LENGTH && RP_QUIC_SHORT_HEADER_BYTES % 8 == 0,
+	       "a short header's first octet, the CID's first octet and the longest server ID fit its words");
+_Static_assert(RP_QUIC_SHORT_HEADER_BYTES <= 1 + RP_QUIC_MIN_CID_LENGTH + 4 + 16, "no valid short header is shorter");
+_Static_assert(RP_QUIC_HEADER_BYTES <= 6 + RP_QUIC_MIN_CID_LENGTH + 2 + 4 + 16, "no valid long header is shorter");
 
 /* What a packet is, as far as steering cares. */
 enum rp_quic_kind {
@@ -308,11 +317,10 @@ struct rp_quic_header {
  * Classifies a UDP payload of payload_length octets from its first octets, head: the first
  * RP_QUIC_HEADER_BYTES when the payload has that many, else the first
  * RP_QUIC_SHORT_HEADER_BYTES when it has those, else none; the rest of head is zero.
- * A valid long-header packet is longer than RP_QUIC_HEADER_BYTES (header protection samples
- * 16 octets that start 4 after the packet number), so a shorter one is unparsable, and so is
- * one whose DCID is shorter than any this service's servers issue or a client may choose for
- * its first Initial (RFC 9000, section 7.2), or longer than version 1 allows. A short header
- * must hold its DCID.
+ * A payload shorter than those is unparsable (see above: no valid packet is), and so is a
+ * long header whose DCID is shorter than any this service's servers issue or a client may
+ * choose for its first Initial (RFC 9000, section 7.2), or longer than version 1 allows. A
+ * short header must hold its DCID.
  */
 static inline __attribute__((always_inline)) void rp_quic_parse(const struct rp_quic_config *qc,
 								   const __u8 head[RP_QUIC_HEADER_BYTES],
