@@ -89,6 +89,9 @@ struct Report {
                 + "beyond the helper call that copies out the addresses (item 2), \(beyondLoad) ns (IPv4) "
                 + "| \(logic.median <= 40 ? "yes" : "**no**") |")
         }
+        if let cost {
+            lines += quicTargetLines(cost)
+        }
         if let death, death.error == nil {
             let moved = death.kills(.reuseportd).compactMap(\.movedShare).max() ?? 0
             let lost = death.lost(.reuseportd)
@@ -229,6 +232,23 @@ struct Report {
         lines.append("")
         lines += quicCostLines(c)
         return lines
+    }
+
+    /// The QUIC target: at most 15 ns per packet over flow steering, per QUIC path.
+    func quicTargetLines(_ c: ProgramCostBench) -> [String] {
+        let paths: [(Selection, String)] = [(.quicShort, "short header by CID"), (.quicInitial, "Initial by DCID hash"),
+                                            (.quicUnknown, "short header of an unknown CID, then by flow")]
+        var measured: [String] = []
+        var over: [String] = []
+        for (selection, name) in paths {
+            let values = ProgramCostBench.families.map { c.paired($0, selection, minus: .steering)?.median }
+            measured.append("\(name) " + values.map { $0.map { fixed($0, 1) } ?? "–" }.joined(separator: ", ") + " ns")
+            if values.contains(where: { ($0 ?? 0) > 15 }) { over.append(name) }
+        }
+        guard !measured.isEmpty else { return [] }
+        return ["| QUIC connection-ID steering ≤ 15 ns/packet over flow steering (IPv4, IPv6) | "
+            + measured.joined(separator: "; ") + " | " + (over.isEmpty ? "yes" : "**no**: " + over.joined(separator: ", "))
+            + " |"]
     }
 
     /// QUIC connection-ID steering (docs/quic.md) against plain flow steering, paired by repeat.
