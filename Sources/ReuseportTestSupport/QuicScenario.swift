@@ -11,11 +11,11 @@ public enum QuicScenario {
     public static let steering = try! QuicSteering(cidLength: 12, serverIDLength: 3, hostPrefix: [0x2a],
                                                    configRotation: 1)
 
-    /// A UDP service of `slots` sockets on 127.0.0.1 with QUIC steering.
-    public static func service(slots: Int, steering: QuicSteering? = QuicScenario.steering, seed: UInt32 = 0x5eed)
-        throws -> ServiceDataPlane
+    /// A UDP service of `slots` sockets on `address` (a loopback) with QUIC steering.
+    public static func service(slots: Int, steering: QuicSteering? = QuicScenario.steering, seed: UInt32 = 0x5eed,
+                               address: IPAddress = .loopbackV4) throws -> ServiceDataPlane
     {
-        try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: slots,
+        try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(address, 0))], slotCount: slots,
                              options: .init(seed: seed, receiveBuffer: 1 << 20, quic: steering))
     }
 
@@ -33,7 +33,7 @@ public enum QuicScenario {
         let steering = plane.options.quic!
         var reached: [UInt32: Set<UInt32>] = [:]
         for slot in plane.slots {
-            let clients = try Traffic.clients(sources, on: .loopbackV4)
+            let clients = try Traffic.clients(sources, on: destination.address)
             for (index, client) in clients.enumerated() {
                 let nonce = (0..<(steering.cidLength - 1 - steering.serverIDLength)).map { UInt8(truncatingIfNeeded: index * 7 + $0) }
                 try client.send(QuicHeader.short(dcid: steering.connectionID(slot: slot, nonce: nonce)), to: destination)
@@ -68,7 +68,7 @@ public enum QuicScenario {
         for _ in 0..<dcids {
             let dcid = (0..<8).map { _ in UInt8.random(in: 0...255, using: &generator) }
             let packet = QuicHeader.initial(dcid: dcid)
-            for client in try Traffic.clients(sources, on: .loopbackV4) { try client.send(packet, to: destination) }
+            for client in try Traffic.clients(sources, on: destination.address) { try client.send(packet, to: destination) }
             let deliveries = try Traffic.receive(from: plane.listeners[0].sockets, expected: sources)
             try require(deliveries.count == sources, "\(deliveries.count) of \(sources) Initials arrived")
             reached[dcid] = Set(deliveries.map(\.slot))
@@ -101,7 +101,7 @@ public enum QuicScenario {
         var unknownCID = steering.connectionID(slot: 0)
         unknownCID[0] = UInt8((steering.configRotation + 1) % 7) << 5
         let unknown = QuicHeader.short(dcid: unknownCID)
-        let clients = try Traffic.clients(count, on: .loopbackV4)
+        let clients = try Traffic.clients(count, on: destination.address)
         for (index, client) in clients.enumerated() {
             try client.send(index % 2 == 0 ? stale : unknown, to: destination)
         }
@@ -138,7 +138,7 @@ public enum QuicScenario {
         let foreign = try ReuseportSocket(endpoint: plane.listeners[0].endpoint, receiveBuffer: 1 << 20)
         var all = plane.listeners[0].sockets
         all[SteeringScenario.ForeignSocket.foreignSlot] = foreign
-        let clients = try Traffic.clients(sources, on: .loopbackV4)
+        let clients = try Traffic.clients(sources, on: destination.address)
         var generator = SystemRandomNumberGenerator()
         var delivered = 0, toForeign = 0, sent = 0
         for start in stride(from: 0, through: 1500, by: 64) {

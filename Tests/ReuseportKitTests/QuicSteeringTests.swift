@@ -10,9 +10,12 @@ import Testing
 /// datagrams, the program's counters read back from rp_quic_stats and rp_quic_slot_stats.
 @Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
 struct QuicSteeringTests {
+    static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
+
     /// A client whose source port changes (NAT rebinding) keeps reaching the slot its CID names.
-    @Test func shortHeadersReachTheSlotTheirCIDNames() throws {
-        let plane = try QuicScenario.service(slots: 4)
+    @Test(arguments: families)
+    func shortHeadersReachTheSlotTheirCIDNames(address: IPAddress) throws {
+        let plane = try QuicScenario.service(slots: 4, address: address)
         let outcome = try QuicScenario.shortHeadersFollowTheirCID(plane, sources: 32)
         for slot in plane.slots {
             #expect(outcome.reached[slot] == [slot], "slot \(slot)'s CID reached \(outcome.reached[slot] ?? [])")
@@ -24,8 +27,9 @@ struct QuicSteeringTests {
 
     /// Initials go by their DCID, not the 4-tuple: one DCID from many ports reaches one slot,
     /// the one the Swift side predicts; and different DCIDs spread.
-    @Test func initialsFollowTheirDCID() throws {
-        let plane = try QuicScenario.service(slots: 4)
+    @Test(arguments: families)
+    func initialsFollowTheirDCID(address: IPAddress) throws {
+        let plane = try QuicScenario.service(slots: 4, address: address)
         let outcome = try QuicScenario.initialsFollowTheirDCID(plane, dcids: 64, sources: 4)
         for (dcid, slots) in outcome.reached {
             #expect(slots.count == 1 && slots.first == outcome.predicted[dcid], "\(QuicSteering.hex(dcid)): \(slots)")
@@ -37,8 +41,9 @@ struct QuicSteeringTests {
 
     /// A CID naming a slot without a socket, or of another config rotation, goes by the flow
     /// hash (to the predicted slot) and is counted.
-    @Test func staleAndUnknownCIDsFallBackToFlowSteering() throws {
-        let plane = try QuicScenario.service(slots: 4)
+    @Test(arguments: families)
+    func staleAndUnknownCIDsFallBackToFlowSteering(address: IPAddress) throws {
+        let plane = try QuicScenario.service(slots: 4, address: address)
         let outcome = try QuicScenario.staleAndUnknownFallBack(plane, closed: 2, clients: 32)
         for landing in outcome.landings { #expect(landing.reached == landing.predicted) }
         #expect(!outcome.landings.contains { $0.reached == 2 })
