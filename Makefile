@@ -142,9 +142,12 @@ test: unit-test kernel-test
 # documents (setpriv lowers its bounding set, as the unit's CapabilityBoundingSet= does).
 LEAST_PRIVILEGE := /usr/bin/setpriv --inh-caps=-all --ambient-caps=-all \
 	--bounding-set=-all,+bpf,+net_admin,+net_bind_service,+setuid,+setgid,+kill --
-test-least-privilege: $(OUTPUT)/.abi-stamp
+test-least-privilege: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
 	$(call msg,TEST,swift test --filter ReuseportDaemonTests under setpriv)
-	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" $(SWIFT) test $(SWIFT_FLAGS) --filter ReuseportDaemonTests
+	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" $(SWIFT) test $(SWIFT_FLAGS) --filter ReuseportDaemonTests \
+		--skip $(QUIC_ALONE)
+	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" REUSEPORT_TEST_PYTHON=$(CURDIR)/$(QUIC_VENV)/bin/python3 \
+		$(SWIFT) test $(SWIFT_FLAGS) --filter $(QUIC_ALONE)
 
 # The suite in VMs (Tests/vm/): fully static kernel-check and reuseportd in a busybox initramfs, booted
 # under QEMU on each kernel of KERNELS (Debian cloud kernels, fetched and cached under
