@@ -5,7 +5,8 @@
  * hash(tuple, seed) -> bucket = hash % bucket_count -> slot = rp_buckets[bucket]
  * -> bpf_sk_select_reuseport(rp_sockets, slot). An empty slot falls back to a
  * live one from rp_fallback, chosen by the same hash; with no live slot the packet
- * is dropped.
+ * is dropped. A UDP service with QUIC steering (rp_quic_config) first tries the slot
+ * named by the packet's QUIC connection ID (quic_dispatch()).
  *
  * While the daemon changes the placement (a rescale, a restore after failover), the
  * buckets that change carry flags (RP_BUCKET_*): first the program records each UDP flow
@@ -128,6 +129,27 @@ struct {
 	__type(value, rp_slot_t);
 } rp_next_buckets SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_quic_config);
+} rp_quic_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rp_quic_stats);
+} rp_quic_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RP_MAX_SLOTS);
+	__type(key, __u32);
+	__type(value, struct rp_quic_slot_stats);
+} rp_quic_slot_stats SEC(".maps");
+
 /* Offsets from the network header (BPF_HDR_START_NET). */
 #define IPV4_SADDR_OFF 12 /* saddr, daddr: 8 bytes */
 #define IPV6_SADDR_OFF 8  /* saddr, daddr: 32 bytes */
@@ -222,6 +244,128 @@ static __always_inline void count(__u32 slot, struct sk_reuseport_md *ctx, int f
 		s->bytes += ctx->len - 8;
 	if (fallback)
 		s->fallbacks++;
+}
+
+/* What quic_dispatch() leaves to the rest of the program. */
+enum {
+	QUIC_BY_FLOW = -1, /* steer by the flow hash, as any UDP datagram */
+	QUIC_BY_HASH = -2, /* steer by the hash it computed (a long header's DCID) */
+};
+
+/* UDP payload octets from ctx->data, which points at the UDP header. */
+#define UDP_HEADER_LEN 8
+
+/*
+ * Copies the first 8 * words octets of the UDP payload into head: straight from the packet,
+ * 8 octets a load, when they are in the linear area (direct packet access, bounds checked
+ * against data_end; the loads need not be aligned where the architecture has efficient
+ * unaligned access, as x86-64 and arm64 have: check_pkt_ptr_alignment() in
+ * kernel/bpf/verifier.c), else with bpf_skb_load_bytes() (a payload that is not in the skb's
+ * linear area, but in its page fragments). words is a constant at each call.
+ */
+static __always_inline int quic_copy_head(struct sk_reuseport_md *ctx, __u64 *head, const __u32 words)
+{
+	void *data = ctx->data;
+	void *data_end = ctx->data_end;
+
+	if (data + UDP_HEADER_LEN + 8 * words <= data_end) {
+#pragma unroll
+		for (__u32 i = 0; i < words; i++)
+			head[i] = *(__u64 *)(data + UDP_HEADER_LEN + 8 * i);
+		return 0;
+	}
+	return bpf_skb_load_bytes(ctx, UDP_HEADER_LEN, head, 8 * words) ? -1 : 0;
+}
+
+/* Sends the packet to the slot its CID names, if that slot holds a socket. */
+static __always_inline int quic_select_slot(struct sk_reuseport_md *ctx, __u32 slot, struct rp_quic_stats *qs)
+{
+	struct rp_quic_slot_stats *ss;
+	struct rp_global_stats *g;
+	long err;
+
+	err = bpf_sk_select_reuseport(ctx, &rp_sockets, &slot, 0);
+	if (err == 0) {
+		count(slot, ctx, 0);
+		ss = bpf_map_lookup_elem(&rp_quic_slot_stats, &slot);
+		if (ss)
+			ss->cid_steered++;
+		qs->cid_steered++;
+		return SK_PASS;
+	}
+	if (err != -ENOENT) {
+		g = global_stats();
+		if (g)
+			g->select_errors++;
+	}
+	return QUIC_BY_FLOW;
+}
+
+/*
+ * QUIC-LB steering (bpf/dispatch.h has the layout): a short header goes to the slot its
+ * DCID's server ID names while that slot holds a socket, else (counted) to flow steering;
+ * a long header goes to the slot its DCID names the same way (a client's Handshake packets
+ * carry the server's CID), else by the hash of its DCID, so that all packets of one
+ * handshake meet one worker even if the client's address changes meanwhile. Version
+ * negotiation and unparsable packets are counted and dropped: a server has nothing to do
+ * with them. Returns SK_PASS, SK_DROP, QUIC_BY_FLOW, or QUIC_BY_HASH with *hash set.
+ *
+ * Not inlined: a BPF-to-BPF call returns to one caller state whatever path the callee took, so
+ * the verifier walks the flow steering after it once per verdict, not once per QUIC path
+ * (4,269 instructions processed inlined, against the budget's 50,000).
+ */
+static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, struct rp_quic_config *qc,
+				    __u32 *hash)
+{
+	__u64 words[RP_QUIC_HEADER_BYTES / 8] = {};
+	__u8 *head = (__u8 *)words;
+	struct rp_quic_header h;
+	struct rp_quic_stats *qs;
+	__u32 zero = 0, payload, slot;
+	int verdict;
+
+	qs = bpf_map_lookup_elem(&rp_quic_stats, &zero);
+	if (!qs)
+		return QUIC_BY_FLOW;
+	payload = ctx->len >= UDP_HEADER_LEN ? ctx->len - UDP_HEADER_LEN : 0;
+	if (payload >= RP_QUIC_HEADER_BYTES) {
+		if (quic_copy_head(ctx, words, RP_QUIC_HEADER_BYTES / 8))
+			goto unparsable;
+	} else if (payload >= RP_QUIC_SHORT_HEADER_BYTES) {
+		if (quic_copy_head(ctx, words, RP_QUIC_SHORT_HEADER_BYTES / 8))
+			goto unparsable;
+	}
+	rp_quic_parse(qc, head, payload, &h);
+	if (h.kind == RP_QUIC_SHORT) {
+		slot = rp_quic_server_slot(qc, head + 1);
+		if (slot == RP_QUIC_NO_SLOT) {
+			qs->unknown_cid++;
+			return QUIC_BY_FLOW;
+		}
+		verdict = quic_select_slot(ctx, slot, qs);
+		if (verdict == QUIC_BY_FLOW)
+			qs->fallbacks++;
+		return verdict;
+	}
+	if (h.kind == RP_QUIC_LONG) {
+		if (h.initial)
+			qs->initials++;
+		if (h.dcid_length == qc->cid_length) {
+			slot = rp_quic_server_slot(qc, head + 6);
+			if (slot != RP_QUIC_NO_SLOT && quic_select_slot(ctx, slot, qs) == SK_PASS)
+				return SK_PASS;
+		}
+		qs->dcid_hashed++;
+		*hash = rp_quic_dcid_hash(seed, head + 6, h.dcid_length);
+		return QUIC_BY_HASH;
+	}
+	if (h.kind == RP_QUIC_VERSION_NEGOTIATION) {
+		qs->version_negotiation++;
+		return SK_DROP;
+	}
+unparsable:
+	qs->unparsable++;
+	return SK_DROP;
 }
 
 static __always_inline struct rp_flow_stats *flow_stats(void)
@@ -322,14 +466,25 @@ static __always_inline long pinned_slot(struct sk_reuseport_md *ctx, const struc
 	return -1;
 }
 
+/* A long header steered by its DCID's hash took `slot`: count it per slot. */
+static __always_inline void count_dcid_hashed(__u32 slot)
+{
+	struct rp_quic_slot_stats *ss = bpf_map_lookup_elem(&rp_quic_slot_stats, &slot);
+
+	if (ss)
+		ss->dcid_hashed++;
+}
+
 static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 {
+	struct rp_quic_config *qc;
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
 	struct rp_flow_key key;
-	__u32 zero = 0, hash, bucket, first, flags = 0;
+	__u32 zero = 0, hash = 0, bucket, first, flags = 0;
 	__u32 *value;
 	long err, pinned;
+	int verdict = QUIC_BY_FLOW;
 
 	cfg = bpf_map_lookup_elem(&rp_config, &zero);
 	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
@@ -339,8 +494,24 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 			g->dropped_no_slot++;
 		return SK_DROP;
 	}
-	if (flow_hash(ctx, cfg->seed, &key, &hash))
-		return drop_unparsable();
+	/*
+	 * QUIC first: a short header whose CID names a live slot goes there, a long header is
+	 * steered by its DCID's hash (no flow record: its connection ID, not its tuple, is what
+	 * must stay put), anything else by its flow.
+	 */
+	if (ctx->ip_protocol == IPPROTO_UDP) {
+		qc = bpf_map_lookup_elem(&rp_quic_config, &zero);
+		if (qc && qc->enabled)
+			verdict = quic_dispatch(ctx, cfg->seed, qc, &hash);
+	}
+	if (verdict == QUIC_BY_FLOW) {
+		if (flow_hash(ctx, cfg->seed, &key, &hash))
+			return drop_unparsable();
+	} else if (verdict != QUIC_BY_HASH) {
+		return verdict;
+	} else {
+		__builtin_memset(&key, 0, sizeof(key));
+	}
 
 	bucket = bucket_of(hash, cfg->bucket_count);
 	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
@@ -353,7 +524,7 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 		 * benchmark that measures what tracking costs in steady state (Makefile).
 		 */
 #ifndef RP_NO_FLOW_TRACKING
-		if (key.protocol == IPPROTO_UDP)
+		if (key.protocol == IPPROTO_UDP && verdict == QUIC_BY_FLOW)
 			flags = *value & RP_BUCKET_FLAGS;
 #endif
 		if (flags) {
@@ -367,6 +538,8 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 		if (err == 0) {
 			if (flags & RP_BUCKET_LEARN)
 				record_flow(&key, s, cfg->record_cost_ns);
+			if (verdict == QUIC_BY_HASH)
+				count_dcid_hashed(s);
 			count(s, ctx, 0);
 			return SK_PASS;
 		}
@@ -403,6 +576,8 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 				g->fallbacks++;
 			if (flags & RP_BUCKET_LEARN)
 				record_flow(&key, s, cfg->record_cost_ns);
+			if (verdict == QUIC_BY_HASH)
+				count_dcid_hashed(s);
 			count(s, ctx, 1);
 			return SK_PASS;
 		}

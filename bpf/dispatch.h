@@ -25,8 +25,10 @@
  *    rp_untracked, rp_flow_stats, rp_record_budget, rp_transition, rp_next_buckets;
  *    rp_config.record_cost_ns; rp_slot_state grew records and flags (48 bytes);
  *    rp_global_stats grew migrated and migrate_failed (48 bytes); rp_dispatch_migrate.
+ * 5: QUIC-LB connection-ID steering: rp_quic_config, rp_quic_stats, rp_quic_slot_stats (new maps;
+ *    the others keep their layouts).
  */
-#define RP_ABI_VERSION 4
+#define RP_ABI_VERSION 5
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
@@ -72,6 +74,9 @@
 #define RP_MAP_RECORD_BUDGET "rp_record_budget"
 #define RP_MAP_TRANSITION "rp_transition"
 #define RP_MAP_NEXT_BUCKETS "rp_next_buckets"
+#define RP_MAP_QUIC_CONFIG "rp_quic_config"
+#define RP_MAP_QUIC_STATS "rp_quic_stats"
+#define RP_MAP_QUIC_SLOT_STATS "rp_quic_slot_stats"
 #define RP_PROG_DISPATCH "rp_dispatch"
 #define RP_PROG_DISPATCH_MIGRATE "rp_dispatch_migrate"
 
@@ -311,6 +316,200 @@ static inline __attribute__((always_inline)) __u32 rp_flow_hash(__u32 seed, __u3
 static inline __u32 rp_fallback_index(__u32 hash)
 {
 	return rp_hash_finish(hash ^ 0x9e3779b9u, 1) & (RP_FALLBACK_BUCKETS - 1);
+}
+
+/*
+ * QUIC connection-ID steering in the plaintext layout of QUIC-LB
+ * (draft-ietf-quic-load-balancers, "Plaintext CID Algorithm"). A server connection ID is
+ *
+ *   octet 0                  config rotation (top 3 bits; 0b111: "not routable") and 5 bits
+ *                            of the server's choosing
+ *   octets 1..sid            the server ID: host prefix (prefix_length octets, the same for
+ *                            every worker of this host), then the worker ID (the rest,
+ *                            RP_QUIC_MIN_WORKER_ID_LENGTH..RP_QUIC_MAX_WORKER_ID_LENGTH octets,
+ *                            big-endian)
+ *   octets sid+1..cid_length-1  the server's own bytes (at least RP_QUIC_MIN_NONCE_LENGTH)
+ *
+ * The worker ID is rp_quic_worker_id(slot): the slot in its low RP_QUIC_SLOT_BITS bits. The
+ * bits above are kept for the generation (generational upgrades): today they must be 0, and a
+ * CID with any of them set is not one of this configuration.
+ *
+ * The program reads the first RP_QUIC_HEADER_BYTES of the UDP payload (or only
+ * RP_QUIC_SHORT_HEADER_BYTES of a shorter one): a short header's DCID starts at payload
+ * octet 1; a long header's DCID length is octet 5 and the DCID starts at octet 6
+ * (RFC 8999, RFC 9000 section 17). All of it is parsed by the static inline functions below,
+ * which the program compiles and reuseportctl calls (ReuseportKit/QuicSteering.swift).
+ */
+#define RP_QUIC_MIN_CID_LENGTH 8
+#define RP_QUIC_MAX_CID_LENGTH 20        /* RFC 9000: version 1 CIDs are at most 20 octets */
+#define RP_QUIC_MIN_WORKER_ID_LENGTH 2   /* holds every slot (RP_MAX_SLOTS) */
+#define RP_QUIC_MAX_WORKER_ID_LENGTH 4
+#define RP_QUIC_MAX_PREFIX_LENGTH 3
+#define RP_QUIC_MAX_SERVER_ID_LENGTH 7   /* prefix + worker ID: the program reads octets 1..7 */
+#define RP_QUIC_MIN_NONCE_LENGTH 4       /* QUIC-LB: the server's own octets, at least 4 */
+#define RP_QUIC_ROTATION_UNROUTABLE 7    /* 0b111: "this CID is not routable by a config" */
+#define RP_QUIC_SLOT_BITS 10             /* log2(RP_MAX_SLOTS) */
+#define RP_QUIC_NO_SLOT 0xffffffffu
+/*
+ * The octets the program reads, in 8-octet words: RP_QUIC_HEADER_BYTES of a long header (first
+ * byte, version, DCID length, a DCID of up to 20 octets) and RP_QUIC_SHORT_HEADER_BYTES of a
+ * short one (first byte, the CID's first octet, the longest server ID). No valid packet is
+ * shorter: header protection samples 16 octets starting 4 after the packet number (RFC 9001,
+ * 5.4.2), so a short header with an 8-octet CID has at least 29 octets, a long header with an
+ * 8-octet DCID at least 36. Literals: Swift imports only those.
+ */
+#define RP_QUIC_HEADER_BYTES 32
+#define RP_QUIC_SHORT_HEADER_BYTES 16
+#define RP_QUIC_VERSION_1 0x00000001u
+#define RP_QUIC_VERSION_2 0x6b3343cfu    /* RFC 9369: its Initial is long packet type 1 */
+
+/* rp_quic_config: an ARRAY with one entry at key 0, written by ServiceDataPlane. */
+struct rp_quic_config {
+	__u32 enabled;          /* 1: steer UDP by QUIC connection ID; 0: flow steering only */
+	__u32 host_prefix;      /* the prefix_length octets of the host prefix, big-endian */
+	__u8 cid_length;        /* server CID length, RP_QUIC_MIN_CID_LENGTH..RP_QUIC_MAX_CID_LENGTH */
+	__u8 server_id_length;  /* prefix_length + worker ID length */
+	__u8 prefix_length;     /* 0..RP_QUIC_MAX_PREFIX_LENGTH */
+	__u8 config_rotation;   /* 0..6: the top 3 bits of every CID's first octet */
+	__u32 reserved;         /* 0 */
+};
+
+/* rp_quic_stats: PERCPU_ARRAY with one entry at key 0. Sum over CPUs in user space. */
+struct rp_quic_stats {
+	__u64 cid_steered;         /* packets sent to the live slot their DCID names (short and long header) */
+	__u64 initials;            /* long-header Initial packets (QUIC v1 and v2), however steered */
+	__u64 dcid_hashed;         /* long-header packets steered by the hash of their DCID */
+	__u64 unknown_cid;         /* short header, DCID not of this configuration: flow steering */
+	__u64 fallbacks;           /* short header, DCID naming a slot without a socket: flow steering */
+	__u64 version_negotiation; /* long header of version 0 (only servers send those): dropped */
+	__u64 unparsable;          /* too short for its DCID, or a long-header DCID not of 8 to 20 octets: dropped */
+	__u64 reserved;
+};
+
+/* rp_quic_slot_stats: PERCPU_ARRAY, key __u32 slot. */
+struct rp_quic_slot_stats {
+	__u64 cid_steered;  /* packets steered here by the server ID in their DCID */
+	__u64 dcid_hashed;  /* long-header packets steered here by the hash of their DCID */
+};
+
+_Static_assert(sizeof(struct rp_quic_config) == 16, "rp_quic_config layout");
+_Static_assert(sizeof(struct rp_quic_stats) == 64, "rp_quic_stats layout");
+_Static_assert(sizeof(struct rp_quic_slot_stats) == 16, "rp_quic_slot_stats layout");
+_Static_assert((1u << RP_QUIC_SLOT_BITS) == RP_MAX_SLOTS, "the worker ID's slot bits cover every slot");
+_Static_assert(RP_QUIC_MAX_SERVER_ID_LENGTH >= RP_QUIC_MAX_PREFIX_LENGTH + RP_QUIC_MIN_WORKER_ID_LENGTH,
+	       "a prefix of the longest kind leaves room for a worker ID");
+_Static_assert(RP_QUIC_HEADER_BYTES >= 6 + RP_QUIC_MAX_CID_LENGTH && RP_QUIC_HEADER_BYTES % 8 == 0,
+	       "a long header's DCID fits the header words");
+_Static_assert(RP_QUIC_SHORT_HEADER_BYTES >= 1 + 1 + RP_QUIC_MAX_SERVER_ID_LENGTH && RP_QUIC_SHORT_HEADER_BYTES % 8 == 0,
+	       "a short header's first octet, the CID's first octet and the longest server ID fit its words");
+_Static_assert(RP_QUIC_SHORT_HEADER_BYTES <= 1 + RP_QUIC_MIN_CID_LENGTH + 4 + 16, "no valid short header is shorter");
+_Static_assert(RP_QUIC_HEADER_BYTES <= 6 + RP_QUIC_MIN_CID_LENGTH + 2 + 4 + 16, "no valid long header is shorter");
+
+/* What a packet is, as far as steering cares. */
+enum rp_quic_kind {
+	RP_QUIC_SHORT = 0,               /* DCID of cid_length octets at payload octet 1 */
+	RP_QUIC_LONG = 1,                /* DCID of dcid_length octets at payload octet 6 */
+	RP_QUIC_VERSION_NEGOTIATION = 2, /* long header, version 0 */
+	RP_QUIC_UNPARSABLE = 3,
+};
+
+struct rp_quic_header {
+	__u32 kind;         /* enum rp_quic_kind */
+	__u32 initial;      /* 1: a long-header Initial (version 1 type 0, version 2 type 1) */
+	__u32 dcid_length;  /* short: cid_length; long: the packet's DCID length (0..20) */
+	__u32 reserved;
+};
+
+/*
+ * Classifies a UDP payload of payload_length octets from its first octets, head: the first
+ * RP_QUIC_HEADER_BYTES when the payload has that many, else the first
+ * RP_QUIC_SHORT_HEADER_BYTES when it has those, else none; the rest of head is zero.
+ * A payload shorter than those is unparsable (see above: no valid packet is), and so is a
+ * long header whose DCID is shorter than any this service's servers issue or a client may
+ * choose for its first Initial (RFC 9000, section 7.2), or longer than version 1 allows. A
+ * short header must hold its DCID.
+ */
+static inline __attribute__((always_inline)) void rp_quic_parse(const struct rp_quic_config *qc,
+								   const __u8 head[RP_QUIC_HEADER_BYTES],
+								   __u32 payload_length, struct rp_quic_header *h)
+{
+	__u32 version, type;
+
+	h->kind = RP_QUIC_UNPARSABLE;
+	h->initial = 0;
+	h->dcid_length = 0;
+	h->reserved = 0;
+	if (payload_length < RP_QUIC_SHORT_HEADER_BYTES)
+		return;
+	if (!(head[0] & 0x80)) {
+		if (payload_length < 1u + qc->cid_length)
+			return;
+		h->kind = RP_QUIC_SHORT;
+		h->dcid_length = qc->cid_length;
+		return;
+	}
+	version = (__u32)head[1] << 24 | (__u32)head[2] << 16 | (__u32)head[3] << 8 | head[4];
+	if (version == 0) {
+		h->kind = RP_QUIC_VERSION_NEGOTIATION;
+		return;
+	}
+	if (payload_length < RP_QUIC_HEADER_BYTES || head[5] > RP_QUIC_MAX_CID_LENGTH ||
+	    head[5] < RP_QUIC_MIN_CID_LENGTH)
+		return;
+	type = (head[0] >> 4) & 3;
+	h->kind = RP_QUIC_LONG;
+	h->dcid_length = head[5];
+	h->initial = (version == RP_QUIC_VERSION_1 && type == 0) || (version == RP_QUIC_VERSION_2 && type == 1);
+}
+
+/* The worker ID a slot's workers put in their server ID. */
+static inline __u32 rp_quic_worker_id(__u32 slot)
+{
+	return slot;
+}
+
+/*
+ * The slot a server CID names, or RP_QUIC_NO_SLOT when it is not a CID of this configuration
+ * (config rotation, host prefix, or reserved generation bits). cid holds at least
+ * 1 + RP_QUIC_MAX_SERVER_ID_LENGTH octets (octets past the CID's end are never part of the
+ * server ID: the configuration keeps server_id_length + 1 + RP_QUIC_MIN_NONCE_LENGTH <= cid_length).
+ * No loop over a variable count: shifts of a 56-bit window.
+ */
+static inline __attribute__((always_inline)) __u32 rp_quic_server_slot(const struct rp_quic_config *qc, const __u8 *cid)
+{
+	__u64 window = 0, worker;
+	__u32 worker_bits;
+
+	if ((cid[0] >> 5) != qc->config_rotation || qc->server_id_length > RP_QUIC_MAX_SERVER_ID_LENGTH ||
+	    qc->prefix_length > RP_QUIC_MAX_PREFIX_LENGTH || qc->server_id_length < qc->prefix_length + 1u)
+		return RP_QUIC_NO_SLOT;
+	for (int i = 1; i <= RP_QUIC_MAX_SERVER_ID_LENGTH; i++)
+		window = window << 8 | cid[i];
+	window >>= 8 * (RP_QUIC_MAX_SERVER_ID_LENGTH - qc->server_id_length);
+	worker_bits = 8 * (qc->server_id_length - qc->prefix_length);
+	if ((window >> worker_bits) != qc->host_prefix)
+		return RP_QUIC_NO_SLOT;
+	worker = window & ((1ull << worker_bits) - 1);
+	if (worker >= RP_MAX_SLOTS)
+		return RP_QUIC_NO_SLOT;
+	return (__u32)worker;
+}
+
+/*
+ * The hash a long-header packet is steered by: its DCID (the client's choice on a first
+ * Initial and 0-RTT, kept until the server's first packet), keyed by rp_config.seed, so every
+ * packet of one handshake reaches one worker whatever address it comes from. Only the first
+ * RP_QUIC_MIN_CID_LENGTH octets count (with the length): a client's first DCID has at least
+ * that many random octets (RFC 9000, section 7.2), and a fixed count keeps the program free of
+ * per-octet branches, each of which would multiply the states the verifier walks.
+ */
+static inline __u32 rp_quic_dcid_hash(__u32 seed, const __u8 dcid[RP_QUIC_MIN_CID_LENGTH], __u32 length)
+{
+	__u32 h = rp_hash_mix(seed, 0x51u << 8 | length);
+
+	h = rp_hash_mix(h, (__u32)dcid[0] << 24 | (__u32)dcid[1] << 16 | (__u32)dcid[2] << 8 | dcid[3]);
+	h = rp_hash_mix(h, (__u32)dcid[4] << 24 | (__u32)dcid[5] << 16 | (__u32)dcid[6] << 8 | dcid[7]);
+	return rp_hash_finish(h, 3);
 }
 
 #endif /* REUSEPORT_DISPATCH_H */

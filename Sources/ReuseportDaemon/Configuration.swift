@@ -64,6 +64,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var watchdogMs: Int = 0
     /// How placement changes keep live UDP flows on their worker (flow records, drains).
     public var tracking = ServiceDataPlane.FlowTracking()
+    /// `[service.quic]`: steer UDP by QUIC connection ID (docs/quic.md); nil: off.
+    public var quic: QuicSteering?
 
     public static let defaultFailoverAfterMs = 5000
 
@@ -88,7 +90,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     /// What the sockets and the program depend on: a change here needs new sockets
     /// (the service is rebuilt), a change elsewhere does not.
     var dataPlaneShape: [String] {
-        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)", "\(tracking.maxFlows)"]
+        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)", "\(tracking.maxFlows)",
+                                      "\(String(describing: quic))"]
     }
 }
 

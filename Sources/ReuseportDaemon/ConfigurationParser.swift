@@ -14,9 +14,12 @@ public struct ConfigurationError: Error, CustomStringConvertible, Equatable, Sen
     public var problem: String
 
     public var description: String {
-        // Syntax errors carry the line and column in `problem`.
+        // Syntax errors carry the line and column in `problem`; a key error may carry its line.
         var location = file
-        if let key { location += ": \(key)" }
+        if let key {
+            if let line { location += ":\(line)" }
+            location += ": \(key)"
+        }
         return "\(location): \(problem)"
     }
 }
@@ -110,7 +113,17 @@ public enum ConfigurationParser {
                 throw ConfigurationError(file: file, key: "service[\(index)]",
                                          problem: "must be a table ([[service]]), not \(element.type)")
             }
-            services.append(try parseService(table, path: "service[\(index)]", file: file))
+            do throws(ConfigurationError) {
+                services.append(try parseService(table, path: "service[\(index)]", file: file))
+            } catch {
+                var located = error
+                if let key = error.key, key.hasPrefix("service[\(index)].quic") {
+                    // A key that is missing is named at its table.
+                    located.line = line(ofKey: key.dropFirst("service[\(index)].".count), service: index, in: text)
+                        ?? line(ofKey: "quic", service: index, in: text)
+                }
+                throw located
+            }
         }
         try checkUnique(services, file: file)
         return DaemonConfiguration(stopTimeoutMs: stopTimeout, services: services)
@@ -120,8 +133,73 @@ public enum ConfigurationParser {
         "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
         "failover_after_ms", "watchdog_ms", "environment", "flow_tracking", "flow_idle_timeout_ms",
-        "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms",
+        "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms", "quic",
     ]
+
+    static let quicKeys = ["cid_length", "server_id_length", "host_prefix", "config_rotation"]
+
+    /// The line (from 1) where `key` ("quic.cid_length", "quic") of the `service`-th `[[service]]`
+    /// is written, found in the text (TOMLKit keeps no positions of values): the key's last name
+    /// followed by `=`, or the `[service.quic]` header. Nil if it cannot be told.
+    static func line(ofKey key: Substring, service: Int, in text: String) -> Int? {
+        let lines = text.split(separator: "\n", omittingEmptySubsequences: false)
+        let headers = lines.indices.filter { lines[$0].filter { $0 != " " && $0 != "\t" } == "[[service]]" }
+        guard service < headers.count else { return nil }
+        let end = service + 1 < headers.count ? headers[service + 1] : lines.count
+        let name = String(key.split(separator: ".").last ?? key)
+        for index in headers[service]..<end {
+            let line = lines[index]
+            if name == "quic", line.filter({ $0 != " " }).hasPrefix("[service.quic]") { return index + 1 }
+            var rest = line[...]
+            while let found = rest.range(of: name) {
+                let before = found.lowerBound == line.startIndex ? nil : line[line.index(before: found.lowerBound)]
+                let after = line[found.upperBound...].drop { $0 == " " || $0 == "\t" }
+                if before.map({ !($0.isLetter || $0.isNumber || $0 == "_" || $0 == ".") }) ?? true, after.hasPrefix("=") {
+                    return index + 1
+                }
+                rest = line[found.upperBound...]
+            }
+        }
+        return nil
+    }
+
+    /// `[service.quic]`: the QUIC-LB layout of the service's connection IDs (docs/quic.md).
+    static func parseQuic(_ service: TableReader, listen: [Endpoint]) throws(ConfigurationError) -> QuicSteering? {
+        guard let value = service.table["quic"] else { return nil }
+        guard let table = value.table else {
+            throw service.error("quic", "must be a table ([service.quic] or quic = { cid_length = 12 }), not \(value.type)")
+        }
+        let reader = TableReader(table: table, path: service.key("quic"), file: service.file)
+        try reader.rejectUnknown(quicKeys)
+        guard listen.contains(where: { $0.transport == .udp }) else {
+            throw service.error("quic", "needs a udp:// listener: QUIC steering applies to UDP only")
+        }
+        guard let cidLength = try reader.integer("cid_length") else {
+            throw reader.error("cid_length", "is required: the length of the connection IDs the workers issue "
+                + "(\(QuicSteering.cidLengthRange.lowerBound) to \(QuicSteering.cidLengthRange.upperBound))")
+        }
+        var prefix: [UInt8] = []
+        if let text = try reader.string("host_prefix") {
+            guard let octets = QuicSteering.octets(hex: text) else {
+                throw reader.error("host_prefix", "'\(text)' is not hex octets (for example \"0a\" or \"0a1b\")")
+            }
+            prefix = octets
+        }
+        let serverIDLength = try reader.integer("server_id_length")
+        let configRotation = try reader.integer("config_rotation") ?? 0
+        do throws(QuicSteering.Problem) {
+            return try QuicSteering(cidLength: cidLength, serverIDLength: serverIDLength, hostPrefix: prefix,
+                                    configRotation: configRotation)
+        } catch {
+            let key = switch error.setting {
+            case .cidLength: "cid_length"
+            case .serverIDLength: "server_id_length"
+            case .hostPrefix: "host_prefix"
+            case .configRotation: "config_rotation"
+            }
+            throw reader.error(key, error.description)
+        }
+    }
 
     static func parseService(_ table: TOMLTable, path: String, file: String) throws(ConfigurationError)
         -> ServiceConfiguration
@@ -219,6 +297,7 @@ public enum ConfigurationParser {
                                            environment: environment)
         service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
         service.tracking = try parseTracking(reader)
+        service.quic = try parseQuic(reader, listen: listen)
         return service
     }
 

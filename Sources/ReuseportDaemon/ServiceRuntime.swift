@@ -89,7 +89,7 @@ final class ServiceRuntime {
         self.logger = logger
         let options = ServiceDataPlane.Options(bucketCount: configuration.bucketCount, seed: configuration.seed,
                                                receiveBuffer: configuration.receiveBuffer,
-                                               tracking: configuration.tracking)
+                                               tracking: configuration.tracking, quic: configuration.quic)
         var endpoints = configuration.listen
         if let predecessor {
             for (index, endpoint) in endpoints.enumerated() where endpoint.address.port == 0 {

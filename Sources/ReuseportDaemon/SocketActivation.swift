@@ -17,6 +17,11 @@ public enum ActivationEnvironment {
     public static let watchdogUsec = "WATCHDOG_USEC"
     /// Set by the worker itself (exec-worker), as LISTEN_PID: only the child knows its pid.
     public static let watchdogPID = "WATCHDOG_PID"
+    /// QUIC connection-ID steering (docs/quic.md): the worker's server ID in hex, the length of
+    /// the CIDs it must issue, and the config rotation (the top 3 bits of their first octet).
+    public static let quicServerID = "REUSEPORT_QUIC_SERVER_ID"
+    public static let quicCIDLength = "REUSEPORT_QUIC_CID_LENGTH"
+    public static let quicConfigRotation = "REUSEPORT_QUIC_CONFIG_ROTATION"
 }
 
 /// The sockets a worker was handed, read from its environment.

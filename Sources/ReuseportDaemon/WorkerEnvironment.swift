@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ReuseportKit
 
 /// The environment a worker starts with: built from nothing, as systemd builds a service's
 /// (systemd.exec(5), "Environment Variables in Spawned Processes"), never copied from the
@@ -13,7 +14,9 @@ import Glibc
 /// 2. The service's `environment = ["KEY=value", ...]`, which may replace a base entry.
 /// 3. What the daemon sets for the slot: socket activation (`LISTEN_FDS`, `LISTEN_FDNAMES`;
 ///    `LISTEN_PID` is set by the worker itself before exec) and `REUSEPORT_SLOT`,
-///    `REUSEPORT_SERVICE`. A configuration may not set these (`reserved`).
+///    `REUSEPORT_SERVICE`; for a service with QUIC steering, `REUSEPORT_QUIC_SERVER_ID`,
+///    `REUSEPORT_QUIC_CID_LENGTH`, `REUSEPORT_QUIC_CONFIG_ROTATION`. A configuration may not set
+///    these (`reserved`).
 enum WorkerEnvironment {
     /// systemd's default for services (`DEFAULT_PATH` in src/basic/path-util.h, split /usr).
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -22,8 +25,8 @@ enum WorkerEnvironment {
     /// daemon's notify socket and watchdog (NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID).
     static let reserved: [String] = [
         ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID, ActivationEnvironment.listenFDNames,
-        ActivationEnvironment.slot, ActivationEnvironment.service,
-        "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+        ActivationEnvironment.slot, ActivationEnvironment.service, ActivationEnvironment.quicServerID,
+        ActivationEnvironment.quicCIDLength, ActivationEnvironment.quicConfigRotation, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
     ]
 
     /// The environment of a worker of `service` on `slot`, with `listeners` sockets.
@@ -45,6 +48,13 @@ enum WorkerEnvironment {
             (ActivationEnvironment.slot, "\(slot)"),
             (ActivationEnvironment.service, service.name),
         ]
+        if let quic = service.quic {
+            entries += [
+                (ActivationEnvironment.quicServerID, QuicSteering.hex(quic.serverID(slot: slot))),
+                (ActivationEnvironment.quicCIDLength, "\(quic.cidLength)"),
+                (ActivationEnvironment.quicConfigRotation, "\(quic.configRotation)"),
+            ]
+        }
         // The notification protocol (sd_notify(3)): the daemon's socket for this worker, and the
         // watchdog interval when the service has one. WATCHDOG_PID is set by the worker itself.
         if let notifySocket { entries.append((ActivationEnvironment.notifySocket, notifySocket)) }

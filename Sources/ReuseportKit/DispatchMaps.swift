@@ -25,11 +25,16 @@ public final class DispatchMaps: @unchecked Sendable {
     /// The placement change in progress and its target table (Transition.swift).
     public let transition: BPFMap
     public let nextBuckets: BPFMap
+    /// QUIC connection-ID steering: its layout (written by the data plane) and its counters.
+    public let quicConfig: BPFMap
+    public let quicStats: BPFMap
+    public let quicSlotStats: BPFMap
 
     /// The names, in the object and as pin file names.
     public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
                                RP_MAP_SLOT_STATE, RP_MAP_FLOWS, RP_MAP_UNTRACKED, RP_MAP_FLOW_STATS,
-                               RP_MAP_RECORD_BUDGET, RP_MAP_TRANSITION, RP_MAP_NEXT_BUCKETS]
+                               RP_MAP_RECORD_BUDGET, RP_MAP_TRANSITION, RP_MAP_NEXT_BUCKETS, RP_MAP_QUIC_CONFIG,
+                               RP_MAP_QUIC_STATS, RP_MAP_QUIC_SLOT_STATS]
 
     /// Key and value size of each map.
     static let layouts: [String: (key: Int, value: Int)] = [
@@ -45,6 +50,9 @@ public final class DispatchMaps: @unchecked Sendable {
         RP_MAP_RECORD_BUDGET: (4, MemoryLayout<rp_record_budget>.size),
         RP_MAP_TRANSITION: (4, MemoryLayout<rp_transition>.size),
         RP_MAP_NEXT_BUCKETS: (4, MemoryLayout<rp_slot_t>.size),
+        RP_MAP_QUIC_CONFIG: (4, MemoryLayout<rp_quic_config>.size),
+        RP_MAP_QUIC_STATS: (4, MemoryLayout<rp_quic_stats>.size),
+        RP_MAP_QUIC_SLOT_STATS: (4, MemoryLayout<rp_quic_slot_stats>.size),
     ]
 
     init(open: (_ name: String, _ keySize: Int, _ valueSize: Int) throws -> BPFMap) throws {
@@ -64,6 +72,9 @@ public final class DispatchMaps: @unchecked Sendable {
         recordBudget = try map(RP_MAP_RECORD_BUDGET)
         transition = try map(RP_MAP_TRANSITION)
         nextBuckets = try map(RP_MAP_NEXT_BUCKETS)
+        quicConfig = try map(RP_MAP_QUIC_CONFIG)
+        quicStats = try map(RP_MAP_QUIC_STATS)
+        quicSlotStats = try map(RP_MAP_QUIC_SLOT_STATS)
     }
 
     /// Opens the maps a daemon pinned for one service.
@@ -75,7 +86,7 @@ public final class DispatchMaps: @unchecked Sendable {
 
     var all: [BPFMap] {
         [config, buckets, fallback, slotStats, globalStats, slotState, flows, untracked, flowStats, recordBudget,
-         transition, nextBuckets]
+         transition, nextBuckets, quicConfig, quicStats, quicSlotStats]
     }
 
     public func pin(_ layout: PinLayout) throws {
@@ -98,6 +109,16 @@ public final class DispatchMaps: @unchecked Sendable {
                               slot_count: UInt32(slotCount), live_count: UInt32(liveCount),
                               record_cost_ns: recordCostNs)
         try config.update(0, value)
+    }
+
+    /// The service's QUIC steering layout; nil when it has none (steering off).
+    public func readQuicSteering() throws -> QuicSteering? {
+        try quicConfig.lookup(0, as: rp_quic_config.self).flatMap { QuicSteering($0) }
+    }
+
+    /// Writes rp_quic_config: the layout, or off (all zero) for nil.
+    func writeQuicSteering(_ steering: QuicSteering?) throws {
+        try quicConfig.update(0, steering?.config ?? rp_quic_config())
     }
 
     /// Refuses maps written by a program of another ABI version.
@@ -202,14 +223,38 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
-    /// Zeroes a slot's counters on every CPU (a slot that is reused starts from zero).
+    /// The QUIC counters of the service, summed over CPUs.
+    public func quicCounters() throws -> rp_quic_stats {
+        try quicStats.lookupPerCPU(0, as: rp_quic_stats.self).reduce(into: rp_quic_stats()) { sum, cpu in
+            sum.cid_steered &+= cpu.cid_steered
+            sum.initials &+= cpu.initials
+            sum.dcid_hashed &+= cpu.dcid_hashed
+            sum.unknown_cid &+= cpu.unknown_cid
+            sum.fallbacks &+= cpu.fallbacks
+            sum.version_negotiation &+= cpu.version_negotiation
+            sum.unparsable &+= cpu.unparsable
+        }
+    }
+
+    /// A slot's QUIC counters, summed over CPUs.
+    public func quicSlotCounters(_ slot: UInt32) throws -> rp_quic_slot_stats {
+        try quicSlotStats.lookupPerCPU(slot, as: rp_quic_slot_stats.self).reduce(into: rp_quic_slot_stats()) { sum, cpu in
+            sum.cid_steered &+= cpu.cid_steered
+            sum.dcid_hashed &+= cpu.dcid_hashed
+        }
+    }
+
+    /// Zeroes a slot's counters (rp_slot_stats, rp_quic_slot_stats) on every CPU: a slot that is
+    /// reused starts from zero.
     func resetSlotCounters(_ slot: UInt32) throws {
-        let cpus = Int(libbpf_num_possible_cpus())
-        let stride = (slotStats.valueSize + 7) & ~7
-        let zeros = [UInt8](repeating: 0, count: stride * max(cpus, 1))
-        var key = slot
-        let result = zeros.withUnsafeBytes { bpf_map_update_elem(slotStats.fd, &key, $0.baseAddress, UInt64(BPF_ANY)) }
-        if result != 0 { throw ReuseportError.system("bpf_map_update_elem(\(slotStats.name)[\(slot)])", errno) }
+        for map in [slotStats, quicSlotStats] {
+            let cpus = Int(libbpf_num_possible_cpus())
+            let stride = (map.valueSize + 7) & ~7
+            let zeros = [UInt8](repeating: 0, count: stride * max(cpus, 1))
+            var key = slot
+            let result = zeros.withUnsafeBytes { bpf_map_update_elem(map.fd, &key, $0.baseAddress, UInt64(BPF_ANY)) }
+            if result != 0 { throw ReuseportError.system("bpf_map_update_elem(\(map.name)[\(slot)])", errno) }
+        }
     }
 
     // MARK: worker state

@@ -24,6 +24,8 @@ public struct SteeringSnapshot: Sendable {
     public var liveCount: UInt32
     /// The slots that hold a socket in the listener's array.
     public var liveSlots: Set<UInt32>
+    /// rp_quic_config: the service's QUIC connection-ID layout, nil when steering is off.
+    public var quic: QuicSteering?
 
     public init(seed: UInt32, slotCount: UInt32, buckets: [UInt32], fallback: [UInt32], liveCount: UInt32,
                 liveSlots: Set<UInt32>) {
@@ -52,17 +54,23 @@ public struct SteeringSnapshot: Sendable {
                   buckets: try maps.readBuckets(count: Int(min(config.bucket_count, UInt32(RP_MAX_BUCKETS) + 1))),
                   fallback: try maps.readFallback(), liveCount: config.live_count,
                   liveSlots: try sockets.liveSlots(below: Int(RP_MAX_SLOTS)))
+        quic = try maps.readQuicSteering()
     }
 
     /// Mirrors rp_dispatch() in bpf/dispatch.bpf.c step by step. A table of no bucket or of
     /// more than RP_MAX_BUCKETS is a bucket_count the program refuses: it drops every packet.
     public func placement(of flow: FlowTuple) -> Placement {
-        let hash = FlowHash.hash(flow, seed: seed)
+        placement(hash: FlowHash.hash(flow, seed: seed))
+    }
+
+    /// Where the program sends a hash (select_by_hash() in bpf/dispatch.bpf.c): the flow hash,
+    /// or the hash of a QUIC long header's DCID.
+    public func placement(hash: UInt32) -> Placement {
         guard BucketCount.range.contains(buckets.count) else {
             return Placement(hash: hash, bucket: 0, bucketSlot: 0, slot: nil)
         }
         let bucket = FlowHash.bucket(hash: hash, count: UInt32(buckets.count))
-        let bucketSlot = buckets[Int(bucket)]
+        let bucketSlot = rp_bucket_slot(buckets[Int(bucket)])
         var placement = Placement(hash: hash, bucket: bucket, bucketSlot: bucketSlot, slot: nil)
         if liveSlots.contains(bucketSlot) {
             placement.slot = bucketSlot
@@ -73,5 +81,40 @@ public struct SteeringSnapshot: Sendable {
                 .first { self.liveSlots.contains($0) }
         }
         return placement
+    }
+}
+
+/// Where the program sends a QUIC packet (quic_dispatch() in bpf/dispatch.bpf.c).
+public enum QuicPlacement: Sendable, Equatable {
+    /// To the live slot its DCID's server ID names.
+    case byConnectionID(slot: UInt32)
+    /// A long header whose DCID names no live slot: by the hash of its DCID.
+    case byDCIDHash(Placement)
+    /// A short header whose DCID is not of this layout (`slot` nil) or names a slot without a
+    /// socket: by the flow hash of the client's address, like any datagram.
+    case byFlow(namedSlot: UInt32?)
+    /// Counted and dropped (version negotiation, unparsable).
+    case dropped(QuicHeader.Kind)
+    /// The service has no QUIC steering: every datagram goes by its flow.
+    case steeringOff
+}
+
+extension SteeringSnapshot {
+    /// Mirrors quic_dispatch() for one UDP payload.
+    public func quicPlacement(ofPayload payload: [UInt8]) -> QuicPlacement {
+        guard let quic else { return .steeringOff }
+        let header = QuicHeader(payload: payload, steering: quic)
+        switch header.kind {
+        case .versionNegotiation, .unparsable:
+            return .dropped(header.kind)
+        case .short:
+            guard let slot = quic.slot(ofCID: header.dcid) else { return .byFlow(namedSlot: nil) }
+            return liveSlots.contains(slot) ? .byConnectionID(slot: slot) : .byFlow(namedSlot: slot)
+        case .long:
+            if header.dcid.count == quic.cidLength, let slot = quic.slot(ofCID: header.dcid), liveSlots.contains(slot) {
+                return .byConnectionID(slot: slot)
+            }
+            return .byDCIDHash(placement(hash: QuicHeader.dcidHash(header.dcid, seed: seed)))
+        }
     }
 }

@@ -10,7 +10,7 @@ import CReuseportABI
 /// in it) without moving a single flow.
 ///
 /// It is the only writer of the service's maps (rp_config, rp_buckets, rp_fallback, the
-/// socket arrays, rp_slot_state) and holds what they must say:
+/// socket arrays, rp_slot_state, rp_quic_config) and holds what they must say:
 /// - the *nominal* bucket table (`buckets`): where each bucket's flows belong;
 /// - the failover overlay (`failedOver`): slots whose buckets are lent to the others;
 /// - the *effective* table (`effectiveBuckets`): the nominal one with the overlay laid over
@@ -25,14 +25,17 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var receiveBuffer: Int?
         public var v6Only: Bool
         public var tracking: FlowTracking
+        /// QUIC connection-ID steering (rp_quic_config); nil: off.
+        public var quic: QuicSteering?
 
         public init(bucketCount: Int = Int(RP_DEFAULT_BUCKETS), seed: UInt32 = 0, receiveBuffer: Int? = nil,
-                    v6Only: Bool = true, tracking: FlowTracking = FlowTracking()) {
+                    v6Only: Bool = true, tracking: FlowTracking = FlowTracking(), quic: QuicSteering? = nil) {
             self.bucketCount = bucketCount
             self.seed = seed
             self.receiveBuffer = receiveBuffer
             self.v6Only = v6Only
             self.tracking = tracking
+            self.quic = quic
         }
     }
 
@@ -152,6 +155,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         self.bucketFlags = Array(repeating: 0, count: options.bucketCount)
         self.fallback = BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: slots)
         for slot in slots { try insertSockets(slot) }
+        try maps.writeQuicSteering(options.quic)
         try maps.writeBuckets(buckets)
         try maps.writeFallback(fallback)
         try maps.writeTransition(rp_transition())
@@ -213,6 +217,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         for slot in 0..<UInt32(socketSlots) { try insertSockets(slot) }
         leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
         try spreadFallback(over: fallbackSlots)
+        try maps.writeQuicSteering(options.quic)
     }
 
     /// The maps a previous daemon pinned for this service, if they hold a placement change this

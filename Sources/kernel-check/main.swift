@@ -27,7 +27,7 @@ let usage = """
     internal: kernel-check run-one CHECK [--broken] | reopen-pins ROOT SERVICE
     """
 
-let checks: [Check] = ProgramChecks.all + SteeringChecks.all + SocketArrayChecks.all + PinChecks.all
+let checks: [Check] = ProgramChecks.all + SteeringChecks.all + QuicChecks.all + SocketArrayChecks.all + PinChecks.all
     + DaemonCheck.all
 
 func fail(_ message: String, status: Int32 = 2) -> Never {

@@ -83,11 +83,13 @@ struct SendResult {
 /// Sends as fast as it can for `seconds`: sendmmsg(2) with `batch` datagrams of
 /// `payloadSize` bytes from each flow in turn, so every flow sends the same share.
 func blast(from flows: FlowSet, to destination: SocketAddress, seconds: Double, batch: Int = 32,
-           payloadSize: Int = 64) -> SendResult
+           payloadSize: Int = 64, payload content: [UInt8]? = nil) -> SendResult
 {
     let name = SockaddrBuffer(destination)
+    let payloadSize = content?.count ?? payloadSize
     let payload = UnsafeMutableRawPointer.allocate(byteCount: payloadSize, alignment: 8)
     payload.initializeMemory(as: UInt8.self, repeating: 0x5a, count: payloadSize)
+    if let content { payload.copyMemory(from: content, byteCount: content.count) }
     defer { payload.deallocate() }
     let iov = UnsafeMutablePointer<iovec>.allocate(capacity: 1)
     iov.initialize(to: iovec(iov_base: payload, iov_len: payloadSize))

@@ -7,6 +7,8 @@ import ReuseportKit
 /// fixed-slot programs, from the kernel's BPF run-time statistics, interleaved.
 struct ProgramCostBench {
     static let programs: [Selection] = [.emptyProgram, .fixedSlot, .addressLoad, .steering]
+    /// rp_dispatch with QUIC steering on, measured in the same run, interleaved with the others.
+    static let quicPrograms: [Selection] = [.quicShort, .quicInitial, .quicUnknown]
     static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
 
     /// family → program → ns per run, one per repeat.
@@ -20,7 +22,7 @@ struct ProgramCostBench {
         defer { withExtendedLifetime(statistics) {} }
         for family in families {
             let flows = try FlowSet(count: settings.flows, address: family)
-            let groups = try programs.map { try SocketGroup($0, sockets: 4, address: family) }
+            let groups = try (programs + quicPrograms).map { try SocketGroup($0, sockets: 4, address: family) }
             defer { for group in groups { group.close() } }
             for group in groups { _ = runTrial(group, flows: flows, workers: 4, seconds: 0.05, cpus: cpus) }
             for rep in 0..<settings.costRepeats {
@@ -39,7 +41,12 @@ struct ProgramCostBench {
 
     /// Steering minus fixed-slot, paired by repeat: what the steering logic itself adds.
     func logicCost(_ family: IPAddress, over baseline: Selection = .fixedSlot) -> Summary? {
-        Summary(zip(perRun(family, .steering), perRun(family, baseline)).map { $0 - $1 })
+        paired(family, .steering, minus: baseline)
+    }
+
+    /// `selection` minus `baseline`, paired by repeat (measured next to each other).
+    func paired(_ family: IPAddress, _ selection: Selection, minus baseline: Selection) -> Summary? {
+        Summary(zip(perRun(family, selection), perRun(family, baseline)).map { $0 - $1 })
     }
 }
 

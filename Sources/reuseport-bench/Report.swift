@@ -91,6 +91,9 @@ struct Report {
                 + "beyond the helper call that copies out the addresses (item 2), \(beyondLoad) ns (IPv4) "
                 + "| \(logic.median <= 40 ? "yes" : "**no**") |")
         }
+        if let cost {
+            lines += quicTargetLines(cost)
+        }
         if let death, death.error == nil {
             let moved = death.kills(.reuseportd).compactMap(\.movedShare).max() ?? 0
             let lost = death.lost(.reuseportd)
@@ -297,6 +300,50 @@ struct Report {
             + "on this CPU, the Safe RET mitigation (\(Machine.mitigations)), which sends every return in the "
             + "kernel through a thunk. What `rp_dispatch` does beyond the copy (check the configuration, read the "
             + "ports by direct packet access, hash, look the bucket up, count) is the last row.")
+        lines.append("")
+        lines += quicCostLines(c)
+        return lines
+    }
+
+    /// The QUIC target: at most 15 ns per packet over flow steering, per QUIC path.
+    func quicTargetLines(_ c: ProgramCostBench) -> [String] {
+        let paths: [(Selection, String)] = [(.quicShort, "short header by CID"), (.quicInitial, "Initial by DCID hash"),
+                                            (.quicUnknown, "short header of an unknown CID, then by flow")]
+        var measured: [String] = []
+        var over: [String] = []
+        for (selection, name) in paths {
+            let values = ProgramCostBench.families.map { c.paired($0, selection, minus: .steering)?.median }
+            measured.append("\(name) " + values.map { $0.map { fixed($0, 1) } ?? "–" }.joined(separator: ", ") + " ns")
+            if values.contains(where: { ($0 ?? 0) > 15 }) { over.append(name) }
+        }
+        guard !measured.isEmpty else { return [] }
+        return ["| QUIC connection-ID steering ≤ 15 ns/packet over flow steering (IPv4, IPv6) | "
+            + measured.joined(separator: "; ") + " | " + (over.isEmpty ? "yes" : "**no**: " + over.joined(separator: ", "))
+            + " |"]
+    }
+
+    /// QUIC connection-ID steering (docs/quic.md) against plain flow steering, paired by repeat.
+    func quicCostLines(_ c: ProgramCostBench) -> [String] {
+        var lines = ["### QUIC connection-ID steering", ""]
+        lines.append("The same run, interleaved with the programs above: `rp_dispatch` of a service with "
+            + "`[service.quic]` (12-octet CIDs, 3-octet server ID), sent QUIC short headers whose CID names a live "
+            + "slot (steered by the CID: the QUIC header copied by direct packet access, the server ID decoded, one "
+            + "select; no address copy, no flow hash), QUIC v1 Initials of 1200 octets (steered by the hash of "
+            + "their DCID through the bucket table), and short headers whose CID is not of the layout (the QUIC "
+            + "parse, then flow steering as any datagram). The difference to \"reuseportd steering\" is paired by "
+            + "repeat; negative means cheaper than plain flow steering.")
+        lines.append("")
+        lines.append("| path | IPv4 ns/run | IPv4 − flow steering | IPv6 ns/run | IPv6 − flow steering |")
+        lines.append("| --- | --- | --- | --- | --- |")
+        for selection in [Selection.steering] + ProgramCostBench.quicPrograms {
+            var row = "| \(selection.rawValue) |"
+            for family in ProgramCostBench.families {
+                row += " \(summaryText(Summary(c.perRun(family, selection)), digits: 1)) |"
+                row += selection == .steering ? " |"
+                    : " \(summaryText(c.paired(family, selection, minus: .steering), digits: 1)) |"
+            }
+            lines.append(row)
+        }
         lines.append("")
         return lines
     }

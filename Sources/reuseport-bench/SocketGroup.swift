@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ReuseportKit
+import ReuseportTestSupport
 
 /// How a group of receiving sockets on one port chooses a socket for each datagram.
 enum Selection: String, CaseIterable {
@@ -17,6 +18,27 @@ enum Selection: String, CaseIterable {
     case addressLoad = "fixed slot + address load"
     /// reuseportd's data plane: rp_dispatch with its bucket table (ServiceDataPlane).
     case steering = "reuseportd steering"
+    /// The same with QUIC steering (QuicScenario.steering), sent QUIC short headers whose CID
+    /// names a live slot: the connection-ID path.
+    case quicShort = "QUIC short header, by CID"
+    /// ... sent QUIC v1 Initials (1200 octets) with a client-chosen DCID: steered by its hash.
+    case quicInitial = "QUIC Initial, by DCID hash"
+    /// ... sent short headers whose CID is not of the layout: the QUIC parse, then flow steering.
+    case quicUnknown = "QUIC unknown CID, then by flow"
+
+    /// What the sender puts in every datagram (nil: 64 octets of 0x5a).
+    var payload: [UInt8]? {
+        switch self {
+        case .quicShort:
+            QuicHeader.short(dcid: QuicScenario.steering.connectionID(slot: 1, nonce: [1, 2, 3, 4, 5, 6, 7, 8]),
+                             body: [UInt8](repeating: 0x5a, count: 51))
+        case .quicInitial: QuicHeader.initial(dcid: [0x83, 0x94, 0xc8, 0xf0, 0x3e, 0x51, 0x57, 0x08])
+        case .quicUnknown: [0x40, 0xff] + [UInt8](repeating: 0x5a, count: 62)
+        default: nil
+        }
+    }
+
+    var isQuic: Bool { payload != nil }
 }
 
 /// Sockets bound to one loopback port (a port of their own, chosen by the kernel), with
@@ -38,10 +60,11 @@ final class SocketGroup {
         self.selection = selection
         let endpoint = Endpoint(.udp, SocketAddress(address, 0))
         switch selection {
-        case .steering:
+        case .steering, .quicShort, .quicInitial, .quicUnknown:
             let plane = try ServiceDataPlane(endpoints: [endpoint], slotCount: count,
                                              options: .init(bucketCount: bucketCount, seed: 0x5eed,
-                                                            receiveBuffer: Self.receiveBuffer))
+                                                            receiveBuffer: Self.receiveBuffer,
+                                                            quic: selection.isQuic ? QuicScenario.steering : nil))
             self.plane = plane
             baseline = nil
             sockets = (0..<UInt32(count)).map { plane.listeners[0].sockets[$0]! }
@@ -160,12 +183,14 @@ struct TrialResult {
 func runTrial(_ group: SocketGroup, flows: FlowSet, workers: Int, seconds: Double, cpus: CPUPlan,
               payloadSize: Int = 64) -> TrialResult
 {
+    let payload = group.selection.payload
     let receivers = ReceiverGroup(fds: group.fds, threads: workers, cpu: cpus.receivers)
     pause(0.01)
     var send = SendResult()
     let destination = group.destination
     let sender = PinnedThread(cpu: cpus.sender) {
-        send = blast(from: flows, to: destination, seconds: seconds, payloadSize: payloadSize)
+        send = blast(from: flows, to: destination, seconds: seconds, payloadSize: payload?.count ?? payloadSize,
+                     payload: payload)
     }
     sender.join()
     let received = receivers.stop()

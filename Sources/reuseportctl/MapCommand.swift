@@ -65,6 +65,10 @@ struct MapDumpCommand: ParsableCommand {
         text += "  global     \(globalSummary(service.global))\n"
         text += "  change     \(changeSummary(service))\n"
         text += "  flows      \(flowSummary(service))\n"
+        if let quic = service.quic {
+            text += "  quic       \(quicLayout(quic))\n"
+            text += "             \(quicSummary(service.quicCounters))\n"
+        }
         if let problem = service.diagnosticsProblem { text += "  drops      unknown: \(problem)\n" }
         var table = TextTable([
             ("SLOT", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
@@ -81,6 +85,16 @@ struct MapDumpCommand: ParsableCommand {
             ])
         }
         text += "\n" + table.render(indent: "  ")
+        if let quic = service.quic {
+            var quicTable = TextTable([("SLOT", .right), ("SERVER ID", .left), ("BY CID", .right),
+                                       ("BY DCID HASH", .right)])
+            for slot in service.slots {
+                quicTable.add(["\(slot.index)", QuicSteering.hex(quic.serverID(slot: slot.index)),
+                               "\(slot.quic.cid_steered)", "\(slot.quic.dcid_hashed)"])
+            }
+            text += "\n  QUIC packets per slot: by the server ID in their connection ID, or (long headers) by the hash of it\n"
+            text += quicTable.render(indent: "  ")
+        }
         if service.listeners.count > 1 {
             text += "  (DROPS: summed over the \(service.listeners.count) listeners' sockets; COOKIE: listener 0;"
                 + " --json has each socket)\n"
@@ -121,6 +135,19 @@ struct MapDumpCommand: ParsableCommand {
             + "  rate_refused \(flows.rate_refused)  pinned \(flows.pinned)  stale \(flows.stale)"
     }
 
+    /// The QUIC-LB layout in one line.
+    static func quicLayout(_ quic: QuicSteering) -> String {
+        "cid_length \(quic.cidLength)  server_id_length \(quic.serverIDLength)"
+            + "  host_prefix \(quic.hostPrefix.isEmpty ? "-" : QuicSteering.hex(quic.hostPrefix))"
+            + "  config_rotation \(quic.configRotation)"
+    }
+
+    static func quicSummary(_ counters: rp_quic_stats) -> String {
+        "cid_steered \(counters.cid_steered)  initials \(counters.initials)  dcid_hashed \(counters.dcid_hashed)"
+            + "  unknown_cid \(counters.unknown_cid)  fallbacks \(counters.fallbacks)"
+            + "  version_negotiation \(counters.version_negotiation)  unparsable \(counters.unparsable)"
+    }
+
     static func globalSummary(_ global: rp_global_stats) -> String {
         "dropped_no_slot \(global.dropped_no_slot)  unparsable \(global.unparsable)"
             + "  fallbacks \(global.fallbacks)  select_errors \(global.select_errors)"
@@ -145,7 +172,29 @@ struct MapDump: Encodable {
         var global: Global
         var slots: [Slot]
         var change: Change
+        /// QUIC connection-ID steering: null when off.
+        @Nullable var quic: Quic?
         @Nullable var socketDiagnosticsError: String?
+    }
+
+    struct Quic: Encodable {
+        var cidLength: Int
+        var serverIdLength: Int
+        var hostPrefix: String
+        var configRotation: Int
+        var cidSteered: UInt64
+        var initials: UInt64
+        var dcidHashed: UInt64
+        var unknownCid: UInt64
+        var fallbacks: UInt64
+        var versionNegotiation: UInt64
+        var unparsable: UInt64
+    }
+
+    struct SlotQuic: Encodable {
+        var serverId: String
+        var cidSteered: UInt64
+        var dcidHashed: UInt64
     }
 
     /// The placement change in progress and the flow-tracking counters.
@@ -201,6 +250,7 @@ struct MapDump: Encodable {
         var leaving: Bool
         var joining: Bool
         var sockets: [Socket]
+        @Nullable var quic: SlotQuic?
     }
 
     struct Socket: Encodable {
@@ -248,9 +298,22 @@ struct MapDump: Encodable {
                          sockets: slot.sockets.map {
                              Socket(listener: $0.listener, cookie: $0.cookie, inode: $0.diagnosis?.inode,
                                     receiveDrops: $0.diagnosis?.drops, receiveQueue: $0.diagnosis?.receiveQueue)
+                         },
+                         quic: service.quic.map {
+                             SlotQuic(serverId: QuicSteering.hex($0.serverID(slot: slot.index)),
+                                      cidSteered: slot.quic.cid_steered, dcidHashed: slot.quic.dcid_hashed)
                          })
                 },
                 change: Change(service),
+                quic: service.quic.map { quic in
+                    let counters = service.quicCounters
+                    return Quic(cidLength: quic.cidLength, serverIdLength: quic.serverIDLength,
+                                hostPrefix: QuicSteering.hex(quic.hostPrefix), configRotation: quic.configRotation,
+                                cidSteered: counters.cid_steered, initials: counters.initials,
+                                dcidHashed: counters.dcid_hashed, unknownCid: counters.unknown_cid,
+                                fallbacks: counters.fallbacks, versionNegotiation: counters.version_negotiation,
+                                unparsable: counters.unparsable)
+                },
                 socketDiagnosticsError: service.diagnosticsProblem)
         }
     }

@@ -89,6 +89,14 @@ enum MetricsExposition {
                     gauge("reuseport_slot_state", "The slot's worker state (1 for the current state).",
                           labels + [("state", "\(state)")], slot.workerState == state ? 1 : 0)
                 }
+                if service.quic != nil {
+                    counter("reuseport_slot_quic_cid_steered_total",
+                            "QUIC packets steered to the slot by the server ID in their connection ID.", labels,
+                            slot.quic.cid_steered)
+                    counter("reuseport_slot_quic_dcid_hashed_total",
+                            "QUIC long-header packets steered to the slot by the hash of their DCID.", labels,
+                            slot.quic.dcid_hashed)
+                }
                 for listener in service.listeners {
                     gauge("reuseport_slot_socket_up", "1 if the slot has a socket in the listener's array.",
                           labels + [("listener", "\(listener.index)")], listener.cookies[slot.index] == nil ? 0 : 1)
@@ -135,6 +143,27 @@ enum MetricsExposition {
                   UInt64(service.trackedCapacity))
             gauge("reuseport_placement_change_phase", "0: none, 1: learning, 2: draining.", [name],
                   UInt64(service.transition.phase))
+            if service.quic != nil { addQuic(service.quicCounters, [name]) }
+        }
+
+        /// The service's QUIC counters (rp_quic_stats), when it steers QUIC by connection ID.
+        func addQuic(_ quic: rp_quic_stats, _ labels: [(String, String)]) {
+            let counters: [(String, String, UInt64)] = [
+                ("reuseport_quic_cid_steered_total", "QUIC packets steered by the server ID in their connection ID.",
+                 quic.cid_steered),
+                ("reuseport_quic_initials_total", "QUIC long-header Initial packets.", quic.initials),
+                ("reuseport_quic_dcid_hashed_total", "QUIC long-header packets steered by the hash of their DCID.",
+                 quic.dcid_hashed),
+                ("reuseport_quic_unknown_cid_total",
+                 "QUIC short-header packets whose CID is not of the service's layout (flow steering).", quic.unknown_cid),
+                ("reuseport_quic_fallbacks_total",
+                 "QUIC short-header packets whose CID names a slot without a socket (flow steering).", quic.fallbacks),
+                ("reuseport_quic_version_negotiation_total", "QUIC version negotiation packets (dropped).",
+                 quic.version_negotiation),
+                ("reuseport_quic_unparsable_total", "UDP payloads too short for a QUIC header and DCID (dropped).",
+                 quic.unparsable),
+            ]
+            for (metric, help, value) in counters { counter(metric, help, labels, value) }
         }
 
         /// The daemon's own counters (since it started): absent from an older daemon's answer.

@@ -29,6 +29,8 @@ struct ServiceSnapshot: Sendable {
         var index: UInt32
         var state: rp_slot_state
         var counters: rp_slot_stats
+        /// Packets steered here by QUIC connection ID (zero when QUIC steering is off).
+        var quic: rp_quic_slot_stats
         var buckets: Int
         var sockets: [SlotSocket]
 
@@ -69,6 +71,9 @@ struct ServiceSnapshot: Sendable {
     /// Buckets learning and pinned now.
     var learningBuckets = 0
     var pinnedBuckets = 0
+    /// The QUIC connection-ID layout (rp_quic_config), nil when steering is off, and its counters.
+    var quic: QuicSteering?
+    var quicCounters: rp_quic_stats
     /// Why drops are missing, if sock_diag failed.
     var diagnosticsProblem: String?
 
@@ -80,8 +85,10 @@ struct ServiceSnapshot: Sendable {
     /// What the program of `listener` sees: the shared tables and that listener's live slots.
     func steering(listener: Int) -> SteeringSnapshot {
         let live = Set(listeners.first { $0.index == listener }?.cookies.keys.map { $0 } ?? [])
-        return SteeringSnapshot(seed: config.seed, slotCount: config.slot_count, buckets: buckets, fallback: fallback,
-                                liveCount: config.live_count, liveSlots: live)
+        var snapshot = SteeringSnapshot(seed: config.seed, slotCount: config.slot_count, buckets: buckets,
+                                        fallback: fallback, liveCount: config.live_count, liveSlots: live)
+        snapshot.quic = quic
+        return snapshot
     }
 }
 
@@ -259,11 +266,13 @@ struct OpenedService {
                     || !sockets.isEmpty || perSlot[Int(slot)] > 0
                 guard shown else { continue }
                 slots.append(.init(index: slot, state: state, counters: try maps.slotCounters(slot),
-                                   buckets: perSlot[Int(slot)], sockets: sockets))
+                                   quic: try maps.quicSlotCounters(slot), buckets: perSlot[Int(slot)],
+                                   sockets: sockets))
             }
             var snapshot = ServiceSnapshot(name: name, directory: layout.serviceDirectory, config: config, buckets: buckets,
                                            fallback: fallback, listeners: listeners, slots: slots,
-                                           global: try maps.globalCounters())
+                                           global: try maps.globalCounters(), quic: try maps.readQuicSteering(),
+                                           quicCounters: try maps.quicCounters())
             snapshot.transition = try maps.readTransition()
             snapshot.flows = try maps.flowCounters()
             snapshot.trackedCapacity = maps.flows.maxEntries

@@ -15,7 +15,10 @@ struct StatsCommand: ParsableCommand {
             BYTES their UDP payload, FALLBACKS those that came because their own slot was empty, DROPS \
             what the kernel dropped at the slot's socket(s) (receive buffer full). The global line \
             counts what reached no slot: dropped_no_slot (no live slot, or no configuration), \
-            unparsable, fallbacks, select_errors.
+            unparsable, fallbacks, select_errors. A service with QUIC steering adds its QUIC counters \
+            (docs/quic.md): packets steered by connection ID (in total and per slot), Initials, long \
+            headers steered by the hash of their DCID, unknown CIDs, fallbacks (CIDs naming a slot \
+            without a socket), version negotiation and unparsable packets (both dropped).
 
             --watch redraws every SECONDS (default 1) with per-second rates until Ctrl-C.
 
@@ -112,6 +115,11 @@ struct StatsCommand: ParsableCommand {
         table.add(totalRow)
         text += table.render(indent: "  ")
         text += "  global: \(MapDumpCommand.globalSummary(service.global))\n"
+        if service.quic != nil {
+            text += "  quic: \(MapDumpCommand.quicSummary(service.quicCounters))\n"
+            text += "  quic by cid per slot: " + service.slots.map { "\($0.index)=\($0.quic.cid_steered)" }
+                .joined(separator: " ") + "\n"
+        }
         if let problem = service.diagnosticsProblem { text += "  drops unknown: \(problem)\n" }
         return text
     }

@@ -24,10 +24,17 @@ struct WhichCommand: ParsableCommand {
             address; a service bound to a wildcard address (0.0.0.0 or ::) needs --to with the \
             address clients send to.
 
+            With --quic-dcid HEX (a service with [service.quic], docs/quic.md): where QUIC packets \
+            carrying that destination connection ID go, as the program decides it: a short header \
+            to the slot its server ID names while that slot has a socket, else by the flow (give \
+            the client's ADDR:PORT to see where); a long header (Initial) the same way, else by \
+            the hash of its DCID.
+
             Examples:
               reuseportctl which 198.51.100.7:40000
               reuseportctl which '[2001:db8::7]:40000' --proto tcp --service web
               reuseportctl which 198.51.100.7:40000 --to 192.0.2.1:53
+              reuseportctl which --quic-dcid 2a0003a1b2c3d4e5f60718
             """
     )
 
@@ -36,7 +43,7 @@ struct WhichCommand: ParsableCommand {
 
     @Argument(help: ArgumentHelp("The client's address and port (IPv6 in brackets); several may be given.",
                                  valueName: "ADDR:PORT"))
-    var clients: [String]
+    var clients: [String] = []
 
     @Option(name: .customLong("proto"), help: "The transport of the flow (default: the service's only one).")
     var transport: TransportChoice?
@@ -46,11 +53,24 @@ struct WhichCommand: ParsableCommand {
                                valueName: "ADDR:PORT"))
     var destination: String?
 
+    @Option(name: .customLong("quic-dcid"),
+            help: ArgumentHelp("A QUIC destination connection ID in hex: where its packets go.", valueName: "HEX"))
+    var quicDCID: String?
+
     @Flag(help: "Print JSON (schema: docs/cli.md).")
     var json = false
 
     func validate() throws {
-        guard !clients.isEmpty else { throw ValidationError("give the client's ADDR:PORT, e.g. 198.51.100.7:40000") }
+        if let quicDCID {
+            guard let octets = QuicSteering.octets(hex: quicDCID),
+                  (1...QuicSteering.cidLengthRange.upperBound).contains(octets.count)
+            else {
+                throw ValidationError("--quic-dcid: '\(quicDCID)' is not 1 to 20 octets of hex, e.g. 2a0003a1b2c3d4e5f60718")
+            }
+        }
+        guard !clients.isEmpty || quicDCID != nil else {
+            throw ValidationError("give the client's ADDR:PORT, e.g. 198.51.100.7:40000")
+        }
         for client in clients { _ = try parsed(client, "ADDR:PORT") }
         if let destination { _ = try parsed(destination, "--to") }
     }
@@ -76,6 +96,7 @@ struct WhichCommand: ParsableCommand {
                                     + " outside \(BucketCount.range): the program drops every packet")
         }
         let to = try destination.map { try parsed($0, "--to") }
+        if let quicDCID { return try answerQuic(snapshot, dcid: QuicSteering.octets(hex: quicDCID)!, to: to) }
         let maps = try reader.open(name).maps
         var answers: [WhichAnswer] = []
         for client in clients {
@@ -92,6 +113,35 @@ struct WhichCommand: ParsableCommand {
             print(try JSONOutput.string(answers))
         } else {
             print(answers.map(\.text).joined(separator: "\n"), terminator: "")
+        }
+    }
+
+    /// `--quic-dcid`: the short and the long header carrying the DCID, through the UDP listener's
+    /// program (SteeringSnapshot.quicPlacement mirrors quic_dispatch()).
+    private func answerQuic(_ snapshot: ServiceSnapshot, dcid: [UInt8], to: SocketAddress?) throws {
+        let udp = snapshot.listeners.first { $0.endpoint?.transport != .tcp } ?? snapshot.listeners.first
+        guard let udp else { throw CtlError.unanswerable("service '\(snapshot.name)' has no listener pinned") }
+        let steering = snapshot.steering(listener: udp.index)
+        guard steering.quic != nil else {
+            throw CtlError.unanswerable("service '\(snapshot.name)' does not steer QUIC by connection ID (no "
+                                    + "[service.quic]): its datagrams go by flow; ask with the client's ADDR:PORT")
+        }
+        var flows: [(client: String, placement: Placement)] = []
+        for client in clients {
+            let address = try parsed(client, "ADDR:PORT")
+            let (listener, destination) = try route(snapshot, client: address, to: to)
+            flows.append((address.description,
+                          snapshot.steering(listener: listener.index).placement(of: FlowTuple(.udp, from: address,
+                                                                                               to: destination))))
+        }
+        let answer = QuicWhichAnswer(snapshot: snapshot, listener: udp.index, dcid: dcid,
+                                     short: steering.quicPlacement(ofPayload: QuicHeader.short(dcid: dcid)),
+                                     initial: steering.quicPlacement(ofPayload: QuicHeader.initial(dcid: dcid)),
+                                     flows: flows)
+        if json {
+            print(try JSONOutput.string(answer))
+        } else {
+            print(answer.text, terminator: "")
         }
     }
 
@@ -251,6 +301,83 @@ struct WhichAnswer: Encodable {
         }
         text += "  slot    \(slot)\(fallback ? " (fallback)" : "")\(cookie.map { "  socket cookie \($0)" } ?? "")\n"
         text += "  worker  \(pid.map { "pid \($0)" } ?? "no pid")\(state.map { ", \($0)" } ?? "")\n"
+        return text
+    }
+}
+
+/// The answer of `which --quic-dcid`, for both views.
+struct QuicWhichAnswer: Encodable {
+    struct Destination: Encodable {
+        /// "cid" (the slot its server ID names), "dcid_hash", "flow" or "dropped".
+        var by: String
+        @Nullable var slot: UInt32?
+        /// The slot the CID names when that slot has no socket (a short header then goes by flow).
+        @Nullable var namedSlot: UInt32?
+        @Nullable var hash: UInt32?
+        @Nullable var pid: UInt32?
+    }
+
+    struct Flow: Encodable {
+        var client: String
+        @Nullable var slot: UInt32?
+        @Nullable var pid: UInt32?
+    }
+
+    var service: String
+    var listener: Int
+    var dcid: String
+    var cidLength: Int
+    var shortHeader: Destination
+    var longHeader: Destination
+    /// With client addresses given: where a short header that goes by flow lands for each.
+    var flows: [Flow]
+
+    init(snapshot: ServiceSnapshot, listener: Int, dcid: [UInt8], short: QuicPlacement, initial: QuicPlacement,
+         flows: [(client: String, placement: Placement)]) {
+        func pid(_ slot: UInt32?) -> UInt32? { snapshot.slots.first { $0.index == slot }?.pid }
+        func destination(_ placement: QuicPlacement) -> Destination {
+            switch placement {
+            case .byConnectionID(let slot): Destination(by: "cid", slot: slot, namedSlot: nil, hash: nil, pid: pid(slot))
+            case .byDCIDHash(let p): Destination(by: "dcid_hash", slot: p.slot, namedSlot: nil, hash: p.hash, pid: pid(p.slot))
+            case .byFlow(let named): Destination(by: "flow", slot: nil, namedSlot: named, hash: nil, pid: nil)
+            case .dropped, .steeringOff: Destination(by: "dropped", slot: nil, namedSlot: nil, hash: nil, pid: nil)
+            }
+        }
+        service = snapshot.name
+        self.listener = listener
+        self.dcid = QuicSteering.hex(dcid)
+        cidLength = snapshot.quic?.cidLength ?? 0
+        shortHeader = destination(short)
+        longHeader = destination(initial)
+        self.flows = flows.map { Flow(client: $0.client, slot: $0.placement.slot, pid: pid($0.placement.slot)) }
+    }
+
+    var text: String {
+        func worker(_ destination: Destination) -> String {
+            "slot \(destination.slot.map(String.init) ?? "none")" + (destination.pid.map { " (pid \($0))" } ?? "")
+        }
+        var text = "quic dcid \(dcid)  (service \(service), listener \(listener), cid_length \(cidLength))\n"
+        switch shortHeader.by {
+        case "cid":
+            text += "  short header  \(worker(shortHeader)): its server ID names it\n"
+        case "flow":
+            text += "  short header  by flow: " + (shortHeader.namedSlot.map { "its server ID names slot \($0), which has no socket (counted in fallbacks)" }
+                ?? "not a connection ID of this service's layout (counted in unknown_cid)") + "\n"
+            for flow in flows {
+                text += "    from \(flow.client): slot \(flow.slot.map(String.init) ?? "none")"
+                    + (flow.pid.map { " (pid \($0))" } ?? "") + "\n"
+            }
+            if flows.isEmpty { text += "    (give the client's ADDR:PORT to see which slot)\n" }
+        default:
+            text += "  short header  dropped: too short for a DCID of \(cidLength) octets (counted in unparsable)\n"
+        }
+        switch longHeader.by {
+        case "cid": text += "  long header   \(worker(longHeader)): its server ID names it\n"
+        case "dcid_hash":
+            text += "  long header   \(worker(longHeader)): by the hash of the DCID, "
+                + "\(HumanFormat.hex32(longHeader.hash ?? 0))\n"
+        default: text += "  long header   dropped\n"
+        }
         return text
     }
 }

@@ -12,6 +12,7 @@ struct VerifierTests {
     /// The steering program's verification cost stays inside its budget (VerifierScenario).
     @Test func dispatchIsWithinTheVerifierBudget() throws {
         let processed = try VerifierScenario.dispatchWithinBudget()
+        print("\(RP_PROG_DISPATCH): the verifier processed \(processed) instructions")
         #expect(processed > 0 && processed <= VerifierScenario.dispatchBudget)
     }
 

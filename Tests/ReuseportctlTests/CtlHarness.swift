@@ -46,10 +46,11 @@ final class PinnedService {
 
     init(root: PinRoot, name: String = "svc", transport: Transport = .udp, address: IPAddress = .loopbackV4,
          slots: Int = 4, seed: UInt32 = 0x5eed, bucketCount: Int = 64, receiveBuffer: Int? = nil,
-         extraListeners: [Endpoint] = []) throws {
+         extraListeners: [Endpoint] = [], quic: QuicSteering? = nil) throws {
         plane = try ServiceDataPlane(endpoints: [Endpoint(transport, SocketAddress(address, 0))] + extraListeners,
                                      slotCount: slots,
-                                     options: .init(bucketCount: bucketCount, seed: seed, receiveBuffer: receiveBuffer))
+                                     options: .init(bucketCount: bucketCount, seed: seed, receiveBuffer: receiveBuffer,
+                                                    quic: quic))
         layout = PinLayout(root: root.path, service: name)
         try plane.pin(layout)
     }
