@@ -319,6 +319,9 @@ struct FlowTrackingTests {
                             throw HarnessError("no answer on an accepted connection")
                         }
                         done.add(1, ordering: .relaxed)
+                        // Paced: every closed connection holds its port in TIME_WAIT for 60 s, and
+                        // tens of thousands would exhaust the ephemeral ports the next tests use.
+                        usleep(4000)
                     } catch {
                         failed.add(1, ordering: .relaxed)
                         failures.withLock { $0.append("\(error)") }
