@@ -146,20 +146,24 @@ $(OUTPUT)/.vm-deps: Makefile
 
 VM_PRODUCTS  := kernel-check reuseportd
 
-# Fully static release builds of the products $(1) (no Swift runtime, libbpf or libc needed where
-# they run: the VMs, and every Debian release the package installs on), stripped into folder $(2).
-define static_build
+# Release builds of the products $(1), stripped into folder $(2). $(3) is -static-executable (fully
+# static: nothing needed where it runs, as in the VMs; build path $(STATIC_BUILD)) or -static-stdlib
+# (the Swift runtime static, the C libraries shared; build path $(STDLIB_BUILD)).
+STDLIB_BUILD := $(OUTPUT)/stdlib-build
+define release_build
 	$(Q)mkdir -p $(2)
 	$(Q)for product in $(1); do \
-		printf '  %-8s %s\n' SWIFT "build -c release -static-executable $$product"; \
-		$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc -static-executable --build-path $(STATIC_BUILD) \
-			--product $$product >$(OUTPUT)/static-build.log 2>&1 || { cat $(OUTPUT)/static-build.log; exit 1; }; \
-		$(OBJCOPY) --strip-all $(STATIC_BUILD)/release/$$product $(2)/$$product || exit 1; \
+		printf '  %-8s %s\n' SWIFT "build -c release $(3) $$product"; \
+		$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc $(3) \
+			--build-path $(if $(filter -static-executable,$(3)),$(STATIC_BUILD),$(STDLIB_BUILD)) \
+			--product $$product >$(OUTPUT)/release-build.log 2>&1 || { cat $(OUTPUT)/release-build.log; exit 1; }; \
+		$(OBJCOPY) --strip-all $(if $(filter -static-executable,$(3)),$(STATIC_BUILD),$(STDLIB_BUILD))/release/$$product \
+			$(2)/$$product || exit 1; \
 	done
 endef
 
 vmtest: $(OUTPUT)/.abi-stamp $(OUTPUT)/.vm-deps
-	$(call static_build,$(VM_PRODUCTS),$(VM_DIR)/bin)
+	$(call release_build,$(VM_PRODUCTS),$(VM_DIR)/bin,-static-executable)
 	$(call msg,CPIO,$(VM_DIR)/initramfs.cpio.gz)
 	$(Q)Tests/vm/mkinitramfs.sh $(VM_DIR)/initramfs.cpio.gz $(addprefix $(VM_DIR)/bin/,$(VM_PRODUCTS))
 	$(Q)VM_DIR=$(VM_DIR) V=$(V) KVM=$(KVM) BREAK=$(BREAK) Tests/vm/run.sh $(VM_DIR)/initramfs.cpio.gz $(KERNELS)
@@ -199,7 +203,10 @@ unit-check: $(OUTPUT)/.unit-deps
 		fi; \
 		echo "  $(UNIT_FILE): exposure $$score (at most $(UNIT_MAX_EXPOSURE))"
 
-# What `make install` and `make deb` ship, made in $(DIST_DIR): the static binaries; man pages
+# What `make install` and `make deb` ship, made in $(DIST_DIR): reuseportd fully static (it runs
+# on any Linux, with nothing else installed); reuseportctl with the Swift runtime static but libc,
+# libbpf, libelf, zlib and libcurl shared (its metrics server, FlyingFox, links FoundationNetworking,
+# and libcurl has no complete static build in Debian: the package depends on them); man pages
 # from swift-argument-parser's generate-manual plugin (it builds every product in debug, which
 # `make build` has mostly done, and runs each with --experimental-dump-help; it needs no network);
 # bash, zsh and fish completions from --generate-completion-script.
@@ -210,8 +217,17 @@ SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
 export SOURCE_DATE_EPOCH
 MAN_DATE      := $(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y-%m-%d)
 
-dist: $(OUTPUT)/.abi-stamp
-	$(call static_build,$(DIST_PRODUCTS),$(DIST_DIR)/bin)
+# libcurl's development link (-lcurl) for reuseportctl's FoundationNetworking; man for deb-check.
+DIST_APT_PACKAGES := libcurl4-openssl-dev man-db
+
+$(OUTPUT)/.dist-deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(DIST_APT_PACKAGES))
+	$(Q)touch $@
+
+dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps
+	$(call release_build,reuseportd,$(DIST_DIR)/bin,-static-executable)
+	$(call release_build,reuseportctl,$(DIST_DIR)/bin,-static-stdlib)
 	$(call msg,MAN,generate-manual plugin)
 	$(Q)mkdir -p $(DIST_DIR)/man $(DIST_DIR)/completions
 	$(Q)$(SWIFT) package $(SWIFT_FLAGS) plugin generate-manual --configuration debug --section 8 --date $(MAN_DATE) \

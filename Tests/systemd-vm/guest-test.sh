@@ -30,7 +30,7 @@ slots() { reuseportctl map dump --json 2>/dev/null | sed -n 's/.*"slot_count" : 
 answered() {
     local count=0
     for i in $(seq 1 "$1"); do
-        socat -T1 - UDP:127.0.0.1:5300 <<<"flow $i" 2>/dev/null | grep -q '^slot=' && count=$((count + 1))
+        socat -t2 -T2 - UDP:127.0.0.1:5300 <<<"flow $i" 2>/dev/null | grep -q '^slot=' && count=$((count + 1))
     done
     echo "$count"
 }
