@@ -296,7 +296,7 @@ deb: dist
 		xargs -0 md5sum) >$(DEB_ROOT)/DEBIAN/md5sums
 	$(Q)find $(DEB_ROOT) -exec touch -h -d @$(SOURCE_DATE_EPOCH) {} +
 	$(call msg,DEB,$(DEB_FILE))
-	$(Q)dpkg-deb --root-owner-group -Zxz --build $(DEB_ROOT) $(DEB_FILE) >/dev/null
+	$(Q)dpkg-deb --root-owner-group -Zgzip --build $(DEB_ROOT) $(DEB_FILE) >/dev/null
 
 # The package as a user gets it: its file list and control fields hold what README promises, the
 # configuration is a conffile, the binaries are static and run. lintian too, when it is installed.

@@ -42,6 +42,12 @@ struct PrivilegeTests {
 
         let asUser = try ProcessCapabilitySets(try #require(services.first { $0.name == "asuser" }?.slots[0].pid))
         #expect(asUser.effective.isEmpty && asUser.permitted.isEmpty && asUser.ambient.isEmpty, "\(asUser)")
+        // Workers gain nothing by exec (exec-worker sets no_new_privs; the unit does not).
+        for service in services {
+            let pid = try #require(service.slots[0].pid)
+            let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+            #expect(status.contains("NoNewPrivs:\t1"), "worker of \(service.name) has no_new_privs")
+        }
         let asRoot = try ProcessCapabilitySets(try #require(services.first { $0.name == "asroot" }?.slots[0].pid))
         #expect(asRoot.bounding == Self.documentedSet, "a root worker: CapBnd \(asRoot.bounding)")
         #expect(!asRoot.permitted.contains(.sysAdmin), "a root worker: CapPrm \(asRoot.permitted)")

@@ -68,11 +68,12 @@ timeout -k 10 "$timeout" qemu-system-x86_64 "${accel[@]}" -m "${VM_MEMORY:-2G}" 
     -nodefaults -no-user-config -display none -serial stdio -no-reboot \
     -kernel "$vmlinuz" -initrd "$initramfs" \
     -append "console=ttyS0 rdinit=/sbin/init panic=-1 systemd.show_status=false" </dev/null 2>&1 \
-    | tr -d '\r' | if [ "${V:-}" = 1 ]; then tee "$log"; else cat >"$log"; fi || qemu=$?
+    | stdbuf -oL tr -d '\r' | if [ "${V:-}" = 1 ]; then tee "$log"; else cat >"$log"; fi || qemu=$?
 elapsed=$(($(date +%s) - start))
 
-grep -E '^(SYSTEMD |KERNEL |CHECK |SYSTEMD-VM-|[0-9]+ passed, [0-9]+ failed)' "$log" >"$vm_dir/results.txt" || true
+grep -aE '^(SYSTEMD |KERNEL |CHECK |JOURNAL |SYSTEMD-VM-|[0-9]+ passed, [0-9]+ failed)' "$log" >"$vm_dir/results.txt" || true
 sed -n 's/^CHECK \([^ ]*\) \(PASS\|FAIL\) \(.*\)/    \2  \1: \3/p' "$vm_dir/results.txt"
+sed -n 's/^JOURNAL /    | /p' "$vm_dir/results.txt"
 summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$vm_dir/results.txt" | tail -n1 || true)
 if ! grep -q '^SYSTEMD-VM-END' "$vm_dir/results.txt" || [ -z "$summary" ]; then
     why=$([ "$qemu" = 124 ] && echo "timed out after $timeout s" || echo "qemu exited ($qemu)")
