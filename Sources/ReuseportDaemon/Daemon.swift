@@ -10,8 +10,9 @@ import SystemPackage
 /// SIGINT, SIGHUP), the control socket and its clients, the workers' notify socket
 /// (NotifySocket.swift) and the workers' output pipes; the
 /// supervisor's timers (SupervisorTimers.swift), the control clients' deadlines and the
-/// service manager's watchdog (ServiceManagerNotifier.swift) set the poll timeout. Nothing here blocks for long: a reload or scale runs inline (binding sockets
-/// and writing maps takes milliseconds).
+/// service manager's watchdog (ServiceManagerNotifier.swift) set the poll timeout. Nothing
+/// here blocks for long: a reload or scale runs inline (binding sockets and writing maps takes
+/// milliseconds).
 ///
 /// The pieces: `Supervisor` keeps a worker on every slot, `ControlCommands` answers the
 /// control socket, `ConfigurationReload` applies a changed configuration file.

@@ -103,7 +103,8 @@ struct ServiceManagerTests {
         let reloading = try #require(try receiver.waitFor { Self.has($0, "RELOADING=1") })
         let stamp = try #require(reloading.split(separator: "\n").first { $0.hasPrefix("MONOTONIC_USEC=") }
             .flatMap { Int64($0.dropFirst(15)) }, "\(reloading)")
-        #expect(stamp >= asked && stamp <= MonotonicClock.nanoseconds() / 1000, "MONOTONIC_USEC=\(stamp), asked at \(asked)")
+        #expect(stamp >= asked && stamp <= MonotonicClock.nanoseconds() / 1000,
+                "MONOTONIC_USEC=\(stamp), asked at \(asked)")
         let done = try #require(try receiver.waitFor { Self.has($0, "READY=1") })
         #expect(Self.status(done)?.contains("last: reloaded: sm: 3 workers") == true, "\(done)")
         // The change was applied when READY=1 was sent.
@@ -115,7 +116,8 @@ struct ServiceManagerTests {
         #expect(!response.ok)
         try #require(try receiver.waitFor { Self.has($0, "RELOADING=1") } != nil)
         let refused = try #require(try receiver.waitFor { Self.has($0, "READY=1") })
-        #expect(Self.status(refused)?.contains("last: reload refused: the configuration is invalid") == true, "\(refused)")
+        #expect(Self.status(refused)?.contains("last: reload refused: the configuration is invalid") == true,
+                "\(refused)")
         #expect(daemon.stop() == 0)
     }
 
