@@ -13,8 +13,8 @@ import Testing
 struct PrivilegeTests {
     /// The list in docs/operations.md and dist/reuseportd.service's CapabilityBoundingSet=.
     static let documented: [(Capability, String)] = [
-        (.bpf, "bpf"), (.netAdmin, "net_admin"), (.netBindService, "net_bind_service"), (.setuid, "setuid"),
-        (.setgid, "setgid"), (.kill, "kill"),
+        (.bpf, "bpf"), (.perfmon, "perfmon"), (.netAdmin, "net_admin"), (.netBindService, "net_bind_service"),
+        (.setuid, "setuid"), (.setgid, "setgid"), (.kill, "kill"),
     ]
     static let documentedSet = CapabilitySet(documented.map(\.0))
 
