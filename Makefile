@@ -55,7 +55,7 @@ BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu 
 	-fdebug-prefix-map=$(CURDIR)=.
 
 .PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz \
-	test-least-privilege static dist install deb deb-check systemd-test
+	test-least-privilege dist install install-files deb deb-check systemd-test
 
 all: build
 
@@ -257,7 +257,10 @@ DOCS        := README.md docs/operations.md docs/configuration.md docs/cli.md do
 UNIT_PATHS  := -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/etc/reuseportd/|$(SYSCONFDIR)/reuseportd/|g' \
 	-e 's|/usr/share/doc/reuseportd/|$(DOCDIR)/|g'
 
-install: dist
+install: dist install-files
+
+# What `install` copies, without building `dist` again (`make deb` calls it after `dist`).
+install-files:
 	$(call msg,INSTALL,$(DESTDIR)$(PREFIX))
 	$(Q)install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/reuseportd \
 		$(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)
@@ -284,7 +287,7 @@ DEB_FILE    := $(OUTPUT)/reuseportd_$(DEB_VERSION)_$(DEB_ARCH).deb
 
 deb: dist
 	$(Q)rm -rf $(DEB_ROOT) && mkdir -p $(DEB_ROOT)/DEBIAN
-	$(Q)$(MAKE) --no-print-directory install PREFIX=/usr DESTDIR=$(DEB_ROOT) UNITDIR=/usr/lib/systemd/system
+	$(Q)$(MAKE) --no-print-directory install-files PREFIX=/usr DESTDIR=$(DEB_ROOT) UNITDIR=/usr/lib/systemd/system
 	$(Q)install -m 0644 dist/debian/copyright $(DEB_ROOT)/usr/share/doc/reuseportd/copyright
 	$(Q)sed -e 's/@VERSION@/$(DEB_VERSION)/' -e 's/@DATE@/$(shell date -u -R -d @$(SOURCE_DATE_EPOCH))/' \
 		dist/debian/changelog | gzip -9n >$(DEB_ROOT)/usr/share/doc/reuseportd/changelog.Debian.gz
@@ -299,7 +302,7 @@ deb: dist
 	$(Q)dpkg-deb --root-owner-group -Zgzip --build $(DEB_ROOT) $(DEB_FILE) >/dev/null
 
 # The package as a user gets it: its file list and control fields hold what README promises, the
-# configuration is a conffile, the binaries are static and run. lintian too, when it is installed.
+# configuration is a conffile, the binaries run (the daemon fully static). lintian too, when installed.
 deb-check: deb
 	$(call msg,CHECK,$(DEB_FILE))
 	$(Q)DEB_FILE=$(DEB_FILE) Tests/systemd-vm/check-deb.sh
