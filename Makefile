@@ -6,6 +6,10 @@
 #   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12 testing", KVM=1, BREAK=CHECK)
 #   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
 #   make unit-check score dist/reuseportd.service with systemd-analyze security (fails above 4.5)
+#   make install    static release binaries, units, example config, man pages, completions, docs
+#                   (PREFIX=/usr/local, DESTDIR=)
+#   make deb        the Debian package .output/reuseportd_<version>_amd64.deb; make deb-check lists and checks it
+#   make systemd-test  install that package in a Debian root and boot it under systemd in a VM (docs/operations.md)
 #   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
@@ -55,12 +59,12 @@ BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu 
 	-fdebug-prefix-map=$(CURDIR)=.
 
 .PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz \
-	test-least-privilege
+	test-least-privilege dist install install-files deb deb-check systemd-test
 
 all: build
 
 help:
-	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -147,7 +151,7 @@ test: unit-test kernel-test
 # The daemon tests with every test daemon holding only the capabilities docs/operations.md
 # documents (setpriv lowers its bounding set, as the unit's CapabilityBoundingSet= does).
 LEAST_PRIVILEGE := /usr/bin/setpriv --inh-caps=-all --ambient-caps=-all \
-	--bounding-set=-all,+bpf,+net_admin,+net_bind_service,+setuid,+setgid,+kill --
+	--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_bind_service,+setuid,+setgid,+kill --
 test-least-privilege: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
 	$(call msg,TEST,swift test --filter ReuseportDaemonTests under setpriv)
 	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" $(SWIFT) test $(SWIFT_FLAGS) --filter ReuseportDaemonTests \
@@ -170,14 +174,24 @@ $(OUTPUT)/.vm-deps: Makefile
 
 VM_PRODUCTS  := kernel-check reuseportd
 
-vmtest: $(OUTPUT)/.abi-stamp $(OUTPUT)/.vm-deps
-	$(Q)mkdir -p $(VM_DIR)/bin
-	$(Q)for product in $(VM_PRODUCTS); do \
-		printf '  %-8s %s\n' SWIFT "build -c release -static-executable $$product"; \
-		$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc -static-executable --build-path $(STATIC_BUILD) \
-			--product $$product >$(VM_DIR)/static-build.log 2>&1 || { cat $(VM_DIR)/static-build.log; exit 1; }; \
-		$(OBJCOPY) --strip-all $(STATIC_BUILD)/release/$$product $(VM_DIR)/bin/$$product || exit 1; \
+# Release builds of the products $(1), stripped into folder $(2). $(3) is -static-executable (fully
+# static: nothing needed where it runs, as in the VMs; build path $(STATIC_BUILD)) or -static-stdlib
+# (the Swift runtime static, the C libraries shared; build path $(STDLIB_BUILD)).
+STDLIB_BUILD := $(OUTPUT)/stdlib-build
+define release_build
+	$(Q)mkdir -p $(2)
+	$(Q)for product in $(1); do \
+		printf '  %-8s %s\n' SWIFT "build -c release $(3) $$product"; \
+		$(SWIFT) build -c release $(SWIFT_FLAGS) -Xswiftc $(3) \
+			--build-path $(if $(filter -static-executable,$(3)),$(STATIC_BUILD),$(STDLIB_BUILD)) \
+			--product $$product >$(OUTPUT)/release-build.log 2>&1 || { cat $(OUTPUT)/release-build.log; exit 1; }; \
+		$(OBJCOPY) --strip-all $(if $(filter -static-executable,$(3)),$(STATIC_BUILD),$(STDLIB_BUILD))/release/$$product \
+			$(2)/$$product || exit 1; \
 	done
+endef
+
+vmtest: $(OUTPUT)/.abi-stamp $(OUTPUT)/.vm-deps
+	$(call release_build,$(VM_PRODUCTS),$(VM_DIR)/bin,-static-executable)
 	$(call msg,CPIO,$(VM_DIR)/initramfs.cpio.gz)
 	$(Q)Tests/vm/mkinitramfs.sh $(VM_DIR)/initramfs.cpio.gz $(addprefix $(VM_DIR)/bin/,$(VM_PRODUCTS))
 	$(Q)VM_DIR=$(VM_DIR) V=$(V) KVM=$(KVM) BREAK=$(BREAK) Tests/vm/run.sh $(VM_DIR)/initramfs.cpio.gz $(KERNELS)
@@ -195,7 +209,7 @@ bench: $(OUTPUT)/.abi-stamp $(OUTPUT)/.bench-deps
 		"$$($(SWIFT) build -c release $(SWIFT_FLAGS) --show-bin-path)/reuseport-bench" \
 		--output docs/benchmarks.md --build-seconds $$(( $$(date +%s) - start )) $(BENCH_ARGS)
 
-# The unit's exposure as systemd-analyze scores it offline (docs/operations.md, "systemd"):
+# The unit's exposure as systemd-analyze scores it offline (docs/operations.md, "Sandboxing"):
 # fails when it is above UNIT_MAX_EXPOSURE.
 UNIT_FILE         := dist/reuseportd.service
 UNIT_MAX_EXPOSURE := 4.5
@@ -216,6 +230,124 @@ unit-check: $(OUTPUT)/.unit-deps
 			echo "$(UNIT_FILE): exposure $$score, above $(UNIT_MAX_EXPOSURE)"; exit 1; \
 		fi; \
 		echo "  $(UNIT_FILE): exposure $$score (at most $(UNIT_MAX_EXPOSURE))"
+
+# What `make install` and `make deb` ship, made in $(DIST_DIR): reuseportd fully static (it runs
+# on any Linux, with nothing else installed); reuseportctl with the Swift runtime static but libc,
+# libbpf, libelf, zlib and libcurl shared (its metrics server, FlyingFox, links FoundationNetworking,
+# and libcurl has no complete static build in Debian: the package depends on them); man pages
+# from swift-argument-parser's generate-manual plugin (it builds every product in debug, which
+# `make build` has mostly done, and runs each with --experimental-dump-help; it needs no network);
+# bash, zsh and fish completions from --generate-completion-script.
+DIST_DIR      := $(OUTPUT)/dist
+DIST_PRODUCTS := reuseportd reuseportctl
+# The date of the last commit, for man pages and the package (reproducible: not today's date).
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+export SOURCE_DATE_EPOCH
+MAN_DATE      := $(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y-%m-%d)
+
+# libcurl's development link (-lcurl) for reuseportctl's FoundationNetworking; man for deb-check.
+DIST_APT_PACKAGES := libcurl4-openssl-dev man-db
+
+$(OUTPUT)/.dist-deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(DIST_APT_PACKAGES))
+	$(Q)touch $@
+
+dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps
+	$(call release_build,reuseportd,$(DIST_DIR)/bin,-static-executable)
+	$(call release_build,reuseportctl,$(DIST_DIR)/bin,-static-stdlib)
+	$(call msg,MAN,generate-manual plugin)
+	$(Q)mkdir -p $(DIST_DIR)/man $(DIST_DIR)/completions
+	$(Q)$(SWIFT) package $(SWIFT_FLAGS) plugin generate-manual --configuration debug --section 8 --date $(MAN_DATE) \
+		>$(OUTPUT)/generate-manual.log 2>&1 || { cat $(OUTPUT)/generate-manual.log; exit 1; }
+	$(Q)for product in $(DIST_PRODUCTS); do \
+		gzip -9n <.build/plugins/GenerateManual/outputs/$$product/$$product.8 >$(DIST_DIR)/man/$$product.8.gz || exit 1; \
+		for shell in bash zsh fish; do \
+			$(DIST_DIR)/bin/$$product --generate-completion-script $$shell >$(DIST_DIR)/completions/$$product.$$shell \
+				|| exit 1; \
+		done; \
+	done
+
+# `make install` (PREFIX, DESTDIR). The units name /usr/bin and /usr/share/doc (the package's
+# paths): they are rewritten for PREFIX. An existing configuration file is never replaced.
+PREFIX      ?= /usr/local
+DESTDIR     ?=
+BINDIR      := $(PREFIX)/bin
+SYSCONFDIR  ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+UNITDIR     ?= $(PREFIX)/lib/systemd/system
+MANDIR      := $(PREFIX)/share/man
+DOCDIR      := $(PREFIX)/share/doc/reuseportd
+COMPLETIONS := bash:share/bash-completion/completions/% zsh:share/zsh/vendor-completions/_% \
+	fish:share/fish/vendor_completions.d/%.fish
+UNITS       := dist/reuseportd.service dist/reuseportd-metrics.service
+DOCS        := README.md docs/operations.md docs/configuration.md docs/cli.md docs/architecture.md \
+	docs/kernel-support.md docs/benchmarks.md docs/benchmarks.png
+UNIT_PATHS  := -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/etc/reuseportd/|$(SYSCONFDIR)/reuseportd/|g' \
+	-e 's|/usr/share/doc/reuseportd/|$(DOCDIR)/|g'
+
+install: dist install-files
+
+# What `install` copies, without building `dist` again (`make deb` calls it after `dist`).
+install-files:
+	$(call msg,INSTALL,$(DESTDIR)$(PREFIX))
+	$(Q)install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/reuseportd \
+		$(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)
+	$(Q)install -m 0755 $(addprefix $(DIST_DIR)/bin/,$(DIST_PRODUCTS)) $(DESTDIR)$(BINDIR)/
+	$(Q)for unit in $(UNITS); do \
+		sed $(UNIT_PATHS) $$unit >$(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
+		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \
+	done
+	$(Q)[ -e $(DESTDIR)$(SYSCONFDIR)/reuseportd/reuseportd.toml ] || \
+		install -m 0644 dist/reuseportd.toml $(DESTDIR)$(SYSCONFDIR)/reuseportd/reuseportd.toml
+	$(Q)install -m 0644 $(DIST_DIR)/man/*.8.gz $(DESTDIR)$(MANDIR)/man8/
+	$(Q)for product in $(DIST_PRODUCTS); do for entry in $(COMPLETIONS); do \
+		shell=$${entry%%:*}; path=$(DESTDIR)$(PREFIX)/$$(echo $${entry#*:} | sed "s/%/$$product/"); \
+		install -D -m 0644 $(DIST_DIR)/completions/$$product.$$shell $$path || exit 1; \
+	done; done
+	$(Q)install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+
+# `make deb`: the package, with dpkg-deb (no debhelper): `make install` with PREFIX=/usr into a
+# staging root, plus control, conffiles, md5sums, copyright and maintainer scripts from dist/debian/.
+DEB_VERSION ?= 0.1.0~git$(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y%m%d).$(shell git rev-parse --short HEAD 2>/dev/null || echo 0)
+DEB_ARCH    := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEB_ROOT    := $(OUTPUT)/deb/root
+DEB_FILE    := $(OUTPUT)/reuseportd_$(DEB_VERSION)_$(DEB_ARCH).deb
+
+deb: dist
+	$(Q)rm -rf $(DEB_ROOT) && mkdir -p $(DEB_ROOT)/DEBIAN
+	$(Q)$(MAKE) --no-print-directory install-files PREFIX=/usr DESTDIR=$(DEB_ROOT) UNITDIR=/usr/lib/systemd/system
+	$(Q)install -m 0644 dist/debian/copyright $(DEB_ROOT)/usr/share/doc/reuseportd/copyright
+	$(Q)sed -e 's/@VERSION@/$(DEB_VERSION)/' -e 's/@DATE@/$(shell date -u -R -d @$(SOURCE_DATE_EPOCH))/' \
+		dist/debian/changelog | gzip -9n >$(DEB_ROOT)/usr/share/doc/reuseportd/changelog.Debian.gz
+	$(Q)install -m 0644 dist/debian/conffiles $(DEB_ROOT)/DEBIAN/
+	$(Q)install -m 0755 dist/debian/postinst dist/debian/prerm dist/debian/postrm $(DEB_ROOT)/DEBIAN/
+	$(Q)sed -e 's/@VERSION@/$(DEB_VERSION)/' -e 's/@ARCH@/$(DEB_ARCH)/' \
+		-e "s/@SIZE@/$$(du -sk --exclude=DEBIAN $(DEB_ROOT) | cut -f1)/" dist/debian/control >$(DEB_ROOT)/DEBIAN/control
+	$(Q)(cd $(DEB_ROOT) && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z | \
+		xargs -0 md5sum) >$(DEB_ROOT)/DEBIAN/md5sums
+	$(Q)find $(DEB_ROOT) -exec touch -h -d @$(SOURCE_DATE_EPOCH) {} +
+	$(call msg,DEB,$(DEB_FILE))
+	$(Q)dpkg-deb --root-owner-group -Zgzip --build $(DEB_ROOT) $(DEB_FILE) >/dev/null
+
+# The package as a user gets it: its file list and control fields hold what README promises, the
+# configuration is a conffile, the binaries run (the daemon fully static). lintian too, when installed.
+deb-check: deb
+	$(call msg,CHECK,$(DEB_FILE))
+	$(Q)DEB_FILE=$(DEB_FILE) Tests/systemd-vm/check-deb.sh
+
+# reuseportd under a real systemd as PID 1 (Tests/systemd-vm/run.sh): a Debian root made with
+# mmdebstrap (cached in $(OUTPUT)/systemd-vm), the package installed in it with dpkg, booted under
+# QEMU (TCG) with a Debian cloud kernel; start, reload, the watchdog, the journal and stop are
+# checked with systemctl. SUITE= picks the root's Debian suite (trixie: systemd 257).
+SYSTEMD_VM_APT_PACKAGES := mmdebstrap qemu-system-x86 cpio
+
+$(OUTPUT)/.systemd-vm-deps: Makefile
+	$(Q)mkdir -p $(OUTPUT)
+	$(call apt_install,$(SYSTEMD_VM_APT_PACKAGES))
+	$(Q)touch $@
+
+systemd-test: deb-check $(OUTPUT)/.systemd-vm-deps
+	$(Q)VM_DIR=$(OUTPUT)/systemd-vm V=$(V) KVM=$(KVM) Tests/systemd-vm/run.sh $(DEB_FILE)
 
 # Coverage-guided fuzzing (libFuzzer with AddressSanitizer; docs/fuzzing.md) of the two inputs
 # from outside the root daemon: the configuration parser (fuzz-config) and the control request

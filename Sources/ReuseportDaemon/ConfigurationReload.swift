@@ -9,9 +9,25 @@ struct ConfigurationReload {
     /// nil: the embedded demo configuration.
     let configPath: String?
     let supervisor: Supervisor
+    /// Told when a reload starts and ends (`RELOADING=1`, then `READY=1`).
+    var serviceManager: ServiceManagerNotifier?
 
+    /// Applies the file; the service manager sees the reload begin and end, whatever its outcome,
+    /// and the outcome becomes the supervisor's last event.
     func apply() -> ControlResponse {
         guard !supervisor.stopping else { return .failure("the daemon is stopping") }
+        serviceManager?.reloading()
+        let response = applyChanges()
+        if response.ok {
+            supervisor.lastEvent = response.message
+        } else {
+            supervisor.lastEvent = "reload refused: \(response.error ?? "")"
+        }
+        serviceManager?.reloaded()
+        return response
+    }
+
+    private func applyChanges() -> ControlResponse {
         let next: DaemonConfiguration
         do {
             next = try ConfigurationCheck.load(path: configPath, executable: supervisor.executable)

@@ -9,9 +9,10 @@ import SystemPackage
 /// The daemon's event loop: one thread, one poll() over a signalfd (SIGCHLD, SIGTERM,
 /// SIGINT, SIGHUP), the control socket and its clients, the workers' notify socket
 /// (NotifySocket.swift) and the workers' output pipes; the
-/// supervisor's timers (SupervisorTimers.swift) and the control clients' deadlines set the
-/// poll timeout. Nothing here blocks for long: a reload or scale runs inline (binding sockets
-/// and writing maps takes milliseconds).
+/// supervisor's timers (SupervisorTimers.swift), the control clients' deadlines and the
+/// service manager's watchdog (ServiceManagerNotifier.swift) set the poll timeout. Nothing
+/// here blocks for long: a reload or scale runs inline (binding sockets and writing maps takes
+/// milliseconds).
 ///
 /// The pieces: `Supervisor` keeps a worker on every slot, `ControlCommands` answers the
 /// control socket, `ConfigurationReload` applies a changed configuration file.
@@ -37,6 +38,8 @@ public final class Daemon {
     let commands: ControlCommands
     let signals: SignalChannel
     var control: ControlServer?
+    /// systemd's NOTIFY_SOCKET (READY=1, RELOADING=1, STOPPING=1, STATUS=, WATCHDOG=1).
+    let serviceManager: ServiceManagerNotifier
 
     /// Reads the configuration. Throws `ConfigurationError` for a bad one.
     public static func loadConfiguration(path: String?) throws(ConfigurationError) -> DaemonConfiguration {
@@ -66,8 +69,10 @@ public final class Daemon {
         supervisor = Supervisor(configuration: configuration, pinRoot: options.pinRoot, executable: options.executable,
                                 logger: logger)
         supervisor.notify = notify
+        serviceManager = ServiceManagerNotifier(supervisor: supervisor)
         commands = ControlCommands(supervisor: supervisor,
-                                   reload: ConfigurationReload(configPath: options.configPath, supervisor: supervisor))
+                                   reload: ConfigurationReload(configPath: options.configPath, supervisor: supervisor,
+                                                               serviceManager: serviceManager))
         do {
             for service in configuration.services { try supervisor.addService(service) }
         } catch {
@@ -118,6 +123,8 @@ public final class Daemon {
             supervisor.fireTimers(now: now)
             control?.expire(now: now)
             if supervisor.isStopped { return }
+            serviceManager.fireWatchdog(now: now)
+            serviceManager.update()
             // Each source gets a bounded share of a round (one chunk of a worker's output, a few
             // accepted clients), so none can keep the loop from the others; a source that has
             // had its share for now (a chatty worker's second, a listener out of descriptors)
@@ -130,7 +137,7 @@ public final class Daemon {
             }
             watched += supervisor.polledOutputs(now: now)
             let deadline = [supervisor.nextDeadline(), control?.nextDeadline, control?.acceptResume(now: now),
-                            supervisor.nextOutputResume(now: now)].compactMap { $0 }.min()
+                            supervisor.nextOutputResume(now: now), serviceManager.nextWatchdog].compactMap { $0 }.min()
             let timeout = deadline.map { Int32(clamping: max(0, ($0 - now + 999_999) / 1_000_000)) } ?? -1
             for fd in try Syscall.poll(watched, timeoutMs: timeout) {
                 if fd == signals.descriptor.fd {
@@ -162,7 +169,10 @@ public final class Daemon {
             } else {
                 control?.shutdown()
                 control = nil
-                supervisor.beginStop(reason: signal == SIGINT ? "SIGINT" : "SIGTERM")
+                let reason = signal == SIGINT ? "SIGINT" : "SIGTERM"
+                supervisor.beginStop(reason: reason)
+                supervisor.lastEvent = "\(reason): stopping"
+                serviceManager.stopping()
             }
         default:
             break

@@ -24,6 +24,9 @@ enum DaemonPrivileges {
     static let reasons: [(Capability, String)] = [
         (.bpf, "load the program and create the maps (start-up, and reloads that rebuild a service)"),
         (.netAdmin, "with CAP_BPF, load an SK_REUSEPORT program; SO_RCVBUFFORCE for rcvbuf past net.core.rmem_max"),
+        // Without it the verifier applies its checks for callers that may not see kernel pointers:
+        // 6.1 refuses rp_dispatch ("attempt to corrupt spilled pointer on stack"), 6.12 does not.
+        (.perfmon, "with CAP_BPF, have rp_dispatch accepted by the verifier of kernels such as 6.1"),
         (.netBindService, "bind ports below 1024 (a reload may add one)"),
         (.setuid, "exec-worker changes to the worker's user"),
         (.setgid, "exec-worker changes to the worker's group and supplementary groups"),
@@ -35,7 +38,7 @@ enum DaemonPrivileges {
     static func needed(lastCapability: Int32? = Syscall.lastCapability()) -> CapabilitySet {
         var needed = CapabilitySet(reasons.map(\.0))
         if let last = lastCapability, last < Capability.bpf.number {
-            needed.remove(CapabilitySet([.bpf]))
+            needed.remove(CapabilitySet([.bpf, .perfmon]))
             needed.insert(CapabilitySet([.sysAdmin]))
         }
         return needed

@@ -4,10 +4,12 @@ import Glibc
 import ReuseportKit
 import SystemPackage
 
-/// The worker's side of sd_notify(3), for the built-in workers: `READY=1` once serving, and
-/// `WATCHDOG=1` every half of `WATCHDOG_USEC` when the daemon asked for a watchdog (as
-/// sd_watchdog_enabled(3) advises). Without `NOTIFY_SOCKET` it does nothing, so a built-in
-/// worker also runs under systemd-socket-activate or by hand.
+/// The sending side of sd_notify(3), used twice: by the built-in workers towards the daemon
+/// (`READY=1` once serving, `WATCHDOG=1`), and by the daemon towards its own service manager
+/// (ServiceManagerNotifier.swift). `WATCHDOG=1` is due every half of `WATCHDOG_USEC` when a
+/// watchdog is asked for (as sd_watchdog_enabled(3) advises). `NOTIFY_SOCKET` is a path or, with
+/// a leading "@", an abstract socket name. Without it nothing is sent, so a built-in worker also
+/// runs under systemd-socket-activate or by hand, and the daemon from a shell.
 struct NotifyClient {
     private let socket: OwnedDescriptor?
     /// Half the watchdog interval, nil without a watchdog for this process.
@@ -15,7 +17,7 @@ struct NotifyClient {
 
     init(environment: [String: String] = ProcessEnvironment.current) {
         var socket: OwnedDescriptor?
-        if let path = environment[ActivationEnvironment.notifySocket], path.hasPrefix("/") {
+        if let path = environment[ActivationEnvironment.notifySocket], path.hasPrefix("/") || path.hasPrefix("@") {
             socket = try? Syscall.socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), nonBlocking: true, "NOTIFY_SOCKET")
             if let opened = socket, (try? Syscall.connect(opened.fd, unixPath: path)) == nil { socket = nil }
         }
@@ -29,6 +31,9 @@ struct NotifyClient {
             pingInterval = nil
         }
     }
+
+    /// Whether there is a socket to send to.
+    var isConnected: Bool { socket != nil }
 
     /// Sends `state` ("READY=1", "WATCHDOG=1"); a failure is dropped, as sd_notify(3) callers do.
     func notify(_ state: String) {

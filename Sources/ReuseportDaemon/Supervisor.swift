@@ -44,6 +44,9 @@ final class Supervisor {
     var stallCheckFailing = false
     /// The stall check's netlink socket, kept open: a daemon out of descriptors still samples.
     var sockDiag: OwnedDescriptor?
+    /// The last thing that happened (a worker exit, a reload, the stop), one line for the
+    /// service manager's `STATUS=` (ServiceManagerNotifier).
+    var lastEvent: String?
 
     init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
         self.configuration = configuration
@@ -328,6 +331,7 @@ final class Supervisor {
             var logger = service.logger
             logger[metadataKey: "slot"] = "\(slot.index)"
             logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
+            lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(status.sentence)"
             scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
         }
         forgetFinishedWorkers()

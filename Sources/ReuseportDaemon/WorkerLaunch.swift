@@ -88,6 +88,11 @@ public struct WorkerExec {
         }
         // A change between two non-zero uids keeps the ambient set, which execve() passes on.
         try Syscall.clearAmbientCapabilities()
+        // The worker's program, and all it runs, gains nothing by exec (sudo, file capabilities).
+        // Set here, not as the unit's NoNewPrivileges=: under systemd that setting also keeps
+        // CAP_SETUID from the daemon itself (seen with systemd 257), so it could not change to
+        // the worker's user (docs/operations.md, "Sandboxing").
+        try Syscall.setNoNewPrivileges()
         // After the credential change (it clears the setting), and then check that the daemon
         // did not die before it was set: the signal would never come.
         try Syscall.setParentDeathSignal(SIGKILL)

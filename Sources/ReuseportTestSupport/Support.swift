@@ -133,9 +133,10 @@ public enum Traffic {
 public var isRoot: Bool { geteuid() == 0 }
 
 /// Starts a process (argv[0] a path) with stdin from /dev/null and stdout and stderr
-/// appended to `output`; returns its pid. The caller reaps it.
-public func spawn(_ arguments: [String], output: String) throws -> pid_t {
-    try ProcessSpawn(path: arguments[0], arguments: arguments,
+/// appended to `output`; returns its pid. The caller reaps it. `environment`: "NAME=value"
+/// entries (nil: this process's environment).
+public func spawn(_ arguments: [String], output: String, environment: [String]? = nil) throws -> pid_t {
+    try ProcessSpawn(path: arguments[0], arguments: arguments, environment: environment,
                      fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
                                    .duplicate(1, to: 2)]).start()
 }

@@ -120,8 +120,10 @@ public final class TestDaemon {
     /// execs the daemon's command line given after it (e.g. `setpriv … --`); the daemon keeps
     /// the launcher's pid. The default is `REUSEPORT_TEST_LAUNCHER` (words split on spaces), so
     /// that a whole suite can run its daemons under, say, `setpriv` (`make test-least-privilege`).
+    /// `environment`: variables set for the daemon on top of this process's (`NOTIFY_SOCKET`, say).
     public init(config: String, binary: String = TestDaemon.builtBinary, pinRoot: String? = nil,
-                logLevel: String? = "debug", launcher: [String] = TestDaemon.defaultLauncher) throws {
+                logLevel: String? = "debug", launcher: [String] = TestDaemon.defaultLauncher,
+                environment: [String: String] = [:]) throws {
         guard access(binary, X_OK) == 0 else { throw HarnessError("no reuseportd binary at \(binary): run swift build") }
         directory = try TemporaryDirectory()
         configPath = try directory.write("reuseportd.toml", config)
@@ -131,7 +133,9 @@ public final class TestDaemon {
         control = ControlClient(runDirectory: runDirectory)
         pid = try spawn(launcher
                         + [binary, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", runDirectory]
-                        + (logLevel.map { ["--log-level", $0] } ?? []), output: logPath)
+                        + (logLevel.map { ["--log-level", $0] } ?? []), output: logPath,
+                    environment: environment.isEmpty ? nil
+                        : ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { "\($0.key)=\($0.value)" })
     }
 
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }

@@ -71,7 +71,10 @@ extension Reuseportd {
                 return
             }
             let level = Logger.Level(rawValue: logLevel) ?? .info
+            // Under systemd, stderr goes to the journal: priorities as <N>, no timestamps of our own.
+            let journal = JournalLogHandler.isJournalStream()
             LoggingSystem.bootstrap { label in
+                if journal { return JournalLogHandler(logLevel: level) }
                 var handler = StreamLogHandler.standardError(label: label)
                 handler.logLevel = level
                 return handler

@@ -13,8 +13,8 @@ import Testing
 struct PrivilegeTests {
     /// The list in docs/operations.md and dist/reuseportd.service's CapabilityBoundingSet=.
     static let documented: [(Capability, String)] = [
-        (.bpf, "bpf"), (.netAdmin, "net_admin"), (.netBindService, "net_bind_service"), (.setuid, "setuid"),
-        (.setgid, "setgid"), (.kill, "kill"),
+        (.bpf, "bpf"), (.perfmon, "perfmon"), (.netAdmin, "net_admin"), (.netBindService, "net_bind_service"),
+        (.setuid, "setuid"), (.setgid, "setgid"), (.kill, "kill"),
     ]
     static let documentedSet = CapabilitySet(documented.map(\.0))
 
@@ -42,6 +42,12 @@ struct PrivilegeTests {
 
         let asUser = try ProcessCapabilitySets(try #require(services.first { $0.name == "asuser" }?.slots[0].pid))
         #expect(asUser.effective.isEmpty && asUser.permitted.isEmpty && asUser.ambient.isEmpty, "\(asUser)")
+        // Workers gain nothing by exec (exec-worker sets no_new_privs; the unit does not).
+        for service in services {
+            let pid = try #require(service.slots[0].pid)
+            let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+            #expect(status.contains("NoNewPrivs:\t1"), "worker of \(service.name) has no_new_privs")
+        }
         let asRoot = try ProcessCapabilitySets(try #require(services.first { $0.name == "asroot" }?.slots[0].pid))
         #expect(asRoot.bounding == Self.documentedSet, "a root worker: CapBnd \(asRoot.bounding)")
         #expect(!asRoot.permitted.contains(.sysAdmin), "a root worker: CapPrm \(asRoot.permitted)")

@@ -124,4 +124,8 @@ int rpd_capbset_drop(int capability);
  * of a program without file capabilities, and a change between non-zero uids. */
 int rpd_ambient_clear_all(void);
 
+/* prctl(PR_SET_NO_NEW_PRIVS, 1): execve() grants nothing from then on (no set-user-ID, no file
+ * capabilities), for this process and every child. */
+int rpd_set_no_new_privs(void);
+
 #endif

@@ -117,6 +117,13 @@ extension Syscall {
         try retrying("prctl(PR_CAPBSET_DROP, \(capability))") { rpd_capbset_drop(capability.number) }
     }
 
+    /// prctl(PR_SET_NO_NEW_PRIVS): from now on execve() grants no privilege, neither through a
+    /// set-user-ID program (sudo) nor through file capabilities, to this process or its children.
+    /// It cannot be undone.
+    public static func setNoNewPrivileges() throws {
+        try retrying("prctl(PR_SET_NO_NEW_PRIVS)") { rpd_set_no_new_privs() }
+    }
+
     /// prctl(PR_CAP_AMBIENT_CLEAR_ALL): the next execve() passes no capability on by the ambient
     /// set. A kernel before 4.3 has no ambient set (EINVAL): nothing to clear.
     public static func clearAmbientCapabilities() throws {

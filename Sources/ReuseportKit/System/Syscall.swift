@@ -192,14 +192,24 @@ public enum Syscall {
         return storage.pointee
     }
 
+    /// A `sockaddr_un` for `path`. A path that starts with "@" names a socket in the abstract
+    /// namespace (unix(7)), as `NOTIFY_SOCKET` may (sd_notify(3)): the "@" becomes a NUL byte and
+    /// the address length counts exactly the name's bytes, since every byte of an abstract name
+    /// is significant (a padding of NULs would name another socket).
     static func withUnixAddress<R>(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) throws -> R) rethrows -> R {
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
+        var bytes = Array(path.utf8)
+        let abstract = bytes.first == UInt8(ascii: "@")
+        if abstract { bytes[0] = 0 }
+        var length = socklen_t(MemoryLayout<sockaddr_un>.size)
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: Array(path.utf8.prefix(raw.count - 1)))
+            let name = bytes.prefix(abstract ? raw.count : raw.count - 1)
+            raw.copyBytes(from: name)
+            if abstract { length = socklen_t(MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + name.count) }
         }
         return try withUnsafePointer(to: &address) {
-            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { try body($0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            try $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { try body($0, length) }
         }
     }
 

@@ -1,0 +1,177 @@
+#!/bin/bash
+# Runs inside the systemd VM (Tests/systemd-vm/run.sh) as a service once the system is up:
+# installs the package, then drives reuseportd through systemctl as an operator would, and reports
+# each check on the serial console as "CHECK <name> PASS|FAIL <detail>" for run.sh to read. Powers
+# the VM off at the end.
+exec >/dev/ttyS0 2>&1
+echo "SYSTEMD-VM-BEGIN uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "SYSTEMD $(systemctl --version | head -n1)"
+echo "KERNEL $(uname -r)"
+
+passed=0
+failed=0
+# check NAME DETAIL COMMAND...: PASS when COMMAND succeeds.
+check() {
+    local name=$1 detail=$2
+    shift 2
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "CHECK $name PASS $detail"
+    else
+        failed=$((failed + 1))
+        echo "CHECK $name FAIL $detail"
+    fi
+}
+prop() { systemctl show -P "$1" reuseportd.service; }
+# Slots with a running worker, as the pins say (reuseportctl reads rp_slot_state).
+running() { reuseportctl map dump 2>/dev/null | grep -cw running; }
+slots() { reuseportctl map dump --json 2>/dev/null | sed -n 's/.*"slot_count" : \([0-9]*\).*/\1/p' | head -n1; }
+# Datagrams answered by a whoami worker, of $1 sent from as many source ports.
+answered() {
+    local count=0
+    for i in $(seq 1 "$1"); do
+        socat -t2 -T2 - UDP:127.0.0.1:5300 <<<"flow $i" 2>/dev/null | grep -q '^slot=' && count=$((count + 1))
+    done
+    echo "$count"
+}
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+config() {
+    cat >/etc/reuseportd/reuseportd.toml <<EOF
+[[service]]
+name = "demo"
+listen = ["udp://127.0.0.1:5300"]
+workers = $1
+builtin = "whoami"
+user = "nobody"
+group = "nogroup"
+ready_after_ms = 2000
+EOF
+}
+finish() {
+    if [ "$failed" != 0 ]; then
+        echo "--- journalctl -u reuseportd (the last 80 lines), for the failures above"
+        journalctl -u reuseportd --no-pager -n 80 -o short-monotonic | sed 's/^/JOURNAL /'
+    fi
+    echo "$passed passed, $failed failed"
+    echo "SYSTEMD-VM-END status=$([ "$failed" = 0 ] && echo 0 || echo 1) uptime=$(cut -d' ' -f1 /proc/uptime)"
+    sync
+    systemctl poweroff --force --force
+}
+
+# 1. Install the package the way a Debian user does: postinst has systemd load the units.
+dpkg -i /root/reuseportd.deb >/tmp/dpkg.log 2>&1
+check dpkg-install "$(tail -n1 /tmp/dpkg.log)" test $? = 0
+check unit-loaded "LoadState=$(prop LoadState) UnitFileState=$(prop UnitFileState)" test "$(prop LoadState)" = loaded
+check conffile "$(dpkg-query -W -f='${Conffiles}' reuseportd | xargs)" \
+    bash -c 'dpkg-query -W -f="\${Conffiles}" reuseportd | grep -q /etc/reuseportd/reuseportd.toml'
+
+# Workers count as running after ready_after_ms = 2000: READY=1 cannot come before that. A short
+# watchdog period for the test, and a short abort timeout (a stopped daemon cannot act on SIGABRT).
+config 4
+mkdir -p /etc/systemd/system/reuseportd.service.d
+printf '[Service]\nWatchdogSec=2s\nTimeoutAbortSec=2s\nTimeoutStartSec=40s\n' >/etc/systemd/system/reuseportd.service.d/test.conf
+# systemd before 253 has no Type=notify-reload: the drop-in docs/operations.md gives for it.
+systemd_version=$(systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p')
+if [ "$systemd_version" -lt 253 ]; then
+    printf '[Service]\nType=notify\nExecReload=/bin/kill -HUP $MAINPID\n' \
+        >/etc/systemd/system/reuseportd.service.d/before-253.conf
+fi
+systemctl daemon-reload
+
+# 2. start: activating until READY=1, which comes only with every worker running.
+start=$(now_ms)
+systemctl start --no-block reuseportd
+seen_activating=0
+partial_while_activating=0
+# systemctl only, a round every 0.1 s (reuseportctl, 60 MB, takes seconds to start under TCG):
+# while activating, the daemon's STATUS= says how many run.
+while :; do
+    state=$(prop ActiveState)
+    status=$(prop StatusText)
+    if [ "$state" = activating ]; then
+        seen_activating=1
+        [[ "$status" == *"/4 workers running"* && "$status" != *"4/4 workers running"* ]] && partial_while_activating=1
+    elif [ "$state" = active ]; then
+        workers_at_active=$(running)
+        break
+    elif [ "$state" = failed ] || [ "$state" = deactivating ] || [ $(($(now_ms) - start)) -gt 60000 ]; then
+        workers_at_active="none ($state)"
+        break
+    fi
+    sleep 0.1
+done
+took=$(($(now_ms) - start))
+check start-activating-until-ready "activating seen=$seen_activating, with STATUS= fewer than 4/4 running=$partial_while_activating" \
+    test "$seen_activating$partial_while_activating" = 11
+check start-active-with-every-worker "running at active: $workers_at_active of 4, after $took ms" \
+    test "$workers_at_active" = 4
+check start-after-ready-after-ms "$took ms >= 2000" test "$took" -ge 2000
+status_text=$(prop StatusText)
+check status-text "StatusText=$status_text" test "$status_text" = "1 service, 4/4 workers running"
+check systemctl-status-shows-status "$(systemctl status reuseportd --no-pager | grep 'Status:' | xargs)" \
+    bash -c 'systemctl status reuseportd --no-pager | grep -q "Status: \"1 service, 4/4 workers running\""'
+check answers "$(answered 16) of 16 datagrams answered" test "$(answered 16)" = 16
+main_pid=$(prop MainPID)
+# Nothing below means anything without a running daemon.
+[ "$workers_at_active" = 4 ] || finish
+
+# 3. reload: systemctl reload returns once the new configuration is applied (RELOADING=1 then READY=1).
+config 6
+start=$(now_ms)
+systemctl reload reuseportd
+reload_rc=$?
+slots_after=$(slots)
+if [ "$systemd_version" -lt 253 ]; then
+    # With Type=notify, `systemctl reload` returns once kill has run, not once the reload is done.
+    waited=0
+    while [ "$slots_after" != 6 ] && [ "$waited" -lt 20 ]; do sleep 0.5; waited=$((waited + 1)); slots_after=$(slots); done
+    slots_after="$slots_after (systemd $systemd_version: $waited waits of 0.5 s after reload returned)"
+fi
+check reload-applied "systemctl reload: status $reload_rc after $(($(now_ms) - start)) ms; slots right after: $slots_after" \
+    test "$reload_rc${slots_after%% *}" = 06
+check reload-active-same-pid "ActiveState=$(prop ActiveState) MainPID=$(prop MainPID) (was $main_pid)" \
+    test "$(prop ActiveState)$(prop MainPID)" = "active$main_pid"
+check reload-status "StatusText=$(prop StatusText)" bash -c '[[ "$0" == *"last: reloaded: demo: 6 workers"* ]]' "$(prop StatusText)"
+printf '[[service]\n' >/etc/reuseportd/reuseportd.toml
+systemctl reload reuseportd
+refused_rc=$?
+[ "$systemd_version" -lt 253 ] && sleep 3
+check reload-refused-still-active "systemctl reload: status $refused_rc, ActiveState=$(prop ActiveState), slots $(slots)" \
+    test "$(prop ActiveState)$(slots)" = active6
+check reload-refused-status "StatusText=$(prop StatusText)" \
+    bash -c '[[ "$0" == *"last: reload refused: the configuration is invalid"* ]]' "$(prop StatusText)"
+config 6
+
+# 4. The watchdog (WatchdogSec=2s): a daemon that pings is left alone for 3.5 periods...
+sleep 7
+check watchdog-quiet "WatchdogUSec=$(prop WatchdogUSec) NRestarts=$(prop NRestarts) MainPID=$(prop MainPID) (was $main_pid)" \
+    test "$(prop NRestarts)$(prop MainPID)" = "0$main_pid"
+# ... and one stopped with SIGSTOP is restarted by it.
+kill -STOP "$main_pid"
+start=$(now_ms)
+while [ "$(prop NRestarts)" = 0 ] && [ $(($(now_ms) - start)) -lt 30000 ]; do sleep 0.2; done
+while [ "$(prop ActiveState)" != active ] && [ $(($(now_ms) - start)) -lt 60000 ]; do sleep 0.2; done
+check watchdog-restarts-stopped-daemon \
+    "NRestarts=$(prop NRestarts) Result=$(prop Result) ActiveState=$(prop ActiveState) MainPID=$(prop MainPID) (was $main_pid) after $(($(now_ms) - start)) ms; running $(running)" \
+    test "$(prop NRestarts)$(prop ActiveState)$(running)" = 1active6
+check answers-after-watchdog "$(answered 16) of 16 datagrams answered" test "$(answered 16)" = 16
+
+# 5. The journal: priorities from the <N> prefixes, no timestamp of the daemon's own.
+check journal-priorities "notice lines: $(journalctl -u reuseportd -p notice..notice -o cat --no-pager | grep -c .)" \
+    bash -c 'journalctl -u reuseportd -p notice..notice -o cat --no-pager | grep -q "every worker is running" &&
+        journalctl -u reuseportd -p info..info -o cat --no-pager | grep -q "worker started" &&
+        ! journalctl -u reuseportd -p info..info -o cat --no-pager | grep -q "every worker is running"'
+check journal-no-own-timestamp "$(journalctl -u reuseportd -o cat --no-pager | grep -c '^20[0-9][0-9]-') lines start with a date" \
+    bash -c '! journalctl -u reuseportd -o cat --no-pager | grep -q "^20[0-9][0-9]-"'
+
+# 6. stop: every worker, socket and pin goes; the daemon exits 0.
+systemctl stop reuseportd
+check stop-inactive "ActiveState=$(prop ActiveState) Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus)" \
+    test "$(prop ActiveState)$(prop Result)$(prop ExecMainStatus)" = inactivesuccess0
+left=$(pgrep -c -x reuseportd)
+check stop-no-process-left "processes named reuseportd: $left" test "$left" = 0
+check stop-pins-removed "$(ls /sys/fs/bpf/reuseportd 2>&1 | xargs)" test ! -e /sys/fs/bpf/reuseportd/demo
+check stop-graceful "$(journalctl -u reuseportd -o cat --no-pager | grep -c 'SIGTERM: stopping') SIGTERM lines" \
+    bash -c 'journalctl -u reuseportd -o cat --no-pager | grep -q "SIGTERM: stopping"'
+
+finish
