@@ -25,7 +25,10 @@ check() {
 prop() { systemctl show -P "$1" reuseportd.service; }
 # Slots with a running worker, as the pins say (reuseportctl reads rp_slot_state).
 running() { reuseportctl map dump 2>/dev/null | grep -cw running; }
-slots() { reuseportctl map dump --json 2>/dev/null | sed -n 's/.*"slot_count" : \([0-9]*\).*/\1/p' | head -n1; }
+# Slots the service has (each with its socket and worker): a scale is a placement change that
+# adds the new slots at once and switches their buckets once the live flows are recorded, so
+# slot_count (the table's) changes only at the switch; the slots listed change at once.
+slots() { reuseportctl map dump --json 2>/dev/null | grep -c '"slot" :'; }
 # Datagrams answered by a whoami worker, of $1 sent from as many source ports.
 answered() {
     local count=0
