@@ -106,7 +106,7 @@ final class ServiceRuntime {
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: resumable, options: options)
             self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
             let change = try plane.maps.readTransition()
-            let records = try FlowRecords.read(plane.maps).count
+            let records = try FlowRecords.count(plane.maps)
             logger.notice(
                 "resuming the placement change left in \(pins.serviceDirectory): phase \(change.phase), \(plane.liveSlots.count) slots, \(records) flow records, \(self.configuration.workers) workers after it")
             nextTransitionCheck = MonotonicClock.nanoseconds()

@@ -64,13 +64,20 @@ public final class BPFMap: @unchecked Sendable {
     /// The value at `key`, or nil if the key has none (ENOENT).
     public func lookup<Value: BitwiseCopyable>(_ key: UInt32, as: Value.Type) throws -> Value? {
         precondition(MemoryLayout<Value>.size == valueSize, "value type does not match map \(name)")
+        return try value(at: key, call: "bpf_map_lookup_elem(\(name)[\(key)])")
+    }
+
+    /// The one lookup both `lookup` methods make; `call` is what an error names.
+    private func value<Key: BitwiseCopyable, Value: BitwiseCopyable>(at key: Key, call: @autoclosure () -> String)
+        throws -> Value?
+    {
         var key = key
         let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
         defer { value.deallocate() }
         if bpf_map_lookup_elem(fd, &key, value) != 0 {
             let code = errno
             if code == ENOENT { return nil }
-            throw ReuseportError.system("bpf_map_lookup_elem(\(name)[\(key)])", code)
+            throw ReuseportError.system(call(), code)
         }
         return value.pointee
     }
@@ -99,15 +106,7 @@ public final class BPFMap: @unchecked Sendable {
     public func lookup<Key: BitwiseCopyable, Value: BitwiseCopyable>(key: Key, as: Value.Type) throws -> Value? {
         precondition(MemoryLayout<Key>.size == keySize && MemoryLayout<Value>.size == valueSize,
                      "key or value type does not match map \(name)")
-        var key = key
-        let value = UnsafeMutablePointer<Value>.allocate(capacity: 1)
-        defer { value.deallocate() }
-        if bpf_map_lookup_elem(fd, &key, value) != 0 {
-            let code = errno
-            if code == ENOENT { return nil }
-            throw ReuseportError.system("bpf_map_lookup_elem(\(name))", code)
-        }
-        return value.pointee
+        return try value(at: key, call: "bpf_map_lookup_elem(\(name))")
     }
 
     /// Removes the entry at a key of another type than `__u32`; true if there was one.

@@ -63,6 +63,14 @@ public enum FlowRecords {
         }
     }
 
+    /// How many records rp_flows holds, counted in batches without building them (a million
+    /// records would otherwise be a million FlowTuples, for a number).
+    public static func count(_ maps: DispatchMaps) throws -> Int {
+        var count = 0
+        try maps.flows.forEachEntry(as: (rp_flow_key, rp_flow).self) { _, _ in count += 1 }
+        return count
+    }
+
     /// The record of `flow`, if there is one.
     public static func record(of flow: FlowTuple, in maps: DispatchMaps) throws -> FlowRecord? {
         try maps.flows.lookup(key: flow.recordKey, as: rp_flow.self).map {

@@ -57,7 +57,7 @@ public enum TransitionScenario {
         // All records idle: the sweep ends the change.
         let sweep = try plane.sweep(now: now + 7_200_000_000_000)
         try require(sweep.finished && sweep.live == 0, "the change did not end once every record was idle: \(sweep)")
-        let left = try FlowRecords.read(plane.maps).count
+        let left = try FlowRecords.count(plane.maps)
         try require(left == 0, "\(left) records left after the change")
         let flagged = try plane.maps.readBucketValues().filter { $0 & UInt32(RP_BUCKET_FLAGS) != 0 }.count
         try require(flagged == 0, "\(flagged) buckets still flagged after the change")

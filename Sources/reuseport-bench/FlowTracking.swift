@@ -149,7 +149,7 @@ struct FlowTrackingBench {
         result.untracked = try plane.maps.flowCounters().untracked
         result.rateRefused = try plane.maps.flowCounters().rate_refused
         result.rateBound = tracking.effectiveRecordsPerSecond
-        result.records = try FlowRecords.read(plane.maps).count
+        result.records = try FlowRecords.count(plane.maps)
         result.recordBytes = try plane.maps.flows.withDescriptor(memlock(of:))
         let sweepStart = MonotonicClock.seconds()
         _ = try plane.sweep(now: MonotonicClock.nanoseconds())
@@ -209,7 +209,7 @@ struct FlowTrackingBench {
         var recorded = 0
         for _ in 0..<20 where recorded < settings.flows {
             _ = runTrial(changing, flows: flows, workers: 4, seconds: 0.1, cpus: cpus)
-            recorded = try FlowRecords.read(plane.maps).count
+            recorded = try FlowRecords.count(plane.maps)
         }
         try plane.advance(now: now, force: true)
         guard recorded == settings.flows else {

@@ -276,7 +276,7 @@ struct OpenedService {
             snapshot.transition = try maps.readTransition()
             snapshot.flows = try maps.flowCounters()
             snapshot.trackedCapacity = maps.flows.maxEntries
-            snapshot.records = try maps.flows.entries(as: (rp_flow_key, rp_flow).self).count
+            snapshot.records = try FlowRecords.count(maps)
             snapshot.learningBuckets = values.filter { $0 & UInt32(RP_BUCKET_LEARN) != 0 }.count
             snapshot.pinnedBuckets = values.filter { $0 & UInt32(RP_BUCKET_PINNED) != 0 }.count
             return snapshot
