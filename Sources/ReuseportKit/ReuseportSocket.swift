@@ -56,6 +56,19 @@ public final class ReuseportSocket: @unchecked Sendable {
         self.descriptor = descriptor
     }
 
+    /// Takes over a socket bound by an earlier owner (systemd's fd store keeps a slot's socket
+    /// across a daemon restart): its endpoint is what it is bound to (getsockname) with the
+    /// transport its type says. Whether it is the socket a slot needs is the caller's check.
+    public init(adopting descriptor: OwnedDescriptor) throws {
+        let label = "adopted \(descriptor)"
+        let type = try Syscall.getOption(descriptor.fd.rawValue, SOL_SOCKET, SO_TYPE, Int32.self, "SO_TYPE, \(label)")
+        guard let transport = Transport.allCases.first(where: { $0.socketType == type }),
+              let address = try Syscall.localAddress(descriptor.fd, label)
+        else { throw ReuseportError.invalidArgument("\(label) is not a bound UDP or TCP socket of IPv4 or IPv6") }
+        endpoint = Endpoint(transport, address)
+        self.descriptor = descriptor
+    }
+
     deinit { close() }
 
     /// Closes the socket (once; later calls do nothing). A socket closed while in a

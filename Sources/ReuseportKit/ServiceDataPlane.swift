@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CLibbpf
 import CReuseportABI
 
@@ -129,7 +132,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// (protocol, address, port) is one group; net/core/sock_reuseport.c, reuseport_add_sock())
     /// and get no traffic while the group's program, which selects only from its own array,
     /// is the old one.
-    public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true) throws {
+    ///
+    /// `existing`: sockets already bound (systemd's fd store kept them across a restart), by slot,
+    /// in listener order, each slot with one socket for every listener: they take their slot
+    /// instead of a new socket. A listener's first socket is slot 0's when it has one.
+    public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true,
+                existing: [UInt32: [ReuseportSocket]] = [:]) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         _ = try SlotCount(slotCount)
         _ = try BucketCount(options.bucketCount)
@@ -140,13 +148,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
             let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows)
             shared = shared ?? program.maps
             // The first socket fixes the port (when 0 was asked); the others join its group.
-            let first = try ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer,
-                                            v6Only: options.v6Only)
+            let first = try existing[0].flatMap { $0.count == endpoints.count ? $0[listeners.count] : nil }
+                ?? ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer, v6Only: options.v6Only)
             if attach { try first.attach(program) }
             let listener = Listener(endpoint: first.endpoint, program: program)
             listener.sockets[0] = first
             listeners.append(listener)
         }
+        Self.place(existing, in: listeners, slots: slotCount)
         self.maps = shared!
         self.listeners = listeners
         self.slots = Array(0..<UInt32(slotCount))
@@ -170,7 +179,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// switch time (CLOCK_MONOTONIC, which a restart does not reset); one that was draining
     /// retires its leaving slots as before. Failover is not resumed: every slot starts afresh,
     /// and the table keeps lent buckets where they are (no flow moves).
-    public init(endpoints: [Endpoint], resuming pinned: DispatchMaps, options: Options) throws {
+    public init(endpoints: [Endpoint], resuming pinned: DispatchMaps, options: Options,
+                existing: [UInt32: [ReuseportSocket]] = [:]) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         let config = try pinned.readConfig()
         let change = try pinned.readTransition()
@@ -185,13 +195,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
         var listeners: [Listener] = []
         for requested in endpoints {
             let program = try DispatchProgram(sharing: pinned, trackedFlows: options.tracking.maxFlows)
-            let first = try ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer,
-                                            v6Only: options.v6Only)
+            let first = try existing[0].flatMap { $0.count == endpoints.count ? $0[listeners.count] : nil }
+                ?? ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer, v6Only: options.v6Only)
             try first.attach(program)
             let listener = Listener(endpoint: first.endpoint, program: program)
             listener.sockets[0] = first
             listeners.append(listener)
         }
+        Self.place(existing, in: listeners, slots: socketSlots)
         maps = pinned
         self.listeners = listeners
         slots = Array(0..<UInt32(nominal))
@@ -231,6 +242,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
         return maps
     }
 
+    /// Puts the `existing` sockets of slots below `slots` on their listeners, where
+    /// `insertSockets` takes them instead of binding new ones.
+    private static func place(_ existing: [UInt32: [ReuseportSocket]], in listeners: [Listener], slots: Int) {
+        for (slot, sockets) in existing where slot > 0 && slot < UInt32(slots) && sockets.count == listeners.count {
+            for (listener, socket) in zip(listeners, sockets) { listener.sockets[slot] = socket }
+        }
+    }
+
     /// The slots that hold a socket (on the first listener; every operation here fills and
     /// empties a slot on all listeners together).
     public var liveSlots: [UInt32] { listeners[0].sockets.keys.sorted() }
@@ -244,9 +263,28 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 ?? ReuseportSocket(endpoint: listener.endpoint, receiveBuffer: options.receiveBuffer,
                                    v6Only: options.v6Only)
             listener.sockets[slot] = socket
-            try listener.program.sockets.insert(socket, at: slot)
+            try Self.insert(socket, into: listener.program.sockets, at: slot)
         }
     }
+
+    /// A socket is in at most one REUSEPORT_SOCKARRAY (EBUSY otherwise:
+    /// kernel/bpf/reuseport_array.c, reuseport_array_update_check()). One taken over from a
+    /// previous owner (`existing`) is still in that owner's array until the array is freed, which
+    /// follows the release of the owner's program (replaced in the group when this plane attached
+    /// its own, its pins gone) after an RCU grace period and a work item: a few milliseconds,
+    /// waited for here, at most `adoptionWaitNs`. A socket this plane bound is never busy.
+    private static func insert(_ socket: ReuseportSocket, into array: SocketArray, at slot: UInt32) throws {
+        let deadline = MonotonicClock.nanoseconds() + adoptionWaitNs
+        while true {
+            do {
+                return try array.insert(socket, at: slot)
+            } catch let error as ReuseportError where error.errno == EBUSY && MonotonicClock.nanoseconds() < deadline {
+                usleep(1000)
+            }
+        }
+    }
+
+    static let adoptionWaitNs: Int64 = 2_000_000_000
 
     /// Takes the slot's sockets out of the arrays and closes them. The fallback table must no
     /// longer name the slot.
