@@ -256,7 +256,11 @@ int rpd_set_child_subreaper(int on)
 	return prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0);
 }
 
-long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pid_t *pid, uid_t *uid)
+/* One datagram with what came along: the sender's credentials into *pid and *uid (0 and -1
+ * when none came), up to `capacity` passed descriptors into `fds` (*count of them), any more
+ * closed. */
+static long receive_datagram(int fd, void *buffer, unsigned long length, int flags, pid_t *pid, uid_t *uid,
+			     int *fds, size_t capacity, size_t *count)
 {
 	union {
 		struct cmsghdr align;
@@ -271,7 +275,8 @@ long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pi
 
 	*pid = 0;
 	*uid = (uid_t)-1;
-	n = recvmsg(fd, &message, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC);
+	*count = 0;
+	n = recvmsg(fd, &message, MSG_DONTWAIT | MSG_CMSG_CLOEXEC | flags);
 	if (n < 0)
 		return -1;
 	for (header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
@@ -284,17 +289,63 @@ long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pi
 			*pid = credentials.pid;
 			*uid = credentials.uid;
 		} else if (header->cmsg_type == SCM_RIGHTS) {
-			size_t count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			size_t passed_count = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 
-			for (size_t i = 0; i < count; i++) {
+			for (size_t i = 0; i < passed_count; i++) {
 				int passed;
 
 				memcpy(&passed, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
-				close(passed);
+				if (*count < capacity)
+					fds[(*count)++] = passed;
+				else
+					close(passed);
 			}
 		}
 	}
 	return n;
+}
+
+long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pid_t *pid, uid_t *uid)
+{
+	size_t kept;
+
+	return receive_datagram(fd, buffer, length, MSG_TRUNC, pid, uid, NULL, 0, &kept);
+}
+
+long rpd_receive_with_descriptors(int fd, void *buffer, unsigned long length, int *fds, size_t capacity,
+				  size_t *count)
+{
+	pid_t pid;
+	uid_t uid;
+
+	return receive_datagram(fd, buffer, length, 0, &pid, &uid, fds, capacity, count);
+}
+
+long rpd_send_with_descriptors(int fd, const void *buffer, unsigned long length, const int *fds, size_t count)
+{
+	union {
+		struct cmsghdr align;
+		char bytes[CMSG_SPACE(sizeof(int) * 253)];
+	} control;
+	struct iovec iov = { .iov_base = (void *)buffer, .iov_len = length };
+	struct msghdr message = { .msg_iov = &iov, .msg_iovlen = 1 };
+	struct cmsghdr *header;
+
+	if (count > 253) {
+		errno = EINVAL;
+		return -1;
+	}
+	if (count > 0) {
+		memset(&control, 0, sizeof(control));
+		message.msg_control = &control;
+		message.msg_controllen = CMSG_SPACE(sizeof(int) * count);
+		header = CMSG_FIRSTHDR(&message);
+		header->cmsg_level = SOL_SOCKET;
+		header->cmsg_type = SCM_RIGHTS;
+		header->cmsg_len = CMSG_LEN(sizeof(int) * count);
+		memcpy(CMSG_DATA(header), fds, sizeof(int) * count);
+	}
+	return sendmsg(fd, &message, MSG_NOSIGNAL);
 }
 
 int rpd_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable)

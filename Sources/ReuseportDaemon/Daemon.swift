@@ -69,12 +69,16 @@ public final class Daemon {
         supervisor = Supervisor(configuration: configuration, pinRoot: options.pinRoot, executable: options.executable,
                                 logger: logger)
         supervisor.notify = notify
-        serviceManager = ServiceManagerNotifier(supervisor: supervisor)
+        let serviceManagerClient = NotifyClient()
+        let socketStore = SocketStore(client: serviceManagerClient, logger: logger)
+        supervisor.socketStore = socketStore
+        serviceManager = ServiceManagerNotifier(supervisor: supervisor, client: serviceManagerClient)
         commands = ControlCommands(supervisor: supervisor,
                                    reload: ConfigurationReload(configPath: options.configPath, supervisor: supervisor,
                                                                serviceManager: serviceManager))
         do {
             for service in configuration.services { try supervisor.addService(service) }
+            socketStore.refuseUnclaimed()
         } catch {
             supervisor.closeServices()
             control.shutdown()

@@ -40,4 +40,17 @@ struct NotifyClient {
         guard let socket else { return }
         _ = try? Array(state.utf8).withUnsafeBytes { try Syscall.send(socket.fd, $0, flags: Int32(MSG_NOSIGNAL)) }
     }
+
+    /// Sends `state` with `descriptors` passed along (SCM_RIGHTS), as sd_pid_notify_with_fds(3)
+    /// does: the service manager gets its own copies. Unlike `notify`, a failure is thrown: a
+    /// socket that did not reach the fd store is one a restart will not find.
+    func notify(_ state: String, passing descriptors: [FileDescriptor]) throws {
+        guard let socket else { return }
+        try Syscall.send(socket.fd, Array(state.utf8), passing: descriptors)
+    }
+
+    /// The fd store's messages (systemd's docs/FILE_DESCRIPTOR_STORE.md): the descriptor sent
+    /// along is kept under `name`; `FDSTOREREMOVE=1` drops every descriptor kept under `name`.
+    static func storeMessage(name: String) -> String { "FDSTORE=1\nFDNAME=\(name)" }
+    static func removeMessage(name: String) -> String { "FDSTOREREMOVE=1\nFDNAME=\(name)" }
 }

@@ -30,8 +30,8 @@ final class ServiceManagerNotifier {
     /// The longest `STATUS=` line; a longer last event is cut.
     static let maximumStatusBytes = 400
 
-    init(supervisor: Supervisor, environment: [String: String] = ProcessEnvironment.current) {
-        client = NotifyClient(environment: environment)
+    init(supervisor: Supervisor, client: NotifyClient) {
+        self.client = client
         self.supervisor = supervisor
         nextWatchdog = client.pingInterval.map { MonotonicClock.nanoseconds() + $0 }
     }

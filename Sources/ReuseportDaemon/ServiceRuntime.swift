@@ -81,8 +81,11 @@ final class ServiceRuntime {
     /// there) until `takeOver(from:)` and `pinInPlace()`. With `predecessor` (the running
     /// runtime of the same service), a listener configured with port 0 as before keeps the
     /// port it got.
+    ///
+    /// `store`: at start, the sockets systemd kept for this service across a restart, which its
+    /// slots reuse (SocketStore.claim); their groups are the daemon's own.
     init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger, ownGroups: Set<Endpoint> = [],
-         staged: Bool = false, predecessor: ServiceRuntime? = nil) throws {
+         staged: Bool = false, predecessor: ServiceRuntime? = nil, store: SocketStore? = nil) throws {
         self.configuration = configuration
         var logger = logger
         logger[metadataKey: "service"] = "\(configuration.name)"
@@ -98,12 +101,32 @@ final class ServiceRuntime {
                 }
             }
         }
-        for endpoint in endpoints where !ownGroups.contains(endpoint) { try ListenerClaim.checkFree(endpoint) }
         pins = PinLayout(root: pinRoot, service: configuration.name)
         // A placement change a killed daemon left in its pins is finished, not dropped: its
         // records keep the flows they pin on the same slots.
-        if !staged, let resumable = ServiceDataPlane.resumableChange(at: pins, options: options) {
-            plane = try ServiceDataPlane(endpoints: endpoints, resuming: resumable, options: options)
+        let resumable = staged ? nil : ServiceDataPlane.resumableChange(at: pins, options: options)
+        var existing: [UInt32: [ReuseportSocket]] = [:]
+        if !staged, let store {
+            var slots = configuration.workers
+            if let resumable, let config = try? resumable.readConfig(), let change = try? resumable.readTransition() {
+                slots = max(Int(config.slot_count), Int(change.socket_slots))
+            }
+            (existing, endpoints) = store.claim(service: configuration.name, endpoints: endpoints, slots: slots,
+                                                v6Only: options.v6Only)
+        }
+        let adopted = Set(existing.values.joined().map(\.endpoint))
+        // A killed daemon's pins keep its program and socket arrays alive, and a socket cannot
+        // enter a second array while it is in one: they go before the reused sockets are inserted.
+        if !existing.isEmpty, pins.exists {
+            logger.notice("removing the pins a previous daemon left at \(pins.serviceDirectory): its arrays hold the reused sockets")
+            pins.remove()
+        }
+        for endpoint in endpoints where !ownGroups.contains(endpoint) && !adopted.contains(endpoint) {
+            try ListenerClaim.checkFree(endpoint)
+        }
+        if let resumable {
+            plane = try ServiceDataPlane(endpoints: endpoints, resuming: resumable, options: options,
+                                         existing: existing)
             self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
             let change = try plane.maps.readTransition()
             let records = try FlowRecords.count(plane.maps)
@@ -112,7 +135,7 @@ final class ServiceRuntime {
             nextTransitionCheck = MonotonicClock.nanoseconds()
         } else {
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
-                                         attach: !staged)
+                                         attach: !staged, existing: existing)
         }
         slots = []
         if !staged {

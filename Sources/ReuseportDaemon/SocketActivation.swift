@@ -15,6 +15,9 @@ public enum ActivationEnvironment {
     public static let service = "REUSEPORT_SERVICE"
     public static let notifySocket = "NOTIFY_SOCKET"
     public static let watchdogUsec = "WATCHDOG_USEC"
+    /// Set by systemd 254 and later to the unit's `FileDescriptorStoreMax=` when it is not 0:
+    /// whether, and how many, descriptors the daemon may keep in the fd store.
+    public static let fdStore = "FDSTORE"
     /// Set by the worker itself (exec-worker), as LISTEN_PID: only the child knows its pid.
     public static let watchdogPID = "WATCHDOG_PID"
     /// QUIC connection-ID steering (docs/quic.md): the worker's server ID in hex, the length of
@@ -38,12 +41,23 @@ public struct ActivatedSockets: Sendable {
     /// that a child of the worker does not take them for its own.
     public static func fromEnvironment() throws(WorkerError) -> ActivatedSockets {
         let environment = ProcessEnvironment.current
-        guard let countText = environment[ActivationEnvironment.listenFDs] else {
+        guard let sockets = try take(from: environment, limit: 1023) else {
             throw WorkerError("no sockets were passed (LISTEN_FDS is not set): start this worker from reuseportd, "
                 + "or under systemd-socket-activate (e.g. systemd-socket-activate --datagram -l 5300 reuseportd worker whoami)")
         }
-        guard let count = Int(countText), count > 0, count < 1024 else {
-            throw WorkerError("LISTEN_FDS=\(countText) is not a number of sockets (1 to 1023)")
+        return sockets
+    }
+
+    /// What `environment` passes to this process, as sd_listen_fds_with_names(3) reads it: nil
+    /// without `LISTEN_FDS`. The one reader of `LISTEN_*`, for workers and for the daemon (which
+    /// systemd starts with the sockets of its fd store, SocketStore.swift). Throws when the
+    /// variables are malformed, name another process (`LISTEN_PID`) or more than `limit`
+    /// descriptors, or one of them is not open. Takes them: close-on-exec, and the variables
+    /// are removed from this process's environment so that no child takes them for its own.
+    static func take(from environment: [String: String], limit: Int) throws(WorkerError) -> ActivatedSockets? {
+        guard let countText = environment[ActivationEnvironment.listenFDs] else { return nil }
+        guard let count = Int(countText), count > 0, count <= limit else {
+            throw WorkerError("LISTEN_FDS=\(countText) is not a number of sockets (1 to \(limit))")
         }
         if let pidText = environment[ActivationEnvironment.listenPID] {
             guard let pid = Int32(pidText), pid == getpid() else {

@@ -38,6 +38,8 @@ final class Supervisor {
     private(set) var stopping = false
     /// The workers' NOTIFY_SOCKET (set by the daemon; nil in tests of the supervisor alone).
     var notify: NotifySocket?
+    /// systemd's fd store: keeps every slot's sockets across a restart (set by the daemon).
+    var socketStore: SocketStore?
     /// When the stall check next samples the slots' sockets (WorkerLiveness.swift).
     var nextStallCheck: Int64?
     /// sock_diag failed at the last stall check (logged once).
@@ -68,11 +70,12 @@ final class Supervisor {
         let service: ServiceRuntime
         do {
             service = try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
-                                         ownGroups: ownGroups)
+                                         ownGroups: ownGroups, store: socketStore)
         } catch {
             throw ServiceStartError(service: configuration.name, underlying: error)
         }
         services.append(service)
+        socketStore?.store(service)
         let listeners = service.listeners.map(\.description).joined(separator: ", ")
         service.logger.notice(
             "service \(service.name) listening on \(listeners) with \(service.slots.count) workers, maps pinned at \(service.pins.serviceDirectory)")
@@ -107,6 +110,10 @@ final class Supervisor {
             discard(new)
             throw ServiceStartError(service: new.name, underlying: error)
         }
+        // The new sockets take the old ones' names in the fd store: the old go first (a removal
+        // drops every descriptor of a name).
+        if let old { socketStore?.remove(old) }
+        socketStore?.store(new)
         if let old {
             // After the switch nothing enters the old sockets; their workers read what is queued
             // there, and are stopped once it is read (SlotDrain), without holding up the loop.
@@ -180,6 +187,7 @@ final class Supervisor {
             slot.pid = nil
             slot.nextStartAt = nil
         }
+        socketStore?.remove(service)
         service.close()
         service.logger.notice("service \(service.name) stopped")
     }
@@ -427,6 +435,7 @@ final class Supervisor {
         let before = service.plane.slots.count
         let now = MonotonicClock.nanoseconds()
         let (plan, added) = try service.beginResize(to: count, now: now, immediately: immediately)
+        socketStore?.store(service, slots: added.map(\.index))
         var failures: [(slot: UInt32, error: Error)] = []
         for slot in added {
             if let error = startWorker(service, slot, now: now) { failures.append((slot.index, error)) }
@@ -495,6 +504,7 @@ final class Supervisor {
             service.logger.error("cannot retire slot \(slot.index): \(error)")
             return
         }
+        socketStore?.remove(service: service.name, listeners: service.listeners.count, slots: [slot.index])
         let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
                               deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
         if let pid = slot.pid {

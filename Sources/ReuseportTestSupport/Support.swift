@@ -135,8 +135,17 @@ public var isRoot: Bool { geteuid() == 0 }
 /// Starts a process (argv[0] a path) with stdin from /dev/null and stdout and stderr
 /// appended to `output`; returns its pid. The caller reaps it. `environment`: "NAME=value"
 /// entries (nil: this process's environment).
-public func spawn(_ arguments: [String], output: String, environment: [String]? = nil) throws -> pid_t {
-    try ProcessSpawn(path: arguments[0], arguments: arguments, environment: environment,
-                     fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
-                                   .duplicate(1, to: 2)]).start()
+public func spawn(_ arguments: [String], output: String, environment: [String]? = nil,
+                  passing descriptors: [Int32] = []) throws -> pid_t {
+    // Copies above the targets first: a descriptor numbered 3 or 4 would otherwise be overwritten
+    // by the dup2 of another before its own.
+    let copies = descriptors.map { fcntl($0, F_DUPFD_CLOEXEC, 1000) }
+    defer { for copy in copies where copy >= 0 { close(copy) } }
+    if let failed = copies.firstIndex(of: -1) {
+        throw HarnessError("fcntl(\(descriptors[failed]), F_DUPFD_CLOEXEC): \(String(cString: strerror(errno)))")
+    }
+    let passed = copies.enumerated().map { ProcessSpawn.FileAction.duplicate($1, to: 3 + Int32($0)) }
+    return try ProcessSpawn(path: arguments[0], arguments: arguments, environment: environment,
+                            fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
+                                          .duplicate(1, to: 2)] + passed).start()
 }

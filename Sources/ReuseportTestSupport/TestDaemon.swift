@@ -121,9 +121,12 @@ public final class TestDaemon {
     /// the launcher's pid. The default is `REUSEPORT_TEST_LAUNCHER` (words split on spaces), so
     /// that a whole suite can run its daemons under, say, `setpriv` (`make test-least-privilege`).
     /// `environment`: variables set for the daemon on top of this process's (`NOTIFY_SOCKET`, say).
+    /// `listening`: descriptors handed over as systemd hands over its fd store (sd_listen_fds(3)):
+    /// at fd 3 on, with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (set by a shell that
+    /// then execs the daemon, since only the child knows its pid).
     public init(config: String, binary: String = TestDaemon.builtBinary, pinRoot: String? = nil,
                 logLevel: String? = "debug", launcher: [String] = TestDaemon.defaultLauncher,
-                environment: [String: String] = [:]) throws {
+                environment: [String: String] = [:], listening: [(descriptor: Int32, name: String)] = []) throws {
         guard access(binary, X_OK) == 0 else { throw HarnessError("no reuseportd binary at \(binary): run swift build") }
         directory = try TemporaryDirectory()
         configPath = try directory.write("reuseportd.toml", config)
@@ -131,11 +134,19 @@ public final class TestDaemon {
         runDirectory = "\(directory.path)/run"
         logPath = "\(directory.path)/daemon.log"
         control = ControlClient(runDirectory: runDirectory)
+        var environment = environment
+        var launcher = launcher
+        if !listening.isEmpty {
+            environment["LISTEN_FDS"] = "\(listening.count)"
+            environment["LISTEN_FDNAMES"] = listening.map(\.name).joined(separator: ":")
+            launcher = ["/bin/sh", "-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"", "sh"] + launcher
+        }
         pid = try spawn(launcher
                         + [binary, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", runDirectory]
                         + (logLevel.map { ["--log-level", $0] } ?? []), output: logPath,
                     environment: environment.isEmpty ? nil
-                        : ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { "\($0.key)=\($0.value)" })
+                        : ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { "\($0.key)=\($0.value)" },
+                    passing: listening.map(\.descriptor))
     }
 
     public var log: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }

@@ -18,6 +18,8 @@ struct ServiceManagerTests {
         let address: String
         let socket: OwnedDescriptor
         private(set) var messages: [(atMs: Double, text: String)] = []
+        /// The descriptors passed along with each message (SCM_RIGHTS), by message index.
+        private(set) var descriptors: [Int: [OwnedDescriptor]] = [:]
         private var directory: TemporaryDirectory?
 
         init(abstract: Bool) throws {
@@ -41,13 +43,20 @@ struct ServiceManagerTests {
             var buffer = [UInt8](repeating: 0, count: 4096)
             while nowMs() < deadline {
                 _ = try Syscall.poll([socket.fd], timeoutMs: Int32(max(1, min(50, deadline - nowMs()))))
-                while let count = try Syscall.receive(socket.fd, into: &buffer) {
-                    let text = String(decoding: buffer[0..<count], as: UTF8.self)
+                while let (count, passed) = try Syscall.receiveWithDescriptors(socket.fd, into: &buffer) {
+                    let text = String(decoding: buffer[0..<min(count, buffer.count)], as: UTF8.self)
+                    if !passed.isEmpty { descriptors[messages.count] = passed }
                     messages.append((nowMs(), text))
                     if condition(text) { return text }
                 }
             }
             return nil
+        }
+
+        /// Every message so far that has `assignment` as one of its lines, with what was passed along.
+        func passing(_ assignment: String) -> [(text: String, descriptors: [OwnedDescriptor])] {
+            messages.indices.filter { ServiceManagerTests.has(messages[$0].text, assignment) }
+                .map { (messages[$0].text, descriptors[$0] ?? []) }
         }
 
         /// Every message so far that has `assignment` as one of its lines.

@@ -106,6 +106,19 @@ int rpd_pidfd_open(pid_t pid);
  * along (SCM_RIGHTS) are closed: nobody may make the daemon hold its fds. */
 long rpd_receive_with_credentials(int fd, void *buffer, unsigned long length, pid_t *pid, uid_t *uid);
 
+/* sendmsg(2) of one datagram with `count` descriptors passed along (SCM_RIGHTS; at most 253,
+ * SCM_MAX_FD), MSG_NOSIGNAL: how sd_pid_notify_with_fds(3) hands fds to systemd's fd store.
+ * The receiver gets its own copies; the sender's stay open. Returns the bytes sent, -1 and
+ * errno on failure. */
+long rpd_send_with_descriptors(int fd, const void *buffer, unsigned long length, const int *fds, size_t count);
+
+/* recvmsg(2) of one datagram, MSG_DONTWAIT | MSG_CMSG_CLOEXEC, keeping the descriptors passed
+ * along (SCM_RIGHTS): up to `capacity` of them are stored in `fds` (close-on-exec, the caller
+ * owns them), any more are closed; *count says how many were stored. For the receiving end of
+ * the fd store in tests. Returns the datagram's length, -1 and errno on failure (EAGAIN: none). */
+long rpd_receive_with_descriptors(int fd, void *buffer, unsigned long length, int *fds, size_t capacity,
+				  size_t *count);
+
 /* The capability sets of this process, one bit per CAP_* number (capget(2) with
  * _LINUX_CAPABILITY_VERSION_3: two 32-bit words per set). -1 and errno on failure. */
 int rpd_capget(uint64_t *effective, uint64_t *permitted, uint64_t *inheritable);

@@ -1,0 +1,159 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportControl
+@testable import ReuseportDaemon
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// The names and messages of systemd's fd store (SocketStore.swift), without a daemon.
+struct StoredSocketNameTests {
+    @Test("a slot's socket is named svc.<service>.l<listener>.s<slot>.g<generation>, and read back from its end")
+    func nameScheme() throws {
+        let name = StoredSocketName(service: "demo", listener: 0, slot: 3)
+        #expect(name.description == "svc.demo.l0.s3.g0")
+        #expect(StoredSocketName("svc.demo.l0.s3.g0") == name)
+        // A service name may hold dots, even ones that look like the fields after it.
+        let dotted = try #require(StoredSocketName("svc.a.l9.s1.l1.s2.g0"))
+        #expect(dotted == StoredSocketName(service: "a.l9.s1", listener: 1, slot: 2))
+        for other in ["svc.demo.l0.s03.g0", "svc.demo.l0.s+3.g0", "svc.demo.l0.s3", "svc..l0.s3.g0", "stored",
+                      "svc.demo.l0.s3.g", "svc.demo.x0.s3.g0", "svc.de/mo.l0.s3.g0", "svc.demo.l0.s99999999999.g0"] {
+            #expect(StoredSocketName(other) == nil, "\(other)")
+        }
+    }
+
+    @Test("every valid service name makes a name systemd accepts: at most 255 characters, no ':' or control character")
+    func namesFitSystemdsRule() {
+        let longest = String(repeating: "x.-_", count: 16)
+        #expect(ServiceName.isValid(longest))
+        let name = StoredSocketName(service: longest, listener: Int(Int32.max), slot: UInt32.max,
+                                    generation: UInt32.max).description
+        #expect(StoredSocketName.isValidFDName(name), "\(name.utf8.count) characters")
+        #expect(StoredSocketName(name)?.service == longest)
+        // systemd's fdname_is_valid(): ':' separates LISTEN_FDNAMES; control characters and
+        // non-ASCII are refused; 255 characters at most.
+        #expect(!StoredSocketName.isValidFDName("svc.a:b.l0.s0.g0"))
+        #expect(!StoredSocketName.isValidFDName("svc.a\nb.l0.s0.g0"))
+        #expect(!StoredSocketName.isValidFDName("svc.é.l0.s0.g0"))
+        #expect(StoredSocketName.isValidFDName(String(repeating: "a", count: 255)))
+        #expect(!StoredSocketName.isValidFDName(String(repeating: "a", count: 256)))
+    }
+
+    @Test("FDSTORE=1 and FDSTOREREMOVE=1 messages, each with its FDNAME=")
+    func messages() {
+        #expect(NotifyClient.storeMessage(name: "svc.demo.l0.s3.g0") == "FDSTORE=1\nFDNAME=svc.demo.l0.s3.g0")
+        #expect(NotifyClient.removeMessage(name: "svc.demo.l0.s3.g0") == "FDSTOREREMOVE=1\nFDNAME=svc.demo.l0.s3.g0")
+    }
+
+    @Test("a stored descriptor that is not the listener's socket is refused, saying what does not check out")
+    func mismatches() throws {
+        let endpoint = try Endpoint(parsing: "udp://127.0.0.1:0")
+        let good = try ReuseportSocket(endpoint: endpoint)
+        #expect(SocketStore.mismatch(good.fd, for: endpoint, v6Only: true) == nil)
+        #expect(SocketStore.mismatch(good.fd, for: good.endpoint, v6Only: true) == nil)
+        let elsewhere = try Endpoint(parsing: "udp://127.0.0.2:\(good.endpoint.address.port)")
+        #expect(SocketStore.mismatch(good.fd, for: elsewhere, v6Only: true)
+                == "bound to \(good.endpoint.address), not \(elsewhere.address)")
+        let tcp = try Endpoint(parsing: "tcp://127.0.0.1:0")
+        #expect(SocketStore.mismatch(good.fd, for: tcp, v6Only: true) == "not a tcp socket")
+        let plain = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "plain")
+        try Syscall.bind(plain.fd, SocketAddress(.loopbackV4, 0), "plain")
+        #expect(SocketStore.mismatch(plain.fd, for: endpoint, v6Only: true) == "without SO_REUSEPORT")
+        let pipe = try Syscall.pipe()
+        #expect(SocketStore.mismatch(pipe.read.fd, for: endpoint, v6Only: true) == "not a socket")
+    }
+}
+
+/// The fd store with a real daemon: a datagram socket stands in for systemd's notify socket and
+/// keeps what the daemon stores; a second daemon gets those descriptors as systemd passes them
+/// after a restart (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID).
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct SocketStoreTests {
+    typealias Receiver = ServiceManagerTests.NotifyReceiver
+
+    static func cookies(_ daemon: TestDaemon, service: String, slots: Int) throws -> [UInt64?] {
+        let array = try SocketArray(pinned: PinLayout(root: daemon.pinRoot, service: service), listener: 0)
+        return try (0..<UInt32(slots)).map { try array.cookie(at: $0) }
+    }
+
+    static func cookie(_ descriptor: OwnedDescriptor) throws -> UInt64 {
+        try Syscall.getOption(descriptor.fd.rawValue, SOL_SOCKET, SO_COOKIE, UInt64.self, "SO_COOKIE")
+    }
+
+    @Test("every slot's socket goes to the store; a daemon started with them reuses each at its slot: no flow moves, nothing queued is lost")
+    func restartKeepsSockets() throws {
+        let workers = 4
+        let config = serviceTable("fd", workers: workers, extra: "ready_after_ms = 200")
+        let receiver = try Receiver(abstract: true)
+        let first = try TestDaemon(config: config,
+                                   environment: ["NOTIFY_SOCKET": receiver.address, "FDSTORE": "16"])
+        try #require(try receiver.waitFor { ServiceManagerTests.has($0, "READY=1") } != nil,
+                     "no READY=1; log: \(first.logTail(10))")
+
+        // One FDSTORE=1 per slot, named for it, with the very socket rp_sockets holds.
+        let stored = receiver.passing("FDSTORE=1")
+        let names = stored.compactMap { message in
+            message.text.split(separator: "\n").first { $0.hasPrefix("FDNAME=") }.map { String($0.dropFirst(7)) }
+        }
+        #expect(names == (0..<workers).map { "svc.fd.l0.s\($0).g0" }, "\(receiver.messages.map(\.text))")
+        #expect(stored.allSatisfy { $0.descriptors.count == 1 })
+        let pinned = try Self.cookies(first, service: "fd", slots: workers)
+        let passed = try stored.map { try Self.cookie($0.descriptors[0]) }
+        #expect(passed.map(Optional.some) == pinned, "passed \(passed), pinned \(pinned)")
+
+        let services = try first.status()
+        let destination = try Endpoint(parsing: try #require(services.first?.listeners.first)).address
+        let clients = try (0..<64).map { _ in try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)) }
+        let before = try Whoami.ask(clients, to: destination)
+        try #require(before.allSatisfy { $0 != nil }, "unanswered before the restart")
+
+        // A stop as `systemctl restart` does it: SIGTERM. The daemon stops its workers, closes
+        // its sockets, removes its pins, and drops nothing from the store.
+        #expect(first.stop() == 0)
+        try receiver.waitFor(timeoutMs: 200) { _ in false }
+        #expect(receiver.with("FDSTOREREMOVE=1").isEmpty, "\(receiver.with("FDSTOREREMOVE=1"))")
+
+        // No daemon runs: the stored sockets hold what arrives, still steered to their slots.
+        for (index, client) in clients.enumerated().prefix(16) {
+            try client.send(Array("while down \(index)".utf8), to: destination)
+        }
+
+        // The next daemon, with the store's descriptors (and one of a service that is gone).
+        let gone = try ReuseportSocket(endpoint: try Endpoint(parsing: "udp://127.0.0.1:0"))
+        let listening = zip(stored, names).map { (descriptor: $0.descriptors[0].fd.rawValue, name: $1) }
+            + [(descriptor: gone.fd.rawValue, name: "svc.gone.l0.s0.g0")]
+        let next = try Receiver(abstract: true)
+        let second = try TestDaemon(config: config, environment: ["NOTIFY_SOCKET": next.address, "FDSTORE": "16"],
+                                    listening: listening)
+        try #require(try next.waitFor { ServiceManagerTests.has($0, "READY=1") } != nil,
+                     "no READY=1; log: \(second.logTail(10))")
+        #expect(try Self.cookies(second, service: "fd", slots: workers) == pinned, "log: \(second.logTail(10))")
+        #expect(try second.status().first?.listeners == services.first?.listeners)
+        // Reused sockets are in the store already: not sent again. The stranger is dropped from it.
+        #expect(next.passing("FDSTORE=1").isEmpty)
+        #expect(next.with("FDSTOREREMOVE=1") == ["FDSTOREREMOVE=1\nFDNAME=svc.gone.l0.s0.g0"])
+        #expect(second.log.contains("refusing stored descriptor svc.gone.l0.s0.g0"))
+        #expect(second.log.contains("4 sockets reused, 1 refused"), "\(second.logTail(10))")
+
+        // What arrived while no daemon ran is answered by the new workers, from the same slots.
+        var late: [Int: WhoamiReply] = [:]
+        let deadline = nowMs() + 5000
+        while late.count < 16, nowMs() < deadline {
+            for (index, client) in clients.enumerated().prefix(16) where late[index] == nil {
+                if let bytes = try client.receive(timeoutMs: 20), let reply = WhoamiReply(bytes) { late[index] = reply }
+            }
+        }
+        #expect(late.count == 16, "\(late.count) of 16 datagrams sent while no daemon ran were answered")
+        #expect(late.allSatisfy { String(decoding: $0.value.payload, as: UTF8.self).hasPrefix("while down") })
+        #expect(late.allSatisfy { $0.value.slot == before[$0.key]?.slot })
+
+        let after = try Whoami.ask(clients, to: destination)
+        let moved = zip(before, after).filter { $0?.slot != $1?.slot }.count
+        #expect(moved == 0, "\(moved) of 64 flows changed slot")
+        let oldPids = Set(before.compactMap { $0?.pid })
+        #expect(after.allSatisfy { !oldPids.contains($0?.pid ?? 0) }, "new workers answer")
+        #expect(second.stop() == 0)
+    }
+}
