@@ -38,6 +38,59 @@ answered() {
     echo "$count"
 }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# The slot and pid that answer each of 64 flows, flow i from source port $1 + i: "port slot pid"
+# lines (a missing answer leaves "port"). All at once: socat waits out its -t after the answer.
+flow_slots() {
+    local dir pids=()
+    dir=$(mktemp -d)
+    for i in $(seq 0 63); do
+        socat -t3 -T3 - "UDP:127.0.0.1:5300,sourceport=$(($1 + i))" <<<"flow $i" >"$dir/$i" 2>/dev/null &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    for i in $(seq 0 63); do
+        echo "$(($1 + i)) $(sed -n '1s/^slot=\([0-9]*\) pid=\([0-9]*\).*/\1 \2/p' "$dir/$i")"
+    done
+    rm -rf "$dir"
+}
+# Flows of two flow_slots outputs ($1, $2) whose slot differs, or that got no answer.
+moved() { paste -d' ' <(echo "$1") <(echo "$2") | awk 'NF != 6 || $2 != $5' | wc -l; }
+# Sends 16 datagrams now, from source ports $1 + i, each socat waiting for its answer in
+# $burst_dir/<i>, in the background (burst_wait collects them).
+burst_send() {
+    burst_dir=$(mktemp -d)
+    burst_pids=()
+    for i in $(seq 0 15); do
+        socat -t90 -T90 - "UDP:127.0.0.1:5300,sourceport=$(($1 + i))" <<<"sent while down $i" >"$burst_dir/$i" 2>/dev/null &
+        burst_pids+=($!)
+    done
+}
+# How many of the burst were answered, waiting up to $1 s; then ends its socats.
+burst_wait() {
+    local deadline=$(($(now_ms) + $1 * 1000)) count=0
+    while :; do
+        count=$(cat "$burst_dir"/* | grep -c '^slot=')
+        if [ "$count" = 16 ] || [ "$(now_ms)" -gt "$deadline" ]; then break; fi
+        sleep 0.2
+    done
+    kill "${burst_pids[@]}" 2>/dev/null
+    wait "${burst_pids[@]}" 2>/dev/null
+    rm -rf "$burst_dir"
+    echo "$count"
+}
+workers() { pgrep -c -f 'reuseportd exec-worker'; }
+# Waits until the daemon $1 is gone and no worker runs (at most 30 s).
+wait_down() {
+    local deadline=$(($(now_ms) + 30000))
+    while { kill -0 "$1" 2>/dev/null || [ "$(workers)" != 0 ]; } && [ "$(now_ms)" -lt "$deadline" ]; do sleep 0.05; done
+}
+# Waits until the unit is active again with a main pid other than $1 (at most 60 s).
+wait_up() {
+    local deadline=$(($(now_ms) + 60000))
+    while { [ "$(prop ActiveState)" != active ] || [ "$(prop MainPID)" = "$1" ]; } && [ "$(now_ms)" -lt "$deadline" ]; do
+        sleep 0.2
+    done
+}
 config() {
     cat >/etc/reuseportd/reuseportd.toml <<EOF
 [[service]]
@@ -48,6 +101,7 @@ builtin = "whoami"
 user = "nobody"
 group = "nogroup"
 ready_after_ms = 2000
+flow_idle_timeout_ms = 3000
 EOF
 }
 finish() {
@@ -167,14 +221,75 @@ check journal-priorities "notice lines: $(journalctl -u reuseportd -p notice..no
 check journal-no-own-timestamp "$(journalctl -u reuseportd -o cat --no-pager | grep -c '^20[0-9][0-9]-') lines start with a date" \
     bash -c '! journalctl -u reuseportd -o cat --no-pager | grep -q "^20[0-9][0-9]-"'
 
-# 6. stop: every worker, socket and pin goes; the daemon exits 0.
+# 6. The fd store (FileDescriptorStoreMax=): systemd keeps every slot's socket while no daemon
+# runs. The scale of the reload has switched by now (3 s of learning): no change is pending.
+deadline=$(($(now_ms) + 30000))
+until reuseportctl map dump --json 2>/dev/null | grep -q '"phase" : "none"' || [ "$(now_ms)" -gt "$deadline" ]; do sleep 0.5; done
+check fdstore-every-socket "NFileDescriptorStore=$(prop NFileDescriptorStore) for 6 slots of 1 listener" \
+    test "$(prop NFileDescriptorStore)" = 6
+before=$(flow_slots 40000)
+check fdstore-flows-answered "$(moved "$before" "$before") of 64 flows unanswered" test "$(moved "$before" "$before")" = 0
+
+# systemctl restart: the workers stop with the daemon, the sockets stay in the store; what is sent
+# while no daemon runs queues in them, and the next daemon's workers, on the same slots, answer it.
+main_pid=$(prop MainPID)
+start=$(now_ms)
+systemctl restart --no-block reuseportd
+wait_down "$main_pid"
+burst_send 41000
+at_burst=$(workers)
+wait_up "$main_pid"
+took=$(($(now_ms) - start))
+late=$(burst_wait 30)
+after=$(flow_slots 40000)
+check restart-serves "ActiveState=$(prop ActiveState) MainPID=$(prop MainPID) (was $main_pid), running $(running) after $took ms" \
+    test "$(prop ActiveState)$(running)" = active6
+check restart-sent-while-down-answered "$late of 16 datagrams sent with $at_burst workers running answered after the restart" \
+    test "$late$at_burst" = 160
+check restart-no-flow-moved "$(moved "$before" "$after") of 64 flows changed slot; worker pids before: $(echo "$before" | awk '{print $3}' | sort -u | xargs); after: $(echo "$after" | awk '{print $3}' | sort -u | xargs)" \
+    test "$(moved "$before" "$after")" = 0
+reuse_line() { journalctl -u reuseportd -o cat --no-pager _PID="$(prop MainPID)" | grep -o 'fd store: [0-9]* sockets reused.*' | tail -n1; }
+check restart-store-kept "NFileDescriptorStore=$(prop NFileDescriptorStore); $(reuse_line)" \
+    bash -c '[ "$0" = 6 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]]' "$(prop NFileDescriptorStore)" "$(reuse_line)"
+
+# SIGKILL to the daemon alone: systemd restarts it (Restart=on-failure, RestartSec=1 s) with the
+# stored sockets; it serves again with no flow moved, and what arrived meanwhile is answered.
+main_pid=$(prop MainPID)
+restarts=$(prop NRestarts)
+start=$(now_ms)
+systemctl kill -s SIGKILL --kill-whom=main reuseportd
+wait_down "$main_pid"
+burst_send 42000
+at_burst=$(workers)
+wait_up "$main_pid"
+took=$(($(now_ms) - start))
+late=$(burst_wait 30)
+killed=$(flow_slots 40000)
+check sigkill-restarted "NRestarts=$(prop NRestarts) (was $restarts) ActiveState=$(prop ActiveState) MainPID=$(prop MainPID) (was $main_pid), running $(running) after $took ms" \
+    test "$(prop NRestarts)$(prop ActiveState)$(running)" = "$((restarts + 1))active6"
+check sigkill-sent-while-down-answered "$late of 16 datagrams sent with $at_burst workers running answered after the restart" \
+    test "$late$at_burst" = 160
+check sigkill-no-flow-moved "$(moved "$before" "$killed") of 64 flows changed slot" test "$(moved "$before" "$killed")" = 0
+check sigkill-store-kept "NFileDescriptorStore=$(prop NFileDescriptorStore); $(reuse_line)" \
+    bash -c '[ "$0" = 6 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]]' "$(prop NFileDescriptorStore)" "$(reuse_line)"
+
+# 7. stop: every worker, socket and pin goes; the daemon exits 0; systemd empties the store.
 systemctl stop reuseportd
 check stop-inactive "ActiveState=$(prop ActiveState) Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus)" \
     test "$(prop ActiveState)$(prop Result)$(prop ExecMainStatus)" = inactivesuccess0
+check stop-store-empty "NFileDescriptorStore=$(prop NFileDescriptorStore)" test "$(prop NFileDescriptorStore)" = 0
 left=$(pgrep -c -x reuseportd)
 check stop-no-process-left "processes named reuseportd: $left" test "$left" = 0
 check stop-pins-removed "$(ls /sys/fs/bpf/reuseportd 2>&1 | xargs)" test ! -e /sys/fs/bpf/reuseportd/demo
 check stop-graceful "$(journalctl -u reuseportd -o cat --no-pager | grep -c 'SIGTERM: stopping') SIGTERM lines" \
     bash -c 'journalctl -u reuseportd -o cat --no-pager | grep -q "SIGTERM: stopping"'
+
+# 8. start after a stop: nothing stored is left, so new sockets, stored in turn.
+systemctl start reuseportd
+passed_line() { journalctl -u reuseportd -o cat --no-pager _PID="$(prop MainPID)" | grep -c 'descriptors passed'; }
+check start-after-stop "ActiveState=$(prop ActiveState), running $(running), NFileDescriptorStore=$(prop NFileDescriptorStore), lines about descriptors passed: $(passed_line)" \
+    test "$(prop ActiveState)$(running)$(prop NFileDescriptorStore)$(passed_line)" = active660
+check answers-after-start "$(answered 16) of 16 datagrams answered" test "$(answered 16)" = 16
+systemctl stop reuseportd
 
 finish
