@@ -91,6 +91,21 @@ wait_up() {
         sleep 0.2
     done
 }
+# Runs the command after $1 that takes the daemon $main_pid down, sends a burst (burst_send $1)
+# once it and its workers are gone, and waits for the next daemon: sets at_burst (workers running
+# when the burst was sent), took (ms until active again) and late (the burst's answers).
+outage() {
+    local first_port=$1 start
+    shift
+    start=$(now_ms)
+    "$@"
+    wait_down "$main_pid"
+    burst_send "$first_port"
+    at_burst=$(workers)
+    wait_up "$main_pid"
+    took=$(($(now_ms) - start))
+    late=$(burst_wait 30)
+}
 config() {
     cat >/etc/reuseportd/reuseportd.toml <<EOF
 [[service]]
@@ -233,14 +248,7 @@ check fdstore-flows-answered "$(moved "$before" "$before") of 64 flows unanswere
 # systemctl restart: the workers stop with the daemon, the sockets stay in the store; what is sent
 # while no daemon runs queues in them, and the next daemon's workers, on the same slots, answer it.
 main_pid=$(prop MainPID)
-start=$(now_ms)
-systemctl restart --no-block reuseportd
-wait_down "$main_pid"
-burst_send 41000
-at_burst=$(workers)
-wait_up "$main_pid"
-took=$(($(now_ms) - start))
-late=$(burst_wait 30)
+outage 41000 systemctl restart --no-block reuseportd
 after=$(flow_slots 40000)
 check restart-serves "ActiveState=$(prop ActiveState) MainPID=$(prop MainPID) (was $main_pid), running $(running) after $took ms" \
     test "$(prop ActiveState)$(running)" = active6
@@ -256,14 +264,7 @@ check restart-store-kept "NFileDescriptorStore=$(prop NFileDescriptorStore); $(r
 # stored sockets; it serves again with no flow moved, and what arrived meanwhile is answered.
 main_pid=$(prop MainPID)
 restarts=$(prop NRestarts)
-start=$(now_ms)
-systemctl kill -s SIGKILL --kill-whom=main reuseportd
-wait_down "$main_pid"
-burst_send 42000
-at_burst=$(workers)
-wait_up "$main_pid"
-took=$(($(now_ms) - start))
-late=$(burst_wait 30)
+outage 42000 systemctl kill -s SIGKILL --kill-whom=main reuseportd
 killed=$(flow_slots 40000)
 check sigkill-restarted "NRestarts=$(prop NRestarts) (was $restarts) ActiveState=$(prop ActiveState) MainPID=$(prop MainPID) (was $main_pid), running $(running) after $took ms" \
     test "$(prop NRestarts)$(prop ActiveState)$(running)" = "$((restarts + 1))active6"
