@@ -28,7 +28,7 @@
  * 5: QUIC-LB connection-ID steering: rp_quic_config, rp_quic_stats, rp_quic_slot_stats (new maps;
  *    the others keep their layouts).
  */
-#define RP_ABI_VERSION 5
+#define RP_ABI_VERSION 6
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
@@ -229,12 +229,15 @@ struct rp_slot_state {
 	__u32 watchdog_restarts; /* workers stopped for missing their watchdog (WATCHDOG=1) */
 	__u32 records;       /* live flow records naming the slot, at the daemon's last sweep */
 	__u32 flags;         /* RP_SLOT_* */
+	__u64 start_time;    /* the worker's start time, in clock ticks after boot (proc(5),
+			      * /proc/<pid>/stat field 22): with pid, it names one process, so a
+			      * daemon started later never adopts a process that reused the pid */
 };
 
 _Static_assert(sizeof(struct rp_config) == 24, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
 _Static_assert(sizeof(struct rp_global_stats) == 48, "rp_global_stats layout");
-_Static_assert(sizeof(struct rp_slot_state) == 48, "rp_slot_state layout");
+_Static_assert(sizeof(struct rp_slot_state) == 56, "rp_slot_state layout");
 _Static_assert(sizeof(struct rp_flow_key) == 40, "rp_flow_key layout");
 _Static_assert(sizeof(struct rp_flow) == 16, "rp_flow layout");
 _Static_assert(sizeof(struct rp_flow_stats) == 48, "rp_flow_stats layout");

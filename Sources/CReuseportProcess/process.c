@@ -251,6 +251,16 @@ int rpd_pidfd_open(pid_t pid)
 	return (int)syscall(SYS_pidfd_open, pid, 0);
 }
 
+int rpd_pidfd_getfd(int pidfd, int fd)
+{
+	return (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+}
+
+int rpd_pidfd_send_signal(int pidfd, int sig)
+{
+	return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+}
+
 int rpd_set_child_subreaper(int on)
 {
 	return prctl(PR_SET_CHILD_SUBREAPER, on, 0, 0, 0);

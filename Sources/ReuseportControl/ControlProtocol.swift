@@ -93,9 +93,17 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     /// Datagrams still queued at removed slots' sockets (scale-down) that no worker read: the
     /// worker died, or did not read them within `stop_timeout_ms`. Optional, as above.
     public var removedSlotDrops: Int?
+    /// Workers of a previous daemon (killed, crashed, or this one before an exec) taken over with
+    /// their sockets when this daemon started, and processes its rows named that were refused
+    /// (not provably that slot's worker: never signalled). Optional, as above.
+    public var adoptedWorkers: Int?
+    public var refusedAdoptions: Int?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
-                failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil) {
+                failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil,
+                adoptedWorkers: Int? = nil, refusedAdoptions: Int? = nil) {
+        self.adoptedWorkers = adoptedWorkers
+        self.refusedAdoptions = refusedAdoptions
         self.name = name
         self.listeners = listeners
         self.workers = workers

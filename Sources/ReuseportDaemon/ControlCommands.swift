@@ -173,7 +173,8 @@ extension Supervisor {
                                       notifiedReady: slot.notifiedReady, notifiedStatus: slot.notifiedStatus)
                 },
                 failovers: service.failovers, rescueStarts: service.rescueStarts,
-                removedSlotDrops: service.removedSlotDrops)
+                removedSlotDrops: service.removedSlotDrops, adoptedWorkers: service.adoptedWorkers,
+                refusedAdoptions: service.refusedAdoptions)
         }
     }
 }

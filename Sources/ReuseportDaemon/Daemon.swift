@@ -140,6 +140,7 @@ public final class Daemon {
                 watched += control.clients.keys
             }
             watched += supervisor.polledOutputs(now: now)
+            watched += supervisor.pidfds.values.map(\.fd)
             let deadline = [supervisor.nextDeadline(), control?.nextDeadline, control?.acceptResume(now: now),
                             supervisor.nextOutputResume(now: now), serviceManager.nextWatchdog].compactMap { $0 }.min()
             let timeout = deadline.map { Int32(clamping: max(0, ($0 - now + 999_999) / 1_000_000)) } ?? -1
@@ -150,6 +151,8 @@ public final class Daemon {
                     supervisor.readNotifications(now: MonotonicClock.nanoseconds())
                 } else if let control, fd == control.descriptor.fd {
                     control.acceptClients(now: MonotonicClock.nanoseconds())
+                } else if supervisor.pidfds.values.contains(where: { $0.fd == fd }) {
+                    supervisor.adoptedExited(fd)
                 } else if supervisor.outputs[fd] != nil {
                     supervisor.readOutput(fd, now: MonotonicClock.nanoseconds())
                 } else if let control, control.clients[fd] != nil {

@@ -21,6 +21,9 @@ final class SlotRecord {
     var quickExits = 0
     /// Monotonic start time of the current worker.
     var startedAt: Int64?
+    /// The current worker's start time in clock ticks after boot (/proc/<pid>/stat), published
+    /// with its pid so that a later daemon can tell it from a process that reused the pid.
+    var startTime: UInt64 = 0
     /// Since when the slot has had no ready worker (nil while one is ready).
     var downSince: Int64?
     /// In back-off: when to start the next worker.
@@ -65,6 +68,15 @@ final class ServiceRuntime {
     var rescueStarts = 0
     /// Live recorded flows of leaving slots that retired at the drain timeout (they moved).
     var flowsMovedAtDeadline = 0
+    /// What was found of a previous daemon's workers (WorkerAdoption), until the supervisor
+    /// takes them over (`takeAdoption`).
+    private var adoption: WorkerAdoption?
+    /// The configured worker count, when it differs from the slots of the maps taken over: the
+    /// supervisor scales to it once the adopted workers run.
+    private(set) var workersAfterAdoption: Int?
+    /// Workers taken over from a previous daemon, and processes its rows named that were not.
+    var adoptedWorkers = 0
+    var refusedAdoptions = 0
     /// When a worker of this service last became ready: proof that its program can start.
     var lastReadyAt: Int64?
     /// When a rescue start last happened: each needs a worker to have become ready since.
@@ -102,38 +114,60 @@ final class ServiceRuntime {
             }
         }
         pins = PinLayout(root: pinRoot, service: configuration.name)
-        // A placement change a killed daemon left in its pins is finished, not dropped: its
-        // records keep the flows they pin on the same slots.
-        let resumable = staged ? nil : ServiceDataPlane.resumableChange(at: pins, options: options)
-        var existing: [UInt32: [ReuseportSocket]] = [:]
-        if !staged, let store {
-            var slots = configuration.workers
-            if let resumable, let config = try? resumable.readConfig(), let change = try? resumable.readTransition() {
-                slots = max(Int(config.slot_count), Int(change.socket_slots))
+        // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
+        // its running workers are adopted with their sockets, and a placement change it left is
+        // finished, not dropped, so no flow moves.
+        var pinned: DispatchMaps?
+        var slotLimit = configuration.workers
+        if !staged, let maps = ServiceDataPlane.resumable(at: pins, options: options),
+           let config = try? maps.readConfig(), let change = try? maps.readTransition()
+        {
+            let limit = min(max(Int(config.slot_count), Int(change.socket_slots)), Int(RP_MAX_SLOTS))
+            let found = WorkerAdoption(maps: maps, pins: pins, endpoints: endpoints, slotLimit: limit)
+            if found.foundWorkers || change.phase != RP_TRANSITION_NONE.rawValue {
+                pinned = maps
+                adoption = found
+                slotLimit = limit
             }
-            (existing, endpoints) = store.claim(service: configuration.name, endpoints: endpoints, slots: slots,
-                                                v6Only: options.v6Only)
         }
-        let adopted = Set(existing.values.joined().map(\.endpoint))
-        // A killed daemon's pins keep its program and socket arrays alive, and a socket cannot
-        // enter a second array while it is in one: they go before the reused sockets are inserted.
-        if !existing.isEmpty, pins.exists {
-            logger.notice("removing the pins a previous daemon left at \(pins.serviceDirectory): its arrays hold the reused sockets")
-            pins.remove()
+        // The sockets systemd kept across a restart (SocketStore): each slot that has them keeps
+        // them (an adopted worker's copies, of the same sockets, go first).
+        var existing = adoption?.sockets ?? [:]
+        if !staged, let store {
+            let stored: [UInt32: [ReuseportSocket]]
+            (stored, endpoints) = store.claim(service: configuration.name, endpoints: endpoints, slots: slotLimit)
+            existing.merge(stored) { adopted, _ in adopted }
         }
-        for endpoint in endpoints where !ownGroups.contains(endpoint) && !adopted.contains(endpoint) {
+        // The previous daemon's workers, or the store, hold these addresses: the groups are this service's own.
+        let held = Set(existing.values.joined().map(\.endpoint))
+        for endpoint in endpoints where !ownGroups.contains(endpoint) && adoption?.foundWorkers != true
+            && !held.contains(endpoint) {
             try ListenerClaim.checkFree(endpoint)
         }
-        if let resumable {
-            plane = try ServiceDataPlane(endpoints: endpoints, resuming: resumable, options: options,
-                                         existing: existing)
-            self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
+        if let pinned, let adoption {
+            plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
+                                         existing: existing,
+                                         socketArrays: endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) })
             let change = try plane.maps.readTransition()
-            let records = try FlowRecords.count(plane.maps)
+            if change.phase != RP_TRANSITION_NONE.rawValue {
+                self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
+                let records = try FlowRecords.count(plane.maps)
+                logger.notice(
+                    "resuming the placement change left in \(pins.serviceDirectory): phase \(change.phase), \(plane.liveSlots.count) slots, \(records) flow records, \(self.configuration.workers) workers after it")
+                nextTransitionCheck = MonotonicClock.nanoseconds()
+            } else {
+                self.configuration.workers = plane.slots.count
+                if configuration.workers != plane.slots.count { workersAfterAdoption = configuration.workers }
+            }
             logger.notice(
-                "resuming the placement change left in \(pins.serviceDirectory): phase \(change.phase), \(plane.liveSlots.count) slots, \(records) flow records, \(self.configuration.workers) workers after it")
-            nextTransitionCheck = MonotonicClock.nanoseconds()
+                "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone")
         } else {
+            // Pins a killed daemon left keep its program and socket arrays alive, and a socket
+            // cannot enter a second array while it is in one: they go before stored sockets enter.
+            if !existing.isEmpty, pins.exists {
+                logger.notice("removing the pins left at \(pins.serviceDirectory): their arrays hold the stored sockets")
+                pins.remove()
+            }
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
                                          attach: !staged, existing: existing)
         }
@@ -209,6 +243,15 @@ final class ServiceRuntime {
         return Double(moved) / Double(samples)
     }
 
+    /// Hands what was found of a previous daemon's workers to the supervisor, once.
+    func takeAdoption() -> (WorkerAdoption, workersAfter: Int?)? {
+        defer {
+            adoption = nil
+            workersAfterAdoption = nil
+        }
+        return adoption.map { ($0, workersAfterAdoption) }
+    }
+
     private func makeRecord(_ slot: UInt32) throws -> SlotRecord {
         SlotRecord(index: slot, socketCookie: try plane.sockets(ofSlot: slot).first?.cookie() ?? 0)
     }
@@ -246,7 +289,8 @@ final class ServiceRuntime {
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
                                 generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
                                 stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts,
-                                records: UInt32(clamping: slot.records), flags: flags)
+                                records: UInt32(clamping: slot.records), flags: flags,
+                                start_time: slot.pid == nil ? 0 : slot.startTime)
         do {
             try plane.publish(row, slot: slot.index)
         } catch {

@@ -112,11 +112,12 @@ final class SocketStore {
     // MARK: taking sockets back at start
 
     /// The stored sockets of service `name` for slots below `slots`, each checked against its
-    /// listener in `endpoints` (`mismatch`): by slot, in listener order, only slots whose sockets
+    /// listener in `endpoints` (`ReuseportSocket(adopting:expected:)`: the transport, SO_REUSEPORT,
+    /// the address and port, TCP listening): by slot, in listener order, only slots whose sockets
     /// on every listener check out. Every other stored socket of the service is refused (closed,
     /// logged with the reason, dropped from the store). With a listener configured on port 0,
     /// the port of its lowest reused slot is kept: the endpoints to bind the rest are returned.
-    func claim(service name: String, endpoints: [Endpoint], slots: Int, v6Only: Bool)
+    func claim(service name: String, endpoints: [Endpoint], slots: Int)
         -> (existing: [UInt32: [ReuseportSocket]], endpoints: [Endpoint])
     {
         var candidates: [UInt32: [Int: (name: StoredSocketName, descriptor: OwnedDescriptor)]] = [:]
@@ -144,23 +145,26 @@ final class SocketStore {
         var existing: [UInt32: [ReuseportSocket]] = [:]
         for slot in candidates.keys.sorted() {
             let found = candidates[slot]!
-            // The first listener whose socket does not check out, and why.
-            let failure = resolved.enumerated().lazy.compactMap { listener, endpoint -> (Int, String)? in
-                guard let entry = found[listener] else { return (listener, "missing from the store") }
-                return Self.mismatch(entry.descriptor.fd, for: endpoint, v6Only: v6Only).map { (listener, $0) }
-            }.first
-            if let (listener, reason) = failure {
-                for (index, entry) in found {
-                    let why = index == listener ? reason : "slot \(slot)'s socket of listener \(listener) is \(reason)"
-                    refuse(entry.name.description, entry.descriptor, why)
-                }
-                continue
-            }
             var sockets: [ReuseportSocket] = []
-            do {
-                for listener in resolved.indices { sockets.append(try ReuseportSocket(adopting: found[listener]!.descriptor)) }
-            } catch {
-                for entry in found.values { refuse(entry.name.description, entry.descriptor, "\(error)") }
+            var failure: (listener: Int, reason: String)?
+            for (listener, endpoint) in resolved.enumerated() {
+                guard let entry = found[listener] else {
+                    failure = (listener, "missing from the store")
+                    break
+                }
+                do {
+                    sockets.append(try ReuseportSocket(adopting: entry.descriptor, expected: endpoint))
+                } catch {
+                    failure = (listener, "\(error)")
+                    break
+                }
+            }
+            if let failure {
+                for (listener, entry) in found {
+                    let reason = listener == failure.listener ? failure.reason
+                        : "slot \(slot)'s socket of listener \(failure.listener) is not usable: \(failure.reason)"
+                    refuse(entry.name.description, entry.descriptor, reason)
+                }
                 continue
             }
             // The first reused socket of a port-0 listener fixes its port for every other slot.
@@ -172,8 +176,7 @@ final class SocketStore {
             reused += sockets.count
         }
         if !existing.isEmpty {
-            logger.notice(
-                "fd store: service \(name) reuses the stored sockets of \(existing.count) of its \(slots) slots")
+            logger.notice("fd store: service \(name) reuses the stored sockets of \(existing.count) of its \(slots) slots")
         }
         return (existing, resolved)
     }
@@ -202,38 +205,6 @@ final class SocketStore {
         descriptor.close()
         rejected += 1
         client.notify(NotifyClient.removeMessage(name: name))
-    }
-
-    /// Why `fd` cannot be a slot's socket on `endpoint` (nil: it can): it must be a socket of
-    /// the endpoint's family, type and protocol, with SO_REUSEPORT (else it is in no reuseport
-    /// group), bound to the endpoint's address and port (any port for port 0), IPv6 sockets with
-    /// IPV6_V6ONLY as the daemon sets it, and TCP sockets listening.
-    static func mismatch(_ fd: FileDescriptor, for endpoint: Endpoint, v6Only: Bool) -> String? {
-        var status = stat()
-        guard fstat(fd.rawValue, &status) == 0 else { return "fstat: \(String(cString: strerror(errno)))" }
-        guard status.st_mode & S_IFMT == S_IFSOCK else { return "not a socket" }
-        func option(_ level: Int32, _ name: Int32, _ label: String) -> Int32? {
-            try? Syscall.getOption(fd.rawValue, level, name, Int32.self, label)
-        }
-        let family = endpoint.address.address.family
-        guard option(SOL_SOCKET, SO_DOMAIN, "SO_DOMAIN") == family else {
-            return "not an \(family == AF_INET ? "IPv4" : "IPv6") socket"
-        }
-        guard option(SOL_SOCKET, SO_TYPE, "SO_TYPE") == endpoint.transport.socketType,
-              option(SOL_SOCKET, SO_PROTOCOL, "SO_PROTOCOL") == Int32(endpoint.transport.ipProtocol)
-        else { return "not a \(endpoint.transport) socket" }
-        guard option(SOL_SOCKET, SO_REUSEPORT, "SO_REUSEPORT") == 1 else { return "without SO_REUSEPORT" }
-        guard let bound = try? Syscall.localAddress(fd, "stored socket") else { return "not bound" }
-        guard bound.address == endpoint.address.address,
-              bound.port == endpoint.address.port || (endpoint.address.port == 0 && bound.port != 0)
-        else { return "bound to \(bound), not \(endpoint.address)" }
-        if family == AF_INET6, option(Int32(IPPROTO_IPV6), IPV6_V6ONLY, "IPV6_V6ONLY") != (v6Only ? 1 : 0) {
-            return "IPV6_V6ONLY is not \(v6Only ? 1 : 0)"
-        }
-        if endpoint.transport == .tcp, option(SOL_SOCKET, SO_ACCEPTCONN, "SO_ACCEPTCONN") != 1 {
-            return "not listening"
-        }
-        return nil
     }
 
     // MARK: keeping the store in step

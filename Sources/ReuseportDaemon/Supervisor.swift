@@ -26,6 +26,9 @@ final class Supervisor {
     var retiring: [pid_t: Int64] = [:]
     /// The processes of every worker start not yet entirely gone, by the worker's pid.
     private(set) var processes: [pid_t: WorkerProcesses] = [:]
+    /// Workers taken over from a previous daemon (WorkerAdoption), by pid: their pidfds, which
+    /// the loop polls, since a process that is not this one's child sends no SIGCHLD.
+    private(set) var pidfds: [pid_t: OwnedDescriptor] = [:]
     /// Where each worker start gets a cgroup (nil: process groups only). Set by `prepareWorkers`.
     private(set) var cgroups: WorkerCgroups?
     private var workerStarts = 0
@@ -167,12 +170,24 @@ final class Supervisor {
         cgroups = WorkerCgroups.make(logger: logger)
     }
 
+    /// Starts a worker on every slot that has none (adopted workers keep theirs).
     func startWorkers(of service: ServiceRuntime) {
-        for slot in service.slots { startWorker(service, slot, now: MonotonicClock.nanoseconds()) }
+        for slot in service.slots where slot.pid == nil { startWorker(service, slot, now: MonotonicClock.nanoseconds()) }
     }
 
     func startAllWorkers() {
-        for service in services { startWorkers(of: service) }
+        for service in services {
+            let workersAfter = adoptWorkers(of: service)
+            startWorkers(of: service)
+            if let count = workersAfter {
+                service.logger.notice("the configuration says \(count) workers, the maps taken over \(service.slots.count): scaling")
+                do {
+                    _ = try scaleReportingStarts(service, to: count)
+                } catch {
+                    service.logger.error("cannot scale to the configured \(count) workers: \(error)")
+                }
+            }
+        }
         nextStallCheck = MonotonicClock.nanoseconds() + Supervisor.stallCheckIntervalNs
         if hasStallCheck { sockDiag = try? SocketDiagnostics.openSocket() }
     }
@@ -227,6 +242,8 @@ final class Supervisor {
             if slot.everStarted { slot.restarts &+= 1 }
             slot.everStarted = true
             slot.pid = pid
+            // Our child, not yet reaped: the pid cannot have been reused.
+            slot.startTime = (try? Syscall.processStartTime(pid)) ?? 0
             slot.startedAt = now
             let watchdogMs = service.configuration.watchdogMs
             slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
@@ -241,6 +258,69 @@ final class Supervisor {
             scheduleRestart(service, slot, now: now, livedNs: 0, status: nil)
             return error
         }
+    }
+
+    /// Takes over what a previous daemon's rows name (WorkerAdoption): adopted workers run on
+    /// their slots, supervised through their pidfds; workers that are the slot's but whose
+    /// sockets could not be taken over are stopped; processes that are not the slot's worker are
+    /// left alone. Returns the configured worker count to scale to, if it differs.
+    func adoptWorkers(of service: ServiceRuntime) -> Int? {
+        guard let (adoption, workersAfter) = service.takeAdoption() else { return nil }
+        let now = MonotonicClock.nanoseconds()
+        for worker in adoption.adopted {
+            guard let slot = service.slot(worker.slot) else {
+                stopAdopted(service, worker.slot, worker.pid, worker.pidfd, now: now, reason: "its slot is not in the maps")
+                continue
+            }
+            workers[worker.pid] = (service, slot)
+            processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: nil)
+            pidfds[worker.pid] = worker.pidfd
+            slot.pid = worker.pid
+            slot.startTime = worker.startTime
+            slot.startedAt = now
+            slot.everStarted = true
+            slot.restarts = worker.row.restarts
+            slot.stalls = worker.row.stalls
+            slot.watchdogRestarts = worker.row.watchdog_restarts
+            let watchdogMs = service.configuration.watchdogMs
+            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
+            slot.downSince = nil
+            service.lastReadyAt = now
+            service.adoptedWorkers += 1
+            service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .running)
+            let cookies = worker.sockets.compactMap { try? $0.cookie() }.map(String.init).joined(separator: ", ")
+            service.logger.notice("slot \(slot.index): adopted worker pid \(worker.pid) with its socket (cookie \(cookies))")
+        }
+        for worker in adoption.unusable {
+            stopAdopted(service, worker.slot, worker.pid, worker.pidfd, now: now, reason: worker.reason)
+        }
+        for (slot, pid, reason) in adoption.refused {
+            service.refusedAdoptions += 1
+            service.logger.warning("slot \(slot): not adopting pid \(pid), and not signalling it: \(reason)")
+        }
+        lastEvent = "\(service.name): \(adoption.adopted.count) workers adopted"
+        return workersAfter
+    }
+
+    /// Stops a previous daemon's worker that cannot serve this data plane (SIGTERM through its
+    /// pidfd, SIGKILL at the stop timeout), watching its pidfd until it is gone.
+    private func stopAdopted(_ service: ServiceRuntime, _ slot: UInt32, _ pid: pid_t, _ pidfd: OwnedDescriptor,
+                             now: Int64, reason: String) {
+        service.logger.warning("slot \(slot): the previous daemon's worker pid \(pid) cannot be adopted (\(reason)): stopping it")
+        processes[pid] = WorkerProcesses(leader: pid, cgroup: nil)
+        pidfds[pid] = pidfd
+        retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+        try? Syscall.pidfdSignal(pidfd, SIGTERM)
+    }
+
+    /// An adopted worker's pidfd became readable: it exited. Its status is known only if it is
+    /// this process's child (a worker of the image before an exec).
+    func adoptedExited(_ fd: FileDescriptor) {
+        guard let pid = pidfds.first(where: { $0.value.fd == fd })?.key else { return }
+        pidfds.removeValue(forKey: pid)?.close()
+        let status = (try? Syscall.wait(pid, block: false))?.status
+        processExited(pid, status: status, now: MonotonicClock.nanoseconds())
+        forgetFinishedWorkers()
     }
 
     /// Starts a worker's process inside its cgroup where the kernel can (clone3 with
@@ -319,30 +399,41 @@ final class Supervisor {
         // Every child, including orphans of workers re-parented to the daemon (their pids are
         // not workers': they are reaped and otherwise ignored).
         while let (pid, status) = try? Syscall.wait(block: false) {
-            guard let exited = processes[pid] else { continue }
-            exited.leaderDidExit()
-            if retiring[pid] == nil, !exited.isEmpty {
-                // They hold the slot's socket and would read beside the replacement: stop them.
-                let stopMs = configuration.stopTimeoutMs
-                logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
-                exited.signalAll(SIGTERM)
-                retiring[pid] = now + stopMs.msAsNs
-            }
-            if draining[pid] != nil {
-                endDrain(pid, now: now, counting: true, reason: "its worker \(status.sentence)", exited: true)
-                continue
-            }
-            guard let (service, slot) = workers.removeValue(forKey: pid) else { continue }
-            let lived = now - (slot.startedAt ?? now)
-            slot.pid = nil
-            slot.startedAt = nil
-            var logger = service.logger
-            logger[metadataKey: "slot"] = "\(slot.index)"
-            logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
-            lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(status.sentence)"
-            scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
+            // An adopted child (after an exec) is reaped here; its pidfd is no longer needed.
+            pidfds.removeValue(forKey: pid)?.close()
+            processExited(pid, status: status, now: now)
         }
         forgetFinishedWorkers()
+    }
+
+    /// A worker's process ended (`status`: nil when it was not this process's child, an adopted
+    /// worker of a previous daemon): stop what it left behind, end its drain, or restart its slot.
+    private func processExited(_ pid: pid_t, status: WaitStatus?, now: Int64) {
+        guard let exited = processes[pid] else { return }
+        exited.leaderDidExit()
+        if retiring[pid] == nil, !exited.isEmpty {
+            // They hold the slot's socket and would read beside the replacement: stop them.
+            let stopMs = configuration.stopTimeoutMs
+            logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
+            exited.signalAll(SIGTERM)
+            retiring[pid] = now + stopMs.msAsNs
+        }
+        let sentence = status?.sentence ?? "exited (an adopted worker: its status is its old parent's)"
+        if draining[pid] != nil {
+            endDrain(pid, now: now, counting: true, reason: "its worker \(sentence)", exited: true)
+            return
+        }
+        guard let (service, slot) = workers.removeValue(forKey: pid) else { return }
+        let lived = now - (slot.startedAt ?? now)
+        slot.pid = nil
+        slot.startedAt = nil
+        var logger = service.logger
+        logger[metadataKey: "slot"] = "\(slot.index)"
+        logger.warning("worker pid \(pid) \(sentence) after \(lived / 1_000_000) ms")
+        lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(sentence)"
+        // An adopted worker's status is unknown: count it as a signal death (restart at once
+        // after a healthy run, as for any worker killed from outside).
+        scheduleRestart(service, slot, now: now, livedNs: lived, status: status ?? .killed(signal: SIGKILL))
     }
 
     /// Drops every worker start whose worker has exited and whose processes are all gone.
@@ -553,6 +644,8 @@ final class Supervisor {
         // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
         while (try? Syscall.wait(block: true)) != nil {}
         for drain in draining.values { for socket in drain.sockets { socket.close() } }
+        for pidfd in pidfds.values { pidfd.close() }
+        pidfds.removeAll()
         workers.removeAll()
         retiring.removeAll()
         processes.removeAll()

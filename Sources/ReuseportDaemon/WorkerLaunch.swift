@@ -11,8 +11,8 @@ import SystemPackage
 ///    unblocked and at their defaults, in a process group of its own, and created inside the
 ///    worker's cgroup (clone3 CLONE_INTO_CGROUP; on kernels before 5.7 the child joins it
 ///    itself, `--cgroup`).
-/// 2. That process (`WorkerExec`) drops to the configured user and group, asks the kernel
-///    for SIGKILL when the daemon dies, sets `LISTEN_PID` (and `WATCHDOG_PID` with a watchdog)
+/// 2. That process (`WorkerExec`) drops to the configured user and group, ignores SIGPIPE,
+///    sets `LISTEN_PID` (and `WATCHDOG_PID` with a watchdog)
 ///    to its own pid (which only the child can know before exec) and execs the configured program, or runs the built-in
 ///    worker in place.
 public struct WorkerSpawn {
@@ -93,10 +93,14 @@ public struct WorkerExec {
         // CAP_SETUID from the daemon itself (seen with systemd 257), so it could not change to
         // the worker's user (docs/operations.md, "Sandboxing").
         try Syscall.setNoNewPrivileges()
-        // After the credential change (it clears the setting), and then check that the daemon
-        // did not die before it was set: the signal would never come.
-        try Syscall.setParentDeathSignal(SIGKILL)
+        // Workers outlive the daemon (no PR_SET_PDEATHSIG): a daemon that crashes, is killed or
+        // execs itself leaves them serving, and the next one adopts them (WorkerAdoption). A
+        // daemon gone before the program even starts could not have published this pid, so no
+        // later daemon would know the worker: then it does not start.
         guard getppid() == parent else { throw WorkerError("the daemon (pid \(parent)) is gone; not starting") }
+        // As systemd's IgnoreSIGPIPE= (on by default) does for services: a worker whose daemon
+        // died writes its output into a pipe without reader, and gets EPIPE, not a fatal signal.
+        signal(SIGPIPE, SIG_IGN)
         setenv(ActivationEnvironment.listenPID, String(getpid()), 1)
         if getenv(ActivationEnvironment.watchdogUsec) != nil {
             setenv(ActivationEnvironment.watchdogPID, String(getpid()), 1)

@@ -87,6 +87,10 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
             return "CLONE_INTO_CGROUP needs Linux 5.7 (and no seccomp filter that refuses clone3)"
         case EACCES where call.hasPrefix("clone3"), EPERM where call.hasPrefix("clone3"):
             return "creating a process in a cgroup needs write access to its cgroup.procs (root, or a delegated cgroup)"
+        case EPERM where call.hasPrefix("pidfd_getfd"):
+            return "copying another process's descriptor needs CAP_SYS_PTRACE (ptrace access mode attach)"
+        case ENOSYS where call.hasPrefix("pidfd"):
+            return "pidfd_open needs Linux 5.3, pidfd_getfd 5.6 (or a seccomp filter refuses them)"
         case ENOMEM where bpf:
             return "kernels before 5.11 charge maps to RLIMIT_MEMLOCK: raise it (ulimit -l) or run as root"
         default:

@@ -56,16 +56,35 @@ public final class ReuseportSocket: @unchecked Sendable {
         self.descriptor = descriptor
     }
 
-    /// Takes over a socket bound by an earlier owner (systemd's fd store keeps a slot's socket
-    /// across a daemon restart): its endpoint is what it is bound to (getsockname) with the
-    /// transport its type says. Whether it is the socket a slot needs is the caller's check.
-    public init(adopting descriptor: OwnedDescriptor) throws {
-        let label = "adopted \(descriptor)"
-        let type = try Syscall.getOption(descriptor.fd.rawValue, SOL_SOCKET, SO_TYPE, Int32.self, "SO_TYPE, \(label)")
-        guard let transport = Transport.allCases.first(where: { $0.socketType == type }),
-              let address = try Syscall.localAddress(descriptor.fd, label)
-        else { throw ReuseportError.invalidArgument("\(label) is not a bound UDP or TCP socket of IPv4 or IPv6") }
-        endpoint = Endpoint(transport, address)
+    /// Takes over a socket made by an earlier run of the daemon (copied out of its worker,
+    /// handed over across an exec, or kept in systemd's descriptor store), after checking that it
+    /// is one this daemon would have made for `expected`: the same transport, SO_REUSEPORT set,
+    /// bound to the same address, to the same port (any port when `expected` asks for port 0),
+    /// and, for TCP, listening. Throws `invalidArgument` naming what differs; the descriptor is
+    /// then closed.
+    public init(adopting descriptor: OwnedDescriptor, expected: Endpoint) throws {
+        let fd = descriptor.fd.rawValue
+        let type = try Syscall.getOption(fd, SOL_SOCKET, SO_TYPE, Int32.self, "SO_TYPE")
+        guard type == expected.transport.socketType else {
+            throw ReuseportError.invalidArgument("socket type \(type), not the \(expected.transport) of \(expected)")
+        }
+        guard try Syscall.getOption(fd, SOL_SOCKET, SO_REUSEPORT, Int32.self, "SO_REUSEPORT") != 0 else {
+            throw ReuseportError.invalidArgument("SO_REUSEPORT is not set, so it is in no reuseport group of \(expected)")
+        }
+        guard let bound = try Syscall.localAddress(descriptor.fd, "\(expected)") else {
+            throw ReuseportError.invalidArgument("not bound (\(expected) was expected)")
+        }
+        guard bound.address == expected.address.address,
+              expected.address.port == 0 || bound.port == expected.address.port
+        else {
+            throw ReuseportError.invalidArgument("bound to \(bound), not to \(expected.address)")
+        }
+        if expected.transport == .tcp {
+            guard try Syscall.getOption(fd, SOL_SOCKET, SO_ACCEPTCONN, Int32.self, "SO_ACCEPTCONN") != 0 else {
+                throw ReuseportError.invalidArgument("a TCP socket of \(expected) that does not listen")
+            }
+        }
+        self.endpoint = Endpoint(expected.transport, bound)
         self.descriptor = descriptor
     }
 

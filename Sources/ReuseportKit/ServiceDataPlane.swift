@@ -133,9 +133,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// and get no traffic while the group's program, which selects only from its own array,
     /// is the old one.
     ///
-    /// `existing`: sockets already bound (systemd's fd store kept them across a restart), by slot,
-    /// in listener order, each slot with one socket for every listener: they take their slot
-    /// instead of a new socket. A listener's first socket is slot 0's when it has one.
+    /// `existing`: sockets an earlier run of the daemon made, by slot, in listener order
+    /// (`ReuseportSocket(adopting:expected:)` checked them); those slots keep them, so their
+    /// flows and what is queued in them stay, and only the other slots get new sockets.
     public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true,
                 existing: [UInt32: [ReuseportSocket]] = [:]) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
@@ -144,18 +144,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
         self.options = options
         var listeners: [Listener] = []
         var shared: DispatchMaps?
-        for requested in endpoints {
+        for (index, requested) in endpoints.enumerated() {
             let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows)
             shared = shared ?? program.maps
-            // The first socket fixes the port (when 0 was asked); the others join its group.
-            let first = try existing[0].flatMap { $0.count == endpoints.count ? $0[listeners.count] : nil }
-                ?? ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer, v6Only: options.v6Only)
-            if attach { try first.attach(program) }
-            let listener = Listener(endpoint: first.endpoint, program: program)
-            listener.sockets[0] = first
-            listeners.append(listener)
+            listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
+                                               options: options, attach: attach))
         }
-        Self.place(existing, in: listeners, slots: slotCount)
         self.maps = shared!
         self.listeners = listeners
         self.slots = Array(0..<UInt32(slotCount))
@@ -179,8 +173,18 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// switch time (CLOCK_MONOTONIC, which a restart does not reset); one that was draining
     /// retires its leaving slots as before. Failover is not resumed: every slot starts afresh,
     /// and the table keeps lent buckets where they are (no flow moves).
+    ///
+    /// `existing`: as for the other initializer. A change need not be in progress: with phase
+    /// NONE this takes over a previous daemon's maps and tables as they are (the workers it
+    /// adopts keep their sockets: `existing`).
+    ///
+    /// `socketArrays`: each listener's pinned REUSEPORT_SOCKARRAY, which the new program uses
+    /// too. A socket can be in one array only (net/core/sock_reuseport.c: its sk_user_data
+    /// names it), and an `existing` socket still is in the previous program's array, which
+    /// stays alive while that program is attached: reusing the array keeps every socket where
+    /// it is, and the new program replaces the old one in the group in one step.
     public init(endpoints: [Endpoint], resuming pinned: DispatchMaps, options: Options,
-                existing: [UInt32: [ReuseportSocket]] = [:]) throws {
+                existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = []) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         let config = try pinned.readConfig()
         let change = try pinned.readTransition()
@@ -193,16 +197,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
         let socketSlots = try SlotCount(max(Int(change.socket_slots), nominal), what: "socket_slots").value
         self.options = options
         var listeners: [Listener] = []
-        for requested in endpoints {
-            let program = try DispatchProgram(sharing: pinned, trackedFlows: options.tracking.maxFlows)
-            let first = try existing[0].flatMap { $0.count == endpoints.count ? $0[listeners.count] : nil }
-                ?? ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer, v6Only: options.v6Only)
-            try first.attach(program)
-            let listener = Listener(endpoint: first.endpoint, program: program)
-            listener.sockets[0] = first
-            listeners.append(listener)
+        for (index, requested) in endpoints.enumerated() {
+            let program = try DispatchProgram(sharing: pinned, trackedFlows: options.tracking.maxFlows,
+                                              socketArray: index < socketArrays.count ? socketArrays[index] : nil)
+            listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
+                                               options: options, attach: true))
         }
-        Self.place(existing, in: listeners, slots: socketSlots)
         maps = pinned
         self.listeners = listeners
         slots = Array(0..<UInt32(nominal))
@@ -211,7 +211,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         effectiveBuckets = buckets
         bucketFlags = values.map { $0 & UInt32(RP_BUCKET_FLAGS) }
         fallback = try pinned.readFallback()
-        transitionStartedNs = Int64(change.started_ns)
+        transitionStartedNs = change.phase == RP_TRANSITION_NONE.rawValue ? nil : Int64(change.started_ns)
         // The change finishes with the idle timeout it started with; the file's applies after it.
         if change.idle_timeout_ns > 0, Int(change.idle_timeout_ns / 1_000_000) != options.tracking.idleTimeoutMs {
             deferredTracking = options.tracking
@@ -225,7 +225,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
         } else {
             drainDeadlineNs = change.drain_deadline_ns == 0 ? nil : Int64(change.drain_deadline_ns)
         }
-        for slot in 0..<UInt32(socketSlots) { try insertSockets(slot) }
+        // An adopted slot beyond the pinned counts (it should not be) keeps its socket too.
+        let extra = existing.keys.filter { $0 >= UInt32(socketSlots) }
+        for slot in Array(0..<UInt32(socketSlots)) + extra.sorted() { try insertSockets(slot) }
         leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
         try spreadFallback(over: fallbackSlots)
         try maps.writeQuicSteering(options.quic)
@@ -234,20 +236,43 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// The maps a previous daemon pinned for this service, if they hold a placement change this
     /// plane can finish (same ABI, seed and bucket count); nil otherwise.
     public static func resumableChange(at layout: PinLayout, options: Options) -> DispatchMaps? {
+        guard let maps = resumable(at: layout, options: options), let change = try? maps.readTransition(),
+              change.phase != RP_TRANSITION_NONE.rawValue
+        else { return nil }
+        return maps
+    }
+
+    /// The maps a previous daemon pinned for this service, if this plane can take them over as
+    /// they are (same ABI, seed and bucket count); nil otherwise.
+    public static func resumable(at layout: PinLayout, options: Options) -> DispatchMaps? {
         guard let maps = try? DispatchMaps(pinned: layout), (try? maps.checkConfiguredABI()) != nil,
-              let change = try? maps.readTransition(), change.phase != RP_TRANSITION_NONE.rawValue,
               let config = try? maps.readConfig(), Int(config.bucket_count) == options.bucketCount,
               config.seed == options.seed
         else { return nil }
         return maps
     }
 
-    /// Puts the `existing` sockets of slots below `slots` on their listeners, where
-    /// `insertSockets` takes them instead of binding new ones.
-    private static func place(_ existing: [UInt32: [ReuseportSocket]], in listeners: [Listener], slots: Int) {
-        for (slot, sockets) in existing where slot > 0 && slot < UInt32(slots) && sockets.count == listeners.count {
-            for (listener, socket) in zip(listeners, sockets) { listener.sockets[slot] = socket }
+    /// Listener `index` of a new plane: its program, the `existing` sockets of every slot on it,
+    /// and, when none was given for slot 0, a new socket there, which fixes the port when 0 was
+    /// asked (the others join its group). The program is attached through one of them.
+    private static func listener(_ requested: Endpoint, index: Int, program: DispatchProgram,
+                                 existing: [UInt32: [ReuseportSocket]], options: Options, attach: Bool) throws
+        -> Listener
+    {
+        var given: [UInt32: ReuseportSocket] = [:]
+        for (slot, sockets) in existing where index < sockets.count { given[slot] = sockets[index] }
+        // Sockets of one group share (protocol, address, port): the first given fixes the port.
+        let ports = Set(given.values.map(\.endpoint.address.port))
+        guard ports.count <= 1 else {
+            throw ReuseportError.invalidArgument("the sockets given for \(requested) are bound to different ports: \(ports.sorted())")
         }
+        let first = try given[0] ?? given.values.first
+            ?? ReuseportSocket(endpoint: requested, receiveBuffer: options.receiveBuffer, v6Only: options.v6Only)
+        if attach { try first.attach(program) }
+        let listener = Listener(endpoint: first.endpoint, program: program)
+        listener.sockets = given
+        if given.isEmpty { listener.sockets[0] = first }
+        return listener
     }
 
     /// The slots that hold a socket (on the first listener; every operation here fills and
@@ -257,22 +282,25 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// Binds (if not yet bound) and inserts the slot's socket on every listener. The fallback
     /// table is the caller's to spread over it.
     private func insertSockets(_ slot: UInt32) throws {
-        try maps.resetSlotCounters(slot)
+        // A slot keeping its socket (adopted) keeps its counters; a new socket starts at zero.
+        if listeners[0].sockets[slot] == nil { try maps.resetSlotCounters(slot) }
         for listener in listeners {
             let socket = try listener.sockets[slot]
                 ?? ReuseportSocket(endpoint: listener.endpoint, receiveBuffer: options.receiveBuffer,
                                    v6Only: options.v6Only)
             listener.sockets[slot] = socket
+            // An adopted socket may be in the (reused) array at this slot already: inserting it
+            // again would be EBUSY.
+            if let cookie = try? socket.cookie(), try listener.program.sockets.cookie(at: slot) == cookie { continue }
             try Self.insert(socket, into: listener.program.sockets, at: slot)
         }
     }
 
-    /// A socket is in at most one REUSEPORT_SOCKARRAY (EBUSY otherwise:
-    /// kernel/bpf/reuseport_array.c, reuseport_array_update_check()). One taken over from a
-    /// previous owner (`existing`) is still in that owner's array until the array is freed, which
-    /// follows the release of the owner's program (replaced in the group when this plane attached
-    /// its own, its pins gone) after an RCU grace period and a work item: a few milliseconds,
-    /// waited for here, at most `adoptionWaitNs`. A socket this plane bound is never busy.
+    /// A socket kept in systemd's fd store across a restart (`existing`) is still in the previous
+    /// daemon's array, unpinned, until that array is freed: after the previous program's release
+    /// (replaced in the group when this plane attached its own), an RCU grace period and a work
+    /// item, a few milliseconds. Until then inserting it is EBUSY: waited for, at most
+    /// `adoptionWaitNs`. A socket this plane bound is never busy.
     private static func insert(_ socket: ReuseportSocket, into array: SocketArray, at slot: UInt32) throws {
         let deadline = MonotonicClock.nanoseconds() + adoptionWaitNs
         while true {

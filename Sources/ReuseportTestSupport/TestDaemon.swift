@@ -235,13 +235,36 @@ public final class TestDaemon {
         return waitForExit(timeoutMs: 5000)
     }
 
-    /// Kills what is left (the workers die with the daemon: PR_SET_PDEATHSIG) and removes
-    /// any pins a killed daemon could not.
+    /// The workers the pins under this run's pin root name (pid with the start time published
+    /// beside it, so a reused pid is never taken for one), by service.
+    public func pinnedWorkers() -> [String: [pid_t]] {
+        var found: [String: [pid_t]] = [:]
+        for service in PinLayout.services(under: pinRoot) {
+            guard let maps = try? DispatchMaps(pinned: PinLayout(root: pinRoot, service: service)) else { continue }
+            for slot in 0..<UInt32(RP_MAX_SLOTS) {
+                guard let row = try? maps.readSlotState(slot), row.pid != 0,
+                      (try? Syscall.processStartTime(pid_t(row.pid))) == row.start_time
+                else { continue }
+                found[service, default: []].append(pid_t(row.pid))
+            }
+        }
+        return found
+    }
+
+    /// SIGKILL to the process group of every worker the pins name: workers outlive a daemon
+    /// that was killed (a later daemon adopts them), so a test that kills one cleans up here.
+    public func killPinnedWorkers() {
+        for pid in pinnedWorkers().values.joined() { try? Syscall.kill(-pid, SIGKILL) }
+    }
+
+    /// Kills what is left: the daemon, then its workers (they outlive it), and removes any pins
+    /// a killed daemon could not.
     deinit {
         if checkExited() == nil {
             signal(SIGKILL)
             _ = waitExit(pid, timeoutMs: 5000)
         }
+        killPinnedWorkers()
         TestPinRoot.remove(pinRoot)
     }
 }

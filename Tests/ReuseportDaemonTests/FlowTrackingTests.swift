@@ -29,20 +29,22 @@ struct FlowTrackingTests {
         let numbered: NumberedFlows
         private(set) var workers: [Set<String>]
         private(set) var rounds = 0
+        let periodMs: Double
 
-        init(_ count: Int) throws {
+        init(_ count: Int, periodMs: Double = FlowTrackingTests.periodMs) throws {
             numbered = NumberedFlows(try Traffic.clients(count, on: .loopbackV4))
+            self.periodMs = periodMs
             workers = Array(repeating: [], count: count)
         }
 
-        /// Sends `count` rounds, one every 200 ms, calling `atRound` before each.
+        /// Sends `count` rounds, one every `periodMs`, calling `atRound` before each.
         func run(_ count: Int, to destination: SocketAddress, atRound: (Int) throws -> Void = { _ in }) throws {
             let start = nowMs()
             for index in 0..<count {
                 let round = rounds + index
                 try atRound(round)
                 try numbered.send(round, to: destination)
-                try numbered.receive(until: start + Double(index + 1) * FlowTrackingTests.periodMs) { flow, _, reply in
+                try numbered.receive(until: start + Double(index + 1) * periodMs) { flow, _, reply in
                     self.workers[flow].insert("\(reply.slot)/\(reply.pid)")
                 }
             }

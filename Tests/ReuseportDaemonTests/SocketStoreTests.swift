@@ -46,24 +46,6 @@ struct StoredSocketNameTests {
         #expect(NotifyClient.storeMessage(name: "svc.demo.l0.s3.g0") == "FDSTORE=1\nFDNAME=svc.demo.l0.s3.g0")
         #expect(NotifyClient.removeMessage(name: "svc.demo.l0.s3.g0") == "FDSTOREREMOVE=1\nFDNAME=svc.demo.l0.s3.g0")
     }
-
-    @Test("a stored descriptor that is not the listener's socket is refused, saying what does not check out")
-    func mismatches() throws {
-        let endpoint = try Endpoint(parsing: "udp://127.0.0.1:0")
-        let good = try ReuseportSocket(endpoint: endpoint)
-        #expect(SocketStore.mismatch(good.fd, for: endpoint, v6Only: true) == nil)
-        #expect(SocketStore.mismatch(good.fd, for: good.endpoint, v6Only: true) == nil)
-        let elsewhere = try Endpoint(parsing: "udp://127.0.0.2:\(good.endpoint.address.port)")
-        #expect(SocketStore.mismatch(good.fd, for: elsewhere, v6Only: true)
-                == "bound to \(good.endpoint.address), not \(elsewhere.address)")
-        let tcp = try Endpoint(parsing: "tcp://127.0.0.1:0")
-        #expect(SocketStore.mismatch(good.fd, for: tcp, v6Only: true) == "not a tcp socket")
-        let plain = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "plain")
-        try Syscall.bind(plain.fd, SocketAddress(.loopbackV4, 0), "plain")
-        #expect(SocketStore.mismatch(plain.fd, for: endpoint, v6Only: true) == "without SO_REUSEPORT")
-        let pipe = try Syscall.pipe()
-        #expect(SocketStore.mismatch(pipe.read.fd, for: endpoint, v6Only: true) == "not a socket")
-    }
 }
 
 /// The fd store with a real daemon: a datagram socket stands in for systemd's notify socket and
@@ -155,5 +137,33 @@ struct SocketStoreTests {
         let oldPids = Set(before.compactMap { $0?.pid })
         #expect(after.allSatisfy { !oldPids.contains($0?.pid ?? 0) }, "new workers answer")
         #expect(second.stop() == 0)
+    }
+
+    @Test("stored sockets that do not check out are refused with the reason, dropped from the store, and replaced")
+    func refusedSockets() throws {
+        let config = serviceTable("fdbad", workers: 2, extra: "ready_after_ms = 200")
+        // Slot 0: bound to another address; slot 1: a socket without SO_REUSEPORT.
+        let elsewhere = try ReuseportSocket(endpoint: try Endpoint(parsing: "udp://127.0.0.2:0"))
+        let plain = try Syscall.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), "plain")
+        try Syscall.bind(plain.fd, SocketAddress(.loopbackV4, 0), "plain")
+        let receiver = try Receiver(abstract: true)
+        let daemon = try TestDaemon(config: config, environment: ["NOTIFY_SOCKET": receiver.address, "FDSTORE": "16"],
+                                    listening: [(elsewhere.fd.rawValue, "svc.fdbad.l0.s0.g0"),
+                                                (plain.fd.rawValue, "svc.fdbad.l0.s1.g0")])
+        try #require(try receiver.waitFor { ServiceManagerTests.has($0, "READY=1") } != nil,
+                     "no READY=1; log: \(daemon.logTail(10))")
+        let log = daemon.log
+        #expect(log.contains("refusing stored descriptor svc.fdbad.l0.s0.g0 (fd 3): bound to \(elsewhere.endpoint.address), not to 127.0.0.1:0"),
+                "\(log)")
+        #expect(log.contains("refusing stored descriptor svc.fdbad.l0.s1.g0 (fd 4): SO_REUSEPORT is not set"), "\(log)")
+        #expect(log.contains("0 sockets reused, 2 refused, 2 stored"), "\(log)")
+        // Each name is dropped before the new socket of that name is stored: a removal drops every
+        // descriptor of its name.
+        let order = receiver.messages.map(\.text).filter { $0.hasPrefix("FDSTORE") }
+        #expect(order == ["FDSTOREREMOVE=1\nFDNAME=svc.fdbad.l0.s0.g0", "FDSTOREREMOVE=1\nFDNAME=svc.fdbad.l0.s1.g0",
+                          "FDSTORE=1\nFDNAME=svc.fdbad.l0.s0.g0", "FDSTORE=1\nFDNAME=svc.fdbad.l0.s1.g0"], "\(order)")
+        let cookies = try Self.cookies(daemon, service: "fdbad", slots: 2)
+        #expect(!cookies.contains(try elsewhere.cookie()) && cookies.allSatisfy { $0 != nil }, "new sockets at both slots")
+        #expect(daemon.stop() == 0)
     }
 }

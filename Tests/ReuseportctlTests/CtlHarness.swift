@@ -60,7 +60,7 @@ final class PinnedService {
         let cookie = try plane.listeners[0].sockets[slot]?.cookie() ?? 0
         try plane.publish(rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts, generation: 0,
                                         since_ns: since, socket_cookie: cookie, stalls: 0,
-                                        watchdog_restarts: 0, records: 0, flags: 0), slot: slot)
+                                        watchdog_restarts: 0, records: 0, flags: 0, start_time: 0), slot: slot)
     }
 
     func cookie(_ slot: UInt32) throws -> UInt64 { try plane.listeners[0].sockets[slot]!.cookie() }

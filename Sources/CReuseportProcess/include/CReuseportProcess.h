@@ -98,6 +98,15 @@ int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length);
 /* pidfd_open(2) (Linux 5.3; glibc has no wrapper before 2.36). -1 and errno on failure. */
 int rpd_pidfd_open(pid_t pid);
 
+/* pidfd_getfd(2) (Linux 5.6): a close-on-exec copy of descriptor `fd` of the process `pidfd`
+ * names. Needs PTRACE_MODE_ATTACH_REALCREDS over it (CAP_SYS_PTRACE for another user's, or a
+ * non-dumpable, process). -1 and errno on failure. */
+int rpd_pidfd_getfd(int pidfd, int fd);
+
+/* pidfd_send_signal(2) (Linux 5.1): a signal to exactly the process `pidfd` names, never to
+ * one that reused its pid. -1 and errno on failure (ESRCH once it has exited). */
+int rpd_pidfd_send_signal(int pidfd, int sig);
+
 /* recvmsg(2) of one datagram, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC, with the sender's
  * SCM_CREDENTIALS (the socket needs SO_PASSCRED; the kernel fills them in for a sender that
  * did not: net/unix/af_unix.c, unix_maybe_add_creds()). Returns the datagram's full length

@@ -1,0 +1,49 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportProcess
+import SystemPackage
+
+/// The calls that let a daemon take over workers it did not start (or started before an exec):
+/// a process named in a way pid reuse cannot fool, and descriptors copied out of it.
+extension Syscall {
+    /// pidfd_getfd(2) (Linux 5.6): a close-on-exec copy of `fd` in the process behind `pidfd`.
+    public static func pidfdGetDescriptor(_ pidfd: OwnedDescriptor, _ fd: Int32) throws -> OwnedDescriptor {
+        let copy = try pidfd.withFD { pidfd in
+            try retrying("pidfd_getfd(\(fd))") { rpd_pidfd_getfd(pidfd, fd) }
+        }
+        return OwnedDescriptor(adopting: FileDescriptor(rawValue: copy))
+    }
+
+    /// pidfd_send_signal(2): `signal` to exactly the process `pidfd` names.
+    public static func pidfdSignal(_ pidfd: OwnedDescriptor, _ signal: Int32) throws {
+        try pidfd.withFD { pidfd in
+            _ = try retrying("pidfd_send_signal(\(signal))") { rpd_pidfd_send_signal(pidfd, signal) }
+        }
+    }
+
+    /// The start time of process `pid`, in clock ticks after boot: field 22 of /proc/<pid>/stat
+    /// (proc(5)). Together with the pid it names one process for as long as the system runs.
+    /// nil for a process that has exited but is not yet reaped (a zombie: state Z or X).
+    public static func processStartTime(_ pid: pid_t) throws -> UInt64? {
+        let text = String(decoding: try readFile("/proc/\(pid)/stat"), as: UTF8.self)
+        // Read after the last ')': the command name in field 2 may hold spaces and parentheses.
+        guard let close = text.lastIndex(of: ")") else {
+            throw ReuseportError.invalidArgument("/proc/\(pid)/stat: no ')' after the command name")
+        }
+        // Fields 3… follow the name: the state is the first of them, the start time the 20th.
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count >= 20, let ticks = UInt64(fields[19]) else {
+            throw ReuseportError.invalidArgument("/proc/\(pid)/stat: no start time in field 22")
+        }
+        return fields[0] == "Z" || fields[0] == "X" ? nil : ticks
+    }
+
+    /// The descriptors of process `pid` that are sockets (/proc/<pid>/fd entries that read
+    /// "socket:[inode]"), in ascending order; empty when they cannot be read.
+    public static func socketDescriptors(of pid: pid_t) -> [Int32] {
+        directoryEntries("/proc/\(pid)/fd").compactMap(Int32.init).sorted().filter { fd in
+            (try? linkTarget("/proc/\(pid)/fd/\(fd)"))?.hasPrefix("socket:") == true
+        }
+    }
+}

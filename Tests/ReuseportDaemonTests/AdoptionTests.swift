@@ -1,0 +1,111 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import Foundation
+import ReuseportControl
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// The data plane outlives its daemon: workers keep serving when the daemon is killed, and a
+/// daemon started on its pins adopts them (same pids, same sockets), proving each is the slot's
+/// worker by its start time and its sockets by their cookies. Real daemon, whoami workers,
+/// datagrams on loopback.
+@Suite(.serialized) struct AdoptionTests {
+    static func config(_ name: String, workers: Int = 4) -> String {
+        serviceTable(name, workers: workers, extra: "rcvbuf = 8388608")
+    }
+
+    /// The first listener's socket cookie at each slot, from the pinned array.
+    static func cookies(_ daemon: TestDaemon, _ service: String, slots: Int) throws -> [UInt64?] {
+        let array = try SocketArray(pinned: PinLayout(root: daemon.pinRoot, service: service), listener: 0)
+        return try (0..<UInt32(slots)).map { try array.cookie(at: $0) }
+    }
+
+    /// 256 flows send every 100 ms. The daemon is killed with SIGKILL: every datagram sent while
+    /// no daemon runs is answered. A new daemon adopts every worker (same pids, no restart), and
+    /// no flow changes worker. Then a worker killed with SIGKILL is replaced at the same slot on
+    /// the same socket.
+    @Test func aKilledDaemonsWorkersServeOnAndAreAdopted() throws {
+        let first = try TestDaemon(config: Self.config("adopt"))
+        let services = try first.waitForWorkers()
+        let destination = try udpEndpoint(services, "adopt")
+        let pids = services[0].slots.map(\.pid)
+        let cookies = try Self.cookies(first, "adopt", slots: 4)
+        let sessions = try FlowTrackingTests.Sessions(256, periodMs: 100)
+        try sessions.run(5, to: destination)
+        first.signal(SIGKILL)
+        #expect(first.waitForExit(timeoutMs: 5000) == 128 + SIGKILL)
+        // 1 s with no daemon, then a new one starts while the flows go on sending.
+        var second: TestDaemon?
+        try sessions.run(25, to: destination) { round in
+            if round == 15 { second = try TestDaemon(config: Self.config("adopt"), pinRoot: first.pinRoot) }
+        }
+        let daemon = try #require(second)
+        let adopted = try daemon.waitForWorkers()[0]
+        try sessions.run(10, to: destination)
+        print("daemon SIGKILLed under 256 flows × \(sessions.rounds) rounds: \(sessions.lost) datagrams lost, "
+            + "\(sessions.moved.count) flows changed worker; adopted \(adopted.adoptedWorkers ?? -1) workers, "
+            + "pids before \(pids), after \(adopted.slots.map(\.pid))")
+        #expect(sessions.lost == 0, "every datagram was answered, with and without a daemon")
+        #expect(sessions.moved.isEmpty, "no flow changed worker (slot and pid)")
+        #expect(adopted.slots.map(\.pid) == pids, "the same worker processes, slot by slot")
+        #expect(adopted.adoptedWorkers == 4 && adopted.refusedAdoptions == 0)
+        #expect(adopted.slots.allSatisfy { $0.state == "running" && $0.restarts == 0 }, "\(adopted.slots)")
+        #expect(try Self.cookies(daemon, "adopt", slots: 4) == cookies, "every slot kept its socket")
+        let maps = try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "adopt"))
+        let rows = try (0..<UInt32(4)).map { try maps.readSlotState($0) }
+        #expect(rows.map { Int32($0.pid) } == pids.compactMap { $0 }, "rp_slot_state names the adopted workers")
+        #expect(rows.allSatisfy { $0.state == WorkerState.running.rawValue && $0.start_time != 0 })
+
+        // An adopted worker is supervised through its pidfd: killed, it is replaced on its socket.
+        let victim = try #require(pids[1])
+        kill(victim, SIGKILL)
+        let replaced = try daemon.waitFor("slot 1 has a new running worker") { services in
+            services[0].slots[1].pid != victim && services[0].slots[1].state == "running"
+        }[0]
+        let before = sessions.workers
+        try sessions.run(10, to: destination)
+        let slotOne = before.indices.filter { before[$0].first?.hasPrefix("1/") == true }
+        let changedSlot = sessions.workers.indices.filter { index in
+            Set(sessions.workers[index].map { $0.split(separator: "/")[0] }).count != 1
+        }
+        print("adopted worker \(victim) SIGKILLed: replaced by \(replaced.slots[1].pid ?? 0); \(slotOne.count) flows "
+            + "on slot 1, \(changedSlot.count) flows changed slot, \(sessions.lost) datagrams lost in all")
+        #expect(changedSlot.isEmpty, "every flow kept its slot")
+        #expect(slotOne.allSatisfy { sessions.workers[$0].contains("1/\(replaced.slots[1].pid ?? 0)") },
+                "the replacement answers slot 1's flows")
+        #expect(try Self.cookies(daemon, "adopt", slots: 4) == cookies, "on the same socket")
+        #expect(sessions.lost <= 2, "at most what the killed worker held")
+    }
+
+    /// A slot's row names a pid that now belongs to an unrelated process (as after pid reuse:
+    /// the worker died with the daemon down, and another process got its pid). The next daemon
+    /// neither adopts nor signals it, gives the slot a new worker, and adopts the other slot's.
+    @Test func aReusedPidIsNeitherAdoptedNorSignalled() throws {
+        let first = try TestDaemon(config: Self.config("reuse", workers: 2))
+        let pids = try first.waitForWorkers()[0].slots.map { $0.pid! }
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+        kill(-pids[1], SIGKILL)
+        let deadline = nowMs() + 5000
+        while processExists(pids[1]) && nowMs() < deadline { sleepMs(10) }
+        let stranger = try Subprocess("/bin/sleep", ["60"])
+        let maps = try DispatchMaps(pinned: PinLayout(root: first.pinRoot, service: "reuse"))
+        var row = try maps.readSlotState(1)
+        row.pid = UInt32(stranger.pid)
+        try maps.slotState.update(1, row)
+
+        let second = try TestDaemon(config: Self.config("reuse", workers: 2), pinRoot: first.pinRoot)
+        let service = try second.waitForWorkers()[0]
+        sleepMs(300)
+        print("slot 1's row named pid \(stranger.pid) (not its worker): slot pids now \(service.slots.map(\.pid)), "
+            + "adopted \(service.adoptedWorkers ?? -1), refused \(service.refusedAdoptions ?? -1)")
+        #expect(service.slots[0].pid == pids[0], "slot 0's worker was adopted")
+        #expect(service.slots[1].pid != stranger.pid && service.slots[1].pid != pids[1], "slot 1 got a new worker")
+        #expect(service.adoptedWorkers == 1 && service.refusedAdoptions == 1)
+        #expect(stranger.wait(timeoutMs: 0) == nil, "the unrelated process was not signalled")
+        #expect(try maps.readSlotState(1).pid == UInt32(service.slots[1].pid ?? 0))
+    }
+}
