@@ -23,21 +23,29 @@ enum DaemonCheck {
         return TestDaemon.builtBinary
     }
 
-    static let endToEnd = Check(
-        "daemon-end-to-end",
-        "reuseportd with 4 whoami workers: SIGKILL one, every flow keeps its slot (the replacement answers)"
-    ) { context in
+    static let config = """
+        [[service]]
+        name = "\(service)"
+        listen = ["udp://127.0.0.1:0"]
+        workers = \(slots)
+        builtin = "whoami"
+        """
+
+    /// The reuseportd binary to run; a skip when there is none.
+    static func binary() throws -> String {
         let binary = daemonPath
         guard access(binary, X_OK) == 0 else {
             throw CheckSkip(description: "no reuseportd at \(binary) (build it beside kernel-check, or set REUSEPORTD)")
         }
-        let daemon = try TestDaemon(config: """
-            [[service]]
-            name = "\(service)"
-            listen = ["udp://127.0.0.1:0"]
-            workers = \(slots)
-            builtin = "whoami"
-            """, binary: binary, pinRoot: TestPinRoot.unique("kernel-check"), logLevel: nil)
+        return binary
+    }
+
+    static let endToEnd = Check(
+        "daemon-end-to-end",
+        "reuseportd with 4 whoami workers: SIGKILL one, every flow keeps its slot (the replacement answers)"
+    ) { context in
+        let daemon = try TestDaemon(config: config, binary: binary(), pinRoot: TestPinRoot.unique("kernel-check"),
+                                    logLevel: nil)
         defer { daemon.stop() }
         let layout = PinLayout(root: daemon.pinRoot, service: service)
         func failure(_ what: String) -> CheckFailure {
@@ -103,17 +111,7 @@ enum DaemonCheck {
         "daemon-adopts-workers",
         "reuseportd SIGKILLed: its 4 workers serve on; a new daemon on the pins adopts them (same pids, same slots)"
     ) { context in
-        let binary = daemonPath
-        guard access(binary, X_OK) == 0 else {
-            throw CheckSkip(description: "no reuseportd at \(binary) (build it beside kernel-check, or set REUSEPORTD)")
-        }
-        let config = """
-            [[service]]
-            name = "\(service)"
-            listen = ["udp://127.0.0.1:0"]
-            workers = \(slots)
-            builtin = "whoami"
-            """
+        let binary = try binary()
         let first = try TestDaemon(config: config, binary: binary, pinRoot: TestPinRoot.unique("kernel-check"), logLevel: nil)
         func failure(_ what: String) -> CheckFailure { CheckFailure(description: "\(what); daemon log: \(first.logTail())") }
         let services = try waitFor("every worker running", failure) { () -> [ServiceStatus]? in
