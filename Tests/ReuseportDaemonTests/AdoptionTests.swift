@@ -170,4 +170,23 @@ import Testing
         #expect(sessions.lost == 0 && sessions.moved.isEmpty)
         #expect(adopted.slots.map(\.pid) == pids && adopted.adoptedWorkers == 4)
     }
+
+    /// Workers that run as another user (nobody) are adopted too: copying their sockets out
+    /// (pidfd_getfd) takes CAP_SYS_PTRACE, which the daemon keeps (and `make
+    /// test-least-privilege` runs this with only the documented capabilities).
+    @Test func workersOfAnotherUserAreAdopted() throws {
+        let config = serviceTable("nobody", workers: 2, extra: "user = \"nobody\"")
+        let first = try TestDaemon(config: config)
+        let services = try first.waitForWorkers()
+        let pids = services[0].slots.map(\.pid)
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+        let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
+        let adopted = try second.waitForWorkers()[0]
+        print("workers of user nobody: pids \(pids) → \(adopted.slots.map(\.pid)), adopted \(adopted.adoptedWorkers ?? -1)")
+        #expect(adopted.slots.map(\.pid) == pids && adopted.adoptedWorkers == 2, "\(second.logTail(8))")
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let reply = try Whoami.ask([client], to: udpEndpoint(services, "nobody")).first!
+        #expect(reply.map { pids.contains(Int32($0.pid)) } == true, "an adopted worker answers")
+    }
 }
