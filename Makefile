@@ -151,7 +151,7 @@ test: unit-test kernel-test
 # The daemon tests with every test daemon holding only the capabilities docs/operations.md
 # documents (setpriv lowers its bounding set, as the unit's CapabilityBoundingSet= does).
 LEAST_PRIVILEGE := /usr/bin/setpriv --inh-caps=-all --ambient-caps=-all \
-	--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_bind_service,+setuid,+setgid,+kill --
+	--bounding-set=-all,+bpf,+perfmon,+net_admin,+net_bind_service,+setuid,+setgid,+kill,+sys_ptrace --
 test-least-privilege: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
 	$(call msg,TEST,swift test --filter ReuseportDaemonTests under setpriv)
 	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" $(SWIFT) test $(SWIFT_FLAGS) --filter ReuseportDaemonTests \

@@ -28,6 +28,9 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         case scale
         /// Re-read the configuration file (as SIGHUP does).
         case reload
+        /// Exec the reuseportd binary on disk in the daemon's own process (same pid), which adopts
+        /// the workers, their sockets and the maps (as SIGUSR2 does). Answered before the exec.
+        case reexec
     }
 
     public var command: Command
@@ -50,6 +53,18 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     }
 }
 
+/// The daemon process that answered, and its image.
+public struct DaemonIdentity: Codable, Sendable, Equatable {
+    public var pid: Int32
+    /// CLOCK_REALTIME, in ns, when this image started (a `reexec` starts a new one in the same pid).
+    public var startedAtNs: UInt64
+
+    public init(pid: Int32, startedAtNs: UInt64) {
+        self.pid = pid
+        self.startedAtNs = startedAtNs
+    }
+}
+
 /// What the daemon answers. `ok == false` carries `error`, a sentence naming what is wrong.
 public struct ControlResponse: Codable, Sendable, Equatable {
     public var ok: Bool
@@ -63,9 +78,14 @@ public struct ControlResponse: Codable, Sendable, Equatable {
     /// `status`: datagrams the notify socket ignored since the daemon started. Optional: older
     /// daemons do not send it.
     public var ignoredNotifications: IgnoredNotifications?
+    /// `status`: which daemon answered (its pid, and when this image of it started: an exec in
+    /// place keeps the pid and changes the time). Optional: older daemons do not send it.
+    public var daemon: DaemonIdentity?
 
     public init(ok: Bool, error: String? = nil, message: String? = nil, services: [ServiceStatus]? = nil,
-                startFailures: [SlotStartFailure]? = nil, ignoredNotifications: IgnoredNotifications? = nil) {
+                startFailures: [SlotStartFailure]? = nil, ignoredNotifications: IgnoredNotifications? = nil,
+                daemon: DaemonIdentity? = nil) {
+        self.daemon = daemon
         self.ok = ok
         self.error = error
         self.message = message

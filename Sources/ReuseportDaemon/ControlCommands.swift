@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CReuseportABI
 import ReuseportControl
 import ReuseportKit
@@ -21,12 +24,18 @@ struct ControlCommands {
         switch action {
         case .status(let name):
             return ControlResponse(ok: true, services: supervisor.status(of: name),
-                                   ignoredNotifications: supervisor.notify?.ignored)
+                                   ignoredNotifications: supervisor.notify?.ignored,
+                                   daemon: DaemonIdentity(pid: getpid(), startedAtNs: supervisor.imageStartedAtNs))
         case .reload:
             let response = reload.apply()
             // As for SIGHUP: the log says why a reload was refused, not only the one who asked.
             if !response.ok { supervisor.logger.error("reload (control): \(response.error ?? "")") }
             return response
+        case .reexec:
+            if let busy = supervisor.reexecRefusal { return .failure(busy) }
+            supervisor.reexecRequested = true
+            return ControlResponse(ok: true, message: "re-executing \(supervisor.executable) in pid \(getpid()): "
+                + "\(supervisor.workers.count) workers stay and are adopted")
         case .restart(let position, let index):
             let service = supervisor.services[position]
             guard let slot = service.slot(index) else {
@@ -112,6 +121,7 @@ package enum ControlAction: Sendable, Equatable {
     case reload
     case restart(service: Int, slot: UInt32)
     case scale(service: Int, workers: Int, now: Bool, dryRun: Bool)
+    case reexec
 
     /// Throws the sentence the client gets when the request names no such service, slot or count.
     package init(checking request: ControlRequest, against services: [ControlTarget]) throws(ControlRequestError) {
@@ -132,6 +142,8 @@ package enum ControlAction: Sendable, Equatable {
             self = .status(service: request.service)
         case .reload:
             self = .reload
+        case .reexec:
+            self = .reexec
         case .restart:
             let position = try target()
             let service = services[position]

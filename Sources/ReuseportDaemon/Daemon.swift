@@ -34,6 +34,7 @@ public final class Daemon {
     }
 
     let logger: Logger
+    let options: Options
     let supervisor: Supervisor
     let commands: ControlCommands
     let signals: SignalChannel
@@ -54,6 +55,7 @@ public final class Daemon {
     /// anyone but root could change throws `UntrustedPathError` before anything is made.
     public init(configuration: DaemonConfiguration, options: Options, logger: Logger) throws {
         self.logger = logger
+        self.options = options
         try BPFFilesystem.ensureMounted(for: options.pinRoot)
         try Daemon.checkTrusted(options.pinRoot)
         try Daemon.checkTrusted(options.runDirectory)
@@ -69,6 +71,7 @@ public final class Daemon {
         supervisor = Supervisor(configuration: configuration, pinRoot: options.pinRoot, executable: options.executable,
                                 logger: logger)
         supervisor.notify = notify
+        supervisor.inheritedOutputs = Daemon.takeInheritedOutputs()
         let serviceManagerClient = NotifyClient()
         let socketStore = SocketStore(client: serviceManagerClient, logger: logger)
         supervisor.socketStore = socketStore
@@ -123,6 +126,7 @@ public final class Daemon {
 
     private func serve() throws {
         while true {
+            if supervisor.reexecRequested { reexec() }
             let now = MonotonicClock.nanoseconds()
             supervisor.fireTimers(now: now)
             control?.expire(now: now)
@@ -169,6 +173,12 @@ public final class Daemon {
         case SIGHUP:
             let response = commands.reload.apply()
             if !response.ok { logger.error("reload (SIGHUP): \(response.error ?? "")") }
+        case SIGUSR2:
+            if let refusal = supervisor.reexecRefusal {
+                logger.error("SIGUSR2: not re-executing: \(refusal)")
+            } else {
+                supervisor.reexecRequested = true
+            }
         case SIGTERM, SIGINT:
             if supervisor.stopping {
                 logger.warning("second stop signal: killing every worker now")
@@ -184,6 +194,69 @@ public final class Daemon {
         default:
             break
         }
+    }
+}
+
+// MARK: exec in place
+
+extension Daemon {
+    /// The environment variable that hands the workers' output pipes to the image after an exec:
+    /// `pid=fd` pairs, comma-separated.
+    static let inheritedOutputsVariable = "REUSEPORTD_WORKER_OUTPUTS"
+
+    /// Execs the reuseportd binary on disk (`Options.executable`, with this process's arguments)
+    /// in this process: same pid (systemd's main PID does not change), the workers stay its
+    /// children, and the new image adopts them, their sockets and the maps from the pins as after
+    /// a crash (WorkerAdoption), without a datagram lost. Only the workers' output pipes are
+    /// handed over as they are (everything else is close-on-exec). If the exec fails, this image
+    /// serves on. A new image that exits at once leaves the workers serving; the next daemon
+    /// started on the pins adopts them.
+    func reexec() {
+        supervisor.reexecRequested = false
+        if let refusal = supervisor.reexecRefusal {
+            logger.error("not re-executing: \(refusal)")
+            return
+        }
+        let pipes = supervisor.outputs.compactMap { fd, output in output.pid.map { ($0, fd) } }
+        for (_, fd) in pipes { try? Syscall.setCloseOnExec(fd, false) }
+        var environment = Daemon.environment().filter { !$0.hasPrefix("\(Daemon.inheritedOutputsVariable)=") }
+        environment.append("\(Daemon.inheritedOutputsVariable)="
+            + pipes.map { "\($0.0)=\($0.1.rawValue)" }.joined(separator: ","))
+        logger.notice(
+            "re-executing \(options.executable) in pid \(getpid()): \(supervisor.workers.count) workers, their sockets and the maps are taken over by the new image")
+        do {
+            try Syscall.execute(options.executable, arguments: CommandLine.arguments, environment: environment)
+        } catch {
+            logger.error("cannot re-execute \(options.executable): \(error); this image serves on")
+            for (_, fd) in pipes { try? Syscall.setCloseOnExec(fd, true) }
+        }
+    }
+
+    /// This process's environment, as `NAME=value` entries.
+    static func environment() -> [String] {
+        var entries: [String] = []
+        var cursor = environ
+        while let entry = cursor.pointee {
+            entries.append(String(cString: entry))
+            cursor += 1
+        }
+        return entries
+    }
+
+    /// The output pipes the image before an exec handed over (`reexec`), by worker pid; the
+    /// variable is removed. Entries that are not an open pipe are ignored.
+    static func takeInheritedOutputs() -> [pid_t: OwnedDescriptor] {
+        guard let value = getenv(inheritedOutputsVariable).map({ String(cString: $0) }) else { return [:] }
+        unsetenv(inheritedOutputsVariable)
+        var pipes: [pid_t: OwnedDescriptor] = [:]
+        for pair in value.split(separator: ",") {
+            let parts = pair.split(separator: "=")
+            guard parts.count == 2, let pid = pid_t(parts[0]), let fd = Int32(parts[1]), fd > 2 else { continue }
+            var info = stat()
+            guard fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFIFO else { continue }
+            pipes[pid] = OwnedDescriptor(adopting: FileDescriptor(rawValue: fd))
+        }
+        return pipes
     }
 }
 

@@ -31,6 +31,7 @@ enum DaemonPrivileges {
         (.setuid, "exec-worker changes to the worker's user"),
         (.setgid, "exec-worker changes to the worker's group and supplementary groups"),
         (.kill, "signal workers (and what they forked) that run as another user"),
+        (.sysPtrace, "copy an adopted worker's sockets out of it (pidfd_getfd) when it runs as another user: after a crash, a kill or `daemon reexec`"),
     ]
 
     /// The capabilities needed after start-up on this kernel: without CAP_BPF (before 5.8, or

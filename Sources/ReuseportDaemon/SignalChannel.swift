@@ -7,7 +7,7 @@ import ReuseportKit
 /// as readable input rather than in a handler. They are blocked in the daemon; workers are
 /// spawned with an empty mask (WorkerSpawn).
 final class SignalChannel {
-    static let handled: [Int32] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP]
+    static let handled: [Int32] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGUSR2]
     let descriptor: OwnedDescriptor
 
     init(_ signals: [Int32] = SignalChannel.handled) throws {

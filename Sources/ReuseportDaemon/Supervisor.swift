@@ -49,6 +49,14 @@ final class Supervisor {
     var stallCheckFailing = false
     /// The stall check's netlink socket, kept open: a daemon out of descriptors still samples.
     var sockDiag: OwnedDescriptor?
+    /// When this image of the daemon started (CLOCK_REALTIME): `status` says it, so that a
+    /// client sees an exec in place happen.
+    let imageStartedAtNs = WallClock.nanoseconds()
+    /// A `reexec` was asked for (control request or SIGUSR2): the loop execs once the answer is out.
+    var reexecRequested = false
+    /// The workers' output pipes an exec of this daemon handed over, by worker pid: the adopted
+    /// workers' output goes on being read (`WorkerOutput.inherited`).
+    var inheritedOutputs: [pid_t: OwnedDescriptor] = [:]
     /// The last thing that happened (a worker exit, a reload, the stop), one line for the
     /// service manager's `STATUS=` (ServiceManagerNotifier).
     var lastEvent: String?
@@ -188,6 +196,9 @@ final class Supervisor {
                 }
             }
         }
+        // Pipes of workers that were not adopted (they exited during the exec).
+        for pipe in inheritedOutputs.values { pipe.close() }
+        inheritedOutputs.removeAll()
         nextStallCheck = MonotonicClock.nanoseconds() + Supervisor.stallCheckIntervalNs
         if hasStallCheck { sockDiag = try? SocketDiagnostics.openSocket() }
     }
@@ -236,6 +247,7 @@ final class Supervisor {
                 try spawnWorker(service, slot, cgroup: cgroup, output: writeEnd.fd)
             }
             output.logger[metadataKey: "pid"] = "\(pid)"
+            output.pid = pid
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)
             processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup)
@@ -260,6 +272,17 @@ final class Supervisor {
         }
     }
 
+    /// Why an exec of the daemon now would lose track of something, or nil when it may go ahead.
+    /// Workers being stopped are refused: their deadlines live only in this image.
+    var reexecRefusal: String? {
+        if stopping { return "the daemon is stopping" }
+        let busy = retiring.count + draining.count
+        guard busy == 0 else {
+            return "\(busy) workers are being stopped (retired, or draining a removed slot): ask again once they are gone"
+        }
+        return nil
+    }
+
     /// Takes over what a previous daemon's rows name (WorkerAdoption): adopted workers run on
     /// their slots, supervised through their pidfds; workers that are the slot's but whose
     /// sockets could not be taken over are stopped; processes that are not the slot's worker are
@@ -273,7 +296,7 @@ final class Supervisor {
                 continue
             }
             workers[worker.pid] = (service, slot)
-            processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: nil)
+            processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: WorkerCgroups.cgroup(of: worker.pid))
             pidfds[worker.pid] = worker.pidfd
             slot.pid = worker.pid
             slot.startTime = worker.startTime
@@ -288,6 +311,15 @@ final class Supervisor {
             service.lastReadyAt = now
             service.adoptedWorkers += 1
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .running)
+            if let pipe = inheritedOutputs.removeValue(forKey: worker.pid) {
+                var logger = service.logger
+                logger[metadataKey: "slot"] = "\(slot.index)"
+                logger[metadataKey: "pid"] = "\(worker.pid)"
+                if let output = try? WorkerOutput.inherited(pipe, logger: logger, drops: drops(of: service, slot)) {
+                    output.pid = worker.pid
+                    outputs[output.descriptor.fd] = output
+                }
+            }
             let cookies = worker.sockets.compactMap { try? $0.cookie() }.map(String.init).joined(separator: ", ")
             service.logger.notice("slot \(slot.index): adopted worker pid \(worker.pid) with its socket (cookie \(cookies))")
         }

@@ -18,6 +18,8 @@ final class WorkerOutput {
     let descriptor: OwnedDescriptor
     /// Labelled with service and slot; the pid is added once the worker is spawned.
     var logger: Logger
+    /// The worker writing to it, once spawned.
+    var pid: pid_t?
     /// The slot's drop counts (they outlive this worker).
     let drops: OutputDrops
     private var pending: [UInt8] = []
@@ -44,6 +46,14 @@ final class WorkerOutput {
         // Only the daemon's end is non-blocking: the worker's writes block as usual.
         try ends.read.setNonBlocking(true)
         return (WorkerOutput(descriptor: ends.read, logger: logger, drops: drops), ends.write)
+    }
+
+    /// The read end of a pipe a worker writes to, kept open across the daemon's exec of itself
+    /// (`Daemon.reexec`): the worker's output goes on being logged, and nothing is lost.
+    static func inherited(_ descriptor: OwnedDescriptor, logger: Logger, drops: OutputDrops) throws -> WorkerOutput {
+        try Syscall.setCloseOnExec(descriptor.fd, true)
+        try descriptor.setNonBlocking(true)
+        return WorkerOutput(descriptor: descriptor, logger: logger, drops: drops)
     }
 
     private init(descriptor: OwnedDescriptor, logger: Logger, drops: OutputDrops) {

@@ -119,9 +119,18 @@ struct WorkerCgroups {
         return nil
     }
 
-    /// The daemon's own cgroup v2 path, from /proc/self/cgroup ("0::/PATH").
-    static func ownCgroup() -> String? {
-        guard let bytes = try? Syscall.readFile("/proc/self/cgroup") else { return nil }
+    /// The cgroup folder of an adopted worker, if it is a worker start's (in a `reuseportd-<pid>`
+    /// folder, this daemon's or a previous one's): everything it forked is tracked with it again.
+    static func cgroup(of pid: pid_t) -> String? {
+        guard let mount = cgroup2Mount(), let path = ownCgroup(process: "\(pid)") else { return nil }
+        let folder = mount + path
+        let parent = folder.split(separator: "/").dropLast().last ?? ""
+        return parent.hasPrefix("reuseportd-") ? folder : nil
+    }
+
+    /// A process's cgroup v2 path, from /proc/<process>/cgroup ("0::/PATH").
+    static func ownCgroup(process: String = "self") -> String? {
+        guard let bytes = try? Syscall.readFile("/proc/\(process)/cgroup") else { return nil }
         return String(decoding: bytes, as: UTF8.self).split(separator: "\n")
             .first { $0.hasPrefix("0::") }.map { String($0.dropFirst(3)) }
     }

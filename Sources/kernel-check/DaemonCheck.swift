@@ -10,7 +10,7 @@ import ReuseportTestSupport
 /// the workers from its pinned rp_slot_state, SIGKILL one worker, and check that every flow
 /// is answered from the same slot before and after, the killed slot's by the new worker.
 enum DaemonCheck {
-    static let all: [Check] = [endToEnd]
+    static let all: [Check] = [endToEnd, adoption]
 
     static let slots: UInt32 = 4
     static let flows = 64
@@ -23,21 +23,29 @@ enum DaemonCheck {
         return TestDaemon.builtBinary
     }
 
-    static let endToEnd = Check(
-        "daemon-end-to-end",
-        "reuseportd with 4 whoami workers: SIGKILL one, every flow keeps its slot (the replacement answers)"
-    ) { context in
+    static let config = """
+        [[service]]
+        name = "\(service)"
+        listen = ["udp://127.0.0.1:0"]
+        workers = \(slots)
+        builtin = "whoami"
+        """
+
+    /// The reuseportd binary to run; a skip when there is none.
+    static func binary() throws -> String {
         let binary = daemonPath
         guard access(binary, X_OK) == 0 else {
             throw CheckSkip(description: "no reuseportd at \(binary) (build it beside kernel-check, or set REUSEPORTD)")
         }
-        let daemon = try TestDaemon(config: """
-            [[service]]
-            name = "\(service)"
-            listen = ["udp://127.0.0.1:0"]
-            workers = \(slots)
-            builtin = "whoami"
-            """, binary: binary, pinRoot: TestPinRoot.unique("kernel-check"), logLevel: nil)
+        return binary
+    }
+
+    static let endToEnd = Check(
+        "daemon-end-to-end",
+        "reuseportd with 4 whoami workers: SIGKILL one, every flow keeps its slot (the replacement answers)"
+    ) { context in
+        let daemon = try TestDaemon(config: config, binary: binary(), pinRoot: TestPinRoot.unique("kernel-check"),
+                                    logLevel: nil)
         defer { daemon.stop() }
         let layout = PinLayout(root: daemon.pinRoot, service: service)
         func failure(_ what: String) -> CheckFailure {
@@ -94,6 +102,52 @@ enum DaemonCheck {
                            "\(answeredByNew) of \(victimFlows.count) flows of slot \(victim) answered by its new worker")
         return "\(flows) flows on predicted slots; slot \(victim)'s worker killed, replaced (pid \(before[victim]!) -> "
             + "\(after[victim]!)), 0 flows moved, all answered in \(restartMs) ms"
+    }
+
+    /// The data plane outlives its daemon: SIGKILL the daemon, every flow is still answered by the
+    /// same worker; a second daemon on the same pins adopts every worker (same pids, through
+    /// pidfd_open and pidfd_getfd) and no flow changes slot or worker.
+    static let adoption = Check(
+        "daemon-adopts-workers",
+        "reuseportd SIGKILLed: its 4 workers serve on; a new daemon on the pins adopts them (same pids, same slots)"
+    ) { context in
+        let binary = try binary()
+        let first = try TestDaemon(config: config, binary: binary, pinRoot: TestPinRoot.unique("kernel-check"), logLevel: nil)
+        func failure(_ what: String) -> CheckFailure { CheckFailure(description: "\(what); daemon log: \(first.logTail())") }
+        let services = try waitFor("every worker running", failure) { () -> [ServiceStatus]? in
+            if let status = first.checkExited() { throw failure("reuseportd exited (status \(status))") }
+            let services = try? first.status()
+            return services?.first?.slots.allSatisfy({ $0.state == "running" && $0.pid != nil }) == true ? services : nil
+        }
+        let port = try Endpoint(parsing: services[0].listeners[0]).address.port
+        let destination = SocketAddress(.loopbackV4, port)
+        let clients = try Traffic.clients(flows, on: .loopbackV4)
+        let before = try ask(clients, destination, round: 1)
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 10_000)
+        let orphaned = try ask(clients, destination, round: 2)
+        let second = try TestDaemon(config: config, binary: binary, pinRoot: first.pinRoot, logLevel: nil)
+        defer { second.stop() }
+        let adopted = try waitFor("the new daemon's workers", failure) { () -> ServiceStatus? in
+            if let status = second.checkExited() { throw failure("the second reuseportd exited (status \(status))") }
+            let service = try? second.status().first
+            return service?.slots.allSatisfy({ $0.state == "running" && $0.pid != nil }) == true ? service : nil
+        }
+        let after = try ask(clients, destination, round: 3)
+        func worker(_ answers: [SocketAddress: WhoamiReply], _ client: FlowClient) -> String? {
+            answers[client.local].map { "\($0.slot)/\($0.pid)" }
+        }
+        let unanswered = clients.filter { orphaned[$0.local] == nil }.count
+        let changed = clients.filter { worker(before, $0) != worker(orphaned, $0) || worker(before, $0) != worker(after, $0) }.count
+        context.record("answered_without_daemon", "\(flows - unanswered)/\(flows)")
+        context.record("adopted", adopted.adoptedWorkers ?? -1)
+        context.record("flows_changed_worker", "\(changed)/\(flows)")
+        try context.expect(before.count == flows && unanswered == 0, "\(unanswered) of \(flows) flows unanswered with no daemon")
+        try context.expect(adopted.slots.map(\.pid) == services[0].slots.map(\.pid),
+                           "worker pids \(services[0].slots.map(\.pid)) became \(adopted.slots.map(\.pid))")
+        try context.expect(adopted.adoptedWorkers == Int(slots), "\(adopted.adoptedWorkers ?? 0) workers adopted")
+        try context.expect(changed == 0, "\(changed) of \(flows) flows changed worker")
+        return "\(flows) flows answered with no daemon; \(slots) workers adopted (same pids); 0 flows changed worker"
     }
 
     /// Sends one datagram per client (no second try) and reads each whoami answer, by client.

@@ -24,11 +24,11 @@ let usage = """
                       (also KERNEL_CHECK_BREAK=CHECK)
       --timeout S     per-check time limit (default 120)
       --no-values     leave out the VALUE lines (measurements)
-    internal: kernel-check run-one CHECK [--broken] | reopen-pins ROOT SERVICE
+    internal: kernel-check run-one CHECK [--broken] | reopen-pins ROOT SERVICE | hold
     """
 
 let checks: [Check] = ProgramChecks.all + SteeringChecks.all + QuicChecks.all + SocketArrayChecks.all + PinChecks.all
-    + DaemonCheck.all
+    + ProcessChecks.all + DaemonCheck.all
 
 func fail(_ message: String, status: Int32 = 2) -> Never {
     Output.error("kernel-check: \(message)")
@@ -123,6 +123,9 @@ func main() -> Int32 {
             fail("run-one needs a check name")
         }
         return runOne(check, broken: arguments.dropFirst(2).contains("--broken"))
+    case "hold":
+        // A process that holds what it inherited until it is killed (pidfd-getfd-socket).
+        while true { pause() }
     case "reopen-pins":
         guard arguments.count == 3 else { fail("reopen-pins needs ROOT SERVICE") }
         do {

@@ -20,7 +20,7 @@ struct ReuseportCtl: ParsableCommand {
             """,
         subcommands: [
             MapCommand.self, WhichCommand.self, FlowsCommand.self, StatsCommand.self,
-            RestartCommand.self, ScaleCommand.self, ReloadCommand.self,
+            RestartCommand.self, ScaleCommand.self, ReloadCommand.self, DaemonCommand.self,
             FeaturesCommand.self, ServeMetricsCommand.self,
         ]
     )

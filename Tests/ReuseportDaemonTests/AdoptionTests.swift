@@ -108,4 +108,85 @@ import Testing
         #expect(stranger.wait(timeoutMs: 0) == nil, "the unrelated process was not signalled")
         #expect(try maps.readSlotState(1).pid == UInt32(service.slots[1].pid ?? 0))
     }
+
+    /// `reexec` under 256 flows sending every 100 ms: the daemon execs itself in place; 0
+    /// datagrams lost, the same daemon pid, the same worker pids (adopted by the new image).
+    @Test func reexecKeepsThePidTheWorkersAndEveryDatagram() throws {
+        let daemon = try TestDaemon(config: Self.config("inplace"))
+        let services = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(services, "inplace")
+        let pids = services[0].slots.map(\.pid)
+        let before = try daemon.request(ControlRequest(command: .status)).daemon
+        let sessions = try FlowTrackingTests.Sessions(256, periodMs: 100)
+        var answer: ControlResponse?
+        try sessions.run(30, to: destination) { round in
+            if round == 10 { answer = try daemon.request(ControlRequest(command: .reexec)) }
+        }
+        #expect(answer?.ok == true, "\(String(describing: answer))")
+        let status = try daemon.waitFor("the new image") { _ in
+            (try? daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs) != before?.startedAtNs
+        }[0]
+        let after = try daemon.request(ControlRequest(command: .status)).daemon
+        print("reexec under 256 flows × \(sessions.rounds) rounds: \(sessions.lost) lost, \(sessions.moved.count) "
+            + "changed worker; daemon \(String(describing: before)) → \(String(describing: after)); "
+            + "adopted \(status.adoptedWorkers ?? -1), pids \(pids) → \(status.slots.map(\.pid))")
+        #expect(daemon.checkExited() == nil, "the daemon process lives on")
+        #expect(after?.pid == before?.pid && after?.startedAtNs != before?.startedAtNs, "same pid, new image")
+        #expect(status.slots.map(\.pid) == pids && status.adoptedWorkers == 4, "the same workers, adopted")
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty)
+        // The new image supervises them: a worker that dies is replaced.
+        let victim = try #require(pids[2])
+        kill(victim, SIGKILL)
+        try daemon.waitFor("slot 2 has a new running worker") { services in
+            services[0].slots[2].pid != victim && services[0].slots[2].state == "running"
+        }
+    }
+
+    /// A reexec into a binary that exits at once: the daemon process is gone, the workers serve
+    /// on, and the next daemon started on the pins adopts them all.
+    @Test func reexecIntoABrokenBinaryLeavesTheWorkersServing() throws {
+        let folder = try TemporaryDirectory("reuseportd-reexec")
+        let binary = "\(folder.path)/reuseportd"
+        try FileManager.default.copyItem(atPath: TestDaemon.builtBinary, toPath: binary)
+        let daemon = try TestDaemon(config: Self.config("broken"), binary: binary)
+        let services = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(services, "broken")
+        let pids = services[0].slots.map(\.pid)
+        // Replaced as a package upgrade does: a new file renamed over the old path.
+        let broken = try folder.write("new", "#!/bin/sh\nexit 3\n")
+        chmod(broken, 0o755)
+        #expect(rename(broken, binary) == 0)
+        let sessions = try FlowTrackingTests.Sessions(256, periodMs: 100)
+        try sessions.run(20, to: destination) { round in
+            if round == 5 { _ = try daemon.request(ControlRequest(command: .reexec)) }
+        }
+        #expect(daemon.waitForExit(timeoutMs: 5000) == 3, "the new image exited with its status")
+        #expect(pids.compactMap { $0 }.allSatisfy(processExists), "every worker lives on")
+        let next = try TestDaemon(config: Self.config("broken"), pinRoot: daemon.pinRoot)
+        let adopted = try next.waitForWorkers()[0]
+        try sessions.run(5, to: destination)
+        print("reexec into a binary that exits: \(sessions.lost) of \(256 * sessions.rounds) datagrams lost; "
+            + "the next daemon adopted \(adopted.adoptedWorkers ?? -1), pids \(pids) → \(adopted.slots.map(\.pid))")
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty)
+        #expect(adopted.slots.map(\.pid) == pids && adopted.adoptedWorkers == 4)
+    }
+
+    /// Workers that run as another user (nobody) are adopted too: copying their sockets out
+    /// (pidfd_getfd) takes CAP_SYS_PTRACE, which the daemon keeps (and `make
+    /// test-least-privilege` runs this with only the documented capabilities).
+    @Test func workersOfAnotherUserAreAdopted() throws {
+        let config = serviceTable("nobody", workers: 2, extra: "user = \"nobody\"")
+        let first = try TestDaemon(config: config)
+        let services = try first.waitForWorkers()
+        let pids = services[0].slots.map(\.pid)
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+        let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
+        let adopted = try second.waitForWorkers()[0]
+        print("workers of user nobody: pids \(pids) → \(adopted.slots.map(\.pid)), adopted \(adopted.adoptedWorkers ?? -1)")
+        #expect(adopted.slots.map(\.pid) == pids && adopted.adoptedWorkers == 2, "\(second.logTail(8))")
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let reply = try Whoami.ask([client], to: udpEndpoint(services, "nobody")).first!
+        #expect(reply.map { pids.contains(Int32($0.pid)) } == true, "an adopted worker answers")
+    }
 }

@@ -241,8 +241,9 @@ struct FlowTrackingTests {
 
     /// The daemon is killed with SIGKILL in the middle of a scale 4 → 6 (learning, or draining
     /// after the switch) and started again on the same pins with the same file (which still says
-    /// 4 workers): it resumes the change from the pinned maps, every recorded flow is served on
-    /// its slot again, the change completes at 6 slots, and new flows reach the new slots.
+    /// 4 workers): it adopts the 6 workers, resumes the change from the pinned maps, every
+    /// recorded flow is served by its worker again, the change completes at 6 slots, and new
+    /// flows reach the new slots.
     @Test(arguments: ["learning", "draining"])
     func aDaemonKilledMidChangeFinishesIt(_ phase: String) throws {
         let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
@@ -266,15 +267,17 @@ struct FlowTrackingTests {
         _ = first.waitForExit(timeoutMs: 5000)
 
         let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
-        _ = try second.waitFor("6 slots with a running worker") { services in
+        let adopted = try second.waitFor("6 slots with a running worker") { services in
             services[0].slots.filter { $0.state == "running" }.count == 6
-        }
-        // Every flow still reaches the slot it had before the scale (workers are new: the old
-        // ones died with the daemon).
+        }[0]
+        #expect(adopted.adoptedWorkers == 6, "the killed daemon's 6 workers were adopted")
+        // Every flow still reaches the slot it had before the scale, and the same worker.
         var landed: [UInt32] = []
-        for client in sessions.numbered.clients {
-            let reply = try Whoami.ask([client], to: destination, attempts: 5).first!
-            landed.append(try #require(reply).slot)
+        var newWorker: [Int] = []
+        for (index, client) in sessions.numbered.clients.enumerated() {
+            let reply = try #require(try Whoami.ask([client], to: destination, attempts: 5).first!)
+            landed.append(reply.slot)
+            if !sessions.workers[index].contains("\(reply.slot)/\(reply.pid)") { newWorker.append(index) }
         }
         let moved = landed.indices.filter { landed[$0] != before[$0] }
         let recordedSources = Set(records.map(\.flow.source))
@@ -284,6 +287,7 @@ struct FlowTrackingTests {
         #expect(records.count > 30, "the moving buckets' flows were recorded before the kill")
         #expect(movedRecorded.isEmpty, "no recorded flow moved")
         if phase == "draining" { #expect(moved.isEmpty, "every live flow was recorded and stays") }
+        #expect(newWorker.isEmpty, "\(newWorker.count) flows answered by a worker they had not met before the kill")
         let resumed = try Self.maps(second, "resume")
         _ = try second.waitFor("the change switched", timeoutMs: 10_000) { _ in
             (try? resumed.readTransition().phase) != RP_TRANSITION_LEARNING.rawValue

@@ -14,7 +14,7 @@ struct PrivilegeTests {
     /// The list in docs/operations.md and dist/reuseportd.service's CapabilityBoundingSet=.
     static let documented: [(Capability, String)] = [
         (.bpf, "bpf"), (.perfmon, "perfmon"), (.netAdmin, "net_admin"), (.netBindService, "net_bind_service"),
-        (.setuid, "setuid"), (.setgid, "setgid"), (.kill, "kill"),
+        (.setuid, "setuid"), (.setgid, "setgid"), (.kill, "kill"), (.sysPtrace, "sys_ptrace"),
     ]
     static let documentedSet = CapabilitySet(documented.map(\.0))
 

@@ -47,3 +47,23 @@ extension Syscall {
         }
     }
 }
+
+/// The calls of a daemon that execs itself in place (same pid, same children).
+extension Syscall {
+    /// fcntl(F_SETFD): whether `fd` is closed by execve(2).
+    public static func setCloseOnExec(_ fd: FileDescriptor, _ on: Bool) throws {
+        _ = try retrying("fcntl(F_SETFD, fd \(fd.rawValue))") { fcntl(fd.rawValue, F_SETFD, on ? FD_CLOEXEC : 0) }
+    }
+
+    /// execve(2): replaces this process's program; returns only by throwing. Blocked signals
+    /// stay blocked and pending ones pending (a SIGCHLD is not lost), children stay children.
+    public static func execute(_ path: String, arguments: [String], environment: [String]) throws -> Never {
+        let argv = CStringArray(arguments)
+        let envp = CStringArray(environment)
+        execve(path, argv.pointers, envp.pointers)
+        let code = errno
+        argv.free()
+        envp.free()
+        throw ReuseportError.system("execve(\(path))", code)
+    }
+}

@@ -38,7 +38,7 @@ func fuzzControlRequest(_ bytes: UnsafeRawBufferPointer) {
             guard services[position].slots.contains(slot) else { fatalError("\(action): no such slot") }
         case .scale(let position, let workers, _, _):
             guard (1...services[position].bucketCount).contains(workers) else { fatalError("\(action): bad count") }
-        case .status, .reload:
+        case .status, .reload, .reexec:
             break
         }
     }
