@@ -166,4 +166,37 @@ struct SocketStoreTests {
         #expect(!cookies.contains(try elsewhere.cookie()) && cookies.allSatisfy { $0 != nil }, "new sockets at both slots")
         #expect(daemon.stop() == 0)
     }
+
+    @Test("a scale-up stores the new slots' sockets, a scale-down and a removed service drop theirs, a rebuild replaces them")
+    func storeFollowsTheSlots() throws {
+        func config(_ workers: Int, name: String = "fdscale", rcvbuf: String = "") -> String {
+            serviceTable(name, workers: workers, extra: "ready_after_ms = 100\nflow_tracking = false\n\(rcvbuf)")
+        }
+        let receiver = try Receiver(abstract: true)
+        let daemon = try TestDaemon(config: config(2), environment: ["NOTIFY_SOCKET": receiver.address, "FDSTORE": "16"])
+        try #require(try receiver.waitFor { ServiceManagerTests.has($0, "READY=1") } != nil,
+                     "no READY=1; log: \(daemon.logTail(10))")
+        var seen = 0
+        func storeMessages(after reload: String) throws -> [String] {
+            try daemon.rewriteConfig(reload)
+            let response = try daemon.request(ControlRequest(command: .reload))
+            #expect(response.ok, "\(response.error ?? "")")
+            try receiver.waitFor(timeoutMs: 1500) { _ in false }
+            defer { seen = receiver.messages.count }
+            return receiver.messages.dropFirst(seen).map(\.text).filter { $0.hasPrefix("FDSTORE") }
+                .map { $0.replacingOccurrences(of: "\n", with: " ") }
+        }
+        seen = receiver.messages.count
+        #expect(try storeMessages(after: config(3)) == ["FDSTORE=1 FDNAME=svc.fdscale.l0.s2.g0"])
+        #expect(try storeMessages(after: config(1)) == ["FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s1.g0",
+                                                        "FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s2.g0"])
+        // rcvbuf changes the sockets: the service is rebuilt on new ones under the same names.
+        #expect(try storeMessages(after: config(1, rcvbuf: "rcvbuf = 262144"))
+                == ["FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s0.g0", "FDSTORE=1 FDNAME=svc.fdscale.l0.s0.g0"])
+        #expect(try storeMessages(after: config(1, name: "fdother"))
+                == ["FDSTORE=1 FDNAME=svc.fdother.l0.s0.g0", "FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s0.g0"])
+        #expect(daemon.stop() == 0)
+        try receiver.waitFor(timeoutMs: 200) { _ in false }
+        #expect(receiver.messages.dropFirst(seen).allSatisfy { !$0.text.hasPrefix("FDSTORE") }, "a stop drops nothing")
+    }
 }
