@@ -113,6 +113,8 @@ struct SocketStoreTests {
                      "no READY=1; log: \(second.logTail(10))")
         #expect(try Self.cookies(second, service: "fd", slots: workers) == pinned, "log: \(second.logTail(10))")
         #expect(try second.status().first?.listeners == services.first?.listeners)
+        // No socket was bound beside the reused ones.
+        #expect(kernelUDPSockets(ports: [destination.port]).count == workers)
         // Reused sockets are in the store already: not sent again. The stranger is dropped from it.
         #expect(next.passing("FDSTORE=1").isEmpty)
         #expect(next.with("FDSTOREREMOVE=1") == ["FDSTOREREMOVE=1\nFDNAME=svc.gone.l0.s0.g0"])
