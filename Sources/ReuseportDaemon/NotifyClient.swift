@@ -6,7 +6,8 @@ import SystemPackage
 
 /// The sending side of sd_notify(3), used twice: by the built-in workers towards the daemon
 /// (`READY=1` once serving, `WATCHDOG=1`), and by the daemon towards its own service manager
-/// (ServiceManagerNotifier.swift). `WATCHDOG=1` is due every half of `WATCHDOG_USEC` when a
+/// (ServiceManagerNotifier.swift, and SocketStore.swift for the fd store, whose messages pass
+/// descriptors along). `WATCHDOG=1` is due every half of `WATCHDOG_USEC` when a
 /// watchdog is asked for (as sd_watchdog_enabled(3) advises). `NOTIFY_SOCKET` is a path or, with
 /// a leading "@", an abstract socket name. Without it nothing is sent, so a built-in worker also
 /// runs under systemd-socket-activate or by hand, and the daemon from a shell.
