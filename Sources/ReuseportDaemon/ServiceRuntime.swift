@@ -162,14 +162,25 @@ final class ServiceRuntime {
             logger.notice(
                 "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone")
         } else {
-            // Pins a killed daemon left keep its program and socket arrays alive, and a socket
-            // cannot enter a second array while it is in one: they go before stored sockets enter.
-            if !existing.isEmpty, pins.exists {
-                logger.notice("removing the pins left at \(pins.serviceDirectory): their arrays hold the stored sockets")
-                pins.remove()
+            // Stored sockets are still in the previous daemon's arrays, which live as long as its
+            // program is attached (or pinned), and a socket cannot enter a second array (EBUSY).
+            // So its pins go and its programs are detached before they enter this plane's arrays;
+            // this plane's programs are attached only then, once the arrays and tables are full.
+            // Meanwhile the kernel spreads datagrams over the group by its own hash: no datagram
+            // is dropped, but for those milliseconds one may reach another slot's socket.
+            let reusing = !existing.isEmpty
+            if reusing {
+                if pins.exists {
+                    logger.notice("removing the pins left at \(pins.serviceDirectory): their arrays hold the stored sockets")
+                    pins.remove()
+                }
+                for listener in endpoints.indices {
+                    try existing.values.lazy.compactMap { listener < $0.count ? $0[listener] : nil }.first?.detachProgram()
+                }
             }
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
-                                         attach: !staged, existing: existing)
+                                         attach: !staged && !reusing, existing: existing)
+            if reusing && !staged { try plane.attachPrograms() }
         }
         slots = []
         if !staged {

@@ -106,4 +106,18 @@ public final class ReuseportSocket: @unchecked Sendable {
         try Syscall.setOption(fd.rawValue, SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, program.programFD,
                               "SO_ATTACH_REUSEPORT_EBPF, \(endpoint)")
     }
+
+    /// Detaches the program of this socket's group, if it has one (SO_DETACH_REUSEPORT_BPF, 5.3):
+    /// until a program is attached again, the kernel picks a member of the group by its own hash.
+    /// Returns false when the group had none (ENOENT).
+    @discardableResult
+    public func detachProgram() throws -> Bool {
+        do {
+            try Syscall.setOption(fd.rawValue, SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, Int32(0),
+                                  "SO_DETACH_REUSEPORT_BPF, \(endpoint)")
+            return true
+        } catch let error as ReuseportError where error.errno == ENOENT {
+            return false
+        }
+    }
 }

@@ -32,10 +32,10 @@ func serviceTable(_ name: String, listen: [String] = ["udp://127.0.0.1:0"], work
     """
 }
 
-/// Every UDP socket bound to one of `ports`, as its line of /proc/net/udp or udp6 in fields (the
-/// kernel lists each socket once, however many descriptors it has).
-func kernelUDPSockets(ports: Set<UInt16>) -> [[Substring]] {
-    var sockets: [[Substring]] = []
+/// The kernel's receive drops (/proc/net/udp and udp6, last column) of every UDP socket bound to
+/// one of `ports`: datagrams that did not fit a socket's receive buffer.
+func kernelUDPDrops(ports: Set<UInt16>) -> Int {
+    var drops = 0
     for table in ["/proc/net/udp", "/proc/net/udp6"] {
         let text = (try? String(contentsOfFile: table, encoding: .utf8)) ?? ""
         for line in text.split(separator: "\n").dropFirst() {
@@ -43,16 +43,10 @@ func kernelUDPSockets(ports: Set<UInt16>) -> [[Substring]] {
             guard fields.count >= 13, let colon = fields[1].lastIndex(of: ":"),
                   let port = UInt16(fields[1][fields[1].index(after: colon)...], radix: 16), ports.contains(port)
             else { continue }
-            sockets.append(fields)
+            drops += Int(fields[fields.count - 1]) ?? 0
         }
     }
-    return sockets
-}
-
-/// The kernel's receive drops (/proc/net/udp and udp6, last column) of every UDP socket bound to
-/// one of `ports`: datagrams that did not fit a socket's receive buffer.
-func kernelUDPDrops(ports: Set<UInt16>) -> Int {
-    kernelUDPSockets(ports: ports).reduce(0) { $0 + (Int($1[$1.count - 1]) ?? 0) }
+    return drops
 }
 
 /// Flows that each send numbered datagrams (`"<flow> <seq>"`) to a whoami service and read the
