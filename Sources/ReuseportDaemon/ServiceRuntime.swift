@@ -93,8 +93,12 @@ final class ServiceRuntime {
     /// there) until `takeOver(from:)` and `pinInPlace()`. With `predecessor` (the running
     /// runtime of the same service), a listener configured with port 0 as before keeps the
     /// port it got.
+    ///
+    /// `inherited`: this service's sockets the daemon's previous image handed over across its exec
+    /// (InheritedSockets), by slot and listener; used where no adopted worker gave them back.
     init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger, ownGroups: Set<Endpoint> = [],
-         staged: Bool = false, predecessor: ServiceRuntime? = nil) throws {
+         staged: Bool = false, predecessor: ServiceRuntime? = nil,
+         inherited: [UInt32: [Int: OwnedDescriptor]] = [:]) throws {
         self.configuration = configuration
         var logger = logger
         logger[metadataKey: "service"] = "\(configuration.name)"
@@ -115,23 +119,30 @@ final class ServiceRuntime {
         // its running workers are adopted with their sockets, and a placement change it left is
         // finished, not dropped, so no flow moves.
         var pinned: DispatchMaps?
+        var existing: [UInt32: [ReuseportSocket]] = [:]
         if !staged, let maps = ServiceDataPlane.resumable(at: pins, options: options),
            let config = try? maps.readConfig(), let change = try? maps.readTransition()
         {
             let limit = min(max(Int(config.slot_count), Int(change.socket_slots)), Int(RP_MAX_SLOTS))
             let found = WorkerAdoption(maps: maps, pins: pins, endpoints: endpoints, slotLimit: limit)
-            if found.foundWorkers || change.phase != RP_TRANSITION_NONE.rawValue {
+            existing = found.sockets
+            let handedOver = Self.check(inherited.filter { found.sockets[$0.key] == nil }, endpoints: endpoints,
+                                        pins: pins, logger: logger)
+            existing.merge(handedOver) { adopted, _ in adopted }
+            if found.foundWorkers || !handedOver.isEmpty || change.phase != RP_TRANSITION_NONE.rawValue {
                 pinned = maps
                 adoption = found
+                handedOverSlots = handedOver.count
             }
         }
-        // The previous daemon's workers hold these addresses: the groups are this service's own.
-        for endpoint in endpoints where !ownGroups.contains(endpoint) && adoption?.foundWorkers != true {
+        // The previous daemon's workers (or sockets) hold these addresses: the groups are this
+        // service's own.
+        for endpoint in endpoints where !ownGroups.contains(endpoint) && adoption?.foundWorkers != true && existing.isEmpty {
             try ListenerClaim.checkFree(endpoint)
         }
         if let pinned, let adoption {
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
-                                         existing: adoption.sockets,
+                                         existing: existing,
                                          socketArrays: endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) })
             let change = try plane.maps.readTransition()
             if change.phase != RP_TRANSITION_NONE.rawValue {
@@ -145,7 +156,7 @@ final class ServiceRuntime {
                 if configuration.workers != plane.slots.count { workersAfterAdoption = configuration.workers }
             }
             logger.notice(
-                "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone")
+                "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone; \(handedOverSlots) more slots' sockets handed over")
         } else {
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
                                          attach: !staged)
@@ -220,6 +231,33 @@ final class ServiceRuntime {
             if before.placement(of: flow).slot != after.placement(of: flow).slot { moved += 1 }
         }
         return Double(moved) / Double(samples)
+    }
+
+    /// Slots whose sockets the daemon's previous image handed over (no adopted worker had them).
+    private(set) var handedOverSlots = 0
+
+    /// The handed-over sockets (`inherited`) that are this service's: for each slot, one per
+    /// listener, each the socket this daemon makes for that listener (ReuseportSocket(adopting:))
+    /// and the one the pinned array holds at the slot (same cookie). Others are logged and closed.
+    private static func check(_ inherited: [UInt32: [Int: OwnedDescriptor]], endpoints: [Endpoint], pins: PinLayout,
+                              logger: Logger) -> [UInt32: [ReuseportSocket]] {
+        let arrays = endpoints.indices.map { try? SocketArray(pinned: pins, listener: $0) }
+        var checked: [UInt32: [ReuseportSocket]] = [:]
+        for (slot, byListener) in inherited {
+            do {
+                checked[slot] = try endpoints.indices.map { index in
+                    guard let descriptor = byListener[index] else { throw AdoptionError("no socket for listener \(index)") }
+                    let socket = try ReuseportSocket(adopting: descriptor, expected: endpoints[index])
+                    guard let cookie = try arrays[index]?.cookie(at: slot), try socket.cookie() == cookie else {
+                        throw AdoptionError("listener \(index)'s socket is not the one the pinned array holds at the slot")
+                    }
+                    return socket
+                }
+            } catch {
+                logger.warning("slot \(slot): a handed-over socket is not used: \(error)")
+            }
+        }
+        return checked
     }
 
     /// Hands what was found of a previous daemon's workers to the supervisor, once.

@@ -55,6 +55,8 @@ final class Supervisor {
     /// The workers' output pipes an exec of this daemon handed over, by worker pid: the adopted
     /// workers' output goes on being read (`WorkerOutput.inherited`).
     var inheritedOutputs: [pid_t: OwnedDescriptor] = [:]
+    /// The slot sockets an exec of this daemon handed over (the services take theirs as they start).
+    var inheritedSockets = InheritedSockets()
     /// The last thing that happened (a worker exit, a reload, the stop), one line for the
     /// service manager's `STATUS=` (ServiceManagerNotifier).
     var lastEvent: String?
@@ -79,7 +81,7 @@ final class Supervisor {
         let service: ServiceRuntime
         do {
             service = try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
-                                         ownGroups: ownGroups)
+                                         ownGroups: ownGroups, inherited: inheritedSockets.take(service: configuration.name))
         } catch {
             throw ServiceStartError(service: configuration.name, underlying: error)
         }

@@ -189,4 +189,25 @@ import Testing
         let reply = try Whoami.ask([client], to: udpEndpoint(services, "nobody")).first!
         #expect(reply.map { pids.contains(Int32($0.pid)) } == true, "an adopted worker answers")
     }
+
+    /// A slot whose worker is down at the exec (here every slot: the program exits at once and
+    /// the slots back off) has no worker to give its socket back: the old image hands every
+    /// slot's sockets over itself, and the new image keeps them at their slots (same cookies).
+    @Test func reexecKeepsTheSocketsOfSlotsWithoutAWorker() throws {
+        let daemon = try TestDaemon(config: serviceTable("down", workers: 3, program: "exec = [\"/bin/false\"]"))
+        try daemon.waitFor("the pinned sockets") { _ in
+            ((try? Self.cookies(daemon, "down", slots: 3)) ?? []).allSatisfy { $0 != nil }
+        }
+        let cookies = try Self.cookies(daemon, "down", slots: 3)
+        let identity = try daemon.request(ControlRequest(command: .status)).daemon
+        let answer = try daemon.request(ControlRequest(command: .reexec))
+        #expect(answer.ok, "\(answer)")
+        try daemon.waitFor("the new image") { _ in
+            (try? daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs) != identity?.startedAtNs
+        }
+        let after = try Self.cookies(daemon, "down", slots: 3)
+        print("reexec with every worker down: cookies \(cookies) → \(after)")
+        #expect(after == cookies, "every slot kept its socket across the exec")
+        #expect(daemon.log.contains("3 more slots' sockets handed over"), "\(daemon.logTail(10))")
+    }
 }
