@@ -171,6 +171,9 @@ final class Supervisor {
             logger.warning("cannot become the reaper of workers' orphans: \(error)")
         }
         cgroups = WorkerCgroups.make(logger: logger)
+        // After an exec in place the folder is this pid's already and holds the adopted workers'
+        // cgroups: new ones are numbered after them.
+        workerStarts = cgroups?.lastSequence ?? 0
     }
 
     /// Starts a worker on every slot that has none (adopted workers keep theirs).
