@@ -224,6 +224,7 @@ final class Supervisor {
             slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
             slot.notifiedReady = false
             slot.notifiedStatus = nil
+            slot.readySinceNs = nil
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
             return nil
@@ -243,7 +244,8 @@ final class Supervisor {
     {
         func spawn(inside folder: OwnedDescriptor?) throws -> pid_t {
             try WorkerSpawn(executable: executable,
-                            arguments: workerArguments(service.configuration, cgroup: folder == nil ? cgroup : nil),
+                            arguments: workerArguments(service.configuration(of: slot),
+                                                       cgroup: folder == nil ? cgroup : nil),
                             environment: workerEnvironment(service, slot),
                             sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
                             output: output, cgroup: folder?.fd).start()
@@ -287,8 +289,8 @@ final class Supervisor {
     }
 
     func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
-        WorkerEnvironment.make(service.configuration, listeners: service.plane.listeners.count, slot: slot.index,
-                               notifySocket: notify?.path)
+        WorkerEnvironment.make(service.configuration(of: slot), listeners: service.plane.listeners.count,
+                               slot: slot.index, generation: slot.generation, notifySocket: notify?.path)
     }
 
     /// Reads one chunk of a worker's pipe; forgets it at end of file.
@@ -332,6 +334,7 @@ final class Supervisor {
             logger[metadataKey: "slot"] = "\(slot.index)"
             logger.warning("worker pid \(pid) \(status.sentence) after \(lived / 1_000_000) ms")
             lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(status.sentence)"
+            if upgradeWorkerExited(service, slot, pid: pid, status: status, livedNs: lived, now: now) { continue }
             scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
         }
         forgetFinishedWorkers()
@@ -459,6 +462,7 @@ final class Supervisor {
         do {
             if let moved = try plane.advance(now: now) {
                 service.logger.notice("placement switched: \(moved) buckets moved; recorded flows keep their slot until idle")
+                upgradeSwitched(service, moved: moved, now: now)
             }
             let sweep = try plane.sweep(now: now, forget: plane.failedOver)
             for slot in service.slots { slot.records = sweep.liveBySlot[slot.index] ?? 0 }
@@ -504,6 +508,7 @@ final class Supervisor {
             finish(drain, reason: "it had no worker")
         }
         service.clear(slot)
+        service.pruneDefinitions()
         service.logger.info("slot \(slot.index) retired")
     }
 

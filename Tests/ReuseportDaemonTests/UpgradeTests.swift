@@ -1,0 +1,185 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportControl
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// The upgrades' exec worker (Tests/upgrade/worker.py): answers as whoami does, plus its version.
+enum UpgradeWorker {
+    static let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .appendingPathComponent("upgrade/worker.py").path
+    static let python = "/usr/bin/python3"
+
+    static func program(_ version: String, _ options: [String] = []) -> String {
+        let argv = [python, script, version] + options
+        return "exec = [" + argv.map { "\"\($0)\"" }.joined(separator: ", ") + "]"
+    }
+}
+
+/// Generations: a new worker definition starts on new slots and takes flows only once every new
+/// worker said READY=1; live flows keep their old worker until idle, and a bad deploy never
+/// takes a flow. The real daemon, python workers, real datagrams; the tables read back from the
+/// pinned maps.
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"),
+       .enabled(if: access(UpgradeWorker.python, X_OK) == 0, "the upgrade tests' worker is a python3 script"))
+struct UpgradeTests {
+    static let idleMs = 1000
+
+    static func config(_ version: String, _ options: [String] = [], workers: Int = 4, extra: String = "") -> String {
+        serviceTable("gen", workers: workers, program: UpgradeWorker.program(version, options), extra: """
+            rcvbuf = 8388608
+            notify = true
+            flow_idle_timeout_ms = \(idleMs)
+            drain_signal = "SIGUSR2"
+            \(extra)
+            """)
+    }
+
+    /// Flows labelled by who answered: "pid/version".
+    static func sessions(_ count: Int) throws -> Sessions {
+        try Sessions(count) { "\($0.pid)/\($0.extra["version"] ?? "?")" }
+    }
+
+    static func maps(_ daemon: TestDaemon) throws -> DispatchMaps {
+        try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "gen"))
+    }
+
+    /// The slots the program may steer a new flow to: every slot the bucket table and the
+    /// fallback table name.
+    static func steeredSlots(_ maps: DispatchMaps) throws -> Set<UInt32> {
+        let config = try maps.readConfig()
+        return Set(try maps.readBuckets(count: Int(config.bucket_count))).union(try maps.readFallback())
+    }
+
+    /// v1 → v2 under 256 flows sending every 200 ms: none loses a datagram or changes worker;
+    /// the switch begins only once all four v2 workers sent READY=1 (they wait 1 s to); new flows
+    /// get v2; the v1 workers get the drain signal and are stopped once their flows are idle.
+    @Test func upgradeKeepsLiveFlowsAndWaitsForReady() throws {
+        let daemon = try TestDaemon(config: Self.config("v1"))
+        let before = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(before, "gen")
+        let v1 = Set(before[0].slots.compactMap(\.pid))
+        #expect(before[0].slots.allSatisfy { $0.generation == 1 && $0.notifiedReady == true })
+        let maps = try Self.maps(daemon)
+        let sessions = try Self.sessions(256)
+        try sessions.run(5, to: destination)
+        let readyDelayMs = 1000
+        var steeredWhileStarting: Set<UInt32> = []
+        var sawStarting = false
+        try sessions.run(30, to: destination) { round in
+            if round == 5 {
+                try daemon.rewriteConfig(Self.config("v2", ["--ready-after-ms", "\(readyDelayMs)"]))
+                let response = try daemon.request(ControlRequest(command: .reload))
+                #expect(response.ok, "\(response)")
+                print("reload v1 → v2: \(response.message ?? "")")
+            }
+            if round > 5, let upgrade = try daemon.status()[0].upgrade, upgrade.phase == .starting {
+                sawStarting = true
+                steeredWhileStarting.formUnion(try Self.steeredSlots(maps))
+            }
+        }
+        let status = try daemon.waitFor("generation 2 switched", timeoutMs: 10_000) {
+            $0[0].upgrade?.phase == .switched
+        }[0]
+        let upgrade = try #require(status.upgrade)
+        let v2Slots = status.slots.filter { $0.generation == 2 }
+        print("256 flows × \(sessions.rounds) rounds through v1 → v2: \(sessions.moved.count) changed worker, "
+            + "\(sessions.lost) lost, versions \(versions(sessions).sorted()); upgrade \(upgrade)")
+        #expect(sessions.lost == 0, "no datagram lost")
+        #expect(sessions.moved.isEmpty, "every live flow kept its worker: \(sessions.moved.prefix(5))")
+        #expect(versions(sessions) == ["v1"] && pids(sessions).isSubset(of: v1), "live flows stayed with v1")
+        #expect(sawStarting, "the upgrade was seen starting")
+        #expect(steeredWhileStarting.isSubset(of: Set(before[0].slots.map(\.slot))),
+                "no table named a v2 slot before the switch: \(steeredWhileStarting.sorted())")
+        #expect(upgrade.generation == 2 && upgrade.previous == 1)
+        #expect(v2Slots.map(\.slot) == upgrade.slots && v2Slots.count == 4)
+        #expect(v2Slots.allSatisfy { $0.notifiedReady == true })
+        // The gate, in the daemon's own times: every v2 worker was ready (READY=1, sent 1 s after
+        // its start) before learning began, and learning began before the buckets switched.
+        let readyTimes = v2Slots.compactMap(\.readySinceNs)
+        let learning = try #require(upgrade.learningNs)
+        let switched = try #require(upgrade.switchedNs)
+        print("started \(upgrade.startedNs), ready \(readyTimes.sorted()), learning \(learning), switched \(switched)")
+        #expect(readyTimes.count == 4)
+        #expect(readyTimes.allSatisfy { $0 >= upgrade.startedNs + UInt64(readyDelayMs) * 1_000_000 - 50_000_000 })
+        #expect(readyTimes.allSatisfy { $0 <= learning } && learning < switched)
+        #expect(upgrade.readyNs == readyTimes.max())
+
+        // New flows go to v2 only.
+        let fresh = try Whoami.ask(try Traffic.clients(256, on: .loopbackV4), to: destination).compactMap { $0 }
+        let freshVersions = Set(fresh.map { $0.extra["version"] ?? "?" })
+        let freshSlots = Set(fresh.map(\.slot))
+        print("256 new flows after the switch: versions \(freshVersions.sorted()), slots \(freshSlots.sorted())")
+        #expect(fresh.count == 256 && freshVersions == ["v2"])
+        #expect(freshSlots == Set(upgrade.slots))
+
+        // The old flows stopped: the v1 slots retire once idle, and their workers exit.
+        let after = try daemon.waitFor("the v1 slots retired", timeoutMs: 15_000) { services in
+            services[0].slots.allSatisfy { $0.generation == 2 }
+        }
+        let gone = nowMs() + 5000
+        while v1.contains(where: processExists), nowMs() < gone { sleepMs(20) }
+        #expect(!v1.contains(where: processExists), "the v1 workers were stopped")
+        #expect(after[0].removedSlotDrops == 0)
+        #expect(after[0].generation == 2)
+        #expect(daemon.log.contains("version v1 slot 0: draining"), "the v1 workers got the drain signal")
+        let change = try maps.readTransition()
+        #expect(change.working_generation == 2 && change.last_generation == 2, "the generations are pinned")
+    }
+
+    /// A v2 that never says READY=1, and one that exits at once: no flow ever reaches it, v1
+    /// serves throughout (same pids), and the upgrade is reported abandoned with the reason.
+    @Test(arguments: [
+        (["--never-ready"], "not every new worker was ready within ready_timeout_ms (1500 ms)"),
+        (["--exit-at-once"], "exited with status 3"),
+    ])
+    func badGenerationNeverTakesAFlow(options: [String], reason: String) throws {
+        let daemon = try TestDaemon(config: Self.config("v1", extra: "ready_timeout_ms = 1500"))
+        let before = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(before, "gen")
+        let v1Slots = Set(before[0].slots.map(\.slot))
+        let v1 = Set(before[0].slots.compactMap(\.pid))
+        let maps = try Self.maps(daemon)
+        let sessions = try Self.sessions(128)
+        var steered: Set<UInt32> = []
+        try sessions.run(15, to: destination) { round in
+            if round == 2 {
+                try daemon.rewriteConfig(Self.config("v2", options, extra: "ready_timeout_ms = 1500"))
+                let response = try daemon.request(ControlRequest(command: .reload))
+                #expect(response.ok, "\(response)")
+            }
+            steered.formUnion(try Self.steeredSlots(maps))
+        }
+        let status = try daemon.waitFor("the upgrade abandoned", timeoutMs: 10_000) {
+            $0[0].upgrade?.phase == .abandoned
+        }[0]
+        let upgrade = try #require(status.upgrade)
+        // Flows that start after the abandon get v1 too.
+        let fresh = try Whoami.ask(try Traffic.clients(64, on: .loopbackV4), to: destination).compactMap { $0 }
+        print("bad v2 \(options): \(upgrade.reason ?? "?"); \(sessions.lost) lost, versions \(versions(sessions).sorted())")
+        #expect(upgrade.generation == 2 && upgrade.reason?.contains(reason) == true, "\(upgrade)")
+        #expect(sessions.lost == 0 && versions(sessions) == ["v1"] && pids(sessions).isSubset(of: v1))
+        #expect(steered.isSubset(of: v1Slots), "no table ever named a v2 slot: \(steered.sorted())")
+        #expect(Set(status.slots.map(\.slot)) == v1Slots && status.slots.allSatisfy { $0.generation == 1 })
+        #expect(Set(status.slots.compactMap(\.pid)) == v1, "v1's workers served throughout")
+        #expect(status.generation == 1)
+        #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v1" })
+        let sockets = try SocketArray(pinned: PinLayout(root: daemon.pinRoot, service: "gen"), listener: 0)
+        #expect(try sockets.liveSlots(below: 16) == v1Slots, "the v2 slots' sockets left the array")
+        #expect(daemon.log.contains("generation 2 abandoned"))
+        // The number is spent: the next upgrade is generation 3.
+        let next = try daemon.request(ControlRequest(command: .upgrade, service: "gen"))
+        #expect(next.ok && next.services?[0].upgrade?.generation == 3, "\(next)")
+    }
+}
+
+private func versions(_ sessions: Sessions) -> Set<String> {
+    Set(sessions.answers.flatMap { $0.map { String($0.split(separator: "/")[1]) } })
+}
+
+private func pids(_ sessions: Sessions) -> Set<Int32> {
+    Set(sessions.answers.flatMap { $0.compactMap { Int32($0.split(separator: "/")[0]) } })
+}
