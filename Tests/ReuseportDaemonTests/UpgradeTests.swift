@@ -183,3 +183,63 @@ private func versions(_ sessions: Sessions) -> Set<String> {
 private func pids(_ sessions: Sessions) -> Set<Int32> {
     Set(sessions.answers.flatMap { $0.compactMap { Int32($0.split(separator: "/")[0]) } })
 }
+
+extension UpgradeTests {
+    /// v1 → v2, then a roll back while v1 still drains: v1's flows stay with v1 throughout, the
+    /// flows that started on v2 stay with v2 until idle, new flows go back to v1, and v2's
+    /// workers are stopped once their flows are idle.
+    @Test func rollbackWhileTheOldGenerationDrains() throws {
+        let daemon = try TestDaemon(config: Self.config("v1"))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "gen")
+        let old = try Self.sessions(128)
+        let onV2 = try Self.sessions(128)
+        var phase = "v1"
+        var v2Pids: Set<Int32> = []
+        var round = 0
+        while phase != "done" {
+            guard round < 100 else { throw HarnessError("no roll back after 100 rounds; log:\n\(daemon.logTail(20))") }
+            try old.run(1, to: destination)
+            if phase != "v1" { try onV2.run(1, to: destination) }
+            let upgrade = try daemon.status()[0].upgrade
+            switch phase {
+            case "v1" where round == 3:
+                try daemon.rewriteConfig(Self.config("v2"))
+                #expect(try daemon.request(ControlRequest(command: .reload)).ok)
+            case "v1" where upgrade?.phase == .switched:
+                phase = "v2"
+                v2Pids = Set(try daemon.status()[0].slots.filter { $0.generation == 2 }.compactMap(\.pid))
+            case "v2" where onV2.rounds == 3:
+                let response = try daemon.request(ControlRequest(command: .upgrade, service: "gen", rollback: true))
+                #expect(response.ok, "\(response)")
+                print("roll back: \(response.message ?? response.error ?? "")")
+                phase = "rolling back"
+            case "rolling back" where upgrade?.rollback == true && upgrade?.phase == .switched:
+                phase = "rolled back"
+            case "rolled back" where onV2.rounds >= 3 + 10:
+                phase = "done"
+            default:
+                break
+            }
+            round += 1
+        }
+        let status = try daemon.status()[0]
+        let fresh = try Whoami.ask(try Traffic.clients(128, on: .loopbackV4), to: destination).compactMap { $0 }
+        print("roll back: v1 flows \(versions(old).sorted()), \(old.moved.count) moved, \(old.lost) lost; "
+            + "v2 flows \(versions(onV2).sorted()), \(onV2.moved.count) moved, \(onV2.lost) lost; new flows "
+            + "\(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted()); upgrade \(String(describing: status.upgrade))")
+        #expect(status.generation == 1 && status.upgrade?.generation == 1 && status.upgrade?.previous == 2)
+        #expect(old.lost == 0 && old.moved.isEmpty && versions(old) == ["v1"], "v1's flows stayed with v1")
+        #expect(onV2.lost == 0 && onV2.moved.isEmpty && versions(onV2) == ["v2"], "v2's flows stayed with v2")
+        #expect(pids(onV2).isSubset(of: v2Pids))
+        #expect(fresh.count == 128 && fresh.allSatisfy { $0.extra["version"] == "v1" }, "new flows go back to v1")
+
+        try daemon.waitFor("the v2 slots retired", timeoutMs: 15_000) { services in
+            services[0].slots.allSatisfy { $0.generation == 1 }
+        }
+        let gone = nowMs() + 5000
+        while v2Pids.contains(where: processExists), nowMs() < gone { sleepMs(20) }
+        #expect(!v2Pids.contains(where: processExists), "v2's workers were stopped once their flows were idle")
+        let again = try daemon.request(ControlRequest(command: .upgrade, service: "gen", rollback: true))
+        #expect(!again.ok && again.error?.contains("generation 2 has no slot left") == true, "\(again)")
+    }
+}
