@@ -104,12 +104,15 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     public var generation: Int?
     /// The upgrade in progress, or the last one and how it ended. Optional, as above.
     public var upgrade: UpgradeStatus?
+    /// Upgrades started, switched (roll backs included) and abandoned since the daemon started.
+    public var upgrades: UpgradeCounts?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
                 failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil,
-                generation: Int? = nil, upgrade: UpgradeStatus? = nil) {
+                generation: Int? = nil, upgrade: UpgradeStatus? = nil, upgrades: UpgradeCounts? = nil) {
         self.generation = generation
         self.upgrade = upgrade
+        self.upgrades = upgrades
         self.name = name
         self.listeners = listeners
         self.workers = workers
@@ -212,6 +215,18 @@ public struct UpgradeStatus: Codable, Sendable, Equatable {
         self.learningNs = learningNs
         self.switchedNs = switchedNs
         self.rollback = rollback
+    }
+}
+
+public struct UpgradeCounts: Codable, Sendable, Equatable {
+    public var started: Int
+    public var switched: Int
+    public var abandoned: Int
+
+    public init(started: Int, switched: Int, abandoned: Int) {
+        self.started = started
+        self.switched = switched
+        self.abandoned = abandoned
     }
 }
 

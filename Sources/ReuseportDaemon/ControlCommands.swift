@@ -201,7 +201,7 @@ extension Supervisor {
                 },
                 failovers: service.failovers, rescueStarts: service.rescueStarts,
                 removedSlotDrops: service.removedSlotDrops, generation: Int(service.plane.workingGeneration),
-                upgrade: service.upgrade?.status)
+                upgrade: service.upgrade?.status, upgrades: service.upgradeCounts)
         }
     }
 }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CReuseportABI
 import Logging
+import ReuseportControl
 import ReuseportKit
 
 /// What the supervisor knows about one slot: its worker, the restart back-off and
@@ -79,7 +80,7 @@ final class ServiceRuntime {
     /// The upgrade in progress, or the last one (with how it ended).
     var upgrade: Upgrade?
     /// Upgrades started, switched and abandoned since the daemon started.
-    var upgradeCounts = (started: 0, switched: 0, abandoned: 0)
+    var upgradeCounts = UpgradeCounts(started: 0, switched: 0, abandoned: 0)
     let logger: Logger
 
     var name: String { configuration.name }

@@ -169,7 +169,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         try maps.writeQuicSteering(options.quic)
         try maps.writeBuckets(buckets)
         try maps.writeFallback(fallback)
-        try maps.writeTransition(rp_transition())
+        try persist(now: 0)
         try spreadFallback(over: liveSlots)
     }
 

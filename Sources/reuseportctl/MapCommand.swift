@@ -20,7 +20,8 @@ struct MapDumpCommand: ParsableCommand {
             Reads the maps pinned under --pin-dir (the daemon need not answer) and asks the kernel \
             (sock_diag) about each slot's socket, matched by its cookie, for the receive drops.
 
-            Columns: SLOT index; PID and STATE of its worker; RESTARTS; IN STATE time since the \
+            Columns: SLOT index, grouped by GEN (its generation: the working one first, then those \
+            draining); PID and STATE of its worker; RESTARTS; IN STATE time since the \
             last state change; BUCKETS of the bucket table that name the slot; PACKETS, BYTES and \
             FALLBACKS steered to it by the program (FALLBACKS: of those, how many came because their \
             own slot was empty); DROPS the kernel dropped at its socket(s); COOKIE of its socket \
@@ -64,6 +65,7 @@ struct MapDumpCommand: ParsableCommand {
         }
         text += "  global     \(globalSummary(service.global))\n"
         text += "  change     \(changeSummary(service))\n"
+        text += "  generation \(generationSummary(service))\n"
         text += "  flows      \(flowSummary(service))\n"
         if let quic = service.quic {
             text += "  quic       \(quicLayout(quic))\n"
@@ -71,14 +73,14 @@ struct MapDumpCommand: ParsableCommand {
         }
         if let problem = service.diagnosticsProblem { text += "  drops      unknown: \(problem)\n" }
         var table = TextTable([
-            ("SLOT", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
+            ("SLOT", .right), ("GEN", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
             ("BUCKETS", .right), ("PACKETS", .right), ("BYTES", .right), ("FALLBACKS", .right),
             ("DROPS", .right), ("RECORDS", .right), ("CHANGE", .left), ("COOKIE", .right),
         ])
-        for slot in service.slots {
+        for slot in byGeneration(service) {
             let cookie = slot.sockets.first.map { "\($0.cookie)" } ?? "-"
             table.add([
-                "\(slot.index)", HumanFormat.optional(slot.pid), "\(slot.workerState)", "\(slot.state.restarts)",
+                "\(slot.index)", "\(slot.state.generation)", HumanFormat.optional(slot.pid), "\(slot.workerState)", "\(slot.state.restarts)",
                 HumanFormat.duration(slot.secondsInState(now: now)), "\(slot.buckets)", "\(slot.counters.packets)",
                 HumanFormat.bytes(slot.counters.bytes), "\(slot.counters.fallbacks)", HumanFormat.optional(slot.drops),
                 "\(slot.state.records)", slot.role, cookie,
@@ -124,6 +126,37 @@ struct MapDumpCommand: ParsableCommand {
         default:
             return "none"
         }
+    }
+
+    /// The slots grouped by generation: the working one first, then the older ones draining,
+    /// newest first, then one starting (above the working one's number); by index within each.
+    static func byGeneration(_ service: ServiceSnapshot) -> [ServiceSnapshot.Slot] {
+        let working = service.transition.working_generation
+        return service.slots.sorted {
+            let (a, b) = (generationRank($0.state.generation, working: working),
+                          generationRank($1.state.generation, working: working))
+            return a != b ? a < b : $0.index < $1.index
+        }
+    }
+
+    static func generationRank(_ generation: UInt32, working: UInt32) -> (Int, UInt32) {
+        generation == working ? (0, 0) : generation < working ? (1, working - generation) : (2, generation)
+    }
+
+    /// The working generation, those draining and one starting, with their slots and records.
+    static func generationSummary(_ service: ServiceSnapshot) -> String {
+        let working = service.transition.working_generation
+        guard working > 0 else { return "none recorded" }
+        let groups = Dictionary(grouping: service.slots, by: \.state.generation)
+        var parts: [String] = []
+        for generation in groups.keys.sorted(by: { generationRank($0, working: working) < generationRank($1, working: working) }) {
+            let slots = groups[generation]!.map(\.index).sorted().map(String.init).joined(separator: ",")
+            let role = generation == working ? "working" : generation < working ? "draining" : "starting"
+            let records = groups[generation]!.reduce(0) { $0 + Int($1.state.records) }
+            parts.append("\(generation) \(role) (slots \(slots)\(role == "draining" ? ", \(records) records" : ""))")
+        }
+        return (parts.isEmpty ? ["\(working) working"] : parts).joined(separator: "  ")
+            + "  last \(service.transition.last_generation)"
     }
 
     /// Flow records and what could not be recorded.
@@ -214,6 +247,9 @@ struct MapDump: Encodable {
         var rateRefused: UInt64
         var pinned: UInt64
         var stale: UInt64
+        /// The generation taking new flows, and the last number given out (0: none recorded).
+        var workingGeneration: UInt32
+        var lastGeneration: UInt32
     }
 
     struct Listener: Encodable {
@@ -368,5 +404,7 @@ extension MapDump.Change {
         rateRefused = service.flows.rate_refused
         pinned = service.flows.pinned
         stale = service.flows.stale
+        workingGeneration = change.working_generation
+        lastGeneration = change.last_generation
     }
 }

@@ -243,3 +243,34 @@ extension UpgradeTests {
         #expect(!again.ok && again.error?.contains("generation 2 has no slot left") == true, "\(again)")
     }
 }
+
+extension UpgradeTests {
+    /// `reuseportctl upgrade` against the real daemon: it waits for the switch and says so; the
+    /// generations show in `map dump`, `which` and `stats --prometheus`, all read from the pins.
+    @Test func theCommandLineShowsGenerations() throws {
+        let daemon = try TestDaemon(config: Self.config("v1"))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "gen")
+        let locations = ["--pin-dir", daemon.pinRoot, "--run-dir", daemon.runDirectory]
+        func ctl(_ arguments: [String]) throws -> (status: Int32, stdout: String) {
+            let result = try Subprocess.run(BuiltProducts.path("reuseportctl"), arguments + locations,
+                                            captureStandardError: true)
+            return (result.status.shellStatus, result.output + result.errors)
+        }
+        let upgrade = try ctl(["upgrade"])
+        print(upgrade.stdout)
+        #expect(upgrade.status == 0, "\(upgrade)")
+        #expect(upgrade.stdout.contains("upgrading gen to generation 2 on slots 4, 5, 6, 7"))
+        #expect(upgrade.stdout.contains("gen: generation 2 works; generation 1 drains"))
+
+        let dump = try ctl(["map", "dump"])
+        print(dump.stdout)
+        #expect(dump.stdout.contains("generation 2 working (slots 4,5,6,7)"), "\(dump.stdout)")
+        let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let which = try ctl(["which", "\(client.local)", "--to", "\(destination)"])
+        #expect(which.stdout.contains("generation 2 (working)"), "\(which)")
+        let metrics = try ctl(["stats", "--prometheus"])
+        #expect(metrics.stdout.contains("reuseport_working_generation{service=\"gen\"} 2"), "\(metrics.stdout)")
+        #expect(metrics.stdout.contains("reuseport_upgrades_switched_total{service=\"gen\"} 1"))
+        #expect(metrics.stdout.contains("reuseport_slot_generation{service=\"gen\",slot=\"4\"} 2"))
+    }
+}
