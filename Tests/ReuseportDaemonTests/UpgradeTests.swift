@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import Synchronization
 import Testing
 
 /// The upgrades' exec worker (Tests/upgrade/worker.py): answers as whoami does, plus its version.
@@ -272,5 +273,68 @@ extension UpgradeTests {
         #expect(metrics.stdout.contains("reuseport_working_generation{service=\"gen\"} 2"), "\(metrics.stdout)")
         #expect(metrics.stdout.contains("reuseport_upgrades_switched_total{service=\"gen\"} 1"))
         #expect(metrics.stdout.contains("reuseport_slot_generation{service=\"gen\",slot=\"4\"} 2"))
+    }
+}
+
+extension UpgradeTests {
+    /// A TCP service upgraded (its environment changed) while 8 clients keep opening connections:
+    /// none is refused or reset; new connections go to the new generation from the switch on
+    /// (TCP needs no learning: an accepted connection never moves), and the old listeners close
+    /// once their accept queues are empty.
+    @Test func tcpUpgradeRefusesNoConnection() throws {
+        func config(_ release: Int) -> String {
+            serviceTable("stream", listen: ["tcp://127.0.0.1:0"], workers: 4,
+                         extra: "environment = [\"RELEASE=\(release)\"]")
+        }
+        let daemon = try TestDaemon(config: config(1))
+        let services = try daemon.waitForWorkers()
+        let destination = try Endpoint(parsing: try #require(services[0].listeners.first)).address
+        let stop = Atomic<Bool>(false)
+        let switched = Atomic<Bool>(false)
+        let done = Atomic<Int>(0)
+        let failures = Mutex<[String]>([])
+        let slotsAfterSwitch = Mutex<Set<UInt32>>([])
+        let group = DispatchGroup()
+        for _ in 0..<8 {
+            DispatchQueue.global().async(group: group) {
+                while !stop.load(ordering: .relaxed) {
+                    let after = switched.load(ordering: .relaxed)
+                    do {
+                        let client = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+                        try client.connect(to: destination)
+                        try client.send(Array("hello\n".utf8), to: destination)
+                        guard let bytes = try client.receive(timeoutMs: 3000), let reply = WhoamiReply(bytes) else {
+                            throw HarnessError("no answer on an accepted connection")
+                        }
+                        if after { slotsAfterSwitch.withLock { _ = $0.insert(reply.slot) } }
+                        done.add(1, ordering: .relaxed)
+                        // Paced: each closed connection holds its port in TIME_WAIT for 60 s.
+                        usleep(4000)
+                    } catch {
+                        failures.withLock { $0.append("\(error)") }
+                    }
+                }
+            }
+        }
+        sleepMs(500)
+        try daemon.rewriteConfig(config(2))
+        let reload = try daemon.request(ControlRequest(command: .reload))
+        #expect(reload.ok, "\(reload)")
+        let status = try daemon.waitFor("generation 2 switched", timeoutMs: 10_000) { $0[0].upgrade?.phase == .switched }
+        switched.store(true, ordering: .relaxed)
+        _ = try daemon.waitFor("the old listeners retired", timeoutMs: 10_000) { services in
+            services[0].slots.allSatisfy { $0.generation == 2 }
+        }
+        sleepMs(500)
+        stop.store(true, ordering: .relaxed)
+        group.wait()
+        let newSlots = Set(try #require(status[0].upgrade).slots)
+        let failed = failures.withLock { $0 }
+        print("TCP upgrade under 8 connecting clients: \(done.load(ordering: .relaxed)) connections served, "
+            + "\(failed.count) failed (\(failed.prefix(2))); after the switch on slots "
+            + "\(slotsAfterSwitch.withLock { $0.sorted() })")
+        #expect(done.load(ordering: .relaxed) > 200, "connections kept coming")
+        #expect(failed.isEmpty, "none refused or reset: \(failed.prefix(3))")
+        #expect(slotsAfterSwitch.withLock { $0 } == newSlots, "new connections go to the new generation")
     }
 }
