@@ -572,6 +572,11 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     // MARK: generations
 
+    /// Generations older than the working one that may hold slots at once. Each keeps its
+    /// workers and sockets while its flows live; a bound keeps a run of bad deploys from piling
+    /// up processes. Beyond it a new generation is refused, with the reason, until one retires.
+    public static let maxDrainingGenerations = 3
+
     /// Takes the generation counter a previous plane of the service reached (its pins, or the
     /// plane a reload replaces): numbers go on from there, and the working generation keeps its
     /// number. Only before any other generation started on this plane.
@@ -597,6 +602,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
         guard pending == nil else {
             throw ReuseportError.invalidArgument("a placement change is learning its live flows: start the "
                 + "generation once it switched")
+        }
+        let draining = Set(slotGenerations.values).subtracting([workingGeneration]).sorted()
+        guard draining.count < Self.maxDrainingGenerations else {
+            throw ReuseportError.invalidArgument("generations \(draining.map(String.init).joined(separator: ", ")) "
+                + "still drain, and at most \(Self.maxDrainingGenerations) may: start the next once one has retired "
+                + "(its flows idle, or at drain_timeout_ms)")
         }
         let held = Set(liveSlots)
         let free = (0..<UInt32(RP_MAX_SLOTS)).lazy.filter { !held.contains($0) }.prefix(count)

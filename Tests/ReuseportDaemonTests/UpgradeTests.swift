@@ -338,3 +338,60 @@ extension UpgradeTests {
         #expect(slotsAfterSwitch.withLock { $0 } == newSlots, "new connections go to the new generation")
     }
 }
+
+extension UpgradeTests {
+    /// The daemon is killed (SIGKILL) while the old generation drains, and started again on the
+    /// same pins: it resumes with generation 2 working on its slots and generation 1's slots
+    /// draining, every live flow still reaches its slot, new flows go to generation 2, and the
+    /// next upgrade is generation 3: a number is never given twice.
+    @Test func aDaemonKilledWhileGeneration1DrainsResumes() throws {
+        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        func config(_ version: String) -> String {
+            serviceTable("gen", listen: ["udp://127.0.0.1:\(port)"], workers: 4,
+                         program: UpgradeWorker.program(version), extra: """
+                rcvbuf = 8388608
+                notify = true
+                flow_idle_timeout_ms = 2000
+                """)
+        }
+        let first = try TestDaemon(config: config("v1"))
+        let destination = try udpEndpoint(try first.waitForWorkers(), "gen")
+        let sessions = try Sessions(128)
+        try sessions.run(3, to: destination)
+        let before = sessions.slots
+        try first.rewriteConfig(config("v2"))
+        #expect(try first.request(ControlRequest(command: .reload)).ok)
+        var switched = false
+        while !switched {
+            try sessions.run(1, to: destination)
+            switched = try first.status()[0].upgrade?.phase == .switched
+            guard sessions.rounds < 60 else { throw HarnessError("no switch; log:\n\(first.logTail(20))") }
+        }
+        try sessions.run(2, to: destination)
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+
+        let second = try TestDaemon(config: config("v2"), pinRoot: first.pinRoot)
+        let resumed = try second.waitFor("8 slots with a running worker") { services in
+            services[0].slots.filter { $0.state == "running" }.count == 8
+        }[0]
+        var landed: [UInt32] = []
+        for client in sessions.numbered.clients {
+            landed.append(try #require(try Whoami.ask([client], to: destination, attempts: 5).first!).slot)
+        }
+        let fresh = try Whoami.ask(try Traffic.clients(128, on: .loopbackV4), to: destination).compactMap { $0 }
+        let generations = Dictionary(grouping: resumed.slots, by: { $0.generation ?? 0 }).mapValues { $0.map(\.slot) }
+        print("resumed: generations \(generations.sorted { $0.key < $1.key }), working \(resumed.generation ?? 0); "
+            + "\(zip(landed, before).filter { $0 != $1 }.count) of \(landed.count) live flows on another slot; new flows on "
+            + "\(Set(fresh.map(\.slot)).sorted())")
+        #expect(resumed.generation == 2)
+        #expect(generations[2] == [4, 5, 6, 7] && generations[1] == [0, 1, 2, 3])
+        #expect(landed == before, "every live flow still reaches its slot")
+        #expect(Set(fresh.map(\.slot)) == [4, 5, 6, 7], "new flows go to generation 2")
+        _ = try second.waitFor("generation 1's slots retired", timeoutMs: 15_000) { services in
+            services[0].slots.allSatisfy { $0.generation == 2 }
+        }
+        let next = try second.request(ControlRequest(command: .upgrade, service: "gen"))
+        #expect(next.ok && next.services?[0].upgrade?.generation == 3, "\(next)")
+    }
+}
