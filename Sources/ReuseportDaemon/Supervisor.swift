@@ -336,6 +336,7 @@ final class Supervisor {
             lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(status.sentence)"
             if upgradeWorkerExited(service, slot, pid: pid, status: status, livedNs: lived, now: now) { continue }
             scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
+            checkCrashLoop(service, slot)
         }
         forgetFinishedWorkers()
     }

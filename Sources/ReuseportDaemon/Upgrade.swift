@@ -170,6 +170,37 @@ extension Supervisor {
         service.logger.notice(
             "generation \(upgrade.status.generation) works: \(moved) buckets switched; slots \(list(old.map(\.index))) drain, each stopped once its recorded flows are idle\(signalled)")
         lastEvent = "\(service.name): generation \(upgrade.status.generation) works"
+        if let looping = upgrade.records.first(where: { $0.quickExits >= Supervisor.crashLoopExits }) {
+            rollBackCrashLoop(service, looping)
+        }
+    }
+
+    /// Quick exits in a row (each within `healthy_after_ms` of its start) of one slot of a
+    /// generation that switched, while the one before it still drains, that roll it back.
+    static let crashLoopExits = 3
+
+    /// After a worker of `slot` exited: a generation that switched and whose workers keep dying
+    /// (`crashLoopExits` quick exits in a row on one slot) is rolled back to the generation still
+    /// draining, whose workers never stopped serving their flows.
+    func checkCrashLoop(_ service: ServiceRuntime, _ slot: SlotRecord) {
+        guard slot.quickExits >= Supervisor.crashLoopExits, let upgrade = service.upgrade,
+              upgrade.status.phase == .switched, upgrade.status.rollback != true,
+              UInt32(upgrade.status.generation) == slot.generation
+        else { return }
+        rollBackCrashLoop(service, slot)
+    }
+
+    private func rollBackCrashLoop(_ service: ServiceRuntime, _ slot: SlotRecord) {
+        let generation = slot.generation
+        service.logger.error(
+            "generation \(generation) crash-loops after its switch (slot \(slot.index): \(slot.quickExits) quick exits in a row): rolling back")
+        do {
+            try rollBack(service)
+            service.upgrade?.status.reason = "automatic: generation \(generation) crash-looped after its switch "
+                + "(slot \(slot.index): \(slot.quickExits) quick exits in a row)"
+        } catch {
+            service.logger.error("generation \(generation) crash-loops, and cannot be rolled back: \(error)")
+        }
     }
 
     /// Gives up an upgrade before its switch: its workers are stopped, its slots removed (no flow

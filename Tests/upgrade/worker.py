@@ -6,10 +6,11 @@ answers every datagram in the built-in whoami's format, plus its version and gen
 "slot=<slot> pid=<pid> service=<name> peer=<addr>:<port> version=<VERSION> generation=<gen>\\n<payload>".
 Says READY=1 (and STATUS=) over NOTIFY_SOCKET once it serves, as sd_notify(3) does.
 
-Usage: worker.py VERSION [--ready-after-ms N] [--never-ready] [--exit-at-once]
+Usage: worker.py VERSION [--ready-after-ms N] [--never-ready] [--exit-at-once] [--exit-after-ms N]
   --ready-after-ms N  serve at once, but send READY=1 only after N ms (a slow start)
   --never-ready       serve, but never send READY=1
   --exit-at-once      exit with status 3 before serving (a program that cannot start)
+  --exit-after-ms N   serve (and say READY=1), then exit with status 4 after N ms (a crash loop)
 """
 import os
 import signal
@@ -44,6 +45,10 @@ def main() -> None:
     generation = os.environ.get("REUSEPORT_GENERATION", "?")
     # The drain signal: this worker takes it as "no new flows will come", and goes on serving.
     signal.signal(signal.SIGUSR2, lambda *_: print(f"version {version} slot {slot}: draining", flush=True))
+    if "--exit-after-ms" in args:
+        crash = threading.Timer(int(args[args.index("--exit-after-ms") + 1]) / 1000, os._exit, args=(4,))
+        crash.daemon = True
+        crash.start()
     if "--never-ready" not in args:
         timer = threading.Timer(ready_after_ms / 1000, notify,
                                 args=(f"READY=1\nSTATUS=version {version}, generation {generation}",))
