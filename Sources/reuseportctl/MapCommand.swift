@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import ReuseportControl
 import ReuseportKit
 
 /// `map`: the pinned maps, as they are.
@@ -44,16 +45,20 @@ struct MapDumpCommand: ParsableCommand {
         let (snapshots, failures) = reader.readEach(try reader.select(service.service))
         if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
         let now = realtimeNanoseconds()
+        // What only the daemon knows (the upgrade in progress, the workers' STATUS=), if it answers.
+        let daemon = MetricsExposition.daemonStatus(runDirectory: location.runDirectory) ?? [:]
         if json {
-            print(try MapDump(root: location.pinDirectory, services: snapshots, failures: failures, now: now).encoded())
+            print(try MapDump(root: location.pinDirectory, services: snapshots, failures: failures, now: now,
+                              daemon: daemon).encoded())
         } else {
-            print(snapshots.map { MapDumpCommand.render($0, now: now) }.joined(separator: "\n"), terminator: "")
+            print(snapshots.map { MapDumpCommand.render($0, now: now, daemon: daemon[$0.name]) }.joined(separator: "\n"),
+                  terminator: "")
         }
         if !failures.isEmpty { throw CtlError.unreadable(failures) }
     }
 
-    /// The human view of one service.
-    static func render(_ service: ServiceSnapshot, now: UInt64) -> String {
+    /// The human view of one service; `daemon`: what the daemon's status adds, if it answered.
+    static func render(_ service: ServiceSnapshot, now: UInt64, daemon: ServiceStatus? = nil) -> String {
         var text = "service \(service.name)  (\(service.directory))\n"
         text += "  listeners  \(listenerSummary(service))\n"
         let config = service.config
@@ -66,6 +71,7 @@ struct MapDumpCommand: ParsableCommand {
         text += "  global     \(globalSummary(service.global))\n"
         text += "  change     \(changeSummary(service))\n"
         text += "  generation \(generationSummary(service))\n"
+        if let upgrade = daemon?.upgrade { text += "  upgrade    \(upgradeSummary(upgrade))\n" }
         text += "  flows      \(flowSummary(service))\n"
         if let quic = service.quic {
             text += "  quic       \(quicLayout(quic))\n"
@@ -87,6 +93,9 @@ struct MapDumpCommand: ParsableCommand {
             ])
         }
         text += "\n" + table.render(indent: "  ")
+        for slot in daemon?.slots ?? [] {
+            if let status = slot.notifiedStatus { text += "  STATUS=    slot \(slot.slot): \(status)\n" }
+        }
         if let quic = service.quic {
             var quicTable = TextTable([("SLOT", .right), ("SERVER ID", .left), ("BY CID", .right),
                                        ("BY DCID HASH", .right)])
@@ -159,6 +168,14 @@ struct MapDumpCommand: ParsableCommand {
             + "  last \(service.transition.last_generation)"
     }
 
+    /// The daemon's upgrade in progress, or its last one, in one line.
+    static func upgradeSummary(_ upgrade: UpgradeStatus) -> String {
+        let slots = upgrade.slots.map(String.init).joined(separator: ",")
+        let what = upgrade.rollback == true ? "roll back to generation" : "generation"
+        return "\(what) \(upgrade.generation) \(upgrade.phase.rawValue) (from \(upgrade.previous), slots \(slots))"
+            + (upgrade.reason.map { ": \($0)" } ?? "")
+    }
+
     /// Flow records and what could not be recorded.
     static func flowSummary(_ service: ServiceSnapshot) -> String {
         let flows = service.flows
@@ -208,6 +225,8 @@ struct MapDump: Encodable {
         /// QUIC connection-ID steering: null when off.
         @Nullable var quic: Quic?
         @Nullable var socketDiagnosticsError: String?
+        /// The daemon's upgrade in progress or its last one; null when the daemon does not answer.
+        @Nullable var upgrade: UpgradeStatus?
     }
 
     struct Quic: Encodable {
@@ -287,6 +306,8 @@ struct MapDump: Encodable {
         var joining: Bool
         var sockets: [Socket]
         @Nullable var quic: SlotQuic?
+        /// The worker's last `STATUS=` (from the daemon; null when it does not answer or none came).
+        @Nullable var notifiedStatus: String?
     }
 
     struct Socket: Encodable {
@@ -308,12 +329,14 @@ struct MapDump: Encodable {
     /// Services found under the pin folder whose maps could not be read.
     var errors: [Failure]
 
-    init(root: String, services: [ServiceSnapshot], failures: [CtlError], now: UInt64) {
+    init(root: String, services: [ServiceSnapshot], failures: [CtlError], now: UInt64,
+         daemon: MetricsExposition.DaemonStatus = [:]) {
         pinDir = root
         nowNs = now
         errors = failures.map { Failure(error: $0.description) }
         self.services = services.map { service in
-            Service(
+            let status = daemon[service.name]
+            return Service(
                 name: service.name, pinDirectory: service.directory, abiVersion: service.config.abi_version,
                 seed: service.config.seed, bucketCount: service.config.bucket_count,
                 slotCount: service.config.slot_count, liveCount: service.config.live_count,
@@ -338,7 +361,8 @@ struct MapDump: Encodable {
                          quic: service.quic.map {
                              SlotQuic(serverId: QuicSteering.hex($0.serverID(slot: slot.index)),
                                       cidSteered: slot.quic.cid_steered, dcidHashed: slot.quic.dcid_hashed)
-                         })
+                         },
+                         notifiedStatus: status?.slots.first { $0.slot == slot.index }?.notifiedStatus)
                 },
                 change: Change(service),
                 quic: service.quic.map { quic in
@@ -350,7 +374,7 @@ struct MapDump: Encodable {
                                 fallbacks: counters.fallbacks, versionNegotiation: counters.version_negotiation,
                                 unparsable: counters.unparsable)
                 },
-                socketDiagnosticsError: service.diagnosticsProblem)
+                socketDiagnosticsError: service.diagnosticsProblem, upgrade: status?.upgrade)
         }
     }
 

@@ -266,6 +266,8 @@ extension UpgradeTests {
         let dump = try ctl(["map", "dump"])
         print(dump.stdout)
         #expect(dump.stdout.contains("generation 2 working (slots 4,5,6,7)"), "\(dump.stdout)")
+        #expect(dump.stdout.contains("upgrade    generation 2 switched (from 1, slots 4,5,6,7)"))
+        #expect(dump.stdout.contains("STATUS=    slot 4: version v1, generation 2"), "the workers' STATUS= lines")
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
         let which = try ctl(["which", "\(client.local)", "--to", "\(destination)"])
         #expect(which.stdout.contains("generation 2 (working)"), "\(which)")

@@ -61,7 +61,8 @@ struct MapDumpTests {
         #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors"])
         #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
-                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots", "change", "quic"])
+                                  "live_count", "listeners", "global", "socket_diagnostics_error", "slots", "change", "quic",
+                                  "upgrade"])
         let change = try #require(svc["change"] as? [String: Any])
         #expect(Set(change.keys) == ["phase", "learning_buckets", "pinned_buckets", "switch_ns", "drain_deadline_ns",
                                      "records", "max_tracked_flows", "record_bytes", "recorded", "untracked",
@@ -75,7 +76,7 @@ struct MapDumpTests {
         #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "stalls", "watchdog_restarts", "generation",
                                        "since_ns", "seconds_in_state",
                                        "buckets", "packets", "bytes", "fallbacks", "receive_drops", "records", "leaving",
-                                       "joining", "sockets", "quic"])
+                                       "joining", "sockets", "quic", "notified_status"])
         let socket = try #require((slots[0]["sockets"] as? [[String: Any]])?.first)
         #expect(Set(socket.keys) == ["listener", "cookie", "inode", "receive_drops", "receive_queue"])
     }
