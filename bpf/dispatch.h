@@ -87,7 +87,7 @@ struct rp_config {
 	__u32 abi_version;   /* RP_ABI_VERSION; 0 means "not configured": drop */
 	__u32 seed;          /* key of the flow hash */
 	__u32 bucket_count;  /* active entries of rp_buckets, 1..RP_MAX_BUCKETS */
-	__u32 slot_count;    /* slots in use (0..slot_count-1); for user space, the program ignores it */
+	__u32 slot_count;    /* slots in use (the working generation's); for user space, the program ignores it */
 	__u32 live_count;    /* slots holding a socket, spread over rp_fallback; 0: no fallback, drop */
 	__u32 record_cost_ns; /* the credit a new flow record costs (1e9 / records per second); 0: no bound */
 };
@@ -170,7 +170,7 @@ enum rp_transition_phase {
 struct rp_transition {
 	__u32 phase;            /* enum rp_transition_phase */
 	__u32 slots_after;      /* slot count after the switch */
-	__u32 socket_slots;     /* slots 0..socket_slots-1 hold sockets (leaving ones included) */
+	__u32 socket_slots;     /* every slot holding a socket is below it (leaving ones included) */
 	__u32 moving_buckets;   /* buckets whose slot changes at the switch */
 	__u64 started_ns;       /* CLOCK_MONOTONIC */
 	__u64 switch_ns;        /* learning ends (CLOCK_MONOTONIC) */

@@ -275,6 +275,13 @@ extension UpgradeTests {
         #expect(metrics.stdout.contains("reuseport_working_generation{service=\"gen\"} 2"), "\(metrics.stdout)")
         #expect(metrics.stdout.contains("reuseport_upgrades_switched_total{service=\"gen\"} 1"))
         #expect(metrics.stdout.contains("reuseport_slot_generation{service=\"gen\",slot=\"4\"} 2"))
+
+        // A scale after the upgrade grows the working generation (on the lowest slots no other
+        // generation holds), and reuseportctl waits for it.
+        let scale = try ctl(["scale", "6"])
+        #expect(scale.status == 0, "\(scale)")
+        let grown = try daemon.status()[0].slots.filter { $0.generation == 2 }.map(\.slot)
+        #expect(grown.count == 6 && Set(grown).isSuperset(of: [4, 5, 6, 7]), "\(grown)")
     }
 }
 
