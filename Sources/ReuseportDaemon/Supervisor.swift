@@ -502,6 +502,7 @@ final class Supervisor {
         }
         let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
                               deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
+        drain.holdWorkerUntil = connectionHold(service, slot, now: now)
         if let pid = slot.pid {
             workers.removeValue(forKey: pid)
             draining[pid] = drain
@@ -511,6 +512,18 @@ final class Supervisor {
         service.clear(slot)
         service.pruneDefinitions()
         service.logger.info("slot \(slot.index) retired")
+    }
+
+    /// How long a retiring slot's worker keeps its accepted TCP connections: one of an older
+    /// generation (its program may differ from the one that would serve those clients next) until
+    /// `drain_timeout_ms` after the switch; any other, not at all (it is stopped once drained).
+    func connectionHold(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) -> Int64? {
+        guard slot.generation != service.plane.workingGeneration,
+              service.listeners.contains(where: { $0.transport == .tcp })
+        else { return nil }
+        let limitMs = service.configuration.tracking.drainTimeoutMs
+        guard limitMs > 0 else { return Int64.max }
+        return (service.upgrade?.switchedAt ?? now) + limitMs.msAsNs
     }
 
     // MARK: stop

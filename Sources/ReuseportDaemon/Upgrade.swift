@@ -21,6 +21,8 @@ final class Upgrade {
     /// When the upgrade is abandoned unless every new worker is ready (CLOCK_MONOTONIC); nil
     /// once it no longer waits for them.
     var readyDeadline: Int64?
+    /// When the buckets switched (CLOCK_MONOTONIC).
+    var switchedAt: Int64?
     /// The definition and worker count the service had before, restored if it is abandoned.
     let previousDefinition: WorkerDefinition
     let previousWorkers: Int
@@ -60,10 +62,12 @@ extension Supervisor {
         let starting = try plane.startGeneration(count: count, now: now)
         let definition = definition ?? service.configuration.workerDefinition
         service.definitions[starting.generation] = definition
-        var records: [SlotRecord] = []
-        for index in starting.slots {
-            guard let record = try? service.makeRecord(index) else { continue }
-            records.append(record)
+        let records: [SlotRecord]
+        do {
+            records = try starting.slots.map(service.makeRecord)
+        } catch {
+            try? plane.abandonGeneration(now: now)
+            throw error
         }
         service.slots.append(contentsOf: records)
         service.slots.sort { $0.index < $1.index }
@@ -111,10 +115,11 @@ extension Supervisor {
             throw UpgradeError("cannot roll \(service.name) back to generation \(target): \(error)")
         }
         let records = service.slots.filter { $0.generation == target }
+        // Its workers are running already: ready, and learning, from now.
+        let wall = WallClock.nanoseconds()
         let upgrade = Upgrade(
             status: UpgradeStatus(generation: Int(target), previous: Int(plane.workingGeneration), phase: .learning,
-                                  slots: records.map(\.index), startedNs: WallClock.nanoseconds(),
-                                  readyNs: WallClock.nanoseconds(), learningNs: WallClock.nanoseconds(),
+                                  slots: records.map(\.index), startedNs: wall, readyNs: wall, learningNs: wall,
                                   rollback: true),
             records: records, readyDeadline: nil, previousDefinition: service.configuration.workerDefinition,
             previousWorkers: service.configuration.workers)
@@ -160,6 +165,7 @@ extension Supervisor {
         else { return }
         upgrade.status.phase = .switched
         upgrade.status.switchedNs = WallClock.nanoseconds()
+        upgrade.switchedAt = now
         service.upgradeCounts.switched += 1
         let old = service.slots.filter { plane.leaving.contains($0.index) && $0.generation != plane.workingGeneration }
         var signalled = ""

@@ -291,15 +291,23 @@ extension UpgradeTests {
     /// A TCP service upgraded (its environment changed) while 8 clients keep opening connections:
     /// none is refused or reset; new connections go to the new generation from the switch on
     /// (TCP needs no learning: an accepted connection never moves), and the old listeners close
-    /// once their accept queues are empty.
+    /// once their accept queues are empty. A connection opened before the upgrade stays with its
+    /// old worker, which is stopped only at drain_timeout_ms after the switch.
     @Test func tcpUpgradeRefusesNoConnection() throws {
         func config(_ release: Int) -> String {
             serviceTable("stream", listen: ["tcp://127.0.0.1:0"], workers: 4,
-                         extra: "environment = [\"RELEASE=\(release)\"]")
+                         extra: "environment = [\"RELEASE=\(release)\"]\ndrain_timeout_ms = 3000")
         }
         let daemon = try TestDaemon(config: config(1))
         let services = try daemon.waitForWorkers()
         let destination = try Endpoint(parsing: try #require(services[0].listeners.first)).address
+        let held = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+        try held.connect(to: destination)
+        func ask(_ client: FlowClient) throws -> WhoamiReply? {
+            try client.send(Array("still there?\n".utf8), to: destination)
+            return try client.receive(timeoutMs: 3000).flatMap { WhoamiReply($0) }
+        }
+        let first = try #require(try ask(held))
         let stop = Atomic<Bool>(false)
         let switched = Atomic<Bool>(false)
         let done = Atomic<Int>(0)
@@ -339,6 +347,12 @@ extension UpgradeTests {
         sleepMs(500)
         stop.store(true, ordering: .relaxed)
         group.wait()
+        let again = try ask(held)
+        let heldWorkerServes = processExists(first.pid)
+        let stoppedBy = nowMs() + 8000
+        while processExists(first.pid), nowMs() < stoppedBy { sleepMs(50) }
+        #expect(again?.pid == first.pid, "the connection opened before the upgrade stays with its old worker")
+        #expect(heldWorkerServes && !processExists(first.pid), "its worker is stopped at drain_timeout_ms")
         let newSlots = Set(try #require(status[0].upgrade).slots)
         let failed = failures.withLock { $0 }
         print("TCP upgrade under 8 connecting clients: \(done.load(ordering: .relaxed)) connections served, "
