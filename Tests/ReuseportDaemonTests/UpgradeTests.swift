@@ -451,3 +451,59 @@ extension UpgradeTests {
         #expect(try daemon.status()[0].generation == 1)
     }
 }
+
+extension UpgradeTests {
+    /// v1 → v2 → v3 while v1's flows still send: two generations drain at once. v1's flows stay
+    /// with v1 and v2's with v2 until idle, new flows go to v3, and each old generation's workers
+    /// stop once its own flows are idle.
+    @Test func twoGenerationsDrainAtOnce() throws {
+        let daemon = try TestDaemon(config: Self.config("v1"))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "gen")
+        let onV1 = try Self.sessions(64)
+        let onV2 = try Self.sessions(64)
+        var v2Started = false
+        var round = 0
+        func upgrade(to version: String) throws {
+            try daemon.rewriteConfig(Self.config(version))
+            #expect(try daemon.request(ControlRequest(command: .reload)).ok)
+        }
+        func working(_ generation: Int) throws -> Bool {
+            let status = try daemon.status()[0]
+            return status.generation == generation && status.upgrade?.phase == .switched
+        }
+        try upgrade(to: "v2")
+        while try !working(2) {
+            try onV1.run(1, to: destination)
+            round += 1
+            guard round < 60 else { throw HarnessError("v2 did not switch; log:\n\(daemon.logTail(20))") }
+        }
+        try upgrade(to: "v3")
+        while try !working(3) {
+            try onV1.run(1, to: destination)
+            if v2Started || round % 2 == 0 {
+                try onV2.run(1, to: destination)
+                v2Started = true
+            }
+            round += 1
+            guard round < 120 else { throw HarnessError("v3 did not switch; log:\n\(daemon.logTail(20))") }
+        }
+        let during = try daemon.status()[0]
+        let draining = Dictionary(grouping: during.slots, by: { $0.generation ?? 0 }).mapValues(\.count)
+        for _ in 0..<3 {
+            try onV1.run(1, to: destination)
+            try onV2.run(1, to: destination)
+        }
+        let fresh = try Whoami.ask(try Traffic.clients(64, on: .loopbackV4), to: destination).compactMap { $0 }
+        print("three generations: slots per generation \(draining.sorted { $0.key < $1.key }); v1 flows "
+            + "\(versions(onV1).sorted()) (\(onV1.lost) lost, \(onV1.moved.count) moved), v2 flows "
+            + "\(versions(onV2).sorted()) (\(onV2.lost) lost, \(onV2.moved.count) moved), new flows "
+            + "\(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted())")
+        #expect(draining == [1: 4, 2: 4, 3: 4], "generations 1 and 2 drain beside 3")
+        #expect(onV1.lost == 0 && onV1.moved.isEmpty && versions(onV1) == ["v1"])
+        #expect(onV2.lost == 0 && onV2.moved.isEmpty && versions(onV2) == ["v2"])
+        #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v3" })
+        try daemon.waitFor("generations 1 and 2 retired", timeoutMs: 15_000) { services in
+            services[0].slots.allSatisfy { $0.generation == 3 }
+        }
+    }
+}
