@@ -51,6 +51,7 @@ struct UnboundUpgradeTests {
     /// asks sd_booted(), which looks for /run/systemd/system), as on any systemd host. Here PID 1
     /// is not systemd: the daemon runs in a mount namespace of its own whose /run is a tmpfs
     /// holding that folder. Nothing of unbound is changed, and nothing outside the namespace sees it.
+    /// The suite's own launcher (REUSEPORT_TEST_LAUNCHER) runs inside it.
     static let systemdHost = ["/usr/bin/unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
                               "mount -t tmpfs -o mode=0755 tmpfs /run && mkdir -p /run/systemd/system && exec \"$@\"",
                               "sh"]
@@ -114,7 +115,8 @@ struct UnboundUpgradeTests {
                     flow_idle_timeout_ms = 1000
                     """)
         }
-        let daemon = try TestDaemon(config: try config("answer-one"), launcher: Self.systemdHost)
+        let daemon = try TestDaemon(config: try config("answer-one"),
+                                    launcher: Self.systemdHost + TestDaemon.defaultLauncher)
         let before = try daemon.waitForWorkers()
         let destination = try udpEndpoint(before, "dns")
         let oldPids = Set(before[0].slots.compactMap(\.pid))
