@@ -229,6 +229,12 @@ final class ServiceRuntime {
         configuration.workers = workers
     }
 
+    /// Whether the slot's workers say when they are ready (`notify = true` in their definition).
+    /// Asked for every slot at every turn of the loop: no copy of the configuration.
+    func notifies(_ slot: SlotRecord) -> Bool {
+        definitions[slot.generation]?.notify ?? configuration.notify
+    }
+
     /// Forgets the definitions no slot runs any more.
     func pruneDefinitions() {
         let running = Set(slots.map(\.generation)).union([plane.workingGeneration])

@@ -53,7 +53,7 @@ extension Supervisor {
         case .ready(let service, let slot):
             // A worker that speaks sd_notify (`notify = true`) is ready when it says so (`notified`).
             guard let started = slot.startedAt, slot.pid != nil, slot.state == .starting || slot.state == .failedOver,
-                  !service.configuration(of: slot).notify
+                  !service.notifies(slot)
             else { return nil }
             return started + service.configuration.restart.readyAfterMs.msAsNs
         case .failover(let service, let slot):

@@ -35,7 +35,7 @@ extension Supervisor {
         if message.ready, !slot.notifiedReady {
             slot.notifiedReady = true
             service.logger.debug("slot \(slot.index): worker pid \(leader) sent READY=1")
-            if service.configuration(of: slot).notify, slot.state == .starting || slot.state == .failedOver {
+            if service.notifies(slot), slot.state == .starting || slot.state == .failedOver {
                 becameReady(service, slot)
             }
         }
