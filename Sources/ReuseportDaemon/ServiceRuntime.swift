@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CReuseportABI
 import Logging
+import ReuseportControl
 import ReuseportKit
 
 /// What the supervisor knows about one slot: its worker, the restart back-off and
@@ -41,10 +42,15 @@ final class SlotRecord {
     var stallSamples = StallSamples()
     /// Live flow records naming the slot at the last sweep of a placement change.
     var records = 0
+    /// The generation whose worker definition the slot runs.
+    let generation: UInt32
+    /// When the current worker became ready (CLOCK_REALTIME), for status.
+    var readySinceNs: UInt64?
 
-    init(index: UInt32, socketCookie: UInt64) {
+    init(index: UInt32, socketCookie: UInt64, generation: UInt32) {
         self.index = index
         self.socketCookie = socketCookie
+        self.generation = generation
     }
 }
 
@@ -81,6 +87,12 @@ final class ServiceRuntime {
     var lastReadyAt: Int64?
     /// When a rescue start last happened: each needs a worker to have become ready since.
     var lastRescueAt: Int64?
+    /// What each generation with a slot runs; the working generation's is `configuration`'s.
+    var definitions: [UInt32: WorkerDefinition] = [:]
+    /// The upgrade in progress, or the last one (with how it ended).
+    var upgrade: Upgrade?
+    /// Upgrades started, switched and abandoned since the daemon started.
+    var upgradeCounts = UpgradeCounts(started: 0, switched: 0, abandoned: 0)
     let logger: Logger
 
     var name: String { configuration.name }
@@ -118,6 +130,7 @@ final class ServiceRuntime {
         // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
         // its running workers are adopted with their sockets, and a placement change it left is
         // finished, not dropped, so no flow moves.
+        let resumed: Bool
         var pinned: DispatchMaps?
         var existing: [UInt32: [ReuseportSocket]] = [:]
         if !staged, let maps = ServiceDataPlane.resumable(at: pins, options: options),
@@ -141,6 +154,7 @@ final class ServiceRuntime {
             try ListenerClaim.checkFree(endpoint)
         }
         if let pinned, let adoption {
+            resumed = true
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
                                          existing: existing,
                                          socketArrays: endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) })
@@ -158,10 +172,19 @@ final class ServiceRuntime {
             logger.notice(
                 "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone; \(handedOverSlots) more slots' sockets handed over")
         } else {
+            resumed = false
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
                                          attach: !staged)
         }
         slots = []
+        // Generation numbers go on from those of the previous plane (a reload's predecessor, or
+        // pins a previous daemon left): workers started from nothing form a new generation.
+        if !resumed {
+            let last = predecessor?.plane.lastGeneration
+                ?? (staged ? nil : ServiceDataPlane.pinnedGenerations(at: pins)?.last)
+            if let last { try plane.continueGenerations(working: last &+ 1, last: last &+ 1) }
+        }
+        definitions[plane.workingGeneration] = configuration.workerDefinition
         if !staged {
             do {
                 try pinInPlace()
@@ -269,8 +292,36 @@ final class ServiceRuntime {
         return adoption.map { ($0, workersAfterAdoption) }
     }
 
-    private func makeRecord(_ slot: UInt32) throws -> SlotRecord {
-        SlotRecord(index: slot, socketCookie: try plane.sockets(ofSlot: slot).first?.cookie() ?? 0)
+    func makeRecord(_ slot: UInt32) throws -> SlotRecord {
+        SlotRecord(index: slot, socketCookie: try plane.sockets(ofSlot: slot).first?.cookie() ?? 0,
+                   generation: plane.slotGenerations[slot] ?? plane.workingGeneration)
+    }
+
+    /// The configuration a slot's workers start with: the service's, running its generation's
+    /// worker definition.
+    func configuration(of slot: SlotRecord) -> ServiceConfiguration {
+        var configuration = configuration
+        if let definition = definitions[slot.generation] { configuration.workerDefinition = definition }
+        return configuration
+    }
+
+    /// What the service runs from now on (an upgrade's, or the old one's again when it is
+    /// abandoned): what a reload compares with, and what slots a scale adds run.
+    func target(_ definition: WorkerDefinition, workers: Int) {
+        configuration.workerDefinition = definition
+        configuration.workers = workers
+    }
+
+    /// Whether the slot's workers say when they are ready (`notify = true` in their definition).
+    /// Asked for every slot at every turn of the loop: no copy of the configuration.
+    func notifies(_ slot: SlotRecord) -> Bool {
+        definitions[slot.generation]?.notify ?? configuration.notify
+    }
+
+    /// Forgets the definitions no slot runs any more.
+    func pruneDefinitions() {
+        let running = Set(slots.map(\.generation)).union([plane.workingGeneration])
+        definitions = definitions.filter { running.contains($0.key) }
     }
 
     /// The bound listeners (real ports when 0 was configured).
@@ -278,10 +329,12 @@ final class ServiceRuntime {
 
     func slot(_ index: UInt32) -> SlotRecord? { slots.first { $0.index == index } }
 
-    /// Takes settings that need no new sockets (restart policy, failover limit, program).
+    /// Takes settings that need no new sockets (restart policy, failover limit); the worker
+    /// definition changes only through an upgrade (`Supervisor.beginUpgrade`).
     func update(_ configuration: ServiceConfiguration) {
         var configuration = configuration
         configuration.workers = self.configuration.workers
+        configuration.workerDefinition = self.configuration.workerDefinition
         self.configuration = configuration
         do {
             try plane.setTracking(configuration.tracking)
@@ -304,7 +357,7 @@ final class ServiceRuntime {
         if isLeaving(slot) { flags |= UInt32(RP_SLOT_LEAVING) }
         if isJoining(slot) { flags |= UInt32(RP_SLOT_JOINING) }
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
-                                generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
+                                generation: slot.generation, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
                                 stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts,
                                 records: UInt32(clamping: slot.records), flags: flags,
                                 start_time: slot.pid == nil ? 0 : slot.startTime)
@@ -381,9 +434,9 @@ final class ServiceRuntime {
     /// What a change to `count` slots would do, without doing it: the buckets that move and the
     /// recorded flows on the slots that would leave.
     func planResize(to count: Int, now: Int64) throws -> TransitionPlan {
-        let target = Set(0..<UInt32(count))
         let base = plane.pending
             ?? PendingPlacement(buckets: plane.buckets, slots: plane.slots, failed: plane.failedOver, switchNs: now)
+        let target = Set(try plane.targetSlots(resizing: base.slots, to: count))
         let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target.sorted()),
                                     slots: target.sorted(), failed: base.failed.intersection(target), switchNs: now)
         let leaving = Set(plane.liveSlots).subtracting(target)
