@@ -37,6 +37,9 @@ EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/obj
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... promtool and a Prometheus server: the metrics endpoint's tests check and scrape it.
 APT_PACKAGES += prometheus
+# ... Debian's unbound: an unmodified third-party worker the upgrade tests deploy (socket activation,
+# sd_notify); the tests run the binary as a worker, not the package's own service.
+APT_PACKAGES += unbound
 # ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
 # throwaway certificate.
 APT_PACKAGES += python3-venv openssl

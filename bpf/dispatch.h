@@ -27,8 +27,12 @@
  *    rp_global_stats grew migrated and migrate_failed (48 bytes); rp_dispatch_migrate.
  * 5: QUIC-LB connection-ID steering: rp_quic_config, rp_quic_stats, rp_quic_slot_stats (new maps;
  *    the others keep their layouts).
+ * 6: generations: rp_transition grew working_generation and last_generation (56 bytes), kept
+ *    with or without a change in progress; rp_slot_state.generation is filled.
+ * 7: rp_slot_state grew start_time (56 bytes): with the pid, it names the worker a later daemon
+ *    adopts.
  */
-#define RP_ABI_VERSION 6
+#define RP_ABI_VERSION 7
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
@@ -85,7 +89,7 @@ struct rp_config {
 	__u32 abi_version;   /* RP_ABI_VERSION; 0 means "not configured": drop */
 	__u32 seed;          /* key of the flow hash */
 	__u32 bucket_count;  /* active entries of rp_buckets, 1..RP_MAX_BUCKETS */
-	__u32 slot_count;    /* slots in use (0..slot_count-1); for user space, the program ignores it */
+	__u32 slot_count;    /* slots in use (the working generation's); for user space, the program ignores it */
 	__u32 live_count;    /* slots holding a socket, spread over rp_fallback; 0: no fallback, drop */
 	__u32 record_cost_ns; /* the credit a new flow record costs (1e9 / records per second); 0: no bound */
 };
@@ -168,12 +172,19 @@ enum rp_transition_phase {
 struct rp_transition {
 	__u32 phase;            /* enum rp_transition_phase */
 	__u32 slots_after;      /* slot count after the switch */
-	__u32 socket_slots;     /* slots 0..socket_slots-1 hold sockets (leaving ones included) */
+	__u32 socket_slots;     /* every slot holding a socket is below it (leaving ones included) */
 	__u32 moving_buckets;   /* buckets whose slot changes at the switch */
 	__u64 started_ns;       /* CLOCK_MONOTONIC */
 	__u64 switch_ns;        /* learning ends (CLOCK_MONOTONIC) */
 	__u64 drain_deadline_ns; /* leaving slots retire by then, records or not; 0 before the switch */
 	__u64 idle_timeout_ns;  /* flow_idle_timeout of the change */
+	/*
+	 * Generations (sets of slots running one worker definition): the one taking new flows, and
+	 * the last number given out. Kept here, phase or not, so that a daemon started again never
+	 * gives a number out twice (a worker may encode its generation in connection IDs).
+	 */
+	__u32 working_generation;
+	__u32 last_generation;
 };
 
 /* rp_slot_stats: PERCPU_ARRAY, key __u32 slot. Sum over CPUs in user space. */
@@ -222,7 +233,7 @@ struct rp_slot_state {
 	__u32 pid;           /* worker pid, 0 if none */
 	__u32 state;         /* enum rp_worker_state */
 	__u32 restarts;      /* worker starts after the first */
-	__u32 generation;    /* reserved for generational upgrades, 0 today */
+	__u32 generation;    /* the generation of the slot's worker definition (rp_transition) */
 	__u64 since_ns;      /* CLOCK_REALTIME of the last state change */
 	__u64 socket_cookie; /* cookie of the slot's socket in the first listener */
 	__u32 stalls;        /* times the slot was marked RP_WORKER_STALLED */
@@ -242,7 +253,7 @@ _Static_assert(sizeof(struct rp_flow_key) == 40, "rp_flow_key layout");
 _Static_assert(sizeof(struct rp_flow) == 16, "rp_flow layout");
 _Static_assert(sizeof(struct rp_flow_stats) == 48, "rp_flow_stats layout");
 _Static_assert(sizeof(struct rp_record_budget) == 16, "rp_record_budget layout");
-_Static_assert(sizeof(struct rp_transition) == 48, "rp_transition layout");
+_Static_assert(sizeof(struct rp_transition) == 56, "rp_transition layout");
 _Static_assert(RP_MAX_SLOTS <= RP_BUCKET_SLOT_MASK, "a slot fits beside the bucket flags");
 _Static_assert(sizeof(rp_slot_t) == 4, "slot index is a __u32");
 _Static_assert((RP_MAX_BUCKETS & (RP_MAX_BUCKETS - 1)) == 0, "bucket limit is a power of two");

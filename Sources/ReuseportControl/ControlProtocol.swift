@@ -31,6 +31,10 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         /// Exec the reuseportd binary on disk in the daemon's own process (same pid), which adopts
         /// the workers, their sockets and the maps (as SIGUSR2 does). Answered before the exec.
         case reexec
+        /// Start a new generation of `service`'s workers on new slots; the buckets switch to it once
+        /// every new worker is ready, and the old generation drains. With `rollback`, make the
+        /// generation still draining the working one again.
+        case upgrade
     }
 
     public var command: Command
@@ -41,15 +45,18 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var now: Bool?
     /// `scale`: say what the change would move, change nothing.
     public var dryRun: Bool?
+    /// `upgrade`: back to the generation still draining, instead of a new one.
+    public var rollback: Bool?
 
     public init(command: Command, service: String? = nil, slot: UInt32? = nil, workers: Int? = nil,
-                now: Bool? = nil, dryRun: Bool? = nil) {
+                now: Bool? = nil, dryRun: Bool? = nil, rollback: Bool? = nil) {
         self.command = command
         self.service = service
         self.slot = slot
         self.workers = workers
         self.now = now
         self.dryRun = dryRun
+        self.rollback = rollback
     }
 }
 
@@ -118,12 +125,22 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     /// (not provably that slot's worker: never signalled). Optional, as above.
     public var adoptedWorkers: Int?
     public var refusedAdoptions: Int?
+    /// The generation taking new flows. Optional, as above.
+    public var generation: Int?
+    /// The upgrade in progress, or the last one and how it ended. Optional, as above.
+    public var upgrade: UpgradeStatus?
+    /// Upgrades started, switched (roll backs included) and abandoned since the daemon started.
+    public var upgrades: UpgradeCounts?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
                 failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil,
-                adoptedWorkers: Int? = nil, refusedAdoptions: Int? = nil) {
+                adoptedWorkers: Int? = nil, refusedAdoptions: Int? = nil,
+                generation: Int? = nil, upgrade: UpgradeStatus? = nil, upgrades: UpgradeCounts? = nil) {
         self.adoptedWorkers = adoptedWorkers
         self.refusedAdoptions = refusedAdoptions
+        self.generation = generation
+        self.upgrade = upgrade
+        self.upgrades = upgrades
         self.name = name
         self.listeners = listeners
         self.workers = workers
@@ -157,10 +174,17 @@ public struct SlotStatus: Codable, Sendable, Equatable {
     public var notifiedReady: Bool?
     /// The last `STATUS=` the current worker sent, if any.
     public var notifiedStatus: String?
+    /// The generation whose worker definition the slot runs. Optional, as above.
+    public var generation: Int?
+    /// When the current worker became ready (CLOCK_REALTIME, ns since the epoch).
+    public var readySinceNs: UInt64?
 
     public init(slot: UInt32, pid: Int32?, state: String, restarts: Int, buckets: Int,
                 droppedOutputLines: Int? = nil, droppedOutputBytes: Int? = nil, watchdogRestarts: Int? = nil,
-                stalls: Int? = nil, notifiedReady: Bool? = nil, notifiedStatus: String? = nil) {
+                stalls: Int? = nil, notifiedReady: Bool? = nil, notifiedStatus: String? = nil, generation: Int? = nil,
+                readySinceNs: UInt64? = nil) {
+        self.generation = generation
+        self.readySinceNs = readySinceNs
         self.slot = slot
         self.pid = pid
         self.state = state
@@ -172,6 +196,65 @@ public struct SlotStatus: Codable, Sendable, Equatable {
         self.stalls = stalls
         self.notifiedReady = notifiedReady
         self.notifiedStatus = notifiedStatus
+    }
+}
+
+/// An upgrade: a new generation of a service's workers, from its start to its switch, or to
+/// its end without one. Times are CLOCK_REALTIME, ns since the epoch.
+public struct UpgradeStatus: Codable, Sendable, Equatable {
+    public enum Phase: String, Codable, Sendable {
+        /// The new workers start; no flow reaches them.
+        case starting
+        /// Every new worker is ready; every bucket learns the live flows of the old generation.
+        case learning
+        /// The buckets point at the new generation; the old one drains.
+        case switched
+        /// Given up before the switch (`reason`): the new workers were stopped, the old serve on.
+        case abandoned
+    }
+
+    public var generation: Int
+    /// The generation that was working when the upgrade started.
+    public var previous: Int
+    public var phase: Phase
+    public var slots: [UInt32]
+    /// Why it was abandoned.
+    public var reason: String?
+    public var startedNs: UInt64
+    /// When the last of the new workers became ready.
+    public var readyNs: UInt64?
+    /// When learning began (every worker ready): nothing moved before.
+    public var learningNs: UInt64?
+    /// When the buckets switched.
+    public var switchedNs: UInt64?
+    /// A roll back to a generation still draining.
+    public var rollback: Bool?
+
+    public init(generation: Int, previous: Int, phase: Phase, slots: [UInt32], reason: String? = nil,
+                startedNs: UInt64, readyNs: UInt64? = nil, learningNs: UInt64? = nil, switchedNs: UInt64? = nil,
+                rollback: Bool? = nil) {
+        self.generation = generation
+        self.previous = previous
+        self.phase = phase
+        self.slots = slots
+        self.reason = reason
+        self.startedNs = startedNs
+        self.readyNs = readyNs
+        self.learningNs = learningNs
+        self.switchedNs = switchedNs
+        self.rollback = rollback
+    }
+}
+
+public struct UpgradeCounts: Codable, Sendable, Equatable {
+    public var started: Int
+    public var switched: Int
+    public var abandoned: Int
+
+    public init(started: Int, switched: Int, abandoned: Int) {
+        self.started = started
+        self.switched = switched
+        self.abandoned = abandoned
     }
 }
 

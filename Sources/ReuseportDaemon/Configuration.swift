@@ -66,6 +66,29 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var tracking = ServiceDataPlane.FlowTracking()
     /// `[service.quic]`: steer UDP by QUIC connection ID (docs/quic.md); nil: off.
     public var quic: QuicSteering?
+    /// `notify = true`: a worker is ready when it sends `READY=1` to its NOTIFY_SOCKET, not after
+    /// `ready_after_ms`; an upgrade switches only once every new worker is ready.
+    public var notify = false
+    /// An upgrade whose new workers are not all ready within this is abandoned.
+    public var readyTimeoutMs = ServiceConfiguration.defaultReadyTimeoutMs
+    /// Sent to the old generation's workers when an upgrade switches (nil: none); they are
+    /// stopped with SIGTERM once their recorded flows are idle, as in a scale-down.
+    public var drainSignal: Int32?
+
+    public static let defaultReadyTimeoutMs = 30_000
+
+    /// What a generation's workers run: a change here is an upgrade (new slots, new workers),
+    /// a change elsewhere applies to the running workers.
+    public var workerDefinition: WorkerDefinition {
+        get { WorkerDefinition(program: program, user: user, group: group, environment: environment, notify: notify) }
+        set {
+            program = newValue.program
+            user = newValue.user
+            group = newValue.group
+            environment = newValue.environment
+            notify = newValue.notify
+        }
+    }
 
     public static let defaultFailoverAfterMs = 5000
 
@@ -93,6 +116,16 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
         listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)", "\(tracking.maxFlows)",
                                       "\(String(describing: quic))"]
     }
+}
+
+/// The program a generation's workers run, as whom and with what environment, and how they
+/// say they are ready.
+public struct WorkerDefinition: Sendable, Equatable, Codable {
+    public var program: WorkerProgram
+    public var user: String?
+    public var group: String?
+    public var environment: [String]
+    public var notify: Bool
 }
 
 /// When a slot's worker is started again after it exits.

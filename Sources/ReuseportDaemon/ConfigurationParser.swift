@@ -133,7 +133,15 @@ public enum ConfigurationParser {
         "name", "listen", "workers", "exec", "builtin", "user", "group", "rcvbuf", "buckets", "seed",
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
         "failover_after_ms", "watchdog_ms", "environment", "flow_tracking", "flow_idle_timeout_ms",
-        "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms", "quic",
+        "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms", "quic", "notify", "ready_timeout_ms",
+        "drain_signal",
+    ]
+
+    /// The signals `drain_signal` may name: those a server commonly takes as "finish what you
+    /// serve, take nothing new" (SIGTERM, SIGINT and SIGKILL stop it: that is the stop's job).
+    static let drainSignals: [String: Int32] = [
+        "SIGHUP": SIGHUP, "SIGQUIT": SIGQUIT, "SIGUSR1": SIGUSR1, "SIGUSR2": SIGUSR2, "SIGWINCH": SIGWINCH,
+        "SIGCONT": SIGCONT,
     ]
 
     static let quicKeys = ["cid_length", "server_id_length", "host_prefix", "config_rotation"]
@@ -296,6 +304,16 @@ public enum ConfigurationParser {
                                            seed: UInt32(seed), restart: restart, failoverAfterMs: failover,
                                            environment: environment)
         service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
+        service.notify = try reader.boolean("notify") ?? false
+        service.readyTimeoutMs = try reader.milliseconds("ready_timeout_ms") ?? service.readyTimeoutMs
+        guard service.readyTimeoutMs > 0 else { throw reader.error("ready_timeout_ms", "must be at least 1") }
+        if let name = try reader.string("drain_signal"), name != "none" {
+            guard let number = drainSignals[name] else {
+                throw reader.error("drain_signal", "'\(name)' is not a signal a worker may get to start draining: use "
+                    + "\"none\" or one of " + drainSignals.keys.sorted().joined(separator: ", "))
+            }
+            service.drainSignal = number
+        }
         service.tracking = try parseTracking(reader)
         service.quic = try parseQuic(reader, listen: listen)
         return service

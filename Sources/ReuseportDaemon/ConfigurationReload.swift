@@ -83,14 +83,20 @@ struct ConfigurationReload {
         for new in next.services {
             guard let service = supervisor.service(named: new.name), !rebuilt.contains(ObjectIdentifier(service))
             else { continue }
-            let programChanged = new.program != service.configuration.program || new.user != service.configuration.user
-                || new.group != service.configuration.group
+            // A new worker definition is a new generation: new slots and workers beside the running
+            // ones, switched to once all are ready, the old ones draining (Upgrade.swift).
+            let definitionChanged = new.workerDefinition != service.configuration.workerDefinition
             service.update(new)
-            if programChanged {
-                for slot in service.slots { supervisor.restart(service, slot) }
-                notes.append("\(service.name): workers restarted with the new program")
-            }
-            if new.workers != service.configuration.workers {
+            if definitionChanged {
+                do {
+                    let upgrade = try supervisor.beginUpgrade(service, to: new.workerDefinition, workers: new.workers)
+                    let slots = upgrade.status.slots.map(String.init).joined(separator: ", ")
+                    notes.append("\(service.name): upgrade to generation \(upgrade.status.generation) started on slots "
+                        + "\(slots), switching once every new worker is ready")
+                } catch {
+                    failures.append("\(service.name): cannot start an upgrade to the new worker definition: \(error)")
+                }
+            } else if new.workers != service.configuration.workers {
                 do {
                     let moved = try supervisor.scale(service, to: new.workers)
                     let when = service.plane.pending != nil ? "switch once their live flows are recorded" : "moved"

@@ -67,6 +67,29 @@ struct ControlCommands {
             } catch {
                 return .failure("scaling \(service.name) to \(workers) failed: \(error)")
             }
+        case .upgrade(let position, let rollback):
+            return upgrade(supervisor.services[position], rollback: rollback)
+        }
+    }
+
+    /// Starts an upgrade (or a roll back) and says what happens next.
+    func upgrade(_ service: ServiceRuntime, rollback: Bool) -> ControlResponse {
+        do {
+            let upgrade = rollback ? try supervisor.rollBack(service) : try supervisor.beginUpgrade(service)
+            let status = upgrade.status
+            let slots = status.slots.map(String.init).joined(separator: ", ")
+            let message: String
+            if rollback {
+                message = "rolling \(service.name) back to generation \(status.generation) (slots \(slots)): new flows "
+                    + "go there from the switch on; generation \(status.previous)'s live flows stay until idle"
+            } else {
+                message = "upgrading \(service.name) to generation \(status.generation) on slots \(slots): the switch "
+                    + "waits until every new worker is ready (at most \(service.configuration.readyTimeoutMs) ms); "
+                    + "generation \(status.previous) takes every flow until then"
+            }
+            return ControlResponse(ok: true, message: message, services: supervisor.status(of: service.name))
+        } catch {
+            return ControlResponse(ok: false, error: "\(service.name): \(error)", services: supervisor.status(of: service.name))
         }
     }
 
@@ -122,6 +145,7 @@ package enum ControlAction: Sendable, Equatable {
     case restart(service: Int, slot: UInt32)
     case scale(service: Int, workers: Int, now: Bool, dryRun: Bool)
     case reexec
+    case upgrade(service: Int, rollback: Bool)
 
     /// Throws the sentence the client gets when the request names no such service, slot or count.
     package init(checking request: ControlRequest, against services: [ControlTarget]) throws(ControlRequestError) {
@@ -164,6 +188,8 @@ package enum ControlAction: Sendable, Equatable {
                     + "got \(request.workers.map(String.init) ?? "none")")
             }
             self = .scale(service: position, workers: workers, now: request.now ?? false, dryRun: request.dryRun ?? false)
+        case .upgrade:
+            self = .upgrade(service: try target(), rollback: request.rollback ?? false)
         }
     }
 }
@@ -182,11 +208,13 @@ extension Supervisor {
                                       restarts: Int(slot.restarts), buckets: buckets[slot.index] ?? 0,
                                       droppedOutputLines: drops.lines, droppedOutputBytes: drops.bytes,
                                       watchdogRestarts: Int(slot.watchdogRestarts), stalls: Int(slot.stalls),
-                                      notifiedReady: slot.notifiedReady, notifiedStatus: slot.notifiedStatus)
+                                      notifiedReady: slot.notifiedReady, notifiedStatus: slot.notifiedStatus,
+                                      generation: Int(slot.generation), readySinceNs: slot.readySinceNs)
                 },
                 failovers: service.failovers, rescueStarts: service.rescueStarts,
                 removedSlotDrops: service.removedSlotDrops, adoptedWorkers: service.adoptedWorkers,
-                refusedAdoptions: service.refusedAdoptions)
+                refusedAdoptions: service.refusedAdoptions, generation: Int(service.plane.workingGeneration),
+                upgrade: service.upgrade?.status, upgrades: service.upgradeCounts)
         }
     }
 }

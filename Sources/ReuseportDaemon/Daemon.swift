@@ -72,6 +72,7 @@ public final class Daemon {
                                 logger: logger)
         supervisor.notify = notify
         supervisor.inheritedOutputs = Daemon.takeInheritedOutputs()
+        supervisor.inheritedSockets = InheritedSockets.fromEnvironment()
         let serviceManagerClient = NotifyClient()
         let socketStore = SocketStore(client: serviceManagerClient, logger: logger)
         supervisor.socketStore = socketStore
@@ -81,6 +82,7 @@ public final class Daemon {
                                                                serviceManager: serviceManager))
         do {
             for service in configuration.services { try supervisor.addService(service) }
+            supervisor.inheritedSockets.closeRest(logger: logger)
             socketStore.refuseUnclaimed()
         } catch {
             supervisor.closeServices()
@@ -207,8 +209,9 @@ extension Daemon {
     /// Execs the reuseportd binary on disk (`Options.executable`, with this process's arguments)
     /// in this process: same pid (systemd's main PID does not change), the workers stay its
     /// children, and the new image adopts them, their sockets and the maps from the pins as after
-    /// a crash (WorkerAdoption), without a datagram lost. Only the workers' output pipes are
-    /// handed over as they are (everything else is close-on-exec). If the exec fails, this image
+    /// a crash (WorkerAdoption), without a datagram lost. The workers' output pipes and every
+    /// slot's sockets are handed over as they are (InheritedSockets: a slot whose worker is down
+    /// has no worker to give them back); everything else is close-on-exec. If the exec fails, this image
     /// serves on. A new image that exits at once leaves the workers serving; the next daemon
     /// started on the pins adopts them.
     func reexec() {
@@ -218,17 +221,28 @@ extension Daemon {
             return
         }
         let pipes = supervisor.outputs.compactMap { fd, output in output.pid.map { ($0, fd) } }
-        for (_, fd) in pipes { try? Syscall.setCloseOnExec(fd, false) }
-        var environment = Daemon.environment().filter { !$0.hasPrefix("\(Daemon.inheritedOutputsVariable)=") }
+        // Every slot's sockets too: a slot whose worker is down now has no worker to give them back.
+        let sockets = supervisor.services.flatMap { service in
+            service.plane.liveSlots.flatMap { slot in
+                service.plane.sockets(ofSlot: slot).enumerated().map {
+                    (InheritedSockets.Name(service: service.name, listener: $0.offset, slot: slot), $0.element.fd)
+                }
+            }
+        }
+        let handedOver = pipes.map(\.1) + sockets.map(\.1)
+        for fd in handedOver { try? Syscall.setCloseOnExec(fd, false) }
+        let variables = [Daemon.inheritedOutputsVariable, InheritedSockets.variable]
+        var environment = Daemon.environment().filter { entry in !variables.contains { entry.hasPrefix("\($0)=") } }
         environment.append("\(Daemon.inheritedOutputsVariable)="
             + pipes.map { "\($0.0)=\($0.1.rawValue)" }.joined(separator: ","))
+        environment.append("\(InheritedSockets.variable)=\(InheritedSockets.encode(sockets))")
         logger.notice(
             "re-executing \(options.executable) in pid \(getpid()): \(supervisor.workers.count) workers, their sockets and the maps are taken over by the new image")
         do {
             try Syscall.execute(options.executable, arguments: CommandLine.arguments, environment: environment)
         } catch {
             logger.error("cannot re-execute \(options.executable): \(error); this image serves on")
-            for (_, fd) in pipes { try? Syscall.setCloseOnExec(fd, true) }
+            for fd in handedOver { try? Syscall.setCloseOnExec(fd, true) }
         }
     }
 

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CReuseportABI
 import Logging
+import ReuseportControl
 import ReuseportKit
 
 /// What the supervisor knows about one slot: its worker, the restart back-off and
@@ -41,10 +42,15 @@ final class SlotRecord {
     var stallSamples = StallSamples()
     /// Live flow records naming the slot at the last sweep of a placement change.
     var records = 0
+    /// The generation whose worker definition the slot runs.
+    let generation: UInt32
+    /// When the current worker became ready (CLOCK_REALTIME), for status.
+    var readySinceNs: UInt64?
 
-    init(index: UInt32, socketCookie: UInt64) {
+    init(index: UInt32, socketCookie: UInt64, generation: UInt32) {
         self.index = index
         self.socketCookie = socketCookie
+        self.generation = generation
     }
 }
 
@@ -81,6 +87,12 @@ final class ServiceRuntime {
     var lastReadyAt: Int64?
     /// When a rescue start last happened: each needs a worker to have become ready since.
     var lastRescueAt: Int64?
+    /// What each generation with a slot runs; the working generation's is `configuration`'s.
+    var definitions: [UInt32: WorkerDefinition] = [:]
+    /// The upgrade in progress, or the last one (with how it ended).
+    var upgrade: Upgrade?
+    /// Upgrades started, switched and abandoned since the daemon started.
+    var upgradeCounts = UpgradeCounts(started: 0, switched: 0, abandoned: 0)
     let logger: Logger
 
     var name: String { configuration.name }
@@ -94,10 +106,13 @@ final class ServiceRuntime {
     /// runtime of the same service), a listener configured with port 0 as before keeps the
     /// port it got.
     ///
+    /// `inherited`: this service's sockets the daemon's previous image handed over across its exec
+    /// (InheritedSockets), by slot and listener; used where no adopted worker gave them back.
     /// `store`: at start, the sockets systemd kept for this service across a restart, which its
-    /// slots reuse (SocketStore.claim); their groups are the daemon's own.
+    /// slots reuse where neither gave them back (SocketStore.claim); their groups are the daemon's own.
     init(configuration: ServiceConfiguration, pinRoot: String, logger: Logger, ownGroups: Set<Endpoint> = [],
-         staged: Bool = false, predecessor: ServiceRuntime? = nil, store: SocketStore? = nil) throws {
+         staged: Bool = false, predecessor: ServiceRuntime? = nil,
+         inherited: [UInt32: [Int: OwnedDescriptor]] = [:], store: SocketStore? = nil) throws {
         self.configuration = configuration
         var logger = logger
         logger[metadataKey: "service"] = "\(configuration.name)"
@@ -117,34 +132,43 @@ final class ServiceRuntime {
         // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
         // its running workers are adopted with their sockets, and a placement change it left is
         // finished, not dropped, so no flow moves.
+        let resumed: Bool
         var pinned: DispatchMaps?
+        var pinnedGenerations: (working: UInt32, last: UInt32)?
+        var existing: [UInt32: [ReuseportSocket]] = [:]
         var slotLimit = configuration.workers
         if !staged, let maps = ServiceDataPlane.resumable(at: pins, options: options),
            let config = try? maps.readConfig(), let change = try? maps.readTransition()
         {
             let limit = min(max(Int(config.slot_count), Int(change.socket_slots)), Int(RP_MAX_SLOTS))
             let found = WorkerAdoption(maps: maps, pins: pins, endpoints: endpoints, slotLimit: limit)
-            if found.foundWorkers || change.phase != RP_TRANSITION_NONE.rawValue {
+            existing = found.sockets
+            let handedOver = Self.check(inherited.filter { found.sockets[$0.key] == nil }, endpoints: endpoints,
+                                        pins: pins, logger: logger)
+            existing.merge(handedOver) { adopted, _ in adopted }
+            if found.foundWorkers || !handedOver.isEmpty || change.phase != RP_TRANSITION_NONE.rawValue {
                 pinned = maps
                 adoption = found
                 slotLimit = limit
+                handedOverSlots = handedOver.count
             }
         }
         // The sockets systemd kept across a restart (SocketStore): each slot that has them keeps
-        // them (an adopted worker's copies, of the same sockets, go first).
-        var existing = adoption?.sockets ?? [:]
+        // them (an adopted worker's or a handed-over copy, of the same sockets, goes first).
         if !staged, let store {
             let stored: [UInt32: [ReuseportSocket]]
             (stored, endpoints) = store.claim(service: configuration.name, endpoints: endpoints, slots: slotLimit)
             existing.merge(stored) { adopted, _ in adopted }
         }
-        // The previous daemon's workers, or the store, hold these addresses: the groups are this service's own.
+        // The previous daemon's workers (or sockets, or the store) hold these addresses: the groups
+        // are this service's own.
         let held = Set(existing.values.joined().map(\.endpoint))
         for endpoint in endpoints where !ownGroups.contains(endpoint) && adoption?.foundWorkers != true
             && !held.contains(endpoint) {
             try ListenerClaim.checkFree(endpoint)
         }
         if let pinned, let adoption {
+            resumed = true
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
                                          existing: existing,
                                          socketArrays: endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) })
@@ -160,17 +184,20 @@ final class ServiceRuntime {
                 if configuration.workers != plane.slots.count { workersAfterAdoption = configuration.workers }
             }
             logger.notice(
-                "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone")
+                "taking over the maps left in \(pins.serviceDirectory): \(adoption.adopted.count) workers adopted with their sockets, \(adoption.unusable.count) to stop, \(adoption.refused.count) refused, \(adoption.gone.count) gone; \(handedOverSlots) more slots' sockets handed over")
         } else {
+            resumed = false
             // Stored sockets are still in the previous daemon's arrays, which live as long as its
             // program is attached (or pinned), and a socket cannot enter a second array (EBUSY).
-            // So its pins go and its programs are detached before they enter this plane's arrays;
-            // this plane's programs are attached only then, once the arrays and tables are full.
-            // Meanwhile the kernel spreads datagrams over the group by its own hash: no datagram
-            // is dropped, but for those milliseconds one may reach another slot's socket.
+            // So its pins go (once their generations are read) and its programs are detached
+            // before the sockets enter this plane's arrays; this plane's programs are attached only
+            // then, once the arrays and tables are full. Meanwhile the kernel spreads datagrams
+            // over the group by its own hash: none is dropped, but for those milliseconds one may
+            // reach another slot's socket.
             let reusing = !existing.isEmpty
             if reusing {
                 if pins.exists {
+                    pinnedGenerations = ServiceDataPlane.pinnedGenerations(at: pins)
                     logger.notice("removing the pins left at \(pins.serviceDirectory): their arrays hold the stored sockets")
                     pins.remove()
                 }
@@ -183,6 +210,14 @@ final class ServiceRuntime {
             if reusing && !staged { try plane.attachPrograms() }
         }
         slots = []
+        // Generation numbers go on from those of the previous plane (a reload's predecessor, or
+        // pins a previous daemon left): workers started from nothing form a new generation.
+        if !resumed {
+            let last = predecessor?.plane.lastGeneration
+                ?? (staged ? nil : (pinnedGenerations ?? ServiceDataPlane.pinnedGenerations(at: pins))?.last)
+            if let last { try plane.continueGenerations(working: last &+ 1, last: last &+ 1) }
+        }
+        definitions[plane.workingGeneration] = configuration.workerDefinition
         if !staged {
             do {
                 try pinInPlace()
@@ -254,6 +289,33 @@ final class ServiceRuntime {
         return Double(moved) / Double(samples)
     }
 
+    /// Slots whose sockets the daemon's previous image handed over (no adopted worker had them).
+    private(set) var handedOverSlots = 0
+
+    /// The handed-over sockets (`inherited`) that are this service's: for each slot, one per
+    /// listener, each the socket this daemon makes for that listener (ReuseportSocket(adopting:))
+    /// and the one the pinned array holds at the slot (same cookie). Others are logged and closed.
+    private static func check(_ inherited: [UInt32: [Int: OwnedDescriptor]], endpoints: [Endpoint], pins: PinLayout,
+                              logger: Logger) -> [UInt32: [ReuseportSocket]] {
+        let arrays = endpoints.indices.map { try? SocketArray(pinned: pins, listener: $0) }
+        var checked: [UInt32: [ReuseportSocket]] = [:]
+        for (slot, byListener) in inherited {
+            do {
+                checked[slot] = try endpoints.indices.map { index in
+                    guard let descriptor = byListener[index] else { throw AdoptionError("no socket for listener \(index)") }
+                    let socket = try ReuseportSocket(adopting: descriptor, expected: endpoints[index])
+                    guard let cookie = try arrays[index]?.cookie(at: slot), try socket.cookie() == cookie else {
+                        throw AdoptionError("listener \(index)'s socket is not the one the pinned array holds at the slot")
+                    }
+                    return socket
+                }
+            } catch {
+                logger.warning("slot \(slot): a handed-over socket is not used: \(error)")
+            }
+        }
+        return checked
+    }
+
     /// Hands what was found of a previous daemon's workers to the supervisor, once.
     func takeAdoption() -> (WorkerAdoption, workersAfter: Int?)? {
         defer {
@@ -263,8 +325,36 @@ final class ServiceRuntime {
         return adoption.map { ($0, workersAfterAdoption) }
     }
 
-    private func makeRecord(_ slot: UInt32) throws -> SlotRecord {
-        SlotRecord(index: slot, socketCookie: try plane.sockets(ofSlot: slot).first?.cookie() ?? 0)
+    func makeRecord(_ slot: UInt32) throws -> SlotRecord {
+        SlotRecord(index: slot, socketCookie: try plane.sockets(ofSlot: slot).first?.cookie() ?? 0,
+                   generation: plane.slotGenerations[slot] ?? plane.workingGeneration)
+    }
+
+    /// The configuration a slot's workers start with: the service's, running its generation's
+    /// worker definition.
+    func configuration(of slot: SlotRecord) -> ServiceConfiguration {
+        var configuration = configuration
+        if let definition = definitions[slot.generation] { configuration.workerDefinition = definition }
+        return configuration
+    }
+
+    /// What the service runs from now on (an upgrade's, or the old one's again when it is
+    /// abandoned): what a reload compares with, and what slots a scale adds run.
+    func target(_ definition: WorkerDefinition, workers: Int) {
+        configuration.workerDefinition = definition
+        configuration.workers = workers
+    }
+
+    /// Whether the slot's workers say when they are ready (`notify = true` in their definition).
+    /// Asked for every slot at every turn of the loop: no copy of the configuration.
+    func notifies(_ slot: SlotRecord) -> Bool {
+        definitions[slot.generation]?.notify ?? configuration.notify
+    }
+
+    /// Forgets the definitions no slot runs any more.
+    func pruneDefinitions() {
+        let running = Set(slots.map(\.generation)).union([plane.workingGeneration])
+        definitions = definitions.filter { running.contains($0.key) }
     }
 
     /// The bound listeners (real ports when 0 was configured).
@@ -272,10 +362,12 @@ final class ServiceRuntime {
 
     func slot(_ index: UInt32) -> SlotRecord? { slots.first { $0.index == index } }
 
-    /// Takes settings that need no new sockets (restart policy, failover limit, program).
+    /// Takes settings that need no new sockets (restart policy, failover limit); the worker
+    /// definition changes only through an upgrade (`Supervisor.beginUpgrade`).
     func update(_ configuration: ServiceConfiguration) {
         var configuration = configuration
         configuration.workers = self.configuration.workers
+        configuration.workerDefinition = self.configuration.workerDefinition
         self.configuration = configuration
         do {
             try plane.setTracking(configuration.tracking)
@@ -298,7 +390,7 @@ final class ServiceRuntime {
         if isLeaving(slot) { flags |= UInt32(RP_SLOT_LEAVING) }
         if isJoining(slot) { flags |= UInt32(RP_SLOT_JOINING) }
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
-                                generation: 0, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
+                                generation: slot.generation, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
                                 stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts,
                                 records: UInt32(clamping: slot.records), flags: flags,
                                 start_time: slot.pid == nil ? 0 : slot.startTime)
@@ -375,9 +467,9 @@ final class ServiceRuntime {
     /// What a change to `count` slots would do, without doing it: the buckets that move and the
     /// recorded flows on the slots that would leave.
     func planResize(to count: Int, now: Int64) throws -> TransitionPlan {
-        let target = Set(0..<UInt32(count))
         let base = plane.pending
             ?? PendingPlacement(buckets: plane.buckets, slots: plane.slots, failed: plane.failedOver, switchNs: now)
+        let target = Set(try plane.targetSlots(resizing: base.slots, to: count))
         let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target.sorted()),
                                     slots: target.sorted(), failed: base.failed.intersection(target), switchNs: now)
         let leaving = Set(plane.liveSlots).subtracting(target)

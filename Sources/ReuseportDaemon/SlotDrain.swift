@@ -24,8 +24,14 @@ import ReuseportKit
 final class SlotDrain {
     let service: ServiceRuntime
     let slot: UInt32
-    /// The daemon's copies, taken out of the data plane (ServiceDataPlane.resizeKeepingRemoved).
-    let sockets: [ReuseportSocket]
+    /// The daemon's copies, taken out of the data plane (ServiceDataPlane.resizeKeepingRemoved);
+    /// empty once closed while the worker is held (`holdWorkerUntil`).
+    private(set) var sockets: [ReuseportSocket]
+    /// A slot of an older generation with TCP listeners: once its queues are empty its sockets
+    /// close, but its worker is not stopped before this (the switch + `drain_timeout_ms`), so that
+    /// the connections it accepted stay with it until it exits by itself (after `drain_signal`,
+    /// say) or the drain timeout. Nil: stopped once the queues are empty.
+    var holdWorkerUntil: Int64?
     /// `stop_timeout_ms` after the scale: the queue is discarded and counted then.
     let deadline: Int64
     var nextCheck: Int64
@@ -60,6 +66,12 @@ final class SlotDrain {
         }
     }
 
+    /// Closes the daemon's copies of the sockets (the worker keeps its own).
+    func closeSockets() {
+        for socket in sockets { socket.close() }
+        sockets = []
+    }
+
     /// Reads off and discards every queued datagram; returns how many.
     func discardQueued() -> Int {
         var count = 0
@@ -86,6 +98,18 @@ extension Supervisor {
         } else {
             drain.emptyChecks += 1
             if drain.emptyChecks >= SlotDrain.emptyChecksBeforeStop {
+                if let hold = drain.holdWorkerUntil, now < hold {
+                    // Nothing is queued and nothing new arrives: the listeners close; the worker
+                    // keeps the connections it accepted until it exits or the hold ends.
+                    if !drain.sockets.isEmpty {
+                        drain.closeSockets()
+                        drain.service.logger.info(
+                            "slot \(drain.slot): listeners closed; its worker keeps its connections until it exits, or for \((hold - now) / 1_000_000) ms")
+                    }
+                    // Checked again at least once a minute: the hold may have no end (Int64.max).
+                    drain.nextCheck = min(hold, now + 60_000_000_000)
+                    return
+                }
                 endDrain(pid, now: now, counting: false)
                 return
             }
@@ -100,7 +124,7 @@ extension Supervisor {
         if counting {
             finish(drain, reason: reason)
         } else {
-            for socket in drain.sockets { socket.close() }
+            drain.closeSockets()
         }
         if !exited { retire(pid, now: now) }
     }
@@ -108,7 +132,7 @@ extension Supervisor {
     /// Counts and logs what is still queued at a removed slot, and closes its sockets.
     func finish(_ drain: SlotDrain, reason: String) {
         let dropped = drain.discardQueued()
-        for socket in drain.sockets { socket.close() }
+        drain.closeSockets()
         guard dropped > 0 else { return }
         drain.service.removedSlotDrops += dropped
         drain.service.logger.warning(

@@ -13,6 +13,8 @@ public enum ActivationEnvironment {
     public static let listenFDNames = "LISTEN_FDNAMES"
     public static let slot = "REUSEPORT_SLOT"
     public static let service = "REUSEPORT_SERVICE"
+    /// The worker's generation: a number never given twice for the service (docs/configuration.md).
+    public static let generation = "REUSEPORT_GENERATION"
     public static let notifySocket = "NOTIFY_SOCKET"
     public static let watchdogUsec = "WATCHDOG_USEC"
     /// Set by systemd 254 and later to the unit's `FileDescriptorStoreMax=` when it is not 0:

@@ -6,7 +6,7 @@ import ReuseportKit
 import SystemPackage
 
 /// The name a slot's socket has in systemd's fd store: `svc.<service>.l<listener>.s<slot>.g<generation>`,
-/// e.g. `svc.demo.l0.s3.g0`.
+/// e.g. `svc.demo.l0.s3.g1`.
 ///
 /// systemd takes names of at most 255 ASCII characters, none a control character or ':' (which
 /// separates the names in `LISTEN_FDNAMES`; fdname_is_valid() in systemd's src/basic/fd-util.c).
@@ -16,8 +16,19 @@ struct StoredSocketName: Hashable, CustomStringConvertible {
     var service: String
     var listener: Int
     var slot: UInt32
-    /// 0 until services run in generations (`rp_slot_state.generation`, reserved for it).
+    /// The generation of the slot's workers when the socket was stored (an upgrade starts a new
+    /// generation on new slots). It names, it does not match: a restarted daemon gives a stored
+    /// socket to its slot whatever generation the slot has now.
     var generation: UInt32 = 0
+
+    /// Which slot's socket on which listener of which service: what a stored socket is matched by.
+    struct Place: Hashable {
+        var service: String
+        var listener: Int
+        var slot: UInt32
+    }
+
+    var place: Place { Place(service: service, listener: listener, slot: slot) }
 
     /// The longest name systemd accepts (FDNAME_MAX).
     static let maximumLength = 255
@@ -78,8 +89,8 @@ final class SocketStore {
     /// How many descriptors the store takes (`$FDSTORE`); 0: the store is not used.
     let capacity: Int
     let logger: Logger
-    /// The names stored now, as far as this daemon knows (reused ones included).
-    private(set) var kept: Set<StoredSocketName> = []
+    /// The names stored now, by place, as far as this daemon knows (reused ones included).
+    private(set) var kept: [StoredSocketName.Place: StoredSocketName] = [:]
     /// What systemd passed at start and no service has claimed yet.
     private var inherited: [(name: String, descriptor: OwnedDescriptor)] = []
     /// Sockets sent to the store, sockets reused from it, stored descriptors refused (closed).
@@ -127,9 +138,7 @@ final class SocketStore {
                 unclaimed.append(entry)
                 continue
             }
-            if parsed.generation != 0 {
-                refuse(entry.name, entry.descriptor, "generation \(parsed.generation): this daemon runs generation 0 only")
-            } else if parsed.listener >= endpoints.count {
+            if parsed.listener >= endpoints.count {
                 refuse(entry.name, entry.descriptor, "service \(name) has \(endpoints.count) listeners")
             } else if parsed.slot >= UInt32(slots) {
                 refuse(entry.name, entry.descriptor, "service \(name) has \(slots) slots")
@@ -172,7 +181,7 @@ final class SocketStore {
                 resolved[listener] = socket.endpoint
             }
             existing[slot] = sockets
-            for entry in found.values { kept.insert(entry.name) }
+            for entry in found.values { kept[entry.name.place] = entry.name }
             reused += sockets.count
         }
         if !existing.isEmpty {
@@ -216,9 +225,10 @@ final class SocketStore {
     func store(_ service: ServiceRuntime, slots: [UInt32]? = nil) {
         guard isStoring else { return }
         for slot in slots ?? service.plane.liveSlots {
+            let generation = service.plane.slotGenerations[slot] ?? service.plane.workingGeneration
             for (listener, socket) in service.plane.sockets(ofSlot: slot).enumerated() {
-                let name = StoredSocketName(service: service.name, listener: listener, slot: slot)
-                guard !kept.contains(name) else { continue }
+                let name = StoredSocketName(service: service.name, listener: listener, slot: slot, generation: generation)
+                guard kept[name.place] == nil else { continue }
                 guard kept.count < capacity else {
                     if notStored == 0 {
                         logger.warning(
@@ -229,7 +239,7 @@ final class SocketStore {
                 }
                 do {
                     try client.notify(NotifyClient.storeMessage(name: name.description), passing: [socket.fd])
-                    kept.insert(name)
+                    kept[name.place] = name
                     stored += 1
                 } catch {
                     logger.warning("fd store: cannot store \(name): \(error)")
@@ -243,8 +253,8 @@ final class SocketStore {
     func remove(service name: String, listeners: Int, slots: [UInt32]) {
         for slot in slots {
             for listener in 0..<listeners {
-                let stored = StoredSocketName(service: name, listener: listener, slot: slot)
-                guard kept.remove(stored) != nil else { continue }
+                let place = StoredSocketName.Place(service: name, listener: listener, slot: slot)
+                guard let stored = kept.removeValue(forKey: place) else { continue }
                 client.notify(NotifyClient.removeMessage(name: stored.description))
             }
         }

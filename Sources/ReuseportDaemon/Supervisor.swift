@@ -57,6 +57,8 @@ final class Supervisor {
     /// The workers' output pipes an exec of this daemon handed over, by worker pid: the adopted
     /// workers' output goes on being read (`WorkerOutput.inherited`).
     var inheritedOutputs: [pid_t: OwnedDescriptor] = [:]
+    /// The slot sockets an exec of this daemon handed over (the services take theirs as they start).
+    var inheritedSockets = InheritedSockets()
     /// The last thing that happened (a worker exit, a reload, the stop), one line for the
     /// service manager's `STATUS=` (ServiceManagerNotifier).
     var lastEvent: String?
@@ -81,7 +83,8 @@ final class Supervisor {
         let service: ServiceRuntime
         do {
             service = try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
-                                         ownGroups: ownGroups, store: socketStore)
+                                         ownGroups: ownGroups, inherited: inheritedSockets.take(service: configuration.name),
+                                         store: socketStore)
         } catch {
             throw ServiceStartError(service: configuration.name, underlying: error)
         }
@@ -176,6 +179,9 @@ final class Supervisor {
             logger.warning("cannot become the reaper of workers' orphans: \(error)")
         }
         cgroups = WorkerCgroups.make(logger: logger)
+        // After an exec in place the folder is this pid's already and holds the adopted workers'
+        // cgroups: new ones are numbered after them.
+        workerStarts = cgroups?.lastSequence ?? 0
     }
 
     /// Starts a worker on every slot that has none (adopted workers keep theirs).
@@ -261,6 +267,7 @@ final class Supervisor {
             slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
             slot.notifiedReady = false
             slot.notifiedStatus = nil
+            slot.readySinceNs = nil
             service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
             return nil
@@ -363,7 +370,8 @@ final class Supervisor {
     {
         func spawn(inside folder: OwnedDescriptor?) throws -> pid_t {
             try WorkerSpawn(executable: executable,
-                            arguments: workerArguments(service.configuration, cgroup: folder == nil ? cgroup : nil),
+                            arguments: workerArguments(service.configuration(of: slot),
+                                                       cgroup: folder == nil ? cgroup : nil),
                             environment: workerEnvironment(service, slot),
                             sockets: service.plane.sockets(ofSlot: slot.index).map(\.fd),
                             output: output, cgroup: folder?.fd).start()
@@ -407,8 +415,8 @@ final class Supervisor {
     }
 
     func workerEnvironment(_ service: ServiceRuntime, _ slot: SlotRecord) -> [String] {
-        WorkerEnvironment.make(service.configuration, listeners: service.plane.listeners.count, slot: slot.index,
-                               notifySocket: notify?.path)
+        WorkerEnvironment.make(service.configuration(of: slot), listeners: service.plane.listeners.count,
+                               slot: slot.index, generation: slot.generation, notifySocket: notify?.path)
     }
 
     /// Reads one chunk of a worker's pipe; forgets it at end of file.
@@ -451,6 +459,9 @@ final class Supervisor {
             retiring[pid] = now + stopMs.msAsNs
         }
         let sentence = status?.sentence ?? "exited (an adopted worker: its status is its old parent's)"
+        // An adopted worker's status is unknown: count it as a signal death (restart at once
+        // after a healthy run, as for any worker killed from outside).
+        let status = status ?? .killed(signal: SIGKILL)
         if draining[pid] != nil {
             endDrain(pid, now: now, counting: true, reason: "its worker \(sentence)", exited: true)
             return
@@ -463,9 +474,9 @@ final class Supervisor {
         logger[metadataKey: "slot"] = "\(slot.index)"
         logger.warning("worker pid \(pid) \(sentence) after \(lived / 1_000_000) ms")
         lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(sentence)"
-        // An adopted worker's status is unknown: count it as a signal death (restart at once
-        // after a healthy run, as for any worker killed from outside).
-        scheduleRestart(service, slot, now: now, livedNs: lived, status: status ?? .killed(signal: SIGKILL))
+        if upgradeWorkerExited(service, slot, pid: pid, status: status, livedNs: lived, now: now) { return }
+        scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
+        checkCrashLoop(service, slot)
     }
 
     /// Drops every worker start whose worker has exited and whose processes are all gone.
@@ -591,6 +602,7 @@ final class Supervisor {
         do {
             if let moved = try plane.advance(now: now) {
                 service.logger.notice("placement switched: \(moved) buckets moved; recorded flows keep their slot until idle")
+                upgradeSwitched(service, moved: moved, now: now)
             }
             let sweep = try plane.sweep(now: now, forget: plane.failedOver)
             for slot in service.slots { slot.records = sweep.liveBySlot[slot.index] ?? 0 }
@@ -630,6 +642,7 @@ final class Supervisor {
         socketStore?.remove(service: service.name, listeners: service.listeners.count, slots: [slot.index])
         let drain = SlotDrain(service: service, slot: slot.index, sockets: sockets,
                               deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
+        drain.holdWorkerUntil = connectionHold(service, slot, now: now)
         if let pid = slot.pid {
             workers.removeValue(forKey: pid)
             draining[pid] = drain
@@ -637,7 +650,20 @@ final class Supervisor {
             finish(drain, reason: "it had no worker")
         }
         service.clear(slot)
+        service.pruneDefinitions()
         service.logger.info("slot \(slot.index) retired")
+    }
+
+    /// How long a retiring slot's worker keeps its accepted TCP connections: one of an older
+    /// generation (its program may differ from the one that would serve those clients next) until
+    /// `drain_timeout_ms` after the switch; any other, not at all (it is stopped once drained).
+    func connectionHold(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) -> Int64? {
+        guard slot.generation != service.plane.workingGeneration,
+              service.listeners.contains(where: { $0.transport == .tcp })
+        else { return nil }
+        let limitMs = service.configuration.tracking.drainTimeoutMs
+        guard limitMs > 0 else { return Int64.max }
+        return (service.upgrade?.switchedAt ?? now) + limitMs.msAsNs
     }
 
     // MARK: stop

@@ -25,6 +25,8 @@ enum SupervisorTimer {
     /// A placement change in progress: switch when learning is over, sweep records, retire
     /// drained slots (Supervisor.checkTransition).
     case transition(ServiceRuntime)
+    /// A starting generation's workers are not all ready by `ready_timeout_ms`: it is abandoned.
+    case upgrade(ServiceRuntime)
 }
 
 extension Supervisor {
@@ -33,7 +35,7 @@ extension Supervisor {
     func timers() -> [SupervisorTimer] {
         var timers: [SupervisorTimer] = []
         for service in services {
-            timers.append(.transition(service))
+            timers += [.transition(service), .upgrade(service)]
             for slot in service.slots {
                 timers += [.start(service, slot), .ready(service, slot), .failover(service, slot),
                            .watchdog(service, slot)]
@@ -49,7 +51,9 @@ extension Supervisor {
             guard slot.pid == nil, !stopping else { return nil }
             return slot.nextStartAt
         case .ready(let service, let slot):
-            guard let started = slot.startedAt, slot.pid != nil, slot.state == .starting || slot.state == .failedOver
+            // A worker that speaks sd_notify (`notify = true`) is ready when it says so (`notified`).
+            guard let started = slot.startedAt, slot.pid != nil, slot.state == .starting || slot.state == .failedOver,
+                  !service.notifies(slot)
             else { return nil }
             return started + service.configuration.restart.readyAfterMs.msAsNs
         case .failover(let service, let slot):
@@ -70,6 +74,9 @@ extension Supervisor {
         case .transition(let service):
             guard !stopping else { return nil }
             return service.nextTransitionCheck
+        case .upgrade(let service):
+            guard !stopping else { return nil }
+            return service.upgrade?.readyDeadline
         }
     }
 
@@ -99,6 +106,8 @@ extension Supervisor {
                 checkStalls(now: now)
             case .transition(let service):
                 checkTransition(service, now: now)
+            case .upgrade(let service):
+                upgradeTimedOut(service, now: now)
             }
         }
     }
@@ -115,7 +124,9 @@ extension Supervisor {
                 service.logger.notice("slot \(slot.index) is healthy again: its \(restored) buckets are back")
             }
         }
+        slot.readySinceNs = WallClock.nanoseconds()
         service.transition(slot, to: .running)
+        checkUpgrade(service, now: MonotonicClock.nanoseconds())
     }
 
     func failOver(_ service: ServiceRuntime, _ slot: SlotRecord) {

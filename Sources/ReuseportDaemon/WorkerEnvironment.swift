@@ -14,7 +14,7 @@ import ReuseportKit
 /// 2. The service's `environment = ["KEY=value", ...]`, which may replace a base entry.
 /// 3. What the daemon sets for the slot: socket activation (`LISTEN_FDS`, `LISTEN_FDNAMES`;
 ///    `LISTEN_PID` is set by the worker itself before exec) and `REUSEPORT_SLOT`,
-///    `REUSEPORT_SERVICE`; for a service with QUIC steering, `REUSEPORT_QUIC_SERVER_ID`,
+///    `REUSEPORT_SERVICE`, `REUSEPORT_GENERATION`; for a service with QUIC steering, `REUSEPORT_QUIC_SERVER_ID`,
 ///    `REUSEPORT_QUIC_CID_LENGTH`, `REUSEPORT_QUIC_CONFIG_ROTATION`. A configuration may not set
 ///    these (`reserved`).
 enum WorkerEnvironment {
@@ -25,13 +25,14 @@ enum WorkerEnvironment {
     /// daemon's notify socket and watchdog (NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID).
     static let reserved: [String] = [
         ActivationEnvironment.listenFDs, ActivationEnvironment.listenPID, ActivationEnvironment.listenFDNames,
-        ActivationEnvironment.slot, ActivationEnvironment.service, ActivationEnvironment.quicServerID,
+        ActivationEnvironment.slot, ActivationEnvironment.service, ActivationEnvironment.generation,
+        ActivationEnvironment.quicServerID,
         ActivationEnvironment.quicCIDLength, ActivationEnvironment.quicConfigRotation, "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
     ]
 
-    /// The environment of a worker of `service` on `slot`, with `listeners` sockets.
-    static func make(_ service: ServiceConfiguration, listeners: Int, slot: UInt32, notifySocket: String? = nil)
-        -> [String]
+    /// The environment of a worker of `service` on `slot`, with `listeners` sockets, in `generation`.
+    static func make(_ service: ServiceConfiguration, listeners: Int, slot: UInt32, generation: UInt32 = 1,
+                     notifySocket: String? = nil) -> [String]
     {
         var entries = base(user: service.user)
         for entry in service.environment {
@@ -47,6 +48,7 @@ enum WorkerEnvironment {
             (ActivationEnvironment.listenFDNames, (0..<listeners).map { "listener\($0)" }.joined(separator: ":")),
             (ActivationEnvironment.slot, "\(slot)"),
             (ActivationEnvironment.service, service.name),
+            (ActivationEnvironment.generation, "\(generation)"),
         ]
         if let quic = service.quic {
             entries += [

@@ -35,6 +35,9 @@ extension Supervisor {
         if message.ready, !slot.notifiedReady {
             slot.notifiedReady = true
             service.logger.debug("slot \(slot.index): worker pid \(leader) sent READY=1")
+            if service.notifies(slot), slot.state == .starting || slot.state == .failedOver {
+                becameReady(service, slot)
+            }
         }
         if let status = message.status { slot.notifiedStatus = status }
         return true

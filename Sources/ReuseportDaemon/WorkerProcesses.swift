@@ -93,6 +93,11 @@ struct WorkerCgroups {
         return WorkerCgroups(root: root, createsInside: nil)
     }
 
+    /// The highest worker-start number among the folders already there (`<service>.<slot>.<n>`).
+    var lastSequence: Int {
+        Syscall.directoryEntries(root).compactMap { $0.split(separator: ".").last.flatMap { Int($0) } }.max() ?? 0
+    }
+
     /// A new, empty cgroup for one worker start.
     func make(service: String, slot: UInt32, sequence: Int) throws -> String {
         let path = "\(root)/\(service).\(slot).\(sequence)"

@@ -122,6 +122,17 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public private(set) var drainDeadlineNs: Int64?
     /// When the current change started, for status (CLOCK_MONOTONIC).
     public private(set) var transitionStartedNs: Int64?
+    /// The generation taking new flows (its slots are `slots`), and the last number given out:
+    /// both kept in rp_transition, so that a number is never given out twice for the service.
+    public private(set) var workingGeneration: UInt32 = 1
+    public private(set) var lastGeneration: UInt32 = 1
+    /// The generation of each slot holding a socket (a leaving slot keeps its own until it retires).
+    public private(set) var slotGenerations: [UInt32: UInt32] = [:]
+    /// A generation whose slots hold sockets but take no flow yet: its workers are starting.
+    public private(set) var startingGeneration: StartingGeneration?
+    /// The generation the pending change makes the working one at its switch (nil: the change
+    /// keeps the working generation, as a scale does).
+    public private(set) var pendingGeneration: UInt32?
 
     /// Binds `slotCount` sockets on each endpoint, loads and attaches the program, fills the
     /// arrays and writes the configuration, an even bucket table and the fallback table.
@@ -161,7 +172,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         try maps.writeQuicSteering(options.quic)
         try maps.writeBuckets(buckets)
         try maps.writeFallback(fallback)
-        try maps.writeTransition(rp_transition())
+        try persist(now: 0)
         try spreadFallback(over: liveSlots)
     }
 
@@ -205,7 +216,17 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         maps = pinned
         self.listeners = listeners
-        slots = Array(0..<UInt32(nominal))
+        // Slots hold sockets where the previous daemon published a worker; those of the working
+        // generation are the slots in use (after an upgrade they need not start at 0).
+        workingGeneration = max(change.working_generation, 1)
+        lastGeneration = max(change.last_generation, workingGeneration)
+        var rows: [UInt32: rp_slot_state] = [:]
+        for slot in 0..<UInt32(socketSlots) {
+            if let row = try? pinned.readSlotState(slot), row.state != RP_WORKER_EMPTY.rawValue { rows[slot] = row }
+        }
+        let workingNow = workingGeneration
+        let working = rows.filter { $0.value.generation == workingNow }.keys.sorted()
+        slots = working.count == nominal ? working : Array(0..<UInt32(nominal))
         let values = try pinned.readBucketValues(count: options.bucketCount)
         buckets = values.map { rp_bucket_slot($0) }
         effectiveBuckets = buckets
@@ -220,14 +241,20 @@ public final class ServiceDataPlane: @unchecked Sendable {
         if change.phase == RP_TRANSITION_LEARNING.rawValue {
             let after = try SlotCount(Int(change.slots_after), what: "slots_after").value
             // rp_next_buckets holds the table the switch writes (failover laid over it already).
-            pending = PendingPlacement(buckets: try pinned.readNextBuckets(count: options.bucketCount),
-                                       slots: Array(0..<UInt32(after)), failed: [], switchNs: Int64(change.switch_ns))
+            let next = try pinned.readNextBuckets(count: options.bucketCount)
+            let named = Set(next).sorted()
+            pending = PendingPlacement(buckets: next, slots: named.count == after ? named : Array(0..<UInt32(after)),
+                                       failed: [], switchNs: Int64(change.switch_ns))
+            // A generation change that was learning: its slots' rows name the generation it makes working.
+            pendingGeneration = named.compactMap { rows[$0]?.generation }.first { $0 != workingGeneration }
         } else {
             drainDeadlineNs = change.drain_deadline_ns == 0 ? nil : Int64(change.drain_deadline_ns)
         }
-        // An adopted slot beyond the pinned counts (it should not be) keeps its socket too.
-        let extra = existing.keys.filter { $0 >= UInt32(socketSlots) }
-        for slot in Array(0..<UInt32(socketSlots)) + extra.sorted() { try insertSockets(slot) }
+        let held = rows.isEmpty ? Set(0..<UInt32(socketSlots)) : Set(rows.keys)
+        // An adopted slot's socket stays at its slot, named by a row or not.
+        for slot in held.union(slots).union(pending?.slots ?? []).union(existing.keys).sorted() {
+            try insertSockets(slot, generation: rows[slot]?.generation ?? workingGeneration)
+        }
         leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
         try spreadFallback(over: fallbackSlots)
         try maps.writeQuicSteering(options.quic)
@@ -275,13 +302,23 @@ public final class ServiceDataPlane: @unchecked Sendable {
         return listener
     }
 
+    /// The working and last generation numbers a previous plane of the service left in its pins
+    /// (this ABI only); nil when there are none to read.
+    public static func pinnedGenerations(at layout: PinLayout) -> (working: UInt32, last: UInt32)? {
+        guard let maps = try? DispatchMaps(pinned: layout), (try? maps.checkConfiguredABI()) != nil,
+              let change = try? maps.readTransition(), change.last_generation > 0
+        else { return nil }
+        return (change.working_generation, change.last_generation)
+    }
+
     /// The slots that hold a socket (on the first listener; every operation here fills and
     /// empties a slot on all listeners together).
     public var liveSlots: [UInt32] { listeners[0].sockets.keys.sorted() }
 
     /// Binds (if not yet bound) and inserts the slot's socket on every listener. The fallback
     /// table is the caller's to spread over it.
-    private func insertSockets(_ slot: UInt32) throws {
+    private func insertSockets(_ slot: UInt32, generation: UInt32? = nil) throws {
+        slotGenerations[slot] = generation ?? slotGenerations[slot] ?? workingGeneration
         // A slot keeping its socket (adopted) keeps its counters; a new socket starts at zero.
         if listeners[0].sockets[slot] == nil { try maps.resetSlotCounters(slot) }
         for listener in listeners {
@@ -333,6 +370,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     }
 
     private func takeSockets(_ slot: UInt32) throws -> [ReuseportSocket] {
+        slotGenerations.removeValue(forKey: slot)
         var taken: [ReuseportSocket] = []
         for listener in listeners {
             try listener.program.sockets.remove(at: slot)
@@ -543,11 +581,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// switches at its next call.
     @discardableResult
     public func beginResize(to count: Int, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
-        _ = try SlotCount(count)
-        let target = Array(0..<UInt32(count))
+        if let generation = pendingGeneration {
+            throw ReuseportError.invalidArgument("generation \(generation) is learning the live flows it takes over: "
+                + "scale once it switched")
+        }
         let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
+        let target = try targetSlots(resizing: base.slots, to: count)
         let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target), slots: target,
-                                    failed: base.failed.filter { $0 < UInt32(count) }, switchNs: now)
+                                    failed: base.failed.intersection(target), switchNs: now)
         let added = target.filter { !liveSlots.contains($0) }
         let wasLeaving = leaving
         do {
@@ -573,6 +614,143 @@ public final class ServiceDataPlane: @unchecked Sendable {
         return try plan(next, now: now, learnNs: learnNs)
     }
 
+    /// The slots of a change to `count` slots from `base`: the lowest `count` of them when
+    /// shrinking; when growing, `base` and the lowest indices held by no other generation (a
+    /// leaving slot of the working generation may join again: its worker runs the same program).
+    public func targetSlots(resizing base: [UInt32], to count: Int) throws -> [UInt32] {
+        _ = try SlotCount(count)
+        let sorted = base.sorted()
+        guard count > sorted.count else { return Array(sorted.prefix(count)) }
+        var target = Set(sorted)
+        let starting = Set(startingGeneration?.slots ?? [])
+        for candidate in 0..<UInt32(RP_MAX_SLOTS) where target.count < count {
+            guard !target.contains(candidate), !starting.contains(candidate) else { continue }
+            if let generation = slotGenerations[candidate], generation != workingGeneration { continue }
+            target.insert(candidate)
+        }
+        guard target.count == count else {
+            throw ReuseportError.invalidArgument("no room for \(count) slots: older generations still hold slots, "
+                + "and a service has at most \(RP_MAX_SLOTS)")
+        }
+        return target.sorted()
+    }
+
+    // MARK: generations
+
+    /// Generations older than the working one that may hold slots at once. Each keeps its
+    /// workers and sockets while its flows live; a bound keeps a run of bad deploys from piling
+    /// up processes. Beyond it a new generation is refused, with the reason, until one retires.
+    public static let maxDrainingGenerations = 3
+
+    /// Takes the generation counter a previous plane of the service reached (its pins, or the
+    /// plane a reload replaces): numbers go on from there, and the working generation keeps its
+    /// number. Only before any other generation started on this plane.
+    public func continueGenerations(working: UInt32, last: UInt32) throws {
+        guard startingGeneration == nil, Set(slotGenerations.values).count <= 1 else {
+            throw ReuseportError.invalidArgument("the generations of this plane have started already")
+        }
+        workingGeneration = max(working, 1)
+        lastGeneration = max(last, workingGeneration)
+        for slot in slotGenerations.keys { slotGenerations[slot] = workingGeneration }
+        try persist(now: MonotonicClock.nanoseconds())
+    }
+
+    /// Starts a new generation of `count` slots beside the working one: the next number, and
+    /// sockets at the lowest indices no slot holds. Nothing steers to them yet: no bucket and no
+    /// fallback entry names them until `switchGeneration`, so a generation whose workers never
+    /// become ready never takes a flow. Refused while a change learns or another generation starts.
+    public func startGeneration(count: Int, now: Int64) throws -> StartingGeneration {
+        _ = try SlotCount(count)
+        if let starting = startingGeneration {
+            throw ReuseportError.invalidArgument("generation \(starting.generation) is starting already")
+        }
+        guard pending == nil else {
+            throw ReuseportError.invalidArgument("a placement change is learning its live flows: start the "
+                + "generation once it switched")
+        }
+        let draining = Set(slotGenerations.values).subtracting([workingGeneration]).sorted()
+        guard draining.count < Self.maxDrainingGenerations else {
+            throw ReuseportError.invalidArgument("generations \(draining.map(String.init).joined(separator: ", ")) "
+                + "still drain, and at most \(Self.maxDrainingGenerations) may: start the next once one has retired "
+                + "(its flows idle, or at drain_timeout_ms)")
+        }
+        let held = Set(liveSlots)
+        let free = (0..<UInt32(RP_MAX_SLOTS)).lazy.filter { !held.contains($0) }.prefix(count)
+        guard free.count == count else {
+            throw ReuseportError.invalidArgument("no room for \(count) more slots beside the \(held.count) held "
+                + "(a service has at most \(RP_MAX_SLOTS)); wait until older generations have drained")
+        }
+        let generation = lastGeneration &+ 1
+        let added = Array(free)
+        do {
+            for slot in added { try insertSockets(slot, generation: generation) }
+        } catch {
+            for slot in added where listeners.contains(where: { $0.sockets[slot] != nil }) { try? removeSockets(slot) }
+            throw error
+        }
+        lastGeneration = generation
+        startingGeneration = StartingGeneration(generation: generation, slots: added)
+        try persist(now: now)
+        return startingGeneration!
+    }
+
+    /// Gives up the starting generation: its sockets leave the arrays and close. No flow was
+    /// ever steered to them; its number is not given out again.
+    public func abandonGeneration(now: Int64) throws {
+        guard let starting = startingGeneration else { return }
+        startingGeneration = nil
+        for slot in starting.slots { try removeSockets(slot) }
+        try persist(now: now)
+    }
+
+    /// Makes the starting generation the working one, as a placement change of every bucket:
+    /// for one idle timeout every bucket learns the live flows of the slots it names now, then
+    /// all switch to the new generation's slots (balanced), and the old slots leave, each
+    /// retiring once its recorded flows are idle (`sweep`, `retire`), as in a scale-down.
+    @discardableResult
+    public func switchGeneration(now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
+        guard let starting = startingGeneration else {
+            throw ReuseportError.invalidArgument("no generation is starting")
+        }
+        let plan = try changeGeneration(to: starting.slots, generation: starting.generation, now: now, learnNs: learnNs)
+        startingGeneration = nil
+        try persist(now: now)
+        return plan
+    }
+
+    /// Makes a generation whose slots are still leaving (draining since a switch) the working one
+    /// again: from the switch on its slots take the new flows, and the generation working now
+    /// leaves, its live flows recorded while learning and kept until idle.
+    @discardableResult
+    public func rollBack(to generation: UInt32, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
+        guard startingGeneration == nil, pending == nil else {
+            throw ReuseportError.invalidArgument("a generation is starting or a change is learning: roll back once it switched")
+        }
+        let target = liveSlots.filter { slotGenerations[$0] == generation && leaving.contains($0) }
+        guard !target.isEmpty, generation != workingGeneration else {
+            throw ReuseportError.invalidArgument("generation \(generation) has no slot left to roll back to")
+        }
+        return try changeGeneration(to: target, generation: generation, now: now, learnNs: learnNs)
+    }
+
+    private func changeGeneration(to target: [UInt32], generation: UInt32, now: Int64, learnNs: Int64?) throws
+        -> TransitionPlan
+    {
+        let next = PendingPlacement(buckets: BucketAssignment.rebalance(buckets, to: target), slots: target,
+                                    failed: [], switchNs: now)
+        let wasLeaving = leaving
+        leaving.subtract(target)
+        do {
+            let plan = try plan(next, now: now, learnNs: learnNs)
+            pendingGeneration = generation
+            return plan
+        } catch {
+            leaving = wasLeaving
+            try? spreadFallback(over: fallbackSlots)
+            throw error
+        }
+    }
+
     /// Makes `next` the pending placement: flags the buckets that move for learning, persists
     /// the change in rp_transition and rp_next_buckets.
     private func plan(_ next: PendingPlacement, now: Int64, learnNs: Int64?) throws -> TransitionPlan {
@@ -588,7 +766,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
             flags[bucket] = (flags[bucket] & UInt32(RP_BUCKET_PINNED)) | (moves && learn > 0 ? UInt32(RP_BUCKET_LEARN) : 0)
         }
         let records = try liveRecordsBySlot(now: now)
-        let leavingAtSwitch = Set(liveSlots).subtracting(next.slots)
+        let leavingAtSwitch = Set(liveSlots).subtracting(next.slots).subtracting(startingGeneration?.slots ?? [])
         // Flows a full table turned away in an earlier change may be recorded in this one.
         if learn > 0 { try clearUntrackedMarkers() }
         // The kernel's tables first; this plane's state once they are written.
@@ -628,7 +806,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
         slots = next.slots
         failedOver = next.failed
         pending = nil
-        leaving.formUnion(Set(liveSlots).subtracting(slots))
+        if let generation = pendingGeneration { workingGeneration = generation }
+        pendingGeneration = nil
+        leaving.formUnion(Set(liveSlots).subtracting(slots).subtracting(startingGeneration?.slots ?? []))
         // The drain timeout bounds how long leaving slots wait; records of staying slots keep
         // their flows until those are idle, however long that takes.
         let drainMs = options.tracking.drainTimeoutMs
@@ -730,6 +910,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
             state.drain_deadline_ns = UInt64(drainDeadlineNs ?? 0)
             state.idle_timeout_ns = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
         }
+        state.working_generation = workingGeneration
+        state.last_generation = lastGeneration
         try maps.writeTransition(state)
     }
 
@@ -808,6 +990,12 @@ public struct PendingPlacement: Sendable, Equatable {
 
     /// The table rp_buckets will hold: the failed-over slots' buckets lent to the others.
     public var effective: [UInt32] { BucketAssignment.overlay(buckets, slots: slots, failed: failed) }
+}
+
+/// A generation whose slots hold sockets and whose workers start, before any flow is steered to it.
+public struct StartingGeneration: Sendable, Equatable {
+    public var generation: UInt32
+    public var slots: [UInt32]
 }
 
 /// What a change will do, said before it does it (`reuseportctl scale --dry-run`).

@@ -14,6 +14,8 @@ public struct WhoamiReply: Equatable, Sendable {
     public var payload: [UInt8]
     /// Bytes of the datagram left out of `payload` so that the answer fits one datagram; 0 when none.
     public var truncated: Int
+    /// Fields other workers in this format add (the upgrade tests' worker: `version`, `generation`).
+    public var extra: [String: String]
 
     public init?(_ received: some Collection<UInt8>) {
         let bytes = Array(received)
@@ -29,6 +31,7 @@ public struct WhoamiReply: Equatable, Sendable {
         else { return nil }
         guard let truncated = fields["truncated"].map({ Int($0) }) ?? 0 else { return nil }
         self.truncated = truncated
+        extra = fields.filter { !["slot", "pid", "service", "peer", "truncated"].contains($0.key) }
         self.slot = slot
         self.pid = pid
         self.service = service

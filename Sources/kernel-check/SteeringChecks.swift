@@ -31,7 +31,8 @@ enum SteeringChecks {
     static let all: [Check] =
         Transport.allCases.flatMap { transport in
             Family.allCases.flatMap { family in groupSizes.map { exactSlot(transport, family, slots: $0) } }
-        } + [Family.v4, .v6].map(fallbackTable) + [Family.v4, .v6].map(flowRecords) + [tcpMigration]
+        } + [Family.v4, .v6].map(fallbackTable) + [Family.v4, .v6].map(flowRecords)
+            + [Family.v4, .v6].map(generationSwitch) + [tcpMigration]
         + [closedSocketLeavesArray, replacingKeepsFlows, kernelDefaultMovesFlows, foreignSocketGetsNothing]
 
     static func service(_ transport: Transport, _ family: Family, slots: Int) throws -> ServiceDataPlane {
@@ -52,12 +53,29 @@ enum SteeringChecks {
     /// A change records the flows of the moving buckets and keeps them through the switch
     /// (TransitionScenario): a hash map without preallocation, updated by the SK_REUSEPORT program.
     static func flowRecords(_ family: Family) -> Check {
-        Check("flow-records-udp\(family.rawValue)",
-              "a scale 4 → 6 records the moving buckets' flows; each keeps its slot through the switch") { _ in
+        liveAndNewFlows("flow-records-udp\(family.rawValue)",
+                        "a scale 4 → 6 records the moving buckets' flows; each keeps its slot through the switch",
+                        family, TransitionScenario.run)
+    }
+
+    /// A new generation takes no flow while it starts, and at its switch every live flow keeps
+    /// its old slot while new flows go to the new one (GenerationScenario): the same program
+    /// and maps, a placement change of every bucket.
+    static func generationSwitch(_ family: Family) -> Check {
+        liveAndNewFlows("generation-switch-udp\(family.rawValue)",
+                        "a generation of 4 slots beside 4 takes no flow until it switches; then live flows stay, new ones go to it",
+                        family, GenerationScenario.run)
+    }
+
+    /// A scenario of a 4-slot UDP service with 256 live flows and 256 new ones.
+    static func liveAndNewFlows(
+        _ name: String, _ summary: String, _ family: Family,
+        _ scenario: @escaping @Sendable (ServiceDataPlane, [FlowClient], [FlowClient], SocketAddress?) throws -> String
+    ) -> Check {
+        Check(name, summary) { _ in
             let plane = try service(.udp, family, slots: 4)
-            return try TransitionScenario.run(plane, clients: try Traffic.clients(256, on: family.client),
-                                              fresh: try Traffic.clients(256, on: family.client),
-                                              destination: destination(of: plane, family))
+            return try scenario(plane, try Traffic.clients(256, on: family.client),
+                                try Traffic.clients(256, on: family.client), destination(of: plane, family))
         }
     }
 

@@ -16,6 +16,7 @@ struct Report {
     var balance: BalanceBench?
     var scale: ScaleBench?
     var tracking: FlowTrackingBench?
+    var generations: GenerationBench?
 
     static func chartPath(for output: String) -> String {
         (output.hasSuffix(".md") ? String(output.dropLast(3)) : output) + ".png"
@@ -65,6 +66,7 @@ struct Report {
         if let balance { lines += balanceSection(balance) }
         if let scale { lines += scaleSection(scale) }
         if let tracking { lines += trackingSection(tracking) }
+        if let generations { lines += generationSection(generations) }
         return lines.joined(separator: "\n") + "\n"
     }
 
@@ -133,11 +135,17 @@ struct Report {
         return lines
     }
 
+    /// How items 7 and 8 measure, as item 2 does: the sentence that opens their sections.
+    func runTimeMethod(as item: String, flows: String) -> String {
+        "Nanoseconds per run from the BPF run-time statistics, as \(item): UDP over IPv4 from \(flows), "
+            + "\(settings.costSeconds) s per trial, \(settings.costRepeats) repeats, the variants interleaved and "
+            + "paired by repeat."
+    }
+
     func trackingSection(_ t: FlowTrackingBench) -> [String] {
         var lines = ["## 7. Flow tracking", ""]
-        lines.append("Nanoseconds per run from the BPF run-time statistics, as item 2: UDP over IPv4 from \(settings.flows) "
-            + "flows, 4 sockets, \(settings.costSeconds) s per trial, \(settings.costRepeats) repeats, the variants "
-            + "interleaved and paired by repeat. **Steady state:** `rp_dispatch` against the same source built "
+        lines.append(runTimeMethod(as: "item 2", flows: "\(settings.flows) flows, 4 sockets")
+            + " **Steady state:** `rp_dispatch` against the same source built "
             + "without flow tracking (`-DRP_NO_FLOW_TRACKING`), on the same sockets and tables: what reading the "
             + "bucket's flags costs when no change runs.")
         lines.append("")

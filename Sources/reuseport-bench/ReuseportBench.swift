@@ -34,8 +34,8 @@ struct Suite: ParsableCommand {
     @Option(help: "The Markdown report to write; the chart goes beside it with .png.")
     var output = "docs/benchmarks.md"
 
-    @Option(help: "Items to run, comma-separated (1 throughput, 2 program cost, 3 worker death, 4 resize, 5 balance, 6 scale, 7 flow tracking).")
-    var items = "1,2,3,4,5,6,7"
+    @Option(help: "Items to run, comma-separated (1 throughput, 2 program cost, 3 worker death, 4 resize, 5 balance, 6 scale, 7 flow tracking, 8 two generations).")
+    var items = "1,2,3,4,5,6,7,8"
 
     @Option(help: "Repeats of each throughput trial.")
     var repeats = 7
@@ -55,8 +55,8 @@ struct Suite: ParsableCommand {
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1, not \(repeats)") }
         guard trialSeconds > 0 else { throw ValidationError("--trial-seconds must be positive, not \(trialSeconds)") }
-        for item in items.split(separator: ",") where Int(item).map({ !(1...7).contains($0) }) ?? true {
-            throw ValidationError("--items: '\(item)' is not an item number 1-7")
+        for item in items.split(separator: ",") where Int(item).map({ !(1...8).contains($0) }) ?? true {
+            throw ValidationError("--items: '\(item)' is not an item number 1-8")
         }
     }
 
@@ -112,6 +112,10 @@ struct Suite: ParsableCommand {
             report.tracking = try FlowTrackingBench.run(settings, tableSizes: quick ? [65_536] : FlowTrackingBench.tableSizes,
                                                         rescaleFlows: quick ? 65_536 : 1_048_576,
                                                         rescaleIdleMs: quick ? 10_000 : 30_000)
+        }
+        if selected.contains(8) {
+            Log.note("8. two generations")
+            report.generations = try GenerationBench.run(settings)
         }
         report.seconds = MonotonicClock.seconds() - started
         try report.write(to: output)

@@ -123,7 +123,7 @@ struct ScaleCommand: ParsableCommand {
             idle. Slots that leave take no new flow from the switch on, and their workers are stopped once their \
             recorded flows are idle (or at drain_timeout_ms). --now switches at once instead, and \
             says first how many flows that moves. Then waits (see --no-wait) until the pinned \
-            state shows workers running on slots 0 to N-1.
+            state shows N workers of the working generation running.
 
             Examples:
               reuseportctl scale 8
@@ -166,10 +166,12 @@ struct ScaleCommand: ParsableCommand {
         let response = try client.perform(ControlRequest(command: .scale, service: name, workers: workers, now: now))
         print(response.message ?? "scale of \(name) to \(workers) accepted")
         guard !action.noWait else { return }
+        // The working generation's slots (after an upgrade they need not start at 0).
         let result = location.waitForPins(name, timeout: action.timeout) { snapshot in
-            (0..<UInt32(workers)).allSatisfy { slot in
-                    snapshot.slots.contains { $0.index == slot && $0.workerState == .running && $0.pid != nil }
-                }
+            snapshot.slots.filter {
+                $0.state.generation == snapshot.transition.working_generation && $0.workerState == .running
+                    && $0.pid != nil
+            }.count >= workers
         }
         guard let result else { return }
         guard result.done else {

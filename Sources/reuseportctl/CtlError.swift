@@ -17,6 +17,8 @@ enum CtlError: Error, CustomStringConvertible {
     case unanswerable(String)
     case featuresMissing(String)
     case timeout(String)
+    /// An upgrade gave up before its switch: the old generation serves on.
+    case upgradeAbandoned(service: String, generation: Int, reason: String)
     case kernel(Error)
     /// Some services were shown, these could not be read.
     case unreadable([CtlError])
@@ -47,6 +49,8 @@ enum CtlError: Error, CustomStringConvertible {
             return reason
         case .timeout(let reason):
             return reason
+        case .upgradeAbandoned(let service, let generation, let reason):
+            return "\(service): generation \(generation) was abandoned: \(reason); the previous generation serves on"
         case .kernel(let error):
             return "\(error)"
         case .unreadable(let failures):

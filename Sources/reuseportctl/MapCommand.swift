@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import ReuseportControl
 import ReuseportKit
 
 /// `map`: the pinned maps, as they are.
@@ -20,7 +21,8 @@ struct MapDumpCommand: ParsableCommand {
             Reads the maps pinned under --pin-dir (the daemon need not answer) and asks the kernel \
             (sock_diag) about each slot's socket, matched by its cookie, for the receive drops.
 
-            Columns: SLOT index; PID and STATE of its worker; RESTARTS; IN STATE time since the \
+            Columns: SLOT index, grouped by GEN (its generation: the working one first, then those \
+            draining); PID and STATE of its worker; RESTARTS; IN STATE time since the \
             last state change; BUCKETS of the bucket table that name the slot; PACKETS, BYTES and \
             FALLBACKS steered to it by the program (FALLBACKS: of those, how many came because their \
             own slot was empty); DROPS the kernel dropped at its socket(s); COOKIE of its socket \
@@ -43,16 +45,20 @@ struct MapDumpCommand: ParsableCommand {
         let (snapshots, failures) = reader.readEach(try reader.select(service.service))
         if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
         let now = realtimeNanoseconds()
+        // What only the daemon knows (the upgrade in progress, the workers' STATUS=), if it answers.
+        let daemon = MetricsExposition.daemonStatus(runDirectory: location.runDirectory) ?? [:]
         if json {
-            print(try MapDump(root: location.pinDirectory, services: snapshots, failures: failures, now: now).encoded())
+            print(try MapDump(root: location.pinDirectory, services: snapshots, failures: failures, now: now,
+                              daemon: daemon).encoded())
         } else {
-            print(snapshots.map { MapDumpCommand.render($0, now: now) }.joined(separator: "\n"), terminator: "")
+            print(snapshots.map { MapDumpCommand.render($0, now: now, daemon: daemon[$0.name]) }.joined(separator: "\n"),
+                  terminator: "")
         }
         if !failures.isEmpty { throw CtlError.unreadable(failures) }
     }
 
-    /// The human view of one service.
-    static func render(_ service: ServiceSnapshot, now: UInt64) -> String {
+    /// The human view of one service; `daemon`: what the daemon's status adds, if it answered.
+    static func render(_ service: ServiceSnapshot, now: UInt64, daemon: ServiceStatus? = nil) -> String {
         var text = "service \(service.name)  (\(service.directory))\n"
         text += "  listeners  \(listenerSummary(service))\n"
         let config = service.config
@@ -64,6 +70,8 @@ struct MapDumpCommand: ParsableCommand {
         }
         text += "  global     \(globalSummary(service.global))\n"
         text += "  change     \(changeSummary(service))\n"
+        text += "  generation \(generationSummary(service))\n"
+        if let upgrade = daemon?.upgrade { text += "  upgrade    \(upgradeSummary(upgrade))\n" }
         text += "  flows      \(flowSummary(service))\n"
         if let quic = service.quic {
             text += "  quic       \(quicLayout(quic))\n"
@@ -71,20 +79,23 @@ struct MapDumpCommand: ParsableCommand {
         }
         if let problem = service.diagnosticsProblem { text += "  drops      unknown: \(problem)\n" }
         var table = TextTable([
-            ("SLOT", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
+            ("SLOT", .right), ("GEN", .right), ("PID", .right), ("STATE", .left), ("RESTARTS", .right), ("IN STATE", .right),
             ("BUCKETS", .right), ("PACKETS", .right), ("BYTES", .right), ("FALLBACKS", .right),
             ("DROPS", .right), ("RECORDS", .right), ("CHANGE", .left), ("COOKIE", .right),
         ])
-        for slot in service.slots {
+        for slot in byGeneration(service) {
             let cookie = slot.sockets.first.map { "\($0.cookie)" } ?? "-"
             table.add([
-                "\(slot.index)", HumanFormat.optional(slot.pid), "\(slot.workerState)", "\(slot.state.restarts)",
+                "\(slot.index)", "\(slot.state.generation)", HumanFormat.optional(slot.pid), "\(slot.workerState)", "\(slot.state.restarts)",
                 HumanFormat.duration(slot.secondsInState(now: now)), "\(slot.buckets)", "\(slot.counters.packets)",
                 HumanFormat.bytes(slot.counters.bytes), "\(slot.counters.fallbacks)", HumanFormat.optional(slot.drops),
                 "\(slot.state.records)", slot.role, cookie,
             ])
         }
         text += "\n" + table.render(indent: "  ")
+        for slot in daemon?.slots ?? [] {
+            if let status = slot.notifiedStatus { text += "  STATUS=    slot \(slot.slot): \(status)\n" }
+        }
         if let quic = service.quic {
             var quicTable = TextTable([("SLOT", .right), ("SERVER ID", .left), ("BY CID", .right),
                                        ("BY DCID HASH", .right)])
@@ -124,6 +135,45 @@ struct MapDumpCommand: ParsableCommand {
         default:
             return "none"
         }
+    }
+
+    /// The slots grouped by generation: the working one first, then the older ones draining,
+    /// newest first, then one starting (above the working one's number); by index within each.
+    static func byGeneration(_ service: ServiceSnapshot) -> [ServiceSnapshot.Slot] {
+        let working = service.transition.working_generation
+        return service.slots.sorted {
+            let (a, b) = (generationRank($0.state.generation, working: working),
+                          generationRank($1.state.generation, working: working))
+            return a != b ? a < b : $0.index < $1.index
+        }
+    }
+
+    static func generationRank(_ generation: UInt32, working: UInt32) -> (Int, UInt32) {
+        generation == working ? (0, 0) : generation < working ? (1, working - generation) : (2, generation)
+    }
+
+    /// The working generation, those draining and one starting, with their slots and records.
+    static func generationSummary(_ service: ServiceSnapshot) -> String {
+        let working = service.transition.working_generation
+        guard working > 0 else { return "none recorded" }
+        let groups = Dictionary(grouping: service.slots, by: \.state.generation)
+        var parts: [String] = []
+        for generation in groups.keys.sorted(by: { generationRank($0, working: working) < generationRank($1, working: working) }) {
+            let slots = groups[generation]!.map(\.index).sorted().map(String.init).joined(separator: ",")
+            let role = generation == working ? "working" : generation < working ? "draining" : "starting"
+            let records = groups[generation]!.reduce(0) { $0 + Int($1.state.records) }
+            parts.append("\(generation) \(role) (slots \(slots)\(role == "draining" ? ", \(records) records" : ""))")
+        }
+        return (parts.isEmpty ? ["\(working) working"] : parts).joined(separator: "  ")
+            + "  last \(service.transition.last_generation)"
+    }
+
+    /// The daemon's upgrade in progress, or its last one, in one line.
+    static func upgradeSummary(_ upgrade: UpgradeStatus) -> String {
+        let slots = upgrade.slots.map(String.init).joined(separator: ",")
+        let what = upgrade.rollback == true ? "roll back to generation" : "generation"
+        return "\(what) \(upgrade.generation) \(upgrade.phase.rawValue) (from \(upgrade.previous), slots \(slots))"
+            + (upgrade.reason.map { ": \($0)" } ?? "")
     }
 
     /// Flow records and what could not be recorded.
@@ -175,6 +225,8 @@ struct MapDump: Encodable {
         /// QUIC connection-ID steering: null when off.
         @Nullable var quic: Quic?
         @Nullable var socketDiagnosticsError: String?
+        /// The daemon's upgrade in progress or its last one; null when the daemon does not answer.
+        @Nullable var upgrade: UpgradeStatus?
     }
 
     struct Quic: Encodable {
@@ -214,6 +266,9 @@ struct MapDump: Encodable {
         var rateRefused: UInt64
         var pinned: UInt64
         var stale: UInt64
+        /// The generation taking new flows, and the last number given out (0: none recorded).
+        var workingGeneration: UInt32
+        var lastGeneration: UInt32
     }
 
     struct Listener: Encodable {
@@ -251,6 +306,8 @@ struct MapDump: Encodable {
         var joining: Bool
         var sockets: [Socket]
         @Nullable var quic: SlotQuic?
+        /// The worker's last `STATUS=` (from the daemon; null when it does not answer or none came).
+        @Nullable var notifiedStatus: String?
     }
 
     struct Socket: Encodable {
@@ -272,12 +329,14 @@ struct MapDump: Encodable {
     /// Services found under the pin folder whose maps could not be read.
     var errors: [Failure]
 
-    init(root: String, services: [ServiceSnapshot], failures: [CtlError], now: UInt64) {
+    init(root: String, services: [ServiceSnapshot], failures: [CtlError], now: UInt64,
+         daemon: MetricsExposition.DaemonStatus = [:]) {
         pinDir = root
         nowNs = now
         errors = failures.map { Failure(error: $0.description) }
         self.services = services.map { service in
-            Service(
+            let status = daemon[service.name]
+            return Service(
                 name: service.name, pinDirectory: service.directory, abiVersion: service.config.abi_version,
                 seed: service.config.seed, bucketCount: service.config.bucket_count,
                 slotCount: service.config.slot_count, liveCount: service.config.live_count,
@@ -302,7 +361,8 @@ struct MapDump: Encodable {
                          quic: service.quic.map {
                              SlotQuic(serverId: QuicSteering.hex($0.serverID(slot: slot.index)),
                                       cidSteered: slot.quic.cid_steered, dcidHashed: slot.quic.dcid_hashed)
-                         })
+                         },
+                         notifiedStatus: status?.slots.first { $0.slot == slot.index }?.notifiedStatus)
                 },
                 change: Change(service),
                 quic: service.quic.map { quic in
@@ -314,7 +374,7 @@ struct MapDump: Encodable {
                                 fallbacks: counters.fallbacks, versionNegotiation: counters.version_negotiation,
                                 unparsable: counters.unparsable)
                 },
-                socketDiagnosticsError: service.diagnosticsProblem)
+                socketDiagnosticsError: service.diagnosticsProblem, upgrade: status?.upgrade)
         }
     }
 
@@ -368,5 +428,7 @@ extension MapDump.Change {
         rateRefused = service.flows.rate_refused
         pinned = service.flows.pinned
         stale = service.flows.stale
+        workingGeneration = change.working_generation
+        lastGeneration = change.last_generation
     }
 }

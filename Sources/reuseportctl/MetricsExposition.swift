@@ -82,6 +82,8 @@ enum MetricsExposition {
                 gauge("reuseport_slot_flow_records", "Live flow records naming the slot (daemon's last sweep).", labels,
                       UInt64(slot.state.records))
                 gauge("reuseport_slot_leaving", "1 while a scale-down drains the slot.", labels, slot.isLeaving ? 1 : 0)
+                gauge("reuseport_slot_generation", "The generation of the slot's worker definition.", labels,
+                      UInt64(slot.state.generation))
                 counter("reuseport_slot_watchdog_restarts_total",
                         "Workers stopped (SIGABRT) for sending no WATCHDOG=1 within watchdog_ms, per slot.", labels,
                         UInt64(slot.state.watchdog_restarts))
@@ -143,6 +145,10 @@ enum MetricsExposition {
                   UInt64(service.trackedCapacity))
             gauge("reuseport_placement_change_phase", "0: none, 1: learning, 2: draining.", [name],
                   UInt64(service.transition.phase))
+            gauge("reuseport_working_generation", "The generation taking new flows (0: none recorded).", [name],
+                  UInt64(service.transition.working_generation))
+            gauge("reuseport_last_generation", "The last generation number given out; never given again.", [name],
+                  UInt64(service.transition.last_generation))
             if service.quic != nil { addQuic(service.quicCounters, [name]) }
         }
 
@@ -176,6 +182,13 @@ enum MetricsExposition {
                  "Workers started at once, without back-off, because every other slot was down.", status.rescueStarts),
                 ("reuseport_removed_slot_drops_total",
                  "Datagrams left unread at removed slots' sockets after a scale-down.", status.removedSlotDrops),
+                ("reuseport_upgrades_started_total", "Upgrades (new generations) started since the daemon started.",
+                 status.upgrades?.started),
+                ("reuseport_upgrades_switched_total",
+                 "Upgrades and roll backs whose buckets switched to their generation.", status.upgrades?.switched),
+                ("reuseport_upgrades_abandoned_total",
+                 "Upgrades given up before their switch (a worker exited or was not ready in time).",
+                 status.upgrades?.abandoned),
             ]
             for (metric, help, value) in perService {
                 if let value { counter(metric, help, [name], UInt64(clamping: value)) }

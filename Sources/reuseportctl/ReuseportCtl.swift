@@ -10,7 +10,7 @@ struct ReuseportCtl: ParsableCommand {
         abstract: "See and steer a running reuseportd.",
         discussion: """
             Read-only commands (map dump, which, stats, features) read the maps the daemon pinned \
-            on bpffs, so they work even when the daemon is wedged. Actions (restart, scale, reload) \
+            on bpffs, so they work even when the daemon is wedged. Actions (restart, scale, upgrade, reload) \
             go through the daemon's control socket.
 
             Exit status: 0 success, 1 runtime error (no daemon, no pins, no such service), \
@@ -20,7 +20,7 @@ struct ReuseportCtl: ParsableCommand {
             """,
         subcommands: [
             MapCommand.self, WhichCommand.self, FlowsCommand.self, StatsCommand.self,
-            RestartCommand.self, ScaleCommand.self, ReloadCommand.self, DaemonCommand.self,
+            RestartCommand.self, ScaleCommand.self, UpgradeCommand.self, ReloadCommand.self, DaemonCommand.self,
             FeaturesCommand.self, ServeMetricsCommand.self,
         ]
     )

@@ -235,6 +235,10 @@ struct WhichAnswer: Encodable {
     var fallback: Bool
     @Nullable var pid: UInt32?
     @Nullable var state: String?
+    /// The generation of the slot's worker, and whether it is the working one (else it drains, or
+    /// starts and takes no flow yet).
+    @Nullable var generation: UInt32?
+    @Nullable var generationRole: String?
     @Nullable var cookie: UInt64?
     /// The flow has a record (a placement change is in progress) and its bucket is learning or
     /// pinned: `recordSlot` is where it went when recorded, `pinned` whether it goes there now.
@@ -256,12 +260,20 @@ struct WhichAnswer: Encodable {
         bucketSlot = placement.bucketSlot
         slot = placement.slot
         fallback = placement.isFallback
-        let slotInfo = snapshot.slots.first { $0.index == placement.slot }
-        pid = placement.slot == nil ? nil : slotInfo?.pid
-        state = placement.slot == nil ? nil : slotInfo.map { "\($0.workerState)" }
         cookie = placement.slot.flatMap { slot in
             snapshot.listeners.first { $0.index == listener }?.cookies[slot]
         }
+        describeWorker(placement.slot, in: snapshot)
+    }
+
+    /// The worker of `slot` (nil: none): pid, state, generation.
+    private mutating func describeWorker(_ slot: UInt32?, in snapshot: ServiceSnapshot) {
+        let slotInfo = slot.flatMap { slot in snapshot.slots.first { $0.index == slot } }
+        pid = slotInfo?.pid
+        state = slotInfo.map { "\($0.workerState)" }
+        let working = snapshot.transition.working_generation
+        generation = slotInfo.map(\.state.generation).flatMap { $0 == 0 ? nil : $0 }
+        generationRole = generation.map { $0 == working ? "working" : $0 < working ? "draining" : "starting" }
     }
 
     /// As the program does: a UDP flow of a bucket with transition flags and a record goes to the
@@ -277,9 +289,7 @@ struct WhichAnswer: Encodable {
         pinned = true
         slot = record.slot
         fallback = false
-        let slotInfo = snapshot.slots.first { $0.index == record.slot }
-        pid = slotInfo?.pid
-        state = slotInfo.map { "\($0.workerState)" }
+        describeWorker(record.slot, in: snapshot)
         cookie = socket
     }
 
@@ -300,7 +310,8 @@ struct WhichAnswer: Encodable {
             text += fallback ? ", which has no socket: falls back\n" : "\n"
         }
         text += "  slot    \(slot)\(fallback ? " (fallback)" : "")\(cookie.map { "  socket cookie \($0)" } ?? "")\n"
-        text += "  worker  \(pid.map { "pid \($0)" } ?? "no pid")\(state.map { ", \($0)" } ?? "")\n"
+        text += "  worker  \(pid.map { "pid \($0)" } ?? "no pid")\(state.map { ", \($0)" } ?? "")"
+            + (generation.map { ", generation \($0) (\(generationRole ?? "?"))" } ?? "") + "\n"
         return text
     }
 }

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import ReuseportDaemon
 import ReuseportKit
 import Testing
@@ -35,6 +38,9 @@ struct ConfigurationTests {
             max_tracked_flows = 4096
             max_new_flows_per_second = 500
             drain_timeout_ms = 60000
+            notify = true
+            ready_timeout_ms = 20000
+            drain_signal = "SIGUSR2"
             """, file: "full.toml")
         #expect(configuration.stopTimeoutMs == 1500)
         let service = configuration.services[0]
@@ -46,6 +52,7 @@ struct ConfigurationTests {
         #expect(service.failoverAfterMs == 900)
         #expect(service.tracking == ServiceDataPlane.FlowTracking(enabled: false, idleTimeoutMs: 2500, maxFlows: 4096,
                                                                   recordsPerSecond: 500, drainTimeoutMs: 60000))
+        #expect(service.notify && service.readyTimeoutMs == 20000 && service.drainSignal == SIGUSR2)
     }
 
     /// Without the keys: tracking on, 60 s idle timeout, 262,144 records, new records bounded to
@@ -85,6 +92,10 @@ struct ConfigurationTests {
         ("max_tracked_flows = 16777217", "service[0].max_tracked_flows: must be between 1 and 16777216"),
         ("max_new_flows_per_second = -1", "service[0].max_new_flows_per_second: must be between 0 (no bound)"),
         ("drain_timeout_ms = 86400001", "service[0].drain_timeout_ms: must be between 0 and 86400000"),
+        ("notify = 1", "service[0].notify: must be true or false, not integer"),
+        ("ready_timeout_ms = 0", "service[0].ready_timeout_ms: must be at least 1"),
+        ("drain_signal = \"SIGTERM\"", "service[0].drain_signal: 'SIGTERM' is not a signal a worker may get to start "
+            + "draining: use \"none\" or one of SIGCONT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH"),
     ])
     func eachMistakeIsNamed(line: String, expected: String) throws {
         var keys = ["name = \"s\"", "listen = [\"udp://127.0.0.1:0\"]", "workers = 3", "builtin = \"echo\""]

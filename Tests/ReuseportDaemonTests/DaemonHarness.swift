@@ -88,3 +88,42 @@ final class NumberedFlows {
         }
     }
 }
+
+/// Flows that each send a numbered datagram every `periodMs` (200 ms by default) to a whoami
+/// service, and who answered each: the `label` of every answer (by default "slot/pid").
+final class Sessions {
+    let numbered: NumberedFlows
+    let periodMs: Double
+    let label: (WhoamiReply) -> String
+    /// Per flow, the labels of its answers: more than one means it changed worker.
+    private(set) var answers: [Set<String>]
+    private(set) var rounds = 0
+
+    init(_ count: Int, periodMs: Double = 200, label: @escaping (WhoamiReply) -> String = { "\($0.slot)/\($0.pid)" })
+        throws {
+        numbered = NumberedFlows(try Traffic.clients(count, on: .loopbackV4))
+        answers = Array(repeating: [], count: count)
+        self.periodMs = periodMs
+        self.label = label
+    }
+
+    /// Sends `count` rounds, one every `periodMs`, calling `atRound` before each; then waits up to
+    /// 5 s for every answer.
+    func run(_ count: Int, to destination: SocketAddress, atRound: (Int) throws -> Void = { _ in }) throws {
+        let start = nowMs()
+        let note = { (flow: Int, _: Int, reply: WhoamiReply) -> Void in self.answers[flow].insert(self.label(reply)) }
+        for index in 0..<count {
+            try atRound(rounds + index)
+            try numbered.send(rounds + index, to: destination)
+            try numbered.receive(until: start + Double(index + 1) * periodMs, note)
+        }
+        rounds += count
+        try numbered.receive(until: nowMs() + 5000, orAll: rounds, note)
+    }
+
+    var lost: Int { numbered.answered.reduce(0) { $0 + rounds - $1.count } }
+    /// Flows answered by more than one worker.
+    var moved: [Int] { answers.indices.filter { answers[$0].count != 1 } }
+    /// The first field of each flow's first label (the slot, with the default label).
+    var slots: [UInt32] { answers.map { UInt32($0.sorted().first!.split(separator: "/")[0]) ?? UInt32.max } }
+}

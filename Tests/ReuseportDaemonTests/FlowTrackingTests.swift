@@ -14,7 +14,6 @@ import Testing
 struct FlowTrackingTests {
     /// A 1 s idle timeout: the change learns for 1 s; flows send every 200 ms.
     static let idleMs = 1000
-    static let periodMs = 200.0
 
     static func config(_ name: String, workers: Int, extra: String = "") -> String {
         serviceTable(name, workers: workers, extra: """
@@ -22,42 +21,6 @@ struct FlowTrackingTests {
             flow_idle_timeout_ms = \(idleMs)
             \(extra)
             """)
-    }
-
-    /// Who answered each flow: the (slot, pid) pairs, and the rounds answered.
-    final class Sessions {
-        let numbered: NumberedFlows
-        private(set) var workers: [Set<String>]
-        private(set) var rounds = 0
-        let periodMs: Double
-
-        init(_ count: Int, periodMs: Double = FlowTrackingTests.periodMs) throws {
-            numbered = NumberedFlows(try Traffic.clients(count, on: .loopbackV4))
-            self.periodMs = periodMs
-            workers = Array(repeating: [], count: count)
-        }
-
-        /// Sends `count` rounds, one every `periodMs`, calling `atRound` before each.
-        func run(_ count: Int, to destination: SocketAddress, atRound: (Int) throws -> Void = { _ in }) throws {
-            let start = nowMs()
-            for index in 0..<count {
-                let round = rounds + index
-                try atRound(round)
-                try numbered.send(round, to: destination)
-                try numbered.receive(until: start + Double(index + 1) * periodMs) { flow, _, reply in
-                    self.workers[flow].insert("\(reply.slot)/\(reply.pid)")
-                }
-            }
-            rounds += count
-            try numbered.receive(until: nowMs() + 5000, orAll: rounds) { flow, _, reply in
-                self.workers[flow].insert("\(reply.slot)/\(reply.pid)")
-            }
-        }
-
-        var lost: Int { numbered.answered.reduce(0) { $0 + rounds - $1.count } }
-        var moved: [Int] { workers.indices.filter { workers[$0].count != 1 } }
-        /// The slot that answered each flow (the first, if it moved).
-        var slots: [UInt32] { workers.map { UInt32($0.sorted().first!.split(separator: "/")[0])! } }
     }
 
     static func maps(_ daemon: TestDaemon, _ service: String) throws -> DispatchMaps {
@@ -277,7 +240,7 @@ struct FlowTrackingTests {
         for (index, client) in sessions.numbered.clients.enumerated() {
             let reply = try #require(try Whoami.ask([client], to: destination, attempts: 5).first!)
             landed.append(reply.slot)
-            if !sessions.workers[index].contains("\(reply.slot)/\(reply.pid)") { newWorker.append(index) }
+            if !sessions.answers[index].contains("\(reply.slot)/\(reply.pid)") { newWorker.append(index) }
         }
         let moved = landed.indices.filter { landed[$0] != before[$0] }
         let recordedSources = Set(records.map(\.flow.source))

@@ -59,7 +59,7 @@ struct LifecycleTests {
         #expect(!removedPids.contains(where: processExists), "the workers of slots 3 to 5 exited")
     }
 
-    /// Reloads that add a service, change a program (every worker restarted on its own socket)
+    /// Reloads that add a service, change a program (a new generation of workers on new slots)
     /// and remove a service (workers stopped, sockets closed, pins removed).
     @Test func reloadAddsChangesAndRemovesServices() throws {
         let first = serviceTable("kept", workers: 2)
@@ -84,15 +84,20 @@ struct LifecycleTests {
         _ = Array("a stream".utf8).withUnsafeBytes { write(stream.fd, $0.baseAddress, $0.count) }
         #expect(try stream.receive(timeoutMs: 10_000) == Array("a stream".utf8))
 
-        // Another program for "kept" (echo), "added" removed.
-        try daemon.rewriteConfig(serviceTable("kept", workers: 2, program: "builtin = \"echo\""))
+        // Another program for "kept" (echo): a new generation on new slots, switched to once its
+        // workers are ready (learning for the 200 ms idle timeout); "added" removed.
+        try daemon.rewriteConfig(serviceTable("kept", workers: 2, program: "builtin = \"echo\"",
+                                              extra: "flow_idle_timeout_ms = 200"))
         daemon.signal(SIGHUP)
-        let after = try daemon.waitFor("kept restarted with echo, added gone") { services in
-            services.map(\.name) == ["kept"] && services[0].slots.allSatisfy { $0.restarts == 1 && $0.pid != nil }
+        let after = try daemon.waitFor("kept upgraded to echo, added gone") { services in
+            services.map(\.name) == ["kept"] && services[0].upgrade?.phase == .switched
+                && services[0].slots.allSatisfy { $0.generation == 2 && $0.pid != nil }
         }
-        #expect(try udpEndpoint(after, "kept") == kept, "the same sockets")
-        try client.send(Array("echoed".utf8), to: kept)
-        #expect(try client.receive(timeoutMs: 10_000) == Array("echoed".utf8), "kept now runs echo")
+        #expect(after[0].slots.map(\.slot) == [2, 3], "the new generation's slots")
+        #expect(try udpEndpoint(after, "kept") == kept, "the same listener")
+        let fresh = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        try fresh.send(Array("echoed".utf8), to: kept)
+        #expect(try fresh.receive(timeoutMs: 10_000) == Array("echoed".utf8), "kept now runs echo")
         #expect(PinLayout.services(under: daemon.pinRoot) == ["kept"], "the removed service's pins are gone")
         let addedPort = try udpEndpoint(both, "added")
         let probe = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)

@@ -79,7 +79,7 @@ struct SocketStoreTests {
         let names = stored.compactMap { message in
             message.text.split(separator: "\n").first { $0.hasPrefix("FDNAME=") }.map { String($0.dropFirst(7)) }
         }
-        #expect(names == (0..<workers).map { "svc.fd.l0.s\($0).g0" }, "\(receiver.messages.map(\.text))")
+        #expect(names == (0..<workers).map { "svc.fd.l0.s\($0).g1" }, "\(receiver.messages.map(\.text))")
         #expect(stored.allSatisfy { $0.descriptors.count == 1 })
         let pinned = try Self.cookies(first, service: "fd", slots: workers)
         let passed = try stored.map { try Self.cookie($0.descriptors[0]) }
@@ -182,7 +182,7 @@ struct SocketStoreTests {
         // descriptor of its name.
         let order = receiver.messages.map(\.text).filter { $0.hasPrefix("FDSTORE") }
         #expect(order == ["FDSTOREREMOVE=1\nFDNAME=svc.fdbad.l0.s0.g0", "FDSTOREREMOVE=1\nFDNAME=svc.fdbad.l0.s1.g0",
-                          "FDSTORE=1\nFDNAME=svc.fdbad.l0.s0.g0", "FDSTORE=1\nFDNAME=svc.fdbad.l0.s1.g0"], "\(order)")
+                          "FDSTORE=1\nFDNAME=svc.fdbad.l0.s0.g1", "FDSTORE=1\nFDNAME=svc.fdbad.l0.s1.g1"], "\(order)")
         let cookies = try Self.cookies(daemon, service: "fdbad", slots: 2)
         #expect(!cookies.contains(try elsewhere.cookie()) && cookies.allSatisfy { $0 != nil }, "new sockets at both slots")
         #expect(daemon.stop() == 0)
@@ -190,32 +190,38 @@ struct SocketStoreTests {
 
     @Test("a scale-up stores the new slots' sockets, a scale-down and a removed service drop theirs, a rebuild replaces them")
     func storeFollowsTheSlots() throws {
-        func config(_ workers: Int, name: String = "fdscale", rcvbuf: String = "") -> String {
-            serviceTable(name, workers: workers, extra: "ready_after_ms = 100\nflow_tracking = false\n\(rcvbuf)")
+        func config(_ workers: Int, name: String = "fdscale", rcvbuf: String = "",
+                    program: String = "builtin = \"whoami\"") -> String {
+            serviceTable(name, workers: workers, program: program,
+                         extra: "ready_after_ms = 100\nflow_tracking = false\n\(rcvbuf)")
         }
         let receiver = try Receiver(abstract: true)
         let daemon = try TestDaemon(config: config(2), environment: ["NOTIFY_SOCKET": receiver.address, "FDSTORE": "16"])
         try #require(try receiver.waitFor { ServiceManagerTests.has($0, "READY=1") } != nil,
                      "no READY=1; log: \(daemon.logTail(10))")
         var seen = 0
-        func storeMessages(after reload: String) throws -> [String] {
+        func storeMessages(after reload: String, waitMs: Int = 1500) throws -> [String] {
             try daemon.rewriteConfig(reload)
             let response = try daemon.request(ControlRequest(command: .reload))
             #expect(response.ok, "\(response.error ?? "")")
-            try receiver.waitFor(timeoutMs: 1500) { _ in false }
+            try receiver.waitFor(timeoutMs: waitMs) { _ in false }
             defer { seen = receiver.messages.count }
             return receiver.messages.dropFirst(seen).map(\.text).filter { $0.hasPrefix("FDSTORE") }
                 .map { $0.replacingOccurrences(of: "\n", with: " ") }
         }
         seen = receiver.messages.count
-        #expect(try storeMessages(after: config(3)) == ["FDSTORE=1 FDNAME=svc.fdscale.l0.s2.g0"])
-        #expect(try storeMessages(after: config(1)) == ["FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s1.g0",
-                                                        "FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s2.g0"])
+        #expect(try storeMessages(after: config(3)) == ["FDSTORE=1 FDNAME=svc.fdscale.l0.s2.g1"])
+        #expect(try storeMessages(after: config(1)) == ["FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s1.g1",
+                                                        "FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s2.g1"])
         // rcvbuf changes the sockets: the service is rebuilt on new ones under the same names.
         #expect(try storeMessages(after: config(1, rcvbuf: "rcvbuf = 262144"))
-                == ["FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s0.g0", "FDSTORE=1 FDNAME=svc.fdscale.l0.s0.g0"])
+                == ["FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s0.g1", "FDSTORE=1 FDNAME=svc.fdscale.l0.s0.g2"])
         #expect(try storeMessages(after: config(1, name: "fdother"))
-                == ["FDSTORE=1 FDNAME=svc.fdother.l0.s0.g0", "FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s0.g0"])
+                == ["FDSTORE=1 FDNAME=svc.fdother.l0.s0.g1", "FDSTOREREMOVE=1 FDNAME=svc.fdscale.l0.s0.g2"])
+        // A new worker definition is an upgrade: a new generation on new slots, stored as they
+        // start; the old generation's slot is dropped once it retired.
+        #expect(try storeMessages(after: config(1, name: "fdother", program: "builtin = \"echo\""), waitMs: 4000)
+                == ["FDSTORE=1 FDNAME=svc.fdother.l0.s1.g2", "FDSTOREREMOVE=1 FDNAME=svc.fdother.l0.s0.g1"])
         #expect(daemon.stop() == 0)
         try receiver.waitFor(timeoutMs: 200) { _ in false }
         #expect(receiver.messages.dropFirst(seen).allSatisfy { !$0.text.hasPrefix("FDSTORE") }, "a stop drops nothing")

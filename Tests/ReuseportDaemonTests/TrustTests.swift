@@ -285,7 +285,7 @@ struct TrustTests {
             "SHELL": String(cString: account.pointee.pw_shell),
             "GREETING": "hello world",
             "LISTEN_FDS": "2", "LISTEN_PID": "\(pid)", "LISTEN_FDNAMES": "listener0:listener1",
-            "REUSEPORT_SLOT": "0", "REUSEPORT_SERVICE": "env",
+            "REUSEPORT_SLOT": "0", "REUSEPORT_SERVICE": "env", "REUSEPORT_GENERATION": "1",
             "NOTIFY_SOCKET": "\(daemon.runDirectory)/notify.sock",
         ], "\(daemon.log)")
     }

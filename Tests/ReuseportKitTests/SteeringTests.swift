@@ -106,6 +106,46 @@ struct SteeringTests {
                                          fresh: try Traffic.clients(400, on: address)))
     }
 
+    /// A generation change: nothing reaches a starting generation; at its switch live flows stay
+    /// and new flows go to it (GenerationScenario: kernel-check runs it on every kernel too).
+    @Test(arguments: [IPAddress.loopbackV4, .loopbackV6])
+    func aGenerationTakesNoFlowUntilItSwitches(_ address: IPAddress) throws {
+        let plane = try service(.udp, on: address, slots: 4)
+        print(try GenerationScenario.run(plane, clients: try Traffic.clients(400, on: address),
+                                         fresh: try Traffic.clients(400, on: address)))
+    }
+
+    /// Generations never repeat a number, abandoned ones included, and at most
+    /// `maxDrainingGenerations` may drain beside the working one: beyond, a new one is refused.
+    @Test func generationsAreNumberedOnceAndBounded() throws {
+        let plane = try service(.udp, on: .loopbackV4, slots: 2)
+        var numbers = [plane.workingGeneration]
+        let abandoned = try plane.startGeneration(count: 2, now: MonotonicClock.nanoseconds())
+        try plane.abandonGeneration(now: MonotonicClock.nanoseconds())
+        numbers.append(abandoned.generation)
+        #expect(plane.liveSlots == [0, 1], "an abandoned generation's sockets are gone")
+        for _ in 0..<ServiceDataPlane.maxDrainingGenerations {
+            let now = MonotonicClock.nanoseconds()
+            numbers.append(try plane.startGeneration(count: 2, now: now).generation)
+            try plane.switchGeneration(now: now, learnNs: 0)
+            try plane.advance(now: now, force: true)
+        }
+        #expect(numbers == [1, 2, 3, 4, 5], "\(numbers)")
+        #expect(plane.workingGeneration == 5 && plane.slots == [6, 7] && plane.leaving.count == 6)
+        #expect(try plane.maps.readTransition().last_generation == 5)
+        #expect(throws: ReuseportError.self) { try plane.startGeneration(count: 2, now: MonotonicClock.nanoseconds()) }
+        do {
+            _ = try plane.startGeneration(count: 2, now: MonotonicClock.nanoseconds())
+        } catch {
+            #expect("\(error)".contains("generations 1, 3, 4 still drain, and at most 3 may"), "\(error)")
+        }
+        // One retires: the next may start, with the next number.
+        for slot in plane.leaving.filter({ plane.slotGenerations[$0] == 1 }) {
+            for socket in try plane.retire(slot, now: MonotonicClock.nanoseconds()) { socket.close() }
+        }
+        #expect(try plane.startGeneration(count: 2, now: MonotonicClock.nanoseconds()).generation == 6)
+    }
+
     /// With no live slot the program drops and counts; it never lets the kernel choose.
     @Test func noLiveSlotDropsAndCounts() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 2)

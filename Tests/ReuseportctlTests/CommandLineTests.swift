@@ -12,7 +12,7 @@ import Testing
 
     /// `--help` of the root and of each command, exactly as checked in under golden/
     /// (regenerate with `.build/debug/reuseportctl <command> --help` at COLUMNS=100).
-    @Test(arguments: [[], ["map", "dump"], ["which"], ["stats"], ["flows"], ["restart"], ["scale"], ["reload"], ["features"], ["serve-metrics"], ["daemon", "reexec"]])
+    @Test(arguments: [[], ["map", "dump"], ["which"], ["stats"], ["flows"], ["restart"], ["scale"], ["upgrade"], ["reload"], ["features"], ["serve-metrics"], ["daemon", "reexec"]])
     func helpIsExact(command: [String]) throws {
         let result = try reuseportctl(command + ["--help"])
         #expect(result.status == 0)

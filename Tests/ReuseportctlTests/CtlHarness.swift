@@ -58,7 +58,7 @@ final class PinnedService {
     /// Writes rp_slot_state for `slot` as the daemon does.
     func setState(_ slot: UInt32, pid: UInt32, state: WorkerState, restarts: UInt32 = 0, since: UInt64) throws {
         let cookie = try plane.listeners[0].sockets[slot]?.cookie() ?? 0
-        try plane.publish(rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts, generation: 0,
+        try plane.publish(rp_slot_state(pid: pid, state: state.rawValue, restarts: restarts, generation: 1,
                                         since_ns: since, socket_cookie: cookie, stalls: 0,
                                         watchdog_restarts: 0, records: 0, flags: 0, start_time: 0), slot: slot)
     }

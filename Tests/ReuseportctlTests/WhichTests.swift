@@ -142,7 +142,7 @@ struct WhichTests {
         #expect(hit.status == 0, "\(hit)")
         #expect(hit.stdout == head + "  bucket  \(direct.bucket) of 12 -> slot \(slot)\n"
                 + "  slot    \(slot)  socket cookie \(try service.cookie(slot))\n"
-                + "  worker  pid \(300 + slot), running\n")
+                + "  worker  pid \(300 + slot), running, generation 1 (working)\n")
 
         try service.plane.closeSlot(slot)
         let fallback = try #require(try service.plane.snapshot().placement(of: FlowTuple(.udp, from: client, to: destination)).slot)
@@ -150,7 +150,7 @@ struct WhichTests {
         #expect(moved.status == 0, "\(moved)")
         #expect(moved.stdout == head + "  bucket  \(direct.bucket) of 12 -> slot \(slot), which has no socket: falls back\n"
                 + "  slot    \(fallback) (fallback)  socket cookie \(try service.cookie(fallback))\n"
-                + "  worker  pid \(300 + fallback), running\n")
+                + "  worker  pid \(300 + fallback), running, generation 1 (working)\n")
     }
 
     /// Bad addresses are argument errors (exit 2) that say what is wrong.

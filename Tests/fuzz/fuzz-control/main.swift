@@ -38,6 +38,8 @@ func fuzzControlRequest(_ bytes: UnsafeRawBufferPointer) {
             guard services[position].slots.contains(slot) else { fatalError("\(action): no such slot") }
         case .scale(let position, let workers, _, _):
             guard (1...services[position].bucketCount).contains(workers) else { fatalError("\(action): bad count") }
+        case .upgrade(let position, _):
+            guard services.indices.contains(position) else { fatalError("\(action): no such service") }
         case .status, .reload, .reexec:
             break
         }
