@@ -229,6 +229,12 @@ final class SocketStore {
             for (listener, socket) in service.plane.sockets(ofSlot: slot).enumerated() {
                 let name = StoredSocketName(service: service.name, listener: listener, slot: slot, generation: generation)
                 guard kept[name.place] == nil else { continue }
+                // Service names are checked so that this holds (ServiceName); systemd would drop the
+                // descriptor of a name it refuses.
+                guard StoredSocketName.isValidFDName(name.description) else {
+                    logger.error("fd store: \(name) is not a name systemd accepts: not stored")
+                    continue
+                }
                 guard kept.count < capacity else {
                     if notStored == 0 {
                         logger.warning(
