@@ -189,12 +189,26 @@ final class ServiceRuntime {
             resumed = false
             // Stored sockets are still in the previous daemon's arrays, which live as long as its
             // program is attached (or pinned), and a socket cannot enter a second array (EBUSY).
-            // So its pins go (once their generations are read) and its programs are detached
-            // before the sockets enter this plane's arrays; this plane's programs are attached only
-            // then, once the arrays and tables are full. Meanwhile the kernel spreads datagrams
-            // over the group by its own hash: none is dropped, but for those milliseconds one may
-            // reach another slot's socket.
-            let reusing = !existing.isEmpty
+            // The previous daemon stored those arrays too: this plane's programs use them, with
+            // every stored socket at its slot already, and replace the old programs in one step.
+            // Without them (capacity, or a socket not where its array says), its pins go (once
+            // their generations are read) and its programs are detached before the sockets enter
+            // this plane's arrays; this plane's programs are attached only then, once the arrays
+            // and tables are full. Meanwhile the kernel spreads datagrams over the group by its own
+            // hash: none is dropped, but for those milliseconds one may reach another slot's socket.
+            var arrays: [SocketArray]?
+            if !existing.isEmpty, !staged, let stored = store?.claimArrays(service: configuration.name,
+                                                                       listeners: endpoints.count) {
+                let inPlace = existing.allSatisfy { slot, sockets in
+                    sockets.indices.allSatisfy { (try? stored[$0].cookie(at: slot)) == (try? sockets[$0].cookie()) }
+                }
+                if inPlace {
+                    arrays = stored
+                } else {
+                    logger.warning("fd store: the stored socket arrays do not hold the stored sockets at their slots: not used")
+                }
+            }
+            let reusing = !existing.isEmpty && arrays == nil
             if reusing {
                 if pins.exists {
                     pinnedGenerations = ServiceDataPlane.pinnedGenerations(at: pins)
@@ -206,8 +220,14 @@ final class ServiceRuntime {
                 }
             }
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
-                                         attach: !staged && !reusing, existing: existing)
-            if reusing && !staged { try plane.attachPrograms() }
+                                         attach: !staged && existing.isEmpty, existing: existing,
+                                         socketArrays: arrays ?? [])
+            // Attached only now, with the tables written: a program attached to a group whose
+            // sockets are in its arrays already would otherwise meet an unconfigured rp_config.
+            if !existing.isEmpty && !staged { try plane.attachPrograms() }
+            if arrays != nil {
+                logger.notice("fd store: service \(configuration.name) took over its stored socket arrays: the programs switched in one step")
+            }
         }
         slots = []
         // Generation numbers go on from those of the previous plane (a reload's predecessor, or

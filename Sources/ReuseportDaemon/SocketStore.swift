@@ -91,6 +91,8 @@ final class SocketStore {
     let logger: Logger
     /// The names stored now, by place, as far as this daemon knows (reused ones included).
     private(set) var kept: [StoredSocketName.Place: StoredSocketName] = [:]
+    /// The socket arrays stored now, by name (`arraysName`).
+    private(set) var keptArrays: Set<String> = []
     /// What systemd passed at start and no service has claimed yet.
     private var inherited: [(name: String, descriptor: OwnedDescriptor)] = []
     /// Sockets sent to the store, sockets reused from it, stored descriptors refused (closed).
@@ -119,6 +121,31 @@ final class SocketStore {
     }
 
     var isStoring: Bool { capacity > 0 }
+
+    /// The store's name for listener `listener`'s socket array of service `service`.
+    static func arrayName(service: String, listener: Int) -> String { "arr.\(service).l\(listener)" }
+
+    /// The socket arrays of service `name`'s listeners that the previous daemon stored, one per
+    /// listener or none at all (a listener without its array: none is used, and the sockets enter
+    /// new arrays). An array holds the stored sockets at their slots already, so the new programs
+    /// can use it and replace the old ones in one step. Descriptors that are not such an array
+    /// are refused.
+    func claimArrays(service name: String, listeners: Int) -> [SocketArray]? {
+        var arrays: [Int: SocketArray] = [:]
+        inherited.removeAll { entry in
+            guard let listener = (0..<listeners).first(where: { entry.name == Self.arrayName(service: name, listener: $0) })
+            else { return false }
+            do {
+                arrays[listener] = try SocketArray(adopting: entry.descriptor)
+                keptArrays.insert(entry.name)
+            } catch {
+                refuse(entry.name, entry.descriptor, "\(error)")
+            }
+            return true
+        }
+        guard arrays.count == listeners else { return nil }
+        return (0..<listeners).map { arrays[$0]! }
+    }
 
     // MARK: taking sockets back at start
 
@@ -194,7 +221,9 @@ final class SocketStore {
     /// no longer has, and descriptors under names this daemon does not write.
     func refuseUnclaimed() {
         for entry in inherited {
-            if let name = StoredSocketName(entry.name) {
+            if entry.name.hasPrefix("arr.") {
+                refuse(entry.name, entry.descriptor, "no configured service has that socket array")
+            } else if let name = StoredSocketName(entry.name) {
                 refuse(entry.name, entry.descriptor, "the configuration has no service \(name.service)")
             } else {
                 refuse(entry.name, entry.descriptor, "not a name this daemon stores sockets under")
@@ -224,6 +253,7 @@ final class SocketStore {
     /// what arrived for it while no daemon ran is lost.
     func store(_ service: ServiceRuntime, slots: [UInt32]? = nil) {
         guard isStoring else { return }
+        if slots == nil { storeArrays(service) }
         for slot in slots ?? service.plane.liveSlots {
             let generation = service.plane.slotGenerations[slot] ?? service.plane.workingGeneration
             for (listener, socket) in service.plane.sockets(ofSlot: slot).enumerated() {
@@ -235,7 +265,7 @@ final class SocketStore {
                     logger.error("fd store: \(name) is not a name systemd accepts: not stored")
                     continue
                 }
-                guard kept.count < capacity else {
+                guard kept.count + keptArrays.count < capacity else {
                     if notStored == 0 {
                         logger.warning(
                             "fd store: full (FileDescriptorStoreMax=\(capacity)): \(name) and any further sockets are not stored; after a restart their slots get new sockets")
@@ -254,6 +284,24 @@ final class SocketStore {
         }
     }
 
+    /// Stores each listener's socket array (not pollable: FDPOLL=0), which a restarted daemon's
+    /// programs then use, so that they replace the old ones in one step.
+    private func storeArrays(_ service: ServiceRuntime) {
+        for (listener, entry) in service.plane.listeners.enumerated() {
+            let name = Self.arrayName(service: service.name, listener: listener)
+            guard !keptArrays.contains(name), StoredSocketName.isValidFDName(name),
+                  kept.count + keptArrays.count < capacity
+            else { continue }
+            do {
+                try client.notify(NotifyClient.storeMessage(name: name) + "\nFDPOLL=0",
+                                  passing: [entry.program.sockets.descriptor])
+                keptArrays.insert(name)
+            } catch {
+                logger.warning("fd store: cannot store \(name): \(error)")
+            }
+        }
+    }
+
     /// Drops the stored sockets of `slots` of service `name` (with `listeners` listeners): the
     /// slots retired, or the service is removed or rebuilt.
     func remove(service name: String, listeners: Int, slots: [UInt32]) {
@@ -268,6 +316,10 @@ final class SocketStore {
 
     /// Drops every stored socket of `service`.
     func remove(_ service: ServiceRuntime) {
+        for listener in service.listeners.indices {
+            let name = Self.arrayName(service: service.name, listener: listener)
+            if keptArrays.remove(name) != nil { client.notify(NotifyClient.removeMessage(name: name)) }
+        }
         let slots = Set(service.slots.map(\.index)).union(service.plane.liveSlots)
         remove(service: service.name, listeners: service.listeners.count, slots: slots.sorted())
     }

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CLibbpf
 import CReuseportABI
+import SystemPackage
 
 /// The maps shared by every listener of one service (bpf/dispatch.h): configuration,
 /// bucket table, fallback table, counters and worker state. Each listener has its own
@@ -281,6 +282,20 @@ public final class SocketArray: @unchecked Sendable {
     static let valueSize = MemoryLayout<UInt64>.size
 
     init(map: BPFMap) { self.map = map }
+
+    /// Takes over a socket array from a descriptor (kept in systemd's fd store by a previous
+    /// daemon): refused unless it is a REUSEPORT_SOCKARRAY of this layout and size.
+    public convenience init(adopting descriptor: OwnedDescriptor) throws {
+        try self.init(map: BPFMap(owning: descriptor, name: RP_MAP_SOCKETS, keySize: SocketArray.keySize,
+                                  valueSize: SocketArray.valueSize))
+        guard map.type == BPF_MAP_TYPE_REUSEPORT_SOCKARRAY.rawValue, map.maxEntries == UInt32(RP_MAX_SLOTS) else {
+            throw ReuseportError.invalidArgument(
+                "not a socket array of this daemon (map type \(map.type), \(map.maxEntries) entries)")
+        }
+    }
+
+    /// The array's descriptor, to keep it in systemd's fd store.
+    public var descriptor: FileDescriptor { FileDescriptor(rawValue: map.fd) }
 
     public convenience init(pinned layout: PinLayout, listener: Int) throws {
         try self.init(map: BPFMap(pinnedAt: layout.path(ofSockets: listener), name: RP_MAP_SOCKETS,

@@ -147,8 +147,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// `existing`: sockets an earlier run of the daemon made, by slot, in listener order
     /// (`ReuseportSocket(adopting:expected:)` checked them); those slots keep them, so their
     /// flows and what is queued in them stay, and only the other slots get new sockets.
+    ///
+    /// `socketArrays`: each listener's previous socket array (kept in systemd's fd store), which
+    /// the new program uses as its own: the `existing` sockets are in it already, so attaching
+    /// the new program replaces the old one in the group in one step (see the other initializer).
     public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true,
-                existing: [UInt32: [ReuseportSocket]] = [:]) throws {
+                existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = []) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         _ = try SlotCount(slotCount)
         _ = try BucketCount(options.bucketCount)
@@ -156,7 +160,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
         var listeners: [Listener] = []
         var shared: DispatchMaps?
         for (index, requested) in endpoints.enumerated() {
-            let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows)
+            let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows,
+                                              socketArray: index < socketArrays.count ? socketArrays[index] : nil)
             shared = shared ?? program.maps
             listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
                                                options: options, attach: attach))

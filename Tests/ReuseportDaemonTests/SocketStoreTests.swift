@@ -64,8 +64,13 @@ struct SocketStoreTests {
         try Syscall.getOption(descriptor.fd.rawValue, SOL_SOCKET, SO_COOKIE, UInt64.self, "SO_COOKIE")
     }
 
-    @Test("every slot's socket goes to the store; a daemon started with them reuses each at its slot: no flow moves, nothing queued is lost")
-    func restartKeepsSockets() throws {
+    /// `withArrays`: the next daemon also gets the listeners' socket arrays the first one stored,
+    /// and its program takes over in one step: every datagram sent while it starts reaches its
+    /// slot. Without them (the fallback), the old program is detached first, and what arrives in
+    /// those milliseconds is still answered, though maybe from another slot.
+    @Test("every slot's socket goes to the store; a daemon started with them reuses each at its slot: no flow moves, nothing queued is lost",
+          arguments: [true, false])
+    func restartKeepsSockets(withArrays: Bool) throws {
         let workers = 4
         let config = serviceTable("fd", workers: workers, extra: "ready_after_ms = 200")
         let receiver = try Receiver(abstract: true)
@@ -74,8 +79,11 @@ struct SocketStoreTests {
         try #require(try receiver.waitFor { ServiceManagerTests.has($0, "READY=1") } != nil,
                      "no READY=1; log: \(first.logTail(10))")
 
-        // One FDSTORE=1 per slot, named for it, with the very socket rp_sockets holds.
-        let stored = receiver.passing("FDSTORE=1")
+        // One FDSTORE=1 per slot, named for it, with the very socket rp_sockets holds; and the
+        // listener's socket array.
+        let arrays = receiver.passing("FDSTORE=1").filter { $0.text.contains("FDNAME=arr.") }
+        #expect(arrays.map(\.text) == ["FDSTORE=1\nFDNAME=arr.fd.l0\nFDPOLL=0"] && arrays.allSatisfy { $0.descriptors.count == 1 })
+        let stored = receiver.passing("FDSTORE=1").filter { $0.text.contains("FDNAME=svc.") }
         let names = stored.compactMap { message in
             message.text.split(separator: "\n").first { $0.hasPrefix("FDNAME=") }.map { String($0.dropFirst(7)) }
         }
@@ -106,6 +114,9 @@ struct SocketStoreTests {
         let gone = try ReuseportSocket(endpoint: try Endpoint(parsing: "udp://127.0.0.1:0"))
         let listening = zip(stored, names).map { (descriptor: $0.descriptors[0].fd.rawValue, name: $1) }
             + [(descriptor: gone.fd.rawValue, name: "svc.gone.l0.s0.g0")]
+            + (withArrays ? arrays.map { (descriptor: $0.descriptors[0].fd.rawValue, name: "arr.fd.l0") } : [])
+        // Without: the stored array must not outlive the old program (as systemd would not keep it).
+        if !withArrays { for array in arrays { for descriptor in array.descriptors { descriptor.close() } } }
         let next = try Receiver(abstract: true)
         let second = try TestDaemon(config: config, environment: ["NOTIFY_SOCKET": next.address, "FDSTORE": "16"],
                                     listening: listening)
@@ -125,7 +136,9 @@ struct SocketStoreTests {
         let bound = try SocketDiagnostics.sockets([.udp]).values.filter { $0.local == destination }.map(\.cookie)
         #expect(Set(bound) == Set(pinned.compactMap { $0 }) && bound.count == workers, "\(bound) for \(pinned)")
         // Reused sockets are in the store already: not sent again. The stranger is dropped from it.
-        #expect(next.passing("FDSTORE=1").isEmpty)
+        #expect(next.passing("FDSTORE=1").filter { $0.text.contains("FDNAME=svc.") }.isEmpty)
+        // The array goes to the store again only when the previous one was not taken over.
+        #expect(next.passing("FDSTORE=1").filter { $0.text.contains("FDNAME=arr.") }.count == (withArrays ? 0 : 1))
         #expect(next.with("FDSTOREREMOVE=1") == ["FDSTOREREMOVE=1\nFDNAME=svc.gone.l0.s0.g0"])
         #expect(second.log.contains("refusing stored descriptor svc.gone.l0.s0.g0"))
         #expect(second.log.contains("4 sockets reused, 1 refused"), "\(second.logTail(10))")
@@ -134,6 +147,7 @@ struct SocketStoreTests {
         // so is what arrived while the daemon started.
         var late: [Int: WhoamiReply] = [:]
         var answeredDuringStart = 0
+        var elsewhereDuringStart = 0
         let deadline = nowMs() + 5000
         while late.count < 16 || answeredDuringStart < sentDuringStart, nowMs() < deadline {
             for (index, client) in clients.enumerated() {
@@ -142,6 +156,7 @@ struct SocketStoreTests {
                         late[index] = reply
                     } else {
                         answeredDuringStart += 1
+                        if reply.slot != before[index]?.slot { elsewhereDuringStart += 1 }
                     }
                 }
             }
@@ -151,6 +166,12 @@ struct SocketStoreTests {
         #expect(late.allSatisfy { $0.value.slot == before[$0.key]?.slot })
         #expect(answeredDuringStart == sentDuringStart,
                 "\(answeredDuringStart) of \(sentDuringStart) datagrams sent while the daemon started were answered")
+        print("restart with\(withArrays ? "" : "out") the stored arrays: \(answeredDuringStart) of \(sentDuringStart) "
+            + "datagrams sent during the start answered, \(elsewhereDuringStart) from another slot than their flow's")
+        if withArrays {
+            #expect(elsewhereDuringStart == 0, "with the arrays the programs switch in one step: every datagram on its slot")
+            #expect(second.log.contains("took over its stored socket arrays"), "\(second.logTail(10))")
+        }
 
         let after = try Whoami.ask(clients, to: destination)
         let moved = zip(before, after).filter { $0?.slot != $1?.slot }.count
@@ -182,6 +203,7 @@ struct SocketStoreTests {
         // descriptor of its name.
         let order = receiver.messages.map(\.text).filter { $0.hasPrefix("FDSTORE") }
         #expect(order == ["FDSTOREREMOVE=1\nFDNAME=svc.fdbad.l0.s0.g0", "FDSTOREREMOVE=1\nFDNAME=svc.fdbad.l0.s1.g0",
+                          "FDSTORE=1\nFDNAME=arr.fdbad.l0\nFDPOLL=0",
                           "FDSTORE=1\nFDNAME=svc.fdbad.l0.s0.g1", "FDSTORE=1\nFDNAME=svc.fdbad.l0.s1.g1"], "\(order)")
         let cookies = try Self.cookies(daemon, service: "fdbad", slots: 2)
         #expect(!cookies.contains(try elsewhere.cookie()) && cookies.allSatisfy { $0 != nil }, "new sockets at both slots")
@@ -206,7 +228,7 @@ struct SocketStoreTests {
             #expect(response.ok, "\(response.error ?? "")")
             try receiver.waitFor(timeoutMs: waitMs) { _ in false }
             defer { seen = receiver.messages.count }
-            return receiver.messages.dropFirst(seen).map(\.text).filter { $0.hasPrefix("FDSTORE") }
+            return receiver.messages.dropFirst(seen).map(\.text).filter { $0.hasPrefix("FDSTORE") && $0.contains("=svc.") }
                 .map { $0.replacingOccurrences(of: "\n", with: " ") }
         }
         seen = receiver.messages.count

@@ -245,8 +245,8 @@ check journal-no-own-timestamp "$(journalctl -u reuseportd -o cat --no-pager | g
 # runs. The scale of the reload has switched by now (3 s of learning): no change is pending.
 deadline=$(($(now_ms) + 30000))
 until reuseportctl map dump --json 2>/dev/null | grep -q '"phase" : "none"' || [ "$(now_ms)" -gt "$deadline" ]; do sleep 0.5; done
-check fdstore-every-socket "NFileDescriptorStore=$(fdstore 6) for 6 slots of 1 listener" \
-    test "$(fdstore 6 | cut -d' ' -f1)" = 6
+check fdstore-every-socket "NFileDescriptorStore=$(fdstore 7) for 6 slots of 1 listener and its socket array" \
+    test "$(fdstore 7 | cut -d' ' -f1)" = 7
 before=$(flow_slots 40000)
 check fdstore-flows-answered "$(moved "$before" "$before") of 64 flows unanswered" test "$(moved "$before" "$before")" = 0
 
@@ -262,8 +262,9 @@ check restart-sent-while-down-answered "$late of 16 datagrams answered after the
 check restart-no-flow-moved "$(moved "$before" "$after") of 64 flows changed slot; worker pids before: $(echo "$before" | awk '{print $3}' | sort -u | xargs); after: $(echo "$after" | awk '{print $3}' | sort -u | xargs)" \
     test "$(moved "$before" "$after")" = 0
 reuse_line() { journalctl -u reuseportd -o cat --no-pager _PID="$(prop MainPID)" | grep -o 'fd store: [0-9]* sockets reused.*' | tail -n1; }
-check restart-store-kept "NFileDescriptorStore=$(fdstore 6); $(reuse_line)" \
-    bash -c '[ "$0" = 6 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]]' "$(fdstore 6 | cut -d' ' -f1)" "$(reuse_line)"
+arrays_line() { journalctl -u reuseportd -o cat --no-pager _PID="$(prop MainPID)" | grep -c 'took over its stored socket arrays'; }
+check restart-store-kept "NFileDescriptorStore=$(fdstore 7); $(reuse_line); arrays taken over: $(arrays_line)" \
+    bash -c '[ "$0" = 7 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]] && [ "$2" = 1 ]' "$(fdstore 7 | cut -d' ' -f1)" "$(reuse_line)" "$(arrays_line)"
 
 # SIGKILL to the daemon alone: systemd restarts it (Restart=on-failure, RestartSec=1 s) with the
 # stored sockets; it serves again with no flow moved, and what arrived meanwhile is answered.
@@ -276,8 +277,8 @@ check sigkill-restarted "NRestarts=$(prop NRestarts) (was $restarts) ActiveState
 check sigkill-sent-while-down-answered "$late of 16 datagrams answered after the restart; workers running as the burst began, then as it ended: $at_burst" \
     test "$late ${at_burst%% *}" = "16 0"
 check sigkill-no-flow-moved "$(moved "$before" "$killed") of 64 flows changed slot" test "$(moved "$before" "$killed")" = 0
-check sigkill-store-kept "NFileDescriptorStore=$(fdstore 6); $(reuse_line)" \
-    bash -c '[ "$0" = 6 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]]' "$(fdstore 6 | cut -d' ' -f1)" "$(reuse_line)"
+check sigkill-store-kept "NFileDescriptorStore=$(fdstore 7); $(reuse_line); arrays taken over: $(arrays_line)" \
+    bash -c '[ "$0" = 7 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]] && [ "$2" = 1 ]' "$(fdstore 7 | cut -d' ' -f1)" "$(reuse_line)" "$(arrays_line)"
 
 # 7. stop: every worker, socket and pin goes; the daemon exits 0; systemd empties the store.
 systemctl stop reuseportd
@@ -293,8 +294,8 @@ check stop-graceful "$(journalctl -u reuseportd -o cat --no-pager | grep -c 'SIG
 # 8. start after a stop: nothing stored is left, so new sockets, stored in turn.
 systemctl start reuseportd
 passed_line() { journalctl -u reuseportd -o cat --no-pager _PID="$(prop MainPID)" | grep -c 'descriptors passed'; }
-check start-after-stop "ActiveState=$(prop ActiveState), running $(running), NFileDescriptorStore=$(fdstore 6), lines about descriptors passed: $(passed_line)" \
-    test "$(prop ActiveState)$(running)$(fdstore 6 | cut -d' ' -f1)$(passed_line)" = active660
+check start-after-stop "ActiveState=$(prop ActiveState), running $(running), NFileDescriptorStore=$(fdstore 7), lines about descriptors passed: $(passed_line)" \
+    test "$(prop ActiveState)$(running)$(fdstore 7 | cut -d' ' -f1)$(passed_line)" = active670
 check answers-after-start "$(answered 16) of 16 datagrams answered" test "$(answered 16)" = 16
 systemctl stop reuseportd
 
