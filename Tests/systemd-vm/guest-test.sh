@@ -280,6 +280,19 @@ check sigkill-no-flow-moved "$(moved "$before" "$killed") of 64 flows changed sl
 check sigkill-store-kept "NFileDescriptorStore=$(fdstore 7); $(reuse_line); arrays taken over: $(arrays_line)" \
     bash -c '[ "$0" = 7 ] && [[ "$1" == "fd store: 6 sockets reused, 0 refused"* ]] && [ "$2" = 1 ]' "$(fdstore 7 | cut -d' ' -f1)" "$(reuse_line)" "$(arrays_line)"
 
+# reuseportctl daemon reexec: the daemon execs its binary in place; systemd's main PID stays, and
+# the new image adopts the same workers (slot and pid), so no flow changes worker.
+main_pid=$(prop MainPID)
+restarts=$(prop NRestarts)
+before_reexec=$(flow_slots 43000)
+reexec_out=$(reuseportctl daemon reexec 2>&1 | tail -n1)
+after_reexec=$(flow_slots 43000)
+changed_worker=$(paste -d' ' <(echo "$before_reexec") <(echo "$after_reexec") | awk 'NF != 6 || $2 != $5 || $3 != $6' | wc -l)
+check reexec-same-main-pid "$reexec_out; MainPID=$(prop MainPID) (was $main_pid) NRestarts=$(prop NRestarts) (was $restarts) ActiveState=$(prop ActiveState)" \
+    test "$(prop MainPID) $(prop NRestarts) $(prop ActiveState)" = "$main_pid $restarts active"
+check reexec-same-workers "$changed_worker of 64 flows changed worker (slot or pid); pids: $(echo "$after_reexec" | awk '{print $3}' | sort -u | xargs)" \
+    test "$changed_worker" = 0
+
 # 7. stop: every worker, socket and pin goes; the daemon exits 0; systemd empties the store.
 systemctl stop reuseportd
 check stop-inactive "ActiveState=$(prop ActiveState) Result=$(prop Result) ExecMainStatus=$(prop ExecMainStatus)" \
