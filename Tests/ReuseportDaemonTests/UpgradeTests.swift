@@ -311,6 +311,7 @@ extension UpgradeTests {
         let stop = Atomic<Bool>(false)
         let switched = Atomic<Bool>(false)
         let done = Atomic<Int>(0)
+        let doneAfterSwitch = Atomic<Int>(0)
         let failures = Mutex<[String]>([])
         let slotsAfterSwitch = Mutex<Set<UInt32>>([])
         let group = DispatchGroup()
@@ -325,7 +326,10 @@ extension UpgradeTests {
                         guard let bytes = try client.receive(timeoutMs: 3000), let reply = WhoamiReply(bytes) else {
                             throw HarnessError("no answer on an accepted connection")
                         }
-                        if after { slotsAfterSwitch.withLock { _ = $0.insert(reply.slot) } }
+                        if after {
+                            slotsAfterSwitch.withLock { _ = $0.insert(reply.slot) }
+                            doneAfterSwitch.add(1, ordering: .relaxed)
+                        }
                         done.add(1, ordering: .relaxed)
                         // Paced: each closed connection holds its port in TIME_WAIT for 60 s.
                         usleep(4000)
@@ -358,7 +362,10 @@ extension UpgradeTests {
         print("TCP upgrade under 8 connecting clients: \(done.load(ordering: .relaxed)) connections served, "
             + "\(failed.count) failed (\(failed.prefix(2))); after the switch on slots "
             + "\(slotsAfterSwitch.withLock { $0.sorted() })")
-        #expect(done.load(ordering: .relaxed) > 200, "connections kept coming")
+        // How many a shared machine serves varies (180 to 700 seen); what matters is that they came
+        // on through the upgrade and after its switch.
+        #expect(doneAfterSwitch.load(ordering: .relaxed) >= 20,
+                "connections kept coming after the switch: \(doneAfterSwitch.load(ordering: .relaxed))")
         #expect(failed.isEmpty, "none refused or reset: \(failed.prefix(3))")
         #expect(slotsAfterSwitch.withLock { $0 } == newSlots, "new connections go to the new generation")
     }
