@@ -135,16 +135,20 @@ final class ServiceRuntime {
         let resumed: Bool
         var pinned: DispatchMaps?
         var pinnedGenerations: (working: UInt32, last: UInt32)?
+        var pinnedArrays: [SocketArray?] = []
         var existing: [UInt32: [ReuseportSocket]] = [:]
         var slotLimit = configuration.workers
         if !staged, let maps = ServiceDataPlane.resumable(at: pins, options: options),
            let config = try? maps.readConfig(), let change = try? maps.readTransition()
         {
             let limit = min(max(Int(config.slot_count), Int(change.socket_slots)), Int(RP_MAX_SLOTS))
-            let found = WorkerAdoption(maps: maps, pins: pins, endpoints: endpoints, slotLimit: limit)
+            // Opened once: the adopted and handed-over sockets are checked against them, and the
+            // new programs use them.
+            pinnedArrays = endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) }
+            let found = WorkerAdoption(maps: maps, arrays: pinnedArrays, endpoints: endpoints, slotLimit: limit)
             existing = found.sockets
             let handedOver = Self.check(inherited.filter { found.sockets[$0.key] == nil }, endpoints: endpoints,
-                                        pins: pins, logger: logger)
+                                        arrays: pinnedArrays, logger: logger)
             existing.merge(handedOver) { adopted, _ in adopted }
             if found.foundWorkers || !handedOver.isEmpty || change.phase != RP_TRANSITION_NONE.rawValue {
                 pinned = maps
@@ -171,7 +175,7 @@ final class ServiceRuntime {
             resumed = true
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
                                          existing: existing,
-                                         socketArrays: endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) })
+                                         socketArrays: pinnedArrays)
             let change = try plane.maps.readTransition()
             if change.phase != RP_TRANSITION_NONE.rawValue {
                 self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
@@ -315,9 +319,8 @@ final class ServiceRuntime {
     /// The handed-over sockets (`inherited`) that are this service's: for each slot, one per
     /// listener, each the socket this daemon makes for that listener (ReuseportSocket(adopting:))
     /// and the one the pinned array holds at the slot (same cookie). Others are logged and closed.
-    private static func check(_ inherited: [UInt32: [Int: OwnedDescriptor]], endpoints: [Endpoint], pins: PinLayout,
-                              logger: Logger) -> [UInt32: [ReuseportSocket]] {
-        let arrays = endpoints.indices.map { try? SocketArray(pinned: pins, listener: $0) }
+    private static func check(_ inherited: [UInt32: [Int: OwnedDescriptor]], endpoints: [Endpoint],
+                              arrays: [SocketArray?], logger: Logger) -> [UInt32: [ReuseportSocket]] {
         var checked: [UInt32: [ReuseportSocket]] = [:]
         for (slot, byListener) in inherited {
             do {

@@ -59,9 +59,9 @@ struct WorkerAdoption {
     }
 
     /// Examines every row of `maps`' rp_slot_state up to `slotLimit` slots whose pid is set.
-    /// `endpoints`: the configured listeners, which the sockets must match.
-    init(maps: DispatchMaps, pins: PinLayout, endpoints: [Endpoint], slotLimit: Int) {
-        let arrays = endpoints.indices.map { try? SocketArray(pinned: pins, listener: $0) }
+    /// `endpoints`: the configured listeners, which the sockets must match; `arrays`: their
+    /// pinned socket arrays (nil where none could be opened), whose cookies the sockets must have.
+    init(maps: DispatchMaps, arrays: [SocketArray?], endpoints: [Endpoint], slotLimit: Int) {
         for slot in 0..<UInt32(slotLimit) {
             guard let row = try? maps.readSlotState(slot), row.pid != 0 else { continue }
             let pid = pid_t(row.pid)
