@@ -499,7 +499,9 @@ final class Supervisor {
                          status: WaitStatus?) {
         if slot.downSince == nil { slot.downSince = now }
         var killed = false
-        if case .killed = status { killed = true }
+        // A new generation on trial dies of a signal as a crash, however it dies (a segfault
+        // right after READY=1 must count towards its rollback, not restart at once for ever).
+        if case .killed = status, !isOnTrial(service, slot) { killed = true }
         var delay: Int
         (delay, slot.quickExits) = service.configuration.restart.afterExit(
             livedMs: Int(livedNs / 1_000_000), quickExits: slot.quickExits, killedBySignal: killed)

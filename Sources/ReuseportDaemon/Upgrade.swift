@@ -182,6 +182,17 @@ extension Supervisor {
         }
     }
 
+    /// Whether `slot` belongs to a generation on trial: an upgrade's new generation from the start
+    /// of its learning until the generation before it has retired (while it can still be rolled
+    /// back to that one). Its workers' deaths all count as crashes.
+    func isOnTrial(_ service: ServiceRuntime, _ slot: SlotRecord) -> Bool {
+        guard let upgrade = service.upgrade, upgrade.status.rollback != true,
+              upgrade.status.phase == .learning || upgrade.status.phase == .switched
+        else { return false }
+        return UInt32(upgrade.status.generation) == slot.generation
+            && service.slots.contains { $0.generation == UInt32(upgrade.status.previous) }
+    }
+
     /// Quick exits in a row (each within `healthy_after_ms` of its start) of one slot of a
     /// generation that switched, while the one before it still drains, that roll it back.
     static let crashLoopExits = 3

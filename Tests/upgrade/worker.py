@@ -7,10 +7,12 @@ answers every datagram in the built-in whoami's format, plus its version and gen
 Says READY=1 (and STATUS=) over NOTIFY_SOCKET once it serves, as sd_notify(3) does.
 
 Usage: worker.py VERSION [--ready-after-ms N] [--never-ready] [--exit-at-once] [--exit-after-ms N]
+                         [--crash-after-ms N]
   --ready-after-ms N  serve at once, but send READY=1 only after N ms (a slow start)
   --never-ready       serve, but never send READY=1
   --exit-at-once      exit with status 3 before serving (a program that cannot start)
   --exit-after-ms N   serve (and say READY=1), then exit with status 4 after N ms (a crash loop)
+  --crash-after-ms N  serve (and say READY=1), then die of SIGSEGV after N ms (a crash loop by signal)
 """
 import os
 import signal
@@ -47,6 +49,12 @@ def main() -> None:
     signal.signal(signal.SIGUSR2, lambda *_: print(f"version {version} slot {slot}: draining", flush=True))
     if "--exit-after-ms" in args:
         crash = threading.Timer(int(args[args.index("--exit-after-ms") + 1]) / 1000, os._exit, args=(4,))
+        crash.daemon = True
+        crash.start()
+    if "--crash-after-ms" in args:
+        # As a segfault does: the default action of SIGSEGV, no handler, no exit status.
+        crash = threading.Timer(int(args[args.index("--crash-after-ms") + 1]) / 1000, os.kill,
+                                args=(os.getpid(), signal.SIGSEGV))
         crash.daemon = True
         crash.start()
     if "--never-ready" not in args:
