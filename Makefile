@@ -1,7 +1,8 @@
 # reuseportd build. `make` builds the BPF object, then the Swift products.
 #   make            build everything (debug)
 #   make run        start the daemon with its built-in demo configuration
-#   make test       every test: unit + real-kernel tests + kernel-feature suite (needs root)
+#   make test       every test: unit + real-kernel tests + kernel-feature suite (needs root);
+#                   REPEAT=N runs it N times in a row, stopping at the first failure (logs kept)
 #   make kernel-test  the kernel-feature suite on the running kernel (CHECKS=... picks checks)
 #   make vmtest     the same suite in VMs of Debian kernels (KERNELS="5.10 6.1 6.12 testing", KVM=1, BREAK=CHECK)
 #   make bench      release build, run the benchmarks, write docs/benchmarks.md (needs root)
@@ -67,7 +68,7 @@ BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu 
 all: build
 
 help:
-	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,15p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -149,7 +150,25 @@ kernel-test: $(OUTPUT)/.abi-stamp
 	$(Q)"$$($(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS) --show-bin-path)/kernel-check" \
 		$(if $(Q),--no-values) $(CHECKS)
 
+# REPEAT=N runs the whole of `make test` N times in a row and stops at the first failure; each
+# run's output is kept in $(TEST_RUNS)/run-<i>.log, and one line per run says how long it took.
+REPEAT    ?= 1
+TEST_RUNS := $(OUTPUT)/test-runs
+ifeq ($(REPEAT),1)
 test: unit-test kernel-test
+else
+test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
+	$(Q)rm -rf $(TEST_RUNS) && mkdir -p $(TEST_RUNS)
+	$(Q)for i in $$(seq 1 $(REPEAT)); do \
+		start=$$(date +%s); \
+		if $(MAKE) --no-print-directory test REPEAT=1 >$(TEST_RUNS)/run-$$i.log 2>&1; then \
+			echo "  RUN     $$i of $(REPEAT) passed in $$(( $$(date +%s) - start )) s ($(TEST_RUNS)/run-$$i.log)"; \
+		else \
+			echo "  RUN     $$i of $(REPEAT) FAILED after $$(( $$(date +%s) - start )) s; its log: $(TEST_RUNS)/run-$$i.log"; \
+			grep -E "✘|error:|FAIL" $(TEST_RUNS)/run-$$i.log | head -20; exit 1; \
+		fi; \
+	done
+endif
 
 # The daemon tests with every test daemon holding only the capabilities docs/operations.md
 # documents (setpriv lowers its bounding set, as the unit's CapabilityBoundingSet= does).

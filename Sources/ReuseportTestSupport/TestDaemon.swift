@@ -156,6 +156,16 @@ public final class TestDaemon {
         log.split(separator: "\n").suffix(lines).joined(separator: " | ")
     }
 
+    /// Copies the log where it outlives the test's temporary folder (`REUSEPORT_TEST_LOGS`, by
+    /// default /tmp/reuseportd-test-logs) and returns its path, for a failure message.
+    @discardableResult
+    public func keepLog() -> String {
+        let folder = ProcessInfo.processInfo.environment["REUSEPORT_TEST_LOGS"] ?? "/tmp/reuseportd-test-logs"
+        try? FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
+        let kept = "\(folder)/daemon-\(pid)-\(Int(Date().timeIntervalSince1970)).log"
+        return (try? FileManager.default.copyItem(atPath: logPath, toPath: kept)) != nil ? kept : logPath
+    }
+
     public func rewriteConfig(_ config: String) throws {
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
     }

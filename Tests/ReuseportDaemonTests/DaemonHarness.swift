@@ -54,11 +54,14 @@ func kernelUDPDrops(ports: Set<UInt16>) -> Int {
 final class NumberedFlows {
     let clients: [FlowClient]
     private(set) var answered: [Set<Int>]
+    /// Per flow, the slot that answered each sequence number.
+    private(set) var slotOf: [[Int: UInt32]]
     private var fds: [pollfd]
 
     init(_ clients: [FlowClient]) {
         self.clients = clients
         answered = Array(repeating: [], count: clients.count)
+        slotOf = Array(repeating: [:], count: clients.count)
         fds = clients.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
     }
 
@@ -82,8 +85,23 @@ final class NumberedFlows {
                     let fields = String(decoding: reply.payload, as: UTF8.self).split(separator: " ")
                     guard fields.count == 2, let seq = Int(fields[1]) else { continue }
                     answered[flow].insert(seq)
+                    slotOf[flow][seq] = reply.slot
                     onReply(flow, seq, reply)
                 }
+            }
+        }
+    }
+
+    /// The datagrams of rounds `0..<rounds` that got no answer, each with its flow, round and the
+    /// slots that answered the flow's nearest rounds before and after it ("?" for none): where it
+    /// was most likely steered.
+    func unanswered(rounds: Int) -> [String] {
+        clients.indices.flatMap { flow in
+            (0..<rounds).filter { !answered[flow].contains($0) }.map { round -> String in
+                let before = (0..<round).reversed().lazy.compactMap { self.slotOf[flow][$0] }.first
+                let after = ((round + 1)..<max(round + 1, rounds)).lazy.compactMap { self.slotOf[flow][$0] }.first
+                return "flow \(flow) (port \(clients[flow].local.port)) round \(round) between slots "
+                    + "\(before.map(String.init) ?? "?") and \(after.map(String.init) ?? "?")"
             }
         }
     }

@@ -82,17 +82,18 @@ struct DisruptionTests {
 
         let answered = numbered.answered
         let lost = answered.reduce(0) { $0 + rounds - $1.count }
-        let missing = (0..<flows).flatMap { flow in
-            (0..<rounds).filter { !answered[flow].contains($0) }.map { "flow \(flow) round \($0)" }
-        }
+        let missing = numbered.unanswered(rounds: rounds)
         let drops = kernelUDPDrops(ports: Set(clients.map(\.local.port) + [destination.port]))
         let status = try daemon.status()[0]
+        let global = try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "shrink")).globalCounters()
         print("scale 4 → 8 → 4 three times under \(flows) flows × \(rounds) datagrams: \(lost) unanswered, "
-            + "\(drops) dropped by the kernel, \(status.removedSlotDrops ?? -1) dropped at removed slots; "
+            + "\(drops) dropped by the kernel, \(status.removedSlotDrops ?? -1) dropped at removed slots, "
+            + "\(global.dropped_no_slot) by the program for want of a slot, \(global.fallbacks) fallbacks; "
             + "slots seen \(slotsSeen.sorted())")
         #expect(slotsSeen.contains { $0 >= 4 }, "the added slots got traffic")
         #expect(drops == 0, "no socket overflowed")
-        #expect(lost == 0, "every datagram is answered: \(lost) of \(flows * rounds) were not: \(missing.prefix(10))")
+        #expect(global.dropped_no_slot == 0, "the program always had a slot")
+        #expect(lost == 0, "every datagram is answered: \(lost) of \(flows * rounds) were not: \(missing.prefix(10)); daemon log: \(daemon.keepLog())")
         #expect(status.removedSlotDrops == 0, "no datagram was dropped at a removed slot")
         #expect(status.slots.count == 4 && status.slots.allSatisfy { $0.pid != nil })
     }
