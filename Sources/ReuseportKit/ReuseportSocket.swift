@@ -23,12 +23,65 @@ public final class ReuseportSocket: @unchecked Sendable {
     /// array take it (net/core/sock_reuseport.c, reuseport_array_update_check()).
     ///
     /// - Parameters:
-    ///   - endpoint: the address to bind. Port 0 picks a free port.
+    ///   - endpoint: the address to bind. Port 0 picks a port no socket holds (`unusedPort`).
     ///   - receiveBuffer: SO_RCVBUF in bytes, if set (the kernel doubles it and caps it at
     ///     net.core.rmem_max; SO_RCVBUFFORCE is tried first, which root may use past the cap).
     ///   - v6Only: IPV6_V6ONLY for IPv6 sockets; false makes `[::]` take IPv4 too.
     ///   - backlog: listen() backlog for TCP.
     public init(endpoint: Endpoint, receiveBuffer: Int? = nil, v6Only: Bool = true, backlog: Int32 = 1024) throws {
+        guard endpoint.address.port == 0 else {
+            (self.endpoint, descriptor) = try Self.bind(endpoint, receiveBuffer: receiveBuffer, v6Only: v6Only,
+                                                        backlog: backlog)
+            return
+        }
+        // Port 0: a port no socket holds, taken by a probe (`unusedPort`), then bound with
+        // SO_REUSEPORT. Another socket may take that port between the two binds: then another.
+        var attempt = 0
+        while true {
+            let chosen = Endpoint(endpoint.transport,
+                                  SocketAddress(endpoint.address.address, try Self.unusedPort(endpoint, v6Only: v6Only)))
+            do {
+                (self.endpoint, descriptor) = try Self.bind(chosen, receiveBuffer: receiveBuffer, v6Only: v6Only,
+                                                            backlog: backlog)
+                return
+            } catch let error as ReuseportError where error.errno == EADDRINUSE && attempt < Self.portAttempts {
+                attempt += 1
+            }
+        }
+    }
+
+    /// How many more ports a port-0 socket tries when the one it picked was taken meanwhile.
+    static let portAttempts = 8
+
+    /// A port of `endpoint`'s address that no socket holds now, from the kernel's autobind of a
+    /// probe without SO_REUSEPORT (closed before returning).
+    ///
+    /// Why not bind port 0 with SO_REUSEPORT set: over UDP that autobind may be given a port that
+    /// a reuseport group of the same user already holds, and join that group. When it searches
+    /// for a port, udp_lib_lport_inuse() (net/ipv4/udp.c) does not count the sockets a new one
+    /// could share a group with (PortZeroTests: 20 of 400 autobinds landed on one of 900 held
+    /// ports). The service would then take over another service's traffic, or hand it its own,
+    /// once its program is attached to that group. TCP's autobind does not share a port this way
+    /// (inet_csk_find_open_port()); the same probe serves both.
+    static func unusedPort(_ endpoint: Endpoint, v6Only: Bool) throws -> UInt16 {
+        let family = endpoint.address.address.family
+        let probe = try Syscall.socket(family, endpoint.transport.socketType, "probe \(endpoint.transport)")
+        if family == AF_INET6 {
+            try Syscall.setOption(probe.fd.rawValue, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(v6Only ? 1 : 0),
+                                  "IPV6_V6ONLY")
+        }
+        try Syscall.bind(probe.fd, endpoint.address, "\(endpoint) (choosing a port)")
+        guard let bound = try Syscall.localAddress(probe.fd, "\(endpoint)") else {
+            throw ReuseportError.invalidArgument("the probe for a port of \(endpoint) is not bound")
+        }
+        return bound.port
+    }
+
+    /// Creates, configures and binds a socket to `endpoint` (TCP: listening); returns the
+    /// endpoint bound and the descriptor.
+    private static func bind(_ endpoint: Endpoint, receiveBuffer: Int?, v6Only: Bool, backlog: Int32) throws
+        -> (Endpoint, OwnedDescriptor)
+    {
         let family = endpoint.address.address.family
         // Closed by its deinit if anything below throws.
         let descriptor = try Syscall.socket(family, endpoint.transport.socketType, "\(endpoint.transport)")
@@ -52,8 +105,7 @@ public final class ReuseportSocket: @unchecked Sendable {
         if endpoint.transport == .tcp {
             try Syscall.listen(descriptor.fd, backlog: backlog, "\(endpoint)")
         }
-        self.endpoint = Endpoint(endpoint.transport, try Syscall.localAddress(descriptor.fd, "\(endpoint)")!)
-        self.descriptor = descriptor
+        return (Endpoint(endpoint.transport, try Syscall.localAddress(descriptor.fd, "\(endpoint)")!), descriptor)
     }
 
     /// Takes over a socket made by an earlier run of the daemon (copied out of its worker,
