@@ -131,11 +131,16 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     public var upgrade: UpgradeStatus?
     /// Upgrades started, switched (roll backs included) and abandoned since the daemon started.
     public var upgrades: UpgradeCounts?
+    /// Workers that left their slot and still run: draining what was queued at its sockets,
+    /// holding the TCP connections they accepted, or stopping. Optional, as above.
+    public var leaving: [LeavingWorker]?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
                 failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil,
                 adoptedWorkers: Int? = nil, refusedAdoptions: Int? = nil,
-                generation: Int? = nil, upgrade: UpgradeStatus? = nil, upgrades: UpgradeCounts? = nil) {
+                generation: Int? = nil, upgrade: UpgradeStatus? = nil, upgrades: UpgradeCounts? = nil,
+                leaving: [LeavingWorker]? = nil) {
+        self.leaving = leaving
         self.adoptedWorkers = adoptedWorkers
         self.refusedAdoptions = refusedAdoptions
         self.generation = generation
@@ -149,6 +154,32 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
         self.failovers = failovers
         self.rescueStarts = rescueStarts
         self.removedSlotDrops = removedSlotDrops
+    }
+}
+
+/// A worker no longer at its slot that has not exited yet.
+public struct LeavingWorker: Codable, Sendable, Equatable {
+    public enum State: String, Codable, Sendable {
+        /// Its slot's sockets left the arrays: it reads what was queued there.
+        case draining
+        /// Of an older generation, with TCP listeners: its listeners closed, it keeps the
+        /// connections it accepted until it exits, or until `drain_timeout_ms` after the switch.
+        case holding
+        /// SIGTERM sent; SIGKILL at `stop_timeout_ms`.
+        case stopping
+    }
+
+    public var pid: Int32
+    public var slot: UInt32
+    /// 0 for a previous daemon's worker that could not be adopted.
+    public var generation: Int
+    public var state: State
+
+    public init(pid: Int32, slot: UInt32, generation: Int, state: State) {
+        self.pid = pid
+        self.slot = slot
+        self.generation = generation
+        self.state = state
     }
 }
 

@@ -214,7 +214,24 @@ extension Supervisor {
                 failovers: service.failovers, rescueStarts: service.rescueStarts,
                 removedSlotDrops: service.removedSlotDrops, adoptedWorkers: service.adoptedWorkers,
                 refusedAdoptions: service.refusedAdoptions, generation: Int(service.plane.workingGeneration),
-                upgrade: service.upgrade?.status, upgrades: service.upgradeCounts)
+                upgrade: service.upgrade?.status, upgrades: service.upgradeCounts,
+                leaving: leavingWorkers(of: service.name))
         }
+    }
+
+    /// The workers of `service` that left their slot and have not exited, by pid.
+    func leavingWorkers(of service: String) -> [LeavingWorker] {
+        processes.filter { $0.value.origin.service == service && !$0.value.leaderExited && workers[$0.key] == nil }
+            .sorted { $0.key < $1.key }
+            .map { pid, started in
+                let state: LeavingWorker.State
+                if let drain = draining[pid] {
+                    state = drain.holdWorkerUntil != nil && drain.sockets.isEmpty ? .holding : .draining
+                } else {
+                    state = .stopping
+                }
+                return LeavingWorker(pid: pid, slot: started.origin.slot, generation: Int(started.origin.generation),
+                                     state: state)
+            }
     }
 }

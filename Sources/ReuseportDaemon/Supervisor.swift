@@ -256,7 +256,8 @@ final class Supervisor {
             output.pid = pid
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)
-            processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup)
+            processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup, origin: WorkerOrigin(
+                service: service.name, slot: slot.index, generation: slot.generation))
             if slot.everStarted { slot.restarts &+= 1 }
             slot.everStarted = true
             slot.pid = pid
@@ -303,7 +304,9 @@ final class Supervisor {
                 continue
             }
             workers[worker.pid] = (service, slot)
-            processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: WorkerCgroups.cgroup(of: worker.pid))
+            processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: WorkerCgroups.cgroup(of: worker.pid),
+                                                    origin: WorkerOrigin(service: service.name, slot: slot.index,
+                                                                         generation: slot.generation))
             pidfds[worker.pid] = worker.pidfd
             slot.pid = worker.pid
             slot.startTime = worker.startTime
@@ -346,7 +349,8 @@ final class Supervisor {
     private func stopAdopted(_ service: ServiceRuntime, _ slot: UInt32, _ pid: pid_t, _ pidfd: OwnedDescriptor,
                              now: Int64, reason: String) {
         service.logger.warning("slot \(slot): the previous daemon's worker pid \(pid) cannot be adopted (\(reason)): stopping it")
-        processes[pid] = WorkerProcesses(leader: pid, cgroup: nil)
+        processes[pid] = WorkerProcesses(leader: pid, cgroup: nil, origin: WorkerOrigin(
+            service: service.name, slot: slot, generation: 0))
         pidfds[pid] = pidfd
         retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
         try? Syscall.pidfdSignal(pidfd, SIGTERM)

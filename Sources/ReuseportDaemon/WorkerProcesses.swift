@@ -21,11 +21,15 @@ final class WorkerProcesses {
     let leader: pid_t
     /// The worker's cgroup folder, when cgroup v2 is used.
     let cgroup: String?
+    /// The service, slot and generation it was started (or adopted) for: it keeps them after it
+    /// leaves its slot, while it drains or stops, so that `status` still names it.
+    let origin: WorkerOrigin
     private(set) var leaderExited = false
 
-    init(leader: pid_t, cgroup: String?) {
+    init(leader: pid_t, cgroup: String?, origin: WorkerOrigin) {
         self.leader = leader
         self.cgroup = cgroup
+        self.origin = origin
     }
 
     /// The pids in the worker's cgroup now (empty without one).
@@ -59,6 +63,13 @@ final class WorkerProcesses {
         if let cgroup { _ = try? Syscall.removeDirectory(cgroup) }
         return true
     }
+}
+
+/// Where a worker start belongs.
+struct WorkerOrigin {
+    var service: String
+    var slot: UInt32
+    var generation: UInt32
 }
 
 /// The folder under which workers' cgroups are made: `reuseportd-<pid>` inside the daemon's

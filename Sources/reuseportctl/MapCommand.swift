@@ -96,6 +96,9 @@ struct MapDumpCommand: ParsableCommand {
         for slot in daemon?.slots ?? [] {
             if let status = slot.notifiedStatus { text += "  STATUS=    slot \(slot.slot): \(status)\n" }
         }
+        for worker in daemon?.leaving ?? [] {
+            text += "  leaving    pid \(worker.pid), was slot \(worker.slot) of generation \(worker.generation): \(worker.state.rawValue)\n"
+        }
         if let quic = service.quic {
             var quicTable = TextTable([("SLOT", .right), ("SERVER ID", .left), ("BY CID", .right),
                                        ("BY DCID HASH", .right)])

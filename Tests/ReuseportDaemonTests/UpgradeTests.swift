@@ -353,6 +353,9 @@ extension UpgradeTests {
         group.wait()
         let again = try ask(held)
         let heldWorkerServes = processExists(first.pid)
+        let leaving = try daemon.status()[0].leaving ?? []
+        #expect(leaving.contains { $0.pid == first.pid && $0.state == .holding },
+                "the status names the old worker that holds its connections: \(leaving)")
         let stoppedBy = nowMs() + 8000
         while processExists(first.pid), nowMs() < stoppedBy { sleepMs(50) }
         #expect(again?.pid == first.pid, "the connection opened before the upgrade stays with its old worker")
