@@ -221,17 +221,14 @@ extension Supervisor {
 
     /// The workers of `service` that left their slot and have not exited, by pid.
     func leavingWorkers(of service: String) -> [LeavingWorker] {
-        processes.filter { $0.value.origin.service == service && !$0.value.leaderExited && workers[$0.key] == nil }
-            .sorted { $0.key < $1.key }
-            .map { pid, started in
-                let state: LeavingWorker.State
-                if let drain = draining[pid] {
-                    state = drain.holdWorkerUntil != nil && drain.sockets.isEmpty ? .holding : .draining
-                } else {
-                    state = .stopping
-                }
-                return LeavingWorker(pid: pid, slot: started.origin.slot, generation: Int(started.origin.generation),
-                                     state: state)
+        leaving(of: service).map { record in
+            let state: LeavingWorker.State = switch record.value.state {
+            case RP_LEAVING_DRAINING.rawValue: .draining
+            case RP_LEAVING_HOLDING.rawValue: .holding
+            default: .stopping
             }
+            return LeavingWorker(pid: record.pid, slot: record.value.slot, generation: Int(record.value.generation),
+                                 state: state)
+        }
     }
 }

@@ -128,6 +128,8 @@ public final class Daemon {
 
     private func serve() throws {
         while true {
+            // Every change of the turn before is in the pins before the next exec, kill or turn.
+            supervisor.publishLeaving()
             if supervisor.reexecRequested { reexec() }
             let now = MonotonicClock.nanoseconds()
             supervisor.fireTimers(now: now)

@@ -93,6 +93,10 @@ final class ServiceRuntime {
     var upgrade: Upgrade?
     /// Upgrades started, switched and abandoned since the daemon started.
     var upgradeCounts = UpgradeCounts(started: 0, switched: 0, abandoned: 0)
+    /// The service's rp_leaving map (the supervisor writes it; nil if it could not be made).
+    let leavingRecords: LeavingRecords?
+    /// The leaving workers a previous daemon pinned, until the supervisor takes them over.
+    private var inheritedLeaving: [LeavingRecords.Record] = []
     let logger: Logger
 
     var name: String { configuration.name }
@@ -129,6 +133,19 @@ final class ServiceRuntime {
             }
         }
         pins = PinLayout(root: pinRoot, service: configuration.name)
+        do {
+            leavingRecords = try LeavingRecords()
+        } catch {
+            leavingRecords = nil
+            logger.error("cannot make \(RP_MAP_LEAVING): a daemon started after this one will not know its leaving workers: \(error)")
+        }
+        if !staged {
+            do {
+                inheritedLeaving = try LeavingRecords.pinned(at: pins)
+            } catch {
+                logger.warning("the leaving workers pinned at \(pins.serviceDirectory) cannot be read (\(error)): they are not taken over")
+            }
+        }
         // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
         // its running workers are adopted with their sockets, and a placement change it left is
         // finished, not dropped, so no flow moves.
@@ -279,6 +296,7 @@ final class ServiceRuntime {
         do {
             try plane.pin(pins)
             pinned = true
+            try leavingRecords?.pin(at: pins)
         } catch {
             pins.remove()
             throw error
@@ -340,6 +358,12 @@ final class ServiceRuntime {
     }
 
     /// Hands what was found of a previous daemon's workers to the supervisor, once.
+    /// The leaving workers a previous daemon pinned, once (Supervisor.adoptLeaving).
+    func takeInheritedLeaving() -> [LeavingRecords.Record] {
+        defer { inheritedLeaving = [] }
+        return inheritedLeaving
+    }
+
     func takeAdoption() -> (WorkerAdoption, workersAfter: Int?)? {
         defer {
             adoption = nil

@@ -192,6 +192,7 @@ final class Supervisor {
     func startAllWorkers() {
         for service in services {
             let workersAfter = adoptWorkers(of: service)
+            adoptLeaving(of: service)
             startWorkers(of: service)
             if let count = workersAfter {
                 service.logger.notice("the configuration says \(count) workers, the maps taken over \(service.slots.count): scaling")
@@ -257,12 +258,13 @@ final class Supervisor {
             outputs[output.descriptor.fd] = output
             workers[pid] = (service, slot)
             processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup, origin: WorkerOrigin(
-                service: service.name, slot: slot.index, generation: slot.generation))
+                service: service.name, slot: slot.index, generation: slot.generation, startTime: 0))
             if slot.everStarted { slot.restarts &+= 1 }
             slot.everStarted = true
             slot.pid = pid
             // Our child, not yet reaped: the pid cannot have been reused.
             slot.startTime = (try? Syscall.processStartTime(pid)) ?? 0
+            processes[pid]?.origin.startTime = slot.startTime
             slot.startedAt = now
             let watchdogMs = service.configuration.watchdogMs
             slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
@@ -281,12 +283,15 @@ final class Supervisor {
     }
 
     /// Why an exec of the daemon now would lose track of something, or nil when it may go ahead.
-    /// Workers being stopped are refused: their deadlines live only in this image.
+    /// Workers that left their slot are handed to the new image through the pins (rp_leaving):
+    /// those stopping are stopped again, those holding their TCP connections keep them until
+    /// their hold ends. Only a drain of queued datagrams waits (at most `stop_timeout_ms`): its
+    /// socket copies, with which it sees the queue empty, live only in this image.
     var reexecRefusal: String? {
         if stopping { return "the daemon is stopping" }
-        let busy = retiring.count + draining.count
+        let busy = draining.values.filter { !$0.sockets.isEmpty }.count
         guard busy == 0 else {
-            return "\(busy) workers are being stopped (retired, or draining a removed slot): ask again once they are gone"
+            return "\(busy) workers are draining what was queued at their removed slots (at most stop_timeout_ms, \(configuration.stopTimeoutMs) ms): ask again once they are done"
         }
         return nil
     }
@@ -306,7 +311,8 @@ final class Supervisor {
             workers[worker.pid] = (service, slot)
             processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: WorkerCgroups.cgroup(of: worker.pid),
                                                     origin: WorkerOrigin(service: service.name, slot: slot.index,
-                                                                         generation: slot.generation))
+                                                                         generation: slot.generation,
+                                                                         startTime: worker.startTime))
             pidfds[worker.pid] = worker.pidfd
             slot.pid = worker.pid
             slot.startTime = worker.startTime
@@ -350,10 +356,16 @@ final class Supervisor {
                              now: Int64, reason: String) {
         service.logger.warning("slot \(slot): the previous daemon's worker pid \(pid) cannot be adopted (\(reason)): stopping it")
         processes[pid] = WorkerProcesses(leader: pid, cgroup: nil, origin: WorkerOrigin(
-            service: service.name, slot: slot, generation: 0))
+            service: service.name, slot: slot, generation: 0, startTime: (try? Syscall.processStartTime(pid)) ?? 0))
         pidfds[pid] = pidfd
         retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
         try? Syscall.pidfdSignal(pidfd, SIGTERM)
+    }
+
+    /// Tracks a previous daemon's process, proven by `pidfd`, until it has exited.
+    func track(adopted started: WorkerProcesses, pidfd: OwnedDescriptor) {
+        processes[started.leader] = started
+        pidfds[started.leader] = pidfd
     }
 
     /// An adopted worker's pidfd became readable: it exited. Its status is known only if it is

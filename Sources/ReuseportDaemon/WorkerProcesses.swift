@@ -23,7 +23,7 @@ final class WorkerProcesses {
     let cgroup: String?
     /// The service, slot and generation it was started (or adopted) for: it keeps them after it
     /// leaves its slot, while it drains or stops, so that `status` still names it.
-    let origin: WorkerOrigin
+    var origin: WorkerOrigin
     private(set) var leaderExited = false
 
     init(leader: pid_t, cgroup: String?, origin: WorkerOrigin) {
@@ -70,6 +70,8 @@ struct WorkerOrigin {
     var service: String
     var slot: UInt32
     var generation: UInt32
+    /// Clock ticks after boot (/proc/<pid>/stat field 22): with the pid, it names the process.
+    var startTime: UInt64
 }
 
 /// The folder under which workers' cgroups are made: `reuseportd-<pid>` inside the daemon's

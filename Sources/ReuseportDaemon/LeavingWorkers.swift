@@ -1,0 +1,81 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import ReuseportKit
+
+/// Workers that left their slot and still run: a retired slot's worker draining its queue or
+/// holding the TCP connections it accepted, a replaced or scaled-away worker stopping. They are
+/// derived from what the supervisor tracks (a worker start whose process runs and that is no
+/// slot's worker), named in `status`, and pinned (rp_leaving, `LeavingRecords`) so that a daemon
+/// started on the pins takes them over: none is left holding the port with no daemon to stop it.
+extension Supervisor {
+    /// The leaving workers of `service`, by pid.
+    func leaving(of service: String) -> [LeavingRecords.Record] {
+        processes.filter { $0.value.origin.service == service && !$0.value.leaderExited && workers[$0.key] == nil }
+            .sorted { $0.key < $1.key }
+            .map { pid, started in
+                var state = RP_LEAVING_STOPPING
+                var hold: UInt64 = 0
+                if let drain = draining[pid] {
+                    if let until = drain.holdWorkerUntil, drain.sockets.isEmpty {
+                        state = RP_LEAVING_HOLDING
+                        hold = UInt64(max(until, 0))
+                    } else {
+                        state = RP_LEAVING_DRAINING
+                    }
+                }
+                return LeavingRecords.Record(pid: pid, slot: started.origin.slot, generation: started.origin.generation,
+                                             startTime: started.origin.startTime, holdUntilNs: hold, state: state)
+            }
+    }
+
+    /// Writes every service's leaving workers to its pinned rp_leaving (what changed only).
+    func publishLeaving() {
+        for service in services {
+            do {
+                try service.leavingRecords?.publish(leaving(of: service.name))
+            } catch {
+                service.logger.error("cannot write the leaving workers to \(RP_MAP_LEAVING): \(error)")
+            }
+        }
+    }
+
+    /// Takes over the leaving workers a previous daemon pinned for `service`: each proven by its
+    /// start time (WorkerAdoption.identify), then watched through its pidfd. One holding its TCP
+    /// connections keeps them until its hold ends; any other is stopped (SIGTERM, SIGKILL at the
+    /// stop timeout): the queue it drained is no longer this daemon's to watch.
+    func adoptLeaving(of service: ServiceRuntime) {
+        let now = MonotonicClock.nanoseconds()
+        for record in service.takeInheritedLeaving() where processes[record.pid] == nil {
+            let pid = record.pid
+            let row = record.value
+            switch WorkerAdoption.identify(pid, startTime: row.start_time) {
+            case .gone:
+                continue
+            case .other(let reason):
+                service.refusedAdoptions += 1
+                service.logger.warning("leaving worker of slot \(row.slot): not adopting pid \(pid), and not signalling it: \(reason)")
+            case .worker(let pidfd):
+                track(adopted: WorkerProcesses(
+                    leader: pid, cgroup: WorkerCgroups.cgroup(of: pid),
+                    origin: WorkerOrigin(service: service.name, slot: row.slot, generation: row.generation,
+                                         startTime: row.start_time)), pidfd: pidfd)
+                let hold = Int64(clamping: row.hold_until_ns)
+                if row.state == RP_LEAVING_HOLDING.rawValue, hold > now {
+                    let drain = SlotDrain(service: service, slot: row.slot, sockets: [],
+                                          deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
+                    drain.holdWorkerUntil = hold
+                    draining[pid] = drain
+                    service.logger.notice(
+                        "slot \(row.slot): adopted leaving worker pid \(pid) of generation \(row.generation); it keeps its connections for \((hold - now) / 1_000_000) ms")
+                } else {
+                    retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+                    try? Syscall.pidfdSignal(pidfd, SIGTERM)
+                    service.logger.notice(
+                        "slot \(row.slot): adopted leaving worker pid \(pid) of generation \(row.generation): stopping it")
+                }
+            }
+        }
+    }
+}

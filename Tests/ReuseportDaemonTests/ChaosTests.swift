@@ -1,0 +1,331 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CReuseportABI
+import Foundation
+import ReuseportControl
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// Operations one after the other, as operators and failures bring them: random sequences of
+/// scale, upgrade, rollback, reload, a worker's SIGKILL, the daemon's SIGKILL and a new start on
+/// its pins, and `reexec`, on one service with a UDP and a TCP listener on one port, while 64 UDP
+/// flows send and 8 TCP connections stay open. Each feature holds alone (their own suites); this
+/// is about what follows what.
+///
+/// After every step (`ChaosRun.check`):
+/// - no live UDP flow changed slot and none lost a datagram (every round is answered before the
+///   next operation that kills a process);
+/// - every TCP connection answers from the worker that accepted it, unless that worker was the
+///   one killed;
+/// - every process that holds a socket on the port is the daemon or a worker its status names;
+/// - the pins name the same workers as the status (rp_slot_state, pid and start time);
+/// and after the final graceful stop, no process holds the port and it binds again.
+///
+/// `CHAOS_SEED` replays a sequence (each run prints its seed), `CHAOS_STEPS` sets its length,
+/// `CHAOS_SECONDS` runs sequences until that much time has passed (`make chaos`).
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct ChaosTests {
+    @Test func randomSequencesKeepEveryFlowOnItsWorker() throws {
+        let environment = ProcessInfo.processInfo.environment
+        let seconds = environment["CHAOS_SECONDS"].flatMap(Double.init) ?? 0
+        let steps = environment["CHAOS_STEPS"].flatMap(Int.init) ?? 10
+        var seed = environment["CHAOS_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64.max)
+        let end = nowMs() + seconds * 1000
+        var totals = ChaosTotals()
+        repeat {
+            let run = try ChaosRun(seed: seed)
+            try run.play(steps: steps)
+            totals.add(run)
+            if !run.violations.isEmpty {
+                Issue.record("seed \(seed) (CHAOS_SEED=\(seed) replays it): \(run.violations.count) violations after \(run.steps.joined(separator: ", ")): \(run.violations.prefix(8).joined(separator: "; ")); daemon logs: \(run.keptLogs())")
+                break
+            }
+            seed = seed &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        } while nowMs() < end
+        print("chaos: \(totals)")
+    }
+}
+
+/// The figures of every sequence run.
+struct ChaosTotals: CustomStringConvertible {
+    var sequences = 0, steps = 0, refused = 0, violations = 0, moved = 0, lost = 0, left = 0, datagrams = 0
+    var byOperation: [String: Int] = [:]
+
+    mutating func add(_ run: ChaosRun) {
+        sequences += 1
+        steps += run.steps.count
+        refused += run.refused
+        violations += run.violations.count
+        moved += run.movedFlows
+        lost += run.lostDatagrams
+        left += run.processesLeft
+        datagrams += run.sentDatagrams
+        for step in run.steps { byOperation[String(step.prefix { $0 != " " }), default: 0] += 1 }
+    }
+
+    var description: String {
+        "\(sequences) sequences, \(steps) steps (\(byOperation.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", ")); \(refused) refused), \(violations) violations, \(moved) live flows moved, \(lost) of \(datagrams) datagrams lost, \(left) processes left after stop"
+    }
+}
+
+/// One sequence on one service: its daemons (a killed one is kept, not deinitialised, until the
+/// end: its deinit kills the workers its pins name, which the next daemon adopted), its flows, its
+/// connections and what was found.
+final class ChaosRun {
+    enum Operation: CaseIterable { case scale, upgrade, rollback, reload, killWorker, killDaemon, reexec }
+
+    static let service = "chaos"
+    static let flows = 64
+    static let connections = 8
+
+    private var random: SeededRandom
+    let port: UInt16
+    private var workers = 4
+    private var daemons: [TestDaemon] = []
+    private var daemon: TestDaemon { daemons[daemons.count - 1] }
+    private let numbered: NumberedFlows
+    /// Each flow's slot, from its first answer.
+    private var slotOf: [Int: UInt32] = [:]
+    private var rounds = 0
+    /// Open TCP connections and the pid of the worker that answered each first.
+    private var tcp: [(client: FlowClient, pid: Int32)] = []
+
+    private(set) var steps: [String] = []
+    private(set) var violations: [String] = []
+    private(set) var refused = 0
+    private(set) var movedFlows = 0
+    private(set) var lostDatagrams = 0
+    private(set) var processesLeft = 0
+    var sentDatagrams: Int { rounds * Self.flows }
+
+    init(seed: UInt64) throws {
+        random = SeededRandom(seed: seed)
+        port = try freePort()
+        numbered = NumberedFlows(try Traffic.clients(Self.flows, on: .loopbackV4))
+        daemons.append(try TestDaemon(config: config()))
+    }
+
+    func config() -> String {
+        serviceTable(Self.service, listen: ["udp://127.0.0.1:\(port)", "tcp://127.0.0.1:\(port)"], workers: workers,
+                     extra: "rcvbuf = 8388608\nflow_idle_timeout_ms = 1000")
+    }
+
+    var udp: SocketAddress { SocketAddress(.loopbackV4, port) }
+
+    func play(steps count: Int) throws {
+        try settle("start")
+        for _ in 0..<Self.connections { try openConnection() }
+        try round()
+        for _ in 0..<count {
+            guard violations.isEmpty else { break }
+            let operation = Operation.allCases.randomElement(using: &random)!
+            try apply(operation)
+        }
+        try stop()
+    }
+
+    /// Applies one operation while a round of datagrams is on its way (those that kill a process
+    /// come between rounds, once every datagram was answered: a worker killed holding one in hand
+    /// loses it, which is no fault of the daemon), then checks.
+    private func apply(_ operation: Operation) throws {
+        switch operation {
+        case .scale:
+            workers = Int.random(in: 2...6, using: &random)
+            note("scale \(workers)", try daemon.request(ControlRequest(command: .scale, service: Self.service, workers: workers)))
+        case .upgrade:
+            note("upgrade", try daemon.request(ControlRequest(command: .upgrade, service: Self.service)))
+        case .rollback:
+            note("rollback", try daemon.request(ControlRequest(command: .upgrade, service: Self.service, rollback: true)))
+        case .reload:
+            workers = Int.random(in: 2...6, using: &random)
+            try daemon.rewriteConfig(config())
+            note("reload \(workers)", try daemon.request(ControlRequest(command: .reload)))
+        case .killWorker:
+            let slots = try daemon.status()[0].slots.filter { $0.pid != nil }
+            guard let victim = slots.randomElement(using: &random), let pid = victim.pid else { return }
+            steps.append("killWorker slot \(victim.slot)")
+            kill(pid, SIGKILL)
+            // Its connections end with it: replaced by new ones.
+            let lost = tcp.indices.filter { tcp[$0].pid == pid }
+            tcp.removeAll { $0.pid == pid }
+            try settle("worker of slot \(victim.slot) killed")
+            for _ in lost { try openConnection() }
+        case .killDaemon:
+            steps.append("killDaemon")
+            daemon.signal(SIGKILL)
+            _ = daemon.waitForExit(timeoutMs: 5000)
+            try round()
+            daemons.append(try TestDaemon(config: config(), pinRoot: daemon.pinRoot))
+        case .reexec:
+            steps.append("reexec")
+            let before = try daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs
+            let answer = try daemon.request(ControlRequest(command: .reexec))
+            if !answer.ok {
+                refused += 1
+                steps[steps.count - 1] += " (refused: \(answer.error ?? "?"))"
+            } else {
+                try daemon.waitFor("the new image") { _ in
+                    (try? self.daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs) != before
+                }
+            }
+        }
+        try settle(steps.last ?? "?")
+        try round()
+        try check(after: steps.last ?? "?")
+    }
+
+    private func note(_ step: String, _ response: ControlResponse) {
+        steps.append(response.ok ? step : "\(step) (refused: \(response.error ?? "?"))")
+        if !response.ok { refused += 1 }
+    }
+
+    /// Waits until every slot the status lists has a running worker.
+    private func settle(_ after: String) throws {
+        do {
+            try daemon.waitFor("every slot running after \(after)", timeoutMs: 30_000) { services in
+                services.allSatisfy { $0.slots.allSatisfy { $0.pid != nil && $0.state == "running" } }
+            }
+        } catch {
+            violations.append("after \(after): \(String("\(error)".prefix(300)))")
+        }
+    }
+
+    /// One numbered datagram on every flow, every answer awaited (up to 10 s).
+    private func round() throws {
+        try numbered.send(rounds, to: udp)
+        rounds += 1
+        try numbered.receive(until: nowMs() + 10_000, orAll: rounds) { flow, _, reply in
+            if let first = self.slotOf[flow], first != reply.slot {
+                self.movedFlows += 1
+                self.violations.append("flow \(flow) moved from slot \(first) to \(reply.slot)")
+            }
+            if self.slotOf[flow] == nil { self.slotOf[flow] = reply.slot }
+        }
+    }
+
+    private func openConnection() throws {
+        let client = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+        try client.connect(to: SocketAddress(.loopbackV4, port))
+        guard let reply = try ask(client) else {
+            violations.append("a new TCP connection got no answer")
+            return
+        }
+        tcp.append((client, reply.pid))
+    }
+
+    private func ask(_ client: FlowClient) throws -> WhoamiReply? {
+        try client.send(Array("ping\n".utf8), to: SocketAddress(.loopbackV4, port))
+        return try client.receive(timeoutMs: 5000).flatMap { WhoamiReply($0) }
+    }
+
+    /// The invariants, read from outside: flows (checked in `round`), connections, the processes
+    /// on the port, the pins.
+    private func check(after step: String) throws {
+        lostDatagrams = numbered.answered.reduce(0) { $0 + rounds - $1.count }
+        if lostDatagrams > 0 {
+            violations.append("after \(step): \(numbered.unanswered(rounds: rounds).prefix(5)) unanswered")
+        }
+        for (index, connection) in tcp.enumerated() {
+            let reply = try? ask(connection.client)
+            if reply?.pid != connection.pid {
+                violations.append("after \(step): TCP connection \(index) of worker \(connection.pid) "
+                    + (reply.map { "answered by \($0.pid)" } ?? "closed or silent"))
+            }
+        }
+        let status = try daemon.status()[0]
+        let known = Set(status.slots.compactMap(\.pid)).union((status.leaving ?? []).map(\.pid)).union([daemon.pid])
+        let holders = processesHolding(port: port)
+        let unknown = holders.subtracting(known).subtracting([getpid()])
+        if !unknown.isEmpty {
+            violations.append("after \(step): processes \(unknown.sorted()) hold port \(port) but the status names "
+                + "only \(known.sorted()) (daemon, workers, leaving workers)")
+        }
+        let pinned = Set(daemon.pinnedWorkers()[Self.service] ?? [])
+        let listed = Set(status.slots.compactMap(\.pid))
+        if pinned != listed {
+            violations.append("after \(step): the pins name workers \(pinned.sorted()), the status \(listed.sorted())")
+        }
+    }
+
+    /// A graceful stop; then nothing may hold the port, and it binds again without SO_REUSEPORT.
+    private func stop() throws {
+        steps.append("stop")
+        tcp.removeAll()
+        let status = daemon.stop(timeoutMs: 30_000)
+        if status != 0 { violations.append("stop: the daemon exited with \(status.map(String.init) ?? "nothing")") }
+        let deadline = nowMs() + 10_000
+        var left = processesHolding(port: port).subtracting([getpid()])
+        while !left.isEmpty, nowMs() < deadline {
+            sleepMs(50)
+            left = processesHolding(port: port).subtracting([getpid()])
+        }
+        processesLeft = left.count
+        if !left.isEmpty { violations.append("after stop: processes \(left.sorted()) still hold port \(port)") }
+        for transport in [Transport.udp, .tcp] where !canBind(transport, port) {
+            violations.append("after stop: \(transport) port \(port) does not bind again")
+        }
+    }
+
+    func keptLogs() -> [String] { daemons.map { $0.keepLog() } }
+}
+
+/// A port free for UDP and TCP on 127.0.0.1 now.
+func freePort() throws -> UInt16 {
+    for _ in 0..<100 {
+        let probe = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
+        let port = probe.local.port
+        if canBind(.tcp, port) { return port }
+    }
+    throw HarnessError("no port free for both UDP and TCP")
+}
+
+/// Whether a socket without SO_REUSEPORT binds `port` on 127.0.0.1 now (TCP with SO_REUSEADDR,
+/// as servers bind: connections in TIME_WAIT on the port do not count).
+func canBind(_ transport: Transport, _ port: UInt16) -> Bool {
+    guard let socket = try? Syscall.socket(AF_INET, transport.socketType, "\(transport)") else { return false }
+    if transport == .tcp { try? Syscall.setOption(socket.fd.rawValue, SOL_SOCKET, SO_REUSEADDR, Int32(1), "SO_REUSEADDR") }
+    return (try? Syscall.bind(socket.fd, SocketAddress(.loopbackV4, port), "\(transport) port \(port)")) != nil
+}
+
+/// The processes with a socket whose local port is `port` (/proc/net/{udp,tcp}{,6}, then every
+/// process's descriptors).
+func processesHolding(port: UInt16) -> Set<pid_t> {
+    var inodes = Set<String>()
+    for table in ["udp", "udp6", "tcp", "tcp6"] {
+        let text = (try? String(contentsOfFile: "/proc/net/\(table)", encoding: .utf8)) ?? ""
+        for line in text.split(separator: "\n").dropFirst() {
+            let fields = line.split(separator: " ")
+            guard fields.count > 9, let colon = fields[1].lastIndex(of: ":"),
+                  UInt16(fields[1][fields[1].index(after: colon)...], radix: 16) == port
+            else { continue }
+            inodes.insert("socket:[\(fields[9])]")
+        }
+    }
+    var holders = Set<pid_t>()
+    for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+        guard let pid = pid_t(entry) else { continue }
+        for fd in (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? [] {
+            if let target = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)"),
+               inodes.contains(target) {
+                holders.insert(pid)
+                break
+            }
+        }
+    }
+    return holders
+}
+
+/// SplitMix64: the same sequence for the same seed, so that a printed seed replays a run.
+struct SeededRandom: RandomNumberGenerator {
+    private var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9e37_79b9_7f4a_7c15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
+        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
+        return z ^ (z >> 31)
+    }
+}
