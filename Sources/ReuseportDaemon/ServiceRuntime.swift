@@ -549,11 +549,12 @@ final class ServiceRuntime {
         plane.effectiveBuckets.reduce(into: [:]) { $0[$1, default: 0] += 1 }
     }
 
-    /// Closes every socket and removes the pins if they are this runtime's. Workers must be
-    /// stopped by the caller.
-    func close() {
+    /// Closes every socket and removes the pins if they are this runtime's (unless `keepingPins`:
+    /// a worker still holds the service's sockets, and a later daemon adopts it from them).
+    /// Workers must be stopped by the caller.
+    func close(keepingPins: Bool = false) {
         plane.close()
-        if pinned { pins.remove() }
+        if pinned && !keepingPins { pins.remove() }
         pinned = false
     }
 }

@@ -280,4 +280,32 @@ struct AdoptionAfterUpgradeTests {
         #expect(try maps.readTransition().socket_slots == 8, "the pins now bound every slot holding a socket")
         Self.checkGracefulStop(daemon, [try Endpoint(parsing: upgraded.listeners[0])], seen: seen)
     }
+
+    /// A worker that only the pins name (its row written behind the daemon's back, as a missed
+    /// adoption leaves one): the graceful stop stops it too, through a pidfd proven to be it, and
+    /// only then says every worker exited.
+    @Test func aGracefulStopStopsAWorkerOnlyThePinsName() throws {
+        // A short stop timeout: the stray below ignores SIGTERM (the test runner's children
+        // inherit it blocked), so it is stopped by the SIGKILL that follows.
+        let daemon = try TestDaemon(config: "stop_timeout_ms = 1000\n" + Self.config("stray"))
+        let services = try daemon.waitForWorkers()
+        let stray = try Subprocess("/bin/sleep", ["600"])
+        defer { if processExists(stray.pid) { kill(stray.pid, SIGKILL) } }
+        let start = try #require(try Syscall.processStartTime(stray.pid))
+        let maps = try Self.maps(daemon, "stray")
+        // Slot 9: no slot of the service (it has 0..3), as the slots an adoption missed were.
+        try maps.slotState.update(UInt32(9), rp_slot_state(
+            pid: UInt32(stray.pid), state: WorkerState.running.rawValue, restarts: 0, generation: 1,
+            since_ns: 0, socket_cookie: 0, stalls: 0, watchdog_restarts: 0, records: 0, flags: 0, start_time: start))
+        let status = daemon.stop(timeoutMs: 20_000)
+        let exit = stray.wait(timeoutMs: 5000)
+        let workers = services[0].slots.compactMap(\.pid).filter(processExists)
+        print("graceful stop with a worker only the pins name (pid \(stray.pid)): daemon status "
+            + "\(String(describing: status)), that worker's exit \(String(describing: exit)), supervised workers left "
+            + "\(workers)")
+        #expect(status == 0, "the daemon stopped cleanly: \(daemon.logTail(5))")
+        #expect(exit != nil, "the worker only the pins named outlived the graceful stop")
+        #expect(workers.isEmpty, "supervised workers outlived the stop: \(workers)")
+        #expect(daemon.log.contains("which this daemon does not supervise: stopping it"), "\(daemon.logTail(8))")
+    }
 }
