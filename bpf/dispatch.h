@@ -172,7 +172,9 @@ enum rp_transition_phase {
 struct rp_transition {
 	__u32 phase;            /* enum rp_transition_phase */
 	__u32 slots_after;      /* slot count after the switch */
-	__u32 socket_slots;     /* every slot holding a socket is below it (leaving ones included) */
+	__u32 socket_slots;     /* every slot holding a socket is below it (leaving ones included);
+				 * kept with or without a change: a later daemon adopts the workers of
+				 * the slots below it, which after an upgrade need not be 0..slot_count */
 	__u32 moving_buckets;   /* buckets whose slot changes at the switch */
 	__u64 started_ns;       /* CLOCK_MONOTONIC */
 	__u64 switch_ns;        /* learning ends (CLOCK_MONOTONIC) */

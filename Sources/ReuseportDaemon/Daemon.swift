@@ -121,9 +121,20 @@ public final class Daemon {
             supervisor.notify?.close()
             throw error
         }
-        supervisor.closeServices(drainingOutput: true)
+        // Said only when true: a worker that still runs (tracked, or named by the pins) holds its
+        // service's sockets and port, and its pins stay so that a later daemon adopts it.
+        let survivors = supervisor.survivingWorkers()
+        // A tracked worker's service is not recorded: then every service keeps its pins.
+        let keeping = survivors.contains { $0.service == nil }
+            ? Set(supervisor.services.map(\.name)) : Set(survivors.compactMap(\.service))
+        supervisor.closeServices(drainingOutput: true, keepingPins: keeping)
         supervisor.notify?.close()
-        logger.notice("stopped: every worker exited, sockets closed, pins removed")
+        if survivors.isEmpty {
+            logger.notice("stopped: every worker exited, sockets closed, pins removed")
+        } else {
+            let list = survivors.map { "\($0.service.map { "\($0) " } ?? "")pid \($0.pid)" }.joined(separator: ", ")
+            logger.error("stopped, but \(survivors.count) workers still run (\(list)): their services' pins are kept for a later daemon to adopt them")
+        }
     }
 
     private func serve() throws {

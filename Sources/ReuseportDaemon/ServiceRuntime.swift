@@ -63,6 +63,9 @@ final class ServiceRuntime {
     let pins: PinLayout
     /// Whether `pins` are this runtime's (a staged one's are pinned only once it took over).
     private(set) var pinned = false
+    /// Whether the maps are the ones a previous daemon pinned here (taken over with its workers):
+    /// their pins are replaced by the same maps, which is not removing stale pins.
+    private var tookOverPins = false
     var slots: [SlotRecord]
     /// How many times a slot of this service has been failed over.
     private(set) var failovers = 0
@@ -156,9 +159,11 @@ final class ServiceRuntime {
         var existing: [UInt32: [ReuseportSocket]] = [:]
         var slotLimit = configuration.workers
         if !staged, let maps = ServiceDataPlane.resumable(at: pins, options: options),
-           let config = try? maps.readConfig(), let change = try? maps.readTransition()
+           let change = try? maps.readTransition()
         {
-            let limit = min(max(Int(config.slot_count), Int(change.socket_slots)), Int(RP_MAX_SLOTS))
+            // Not 0..<slot_count: after an upgrade the working slots are the new generation's
+            // (4..7, or 0, 1, 4..7 once scaled), and no worker the pins name may be missed.
+            let limit = ServiceDataPlane.pinnedSlotBound(maps)
             // Opened once: the adopted and handed-over sockets are checked against them, and the
             // new programs use them.
             pinnedArrays = endpoints.indices.map { [pins] in try? SocketArray(pinned: pins, listener: $0) }
@@ -190,6 +195,7 @@ final class ServiceRuntime {
         }
         if let pinned, let adoption {
             resumed = true
+            tookOverPins = true
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
                                          existing: existing,
                                          socketArrays: pinnedArrays)
@@ -289,8 +295,9 @@ final class ServiceRuntime {
     /// symbolic link planted there is removed itself, never followed: see `PinLayout.remove`).
     func pinInPlace() throws {
         if pins.exists {
-            // Maps a resumed change took over stay open here; only their names are replaced.
-            if nextTransitionCheck == nil { logger.warning("removing stale pins left at \(pins.serviceDirectory)") }
+            // Maps taken over (workers adopted, a change resumed) stay open here; only their names
+            // are replaced.
+            if !tookOverPins { logger.warning("removing stale pins left at \(pins.serviceDirectory)") }
             pins.remove()
         }
         do {
@@ -534,12 +541,23 @@ final class ServiceRuntime {
         return sockets
     }
 
-    /// Publishes a removed slot as empty.
+    /// Publishes a removed slot (retired, or an abandoned generation's) as a blank row: no worker,
+    /// no generation, no flags. The slot is no longer the service's, so its row must not describe
+    /// it as one (an old generation's label, "joining" since it is in no placement): a later
+    /// daemon rebuilds the service's slots from these rows, and reuseportctl shows them.
     func clear(_ slot: SlotRecord) {
         slot.pid = nil
         slot.nextStartAt = nil
         slot.restarts = 0
-        transition(slot, to: .empty)
+        slot.state = .empty
+        slot.sinceNs = WallClock.nanoseconds()
+        do {
+            try plane.publish(rp_slot_state(pid: 0, state: WorkerState.empty.rawValue, restarts: 0, generation: 0,
+                                            since_ns: slot.sinceNs, socket_cookie: 0, stalls: 0, watchdog_restarts: 0,
+                                            records: 0, flags: 0, start_time: 0), slot: slot.index)
+        } catch {
+            logger.error("cannot publish the state of slot \(slot.index): \(error)")
+        }
     }
 
     /// When the change in progress is next checked (switch, sweep of the records); nil with none.
@@ -555,11 +573,12 @@ final class ServiceRuntime {
         plane.effectiveBuckets.reduce(into: [:]) { $0[$1, default: 0] += 1 }
     }
 
-    /// Closes every socket and removes the pins if they are this runtime's. Workers must be
-    /// stopped by the caller.
-    func close() {
+    /// Closes every socket and removes the pins if they are this runtime's (unless `keepingPins`:
+    /// a worker still holds the service's sockets, and a later daemon adopts it from them).
+    /// Workers must be stopped by the caller.
+    func close(keepingPins: Bool = false) {
         plane.close()
-        if pinned { pins.remove() }
+        if pinned && !keepingPins { pins.remove() }
         pinned = false
     }
 }

@@ -226,10 +226,11 @@ final class Supervisor {
     }
 
     /// Closes every service's sockets and removes its pins (after reading what the workers'
-    /// pipes still hold, with `drainingOutput`). Workers must be gone.
-    func closeServices(drainingOutput: Bool = false) {
+    /// pipes still hold, with `drainingOutput`). Workers must be gone; the pins of the services
+    /// named in `keepingPins` stay (a worker of theirs still runs: a later daemon adopts it).
+    func closeServices(drainingOutput: Bool = false, keepingPins: Set<String> = []) {
         if drainingOutput { for output in outputs.values { output.drain() } }
-        for service in services { service.close() }
+        for service in services { service.close(keepingPins: keepingPins.contains(service.name)) }
         services.removeAll()
         cgroups?.remove()
         sockDiag?.close()
@@ -355,8 +356,14 @@ final class Supervisor {
     private func stopAdopted(_ service: ServiceRuntime, _ slot: UInt32, _ pid: pid_t, _ pidfd: OwnedDescriptor,
                              now: Int64, reason: String) {
         service.logger.warning("slot \(slot): the previous daemon's worker pid \(pid) cannot be adopted (\(reason)): stopping it")
-        processes[pid] = WorkerProcesses(leader: pid, cgroup: nil, origin: WorkerOrigin(
-            service: service.name, slot: slot, generation: 0, startTime: (try? Syscall.processStartTime(pid)) ?? 0))
+        stopThroughPidfd(pid, pidfd, now: now, origin: WorkerOrigin(service: service.name, slot: slot, generation: 0,
+                                                                  startTime: (try? Syscall.processStartTime(pid)) ?? 0))
+    }
+
+    /// SIGTERM through the pidfd, SIGKILL (to its process group) at the stop timeout; the pidfd
+    /// is polled, so its exit is seen although it is not this process's child.
+    private func stopThroughPidfd(_ pid: pid_t, _ pidfd: OwnedDescriptor, now: Int64, origin: WorkerOrigin) {
+        processes[pid] = WorkerProcesses(leader: pid, cgroup: nil, origin: origin)
         pidfds[pid] = pidfd
         retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
         try? Syscall.pidfdSignal(pidfd, SIGTERM)
@@ -703,6 +710,43 @@ final class Supervisor {
                 service.transition(slot, to: .stopping)
             }
         }
+        // A worker the pins name that this daemon does not supervise (one an adoption missed)
+        // holds the service's sockets and port: stopped too, or the stop would leave it running.
+        for stray in unsupervisedPinnedWorkers() {
+            stray.service.logger.warning(
+                "slot \(stray.slot): the pins name worker pid \(stray.pid), which this daemon does not supervise: stopping it")
+            stopThroughPidfd(stray.pid, stray.pidfd, now: now, origin: WorkerOrigin(
+                service: stray.service.name, slot: stray.slot, generation: 0,
+                startTime: (try? Syscall.processStartTime(stray.pid)) ?? 0))
+        }
+    }
+
+    /// Workers the pins name that this daemon does not supervise: a row's pid, alive with the
+    /// start time the row recorded (a pidfd bound to it, as for an adoption), that is none of
+    /// the workers this daemon tracks. Rows of supervised slots name their own workers, and a
+    /// stopping slot's row names none.
+    func unsupervisedPinnedWorkers() -> [(service: ServiceRuntime, slot: UInt32, pid: pid_t, pidfd: OwnedDescriptor)] {
+        var found: [(service: ServiceRuntime, slot: UInt32, pid: pid_t, pidfd: OwnedDescriptor)] = []
+        for service in services {
+            let maps = service.plane.maps
+            for slot in 0..<UInt32(ServiceDataPlane.pinnedSlotBound(maps)) {
+                guard let row = try? maps.readSlotState(slot), row.pid != 0 else { continue }
+                let pid = pid_t(row.pid)
+                guard processes[pid] == nil, workers[pid] == nil, draining[pid] == nil, retiring[pid] == nil,
+                      case .worker(let pidfd) = WorkerAdoption.identify(pid, startTime: row.start_time)
+                else { continue }
+                found.append((service, slot, pid, pidfd))
+            }
+        }
+        return found
+    }
+
+    /// After the stop: the workers still running, named by the pins (with their service) or
+    /// tracked (a worker start whose processes are not all gone; its service is not recorded).
+    /// Empty once the stop did what it says.
+    func survivingWorkers() -> [(service: String?, pid: pid_t)] {
+        unsupervisedPinnedWorkers().map { ($0.service.name, $0.pid) }
+            + processes.filter { !$0.value.leaderExited || !$0.value.isEmpty }.keys.sorted().map { (nil, $0) }
     }
 
     /// A second stop signal: the retiring workers' SIGKILL deadlines are now.

@@ -97,6 +97,9 @@ extension Supervisor {
             case .kill(let pid):
                 logger.warning("worker pid \(pid) did not stop in time: SIGKILL")
                 signal(pid, SIGKILL)
+                // One watched through a pidfd (adopted or found in the pins) need not lead its
+                // process group, which the line above signals: the pidfd names it in any case.
+                if let pidfd = pidfds[pid] { try? Syscall.pidfdSignal(pidfd, SIGKILL) }
                 retiring[pid] = Int64.max
             case .drain(let pid):
                 checkDrain(pid, now: now)

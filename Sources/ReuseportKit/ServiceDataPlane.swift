@@ -210,7 +210,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 + "\(config.seed); the configuration says \(options.bucketCount), \(options.seed)")
         }
         let nominal = try SlotCount(Int(config.slot_count)).value
-        let socketSlots = try SlotCount(max(Int(change.socket_slots), nominal), what: "socket_slots").value
+        let socketSlots = try SlotCount(max(Self.pinnedSlotBound(pinned), nominal), what: "socket_slots").value
         self.options = options
         var listeners: [Listener] = []
         for (index, requested) in endpoints.enumerated() {
@@ -263,6 +263,26 @@ public final class ServiceDataPlane: @unchecked Sendable {
         leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
         try spreadFallback(over: fallbackSlots)
         try maps.writeQuicSteering(options.quic)
+        // The pins describe this plane from now on (socket_slots above all: pins of an earlier
+        // version may not have bounded the slots outside a change).
+        try persist(now: MonotonicClock.nanoseconds())
+    }
+
+    /// Every slot a previous daemon's pins name is below this: rp_config's slot_count,
+    /// rp_transition's socket_slots and the highest row of rp_slot_state that names a worker or a
+    /// state. The slots in use need not be 0..<slot_count (after an upgrade they are the new
+    /// generation's, 4..7 say, or 0, 1, 4..7 once it scaled), and pins an earlier version wrote
+    /// bound them by socket_slots only while a change ran: the rows are read too (the array holds
+    /// RP_MAX_SLOTS of them; reading all takes about a millisecond, once at start-up).
+    public static func pinnedSlotBound(_ maps: DispatchMaps) -> Int {
+        let config = try? maps.readConfig()
+        let change = try? maps.readTransition()
+        let pinned = min(max(Int(config?.slot_count ?? 0), Int(change?.socket_slots ?? 0)), Int(RP_MAX_SLOTS))
+        for slot in stride(from: Int(RP_MAX_SLOTS) - 1, through: pinned, by: -1) {
+            guard let row = try? maps.readSlotState(UInt32(slot)) else { continue }
+            if row.pid != 0 || row.state != RP_WORKER_EMPTY.rawValue { return slot + 1 }
+        }
+        return pinned
     }
 
     /// The maps a previous daemon pinned for this service, if they hold a placement change this
@@ -468,6 +488,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         try spreadFallback(over: liveSlots.filter { $0 < UInt32(count) })
         var taken: [UInt32: [ReuseportSocket]] = [:]
         for slot in removed { taken[slot] = try takeSockets(slot) }
+        try persist(now: MonotonicClock.nanoseconds())
         return (moved, taken)
     }
 
@@ -902,13 +923,17 @@ public final class ServiceDataPlane: @unchecked Sendable {
         for key in keys { try maps.untracked.delete(key: key) }
     }
 
-    /// Writes rp_transition: what a daemon started again needs to finish the change.
+    /// Writes rp_transition: what a daemon started again needs to finish the change, and, change
+    /// or not, which slots it must look at.
     private func persist(now: Int64) throws {
         var state = rp_transition()
+        // Kept with or without a change: once a generation change has ended, the slots in use
+        // are not 0..<slot_count (the new generation's may be 4..7), and a daemon started on
+        // these pins adopts the workers of every slot below this bound and none above it.
+        state.socket_slots = liveSlots.max().map { $0 + 1 } ?? 0
         if let started = transitionStartedNs {
             state.phase = pending != nil ? RP_TRANSITION_LEARNING.rawValue : RP_TRANSITION_DRAINING.rawValue
             state.slots_after = UInt32((pending?.slots ?? slots).count)
-            state.socket_slots = (liveSlots.max() ?? 0) + 1
             state.moving_buckets = UInt32(bucketFlags.filter { $0 != 0 }.count)
             state.started_ns = UInt64(started)
             state.switch_ns = UInt64(pending?.switchNs ?? 0)

@@ -159,7 +159,8 @@ struct MapDumpCommand: ParsableCommand {
     static func generationSummary(_ service: ServiceSnapshot) -> String {
         let working = service.transition.working_generation
         guard working > 0 else { return "none recorded" }
-        let groups = Dictionary(grouping: service.slots, by: \.state.generation)
+        // Generation 0 is none: a row never published, or cleared when its slot was removed.
+        let groups = Dictionary(grouping: service.slots.filter { $0.state.generation != 0 }, by: \.state.generation)
         var parts: [String] = []
         for generation in groups.keys.sorted(by: { generationRank($0, working: working) < generationRank($1, working: working) }) {
             let slots = groups[generation]!.map(\.index).sorted().map(String.init).joined(separator: ",")

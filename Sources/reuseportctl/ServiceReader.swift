@@ -255,14 +255,19 @@ struct OpenedService {
             var perSlot = [Int](repeating: 0, count: Int(RP_MAX_SLOTS))
             for slot in buckets where slot < UInt32(RP_MAX_SLOTS) { perSlot[Int(slot)] += 1 }
             // Every configured slot, and any other that has a worker, a socket or buckets (a
-            // slot being removed by a scale-down, or a daemon that lost track of one).
+            // slot being removed by a scale-down, or a daemon that lost track of one). Once the
+            // daemon records generations, the configured slots need not be 0..<slot_count (after
+            // an upgrade they are the new generation's): a blank row (no generation, worker, socket
+            // or bucket) is then a slot the service does not have, such as one an upgrade retired.
+            let change = try maps.readTransition()
             var slots: [ServiceSnapshot.Slot] = []
             for slot in 0..<UInt32(RP_MAX_SLOTS) {
                 let state = try maps.readSlotState(slot)
                 let sockets = listeners.compactMap { listener in
                     listener.cookies[slot].map { ServiceSnapshot.SlotSocket(listener: listener.index, cookie: $0) }
                 }
-                let shown = slot < config.slot_count || state.state != WorkerState.empty.rawValue || state.pid != 0
+                let configured = slot < config.slot_count && (change.working_generation == 0 || state.generation != 0)
+                let shown = configured || state.state != WorkerState.empty.rawValue || state.pid != 0
                     || !sockets.isEmpty || perSlot[Int(slot)] > 0
                 guard shown else { continue }
                 slots.append(.init(index: slot, state: state, counters: try maps.slotCounters(slot),
@@ -273,7 +278,7 @@ struct OpenedService {
                                            fallback: fallback, listeners: listeners, slots: slots,
                                            global: try maps.globalCounters(), quic: try maps.readQuicSteering(),
                                            quicCounters: try maps.quicCounters())
-            snapshot.transition = try maps.readTransition()
+            snapshot.transition = change
             snapshot.flows = try maps.flowCounters()
             snapshot.trackedCapacity = maps.flows.maxEntries
             snapshot.records = try FlowRecords.count(maps)
