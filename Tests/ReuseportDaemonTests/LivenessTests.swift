@@ -128,6 +128,71 @@ struct LivenessTests {
         #expect(daemon.stop() == 0, "\(daemon.logTail())")
     }
 
+    /// Workers running as `nobody` with `notify = true` and a watchdog, in a run folder the daemon
+    /// makes itself (in a folder everyone may search, as /run): they reach notify.sock, become
+    /// ready, and are not restarted by the watchdog. The folder lets nobody through but not list
+    /// it, and the control socket in it stays out of nobody's reach. Also with a run folder an
+    /// older daemon left behind, mode 0700: the daemon opens it to search.
+    @Test(arguments: ["made by the daemon", "left 0700"])
+    func workersOfAnotherUserNotifyInARunFolderTheDaemonMade(_ folder: String) throws {
+        let parent = try TemporaryDirectory()
+        #expect(chmod(parent.path, 0o755) == 0)
+        let runDirectory = "\(parent.path)/run"
+        if folder == "left 0700" { #expect(mkdir(runDirectory, 0o700) == 0 && chmod(runDirectory, 0o700) == 0) }
+        let watchdogMs = 1000
+        let daemon = try TestDaemon(config: "stop_timeout_ms = 1000\n" + serviceTable(
+            "asnobody", workers: 2, extra: "user = \"nobody\"\nnotify = true\nwatchdog_ms = \(watchdogMs)"),
+            runDirectory: runDirectory)
+        // Built-in workers send READY=1 once serving and WATCHDOG=1 every 500 ms.
+        var slots: [SlotStatus] = []
+        let deadline = nowMs() + 20_000
+        while nowMs() < deadline {
+            if let services = try? daemon.status(), let service = services.first, service.slots.count == 2 {
+                slots = service.slots
+                if slots.allSatisfy({ $0.notifiedReady == true && $0.state == "running" }) { break }
+            }
+            sleepMs(50)
+        }
+        try #require(slots.count == 2 && slots.allSatisfy { $0.notifiedReady == true && $0.state == "running" },
+                     "workers of nobody ready within 20 s: \(slots.map { "slot \($0.slot) pid \($0.pid ?? 0) \($0.state) ready \($0.notifiedReady ?? false) watchdog restarts \($0.watchdogRestarts ?? 0)" }); log: \(daemon.logTail(8))")
+        let pids = slots.map(\.pid)
+        sleepMs(3 * watchdogMs)
+        let after = try daemon.status()[0].slots
+        #expect(after.map(\.pid) == pids, "no worker was restarted in 3 watchdog periods: \(after)")
+        #expect(after.allSatisfy { $0.watchdogRestarts == 0 }, "no watchdog restart: \(after.map(\.watchdogRestarts))")
+        for pid in pids.compactMap({ $0 }) {
+            let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+            #expect(status.contains("\nUid:\t65534\t65534\t65534\t65534"), "worker \(pid) runs as nobody")
+        }
+
+        let info = try Syscall.linkStatus(runDirectory)
+        #expect(info.st_mode & 0o7777 == 0o711, "run folder mode \(UntrustedPathError.octal(info.st_mode))")
+        if folder == "left 0700" {
+            #expect(daemon.log.contains("mode 0700 → 0711, so that workers of any user reach notify.sock"),
+                    "the change is logged: \(daemon.logTail(20))")
+        }
+        // As nobody: the folder cannot be listed, the control socket cannot be connected to, and
+        // notify.sock can (the workers above did; this is the same check, said plainly).
+        let probe = """
+            import os, socket
+            def attempt(what, f):
+                try:
+                    f()
+                    print(what, "ok")
+                except OSError as e:
+                    print(what, os.strerror(e.errno))
+            attempt("list", lambda: os.listdir("\(runDirectory)"))
+            attempt("control", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\(runDirectory)/control.sock"))
+            attempt("notify", lambda: socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).connect("\(runDirectory)/notify.sock"))
+            """
+        let result = try Subprocess.run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups",
+                                                             "--", "/usr/bin/python3", "-c", probe], captureStandardError: true)
+        #expect(result.status == .exited(0), "the probe as nobody: \(result.errors)")
+        #expect(result.output.split(separator: "\n") == ["list Permission denied", "control Permission denied", "notify ok"],
+                "as nobody: \(result.output)")
+        #expect(daemon.stop() == 0, "\(daemon.logTail())")
+    }
+
     /// Datagrams that are not notifications (garbage bytes, a line without '=', more than
     /// 4096 bytes) and notifications from a process that is not a worker are ignored and
     /// counted; the daemon and its workers go on.
