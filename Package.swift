@@ -119,7 +119,8 @@ let package = Package(
         .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
         .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI", "CLibbpf"]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
-        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl"],
+        // CLibbpf: raw map calls on descriptors copied out of the metrics server (their exact errno).
+        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl", "CLibbpf"],
                     exclude: ["golden"]),
         // Runs the real reuseportd binary (built beside the test bundle) against real sockets.
         .testTarget(

@@ -120,7 +120,9 @@ rpd_spawn_child(int report, const char *path, char *const argv[], char *const en
 			continue;
 		sigaction(sig, &action, NULL);
 	}
-	if ((flags & RPD_SPAWN_NEW_PROCESS_GROUP) && setpgid(0, 0) != 0)
+	if ((flags & RPD_SPAWN_NEW_SESSION) && setsid() < 0)
+		rpd_spawn_fail(report, RPD_SPAWN_STEP_SETSID);
+	else if (!(flags & RPD_SPAWN_NEW_SESSION) && (flags & RPD_SPAWN_NEW_PROCESS_GROUP) && setpgid(0, 0) != 0)
 		rpd_spawn_fail(report, RPD_SPAWN_STEP_SETPGID);
 
 	/* The report pipe must outlive every action: above every target, and spared by
@@ -240,6 +242,8 @@ int rpd_accept_nonblocking(int fd, struct sockaddr *address, socklen_t *length)
 {
 	return accept4(fd, address, length, SOCK_CLOEXEC | SOCK_NONBLOCK);
 }
+
+const short rpd_posix_spawn_setsid = POSIX_SPAWN_SETSID;
 
 int rpd_spawn_close_from(posix_spawn_file_actions_t *actions, int lowest)
 {

@@ -46,18 +46,52 @@ final class ControlServer {
         }
     }
 
-    /// Creates the run directory (mode 0700; an existing one must be a real folder only root
-    /// can change: `TrustedPath`) and binds the socket. Refuses when another daemon answers there.
+    /// The run folder's mode when the daemon makes it. Search (x) for everyone, read and write
+    /// for root alone: a worker of any `user` must reach `notify.sock` in it (NotifySocket, mode
+    /// 0666; who sent a notification is the kernel's word, not the path's), as any process
+    /// reaches systemd's /run/systemd/notify. Nobody else can list the folder or add, rename or
+    /// remove a name in it, and the control socket in it stays root's: mode 0600, and SO_PEERCRED
+    /// refuses any other user even if the mode were looser.
+    static let runDirectoryMode: mode_t = 0o711
+
+    /// Creates the run directory (`runDirectoryMode`; an existing one must be a real folder only
+    /// root can change: `TrustedPath`, and gets search for everyone if it lacks it) and binds the
+    /// socket. Refuses when another daemon answers there.
     init(runDirectory: String, logger: Logger) throws {
         self.logger = logger
         path = ControlDefaults.socketPath(runDirectory: runDirectory)
-        try TrustedPath.makeDirectory(runDirectory)
+        try TrustedPath.makeDirectory(runDirectory, mode: ControlServer.runDirectoryMode)
+        try ControlServer.letWorkersThrough(runDirectory, logger: logger)
         if ControlServer.answers(path) { throw AlreadyRunning(path: path) }
         unlink(path)
         descriptor = try Syscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), nonBlocking: true, "AF_UNIX")
         try Syscall.bind(descriptor.fd, unixPath: path)
         try Syscall.retrying("chmod(\(path))") { chmod(path, 0o600) }
         try Syscall.listen(descriptor.fd, backlog: 64, path)
+    }
+
+    /// A run folder made 0700 (by an older daemon, which left it at /run/reuseportd, or by hand)
+    /// gets search for group and others: without it every worker running as another user got
+    /// EACCES at notify.sock, never became ready and was killed by its watchdog. A folder above
+    /// it that lets not everyone through is logged, not changed: it is not the daemon's.
+    static func letWorkersThrough(_ runDirectory: String, logger: Logger) throws {
+        let info = try Syscall.linkStatus(runDirectory)
+        let search: mode_t = 0o011
+        if info.st_mode & search != search {
+            let mode = (info.st_mode & 0o7777) | search
+            try Syscall.retrying("chmod(\(runDirectory))") { chmod(runDirectory, mode) }
+            logger.notice("run folder \(runDirectory): mode \(UntrustedPathError.octal(info.st_mode)) → \(UntrustedPathError.octal(mode)), so that workers of any user reach \(NotifySocket.name)")
+        }
+        var folder = runDirectory
+        while let slash = folder.lastIndex(of: "/"), slash != folder.startIndex {
+            folder = String(folder[..<slash])
+            guard let above = try? Syscall.linkStatus(folder) else { break }
+            if above.st_mode & 0o001 == 0 {
+                let mode = UntrustedPathError.octal(above.st_mode)
+                logger.warning("workers running as another user cannot reach \(runDirectory)/\(NotifySocket.name): \(folder) (mode \(mode)) lets only its owner and group through")
+                break
+            }
+        }
     }
 
     /// Whether something accepts connections at `path`.

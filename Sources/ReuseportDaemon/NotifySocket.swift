@@ -7,7 +7,8 @@ import ReuseportKit
 import SystemPackage
 
 /// The daemon's end of the workers' `NOTIFY_SOCKET` (sd_notify(3)): a Unix datagram socket at
-/// `<run-dir>/notify.sock`, mode 0666 so that workers running as another user can send to it.
+/// `<run-dir>/notify.sock`, mode 0666 so that workers running as another user can send to it
+/// (the run folder lets everyone through: `ControlServer.runDirectoryMode`).
 /// Who sent a datagram is what the kernel says (SO_PASSCRED → SCM_CREDENTIALS, which an
 /// unprivileged sender cannot forge: net/core/scm.c, scm_check_creds()); the supervisor takes
 /// only its workers' word. Read from the daemon's event loop, non-blocking, a bounded number

@@ -8,9 +8,12 @@ import SystemPackage
 ///
 /// 1. The daemon spawns its own binary as `reuseportd exec-worker`, with the slot's
 ///    sockets dup'ed onto fd 3…, /dev/null on stdin, a pipe on stdout and stderr, signals
-///    unblocked and at their defaults, in a process group of its own, and created inside the
-///    worker's cgroup (clone3 CLONE_INTO_CGROUP; on kernels before 5.7 the child joins it
-///    itself, `--cgroup`).
+///    unblocked and at their defaults, in a session (and so a process group) of its own, and
+///    created inside the worker's cgroup (clone3 CLONE_INTO_CGROUP; on kernels before 5.7 the
+///    child joins it itself, `--cgroup`). The session is systemd's for a service too; here it
+///    keeps workers apart where their process group is what identifies them (no cgroup v2,
+///    `Supervisor.worker(of:)`): setpgid(2) joins only a group of the caller's own session, so
+///    no process of one worker can move into the group another worker leads.
 /// 2. That process (`WorkerExec`) drops to the configured user and group, ignores SIGPIPE,
 ///    sets `LISTEN_PID` (and `WATCHDOG_PID` with a watchdog)
 ///    to its own pid (which only the child can know before exec) and execs the configured program, or runs the built-in
@@ -48,7 +51,7 @@ public struct WorkerSpawn {
         actions.append(.closeFrom(first + Int32(sockets.count)))
         return try withExtendedLifetime(staged) {
             try ProcessSpawn(path: executable, arguments: arguments, environment: environment, fileActions: actions,
-                             newProcessGroup: true, resetSignals: true, cgroup: cgroup).start()
+                             newSession: true, resetSignals: true, cgroup: cgroup).start()
         }
     }
 }

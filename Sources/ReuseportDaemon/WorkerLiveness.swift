@@ -20,9 +20,8 @@ extension Supervisor {
     }
 
     /// Applies a notification to the worker that sent it. False when `sender` is not a worker
-    /// of a slot: not a worker's pid, nor in the process group a worker leads, nor in a worker's
-    /// cgroup (a helper the worker forked may speak for it, as with systemd's NotifyAccess=all
-    /// limited to the worker).
+    /// of a slot (`worker(of:)`): a helper the worker forked may speak for it, as with systemd's
+    /// NotifyAccess=all limited to the worker.
     func notified(_ message: NotifyMessage, from sender: pid_t, now: Int64) -> Bool {
         guard let leader = worker(of: sender), let (service, slot) = workers[leader], slot.pid == leader else {
             return false
@@ -43,16 +42,25 @@ extension Supervisor {
         return true
     }
 
-    /// The worker (its pid) that `pid` belongs to, if any.
+    /// The worker (its pid) that `pid` belongs to, if any: the worker itself; else, for a worker
+    /// with a cgroup, a process in that cgroup and nothing else (as systemd decides by cgroup);
+    /// only for a worker without one (no cgroup v2), a process in the process group it leads.
+    ///
+    /// The cgroup comes first and alone: a process group is no proof. Any process may join a
+    /// group of its own session (setpgid(2)), and workers started by an older daemon share the
+    /// daemon's session: a child of one worker could join another's group and send READY=1 for
+    /// it. A process cannot leave its cgroup without write access to the cgroup folders, which
+    /// are root's. Workers are now started in a session of their own (`WorkerSpawn`), so the
+    /// process group of a worker without a cgroup can be joined only from inside that worker.
     func worker(of pid: pid_t) -> pid_t? {
         if workers[pid] != nil { return pid }
-        if let group = Syscall.processGroup(of: pid), workers[group] != nil { return group }
-        guard let text = try? Syscall.readFile("/proc/\(pid)/cgroup"),
-              let line = String(decoding: text, as: UTF8.self).split(separator: "\n").first(where: { $0.hasPrefix("0::") })
+        if let cgroup = WorkerCgroups.cgroup(ofProcess: pid),
+           let owner = processes.first(where: { workers[$0.key] != nil && $0.value.cgroup == cgroup })?.key {
+            return owner
+        }
+        guard let group = Syscall.processGroup(of: pid), workers[group] != nil, processes[group]?.cgroup == nil
         else { return nil }
-        let cgroup = line.dropFirst(3)
-        guard cgroup.count > 1 else { return nil }
-        return processes.first { workers[$0.key] != nil && $0.value.cgroup?.hasSuffix(cgroup) == true }?.key
+        return group
     }
 
     /// A worker missed its watchdog: SIGABRT to every process of it (SIGKILL at the stop

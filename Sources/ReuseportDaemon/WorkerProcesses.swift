@@ -12,8 +12,9 @@ import ReuseportKit
 /// - With cgroup v2, each worker start gets a cgroup of its own (`WorkerCgroups`): the
 ///   worker joins it before it execs the program, everything it forks stays in it, even
 ///   what calls setsid(), and `cgroup.kill` (5.14+) or a SIGKILL to each member stops it all.
-/// - Without, the worker's process group: it leads one, and its children stay in it unless
-///   they call setsid() or setpgid().
+/// - Without, the worker's process group: it leads one (and a session of its own), and its
+///   children stay in it unless they call setsid() or setpgid(). Being in its own session, no
+///   process of another worker can join it.
 /// The daemon is a child subreaper (`Syscall.becomeChildSubreaper`): orphans of a worker are
 /// re-parented to it, so it reaps them and nothing is left to init.
 final class WorkerProcesses {
@@ -144,6 +145,16 @@ struct WorkerCgroups {
         let folder = mount + path
         let parent = folder.split(separator: "/").dropLast().last ?? ""
         return parent.hasPrefix("reuseportd-") ? folder : nil
+    }
+
+    /// The mount point of cgroup v2, read once: it does not move while the daemon runs.
+    static let mountPoint = cgroup2Mount()
+
+    /// The cgroup folder `pid` is in now, as the daemon names its workers' (mount point and path):
+    /// nil without cgroup v2 or for a process that is gone.
+    static func cgroup(ofProcess pid: pid_t) -> String? {
+        guard let mount = mountPoint, let path = ownCgroup(process: "\(pid)") else { return nil }
+        return path == "/" ? mount : mount + path
     }
 
     /// A process's cgroup v2 path, from /proc/<process>/cgroup ("0::/PATH").

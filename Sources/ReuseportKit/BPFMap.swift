@@ -42,10 +42,16 @@ public final class BPFMap: @unchecked Sendable {
         }
     }
 
-    /// Opens the map pinned at `path` (bpf_obj_get).
-    convenience init(pinnedAt path: String, name: String, keySize: Int, valueSize: Int) throws {
-        let fd = bpf_obj_get(path)
-        if fd < 0 { throw ReuseportError.system("bpf_obj_get(\(path))", errno) }
+    /// Opens the map pinned at `path` (bpf_obj_get). `readOnly`: the fd is BPF_F_RDONLY, and
+    /// the kernel refuses every update and delete through it with EPERM (map_get_sys_perms(),
+    /// kernel/bpf/syscall.c) whoever holds it, even after a fork, an exec or pidfd_getfd: for a
+    /// reader that drops root, or that must never write what it was only meant to read.
+    convenience init(pinnedAt path: String, name: String, keySize: Int, valueSize: Int, readOnly: Bool = false) throws {
+        var options = bpf_obj_get_opts()
+        options.sz = MemoryLayout<bpf_obj_get_opts>.size
+        options.file_flags = readOnly ? UInt32(BPF_F_RDONLY) : 0
+        let fd = bpf_obj_get_opts(path, &options)
+        if fd < 0 { throw ReuseportError.system(readOnly ? "bpf_obj_get(\(path), BPF_F_RDONLY)" : "bpf_obj_get(\(path))", errno) }
         try self.init(owning: OwnedDescriptor(adopting: FileDescriptor(rawValue: fd)), name: name, keySize: keySize,
                       valueSize: valueSize)
     }

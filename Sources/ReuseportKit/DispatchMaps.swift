@@ -78,10 +78,12 @@ public final class DispatchMaps: @unchecked Sendable {
         quicSlotStats = try map(RP_MAP_QUIC_SLOT_STATS)
     }
 
-    /// Opens the maps a daemon pinned for one service.
-    public convenience init(pinned layout: PinLayout) throws {
+    /// Opens the maps a daemon pinned for one service; `readOnly` (BPF_F_RDONLY) for a reader:
+    /// the write operations then fail with EPERM.
+    public convenience init(pinned layout: PinLayout, readOnly: Bool = false) throws {
         try self.init { name, keySize, valueSize in
-            try BPFMap(pinnedAt: layout.path(ofShared: name), name: name, keySize: keySize, valueSize: valueSize)
+            try BPFMap(pinnedAt: layout.path(ofShared: name), name: name, keySize: keySize, valueSize: valueSize,
+                       readOnly: readOnly)
         }
     }
 
@@ -297,9 +299,11 @@ public final class SocketArray: @unchecked Sendable {
     /// The array's descriptor, to keep it in systemd's fd store.
     public var descriptor: FileDescriptor { FileDescriptor(rawValue: map.fd) }
 
-    public convenience init(pinned layout: PinLayout, listener: Int) throws {
+    /// The array pinned for `listener`; `readOnly` (BPF_F_RDONLY) for a reader, which can then
+    /// read the cookies but never put a socket of its own in a slot (EPERM).
+    public convenience init(pinned layout: PinLayout, listener: Int, readOnly: Bool = false) throws {
         try self.init(map: BPFMap(pinnedAt: layout.path(ofSockets: listener), name: RP_MAP_SOCKETS,
-                                  keySize: SocketArray.keySize, valueSize: SocketArray.valueSize))
+                                  keySize: SocketArray.keySize, valueSize: SocketArray.valueSize, readOnly: readOnly))
     }
 
     /// The array named `name` in a loaded object.

@@ -67,7 +67,7 @@ public enum TrustedPath {
         /// Fine only if nobody but a trusted owner could make it: the last existing folder is
         /// writable by no one else, sticky or not (anyone may add a name to a sticky folder).
         case allowIfOnlyTrustedCanCreate
-        /// Make each missing folder, mode 0700.
+        /// Make each missing folder, mode 0700 (or as `makeDirectory` is told).
         case create
     }
 
@@ -85,10 +85,13 @@ public enum TrustedPath {
         try walk(path, kind: .directory, followLinks: false, missing: missing, owners: owners)
     }
 
-    /// Makes the folder at `path` and every missing folder above it (mode 0700), and checks
-    /// each existing one; no symbolic link on the way.
-    public static func makeDirectory(_ path: String, owners: Set<uid_t> = defaultOwners) throws(UntrustedPathError) {
-        _ = try walk(path, kind: .directory, followLinks: false, missing: .create, owners: owners)
+    /// Makes the folder at `path` and every missing folder above it (mode `mode`, 0700 unless
+    /// told: the umask does not narrow it), and checks each existing one; no symbolic link on
+    /// the way. A mode with group or other write is not allowed: the check would refuse it.
+    public static func makeDirectory(_ path: String, mode: mode_t = 0o700,
+                                     owners: Set<uid_t> = defaultOwners) throws(UntrustedPathError) {
+        precondition(mode & 0o022 == 0, "a folder root trusts is not writable by group or others")
+        _ = try walk(path, kind: .directory, followLinks: false, missing: .create, owners: owners, createMode: mode)
     }
 
     /// Checks a file root reads or runs (a configuration file, a worker's program); trusted
@@ -101,7 +104,7 @@ public enum TrustedPath {
     }
 
     private static func walk(_ path: String, kind: Kind, followLinks: Bool, missing: Missing,
-                             owners: Set<uid_t>) throws(UntrustedPathError) -> Bool {
+                             owners: Set<uid_t>, createMode: mode_t = 0o700) throws(UntrustedPathError) -> Bool {
         var absolute = path
         if !path.hasPrefix("/") {
             guard let current = try? Syscall.currentDirectory() else {
@@ -141,7 +144,15 @@ public enum TrustedPath {
                     }
                     return false
                 case .create:
-                    if mkdir(entry, 0o700) != 0 && errno != EEXIST {
+                    if mkdir(entry, createMode) == 0 {
+                        // mkdir(2) applies the umask; the mode is what was asked, no less.
+                        if chmod(entry, createMode) != 0 {
+                            let code = errno
+                            throw UntrustedPathError(path: entry, problem: "cannot be given mode "
+                                                         + "\(UntrustedPathError.octal(createMode)): chmod: \(String(cString: strerror(code)))",
+                                                     errno: code)
+                        }
+                    } else if errno != EEXIST {
                         throw UntrustedPathError(path: entry, problem: "cannot be made: mkdir: \(String(cString: strerror(errno)))",
                                                  errno: errno)
                     }

@@ -124,16 +124,18 @@ public final class TestDaemon {
     /// `listening`: descriptors handed over as systemd hands over its fd store (sd_listen_fds(3)):
     /// at fd 3 on, with `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (set by a shell that
     /// then execs the daemon, since only the child knows its pid).
-    public init(config: String, binary: String = TestDaemon.builtBinary, pinRoot: String? = nil,
+    /// `runDirectory`: the run folder (default: `run` in this run's temporary folder, which only
+    /// root may search, as mkdtemp(3) makes it 0700).
+    public init(config: String, binary: String = TestDaemon.builtBinary, pinRoot: String? = nil, runDirectory: String? = nil,
                 logLevel: String? = "debug", launcher: [String] = TestDaemon.defaultLauncher,
                 environment: [String: String] = [:], listening: [(descriptor: Int32, name: String)] = []) throws {
         guard access(binary, X_OK) == 0 else { throw HarnessError("no reuseportd binary at \(binary): run swift build") }
         directory = try TemporaryDirectory()
         configPath = try directory.write("reuseportd.toml", config)
         self.pinRoot = pinRoot ?? TestPinRoot.unique()
-        runDirectory = "\(directory.path)/run"
+        self.runDirectory = runDirectory ?? "\(directory.path)/run"
         logPath = "\(directory.path)/daemon.log"
-        control = ControlClient(runDirectory: runDirectory)
+        control = ControlClient(runDirectory: self.runDirectory)
         var environment = environment
         var launcher = launcher
         if !listening.isEmpty {
@@ -142,7 +144,7 @@ public final class TestDaemon {
             launcher = ["/bin/sh", "-c", "LISTEN_PID=$$; export LISTEN_PID; exec \"$@\"", "sh"] + launcher
         }
         pid = try spawn(launcher
-                        + [binary, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", runDirectory]
+                        + [binary, "--config", configPath, "--pin-dir", self.pinRoot, "--run-dir", self.runDirectory]
                         + (logLevel.map { ["--log-level", $0] } ?? []), output: logPath,
                     environment: environment.isEmpty ? nil
                         : ProcessInfo.processInfo.environment.merging(environment) { $1 }.map { "\($0.key)=\($0.value)" },

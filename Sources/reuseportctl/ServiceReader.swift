@@ -198,12 +198,18 @@ struct ServiceReader {
         try open(name).snapshot()
     }
 
-    /// Opens one service's pinned maps; the result reads them again without the pins.
+    /// Opens one service's pinned maps; the result reads them again without the pins. Read-only
+    /// (BPF_F_RDONLY): reuseportctl never writes a map, and `serve-metrics` keeps these fds in
+    /// the process that drops root and parses HTTP. A writable fd there would let whoever takes
+    /// over that process rewrite the bucket table or put a socket of its own in a slot; through
+    /// these the kernel refuses every write (EPERM).
     func open(_ name: String) throws -> OpenedService {
         let layout = PinLayout(root: root, service: name)
         do {
-            let maps = try DispatchMaps(pinned: layout)
-            let arrays = try layout.listeners().map { (index: $0, array: try SocketArray(pinned: layout, listener: $0)) }
+            let maps = try DispatchMaps(pinned: layout, readOnly: true)
+            let arrays = try layout.listeners().map {
+                (index: $0, array: try SocketArray(pinned: layout, listener: $0, readOnly: true))
+            }
             return OpenedService(name: name, layout: layout, maps: maps, arrays: arrays)
         } catch {
             throw CtlError.unreadablePins(service: name, directory: layout.serviceDirectory, underlying: error)

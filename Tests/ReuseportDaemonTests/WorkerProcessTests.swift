@@ -101,6 +101,39 @@ struct WorkerProcessTests {
         }
     }
 
+    /// ProcessSpawn with `newSession`, through posix_spawn and through clone3 into a cgroup: the
+    /// child leads a session and a process group of its own (workers are started so, and a
+    /// process of one cannot join another's group).
+    @Test(arguments: ["posix_spawn", "clone3"])
+    func processSpawnStartsTheChildInASessionOfItsOwn(_ path: String) throws {
+        var cgroup: OwnedDescriptor?
+        var folder: String?
+        if path == "clone3" {
+            guard let mount = WorkerCgroups.cgroup2Mount(), let own = WorkerCgroups.ownCgroup() else {
+                print("no cgroup v2 mounted: clone3 into a cgroup is not tried")
+                return
+            }
+            folder = mount + "\(own == "/" ? "" : own)/rpd-session-test-\(getpid())"
+            try Syscall.makeDirectory(folder!)
+            cgroup = try Syscall.open(folder!, O_RDONLY | O_DIRECTORY)
+        }
+        defer {
+            cgroup?.close()
+            if let folder { _ = try? Syscall.removeDirectory(folder) }
+        }
+        let output = try Syscall.pipe()
+        // Fields 5 and 6 of /proc/PID/stat: process group and session.
+        let pid = try ProcessSpawn(path: "/bin/sh", arguments: ["sh", "-c", "cut -d' ' -f5,6 /proc/$$/stat"],
+                                   fileActions: [.nullInput, .duplicate(output.write.fd.rawValue, to: 1), .closeFrom(3)],
+                                   newProcessGroup: true, newSession: true, resetSignals: true, cgroup: cgroup?.fd).start()
+        output.write.close()
+        let text = String(decoding: try Syscall.readToEnd(output.read.fd), as: UTF8.self)
+        #expect(try Syscall.wait(pid, block: true)?.status == .exited(0))
+        #expect(text.trimmingCharacters(in: .whitespacesAndNewlines) == "\(pid) \(pid)",
+                "process group and session of child \(pid): \(text)")
+        #expect(getsid(0) != pid, "this process's session is not the child's")
+    }
+
     /// The pids whose command line has `argument`.
     func processes(running argument: String) -> [pid_t] {
         Syscall.directoryEntries("/proc").compactMap { pid_t($0) }.filter { pid in

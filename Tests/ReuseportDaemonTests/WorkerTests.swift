@@ -158,7 +158,7 @@ struct WorkerTests {
         try daemon.waitForWorkers()
         let socketPath = "\(daemon.runDirectory)/control.sock"
         chmod(daemon.directory.path, 0o755)
-        // The daemon makes its run folder 0700 (docs/operations.md, "Folders root trusts"): open it too.
+        // The daemon makes its run folder 0711 (docs/operations.md, "Folders root trusts"): open it to reading too.
         chmod(daemon.runDirectory, 0o755)
         chmod(socketPath, 0o666)
         let output = "\(daemon.directory.path)/refused"

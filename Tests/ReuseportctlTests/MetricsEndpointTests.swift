@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CLibbpf
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
@@ -47,6 +48,69 @@ struct MetricsEndpointTests {
         for slot in 0..<UInt32(3) {
             #expect(bySlot["\(slot)"] == Double(landed.values.filter { $0 == slot }.count), "\(series)")
         }
+    }
+
+    /// The process that speaks HTTP holds no map it could write: each BPF map fd it holds (found
+    /// in /proc/PID/fd, described by /proc/PID/fdinfo) is copied out with pidfd_getfd and refuses
+    /// a write with EPERM, as a read-only fd does (kernel/bpf/syscall.c, map_update_elem()). The
+    /// write asks BPF_F_LOCK, which none of these maps allows: where the fd is writable the kernel
+    /// says EINVAL, after its permission check and before it writes anything. The metrics are
+    /// served alike before and after.
+    @Test func theServerHoldsEveryMapReadOnly() throws {
+        let root = PinRoot("serve-metrics-readonly")
+        let service = try PinnedService(root: root, name: "edge", slots: 3)
+        let clients = try Traffic.clients(30, on: .loopbackV4)
+        let landed = try sendAndReceive(clients, to: service, size: 7)
+        let bucketsBefore = try DispatchMaps(pinned: service.layout).readBuckets()
+        let endpoint = try MetricsEndpoint(pinRoot: root.path)
+        func checkScrape(_ when: String) throws {
+            let exposition = try httpGet(endpoint.address, "/metrics")
+            #expect(exposition.status == 200, "\(when): \(exposition)")
+            let samples = try PrometheusSamples(exposition.body)
+            for slot in 0..<UInt32(3) {
+                #expect(samples[#"reuseport_slot_packets_total{service="edge",slot="\#(slot)"}"#]
+                            == Double(landed.values.filter { $0 == slot }.count), "\(when): slot \(slot)")
+            }
+        }
+        try checkScrape("before the probe")
+
+        let pid = endpoint.serverPid
+        let pidfd = try Syscall.pidfdOpen(pid)
+        var maps: [String] = []
+        var writable: [String] = []
+        for name in Syscall.directoryEntries("/proc/\(pid)/fd") {
+            guard let fd = Int32(name), (try? Syscall.linkTarget("/proc/\(pid)/fd/\(fd)")) == "anon_inode:bpf-map",
+                  let info = try? String(contentsOfFile: "/proc/\(pid)/fdinfo/\(fd)", encoding: .utf8)
+            else { continue }
+            var fields: [String: String] = [:]
+            for line in info.split(separator: "\n") {
+                let parts = line.split(separator: ":", maxSplits: 1)
+                if parts.count == 2 { fields[String(parts[0])] = parts[1].trimmingCharacters(in: .whitespaces) }
+            }
+            let flags = Int(fields["flags"] ?? "", radix: 8) ?? -1
+            let keySize = Int(fields["key_size"] ?? "") ?? 0
+            let valueSize = Int(fields["value_size"] ?? "") ?? 0
+            let label = "fd \(fd) (map_type \(fields["map_type"] ?? "?"), map_id \(fields["map_id"] ?? "?"), "
+                + "flags 0\(String(flags, radix: 8)))"
+            maps.append(label)
+            let copy = try Syscall.pidfdGetDescriptor(pidfd, fd)
+            defer { copy.close() }
+            // Room for any value: per-CPU maps take one per possible CPU.
+            var key = [UInt8](repeating: 0, count: max(keySize, 8))
+            var value = [UInt8](repeating: 0, count: max(valueSize, 8) * 1024)
+            let status = copy.withFD { bpf_map_update_elem($0, &key, &value, UInt64(BPF_F_LOCK)) }
+            let code = errno
+            if status == 0 || code != EPERM {
+                writable.append("\(label): bpf_map_update_elem answered \(status == 0 ? "0" : String(cString: strerror(code)))")
+            }
+            #expect(Int32(truncatingIfNeeded: flags) & O_ACCMODE == O_RDONLY, "\(label) is opened read-only in fdinfo")
+        }
+        pidfd.close()
+        // One service: its 15 shared maps and one socket array.
+        #expect(maps.count == DispatchMaps.names.count + 1, "the server holds the service's maps: \(maps)")
+        #expect(writable.isEmpty, "map fds of the HTTP process that take a write: \(writable)")
+        #expect(try DispatchMaps(pinned: service.layout).readBuckets() == bucketsBefore, "the buckets are untouched")
+        try checkScrape("after the probe")
     }
 
     @Test func listenErrorsSayWhatIsWrong() throws {

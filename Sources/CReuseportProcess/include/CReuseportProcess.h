@@ -35,6 +35,10 @@ int rpd_set_child_subreaper(int on);
 /* The peer's credentials of a connected Unix socket (SO_PEERCRED). */
 int rpd_peer_credentials(int fd, pid_t *pid, uid_t *uid, gid_t *gid);
 
+/* POSIX_SPAWN_SETSID (glibc 2.26), which Swift cannot import (_GNU_SOURCE): the child calls
+ * setsid() and leads a new session and process group. */
+extern const short rpd_posix_spawn_setsid;
+
 /* posix_spawn_file_actions_addclosefrom_np (glibc 2.34): the child closes every fd from
  * `lowest` up, so that nothing the daemon inherited without close-on-exec reaches a worker. */
 int rpd_spawn_close_from(posix_spawn_file_actions_t *actions, int lowest);
@@ -61,6 +65,7 @@ struct rpd_file_action {
 enum rpd_spawn_flags {
 	RPD_SPAWN_NEW_PROCESS_GROUP = 1 << 0, /* setpgid(0, 0) */
 	RPD_SPAWN_RESET_SIGNALS = 1 << 1,     /* no signal blocked, every disposition SIG_DFL */
+	RPD_SPAWN_NEW_SESSION = 1 << 2,       /* setsid(): a session and process group of its own (instead of setpgid) */
 };
 
 /* The step of a start that failed, in *failed_step. */
@@ -70,6 +75,7 @@ enum {
 	RPD_SPAWN_STEP_SETPGID = -3,
 	RPD_SPAWN_STEP_SIGNALS = -4,
 	RPD_SPAWN_STEP_REPORT = -5, /* moving the report pipe above the actions' targets */
+	RPD_SPAWN_STEP_SETSID = -6,
 	/* 0, 1, ...: actions[i] */
 };
 

@@ -37,6 +37,10 @@ public struct ProcessSpawn {
     public var fileActions: [FileAction]
     /// The child leads a process group of its own (so that kill(-pid) reaches its children).
     public var newProcessGroup = false
+    /// The child leads a session of its own (setsid()), and so a process group of its own too
+    /// (`newProcessGroup` is then implied). A process can join only a process group of its own
+    /// session (setpgid(2), EPERM): nothing of another session can join the child's group.
+    public var newSession = false
     /// The child starts with no signal blocked and every signal at its default action
     /// (a daemon that blocks signals for a signalfd must not pass that on).
     public var resetSignals = false
@@ -50,12 +54,14 @@ public struct ProcessSpawn {
     public var cgroup: FileDescriptor?
 
     public init(path: String, arguments: [String], environment: [String]? = nil, fileActions: [FileAction] = [],
-                newProcessGroup: Bool = false, resetSignals: Bool = false, cgroup: FileDescriptor? = nil) {
+                newProcessGroup: Bool = false, newSession: Bool = false, resetSignals: Bool = false,
+                cgroup: FileDescriptor? = nil) {
         self.path = path
         self.arguments = arguments
         self.environment = environment
         self.fileActions = fileActions
         self.newProcessGroup = newProcessGroup
+        self.newSession = newSession
         self.resetSignals = resetSignals
         self.cgroup = cgroup
     }
@@ -100,7 +106,10 @@ public struct ProcessSpawn {
             posix_spawnattr_setsigdefault(&attributes, &all)
             flags |= Int32(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF)
         }
-        if newProcessGroup {
+        if newSession {
+            // Not with POSIX_SPAWN_SETPGROUP: setpgid() of a session leader fails (EPERM).
+            flags |= Int32(rpd_posix_spawn_setsid)
+        } else if newProcessGroup {
             posix_spawnattr_setpgroup(&attributes, 0)
             flags |= Int32(POSIX_SPAWN_SETPGROUP)
         }
@@ -149,6 +158,7 @@ public struct ProcessSpawn {
         }
         var flags: Int32 = 0
         if newProcessGroup { flags |= Int32(RPD_SPAWN_NEW_PROCESS_GROUP.rawValue) }
+        if newSession { flags |= Int32(RPD_SPAWN_NEW_SESSION.rawValue) }
         if resetSignals { flags |= Int32(RPD_SPAWN_RESET_SIGNALS.rawValue) }
 
         var step: Int32 = 0
@@ -187,6 +197,7 @@ public struct ProcessSpawn {
         case RPD_SPAWN_STEP_CLONE: return Self.cloneCall
         case RPD_SPAWN_STEP_EXEC: return "execve(\(path))"
         case RPD_SPAWN_STEP_SETPGID: return "setpgid(0, 0)"
+        case RPD_SPAWN_STEP_SETSID: return "setsid()"
         case RPD_SPAWN_STEP_SIGNALS: return "sigprocmask"
         case RPD_SPAWN_STEP_REPORT: return "fcntl(F_DUPFD_CLOEXEC)"
         case let index where fileActions.indices.contains(index):
