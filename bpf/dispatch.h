@@ -225,6 +225,9 @@ enum rp_worker_state {
 /* rp_slot_state.flags */
 #define RP_SLOT_LEAVING 1u   /* a scale-down removes the slot: it takes no new flow and retires once drained */
 #define RP_SLOT_JOINING 2u   /* a scale-up added the slot: it takes flows from the switch on */
+#define RP_SLOT_IN_SET 4u    /* one of the service's slots now (rp_config.slot_count of them): the set a
+			      * daemon started on the pins resumes, whatever their indices (the program
+			      * never reads flags: a new bit changes no layout and no RP_ABI_VERSION) */
 
 /*
  * rp_slot_state: ARRAY, key __u32 slot. Written only by the daemon; the BPF

@@ -443,6 +443,7 @@ final class ServiceRuntime {
         var flags: UInt32 = 0
         if isLeaving(slot) { flags |= UInt32(RP_SLOT_LEAVING) }
         if isJoining(slot) { flags |= UInt32(RP_SLOT_JOINING) }
+        if plane.slots.contains(slot.index) { flags |= UInt32(RP_SLOT_IN_SET) }
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
                                 generation: slot.generation, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
                                 stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts,

@@ -229,9 +229,15 @@ public final class ServiceDataPlane: @unchecked Sendable {
         for slot in 0..<UInt32(socketSlots) {
             if let row = try? pinned.readSlotState(slot), row.state != RP_WORKER_EMPTY.rawValue { rows[slot] = row }
         }
+        // The rows say which slots are the set (RP_SLOT_IN_SET). Pins of a daemon that did not
+        // mark them: the working generation's rows that neither leave nor join, then any of the
+        // working generation (a slot leaving a change's set still has its generation), then 0..<n.
         let workingNow = workingGeneration
+        let inSet = rows.filter { $0.value.flags & UInt32(RP_SLOT_IN_SET) != 0 }.keys.sorted()
+        let moving = UInt32(RP_SLOT_LEAVING) | UInt32(RP_SLOT_JOINING)
+        let staying = rows.filter { $0.value.generation == workingNow && $0.value.flags & moving == 0 }.keys.sorted()
         let working = rows.filter { $0.value.generation == workingNow }.keys.sorted()
-        slots = working.count == nominal ? working : Array(0..<UInt32(nominal))
+        slots = [inSet, staying, working].first { $0.count == nominal } ?? Array(0..<UInt32(nominal))
         let values = try pinned.readBucketValues(count: options.bucketCount)
         buckets = values.map { rp_bucket_slot($0) }
         effectiveBuckets = buckets

@@ -74,7 +74,9 @@ struct ChaosTotals: CustomStringConvertible {
 /// end: its deinit kills the workers its pins name, which the next daemon adopted), its flows, its
 /// connections and what was found.
 final class ChaosRun {
-    enum Operation: CaseIterable { case scale, upgrade, rollback, reload, killWorker, killDaemon, reexec }
+    /// `newFlows`: the live flows end and new ones start; the old ones' records go idle, so that
+    /// changes finish and older generations retire (a completed upgrade, then what follows it).
+    enum Operation: CaseIterable { case scale, upgrade, rollback, reload, killWorker, killDaemon, reexec, newFlows }
 
     static let service = "chaos"
     static let flows = 64
@@ -85,10 +87,12 @@ final class ChaosRun {
     private var workers = 4
     private var daemons: [TestDaemon] = []
     private var daemon: TestDaemon { daemons[daemons.count - 1] }
-    private let numbered: NumberedFlows
+    private var numbered: NumberedFlows
     /// Each flow's slot, from its first answer.
     private var slotOf: [Int: UInt32] = [:]
     private var rounds = 0
+    /// Datagrams sent and lost by the flows that ended (`newFlows`).
+    private var endedSent = 0, endedLost = 0
     /// Open TCP connections and the pid of the worker that answered each first.
     private var tcp: [(client: FlowClient, pid: Int32)] = []
 
@@ -96,9 +100,9 @@ final class ChaosRun {
     private(set) var violations: [String] = []
     private(set) var refused = 0
     private(set) var movedFlows = 0
-    private(set) var lostDatagrams = 0
     private(set) var processesLeft = 0
-    var sentDatagrams: Int { rounds * Self.flows }
+    var lostDatagrams: Int { endedLost + numbered.answered.reduce(0) { $0 + rounds - $1.count } }
+    var sentDatagrams: Int { endedSent + rounds * Self.flows }
 
     init(seed: UInt64) throws {
         random = SeededRandom(seed: seed)
@@ -158,6 +162,18 @@ final class ChaosRun {
             _ = daemon.waitForExit(timeoutMs: 5000)
             try round()
             daemons.append(try TestDaemon(config: config(), pinRoot: daemon.pinRoot))
+        case .newFlows:
+            steps.append("newFlows")
+            endedLost = lostDatagrams
+            endedSent = sentDatagrams
+            numbered = NumberedFlows(try Traffic.clients(Self.flows, on: .loopbackV4))
+            slotOf = [:]
+            rounds = 0
+            // The new flows stay live (a round every 200 ms) past the old ones' idle timeout.
+            for _ in 0..<8 {
+                try round()
+                sleepMs(200)
+            }
         case .reexec:
             steps.append("reexec")
             let before = try daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs
@@ -199,7 +215,7 @@ final class ChaosRun {
         try numbered.receive(until: nowMs() + 10_000, orAll: rounds) { flow, _, reply in
             if let first = self.slotOf[flow], first != reply.slot {
                 self.movedFlows += 1
-                self.violations.append("flow \(flow) moved from slot \(first) to \(reply.slot)")
+                self.violations.append("flow \(flow) moved from slot \(first) to \(reply.slot) at \(self.steps.last ?? "the start")")
             }
             if self.slotOf[flow] == nil { self.slotOf[flow] = reply.slot }
         }
@@ -223,8 +239,7 @@ final class ChaosRun {
     /// The invariants, read from outside: flows (checked in `round`), connections, the processes
     /// on the port, the pins.
     private func check(after step: String) throws {
-        lostDatagrams = numbered.answered.reduce(0) { $0 + rounds - $1.count }
-        if lostDatagrams > 0 {
+        if numbered.answered.contains(where: { $0.count < rounds }) {
             violations.append("after \(step): \(numbered.unanswered(rounds: rounds).prefix(5)) unanswered")
         }
         for (index, connection) in tcp.enumerated() {
