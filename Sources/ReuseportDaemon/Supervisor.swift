@@ -671,6 +671,12 @@ final class Supervisor {
         if let pid = slot.pid {
             workers.removeValue(forKey: pid)
             draining[pid] = drain
+            // An upgrade's old workers got it at the switch; a scale-down's get it as they leave:
+            // a server that takes it finishes its connections and exits by itself.
+            if drain.holdWorkerUntil != nil, slot.generation == service.plane.workingGeneration,
+               let drainSignal = service.configuration.drainSignal {
+                signal(pid, drainSignal)
+            }
         } else {
             finish(drain, reason: "it had no worker")
         }
@@ -679,16 +685,17 @@ final class Supervisor {
         service.logger.info("slot \(slot.index) retired")
     }
 
-    /// How long a retiring slot's worker keeps its accepted TCP connections: one of an older
-    /// generation (its program may differ from the one that would serve those clients next) until
-    /// `drain_timeout_ms` after the switch; any other, not at all (it is stopped once drained).
+    /// How long a retiring slot's worker keeps the TCP connections it accepted (a connection is
+    /// a live flow that cannot move: stopping its worker would close it): until it exits by
+    /// itself, or `drain_timeout_ms` after the switch that made it leave (an upgrade's), or after
+    /// it retires (a scale-down's); nil for a service without TCP listeners, whose worker is
+    /// stopped once drained.
     func connectionHold(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) -> Int64? {
-        guard slot.generation != service.plane.workingGeneration,
-              service.listeners.contains(where: { $0.transport == .tcp })
-        else { return nil }
+        guard service.listeners.contains(where: { $0.transport == .tcp }) else { return nil }
         let limitMs = service.configuration.tracking.drainTimeoutMs
         guard limitMs > 0 else { return Int64.max }
-        return (service.upgrade?.switchedAt ?? now) + limitMs.msAsNs
+        let since = slot.generation != service.plane.workingGeneration ? (service.upgrade?.switchedAt ?? now) : now
+        return since + limitMs.msAsNs
     }
 
     // MARK: stop

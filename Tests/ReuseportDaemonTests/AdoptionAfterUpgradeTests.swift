@@ -144,7 +144,7 @@ struct AdoptionAfterUpgradeTests {
         #expect(after.adoptedWorkers == 4, "workers adopted: \(after.adoptedWorkers ?? -1) of 4 (\(before) → \(now))")
         #expect(now == before, "the same workers on the same slots: \(before) → \(now)")
         #expect(sessions.moved.isEmpty, "\(sessions.moved.count) of 64 live flows changed worker")
-        #expect(sessions.lost == 0, "\(sessions.lost) datagrams lost across the reexec")
+        #expect(sessions.lost == 0, "\(sessions.lost) datagrams lost across the reexec: \(sessions.report)")
         #expect(!daemon.log.contains("removing stale pins"), "the pins were taken over, not removed as stale")
         // What the pins say, read by reuseportctl: generation 2 alone, on its slots; the retired
         // slots are not listed (no stale generation, no "joining").
@@ -227,7 +227,7 @@ struct AdoptionAfterUpgradeTests {
         #expect(after.adoptedWorkers == workers, "workers adopted: \(after.adoptedWorkers ?? -1) of \(workers)")
         #expect(now == before, "the same workers on the same slots: \(before) → \(now)")
         #expect(sessions.moved.isEmpty, "\(sessions.moved.count) of 64 live flows changed worker")
-        #expect(sessions.lost == 0, "\(sessions.lost) datagrams lost while no daemon ran and after")
+        #expect(sessions.lost == 0, "\(sessions.lost) datagrams lost while no daemon ran and after: \(sessions.report)")
         #expect(reply.map { r in after.slots.contains { $0.slot == r.slot && $0.pid == r.pid } } == true,
                 "a TCP connection on [::1] is answered by an adopted worker: \(String(describing: reply))")
         Self.checkGracefulStop(daemon, listeners, seen: seen)
@@ -276,7 +276,7 @@ struct AdoptionAfterUpgradeTests {
         #expect(after.adoptedWorkers == 4, "workers adopted: \(after.adoptedWorkers ?? -1) of 4")
         #expect(now == before, "the same workers on the same slots: \(before) → \(now)")
         #expect(sessions.moved.isEmpty, "\(sessions.moved.count) of 64 live flows changed worker")
-        #expect(sessions.lost == 0, "\(sessions.lost) datagrams lost while no daemon ran and after")
+        #expect(sessions.lost == 0, "\(sessions.lost) datagrams lost while no daemon ran and after: \(sessions.report)")
         #expect(try maps.readTransition().socket_slots == 8, "the pins now bound every slot holding a socket")
         Self.checkGracefulStop(daemon, [try Endpoint(parsing: upgraded.listeners[0])], seen: seen)
     }

@@ -48,7 +48,7 @@ import Testing
         print("daemon SIGKILLed under 256 flows × \(sessions.rounds) rounds: \(sessions.lost) datagrams lost, "
             + "\(sessions.moved.count) flows changed worker; adopted \(adopted.adoptedWorkers ?? -1) workers, "
             + "pids before \(pids), after \(adopted.slots.map(\.pid))")
-        #expect(sessions.lost == 0, "every datagram was answered, with and without a daemon")
+        #expect(sessions.lost == 0, "every datagram was answered, with and without a daemon: \(sessions.report)")
         #expect(sessions.moved.isEmpty, "no flow changed worker (slot and pid)")
         #expect(adopted.slots.map(\.pid) == pids, "the same worker processes, slot by slot")
         #expect(adopted.adoptedWorkers == 4 && adopted.refusedAdoptions == 0)
@@ -133,7 +133,7 @@ import Testing
         #expect(daemon.checkExited() == nil, "the daemon process lives on")
         #expect(after?.pid == before?.pid && after?.startedAtNs != before?.startedAtNs, "same pid, new image")
         #expect(status.slots.map(\.pid) == pids && status.adoptedWorkers == 4, "the same workers, adopted")
-        #expect(sessions.lost == 0 && sessions.moved.isEmpty)
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty, "\(sessions.report)")
         // The new image supervises them: a worker that dies is replaced.
         let victim = try #require(pids[2])
         kill(victim, SIGKILL)
@@ -160,15 +160,16 @@ import Testing
         try sessions.run(20, to: destination) { round in
             if round == 5 { _ = try daemon.request(ControlRequest(command: .reexec)) }
         }
-        #expect(daemon.waitForExit(timeoutMs: 5000) == 3, "the new image exited with its status")
+        #expect(daemon.waitForExit(timeoutMs: 5000) == 3, "the new image exited with its status; log: \(daemon.keepLog())")
         #expect(pids.compactMap { $0 }.allSatisfy(processExists), "every worker lives on")
         let next = try TestDaemon(config: Self.config("broken"), pinRoot: daemon.pinRoot)
         let adopted = try next.waitForWorkers()[0]
         try sessions.run(5, to: destination)
         print("reexec into a binary that exits: \(sessions.lost) of \(256 * sessions.rounds) datagrams lost; "
             + "the next daemon adopted \(adopted.adoptedWorkers ?? -1), pids \(pids) → \(adopted.slots.map(\.pid))")
-        #expect(sessions.lost == 0 && sessions.moved.isEmpty)
-        #expect(adopted.slots.map(\.pid) == pids && adopted.adoptedWorkers == 4)
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty, "\(sessions.report)")
+        #expect(adopted.slots.map(\.pid) == pids && adopted.adoptedWorkers == 4,
+                "adopted \(adopted.slots.map(\.pid)) of \(pids); daemon log: \(next.keepLog())")
     }
 
     /// Workers that run as another user (nobody) are adopted too: copying their sockets out

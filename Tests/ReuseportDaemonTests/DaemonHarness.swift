@@ -140,6 +140,13 @@ final class Sessions {
     }
 
     var lost: Int { numbered.answered.reduce(0) { $0 + rounds - $1.count } }
+    /// For a failure message: the first lost datagrams (flow, round, the slots around it) and
+    /// the first flows that changed worker, with their labels.
+    var report: String {
+        let unanswered = numbered.unanswered(rounds: rounds)
+        let changed = moved.prefix(5).map { "flow \($0): \(answers[$0].sorted())" }
+        return "\(unanswered.count) lost \(unanswered.prefix(5)); \(moved.count) moved \(changed)"
+    }
     /// Flows answered by more than one worker.
     var moved: [Int] { answers.indices.filter { answers[$0].count != 1 } }
     /// The first field of each flow's first label (the slot, with the default label).

@@ -53,7 +53,7 @@ struct FlowTrackingTests {
         #expect(learning?.phase == RP_TRANSITION_LEARNING.rawValue, "the change learned first")
         #expect(after.phase == RP_TRANSITION_DRAINING.rawValue, "then switched, and drains while the flows send")
         #expect(sessions.moved.isEmpty, "no live flow changed worker: \(sessions.moved.prefix(5))")
-        #expect(sessions.lost == 0, "no datagram lost")
+        #expect(sessions.lost == 0, "no datagram lost: \(sessions.report)")
         #expect(counters.recorded > 100 && counters.untracked == 0, "the flows of the moving third were recorded")
         #expect(counters.pinned > 0, "recorded flows were steered by their records")
         #expect(Set(sessions.slots).isSubset(of: [0, 1, 2, 3]), "live flows stayed on the old slots")
@@ -93,7 +93,7 @@ struct FlowTrackingTests {
             + "\(sessions.moved.count) changed worker, \(sessions.lost) lost")
         #expect(onLeaving > 150, "about half the flows were on the leaving slots")
         #expect(sessions.moved.isEmpty, "no live flow changed worker: \(sessions.moved.prefix(5))")
-        #expect(sessions.lost == 0, "no datagram lost")
+        #expect(sessions.lost == 0, "no datagram lost: \(sessions.report)")
         #expect(stillServing, "the leaving slots' workers served while their flows sent")
 
         // The flows stop: after the idle timeout the leaving slots retire.
@@ -150,7 +150,7 @@ struct FlowTrackingTests {
         #expect(counters.untracked_uncounted == 0)
         #expect(movedRecorded.isEmpty, "every recorded flow keeps its worker")
         #expect(sessions.moved.count <= moving - 256, "only untracked flows may move")
-        #expect(sessions.lost == 0)
+        #expect(sessions.lost == 0, "\(sessions.report)")
     }
 
     /// A slot down past failover_after_ms lends its buckets; when it is back, the flows the
@@ -189,7 +189,7 @@ struct FlowTrackingTests {
             + "recorded \(counters.recorded), pinned \(counters.pinned)")
         #expect(try daemon.status()[0].slots.first { $0.slot == 1 }?.state == "running")
         #expect(sessions.moved.isEmpty, "the flows taken over stay where they are: \(sessions.moved.prefix(5))")
-        #expect(sessions.lost == 0)
+        #expect(sessions.lost == 0, "\(sessions.report)")
         #expect(counters.recorded > 0)
 
         _ = try daemon.waitFor("the restore switched", timeoutMs: 10_000) { _ in

@@ -91,7 +91,7 @@ struct UpgradeTests {
         let v2Slots = status.slots.filter { $0.generation == 2 }
         print("256 flows × \(sessions.rounds) rounds through v1 → v2: \(sessions.moved.count) changed worker, "
             + "\(sessions.lost) lost, versions \(versions(sessions).sorted()); upgrade \(upgrade)")
-        #expect(sessions.lost == 0, "no datagram lost")
+        #expect(sessions.lost == 0, "no datagram lost: \(sessions.report)")
         #expect(sessions.moved.isEmpty, "every live flow kept its worker: \(sessions.moved.prefix(5))")
         #expect(versions(sessions) == ["v1"] && pids(sessions).isSubset(of: v1), "live flows stayed with v1")
         #expect(sawStarting, "the upgrade was seen starting")
@@ -164,7 +164,7 @@ struct UpgradeTests {
         let fresh = try Whoami.ask(try Traffic.clients(64, on: .loopbackV4), to: destination).compactMap { $0 }
         print("bad v2 \(options): \(upgrade.reason ?? "?"); \(sessions.lost) lost, versions \(versions(sessions).sorted())")
         #expect(upgrade.generation == 2 && upgrade.reason?.contains(reason) == true, "\(upgrade)")
-        #expect(sessions.lost == 0 && versions(sessions) == ["v1"] && pids(sessions).isSubset(of: v1))
+        #expect(sessions.lost == 0 && versions(sessions) == ["v1"] && pids(sessions).isSubset(of: v1), "\(sessions.report)")
         #expect(steered.isSubset(of: v1Slots), "no table ever named a v2 slot: \(steered.sorted())")
         #expect(Set(status.slots.map(\.slot)) == v1Slots && status.slots.allSatisfy { $0.generation == 1 })
         #expect(Set(status.slots.compactMap(\.pid)) == v1, "v1's workers served throughout")
@@ -231,8 +231,8 @@ extension UpgradeTests {
             + "v2 flows \(versions(onV2).sorted()), \(onV2.moved.count) moved, \(onV2.lost) lost; new flows "
             + "\(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted()); upgrade \(String(describing: status.upgrade))")
         #expect(status.generation == 1 && status.upgrade?.generation == 1 && status.upgrade?.previous == 2)
-        #expect(old.lost == 0 && old.moved.isEmpty && versions(old) == ["v1"], "v1's flows stayed with v1")
-        #expect(onV2.lost == 0 && onV2.moved.isEmpty && versions(onV2) == ["v2"], "v2's flows stayed with v2")
+        #expect(old.lost == 0 && old.moved.isEmpty && versions(old) == ["v1"], "v1's flows stayed with v1: \(old.report)")
+        #expect(onV2.lost == 0 && onV2.moved.isEmpty && versions(onV2) == ["v2"], "v2's flows stayed with v2: \(onV2.report)")
         #expect(pids(onV2).isSubset(of: v2Pids))
         #expect(fresh.count == 128 && fresh.allSatisfy { $0.extra["version"] == "v1" }, "new flows go back to v1")
 
@@ -459,7 +459,7 @@ extension UpgradeTests {
             + "\(sessions.lost) lost; new flows \(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted())")
         #expect(rolledBack?.generation == 1 && rolledBack?.previous == 2)
         #expect(rolledBack?.reason?.contains("generation 2 crash-looped after its switch") == true)
-        #expect(sessions.lost == 0 && sessions.moved.isEmpty && versions(sessions) == ["v1"])
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty && versions(sessions) == ["v1"], "\(sessions.report)")
         #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v1" }, "new flows go to v1 again")
         #expect(try daemon.status()[0].generation == 1)
     }
@@ -512,8 +512,8 @@ extension UpgradeTests {
             + "\(versions(onV2).sorted()) (\(onV2.lost) lost, \(onV2.moved.count) moved), new flows "
             + "\(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted())")
         #expect(draining == [1: 4, 2: 4, 3: 4], "generations 1 and 2 drain beside 3")
-        #expect(onV1.lost == 0 && onV1.moved.isEmpty && versions(onV1) == ["v1"])
-        #expect(onV2.lost == 0 && onV2.moved.isEmpty && versions(onV2) == ["v2"])
+        #expect(onV1.lost == 0 && onV1.moved.isEmpty && versions(onV1) == ["v1"], "\(onV1.report)")
+        #expect(onV2.lost == 0 && onV2.moved.isEmpty && versions(onV2) == ["v2"], "\(onV2.report)")
         #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v3" })
         try daemon.waitFor("generations 1 and 2 retired", timeoutMs: 15_000) { services in
             services[0].slots.allSatisfy { $0.generation == 3 }
