@@ -38,6 +38,8 @@ let package = Package(
         // HTTP server without SwiftNIO (FlyingFox), to keep clean builds short.
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/swhitty/FlyingFox", from: "0.27.1"),
+        // Tests only: property-based sequences with shrinking (PlacementPropertyTests).
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
     ],
     targets: [
         .systemLibrary(name: "CLibbpf", pkgConfig: "libbpf", providers: [.apt(["libbpf-dev", "libelf-dev", "zlib1g-dev"])]),
@@ -117,7 +119,10 @@ let package = Package(
         ),
         // The benchmark's own arithmetic and parsing (no timings).
         .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
-        .testTarget(name: "ReuseportKitTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "CReuseportABI", "CLibbpf"]),
+        .testTarget(name: "ReuseportKitTests", dependencies: [
+            "ReuseportKit", "ReuseportTestSupport", "CReuseportABI", "CLibbpf",
+            .product(name: "PropertyBased", package: "swift-property-based"),
+        ]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         // CLibbpf: raw map calls on descriptors copied out of the metrics server (their exact errno).
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl", "CLibbpf"],
