@@ -12,6 +12,7 @@
 #   make deb        the Debian package .output/reuseportd_<version>_amd64.deb; make deb-check lists and checks it
 #   make systemd-test  install that package in a Debian root and boot it under systemd in a VM (docs/operations.md)
 #   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
+#   make chaos      random sequences of operations on the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -62,13 +63,13 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz \
+.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
 	test-least-privilege dist install install-files deb deb-check systemd-test
 
 all: build
 
 help:
-	@sed -n '1,15p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -169,6 +170,17 @@ test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
 		fi; \
 	done
 endif
+
+# Random sequences of scale, upgrade, rollback, reload, worker and daemon SIGKILL, reexec and new
+# flows on the real daemon, under live UDP flows and TCP connections (Tests/ReuseportDaemonTests/
+# ChaosTests.swift), for CHAOS_SECONDS; each sequence prints its seed, CHAOS_SEED=N replays it,
+# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s.
+CHAOS_SECONDS ?= 600
+CHAOS_STEPS   ?= 15
+chaos: $(OUTPUT)/.abi-stamp
+	$(call msg,TEST,chaos sequences for $(CHAOS_SECONDS) s)
+	$(Q)CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_STEPS=$(CHAOS_STEPS) $(if $(CHAOS_SEED),CHAOS_SEED=$(CHAOS_SEED)) \
+		$(SWIFT) test $(SWIFT_FLAGS) --filter ChaosTests
 
 # The daemon tests with every test daemon holding only the capabilities docs/operations.md
 # documents (setpriv lowers its bounding set, as the unit's CapabilityBoundingSet= does).

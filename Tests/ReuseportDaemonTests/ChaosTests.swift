@@ -23,20 +23,27 @@ import Testing
 /// - the pins name the same workers as the status (rp_slot_state, pid and start time);
 /// and after the final graceful stop, no process holds the port and it binds again.
 ///
-/// `CHAOS_SEED` replays a sequence (each run prints its seed), `CHAOS_STEPS` sets its length,
-/// `CHAOS_SECONDS` runs sequences until that much time has passed (`make chaos`).
+/// `CHAOS_SEED` replays a sequence (each failure prints its seed; the operations drawn also depend
+/// on how many slots a step found, so a replay is exact while the daemon answers alike),
+/// `CHAOS_STEPS` sets its length, `CHAOS_SECONDS` runs sequences until that much time has passed
+/// (30 s by default, `make chaos` 600).
 @Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ChaosTests {
     @Test func randomSequencesKeepEveryFlowOnItsWorker() throws {
         let environment = ProcessInfo.processInfo.environment
-        let seconds = environment["CHAOS_SECONDS"].flatMap(Double.init) ?? 0
+        // `make test`: sequences for 30 s (at least one); `make chaos`: 10 minutes.
+        let seconds = environment["CHAOS_SECONDS"].flatMap(Double.init) ?? 30
         let steps = environment["CHAOS_STEPS"].flatMap(Int.init) ?? 10
         var seed = environment["CHAOS_SEED"].flatMap { UInt64($0) } ?? UInt64.random(in: 1...UInt64.max)
         let end = nowMs() + seconds * 1000
         var totals = ChaosTotals()
         repeat {
             let run = try ChaosRun(seed: seed)
-            try run.play(steps: steps)
+            do {
+                try run.play(steps: steps)
+            } catch {
+                run.fail("\(error)")
+            }
             totals.add(run)
             if !run.violations.isEmpty {
                 Issue.record("seed \(seed) (CHAOS_SEED=\(seed) replays it): \(run.violations.count) violations after \(run.steps.joined(separator: ", ")): \(run.violations.prefix(8).joined(separator: "; ")); daemon logs: \(run.keptLogs())")
@@ -192,6 +199,12 @@ final class ChaosRun {
         try check(after: steps.last ?? "?")
     }
 
+    /// A failure of the harness itself (a refused connect, a daemon that did not answer), named
+    /// with the step it followed.
+    func fail(_ error: String) {
+        violations.append("after \(steps.last ?? "the start"): \(error)")
+    }
+
     private func note(_ step: String, _ response: ControlResponse) {
         steps.append(response.ok ? step : "\(step) (refused: \(response.error ?? "?"))")
         if !response.ok { refused += 1 }
@@ -256,6 +269,11 @@ final class ChaosRun {
         if !unknown.isEmpty {
             violations.append("after \(step): processes \(unknown.sorted()) hold port \(port) but the status names "
                 + "only \(known.sorted()) (daemon, workers, leaving workers)")
+        }
+        if let global = try? DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: Self.service)).globalCounters(),
+           global.dropped_no_slot + global.select_errors + global.migrate_failed > 0 {
+            violations.append("after \(step): the program dropped \(global.dropped_no_slot) packets for want of a slot, "
+                + "\(global.select_errors) select errors, \(global.migrate_failed) failed migrations")
         }
         let pinned = Set(daemon.pinnedWorkers()[Self.service] ?? [])
         let listed = Set(status.slots.compactMap(\.pid))
