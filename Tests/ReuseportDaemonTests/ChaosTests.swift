@@ -90,7 +90,10 @@ final class ChaosRun {
     static let connections = 8
 
     private var random: SeededRandom
-    let port: UInt16
+    /// The ports the first daemon bound. The configuration asks for port 0 throughout (a port
+    /// picked here could be taken by another test's socket before the daemon binds it): a daemon
+    /// started on the pins keeps the adopted sockets' port, and a reload keeps the running one.
+    private var udpPort: UInt16 = 0, tcpPort: UInt16 = 0
     private var workers = 4
     private var daemons: [TestDaemon] = []
     private var daemon: TestDaemon { daemons[daemons.count - 1] }
@@ -113,17 +116,22 @@ final class ChaosRun {
 
     init(seed: UInt64) throws {
         random = SeededRandom(seed: seed)
-        port = try freePort()
         numbered = NumberedFlows(try Traffic.clients(Self.flows, on: .loopbackV4))
-        daemons.append(try TestDaemon(config: config()))
+        let first = try TestDaemon(config: config())
+        daemons.append(first)
+        let listeners = try first.waitFor("the listeners") { !$0.isEmpty }[0].listeners
+            .compactMap { try? Endpoint(parsing: $0) }
+        udpPort = listeners.first { $0.transport == .udp }?.address.port ?? 0
+        tcpPort = listeners.first { $0.transport == .tcp }?.address.port ?? 0
     }
 
     func config() -> String {
-        serviceTable(Self.service, listen: ["udp://127.0.0.1:\(port)", "tcp://127.0.0.1:\(port)"], workers: workers,
-                     extra: "rcvbuf = 8388608\nflow_idle_timeout_ms = 1000")
+        serviceTable(Self.service, listen: ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"],
+                     workers: workers, extra: "rcvbuf = 8388608\nflow_idle_timeout_ms = 1000")
     }
 
-    var udp: SocketAddress { SocketAddress(.loopbackV4, port) }
+    var udp: SocketAddress { SocketAddress(.loopbackV4, udpPort) }
+    var holders: Set<pid_t> { processesHolding(port: udpPort, .udp).union(processesHolding(port: tcpPort, .tcp)) }
 
     func play(steps count: Int) throws {
         try settle("start")
@@ -236,7 +244,7 @@ final class ChaosRun {
 
     private func openConnection() throws {
         let client = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
-        try client.connect(to: SocketAddress(.loopbackV4, port))
+        try client.connect(to: SocketAddress(.loopbackV4, tcpPort))
         guard let reply = try ask(client) else {
             violations.append("a new TCP connection got no answer")
             return
@@ -245,7 +253,7 @@ final class ChaosRun {
     }
 
     private func ask(_ client: FlowClient) throws -> WhoamiReply? {
-        try client.send(Array("ping\n".utf8), to: SocketAddress(.loopbackV4, port))
+        try client.send(Array("ping\n".utf8), to: SocketAddress(.loopbackV4, tcpPort))
         return try client.receive(timeoutMs: 5000).flatMap { WhoamiReply($0) }
     }
 
@@ -264,10 +272,9 @@ final class ChaosRun {
         }
         let status = try daemon.status()[0]
         let known = Set(status.slots.compactMap(\.pid)).union((status.leaving ?? []).map(\.pid)).union([daemon.pid])
-        let holders = processesHolding(port: port)
         let unknown = holders.subtracting(known).subtracting([getpid()])
         if !unknown.isEmpty {
-            violations.append("after \(step): processes \(unknown.sorted()) hold port \(port) but the status names "
+            violations.append("after \(step): processes \(unknown.sorted()) hold the service's ports but the status names "
                 + "only \(known.sorted()) (daemon, workers, leaving workers)")
         }
         if let global = try? DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: Self.service)).globalCounters(),
@@ -289,29 +296,19 @@ final class ChaosRun {
         let status = daemon.stop(timeoutMs: 30_000)
         if status != 0 { violations.append("stop: the daemon exited with \(status.map(String.init) ?? "nothing")") }
         let deadline = nowMs() + 10_000
-        var left = processesHolding(port: port).subtracting([getpid()])
+        var left = holders.subtracting([getpid()])
         while !left.isEmpty, nowMs() < deadline {
             sleepMs(50)
-            left = processesHolding(port: port).subtracting([getpid()])
+            left = holders.subtracting([getpid()])
         }
         processesLeft = left.count
-        if !left.isEmpty { violations.append("after stop: processes \(left.sorted()) still hold port \(port)") }
-        for transport in [Transport.udp, .tcp] where !canBind(transport, port) {
+        if !left.isEmpty { violations.append("after stop: processes \(left.sorted()) still hold the service's ports") }
+        for (transport, port) in [(Transport.udp, udpPort), (.tcp, tcpPort)] where !canBind(transport, port) {
             violations.append("after stop: \(transport) port \(port) does not bind again")
         }
     }
 
     func keptLogs() -> [String] { daemons.map { $0.keepLog() } }
-}
-
-/// A port free for UDP and TCP on 127.0.0.1 now.
-func freePort() throws -> UInt16 {
-    for _ in 0..<100 {
-        let probe = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
-        let port = probe.local.port
-        if canBind(.tcp, port) { return port }
-    }
-    throw HarnessError("no port free for both UDP and TCP")
 }
 
 /// Whether a socket without SO_REUSEPORT binds `port` on 127.0.0.1 now (TCP with SO_REUSEADDR,
@@ -322,11 +319,11 @@ func canBind(_ transport: Transport, _ port: UInt16) -> Bool {
     return (try? Syscall.bind(socket.fd, SocketAddress(.loopbackV4, port), "\(transport) port \(port)")) != nil
 }
 
-/// The processes with a socket whose local port is `port` (/proc/net/{udp,tcp}{,6}, then every
-/// process's descriptors).
-func processesHolding(port: UInt16) -> Set<pid_t> {
+/// The processes with a `transport` socket whose local port is `port` (/proc/net/{udp,tcp}{,6},
+/// then every process's descriptors).
+func processesHolding(port: UInt16, _ transport: Transport) -> Set<pid_t> {
     var inodes = Set<String>()
-    for table in ["udp", "udp6", "tcp", "tcp6"] {
+    for table in transport == .udp ? ["udp", "udp6"] : ["tcp", "tcp6"] {
         let text = (try? String(contentsOfFile: "/proc/net/\(table)", encoding: .utf8)) ?? ""
         for line in text.split(separator: "\n").dropFirst() {
             let fields = line.split(separator: " ")
