@@ -268,4 +268,49 @@ struct ReloadTests {
         let slots = try daemon.waitFor("\(workers) slots", timeoutMs: 15_000) { $0[0].slots.count == workers }[0].slots
         #expect(slots.map(\.slot) == (0..<UInt32(workers)).map { $0 })
     }
+
+    /// v1 → v2 (an upgrade), then, while v1's live flows still drain on its slots, a reload that
+    /// adds a listener rebuilds the service: every live flow keeps its slot, and the flows of the
+    /// draining generation stay with a worker of v1's definition (the rebuilt plane keeps each
+    /// slot's generation), until idle; new flows go to v2.
+    @Test func aRebuildWhileAnOlderGenerationDrainsKeepsItsFlows() throws {
+        func config(_ version: String, _ listen: [String]) -> String {
+            serviceTable("rg", listen: listen, workers: 4, program: UpgradeWorker.program(version), extra: """
+                rcvbuf = 8388608
+                notify = true
+                flow_idle_timeout_ms = 1000
+                """)
+        }
+        let one = ["udp://127.0.0.1:0"]
+        let daemon = try TestDaemon(config: config("v1", one))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "rg")
+        let sessions = try Sessions(128) { "\($0.slot)/\($0.extra["version"] ?? "?")" }
+        try sessions.run(3, to: destination)
+        try daemon.rewriteConfig(config("v2", one))
+        #expect(try daemon.request(ControlRequest(command: .reload)).ok)
+        while try daemon.status()[0].upgrade?.phase != .switched {
+            try sessions.run(1, to: destination)
+            guard sessions.rounds < 60 else { throw HarnessError("v2 did not switch; log:\n\(daemon.logTail(20))") }
+        }
+        try sessions.run(2, to: destination)
+        try daemon.rewriteConfig(config("v2", one + ["udp://[::1]:0"]))
+        var response: ControlResponse?
+        try sessions.run(10, to: destination) { _ in
+            if response == nil { response = try daemon.request(ControlRequest(command: .reload)) }
+        }
+        let fresh = try Whoami.ask(try Traffic.clients(64, on: .loopbackV4), to: destination).compactMap { $0 }
+        let status = try daemon.status()[0]
+        let generations = Dictionary(grouping: status.slots, by: { $0.generation ?? 0 }).mapValues { $0.map(\.slot) }
+        print("rebuild while generation 1 drains: \(response?.message ?? response?.error ?? "-"); \(sessions.moved.count) "
+            + "of 128 live flows changed slot or version, \(sessions.lost) lost; slots by generation "
+            + "\(generations.sorted { $0.key < $1.key }); new flows \(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted())")
+        #expect(response?.ok == true && response?.message?.contains("moved") == false, "\(String(describing: response))")
+        #expect(sessions.moved.isEmpty, "live flows changed slot or version: \(sessions.moved.prefix(8))")
+        #expect(sessions.lost == 0)
+        #expect(Set(sessions.answers.flatMap { $0.map { $0.split(separator: "/")[1] } }) == ["v1"],
+                "the live flows stay with v1")
+        #expect(generations.count == 2, "the draining generation kept its slots: \(generations)")
+        #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v2" }, "new flows go to v2")
+        try daemon.waitFor("the old generation retired", timeoutMs: 15_000) { Set($0[0].slots.map(\.generation)).count == 1 }
+    }
 }
