@@ -71,6 +71,17 @@ struct ConfigurationReload {
             } else {
                 notes.append("rebuilt \(new.name)")
             }
+            // The rebuilt plane has the slots the running one had (a `reuseportctl scale` since
+            // the last reload, say): the file's worker count applies as a scale, as without a rebuild.
+            if let workers = wanted[new.name]?.workers, workers != new.configuration.workers {
+                do {
+                    let moved = try supervisor.scale(new, to: workers)
+                    let when = new.plane.pending != nil ? "switch once their live flows are recorded" : "moved"
+                    notes.append("\(new.name): \(workers) workers, \(moved) buckets \(when)")
+                } catch {
+                    failures.append("\(new.name): cannot change to \(workers) workers: \(error)")
+                }
+            }
         }
         let now = MonotonicClock.nanoseconds()
         for service in supervisor.services where wanted[service.name] == nil {

@@ -265,6 +265,18 @@ final class ServiceRuntime {
             if let last { try plane.continueGenerations(working: last &+ 1, last: last &+ 1) }
         }
         definitions[plane.workingGeneration] = configuration.workerDefinition
+        // A rebuild keeps where every flow goes: the running plane's slots, bucket table and the
+        // change in progress with its records (ServiceDataPlane.carryPlacement). An even table
+        // over 0..<workers would move most flows after a scale, and records left behind would
+        // let the change's flows move too.
+        if staged, let predecessor, try plane.carryPlacement(from: predecessor.plane, now: MonotonicClock.nanoseconds()) {
+            carriedPlacement = true
+            for generation in Set(plane.slotGenerations.values) where generation != plane.workingGeneration {
+                definitions[generation] = predecessor.definitions[generation]
+            }
+            self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
+            if plane.transitionStartedNs != nil { nextTransitionCheck = MonotonicClock.nanoseconds() }
+        }
         if !staged {
             do {
                 try pinInPlace()
@@ -282,6 +294,16 @@ final class ServiceRuntime {
     /// programs and throws, having changed nothing. The predecessor's workers, sockets and
     /// pins are the caller's to retire; then `pinInPlace()`.
     func takeOver(from predecessor: ServiceRuntime?) throws {
+        // The predecessor's program recorded flows until now (a change learning): the last ones
+        // are copied just before its groups switch to this plane's programs.
+        if carriedPlacement, let predecessor {
+            do {
+                let left = try plane.copyRecords(from: predecessor.plane)
+                if left > 0 { logger.warning("rebuild: \(left) flow records did not fit max_tracked_flows: their flows follow the table") }
+            } catch {
+                logger.warning("rebuild: the flow records made since the new data plane was built could not be copied: \(error)")
+            }
+        }
         do {
             try plane.attachPrograms()
         } catch {
@@ -337,6 +359,10 @@ final class ServiceRuntime {
         }
         return Double(moved) / Double(samples)
     }
+
+    /// Built by a reload beside its predecessor, with the predecessor's placement (same bucket
+    /// count and seed): `takeOver` copies the records made meanwhile.
+    private(set) var carriedPlacement = false
 
     /// Slots whose sockets the daemon's previous image handed over (no adopted worker had them).
     private(set) var handedOverSlots = 0

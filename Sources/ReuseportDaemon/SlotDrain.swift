@@ -21,18 +21,28 @@ import ReuseportKit
 /// closing listener's requests (5.14, ReuseportMigration), a handshake still in flight when it
 /// closes goes to a live slot; before 5.14 such a handshake (one that takes longer than the
 /// 50 ms of empty queue) is reset.
+///
+/// A worker of an older generation with TCP listeners keeps the connections it accepted
+/// (`holdWorkerUntil`): when its queues are done with, empty or at `stop_timeout_ms`, only the
+/// daemon's copies close, and the worker runs on until it exits or the hold ends. A connection
+/// still queued at `stop_timeout_ms` is one the worker no longer accepts (it may have closed its
+/// listeners at `drain_signal`); it waits until the worker's copy closes too.
 final class SlotDrain {
     let service: ServiceRuntime
     let slot: UInt32
     /// The daemon's copies, taken out of the data plane (ServiceDataPlane.resizeKeepingRemoved);
     /// empty once closed while the worker is held (`holdWorkerUntil`).
     private(set) var sockets: [ReuseportSocket]
-    /// A slot of an older generation with TCP listeners: once its queues are empty its sockets
-    /// close, but its worker is not stopped before this (the switch + `drain_timeout_ms`), so that
-    /// the connections it accepted stay with it until it exits by itself (after `drain_signal`,
-    /// say) or the drain timeout. Nil: stopped once the queues are empty.
+    /// A slot of an older generation with TCP listeners: once its queues are empty, or at the
+    /// deadline, its sockets close, but its worker is not stopped before this (the switch +
+    /// `drain_timeout_ms`), so that the connections it accepted stay with it until it exits by
+    /// itself (after `drain_signal`, say) or the drain timeout. Nil: stopped once the queues are
+    /// empty, or at the deadline.
     var holdWorkerUntil: Int64?
-    /// `stop_timeout_ms` after the scale: the queue is discarded and counted then.
+    /// The sockets were closed and the worker is held until `holdWorkerUntil`.
+    var listenersReleased = false
+    /// `stop_timeout_ms` after the scale: the queue is discarded and counted then (a held worker
+    /// keeps running: only its sockets close).
     let deadline: Int64
     var nextCheck: Int64
     /// Checks in a row that found every queue empty.
@@ -66,6 +76,12 @@ final class SlotDrain {
         }
     }
 
+    /// Connections waiting in the accept queues of the slot's TCP listeners.
+    var queuedConnections: Int {
+        sockets.filter { $0.endpoint.transport == .tcp }
+            .reduce(0) { $0 + ((try? Syscall.acceptQueueLength($1.fd)) ?? 0) }
+    }
+
     /// Closes the daemon's copies of the sockets (the worker keeps its own).
     func closeSockets() {
         for socket in sockets { socket.close() }
@@ -84,37 +100,62 @@ final class SlotDrain {
 }
 
 extension Supervisor {
-    /// A drain check: once the queues were empty long enough, the worker is stopped; at the
-    /// deadline, it is stopped anyway and what remains is counted.
+    /// A drain check. The sockets are done with once the queues were empty long enough, or at
+    /// the deadline (what is still queued is counted); then the worker is stopped, unless it
+    /// holds its connections (`holdWorkerUntil`): then only the sockets close, and the worker is
+    /// stopped when the hold ends.
     func checkDrain(_ pid: pid_t, now: Int64) {
         guard let drain = draining[pid] else { return }
+        if drain.listenersReleased {
+            guard let hold = drain.holdWorkerUntil, now < hold else {
+                endDrain(pid, now: now, counting: false)
+                return
+            }
+            // Checked again at least once a minute: the hold may have no end (Int64.max).
+            drain.nextCheck = min(hold, now + 60_000_000_000)
+            return
+        }
+        let timedOut: Bool
         if drain.hasQueued {
             drain.emptyChecks = 0
-            if now >= drain.deadline {
-                endDrain(pid, now: now, counting: true,
-                         reason: "its worker did not read them within \(configuration.stopTimeoutMs) ms")
+            timedOut = now >= drain.deadline
+            guard timedOut else {
+                drain.nextCheck = now + SlotDrain.checkIntervalNs
                 return
             }
         } else {
             drain.emptyChecks += 1
-            if drain.emptyChecks >= SlotDrain.emptyChecksBeforeStop {
-                if let hold = drain.holdWorkerUntil, now < hold {
-                    // Nothing is queued and nothing new arrives: the listeners close; the worker
-                    // keeps the connections it accepted until it exits or the hold ends.
-                    if !drain.sockets.isEmpty {
-                        drain.closeSockets()
-                        drain.service.logger.info(
-                            "slot \(drain.slot): listeners closed; its worker keeps its connections until it exits, or for \((hold - now) / 1_000_000) ms")
-                    }
-                    // Checked again at least once a minute: the hold may have no end (Int64.max).
-                    drain.nextCheck = min(hold, now + 60_000_000_000)
-                    return
-                }
-                endDrain(pid, now: now, counting: false)
+            guard drain.emptyChecks >= SlotDrain.emptyChecksBeforeStop else {
+                drain.nextCheck = now + SlotDrain.checkIntervalNs
                 return
             }
+            timedOut = false
         }
-        drain.nextCheck = now + SlotDrain.checkIntervalNs
+        let reason = "its worker did not read them within \(configuration.stopTimeoutMs) ms"
+        guard let hold = drain.holdWorkerUntil, now < hold else {
+            endDrain(pid, now: now, counting: timedOut, reason: reason)
+            return
+        }
+        // The worker keeps the connections it accepted whether or not its accept queues emptied:
+        // connections still queued at the deadline are ones it no longer accepts (a drain signal
+        // makes many servers close their listeners: nginx at SIGQUIT), and stopping it for them
+        // would end every connection it holds. Only the daemon's copies close: the listener
+        // closes once the worker's copy does too, and then the kernel moves what waits in its
+        // queue to a live slot (the migrate program, 5.14; before, those are reset).
+        let waiting = drain.queuedConnections
+        if timedOut {
+            finish(drain, reason: reason)
+        } else {
+            drain.closeSockets()
+        }
+        drain.listenersReleased = true
+        let fate = ReuseportMigration.isSupported ? "go to a live slot" : "are reset"
+        let waitingSentence = waiting > 0
+            ? "; the \(waiting) connections it did not accept within \(configuration.stopTimeoutMs) ms \(fate) once its own copies of the listeners close"
+            : ""
+        drain.service.logger.info(
+            "slot \(drain.slot): listeners closed; its worker keeps its connections until it exits, or for \((hold - now) / 1_000_000) ms\(waitingSentence)")
+        drain.nextCheck = min(hold, now + 60_000_000_000)
     }
 
     /// Ends a drain: stops its worker unless it `exited` (reaped already), counts what is still

@@ -394,9 +394,10 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// them out of this plane's arrays. For a plane that was replaced in its groups (another
     /// plane's program is attached now, `attachPrograms`): nothing is steered to these sockets
     /// any more, and what is queued in them is read by their workers while the caller drains.
+    /// Leaving slots too: their workers still read what their records steered there.
     public func handOverSockets() throws -> [UInt32: [ReuseportSocket]] {
         var taken: [UInt32: [ReuseportSocket]] = [:]
-        for slot in slots { taken[slot] = try takeSockets(slot) }
+        for slot in liveSlots { taken[slot] = try takeSockets(slot) }
         return taken
     }
 
@@ -665,6 +666,80 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 + "and a service has at most \(RP_MAX_SLOTS)")
         }
         return target.sorted()
+    }
+
+    // MARK: a rebuild (reload) that keeps the placement
+
+    /// Takes the placement of `old`, the plane a reload rebuilds, on this plane built beside it
+    /// and not attached yet (nothing steers through it, so the order of these writes does not
+    /// matter): the slots that hold sockets there and the generation of each, the bucket table,
+    /// the fallback table, and the change in progress (pending placement, each bucket's learn and
+    /// pinned flags, leaving slots, drain deadline, the idle timeout it runs with) with its flow
+    /// records. Once attached, every flow goes to the slot it went to before, and the change goes
+    /// on here; a fresh plane's even table would move about (N−1)/N of the flows of a table that
+    /// a scale left.
+    ///
+    /// Only with the same bucket count and seed (otherwise a flow's bucket is another one, and
+    /// flows move by nature): returns false then, and changes nothing. Not carried: the slots of a
+    /// generation still starting (no flow reached them), failover (every slot gets a new worker:
+    /// a failed-over slot's buckets go back to it), and a generation change learning its flows,
+    /// which goes on as a change within the working generation (a rebuild starts the file's
+    /// definition on every slot of the working and pending generations). Slots of an older
+    /// generation keep its number; the others are in the working one. Called once
+    /// `continueGenerations` numbered this plane's working generation. Records are copied again
+    /// just before the switch (`copyRecords`): the old program makes them until then.
+    @discardableResult
+    public func carryPlacement(from old: ServiceDataPlane, now: Int64) throws -> Bool {
+        guard old.options.bucketCount == options.bucketCount, old.options.seed == options.seed else { return false }
+        let starting = Set(old.startingGeneration?.slots ?? [])
+        let carried = old.liveSlots.filter { !starting.contains($0) }
+        let current: Set<UInt32> = [old.workingGeneration, old.pendingGeneration ?? old.workingGeneration]
+        // Sockets first at the slots that are new here, then away from the others: a listener
+        // bound with port 0 keeps its port through a socket bound to it.
+        for slot in carried {
+            let generation = old.slotGenerations[slot].map { current.contains($0) ? workingGeneration : $0 }
+            try insertSockets(slot, generation: generation ?? workingGeneration)
+        }
+        for slot in liveSlots where !carried.contains(slot) { try removeSockets(slot) }
+        slots = old.slots
+        buckets = old.buckets
+        failedOver = []
+        effectiveBuckets = BucketAssignment.overlay(buckets, slots: slots, failed: [])
+        bucketFlags = old.bucketFlags
+        pending = old.pending.map { PendingPlacement(buckets: $0.buckets, slots: $0.slots, failed: [], switchNs: $0.switchNs) }
+        leaving = old.leaving
+        drainDeadlineNs = old.drainDeadlineNs
+        transitionStartedNs = old.transitionStartedNs
+        if transitionStartedNs != nil {
+            // The change finishes with the settings it started with; the file's (this plane's)
+            // apply after it. rp_flows is this plane's, sized by the file.
+            var running = old.options.tracking
+            running.maxFlows = options.tracking.maxFlows
+            if running != options.tracking {
+                deferredTracking = options.tracking
+                options.tracking = running
+            }
+        }
+        try maps.writeBuckets(zip(effectiveBuckets, bucketFlags).map { $0 | $1 })
+        if let pending { try maps.writeNextBuckets(pending.effective) }
+        try maps.writeFallback(old.fallback)
+        fallback = old.fallback
+        try spreadFallback(over: fallbackSlots)
+        try copyRecords(from: old)
+        try persist(now: now)
+        return true
+    }
+
+    /// Copies `old`'s flow records and untracked markers into this plane's maps (over any with
+    /// the same key: the old program's last sighting is the newer). Returns the records that
+    /// did not fit (`max_tracked_flows` made smaller): their flows follow the table.
+    @discardableResult
+    public func copyRecords(from old: ServiceDataPlane) throws -> Int {
+        let records = try old.maps.flows.entries(as: (rp_flow_key, rp_flow).self)
+        let copied = records.isEmpty ? 0 : try maps.flows.updateBatch(records.map(\.0), records.map(\.1))
+        let markers = try old.maps.untracked.entries(as: (rp_flow_key, UInt32).self)
+        if !markers.isEmpty { try maps.untracked.updateBatch(markers.map(\.0), markers.map(\.1)) }
+        return records.count - copied
     }
 
     // MARK: generations

@@ -189,4 +189,128 @@ struct ReloadTests {
         #expect(after - warm < 1024, "RSS grew \(after - warm) kB over \(count) reloads")
         #expect(try daemon.status()[0].slots.count == 2, "still serving")
     }
+
+    /// `scale 6` (a control request), then the file says `workers = 6` and one more listener, and
+    /// a reload rebuilds the service while the scale's change still drains. A rebuild takes the
+    /// bucket table the running plane has, its flow records and the change in progress: every
+    /// live flow keeps its slot through it (the table of a fresh build, spread evenly over 6
+    /// slots, differs from the one a 4 → 6 change made), the records of the draining change go
+    /// on steering their flows, and the change ends once they are idle. The same after `scale 3`:
+    /// the leaving slot keeps its socket and gets a worker in the new plane, and the flows its
+    /// records hold stay there until idle. And after `scale 6` with a file that still says 4:
+    /// the rebuild keeps the 6 slots, then the file's count applies as a scale that keeps live
+    /// flows too.
+    @Test(arguments: [(6, 6), (3, 3), (6, 4)])
+    func aRebuildAfterAScaleMovesNoLiveFlow(scaled: Int, workers: Int) throws {
+        func config(_ listen: [String], workers: Int) -> String {
+            serviceTable("rb", listen: listen, workers: workers, extra: """
+                rcvbuf = 8388608
+                flow_idle_timeout_ms = 1000
+                """)
+        }
+        let daemon = try TestDaemon(config: config(["udp://127.0.0.1:0"], workers: 4))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "rb")
+        let maps = try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "rb"))
+        // Labelled by slot only: a rebuild starts new workers on every slot.
+        let sessions = try Sessions(128) { "\($0.slot)" }
+        try sessions.run(3, to: destination)
+        let scale = try daemon.request(ControlRequest(command: .scale, service: "rb", workers: scaled))
+        #expect(scale.ok, "\(scale)")
+        // The change learns for the idle timeout, then switches and drains while the flows send.
+        var round = 0
+        while try maps.readTransition().phase != RP_TRANSITION_DRAINING.rawValue {
+            try sessions.run(1, to: destination)
+            round += 1
+            guard round < 100 else { throw HarnessError("the scale never switched; log:\n\(daemon.logTail(20))") }
+        }
+        try sessions.run(2, to: destination)
+        let tableBefore = try maps.readBuckets()
+        let recordsBefore = try FlowRecords.count(maps)
+
+        try daemon.rewriteConfig(config(["udp://127.0.0.1:0", "udp://[::1]:0"], workers: workers))
+        var response: ControlResponse?
+        var rebuilt: DispatchMaps?
+        var recordsAfter = 0
+        var tableAfter: [UInt32] = []
+        try sessions.run(10, to: destination) { round in
+            guard response == nil else { return }
+            response = try daemon.request(ControlRequest(command: .reload))
+            // The new plane's pins, read at once (a scale to the file's count, if any, learns
+            // before its buckets move; records stay until their flows idle).
+            let pinned = try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "rb"))
+            recordsAfter = try FlowRecords.count(pinned)
+            tableAfter = try pinned.readBuckets()
+            rebuilt = pinned
+        }
+        let newMaps = try #require(rebuilt)
+        let movedBuckets = zip(tableBefore, tableAfter).filter { $0 != $1 }.count
+        let changed = sessions.moved.count
+        print("rebuild (workers = \(workers)) after scale 4 → \(scaled): \(response?.message ?? response?.error ?? "-"); \(changed) of 128 live flows "
+            + "changed slot, \(sessions.lost) datagrams lost; \(movedBuckets) of \(tableBefore.count) buckets on another "
+            + "slot; \(recordsBefore) records before, \(recordsAfter) after")
+        #expect(response?.ok == true, "\(String(describing: response))")
+        #expect(response?.message?.contains("moved to another slot") == false, "\(String(describing: response))")
+        #expect(sessions.moved.isEmpty, "\(sessions.moved.count) of 128 live flows changed slot: \(sessions.moved.prefix(8))")
+        #expect(sessions.lost == 0, "no datagram lost")
+        #expect(movedBuckets == 0, "the rebuilt plane has the running plane's bucket table")
+        if workers == scaled {
+            #expect(recordsAfter == recordsBefore, "the draining change's records carried over")
+        } else {
+            // The file's scale learns on top of the carried change: more records, none dropped.
+            #expect(recordsAfter >= recordsBefore, "the draining change's records carried over")
+        }
+        #expect(try daemon.status()[0].listeners.count == 2)
+
+        // The carried change ends once its flows are idle, with the file's workers.
+        let ends = nowMs() + 15_000
+        while try newMaps.readTransition().phase != RP_TRANSITION_NONE.rawValue, nowMs() < ends { sleepMs(50) }
+        #expect(try newMaps.readTransition().phase == RP_TRANSITION_NONE.rawValue, "the change finished")
+        let slots = try daemon.waitFor("\(workers) slots", timeoutMs: 15_000) { $0[0].slots.count == workers }[0].slots
+        #expect(slots.map(\.slot) == (0..<UInt32(workers)).map { $0 })
+    }
+
+    /// v1 → v2 (an upgrade), then, while v1's live flows still drain on its slots, a reload that
+    /// adds a listener rebuilds the service: every live flow keeps its slot, and the flows of the
+    /// draining generation stay with a worker of v1's definition (the rebuilt plane keeps each
+    /// slot's generation), until idle; new flows go to v2.
+    @Test func aRebuildWhileAnOlderGenerationDrainsKeepsItsFlows() throws {
+        func config(_ version: String, _ listen: [String]) -> String {
+            serviceTable("rg", listen: listen, workers: 4, program: UpgradeWorker.program(version), extra: """
+                rcvbuf = 8388608
+                notify = true
+                flow_idle_timeout_ms = 1000
+                """)
+        }
+        let one = ["udp://127.0.0.1:0"]
+        let daemon = try TestDaemon(config: config("v1", one))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "rg")
+        let sessions = try Sessions(128) { "\($0.slot)/\($0.extra["version"] ?? "?")" }
+        try sessions.run(3, to: destination)
+        try daemon.rewriteConfig(config("v2", one))
+        #expect(try daemon.request(ControlRequest(command: .reload)).ok)
+        while try daemon.status()[0].upgrade?.phase != .switched {
+            try sessions.run(1, to: destination)
+            guard sessions.rounds < 60 else { throw HarnessError("v2 did not switch; log:\n\(daemon.logTail(20))") }
+        }
+        try sessions.run(2, to: destination)
+        try daemon.rewriteConfig(config("v2", one + ["udp://[::1]:0"]))
+        var response: ControlResponse?
+        try sessions.run(10, to: destination) { _ in
+            if response == nil { response = try daemon.request(ControlRequest(command: .reload)) }
+        }
+        let fresh = try Whoami.ask(try Traffic.clients(64, on: .loopbackV4), to: destination).compactMap { $0 }
+        let status = try daemon.status()[0]
+        let generations = Dictionary(grouping: status.slots, by: { $0.generation ?? 0 }).mapValues { $0.map(\.slot) }
+        print("rebuild while generation 1 drains: \(response?.message ?? response?.error ?? "-"); \(sessions.moved.count) "
+            + "of 128 live flows changed slot or version, \(sessions.lost) lost; slots by generation "
+            + "\(generations.sorted { $0.key < $1.key }); new flows \(Set(fresh.map { $0.extra["version"] ?? "?" }).sorted())")
+        #expect(response?.ok == true && response?.message?.contains("moved") == false, "\(String(describing: response))")
+        #expect(sessions.moved.isEmpty, "live flows changed slot or version: \(sessions.moved.prefix(8))")
+        #expect(sessions.lost == 0)
+        #expect(Set(sessions.answers.flatMap { $0.map { $0.split(separator: "/")[1] } }) == ["v1"],
+                "the live flows stay with v1")
+        #expect(generations.count == 2, "the draining generation kept its slots: \(generations)")
+        #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v2" }, "new flows go to v2")
+        try daemon.waitFor("the old generation retired", timeoutMs: 15_000) { Set($0[0].slots.map(\.generation)).count == 1 }
+    }
 }

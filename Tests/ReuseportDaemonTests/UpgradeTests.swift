@@ -6,6 +6,7 @@ import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
 import Synchronization
+import SystemPackage
 import Testing
 
 /// The upgrades' exec worker (Tests/upgrade/worker.py): answers as whoami does, plus its version.
@@ -517,6 +518,141 @@ extension UpgradeTests {
         #expect(fresh.count == 64 && fresh.allSatisfy { $0.extra["version"] == "v3" })
         try daemon.waitFor("generations 1 and 2 retired", timeoutMs: 15_000) { services in
             services[0].slots.allSatisfy { $0.generation == 3 }
+        }
+    }
+}
+
+extension UpgradeTests {
+    /// A TCP service on two listeners (v4 and v6) whose workers stop accepting at
+    /// `drain_signal = "SIGQUIT"` (they close their listeners, as nginx does), upgraded right
+    /// after a burst of 600 connects that generation 1 has not accepted yet (its workers are
+    /// paused, SIGSTOP, as workers busy with a burst are slow): the old listeners retire with
+    /// connections in their accept queues that nobody will accept. The 16 connections held open
+    /// since before stay with their generation 1 worker until drain_timeout_ms after the switch
+    /// (docs/configuration.md, "Generations"), and only then is it stopped; the burst's
+    /// connections are all answered (the kernel moves what waited at a closed listener to a live
+    /// one: ReuseportMigration).
+    @Test func tcpUpgradeDuringABurstKeepsAcceptedConnections() throws {
+        let drainTimeoutMs = 10_000
+        func config(_ version: String) -> String {
+            serviceTable("stream", listen: ["tcp://127.0.0.1:0", "tcp://[::1]:0"], workers: 4,
+                         program: UpgradeWorker.program(version, ["--close-listeners-on-drain"]), extra: """
+                notify = true
+                drain_signal = "SIGQUIT"
+                drain_timeout_ms = \(drainTimeoutMs)
+                """)
+        }
+        let daemon = try TestDaemon(config: config("v1"))
+        let services = try daemon.waitForWorkers()
+        let destinations = try services[0].listeners.map { try Endpoint(parsing: $0).address }
+        #expect(destinations.count == 2 && destinations[0].address.isV4 && !destinations[1].address.isV4)
+        let oldWorkers = services[0].slots.compactMap(\.pid)
+
+        var held: [(client: FlowClient, pid: Int32)] = []
+        for index in 0..<16 {
+            let client = try FlowClient(.tcp, local: SocketAddress(destinations[index % 2].address, 0))
+            try client.connect(to: destinations[index % 2])
+            guard case .reply(let reply) = StreamAnswer.ask(client, "held \(index)"), reply.extra["generation"] == "1" else {
+                throw HarnessError("held connection \(index) got no answer from generation 1; log:\n\(daemon.logTail(20))")
+            }
+            held.append((client, reply.pid))
+        }
+
+        // The burst: completed handshakes wait in generation 1's accept queues.
+        for pid in oldWorkers { try Syscall.kill(pid, SIGSTOP) }
+        defer { for pid in oldWorkers { try? Syscall.kill(pid, SIGCONT) } }
+        var burst: [FlowClient] = []
+        for index in 0..<600 {
+            let client = try FlowClient(.tcp, local: SocketAddress(destinations[index % 2].address, 0))
+            try client.connect(to: destinations[index % 2])
+            try client.send(Array("burst \(index)\n".utf8), to: destinations[index % 2])
+            burst.append(client)
+        }
+        let response = try daemon.request(ControlRequest(command: .upgrade, service: "stream"))
+        #expect(response.ok, "\(response)")
+        let status = try daemon.waitFor("generation 2 switched", timeoutMs: 30_000) {
+            $0[0].upgrade?.phase == .switched
+        }[0]
+        // Resumed, each generation 1 worker takes its SIGQUIT (sent at the switch) first: it
+        // closes its listeners with the burst still queued there.
+        for pid in oldWorkers { try Syscall.kill(pid, SIGCONT) }
+        let switchedNs = try #require(status.upgrade?.switchedNs)
+        let holdEndsNs = switchedNs + UInt64(drainTimeoutMs) * 1_000_000
+
+        // Until drain_timeout_ms after the switch (the daemon's clock is the wall clock), each held
+        // connection answers from the worker that accepted it. Asked every 250 ms: a late answer
+        // only makes the window longer, never a loss.
+        var lost: [String] = []
+        var round = 0
+        while lost.isEmpty, WallClock.nanoseconds() < holdEndsNs {
+            for (index, connection) in held.enumerated() {
+                let answer = StreamAnswer.ask(connection.client, "still there \(round)")
+                let afterMs = (Int64(WallClock.nanoseconds()) - Int64(switchedNs)) / 1_000_000
+                switch answer {
+                case .reply(let reply) where reply.pid == connection.pid:
+                    break
+                case .reply(let reply):
+                    lost.append("held connection \(index) answered by pid \(reply.pid), not \(connection.pid), \(afterMs) ms after the switch")
+                case .closed(let why) where WallClock.nanoseconds() < holdEndsNs:
+                    lost.append("held connection \(index) of pid \(connection.pid): \(why) \(afterMs) ms after the switch")
+                case .closed:
+                    break  // the hold ended meanwhile
+                }
+            }
+            round += 1
+            sleepMs(250)
+        }
+        var burstGenerations: [String: Int] = [:]
+        var burstLost: [String] = []
+        for (index, client) in burst.enumerated() {
+            switch StreamAnswer.read(client) {
+            case .reply(let reply): burstGenerations["generation \(reply.extra["generation"] ?? "?")", default: 0] += 1
+            case .closed(let why): burstLost.append("burst connection \(index): \(why)")
+            }
+        }
+        print("TCP upgrade with 600 connects queued at generation 1: \(16 - lost.count) of 16 held connections "
+            + "kept their worker until drain_timeout_ms; burst answered by \(burstGenerations.sorted { $0.key < $1.key }), "
+            + "\(burstLost.count) lost")
+        if !lost.isEmpty || !burstLost.isEmpty { print("daemon log kept at \(daemon.keepLog())") }
+        #expect(lost.isEmpty, "held connections lost before drain_timeout_ms after the switch: \(lost)")
+        if ReuseportMigration.isSupported {
+            #expect(burstLost.isEmpty, "every connection of the burst is answered: \(burstLost.prefix(5))")
+        }
+
+        // Then generation 1's workers are stopped.
+        let gone = nowMs() + 20_000
+        while oldWorkers.contains(where: processExists), nowMs() < gone { sleepMs(50) }
+        #expect(!oldWorkers.contains(where: processExists), "generation 1's workers are stopped once drain_timeout_ms passed")
+    }
+}
+
+/// What a TCP client got for a line it sent: the whoami answer, or why there was none.
+private enum StreamAnswer {
+    case reply(WhoamiReply)
+    case closed(String)
+
+    /// Sends `line` on `client` and reads the answer.
+    static func ask(_ client: FlowClient, _ line: String) -> StreamAnswer {
+        do {
+            // MSG_NOSIGNAL: a connection its worker closed is an error here, not a SIGPIPE.
+            _ = try Array("\(line)\n".utf8).withUnsafeBytes { bytes in
+                try Syscall.send(FileDescriptor(rawValue: client.fd), bytes, flags: Int32(MSG_NOSIGNAL))
+            }
+        } catch {
+            return .closed("\(error)")
+        }
+        return read(client)
+    }
+
+    /// Reads the answer to a line sent already.
+    static func read(_ client: FlowClient) -> StreamAnswer {
+        do {
+            guard let bytes = try client.receive(timeoutMs: 10_000) else { return .closed("no answer in 10 s") }
+            guard !bytes.isEmpty else { return .closed("end of file") }
+            guard let reply = WhoamiReply(bytes) else { return .closed("not a whoami answer") }
+            return .reply(reply)
+        } catch {
+            return .closed("\(error)")
         }
     }
 }
