@@ -42,6 +42,8 @@ APT_PACKAGES += prometheus
 # ... Debian's unbound: an unmodified third-party worker the upgrade tests deploy (socket activation,
 # sd_notify); the tests run the binary as a worker, not the package's own service.
 APT_PACKAGES += unbound
+# ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c).
+APT_PACKAGES += gcc libc6-dev
 # ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
 # throwaway certificate.
 APT_PACKAGES += python3-venv openssl
@@ -316,6 +318,8 @@ COMPLETIONS := bash:share/bash-completion/completions/% zsh:share/zsh/vendor-com
 UNITS       := dist/reuseportd.service dist/reuseportd-metrics.service
 DOCS        := README.md docs/operations.md docs/configuration.md docs/cli.md docs/architecture.md \
 	docs/kernel-support.md docs/benchmarks.md docs/benchmarks.png
+# The example workers (docs/examples: C and Python; ExampleWorkerTests runs both as workers).
+EXAMPLES    := docs/examples/worker.c docs/examples/worker.py
 UNIT_PATHS  := -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/etc/reuseportd/|$(SYSCONFDIR)/reuseportd/|g' \
 	-e 's|/usr/share/doc/reuseportd/|$(DOCDIR)/|g'
 
@@ -339,6 +343,7 @@ install-files:
 		install -D -m 0644 $(DIST_DIR)/completions/$$product.$$shell $$path || exit 1; \
 	done; done
 	$(Q)install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	$(Q)install -d $(DESTDIR)$(DOCDIR)/examples && install -m 0644 $(EXAMPLES) $(DESTDIR)$(DOCDIR)/examples/
 
 # `make deb`: the package, with dpkg-deb (no debhelper): `make install` with PREFIX=/usr into a
 # staging root, plus control, conffiles, md5sums, copyright and maintainer scripts from dist/debian/.

@@ -1,0 +1,101 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportControl
+import ReuseportKit
+import ReuseportTestSupport
+import Testing
+
+/// The example workers of docs/examples (installed under /usr/share/doc/reuseportd/examples), run
+/// as the daemon runs them: a UDP and a TCP listener, `notify`, `watchdog_ms` and `drain_signal`.
+/// Each says READY=1 and STATUS=, keeps its watchdog, answers datagrams and connections on the
+/// sockets it was given, and, when a scale-down takes its slot, serves its open connection to the
+/// end and exits by itself.
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct ExampleWorkerTests {
+    static let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().appendingPathComponent("docs/examples").path
+
+    enum Language: String, CaseIterable { case python, c }
+
+    /// The `exec` array for the example in `language` (the C one compiled into `folder` first).
+    static func program(_ language: Language, in folder: TemporaryDirectory) throws -> [String] {
+        switch language {
+        case .python:
+            return ["/usr/bin/python3", "\(examples)/worker.py"]
+        case .c:
+            let binary = "\(folder.path)/worker"
+            let compiler = try spawn(["/usr/bin/cc", "-O2", "-Wall", "-Werror", "-o", binary, "\(examples)/worker.c"],
+                                     output: "\(folder.path)/cc.log")
+            guard waitExit(compiler, timeoutMs: 60_000) == 0 else {
+                throw HarnessError("cc worker.c failed: \((try? String(contentsOfFile: "\(folder.path)/cc.log", encoding: .utf8)) ?? "")")
+            }
+            return [binary]
+        }
+    }
+
+    @Test(arguments: Language.allCases)
+    func anExampleWorkerServesNotifiesAndDrains(_ language: Language) throws {
+        let folder = try TemporaryDirectory("reuseportd-example")
+        let argv = try Self.program(language, in: folder)
+        let daemon = try TestDaemon(config: serviceTable(
+            "example", listen: ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"], workers: 2,
+            program: "exec = [" + argv.map { "\"\($0)\"" }.joined(separator: ", ") + "]",
+            extra: "notify = true\nwatchdog_ms = 1000\ndrain_signal = \"SIGUSR2\"\nflow_idle_timeout_ms = 500"))
+        let services = try daemon.waitFor("both workers ready by READY=1") { services in
+            services[0].slots.allSatisfy { $0.state == "running" && $0.notifiedReady == true }
+        }
+        let listeners = services[0].listeners.compactMap { try? Endpoint(parsing: $0) }
+        let udp = try #require(listeners.first { $0.transport == .udp }).address
+        let tcp = try #require(listeners.first { $0.transport == .tcp }).address
+        #expect(services[0].slots.allSatisfy { $0.notifiedStatus == "serving 2 sockets" }, "\(services[0].slots)")
+
+        // UDP: every datagram answered, by the slot the status names.
+        let clients = try Traffic.clients(32, on: .loopbackV4)
+        var slotsSeen = Set<String>()
+        for (index, client) in clients.enumerated() {
+            try client.send(Array("hello \(index)".utf8), to: udp)
+            let answer = try client.receive(timeoutMs: 5000).map { String(decoding: $0, as: UTF8.self) }
+            #expect(answer?.hasSuffix(" generation=1 hello \(index)") == true, "datagram \(index): \(answer ?? "no answer")")
+            if let slot = answer?.split(separator: " ").first { slotsSeen.insert(String(slot)) }
+        }
+        #expect(slotsSeen == ["slot=0", "slot=1"], "both slots answered: \(slotsSeen)")
+
+        // TCP: a connection to slot 1's worker, held through a scale-down that takes slot 1.
+        var held: FlowClient?
+        for _ in 0..<64 where held == nil {
+            let client = try FlowClient(.tcp, local: SocketAddress(.loopbackV4, 0))
+            try client.connect(to: tcp)
+            try client.send(Array("ping\n".utf8), to: tcp)
+            let answer = try client.receive(timeoutMs: 5000).map { String(decoding: $0, as: UTF8.self) }
+            #expect(answer?.hasSuffix(" generation=1 ping\n") == true, "TCP answer: \(answer ?? "none")")
+            if answer?.hasPrefix("slot=1 ") == true { held = client }
+        }
+        try #require(held != nil, "no connection reached slot 1 in 64 tries")
+
+        // The watchdog: more than twice watchdog_ms pass, and no worker is restarted for it.
+        sleepMs(2500)
+        let alive = try daemon.status()[0].slots
+        #expect(alive.allSatisfy { ($0.watchdogRestarts ?? 0) == 0 && $0.restarts == 0 }, "\(alive)")
+        let leavingPid = try #require(alive.first { $0.slot == 1 }?.pid)
+
+        let scale = try daemon.request(ControlRequest(command: .scale, service: "example", workers: 1))
+        #expect(scale.ok, "\(scale)")
+        let holding = try daemon.waitFor("slot 1 retired, its worker holding its connection", timeoutMs: 20_000) {
+            $0[0].slots.map(\.slot) == [0] && ($0[0].leaving ?? []).contains { $0.pid == leavingPid && $0.state == .holding }
+        }
+        try held!.send(Array("still there?\n".utf8), to: tcp)
+        let late = try held!.receive(timeoutMs: 5000).map { String(decoding: $0, as: UTF8.self) }
+        #expect(late == "slot=1 generation=1 still there?\n", "the held connection is served by its worker: \(late ?? "none")")
+        // Closed by the client: the draining worker has nothing left and exits by itself, long
+        // before drain_timeout_ms (an hour).
+        held = nil  // its only reference: the socket closes
+        let gone = nowMs() + 10_000
+        while processExists(leavingPid), nowMs() < gone { sleepMs(50) }
+        print("example worker (\(language.rawValue)): slots \(slotsSeen.sorted()), leaving \(holding[0].leaving ?? []), "
+            + "exited by itself: \(!processExists(leavingPid))")
+        #expect(!processExists(leavingPid), "the drained worker exited once its last connection closed")
+        #expect(daemon.stop() == 0)
+    }
+}
