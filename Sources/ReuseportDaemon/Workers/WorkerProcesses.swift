@@ -42,8 +42,10 @@ final class WorkerProcesses {
     /// No process of this worker is left (zombies reaped: the daemon is their parent or reaper).
     var isEmpty: Bool {
         if cgroup != nil { return members.isEmpty }
-        // kill(2) with signal 0 to the group: ESRCH once no process of it is left.
-        return (try? Syscall.kill(-leader, 0)) == nil
+        // kill(2) with signal 0 to the group: ESRCH once no process of it is left. It counts
+        // zombies too: an adopted worker's (not this daemon's child) stays one until init reaps it,
+        // which some containers' init never does, so a group that answers is read from /proc.
+        return (try? Syscall.kill(-leader, 0)) == nil || Syscall.liveMembers(ofProcessGroup: leader).isEmpty
     }
 
     func leaderDidExit() { leaderExited = true }

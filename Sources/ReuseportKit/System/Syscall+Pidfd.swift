@@ -39,6 +39,19 @@ extension Syscall {
         return fields[0] == "Z" || fields[0] == "X" ? nil : ticks
     }
 
+    /// The processes of process group `group` that have not exited (/proc/<pid>/stat: field 3 the
+    /// state, field 5 the group). kill(2) to the group counts its zombies too, and a zombie that is
+    /// not this process's child is reaped only when init gets to it: in some containers, never.
+    public static func liveMembers(ofProcessGroup group: pid_t) -> [pid_t] {
+        directoryEntries("/proc").compactMap(pid_t.init).filter { pid in
+            guard let text = try? String(decoding: readFile("/proc/\(pid)/stat"), as: UTF8.self),
+                  let close = text.lastIndex(of: ")")
+            else { return false }
+            let fields = text[text.index(after: close)...].split(separator: " ")
+            return fields.count > 2 && fields[0] != "Z" && fields[0] != "X" && pid_t(fields[2]) == group
+        }
+    }
+
     /// The descriptors of process `pid` that are sockets (/proc/<pid>/fd entries that read
     /// "socket:[inode]"), in ascending order; empty when they cannot be read.
     public static func socketDescriptors(of pid: pid_t) -> [Int32] {
