@@ -10,7 +10,7 @@ import Testing
 
 /// Operations one after the other, as operators and failures bring them: random sequences of
 /// scale, upgrade, rollback, reload, a worker's SIGKILL, the daemon's SIGKILL and a new start on
-/// its pins, and `reexec`, on one service with a UDP and a TCP listener on one port, while 64 UDP
+/// its pins, and `reexec`, on one service with UDP and TCP listeners on 127.0.0.1 and UDP on [::1], while 64 + 16 UDP
 /// flows send and 8 TCP connections stay open. Each feature holds alone (their own suites); this
 /// is about what follows what.
 ///
@@ -93,12 +93,14 @@ final class ChaosRun {
     /// The ports the first daemon bound. The configuration asks for port 0 throughout (a port
     /// picked here could be taken by another test's socket before the daemon binds it): a daemon
     /// started on the pins keeps the adopted sockets' port, and a reload keeps the running one.
-    private var udpPort: UInt16 = 0, tcpPort: UInt16 = 0
+    private var udpPort: UInt16 = 0, udp6Port: UInt16 = 0, tcpPort: UInt16 = 0
     private var workers = 4
     private var daemons: [TestDaemon] = []
     private var daemon: TestDaemon { daemons[daemons.count - 1] }
+    /// The live flows: `flows` over IPv4, then `flows / 4` over IPv6 (the service's third listener).
     private var numbered: NumberedFlows
-    /// Each flow's slot, from its first answer.
+    private var numbered6: NumberedFlows
+    /// Each flow's slot, from its first answer (IPv6 flows after the IPv4 ones).
     private var slotOf: [Int: UInt32] = [:]
     private var rounds = 0
     /// Datagrams sent and lost by the flows that ended (`newFlows`).
@@ -111,27 +113,34 @@ final class ChaosRun {
     private(set) var refused = 0
     private(set) var movedFlows = 0
     private(set) var processesLeft = 0
-    var lostDatagrams: Int { endedLost + numbered.answered.reduce(0) { $0 + rounds - $1.count } }
-    var sentDatagrams: Int { endedSent + rounds * Self.flows }
+    var lostDatagrams: Int {
+        endedLost + (numbered.answered + numbered6.answered).reduce(0) { $0 + rounds - $1.count }
+    }
+    var sentDatagrams: Int { endedSent + rounds * (Self.flows + Self.flows / 4) }
 
     init(seed: UInt64) throws {
         random = SeededRandom(seed: seed)
         numbered = NumberedFlows(try Traffic.clients(Self.flows, on: .loopbackV4))
+        numbered6 = NumberedFlows(try Traffic.clients(Self.flows / 4, on: .loopbackV6))
         let first = try TestDaemon(config: config())
         daemons.append(first)
         let listeners = try first.waitFor("the listeners") { !$0.isEmpty }[0].listeners
             .compactMap { try? Endpoint(parsing: $0) }
-        udpPort = listeners.first { $0.transport == .udp }?.address.port ?? 0
+        udpPort = listeners.first { $0.transport == .udp && $0.address.address.family == AF_INET }?.address.port ?? 0
+        udp6Port = listeners.first { $0.transport == .udp && $0.address.address.family == AF_INET6 }?.address.port ?? 0
         tcpPort = listeners.first { $0.transport == .tcp }?.address.port ?? 0
     }
 
     func config() -> String {
-        serviceTable(Self.service, listen: ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"],
+        serviceTable(Self.service, listen: ["udp://127.0.0.1:0", "tcp://127.0.0.1:0", "udp://[::1]:0"],
                      workers: workers, extra: "rcvbuf = 8388608\nflow_idle_timeout_ms = 1000")
     }
 
     var udp: SocketAddress { SocketAddress(.loopbackV4, udpPort) }
-    var holders: Set<pid_t> { processesHolding(port: udpPort, .udp).union(processesHolding(port: tcpPort, .tcp)) }
+    var holders: Set<pid_t> {
+        processesHolding(port: udpPort, .udp).union(processesHolding(port: udp6Port, .udp))
+            .union(processesHolding(port: tcpPort, .tcp))
+    }
 
     func play(steps count: Int) throws {
         try settle("start")
@@ -182,6 +191,7 @@ final class ChaosRun {
             endedLost = lostDatagrams
             endedSent = sentDatagrams
             numbered = NumberedFlows(try Traffic.clients(Self.flows, on: .loopbackV4))
+            numbered6 = NumberedFlows(try Traffic.clients(Self.flows / 4, on: .loopbackV6))
             slotOf = [:]
             rounds = 0
             // The new flows stay live (a round every 200 ms) past the old ones' idle timeout.
@@ -232,13 +242,17 @@ final class ChaosRun {
     /// One numbered datagram on every flow, every answer awaited (up to 10 s).
     private func round() throws {
         try numbered.send(rounds, to: udp)
+        try numbered6.send(rounds, to: SocketAddress(.loopbackV6, udp6Port))
         rounds += 1
-        try numbered.receive(until: nowMs() + 10_000, orAll: rounds) { flow, _, reply in
-            if let first = self.slotOf[flow], first != reply.slot {
-                self.movedFlows += 1
-                self.violations.append("flow \(flow) moved from slot \(first) to \(reply.slot) at \(self.steps.last ?? "the start")")
+        for (offset, flows) in [(0, numbered), (Self.flows, numbered6)] {
+            try flows.receive(until: nowMs() + 10_000, orAll: rounds) { index, _, reply in
+                let flow = offset + index
+                if let first = self.slotOf[flow], first != reply.slot {
+                    self.movedFlows += 1
+                    self.violations.append("flow \(flow) moved from slot \(first) to \(reply.slot) at \(self.steps.last ?? "the start")")
+                }
+                if self.slotOf[flow] == nil { self.slotOf[flow] = reply.slot }
             }
-            if self.slotOf[flow] == nil { self.slotOf[flow] = reply.slot }
         }
     }
 
@@ -260,8 +274,8 @@ final class ChaosRun {
     /// The invariants, read from outside: flows (checked in `round`), connections, the processes
     /// on the port, the pins.
     private func check(after step: String) throws {
-        if numbered.answered.contains(where: { $0.count < rounds }) {
-            violations.append("after \(step): \(numbered.unanswered(rounds: rounds).prefix(5)) unanswered")
+        for flows in [numbered, numbered6] where flows.answered.contains(where: { $0.count < rounds }) {
+            violations.append("after \(step): \(flows.unanswered(rounds: rounds).prefix(5)) unanswered")
         }
         for (index, connection) in tcp.enumerated() {
             let reply = try? ask(connection.client)
