@@ -51,8 +51,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
         /// rp_flows' capacity.
         public var maxFlows: Int
         /// New records per second for the whole service: nil (the default) spreads `maxFlows` over
-        /// one learning window (at least 1,000 a second), so that new tuples sprayed while a change
-        /// learns cannot fill the table before the window ends; 0: no bound.
+        /// one learning window plus the one second of credit the token bucket starts with (at
+        /// least 1 a second), so that new tuples sprayed while a change learns cannot fill the
+        /// table before the window ends; 0: no bound.
         public var recordsPerSecond: Int?
         /// Leaving slots retire at most this long after the switch, live records or not (0: never).
         public var drainTimeoutMs: Int
@@ -66,11 +67,15 @@ public final class ServiceDataPlane: @unchecked Sendable {
             self.drainTimeoutMs = drainTimeoutMs
         }
 
-        /// The bound in force: `recordsPerSecond`, or by default `maxFlows` over one idle timeout.
+        /// The bound in force: `recordsPerSecond`, or by default `maxFlows` over one idle timeout
+        /// and one second. The bucket holds at most one second of credit and starts full
+        /// (bpf/dispatch.bpf.c, take_record_credit), so a window of W seconds records at most
+        /// rate × (W + 1): with this rate, never more than `maxFlows`. No floor but 1 a second: a
+        /// floor above `maxFlows / (W + 1)` would let a spray fill the table early.
         public var effectiveRecordsPerSecond: Int {
             if let recordsPerSecond { return recordsPerSecond }
-            let window = Swift.max(idleTimeoutMs, 1)
-            return Swift.max(1000, maxFlows * 1000 / window)
+            let window = Swift.max(idleTimeoutMs, 1) + 1000
+            return Swift.max(1, maxFlows * 1000 / window)
         }
 
         /// rp_config.record_cost_ns: the credit one record costs in the service's token bucket.

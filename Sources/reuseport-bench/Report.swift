@@ -178,7 +178,7 @@ struct Report {
                 + "took \(fixed(r.roundSeconds, 1)) s. The service grows 4 → 6 as a change with a \(r.idleMs / 1000) s idle "
                 + "timeout: the moving buckets learn for \(r.idleMs / 1000) s (\(r.learningRounds) rounds), then switch; one "
                 + "more round says where each flow lands. `max_tracked_flows` is twice the flows, and "
-                + "`max_new_flows_per_second` its default, the table's size over the learning window "
+                + "`max_new_flows_per_second` its default, the table's size over the learning window and one second "
                 + "(\(r.rateBound)/s): packets of flows it refused (`rate_refused`, \(r.rateRefused) here) are recorded at a "
                 + "later round.")
             lines.append("")

@@ -68,7 +68,57 @@ struct ConfigurationTests {
         #expect(service.tracking == ServiceDataPlane.FlowTracking())
         #expect(service.tracking.enabled && service.tracking.idleTimeoutMs == 60_000
                     && service.tracking.maxFlows == 262_144 && service.tracking.recordsPerSecond == nil
-                    && service.tracking.effectiveRecordsPerSecond == 4369 && service.tracking.drainTimeoutMs == 3_600_000)
+                    && service.tracking.effectiveRecordsPerSecond == 4297 && service.tracking.drainTimeoutMs == 3_600_000)
+    }
+
+    /// docs/configuration.md: by default a spray of new tuples while a change learns cannot fill
+    /// the table before the window ends. The program's bucket starts with one second of credit
+    /// and earns one second a second (bpf/dispatch.bpf.c, take_record_credit), so a window of W
+    /// seconds records at most rate × (W + 1): that must not exceed `max_tracked_flows`, small
+    /// tables included (1,000 records and a 10 s window filled in about a second at a floor of
+    /// 1,000 a second).
+    @Test(arguments: [(1000, 10_000), (256, 1000), (262_144, 60_000), (4096, 2500), (100_000, 100), (50, 60_000)])
+    func theDefaultRateCannotFillTheTableBeforeTheWindowEnds(maxFlows: Int, idleMs: Int) throws {
+        let tracking = try ConfigurationParser.parse("""
+            [[service]]
+            name = "d"
+            listen = ["udp://127.0.0.1:0"]
+            workers = 1
+            builtin = "echo"
+            max_tracked_flows = \(maxFlows)
+            flow_idle_timeout_ms = \(idleMs)
+            """, file: "d.toml").services[0].tracking
+        let rate = tracking.effectiveRecordsPerSecond
+        let mostRecorded = rate * (idleMs + 1000) / 1000
+        // The one exception, documented: a table of fewer records than the window has seconds
+        // (plus one) gets the least bound there is, 1 a second.
+        #expect(rate >= 1 && (mostRecorded <= maxFlows || (rate == 1 && maxFlows < (idleMs + 1000) / 1000)),
+                "\(maxFlows) records, \(idleMs) ms: \(rate)/s records up to \(mostRecorded) in the window")
+        // Not far below either: the bound is the table spread over the window.
+        #expect(mostRecorded >= maxFlows - (idleMs + 1000) / 1000 || rate == 1, "\(rate)/s, \(mostRecorded)")
+        if maxFlows == 1000 && idleMs == 10_000 { #expect(rate == 90) }
+    }
+
+    /// `watchdog_ms` is 0 (off) or at least 100 ms: a worker cannot answer a 1 ms watchdog.
+    @Test func theWatchdogHasAFloor() throws {
+        func watchdog(_ value: Int) throws -> Int {
+            try ConfigurationParser.parse("""
+                [[service]]
+                name = "d"
+                listen = ["udp://127.0.0.1:0"]
+                workers = 1
+                builtin = "echo"
+                watchdog_ms = \(value)
+                """, file: "d.toml").services[0].watchdogMs
+        }
+        #expect(try watchdog(0) == 0)
+        #expect(try watchdog(100) == 100)
+        #expect(try watchdog(30_000) == 30_000)
+        for value in [1, 50, 99] {
+            let error = #expect(throws: ConfigurationError.self) { try watchdog(value) }
+            #expect(error?.description.hasPrefix("d.toml: service[0].watchdog_ms: must be 0 (off) or at least 100 "
+                + "milliseconds, got \(value)") == true, "\(error.map { "\($0)" } ?? "")")
+        }
     }
 
     @Test(arguments: [
@@ -92,6 +142,7 @@ struct ConfigurationTests {
         ("max_tracked_flows = 16777217", "service[0].max_tracked_flows: must be between 1 and 16777216"),
         ("max_new_flows_per_second = -1", "service[0].max_new_flows_per_second: must be between 0 (no bound)"),
         ("drain_timeout_ms = 86400001", "service[0].drain_timeout_ms: must be between 0 and 86400000"),
+        ("watchdog_ms = 1", "service[0].watchdog_ms: must be 0 (off) or at least 100 milliseconds, got 1"),
         ("notify = 1", "service[0].notify: must be true or false, not integer"),
         ("ready_timeout_ms = 0", "service[0].ready_timeout_ms: must be at least 1"),
         ("drain_signal = \"SIGTERM\"", "service[0].drain_signal: 'SIGTERM' is not a signal a worker may get to start "

@@ -232,6 +232,52 @@ struct TrustTests {
         #expect(result.status == 2 && result.errors.contains("owner nobody (uid 65534)"), "\(result)")
     }
 
+    /// A file named by an `exec` argument (the script an interpreter runs) is held to the rule of
+    /// the program: `["/usr/bin/python3", "/tmp/x.py"]` with x.py writable by others is refused,
+    /// naming exec[1], as a world-writable exec[0] is. Flags, paths that do not exist, folders
+    /// and files of the worker's own user pass.
+    @Test func aScriptOthersCanWriteIsRefusedAsTheProgramIs() throws {
+        let directory = try TemporaryDirectory()
+        let script = "\(directory.path)/x.py"
+        try "print('hello')\n".write(toFile: script, atomically: false, encoding: .utf8)
+        let interpreter = "\(directory.path)/python3"
+        try "#!/bin/sh\nexec sleep 60\n".write(toFile: interpreter, atomically: false, encoding: .utf8)
+        chmod(script, 0o644)
+        chmod(interpreter, 0o755)
+        func config(user: String? = nil) throws -> String {
+            try directory.write("reuseportd.toml", """
+                [[service]]
+                name = "prog"
+                listen = ["udp://127.0.0.1:0"]
+                workers = 1
+                exec = ["\(interpreter)", "-u", "\(script)", "/no/such/file", "\(directory.path)", "--log=\(script)"]
+                \(user.map { "user = \"\($0)\"" } ?? "")
+                """)
+        }
+        var result = try check(try config())
+        #expect(result.status == 0, "\(result)")
+
+        chmod(script, 0o666)
+        result = try check(try config())
+        #expect(result.status == 2 && result.errors.contains("service[0].exec[2]: file \(script) refused: "
+            + "\(script) (owner root (uid 0), mode 0666): is writable by group or others"), "\(result)")
+
+        // The program itself, as before: exec[0] is named first.
+        chmod(interpreter, 0o777)
+        result = try check(try config())
+        #expect(result.status == 2 && result.errors.contains("service[0].exec[0]: program \(interpreter) refused: "
+            + "\(interpreter) (owner root (uid 0), mode 0777): is writable by group or others"), "\(result)")
+        chmod(interpreter, 0o755)
+
+        // Another user's script: refused, unless it is the worker's own user's.
+        chmod(script, 0o644)
+        chown(script, TestTrust.nobody, TestTrust.nobody)
+        result = try check(try config())
+        #expect(result.status == 2 && result.errors.contains("service[0].exec[2]: file \(script) refused: "
+            + "\(script) (owner nobody (uid 65534)"), "\(result)")
+        #expect(try check(try config(user: "nobody")).status == 0)
+    }
+
     /// A reload reads the file the same way: made world-writable, it is refused and nothing changes.
     @Test func aReloadOfAConfigurationOthersCanWriteIsRefused() throws {
         let daemon = try TestDaemon(config: TrustTests.demo)

@@ -113,6 +113,63 @@ struct MetricsEndpointTests {
         try checkScrape("after the probe")
     }
 
+    /// dist/reuseportd-metrics.service is enough: both processes run with nothing but the unit's
+    /// CapabilityBoundingSet=, no_new_privs (NoNewPrivileges=yes) and a read-only bpffs
+    /// (ProtectKernelTunables=), as systemd would start them. The server serves the pinned
+    /// service, and when a service is pinned later the keeper (root) stops the server (by then
+    /// nobody: CAP_KILL) and the new one serves both.
+    @Test func theMetricsUnitsCapabilitiesAreEnough() throws {
+        let unit = try String(contentsOfFile: "\(Self.packageRoot)/dist/reuseportd-metrics.service", encoding: .utf8)
+        let capabilities = unit.split(separator: "\n").filter { $0.hasPrefix("CapabilityBoundingSet=") }
+            .flatMap { $0.dropFirst("CapabilityBoundingSet=".count).split(separator: " ") }
+        #expect(!capabilities.isEmpty, "the unit sets CapabilityBoundingSet=")
+        #expect(unit.contains("\nNoNewPrivileges=yes\n") && unit.contains("\nProtectKernelTunables=yes\n"))
+        let bounding = (["-all"] + capabilities.map { "+" + $0.dropFirst("CAP_".count).lowercased() }).joined(separator: ",")
+
+        let root = PinRoot("serve-metrics-unit")
+        let first = try PinnedService(root: root, name: "edge", slots: 2)
+        _ = try sendAndReceive(try Traffic.clients(10, on: .loopbackV4), to: first, size: 7)
+        let script = """
+            mount --make-rprivate / && mount -o remount,bind,ro /sys/fs/bpf && \
+            exec setpriv --bounding-set=\(bounding) --inh-caps=-all --ambient-caps=-all --no-new-privs -- "$@"
+            """
+        let endpoint = try MetricsEndpoint(pinRoot: root.path, wrapper: ["/usr/bin/unshare", "-m", "/bin/sh", "-c", script, "sh"],
+                                           extra: ["--rescan", "0.2"])
+        // Port 0: each server the keeper starts binds a port of its own and says which.
+        func latestAddress() throws -> ReuseportKit.SocketAddress {
+            let lines = endpoint.process.text.split(separator: "\n").filter { $0.hasPrefix("serving metrics on http://") }
+            guard let url = lines.last?.split(separator: " ").first(where: { $0.hasPrefix("http://") }) else {
+                return endpoint.address
+            }
+            return try ReuseportKit.SocketAddress(parsing: String(url.dropFirst("http://".count).dropLast("/metrics".count)))
+        }
+        func served() throws -> Set<String> {
+            let exposition = try httpGet(try latestAddress(), "/metrics")
+            #expect(exposition.status == 200, "\(exposition)")
+            return Set(try PrometheusSamples(exposition.body).values.keys.compactMap { key -> String? in
+                guard key.hasPrefix("reuseport_slot_packets_total{service=\"") else { return nil }
+                return String(key.dropFirst("reuseport_slot_packets_total{service=\"".count).prefix { $0 != "\"" })
+            })
+        }
+        #expect(try served() == ["edge"], "bounding set \(bounding)")
+
+        let second = try PinnedService(root: root, name: "later", slots: 1)
+        let deadline = MonotonicClock.milliseconds() + 15_000
+        var seen: Set<String> = []
+        while MonotonicClock.milliseconds() < deadline {
+            seen = (try? served()) ?? []
+            if seen == ["edge", "later"] { break }
+            // Reads what the keeper's servers print (and ends the wait if the keeper ended).
+            if endpoint.process.wait(timeoutMs: 100) != nil { break }
+        }
+        #expect(seen == ["edge", "later"], "the keeper replaced the server: \(endpoint.process.text) \(String(decoding: endpoint.process.errorBytes, as: UTF8.self))")
+        #expect(endpoint.process.text.components(separatedBy: "serving metrics on").count == 3, "\(endpoint.process.text)")
+        withExtendedLifetime(second) {}
+    }
+
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent().path
+
     @Test func listenErrorsSayWhatIsWrong() throws {
         let taken = try FlowClient(.tcp, local: ReuseportKit.SocketAddress(.loopbackV4, 0))
         #expect(Glibc.listen(taken.fd, 1) == 0)
@@ -133,10 +190,12 @@ final class MetricsEndpoint {
     let address: ReuseportKit.SocketAddress
     let serverPid: pid_t
 
-    init(pinRoot: String) throws {
-        process = try Subprocess(BuiltProducts.path("reuseportctl"),
-                                 ["serve-metrics", "--listen", "127.0.0.1:0", "--pin-dir", pinRoot, "--user", "nobody"],
-                                 captureStandardError: true)
+    /// `wrapper`: a command that execs the rest (the keeper keeps its pid).
+    init(pinRoot: String, wrapper: [String] = [], extra: [String] = []) throws {
+        let command = [BuiltProducts.path("reuseportctl"),
+                       "serve-metrics", "--listen", "127.0.0.1:0", "--pin-dir", pinRoot, "--user", "nobody"] + extra
+        let full = wrapper + command
+        process = try Subprocess(full[0], Array(full.dropFirst()), captureStandardError: true)
         let deadline = MonotonicClock.milliseconds() + 20_000
         // "serving metrics on http://127.0.0.1:PORT/metrics as nobody (...), pid N"
         while !process.text.contains("\n"), MonotonicClock.milliseconds() < deadline {

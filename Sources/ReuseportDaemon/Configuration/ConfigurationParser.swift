@@ -50,6 +50,7 @@ public enum ConfigurationParser {
         let configuration = try parse(text, file: path)
         for (index, service) in configuration.services.enumerated() {
             try checkProgram(service, key: "service[\(index)].exec[0]", file: path)
+            try checkArguments(service, key: "service[\(index)].exec", file: path)
         }
         return configuration
     }
@@ -78,6 +79,34 @@ public enum ConfigurationParser {
                                          + "nobody but root or the worker's user can change")
         }
     }
+
+    /// An `exec` argument that is the absolute path of an existing regular file (the script an
+    /// interpreter runs, a file the program loads) is held to the rule of the program itself: a
+    /// world-writable `/tmp/x.py` after `/usr/bin/python3` is code anyone could change. Other
+    /// arguments (flags, `--opt=/path`, relative names, folders, paths that do not exist) are
+    /// not looked at: the daemon cannot tell what the program does with them.
+    static func checkArguments(_ service: ServiceConfiguration, key: String, file: String) throws(ConfigurationError) {
+        guard case .exec(let argv) = service.program else { return }
+        var owners = TrustedPath.defaultOwners
+        if let user = service.user, let entry = UserIdentity.lookUpUser(user) { owners.insert(entry.uid) }
+        for (index, argument) in argv.enumerated().dropFirst() where argument.hasPrefix("/") {
+            var info = stat()
+            guard stat(argument, &info) == 0, info.st_mode & S_IFMT == S_IFREG else { continue }
+            do throws(UntrustedPathError) {
+                try TrustedPath.checkFile(argument, missing: .allow, owners: owners)
+            } catch {
+                throw ConfigurationError(file: file, key: "\(key)[\(index)]",
+                                         problem: "file \(argument) refused: \(error); root starts a worker only with "
+                                             + "files named in exec that nobody but root or the worker's user can change")
+            }
+        }
+    }
+
+    /// The least `watchdog_ms` (other than 0, off): docs/configuration.md, "Notifications and
+    /// the watchdog". The first `WATCHDOG=1` is due that long after the start, exec and
+    /// start-up included, then every half of it; below 100 ms a loaded host's scheduling and
+    /// the daemon's own loop take a fair share of the period, and healthy workers get SIGABRT.
+    public static let minimumWatchdogMs = 100
 
     /// Parses configuration text; `file` names it in errors.
     public static func parse(_ text: String, file: String) throws(ConfigurationError) -> DaemonConfiguration {
@@ -304,6 +333,10 @@ public enum ConfigurationParser {
                                            seed: UInt32(seed), restart: restart, failoverAfterMs: failover,
                                            environment: environment)
         service.watchdogMs = try reader.milliseconds("watchdog_ms") ?? 0
+        guard service.watchdogMs == 0 || service.watchdogMs >= minimumWatchdogMs else {
+            throw reader.error("watchdog_ms", "must be 0 (off) or at least \(minimumWatchdogMs) milliseconds, got "
+                + "\(service.watchdogMs): the worker sends its first WATCHDOG=1 within it of its start, then every half")
+        }
         service.notify = try reader.boolean("notify") ?? false
         service.readyTimeoutMs = try reader.milliseconds("ready_timeout_ms") ?? service.readyTimeoutMs
         guard service.readyTimeoutMs > 0 else { throw reader.error("ready_timeout_ms", "must be at least 1") }
