@@ -65,10 +65,14 @@ public struct DaemonIdentity: Codable, Sendable, Equatable {
     public var pid: Int32
     /// CLOCK_REALTIME, in ns, when this image started (a `reexec` starts a new one in the same pid).
     public var startedAtNs: UInt64
+    /// The build this image runs (`BuildVersion`: `reuseportd --version`). Optional: older
+    /// daemons do not send it.
+    public var version: String?
 
-    public init(pid: Int32, startedAtNs: UInt64) {
+    public init(pid: Int32, startedAtNs: UInt64, version: String? = nil) {
         self.pid = pid
         self.startedAtNs = startedAtNs
+        self.version = version
     }
 }
 
