@@ -216,7 +216,10 @@ extension Supervisor {
                 removedSlotDrops: service.removedSlotDrops, adoptedWorkers: service.adoptedWorkers,
                 refusedAdoptions: service.refusedAdoptions, generation: Int(service.plane.workingGeneration),
                 upgrade: service.upgrade?.status, upgrades: service.upgradeCounts,
-                leaving: leavingWorkers(of: service.name))
+                leaving: leavingWorkers(of: service.name),
+                settings: ServiceSettings(flowTracking: service.plane.tracksFlows,
+                                          flowIdleTimeoutMs: service.plane.options.tracking.idleTimeoutMs,
+                                          readyTimeoutMs: service.configuration.readyTimeoutMs))
         }
     }
 
