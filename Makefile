@@ -13,6 +13,7 @@
 #   make systemd-test  install that package in a Debian root and boot it under systemd in a VM (docs/operations.md)
 #   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
 #   make chaos      random sequences of operations on the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
+#   make print-version  the version both binaries and the package get (git commit, -dirty)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -54,6 +55,15 @@ UNIT_APT_PACKAGES := systemd
 # ... and what `make vmtest` needs on top.
 VM_APT_PACKAGES := qemu-system-x86 busybox-static cpio
 
+# The date of the last commit, for man pages and the package (reproducible: not today's date).
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+export SOURCE_DATE_EPOCH
+# The version of the package and of both binaries (target `version`): the date and short hash of
+# the last commit, and -dirty when a tracked file differs from it (as `git describe --dirty`).
+GIT_COMMIT  := $(shell git rev-parse --short HEAD 2>/dev/null || echo 0)
+GIT_DIRTY   := $(shell [ -n "$$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo -dirty)
+DEB_VERSION ?= 0.1.0~git$(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y%m%d).$(GIT_COMMIT)$(GIT_DIRTY)
+
 ifeq ($(V),1)
 Q =
 msg =
@@ -66,12 +76,12 @@ BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu 
 	-fdebug-prefix-map=$(CURDIR)=.
 
 .PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
-	test-least-privilege dist install install-files deb deb-check systemd-test
+	test-least-privilege dist install install-files deb deb-check systemd-test version print-version
 
 all: build
 
 help:
-	@sed -n '1,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,17p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -112,9 +122,27 @@ $(OUTPUT)/dispatch_untracked.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) $(OUTPUT)/
 
 # SwiftPM does not see that the C targets depend on the headers and the objects (it
 # reaches them through a relative include and #embed): touch the C files when any
-# changes so the Swift side is rebuilt with them.
-$(OUTPUT)/.abi-stamp: $(BPF_OBJS) $(BPF_HEADERS)
+# changes so the Swift side is rebuilt with them. Every build writes the version first.
+$(OUTPUT)/.abi-stamp: $(BPF_OBJS) $(BPF_HEADERS) | version
 	$(Q)touch $(EMBEDDERS) $@
+
+# The version of this build: the package's (DEB_VERSION: the date and hash of the last commit,
+# -dirty when tracked files differ from it), compiled into both binaries (`--version`, the
+# daemon's log and status answer) through $(VERSION_HEADER), which Sources/CReuseportVersion
+# includes when it exists (a plain `swift build` says "unknown (built without make)"). Written only
+# when it changes, and then version.c is touched, as above, for SwiftPM to compile it again.
+# `make print-version` prints it.
+VERSION_HEADER := $(OUTPUT)/version.h
+VERSION_C      := Sources/CReuseportVersion/version.c
+version:
+	$(Q)mkdir -p $(OUTPUT)
+	$(Q)printf '#define RP_VERSION "%s"\n' '$(DEB_VERSION)' >$(VERSION_HEADER).tmp
+	$(Q)if cmp -s $(VERSION_HEADER).tmp $(VERSION_HEADER); then rm -f $(VERSION_HEADER).tmp; else \
+		mv $(VERSION_HEADER).tmp $(VERSION_HEADER) && touch $(VERSION_C) && \
+		printf '  %-8s %s\n' VERSION '$(DEB_VERSION)'; fi
+
+print-version:
+	@echo '$(DEB_VERSION)'
 
 build: $(OUTPUT)/.abi-stamp
 	$(call msg,SWIFT,build -c $(CONFIG))
@@ -291,9 +319,6 @@ unit-check: $(OUTPUT)/.unit-deps
 # bash, zsh and fish completions from --generate-completion-script.
 DIST_DIR      := $(OUTPUT)/dist
 DIST_PRODUCTS := reuseportd reuseportctl
-# The date of the last commit, for man pages and the package (reproducible: not today's date).
-SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
-export SOURCE_DATE_EPOCH
 MAN_DATE      := $(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y-%m-%d)
 
 # libcurl's development link (-lcurl) for reuseportctl's FoundationNetworking; man for deb-check.
@@ -362,7 +387,7 @@ install-files:
 
 # `make deb`: the package, with dpkg-deb (no debhelper): `make install` with PREFIX=/usr into a
 # staging root, plus control, conffiles, md5sums, copyright and maintainer scripts from dist/debian/.
-DEB_VERSION ?= 0.1.0~git$(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y%m%d).$(shell git rev-parse --short HEAD 2>/dev/null || echo 0)
+# Its version, DEB_VERSION, is the one the binaries were built with (defined above, at `version`).
 DEB_ARCH    := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
 DEB_ROOT    := $(OUTPUT)/deb/root
 DEB_FILE    := $(OUTPUT)/reuseportd_$(DEB_VERSION)_$(DEB_ARCH).deb

@@ -8,6 +8,7 @@ import PackageDescription
 //   Sources/ReuseportKit      typed Swift over libbpf and sockets: load, attach, slots, buckets, counters, pins;
 //                             System/ is the one system layer (owned fds, syscalls, spawn, wait, clock)
 //   Sources/ReuseportControl  the control-socket protocol between the daemon and the CLI
+//   Sources/CReuseportVersion the build's version, from the header `make` writes into .output/
 //   Sources/ReuseportDaemon   configuration, supervision, built-in workers (the daemon as a library)
 //   Sources/CReuseportProcess signalfd, prctl, pidfd_open, SO_PEERCRED: calls Swift cannot import
 //   Sources/reuseportd        the daemon executable
@@ -54,9 +55,11 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ]
         ),
+        // The version string of both binaries: `make` writes .output/version.h (see the Makefile).
+        .target(name: "CReuseportVersion"),
         .target(
             name: "ReuseportControl",
-            dependencies: ["ReuseportKit"]
+            dependencies: ["ReuseportKit", "CReuseportVersion"]
         ),
         .target(
             name: "ReuseportDaemon",

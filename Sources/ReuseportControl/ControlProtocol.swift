@@ -65,10 +65,14 @@ public struct DaemonIdentity: Codable, Sendable, Equatable {
     public var pid: Int32
     /// CLOCK_REALTIME, in ns, when this image started (a `reexec` starts a new one in the same pid).
     public var startedAtNs: UInt64
+    /// The build this image runs (`BuildVersion`: `reuseportd --version`). Optional: older
+    /// daemons do not send it.
+    public var version: String?
 
-    public init(pid: Int32, startedAtNs: UInt64) {
+    public init(pid: Int32, startedAtNs: UInt64, version: String? = nil) {
         self.pid = pid
         self.startedAtNs = startedAtNs
+        self.version = version
     }
 }
 
@@ -134,13 +138,16 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     /// Workers that left their slot and still run: draining what was queued at its sockets,
     /// holding the TCP connections they accepted, or stopping. Optional, as above.
     public var leaving: [LeavingWorker]?
+    /// The settings in force that say how long a scale or an upgrade takes. Optional, as above.
+    public var settings: ServiceSettings?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
                 failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil,
                 adoptedWorkers: Int? = nil, refusedAdoptions: Int? = nil,
                 generation: Int? = nil, upgrade: UpgradeStatus? = nil, upgrades: UpgradeCounts? = nil,
-                leaving: [LeavingWorker]? = nil) {
+                leaving: [LeavingWorker]? = nil, settings: ServiceSettings? = nil) {
         self.leaving = leaving
+        self.settings = settings
         self.adoptedWorkers = adoptedWorkers
         self.refusedAdoptions = refusedAdoptions
         self.generation = generation
@@ -154,6 +161,25 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
         self.failovers = failovers
         self.rescueStarts = rescueStarts
         self.removedSlotDrops = removedSlotDrops
+    }
+}
+
+/// A service's settings that say how long its changes take: a scale or an upgrade with flow
+/// tracking learns the live flows for one `flowIdleTimeoutMs` before it switches, and an upgrade
+/// first waits up to `readyTimeoutMs` for its new workers. `reuseportctl scale` and `upgrade`
+/// wait that long by default.
+public struct ServiceSettings: Codable, Sendable, Equatable {
+    /// Changes learn live flows before they switch (flow tracking on, and a UDP listener).
+    public var flowTracking: Bool
+    /// `flow_idle_timeout_ms`: how long a change learns.
+    public var flowIdleTimeoutMs: Int
+    /// `ready_timeout_ms`: how long an upgrade waits for its new workers to be ready.
+    public var readyTimeoutMs: Int
+
+    public init(flowTracking: Bool, flowIdleTimeoutMs: Int, readyTimeoutMs: Int) {
+        self.flowTracking = flowTracking
+        self.flowIdleTimeoutMs = flowIdleTimeoutMs
+        self.readyTimeoutMs = readyTimeoutMs
     }
 }
 

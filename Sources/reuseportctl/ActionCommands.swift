@@ -21,21 +21,91 @@ struct ActionOptions: ParsableArguments {
     }
 }
 
+/// `--no-wait` and `--timeout` of `scale` and `upgrade`, whose changes take at least one
+/// flow_idle_timeout_ms (with flow tracking they learn the live flows that long before they
+/// switch): without --timeout, the wait follows from the service's settings, which the daemon's
+/// status gives. Each command declares its own `--timeout`, whose help says how.
+struct ChangeWait {
+    /// Beyond what the settings say a change takes: for the daemon's answer, workers to start.
+    static let marginSeconds = 30
+    /// As ActionOptions' `--timeout`, which has a fixed default.
+    static func validate(_ timeout: Double?) throws {
+        guard let timeout else { return }
+        guard timeout.isFinite, timeout > 0, timeout <= 3600 else {
+            throw ValidationError("--timeout \(timeout) is outside (0, 3600] seconds")
+        }
+    }
+
+    /// How long to wait, and why (for the line that announces the wait).
+    var seconds: Double
+    var reason: String
+
+    /// The daemon's answer is awaited for --timeout, or for the margin.
+    static func answerSeconds(_ timeout: Double?) -> Double { timeout ?? Double(marginSeconds) }
+
+    /// An older daemon does not say its settings: the configuration's defaults (docs/configuration.md).
+    static let defaultSettings = ServiceSettings(flowTracking: true, flowIdleTimeoutMs: 60_000, readyTimeoutMs: 30_000)
+
+    /// ready_timeout_ms + flow_idle_timeout_ms (with flow tracking) + the margin.
+    static func upgrade(timeout: Double?, settings: ServiceSettings?) -> ChangeWait {
+        waiting(timeout, settings, ready: true, learn: true)
+    }
+
+    /// flow_idle_timeout_ms (with flow tracking, not --now) + the margin.
+    static func scale(timeout: Double?, settings: ServiceSettings?, now: Bool) -> ChangeWait {
+        waiting(timeout, settings, ready: false, learn: !now)
+    }
+
+    private static func waiting(_ timeout: Double?, _ given: ServiceSettings?, ready: Bool, learn: Bool) -> ChangeWait {
+        if let timeout { return ChangeWait(seconds: timeout, reason: "--timeout") }
+        let settings = given ?? defaultSettings
+        var parts: [String] = []
+        var ms = marginSeconds * 1000
+        if ready {
+            parts.append("ready_timeout_ms \(milliseconds(settings.readyTimeoutMs))")
+            ms += settings.readyTimeoutMs
+        }
+        if learn && settings.flowTracking {
+            parts.append("flow_idle_timeout_ms \(milliseconds(settings.flowIdleTimeoutMs))")
+            ms += settings.flowIdleTimeoutMs
+        }
+        parts.append("\(marginSeconds) s")
+        var reason = parts.joined(separator: " + ")
+        if given == nil { reason += ", the defaults: this daemon does not say its settings" }
+        return ChangeWait(seconds: (Double(ms) / 1000).rounded(.up), reason: reason)
+    }
+
+    static func milliseconds(_ ms: Int) -> String {
+        ms % 1000 == 0 ? "\(ms / 1000) s" : "\(HumanFormat.fixed(Double(ms) / 1000, digits: 1)) s"
+    }
+
+    /// "waiting up to 63 s for the switch (ready_timeout_ms 30 s + flow_idle_timeout_ms 3 s + 30 s)"
+    func announce(_ what: String) {
+        print("waiting up to \(Int(seconds.rounded(.up))) s for \(what) (\(reason))")
+    }
+}
+
 extension LocationOptions {
     /// The service an action is for: the one named, or the daemon's only one.
     func actionService(_ named: String?, client: ControlClient) throws -> String {
+        try actionServiceStatus(named, client: client).name
+    }
+
+    /// The daemon's status of the service an action is for: the one named, or its only one.
+    func actionServiceStatus(_ named: String?, client: ControlClient) throws -> ServiceStatus {
         let status = try client.perform(ControlRequest(command: .status))
-        let names = (status.services ?? []).map(\.name)
+        let services = status.services ?? []
+        let names = services.map(\.name)
         if let named {
-            guard names.contains(named) else {
+            guard let service = services.first(where: { $0.name == named }) else {
                 throw CtlError.noSuchDaemonService(named, socket: controlSocket, existing: names)
             }
-            return named
+            return service
         }
-        guard names.count == 1 else {
+        guard services.count == 1 else {
             throw CtlError.daemonServiceNeeded(existing: names, socket: controlSocket)
         }
-        return names[0]
+        return services[0]
     }
 
     /// Polls the pinned maps of `service` until `done` holds or `timeout` passes; the last
@@ -123,7 +193,11 @@ struct ScaleCommand: ParsableCommand {
             idle. Slots that leave take no new flow from the switch on, and their workers are stopped once their \
             recorded flows are idle (or at drain_timeout_ms). --now switches at once instead, and \
             says first how many flows that moves. Then waits (see --no-wait) until the pinned \
-            state shows N workers of the working generation running.
+            state shows N workers of the working generation running and the buckets switched.
+
+            So a scale takes at least one flow_idle_timeout_ms (60 s by default) with flow tracking. \
+            Without --timeout the wait is flow_idle_timeout_ms + 30 s, the setting read from the \
+            daemon (90 s at the defaults; 30 s with --now or without flow tracking).
 
             Examples:
               reuseportctl scale 8
@@ -135,7 +209,14 @@ struct ScaleCommand: ParsableCommand {
 
     @OptionGroup(title: "Locations") var location: LocationOptions
     @OptionGroup var service: ServiceOption
-    @OptionGroup var action: ActionOptions
+
+    @Flag(name: .customLong("no-wait"), help: "Return when the daemon has accepted, without waiting for the result.")
+    var noWait = false
+
+    @Option(help: ArgumentHelp("Seconds to wait for the daemon and for the switch (default: flow_idle_timeout_ms + "
+                               + "30 s, from the daemon; 30 s with --now or without flow tracking).",
+                               valueName: "SECONDS"))
+    var timeout: Double?
 
     @Argument(help: ArgumentHelp("The number of workers.", valueName: "N"))
     var workers: Int
@@ -150,11 +231,13 @@ struct ScaleCommand: ParsableCommand {
         guard SlotCount.range.contains(workers) else {
             throw ValidationError("N \(workers) is outside \(SlotCount.range) workers")
         }
+        try ChangeWait.validate(timeout)
     }
 
     func run() throws {
-        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: action.timeout)
-        let name = try location.actionService(service.service, client: client)
+        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: ChangeWait.answerSeconds(timeout))
+        let target = try location.actionServiceStatus(service.service, client: client)
+        let name = target.name
         let before = location.pinnedSnapshot(name)
         if dryRun || now {
             // Said before anything changes: what switching at once moves.
@@ -165,10 +248,13 @@ struct ScaleCommand: ParsableCommand {
         }
         let response = try client.perform(ControlRequest(command: .scale, service: name, workers: workers, now: now))
         print(response.message ?? "scale of \(name) to \(workers) accepted")
-        guard !action.noWait else { return }
-        // The working generation's slots (after an upgrade they need not start at 0).
-        let result = location.waitForPins(name, timeout: action.timeout) { snapshot in
-            snapshot.slots.filter {
+        guard !noWait else { return }
+        let wait = ChangeWait.scale(timeout: timeout, settings: target.settings, now: now)
+        wait.announce("\(workers) running workers and the switch")
+        // The working generation's slots (after an upgrade they need not start at 0), and the
+        // buckets switched: the change is done, and the next one (a scale, an upgrade) is taken.
+        let result = location.waitForPins(name, timeout: wait.seconds) { snapshot in
+            snapshot.transition.phase != RP_TRANSITION_LEARNING.rawValue && snapshot.slots.filter {
                 $0.state.generation == snapshot.transition.working_generation && $0.workerState == .running
                     && $0.pid != nil
             }.count >= workers
@@ -176,13 +262,14 @@ struct ScaleCommand: ParsableCommand {
         guard let result else { return }
         guard result.done else {
             let running = result.snapshot.slots.filter { $0.workerState == .running }.count
-            throw CtlError.timeout("\(name) does not show \(workers) running workers after \(Int(action.timeout)) s:"
-                                   + " slot_count \(result.snapshot.config.slot_count), \(running) running")
+            let learning = result.snapshot.transition.phase == RP_TRANSITION_LEARNING.rawValue
+            throw CtlError.timeout("\(name) does not show \(workers) running workers and the switch after "
+                                   + "\(Int(wait.seconds)) s: slot_count \(result.snapshot.config.slot_count), "
+                                   + "\(running) running\(learning ? ", still learning its live flows" : "")"
+                                   + " (see map dump)")
         }
         var summary = "\(name): \(workers) workers running"
-        if result.snapshot.transition.phase == RP_TRANSITION_LEARNING.rawValue {
-            summary += "; the buckets switch once the live flows are recorded (see map dump)"
-        } else if let before, before.buckets.count == result.snapshot.buckets.count, !before.buckets.isEmpty {
+        if let before, before.buckets.count == result.snapshot.buckets.count, !before.buckets.isEmpty {
             let moved = zip(before.buckets, result.snapshot.buckets).filter { $0 != $1 }.count
             summary += "; \(moved) of \(before.buckets.count) buckets moved"
                 + " (\(HumanFormat.percent(UInt64(moved), of: UInt64(before.buckets.count))))"

@@ -26,7 +26,8 @@ struct DaemonReexecCommand: ParsableCommand {
             started after a crash does. No datagram is lost and no flow moves. SIGUSR2 to the \
             daemon does the same. It refuses while \
             workers are being stopped (their deadlines would be lost). Then waits (see --no-wait) \
-            until the new image answers, and says how many workers it adopted.
+            until the new image answers, and says which version it runs (and the one before) and \
+            how many workers it adopted.
 
             A new binary that cannot start leaves the workers serving without a daemon; the \
             next reuseportd started on the same pins adopts them.
@@ -53,7 +54,11 @@ struct DaemonReexecCommand: ParsableCommand {
             else { continue }
             let services = now.services ?? []
             let adopted = services.map { "\($0.name): \($0.adoptedWorkers ?? 0) of \($0.slots.count)" }
-            print("pid \(daemon.pid) runs the new image; workers adopted: \(adopted.joined(separator: ", "))")
+            // Which build ran before and runs now: a reexec after installing a new binary changes it.
+            let unknown = "unknown (too old to say)"
+            print("pid \(daemon.pid) runs the new image, version \(daemon.version ?? unknown) (was "
+                  + "\(before.daemon.map { $0.version ?? unknown } ?? unknown)); workers adopted: "
+                  + adopted.joined(separator: ", "))
             return
         }
         throw CtlError.timeout("no new image of the daemon answered within \(Int(action.timeout)) s: "

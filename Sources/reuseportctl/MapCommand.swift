@@ -45,16 +45,26 @@ struct MapDumpCommand: ParsableCommand {
         let (snapshots, failures) = reader.readEach(try reader.select(service.service))
         if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
         let now = realtimeNanoseconds()
-        // What only the daemon knows (the upgrade in progress, the workers' STATUS=), if it answers.
-        let daemon = MetricsExposition.daemonStatus(runDirectory: location.runDirectory) ?? [:]
+        // What only the daemon knows (which build runs, the upgrade in progress, the workers'
+        // STATUS=), if it answers.
+        let answer = MetricsExposition.daemonAnswer(runDirectory: location.runDirectory)
+        let daemon = answer.flatMap(MetricsExposition.byService) ?? [:]
         if json {
             print(try MapDump(root: location.pinDirectory, services: snapshots, failures: failures, now: now,
-                              daemon: daemon).encoded())
+                              daemon: daemon, identity: answer?.daemon).encoded())
         } else {
-            print(snapshots.map { MapDumpCommand.render($0, now: now, daemon: daemon[$0.name]) }.joined(separator: "\n"),
+            print(MapDumpCommand.daemonLine(answer?.daemon, socket: location.controlSocket)
+                  + snapshots.map { MapDumpCommand.render($0, now: now, daemon: daemon[$0.name]) }.joined(separator: "\n"),
                   terminator: "")
         }
         if !failures.isEmpty { throw CtlError.unreadable(failures) }
+    }
+
+    /// Which daemon answered and which build it runs, beside this reuseportctl's, in one line.
+    static func daemonLine(_ identity: DaemonIdentity?, socket: String) -> String {
+        let cli = "(reuseportctl \(BuildVersion.string))"
+        guard let identity else { return "daemon     no answer at \(socket) \(cli)\n\n" }
+        return "daemon     pid \(identity.pid), version \(identity.version ?? "unknown (too old to say)") \(cli)\n\n"
     }
 
     /// The human view of one service; `daemon`: what the daemon's status adds, if it answered.
@@ -326,17 +336,29 @@ struct MapDump: Encodable {
         var error: String
     }
 
+    /// The daemon that answered: its pid, when its image started and the build it runs.
+    struct Daemon: Encodable {
+        var pid: Int32
+        var startedAtNs: UInt64
+        /// Null for a daemon too old to say.
+        @Nullable var version: String?
+    }
+
     var version = MapDump.version
     var pinDir: String
     var nowNs: UInt64
     var services: [Service]
     /// Services found under the pin folder whose maps could not be read.
     var errors: [Failure]
+    /// Null when the daemon does not answer.
+    @Nullable var daemon: Daemon?
+    var reuseportctlVersion = BuildVersion.string
 
     init(root: String, services: [ServiceSnapshot], failures: [CtlError], now: UInt64,
-         daemon: MetricsExposition.DaemonStatus = [:]) {
+         daemon: MetricsExposition.DaemonStatus = [:], identity: DaemonIdentity? = nil) {
         pinDir = root
         nowNs = now
+        self.daemon = identity.map { Daemon(pid: $0.pid, startedAtNs: $0.startedAtNs, version: $0.version) }
         errors = failures.map { Failure(error: $0.description) }
         self.services = services.map { service in
             let status = daemon[service.name]

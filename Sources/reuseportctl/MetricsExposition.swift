@@ -17,8 +17,17 @@ enum MetricsExposition {
     /// The daemon's status, if its control socket answers within a second; nil otherwise (no
     /// daemon, or not root): the maps' metrics do not depend on it.
     static func daemonStatus(runDirectory: String) -> DaemonStatus? {
+        daemonAnswer(runDirectory: runDirectory).flatMap(byService)
+    }
+
+    /// The daemon's whole status answer (its identity too), on the same terms.
+    static func daemonAnswer(runDirectory: String) -> ControlResponse? {
         let client = ControlClient(runDirectory: runDirectory, timeoutSeconds: 1)
-        guard let services = try? client.perform(ControlRequest(command: .status)).services else { return nil }
+        return try? client.perform(ControlRequest(command: .status))
+    }
+
+    static func byService(_ answer: ControlResponse) -> DaemonStatus? {
+        guard let services = answer.services else { return nil }
         return Dictionary(services.map { ($0.name, $0) }) { first, _ in first }
     }
 

@@ -18,6 +18,7 @@ struct ReuseportCtl: ParsableCommand {
 
             Shell completions: reuseportctl --generate-completion-script bash|zsh|fish
             """,
+        version: BuildVersion.string,
         subcommands: [
             MapCommand.self, WhichCommand.self, FlowsCommand.self, StatsCommand.self,
             RestartCommand.self, ScaleCommand.self, UpgradeCommand.self, ReloadCommand.self, DaemonCommand.self,

@@ -21,6 +21,11 @@ struct UpgradeCommand: ParsableCommand {
             generation serves on. --rollback makes the generation still draining the working one \
             again. Then waits (see --no-wait) until the upgrade switched or was abandoned.
 
+            So an upgrade takes at least one flow_idle_timeout_ms (60 s by default) with flow \
+            tracking, after the new workers are ready. Without --timeout the wait is \
+            ready_timeout_ms + flow_idle_timeout_ms + 30 s, the settings read from the daemon \
+            (2 min at the defaults; without flow tracking, ready_timeout_ms + 30 s).
+
             A reload whose worker definition changed starts an upgrade the same way.
 
             Examples:
@@ -32,18 +37,31 @@ struct UpgradeCommand: ParsableCommand {
 
     @OptionGroup(title: "Locations") var location: LocationOptions
     @OptionGroup var service: ServiceOption
-    @OptionGroup var action: ActionOptions
+
+    @Flag(name: .customLong("no-wait"), help: "Return when the daemon has accepted, without waiting for the result.")
+    var noWait = false
+
+    @Option(help: ArgumentHelp("Seconds to wait for the daemon and for the switch (default: ready_timeout_ms + "
+                               + "flow_idle_timeout_ms + 30 s, from the daemon).", valueName: "SECONDS"))
+    var timeout: Double?
 
     @Flag(help: "Make the generation still draining the working one again (its slots take new flows).")
     var rollback = false
 
+    func validate() throws {
+        try ChangeWait.validate(timeout)
+    }
+
     func run() throws {
-        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: action.timeout)
-        let name = try location.actionService(service.service, client: client)
+        let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: ChangeWait.answerSeconds(timeout))
+        let target = try location.actionServiceStatus(service.service, client: client)
+        let name = target.name
         let response = try client.perform(ControlRequest(command: .upgrade, service: name, rollback: rollback))
         print(response.message ?? "upgrade of \(name) accepted")
-        guard !action.noWait, let started = response.services?.first?.upgrade else { return }
-        let deadline = MonotonicClock.seconds() + action.timeout
+        guard !noWait, let started = response.services?.first?.upgrade else { return }
+        let wait = ChangeWait.upgrade(timeout: timeout, settings: response.services?.first?.settings ?? target.settings)
+        wait.announce("the switch")
+        let deadline = MonotonicClock.seconds() + wait.seconds
         var last = started
         while MonotonicClock.seconds() < deadline {
             let status = try client.perform(ControlRequest(command: .status, service: name))
@@ -63,6 +81,6 @@ struct UpgradeCommand: ParsableCommand {
             }
         }
         throw CtlError.timeout("\(name): generation \(started.generation) is still \(last.phase.rawValue) after "
-            + "\(Int(action.timeout)) s (see map dump)")
+            + "\(Int(wait.seconds)) s (see map dump)")
     }
 }

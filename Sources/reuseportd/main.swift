@@ -18,6 +18,7 @@ struct Reuseportd: ParsableCommand {
         usage: """
             reuseportd [--config FILE] [--pin-dir DIR] [--run-dir DIR] [--check] [--log-level LEVEL]
             reuseportd worker echo|whoami
+            reuseportd --version
             """,
         discussion: """
             The daemon's options are those of 'run', the default subcommand (see 'reuseportd help run'). \
@@ -25,6 +26,7 @@ struct Reuseportd: ParsableCommand {
             workers. SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully. \
             See docs/configuration.md and docs/operations.md.
             """,
+        version: BuildVersion.string,
         subcommands: [Run.self, Worker.self, ExecWorker.self, CheckConfig.self],
         defaultSubcommand: Run.self
     )
@@ -80,6 +82,8 @@ extension Reuseportd {
                 return handler
             }
             let logger = Logger(label: "reuseportd")
+            // First, so that the log says which build ran, also after a reexec or a package upgrade.
+            logger.notice("reuseportd \(BuildVersion.string) starting (pid \(getpid()))")
             let daemon: Daemon
             do {
                 daemon = try Daemon(configuration: configuration,

@@ -22,6 +22,11 @@ final class LiveDaemon {
                                 pinRoot: TestPinRoot.unique("live"))
     }
 
+    /// A daemon on a configuration of the test's own (one service, its listener on port 0).
+    init(config: String) throws {
+        daemon = try TestDaemon(config: config, pinRoot: TestPinRoot.unique("live"))
+    }
+
     static func config(service: String, workers: Int) -> String {
         """
         [[service]]

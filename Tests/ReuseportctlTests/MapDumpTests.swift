@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import Foundation
+import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
 import Testing
@@ -58,7 +59,9 @@ struct MapDumpTests {
         #expect(global["dropped_no_slot"] as? Int == 0)
 
         // The documented schema (docs/cli.md), key for key: nothing missing, nothing unannounced.
-        #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors"])
+        #expect(Set(dump.keys) == ["version", "pin_dir", "now_ns", "services", "errors", "daemon",
+                                   "reuseportctl_version"])
+        #expect(dump["reuseportctl_version"] as? String == BuildVersion.string)
         #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
                                   "live_count", "listeners", "global", "socket_diagnostics_error", "slots", "change", "quic",
@@ -92,7 +95,9 @@ struct MapDumpTests {
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
         let slot = try #require(try sendAndReceive([client], to: service, size: 2000)[client.local])
 
-        let result = try reuseportctl(["map", "dump", "--pin-dir", root.path],
+        // No daemon answers in this run folder: the first line says so, and reuseportctl's version.
+        let runDirectory = "/tmp/reuseportctl-test-\(getpid())-nodaemon"
+        let result = try reuseportctl(["map", "dump", "--pin-dir", root.path, "--run-dir", runDirectory],
                                       environment: ["REUSEPORTCTL_NOW_NS": "\(now)"])
         #expect(result.status == 0, "\(result)")
         // Only the cookies (and so the width of their column) and the slot the datagram took vary.
@@ -107,6 +112,8 @@ struct MapDumpTests {
                 .joined(separator: "  ")
         }
         let expected = """
+            daemon     no answer at \(runDirectory)/control.sock (reuseportctl \(BuildVersion.string))
+
             service dns  (\(root.path)/dns)
               listeners  0: \(service.endpoint)
               seed 0x00000abc  buckets 12  slots 3  live 3  abi \(RP_ABI_VERSION)

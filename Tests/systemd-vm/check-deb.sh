@@ -57,8 +57,12 @@ dpkg-deb --extract "$deb" "$root"
 check "reuseportd is statically linked" bash -c '! ldd "$0"' "$root/usr/bin/reuseportd"
 check "reuseportctl needs no Swift library, finds every other" \
     bash -c 'ldd "$0" | grep -qv swift && ! ldd "$0" | grep -Eq "not found|libswift|libFoundation"' "$root/usr/bin/reuseportctl"
+# The binaries were built with the version the package is named with (the Makefile's DEB_VERSION).
+version=$(sed -n 's/^ Version: //p' <<<"$info")
 for binary in reuseportd reuseportctl; do
     check "$binary --help runs" "$root/usr/bin/$binary" --help
+    check "$binary --version is the package's Version ($version)" \
+        bash -c '[ "$("$0" --version)" = "$1" ]' "$root/usr/bin/$binary" "$version"
 done
 check "the shipped configuration passes --check" \
     "$root/usr/bin/reuseportd" --config "$root/etc/reuseportd/reuseportd.toml" --check

@@ -25,7 +25,8 @@ struct ControlCommands {
         case .status(let name):
             return ControlResponse(ok: true, services: supervisor.status(of: name),
                                    ignoredNotifications: supervisor.notify?.ignored,
-                                   daemon: DaemonIdentity(pid: getpid(), startedAtNs: supervisor.imageStartedAtNs))
+                                   daemon: DaemonIdentity(pid: getpid(), startedAtNs: supervisor.imageStartedAtNs,
+                                                          version: BuildVersion.string))
         case .reload:
             let response = reload.apply()
             // As for SIGHUP: the log says why a reload was refused, not only the one who asked.
@@ -215,7 +216,10 @@ extension Supervisor {
                 removedSlotDrops: service.removedSlotDrops, adoptedWorkers: service.adoptedWorkers,
                 refusedAdoptions: service.refusedAdoptions, generation: Int(service.plane.workingGeneration),
                 upgrade: service.upgrade?.status, upgrades: service.upgradeCounts,
-                leaving: leavingWorkers(of: service.name))
+                leaving: leavingWorkers(of: service.name),
+                settings: ServiceSettings(flowTracking: service.plane.tracksFlows,
+                                          flowIdleTimeoutMs: service.plane.options.tracking.idleTimeoutMs,
+                                          readyTimeoutMs: service.configuration.readyTimeoutMs))
         }
     }
 
