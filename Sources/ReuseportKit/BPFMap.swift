@@ -47,8 +47,11 @@ public final class BPFMap: @unchecked Sendable {
     /// kernel/bpf/syscall.c) whoever holds it, even after a fork, an exec or pidfd_getfd: for a
     /// reader that drops root, or that must never write what it was only meant to read.
     convenience init(pinnedAt path: String, name: String, keySize: Int, valueSize: Int, readOnly: Bool = false) throws {
-        var options = bpf_obj_get_opts()
-        options.sz = MemoryLayout<bpf_obj_get_opts>.size
+        // `sz` ends at the last field set: a newer libbpf (1.5 has `path_fd` after `file_flags`)
+        // then reads nothing more; a path_fd without BPF_F_PATH_FD is EINVAL (kernel/bpf/syscall.c,
+        // bpf_obj_get()).
+        var options = zeroedOptions(bpf_obj_get_opts())
+        options.sz = MemoryLayout<bpf_obj_get_opts>.offset(of: \.file_flags)! + MemoryLayout<UInt32>.size
         options.file_flags = readOnly ? UInt32(BPF_F_RDONLY) : 0
         let fd = bpf_obj_get_opts(path, &options)
         if fd < 0 { throw ReuseportError.system(readOnly ? "bpf_obj_get(\(path), BPF_F_RDONLY)" : "bpf_obj_get(\(path))", errno) }
@@ -150,7 +153,7 @@ public final class BPFMap: @unchecked Sendable {
         // The batch token of a hash map is a bucket index (u32); give it a key's room anyway.
         let token = UnsafeMutableRawPointer.allocate(byteCount: max(keySize, 8), alignment: 8)
         defer { keys.deallocate(); values.deallocate(); token.deallocate() }
-        var options = bpf_map_batch_opts()
+        var options = zeroedOptions(bpf_map_batch_opts())
         options.sz = MemoryLayout<bpf_map_batch_opts>.size
         var first = true
         while true {
@@ -172,7 +175,7 @@ public final class BPFMap: @unchecked Sendable {
     func updateBatch<Key: BitwiseCopyable, Value: BitwiseCopyable>(_ keys: [Key], _ values: [Value]) throws -> Int {
         precondition(keys.count == values.count && MemoryLayout<Key>.size == keySize
                      && MemoryLayout<Value>.size == valueSize, "batch does not match map \(name)")
-        var options = bpf_map_batch_opts()
+        var options = zeroedOptions(bpf_map_batch_opts())
         options.sz = MemoryLayout<bpf_map_batch_opts>.size
         options.elem_flags = UInt64(BPF_ANY)
         var count = UInt32(keys.count)

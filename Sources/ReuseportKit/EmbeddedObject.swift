@@ -15,7 +15,7 @@ final class EmbeddedObject {
 
     /// Opens (does not load) the object at `bytes`. `name` is what errors call it.
     init(_ bytes: UnsafePointer<UInt8>, count: Int, name: String) throws {
-        var options = bpf_object_open_opts()
+        var options = zeroedOptions(bpf_object_open_opts())
         // LIBBPF_OPTS() is a macro Swift cannot use: set the size by hand.
         options.sz = MemoryLayout<bpf_object_open_opts>.size
         let object: OpaquePointer? = "reuseportd".withCString { objectName in

@@ -42,7 +42,7 @@ public final class LeavingRecords: @unchecked Sendable {
 
     /// A new, empty map (allocated per entry: it costs memory only while workers leave).
     public init() throws {
-        var options = bpf_map_create_opts()
+        var options = zeroedOptions(bpf_map_create_opts())
         options.sz = MemoryLayout<bpf_map_create_opts>.size
         options.map_flags = UInt32(BPF_F_NO_PREALLOC)
         let fd = bpf_map_create(BPF_MAP_TYPE_HASH, RP_MAP_LEAVING, UInt32(MemoryLayout<UInt32>.size),

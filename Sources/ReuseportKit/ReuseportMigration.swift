@@ -17,7 +17,7 @@ public enum ReuseportMigration {
     static func probe() -> Bool {
         var instructions = [bpf_insn(), bpf_insn(), bpf_insn()]
         instructions.withUnsafeMutableBufferPointer { rp_migrate_probe_instructions($0.baseAddress!) }
-        var options = bpf_prog_load_opts()
+        var options = zeroedOptions(bpf_prog_load_opts())
         options.sz = MemoryLayout<bpf_prog_load_opts>.size
         options.expected_attach_type = BPF_SK_REUSEPORT_SELECT_OR_MIGRATE
         let fd = bpf_prog_load(BPF_PROG_TYPE_SK_REUSEPORT, "rp_probe", "Dual BSD/GPL", instructions,

@@ -24,7 +24,9 @@ check() {
 }
 prop() { systemctl show -P "$1" reuseportd.service; }
 # Slots with a running worker, as the pins say (reuseportctl reads rp_slot_state).
-running() { reuseportctl map dump 2>/dev/null | grep -cw running; }
+# What map dump said on stderr last time (named in a failed check).
+running() { reuseportctl map dump 2>/tmp/map-dump.err | grep -cw running; }
+dump_error() { head -c 400 /tmp/map-dump.err 2>/dev/null | tr '\n' ' '; }
 # Slots the service has (each with its socket and worker): a scale is a placement change that
 # adds the new slots at once and switches their buckets once the live flows are recorded, so
 # slot_count (the table's) changes only at the switch; the slots listed change at once.
@@ -180,7 +182,7 @@ done
 took=$(($(now_ms) - start))
 check start-activating-until-ready "activating seen=$seen_activating, with STATUS= fewer than 4/4 running=$partial_while_activating" \
     test "$seen_activating$partial_while_activating" = 11
-check start-active-with-every-worker "running at active: $workers_at_active of 4, after $took ms" \
+check start-active-with-every-worker "running at active: $workers_at_active of 4, after $took ms $(dump_error)" \
     test "$workers_at_active" = 4
 check start-after-ready-after-ms "$took ms >= 2000" test "$took" -ge 2000
 status_text=$(prop StatusText)
