@@ -248,25 +248,33 @@ public final class TestDaemon {
     }
 
     /// The workers the pins under this run's pin root name (pid with the start time published
-    /// beside it, so a reused pid is never taken for one), by service.
-    public func pinnedWorkers() -> [String: [pid_t]] {
+    /// beside it, so a reused pid is never taken for one), by service: the slots' workers
+    /// (rp_slot_state), then with `leaving`, those that left their slot and still run (rp_leaving).
+    public func pinnedWorkers(leaving: Bool = false) -> [String: [pid_t]] {
         var found: [String: [pid_t]] = [:]
         for service in PinLayout.services(under: pinRoot) {
-            guard let maps = try? DispatchMaps(pinned: PinLayout(root: pinRoot, service: service)) else { continue }
+            let layout = PinLayout(root: pinRoot, service: service)
+            guard let maps = try? DispatchMaps(pinned: layout) else { continue }
             for slot in 0..<UInt32(RP_MAX_SLOTS) {
                 guard let row = try? maps.readSlotState(slot), row.pid != 0,
                       (try? Syscall.processStartTime(pid_t(row.pid))) == row.start_time
                 else { continue }
                 found[service, default: []].append(pid_t(row.pid))
             }
+            guard leaving else { continue }
+            for record in (try? LeavingRecords.pinned(at: layout)) ?? []
+            where (try? Syscall.processStartTime(record.pid)) == record.value.start_time {
+                found[service, default: []].append(record.pid)
+            }
         }
         return found
     }
 
-    /// SIGKILL to the process group of every worker the pins name: workers outlive a daemon
-    /// that was killed (a later daemon adopts them), so a test that kills one cleans up here.
+    /// SIGKILL to the process group of every worker the pins name, leaving ones included: workers
+    /// outlive a daemon that was killed (a later daemon adopts them), so a test that kills one
+    /// cleans up here.
     public func killPinnedWorkers() {
-        for pid in pinnedWorkers().values.joined() { try? Syscall.kill(-pid, SIGKILL) }
+        for pid in pinnedWorkers(leaving: true).values.joined() { try? Syscall.kill(-pid, SIGKILL) }
     }
 
     /// Kills what is left: the daemon, then its workers (they outlive it), and removes any pins
