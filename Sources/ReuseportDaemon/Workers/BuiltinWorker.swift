@@ -111,12 +111,26 @@ public struct BuiltinWorker {
             case .whoami:
                 reply = BuiltinWorker.whoamiDatagram(header: "\(prefix)\(source)", payload: buffer[0..<count])
             }
-            // A full send buffer is waited out briefly rather than dropping the answer.
+            // A full send buffer is waited out briefly rather than dropping the answer; an answer
+            // that cannot be sent is said on stderr (the daemon logs it with the slot and pid), so
+            // that a datagram a client never got an answer to is accounted for.
+            var sent = false
+            var failure = "the send buffer stayed full for 1 s"
             for _ in 0..<10 {
-                // nil: no room yet; sent, or failed for good (EMSGSIZE cannot happen: whoamiDatagram cuts).
-                let full = (try? reply.withUnsafeBytes { try Syscall.sendNow(socket, $0, to: source) == nil }) ?? false
-                guard full else { break }
+                do {
+                    // nil: no room yet (EMSGSIZE cannot happen: whoamiDatagram cuts).
+                    if try reply.withUnsafeBytes({ try Syscall.sendNow(socket, $0, to: source) }) != nil {
+                        sent = true
+                        break
+                    }
+                } catch {
+                    failure = "\(error)"
+                    break
+                }
                 _ = try? Syscall.waitWritable(socket, timeoutMs: 100)
+            }
+            if !sent {
+                _ = try? FileDescriptor.standardError.writeAll(Array("\(kind.rawValue): no answer sent to \(source): \(failure)\n".utf8))
             }
         }
     }
