@@ -333,20 +333,10 @@ func canBind(_ transport: Transport, _ port: UInt16) -> Bool {
     return (try? Syscall.bind(socket.fd, SocketAddress(.loopbackV4, port), "\(transport) port \(port)")) != nil
 }
 
-/// The processes with a `transport` socket whose local port is `port` (/proc/net/{udp,tcp}{,6},
+/// The processes with a `transport` socket whose local port is `port` (`procNetSockets`,
 /// then every process's descriptors).
 func processesHolding(port: UInt16, _ transport: Transport) -> Set<pid_t> {
-    var inodes = Set<String>()
-    for table in transport == .udp ? ["udp", "udp6"] : ["tcp", "tcp6"] {
-        let text = (try? String(contentsOfFile: "/proc/net/\(table)", encoding: .utf8)) ?? ""
-        for line in text.split(separator: "\n").dropFirst() {
-            let fields = line.split(separator: " ")
-            guard fields.count > 9, let colon = fields[1].lastIndex(of: ":"),
-                  UInt16(fields[1][fields[1].index(after: colon)...], radix: 16) == port
-            else { continue }
-            inodes.insert("socket:[\(fields[9])]")
-        }
-    }
+    let inodes = Set(procNetSockets(transport).filter { $0.port == port }.map { "socket:[\($0.inode)]" })
     var holders = Set<pid_t>()
     for entry in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
         guard let pid = pid_t(entry) else { continue }

@@ -32,21 +32,25 @@ func serviceTable(_ name: String, listen: [String] = ["udp://127.0.0.1:0"], work
     """
 }
 
-/// The kernel's receive drops (/proc/net/udp and udp6, last column) of every UDP socket bound to
-/// one of `ports`: datagrams that did not fit a socket's receive buffer.
-func kernelUDPDrops(ports: Set<UInt16>) -> Int {
-    var drops = 0
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let text = (try? String(contentsOfFile: table, encoding: .utf8)) ?? ""
-        for line in text.split(separator: "\n").dropFirst() {
-            let fields = line.split(separator: " ")
-            guard fields.count >= 13, let colon = fields[1].lastIndex(of: ":"),
-                  let port = UInt16(fields[1][fields[1].index(after: colon)...], radix: 16), ports.contains(port)
-            else { continue }
-            drops += Int(fields[fields.count - 1]) ?? 0
-        }
+/// The sockets of `transport` that /proc/net/{udp,tcp}{,6} list: local port, inode and (UDP)
+/// receive drops, the last column.
+func procNetSockets(_ transport: Transport) -> [(port: UInt16, inode: Substring, drops: Int)] {
+    (transport == .udp ? ["udp", "udp6"] : ["tcp", "tcp6"]).flatMap { table in
+        ((try? String(contentsOfFile: "/proc/net/\(table)", encoding: .utf8)) ?? "").split(separator: "\n").dropFirst()
+            .compactMap { line -> (port: UInt16, inode: Substring, drops: Int)? in
+                let fields = line.split(separator: " ")
+                guard fields.count >= 13, let colon = fields[1].lastIndex(of: ":"),
+                      let port = UInt16(fields[1][fields[1].index(after: colon)...], radix: 16)
+                else { return nil }
+                return (port, fields[9], Int(fields[fields.count - 1]) ?? 0)
+            }
     }
-    return drops
+}
+
+/// The kernel's receive drops of every UDP socket bound to one of `ports`: datagrams that did
+/// not fit a socket's receive buffer.
+func kernelUDPDrops(ports: Set<UInt16>) -> Int {
+    procNetSockets(.udp).filter { ports.contains($0.port) }.reduce(0) { $0 + $1.drops }
 }
 
 /// Flows that each send numbered datagrams (`"<flow> <seq>"`) to a whoami service and read the

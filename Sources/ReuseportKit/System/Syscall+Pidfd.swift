@@ -26,13 +26,8 @@ extension Syscall {
     /// (proc(5)). Together with the pid it names one process for as long as the system runs.
     /// nil for a process that has exited but is not yet reaped (a zombie: state Z or X).
     public static func processStartTime(_ pid: pid_t) throws -> UInt64? {
-        let text = String(decoding: try readFile("/proc/\(pid)/stat"), as: UTF8.self)
-        // Read after the last ')': the command name in field 2 may hold spaces and parentheses.
-        guard let close = text.lastIndex(of: ")") else {
-            throw ReuseportError.invalidArgument("/proc/\(pid)/stat: no ')' after the command name")
-        }
-        // Fields 3… follow the name: the state is the first of them, the start time the 20th.
-        let fields = text[text.index(after: close)...].split(separator: " ")
+        // Fields 3… : the state is the first of them, the start time the 20th.
+        let fields = try statFields(pid)
         guard fields.count >= 20, let ticks = UInt64(fields[19]) else {
             throw ReuseportError.invalidArgument("/proc/\(pid)/stat: no start time in field 22")
         }
@@ -44,12 +39,19 @@ extension Syscall {
     /// not this process's child is reaped only when init gets to it: in some containers, never.
     public static func liveMembers(ofProcessGroup group: pid_t) -> [pid_t] {
         directoryEntries("/proc").compactMap(pid_t.init).filter { pid in
-            guard let text = try? String(decoding: readFile("/proc/\(pid)/stat"), as: UTF8.self),
-                  let close = text.lastIndex(of: ")")
-            else { return false }
-            let fields = text[text.index(after: close)...].split(separator: " ")
+            guard let fields = try? statFields(pid) else { return false }
             return fields.count > 2 && fields[0] != "Z" && fields[0] != "X" && pid_t(fields[2]) == group
         }
+    }
+
+    /// Fields 3… of /proc/<pid>/stat (proc(5)), read after the last ')': the command name in
+    /// field 2 may hold spaces and parentheses.
+    static func statFields(_ pid: pid_t) throws -> [Substring] {
+        let text = String(decoding: try readFile("/proc/\(pid)/stat"), as: UTF8.self)
+        guard let close = text.lastIndex(of: ")") else {
+            throw ReuseportError.invalidArgument("/proc/\(pid)/stat: no ')' after the command name")
+        }
+        return Array(text[text.index(after: close)...].split(separator: " "))
     }
 
     /// The descriptors of process `pid` that are sockets (/proc/<pid>/fd entries that read
