@@ -141,6 +141,7 @@ public final class Daemon {
         while true {
             // Every change of the turn before is in the pins before the next exec, kill or turn.
             supervisor.publishLeaving()
+            for service in supervisor.services { service.reportBrokenInvariants() }
             if supervisor.reexecRequested { reexec() }
             let now = MonotonicClock.nanoseconds()
             supervisor.fireTimers(now: now)

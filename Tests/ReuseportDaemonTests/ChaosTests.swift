@@ -296,6 +296,9 @@ final class ChaosRun {
             violations.append("after \(step): the program dropped \(global.dropped_no_slot) packets for want of a slot, "
                 + "\(global.select_errors) select errors, \(global.migrate_failed) failed migrations")
         }
+        for broken in status.invariantViolations ?? [] {
+            violations.append("after \(step): the placement's invariant is broken: \(broken)")
+        }
         let pinned = Set(daemon.pinnedWorkers()[Self.service] ?? [])
         let listed = Set(status.slots.compactMap(\.pid))
         if pinned != listed {

@@ -219,7 +219,8 @@ extension Supervisor {
                 leaving: leavingWorkers(of: service.name),
                 settings: ServiceSettings(flowTracking: service.plane.tracksFlows,
                                           flowIdleTimeoutMs: service.plane.options.tracking.idleTimeoutMs,
-                                          readyTimeoutMs: service.configuration.readyTimeoutMs))
+                                          readyTimeoutMs: service.configuration.readyTimeoutMs),
+                invariantViolations: service.plane.invariantViolations)
         }
     }
 
