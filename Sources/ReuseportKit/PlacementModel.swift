@@ -168,7 +168,7 @@ public struct PlacementModel: Sendable, Equatable {
             effects.append(.writeFallback(table, previous: fallback))
             fallback = table
         }
-        effects.append(.writeConfig(slotCount: slots.count, liveCount: live.count))
+        effects.append(.writeConfig(slotCount: slots.count, liveCount: live.count, recordCostNs: tracking.recordCostNs))
         return effects
     }
 
@@ -657,7 +657,8 @@ public struct PlacementModel: Sendable, Equatable {
     public func restoreEffects(held: Set<UInt32>) -> [PlacementEffect] {
         var effects = liveSlots.filter { !held.contains($0) }.map { PlacementEffect.insertSockets(slot: $0) }
         effects.append(.writeFallback(fallback, previous: nil))
-        effects.append(.writeConfig(slotCount: slots.count, liveCount: fallbackSlots.isEmpty ? 0 : fallbackSlots.count))
+        effects.append(.writeConfig(slotCount: slots.count, liveCount: fallbackSlots.count,
+                                    recordCostNs: tracking.recordCostNs))
         effects.append(.writeBuckets(bucketValues, previous: nil))
         if let pending { effects.append(.writeNextBuckets(pending.effective)) }
         effects += held.subtracting(slotGenerations.keys).sorted().map { PlacementEffect.closeSockets(slot: $0) }
@@ -676,8 +677,9 @@ public enum PlacementEffect: Sendable, Equatable {
     case takeSockets(slot: UInt32)
     /// rp_fallback (only the entries that differ from `previous`, when given).
     case writeFallback([UInt32], previous: [UInt32]?)
-    /// rp_config's slot count and live count (seed, bucket count and record cost are the plane's).
-    case writeConfig(slotCount: Int, liveCount: Int)
+    /// rp_config's slot count, live count and the cost of a record (the tracking settings in
+    /// force); seed and bucket count are the plane's.
+    case writeConfig(slotCount: Int, liveCount: Int, recordCostNs: UInt32)
     /// rp_buckets' values, slot and flags (only the entries that differ from `previous`).
     case writeBuckets([UInt32], previous: [UInt32]?)
     /// rp_next_buckets: the table the pending switch writes.

@@ -323,9 +323,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 taken[slot] = try takeSockets(slot)
             case .writeFallback(let table, let previous):
                 try maps.writeFallback(table, previous: previous)
-            case .writeConfig(let slotCount, let liveCount):
+            case .writeConfig(let slotCount, let liveCount, let recordCostNs):
                 try maps.writeConfig(seed: settings.seed, bucketCount: settings.bucketCount, slotCount: slotCount,
-                                     liveCount: liveCount, recordCostNs: model.tracking.recordCostNs)
+                                     liveCount: liveCount, recordCostNs: recordCostNs)
             case .writeBuckets(let values, let previous):
                 try maps.writeBuckets(values, previous: previous)
             case .writeNextBuckets(let table):

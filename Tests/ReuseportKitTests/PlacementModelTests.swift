@@ -37,7 +37,7 @@ import Testing
             case .insertSockets(let slot): held.insert(slot)
             case .closeSockets(let slot), .takeSockets(let slot): held.remove(slot)
             case .writeFallback(let table, _): fallback = table
-            case .writeConfig(let slots, let live): (slotCount, liveCount) = (slots, live)
+            case .writeConfig(let slots, let live, _): (slotCount, liveCount) = (slots, live)
             case .writeBuckets(let values, _): buckets = values
             case .writeNextBuckets(let table): next = table
             case .writeTransition(let record): transition = record
