@@ -240,6 +240,8 @@ public struct SlotStatus: Codable, Sendable, Equatable {
     public var generation: Int?
     /// When the current worker became ready (CLOCK_REALTIME, ns since the epoch).
     public var readySinceNs: UInt64?
+    /// The slot's active health checks (`[service.health_check]`); nil without them.
+    public var health: SlotHealthStatus?
 
     public init(slot: UInt32, pid: Int32?, state: String, restarts: Int, buckets: Int,
                 droppedOutputLines: Int? = nil, droppedOutputBytes: Int? = nil, watchdogRestarts: Int? = nil,
@@ -258,6 +260,41 @@ public struct SlotStatus: Codable, Sendable, Equatable {
         self.stalls = stalls
         self.notifiedReady = notifiedReady
         self.notifiedStatus = notifiedStatus
+    }
+}
+
+/// One slot's active health checks, counted since the daemon started.
+public struct SlotHealthStatus: Codable, Sendable, Equatable {
+    /// No failed probe since the last passed one, and no restart for health without a passed
+    /// probe after it.
+    public var healthy: Bool
+    /// Probes judged: passed + failed + unreached.
+    public var probes: Int
+    public var passed: Int
+    public var failed: Int
+    /// Probes the slot's counter (rp_slot_stats) did not see: they say nothing of the worker.
+    public var unreached: Int
+    /// Probes not sent: no source port landed on the slot.
+    public var unaddressable: Int
+    public var consecutiveFailures: Int
+    /// Workers restarted for failing `failures` probes in a row.
+    public var restarts: Int
+    /// Times the slot failed over for staying unhealthy through restarts.
+    public var failovers: Int
+    public var lastProblem: String?
+
+    public init(healthy: Bool, probes: Int, passed: Int, failed: Int, unreached: Int, unaddressable: Int,
+                consecutiveFailures: Int, restarts: Int, failovers: Int, lastProblem: String?) {
+        self.healthy = healthy
+        self.probes = probes
+        self.passed = passed
+        self.failed = failed
+        self.unreached = unreached
+        self.unaddressable = unaddressable
+        self.consecutiveFailures = consecutiveFailures
+        self.restarts = restarts
+        self.failovers = failovers
+        self.lastProblem = lastProblem
     }
 }
 

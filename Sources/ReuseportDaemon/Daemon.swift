@@ -112,6 +112,7 @@ public final class Daemon {
         supervisor.prepareWorkers()
         DaemonPrivileges.dropUnneeded(cgroups: supervisor.cgroups, logger: logger)
         supervisor.startAllWorkers()
+        supervisor.checkHealthCheckRoutes()
         do {
             try serve()
         } catch {
@@ -161,6 +162,7 @@ public final class Daemon {
             }
             watched += supervisor.polledOutputs(now: now)
             watched += supervisor.pidfds.values.map(\.fd)
+            watched += supervisor.healthProbeDescriptors
             let deadline = [supervisor.nextDeadline(), control?.nextDeadline, control?.acceptResume(now: now),
                             supervisor.nextOutputResume(now: now), serviceManager.nextWatchdog].compactMap { $0 }.min()
             let timeout = deadline.map { Int32(clamping: max(0, ($0 - now + 999_999) / 1_000_000)) } ?? -1
@@ -173,6 +175,8 @@ public final class Daemon {
                     control.acceptClients(now: MonotonicClock.nanoseconds())
                 } else if supervisor.pidfds.values.contains(where: { $0.fd == fd }) {
                     supervisor.adoptedExited(fd)
+                } else if supervisor.healthChecks.inFlight[fd] != nil {
+                    supervisor.probeReadable(fd, now: MonotonicClock.nanoseconds())
                 } else if supervisor.outputs[fd] != nil {
                     supervisor.readOutput(fd, now: MonotonicClock.nanoseconds())
                 } else if let control, control.clients[fd] != nil {

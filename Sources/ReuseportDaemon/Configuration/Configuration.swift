@@ -66,6 +66,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var tracking = ServiceDataPlane.FlowTracking()
     /// `[service.quic]`: steer UDP by QUIC connection ID (docs/quic.md); nil: off.
     public var quic: QuicSteering?
+    /// `[service.health_check]`: probes each worker through the shared port; nil: off.
+    public var healthCheck: HealthCheckSettings?
     /// `notify = true`: a worker is ready when it sends `READY=1` to its NOTIFY_SOCKET, not after
     /// `ready_after_ms`; an upgrade switches only once every new worker is ready.
     public var notify = false

@@ -146,10 +146,11 @@ public enum ConfigurationParser {
                 services.append(try parseService(table, path: "service[\(index)]", file: file))
             } catch {
                 var located = error
-                if let key = error.key, key.hasPrefix("service[\(index)].quic") {
+                for table in ["quic", "health_check"] {
+                    guard let key = error.key, key.hasPrefix("service[\(index)].\(table)") else { continue }
                     // A key that is missing is named at its table.
                     located.line = line(ofKey: key.dropFirst("service[\(index)].".count), service: index, in: text)
-                        ?? line(ofKey: "quic", service: index, in: text)
+                        ?? line(ofKey: Substring(table), service: index, in: text)
                 }
                 throw located
             }
@@ -163,7 +164,7 @@ public enum ConfigurationParser {
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
         "failover_after_ms", "watchdog_ms", "environment", "flow_tracking", "flow_idle_timeout_ms",
         "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms", "quic", "notify", "ready_timeout_ms",
-        "drain_signal",
+        "drain_signal", "health_check",
     ]
 
     /// The signals `drain_signal` may name: those a server commonly takes as "finish what you
@@ -186,7 +187,9 @@ public enum ConfigurationParser {
         let name = String(key.split(separator: ".").last ?? key)
         for index in headers[service]..<end {
             let line = lines[index]
-            if name == "quic", line.filter({ $0 != " " }).hasPrefix("[service.quic]") { return index + 1 }
+            if name == "quic" || name == "health_check", line.filter({ $0 != " " }).hasPrefix("[service.\(name)]") {
+                return index + 1
+            }
             var rest = line[...]
             while let found = rest.range(of: name) {
                 let before = found.lowerBound == line.startIndex ? nil : line[line.index(before: found.lowerBound)]
@@ -349,6 +352,7 @@ public enum ConfigurationParser {
         }
         service.tracking = try parseTracking(reader)
         service.quic = try parseQuic(reader, listen: listen)
+        service.healthCheck = try parseHealthCheck(reader, listen: listen)
         return service
     }
 

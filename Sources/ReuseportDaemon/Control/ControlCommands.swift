@@ -205,12 +205,16 @@ extension Supervisor {
                 pinDirectory: service.pins.serviceDirectory,
                 slots: service.slots.map { slot -> SlotStatus in
                     let drops = drops(of: service, slot)
-                    return SlotStatus(slot: slot.index, pid: slot.pid, state: slot.state.description,
-                                      restarts: Int(slot.restarts), buckets: buckets[slot.index] ?? 0,
-                                      droppedOutputLines: drops.lines, droppedOutputBytes: drops.bytes,
-                                      watchdogRestarts: Int(slot.watchdogRestarts), stalls: Int(slot.stalls),
-                                      notifiedReady: slot.notifiedReady, notifiedStatus: slot.notifiedStatus,
-                                      generation: Int(slot.generation), readySinceNs: slot.readySinceNs)
+                    var status = SlotStatus(slot: slot.index, pid: slot.pid, state: slot.state.description,
+                                            restarts: Int(slot.restarts), buckets: buckets[slot.index] ?? 0,
+                                            droppedOutputLines: drops.lines, droppedOutputBytes: drops.bytes,
+                                            watchdogRestarts: Int(slot.watchdogRestarts), stalls: Int(slot.stalls),
+                                            notifiedReady: slot.notifiedReady, notifiedStatus: slot.notifiedStatus,
+                                            generation: Int(slot.generation), readySinceNs: slot.readySinceNs)
+                    if service.configuration.healthCheck != nil {
+                        status.health = healthStatus(service.name, slot.index)
+                    }
+                    return status
                 },
                 failovers: service.failovers, rescueStarts: service.rescueStarts,
                 removedSlotDrops: service.removedSlotDrops, adoptedWorkers: service.adoptedWorkers,

@@ -62,6 +62,8 @@ final class Supervisor {
     /// The last thing that happened (a worker exit, a reload, the stop), one line for the
     /// service manager's `STATUS=` (ServiceManagerNotifier).
     var lastEvent: String?
+    /// Active health checks: each slot's record and the probes in flight (HealthCheck.swift).
+    let healthChecks = HealthChecks()
 
     init(configuration: DaemonConfiguration, pinRoot: String, executable: String, logger: Logger) {
         self.configuration = configuration
@@ -703,6 +705,7 @@ final class Supervisor {
     func beginStop(reason: String) {
         logger.notice("\(reason): stopping \(workers.count) workers (SIGKILL after \(configuration.stopTimeoutMs) ms)")
         stopping = true
+        closeHealthProbes()
         let now = MonotonicClock.nanoseconds()
         for pid in Array(draining.keys) { endDrain(pid, now: now, counting: false) }
         for (pid, worker) in workers {

@@ -25,6 +25,9 @@ enum SupervisorTimer {
     /// A placement change in progress: switch when learning is over, sweep records, retire
     /// drained slots (Supervisor.checkTransition).
     case transition(ServiceRuntime)
+    /// Active health checks: a probe to send, a TCP connect to look at, a probe's timeout
+    /// (HealthCheck.swift).
+    case healthCheck
     /// A starting generation's workers are not all ready by `ready_timeout_ms`: it is abandoned.
     case upgrade(ServiceRuntime)
 }
@@ -41,7 +44,7 @@ extension Supervisor {
                            .watchdog(service, slot)]
             }
         }
-        return timers + retiring.keys.map { .kill($0) } + draining.keys.map { .drain($0) } + [.stallCheck]
+        return timers + retiring.keys.map { .kill($0) } + draining.keys.map { .drain($0) } + [.stallCheck, .healthCheck]
     }
 
     /// When `timer` is due, or nil while its condition does not hold.
@@ -71,6 +74,8 @@ extension Supervisor {
         case .stallCheck:
             guard !stopping, hasStallCheck else { return nil }
             return nextStallCheck
+        case .healthCheck:
+            return nextHealthCheck
         case .transition(let service):
             guard !stopping else { return nil }
             return service.nextTransitionCheck
@@ -107,6 +112,8 @@ extension Supervisor {
                 watchdogExpired(service, slot, now: now)
             case .stallCheck:
                 checkStalls(now: now)
+            case .healthCheck:
+                runHealthChecks(now: now)
             case .transition(let service):
                 checkTransition(service, now: now)
             case .upgrade(let service):
