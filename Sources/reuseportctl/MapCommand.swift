@@ -106,6 +106,7 @@ struct MapDumpCommand: ParsableCommand {
         for slot in daemon?.slots ?? [] {
             if let status = slot.notifiedStatus { text += "  STATUS=    slot \(slot.slot): \(status)\n" }
         }
+        text += healthTable(daemon)
         for worker in daemon?.leaving ?? [] {
             text += "  leaving    pid \(worker.pid), was slot \(worker.slot) of generation \(worker.generation): \(worker.state.rawValue)\n"
         }
@@ -124,6 +125,23 @@ struct MapDumpCommand: ParsableCommand {
                 + " --json has each socket)\n"
         }
         return text
+    }
+
+    /// The slots' active health checks, from the daemon's status; empty without them.
+    static func healthTable(_ daemon: ServiceStatus?) -> String {
+        let slots = (daemon?.slots ?? []).filter { $0.health != nil }
+        guard !slots.isEmpty else { return "" }
+        var table = TextTable([("SLOT", .right), ("HEALTH", .left), ("PROBES", .right), ("PASSED", .right),
+                               ("FAILED", .right), ("UNREACHED", .right), ("RESTARTS", .right), ("FAILOVERS", .right),
+                               ("LAST PROBLEM", .left)])
+        for slot in slots {
+            guard let health = slot.health else { continue }
+            table.add(["\(slot.slot)", health.healthy ? "healthy" : "unhealthy", "\(health.probes)", "\(health.passed)",
+                       "\(health.failed)", "\(health.unreached)", "\(health.restarts)", "\(health.failovers)",
+                       health.lastProblem ?? "-"])
+        }
+        return "\n  health checks (from the daemon): probes sent through the shared port to each slot\n"
+            + table.render(indent: "  ")
     }
 
     static func listenerSummary(_ service: ServiceSnapshot) -> String {
@@ -322,6 +340,8 @@ struct MapDump: Encodable {
         @Nullable var quic: SlotQuic?
         /// The worker's last `STATUS=` (from the daemon; null when it does not answer or none came).
         @Nullable var notifiedStatus: String?
+        /// The slot's active health checks (from the daemon; null without them or without an answer).
+        @Nullable var health: SlotHealthStatus?
     }
 
     struct Socket: Encodable {
@@ -388,7 +408,8 @@ struct MapDump: Encodable {
                              SlotQuic(serverId: QuicSteering.hex($0.serverID(slot: slot.index)),
                                       cidSteered: slot.quic.cid_steered, dcidHashed: slot.quic.dcid_hashed)
                          },
-                         notifiedStatus: status?.slots.first { $0.slot == slot.index }?.notifiedStatus)
+                         notifiedStatus: status?.slots.first { $0.slot == slot.index }?.notifiedStatus,
+                         health: status?.slots.first { $0.slot == slot.index }?.health)
                 },
                 change: Change(service),
                 quic: service.quic.map { quic in

@@ -214,7 +214,32 @@ enum MetricsExposition {
                             "Bytes of the slot's worker output the daemon did not log (over its rate limit).", labels,
                             UInt64(clamping: bytes))
                 }
+                if let health = slot.health { add(health, labels) }
             }
+        }
+
+        /// A slot's active health checks ([service.health_check]).
+        func add(_ health: SlotHealthStatus, _ labels: [(String, String)]) {
+            let counters: [(String, String, Int)] = [
+                ("reuseport_slot_health_probes_passed_total", "Health probes the slot's worker answered as expected.",
+                 health.passed),
+                ("reuseport_slot_health_probes_failed_total",
+                 "Health probes that reached the slot (its counter grew) and got no healthy answer in time.",
+                 health.failed),
+                ("reuseport_slot_health_probes_unreached_total",
+                 "Health probes the slot's counter did not see (not counted against the worker).", health.unreached),
+                ("reuseport_slot_health_probes_unaddressable_total",
+                 "Health probes not sent: no source port landed on the slot.", health.unaddressable),
+                ("reuseport_slot_health_restarts_total",
+                 "Workers replaced for failing their health checks in a row.", health.restarts),
+                ("reuseport_slot_health_failovers_total",
+                 "Times the slot failed over for staying unhealthy through restarts.", health.failovers),
+            ]
+            for (metric, help, value) in counters { counter(metric, help, labels, UInt64(clamping: value)) }
+            gauge("reuseport_slot_healthy", "1 while the slot's worker passes its health checks, 0 while not.", labels,
+                  health.healthy ? 1 : 0)
+            gauge("reuseport_slot_health_consecutive_failures", "Failed health probes in a row of the slot's worker.",
+                  labels, UInt64(clamping: health.consecutiveFailures))
         }
     }
 }

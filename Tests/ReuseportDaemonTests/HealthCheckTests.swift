@@ -246,6 +246,19 @@ struct HealthCheckTests {
             (services[0].slots.first { $0.slot == 1 }?.health?.passed ?? 0) > health.passed
         }
         #expect(healed[0].slots.first { $0.slot == 1 }?.health?.healthy == true)
+        // reuseportctl shows it: map dump (human and JSON) and the metrics.
+        let locations = ["--pin-dir", daemon.pinRoot, "--run-dir", daemon.runDirectory]
+        let ctl = BuiltProducts.path("reuseportctl")
+        let human = try Subprocess.run(ctl, ["map", "dump"] + locations).output
+        let row = human.split(separator: "\n").first { $0.contains("health checks") }
+        #expect(row != nil, "\(human)")
+        let json = try Subprocess.run(ctl, ["map", "dump", "--json"] + locations).output
+        let dump = try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any]
+        let dumped = ((dump?["services"] as? [[String: Any]])?.first?["slots"] as? [[String: Any]])?
+            .first { $0["slot"] as? Int == 1 }?["health"] as? [String: Any]
+        #expect(dumped?["restarts"] as? Int == 1 && dumped?["failed"] as? Int == 3, "\(json)")
+        let metrics = try Subprocess.run(ctl, ["stats", "--prometheus"] + locations).output
+        #expect(metrics.contains("reuseport_slot_health_restarts_total{service=\"hc\",slot=\"1\"} 1"), "\(metrics)")
         // Measured, not asserted (no timed assertions): the test's own polling adds to it.
         print("health check: SIGSTOP found and the worker replaced after \(Int(detectedMs)) ms "
             + "(interval 200 × failures 3 + timeout 150 = 750 ms)")

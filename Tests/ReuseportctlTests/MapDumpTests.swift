@@ -79,7 +79,7 @@ struct MapDumpTests {
         #expect(Set(slots[0].keys) == ["slot", "pid", "state", "restarts", "stalls", "watchdog_restarts", "generation",
                                        "since_ns", "seconds_in_state",
                                        "buckets", "packets", "bytes", "fallbacks", "receive_drops", "records", "leaving",
-                                       "joining", "sockets", "quic", "notified_status"])
+                                       "joining", "sockets", "quic", "notified_status", "health"])
         let socket = try #require((slots[0]["sockets"] as? [[String: Any]])?.first)
         #expect(Set(socket.keys) == ["listener", "cookie", "inode", "receive_drops", "receive_queue"])
     }
