@@ -140,6 +140,12 @@ struct HealthCheckDecisionTests {
             """))
         #expect(hex.payload == [0x12, 0x34, 0x01, 0x00] && hex.expectPrefix == [0x12, 0x34])
         #expect(hex.intervalMs == 500 && hex.timeoutMs == 200 && hex.failures == 2 && hex.transport == .udp)
+        // The example of docs/configuration.md ("Active health checks") is the query the unbound
+        // test sends.
+        let documented = try #require(try Self.parse("""
+            send_hex = "4843 0100 0001 0000 0000 0000 0474657374 076578616d706c65 00 0010 0001"
+            """))
+        #expect(documented.payload == UnboundUpgradeTests.query(id: 0x4843))
         let tcp = try #require(try Self.parse("send = \"ping\\n\"\nexpect_regex = \"^slot=\"",
                                               listen: "tcp://[::1]:0"))
         #expect(tcp.transport == .tcp && tcp.timeoutMs == 500 && tcp.expectRegex == "^slot=")
