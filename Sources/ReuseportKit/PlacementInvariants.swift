@@ -46,7 +46,36 @@ extension PlacementModel {
                   "the starting generation's slots are not all of generation \(starting.generation)")
             check(starting.generation > workingGeneration && starting.generation <= lastGeneration,
                   "the starting generation \(starting.generation) is not newer than the working \(workingGeneration)")
-            check(named.isDisjoint(with: startingSlots), "rp_buckets names the starting generation's slots")
+            // Only a switched canary's buckets name them, each at the slot promotion gives it.
+            let assignment = canary?.switched == true ? canary!.assignment : [:]
+            let stray = effectiveBuckets.indices.filter {
+                startingSlots.contains(effectiveBuckets[$0]) && assignment[$0] != effectiveBuckets[$0]
+            }
+            check(stray.isEmpty, "rp_buckets names the starting generation's slots in \(stray.count) buckets that are no canary's")
+        }
+        if let canary {
+            check(startingGeneration.map { $0.generation == canary.generation && $0.slots == canary.slots } == true,
+                  "the canary of generation \(canary.generation) is not the starting generation")
+            check(!canary.buckets.isEmpty && canary.buckets.count < bucketCount && canary.buckets == Array(Set(canary.buckets)).sorted()
+                  && canary.buckets.allSatisfy { (0..<bucketCount).contains($0) },
+                  "the canary's buckets are not distinct buckets of the table, some but not all")
+            // Promotion moves only the buckets the canary does not hold: the fewest.
+            check(canary.promoted == BucketAssignment.rebalance(buckets, to: canary.slots),
+                  "the canary's buckets do not point where promotion puts them")
+            if canary.switched {
+                check(canary.buckets.allSatisfy { effectiveBuckets[$0] == canary.promoted[$0] },
+                      "a switched canary's buckets do not all name its slots")
+            } else {
+                check(pending?.canary == canary.assignment, "a canary that has not switched has no change learning it")
+            }
+        }
+        if let pending, !pending.canary.isEmpty {
+            check(canary?.assignment == pending.canary, "the pending change carries buckets of no canary")
+        }
+        let namedLeaving = leaving.intersection(named)
+        if !namedLeaving.isEmpty {
+            check(pending.map { Set($0.effective).isDisjoint(with: namedLeaving) } == true,
+                  "leaving slots \(list(namedLeaving)) take new flows and no pending switch takes them away")
         }
         let roles = Set(slots).union(pendingSlots).union(leaving).union(startingGeneration?.slots ?? [])
         check(held.isSubset(of: roles), "slots \(list(held.subtracting(roles))) hold sockets but have no role")

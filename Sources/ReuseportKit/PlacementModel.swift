@@ -64,6 +64,9 @@ public struct PlacementModel: Sendable, Equatable {
     /// their flows take the fallback table. The tests of the fallback path make such holes; the
     /// daemon never does.
     public internal(set) var closed: Set<UInt32> = []
+    /// A canary: the starting generation takes the new flows of a share of the buckets while it
+    /// bakes (CanaryPlacement.swift); nil otherwise.
+    public internal(set) var canary: CanaryPlacement?
 
     /// A fresh placement of `slotCount` slots, 0..<slotCount, not yet written anywhere:
     /// `initialEffects()` writes it.
@@ -203,6 +206,7 @@ public struct PlacementModel: Sendable, Equatable {
     /// failed-over slot stays so; a removed one no longer. Returns the nominal buckets moved.
     public mutating func resize(to count: Int, now: Int64) throws -> (moved: Int, effects: [PlacementEffect]) {
         _ = try SlotCount(count)
+        try refuseDuringCanary("resize")
         let target = Array(0..<UInt32(count))
         let table = BucketAssignment.rebalance(buckets, to: target)
         let failed = failedOver.filter { $0 < UInt32(count) }
@@ -224,6 +228,7 @@ public struct PlacementModel: Sendable, Equatable {
 
     /// Replaces the nominal bucket table; rp_buckets gets it with the failover laid over it.
     public mutating func setBuckets(_ table: [UInt32]) throws -> [PlacementEffect] {
+        try refuseDuringCanary("replace the bucket table")
         guard table.count == bucketCount else {
             throw ReuseportError.invalidArgument("bucket table has \(table.count) entries, expected \(bucketCount)")
         }
@@ -250,7 +255,7 @@ public struct PlacementModel: Sendable, Equatable {
         // than its share: either moves live flows of slots that are up.
         let table = failing && !live.isEmpty
             ? BucketAssignment.lend(effectiveBuckets, from: slot, to: live)
-            : BucketAssignment.overlay(buckets, slots: slots, failed: failed)
+            : withSwitchedCanary(BucketAssignment.overlay(buckets, slots: slots, failed: failed))
         let moved = BucketAssignment.moved(from: effectiveBuckets, to: table)
         var flags = bucketFlags
         var next = pending
@@ -323,6 +328,7 @@ public struct PlacementModel: Sendable, Equatable {
             throw ReuseportError.invalidArgument("generation \(generation) is learning the live flows it takes over: "
                 + "scale once it switched")
         }
+        try refuseDuringCanary("scale")
         let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
         let target = try targetSlots(resizing: base.slots, to: count)
         let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target), slots: target,
@@ -342,6 +348,8 @@ public struct PlacementModel: Sendable, Equatable {
         let set = pending?.slots ?? slots
         let up = set.filter { !(pending?.failed ?? failedOver).contains($0) }
         guard !up.isEmpty, table.count >= set.count else { return false }
+        // A table read back from pins where a canary ran names its slots, outside the set.
+        if canary == nil, table.contains(where: { !set.contains($0) }) { return true }
         var held: [UInt32: Int] = [:]
         for slot in table { held[slot, default: 0] += 1 }
         return up.contains { held[$0, default: 0] < table.count / set.count }
@@ -353,7 +361,7 @@ public struct PlacementModel: Sendable, Equatable {
     public mutating func rebalanceIfStarved(now: Int64, records: [UInt32: Int] = [:])
         -> (plan: TransitionPlan, effects: [PlacementEffect])?
     {
-        guard isStarved, pendingGeneration == nil else { return nil }
+        guard isStarved, pendingGeneration == nil, canary == nil else { return nil }
         return try? beginResize(to: (pending?.slots ?? slots).count, now: now, records: records)
     }
 
@@ -362,7 +370,8 @@ public struct PlacementModel: Sendable, Equatable {
     public mutating func beginRestore(_ slot: UInt32, now: Int64, learnNs: Int64? = nil, records: [UInt32: Int] = [:])
         -> (plan: TransitionPlan, effects: [PlacementEffect])
     {
-        var next = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
+        var next = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now,
+                                               canary: canary?.switched == true ? canary!.assignment : [:])
         next.failed.remove(slot)
         return plan(next, now: now, learnNs: learnNs, records: records)
     }
@@ -444,6 +453,7 @@ public struct PlacementModel: Sendable, Equatable {
             }
         }
         var effects = [writeEffective(target, flags: flags)]
+        if !next.canary.isEmpty { canary?.switched = true }
         buckets = next.buckets
         slots = next.slots
         failedOver = next.failed
@@ -464,7 +474,8 @@ public struct PlacementModel: Sendable, Equatable {
     /// sweep), or the drain deadline has passed.
     public func slotsToRetire(liveBySlot: [UInt32: Int], now: Int64) -> [UInt32] {
         let deadlinePassed = drainDeadlineNs.map { now >= $0 } == true
-        return leaving.sorted().filter { (liveBySlot[$0] ?? 0) == 0 || deadlinePassed }
+        let named = Set(effectiveBuckets)
+        return leaving.sorted().filter { ((liveBySlot[$0] ?? 0) == 0 || deadlinePassed) && !named.contains($0) }
     }
 
     /// A leaving slot's sockets leave the arrays, handed to the caller to drain and close. Its
@@ -472,6 +483,10 @@ public struct PlacementModel: Sendable, Equatable {
     public mutating func retire(_ slot: UInt32) throws -> [PlacementEffect] {
         guard leaving.contains(slot) else {
             throw ReuseportError.invalidArgument("slot \(slot) is not leaving")
+        }
+        // A rolled-back canary's slot takes its buckets' new flows until the switch.
+        guard !effectiveBuckets.contains(slot) else {
+            throw ReuseportError.invalidArgument("slot \(slot) takes new flows until the pending switch: it retires after it")
         }
         let effect = takeSockets(slot)
         leaving.remove(slot)
@@ -555,6 +570,8 @@ public struct PlacementModel: Sendable, Equatable {
     /// Gives up the starting generation: its sockets close. No flow was ever steered to them.
     public mutating func abandonGeneration() -> [PlacementEffect] {
         guard let starting = startingGeneration else { return [] }
+        // A canary's slots take flows: it is rolled back (rollBackCanary), which keeps them.
+        guard canary == nil else { return [] }
         startingGeneration = nil
         return starting.slots.map { closeSockets($0) } + [.writeTransition(transitionRecord)]
     }
@@ -567,6 +584,13 @@ public struct PlacementModel: Sendable, Equatable {
     {
         guard let starting = startingGeneration else {
             throw ReuseportError.invalidArgument("no generation is starting")
+        }
+        if let canary {
+            guard canary.switched, pending == nil else {
+                throw ReuseportError.invalidArgument("generation \(canary.generation)'s canary is learning the live "
+                    + "flows of its buckets: promote it once it switched")
+            }
+            self.canary = nil
         }
         let result = changeGeneration(to: starting.slots, generation: starting.generation, now: now, learnNs: learnNs,
                                       records: records)
@@ -627,6 +651,11 @@ public struct PlacementModel: Sendable, Equatable {
         effectiveBuckets = old.effectiveBuckets
         bucketFlags = old.bucketFlags
         pending = old.pending
+        if let canary = old.canary {
+            // A canary is not carried (its slots are a starting generation's): its buckets go back.
+            effectiveBuckets = withoutCanary(effectiveBuckets, named: Set(canary.slots), original: canary.original)
+            pending?.canary = [:]
+        }
         leaving = old.leaving
         drainDeadlineNs = old.drainDeadlineNs
         transitionStartedNs = old.transitionStartedNs

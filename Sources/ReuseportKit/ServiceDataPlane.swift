@@ -598,6 +598,21 @@ public final class ServiceDataPlane: @unchecked Sendable {
         return try run { try $0.switchGeneration(now: now, learnNs: learnNs, records: records) }.result
     }
 
+    /// Sends `percent` % of the buckets' new flows to the starting generation, as a change that
+    /// keeps live flows (PlacementModel.startCanary); `switchGeneration` promotes it.
+    @discardableResult
+    public func startCanary(percent: Int, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
+        let records = try liveRecordsBySlot(now: now)
+        return try run { try $0.startCanary(percent: percent, now: now, learnNs: learnNs, records: records) }.result
+    }
+
+    /// Takes a canary's buckets back, keeping its live flows until idle (PlacementModel.rollBackCanary).
+    @discardableResult
+    public func rollBackCanary(now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
+        let records = try liveRecordsBySlot(now: now)
+        return try run { try $0.rollBackCanary(now: now, learnNs: learnNs, records: records) }.result
+    }
+
     /// Makes a generation whose slots are still leaving the working one again (PlacementModel.rollBack).
     @discardableResult
     public func rollBack(to generation: UInt32, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
@@ -730,15 +745,26 @@ public struct PendingPlacement: Sendable, Equatable {
     /// When learning ends (CLOCK_MONOTONIC).
     public var switchNs: Int64
 
-    public init(buckets: [UInt32], slots: [UInt32], failed: Set<UInt32>, switchNs: Int64) {
+    /// Buckets sent to a canary generation's slots beside the set (`PlacementModel.startCanary`):
+    /// bucket → canary slot, laid over the table.
+    public var canary: [Int: UInt32] = [:]
+
+    public init(buckets: [UInt32], slots: [UInt32], failed: Set<UInt32>, switchNs: Int64,
+                canary: [Int: UInt32] = [:]) {
         self.buckets = buckets
         self.slots = slots
         self.failed = failed
         self.switchNs = switchNs
+        self.canary = canary
     }
 
-    /// The table rp_buckets will hold: the failed-over slots' buckets lent to the others.
-    public var effective: [UInt32] { BucketAssignment.overlay(buckets, slots: slots, failed: failed) }
+    /// The table rp_buckets will hold: the failed-over slots' buckets lent to the others, and
+    /// a canary's buckets at its slots.
+    public var effective: [UInt32] {
+        var table = BucketAssignment.overlay(buckets, slots: slots, failed: failed)
+        for (bucket, slot) in canary { table[bucket] = slot }
+        return table
+    }
 }
 
 /// A generation whose slots hold sockets and whose workers start, before any flow is steered to it.

@@ -5,7 +5,8 @@ import Testing
 @testable import ReuseportKit
 
 /// The placement model under random sequences of the operations the daemon makes (scale, restore,
-/// failover, upgrade start, switch, abandon and rollback, the periodic check that switches,
+/// failover, upgrade start, switch, abandon and rollback, a canary's start, promotion and
+/// rollback, the periodic check that switches,
 /// sweeps and retires, a reload's rebuild, a daemon restart on the pins), in process and without
 /// root. A simulated kernel carries the model's writes out one at a time and steers live flows
 /// as rp_dispatch() does (bucket, flags, flow records, fallback table), so what is checked is what
@@ -167,7 +168,7 @@ import Testing
 
         mutating func perform(_ code: UInt16) throws {
             let argument = Int(code / 16)
-            switch code % 16 {
+            switch code % 19 {
             case 0, 1, 2, 3:
                 check()
             case 4, 5:
@@ -197,14 +198,23 @@ import Testing
                 attempt("restore \(slot)") { [now] in $0.beginRestore(slot, now: now).effects }
             case 13:
                 try rebuild()
-            default:
+            case 14:
                 try restart()
+            case 15, 16:
+                let percent = 1 + argument % 50
+                attempt("canary \(percent)%") { [now] in try $0.startCanary(percent: percent, now: now).effects }
+            case 17:
+                attempt("canary: promote") { [now] in try $0.switchGeneration(now: now).effects }
+            default:
+                attempt("canary: roll back") { [now] in try $0.rollBackCanary(now: now).effects }
             }
         }
 
         /// A reload that rebuilds the plane: new maps, the placement carried, the records copied;
         /// then the new program takes over the group.
         mutating func rebuild() throws {
+            // A canary is not carried (its slots close): its flows go back to the working generation.
+            for (flow, was) in on where model.canary?.slots.contains(was) == true { on.removeValue(forKey: flow) }
             var rebuilt = try PlacementModel(bucketCount: model.bucketCount, slotCount: model.slots.count,
                                              tracking: model.deferredTracking ?? model.tracking, hasUDP: true)
             var fresh = SimulatedMaps()
@@ -289,6 +299,10 @@ import Testing
         if expected.transitionStartedNs == nil, !expected.leaving.isEmpty { expected.transitionStartedNs = now }
         expected.deferredTracking = nil
         expected.closed = []
+        // A canary is not in the pins: its slots leave as a starting generation's, and its buckets
+        // (in the table, or in the learning change's) go back at the daemon's first check
+        // (`rebalanceIfStarved`).
+        expected.canary = nil
         return expected
     }
 
