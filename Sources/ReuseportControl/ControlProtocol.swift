@@ -45,8 +45,15 @@ public struct ControlRequest: Codable, Sendable, Equatable {
     public var now: Bool?
     /// `scale`: say what the change would move, change nothing.
     public var dryRun: Bool?
-    /// `upgrade`: back to the generation still draining, instead of a new one.
+    /// `upgrade`: back to the generation still draining, instead of a new one; while a canary
+    /// bakes, its buckets go back to the working generation.
     public var rollback: Bool?
+    /// `upgrade`: a canary: once ready, the new generation takes the new flows of this percent of
+    /// the buckets (1–99) for `bakeMs`, then is promoted or rolled back.
+    public var canaryPercent: Int?
+    public var bakeMs: Int?
+    /// `upgrade`: promote the canary that bakes now.
+    public var promote: Bool?
 
     public init(command: Command, service: String? = nil, slot: UInt32? = nil, workers: Int? = nil,
                 now: Bool? = nil, dryRun: Bool? = nil, rollback: Bool? = nil) {
@@ -57,6 +64,17 @@ public struct ControlRequest: Codable, Sendable, Equatable {
         self.now = now
         self.dryRun = dryRun
         self.rollback = rollback
+    }
+
+    /// An `upgrade` request for a canary (`percent`, `bakeMs`), or to `promote` the one baking.
+    public static func canary(service: String?, percent: Int? = nil, bakeMs: Int? = nil, promote: Bool = false)
+        -> ControlRequest
+    {
+        var request = ControlRequest(command: .upgrade, service: service)
+        request.canaryPercent = percent
+        request.bakeMs = bakeMs
+        request.promote = promote ? true : nil
+        return request
     }
 }
 
@@ -310,6 +328,12 @@ public struct UpgradeStatus: Codable, Sendable, Equatable {
         case switched
         /// Given up before the switch (`reason`): the new workers were stopped, the old serve on.
         case abandoned
+        /// A canary: the new generation takes the new flows of `canaryBuckets` buckets while it
+        /// bakes; the working generation keeps the rest and every live flow.
+        case canary
+        /// The canary was rolled back (`reason`): its buckets are the working generation's again,
+        /// its live flows stay on it until idle (at most `drain_timeout_ms`).
+        case rolledBack = "rolled-back"
     }
 
     public var generation: Int
@@ -328,6 +352,14 @@ public struct UpgradeStatus: Codable, Sendable, Equatable {
     public var switchedNs: UInt64?
     /// A roll back to a generation still draining.
     public var rollback: Bool?
+    /// A canary's share: the percent asked, the buckets it takes (of the table), how long it
+    /// bakes, and when the bake ends (once its buckets switched; nil before).
+    public var canaryPercent: Int?
+    public var canaryBuckets: Int?
+    public var bakeMs: Int?
+    public var bakeEndsNs: UInt64?
+    /// What the bake compared, per generation, at the last check: one line.
+    public var comparison: String?
 
     public init(generation: Int, previous: Int, phase: Phase, slots: [UInt32], reason: String? = nil,
                 startedNs: UInt64, readyNs: UInt64? = nil, learningNs: UInt64? = nil, switchedNs: UInt64? = nil,

@@ -19,6 +19,7 @@ enum CtlError: Error, CustomStringConvertible {
     case timeout(String)
     /// An upgrade gave up before its switch: the old generation serves on.
     case upgradeAbandoned(service: String, generation: Int, reason: String)
+    case canaryRolledBack(service: String, generation: Int, reason: String)
     case kernel(Error)
     /// Some services were shown, these could not be read.
     case unreadable([CtlError])
@@ -51,6 +52,8 @@ enum CtlError: Error, CustomStringConvertible {
             return reason
         case .upgradeAbandoned(let service, let generation, let reason):
             return "\(service): generation \(generation) was abandoned: \(reason); the previous generation serves on"
+        case .canaryRolledBack(let service, let generation, let reason):
+            return "\(service): generation \(generation)'s canary was rolled back: \(reason)"
         case .kernel(let error):
             return "\(error)"
         case .unreadable(let failures):

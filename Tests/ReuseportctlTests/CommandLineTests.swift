@@ -33,6 +33,13 @@ import Testing
         #expect(slot.stderr.contains("SLOT 5000 is beyond the last possible slot, 1023"), "\(slot)")
         let watch = try reuseportctl(["stats", "--watch", "--prometheus"])
         #expect(watch.status == 2)
+        let canary = try reuseportctl(["upgrade", "--canary", "0"])
+        #expect(canary.status == 2)
+        #expect(canary.stderr.contains("--canary: give 1 to 99 percent of the buckets, not 0"), "\(canary)")
+        let bake = try reuseportctl(["upgrade", "--canary", "10", "--bake", "soon"])
+        #expect(bake.stderr.contains("--bake: 'soon' is not a duration: give e.g. 90s, 10m, 1h or 500ms"), "\(bake)")
+        let both = try reuseportctl(["upgrade", "--promote", "--rollback"])
+        #expect(both.stderr.contains("give one of --rollback, --promote, or --canary/--bake"), "\(both)")
     }
 
     /// No daemon: status 1 and the socket path tried.

@@ -68,6 +68,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     public var quic: QuicSteering?
     /// `[service.health_check]`: probes each worker through the shared port; nil: off.
     public var healthCheck: HealthCheckSettings?
+    /// `canary_percent` and its keys: every upgrade starts as a canary; nil: upgrades switch whole.
+    public var canary: CanarySettings?
     /// `notify = true`: a worker is ready when it sends `READY=1` to its NOTIFY_SOCKET, not after
     /// `ready_after_ms`; an upgrade switches only once every new worker is ready.
     public var notify = false

@@ -164,7 +164,7 @@ public enum ConfigurationParser {
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
         "failover_after_ms", "watchdog_ms", "environment", "flow_tracking", "flow_idle_timeout_ms",
         "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms", "quic", "notify", "ready_timeout_ms",
-        "drain_signal", "health_check",
+        "drain_signal", "health_check", "canary_percent", "canary_bake_ms", "canary_gate",
     ]
 
     /// The signals `drain_signal` may name: those a server commonly takes as "finish what you
@@ -353,6 +353,7 @@ public enum ConfigurationParser {
         service.tracking = try parseTracking(reader)
         service.quic = try parseQuic(reader, listen: listen)
         service.healthCheck = try parseHealthCheck(reader, listen: listen)
+        service.canary = try parseCanary(reader)
         return service
     }
 

@@ -70,12 +70,19 @@ struct ControlCommands {
             }
         case .upgrade(let position, let rollback):
             return upgrade(supervisor.services[position], rollback: rollback)
+        case .canary(let position, let percent, let bakeMs, let promote):
+            return canary(supervisor.services[position], percent: percent, bakeMs: bakeMs, promote: promote)
         }
     }
 
     /// Starts an upgrade (or a roll back) and says what happens next.
     func upgrade(_ service: ServiceRuntime, rollback: Bool) -> ControlResponse {
         do {
+            if rollback, service.upgrade?.status.phase == .canary {
+                try supervisor.rollBackCanary(service, reason: "asked (reuseportctl upgrade --rollback)")
+                return ControlResponse(ok: true, message: "\(service.name): the canary is rolled back; "
+                    + (service.upgrade?.status.reason ?? ""), services: supervisor.status(of: service.name))
+            }
             let upgrade = rollback ? try supervisor.rollBack(service) : try supervisor.beginUpgrade(service)
             let status = upgrade.status
             let slots = status.slots.map(String.init).joined(separator: ", ")
@@ -89,6 +96,28 @@ struct ControlCommands {
                     + "generation \(status.previous) takes every flow until then"
             }
             return ControlResponse(ok: true, message: message, services: supervisor.status(of: service.name))
+        } catch {
+            return ControlResponse(ok: false, error: "\(service.name): \(error)", services: supervisor.status(of: service.name))
+        }
+    }
+
+    /// Starts a canary upgrade, or promotes the canary that bakes.
+    func canary(_ service: ServiceRuntime, percent: Int?, bakeMs: Int?, promote: Bool) -> ControlResponse {
+        do {
+            if promote {
+                guard service.upgrade?.status.phase == .canary, service.plane.model.canary?.switched == true else {
+                    throw UpgradeError("\(service.name) has no canary taking flows to promote "
+                        + "(\(service.upgrade.map { "generation \($0.status.generation) is \($0.status.phase.rawValue)" } ?? "no upgrade"))")
+                }
+                supervisor.promoteCanary(service, reason: "asked (reuseportctl upgrade --promote)")
+                return ControlResponse(ok: true, message: "\(service.name): the canary is promoted; the other buckets "
+                    + "switch once their live flows are recorded", services: supervisor.status(of: service.name))
+            }
+            let upgrade = try supervisor.beginCanary(service, percent: percent, bakeMs: bakeMs)
+            let status = upgrade.status
+            return ControlResponse(ok: true, message: "upgrading \(service.name) to generation \(status.generation) as a "
+                + "canary of \(status.canaryPercent ?? 0)% for \(status.bakeMs ?? 0) ms, once every new worker is ready",
+                services: supervisor.status(of: service.name))
         } catch {
             return ControlResponse(ok: false, error: "\(service.name): \(error)", services: supervisor.status(of: service.name))
         }
@@ -147,6 +176,9 @@ package enum ControlAction: Sendable, Equatable {
     case scale(service: Int, workers: Int, now: Bool, dryRun: Bool)
     case reexec
     case upgrade(service: Int, rollback: Bool)
+    /// A canary upgrade (`percent`, `bakeMs`: nil takes the service's settings), or promoting
+    /// the canary that bakes.
+    case canary(service: Int, percent: Int?, bakeMs: Int?, promote: Bool)
 
     /// Throws the sentence the client gets when the request names no such service, slot or count.
     package init(checking request: ControlRequest, against services: [ControlTarget]) throws(ControlRequestError) {
@@ -190,7 +222,26 @@ package enum ControlAction: Sendable, Equatable {
             }
             self = .scale(service: position, workers: workers, now: request.now ?? false, dryRun: request.dryRun ?? false)
         case .upgrade:
-            self = .upgrade(service: try target(), rollback: request.rollback ?? false)
+            let position = try target()
+            let promote = request.promote ?? false
+            guard promote || request.canaryPercent != nil || request.bakeMs != nil else {
+                self = .upgrade(service: position, rollback: request.rollback ?? false)
+                return
+            }
+            if request.rollback == true {
+                throw ControlRequestError(description: "upgrade: rollback goes alone, without a canary or promote")
+            }
+            if promote, request.canaryPercent != nil || request.bakeMs != nil {
+                throw ControlRequestError(description: "upgrade: promote takes no canary percent or bake time")
+            }
+            if let percent = request.canaryPercent, !CanaryPlacement.percentRange.contains(percent) {
+                throw ControlRequestError(description: "upgrade: a canary takes 1 to 99 percent of the buckets, got \(percent)")
+            }
+            if let bake = request.bakeMs, !CanarySettings.bakeRange.contains(bake) {
+                throw ControlRequestError(description: "upgrade: the bake lasts 0 to \(CanarySettings.bakeRange.upperBound) "
+                    + "ms, got \(bake)")
+            }
+            self = .canary(service: position, percent: request.canaryPercent, bakeMs: request.bakeMs, promote: promote)
         }
     }
 }

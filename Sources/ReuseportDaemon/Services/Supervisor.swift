@@ -172,6 +172,9 @@ final class Supervisor {
         service.close()
     }
 
+    /// Reads a process's output as a worker's (a canary's gate).
+    func registerOutput(_ output: WorkerOutput) { outputs[output.descriptor.fd] = output }
+
     /// Before the first worker: become the reaper of workers' orphans, and make the workers'
     /// cgroup folder where cgroup v2 allows it.
     func prepareWorkers() {
@@ -474,6 +477,7 @@ final class Supervisor {
     /// A worker's process ended (`status`: nil when it was not this process's child, an adopted
     /// worker of a previous daemon): stop what it left behind, end its drain, or restart its slot.
     private func processExited(_ pid: pid_t, status: WaitStatus?, now: Int64) {
+        if gateExited(pid, status: status) { return }
         guard let exited = processes[pid] else { return }
         exited.leaderDidExit()
         if retiring[pid] == nil, !exited.isEmpty {
@@ -498,6 +502,7 @@ final class Supervisor {
         var logger = service.logger
         logger[metadataKey: "slot"] = "\(slot.index)"
         logger.warning("worker pid \(pid) \(sentence) after \(lived / 1_000_000) ms")
+        noteExit(service, slot, status: status, livedNs: lived)
         lastEvent = "\(service.name) slot \(slot.index): worker pid \(pid) \(sentence)"
         if upgradeWorkerExited(service, slot, pid: pid, status: status, livedNs: lived, now: now) { return }
         scheduleRestart(service, slot, now: now, livedNs: lived, status: status)
@@ -635,7 +640,8 @@ final class Supervisor {
             for slot in service.slots { slot.records = sweep.liveBySlot[slot.index] ?? 0 }
             let deadlinePassed = plane.drainDeadlineNs.map { now >= $0 } == true
             for slot in service.slots where plane.leaving.contains(slot.index) {
-                guard slot.records == 0 || deadlinePassed else { continue }
+                // A rolled-back canary's slot takes new flows until the switch.
+                guard slot.records == 0 || deadlinePassed, !plane.effectiveBuckets.contains(slot.index) else { continue }
                 if slot.records > 0 {
                     service.logger.warning(
                         "slot \(slot.index) retires at the drain timeout with \(slot.records) live recorded flows: they move")

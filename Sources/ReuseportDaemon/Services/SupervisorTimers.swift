@@ -82,6 +82,7 @@ extension Supervisor {
         case .upgrade(let service):
             guard !stopping else { return nil }
             return service.upgrade?.readyDeadline
+                ?? (service.upgrade?.status.phase == .canary ? service.upgrade?.bake?.nextCheck : nil)
         }
     }
 

@@ -26,6 +26,8 @@ final class Upgrade {
     /// The definition and worker count the service had before, restored if it is abandoned.
     let previousDefinition: WorkerDefinition
     let previousWorkers: Int
+    /// A canary's bake (Canary.swift); nil for an upgrade that switches whole.
+    var bake: CanaryBake?
 
     init(status: UpgradeStatus, records: [SlotRecord], readyDeadline: Int64?, previousDefinition: WorkerDefinition,
          previousWorkers: Int) {
@@ -78,6 +80,11 @@ extension Supervisor {
                                   slots: starting.slots, startedNs: WallClock.nanoseconds()),
             records: records, readyDeadline: now + timeoutMs.msAsNs,
             previousDefinition: service.configuration.workerDefinition, previousWorkers: service.configuration.workers)
+        if let canary = service.configuration.canary {
+            upgrade.bake = CanaryBake(settings: canary)
+            upgrade.status.canaryPercent = canary.percent
+            upgrade.status.bakeMs = canary.bakeMs
+        }
         service.upgrade = upgrade
         service.upgradeCounts.started += 1
         // From now on what the service runs is the new definition: a reload that says the same
@@ -139,17 +146,10 @@ extension Supervisor {
         guard let upgrade = service.upgrade, upgrade.status.phase == .starting,
               upgrade.records.allSatisfy({ $0.pid != nil && $0.state == .running })
         else { return }
-        let plan: TransitionPlan
-        do {
-            plan = try service.plane.switchGeneration(now: now)
-        } catch {
-            abandonUpgrade(service, reason: "the switch could not begin: \(error)", now: now)
-            return
-        }
-        upgrade.readyDeadline = nil
-        upgrade.status.phase = .learning
-        upgrade.status.readyNs = upgrade.records.compactMap(\.readySinceNs).max()
-        upgrade.status.learningNs = WallClock.nanoseconds()
+        if let bake = upgrade.bake { return startCanary(service, upgrade, bake, now: now) }
+        guard let plan = beginReadyChange(service, upgrade, phase: .learning, what: "the switch", now: now, {
+            try service.plane.switchGeneration(now: now)
+        }) else { return }
         let learnMs = max(plan.switchNs - now, 0) / 1_000_000
         service.logger.notice(
             "generation \(upgrade.status.generation): all \(upgrade.records.count) workers ready; every bucket learns the live flows of generation \(upgrade.status.previous) for \(learnMs) ms, then switches")
@@ -263,6 +263,7 @@ extension Supervisor {
 
     /// The ready timeout of a starting generation passed.
     func upgradeTimedOut(_ service: ServiceRuntime, now: Int64) {
+        if service.upgrade?.status.phase == .canary { return checkCanary(service, now: now) }
         guard let upgrade = service.upgrade, upgrade.status.phase == .starting else { return }
         let waiting = upgrade.records.filter { $0.state != .running }.map(\.index)
         let readiness = service.definitions[UInt32(upgrade.status.generation)]?.notify == true

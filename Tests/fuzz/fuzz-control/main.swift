@@ -40,6 +40,11 @@ func fuzzControlRequest(_ bytes: UnsafeRawBufferPointer) {
             guard (1...services[position].bucketCount).contains(workers) else { fatalError("\(action): bad count") }
         case .upgrade(let position, _):
             guard services.indices.contains(position) else { fatalError("\(action): no such service") }
+        case .canary(let position, let percent, let bakeMs, _):
+            guard services.indices.contains(position) else { fatalError("\(action): no such service") }
+            guard percent.map({ (1...99).contains($0) }) ?? true, bakeMs.map({ $0 >= 0 }) ?? true else {
+                fatalError("\(action): bad canary")
+            }
         case .status, .reload, .reexec:
             break
         }

@@ -1,0 +1,272 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Logging
+import ReuseportControl
+import ReuseportKit
+import SystemPackage
+
+/// What went wrong with one generation's workers during a bake.
+struct GenerationEvents: Equatable, CustomStringConvertible {
+    /// Workers that exited within `healthy_after_ms` of their start.
+    var quickExits = 0
+    /// Workers killed by a signal (a crash, the watchdog's SIGABRT, a health restart's).
+    var crashes = 0
+    var watchdogMisses = 0
+    var stalls = 0
+    var healthFailures = 0
+
+    static func + (a: GenerationEvents, b: GenerationEvents) -> GenerationEvents {
+        GenerationEvents(quickExits: a.quickExits + b.quickExits, crashes: a.crashes + b.crashes,
+                         watchdogMisses: a.watchdogMisses + b.watchdogMisses, stalls: a.stalls + b.stalls,
+                         healthFailures: a.healthFailures + b.healthFailures)
+    }
+
+    static func - (a: GenerationEvents, b: GenerationEvents) -> GenerationEvents {
+        GenerationEvents(quickExits: a.quickExits - b.quickExits, crashes: a.crashes - b.crashes,
+                         watchdogMisses: a.watchdogMisses - b.watchdogMisses, stalls: a.stalls - b.stalls,
+                         healthFailures: a.healthFailures - b.healthFailures)
+    }
+
+    var kinds: [(name: String, count: Int)] {
+        [("quick exits", quickExits), ("crashes by a signal", crashes), ("watchdog misses", watchdogMisses),
+         ("stalls", stalls), ("health-check failures", healthFailures)]
+    }
+
+    var description: String { kinds.map { "\($0.count) \($0.name)" }.joined(separator: ", ") }
+
+    /// Why the canary (`self`, on `workers` workers) is worse than the working generation
+    /// (`working` on `workingWorkers`), or nil when it is not: per worker, more of any kind.
+    /// Pure: the bake's decision, tested in process (CanaryDecisionTests).
+    func worse(than working: GenerationEvents, workers: Int, workingWorkers: Int, canary: UInt32,
+               previous: UInt32) -> String? {
+        for (mine, theirs) in zip(kinds, working.kinds) where mine.count * max(workingWorkers, 1)
+            > theirs.count * max(workers, 1)
+        {
+            return "generation \(canary) had \(mine.count) \(mine.name) on \(workers) workers, generation \(previous) "
+                + "\(theirs.count) on \(workingWorkers)"
+        }
+        return nil
+    }
+}
+
+/// The bake of one canary: when it ends, what each generation had when it began, and the gate.
+final class CanaryBake {
+    var settings: CanarySettings
+    /// When the canary's buckets switched and the bake began, and when it ends (CLOCK_MONOTONIC).
+    var endsAt: Int64?
+    var nextCheck: Int64?
+    /// Each slot's counters when the bake began (watchdog restarts, stalls, failed probes).
+    var baseline: [UInt32: GenerationEvents] = [:]
+    /// Exits seen during the bake, by generation.
+    var exits: [UInt32: GenerationEvents] = [:]
+    var gatePid: pid_t?
+    var gateDeadline: Int64?
+
+    init(settings: CanarySettings) { self.settings = settings }
+}
+
+extension Supervisor {
+    /// A slot's counters that a bake compares (exits are counted as they happen: `noteExit`).
+    func events(of service: ServiceRuntime, _ slot: SlotRecord) -> GenerationEvents {
+        GenerationEvents(watchdogMisses: Int(slot.watchdogRestarts), stalls: Int(slot.stalls),
+                         healthFailures: healthChecks.record(service.name, slot.index)?.failed ?? 0)
+    }
+
+    /// Starts an upgrade as a canary: `percent` and `bakeMs` override the service's settings.
+    func beginCanary(_ service: ServiceRuntime, percent: Int?, bakeMs: Int?) throws -> Upgrade {
+        var settings = service.configuration.canary ?? CanarySettings(percent: percent ?? 0)
+        if let percent { settings.percent = percent }
+        if let bakeMs { settings.bakeMs = bakeMs }
+        guard CanaryPlacement.percentRange.contains(settings.percent) else {
+            throw UpgradeError("a canary needs a percent of the buckets: --canary PERCENT, or canary_percent")
+        }
+        let upgrade = try beginUpgrade(service)
+        upgrade.bake = CanaryBake(settings: settings)
+        upgrade.status.canaryPercent = settings.percent
+        upgrade.status.bakeMs = settings.bakeMs
+        return upgrade
+    }
+
+    /// Every new worker is ready: the canary's buckets learn their live flows, then switch.
+    func startCanary(_ service: ServiceRuntime, _ upgrade: Upgrade, _ bake: CanaryBake, now: Int64) {
+        guard let plan = beginReadyChange(service, upgrade, phase: .canary, what: "the canary", now: now, {
+            try service.plane.startCanary(percent: bake.settings.percent, now: now)
+        }) else { return }
+        upgrade.status.canaryBuckets = plan.movingBuckets
+        bake.nextCheck = now
+        let learnMs = max(plan.switchNs - now, 0) / 1_000_000
+        service.logger.notice(
+            "generation \(upgrade.status.generation): all \(upgrade.records.count) workers ready; a canary of \(bake.settings.percent)%: \(plan.movingBuckets) of \(plan.bucketCount) buckets learn their live flows for \(learnMs) ms, then send new flows to it for a bake of \(bake.settings.bakeMs) ms")
+        changed(service, event: "generation \(upgrade.status.generation) is a canary", now: now)
+    }
+
+    /// Every new worker of `upgrade` is ready: `operation` begins its change (the switch, or a
+    /// canary), and it no longer waits for readiness; if the change cannot begin, it is abandoned.
+    func beginReadyChange(_ service: ServiceRuntime, _ upgrade: Upgrade, phase: UpgradeStatus.Phase, what: String,
+                          now: Int64, _ operation: () throws -> TransitionPlan) -> TransitionPlan? {
+        let plan: TransitionPlan
+        do {
+            plan = try operation()
+        } catch {
+            abandonUpgrade(service, reason: "\(what) could not begin: \(error)", now: now)
+            return nil
+        }
+        upgrade.readyDeadline = nil
+        upgrade.status.phase = phase
+        upgrade.status.readyNs = upgrade.records.compactMap(\.readySinceNs).max()
+        upgrade.status.learningNs = WallClock.nanoseconds()
+        return plan
+    }
+
+    /// A canary's change began: said in `status`'s last event, and checked at once.
+    private func changed(_ service: ServiceRuntime, event: String, now: Int64) {
+        lastEvent = "\(service.name): \(event)"
+        service.nextTransitionCheck = now
+        checkTransition(service, now: now)
+    }
+
+    /// The bake's check: once the canary's buckets switched the bake begins; a canary worse
+    /// than the working generation is rolled back; at the end of the bake the gate (if any)
+    /// decides, and a canary that passed is promoted.
+    func checkCanary(_ service: ServiceRuntime, now: Int64) {
+        guard let upgrade = service.upgrade, upgrade.status.phase == .canary, let bake = upgrade.bake else { return }
+        bake.nextCheck = now + CanarySettings.checkIntervalNs
+        let plane = service.plane
+        guard plane.model.canary?.switched == true else { return }
+        let canary = UInt32(upgrade.status.generation)
+        let previous = UInt32(upgrade.status.previous)
+        if bake.endsAt == nil {
+            bake.endsAt = now + bake.settings.bakeMs.msAsNs
+            upgrade.status.bakeEndsNs = WallClock.nanoseconds() + UInt64(bake.settings.bakeMs) * 1_000_000
+            for slot in service.slots { bake.baseline[slot.index] = events(of: service, slot) }
+            service.logger.notice(
+                "generation \(canary): the canary takes the new flows of \(upgrade.status.canaryBuckets ?? 0) buckets; the bake ends in \(bake.settings.bakeMs) ms")
+        }
+        func sum(_ generation: UInt32) -> (GenerationEvents, Int) {
+            let slots = service.slots.filter { $0.generation == generation && !plane.leaving.contains($0.index) }
+            let counted = slots.reduce(bake.exits[generation] ?? GenerationEvents()) {
+                $0 + (events(of: service, $1) - (bake.baseline[$1.index] ?? GenerationEvents()))
+            }
+            return (counted, slots.count)
+        }
+        let (mine, workers) = sum(canary)
+        let (theirs, workingWorkers) = sum(previous)
+        upgrade.status.comparison = "generation \(canary): \(mine); generation \(previous): \(theirs)"
+        if let reason = mine.worse(than: theirs, workers: workers, workingWorkers: workingWorkers, canary: canary,
+                                   previous: previous) {
+            return rollBackCanaryQuietly(service, reason: "automatic, during the bake: \(reason)")
+        }
+        guard let endsAt = bake.endsAt, now >= endsAt else { return }
+        guard let gate = bake.settings.gate else {
+            return promoteCanary(service, reason: "the bake of \(bake.settings.bakeMs) ms passed: \(mine)")
+        }
+        if let pid = bake.gatePid {
+            if let deadline = bake.gateDeadline, now >= deadline {
+                signal(pid, SIGKILL)
+                bake.gateDeadline = nil
+            }
+            return
+        }
+        do {
+            bake.gatePid = try spawnGate(service, gate)
+            bake.gateDeadline = now + CanarySettings.gateTimeoutMs.msAsNs
+            service.logger.notice("generation \(canary): the bake passed; the gate decides: \(gate.joined(separator: " "))")
+        } catch {
+            rollBackCanaryQuietly(service, reason: "the gate \(gate[0]) could not start: \(error)")
+        }
+    }
+
+    /// Runs the gate as the service's user (through exec-worker, as a worker is started), its
+    /// output logged as a worker's.
+    private func spawnGate(_ service: ServiceRuntime, _ gate: [String]) throws -> pid_t {
+        var configuration = service.configuration
+        configuration.program = .exec(gate)
+        let (output, writeEnd) = try WorkerOutput.pipe(logger: service.logger, drops: OutputDrops())
+        let pid = try withExtendedLifetime(writeEnd) {
+            try WorkerSpawn(executable: executable, arguments: workerArguments(configuration),
+                            environment: ["PATH=/usr/local/bin:/usr/bin:/bin", "REUSEPORT_SERVICE=\(service.name)"],
+                            sockets: [], output: writeEnd.fd).start()
+        }
+        output.pid = pid
+        registerOutput(output)
+        return pid
+    }
+
+    /// A child exited: if it was a canary's gate, its status decides. True when it was.
+    func gateExited(_ pid: pid_t, status: WaitStatus?) -> Bool {
+        guard let service = services.first(where: { $0.upgrade?.bake?.gatePid == pid }),
+              let bake = service.upgrade?.bake
+        else { return false }
+        bake.gatePid = nil
+        bake.gateDeadline = nil
+        let gate = bake.settings.gate?.joined(separator: " ") ?? "the gate"
+        if case .exited(0) = status {
+            promoteCanary(service, reason: "the bake passed and the gate (\(gate)) exited with status 0")
+        } else {
+            rollBackCanaryQuietly(service, reason: "the gate (\(gate)) \(status?.sentence ?? "ended") after the bake")
+        }
+        return true
+    }
+
+    /// Counts a worker's exit towards its generation's bake.
+    func noteExit(_ service: ServiceRuntime, _ slot: SlotRecord, status: WaitStatus, livedNs: Int64) {
+        guard let bake = service.upgrade?.bake, bake.endsAt != nil, service.upgrade?.status.phase == .canary else { return }
+        var events = bake.exits[slot.generation] ?? GenerationEvents()
+        if livedNs < service.configuration.restart.healthyAfterMs.msAsNs { events.quickExits += 1 }
+        if case .killed = status { events.crashes += 1 }
+        bake.exits[slot.generation] = events
+    }
+
+    /// Promotes the canary: every bucket switches to its generation as a change that keeps live
+    /// flows (only the buckets it does not hold yet move); then it works as after any upgrade.
+    func promoteCanary(_ service: ServiceRuntime, reason: String) {
+        guard let upgrade = service.upgrade, upgrade.status.phase == .canary else { return }
+        let now = MonotonicClock.nanoseconds()
+        let plan: TransitionPlan
+        do {
+            plan = try service.plane.switchGeneration(now: now)
+        } catch {
+            service.logger.error("generation \(upgrade.status.generation): the canary cannot be promoted yet: \(error)")
+            return
+        }
+        upgrade.status.phase = .learning
+        upgrade.status.reason = "promoted: \(reason)"
+        service.logger.notice(
+            "generation \(upgrade.status.generation) promoted (\(reason)): the other \(plan.movingBuckets) buckets learn their live flows for \(max(plan.switchNs - now, 0) / 1_000_000) ms, then switch")
+        changed(service, event: "generation \(upgrade.status.generation) promoted", now: now)
+    }
+
+    /// Rolls the canary back: its buckets learn its live flows and go back to the working
+    /// generation, whose definition the service has again; the canary's slots leave and retire
+    /// once their flows are idle, or at drain_timeout_ms.
+    func rollBackCanary(_ service: ServiceRuntime, reason: String) throws {
+        guard let upgrade = service.upgrade, upgrade.status.phase == .canary else {
+            throw UpgradeError("\(service.name) has no canary baking")
+        }
+        let now = MonotonicClock.nanoseconds()
+        let generation = upgrade.status.generation
+        let plan = try service.plane.rollBackCanary(now: now)
+        if let pid = upgrade.bake?.gatePid { signal(pid, SIGKILL) }
+        upgrade.status.phase = .rolledBack
+        service.target(upgrade.previousDefinition, workers: upgrade.previousWorkers)
+        service.upgradeCounts.abandoned += 1
+        let tracking = service.configuration.tracking
+        let flows = service.plane.tracksFlows
+            ? "its live flows stay on it until idle (\(tracking.idleTimeoutMs) ms without a packet), at most drain_timeout_ms ("
+                + (tracking.drainTimeoutMs > 0 ? "\(tracking.drainTimeoutMs) ms" : "no limit") + ")"
+            : "without flow tracking its live flows move at once"
+        upgrade.status.reason = "\(reason); \(flows)"
+        service.logger.error(
+            "generation \(generation)'s canary rolled back: \(reason); its \(plan.movingBuckets) buckets go back to generation \(upgrade.status.previous) after \(max(plan.switchNs - now, 0) / 1_000_000) ms; \(flows)")
+        changed(service, event: "generation \(generation)'s canary rolled back: \(reason)", now: now)
+    }
+
+    private func rollBackCanaryQuietly(_ service: ServiceRuntime, reason: String) {
+        do {
+            try rollBackCanary(service, reason: reason)
+        } catch {
+            service.logger.error("the canary cannot be rolled back now (\(error)); retried at the next check")
+        }
+    }
+}

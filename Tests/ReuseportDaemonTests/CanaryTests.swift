@@ -1,0 +1,201 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import ReuseportControl
+@testable import ReuseportDaemon
+import ReuseportKit
+import ReuseportTestSupport
+import SystemPackage
+import Testing
+
+/// The bake's decision, in process.
+struct CanaryDecisionTests {
+    @Test func aCanaryIsWorseWhenItHasMoreOfAnyKindPerWorker() {
+        let none = GenerationEvents()
+        #expect(none.worse(than: none, workers: 4, workingWorkers: 4, canary: 2, previous: 1) == nil)
+        let healthy = GenerationEvents(healthFailures: 3)
+        #expect(healthy.worse(than: none, workers: 4, workingWorkers: 4, canary: 2, previous: 1)
+            == "generation 2 had 3 health-check failures on 4 workers, generation 1 0 on 4")
+        // Per worker: 1 stall on 1 canary worker is worse than 3 on 8; 1 on 4 is not worse than 2 on 8.
+        #expect(GenerationEvents(stalls: 1).worse(than: GenerationEvents(stalls: 3), workers: 1, workingWorkers: 8,
+                                                  canary: 2, previous: 1) != nil)
+        #expect(GenerationEvents(stalls: 1).worse(than: GenerationEvents(stalls: 2), workers: 4, workingWorkers: 8,
+                                                  canary: 2, previous: 1) == nil)
+        let crash = GenerationEvents(quickExits: 1, crashes: 1)
+        #expect(crash.worse(than: none, workers: 4, workingWorkers: 4, canary: 3, previous: 2)?
+            .hasPrefix("generation 3 had 1 quick exits") == true)
+    }
+
+    @Test(arguments: [
+        ("canary_percent = 0", "service[0].canary_percent: must be between 1 and 99 (percent of the buckets), got 0"),
+        ("canary_bake_ms = 5", "service[0].canary_bake_ms: needs canary_percent"),
+        ("canary_percent = 5\ncanary_gate = []", "service[0].canary_gate: must name a program"),
+        ("canary_percent = 5\ncanary_bake_ms = -1", "service[0].canary_bake_ms: must be between 0 and 604800000"),
+    ])
+    func badCanarySettingsAreNamed(keys: String, expected: String) {
+        let error = #expect(throws: ConfigurationError.self) {
+            try ConfigurationParser.parse(serviceTable("c", workers: 2, extra: keys), file: "c.toml")
+        }
+        #expect(error?.description.hasPrefix("c.toml: " + expected) == true, "\(error.map { "\($0)" } ?? "no error")")
+    }
+}
+
+/// Canary generations on a real daemon, with real workers and packets.
+@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+struct CanaryTests {
+    /// Flows that keep sending: each must be answered by the worker it had, every round.
+    final class LiveFlows {
+        let clients: [FlowClient]
+        var workers: [Int32?]
+        private(set) var lost = 0
+        private(set) var moved = 0
+        private(set) var rounds = 0
+
+        init(_ clients: [FlowClient], first: [WhoamiReply?]) {
+            self.clients = clients
+            workers = first.map { $0?.pid }
+        }
+
+        func round(to destination: SocketAddress) {
+            rounds += 1
+            let answers = (try? Whoami.ask(clients, to: destination, attempts: 1)) ?? []
+            for index in clients.indices {
+                guard index < answers.count, let answer = answers[index] else { lost += 1; continue }
+                if workers[index] == nil { workers[index] = answer.pid }
+                if answer.pid != workers[index] { moved += 1 }
+            }
+        }
+    }
+
+    /// New flows, `count` of them in batches: how many each worker answered.
+    static func fresh(_ count: Int, to destination: SocketAddress, while live: LiveFlows) throws -> [Int32: Int] {
+        var answered: [Int32: Int] = [:]
+        for _ in 0..<(count / 400) {
+            let clients = try Traffic.clients(400, on: .loopbackV4)
+            for answer in try Whoami.ask(clients, to: destination) { if let answer { answered[answer.pid, default: 0] += 1 } }
+            live.round(to: destination)
+        }
+        return answered
+    }
+
+    static let settings = """
+        flow_idle_timeout_ms = 1000
+
+        [service.health_check]
+        send = "ping"
+        expect = "slot="
+        interval_ms = 200
+        timeout_ms = 150
+        failures = 3
+        """
+
+    /// A canary of 10%: exactly 410 of 4096 buckets, 10% (±1%) of 4000 new flows, none of the
+    /// live flows; promoted, it takes every new flow, and no live flow moved or was lost.
+    @Test func aTenPercentCanaryTakesTenPercentOfNewFlowsAndIsPromotedMovingNone() throws {
+        let daemon = try TestDaemon(config: serviceTable("c", workers: 4, extra: Self.settings))
+        let before = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(before, "c")
+        let oldPids = Set(before[0].slots.compactMap(\.pid))
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let live = LiveFlows(clients, first: try Whoami.ask(clients, to: destination))
+        #expect(live.workers.allSatisfy { $0.map(oldPids.contains) == true })
+        let started = try daemon.request(.canary(service: "c", percent: 10, bakeMs: 600_000))
+        #expect(started.ok, "\(started)")
+        let baking = try daemon.waitFor("the canary takes flows") { services in
+            live.round(to: destination)
+            return services[0].upgrade?.bakeEndsNs != nil
+        }
+        let upgrade = try #require(baking[0].upgrade)
+        #expect(upgrade.phase == .canary && upgrade.canaryBuckets == 410, "\(upgrade)")
+        let canaryPids = Set(baking[0].slots.filter { $0.generation == upgrade.generation }.compactMap(\.pid))
+        #expect(canaryPids.count == 4 && canaryPids.isDisjoint(with: oldPids))
+        let answered = try Self.fresh(4000, to: destination, while: live)
+        let total = answered.values.reduce(0, +)
+        let onCanary = answered.filter { canaryPids.contains($0.key) }.values.reduce(0, +)
+        let share = Double(onCanary) / Double(max(total, 1))
+        print("canary 10%: \(onCanary) of \(total) new flows (\(String(format: "%.2f", share * 100)) %)")
+        #expect(total == 4000)
+        #expect(abs(share - 0.10) <= 0.01, "\(onCanary) of \(total) new flows went to the canary")
+        #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
+        // Some flows of the canary stay live through the promotion.
+        let canaryClients = try Traffic.clients(200, on: .loopbackV4)
+        let onIt = LiveFlows(canaryClients, first: try Whoami.ask(canaryClients, to: destination))
+        #expect(onIt.workers.contains { $0.map(canaryPids.contains) == true })
+        let promoted = try daemon.request(.canary(service: "c", promote: true))
+        #expect(promoted.ok, "\(promoted)")
+        let after = try daemon.waitFor("the canary promoted and switched") { services in
+            live.round(to: destination)
+            onIt.round(to: destination)
+            return services[0].upgrade?.phase == .switched
+        }
+        #expect(after[0].upgrade?.reason?.hasPrefix("promoted: asked") == true, "\(String(describing: after[0].upgrade))")
+        live.round(to: destination)
+        onIt.round(to: destination)
+        #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost in \(live.rounds) rounds")
+        #expect(onIt.moved == 0 && onIt.lost == 0, "canary flows: \(onIt.moved) moved, \(onIt.lost) lost")
+        let newFlows = try Traffic.clients(100, on: .loopbackV4)
+        let now = try Whoami.ask(newFlows, to: destination)
+        #expect(now.allSatisfy { $0.map { canaryPids.contains($0.pid) } == true }, "every new flow on generation 2")
+        #expect(daemon.stop() == 0)
+    }
+
+    /// A version that answers wrongly (echo where the health check wants whoami's answer) is
+    /// rolled back during the bake, and says why; its slots retire and every new flow is the old
+    /// generation's again.
+    @Test func aBadVersionIsRolledBackDuringTheBakeWithTheReason() throws {
+        func config(_ builtin: String) -> String {
+            serviceTable("c", workers: 4, program: "builtin = \"\(builtin)\"", extra: """
+                canary_percent = 20
+                canary_bake_ms = 600000
+                """ + "\n" + Self.settings)
+        }
+        let daemon = try TestDaemon(config: config("whoami"))
+        let before = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(before, "c")
+        let oldPids = Set(before[0].slots.compactMap(\.pid))
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let live = LiveFlows(clients, first: try Whoami.ask(clients, to: destination))
+        try daemon.rewriteConfig(config("echo"))
+        let reload = try daemon.request(ControlRequest(command: .reload))
+        #expect(reload.ok, "\(reload)")
+        let rolled = try daemon.waitFor("the canary rolled back", timeoutMs: 60_000) { services in
+            live.round(to: destination)
+            return services[0].upgrade?.phase == .rolledBack
+        }
+        let reason = rolled[0].upgrade?.reason ?? ""
+        #expect(reason.hasPrefix("automatic, during the bake: generation 2 had "), "\(reason)")
+        #expect(reason.contains("health-check failures on 4 workers, generation 1 0 on 4"), "\(reason)")
+        #expect(reason.contains("its live flows stay on it until idle"), "\(reason)")
+        #expect(daemon.log.contains("canary rolled back: automatic, during the bake"))
+        #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
+        // Its slots retire once their flows are idle; then only generation 1 is left.
+        _ = try daemon.waitFor("the canary's slots retired") { services in
+            live.round(to: destination)
+            return services[0].slots.allSatisfy { $0.generation == 1 }
+        }
+        let fresh = try Traffic.clients(200, on: .loopbackV4)
+        let answers = try Whoami.ask(fresh, to: destination)
+        #expect(answers.allSatisfy { $0.map { oldPids.contains($0.pid) } == true }, "every new flow on generation 1")
+        #expect(daemon.stop() == 0)
+    }
+
+    /// The gate decides at the end of the bake: exit status 3 rolls the canary back, naming it.
+    @Test func theGateRollsBackByItsExitStatus() throws {
+        let daemon = try TestDaemon(config: serviceTable("c", workers: 2, extra: """
+            flow_idle_timeout_ms = 500
+            canary_percent = 50
+            canary_bake_ms = 500
+            canary_gate = ["/bin/sh", "-c", "exit 3"]
+            """))
+        _ = try daemon.waitForWorkers()
+        let started = try daemon.request(ControlRequest(command: .upgrade, service: "c"))
+        #expect(started.ok, "\(started)")
+        let rolled = try daemon.waitFor("the gate rolled the canary back") { services in
+            services[0].upgrade?.phase == .rolledBack
+        }
+        let reason = rolled[0].upgrade?.reason ?? ""
+        #expect(reason.hasPrefix("the gate (/bin/sh -c exit 3) exited with status 3 after the bake"), "\(reason)")
+        #expect(daemon.stop() == 0)
+    }
+}
