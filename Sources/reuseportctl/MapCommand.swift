@@ -204,8 +204,17 @@ struct MapDumpCommand: ParsableCommand {
     static func upgradeSummary(_ upgrade: UpgradeStatus) -> String {
         let slots = upgrade.slots.map(String.init).joined(separator: ",")
         let what = upgrade.rollback == true ? "roll back to generation" : "generation"
-        return "\(what) \(upgrade.generation) \(upgrade.phase.rawValue) (from \(upgrade.previous), slots \(slots))"
-            + (upgrade.reason.map { ": \($0)" } ?? "")
+        var text = "\(what) \(upgrade.generation) \(upgrade.phase.rawValue) (from \(upgrade.previous), slots \(slots))"
+        if let percent = upgrade.canaryPercent {
+            text += "; canary \(percent)%" + (upgrade.canaryBuckets.map { " = \($0) buckets" } ?? "")
+            if upgrade.phase == .canary {
+                let now = WallClock.nanoseconds()
+                text += upgrade.bakeEndsNs.map { ", bake ends in \(HumanFormat.duration(Double($0 > now ? $0 - now : 0) / 1e9))" }
+                    ?? ", learning its live flows"
+            }
+            if let comparison = upgrade.comparison { text += "; \(comparison)" }
+        }
+        return text + (upgrade.reason.map { ": \($0)" } ?? "")
     }
 
     /// Flow records and what could not be recorded.

@@ -202,6 +202,14 @@ enum MetricsExposition {
             for (metric, help, value) in perService {
                 if let value { counter(metric, help, [name], UInt64(clamping: value)) }
             }
+            if let upgrade = status.upgrade, upgrade.phase == .canary {
+                let labels = [name, ("generation", "\(upgrade.generation)")]
+                gauge("reuseport_canary_buckets", "Buckets whose new flows go to the canary generation while it bakes.",
+                      labels, UInt64(clamping: upgrade.canaryBuckets ?? 0))
+                let now = WallClock.nanoseconds()
+                gauge("reuseport_canary_bake_seconds_left", "Seconds until the canary's bake ends (0 while it learns).",
+                      labels, upgrade.bakeEndsNs.map { $0 > now ? ($0 - now) / 1_000_000_000 : 0 } ?? 0)
+            }
             for slot in status.slots {
                 let labels = [name, ("slot", "\(slot.slot)")]
                 if let lines = slot.droppedOutputLines {

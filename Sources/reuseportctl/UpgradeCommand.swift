@@ -119,6 +119,9 @@ struct UpgradeCommand: ParsableCommand {
             guard let upgrade = status.services?.first?.upgrade, upgrade.generation == started.generation else {
                 throw CtlError.timeout("\(name): the upgrade to generation \(started.generation) was replaced")
             }
+            if upgrade.phase != last.phase || upgrade.bakeEndsNs != last.bakeEndsNs {
+                print("\(name): \(MapDumpCommand.upgradeSummary(upgrade))")
+            }
             last = upgrade
             switch upgrade.phase {
             case .switched:

@@ -90,7 +90,7 @@ struct CanaryTests {
         failures = 3
         """
 
-    /// A canary of 10%: exactly 410 of 4096 buckets, 10% (±1%) of 4000 new flows, none of the
+    /// A canary of 10%: exactly 410 of 4096 buckets, 10% (±1%) of 10,000 new flows (σ 0.3%), none of the
     /// live flows; promoted, it takes every new flow, and no live flow moved or was lost.
     @Test func aTenPercentCanaryTakesTenPercentOfNewFlowsAndIsPromotedMovingNone() throws {
         let daemon = try TestDaemon(config: serviceTable("c", workers: 4, extra: Self.settings))
@@ -110,14 +110,23 @@ struct CanaryTests {
         #expect(upgrade.phase == .canary && upgrade.canaryBuckets == 410, "\(upgrade)")
         let canaryPids = Set(baking[0].slots.filter { $0.generation == upgrade.generation }.compactMap(\.pid))
         #expect(canaryPids.count == 4 && canaryPids.isDisjoint(with: oldPids))
-        let answered = try Self.fresh(4000, to: destination, while: live)
+        let answered = try Self.fresh(10_000, to: destination, while: live)
         let total = answered.values.reduce(0, +)
         let onCanary = answered.filter { canaryPids.contains($0.key) }.values.reduce(0, +)
         let share = Double(onCanary) / Double(max(total, 1))
         print("canary 10%: \(onCanary) of \(total) new flows (\(String(format: "%.2f", share * 100)) %)")
-        #expect(total == 4000)
+        #expect(total == 10_000)
         #expect(abs(share - 0.10) <= 0.01, "\(onCanary) of \(total) new flows went to the canary")
         #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
+        // reuseportctl shows the canary: map dump's upgrade line and the metrics.
+        let locations = ["--pin-dir", daemon.pinRoot, "--run-dir", daemon.runDirectory]
+        let ctl = BuiltProducts.path("reuseportctl")
+        let dump = try Subprocess.run(ctl, ["map", "dump"] + locations).output
+        #expect(dump.contains("generation 2 canary (from 1, slots 4,5,6,7); canary 10% = 410 buckets, bake ends in"),
+                "\(dump)")
+        let metrics = try Subprocess.run(ctl, ["stats", "--prometheus"] + locations).output
+        let gauge = metrics.split(separator: "\n").first { $0.hasPrefix("reuseport_canary_buckets{") }
+        #expect(gauge.map { $0.hasSuffix(" 410") || $0.hasSuffix(" 410.0") } == true, "\(metrics)")
         // Some flows of the canary stay live through the promotion.
         let canaryClients = try Traffic.clients(200, on: .loopbackV4)
         let onIt = LiveFlows(canaryClients, first: try Whoami.ask(canaryClients, to: destination))
