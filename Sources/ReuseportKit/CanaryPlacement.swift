@@ -65,11 +65,18 @@ extension PlacementModel {
         }
     }
 
-    /// `table` with a switched canary's buckets at its slots.
-    func withSwitchedCanary(_ table: [UInt32]) -> [UInt32] {
-        guard let canary, canary.switched else { return table }
+    /// `table` (the nominal table laid over the set) with the buckets rp_buckets sends outside
+    /// the set kept where they are: a switched canary's, those a promotion being learned found at
+    /// their new slots already, and a rolled-back canary's until its switch. The nominal table
+    /// does not hold them, and moving them would move their live flows. `except`: a slot whose
+    /// buckets do go (it fails over).
+    func keepingOutsideSet(_ table: [UInt32], except: UInt32?) -> [UInt32] {
+        let set = Set(slots)
         var table = table
-        for (bucket, slot) in canary.assignment { table[bucket] = slot }
+        for bucket in table.indices {
+            let slot = effectiveBuckets[bucket]
+            if !set.contains(slot), slot != except { table[bucket] = slot }
+        }
         return table
     }
 

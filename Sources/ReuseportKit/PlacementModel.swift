@@ -255,7 +255,7 @@ public struct PlacementModel: Sendable, Equatable {
         // than its share: either moves live flows of slots that are up.
         let table = failing && !live.isEmpty
             ? BucketAssignment.lend(effectiveBuckets, from: slot, to: live)
-            : withSwitchedCanary(BucketAssignment.overlay(buckets, slots: slots, failed: failed))
+            : keepingOutsideSet(BucketAssignment.overlay(buckets, slots: slots, failed: failed), except: failing ? slot : nil)
         let moved = BucketAssignment.moved(from: effectiveBuckets, to: table)
         var flags = bucketFlags
         var next = pending
@@ -632,7 +632,7 @@ public struct PlacementModel: Sendable, Equatable {
     /// generations, the tables, failover, and the change in progress. Not carried: a starting
     /// generation's slots, and a generation change being learned (it goes on as a change within
     /// the working generation). Records are the caller's to copy.
-    public mutating func carry(from old: PlacementModel) -> [PlacementEffect] {
+    public mutating func carry(from old: PlacementModel, now: Int64 = 0) -> [PlacementEffect] {
         let starting = Set(old.startingGeneration?.slots ?? [])
         let carried = old.liveSlots.filter { !starting.contains($0) }
         let current: Set<UInt32> = [old.workingGeneration, old.pendingGeneration ?? old.workingGeneration]
@@ -652,9 +652,20 @@ public struct PlacementModel: Sendable, Equatable {
         bucketFlags = old.bucketFlags
         pending = old.pending
         if let canary = old.canary {
-            // A canary is not carried (its slots are a starting generation's): its buckets go back.
+            // A canary is not carried (its slots are a starting generation's): its buckets go back,
+            // and those a pending switch will move from there learn their flows from now.
             effectiveBuckets = withoutCanary(effectiveBuckets, named: Set(canary.slots), original: canary.original)
             pending?.canary = [:]
+            if let change = pending, tracksFlows {
+                let target = change.effective
+                let learning = bucketFlags.indices.filter {
+                    target[$0] != effectiveBuckets[$0] && bucketFlags[$0] & UInt32(RP_BUCKET_LEARN) == 0
+                }
+                for bucket in learning { bucketFlags[bucket] |= UInt32(RP_BUCKET_LEARN) }
+                if !learning.isEmpty {
+                    pending?.switchNs = max(change.switchNs, now + Int64(tracking.idleTimeoutMs) * 1_000_000)
+                }
+            }
         }
         leaving = old.leaving
         drainDeadlineNs = old.drainDeadlineNs

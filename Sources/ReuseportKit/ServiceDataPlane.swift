@@ -551,7 +551,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public func carryPlacement(from old: ServiceDataPlane, now: Int64) throws -> Bool {
         guard old.options.bucketCount == options.bucketCount, old.options.seed == options.seed else { return false }
         let previous = old.model
-        _ = try run { model in ((), model.carry(from: previous)) }
+        _ = try run { model in ((), model.carry(from: previous, now: now)) }
         try copyRecords(from: old)
         try apply([.writeTransition(model.transitionRecord)])
         return true

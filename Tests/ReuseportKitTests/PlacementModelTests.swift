@@ -222,7 +222,7 @@ import Testing
             for effect in try rebuilt.continueGenerations(working: model.workingGeneration, last: model.lastGeneration) {
                 fresh.apply(effect)
             }
-            for effect in rebuilt.carry(from: model) { fresh.apply(effect) }
+            for effect in rebuilt.carry(from: model, now: now) { fresh.apply(effect) }
             fresh.records = maps.records
             fresh.apply(.writeTransition(rebuilt.transitionRecord))
             log.append("rebuild")
