@@ -207,4 +207,29 @@ struct CanaryTests {
         #expect(reason.hasPrefix("the gate (/bin/sh -c exit 3) exited with status 3 after the bake"), "\(reason)")
         #expect(daemon.stop() == 0)
     }
+
+    /// A good version passes its bake and its gate (exit 0): promoted by itself, every new flow
+    /// goes to it, and the live flows kept their workers throughout.
+    @Test func aGoodVersionIsPromotedAtTheEndOfItsBakeByItsGate() throws {
+        let daemon = try TestDaemon(config: serviceTable("c", workers: 2, extra: """
+            flow_idle_timeout_ms = 500
+            canary_percent = 50
+            canary_bake_ms = 1000
+            canary_gate = ["/bin/sh", "-c", "exit 0"]
+            """))
+        let before = try daemon.waitForWorkers()
+        let destination = try udpEndpoint(before, "c")
+        let clients = try Traffic.clients(32, on: .loopbackV4)
+        let live = LiveFlows(clients, first: try Whoami.ask(clients, to: destination))
+        let started = try daemon.request(ControlRequest(command: .upgrade, service: "c"))
+        #expect(started.ok, "\(started)")
+        let after = try daemon.waitFor("the canary promoted by its gate and switched") { services in
+            live.round(to: destination)
+            return services[0].upgrade?.phase == .switched
+        }
+        let reason = after[0].upgrade?.reason ?? ""
+        #expect(reason == "promoted: the bake passed and the gate (/bin/sh -c exit 0) exited with status 0", "\(reason)")
+        #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
+        #expect(daemon.stop() == 0)
+    }
 }
