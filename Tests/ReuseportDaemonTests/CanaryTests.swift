@@ -189,33 +189,19 @@ struct CanaryTests {
         #expect(daemon.stop() == 0)
     }
 
-    /// The gate decides at the end of the bake: exit status 3 rolls the canary back, naming it.
-    @Test func theGateRollsBackByItsExitStatus() throws {
-        let daemon = try TestDaemon(config: serviceTable("c", workers: 2, extra: """
-            flow_idle_timeout_ms = 500
-            canary_percent = 50
-            canary_bake_ms = 500
-            canary_gate = ["/bin/sh", "-c", "exit 3"]
-            """))
-        _ = try daemon.waitForWorkers()
-        let started = try daemon.request(ControlRequest(command: .upgrade, service: "c"))
-        #expect(started.ok, "\(started)")
-        let rolled = try daemon.waitFor("the gate rolled the canary back") { services in
-            services[0].upgrade?.phase == .rolledBack
-        }
-        let reason = rolled[0].upgrade?.reason ?? ""
-        #expect(reason.hasPrefix("the gate (/bin/sh -c exit 3) exited with status 3 after the bake"), "\(reason)")
-        #expect(daemon.stop() == 0)
-    }
-
-    /// A good version passes its bake and its gate (exit 0): promoted by itself, every new flow
-    /// goes to it, and the live flows kept their workers throughout.
-    @Test func aGoodVersionIsPromotedAtTheEndOfItsBakeByItsGate() throws {
+    /// The gate decides at the end of the bake, by its exit status: 0 promotes the canary by
+    /// itself (every bucket switches; the live flows keep their workers throughout), 3 rolls it
+    /// back, naming the gate and its status.
+    @Test(arguments: [
+        (0, UpgradeStatus.Phase.switched, "promoted: the bake passed and the gate (/bin/sh -c exit 0) exited with status 0"),
+        (3, .rolledBack, "the gate (/bin/sh -c exit 3) exited with status 3 after the bake; its live flows stay on it"),
+    ])
+    func theGateDecidesByItsExitStatus(status: Int, phase: UpgradeStatus.Phase, reason expected: String) throws {
         let daemon = try TestDaemon(config: serviceTable("c", workers: 2, extra: """
             flow_idle_timeout_ms = 500
             canary_percent = 50
             canary_bake_ms = 1000
-            canary_gate = ["/bin/sh", "-c", "exit 0"]
+            canary_gate = ["/bin/sh", "-c", "exit \(status)"]
             """))
         let before = try daemon.waitForWorkers()
         let destination = try udpEndpoint(before, "c")
@@ -223,12 +209,12 @@ struct CanaryTests {
         let live = LiveFlows(clients, first: try Whoami.ask(clients, to: destination))
         let started = try daemon.request(ControlRequest(command: .upgrade, service: "c"))
         #expect(started.ok, "\(started)")
-        let after = try daemon.waitFor("the canary promoted by its gate and switched") { services in
+        let after = try daemon.waitFor("the gate's decision carried out") { services in
             live.round(to: destination)
-            return services[0].upgrade?.phase == .switched
+            return services[0].upgrade?.phase == phase
         }
         let reason = after[0].upgrade?.reason ?? ""
-        #expect(reason == "promoted: the bake passed and the gate (/bin/sh -c exit 0) exited with status 0", "\(reason)")
+        #expect(reason.hasPrefix(expected), "\(reason)")
         #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
         #expect(daemon.stop() == 0)
     }
