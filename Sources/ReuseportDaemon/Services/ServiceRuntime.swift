@@ -466,7 +466,7 @@ final class ServiceRuntime {
     }
 
     /// Records a state change and publishes the slot's row in rp_slot_state.
-    func transition(_ slot: SlotRecord, to state: WorkerState) {
+    func setWorkerState(_ slot: SlotRecord, to state: WorkerState) {
         if slot.state != state {
             slot.state = state
             slot.sinceNs = WallClock.nanoseconds()

@@ -226,7 +226,7 @@ extension Supervisor {
     func abandonUpgrade(_ service: ServiceRuntime, reason: String, now: Int64) {
         guard let upgrade = service.upgrade, upgrade.status.phase == .starting else { return }
         for record in upgrade.records {
-            if let pid = record.pid { retire(pid, now: now) }
+            if let pid = record.pid { stopWorker(pid, now: now) }
             service.clear(record)
         }
         let removed = Set(upgrade.records.map(ObjectIdentifier.init))
