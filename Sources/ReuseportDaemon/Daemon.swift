@@ -289,9 +289,3 @@ extension Daemon {
     }
 }
 
-/// A service that could not start: names it and the call that failed.
-public struct ServiceStartError: Error, CustomStringConvertible {
-    public var service: String
-    public var underlying: Error
-    public var description: String { "service \(service): \(underlying)" }
-}

@@ -92,7 +92,7 @@ final class Supervisor {
                                          ownGroups: ownGroups, inherited: inheritedSockets.take(service: configuration.name),
                                          store: socketStore)
         } catch {
-            throw ServiceStartError(service: configuration.name, underlying: error)
+            throw DaemonError.serviceStart(service: configuration.name, underlying: error)
         }
         services.append(service)
         socketStore?.store(service)
@@ -112,7 +112,7 @@ final class Supervisor {
             return try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
                                       ownGroups: ownGroups, staged: true, predecessor: predecessor)
         } catch {
-            throw ServiceStartError(service: configuration.name, underlying: error)
+            throw DaemonError.serviceStart(service: configuration.name, underlying: error)
         }
     }
 
@@ -128,7 +128,7 @@ final class Supervisor {
             try new.takeOver(from: old)
         } catch {
             discard(new)
-            throw ServiceStartError(service: new.name, underlying: error)
+            throw DaemonError.serviceStart(service: new.name, underlying: error)
         }
         // The new sockets take the old ones' names in the fd store: the old go first (a removal
         // drops every descriptor of a name).
@@ -159,7 +159,7 @@ final class Supervisor {
             try new.pinInPlace()
         } catch {
             new.logger.error("service \(new.name) serves, but its maps could not be pinned: \(error)")
-            throw ServiceStartError(service: new.name, underlying: error)
+            throw DaemonError.serviceStart(service: new.name, underlying: error)
         }
         new.logger.notice(
             "service \(new.name) listening on \(listeners) with \(new.slots.count) workers, maps pinned at \(new.pins.serviceDirectory)")
