@@ -12,7 +12,8 @@
 #   make deb        the Debian package .output/reuseportd_<version>_amd64.deb; make deb-check lists and checks it
 #   make systemd-test  install that package in a Debian root and boot it under systemd in a VM (docs/operations.md)
 #   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
-#   make chaos      random sequences of operations on the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
+#   make chaos      random operation sequences: on the placement model (PLACEMENT_SEQUENCES=10000), then on
+#                   the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
 #   make print-version  the version both binaries and the package get (git commit, -dirty)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
@@ -204,10 +205,15 @@ endif
 # Random sequences of scale, upgrade, rollback, reload, worker and daemon SIGKILL, reexec and new
 # flows on the real daemon, under live UDP flows and TCP connections (Tests/ReuseportDaemonTests/
 # ChaosTests.swift), for CHAOS_SECONDS; each sequence prints its seed, CHAOS_SEED=N replays it,
-# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s.
+# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s. First, the placement
+# model alone (PlacementModelTests, in process) through PLACEMENT_SEQUENCES random sequences
+# (`make test`: 300).
 CHAOS_SECONDS ?= 600
 CHAOS_STEPS   ?= 15
+PLACEMENT_SEQUENCES ?= 10000
 chaos: $(OUTPUT)/.abi-stamp
+	$(call msg,TEST,$(PLACEMENT_SEQUENCES) random operation sequences on the placement model)
+	$(Q)PLACEMENT_SEQUENCES=$(PLACEMENT_SEQUENCES) $(SWIFT) test $(SWIFT_FLAGS) --filter PlacementModelTests
 	$(call msg,TEST,chaos sequences for $(CHAOS_SECONDS) s)
 	$(Q)CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_STEPS=$(CHAOS_STEPS) $(if $(CHAOS_SEED),CHAOS_SEED=$(CHAOS_SEED)) \
 		$(SWIFT) test $(SWIFT_FLAGS) --filter ChaosTests

@@ -1,4 +1,5 @@
 import CReuseportABI
+import Foundation
 import PropertyBased
 import Testing
 
@@ -307,12 +308,15 @@ import Testing
         return parts.isEmpty ? "(fields not named here)" : parts.joined(separator: "; ")
     }
 
-    /// 300 sequences of up to 40 operations, each followed by a step of time in which every
+    /// How many sequences: 300 in `make test`, `PLACEMENT_SEQUENCES` for a longer run (`make chaos`).
+    static let sequences = ProcessInfo.processInfo.environment["PLACEMENT_SEQUENCES"].flatMap(Int.init) ?? 300
+
+    /// `sequences` sequences of up to 40 operations, each followed by a step of time in which every
     /// live flow sends: no flow moves and none is dropped between any two writes, and after
     /// every operation the invariants hold, the maps say what the model says, and the pins
     /// read back to the same placement.
     @Test func everySequenceOfOperationsKeepsEveryLiveFlowAndTheInvariants() async {
-        await propertyCheck(count: 300, input: Gen.uint64(in: 1...UInt64.max),
+        await propertyCheck(count: Self.sequences, input: Gen.uint64(in: 1...UInt64.max),
                             Gen.uint16(in: 0...UInt16.max).array(of: 1...40)) { seed, codes in
             guard var run = try? Run(seed: seed) else {
                 Issue.record("a 4-slot placement could not be made")
