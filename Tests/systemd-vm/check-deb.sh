@@ -46,7 +46,8 @@ for file in usr/bin/reuseportd usr/bin/reuseportctl \
     usr/share/doc/reuseportd/README.md usr/share/doc/reuseportd/operations.md \
     usr/share/doc/reuseportd/configuration.md usr/share/doc/reuseportd/copyright \
     usr/share/doc/reuseportd/changelog.Debian.gz \
-    usr/share/doc/reuseportd/examples/worker.c usr/share/doc/reuseportd/examples/worker.py; do
+    usr/share/doc/reuseportd/examples/worker.c usr/share/doc/reuseportd/examples/worker.py \
+    usr/lib/reuseportd/libreuseportd-preload.so; do
     check "file /$file, root/root" has_file "$file"
 done
 
