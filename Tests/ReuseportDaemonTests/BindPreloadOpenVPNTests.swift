@@ -96,6 +96,34 @@ final class OpenVPNNetwork {
     deinit { remove() }
 }
 
+/// Pings from every client through its tunnel to 10.99.0.1, 5 a second, until `stop`.
+final class Pings {
+    let pids: [pid_t]
+    let logs: [String]
+
+    init(_ network: OpenVPNNetwork, folder: TemporaryDirectory, round: String) throws {
+        logs = (0..<network.clients).map { "\(folder.path)/ping-\(round)-\($0).log" }
+        pids = try (0..<network.clients).map { index in
+            try network.start(in: network.client(index), ["/usr/bin/ping", "-n", "-i", "0.2", "-W", "1", "10.99.0.1"],
+                              output: "\(folder.path)/ping-\(round)-\(index).log")
+        }
+    }
+
+    /// Stops them (SIGINT: ping prints its summary) and returns, per client, the pings sent and answered.
+    func stop() -> (sent: [Int], answered: [Int]) {
+        for pid in pids { try? Syscall.kill(pid, SIGINT) }
+        var sent: [Int] = [], answered: [Int] = []
+        for (pid, log) in zip(pids, logs) {
+            _ = waitExit(pid, timeoutMs: 5000)
+            let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
+            answered.append(text.components(separatedBy: " bytes from 10.99.0.1").count - 1)
+            let summary = text.split(separator: "\n").first { $0.contains("packets transmitted") }
+            sent.append(summary.flatMap { Int($0.split(separator: " ")[0]) } ?? 0)
+        }
+        return (sent, answered)
+    }
+}
+
 /// OpenVPN from Debian (2.6), unmodified, as 4 workers behind one UDP port (`preload_bind`), each
 /// with its own tun device and /24 pool from its slot (Tests/preload/openvpn/server-slot.sh), and
 /// 16 real OpenVPN clients, each in a network namespace of its own, pinging 10.99.0.1 through its
@@ -103,6 +131,7 @@ final class OpenVPNNetwork {
 /// clients reconnect (to the replacement at the same slot) and every other tunnel carries on;
 /// with the kernel's own SO_REUSEPORT (each server binding the port itself, one killed and started
 /// again) other clients move to a server that does not know them, and their tunnels break too.
+/// Then, with reuseportd, a scale 4 → 5 and an upgrade: no tunnel breaks or moves.
 @Suite(.serialized, .enabled(if: isRoot, "network namespaces, tun devices and the daemon's BPF program need root"))
 struct BindPreloadOpenVPNTests {
     static let folder = "\(PreloadLibrary.repository)/Tests/preload/openvpn"
@@ -230,7 +259,7 @@ struct BindPreloadOpenVPNTests {
             let started = try TestDaemon(
                 config: serviceTable("openvpn", listen: ["udp://0.0.0.0:\(port)"], workers: servers,
                                      program: "exec = [" + server.map { "\"\($0)\"" }.joined(separator: ", ") + "]",
-                                     extra: "preload_bind = true"),
+                                     extra: "preload_bind = true\nflow_idle_timeout_ms = 1000"),
                 launcher: ["/usr/bin/nsenter", "--net=\(OpenVPNNetwork.path(network.server))"] + TestDaemon.defaultLauncher,
                 environment: try PreloadLibrary.daemonEnvironment())
             daemon = started
@@ -254,12 +283,7 @@ struct BindPreloadOpenVPNTests {
         let slotBefore = (0..<clients).map { slot(network, $0) }
 
         // Pings through every tunnel, 5 a second, from 2 s before the kill to afterKillMs after it.
-        var pings: [pid_t] = []
-        for index in 0..<clients {
-            pings.append(try network.start(in: network.client(index),
-                                           ["/usr/bin/ping", "-n", "-i", "0.2", "-W", "1", "10.99.0.1"],
-                                           output: "\(folder.path)/ping\(index).log"))
-        }
+        let pings = try Pings(network, folder: folder, round: "kill")
         sleepMs(2000)
         let killed = try #require(serverPids[killedSlot])
         try Syscall.kill(killed, SIGKILL)
@@ -269,15 +293,7 @@ struct BindPreloadOpenVPNTests {
             try startOwnSocketServer(killedSlot)
         }
         sleepMs(afterKillMs)
-        for ping in pings { try? Syscall.kill(ping, SIGINT) }
-        var sent: [Int] = [], answered: [Int] = []
-        for (index, ping) in pings.enumerated() {
-            _ = waitExit(ping, timeoutMs: 5000)
-            let text = log("\(folder.path)/ping\(index).log")
-            answered.append(text.components(separatedBy: " bytes from 10.99.0.1").count - 1)
-            let summary = text.split(separator: "\n").first { $0.contains("packets transmitted") }
-            sent.append(summary.flatMap { Int($0.split(separator: " ")[0]) } ?? 0)
-        }
+        let (sent, answered) = pings.stop()
         // Every tunnel carries pings again at the end, broken ones after their reconnection.
         try wait("every client connected again", timeoutMs: 20_000, {
             (0..<clients).allSatisfy { slot(network, $0) >= 0 }
@@ -290,8 +306,46 @@ struct BindPreloadOpenVPNTests {
         let outcome = Outcome(slotBefore: slotBefore, slotAfter: (0..<clients).map { slot(network, $0) },
                               connections: (0..<clients).map { connections($0, folder) }, sent: sent, answered: answered,
                               reachableAtEnd: reachable)
-        if let daemon { #expect(daemon.stop() == 0) }
+        if let daemon {
+            try changes(daemon, network, folder)
+            #expect(daemon.stop() == 0)
+        }
         return outcome
+    }
+
+    /// A scale 4 → 5 and an upgrade to a new generation, with every tunnel pinging throughout:
+    /// no tunnel moves or breaks (flow tracking keeps each live flow on its worker; OpenVPN's
+    /// keepalive keeps every tunnel live, so the old generation serves them on while they last).
+    static func changes(_ daemon: TestDaemon, _ network: OpenVPNNetwork, _ folder: TemporaryDirectory) throws {
+        let connectedBefore = (0..<clients).map { connections($0, folder) }
+        let slotsBefore = (0..<clients).map { slot(network, $0) }
+        let pings = try Pings(network, folder: folder, round: "changes")
+        sleepMs(1000)
+        let scale = try daemon.request(ControlRequest(command: .scale, service: "openvpn", workers: servers + 1))
+        #expect(scale.ok, "\(scale)")
+        try wait("the scale to switch", timeoutMs: 20_000, {
+            (try? pinnedBuckets(daemon, service: "openvpn").contains(UInt32(servers))) == true
+        }, detail: { daemon.logTail(5) })
+        sleepMs(1000)
+        let upgrade = try daemon.request(ControlRequest(command: .upgrade, service: "openvpn"))
+        #expect(upgrade.ok, "\(upgrade)")
+        let switched = try daemon.waitFor("the upgrade to switch", timeoutMs: 30_000) { $0[0].upgrade?.phase == .switched }
+        sleepMs(2000)
+        let (sent, answered) = pings.stop()
+        let lost = (0..<clients).map { sent[$0] - answered[$0] }
+        let connectedAfter = (0..<clients).map { connections($0, folder) }
+        let oldGeneration = try daemon.status()[0].slots.filter { $0.generation == 1 }
+        print("OpenVPN through scale \(servers) → \(servers + 1) and an upgrade to generation "
+            + "\(switched[0].generation ?? 0): \(zip(connectedBefore, connectedAfter).filter { $0 != $1 }.count) tunnels "
+            + "broken, pings lost \(lost.reduce(0, +)) of \(sent.reduce(0, +)); generation 1 still serves "
+            + "\(oldGeneration.count) slots (\(oldGeneration.map(\.slot))), the new one "
+            + "\(switched[0].slots.filter { $0.generation == switched[0].generation }.count)")
+        #expect(connectedAfter == connectedBefore, "no client connected again: \(connectedBefore) → \(connectedAfter)")
+        #expect((0..<clients).map { slot(network, $0) } == slotsBefore, "every tunnel on its slot")
+        #expect(lost.allSatisfy { $0 <= 1 }, "pings lost per client: \(lost)")
+        // Generation 1's slots with a tunnel serve on (the scale's new slot 4 had none, and retired at once).
+        #expect(Set(slotsBefore.map(UInt32.init)).isSubset(of: Set(oldGeneration.map(\.slot))),
+                "the live tunnels keep generation 1's slots: \(switched[0].slots)")
     }
 
     @Test func oneServerKilledBreaksOnlyItsOwnClientsTunnels() throws {
