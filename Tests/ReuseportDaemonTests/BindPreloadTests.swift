@@ -3,7 +3,7 @@ import Glibc
 #endif
 import Foundation
 import ReuseportControl
-import ReuseportDaemon
+@testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
 import Testing
@@ -195,5 +195,33 @@ struct BindPreloadRefusalTests {
         let (status, errors) = try Self.check(program, in: folder, library: missing)
         #expect(status == 2, "\(errors)")
         #expect(errors.contains("service[0].preload_bind: the bind preload library \(missing) refused"), "\(errors)")
+    }
+}
+
+/// The worker's environment with `preload_bind`: LD_PRELOAD names the library, before any the
+/// service's own `environment` names; without it, no LD_PRELOAD at all.
+struct BindPreloadEnvironmentTests {
+    static func service(_ extra: String) throws -> ServiceConfiguration {
+        try ConfigurationParser.parse(serviceTable("e", workers: 1, program: "exec = [\"/usr/sbin/openvpn\"]",
+                                                   extra: extra), file: "e.toml").services[0]
+    }
+
+    @Test func theLibraryComesFirstInLDPreload() throws {
+        let library = BindPreload.libraryPath()
+        let alone = WorkerEnvironment.make(try Self.service("preload_bind = true"), listeners: 1, slot: 0)
+        #expect(alone.filter { $0.hasPrefix("LD_PRELOAD=") } == ["LD_PRELOAD=\(library)"])
+        let both = WorkerEnvironment.make(
+            try Self.service("preload_bind = true\nenvironment = [\"LD_PRELOAD=/usr/lib/other.so\"]"), listeners: 1, slot: 0)
+        #expect(both.filter { $0.hasPrefix("LD_PRELOAD=") } == ["LD_PRELOAD=\(library) /usr/lib/other.so"])
+        let off = WorkerEnvironment.make(try Self.service(""), listeners: 1, slot: 0)
+        #expect(!off.contains { $0.hasPrefix("LD_PRELOAD=") })
+    }
+
+    /// Installed beside the binary: /usr/bin/reuseportd → /usr/lib/reuseportd/.
+    @Test func theInstalledLibraryIsBesideTheBinFolder() {
+        #expect(BindPreload.installedLocation == "../lib/reuseportd/libreuseportd-preload.so")
+        guard getenv(BindPreload.libraryVariable) == nil, let executable = Syscall.executablePath() else { return }
+        let folder = URL(fileURLWithPath: executable).deletingLastPathComponent().deletingLastPathComponent().path
+        #expect(BindPreload.libraryPath() == "\(folder)/lib/reuseportd/libreuseportd-preload.so")
     }
 }
