@@ -48,6 +48,9 @@ APT_PACKAGES += gcc libc6-dev
 # ... OpenVPN (Debian's 2.6) and ping: BindPreloadOpenVPNTests run unmodified OpenVPN servers as
 # workers through the bind preload library, with clients in network namespaces.
 APT_PACKAGES += openvpn iputils-ping
+# ... and coturn, a STUN/TURN server that binds its own sockets too (BindPreloadCoturnTests); as with
+# unbound, the tests run the binary as a worker, not the package's own service.
+APT_PACKAGES += coturn
 # ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
 # throwaway certificate.
 APT_PACKAGES += python3-venv openssl
