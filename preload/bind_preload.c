@@ -48,8 +48,8 @@
 #include <unistd.h>
 
 #define LISTEN_FDS_START 3
-/* More than a service may have listeners (docs/configuration.md). */
-#define MAX_INHERITED 64
+/* A bound on LISTEN_FDS, to refuse nonsense: far more listeners than a service has. */
+#define MAX_INHERITED 4096
 /* Options set on servers' sockets before their bind(), kept to be set again on the inherited
  * socket: a few per socket, a few sockets at a time. */
 #define MAX_OPTIONS 32

@@ -182,8 +182,8 @@ struct BindPreloadRefusalTests {
         #expect(chmod(program, 0o4755) == 0)
         let (status, errors) = try Self.check(program, in: folder)
         #expect(status == 2, "\(errors)")
-        #expect(errors.contains("service[0].preload_bind: program \(program) is set-user-ID (mode 4755): the dynamic "
-            + "loader ignores LD_PRELOAD"), "\(errors)")
+        #expect(errors.contains("service[0].preload_bind: program \(program) is set-user-ID (mode 4755): where the bit "
+            + "takes effect the dynamic loader ignores LD_PRELOAD"), "\(errors)")
     }
 
     @Test func aDynamicProgramPassesAndAMissingLibraryIsRefused() throws {

@@ -18,8 +18,10 @@ import SystemPackage
 /// when the configuration is read, not left to serve nothing:
 /// - a statically linked one: it has no program interpreter (no `PT_INTERP` program header),
 ///   so no loader runs at all;
-/// - a set-user-ID or set-group-ID one: the loader runs in secure-execution mode (AT_SECURE)
-///   and ignores `LD_PRELOAD` paths with a slash.
+/// - a set-user-ID or set-group-ID one: where the bit takes effect the loader runs in
+///   secure-execution mode (AT_SECURE) and ignores `LD_PRELOAD` paths with a slash; and a worker
+///   runs with no_new_privs (WorkerExec), where the bit takes no effect: the program would run
+///   without the privileges it was built to get. Either way it is not what the operator meant.
 /// A script (`#!`) is checked by its interpreter, which is what the loader starts.
 public enum BindPreload {
     public static let libraryVariable = "REUSEPORTD_PRELOAD_LIBRARY"
@@ -45,9 +47,9 @@ public enum BindPreload {
         let role = script.map { "the interpreter \(program) of \($0)" } ?? "program \(program)"
         if info.st_mode & (S_ISUID | S_ISGID) != 0 {
             let bit = info.st_mode & S_ISUID != 0 ? "set-user-ID" : "set-group-ID"
-            return "\(role) is \(bit) (mode \(String(info.st_mode & 0o7777, radix: 8))): the dynamic loader ignores "
-                + "LD_PRELOAD in such a program (secure-execution mode, ld.so(8)), so its bind() would not get the "
-                + "slot's socket; run a copy without the bit"
+            return "\(role) is \(bit) (mode \(String(info.st_mode & 0o7777, radix: 8))): where the bit takes effect "
+                + "the dynamic loader ignores LD_PRELOAD (secure-execution mode, ld.so(8)), and a worker runs with "
+                + "no_new_privs, where it does not: either way the program would not run as built; use a copy without the bit"
         }
         guard let head = try? Self.head(of: program) else { return nil }
         if head.starts(with: Array("#!".utf8)), script == nil {
