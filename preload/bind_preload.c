@@ -71,6 +71,7 @@ struct option_record {
 
 static struct option_record options[MAX_OPTIONS];
 static int options_used;
+static int options_full_said;
 static pthread_mutex_t options_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static int parse_count(const char *text, long max)
@@ -199,6 +200,24 @@ static int unbound_inet(int fd)
 	return 0;
 }
 
+/* Forgets records whose socket is gone (its fd closed or reused) or got an address without
+ * bind() (connect() binds implicitly): a client socket that sets options is never bound. Called
+ * with options_lock held, only when the table is full. */
+static void drop_stale_options(void)
+{
+	int i;
+
+	for (i = 0; i < options_used;) {
+		struct option_record *r = &options[i];
+		ino_t inode;
+
+		if (socket_inode(r->fd, &inode) == 0 && inode == r->inode && unbound_inet(r->fd))
+			i++;
+		else
+			*r = options[--options_used];
+	}
+}
+
 /* Records an option the server set on its own unbound socket. Not the reuse options (the
  * daemon's are kept) nor IPV6_V6ONLY (the listener's address family is the daemon's choice,
  * and the kernel refuses to change it once bound). */
@@ -223,6 +242,8 @@ static void record_option(int fd, int level, int name, const void *value, sockle
 			break;
 		}
 	}
+	if (!slot && options_used == MAX_OPTIONS)
+		drop_stale_options();
 	if (!slot && options_used < MAX_OPTIONS)
 		slot = &options[options_used++];
 	if (slot) {
@@ -230,9 +251,9 @@ static void record_option(int fd, int level, int name, const void *value, sockle
 		memcpy(slot->value, value, len);
 	}
 	pthread_mutex_unlock(&options_lock);
-	if (!slot)
-		fprintf(stderr, "reuseport bind preload: option %d/%d of fd %d not kept (more than %d recorded)\n",
-			level, name, fd, MAX_OPTIONS);
+	if (!slot && !__atomic_exchange_n(&options_full_said, 1, __ATOMIC_RELAXED))
+		fprintf(stderr, "reuseport bind preload: more than %d socket options waiting for a bind(): "
+			"those set from now on are not carried over to the slot's socket\n", MAX_OPTIONS);
 }
 
 /* Sets the options recorded for fd's socket on target (none when target < 0), and forgets
