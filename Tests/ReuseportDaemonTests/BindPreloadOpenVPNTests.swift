@@ -281,6 +281,12 @@ struct BindPreloadOpenVPNTests {
         try wait("\(clients) clients connected", timeoutMs: 60_000, { (0..<clients).allSatisfy { connections($0, folder) == 1 } },
                  detail: { "connected: \((0..<clients).map { connections($0, folder) }); \(daemon?.logTail(10) ?? "")" })
         let slotBefore = (0..<clients).map { slot(network, $0) }
+        if let daemon {
+            // The steering program chose the socket of every tunnel's slot: each slot with clients counted their datagrams.
+            let maps = try DispatchMaps(pinned: PinLayout(root: daemon.pinRoot, service: "openvpn"))
+            let steered = try (0..<UInt32(servers)).map { try maps.slotCounters($0).packets }
+            #expect(Set(slotBefore).allSatisfy { $0 >= 0 && steered[$0] > 0 }, "per-slot datagrams \(steered), slots \(slotBefore)")
+        }
 
         // Pings through every tunnel, 5 a second, from 2 s before the kill to afterKillMs after it.
         let pings = try Pings(network, folder: folder, round: "kill")
