@@ -5,7 +5,7 @@
  * hash(tuple, seed) -> bucket = hash % bucket_count -> slot = rp_buckets[bucket]
  * -> bpf_sk_select_reuseport(rp_sockets, slot). An empty slot falls back to a
  * live one from rp_fallback, chosen by the same hash; with no live slot the packet
- * is dropped. A UDP service with QUIC steering (rp_quic_config) first tries the slot
+ * is dropped. A UDP service with QUIC steering (rp_config.quic) first tries the slot
  * named by the packet's QUIC connection ID (quic_dispatch()).
  *
  * While the daemon changes the placement (a rescale, a restore after failover), the
@@ -130,13 +130,6 @@ struct {
 } rp_next_buckets SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct rp_quic_config);
-} rp_quic_config SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -194,12 +187,22 @@ static __always_inline int load_ports(struct sk_reuseport_md *ctx, __u32 *ports)
  * Called once per family with a constant ipv6, so that each call inlines rp_flow_hash()
  * with a constant word count: the hash becomes straight-line code (no loop, no
  * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32.
+ *
+ * Every byte of the key is written on both paths (IPv4 zeroes the 6 address words it does not
+ * use; no memset of the whole key first): the verifier refuses a map lookup whose key holds
+ * uninitialized stack on kernels before allow_uninit_stack (5.10 among them).
  */
 static __always_inline int family_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 proto, const int ipv6,
 				       struct rp_flow_key *key, __u32 *hash)
 {
 	key->family = ipv6 ? 6 : 4;
 	key->protocol = proto;
+	key->reserved = 0;
+	if (!ipv6) {
+#pragma unroll
+		for (int i = 2; i < 8; i++)
+			key->addrs[i] = 0;
+	}
 	if (load_ports(ctx, &key->ports))
 		return -1;
 	if (bpf_skb_load_bytes_relative(ctx, ipv6 ? IPV6_SADDR_OFF : IPV4_SADDR_OFF, key->addrs, ipv6 ? 32 : 8,
@@ -209,12 +212,11 @@ static __always_inline int family_hash(struct sk_reuseport_md *ctx, __u32 seed, 
 	return 0;
 }
 
-/* The flow's hash, and its key as rp_flows names it (zeroed first: IPv4 fills 2 of 8 words). */
+/* The flow's hash, and its key as rp_flows names it. */
 static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, struct rp_flow_key *key, __u32 *hash)
 {
 	__u32 proto = ctx->ip_protocol;
 
-	__builtin_memset(key, 0, sizeof(*key));
 	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
 		return -1;
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IP))
@@ -312,7 +314,8 @@ static __always_inline int quic_select_slot(struct sk_reuseport_md *ctx, __u32 s
  *
  * Not inlined: a BPF-to-BPF call returns to one caller state whatever path the callee took, so
  * the verifier walks the flow steering after it once per verdict, not once per QUIC path
- * (4,269 instructions processed inlined, against the budget's 50,000).
+ * (4,269 instructions processed inlined, against the budget's 50,000). qc points into the
+ * rp_config value the caller looked up: the call costs no lookup of its own.
  */
 static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, struct rp_quic_config *qc,
 				    __u32 *hash)
@@ -477,7 +480,6 @@ static __always_inline void count_dcid_hashed(__u32 slot)
 
 static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 {
-	struct rp_quic_config *qc;
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
 	struct rp_flow_key key;
@@ -499,19 +501,15 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 	 * steered by its DCID's hash (no flow record: its connection ID, not its tuple, is what
 	 * must stay put), anything else by its flow.
 	 */
-	if (ctx->ip_protocol == IPPROTO_UDP) {
-		qc = bpf_map_lookup_elem(&rp_quic_config, &zero);
-		if (qc && qc->enabled)
-			verdict = quic_dispatch(ctx, cfg->seed, qc, &hash);
-	}
+	if (cfg->quic.enabled && ctx->ip_protocol == IPPROTO_UDP)
+		verdict = quic_dispatch(ctx, cfg->seed, &cfg->quic, &hash);
 	if (verdict == QUIC_BY_FLOW) {
 		if (flow_hash(ctx, cfg->seed, &key, &hash))
 			return drop_unparsable();
 	} else if (verdict != QUIC_BY_HASH) {
 		return verdict;
-	} else {
-		__builtin_memset(&key, 0, sizeof(key));
 	}
+	/* By a DCID's hash the key is not filled: flags stay 0, and nothing below reads it then. */
 
 	bucket = bucket_of(hash, cfg->bucket_count);
 	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
@@ -524,7 +522,7 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 		 * benchmark that measures what tracking costs in steady state (Makefile).
 		 */
 #ifndef RP_NO_FLOW_TRACKING
-		if (key.protocol == IPPROTO_UDP && verdict == QUIC_BY_FLOW)
+		if ((cfg->flags & RP_CONFIG_CHANGING) && verdict == QUIC_BY_FLOW && key.protocol == IPPROTO_UDP)
 			flags = *value & RP_BUCKET_FLAGS;
 #endif
 		if (flags) {

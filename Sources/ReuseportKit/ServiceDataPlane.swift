@@ -13,7 +13,7 @@ import CReuseportABI
 /// in it) without moving a single flow.
 ///
 /// It is the only writer of the service's maps (rp_config, rp_buckets, rp_fallback, the
-/// socket arrays, rp_slot_state, rp_quic_config) and holds what they must say:
+/// socket arrays, rp_slot_state) and holds what they must say:
 /// - the *nominal* bucket table (`buckets`): where each bucket's flows belong;
 /// - the failover overlay (`failedOver`): slots whose buckets are lent to the others;
 /// - the *effective* table (`effectiveBuckets`): the nominal one with the overlay laid over
@@ -28,7 +28,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var receiveBuffer: Int?
         public var v6Only: Bool
         public var tracking: FlowTracking
-        /// QUIC connection-ID steering (rp_quic_config); nil: off.
+        /// QUIC connection-ID steering (rp_config.quic); nil: off.
         public var quic: QuicSteering?
 
         public init(bucketCount: Int = Int(RP_DEFAULT_BUCKETS), seed: UInt32 = 0, receiveBuffer: Int? = nil,
@@ -179,7 +179,6 @@ public final class ServiceDataPlane: @unchecked Sendable {
         self.bucketFlags = Array(repeating: 0, count: options.bucketCount)
         self.fallback = BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: slots)
         for slot in slots { try insertSockets(slot) }
-        try maps.writeQuicSteering(options.quic)
         try maps.writeBuckets(buckets)
         try maps.writeFallback(fallback)
         try persist(now: 0)
@@ -273,7 +272,6 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
         try spreadFallback(over: fallbackSlots)
-        try maps.writeQuicSteering(options.quic)
         // The pins describe this plane from now on (socket_slots above all: pins of an earlier
         // version may not have bounded the slots outside a change).
         try persist(now: MonotonicClock.nanoseconds())
@@ -427,15 +425,20 @@ public final class ServiceDataPlane: @unchecked Sendable {
             fallback = table
         }
         try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: slots.count,
-                             liveCount: live.count, recordCostNs: options.tracking.recordCostNs)
+                             liveCount: live.count, recordCostNs: options.tracking.recordCostNs,
+                             changing: bucketFlags.contains { $0 != 0 }, quic: options.quic)
     }
 
     /// Writes `table` to rp_buckets (the entries that differ from `effectiveBuckets`), each with
     /// its flags (`flags`, default: as they are). If a write fails, the kernel's table is not
     /// known: the whole previous table is written back.
+    /// RP_CONFIG_CHANGING goes up before the first flag is written and down after the last is
+    /// gone: the program reads bucket flags only while it is up.
     private func writeEffective(_ table: [UInt32], flags: [UInt32]? = nil) throws {
         let flags = flags ?? bucketFlags
         let old = zip(effectiveBuckets, bucketFlags).map { $0 | $1 }
+        let changing = flags.contains { $0 != 0 }
+        if changing { try maps.writeChanging(true) }
         do {
             try maps.writeBuckets(zip(table, flags).map { $0 | $1 }, previous: old)
         } catch {
@@ -444,6 +447,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         effectiveBuckets = table
         bucketFlags = flags
+        if !changing { try maps.writeChanging(false) }
     }
 
     /// The sockets of `slot`, one per listener, in listener order: what its worker gets.
@@ -725,6 +729,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 options.tracking = running
             }
         }
+        try maps.writeChanging(bucketFlags.contains { $0 != 0 })
         try maps.writeBuckets(zip(effectiveBuckets, bucketFlags).map { $0 | $1 })
         if let pending { try maps.writeNextBuckets(pending.effective) }
         try maps.writeFallback(old.fallback)
