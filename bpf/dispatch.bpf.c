@@ -186,33 +186,23 @@ static __always_inline int load_ports(struct sk_reuseport_md *ctx, __u32 *ports)
 /*
  * Called once per family with a constant ipv6, so that each call inlines rp_flow_hash()
  * with a constant word count: the hash becomes straight-line code (no loop, no
- * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32.
- *
- * Every byte of the key is written on both paths (IPv4 zeroes the 6 address words it does not
- * use; no memset of the whole key first): the verifier refuses a map lookup whose key holds
- * uninitialized stack on kernels before allow_uninit_stack (5.10 among them).
+ * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32. The ports and
+ * addresses land in the flow key, where a change needs them; the rest of the key is
+ * written only then (flow_key()).
  */
 static __always_inline int family_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 proto, const int ipv6,
 				       struct rp_flow_key *key, __u32 *hash)
 {
-	key->family = ipv6 ? 6 : 4;
-	key->protocol = proto;
-	key->reserved = 0;
-	if (!ipv6) {
-#pragma unroll
-		for (int i = 2; i < 8; i++)
-			key->addrs[i] = 0;
-	}
 	if (load_ports(ctx, &key->ports))
 		return -1;
 	if (bpf_skb_load_bytes_relative(ctx, ipv6 ? IPV6_SADDR_OFF : IPV4_SADDR_OFF, key->addrs, ipv6 ? 32 : 8,
 					BPF_HDR_START_NET))
 		return -1;
 	*hash = rp_flow_hash(seed, proto, ipv6, key->addrs, key->ports);
-	return 0;
+	return ipv6 ? 6 : 4;
 }
 
-/* The flow's hash, and its key as rp_flows names it. */
+/* The flow's hash, with its ports and addresses in key: returns the IP version, or -1. */
 static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, struct rp_flow_key *key, __u32 *hash)
 {
 	__u32 proto = ctx->ip_protocol;
@@ -224,6 +214,25 @@ static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, st
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6))
 		return family_hash(ctx, seed, proto, 1, key, hash);
 	return -1;
+}
+
+/*
+ * Completes the key of a UDP flow that flow_hash() filled (family 4 or 6), for rp_flows: only
+ * while a change runs, so steady state writes nothing of it beyond what the hash reads.
+ * family is a constant on each of the verifier's paths (flow_hash() returns one per family):
+ * on each, every byte of the key is written, as a map lookup needs on kernels without
+ * allow_uninit_stack (5.10 among them; IPv4 zeroes the 6 address words it does not use).
+ */
+static __always_inline void flow_key(struct rp_flow_key *key, int family)
+{
+	key->family = family;
+	key->protocol = IPPROTO_UDP;
+	key->reserved = 0;
+	if (family == 4) {
+#pragma unroll
+		for (int i = 2; i < 8; i++)
+			key->addrs[i] = 0;
+	}
 }
 
 /* hash % count, without the division when count is a power of two (the default is). */
@@ -486,7 +495,7 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 	__u32 zero = 0, hash = 0, bucket, first, flags = 0;
 	__u32 *value;
 	long err, pinned;
-	int verdict = QUIC_BY_FLOW;
+	int verdict = QUIC_BY_FLOW, family = 0;
 
 	cfg = bpf_map_lookup_elem(&rp_config, &zero);
 	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
@@ -504,7 +513,8 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 	if (cfg->quic.enabled && ctx->ip_protocol == IPPROTO_UDP)
 		verdict = quic_dispatch(ctx, cfg->seed, &cfg->quic, &hash);
 	if (verdict == QUIC_BY_FLOW) {
-		if (flow_hash(ctx, cfg->seed, &key, &hash))
+		family = flow_hash(ctx, cfg->seed, &key, &hash);
+		if (family < 0)
 			return drop_unparsable();
 	} else if (verdict != QUIC_BY_HASH) {
 		return verdict;
@@ -522,10 +532,11 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 		 * benchmark that measures what tracking costs in steady state (Makefile).
 		 */
 #ifndef RP_NO_FLOW_TRACKING
-		if ((cfg->flags & RP_CONFIG_CHANGING) && verdict == QUIC_BY_FLOW && key.protocol == IPPROTO_UDP)
+		if ((cfg->flags & RP_CONFIG_CHANGING) && verdict == QUIC_BY_FLOW && ctx->ip_protocol == IPPROTO_UDP)
 			flags = *value & RP_BUCKET_FLAGS;
 #endif
 		if (flags) {
+			flow_key(&key, family);
 			pinned = pinned_slot(ctx, &key);
 			if (pinned >= 0) {
 				count(pinned, ctx, 0);

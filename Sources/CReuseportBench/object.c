@@ -18,3 +18,31 @@ size_t rp_bench_untracked_object_size(void)
 {
 	return sizeof(untracked_object);
 }
+
+// Built by `make` from git (the Makefile's dispatch_reference rule): rp_dispatch at another revision,
+// BENCH_REFERENCE. Empty when git could not provide it: the bench then runs without it.
+#if __has_embed("../../.output/dispatch_reference.bpf.o") == __STDC_EMBED_FOUND__
+static const unsigned char reference_object[] = {
+#embed "../../.output/dispatch_reference.bpf.o"
+};
+
+const unsigned char *rp_bench_reference_object(void)
+{
+	return reference_object;
+}
+
+size_t rp_bench_reference_object_size(void)
+{
+	return sizeof(reference_object);
+}
+#else
+const unsigned char *rp_bench_reference_object(void)
+{
+	return NULL;
+}
+
+size_t rp_bench_reference_object_size(void)
+{
+	return 0;
+}
+#endif

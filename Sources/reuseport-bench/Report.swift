@@ -93,6 +93,15 @@ struct Report {
                 + "beyond the helper call that copies out the addresses (item 2), \(beyondLoad) ns (IPv4) "
                 + "| \(logic.median <= 40 ? "yes" : "**no**") |")
         }
+        if let cost, let revision = SocketGroup.referenceRevision {
+            let values = ProgramCostBench.families.map { cost.paired($0, .steering, minus: .reference)?.median }
+            if values.allSatisfy({ $0 != nil }) {
+                let met = values.allSatisfy { $0! <= 0 }
+                lines.append("| steady-state steering at or below the program at \(revision) (before QUIC and flow "
+                    + "tracking), paired | IPv4, IPv6: " + values.map { "\(fixed($0!, 1)) ns" }.joined(separator: ", ")
+                    + " (item 2) | \(met ? "yes" : "**no**") |")
+            }
+        }
         if let cost {
             lines += quicTargetLines(cost)
         }
@@ -288,7 +297,7 @@ struct Report {
         lines.append("| program | IPv4 ns/run | IPv4 × fixed-slot | IPv6 ns/run | IPv6 × fixed-slot |")
         lines.append("| --- | --- | --- | --- | --- |")
         for selection in ProgramCostBench.programs {
-            var row = "| \(selection.rawValue) |"
+            var row = "| \(Self.label(selection)) |"
             for family in ProgramCostBench.families {
                 row += " \(summaryText(Summary(c.perRun(family, selection)), digits: 1)) |"
                 row += " \(summaryText(Summary(pairedRatios(c.perRun(family, selection), c.perRun(family, .fixedSlot))), digits: 2)) |"
@@ -303,6 +312,22 @@ struct Report {
             row += " \(summaryText(c.logicCost(family, over: .addressLoad), digits: 1)) | |"
         }
         lines.append(row)
+        if let revision = SocketGroup.referenceRevision {
+            row = "| steering − the program at \(revision) (paired) |"
+            for family in ProgramCostBench.families {
+                row += " \(summaryText(c.paired(family, .steering, minus: .reference), digits: 1)) | |"
+            }
+            lines.append(row)
+        }
+        lines.append("")
+        if let revision = SocketGroup.referenceRevision {
+            lines.append("The program at \(revision) is `bpf/dispatch.bpf.c` as it was at that commit, which `make` builds "
+                + "from git (`BENCH_REFERENCE`; by default 746545c, the last program before QUIC steering and flow "
+                + "tracking), with maps of its own, the same seed and an even table of the same buckets: today's "
+                + "program against it is the cost of what came since, in a service that uses neither.")
+        } else {
+            lines.append("The reference program was not built (`make` builds it from git: no git, or no such commit).")
+        }
         lines.append("")
         lines.append("The address copy is a helper call, and calls are dear in this kernel: it runs with retpolines and, "
             + "on this CPU, the Safe RET mitigation (\(Machine.mitigations)), which sends every return in the "
@@ -311,6 +336,12 @@ struct Report {
         lines.append("")
         lines += quicCostLines(c)
         return lines
+    }
+
+    /// How a program is named in the tables.
+    static func label(_ selection: Selection) -> String {
+        guard selection == .reference else { return selection.rawValue }
+        return "rp_dispatch at \(SocketGroup.referenceRevision ?? "?") (built from git)"
     }
 
     /// The QUIC target: at most 15 ns per packet over flow steering, per QUIC path.

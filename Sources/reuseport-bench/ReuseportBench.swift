@@ -43,6 +43,9 @@ struct Suite: ParsableCommand {
     @Option(help: "Seconds per throughput trial.")
     var trialSeconds = 1.0
 
+    @Option(help: "Repeats of each program-cost trial (items 2, 7, 8): more narrow the paired differences.")
+    var costRepeats = 7
+
     @Option(help: "The reuseportd binary for item 3 (default: beside this one).")
     var reuseportd: String?
 
@@ -54,6 +57,7 @@ struct Suite: ParsableCommand {
 
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1, not \(repeats)") }
+        guard costRepeats >= 1 else { throw ValidationError("--cost-repeats must be at least 1, not \(costRepeats)") }
         guard trialSeconds > 0 else { throw ValidationError("--trial-seconds must be positive, not \(trialSeconds)") }
         for item in items.split(separator: ",") where Int(item).map({ !(1...8).contains($0) }) ?? true {
             throw ValidationError("--items: '\(item)' is not an item number 1-8")
@@ -67,6 +71,7 @@ struct Suite: ParsableCommand {
         var settings = Settings()
         settings.repeats = repeats
         settings.trialSeconds = trialSeconds
+        settings.costRepeats = costRepeats
         if quick {
             settings.repeats = min(repeats, 2)
             settings.trialSeconds = min(trialSeconds, 0.3)
