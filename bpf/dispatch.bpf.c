@@ -326,7 +326,7 @@ static __always_inline int quic_select_slot(struct sk_reuseport_md *ctx, __u32 s
  * (4,269 instructions processed inlined, against the budget's 50,000). qc points into the
  * rp_config value the caller looked up: the call costs no lookup of its own.
  */
-static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, struct rp_quic_config *qc,
+static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, const struct rp_quic_config *qc,
 				    __u32 *hash)
 {
 	__u64 words[RP_QUIC_HEADER_BYTES / 8] = {};
@@ -487,88 +487,44 @@ static __always_inline void count_dcid_hashed(__u32 slot)
 		ss->dcid_hashed++;
 }
 
-static __always_inline int dispatch(struct sk_reuseport_md *ctx)
+static __always_inline int drop_no_slot(void)
+{
+	struct rp_global_stats *g = global_stats();
+
+	if (g)
+		g->dropped_no_slot++;
+	return SK_DROP;
+}
+
+/* Selects the socket at slot: 0, or the helper's error (other than ENOENT, an empty slot, counted). */
+static __always_inline long select_slot(struct sk_reuseport_md *ctx, __u32 slot)
 {
 	struct rp_global_stats *g;
-	struct rp_config *cfg;
-	struct rp_flow_key key;
-	__u32 zero = 0, hash = 0, bucket, first, flags = 0;
-	__u32 *value;
-	long err, pinned;
-	int verdict = QUIC_BY_FLOW, family = 0;
+	long err = bpf_sk_select_reuseport(ctx, &rp_sockets, &slot, 0);
 
-	cfg = bpf_map_lookup_elem(&rp_config, &zero);
-	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
-	    cfg->bucket_count > RP_MAX_BUCKETS) {
+	if (err && err != -ENOENT) {
 		g = global_stats();
 		if (g)
-			g->dropped_no_slot++;
-		return SK_DROP;
+			g->select_errors++;
 	}
-	/*
-	 * QUIC first: a short header whose CID names a live slot goes there, a long header is
-	 * steered by its DCID's hash (no flow record: its connection ID, not its tuple, is what
-	 * must stay put), anything else by its flow.
-	 */
-	if (cfg->quic.enabled && ctx->ip_protocol == IPPROTO_UDP)
-		verdict = quic_dispatch(ctx, cfg->seed, &cfg->quic, &hash);
-	if (verdict == QUIC_BY_FLOW) {
-		family = flow_hash(ctx, cfg->seed, &key, &hash);
-		if (family < 0)
-			return drop_unparsable();
-	} else if (verdict != QUIC_BY_HASH) {
-		return verdict;
-	}
-	/* By a DCID's hash the key is not filled: flags stay 0, and nothing below reads it then. */
+	return err;
+}
 
-	bucket = bucket_of(hash, cfg->bucket_count);
-	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
-	if (value) {
-		__u32 s = rp_bucket_slot(*value);
+/*
+ * The bucket's slot is empty: take the flow's entry of the fallback table, which user space
+ * keeps spread over the slots that hold a socket. One flow always lands on the same live slot,
+ * and the flows of an empty slot spread over all live ones. A few consecutive entries are tried,
+ * in case a socket left the array before the table was rewritten. The loop is unrolled: a
+ * constant, small verification cost on every kernel, whatever RP_MAX_SLOTS is. Returns the slot
+ * selected (counted as a fallback), or -1.
+ */
+static __always_inline long fallback_slot(struct sk_reuseport_md *ctx, const struct rp_config *cfg, __u32 hash)
+{
+	struct rp_global_stats *g;
+	__u32 first;
 
-		/*
-		 * Records are for UDP only: a TCP connection, once accepted, never moves.
-		 * RP_NO_FLOW_TRACKING builds the program as it was before flow tracking, for the
-		 * benchmark that measures what tracking costs in steady state (Makefile).
-		 */
-#ifndef RP_NO_FLOW_TRACKING
-		if ((cfg->flags & RP_CONFIG_CHANGING) && verdict == QUIC_BY_FLOW && ctx->ip_protocol == IPPROTO_UDP)
-			flags = *value & RP_BUCKET_FLAGS;
-#endif
-		if (flags) {
-			flow_key(&key, family);
-			pinned = pinned_slot(ctx, &key);
-			if (pinned >= 0) {
-				count(pinned, ctx, 0);
-				return SK_PASS;
-			}
-		}
-		err = bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0);
-		if (err == 0) {
-			if (flags & RP_BUCKET_LEARN)
-				record_flow(&key, s, cfg->record_cost_ns);
-			if (verdict == QUIC_BY_HASH)
-				count_dcid_hashed(s);
-			count(s, ctx, 0);
-			return SK_PASS;
-		}
-		if (err != -ENOENT) {
-			g = global_stats();
-			if (g)
-				g->select_errors++;
-		}
-	}
-
-	/*
-	 * The bucket's slot is empty: take the flow's entry of the fallback table, which
-	 * user space keeps spread over the slots that hold a socket. One flow always lands
-	 * on the same live slot, and the flows of an empty slot spread over all live ones.
-	 * A few consecutive entries are tried, in case a socket left the array before the
-	 * table was rewritten. The loop is unrolled: a constant, small verification cost on
-	 * every kernel, whatever RP_MAX_SLOTS is.
-	 */
 	if (cfg->live_count == 0)
-		goto drop;
+		return -1;
 	first = rp_fallback_index(hash);
 #pragma unroll
 	for (__u32 i = 0; i < RP_FALLBACK_TRIES; i++) {
@@ -583,20 +539,122 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 			g = global_stats();
 			if (g)
 				g->fallbacks++;
-			if (flags & RP_BUCKET_LEARN)
-				record_flow(&key, s, cfg->record_cost_ns);
-			if (verdict == QUIC_BY_HASH)
-				count_dcid_hashed(s);
-			count(s, ctx, 1);
+			return s;
+		}
+	}
+	return -1;
+}
+
+/*
+ * A service without QUIC, and no change running: rp_config.flags is 0. The tuple's hash, its
+ * bucket's slot, else the fallback table: nothing else is read or tested, so such a service
+ * pays nothing for what it does not use (bench item 2 measures it against the program before
+ * QUIC and flow tracking, 746545c).
+ */
+static __always_inline int steer_steady(struct sk_reuseport_md *ctx, const struct rp_config *cfg)
+{
+	struct rp_flow_key key;
+	__u32 hash, bucket, *value;
+	long s;
+
+	if (flow_hash(ctx, cfg->seed, &key, &hash) < 0)
+		return drop_unparsable();
+	bucket = bucket_of(hash, cfg->bucket_count);
+	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
+	if (value) {
+		__u32 slot = rp_bucket_slot(*value);
+
+		if (select_slot(ctx, slot) == 0) {
+			count(slot, ctx, 0);
 			return SK_PASS;
 		}
 	}
+	s = fallback_slot(ctx, cfg, hash);
+	if (s < 0)
+		return drop_no_slot();
+	count(s, ctx, 1);
+	return SK_PASS;
+}
 
-drop:
-	g = global_stats();
-	if (g)
-		g->dropped_no_slot++;
-	return SK_DROP;
+/* The same with QUIC steering first (RP_CONFIG_QUIC), and flow records while a change runs (RP_CONFIG_CHANGING). */
+static __always_inline int steer_flagged(struct sk_reuseport_md *ctx, const struct rp_config *cfg)
+{
+	struct rp_flow_key key;
+	__u32 hash = 0, bucket, flags = 0;
+	__u32 *value;
+	long pinned, s;
+	int verdict = QUIC_BY_FLOW, family = 0;
+
+	/*
+	 * QUIC first: a short header whose CID names a live slot goes there, a long header is
+	 * steered by its DCID's hash (no flow record: its connection ID, not its tuple, is what
+	 * must stay put), anything else by its flow.
+	 */
+	if ((cfg->flags & RP_CONFIG_QUIC) && ctx->ip_protocol == IPPROTO_UDP)
+		verdict = quic_dispatch(ctx, cfg->seed, &cfg->quic, &hash);
+	if (verdict == QUIC_BY_FLOW) {
+		family = flow_hash(ctx, cfg->seed, &key, &hash);
+		if (family < 0)
+			return drop_unparsable();
+	} else if (verdict != QUIC_BY_HASH) {
+		return verdict;
+	}
+	/* By a DCID's hash the key is not filled: flags stay 0, and nothing below reads it then. */
+
+	bucket = bucket_of(hash, cfg->bucket_count);
+	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
+	if (value) {
+		__u32 slot = rp_bucket_slot(*value);
+
+		/*
+		 * Records are for UDP only: a TCP connection, once accepted, never moves.
+		 * RP_NO_FLOW_TRACKING builds the program as it was before flow tracking, for the
+		 * benchmark that measures what tracking costs (Makefile).
+		 */
+#ifndef RP_NO_FLOW_TRACKING
+		if ((cfg->flags & RP_CONFIG_CHANGING) && verdict == QUIC_BY_FLOW && ctx->ip_protocol == IPPROTO_UDP)
+			flags = *value & RP_BUCKET_FLAGS;
+#endif
+		if (flags) {
+			flow_key(&key, family);
+			pinned = pinned_slot(ctx, &key);
+			if (pinned >= 0) {
+				count(pinned, ctx, 0);
+				return SK_PASS;
+			}
+		}
+		if (select_slot(ctx, slot) == 0) {
+			if (flags & RP_BUCKET_LEARN)
+				record_flow(&key, slot, cfg->record_cost_ns);
+			if (verdict == QUIC_BY_HASH)
+				count_dcid_hashed(slot);
+			count(slot, ctx, 0);
+			return SK_PASS;
+		}
+	}
+	s = fallback_slot(ctx, cfg, hash);
+	if (s < 0)
+		return drop_no_slot();
+	if (flags & RP_BUCKET_LEARN)
+		record_flow(&key, s, cfg->record_cost_ns);
+	if (verdict == QUIC_BY_HASH)
+		count_dcid_hashed(s);
+	count(s, ctx, 1);
+	return SK_PASS;
+}
+
+static __always_inline int dispatch(struct sk_reuseport_md *ctx)
+{
+	struct rp_config *cfg;
+	__u32 zero = 0;
+
+	cfg = bpf_map_lookup_elem(&rp_config, &zero);
+	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
+	    cfg->bucket_count > RP_MAX_BUCKETS)
+		return drop_no_slot();
+	if (cfg->flags == 0)
+		return steer_steady(ctx, cfg);
+	return steer_flagged(ctx, cfg);
 }
 
 SEC("sk_reuseport")

@@ -33,7 +33,7 @@
  *    adopts.
  * 8: one configuration lookup per packet: rp_config holds the QUIC layout (rp_config.quic; the
  *    rp_quic_config map is gone) and flags (RP_CONFIG_CHANGING: the program reads the bucket flags
- *    only while a change runs); rp_config is 48 bytes.
+ *    only while a change runs; RP_CONFIG_QUIC); rp_config is 48 bytes.
  */
 #define RP_ABI_VERSION 8
 
@@ -101,12 +101,16 @@ struct rp_quic_config {
 };
 
 /*
- * rp_config.flags. RP_CONFIG_CHANGING: some bucket of rp_buckets may carry RP_BUCKET_* flags
- * (a placement change runs). User space sets it before it writes the first flag and clears it
- * only after the last flag is gone, so the program, which reads the bucket flags only while it
- * is set, never misses one; in steady state it spends nothing on tracking.
+ * rp_config.flags: what the service uses beyond flow steering now. With none (0), the program
+ * takes its shortest path: the tuple's hash, the bucket, the fallback table.
+ * RP_CONFIG_CHANGING: some bucket of rp_buckets may carry RP_BUCKET_* flags (a placement change
+ * runs). User space sets it before it writes the first flag and clears it only after the last
+ * flag is gone, so the program, which reads the bucket flags only while it is set, never misses
+ * one. RP_CONFIG_QUIC: steer UDP by QUIC connection ID first, by the layout in rp_config.quic
+ * (whose `enabled` says the same to readers).
  */
 #define RP_CONFIG_CHANGING 1u
+#define RP_CONFIG_QUIC 2u
 
 /*
  * rp_config: an ARRAY with one entry at key 0: everything the program needs about the service,

@@ -101,7 +101,7 @@ public final class DispatchMaps: @unchecked Sendable {
     }
 
     /// Writes rp_config whole: `changing` sets RP_CONFIG_CHANGING (some bucket may carry flags),
-    /// `quic` the QUIC layout (nil: off).
+    /// `quic` the QUIC layout and RP_CONFIG_QUIC (nil: off).
     func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int, recordCostNs: UInt32,
                      changing: Bool, quic: QuicSteering?) throws {
         _ = try BucketCount(bucketCount)
@@ -110,7 +110,8 @@ public final class DispatchMaps: @unchecked Sendable {
         if liveCount != 0 { _ = try SlotCount(liveCount, what: "live slot count") }
         let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed, bucket_count: UInt32(bucketCount),
                               slot_count: UInt32(slotCount), live_count: UInt32(liveCount),
-                              record_cost_ns: recordCostNs, flags: changing ? UInt32(RP_CONFIG_CHANGING) : 0,
+                              record_cost_ns: recordCostNs,
+                              flags: (changing ? UInt32(RP_CONFIG_CHANGING) : 0) | (quic != nil ? UInt32(RP_CONFIG_QUIC) : 0),
                               reserved: 0, quic: quic?.config ?? rp_quic_config())
         try config.update(0, value)
     }

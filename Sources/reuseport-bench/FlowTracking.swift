@@ -27,6 +27,9 @@ struct FlowTrackingBench {
         var bytes = 0
         var emptyBytes = 0
         var fillSeconds = 0.0
+        /// The bench's flows learning recorded (all of them but on a machine too busy to deliver
+        /// some datagrams): the others are measured too, by the table, not by their record.
+        var learned = 0
         var bytesPerRecord: Double { Double(bytes - emptyBytes) / Double(max(records, 1)) }
     }
     var tables: [Table] = []
@@ -206,15 +209,9 @@ struct FlowTrackingBench {
             return target[bucket] != plane.effectiveBuckets[bucket]
         }
         // Learning records every flow that sends; then the switch pins their buckets.
-        var recorded = 0
-        for _ in 0..<20 where recorded < settings.flows {
-            _ = runTrial(changing, flows: flows, workers: 4, seconds: 0.1, cpus: cpus)
-            recorded = try FlowRecords.count(plane.maps)
-        }
+        let recorded = try learn(flows, at: changing, plane: plane)
+        table.learned = recorded
         try plane.advance(now: now, force: true)
-        guard recorded == settings.flows else {
-            throw BenchError("learning recorded \(recorded) of \(settings.flows) flows")
-        }
 
         let started = MonotonicClock.seconds()
         var random = SystemRandomNumberGenerator()
@@ -251,6 +248,19 @@ struct FlowTrackingBench {
         let pinned = try plane.maps.flowCounters().pinned - pinnedBefore
         guard pinned > 0 else { throw BenchError("no packet was steered by its record: the bench measured nothing") }
         return table
+    }
+
+    /// Sends one datagram from each flow, round after round (at most 20, 2 s), until the plane
+    /// recorded every flow; returns how many it recorded. Fewer than all is reported, not fatal.
+    static func learn(_ flows: FlowSet, at group: SocketGroup, plane: ServiceDataPlane) throws -> Int {
+        var recorded = 0
+        for _ in 0..<20 where recorded < flows.fds.count {
+            sendEach(from: flows, to: group.destination)
+            usleep(100_000)
+            recorded = try FlowRecords.count(plane.maps)
+        }
+        if recorded < flows.fds.count { Log.note("  learning recorded \(recorded) of \(flows.fds.count) flows: going on") }
+        return recorded
     }
 
     /// Tracked minus untracked, paired by repeat.

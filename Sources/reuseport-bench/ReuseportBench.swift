@@ -87,41 +87,31 @@ struct Suite: ParsableCommand {
         var report = Report(settings: settings, quick: quick)
         report.buildSeconds = buildSeconds
         let started = MonotonicClock.seconds()
-        if selected.contains(1) {
-            Log.note("1. throughput")
-            report.throughput = try ThroughputBench.run(settings)
-        }
-        if selected.contains(2) {
-            Log.note("2. program cost")
-            report.cost = try ProgramCostBench.run(settings)
+        /// Runs one item; an error is reported as the item's result and the run goes on.
+        func measure<Result>(_ item: Int, _ name: String, _ body: () throws -> Result) -> Result? {
+            guard selected.contains(item) else { return nil }
+            Log.note("\(item). \(name)")
+            do {
+                return try body()
+            } catch {
+                Log.note("  \(name) stopped: \(error); going on")
+                report.failures.append((item, name, "\(error)"))
+                return nil
+            }
         }
         let binaries = executableFolder()
-        if selected.contains(3) {
-            Log.note("3. worker death")
-            report.death = try WorkerDeathBench.run(settings, daemonBinary: reuseportd ?? "\(binaries)/reuseportd")
+        let daemon = reuseportd ?? "\(binaries)/reuseportd"
+        report.throughput = measure(1, "throughput") { try ThroughputBench.run(settings) }
+        report.cost = measure(2, "program cost") { try ProgramCostBench.run(settings) }
+        report.death = measure(3, "worker death") { try WorkerDeathBench.run(settings, daemonBinary: daemon) }
+        report.resize = measure(4, "resize") { try ResizeBench.run(settings, daemonBinary: daemon) }
+        report.balance = measure(5, "balance") { try BalanceBench.run(settings) }
+        report.scale = measure(6, "scale") { try ScaleBench.run(settings) }
+        report.tracking = measure(7, "flow tracking") {
+            try FlowTrackingBench.run(settings, tableSizes: quick ? [65_536] : FlowTrackingBench.tableSizes,
+                                      rescaleFlows: quick ? 65_536 : 1_048_576, rescaleIdleMs: quick ? 10_000 : 30_000)
         }
-        if selected.contains(4) {
-            Log.note("4. resize")
-            report.resize = try ResizeBench.run(settings, daemonBinary: reuseportd ?? "\(binaries)/reuseportd")
-        }
-        if selected.contains(5) {
-            Log.note("5. balance")
-            report.balance = try BalanceBench.run(settings)
-        }
-        if selected.contains(6) {
-            Log.note("6. scale")
-            report.scale = try ScaleBench.run(settings)
-        }
-        if selected.contains(7) {
-            Log.note("7. flow tracking")
-            report.tracking = try FlowTrackingBench.run(settings, tableSizes: quick ? [65_536] : FlowTrackingBench.tableSizes,
-                                                        rescaleFlows: quick ? 65_536 : 1_048_576,
-                                                        rescaleIdleMs: quick ? 10_000 : 30_000)
-        }
-        if selected.contains(8) {
-            Log.note("8. two generations")
-            report.generations = try GenerationBench.run(settings)
-        }
+        report.generations = measure(8, "two generations") { try GenerationBench.run(settings) }
         report.seconds = MonotonicClock.seconds() - started
         try report.write(to: output)
         Log.note("wrote \(output) and \(Report.chartPath(for: output)) in \(Int(report.seconds)) s")
