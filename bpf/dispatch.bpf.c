@@ -516,11 +516,10 @@ static __always_inline long select_slot(struct sk_reuseport_md *ctx, __u32 slot)
  * and the flows of an empty slot spread over all live ones. A few consecutive entries are tried,
  * in case a socket left the array before the table was rewritten. The loop is unrolled: a
  * constant, small verification cost on every kernel, whatever RP_MAX_SLOTS is. Returns the slot
- * selected (counted as a fallback), or -1.
+ * selected, or -1.
  */
 static __always_inline long fallback_slot(struct sk_reuseport_md *ctx, const struct rp_config *cfg, __u32 hash)
 {
-	struct rp_global_stats *g;
 	__u32 first;
 
 	if (cfg->live_count == 0)
@@ -535,14 +534,21 @@ static __always_inline long fallback_slot(struct sk_reuseport_md *ctx, const str
 		if (!fallback)
 			break;
 		s = *fallback;
-		if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
-			g = global_stats();
-			if (g)
-				g->fallbacks++;
+		if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0)
 			return s;
-		}
 	}
 	return -1;
+}
+
+/* A flow steered to `slot` by the fallback table: counted globally and for the slot. */
+static __always_inline int pass_fallback(struct sk_reuseport_md *ctx, __u32 slot)
+{
+	struct rp_global_stats *g = global_stats();
+
+	if (g)
+		g->fallbacks++;
+	count(slot, ctx, 1);
+	return SK_PASS;
 }
 
 /*
@@ -572,8 +578,7 @@ static __always_inline int steer_steady(struct sk_reuseport_md *ctx, const struc
 	s = fallback_slot(ctx, cfg, hash);
 	if (s < 0)
 		return drop_no_slot();
-	count(s, ctx, 1);
-	return SK_PASS;
+	return pass_fallback(ctx, s);
 }
 
 /* The same with QUIC steering first (RP_CONFIG_QUIC), and flow records while a change runs (RP_CONFIG_CHANGING). */
@@ -639,8 +644,7 @@ static __always_inline int steer_flagged(struct sk_reuseport_md *ctx, const stru
 		record_flow(&key, s, cfg->record_cost_ns);
 	if (verdict == QUIC_BY_HASH)
 		count_dcid_hashed(s);
-	count(s, ctx, 1);
-	return SK_PASS;
+	return pass_fallback(ctx, s);
 }
 
 static __always_inline int dispatch(struct sk_reuseport_md *ctx)
@@ -677,29 +681,16 @@ int rp_dispatch_migrate(struct sk_reuseport_md *ctx)
 {
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
-	__u32 zero = 0, first;
+	__u32 zero = 0;
 
 	if (!ctx->migrating_sk)
 		return dispatch(ctx);
-	cfg = bpf_map_lookup_elem(&rp_config, &zero);
 	g = global_stats();
-	if (cfg && cfg->abi_version == RP_ABI_VERSION && cfg->live_count > 0) {
-		first = rp_fallback_index(ctx->hash);
-#pragma unroll
-		for (__u32 i = 0; i < RP_FALLBACK_TRIES; i++) {
-			__u32 index = (first + i) & (RP_FALLBACK_BUCKETS - 1);
-			__u32 *slot = bpf_map_lookup_elem(&rp_fallback, &index);
-			__u32 s;
-
-			if (!slot)
-				break;
-			s = *slot;
-			if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
-				if (g)
-					g->migrated++;
-				return SK_PASS;
-			}
-		}
+	cfg = bpf_map_lookup_elem(&rp_config, &zero);
+	if (cfg && cfg->abi_version == RP_ABI_VERSION && fallback_slot(ctx, cfg, ctx->hash) >= 0) {
+		if (g)
+			g->migrated++;
+		return SK_PASS;
 	}
 	if (g)
 		g->migrate_failed++;
