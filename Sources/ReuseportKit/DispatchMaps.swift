@@ -84,7 +84,8 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
-    var all: [BPFMap] {
+    /// Every shared map, in the order of `names`.
+    public var all: [BPFMap] {
         [config, buckets, fallback, slotStats, globalStats, slotState, flows, untracked, flowStats, recordBudget,
          transition, nextBuckets, quicStats, quicSlotStats]
     }
@@ -162,7 +163,14 @@ public final class DispatchMaps: @unchecked Sendable {
 
     /// Writes the bucket table (slot | RP_BUCKET_* flags); with `previous`, only the entries that differ.
     func writeBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
-        try write(table, to: buckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+        try write(table, to: buckets, limit: Int(buckets.maxEntries), previous: previous)
+    }
+
+    /// Whether the bucket tables have room for `count` buckets. Their size is the service's bucket
+    /// count when they were made (`DispatchProgram`), read from the maps themselves: pins of
+    /// another configuration (or of an earlier version, RP_MAX_BUCKETS) answer for themselves.
+    public func holdsBuckets(_ count: Int) -> Bool {
+        count <= Int(buckets.maxEntries) && count <= Int(nextBuckets.maxEntries)
     }
 
     /// The table a placement change in progress switches to (rp_next_buckets).
@@ -171,7 +179,7 @@ public final class DispatchMaps: @unchecked Sendable {
     }
 
     func writeNextBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
-        try write(table, to: nextBuckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+        try write(table, to: nextBuckets, limit: Int(nextBuckets.maxEntries), previous: previous)
     }
 
     /// The placement change in progress (phase RP_TRANSITION_NONE when there is none).

@@ -166,6 +166,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         var shared: DispatchMaps?
         for (index, requested) in endpoints.enumerated() {
             let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows,
+                                              bucketCount: options.bucketCount,
                                               socketArray: index < socketArrays.count ? socketArrays[index] : nil)
             shared = shared ?? program.maps
             listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
@@ -209,9 +210,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
         let config = try pinned.readConfig()
         let change = try pinned.readTransition()
         try pinned.checkConfiguredABI()
-        guard Int(config.bucket_count) == options.bucketCount, config.seed == options.seed else {
-            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(config.bucket_count), seed "
-                + "\(config.seed); the configuration says \(options.bucketCount), \(options.seed)")
+        guard Int(config.bucket_count) == options.bucketCount, config.seed == options.seed,
+              pinned.holdsBuckets(options.bucketCount)
+        else {
+            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(config.bucket_count) (a table of "
+                + "\(pinned.buckets.maxEntries)), seed \(config.seed); the configuration says \(options.bucketCount), "
+                + "\(options.seed)")
         }
         let nominal = try SlotCount(Int(config.slot_count)).value
         let socketSlots = try SlotCount(max(Self.pinnedSlotBound(pinned), nominal), what: "socket_slots").value
@@ -308,7 +312,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public static func resumable(at layout: PinLayout, options: Options) -> DispatchMaps? {
         guard let maps = try? DispatchMaps(pinned: layout), (try? maps.checkConfiguredABI()) != nil,
               let config = try? maps.readConfig(), Int(config.bucket_count) == options.bucketCount,
-              config.seed == options.seed
+              config.seed == options.seed, maps.holdsBuckets(options.bucketCount)
         else { return nil }
         return maps
     }
