@@ -518,11 +518,10 @@ extension Report {
 
     func scaleSection(_ s: ScaleBench) -> [String] {
         var lines = ["## 6. Scale", ""]
-        lines.append("**Map memory.** The maps are sized once, at load, by the limits in bpf/dispatch.h "
-            + "(RP_MAX_SLOTS = \(RP_MAX_SLOTS), RP_MAX_BUCKETS = \(RP_MAX_BUCKETS)), so their memory does not grow with "
-            + "the slots or buckets in use: 1 slot and 1,024 slots, 64 buckets and 65,536 buckets, cost the same. "
+        lines.append("**Map memory.** The maps are sized once, at load: the bucket tables by the service's `buckets`, "
+            + "the flow tables by its `max_tracked_flows`, the slot-indexed maps by RP_MAX_SLOTS = \(RP_MAX_SLOTS). "
             + "Bytes as the kernel charges them (`memlock` in /proc/self/fdinfo), on this \(sysconf(Int32(_SC_NPROCESSORS_CONF)))-CPU "
-            + "machine (per-CPU maps grow with the CPU count):")
+            + "machine (per-CPU maps grow with the CPU count); the service of \(RP_MAX_SLOTS) slots with default settings:")
         lines.append("")
         lines.append("| map | type | entries | value bytes | memory | |")
         lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -535,6 +534,27 @@ extension Report {
         lines.append("| program `rp_dispatch` | | | | \(kib(s.programBytes)) | per listener |")
         lines.append("")
         lines.append("A service with one listener: \(kib(service + listener)); each further listener adds \(kib(listener)).")
+        lines.append("")
+        if !s.services.isEmpty {
+            lines.append("| service (one UDP listener, default settings) | buckets | max_tracked_flows | memory | of it, `rp_flows` and `rp_untracked` | goal |")
+            lines.append("| --- | --- | --- | --- | --- | --- |")
+            for service in s.services {
+                let flowTables = service.maps.filter { $0.name == RP_MAP_FLOWS || $0.name == RP_MAP_UNTRACKED }
+                    .map(\.bytes).reduce(0, +)
+                let goal = service.slots == 4 ? (service.bytes <= 1 << 20 ? "≤ 1 MiB: yes" : "≤ 1 MiB: **no**") : ""
+                lines.append("| \(service.slots) workers | \(service.buckets) | \(service.trackedFlows) | \(kib(service.bytes)) | "
+                    + "\(kib(flowTables)) | \(goal) |")
+            }
+            lines.append("")
+        }
+        if let error = s.manyError {
+            lines.append("\(ScaleBench.manyCount) services: not measured: \(error).")
+        } else if s.manyBytes > 0 {
+            lines.append("**\(ScaleBench.manyCount) services** of 4 workers with default settings, started one after "
+                + "another as the daemon builds them (sockets bound, program loaded and attached, tables written): "
+                + "\(fixed(s.manySeconds, 2)) s in all (\(fixed(s.manySeconds * 1000 / Double(ScaleBench.manyCount), 1)) ms "
+                + "each), \(kib(s.manyBytes)) of maps and programs.")
+        }
         lines.append("")
         lines.append("**Cost per packet as it grows** (ns per run, BPF run-time statistics, \(s.flows) flows, "
             + "\(settings.costSeconds) s per trial, \(max(1, settings.scaleRepeats)) repeats, all configurations interleaved; "
