@@ -31,8 +31,13 @@ ABI_HEADER  := bpf/dispatch.h
 # only for the tests (too_large): each bpf/X.bpf.c becomes $(OUTPUT)/X.bpf.o, embedded by
 # a C target of the Swift package.
 BPF_NAMES   := dispatch baseline too_large
-# dispatch.bpf.c again without flow tracking, for the benchmarks only (RP_NO_FLOW_TRACKING).
-BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(OUTPUT)/dispatch_untracked.bpf.o
+# dispatch.bpf.c again with a part compiled out, for the benchmarks only: without flow tracking
+# (untracked: RP_NO_FLOW_TRACKING), and without a flow record's refresh on each pinned packet
+# (norefresh: RP_BENCH_NO_REFRESH, what that write and clock read cost).
+BENCH_BUILDS := untracked norefresh
+BENCH_DEFINE_untracked := RP_NO_FLOW_TRACKING
+BENCH_DEFINE_norefresh := RP_BENCH_NO_REFRESH
+BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS))
 # ... and the steering program as it was at BENCH_REFERENCE, built from git, for the benchmarks'
 # paired comparison (item 2). By default 746545c: the last program before QUIC steering and flow
 # tracking (ABI 1). Without git or that commit the bench says the reference was not built.
@@ -121,9 +126,10 @@ $(OUTPUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
-$(OUTPUT)/dispatch_untracked.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
+$(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS)): $(OUTPUT)/dispatch_%.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) \
+		$(OUTPUT)/.deps
 	$(call msg,BPF,$@)
-	$(Q)$(CLANG) $(BPF_CFLAGS) -DRP_NO_FLOW_TRACKING -c $< -o $@.tmp
+	$(Q)$(CLANG) $(BPF_CFLAGS) -D$(BENCH_DEFINE_$*) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 

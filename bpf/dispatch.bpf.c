@@ -464,8 +464,11 @@ static __always_inline long pinned_slot(struct sk_reuseport_md *ctx, const struc
 
 	if (!flow)
 		return -1;
+	/* RP_BENCH_NO_REFRESH: a build for the benchmarks only, to measure what the refresh costs. */
+#ifndef RP_BENCH_NO_REFRESH
 	flow->last_seen_ns = bpf_ktime_get_ns();
 	flow->packets++;
+#endif
 	s = flow->slot;
 	fs = flow_stats();
 	if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {

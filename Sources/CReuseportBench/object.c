@@ -19,6 +19,24 @@ size_t rp_bench_untracked_object_size(void)
 	return sizeof(untracked_object);
 }
 
+// Built by `make` (the Makefile's BENCH_BUILDS): rp_dispatch without a record's refresh.
+#if !__has_embed("../../.output/dispatch_norefresh.bpf.o")
+#error "the BPF object .output/dispatch_norefresh.bpf.o is missing: run `make` (it builds the objects, then the Swift package)"
+#endif
+static const unsigned char norefresh_object[] = {
+#embed "../../.output/dispatch_norefresh.bpf.o"
+};
+
+const unsigned char *rp_bench_norefresh_object(void)
+{
+	return norefresh_object;
+}
+
+size_t rp_bench_norefresh_object_size(void)
+{
+	return sizeof(norefresh_object);
+}
+
 // Built by `make` from git (the Makefile's dispatch_reference rule): rp_dispatch at another revision,
 // BENCH_REFERENCE. Empty when git could not provide it: the bench then runs without it.
 #if __has_embed("../../.output/dispatch_reference.bpf.o") == __STDC_EMBED_FOUND__

@@ -23,6 +23,9 @@ struct FlowTrackingBench {
         var pinned: [Double] = []
         /// The same flows on a service in steady state, paired.
         var steady: [Double] = []
+        /// The pinned packets again with the build that leaves the record as it is (no clock
+        /// read, no write: RP_BENCH_NO_REFRESH), on the same sockets and tables, paired.
+        var unrefreshed: [Double] = []
         /// rp_flows' memlock with the records in it, and empty.
         var bytes = 0
         var emptyBytes = 0
@@ -238,11 +241,23 @@ struct FlowTrackingBench {
         table.bytes = try plane.maps.flows.withDescriptor(memlock(of:))
 
         let pinnedBefore = try plane.maps.flowCounters().pinned
+        let unrefreshing = try DispatchProgram(
+            sharing: plane.maps,
+            object: (rp_bench_norefresh_object(), rp_bench_norefresh_object_size(), "dispatch_norefresh.bpf.o"),
+            socketArray: plane.listeners[0].program.sockets)
         _ = runTrial(steady, flows: flows, workers: 4, seconds: 0.05, cpus: cpus)
         for rep in 0..<settings.costRepeats {
-            for group in interleaved([changing, steady], repeat: rep) {
-                let cost = try measureCost(group, flows: flows, seconds: settings.costSeconds, cpus: cpus).perRun
-                if group === changing { table.pinned.append(cost) } else { table.steady.append(cost) }
+            // 0: the plane's program; 1: the build without the refresh, attached in its place; 2: steady.
+            for variant in interleaved([0, 1, 2], repeat: rep) {
+                if variant == 1 { try changing.replaceProgram(with: unrefreshing) }
+                let cost = try measureCost(variant == 2 ? steady : changing, flows: flows,
+                                           seconds: settings.costSeconds, cpus: cpus).perRun
+                if variant == 1 { try changing.restoreProgram() }
+                switch variant {
+                case 0: table.pinned.append(cost)
+                case 1: table.unrefreshed.append(cost)
+                default: table.steady.append(cost)
+                }
             }
         }
         let pinned = try plane.maps.flowCounters().pinned - pinnedBefore

@@ -198,19 +198,24 @@ struct Report {
             + "(a hash table without preallocation) and goes to its recorded slot. The table also holds random "
             + "records up to its size. Against the same flows on a service in steady state, paired. Memory is "
             + "`memlock` of `rp_flows` in /proc/self/fdinfo (what the kernel charges), full minus empty; the empty "
-            + "table's fixed part is its bucket array, 16 bytes per entry of capacity rounded up to a power of two.")
+            + "table's fixed part is its bucket array, 16 bytes per entry of capacity rounded up to a power of two. "
+            + "The refresh (a clock read, `last_seen_ns` and `packets` written on every pinned packet) is measured "
+            + "by attaching, between trials, the same program built without it (`RP_BENCH_NO_REFRESH`) to the same "
+            + "sockets and tables.")
         lines.append("")
-        lines.append("| records | pinned packet ns/run | steady ns/run | difference (paired) | rp_flows memory | per record | empty table | fill time |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for table in t.tables where table.learned < settings.flows {
             lines.append("With \(table.records) records, learning recorded \(table.learned) of \(settings.flows) flows "
                 + "within 2 s (a busy machine): the others were measured too, following the table.")
             lines.append("")
         }
+        lines.append("| records | pinned packet ns/run | steady ns/run | difference (paired) | of it, the record's refresh (paired) | rp_flows memory | per record | empty table | fill time |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for table in t.tables {
             let difference = Summary(zip(table.pinned, table.steady).map { $0 - $1 })
+            let refresh = Summary(zip(table.pinned, table.unrefreshed).map { $0 - $1 })
             lines.append("| \(table.records) | \(summaryText(Summary(table.pinned), digits: 1)) | "
                 + "\(summaryText(Summary(table.steady), digits: 1)) | \(summaryText(difference, digits: 1)) | "
+                + "\(summaryText(refresh, digits: 1)) | "
                 + "\(mebibytes(table.bytes)) | \(fixed(table.bytesPerRecord, 0)) B | \(mebibytes(table.emptyBytes)) | "
                 + "\(fixed(table.fillSeconds, 1)) s |")
         }

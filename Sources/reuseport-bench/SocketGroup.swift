@@ -123,6 +123,13 @@ final class SocketGroup {
         replacement = program
     }
 
+    /// Attaches the plane's own program again, after `replaceProgram`.
+    func restoreProgram() throws {
+        guard let plane else { return }
+        try sockets[0].attach(plane.listeners[0].program)
+        replacement = nil
+    }
+
     var fds: [Int32] { sockets.map { $0.fd.rawValue } }
 
     /// The attached program, if any (for its run-time statistics).

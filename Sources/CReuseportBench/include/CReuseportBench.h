@@ -41,6 +41,9 @@ long rp_bench_drain_sources(int fd, unsigned char *slot_of, unsigned char slot, 
 /* dispatch_untracked.bpf.o: bpf/dispatch.bpf.c built with RP_NO_FLOW_TRACKING (Makefile). */
 const unsigned char *rp_bench_untracked_object(void);
 size_t rp_bench_untracked_object_size(void);
+/* dispatch_norefresh.bpf.o: the same with RP_BENCH_NO_REFRESH (a pinned packet leaves its record as it is). */
+const unsigned char *rp_bench_norefresh_object(void);
+size_t rp_bench_norefresh_object_size(void);
 
 /* dispatch_reference.bpf.o: bpf/dispatch.bpf.c at BENCH_REFERENCE, from git (Makefile); NULL and 0
  * when it was not built. */
