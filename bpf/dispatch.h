@@ -83,6 +83,12 @@
 #define RP_MAP_NEXT_BUCKETS "rp_next_buckets"
 #define RP_MAP_QUIC_STATS "rp_quic_stats"
 #define RP_MAP_QUIC_SLOT_STATS "rp_quic_slot_stats"
+/*
+ * A constant of the program that user space sets before the load (a `const volatile __u32` in
+ * .rodata): 1 where the kernel has bpf_ktime_get_coarse_ns() (5.11), which then stamps flow
+ * records (ReuseportKit/CoarseClock.swift).
+ */
+#define RP_CONST_COARSE_CLOCK "rp_coarse_clock"
 #define RP_PROG_DISPATCH "rp_dispatch"
 #define RP_PROG_DISPATCH_MIGRATE "rp_dispatch_migrate"
 
@@ -174,7 +180,8 @@ struct rp_flow_key {
 struct rp_flow {
 	__u32 slot;         /* where the flow went when it was recorded */
 	__u32 packets;      /* packets seen since (wraps) */
-	__u64 last_seen_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC of its last packet */
+	__u64 last_seen_ns; /* CLOCK_MONOTONIC of its last packet: bpf_ktime_get_ns(), or where the kernel has
+			     * it (RP_CONST_COARSE_CLOCK) the coarse clock, at most a tick behind */
 };
 
 /* rp_flow_stats: PERCPU_ARRAY with one entry at key 0. */

@@ -14,7 +14,8 @@ import CReuseportABI
 /// once and handed to the others (`bpf_map__reuse_fd`).
 ///
 /// Needs: SK_REUSEPORT programs and REUSEPORT_SOCKARRAY (4.19); the verifier's statistics
-/// log level (5.2). Tested on 5.10 to 7.2 (docs/kernel-support.md).
+/// log level (5.2). Uses bpf_ktime_get_coarse_ns() where the kernel has it (5.11, `CoarseClock`).
+/// Tested on 5.10 to 7.2 (docs/kernel-support.md).
 public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     private let descriptor: OwnedDescriptor
     /// The loaded program's fd; this object owns it and must outlive its use.
@@ -55,6 +56,7 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
             try object.setMaxEntries(map: RP_MAP_BUCKETS, UInt32(buckets.value))
             try object.setMaxEntries(map: RP_MAP_NEXT_BUCKETS, UInt32(buckets.value))
         }
+        try object.setConstant(RP_CONST_COARSE_CLOCK, CoarseClock.isSupported ? 1 : 0)
         migrates = ReuseportMigration.isSupported
         let name = migrates ? RP_PROG_DISPATCH_MIGRATE : RP_PROG_DISPATCH
         try object.setAutoload(program: RP_PROG_DISPATCH, !migrates)
