@@ -32,11 +32,23 @@ ABI_HEADER  := bpf/dispatch.h
 # only for the tests (too_large): each bpf/X.bpf.c becomes $(OUTPUT)/X.bpf.o, embedded by
 # a C target of the Swift package.
 BPF_NAMES   := dispatch baseline too_large
-# dispatch.bpf.c again without flow tracking, for the benchmarks only (RP_NO_FLOW_TRACKING).
-BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(OUTPUT)/dispatch_untracked.bpf.o
+# dispatch.bpf.c again with a part compiled out, for the benchmarks only: without flow tracking
+# (untracked: RP_NO_FLOW_TRACKING), and without a flow record's refresh on each pinned packet
+# (norefresh: RP_BENCH_NO_REFRESH, what that write and clock read cost).
+BENCH_BUILDS := untracked norefresh
+BENCH_DEFINE_untracked := RP_NO_FLOW_TRACKING
+BENCH_DEFINE_norefresh := RP_BENCH_NO_REFRESH
+BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS))
+# ... and the steering program as it was at BENCH_REFERENCE, built from git, for the benchmarks'
+# paired comparison (item 2). By default 746545c: the last program before QUIC steering and flow
+# tracking (ABI 1). Without git or that commit the bench says the reference was not built.
+BENCH_REFERENCE ?= 746545c
+REFERENCE_DIR := $(OUTPUT)/reference
+BPF_OBJS    += $(OUTPUT)/dispatch_reference.bpf.o
 BPF_HEADERS := $(wildcard bpf/*.h)
-# The C files that #embed the objects.
-EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c Sources/CReuseportBench/object.c
+# The C files that #embed the objects (or include the reference's header).
+EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c Sources/CReuseportBench/object.c \
+	Sources/CReuseportBench/reference.c
 # Debian packages the build and the tests need (apt names).
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... promtool and a Prometheus server: the metrics endpoint's tests check and scrape it.
@@ -121,9 +133,10 @@ $(OUTPUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
-$(OUTPUT)/dispatch_untracked.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
+$(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS)): $(OUTPUT)/dispatch_%.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) \
+		$(OUTPUT)/.deps
 	$(call msg,BPF,$@)
-	$(Q)$(CLANG) $(BPF_CFLAGS) -DRP_NO_FLOW_TRACKING -c $< -o $@.tmp
+	$(Q)$(CLANG) $(BPF_CFLAGS) -D$(BENCH_DEFINE_$*) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 
@@ -141,6 +154,26 @@ $(PRELOAD_LIB): preload/bind_preload.c $(OUTPUT)/.deps
 	$(call msg,CC,$@)
 	$(Q)mkdir -p $(dir $@)
 	$(Q)$(CC) $(PRELOAD_CFLAGS) -o $@ $< -ldl
+# The reference's sources (its bpf/ folder at BENCH_REFERENCE) and a header naming the revision,
+# which Sources/CReuseportBench/reference.c includes to write that revision's rp_config. A stamp
+# per revision: another BENCH_REFERENCE builds again. An unknown revision leaves an empty object,
+# which the bench reports as missing.
+$(REFERENCE_DIR)/.rev-$(BENCH_REFERENCE): $(OUTPUT)/.deps
+	$(call msg,GIT,$(REFERENCE_DIR) at $(BENCH_REFERENCE))
+	$(Q)rm -rf $(REFERENCE_DIR) && mkdir -p $(REFERENCE_DIR)
+	$(Q)if git cat-file -e '$(BENCH_REFERENCE):bpf/dispatch.bpf.c' 2>/dev/null; then \
+		for file in $$(git ls-tree --name-only '$(BENCH_REFERENCE):bpf/' | grep -E '\.(c|h)$$'); do \
+			git show '$(BENCH_REFERENCE):bpf/'"$$file" >$(REFERENCE_DIR)/"$$file" || exit 1; done; \
+		printf '#define RP_BENCH_REFERENCE "%s"\n' \
+			"$$(git rev-parse --short '$(BENCH_REFERENCE)^{commit}')" >$(REFERENCE_DIR)/revision.h; \
+	else echo "  GIT      no $(BENCH_REFERENCE) in git: the bench runs without the reference program"; fi
+	$(Q)touch $@
+$(OUTPUT)/dispatch_reference.bpf.o: $(REFERENCE_DIR)/.rev-$(BENCH_REFERENCE)
+	$(call msg,BPF,$@ ($(BENCH_REFERENCE)))
+	$(Q)if [ -f $(REFERENCE_DIR)/dispatch.bpf.c ]; then \
+		$(CLANG) $(filter-out -Werror -Ibpf,$(BPF_CFLAGS)) -I$(REFERENCE_DIR) -c $(REFERENCE_DIR)/dispatch.bpf.c \
+			-o $@.tmp && $(OBJCOPY) --strip-debug $@.tmp $@ && rm -f $@.tmp; \
+	else : >$@; fi
 
 # SwiftPM does not see that the C targets depend on the headers and the objects (it
 # reaches them through a relative include and #embed): touch the C files when any
