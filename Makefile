@@ -12,7 +12,8 @@
 #   make deb        the Debian package .output/reuseportd_<version>_amd64.deb; make deb-check lists and checks it
 #   make systemd-test  install that package in a Debian root and boot it under systemd in a VM (docs/operations.md)
 #   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
-#   make chaos      random sequences of operations on the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
+#   make chaos      random operation sequences: on the placement model (PLACEMENT_SEQUENCES=10000), then on
+#                   the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
 #   make print-version  the version both binaries and the package get (git commit, -dirty)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
@@ -31,11 +32,23 @@ ABI_HEADER  := bpf/dispatch.h
 # only for the tests (too_large): each bpf/X.bpf.c becomes $(OUTPUT)/X.bpf.o, embedded by
 # a C target of the Swift package.
 BPF_NAMES   := dispatch baseline too_large
-# dispatch.bpf.c again without flow tracking, for the benchmarks only (RP_NO_FLOW_TRACKING).
-BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(OUTPUT)/dispatch_untracked.bpf.o
+# dispatch.bpf.c again with a part compiled out, for the benchmarks only: without flow tracking
+# (untracked: RP_NO_FLOW_TRACKING), and without a flow record's refresh on each pinned packet
+# (norefresh: RP_BENCH_NO_REFRESH, what that write and clock read cost).
+BENCH_BUILDS := untracked norefresh
+BENCH_DEFINE_untracked := RP_NO_FLOW_TRACKING
+BENCH_DEFINE_norefresh := RP_BENCH_NO_REFRESH
+BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS))
+# ... and the steering program as it was at BENCH_REFERENCE, built from git, for the benchmarks'
+# paired comparison (item 2). By default 746545c: the last program before QUIC steering and flow
+# tracking (ABI 1). Without git or that commit the bench says the reference was not built.
+BENCH_REFERENCE ?= 746545c
+REFERENCE_DIR := $(OUTPUT)/reference
+BPF_OBJS    += $(OUTPUT)/dispatch_reference.bpf.o
 BPF_HEADERS := $(wildcard bpf/*.h)
-# The C files that #embed the objects.
-EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c Sources/CReuseportBench/object.c
+# The C files that #embed the objects (or include the reference's header).
+EMBEDDERS   := Sources/CReuseportABI/object.c Sources/CReuseportTestPrograms/object.c Sources/CReuseportBench/object.c \
+	Sources/CReuseportBench/reference.c
 # Debian packages the build and the tests need (apt names).
 APT_PACKAGES := libbpf-dev libelf-dev zlib1g-dev pkg-config bpftool iproute2 socat netcat-openbsd
 # ... promtool and a Prometheus server: the metrics endpoint's tests check and scrape it.
@@ -45,6 +58,12 @@ APT_PACKAGES += prometheus
 APT_PACKAGES += unbound
 # ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c).
 APT_PACKAGES += gcc libc6-dev
+# ... OpenVPN (Debian's 2.6) and ping: BindPreloadOpenVPNTests run unmodified OpenVPN servers as
+# workers through the bind preload library, with clients in network namespaces.
+APT_PACKAGES += openvpn iputils-ping
+# ... and coturn, a STUN/TURN server that binds its own sockets too (BindPreloadCoturnTests); as with
+# unbound, the tests run the binary as a worker, not the package's own service.
+APT_PACKAGES += coturn
 # ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
 # throwaway certificate.
 APT_PACKAGES += python3-venv openssl
@@ -75,7 +94,7 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
+.PHONY: all bpf preload build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
 	test-least-privilege dist install install-files deb deb-check systemd-test version print-version
 
 all: build
@@ -114,11 +133,47 @@ $(OUTPUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
 	$(Q)$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
-$(OUTPUT)/dispatch_untracked.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) $(OUTPUT)/.deps
+$(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS)): $(OUTPUT)/dispatch_%.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) \
+		$(OUTPUT)/.deps
 	$(call msg,BPF,$@)
-	$(Q)$(CLANG) $(BPF_CFLAGS) -DRP_NO_FLOW_TRACKING -c $< -o $@.tmp
+	$(Q)$(CLANG) $(BPF_CFLAGS) -D$(BENCH_DEFINE_$*) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
+
+# The bind preload library (preload/bind_preload.c; `preload_bind = true`, docs/configuration.md):
+# loaded into workers that bind their own sockets, so it is an ordinary shared object for the
+# system's libc, not part of the static daemon. Installed as $(PRELOAD_INSTALLED), where the
+# daemon looks for it (beside its own bin/: ../lib/reuseportd/); the tests point the daemon at
+# the one built here (REUSEPORTD_PRELOAD_LIBRARY).
+CC              ?= cc
+PRELOAD_NAME    := libreuseportd-preload.so
+PRELOAD_LIB     := $(OUTPUT)/lib/reuseportd/$(PRELOAD_NAME)
+PRELOAD_CFLAGS  := -shared -fPIC -O2 -g -Wall -Wextra -Werror -fdebug-prefix-map=$(CURDIR)=.
+preload: $(PRELOAD_LIB)
+$(PRELOAD_LIB): preload/bind_preload.c $(OUTPUT)/.deps
+	$(call msg,CC,$@)
+	$(Q)mkdir -p $(dir $@)
+	$(Q)$(CC) $(PRELOAD_CFLAGS) -o $@ $< -ldl
+# The reference's sources (its bpf/ folder at BENCH_REFERENCE) and a header naming the revision,
+# which Sources/CReuseportBench/reference.c includes to write that revision's rp_config. A stamp
+# per revision: another BENCH_REFERENCE builds again. An unknown revision leaves an empty object,
+# which the bench reports as missing.
+$(REFERENCE_DIR)/.rev-$(BENCH_REFERENCE): $(OUTPUT)/.deps
+	$(call msg,GIT,$(REFERENCE_DIR) at $(BENCH_REFERENCE))
+	$(Q)rm -rf $(REFERENCE_DIR) && mkdir -p $(REFERENCE_DIR)
+	$(Q)if git cat-file -e '$(BENCH_REFERENCE):bpf/dispatch.bpf.c' 2>/dev/null; then \
+		for file in $$(git ls-tree --name-only '$(BENCH_REFERENCE):bpf/' | grep -E '\.(c|h)$$'); do \
+			git show '$(BENCH_REFERENCE):bpf/'"$$file" >$(REFERENCE_DIR)/"$$file" || exit 1; done; \
+		printf '#define RP_BENCH_REFERENCE "%s"\n' \
+			"$$(git rev-parse --short '$(BENCH_REFERENCE)^{commit}')" >$(REFERENCE_DIR)/revision.h; \
+	else echo "  GIT      no $(BENCH_REFERENCE) in git: the bench runs without the reference program"; fi
+	$(Q)touch $@
+$(OUTPUT)/dispatch_reference.bpf.o: $(REFERENCE_DIR)/.rev-$(BENCH_REFERENCE)
+	$(call msg,BPF,$@ ($(BENCH_REFERENCE)))
+	$(Q)if [ -f $(REFERENCE_DIR)/dispatch.bpf.c ]; then \
+		$(CLANG) $(filter-out -Werror -Ibpf,$(BPF_CFLAGS)) -I$(REFERENCE_DIR) -c $(REFERENCE_DIR)/dispatch.bpf.c \
+			-o $@.tmp && $(OBJCOPY) --strip-debug $@.tmp $@ && rm -f $@.tmp; \
+	else : >$@; fi
 
 # SwiftPM does not see that the C targets depend on the headers and the objects (it
 # reaches them through a relative include and #embed): touch the C files when any
@@ -144,7 +199,7 @@ version:
 print-version:
 	@echo '$(DEB_VERSION)'
 
-build: $(OUTPUT)/.abi-stamp
+build: $(OUTPUT)/.abi-stamp $(PRELOAD_LIB)
 	$(call msg,SWIFT,build -c $(CONFIG))
 	$(Q)$(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS)
 
@@ -165,7 +220,7 @@ $(QUIC_VENV)/.stamp: Makefile $(OUTPUT)/.deps
 # The QUIC migration test runs alone, after the others: its 64 aioquic clients and 4 Python workers
 # keep both CPUs busy for some 20 s, which starved the timing-sensitive daemon tests beside it.
 QUIC_ALONE := QuicMigrationTests
-unit-test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
+unit-test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp $(PRELOAD_LIB)
 	$(call msg,TEST,swift test)
 	$(Q)$(SWIFT) test $(SWIFT_FLAGS) --skip $(QUIC_ALONE)
 	$(call msg,TEST,swift test --filter $(QUIC_ALONE))
@@ -204,10 +259,15 @@ endif
 # Random sequences of scale, upgrade, rollback, reload, worker and daemon SIGKILL, reexec and new
 # flows on the real daemon, under live UDP flows and TCP connections (Tests/ReuseportDaemonTests/
 # ChaosTests.swift), for CHAOS_SECONDS; each sequence prints its seed, CHAOS_SEED=N replays it,
-# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s.
+# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s. First, the placement
+# model alone (PlacementModelTests, in process) through PLACEMENT_SEQUENCES random sequences
+# (`make test`: 300).
 CHAOS_SECONDS ?= 600
 CHAOS_STEPS   ?= 15
+PLACEMENT_SEQUENCES ?= 10000
 chaos: $(OUTPUT)/.abi-stamp
+	$(call msg,TEST,$(PLACEMENT_SEQUENCES) random operation sequences on the placement model)
+	$(Q)PLACEMENT_SEQUENCES=$(PLACEMENT_SEQUENCES) $(SWIFT) test $(SWIFT_FLAGS) --filter PlacementModelTests
 	$(call msg,TEST,chaos sequences for $(CHAOS_SECONDS) s)
 	$(Q)CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_STEPS=$(CHAOS_STEPS) $(if $(CHAOS_SEED),CHAOS_SEED=$(CHAOS_SEED)) \
 		$(SWIFT) test $(SWIFT_FLAGS) --filter ChaosTests
@@ -329,7 +389,7 @@ $(OUTPUT)/.dist-deps: Makefile
 	$(call apt_install,$(DIST_APT_PACKAGES))
 	$(Q)touch $@
 
-dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps
+dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps $(PRELOAD_LIB)
 	$(call release_build,reuseportd,$(DIST_DIR)/bin,-static-executable)
 	$(call release_build,reuseportctl,$(DIST_DIR)/bin,-static-stdlib)
 	$(call msg,MAN,generate-manual plugin)
@@ -349,6 +409,7 @@ dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 BINDIR      := $(PREFIX)/bin
+PRELOADDIR  := $(PREFIX)/lib/reuseportd
 SYSCONFDIR  ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
 UNITDIR     ?= $(PREFIX)/lib/systemd/system
 MANDIR      := $(PREFIX)/share/man
@@ -371,6 +432,7 @@ install-files:
 	$(Q)install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/reuseportd \
 		$(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)
 	$(Q)install -m 0755 $(addprefix $(DIST_DIR)/bin/,$(DIST_PRODUCTS)) $(DESTDIR)$(BINDIR)/
+	$(Q)install -D -m 0644 $(PRELOAD_LIB) $(DESTDIR)$(PRELOADDIR)/$(PRELOAD_NAME)
 	$(Q)for unit in $(UNITS); do \
 		sed $(UNIT_PATHS) $$unit >$(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \

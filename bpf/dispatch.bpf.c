@@ -5,7 +5,7 @@
  * hash(tuple, seed) -> bucket = hash % bucket_count -> slot = rp_buckets[bucket]
  * -> bpf_sk_select_reuseport(rp_sockets, slot). An empty slot falls back to a
  * live one from rp_fallback, chosen by the same hash; with no live slot the packet
- * is dropped. A UDP service with QUIC steering (rp_quic_config) first tries the slot
+ * is dropped. A UDP service with QUIC steering (rp_config.quic) first tries the slot
  * named by the packet's QUIC connection ID (quic_dispatch()).
  *
  * While the daemon changes the placement (a rescale, a restore after failover), the
@@ -130,13 +130,6 @@ struct {
 } rp_next_buckets SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct rp_quic_config);
-} rp_quic_config SEC(".maps");
-
-struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
@@ -149,6 +142,28 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rp_quic_slot_stats);
 } rp_quic_slot_stats SEC(".maps");
+
+/*
+ * RP_CONST_COARSE_CLOCK: 1 where the kernel has bpf_ktime_get_coarse_ns() (5.11), set by user
+ * space before the load. libbpf freezes .rodata, so the verifier reads it as a constant and
+ * never walks the branch it rules out: on 5.10 the call to a helper that kernel does not know is
+ * dead code, not a refusal (kernel/bpf/verifier.c, bpf_map_direct_read() and the dead-code
+ * sanitizing after the walk).
+ */
+const volatile __u32 rp_coarse_clock = 0;
+
+/*
+ * The clock of flow records and of their rate bound: CLOCK_MONOTONIC as user space reads it.
+ * The coarse one (updated once a tick) saves most of what a record's refresh costs on every
+ * pinned packet (bench item 7); a tick of lag is nothing against an idle timeout of 100 ms or
+ * more, and it only makes a record look older, never younger.
+ */
+static __always_inline __u64 record_clock(void)
+{
+	if (rp_coarse_clock)
+		return bpf_ktime_get_coarse_ns();
+	return bpf_ktime_get_ns();
+}
 
 /* Offsets from the network header (BPF_HDR_START_NET). */
 #define IPV4_SADDR_OFF 12 /* saddr, daddr: 8 bytes */
@@ -193,28 +208,27 @@ static __always_inline int load_ports(struct sk_reuseport_md *ctx, __u32 *ports)
 /*
  * Called once per family with a constant ipv6, so that each call inlines rp_flow_hash()
  * with a constant word count: the hash becomes straight-line code (no loop, no
- * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32.
+ * BPF-to-BPF call), and IPv4 copies out 8 bytes of addresses, not 32. The ports and
+ * addresses land in the flow key, where a change needs them; the rest of the key is
+ * written only then (flow_key()).
  */
 static __always_inline int family_hash(struct sk_reuseport_md *ctx, __u32 seed, __u32 proto, const int ipv6,
 				       struct rp_flow_key *key, __u32 *hash)
 {
-	key->family = ipv6 ? 6 : 4;
-	key->protocol = proto;
 	if (load_ports(ctx, &key->ports))
 		return -1;
 	if (bpf_skb_load_bytes_relative(ctx, ipv6 ? IPV6_SADDR_OFF : IPV4_SADDR_OFF, key->addrs, ipv6 ? 32 : 8,
 					BPF_HDR_START_NET))
 		return -1;
 	*hash = rp_flow_hash(seed, proto, ipv6, key->addrs, key->ports);
-	return 0;
+	return ipv6 ? 6 : 4;
 }
 
-/* The flow's hash, and its key as rp_flows names it (zeroed first: IPv4 fills 2 of 8 words). */
+/* The flow's hash, with its ports and addresses in key: returns the IP version, or -1. */
 static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, struct rp_flow_key *key, __u32 *hash)
 {
 	__u32 proto = ctx->ip_protocol;
 
-	__builtin_memset(key, 0, sizeof(*key));
 	if (proto != IPPROTO_UDP && proto != IPPROTO_TCP)
 		return -1;
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IP))
@@ -222,6 +236,25 @@ static __always_inline int flow_hash(struct sk_reuseport_md *ctx, __u32 seed, st
 	if (ctx->eth_protocol == bpf_htons(ETH_P_IPV6))
 		return family_hash(ctx, seed, proto, 1, key, hash);
 	return -1;
+}
+
+/*
+ * Completes the key of a UDP flow that flow_hash() filled (family 4 or 6), for rp_flows: only
+ * while a change runs, so steady state writes nothing of it beyond what the hash reads.
+ * family is a constant on each of the verifier's paths (flow_hash() returns one per family):
+ * on each, every byte of the key is written, as a map lookup needs on kernels without
+ * allow_uninit_stack (5.10 among them; IPv4 zeroes the 6 address words it does not use).
+ */
+static __always_inline void flow_key(struct rp_flow_key *key, int family)
+{
+	key->family = family;
+	key->protocol = IPPROTO_UDP;
+	key->reserved = 0;
+	if (family == 4) {
+#pragma unroll
+		for (int i = 2; i < 8; i++)
+			key->addrs[i] = 0;
+	}
 }
 
 /* hash % count, without the division when count is a power of two (the default is). */
@@ -312,9 +345,10 @@ static __always_inline int quic_select_slot(struct sk_reuseport_md *ctx, __u32 s
  *
  * Not inlined: a BPF-to-BPF call returns to one caller state whatever path the callee took, so
  * the verifier walks the flow steering after it once per verdict, not once per QUIC path
- * (4,269 instructions processed inlined, against the budget's 50,000).
+ * (4,269 instructions processed inlined, against the budget's 50,000). qc points into the
+ * rp_config value the caller looked up: the call costs no lookup of its own.
  */
-static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, struct rp_quic_config *qc,
+static __noinline int quic_dispatch(struct sk_reuseport_md *ctx, __u32 seed, const struct rp_quic_config *qc,
 				    __u32 *hash)
 {
 	__u64 words[RP_QUIC_HEADER_BYTES / 8] = {};
@@ -414,7 +448,7 @@ static __always_inline int take_record_credit(__u32 cost_ns, __u64 now)
 static __always_inline void record_flow(const struct rp_flow_key *key, __u32 slot, __u32 cost_ns)
 {
 	struct rp_flow_stats *fs = flow_stats();
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = record_clock();
 	struct rp_flow flow = { .slot = slot, .packets = 1, .last_seen_ns = now };
 	__u32 marker = 1;
 	long err;
@@ -452,8 +486,11 @@ static __always_inline long pinned_slot(struct sk_reuseport_md *ctx, const struc
 
 	if (!flow)
 		return -1;
-	flow->last_seen_ns = bpf_ktime_get_ns();
+	/* RP_BENCH_NO_REFRESH: a build for the benchmarks only, to measure what the refresh costs. */
+#ifndef RP_BENCH_NO_REFRESH
+	flow->last_seen_ns = record_clock();
 	flow->packets++;
+#endif
 	s = flow->slot;
 	fs = flow_stats();
 	if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
@@ -475,91 +512,43 @@ static __always_inline void count_dcid_hashed(__u32 slot)
 		ss->dcid_hashed++;
 }
 
-static __always_inline int dispatch(struct sk_reuseport_md *ctx)
+static __always_inline int drop_no_slot(void)
 {
-	struct rp_quic_config *qc;
-	struct rp_global_stats *g;
-	struct rp_config *cfg;
-	struct rp_flow_key key;
-	__u32 zero = 0, hash = 0, bucket, first, flags = 0;
-	__u32 *value;
-	long err, pinned;
-	int verdict = QUIC_BY_FLOW;
+	struct rp_global_stats *g = global_stats();
 
-	cfg = bpf_map_lookup_elem(&rp_config, &zero);
-	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
-	    cfg->bucket_count > RP_MAX_BUCKETS) {
+	if (g)
+		g->dropped_no_slot++;
+	return SK_DROP;
+}
+
+/* Selects the socket at slot: 0, or the helper's error (other than ENOENT, an empty slot, counted). */
+static __always_inline long select_slot(struct sk_reuseport_md *ctx, __u32 slot)
+{
+	struct rp_global_stats *g;
+	long err = bpf_sk_select_reuseport(ctx, &rp_sockets, &slot, 0);
+
+	if (err && err != -ENOENT) {
 		g = global_stats();
 		if (g)
-			g->dropped_no_slot++;
-		return SK_DROP;
+			g->select_errors++;
 	}
-	/*
-	 * QUIC first: a short header whose CID names a live slot goes there, a long header is
-	 * steered by its DCID's hash (no flow record: its connection ID, not its tuple, is what
-	 * must stay put), anything else by its flow.
-	 */
-	if (ctx->ip_protocol == IPPROTO_UDP) {
-		qc = bpf_map_lookup_elem(&rp_quic_config, &zero);
-		if (qc && qc->enabled)
-			verdict = quic_dispatch(ctx, cfg->seed, qc, &hash);
-	}
-	if (verdict == QUIC_BY_FLOW) {
-		if (flow_hash(ctx, cfg->seed, &key, &hash))
-			return drop_unparsable();
-	} else if (verdict != QUIC_BY_HASH) {
-		return verdict;
-	} else {
-		__builtin_memset(&key, 0, sizeof(key));
-	}
+	return err;
+}
 
-	bucket = bucket_of(hash, cfg->bucket_count);
-	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
-	if (value) {
-		__u32 s = rp_bucket_slot(*value);
+/*
+ * The bucket's slot is empty: take the flow's entry of the fallback table, which user space
+ * keeps spread over the slots that hold a socket. One flow always lands on the same live slot,
+ * and the flows of an empty slot spread over all live ones. A few consecutive entries are tried,
+ * in case a socket left the array before the table was rewritten. The loop is unrolled: a
+ * constant, small verification cost on every kernel, whatever RP_MAX_SLOTS is. Returns the slot
+ * selected, or -1.
+ */
+static __always_inline long fallback_slot(struct sk_reuseport_md *ctx, const struct rp_config *cfg, __u32 hash)
+{
+	__u32 first;
 
-		/*
-		 * Records are for UDP only: a TCP connection, once accepted, never moves.
-		 * RP_NO_FLOW_TRACKING builds the program as it was before flow tracking, for the
-		 * benchmark that measures what tracking costs in steady state (Makefile).
-		 */
-#ifndef RP_NO_FLOW_TRACKING
-		if (key.protocol == IPPROTO_UDP && verdict == QUIC_BY_FLOW)
-			flags = *value & RP_BUCKET_FLAGS;
-#endif
-		if (flags) {
-			pinned = pinned_slot(ctx, &key);
-			if (pinned >= 0) {
-				count(pinned, ctx, 0);
-				return SK_PASS;
-			}
-		}
-		err = bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0);
-		if (err == 0) {
-			if (flags & RP_BUCKET_LEARN)
-				record_flow(&key, s, cfg->record_cost_ns);
-			if (verdict == QUIC_BY_HASH)
-				count_dcid_hashed(s);
-			count(s, ctx, 0);
-			return SK_PASS;
-		}
-		if (err != -ENOENT) {
-			g = global_stats();
-			if (g)
-				g->select_errors++;
-		}
-	}
-
-	/*
-	 * The bucket's slot is empty: take the flow's entry of the fallback table, which
-	 * user space keeps spread over the slots that hold a socket. One flow always lands
-	 * on the same live slot, and the flows of an empty slot spread over all live ones.
-	 * A few consecutive entries are tried, in case a socket left the array before the
-	 * table was rewritten. The loop is unrolled: a constant, small verification cost on
-	 * every kernel, whatever RP_MAX_SLOTS is.
-	 */
 	if (cfg->live_count == 0)
-		goto drop;
+		return -1;
 	first = rp_fallback_index(hash);
 #pragma unroll
 	for (__u32 i = 0; i < RP_FALLBACK_TRIES; i++) {
@@ -570,24 +559,131 @@ static __always_inline int dispatch(struct sk_reuseport_md *ctx)
 		if (!fallback)
 			break;
 		s = *fallback;
-		if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
-			g = global_stats();
-			if (g)
-				g->fallbacks++;
-			if (flags & RP_BUCKET_LEARN)
-				record_flow(&key, s, cfg->record_cost_ns);
-			if (verdict == QUIC_BY_HASH)
-				count_dcid_hashed(s);
-			count(s, ctx, 1);
+		if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0)
+			return s;
+	}
+	return -1;
+}
+
+/* A flow steered to `slot` by the fallback table: counted globally and for the slot. */
+static __always_inline int pass_fallback(struct sk_reuseport_md *ctx, __u32 slot)
+{
+	struct rp_global_stats *g = global_stats();
+
+	if (g)
+		g->fallbacks++;
+	count(slot, ctx, 1);
+	return SK_PASS;
+}
+
+/*
+ * A service without QUIC, and no change running: rp_config.flags is 0. The tuple's hash, its
+ * bucket's slot, else the fallback table: nothing else is read or tested, so such a service
+ * pays nothing for what it does not use (bench item 2 measures it against the program before
+ * QUIC and flow tracking, 746545c).
+ */
+static __always_inline int steer_steady(struct sk_reuseport_md *ctx, const struct rp_config *cfg)
+{
+	struct rp_flow_key key;
+	__u32 hash, bucket, *value;
+	long s;
+
+	if (flow_hash(ctx, cfg->seed, &key, &hash) < 0)
+		return drop_unparsable();
+	bucket = bucket_of(hash, cfg->bucket_count);
+	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
+	if (value) {
+		__u32 slot = rp_bucket_slot(*value);
+
+		if (select_slot(ctx, slot) == 0) {
+			count(slot, ctx, 0);
 			return SK_PASS;
 		}
 	}
+	s = fallback_slot(ctx, cfg, hash);
+	if (s < 0)
+		return drop_no_slot();
+	return pass_fallback(ctx, s);
+}
 
-drop:
-	g = global_stats();
-	if (g)
-		g->dropped_no_slot++;
-	return SK_DROP;
+/* The same with QUIC steering first (RP_CONFIG_QUIC), and flow records while a change runs (RP_CONFIG_CHANGING). */
+static __always_inline int steer_flagged(struct sk_reuseport_md *ctx, const struct rp_config *cfg)
+{
+	struct rp_flow_key key;
+	__u32 hash = 0, bucket, flags = 0;
+	__u32 *value;
+	long pinned, s;
+	int verdict = QUIC_BY_FLOW, family = 0;
+
+	/*
+	 * QUIC first: a short header whose CID names a live slot goes there, a long header is
+	 * steered by its DCID's hash (no flow record: its connection ID, not its tuple, is what
+	 * must stay put), anything else by its flow.
+	 */
+	if ((cfg->flags & RP_CONFIG_QUIC) && ctx->ip_protocol == IPPROTO_UDP)
+		verdict = quic_dispatch(ctx, cfg->seed, &cfg->quic, &hash);
+	if (verdict == QUIC_BY_FLOW) {
+		family = flow_hash(ctx, cfg->seed, &key, &hash);
+		if (family < 0)
+			return drop_unparsable();
+	} else if (verdict != QUIC_BY_HASH) {
+		return verdict;
+	}
+	/* By a DCID's hash the key is not filled: flags stay 0, and nothing below reads it then. */
+
+	bucket = bucket_of(hash, cfg->bucket_count);
+	value = bpf_map_lookup_elem(&rp_buckets, &bucket);
+	if (value) {
+		__u32 slot = rp_bucket_slot(*value);
+
+		/*
+		 * Records are for UDP only: a TCP connection, once accepted, never moves.
+		 * RP_NO_FLOW_TRACKING builds the program as it was before flow tracking, for the
+		 * benchmark that measures what tracking costs (Makefile).
+		 */
+#ifndef RP_NO_FLOW_TRACKING
+		if ((cfg->flags & RP_CONFIG_CHANGING) && verdict == QUIC_BY_FLOW && ctx->ip_protocol == IPPROTO_UDP)
+			flags = *value & RP_BUCKET_FLAGS;
+#endif
+		if (flags) {
+			flow_key(&key, family);
+			pinned = pinned_slot(ctx, &key);
+			if (pinned >= 0) {
+				count(pinned, ctx, 0);
+				return SK_PASS;
+			}
+		}
+		if (select_slot(ctx, slot) == 0) {
+			if (flags & RP_BUCKET_LEARN)
+				record_flow(&key, slot, cfg->record_cost_ns);
+			if (verdict == QUIC_BY_HASH)
+				count_dcid_hashed(slot);
+			count(slot, ctx, 0);
+			return SK_PASS;
+		}
+	}
+	s = fallback_slot(ctx, cfg, hash);
+	if (s < 0)
+		return drop_no_slot();
+	if (flags & RP_BUCKET_LEARN)
+		record_flow(&key, s, cfg->record_cost_ns);
+	if (verdict == QUIC_BY_HASH)
+		count_dcid_hashed(s);
+	return pass_fallback(ctx, s);
+}
+
+static __always_inline int dispatch(struct sk_reuseport_md *ctx)
+{
+	struct rp_config *cfg;
+	__u32 zero = 0;
+
+	cfg = bpf_map_lookup_elem(&rp_config, &zero);
+	if (!cfg || cfg->abi_version != RP_ABI_VERSION || cfg->bucket_count == 0 ||
+	    cfg->bucket_count > RP_MAX_BUCKETS)
+		return drop_no_slot();
+	if (cfg->flags == 0)
+		return steer_steady(ctx, cfg);
+	return steer_flagged(ctx, cfg);
 }
 
 SEC("sk_reuseport")
@@ -610,29 +706,16 @@ int rp_dispatch_migrate(struct sk_reuseport_md *ctx)
 {
 	struct rp_global_stats *g;
 	struct rp_config *cfg;
-	__u32 zero = 0, first;
+	__u32 zero = 0;
 
 	if (!ctx->migrating_sk)
 		return dispatch(ctx);
-	cfg = bpf_map_lookup_elem(&rp_config, &zero);
 	g = global_stats();
-	if (cfg && cfg->abi_version == RP_ABI_VERSION && cfg->live_count > 0) {
-		first = rp_fallback_index(ctx->hash);
-#pragma unroll
-		for (__u32 i = 0; i < RP_FALLBACK_TRIES; i++) {
-			__u32 index = (first + i) & (RP_FALLBACK_BUCKETS - 1);
-			__u32 *slot = bpf_map_lookup_elem(&rp_fallback, &index);
-			__u32 s;
-
-			if (!slot)
-				break;
-			s = *slot;
-			if (bpf_sk_select_reuseport(ctx, &rp_sockets, &s, 0) == 0) {
-				if (g)
-					g->migrated++;
-				return SK_PASS;
-			}
-		}
+	cfg = bpf_map_lookup_elem(&rp_config, &zero);
+	if (cfg && cfg->abi_version == RP_ABI_VERSION && fallback_slot(ctx, cfg, ctx->hash) >= 0) {
+		if (g)
+			g->migrated++;
+		return SK_PASS;
 	}
 	if (g)
 		g->migrate_failed++;

@@ -31,8 +31,11 @@
  *    with or without a change in progress; rp_slot_state.generation is filled.
  * 7: rp_slot_state grew start_time (56 bytes): with the pid, it names the worker a later daemon
  *    adopts.
+ * 8: one configuration lookup per packet: rp_config holds the QUIC layout (rp_config.quic; the
+ *    rp_quic_config map is gone) and flags (RP_CONFIG_CHANGING: the program reads the bucket flags
+ *    only while a change runs; RP_CONFIG_QUIC); rp_config is 48 bytes.
  */
-#define RP_ABI_VERSION 7
+#define RP_ABI_VERSION 8
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
@@ -78,13 +81,48 @@
 #define RP_MAP_RECORD_BUDGET "rp_record_budget"
 #define RP_MAP_TRANSITION "rp_transition"
 #define RP_MAP_NEXT_BUCKETS "rp_next_buckets"
-#define RP_MAP_QUIC_CONFIG "rp_quic_config"
 #define RP_MAP_QUIC_STATS "rp_quic_stats"
 #define RP_MAP_QUIC_SLOT_STATS "rp_quic_slot_stats"
+/*
+ * A constant of the program that user space sets before the load (a `const volatile __u32` in
+ * .rodata): 1 where the kernel has bpf_ktime_get_coarse_ns() (5.11), which then stamps flow
+ * records (ReuseportKit/CoarseClock.swift).
+ */
+#define RP_CONST_COARSE_CLOCK "rp_coarse_clock"
 #define RP_PROG_DISPATCH "rp_dispatch"
 #define RP_PROG_DISPATCH_MIGRATE "rp_dispatch_migrate"
 
-/* rp_config: an ARRAY with one entry at key 0. */
+/*
+ * The service's QUIC-LB layout (the QUIC section below says what each field means), held in
+ * rp_config.quic and written by ServiceDataPlane from its QuicSteering; all zero: steering off.
+ */
+struct rp_quic_config {
+	__u32 enabled;          /* 1: steer UDP by QUIC connection ID; 0: flow steering only */
+	__u32 host_prefix;      /* the prefix_length octets of the host prefix, big-endian */
+	__u8 cid_length;        /* server CID length, RP_QUIC_MIN_CID_LENGTH..RP_QUIC_MAX_CID_LENGTH */
+	__u8 server_id_length;  /* prefix_length + worker ID length */
+	__u8 prefix_length;     /* 0..RP_QUIC_MAX_PREFIX_LENGTH */
+	__u8 config_rotation;   /* 0..6: the top 3 bits of every CID's first octet */
+	__u32 reserved;         /* 0 */
+};
+
+/*
+ * rp_config.flags: what the service uses beyond flow steering now. With none (0), the program
+ * takes its shortest path: the tuple's hash, the bucket, the fallback table.
+ * RP_CONFIG_CHANGING: some bucket of rp_buckets may carry RP_BUCKET_* flags (a placement change
+ * runs). User space sets it before it writes the first flag and clears it only after the last
+ * flag is gone, so the program, which reads the bucket flags only while it is set, never misses
+ * one. RP_CONFIG_QUIC: steer UDP by QUIC connection ID first, by the layout in rp_config.quic
+ * (whose `enabled` says the same to readers).
+ */
+#define RP_CONFIG_CHANGING 1u
+#define RP_CONFIG_QUIC 2u
+
+/*
+ * rp_config: an ARRAY with one entry at key 0: everything the program needs about the service,
+ * so that a packet costs one lookup of configuration whatever the service uses (QUIC or not,
+ * a change or not).
+ */
 struct rp_config {
 	__u32 abi_version;   /* RP_ABI_VERSION; 0 means "not configured": drop */
 	__u32 seed;          /* key of the flow hash */
@@ -92,12 +130,16 @@ struct rp_config {
 	__u32 slot_count;    /* slots in use (the working generation's); for user space, the program ignores it */
 	__u32 live_count;    /* slots holding a socket, spread over rp_fallback; 0: no fallback, drop */
 	__u32 record_cost_ns; /* the credit a new flow record costs (1e9 / records per second); 0: no bound */
+	__u32 flags;         /* RP_CONFIG_* */
+	__u32 reserved;      /* 0 */
+	struct rp_quic_config quic; /* QUIC connection-ID steering; quic.enabled 0: off */
 };
 
 /*
  * rp_buckets: ARRAY, key __u32 bucket, value __u32: the slot in the low 16 bits, and the
- * bucket's part in a placement change above them. In steady state the flags are 0 and the
- * program does nothing more than read the slot: tracking costs no lookup then.
+ * bucket's part in a placement change above them. In steady state the flags are 0, and
+ * rp_config.flags lacks RP_CONFIG_CHANGING, so the program reads only the slot: tracking
+ * costs it nothing then.
  * rp_fallback: ARRAY of RP_FALLBACK_BUCKETS, key __u32 index, value __u32 slot: the live
  * slots (those holding a socket), each on about RP_FALLBACK_BUCKETS / live_count entries.
  * User space writes it before a socket leaves the array and after one enters it.
@@ -138,7 +180,8 @@ struct rp_flow_key {
 struct rp_flow {
 	__u32 slot;         /* where the flow went when it was recorded */
 	__u32 packets;      /* packets seen since (wraps) */
-	__u64 last_seen_ns; /* bpf_ktime_get_ns(): CLOCK_MONOTONIC of its last packet */
+	__u64 last_seen_ns; /* CLOCK_MONOTONIC of its last packet: bpf_ktime_get_ns(), or where the kernel has
+			     * it (RP_CONST_COARSE_CLOCK) the coarse clock, at most a tick behind */
 };
 
 /* rp_flow_stats: PERCPU_ARRAY with one entry at key 0. */
@@ -253,7 +296,7 @@ struct rp_slot_state {
 			      * daemon started later never adopts a process that reused the pid */
 };
 
-_Static_assert(sizeof(struct rp_config) == 24, "rp_config layout");
+_Static_assert(sizeof(struct rp_config) == 48, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
 _Static_assert(sizeof(struct rp_global_stats) == 48, "rp_global_stats layout");
 _Static_assert(sizeof(struct rp_slot_state) == 56, "rp_slot_state layout");
@@ -385,16 +428,7 @@ static inline __u32 rp_fallback_index(__u32 hash)
 #define RP_QUIC_VERSION_1 0x00000001u
 #define RP_QUIC_VERSION_2 0x6b3343cfu    /* RFC 9369: its Initial is long packet type 1 */
 
-/* rp_quic_config: an ARRAY with one entry at key 0, written by ServiceDataPlane. */
-struct rp_quic_config {
-	__u32 enabled;          /* 1: steer UDP by QUIC connection ID; 0: flow steering only */
-	__u32 host_prefix;      /* the prefix_length octets of the host prefix, big-endian */
-	__u8 cid_length;        /* server CID length, RP_QUIC_MIN_CID_LENGTH..RP_QUIC_MAX_CID_LENGTH */
-	__u8 server_id_length;  /* prefix_length + worker ID length */
-	__u8 prefix_length;     /* 0..RP_QUIC_MAX_PREFIX_LENGTH */
-	__u8 config_rotation;   /* 0..6: the top 3 bits of every CID's first octet */
-	__u32 reserved;         /* 0 */
-};
+/* The layout itself, struct rp_quic_config, is rp_config.quic (above). */
 
 /* rp_quic_stats: PERCPU_ARRAY with one entry at key 0. Sum over CPUs in user space. */
 struct rp_quic_stats {

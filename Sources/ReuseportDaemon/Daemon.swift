@@ -143,6 +143,7 @@ public final class Daemon {
             // Every change of the turn before is in the pins before the next exec, kill or turn.
             supervisor.publishLeaving()
             for service in supervisor.services { service.reportBrokenInvariants() }
+            supervisor.checkWorkerTable()
             if supervisor.reexecRequested { reexec() }
             let now = MonotonicClock.nanoseconds()
             supervisor.fireTimers(now: now)
@@ -161,7 +162,7 @@ public final class Daemon {
                 watched += control.clients.keys
             }
             watched += supervisor.polledOutputs(now: now)
-            watched += supervisor.pidfds.values.map(\.fd)
+            watched += supervisor.table.pidfds
             watched += supervisor.healthProbeDescriptors
             let deadline = [supervisor.nextDeadline(), control?.nextDeadline, control?.acceptResume(now: now),
                             supervisor.nextOutputResume(now: now), serviceManager.nextWatchdog].compactMap { $0 }.min()
@@ -173,7 +174,7 @@ public final class Daemon {
                     supervisor.readNotifications(now: MonotonicClock.nanoseconds())
                 } else if let control, fd == control.descriptor.fd {
                     control.acceptClients(now: MonotonicClock.nanoseconds())
-                } else if supervisor.pidfds.values.contains(where: { $0.fd == fd }) {
+                } else if supervisor.table.pid(ofPidfd: fd) != nil {
                     supervisor.adoptedExited(fd)
                 } else if supervisor.healthChecks.inFlight[fd] != nil {
                     supervisor.probeReadable(fd, now: MonotonicClock.nanoseconds())
@@ -202,7 +203,7 @@ public final class Daemon {
         case SIGTERM, SIGINT:
             if supervisor.stopping {
                 logger.warning("second stop signal: killing every worker now")
-                supervisor.killRetiringNow()
+                supervisor.killStoppingNow()
             } else {
                 control?.shutdown()
                 control = nil
@@ -255,7 +256,7 @@ extension Daemon {
             + pipes.map { "\($0.0)=\($0.1.rawValue)" }.joined(separator: ","))
         environment.append("\(InheritedSockets.variable)=\(InheritedSockets.encode(sockets))")
         logger.notice(
-            "re-executing \(options.executable) in pid \(getpid()): \(supervisor.workers.count) workers, their sockets and the maps are taken over by the new image")
+            "re-executing \(options.executable) in pid \(getpid()): \(supervisor.table.servingCount) workers, their sockets and the maps are taken over by the new image")
         do {
             try Syscall.execute(options.executable, arguments: CommandLine.arguments, environment: environment)
         } catch {
@@ -292,9 +293,3 @@ extension Daemon {
     }
 }
 
-/// A service that could not start: names it and the call that failed.
-public struct ServiceStartError: Error, CustomStringConvertible {
-    public var service: String
-    public var underlying: Error
-    public var description: String { "service \(service): \(underlying)" }
-}

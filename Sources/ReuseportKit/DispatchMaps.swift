@@ -26,16 +26,15 @@ public final class DispatchMaps: @unchecked Sendable {
     /// The placement change in progress and its target table (Transition.swift).
     public let transition: BPFMap
     public let nextBuckets: BPFMap
-    /// QUIC connection-ID steering: its layout (written by the data plane) and its counters.
-    public let quicConfig: BPFMap
+    /// QUIC connection-ID steering's counters (its layout is rp_config.quic).
     public let quicStats: BPFMap
     public let quicSlotStats: BPFMap
 
     /// The names, in the object and as pin file names.
     public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
                                RP_MAP_SLOT_STATE, RP_MAP_FLOWS, RP_MAP_UNTRACKED, RP_MAP_FLOW_STATS,
-                               RP_MAP_RECORD_BUDGET, RP_MAP_TRANSITION, RP_MAP_NEXT_BUCKETS, RP_MAP_QUIC_CONFIG,
-                               RP_MAP_QUIC_STATS, RP_MAP_QUIC_SLOT_STATS]
+                               RP_MAP_RECORD_BUDGET, RP_MAP_TRANSITION, RP_MAP_NEXT_BUCKETS, RP_MAP_QUIC_STATS,
+                               RP_MAP_QUIC_SLOT_STATS]
 
     /// Key and value size of each map.
     static let layouts: [String: (key: Int, value: Int)] = [
@@ -51,7 +50,6 @@ public final class DispatchMaps: @unchecked Sendable {
         RP_MAP_RECORD_BUDGET: (4, MemoryLayout<rp_record_budget>.size),
         RP_MAP_TRANSITION: (4, MemoryLayout<rp_transition>.size),
         RP_MAP_NEXT_BUCKETS: (4, MemoryLayout<rp_slot_t>.size),
-        RP_MAP_QUIC_CONFIG: (4, MemoryLayout<rp_quic_config>.size),
         RP_MAP_QUIC_STATS: (4, MemoryLayout<rp_quic_stats>.size),
         RP_MAP_QUIC_SLOT_STATS: (4, MemoryLayout<rp_quic_slot_stats>.size),
     ]
@@ -73,7 +71,6 @@ public final class DispatchMaps: @unchecked Sendable {
         recordBudget = try map(RP_MAP_RECORD_BUDGET)
         transition = try map(RP_MAP_TRANSITION)
         nextBuckets = try map(RP_MAP_NEXT_BUCKETS)
-        quicConfig = try map(RP_MAP_QUIC_CONFIG)
         quicStats = try map(RP_MAP_QUIC_STATS)
         quicSlotStats = try map(RP_MAP_QUIC_SLOT_STATS)
     }
@@ -87,9 +84,10 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
-    var all: [BPFMap] {
+    /// Every shared map, in the order of `names`.
+    public var all: [BPFMap] {
         [config, buckets, fallback, slotStats, globalStats, slotState, flows, untracked, flowStats, recordBudget,
-         transition, nextBuckets, quicConfig, quicStats, quicSlotStats]
+         transition, nextBuckets, quicStats, quicSlotStats]
     }
 
     public func pin(_ layout: PinLayout) throws {
@@ -103,25 +101,41 @@ public final class DispatchMaps: @unchecked Sendable {
         try config.lookup(0, as: rp_config.self) ?? rp_config()
     }
 
-    func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int, recordCostNs: UInt32) throws {
+    /// Writes rp_config whole: `changing` sets RP_CONFIG_CHANGING (some bucket may carry flags),
+    /// `quic` the QUIC layout and RP_CONFIG_QUIC (nil: off).
+    func writeConfig(seed: UInt32, bucketCount: Int, slotCount: Int, liveCount: Int, recordCostNs: UInt32,
+                     changing: Bool, quic: QuicSteering?) throws {
         _ = try BucketCount(bucketCount)
         // A service has at least one slot; none of them may hold a socket (live count 0).
         _ = try SlotCount(slotCount)
         if liveCount != 0 { _ = try SlotCount(liveCount, what: "live slot count") }
         let value = rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: seed, bucket_count: UInt32(bucketCount),
                               slot_count: UInt32(slotCount), live_count: UInt32(liveCount),
-                              record_cost_ns: recordCostNs)
+                              record_cost_ns: recordCostNs,
+                              flags: (changing ? UInt32(RP_CONFIG_CHANGING) : 0) | (quic != nil ? UInt32(RP_CONFIG_QUIC) : 0),
+                              reserved: 0, quic: quic?.config ?? rp_quic_config())
         try config.update(0, value)
     }
 
-    /// The service's QUIC steering layout; nil when it has none (steering off).
-    public func readQuicSteering() throws -> QuicSteering? {
-        try quicConfig.lookup(0, as: rp_quic_config.self).flatMap { QuicSteering($0) }
+    /// Sets or clears RP_CONFIG_CHANGING in the configuration as it is (one write, none when it
+    /// already says so). The program reads bucket flags only while it is set: the caller sets
+    /// it before writing the first flag and clears it after the last is gone.
+    func writeChanging(_ changing: Bool) throws {
+        var value = try readConfig()
+        let flags = changing ? value.flags | UInt32(RP_CONFIG_CHANGING) : value.flags & ~UInt32(RP_CONFIG_CHANGING)
+        guard value.abi_version != 0, flags != value.flags else { return }
+        value.flags = flags
+        try config.update(0, value)
     }
 
-    /// Writes rp_quic_config: the layout, or off (all zero) for nil.
-    func writeQuicSteering(_ steering: QuicSteering?) throws {
-        try quicConfig.update(0, steering?.config ?? rp_quic_config())
+    /// Whether rp_config says a change runs (RP_CONFIG_CHANGING).
+    public func readChanging() throws -> Bool {
+        try readConfig().flags & UInt32(RP_CONFIG_CHANGING) != 0
+    }
+
+    /// The service's QUIC steering layout (rp_config.quic); nil when it has none (steering off).
+    public func readQuicSteering() throws -> QuicSteering? {
+        QuicSteering(try readConfig().quic)
     }
 
     /// Refuses maps written by a program of another ABI version.
@@ -149,7 +163,14 @@ public final class DispatchMaps: @unchecked Sendable {
 
     /// Writes the bucket table (slot | RP_BUCKET_* flags); with `previous`, only the entries that differ.
     func writeBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
-        try write(table, to: buckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+        try write(table, to: buckets, limit: Int(buckets.maxEntries), previous: previous)
+    }
+
+    /// Whether the bucket tables have room for `count` buckets. Their size is the service's bucket
+    /// count when they were made (`DispatchProgram`), read from the maps themselves: pins of
+    /// another configuration (or of an earlier version, RP_MAX_BUCKETS) answer for themselves.
+    public func holdsBuckets(_ count: Int) -> Bool {
+        count <= Int(buckets.maxEntries) && count <= Int(nextBuckets.maxEntries)
     }
 
     /// The table a placement change in progress switches to (rp_next_buckets).
@@ -158,7 +179,7 @@ public final class DispatchMaps: @unchecked Sendable {
     }
 
     func writeNextBuckets(_ table: [UInt32], previous: [UInt32]? = nil) throws {
-        try write(table, to: nextBuckets, limit: Int(RP_MAX_BUCKETS), previous: previous)
+        try write(table, to: nextBuckets, limit: Int(nextBuckets.maxEntries), previous: previous)
     }
 
     /// The placement change in progress (phase RP_TRANSITION_NONE when there is none).

@@ -14,7 +14,8 @@ import CReuseportABI
 /// once and handed to the others (`bpf_map__reuse_fd`).
 ///
 /// Needs: SK_REUSEPORT programs and REUSEPORT_SOCKARRAY (4.19); the verifier's statistics
-/// log level (5.2). Tested on 5.10 to 7.2 (docs/kernel-support.md).
+/// log level (5.2). Uses bpf_ktime_get_coarse_ns() where the kernel has it (5.11, `CoarseClock`).
+/// Tested on 5.10 to 7.2 (docs/kernel-support.md).
 public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     private let descriptor: OwnedDescriptor
     /// The loaded program's fd; this object owns it and must outlive its use.
@@ -30,12 +31,16 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
 
     /// Loads the program. With `shared`, the new instance uses those maps instead of
     /// creating its own (a second listener of the same service, or the maps a previous daemon
-    /// pinned). Otherwise rp_flows and rp_untracked are created for `trackedFlows` records.
+    /// pinned: their sizes are what that daemon made them). Otherwise rp_flows and rp_untracked
+    /// are created for `trackedFlows` records, and rp_buckets and rp_next_buckets for
+    /// `bucketCount` entries (the object's RP_MAX_BUCKETS is the upper bound): a service of 4,096
+    /// buckets holds 32 KiB in each, not 512 KiB.
     ///
     /// `object`: another build of bpf/dispatch.bpf.c with the same maps (the benchmarks' build
     /// without flow tracking); default: the one embedded in this binary. `socketArray`: use
     /// that listener's array too (a socket can be in one array only), for such a build.
     public init(sharing shared: DispatchMaps? = nil, trackedFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
+                bucketCount: Int = Int(RP_MAX_BUCKETS),
                 object bytes: (pointer: UnsafePointer<UInt8>, count: Int, name: String)? = nil,
                 socketArray: SocketArray? = nil) throws {
         let object = try bytes.map { try EmbeddedObject($0.pointer, count: $0.count, name: $0.name) }
@@ -47,7 +52,11 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
             let records = try TrackedFlowCount(trackedFlows)
             try object.setMaxEntries(map: RP_MAP_FLOWS, UInt32(records.value))
             try object.setMaxEntries(map: RP_MAP_UNTRACKED, UInt32(max(records.value, Int(RP_MIN_UNTRACKED_MARKERS))))
+            let buckets = try BucketCount(bucketCount)
+            try object.setMaxEntries(map: RP_MAP_BUCKETS, UInt32(buckets.value))
+            try object.setMaxEntries(map: RP_MAP_NEXT_BUCKETS, UInt32(buckets.value))
         }
+        try object.setConstant(RP_CONST_COARSE_CLOCK, CoarseClock.isSupported ? 1 : 0)
         migrates = ReuseportMigration.isSupported
         let name = migrates ? RP_PROG_DISPATCH_MIGRATE : RP_PROG_DISPATCH
         try object.setAutoload(program: RP_PROG_DISPATCH, !migrates)

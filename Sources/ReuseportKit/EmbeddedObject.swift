@@ -41,6 +41,44 @@ final class EmbeddedObject {
         if result != 0 { throw ReuseportError.system("bpf_map__set_max_entries(\(mapName), \(entries))", -result) }
     }
 
+    /// Sets the `const volatile __u32` global `variable` of the object's .rodata before the load.
+    /// libbpf freezes that map at load, so the verifier reads the value as a constant and never
+    /// walks a branch it rules out (a helper the kernel lacks may sit there).
+    func setConstant(_ variable: String, _ value: UInt32) throws {
+        var map = bpf_object__next_map(object, nil)
+        while let current = map,
+              !(bpf_map__is_internal(current) && String(cString: bpf_map__name(current)).hasSuffix(".rodata")) {
+            map = bpf_object__next_map(object, current)
+        }
+        guard let rodata = map, let btf = bpf_object__btf(object) else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name) has no .rodata for \(variable)")
+        }
+        // The type of an internal map's value is its section (BTF_KIND_DATASEC), one entry a variable.
+        let section = bpf_map__btf_value_type_id(rodata)
+        guard section > 0, let type = btf__type_by_id(btf, section), let entries = btf_var_secinfos(type) else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name) has no BTF for .rodata")
+        }
+        var found: btf_var_secinfo?
+        for index in 0..<Int(btf_vlen(type)) {
+            let info: btf_var_secinfo = entries[index]
+            guard let variableType = btf__type_by_id(btf, info.type),
+                  let text = btf__name_by_offset(btf, variableType.pointee.name_off)
+            else { continue }
+            if String(cString: text) == variable { found = info }
+        }
+        guard let entry = found, entry.size == 4 else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name) has no __u32 \(variable) in .rodata")
+        }
+        var size = 0
+        guard let initial = bpf_map__initial_value(rodata, &size), Int(entry.offset) + 4 <= size else {
+            throw ReuseportError.invalidArgument("embedded BPF object \(name): .rodata holds no \(variable)")
+        }
+        var bytes = [UInt8](UnsafeRawBufferPointer(start: initial, count: size))
+        withUnsafeBytes(of: value) { bytes.replaceSubrange(Int(entry.offset)..<Int(entry.offset) + 4, with: $0) }
+        let result = bytes.withUnsafeBytes { bpf_map__set_initial_value(rodata, $0.baseAddress, size) }
+        if result != 0 { throw ReuseportError.system("bpf_map__set_initial_value(.rodata, \(variable))", -result) }
+    }
+
     /// What the verifier said of each program of the last successful `load()`, by name.
     private(set) var verifierReports: [String: VerifierReport] = [:]
 

@@ -6,7 +6,7 @@ import CReuseportABI
 /// Where a service's maps are pinned on bpffs:
 ///
 ///     <root>/<service>/rp_config, rp_buckets, rp_fallback, rp_slot_stats, rp_global_stats, rp_slot_state,
-///                      rp_quic_config, rp_quic_stats, rp_quic_slot_stats
+///                      rp_quic_stats, rp_quic_slot_stats
 ///     <root>/<service>/listener<i>/rp_sockets, rp_dispatch
 public struct PinLayout: Sendable, Hashable {
     public static let defaultRoot = "/sys/fs/bpf/reuseportd"

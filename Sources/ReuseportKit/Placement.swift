@@ -24,7 +24,7 @@ public struct SteeringSnapshot: Sendable {
     public var liveCount: UInt32
     /// The slots that hold a socket in the listener's array.
     public var liveSlots: Set<UInt32>
-    /// rp_quic_config: the service's QUIC connection-ID layout, nil when steering is off.
+    /// rp_config.quic: the service's QUIC connection-ID layout, nil when steering is off.
     public var quic: QuicSteering?
 
     public init(seed: UInt32, slotCount: UInt32, buckets: [UInt32], fallback: [UInt32], liveCount: UInt32,

@@ -171,16 +171,24 @@ public struct PlacementModel: Sendable, Equatable {
             effects.append(.writeFallback(table, previous: fallback))
             fallback = table
         }
-        effects.append(.writeConfig(slotCount: slots.count, liveCount: live.count, recordCostNs: tracking.recordCostNs))
+        effects.append(.writeConfig(slotCount: slots.count, liveCount: live.count, recordCostNs: tracking.recordCostNs,
+                                    changing: isChanging))
         return effects
     }
 
-    /// rp_buckets becomes `table` with `flags` (default: as they are).
-    mutating func writeEffective(_ table: [UInt32], flags: [UInt32]? = nil) -> PlacementEffect {
+    /// Whether a bucket is flagged: rp_config's RP_CONFIG_CHANGING, without which the program
+    /// reads no bucket's flags.
+    public var isChanging: Bool { bucketFlags.contains { $0 != 0 } }
+
+    /// rp_buckets becomes `table` with `flags` (default: as they are). RP_CONFIG_CHANGING goes up
+    /// before the first flag is written and down after the last is gone: a flag the program
+    /// does not read would let a learning bucket's flow go unrecorded, and a pinned one's move.
+    mutating func writeEffective(_ table: [UInt32], flags: [UInt32]? = nil) -> [PlacementEffect] {
         let previous = bucketValues
         effectiveBuckets = table
         bucketFlags = flags ?? bucketFlags
-        return .writeBuckets(bucketValues, previous: previous)
+        let write = PlacementEffect.writeBuckets(bucketValues, previous: previous)
+        return isChanging ? [.writeChanging(true), write] : [write, .writeChanging(false)]
     }
 
     mutating func insertSockets(_ slot: UInt32, generation: UInt32? = nil) -> PlacementEffect {
@@ -213,7 +221,7 @@ public struct PlacementModel: Sendable, Equatable {
         let added = target.filter { !slots.contains($0) }
         var effects = added.map { insertSockets($0) }
         effects += spreadFallback(over: liveSlots)
-        effects.append(writeEffective(BucketAssignment.overlay(table, slots: target, failed: failed)))
+        effects += writeEffective(BucketAssignment.overlay(table, slots: target, failed: failed))
         let moved = BucketAssignment.moved(from: buckets, to: table)
         let removed = slots.filter { $0 >= UInt32(count) }
         buckets = table
@@ -232,9 +240,9 @@ public struct PlacementModel: Sendable, Equatable {
         guard table.count == bucketCount else {
             throw ReuseportError.invalidArgument("bucket table has \(table.count) entries, expected \(bucketCount)")
         }
-        let effect = writeEffective(BucketAssignment.overlay(table, slots: slots, failed: failedOver))
+        let effects = writeEffective(BucketAssignment.overlay(table, slots: slots, failed: failedOver))
         buckets = table
-        return [effect]
+        return effects
     }
 
     /// Lends `slot`'s buckets to the other slots of the set (`failing` true), or gives them back
@@ -275,7 +283,7 @@ public struct PlacementModel: Sendable, Equatable {
             }
             next = change
         }
-        var effects = [writeEffective(table, flags: flags)]
+        var effects = writeEffective(table, flags: flags)
         if let next { effects.append(.writeNextBuckets(next.effective)) }
         failedOver = failed
         pending = next
@@ -331,8 +339,9 @@ public struct PlacementModel: Sendable, Equatable {
         try refuseDuringCanary("scale")
         let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
         let target = try targetSlots(resizing: base.slots, to: count)
+        // A slot failed over now stays so in the target, also one that rejoins it: its worker is down.
         let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target), slots: target,
-                                    failed: base.failed.intersection(target), switchNs: now)
+                                    failed: base.failed.union(failedOver).intersection(target), switchNs: now)
         let live = Set(liveSlots)
         let effects = target.filter { !live.contains($0) }.map { insertSockets($0) }
         leaving.subtract(target)
@@ -421,7 +430,7 @@ public struct PlacementModel: Sendable, Equatable {
         // Flows a full table turned away in an earlier change may be recorded in this one.
         if learn > 0 { effects.append(.clearUntrackedMarkers) }
         effects += spreadFallback(over: fallbackSlots(staying: next.slots))
-        effects.append(writeEffective(effectiveBuckets, flags: flags))
+        effects += writeEffective(effectiveBuckets, flags: flags)
         // The table the switch writes, failover included: what a daemon started again switches to.
         effects.append(.writeNextBuckets(target))
         pending = next
@@ -452,7 +461,7 @@ public struct PlacementModel: Sendable, Equatable {
                 flags[bucket] &= UInt32(RP_BUCKET_PINNED)
             }
         }
-        var effects = [writeEffective(target, flags: flags)]
+        var effects = writeEffective(target, flags: flags)
         if !next.canary.isEmpty { canary?.switched = true }
         buckets = next.buckets
         slots = next.slots
@@ -505,8 +514,8 @@ public struct PlacementModel: Sendable, Equatable {
     /// goes, and settings deferred during the change apply. Nil when the change goes on.
     public mutating func finishIfDone(live: Int) -> [PlacementEffect]? {
         guard pending == nil, leaving.isEmpty, transitionStartedNs != nil, live == 0 else { return nil }
-        var effects = [writeEffective(effectiveBuckets, flags: Array(repeating: 0, count: bucketFlags.count)),
-                       .clearRecords, .clearUntrackedMarkers]
+        var effects = writeEffective(effectiveBuckets, flags: Array(repeating: 0, count: bucketFlags.count))
+        effects += [.clearRecords, .clearUntrackedMarkers]
         transitionStartedNs = nil
         drainDeadlineNs = nil
         if let deferred = deferredTracking {
@@ -680,6 +689,7 @@ public struct PlacementModel: Sendable, Equatable {
                 tracking = running
             }
         }
+        effects.append(.writeChanging(isChanging))
         effects.append(.writeBuckets(bucketValues, previous: nil))
         if let pending { effects.append(.writeNextBuckets(pending.effective)) }
         effects.append(.writeFallback(old.fallback, previous: nil))
@@ -698,8 +708,10 @@ public struct PlacementModel: Sendable, Equatable {
         var effects = liveSlots.filter { !held.contains($0) }.map { PlacementEffect.insertSockets(slot: $0) }
         effects.append(.writeFallback(fallback, previous: nil))
         effects.append(.writeConfig(slotCount: slots.count, liveCount: fallbackSlots.count,
-                                    recordCostNs: tracking.recordCostNs))
+                                    recordCostNs: tracking.recordCostNs, changing: isChanging))
+        effects.append(.writeChanging(true))
         effects.append(.writeBuckets(bucketValues, previous: nil))
+        effects.append(.writeChanging(isChanging))
         if let pending { effects.append(.writeNextBuckets(pending.effective)) }
         effects += held.subtracting(slotGenerations.keys).sorted().map { PlacementEffect.closeSockets(slot: $0) }
         effects.append(.writeTransition(transitionRecord))
@@ -717,9 +729,12 @@ public enum PlacementEffect: Sendable, Equatable {
     case takeSockets(slot: UInt32)
     /// rp_fallback (only the entries that differ from `previous`, when given).
     case writeFallback([UInt32], previous: [UInt32]?)
-    /// rp_config's slot count, live count and the cost of a record (the tracking settings in
-    /// force); seed and bucket count are the plane's.
-    case writeConfig(slotCount: Int, liveCount: Int, recordCostNs: UInt32)
+    /// rp_config's slot count, live count, the cost of a record (the tracking settings in force)
+    /// and whether a change runs (RP_CONFIG_CHANGING); seed, bucket count and the QUIC layout are
+    /// the plane's.
+    case writeConfig(slotCount: Int, liveCount: Int, recordCostNs: UInt32, changing: Bool)
+    /// RP_CONFIG_CHANGING alone, the rest of rp_config as it is.
+    case writeChanging(Bool)
     /// rp_buckets' values, slot and flags (only the entries that differ from `previous`).
     case writeBuckets([UInt32], previous: [UInt32]?)
     /// rp_next_buckets: the table the pending switch writes.

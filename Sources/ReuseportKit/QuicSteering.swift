@@ -69,14 +69,14 @@ public struct QuicSteering: Sendable, Equatable, Hashable, Codable {
     /// The worker ID's octets.
     public var workerIDLength: Int { serverIDLength - hostPrefix.count }
 
-    /// rp_quic_config as the program reads it.
+    /// rp_config.quic as the program reads it.
     public var config: rp_quic_config {
         rp_quic_config(enabled: 1, host_prefix: hostPrefix.reduce(0) { $0 << 8 | UInt32($1) },
                        cid_length: UInt8(cidLength), server_id_length: UInt8(serverIDLength),
                        prefix_length: UInt8(hostPrefix.count), config_rotation: UInt8(configRotation), reserved: 0)
     }
 
-    /// Reads back what rp_quic_config holds; nil when steering is off (or the entry is not a
+    /// Reads back what rp_config.quic holds; nil when steering is off (or the entry is not a
     /// layout this build accepts).
     public init?(_ config: rp_quic_config) {
         guard config.enabled != 0 else { return nil }

@@ -13,7 +13,7 @@ import CReuseportABI
 /// in it) without moving a single flow.
 ///
 /// It is the only writer of the service's maps (rp_config, rp_buckets, rp_fallback, the
-/// socket arrays, rp_slot_state, rp_quic_config, rp_transition, rp_next_buckets), and it
+/// socket arrays, rp_slot_state, rp_transition, rp_next_buckets), and it
 /// decides nothing: what they must say is its `model` (PlacementModel), whose operations return
 /// the writes this type carries out, in their order (`run`). So no write ever puts a table in
 /// the kernel that the model does not know.
@@ -24,7 +24,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var receiveBuffer: Int?
         public var v6Only: Bool
         public var tracking: FlowTracking
-        /// QUIC connection-ID steering (rp_quic_config); nil: off.
+        /// QUIC connection-ID steering (rp_config.quic); nil: off.
         public var quic: QuicSteering?
 
         public init(bucketCount: Int = Int(RP_DEFAULT_BUCKETS), seed: UInt32 = 0, receiveBuffer: Int? = nil,
@@ -173,6 +173,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         var shared: DispatchMaps?
         for (index, requested) in endpoints.enumerated() {
             let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows,
+                                              bucketCount: options.bucketCount,
                                               socketArray: index < socketArrays.count ? socketArrays[index] : nil)
             shared = shared ?? program.maps
             listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
@@ -180,7 +181,6 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         self.maps = shared!
         self.listeners = listeners
-        try maps.writeQuicSteering(options.quic)
         try apply(model.initialEffects())
         checkInvariants()
     }
@@ -206,9 +206,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         try pinned.checkConfiguredABI()
         let image = try PinnedPlacement(reading: pinned, bucketCount: options.bucketCount)
-        guard Int(image.config.bucket_count) == options.bucketCount, image.config.seed == options.seed else {
-            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(image.config.bucket_count), seed "
-                + "\(image.config.seed); the configuration says \(options.bucketCount), \(options.seed)")
+        guard Int(image.config.bucket_count) == options.bucketCount, image.config.seed == options.seed,
+              pinned.holdsBuckets(options.bucketCount)
+        else {
+            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(image.config.bucket_count) (a table of "
+                + "\(pinned.buckets.maxEntries)), seed \(image.config.seed); the configuration says \(options.bucketCount), "
+                + "\(options.seed)")
         }
         model = try PlacementModel(resuming: image, tracking: options.tracking,
                                    hasUDP: endpoints.contains { $0.transport == .udp }, existing: Set(existing.keys),
@@ -227,7 +230,6 @@ public final class ServiceDataPlane: @unchecked Sendable {
         var model = self.model
         try apply(model.spreadFallback(over: model.fallbackSlots))
         self.model = model
-        try maps.writeQuicSteering(options.quic)
         // The pins describe this plane from now on (socket_slots above all: pins of an earlier
         // version may not have bounded the slots outside a change).
         try apply([.writeTransition(model.transitionRecord)])
@@ -265,7 +267,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public static func resumable(at layout: PinLayout, options: Options) -> DispatchMaps? {
         guard let maps = try? DispatchMaps(pinned: layout), (try? maps.checkConfiguredABI()) != nil,
               let config = try? maps.readConfig(), Int(config.bucket_count) == options.bucketCount,
-              config.seed == options.seed
+              config.seed == options.seed, maps.holdsBuckets(options.bucketCount)
         else { return nil }
         return maps
     }
@@ -323,9 +325,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
                 taken[slot] = try takeSockets(slot)
             case .writeFallback(let table, let previous):
                 try maps.writeFallback(table, previous: previous)
-            case .writeConfig(let slotCount, let liveCount, let recordCostNs):
+            case .writeConfig(let slotCount, let liveCount, let recordCostNs, let changing):
                 try maps.writeConfig(seed: settings.seed, bucketCount: settings.bucketCount, slotCount: slotCount,
-                                     liveCount: liveCount, recordCostNs: recordCostNs)
+                                     liveCount: liveCount, recordCostNs: recordCostNs, changing: changing,
+                                     quic: settings.quic)
+            case .writeChanging(let changing):
+                try maps.writeChanging(changing)
             case .writeBuckets(let values, let previous):
                 try maps.writeBuckets(values, previous: previous)
             case .writeNextBuckets(let table):

@@ -8,7 +8,33 @@ import ReuseportTestSupport
 /// Does the kernel load and run the steering program, and does it know every field of
 /// `struct sk_reuseport_md` that the program reads?
 enum ProgramChecks {
-    static let all: [Check] = [loadAndAttach, verifierBudget, verifierRefusal, contextFields]
+    static let all: [Check] = [loadAndAttach, verifierBudget, verifierRefusal, contextFields, recordClock]
+
+    /// Flow records are stamped with bpf_ktime_get_coarse_ns() where the kernel has it (5.11) and
+    /// with bpf_ktime_get_ns() elsewhere, the program's constant chosen at load: on 5.10 the
+    /// program with the coarse call compiled in (dead there) must load too. A record made while
+    /// the check reads the clock on both sides of its packet carries a reading of the clock the
+    /// probe chose: between the two coarse readings, or between the two fine ones.
+    static let recordClock = Check(
+        "record-clock",
+        "flow records carry the coarse clock where the kernel has it (5.11), the fine one elsewhere"
+    ) { context in
+        let plane = try Fixture.service(.udp, on: .loopbackV4, slots: 2)
+        try plane.beginResize(to: 4, now: MonotonicClock.nanoseconds(), learnNs: 3_600_000_000_000)
+        let coarse = CoarseClock.isSupported
+        context.record("coarse_clock", coarse ? 1 : 0)
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let before = coarse ? MonotonicClock.coarseNanoseconds() : MonotonicClock.nanoseconds()
+        _ = try Traffic.slotsOf(clients: clients, sending: plane.listeners[0].endpoint.address,
+                                sockets: plane.listeners[0].sockets)
+        let after = coarse ? MonotonicClock.coarseNanoseconds() : MonotonicClock.nanoseconds()
+        let records = try FlowRecords.read(plane.maps)
+        try context.expect(!records.isEmpty, "no flow of a learning bucket was recorded")
+        let outside = records.filter { $0.lastSeenNs < UInt64(before) || $0.lastSeenNs > UInt64(after) }
+        try context.expect(outside.isEmpty, "\(outside.count) of \(records.count) records stamped outside "
+            + "[\(before), \(after)] of the \(coarse ? "coarse" : "fine") clock")
+        return "\(records.count) records stamped by the \(coarse ? "coarse clock (bpf_ktime_get_coarse_ns)" : "fine clock (bpf_ktime_get_ns)")"
+    }
 
     static let loadAndAttach = Check(
         "program-load-attach",

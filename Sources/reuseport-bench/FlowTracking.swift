@@ -23,10 +23,16 @@ struct FlowTrackingBench {
         var pinned: [Double] = []
         /// The same flows on a service in steady state, paired.
         var steady: [Double] = []
+        /// The pinned packets again with the build that leaves the record as it is (no clock
+        /// read, no write: RP_BENCH_NO_REFRESH), on the same sockets and tables, paired.
+        var unrefreshed: [Double] = []
         /// rp_flows' memlock with the records in it, and empty.
         var bytes = 0
         var emptyBytes = 0
         var fillSeconds = 0.0
+        /// The bench's flows learning recorded (all of them but on a machine too busy to deliver
+        /// some datagrams): the others are measured too, by the table, not by their record.
+        var learned = 0
         var bytesPerRecord: Double { Double(bytes - emptyBytes) / Double(max(records, 1)) }
     }
     var tables: [Table] = []
@@ -206,15 +212,9 @@ struct FlowTrackingBench {
             return target[bucket] != plane.effectiveBuckets[bucket]
         }
         // Learning records every flow that sends; then the switch pins their buckets.
-        var recorded = 0
-        for _ in 0..<20 where recorded < settings.flows {
-            _ = runTrial(changing, flows: flows, workers: 4, seconds: 0.1, cpus: cpus)
-            recorded = try FlowRecords.count(plane.maps)
-        }
+        let recorded = try learn(flows, at: changing, plane: plane)
+        table.learned = recorded
         try plane.advance(now: now, force: true)
-        guard recorded == settings.flows else {
-            throw BenchError("learning recorded \(recorded) of \(settings.flows) flows")
-        }
 
         let started = MonotonicClock.seconds()
         var random = SystemRandomNumberGenerator()
@@ -241,16 +241,41 @@ struct FlowTrackingBench {
         table.bytes = try plane.maps.flows.withDescriptor(memlock(of:))
 
         let pinnedBefore = try plane.maps.flowCounters().pinned
+        let unrefreshing = try DispatchProgram(
+            sharing: plane.maps,
+            object: (rp_bench_norefresh_object(), rp_bench_norefresh_object_size(), "dispatch_norefresh.bpf.o"),
+            socketArray: plane.listeners[0].program.sockets)
         _ = runTrial(steady, flows: flows, workers: 4, seconds: 0.05, cpus: cpus)
         for rep in 0..<settings.costRepeats {
-            for group in interleaved([changing, steady], repeat: rep) {
-                let cost = try measureCost(group, flows: flows, seconds: settings.costSeconds, cpus: cpus).perRun
-                if group === changing { table.pinned.append(cost) } else { table.steady.append(cost) }
+            // 0: the plane's program; 1: the build without the refresh, attached in its place; 2: steady.
+            for variant in interleaved([0, 1, 2], repeat: rep) {
+                if variant == 1 { try changing.replaceProgram(with: unrefreshing) }
+                let cost = try measureCost(variant == 2 ? steady : changing, flows: flows,
+                                           seconds: settings.costSeconds, cpus: cpus).perRun
+                if variant == 1 { try changing.restoreProgram() }
+                switch variant {
+                case 0: table.pinned.append(cost)
+                case 1: table.unrefreshed.append(cost)
+                default: table.steady.append(cost)
+                }
             }
         }
         let pinned = try plane.maps.flowCounters().pinned - pinnedBefore
         guard pinned > 0 else { throw BenchError("no packet was steered by its record: the bench measured nothing") }
         return table
+    }
+
+    /// Sends one datagram from each flow, round after round (at most 20, 2 s), until the plane
+    /// recorded every flow; returns how many it recorded. Fewer than all is reported, not fatal.
+    static func learn(_ flows: FlowSet, at group: SocketGroup, plane: ServiceDataPlane) throws -> Int {
+        var recorded = 0
+        for _ in 0..<20 where recorded < flows.fds.count {
+            sendEach(from: flows, to: group.destination)
+            usleep(100_000)
+            recorded = try FlowRecords.count(plane.maps)
+        }
+        if recorded < flows.fds.count { Log.note("  learning recorded \(recorded) of \(flows.fds.count) flows: going on") }
+        return recorded
     }
 
     /// Tracked minus untracked, paired by repeat.

@@ -16,6 +16,9 @@ struct GenerationBench {
     var steady: [Double] = []
     /// Packets steered by their record during the measurement (proves the pinned path ran).
     var pinnedPackets: UInt64 = 0
+    /// The old generation's flows the switch recorded (all but on a machine too busy to deliver some).
+    var learned = 0
+    var flows = 0
 
     static func run(_ settings: Settings) throws -> GenerationBench {
         var result = GenerationBench()
@@ -36,15 +39,9 @@ struct GenerationBench {
         defer { upgrading.close(); steady.close() }
         let old = try FlowSet(count: settings.flows, address: .loopbackV4)
         try plane.switchGeneration(now: now, learnNs: 3_600_000_000_000)
-        var recorded = 0
-        for _ in 0..<20 where recorded < settings.flows {
-            _ = runTrial(upgrading, flows: old, workers: upgrading.sockets.count, seconds: 0.1, cpus: cpus)
-            recorded = try FlowRecords.count(plane.maps)
-        }
+        result.flows = settings.flows
+        result.learned = try FlowTrackingBench.learn(old, at: upgrading, plane: plane)
         try plane.advance(now: now, force: true)
-        guard recorded == settings.flows else {
-            throw BenchError("the switch learned \(recorded) of \(settings.flows) flows")
-        }
         let new = try FlowSet(count: settings.flows, address: .loopbackV4)
         let pinnedBefore = try plane.maps.flowCounters().pinned
         _ = runTrial(steady, flows: old, workers: 4, seconds: 0.05, cpus: cpus)
@@ -77,7 +74,8 @@ extension Report {
             + "generation drains. **Old flows** find their record and go to the old generation; **new flows** "
             + "(sources not seen before the switch) find none and follow the table to the new one. Against the "
             + "old flows on a service of one generation in steady state. \(g.pinnedPackets) packets were "
-            + "steered by their record.")
+            + "steered by their record." + (g.learned < g.flows ? " The switch learned \(g.learned) of \(g.flows) "
+            + "old flows within 2 s (a busy machine): the others were measured too, following the table." : ""))
         lines.append("")
         lines.append("| flows | two generations ns/run | one generation, steady ns/run | difference (paired) |")
         lines.append("| --- | --- | --- | --- |")

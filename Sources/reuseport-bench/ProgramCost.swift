@@ -7,6 +7,7 @@ import ReuseportKit
 /// fixed-slot programs, from the kernel's BPF run-time statistics, interleaved.
 struct ProgramCostBench {
     static let programs: [Selection] = [.emptyProgram, .fixedSlot, .addressLoad, .steering]
+        + (SocketGroup.referenceRevision == nil ? [] : [.reference])
     /// rp_dispatch with QUIC steering on, measured in the same run, interleaved with the others.
     static let quicPrograms: [Selection] = [.quicShort, .quicInitial, .quicUnknown]
     static let families: [IPAddress] = [.loopbackV4, .loopbackV6]

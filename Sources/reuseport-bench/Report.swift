@@ -17,16 +17,25 @@ struct Report {
     var scale: ScaleBench?
     var tracking: FlowTrackingBench?
     var generations: GenerationBench?
+    /// Items that stopped with an error, by number: the run went on without them.
+    var failures: [(item: Int, name: String, error: String)] = []
 
     static func chartPath(for output: String) -> String {
         (output.hasSuffix(".md") ? String(output.dropLast(3)) : output) + ".png"
     }
+
+    /// Sections below this line are not the benchmark's (figures other runs measured, such as the
+    /// OpenVPN comparison of the tests): a new report replaces what is above it and keeps the rest.
+    static let keptMarker = "<!-- Not written by make bench: it keeps what follows this line. -->"
 
     func write(to output: String) throws {
         let chart = Self.chartPath(for: output)
         let chartName = chart.split(separator: "/").last.map(String.init) ?? chart
         let drawn = try Chart(report: self).draw(to: chart)
         var text = markdown(chartName: drawn ? chartName : nil)
+        if let previous = try? readText(output), let kept = previous.range(of: Self.keptMarker) {
+            text += "\n" + previous[kept.lowerBound...]
+        }
         try writeFile(output, &text)
     }
 
@@ -59,6 +68,11 @@ struct Report {
             lines.append("")
         }
         lines += targetsSection()
+        if !failures.isEmpty {
+            lines += ["## Not measured", ""]
+            lines += failures.map { "- item \($0.item) (\($0.name)) stopped: \($0.error). The run went on without it." }
+            lines.append("")
+        }
         if let throughput { lines += throughputSection(throughput) }
         if let cost { lines += costSection(cost) }
         if let death { lines += deathSection(death) }
@@ -92,6 +106,17 @@ struct Report {
             lines.append("| steering logic ≤ 40 ns/packet over the fixed-slot program | IPv4 \(fixed(logic.median, 0)) ns\(v6); "
                 + "beyond the helper call that copies out the addresses (item 2), \(beyondLoad) ns (IPv4) "
                 + "| \(logic.median <= 40 ? "yes" : "**no**") |")
+        }
+        if let cost, let revision = SocketGroup.referenceRevision {
+            let values = ProgramCostBench.families.map { cost.paired($0, .steering, minus: .reference)?.median }
+            if values.allSatisfy({ $0 != nil }) {
+                // The paired median moves by a nanosecond or two between runs of one build here.
+                let met = values.allSatisfy { $0! <= 0 } ? "yes" : values.allSatisfy { $0! <= 1 } ? "within 1 ns" : "**no**"
+                let what = revision.hasPrefix("746545c") ? " (before QUIC and flow tracking)" : " (BENCH_REFERENCE)"
+                lines.append("| steady-state steering at or below the program at \(revision)\(what), paired "
+                    + "| IPv4, IPv6: " + values.map { "\(signedText($0!)) ns" }.joined(separator: ", ")
+                    + " (item 2) | \(met) |")
+            }
         }
         if let cost {
             lines += quicTargetLines(cost)
@@ -127,6 +152,19 @@ struct Report {
                 + "\(rescale.untracked) untracked, \(rescale.lost) not delivered (item 7) | "
                 + "\(rescale.moved == 0 && rescale.lost == 0 ? "yes" : "**no**") |")
         }
+        if let tables = tracking?.tables {
+            for table in tables {
+                let extra = Summary(zip(table.pinned, table.steady).map { $0 - $1 })
+                guard let extra else { continue }
+                lines.append("| a packet pinned by its flow record (\(table.records) records) ≤ +50 ns over steady state "
+                    + "| \(signedText(extra.median)) ns, paired (item 7)\(learnedNote(table.learned)) "
+                    + "| \(extra.median <= 50 ? "yes" : "**no**") |")
+            }
+        }
+        if let g = generations, let extra = Summary(zip(g.oldFlows, g.steady).map { $0 - $1 }) {
+            lines.append("| an old generation's flows while two generations run ≤ +50 ns | \(signedText(extra.median)) ns, "
+                + "paired (item 8)\(learnedNote(g.learned, of: g.flows)) | \(extra.median <= 50 ? "yes" : "**no**") |")
+        }
         if let steady = tracking?.steadyCost {
             lines.append("| flow tracking costs ≤ 5 ns/packet in steady state | tracked − untracked build, paired: "
                 + "\(fixed(steady.median, 1)) ns (item 7) | \(steady.median <= 5 ? "yes" : "**no**") |")
@@ -134,6 +172,14 @@ struct Report {
         lines.append("")
         return lines
     }
+
+    /// "; learning recorded 249 of 256 flows" when it did not record them all (a busy machine).
+    func learnedNote(_ learned: Int, of flows: Int? = nil) -> String {
+        let flows = flows ?? settings.flows
+        return learned < flows ? "; learning recorded \(learned) of \(flows) flows, the rest measured by the table" : ""
+    }
+
+    func signedText(_ value: Double) -> String { (value >= 0 ? "+" : "") + fixed(value, 1) }
 
     /// How items 7 and 8 measure, as item 2 does: the sentence that opens their sections.
     func runTimeMethod(as item: String, flows: String) -> String {
@@ -160,14 +206,24 @@ struct Report {
             + "(a hash table without preallocation) and goes to its recorded slot. The table also holds random "
             + "records up to its size. Against the same flows on a service in steady state, paired. Memory is "
             + "`memlock` of `rp_flows` in /proc/self/fdinfo (what the kernel charges), full minus empty; the empty "
-            + "table's fixed part is its bucket array, 16 bytes per entry of capacity rounded up to a power of two.")
+            + "table's fixed part is its bucket array, 16 bytes per entry of capacity rounded up to a power of two. "
+            + "The refresh (a clock read, `last_seen_ns` and `packets` written on every pinned packet) is measured "
+            + "by attaching, between trials, the same program built without it (`RP_BENCH_NO_REFRESH`) to the same "
+            + "sockets and tables.")
         lines.append("")
-        lines.append("| records | pinned packet ns/run | steady ns/run | difference (paired) | rp_flows memory | per record | empty table | fill time |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for table in t.tables where table.learned < settings.flows {
+            lines.append("With \(table.records) records, learning recorded \(table.learned) of \(settings.flows) flows "
+                + "within 2 s (a busy machine): the others were measured too, following the table.")
+            lines.append("")
+        }
+        lines.append("| records | pinned packet ns/run | steady ns/run | difference (paired) | of it, the record's refresh (paired) | rp_flows memory | per record | empty table | fill time |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for table in t.tables {
             let difference = Summary(zip(table.pinned, table.steady).map { $0 - $1 })
+            let refresh = Summary(zip(table.pinned, table.unrefreshed).map { $0 - $1 })
             lines.append("| \(table.records) | \(summaryText(Summary(table.pinned), digits: 1)) | "
                 + "\(summaryText(Summary(table.steady), digits: 1)) | \(summaryText(difference, digits: 1)) | "
+                + "\(summaryText(refresh, digits: 1)) | "
                 + "\(mebibytes(table.bytes)) | \(fixed(table.bytesPerRecord, 0)) B | \(mebibytes(table.emptyBytes)) | "
                 + "\(fixed(table.fillSeconds, 1)) s |")
         }
@@ -288,7 +344,7 @@ struct Report {
         lines.append("| program | IPv4 ns/run | IPv4 × fixed-slot | IPv6 ns/run | IPv6 × fixed-slot |")
         lines.append("| --- | --- | --- | --- | --- |")
         for selection in ProgramCostBench.programs {
-            var row = "| \(selection.rawValue) |"
+            var row = "| \(Self.label(selection)) |"
             for family in ProgramCostBench.families {
                 row += " \(summaryText(Summary(c.perRun(family, selection)), digits: 1)) |"
                 row += " \(summaryText(Summary(pairedRatios(c.perRun(family, selection), c.perRun(family, .fixedSlot))), digits: 2)) |"
@@ -303,6 +359,22 @@ struct Report {
             row += " \(summaryText(c.logicCost(family, over: .addressLoad), digits: 1)) | |"
         }
         lines.append(row)
+        if let revision = SocketGroup.referenceRevision {
+            row = "| steering − the program at \(revision) (paired) |"
+            for family in ProgramCostBench.families {
+                row += " \(summaryText(c.paired(family, .steering, minus: .reference), digits: 1)) | |"
+            }
+            lines.append(row)
+        }
+        lines.append("")
+        if let revision = SocketGroup.referenceRevision {
+            lines.append("The program at \(revision) is `bpf/dispatch.bpf.c` as it was at that commit, which `make` builds "
+                + "from git (`BENCH_REFERENCE`; by default 746545c, the last program before QUIC steering and flow "
+                + "tracking), with maps of its own, the same seed and an even table of the same buckets: today's "
+                + "program against it is the cost of what came since, in a service that uses neither.")
+        } else {
+            lines.append("The reference program was not built (`make` builds it from git: no git, or no such commit).")
+        }
         lines.append("")
         lines.append("The address copy is a helper call, and calls are dear in this kernel: it runs with retpolines and, "
             + "on this CPU, the Safe RET mitigation (\(Machine.mitigations)), which sends every return in the "
@@ -311,6 +383,12 @@ struct Report {
         lines.append("")
         lines += quicCostLines(c)
         return lines
+    }
+
+    /// How a program is named in the tables.
+    static func label(_ selection: Selection) -> String {
+        guard selection == .reference else { return selection.rawValue }
+        return "rp_dispatch at \(SocketGroup.referenceRevision ?? "?") (built from git)"
     }
 
     /// The QUIC target: at most 15 ns per packet over flow steering, per QUIC path.
@@ -453,11 +531,10 @@ extension Report {
 
     func scaleSection(_ s: ScaleBench) -> [String] {
         var lines = ["## 6. Scale", ""]
-        lines.append("**Map memory.** The maps are sized once, at load, by the limits in bpf/dispatch.h "
-            + "(RP_MAX_SLOTS = \(RP_MAX_SLOTS), RP_MAX_BUCKETS = \(RP_MAX_BUCKETS)), so their memory does not grow with "
-            + "the slots or buckets in use: 1 slot and 1,024 slots, 64 buckets and 65,536 buckets, cost the same. "
+        lines.append("**Map memory.** The maps are sized once, at load: the bucket tables by the service's `buckets`, "
+            + "the flow tables by its `max_tracked_flows`, the slot-indexed maps by RP_MAX_SLOTS = \(RP_MAX_SLOTS). "
             + "Bytes as the kernel charges them (`memlock` in /proc/self/fdinfo), on this \(sysconf(Int32(_SC_NPROCESSORS_CONF)))-CPU "
-            + "machine (per-CPU maps grow with the CPU count):")
+            + "machine (per-CPU maps grow with the CPU count); the service of \(RP_MAX_SLOTS) slots with default settings:")
         lines.append("")
         lines.append("| map | type | entries | value bytes | memory | |")
         lines.append("| --- | --- | --- | --- | --- | --- |")
@@ -470,6 +547,27 @@ extension Report {
         lines.append("| program `rp_dispatch` | | | | \(kib(s.programBytes)) | per listener |")
         lines.append("")
         lines.append("A service with one listener: \(kib(service + listener)); each further listener adds \(kib(listener)).")
+        lines.append("")
+        if !s.services.isEmpty {
+            lines.append("| service (one UDP listener, default settings) | buckets | max_tracked_flows | memory | of it, `rp_flows` and `rp_untracked` | goal |")
+            lines.append("| --- | --- | --- | --- | --- | --- |")
+            for service in s.services {
+                let flowTables = service.maps.filter { $0.name == RP_MAP_FLOWS || $0.name == RP_MAP_UNTRACKED }
+                    .map(\.bytes).reduce(0, +)
+                let goal = service.slots == 4 ? (service.bytes <= 1 << 20 ? "≤ 1 MiB: yes" : "≤ 1 MiB: **no**") : ""
+                lines.append("| \(service.slots) workers | \(service.buckets) | \(service.trackedFlows) | \(kib(service.bytes)) | "
+                    + "\(kib(flowTables)) | \(goal) |")
+            }
+            lines.append("")
+        }
+        if let error = s.manyError {
+            lines.append("\(ScaleBench.manyCount) services: not measured: \(error).")
+        } else if s.manyBytes > 0 {
+            lines.append("**\(ScaleBench.manyCount) services** of 4 workers with default settings, started one after "
+                + "another as the daemon builds them (sockets bound, program loaded and attached, tables written): "
+                + "\(fixed(s.manySeconds, 2)) s in all (\(fixed(s.manySeconds * 1000 / Double(ScaleBench.manyCount), 1)) ms "
+                + "each), \(kib(s.manyBytes)) of maps and programs.")
+        }
         lines.append("")
         lines.append("**Cost per packet as it grows** (ns per run, BPF run-time statistics, \(s.flows) flows, "
             + "\(settings.costSeconds) s per trial, \(max(1, settings.scaleRepeats)) repeats, all configurations interleaved; "

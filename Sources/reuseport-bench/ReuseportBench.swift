@@ -43,6 +43,9 @@ struct Suite: ParsableCommand {
     @Option(help: "Seconds per throughput trial.")
     var trialSeconds = 1.0
 
+    @Option(help: "Repeats of each program-cost trial (items 2, 7, 8): more narrow the paired differences.")
+    var costRepeats = 7
+
     @Option(help: "The reuseportd binary for item 3 (default: beside this one).")
     var reuseportd: String?
 
@@ -54,6 +57,7 @@ struct Suite: ParsableCommand {
 
     func validate() throws {
         guard repeats >= 1 else { throw ValidationError("--repeats must be at least 1, not \(repeats)") }
+        guard costRepeats >= 1 else { throw ValidationError("--cost-repeats must be at least 1, not \(costRepeats)") }
         guard trialSeconds > 0 else { throw ValidationError("--trial-seconds must be positive, not \(trialSeconds)") }
         for item in items.split(separator: ",") where Int(item).map({ !(1...8).contains($0) }) ?? true {
             throw ValidationError("--items: '\(item)' is not an item number 1-8")
@@ -67,6 +71,7 @@ struct Suite: ParsableCommand {
         var settings = Settings()
         settings.repeats = repeats
         settings.trialSeconds = trialSeconds
+        settings.costRepeats = costRepeats
         if quick {
             settings.repeats = min(repeats, 2)
             settings.trialSeconds = min(trialSeconds, 0.3)
@@ -82,41 +87,31 @@ struct Suite: ParsableCommand {
         var report = Report(settings: settings, quick: quick)
         report.buildSeconds = buildSeconds
         let started = MonotonicClock.seconds()
-        if selected.contains(1) {
-            Log.note("1. throughput")
-            report.throughput = try ThroughputBench.run(settings)
-        }
-        if selected.contains(2) {
-            Log.note("2. program cost")
-            report.cost = try ProgramCostBench.run(settings)
+        /// Runs one item; an error is reported as the item's result and the run goes on.
+        func measure<Result>(_ item: Int, _ name: String, _ body: () throws -> Result) -> Result? {
+            guard selected.contains(item) else { return nil }
+            Log.note("\(item). \(name)")
+            do {
+                return try body()
+            } catch {
+                Log.note("  \(name) stopped: \(error); going on")
+                report.failures.append((item, name, "\(error)"))
+                return nil
+            }
         }
         let binaries = executableFolder()
-        if selected.contains(3) {
-            Log.note("3. worker death")
-            report.death = try WorkerDeathBench.run(settings, daemonBinary: reuseportd ?? "\(binaries)/reuseportd")
+        let daemon = reuseportd ?? "\(binaries)/reuseportd"
+        report.throughput = measure(1, "throughput") { try ThroughputBench.run(settings) }
+        report.cost = measure(2, "program cost") { try ProgramCostBench.run(settings) }
+        report.death = measure(3, "worker death") { try WorkerDeathBench.run(settings, daemonBinary: daemon) }
+        report.resize = measure(4, "resize") { try ResizeBench.run(settings, daemonBinary: daemon) }
+        report.balance = measure(5, "balance") { try BalanceBench.run(settings) }
+        report.scale = measure(6, "scale") { try ScaleBench.run(settings) }
+        report.tracking = measure(7, "flow tracking") {
+            try FlowTrackingBench.run(settings, tableSizes: quick ? [65_536] : FlowTrackingBench.tableSizes,
+                                      rescaleFlows: quick ? 65_536 : 1_048_576, rescaleIdleMs: quick ? 10_000 : 30_000)
         }
-        if selected.contains(4) {
-            Log.note("4. resize")
-            report.resize = try ResizeBench.run(settings, daemonBinary: reuseportd ?? "\(binaries)/reuseportd")
-        }
-        if selected.contains(5) {
-            Log.note("5. balance")
-            report.balance = try BalanceBench.run(settings)
-        }
-        if selected.contains(6) {
-            Log.note("6. scale")
-            report.scale = try ScaleBench.run(settings)
-        }
-        if selected.contains(7) {
-            Log.note("7. flow tracking")
-            report.tracking = try FlowTrackingBench.run(settings, tableSizes: quick ? [65_536] : FlowTrackingBench.tableSizes,
-                                                        rescaleFlows: quick ? 65_536 : 1_048_576,
-                                                        rescaleIdleMs: quick ? 10_000 : 30_000)
-        }
-        if selected.contains(8) {
-            Log.note("8. two generations")
-            report.generations = try GenerationBench.run(settings)
-        }
+        report.generations = measure(8, "two generations") { try GenerationBench.run(settings) }
         report.seconds = MonotonicClock.seconds() - started
         try report.write(to: output)
         Log.note("wrote \(output) and \(Report.chartPath(for: output)) in \(Int(report.seconds)) s")

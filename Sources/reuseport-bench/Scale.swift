@@ -31,6 +31,47 @@ struct ScaleBench {
     var programBytes = 0
     var flows = 0
 
+    /// What one service's maps and program cost, by shape (default settings but the slots).
+    struct ServiceMemory {
+        var slots: Int
+        var buckets: Int
+        var trackedFlows: Int
+        var maps: [MapMemory]
+        var programBytes: Int
+        var bytes: Int { maps.map(\.bytes).reduce(0, +) + programBytes }
+    }
+    var services: [ServiceMemory] = []
+    /// `manyCount` default services of 4 workers started one after another: seconds, and memory.
+    static let manyCount = 100
+    var manySeconds = 0.0
+    var manyBytes = 0
+    var manyError: String?
+
+    /// The memory of a default service of `slots` workers (one UDP listener).
+    static func serviceMemory(slots: Int) throws -> ServiceMemory {
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: slots)
+        defer { plane.close() }
+        let (maps, program) = try mapMemory(plane)
+        return ServiceMemory(slots: slots, buckets: plane.options.bucketCount, trackedFlows: plane.options.tracking.maxFlows,
+                             maps: maps, programBytes: program)
+    }
+
+    /// Starts `manyCount` default services of 4 workers, as a daemon would (sockets, program, maps,
+    /// tables), and reads what the kernel charges for all of them together.
+    mutating func measureMany() throws {
+        var planes: [ServiceDataPlane] = []
+        defer { for plane in planes { plane.close() } }
+        let started = MonotonicClock.seconds()
+        for _ in 0..<Self.manyCount {
+            planes.append(try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 4))
+        }
+        manySeconds = MonotonicClock.seconds() - started
+        manyBytes = try planes.reduce(0) { sum, plane in
+            let (maps, program) = try mapMemory(plane)
+            return sum + maps.map(\.bytes).reduce(0, +) + program
+        }
+    }
+
     static var configs: [Config] {
         var configs: [Config] = []
         for slots in slotCounts {
@@ -58,6 +99,13 @@ struct ScaleBench {
         }
         let largest = groups[Config(selection: .steering, slots: Int(RP_MAX_SLOTS), buckets: Int(RP_DEFAULT_BUCKETS))]!
         (result.memory, result.programBytes) = try mapMemory(largest.plane!)
+        result.services = try [4, Int(RP_MAX_SLOTS)].map { try serviceMemory(slots: $0) }
+        do {
+            try result.measureMany()
+        } catch {
+            result.manyError = "\(error)"
+        }
+        Log.note("  scale: memory done")
         for rep in 0..<max(1, settings.scaleRepeats) {
             for config in interleaved(configs, repeat: rep) {
                 let group = groups[config]!
@@ -88,12 +136,8 @@ struct ScaleBench {
 /// the figure kernels before 5.11 count against RLIMIT_MEMLOCK and later ones charge to
 /// the memory cgroup), and for the program.
 func mapMemory(_ plane: ServiceDataPlane) throws -> ([ScaleBench.MapMemory], Int) {
-    let maps = plane.maps
     let listener = plane.listeners[0].program
-    let all: [(BPFMap, Bool)] = [(maps.config, false), (maps.buckets, false), (maps.fallback, false),
-                                 (maps.slotStats, false), (maps.globalStats, false), (maps.slotState, false),
-                                 (maps.flows, false), (maps.untracked, false), (maps.flowStats, false),
-                                 (maps.transition, false), (maps.nextBuckets, false), (listener.sockets.map, true)]
+    let all = plane.maps.all.map { ($0, false) } + [(listener.sockets.map, true)]
     let memory = try all.map { map, perListener in
         ScaleBench.MapMemory(name: map.name, type: mapTypeName(map.type), entries: map.maxEntries,
                              valueSize: map.valueSize, bytes: try map.withDescriptor(memlock(of:)), perListener: perListener)

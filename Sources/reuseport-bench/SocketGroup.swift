@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CReuseportBench
 import ReuseportKit
 import ReuseportTestSupport
 
@@ -18,6 +19,9 @@ enum Selection: String, CaseIterable {
     case addressLoad = "fixed slot + address load"
     /// reuseportd's data plane: rp_dispatch with its bucket table (ServiceDataPlane).
     case steering = "reuseportd steering"
+    /// rp_dispatch at the Makefile's BENCH_REFERENCE (746545c: before QUIC steering and flow
+    /// tracking), built from git, with the seed and bucket table of `.steering`.
+    case reference = "reference program"
     /// The same with QUIC steering (QuicScenario.steering), sent QUIC short headers whose CID
     /// names a live slot: the connection-ID path.
     case quicShort = "QUIC short header, by CID"
@@ -49,6 +53,7 @@ final class SocketGroup {
     private(set) var sockets: [ReuseportSocket]
     let plane: ServiceDataPlane?
     let baseline: BaselineProgram?
+    private(set) var reference: ReferenceProgram?
     /// Another build of rp_dispatch attached in place of the plane's own (item 7).
     private(set) var replacement: DispatchProgram?
 
@@ -67,6 +72,7 @@ final class SocketGroup {
                                                             quic: selection.isQuic ? QuicScenario.steering : nil))
             self.plane = plane
             baseline = nil
+            reference = nil
             sockets = (0..<UInt32(count)).map { plane.listeners[0].sockets[$0]! }
         default:
             plane = nil
@@ -76,6 +82,7 @@ final class SocketGroup {
             for _ in 1..<max(size, 1) {
                 sockets.append(try ReuseportSocket(endpoint: first.endpoint, receiveBuffer: Self.receiveBuffer))
             }
+            reference = nil
             switch selection {
             case .emptyProgram:
                 let program = try BaselineProgram(.pass)
@@ -90,6 +97,12 @@ final class SocketGroup {
                 baseline = nil
             }
         }
+        if selection == .reference {
+            let program = try Self.referenceProgram(sockets: count, bucketCount: bucketCount)
+            try sockets[0].attach(program)
+            for (slot, socket) in sockets.enumerated() { try program.sockets.insert(socket, at: UInt32(slot)) }
+            reference = program
+        }
         destination = sockets[0].endpoint.address
     }
 
@@ -98,6 +111,7 @@ final class SocketGroup {
         selection = .steering
         self.plane = plane
         baseline = nil
+        reference = nil
         sockets = plane.liveSlots.compactMap { plane.listeners[0].sockets[$0] }
         destination = sockets[0].endpoint.address
     }
@@ -109,13 +123,40 @@ final class SocketGroup {
         replacement = program
     }
 
+    /// Attaches the plane's own program again, after `replaceProgram`.
+    func restoreProgram() throws {
+        guard let plane else { return }
+        try sockets[0].attach(plane.listeners[0].program)
+        replacement = nil
+    }
+
     var fds: [Int32] { sockets.map { $0.fd.rawValue } }
 
     /// The attached program, if any (for its run-time statistics).
     var program: (any ReuseportProgram)? {
         if let replacement { return replacement }
         if let plane { return plane.listeners[0].program }
+        if let reference { return reference }
         return baseline
+    }
+
+    /// The revision the reference program was built at; nil when `make` could not build it (no git).
+    static var referenceRevision: String? {
+        rp_bench_reference_object_size() > 0 ? String(cString: rp_bench_reference_revision()) : nil
+    }
+
+    /// The reference program, with the seed and the even bucket table `.steering` gets.
+    private static func referenceProgram(sockets count: Int, bucketCount: Int) throws -> ReferenceProgram {
+        guard let revision = referenceRevision, let object = rp_bench_reference_object() else {
+            throw BenchError("the reference program was not built (make builds it from git)")
+        }
+        var config = [UInt8](repeating: 0, count: 256)
+        let size = rp_bench_reference_config(&config, config.count, 0x5eed, UInt32(bucketCount), UInt32(count))
+        guard size > 0 else { throw BenchError("no rp_config layout for the reference program \(revision)") }
+        return try ReferenceProgram(object: object, count: rp_bench_reference_object_size(),
+                                    name: "dispatch.bpf.o at \(revision)", config: Array(config.prefix(size)),
+                                    buckets: BucketAssignment.initial(bucketCount: bucketCount,
+                                                                      slots: Array(0..<UInt32(count))))
     }
 
     /// Adds a socket to the group (kernel reuseport: it joins at the end).

@@ -116,6 +116,11 @@ enum KernelProbe {
         add("SO_ATTACH_REUSEPORT_EBPF steering, end to end", "4.19") { steering() }
         add("flow records (hash map without preallocation, updated by the steering program)", "5.10",
             required: false) { flowRecords() }
+        add("coarse clock for flow records (bpf_ktime_get_coarse_ns in sk_reuseport)", "5.11", required: false) {
+            CoarseClock.isSupported
+                ? (true, "records are stamped with CLOCK_MONOTONIC_COARSE: a pinned packet reads the cheaper clock")
+                : (false, "records are stamped with bpf_ktime_get_ns(), which costs more on every pinned packet")
+        }
         add("TCP requests of a closing listener migrated by the program (SELECT_OR_MIGRATE)", "5.14",
             required: false) {
             ReuseportMigration.isSupported

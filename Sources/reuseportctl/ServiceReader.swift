@@ -71,7 +71,7 @@ struct ServiceSnapshot: Sendable {
     /// Buckets learning and pinned now.
     var learningBuckets = 0
     var pinnedBuckets = 0
-    /// The QUIC connection-ID layout (rp_quic_config), nil when steering is off, and its counters.
+    /// The QUIC connection-ID layout (rp_config.quic), nil when steering is off, and its counters.
     var quic: QuicSteering?
     var quicCounters: rp_quic_stats
     /// Why drops are missing, if sock_diag failed.

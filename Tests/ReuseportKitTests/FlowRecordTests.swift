@@ -52,6 +52,52 @@ struct FlowRecordTests {
         #expect(real.allSatisfy { recorded.contains($0.local) }, "every real flow was recorded")
     }
 
+    /// The program reads bucket flags only while rp_config says a change runs
+    /// (RP_CONFIG_CHANGING): a LEARN flag in a steady service records nothing, and the flag in
+    /// rp_config is up from the start of a change to its end, so every flow of a learning bucket
+    /// is recorded. The packets are counted per slot either way: the program ran.
+    @Test(arguments: [IPAddress.loopbackV4, .loopbackV6])
+    func bucketFlagsCountOnlyWhileAChangeRuns(_ family: IPAddress) throws {
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(family, 0))], slotCount: 2,
+                                         options: .init(bucketCount: 64, seed: 0x5eed))
+        let destination = plane.listeners[0].endpoint.address
+        let sockets = plane.listeners[0].sockets
+        func packets() throws -> UInt64 { try plane.slots.reduce(0) { $0 + (try plane.maps.slotCounters($1).packets) } }
+        let changingAtStart = try plane.maps.readChanging()
+        #expect(!changingAtStart)
+
+        // Behind the plane's back: every bucket flagged LEARN, rp_config not told.
+        try plane.maps.writeBuckets(plane.effectiveBuckets.map { $0 | UInt32(RP_BUCKET_LEARN) })
+        let steady = try Traffic.clients(32, on: family)
+        let steered = try Traffic.slotsOf(clients: steady, sending: destination, sockets: sockets)
+        let counted = try packets()
+        let recordedSteady = try plane.maps.flowCounters().recorded
+        #expect(steered.count == 32 && counted == 32, "steered and counted by the program")
+        #expect(recordedSteady == 0, "no record without RP_CONFIG_CHANGING")
+        try plane.maps.writeBuckets(plane.effectiveBuckets)
+
+        try plane.beginResize(to: 4, now: MonotonicClock.nanoseconds(), learnNs: 3_600_000_000_000)
+        #expect(try plane.maps.readChanging(), "up while the change learns")
+        let moving = plane.bucketFlags.filter { $0 & UInt32(RP_BUCKET_LEARN) != 0 }.count
+        try #require(moving > 0)
+        let learning = try Traffic.clients(64, on: family)
+        _ = try Traffic.slotsOf(clients: learning, sending: destination, sockets: plane.listeners[0].sockets)
+        let recorded = try plane.maps.flowCounters().recorded
+        let records = try FlowRecords.read(plane.maps).count
+        #expect(recorded > 0 && recorded == UInt64(records),
+                "the flows of the learning buckets are recorded")
+
+        try plane.advance(now: MonotonicClock.nanoseconds(), force: true)
+        #expect(try plane.maps.readChanging(), "up while recorded flows drain")
+        // Far past the idle timeout: every record expires and the change ends.
+        let result = try plane.sweep(now: MonotonicClock.nanoseconds() + 3_600_000_000_000_000)
+        #expect(result.finished)
+        let changingAtEnd = try plane.maps.readChanging()
+        let values = try plane.maps.readBucketValues()
+        #expect(!changingAtEnd, "down once no bucket carries a flag")
+        #expect(values.allSatisfy { $0 & UInt32(RP_BUCKET_FLAGS) == 0 })
+    }
+
     /// FlowTuple → rp_flow_key → FlowTuple, for both families: what `flows` and `which` read is
     /// the flow the program recorded.
     @Test(arguments: ["198.51.100.7:40000", "[2001:db8::7]:40000"])

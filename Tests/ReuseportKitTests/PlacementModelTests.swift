@@ -1,4 +1,5 @@
 import CReuseportABI
+import Foundation
 import PropertyBased
 import Testing
 
@@ -29,6 +30,8 @@ import Testing
         var next: [UInt32]?
         var slotCount = 0
         var liveCount = 0
+        /// RP_CONFIG_CHANGING: without it the program reads no bucket's flags.
+        var changing = false
         var transition = rp_transition()
         /// rp_flows: flow (its hash) → recorded slot, last seen.
         var records: [UInt32: (slot: UInt32, seen: Int64)] = [:]
@@ -38,7 +41,8 @@ import Testing
             case .insertSockets(let slot): held.insert(slot)
             case .closeSockets(let slot), .takeSockets(let slot): held.remove(slot)
             case .writeFallback(let table, _): fallback = table
-            case .writeConfig(let slots, let live, _): (slotCount, liveCount) = (slots, live)
+            case .writeConfig(let slots, let live, _, let flagged): (slotCount, liveCount, changing) = (slots, live, flagged)
+            case .writeChanging(let flagged): changing = flagged
             case .writeBuckets(let values, _): buckets = values
             case .writeNextBuckets(let table): next = table
             case .writeTransition(let record): transition = record
@@ -51,7 +55,7 @@ import Testing
         mutating func deliver(_ flow: UInt32, now: Int64) -> UInt32? {
             guard !buckets.isEmpty else { return nil }
             let value = buckets[Int(FlowHash.bucket(hash: flow, count: UInt32(buckets.count)))]
-            let flags = value & UInt32(RP_BUCKET_FLAGS)
+            let flags = changing ? value & UInt32(RP_BUCKET_FLAGS) : 0
             if flags != 0, let record = records[flow] {
                 records[flow]?.seen = now
                 if held.contains(record.slot) { return record.slot }
@@ -73,6 +77,7 @@ import Testing
             if buckets != model.bucketValues { return "rp_buckets differs from the model's table" }
             if fallback != model.fallback { return "rp_fallback differs from the model's" }
             if slotCount != model.slots.count { return "slot_count \(slotCount), model \(model.slots.count)" }
+            if changing != model.isChanging { return "RP_CONFIG_CHANGING is \(changing), the model's flags say \(model.isChanging)" }
             if let pending = model.pending, next != pending.effective { return "rp_next_buckets differs from the change's target" }
             if transition != model.transitionRecord { return "rp_transition differs from the model's" }
             return nil
@@ -189,10 +194,11 @@ import Testing
             case 11:
                 guard !model.slots.isEmpty else { return }
                 let slot = model.slots[argument % model.slots.count]
-                // Its worker is gone: its flows go elsewhere, and its records are forgotten.
+                // Its worker is gone: its flows go elsewhere, and once the table is written its
+                // records are forgotten (ServiceRuntime.failOver).
                 for (flow, was) in on where was == slot { on.removeValue(forKey: flow) }
-                for (flow, record) in maps.records where record.slot == slot { maps.records.removeValue(forKey: flow) }
                 attempt("fail over \(slot)") { [now] in try $0.setFailedOver(slot, failing: true, now: now).effects }
+                for (flow, record) in maps.records where record.slot == slot { maps.records.removeValue(forKey: flow) }
             case 12:
                 guard let slot = model.failedOver.sorted().first else { return check() }
                 attempt("restore \(slot)") { [now] in $0.beginRestore(slot, now: now).effects }
@@ -321,12 +327,15 @@ import Testing
         return parts.isEmpty ? "(fields not named here)" : parts.joined(separator: "; ")
     }
 
-    /// 300 sequences of up to 40 operations, each followed by a step of time in which every
+    /// How many sequences: 300 in `make test`, `PLACEMENT_SEQUENCES` for a longer run (`make chaos`).
+    static let sequences = ProcessInfo.processInfo.environment["PLACEMENT_SEQUENCES"].flatMap(Int.init) ?? 300
+
+    /// `sequences` sequences of up to 40 operations, each followed by a step of time in which every
     /// live flow sends: no flow moves and none is dropped between any two writes, and after
     /// every operation the invariants hold, the maps say what the model says, and the pins
     /// read back to the same placement.
     @Test func everySequenceOfOperationsKeepsEveryLiveFlowAndTheInvariants() async {
-        await propertyCheck(count: 300, input: Gen.uint64(in: 1...UInt64.max),
+        await propertyCheck(count: Self.sequences, input: Gen.uint64(in: 1...UInt64.max),
                             Gen.uint16(in: 0...UInt16.max).array(of: 1...40)) { seed, codes in
             guard var run = try? Run(seed: seed) else {
                 Issue.record("a 4-slot placement could not be made")
@@ -358,6 +367,7 @@ extension PlacementEffect {
         case .takeSockets(let slot): return "take slot \(slot)"
         case .writeFallback: return "rp_fallback"
         case .writeConfig: return "rp_config"
+        case .writeChanging(let changing): return "RP_CONFIG_CHANGING \(changing ? "up" : "down")"
         case .writeBuckets: return "rp_buckets"
         case .writeNextBuckets: return "rp_next_buckets"
         case .writeTransition: return "rp_transition"

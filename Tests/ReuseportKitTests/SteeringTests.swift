@@ -210,6 +210,30 @@ struct SteeringTests {
         }
     }
 
+    /// The bucket tables are as large as the service's bucket count, and a later daemon reads
+    /// their size from the pins: it takes them over for that count only. Datagrams steered
+    /// through a 64-entry table are counted by the program.
+    @Test func bucketTablesAreSizedByTheConfiguration() throws {
+        let options = ServiceDataPlane.Options(bucketCount: 64, seed: 0x5eed)
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 4,
+                                         options: options)
+        #expect(plane.maps.buckets.maxEntries == 64 && plane.maps.nextBuckets.maxEntries == 64)
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let steered = try Traffic.slotsOf(clients: clients, sending: plane.listeners[0].endpoint.address,
+                                          sockets: sockets(plane))
+        let counted = try (0..<UInt32(4)).reduce(UInt64(0)) { $0 + (try plane.maps.slotCounters($1).packets) }
+        #expect(steered.count == 64 && counted == 64)
+
+        let layout = PinLayout(root: "/sys/fs/bpf/reuseportd-test-\(getpid())", service: "sized")
+        try plane.pin(layout)
+        defer { layout.remove() }
+        let pinned = try #require(ServiceDataPlane.resumable(at: layout, options: options))
+        #expect(pinned.buckets.maxEntries == 64 && pinned.holdsBuckets(64) && !pinned.holdsBuckets(65))
+        var larger = options
+        larger.bucketCount = 128
+        #expect(ServiceDataPlane.resumable(at: layout, options: larger) == nil, "another bucket count starts afresh")
+    }
+
     /// The array's rules, with exact errno values.
     @Test func socketArrayRules() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 2)

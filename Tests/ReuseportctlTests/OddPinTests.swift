@@ -18,7 +18,8 @@ struct OddPinTests {
         let service = try PinnedService(root: root, slots: 4, bucketCount: 64)
         try service.plane.maps.config.update(0, rp_config(abi_version: UInt32(RP_ABI_VERSION), seed: 0x5eed,
                                                           bucket_count: buckets, slot_count: 4, live_count: 4,
-                                                          record_cost_ns: 0))
+                                                          record_cost_ns: 0, flags: 0, reserved: 0,
+                                                          quic: rp_quic_config()))
         let client = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0))
         try client.send(Array("dropped".utf8), to: service.endpoint.address)
         let arrived = try Traffic.receive(from: service.plane.listeners[0].sockets, expected: 1, idleMs: 300)

@@ -7,6 +7,7 @@
 #define CREUSEPORT_BENCH_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <sys/epoll.h>
 
@@ -40,5 +41,18 @@ long rp_bench_drain_sources(int fd, unsigned char *slot_of, unsigned char slot, 
 /* dispatch_untracked.bpf.o: bpf/dispatch.bpf.c built with RP_NO_FLOW_TRACKING (Makefile). */
 const unsigned char *rp_bench_untracked_object(void);
 size_t rp_bench_untracked_object_size(void);
+/* dispatch_norefresh.bpf.o: the same with RP_BENCH_NO_REFRESH (a pinned packet leaves its record as it is). */
+const unsigned char *rp_bench_norefresh_object(void);
+size_t rp_bench_norefresh_object_size(void);
+
+/* dispatch_reference.bpf.o: bpf/dispatch.bpf.c at BENCH_REFERENCE, from git (Makefile); NULL and 0
+ * when it was not built. */
+const unsigned char *rp_bench_reference_object(void);
+size_t rp_bench_reference_object_size(void);
+/* Its revision (short hash), "" when not built. */
+const char *rp_bench_reference_revision(void);
+/* Writes the rp_config (key 0) of that revision into out: its size, or 0 (not built, or too small). */
+size_t rp_bench_reference_config(unsigned char *out, size_t capacity, uint32_t seed, uint32_t bucket_count,
+				 uint32_t slot_count);
 
 #endif

@@ -36,7 +36,7 @@ struct ControlCommands {
             if let busy = supervisor.reexecRefusal { return .failure(busy) }
             supervisor.reexecRequested = true
             return ControlResponse(ok: true, message: "re-executing \(supervisor.executable) in pid \(getpid()): "
-                + "\(supervisor.workers.count) workers stay and are adopted")
+                + "\(supervisor.table.servingCount) workers stay and are adopted")
         case .restart(let position, let index):
             let service = supervisor.services[position]
             guard let slot = service.slot(index) else {
@@ -106,7 +106,7 @@ struct ControlCommands {
         do {
             if promote {
                 guard service.upgrade?.status.phase == .canary, service.plane.model.canary?.switched == true else {
-                    throw UpgradeError("\(service.name) has no canary taking flows to promote "
+                    throw DaemonError.upgrade("\(service.name) has no canary taking flows to promote "
                         + "(\(service.upgrade.map { "generation \($0.status.generation) is \($0.status.phase.rawValue)" } ?? "no upgrade"))")
                 }
                 supervisor.promoteCanary(service, reason: "asked (reuseportctl upgrade --promote)")
@@ -275,7 +275,7 @@ extension Supervisor {
                 settings: ServiceSettings(flowTracking: service.plane.tracksFlows,
                                           flowIdleTimeoutMs: service.plane.options.tracking.idleTimeoutMs,
                                           readyTimeoutMs: service.configuration.readyTimeoutMs),
-                invariantViolations: service.plane.invariantViolations)
+                invariantViolations: service.plane.invariantViolations + workerInvariantViolations)
         }
     }
 

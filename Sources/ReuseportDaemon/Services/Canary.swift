@@ -79,7 +79,7 @@ extension Supervisor {
         if let percent { settings.percent = percent }
         if let bakeMs { settings.bakeMs = bakeMs }
         guard CanaryPlacement.percentRange.contains(settings.percent) else {
-            throw UpgradeError("a canary needs a percent of the buckets: --canary PERCENT, or canary_percent")
+            throw DaemonError.upgrade("a canary needs a percent of the buckets: --canary PERCENT, or canary_percent")
         }
         let upgrade = try beginUpgrade(service)
         upgrade.bake = CanaryBake(settings: settings)
@@ -242,7 +242,7 @@ extension Supervisor {
     /// once their flows are idle, or at drain_timeout_ms.
     func rollBackCanary(_ service: ServiceRuntime, reason: String) throws {
         guard let upgrade = service.upgrade, upgrade.status.phase == .canary else {
-            throw UpgradeError("\(service.name) has no canary baking")
+            throw DaemonError.upgrade("\(service.name) has no canary baking")
         }
         let now = MonotonicClock.nanoseconds()
         let generation = upgrade.status.generation

@@ -385,8 +385,8 @@ extension Supervisor {
         let stopMs = configuration.stopTimeoutMs
         service.logger.error(
             "slot \(slot.index): worker pid \(pid) failed \(failures) health checks in a row: replaced; SIGABRT, SIGKILL after \(stopMs) ms (health restart \(healthChecks.record(service.name, slot.index)?.restarts ?? 0))")
-        workers.removeValue(forKey: pid)
-        retiring[pid] = now + stopMs.msAsNs
+        table.leaveSlot(pid)
+        table.stop(pid, killAt: now + stopMs.msAsNs)
         signal(pid, SIGABRT)
         signal(pid, SIGCONT)
         slot.pid = nil

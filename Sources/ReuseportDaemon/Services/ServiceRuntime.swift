@@ -385,10 +385,10 @@ final class ServiceRuntime {
         for (slot, byListener) in inherited {
             do {
                 checked[slot] = try endpoints.indices.map { index in
-                    guard let descriptor = byListener[index] else { throw AdoptionError("no socket for listener \(index)") }
+                    guard let descriptor = byListener[index] else { throw DaemonError.adoption("no socket for listener \(index)") }
                     let socket = try ReuseportSocket(adopting: descriptor, expected: endpoints[index])
                     guard let cookie = try arrays[index]?.cookie(at: slot), try socket.cookie() == cookie else {
-                        throw AdoptionError("listener \(index)'s socket is not the one the pinned array holds at the slot")
+                        throw DaemonError.adoption("listener \(index)'s socket is not the one the pinned array holds at the slot")
                     }
                     return socket
                 }
@@ -466,7 +466,7 @@ final class ServiceRuntime {
     }
 
     /// Records a state change and publishes the slot's row in rp_slot_state.
-    func transition(_ slot: SlotRecord, to state: WorkerState) {
+    func setWorkerState(_ slot: SlotRecord, to state: WorkerState) {
         if slot.state != state {
             slot.state = state
             slot.sinceNs = WallClock.nanoseconds()

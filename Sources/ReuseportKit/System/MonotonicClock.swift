@@ -7,6 +7,8 @@ public enum MonotonicClock {
     public static func nanoseconds() -> Int64 { read(CLOCK_MONOTONIC) }
     public static func milliseconds() -> Int { Int(nanoseconds() / 1_000_000) }
     public static func seconds() -> Double { Double(nanoseconds()) / 1e9 }
+    /// CLOCK_MONOTONIC_COARSE: the same clock as of the last tick (what bpf_ktime_get_coarse_ns() reads).
+    public static func coarseNanoseconds() -> Int64 { read(CLOCK_MONOTONIC_COARSE) }
 
     /// clock_gettime(2); it cannot fail for a clock the kernel always has.
     static func read(_ clock: clockid_t) -> Int64 {
