@@ -1,3 +1,4 @@
+import ArgumentParser
 import ReuseportKit
 
 /// A runtime failure of a command: the daemon, the pins or the kernel did not give what was
@@ -20,6 +21,9 @@ enum CtlError: Error, CustomStringConvertible {
     /// An upgrade gave up before its switch: the old generation serves on.
     case upgradeAbandoned(service: String, generation: Int, reason: String)
     case kernel(Error)
+    /// An argument only the daemon's answer shows to be wrong (a slot the service does not have):
+    /// `main` exits with status 2, as for the argument errors found while parsing, with `command`'s usage.
+    case badArgument(String, command: ParsableCommand.Type)
     /// Some services were shown, these could not be read.
     case unreadable([CtlError])
 
@@ -53,6 +57,8 @@ enum CtlError: Error, CustomStringConvertible {
             return "\(service): generation \(generation) was abandoned: \(reason); the previous generation serves on"
         case .kernel(let error):
             return "\(error)"
+        case .badArgument(let reason, _):
+            return reason
         case .unreadable(let failures):
             return failures.map(\.description).joined(separator: "\nreuseportctl: error: ")
         }
