@@ -42,7 +42,7 @@ import Testing
                 if result.status != command.status || mismatch != nil {
                     var report = "\(command)\nexit status \(result.status), the doc says \(command.status)\n"
                     if let expected = command.expected {
-                        report += "the doc shows (from line \((mismatch ?? 0) + 1) of it on, no line matches):\n"
+                        report += "the doc shows (its line \((mismatch ?? 0) + 1) is the first the output does not match):\n"
                             + expected.joined(separator: "\n") + "\n"
                     }
                     report += "it printed:\n\(result.output)\ndaemon log (last lines):\n"
