@@ -43,8 +43,9 @@ APT_PACKAGES += prometheus
 # ... Debian's unbound: an unmodified third-party worker the upgrade tests deploy (socket activation,
 # sd_notify); the tests run the binary as a worker, not the package's own service.
 APT_PACKAGES += unbound
-# ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c).
-APT_PACKAGES += gcc libc6-dev
+# ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c), and Go
+# the Go one (docs/examples/worker.go; standard library only, Debian's Go).
+APT_PACKAGES += gcc libc6-dev golang-go
 # ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
 # throwaway certificate.
 APT_PACKAGES += python3-venv openssl
@@ -370,9 +371,9 @@ UNITS       := dist/reuseportd.service dist/reuseportd-metrics.service
 DOCS        := README.md $(wildcard docs/*.md) docs/benchmarks.png
 DOC_LINKS   := -e 's|](docs/|](|g' -e 's|](\.\./README\.md|](README.md|g' \
 	-e 's|](\.\./dist/\(reuseportd[a-z-]*\.service\)|](../../../lib/systemd/system/\1|g'
-# The example workers and configurations (docs/examples: C and Python workers, which ExampleWorkerTests
+# The example workers and configurations (docs/examples: C, Python and Go workers, which ExampleWorkerTests
 # runs as workers; the QUIC service docs/cli.md's examples run against).
-EXAMPLES    := docs/examples/worker.c docs/examples/worker.py docs/examples/quic.toml
+EXAMPLES    := docs/examples/worker.c docs/examples/worker.py docs/examples/worker.go docs/examples/quic.toml
 UNIT_PATHS  := -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/etc/reuseportd/|$(SYSCONFDIR)/reuseportd/|g' \
 	-e 's|/usr/share/doc/reuseportd/|$(DOCDIR)/|g'
 

@@ -7,7 +7,7 @@ import ReuseportKit
 import ReuseportTestSupport
 import Testing
 
-/// The example workers of docs/examples (installed under /usr/share/doc/reuseportd/examples), run
+/// The example workers of docs/examples (Python, C and Go; installed under /usr/share/doc/reuseportd/examples), run
 /// as the daemon runs them: a UDP and a TCP listener, `notify`, `watchdog_ms` and `drain_signal`.
 /// Each says READY=1 and STATUS=, keeps its watchdog, answers datagrams and connections on the
 /// sockets it was given, and, when a scale-down takes its slot, serves its open connection to the
@@ -17,22 +17,32 @@ struct ExampleWorkerTests {
     static let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("docs/examples").path
 
-    enum Language: String, CaseIterable { case python, c }
+    enum Language: String, CaseIterable { case python, c, go }
 
-    /// The `exec` array for the example in `language` (the C one compiled into `folder` first).
+    /// The `exec` array for the example in `language` (the C and Go ones compiled into `folder` first;
+    /// Go with Debian's golang-go, which the Makefile installs, its build cache in the build folder).
     static func program(_ language: Language, in folder: TemporaryDirectory) throws -> [String] {
+        let binary = "\(folder.path)/worker"
+        let compile: [String]
+        var environment: [String]? = nil
         switch language {
         case .python:
             return ["/usr/bin/python3", "\(examples)/worker.py"]
         case .c:
-            let binary = "\(folder.path)/worker"
-            let compiler = try spawn(["/usr/bin/cc", "-O2", "-Wall", "-Werror", "-o", binary, "\(examples)/worker.c"],
-                                     output: "\(folder.path)/cc.log")
-            guard waitExit(compiler, timeoutMs: 60_000) == 0 else {
-                throw HarnessError("cc worker.c failed: \((try? String(contentsOfFile: "\(folder.path)/cc.log", encoding: .utf8)) ?? "")")
-            }
-            return [binary]
+            compile = ["/usr/bin/cc", "-O2", "-Wall", "-Werror", "-o", binary, "\(examples)/worker.c"]
+        case .go:
+            compile = ["/usr/bin/go", "build", "-o", binary, "\(examples)/worker.go"]
+            let cache = URL(fileURLWithPath: examples).deletingLastPathComponent().deletingLastPathComponent()
+                .appendingPathComponent(".output/gocache").path
+            environment = ProcessInfo.processInfo.environment.merging(
+                ["CGO_ENABLED": "0", "GOCACHE": cache, "HOME": folder.path, "GOFLAGS": ""]) { $1 }.map { "\($0.key)=\($0.value)" }
         }
+        let compiler = try spawn(compile, output: "\(folder.path)/build.log", environment: environment)
+        guard waitExit(compiler, timeoutMs: 120_000) == 0 else {
+            throw HarnessError("\(compile.joined(separator: " ")) failed: "
+                + ((try? String(contentsOfFile: "\(folder.path)/build.log", encoding: .utf8)) ?? ""))
+        }
+        return [binary]
     }
 
     @Test(arguments: Language.allCases)

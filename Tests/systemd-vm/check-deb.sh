@@ -47,7 +47,7 @@ for file in usr/bin/reuseportd usr/bin/reuseportctl \
     usr/share/doc/reuseportd/configuration.md usr/share/doc/reuseportd/copyright \
     usr/share/doc/reuseportd/changelog.Debian.gz \
     usr/share/doc/reuseportd/examples/worker.c usr/share/doc/reuseportd/examples/worker.py \
-    usr/share/doc/reuseportd/examples/quic.toml \
+    usr/share/doc/reuseportd/examples/worker.go usr/share/doc/reuseportd/examples/quic.toml \
     usr/share/doc/reuseportd/cli.md usr/share/doc/reuseportd/quic.md usr/share/doc/reuseportd/fuzzing.md \
     usr/share/doc/reuseportd/architecture.md usr/share/doc/reuseportd/kernel-support.md \
     usr/share/doc/reuseportd/benchmarks.md usr/share/doc/reuseportd/benchmarks.png; do
