@@ -179,6 +179,7 @@ enum MetricsExposition {
         }
     }
 }
+
 /// Every metric family reuseportctl emits (`stats --prometheus`, `serve-metrics`): its name, type,
 /// labels and help. The builder below can emit nothing else, and MetricDocsTests holds the tables of
 /// docs/cli.md to this list, types and labels included.
