@@ -12,7 +12,8 @@
 #   make deb        the Debian package .output/reuseportd_<version>_amd64.deb; make deb-check lists and checks it
 #   make systemd-test  install that package in a Debian root and boot it under systemd in a VM (docs/operations.md)
 #   make fuzz       fuzz the config parser and the control decoder (FUZZ_SECONDS=60 each; docs/fuzzing.md)
-#   make chaos      random sequences of operations on the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
+#   make chaos      random operation sequences: on the placement model (PLACEMENT_SEQUENCES=10000), then on
+#                   the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
 #   make print-version  the version both binaries and the package get (git commit, -dirty)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
@@ -46,6 +47,12 @@ APT_PACKAGES += unbound
 # ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c), and Go
 # the Go one (docs/examples/worker.go; standard library only, Debian's Go).
 APT_PACKAGES += gcc libc6-dev golang-go
+# ... OpenVPN (Debian's 2.6) and ping: BindPreloadOpenVPNTests run unmodified OpenVPN servers as
+# workers through the bind preload library, with clients in network namespaces.
+APT_PACKAGES += openvpn iputils-ping
+# ... and coturn, a STUN/TURN server that binds its own sockets too (BindPreloadCoturnTests); as with
+# unbound, the tests run the binary as a worker, not the package's own service.
+APT_PACKAGES += coturn
 # ... Python's venv and openssl: the QUIC tests run aioquic (from PyPI, into $(QUIC_VENV)) with a
 # throwaway certificate.
 APT_PACKAGES += python3-venv openssl
@@ -76,7 +83,7 @@ endif
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu -Ibpf \
 	-fdebug-prefix-map=$(CURDIR)=.
 
-.PHONY: all bpf build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
+.PHONY: all bpf preload build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
 	test-least-privilege dist install install-files deb deb-check systemd-test version print-version
 
 all: build
@@ -121,6 +128,21 @@ $(OUTPUT)/dispatch_untracked.bpf.o: bpf/dispatch.bpf.c $(BPF_HEADERS) $(OUTPUT)/
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 
+# The bind preload library (preload/bind_preload.c; `preload_bind = true`, docs/configuration.md):
+# loaded into workers that bind their own sockets, so it is an ordinary shared object for the
+# system's libc, not part of the static daemon. Installed as $(PRELOAD_INSTALLED), where the
+# daemon looks for it (beside its own bin/: ../lib/reuseportd/); the tests point the daemon at
+# the one built here (REUSEPORTD_PRELOAD_LIBRARY).
+CC              ?= cc
+PRELOAD_NAME    := libreuseportd-preload.so
+PRELOAD_LIB     := $(OUTPUT)/lib/reuseportd/$(PRELOAD_NAME)
+PRELOAD_CFLAGS  := -shared -fPIC -O2 -g -Wall -Wextra -Werror -fdebug-prefix-map=$(CURDIR)=.
+preload: $(PRELOAD_LIB)
+$(PRELOAD_LIB): preload/bind_preload.c $(OUTPUT)/.deps
+	$(call msg,CC,$@)
+	$(Q)mkdir -p $(dir $@)
+	$(Q)$(CC) $(PRELOAD_CFLAGS) -o $@ $< -ldl
+
 # SwiftPM does not see that the C targets depend on the headers and the objects (it
 # reaches them through a relative include and #embed): touch the C files when any
 # changes so the Swift side is rebuilt with them. Every build writes the version first.
@@ -145,7 +167,7 @@ version:
 print-version:
 	@echo '$(DEB_VERSION)'
 
-build: $(OUTPUT)/.abi-stamp
+build: $(OUTPUT)/.abi-stamp $(PRELOAD_LIB)
 	$(call msg,SWIFT,build -c $(CONFIG))
 	$(Q)$(SWIFT) build -c $(CONFIG) $(SWIFT_FLAGS)
 
@@ -166,7 +188,7 @@ $(QUIC_VENV)/.stamp: Makefile $(OUTPUT)/.deps
 # The QUIC migration test runs alone, after the others: its 64 aioquic clients and 4 Python workers
 # keep both CPUs busy for some 20 s, which starved the timing-sensitive daemon tests beside it.
 QUIC_ALONE := QuicMigrationTests
-unit-test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
+unit-test: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp $(PRELOAD_LIB)
 	$(call msg,TEST,swift test)
 	$(Q)$(SWIFT) test $(SWIFT_FLAGS) --skip $(QUIC_ALONE)
 	$(call msg,TEST,swift test --filter $(QUIC_ALONE))
@@ -205,10 +227,15 @@ endif
 # Random sequences of scale, upgrade, rollback, reload, worker and daemon SIGKILL, reexec and new
 # flows on the real daemon, under live UDP flows and TCP connections (Tests/ReuseportDaemonTests/
 # ChaosTests.swift), for CHAOS_SECONDS; each sequence prints its seed, CHAOS_SEED=N replays it,
-# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s.
+# CHAOS_STEPS sets the steps per sequence. `make test` runs the same for 30 s. First, the placement
+# model alone (PlacementModelTests, in process) through PLACEMENT_SEQUENCES random sequences
+# (`make test`: 300).
 CHAOS_SECONDS ?= 600
 CHAOS_STEPS   ?= 15
+PLACEMENT_SEQUENCES ?= 10000
 chaos: $(OUTPUT)/.abi-stamp
+	$(call msg,TEST,$(PLACEMENT_SEQUENCES) random operation sequences on the placement model)
+	$(Q)PLACEMENT_SEQUENCES=$(PLACEMENT_SEQUENCES) $(SWIFT) test $(SWIFT_FLAGS) --filter PlacementModelTests
 	$(call msg,TEST,chaos sequences for $(CHAOS_SECONDS) s)
 	$(Q)CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_STEPS=$(CHAOS_STEPS) $(if $(CHAOS_SEED),CHAOS_SEED=$(CHAOS_SEED)) \
 		$(SWIFT) test $(SWIFT_FLAGS) --filter ChaosTests
@@ -333,7 +360,7 @@ $(OUTPUT)/.dist-deps: Makefile
 	$(call apt_install,$(DIST_APT_PACKAGES))
 	$(Q)touch $@
 
-dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps
+dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps $(PRELOAD_LIB)
 	$(call release_build,reuseportd,$(DIST_DIR)/bin,-static-executable)
 	$(call release_build,reuseportctl,$(DIST_DIR)/bin,-static-stdlib)
 	$(call msg,MAN,generate-manual plugin)
@@ -357,6 +384,7 @@ dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 BINDIR      := $(PREFIX)/bin
+PRELOADDIR  := $(PREFIX)/lib/reuseportd
 SYSCONFDIR  ?= /etc
 UNITDIR     ?= $(PREFIX)/lib/systemd/system
 MANDIR      := $(PREFIX)/share/man
@@ -385,6 +413,7 @@ install-files:
 	$(Q)install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(SYSCONFDIR)/reuseportd \
 		$(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(DOCDIR)
 	$(Q)install -m 0755 $(addprefix $(DIST_DIR)/bin/,$(DIST_PRODUCTS)) $(DESTDIR)$(BINDIR)/
+	$(Q)install -D -m 0644 $(PRELOAD_LIB) $(DESTDIR)$(PRELOADDIR)/$(PRELOAD_NAME)
 	$(Q)for unit in $(UNITS); do \
 		sed $(UNIT_PATHS) $$unit >$(DESTDIR)$(UNITDIR)/$$(basename $$unit) && \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$unit) || exit 1; \

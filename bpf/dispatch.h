@@ -228,6 +228,9 @@ enum rp_worker_state {
 #define RP_SLOT_IN_SET 4u    /* one of the service's slots now (rp_config.slot_count of them): the set a
 			      * daemon started on the pins resumes, whatever their indices (the program
 			      * never reads flags: a new bit changes no layout and no RP_ABI_VERSION) */
+#define RP_SLOT_IN_NEXT_SET 8u /* one of the slots the pending change switches to: the target a daemon
+				* started on the pins resumes (rp_next_buckets alone does not name a
+				* failed-over slot) */
 
 /*
  * rp_slot_state: ARRAY, key __u32 slot. Written only by the daemon; the BPF

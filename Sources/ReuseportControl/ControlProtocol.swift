@@ -140,12 +140,17 @@ public struct ServiceStatus: Codable, Sendable, Equatable {
     public var leaving: [LeavingWorker]?
     /// The settings in force that say how long a scale or an upgrade takes. Optional, as above.
     public var settings: ServiceSettings?
+    /// Invariants of the service's placement found broken after an operation (the last few; a
+    /// bug if ever not empty: PlacementModel.violations). Optional, as above.
+    public var invariantViolations: [String]?
 
     public init(name: String, listeners: [String], workers: Int, pinDirectory: String, slots: [SlotStatus],
                 failovers: Int? = nil, rescueStarts: Int? = nil, removedSlotDrops: Int? = nil,
                 adoptedWorkers: Int? = nil, refusedAdoptions: Int? = nil,
                 generation: Int? = nil, upgrade: UpgradeStatus? = nil, upgrades: UpgradeCounts? = nil,
-                leaving: [LeavingWorker]? = nil, settings: ServiceSettings? = nil) {
+                leaving: [LeavingWorker]? = nil, settings: ServiceSettings? = nil,
+                invariantViolations: [String]? = nil) {
+        self.invariantViolations = invariantViolations
         self.leaving = leaving
         self.settings = settings
         self.adoptedWorkers = adoptedWorkers

@@ -141,6 +141,8 @@ public final class Daemon {
         while true {
             // Every change of the turn before is in the pins before the next exec, kill or turn.
             supervisor.publishLeaving()
+            for service in supervisor.services { service.reportBrokenInvariants() }
+            supervisor.checkWorkerTable()
             if supervisor.reexecRequested { reexec() }
             let now = MonotonicClock.nanoseconds()
             supervisor.fireTimers(now: now)
@@ -159,7 +161,7 @@ public final class Daemon {
                 watched += control.clients.keys
             }
             watched += supervisor.polledOutputs(now: now)
-            watched += supervisor.pidfds.values.map(\.fd)
+            watched += supervisor.table.pidfds
             let deadline = [supervisor.nextDeadline(), control?.nextDeadline, control?.acceptResume(now: now),
                             supervisor.nextOutputResume(now: now), serviceManager.nextWatchdog].compactMap { $0 }.min()
             let timeout = deadline.map { Int32(clamping: max(0, ($0 - now + 999_999) / 1_000_000)) } ?? -1
@@ -170,7 +172,7 @@ public final class Daemon {
                     supervisor.readNotifications(now: MonotonicClock.nanoseconds())
                 } else if let control, fd == control.descriptor.fd {
                     control.acceptClients(now: MonotonicClock.nanoseconds())
-                } else if supervisor.pidfds.values.contains(where: { $0.fd == fd }) {
+                } else if supervisor.table.pid(ofPidfd: fd) != nil {
                     supervisor.adoptedExited(fd)
                 } else if supervisor.outputs[fd] != nil {
                     supervisor.readOutput(fd, now: MonotonicClock.nanoseconds())
@@ -197,7 +199,7 @@ public final class Daemon {
         case SIGTERM, SIGINT:
             if supervisor.stopping {
                 logger.warning("second stop signal: killing every worker now")
-                supervisor.killRetiringNow()
+                supervisor.killStoppingNow()
             } else {
                 control?.shutdown()
                 control = nil
@@ -250,7 +252,7 @@ extension Daemon {
             + pipes.map { "\($0.0)=\($0.1.rawValue)" }.joined(separator: ","))
         environment.append("\(InheritedSockets.variable)=\(InheritedSockets.encode(sockets))")
         logger.notice(
-            "re-executing \(options.executable) in pid \(getpid()): \(supervisor.workers.count) workers, their sockets and the maps are taken over by the new image")
+            "re-executing \(options.executable) in pid \(getpid()): \(supervisor.table.servingCount) workers, their sockets and the maps are taken over by the new image")
         do {
             try Syscall.execute(options.executable, arguments: CommandLine.arguments, environment: environment)
         } catch {
@@ -287,9 +289,3 @@ extension Daemon {
     }
 }
 
-/// A service that could not start: names it and the call that failed.
-public struct ServiceStartError: Error, CustomStringConvertible {
-    public var service: String
-    public var underlying: Error
-    public var description: String { "service \(service): \(underlying)" }
-}

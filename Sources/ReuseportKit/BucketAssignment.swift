@@ -53,6 +53,22 @@ public enum BucketAssignment {
         return live.isEmpty || live.count == slots.count ? nominal : rebalance(nominal, to: live)
     }
 
+    /// `table` with the buckets of `slot` given, one by one, to whichever of `live` holds the
+    /// fewest (the lowest index on a tie): only `slot`'s buckets move, whatever the table was
+    /// (a failover on top of another, or a table a restart took over unbalanced).
+    public static func lend(_ table: [UInt32], from slot: UInt32, to live: [UInt32]) -> [UInt32] {
+        precondition(!live.isEmpty, "buckets are lent to at least one slot")
+        var held: [UInt32: Int] = Dictionary(uniqueKeysWithValues: live.map { ($0, 0) })
+        for named in table where held[named] != nil { held[named]! += 1 }
+        var lent = table
+        for (bucket, named) in table.enumerated() where named == slot {
+            let taker = live.min { (held[$0]!, $0) < (held[$1]!, $1) }!
+            lent[bucket] = taker
+            held[taker]! += 1
+        }
+        return lent
+    }
+
     /// How many buckets differ between two tables of the same size.
     public static func moved(from old: [UInt32], to new: [UInt32]) -> Int {
         zip(old, new).reduce(0) { $0 + ($1.0 == $1.1 ? 0 : 1) }

@@ -13,14 +13,10 @@ import CReuseportABI
 /// in it) without moving a single flow.
 ///
 /// It is the only writer of the service's maps (rp_config, rp_buckets, rp_fallback, the
-/// socket arrays, rp_slot_state, rp_quic_config) and holds what they must say:
-/// - the *nominal* bucket table (`buckets`): where each bucket's flows belong;
-/// - the failover overlay (`failedOver`): slots whose buckets are lent to the others;
-/// - the *effective* table (`effectiveBuckets`): the nominal one with the overlay laid over
-///   it, which is what rp_buckets holds;
-/// - the fallback table (`fallback`): rp_fallback, spread over the slots holding a socket.
-/// Every change (resize, failover, restore, a slot closed or reopened) is one operation
-/// here, so that no write ever puts a table in the kernel that the others do not know.
+/// socket arrays, rp_slot_state, rp_quic_config, rp_transition, rp_next_buckets), and it
+/// decides nothing: what they must say is its `model` (PlacementModel), whose operations return
+/// the writes this type carries out, in their order (`run`). So no write ever puts a table in
+/// the kernel that the model does not know.
 public final class ServiceDataPlane: @unchecked Sendable {
     public struct Options: Sendable {
         public var bucketCount: Int
@@ -98,46 +94,57 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
     }
 
-    public private(set) var options: Options
+    /// The options the plane was made with; `tracking` is the model's (a change runs with the
+    /// settings it started with).
+    public var options: Options {
+        var options = settings
+        options.tracking = model.tracking
+        return options
+    }
+
+    private let settings: Options
     /// The service's maps, for reading (counters, tables, state). Only this type writes them.
     public let maps: DispatchMaps
     public let listeners: [Listener]
-    /// Slot indices in use: 0..<slot count.
-    public private(set) var slots: [UInt32]
+    /// What the maps say, as a value: every decision is made there (PlacementModel); this type
+    /// carries its writes out (`apply`).
+    public private(set) var model: PlacementModel
+    /// Invariants of the placement found broken after an operation (PlacementModel.violations),
+    /// the last few, for status and the tests: always empty unless there is a bug.
+    public private(set) var invariantViolations: [String] = []
+    public private(set) var invariantViolationCount = 0
+
+    /// Slot indices in the set.
+    public var slots: [UInt32] { model.slots }
     /// The nominal bucket table: where each bucket's flows belong.
-    public private(set) var buckets: [UInt32]
+    public var buckets: [UInt32] { model.buckets }
     /// Slots whose buckets are failed over: spread over the other slots in rp_buckets.
-    public private(set) var failedOver: Set<UInt32> = []
-    /// The table rp_buckets holds: `buckets` with the failed-over slots' buckets spread over
-    /// the other slots, moving no other bucket.
-    public private(set) var effectiveBuckets: [UInt32]
-    /// The table rp_fallback holds: the slots holding a socket, each on about
-    /// RP_FALLBACK_BUCKETS / live entries.
-    public private(set) var fallback: [UInt32]
-    /// Each bucket's part in a placement change (RP_BUCKET_LEARN, RP_BUCKET_PINNED), written
-    /// beside its slot in rp_buckets; all 0 in steady state.
-    public private(set) var bucketFlags: [UInt32]
+    public var failedOver: Set<UInt32> { model.failedOver }
+    /// The table rp_buckets holds, without flags.
+    public var effectiveBuckets: [UInt32] { model.effectiveBuckets }
+    /// The table rp_fallback holds.
+    public var fallback: [UInt32] { model.fallback }
+    /// Each bucket's part in a placement change (RP_BUCKET_LEARN, RP_BUCKET_PINNED).
+    public var bucketFlags: [UInt32] { model.bucketFlags }
     /// The change being learned: what the switch will write.
-    public private(set) var pending: PendingPlacement?
+    public var pending: PendingPlacement? { model.pending }
     /// Slots that hold sockets but are no longer in `slots`: their recorded flows still go there.
-    /// Each retires (`retire(_:)`) once no live record names it, or at `drainDeadlineNs`.
-    public private(set) var leaving: Set<UInt32> = []
-    /// When the current change ends, records or not (CLOCK_MONOTONIC); nil before a switch or
-    /// with no limit.
-    public private(set) var drainDeadlineNs: Int64?
+    public var leaving: Set<UInt32> { model.leaving }
+    /// When the leaving slots retire, records or not (CLOCK_MONOTONIC).
+    public var drainDeadlineNs: Int64? { model.drainDeadlineNs }
     /// When the current change started, for status (CLOCK_MONOTONIC).
-    public private(set) var transitionStartedNs: Int64?
-    /// The generation taking new flows (its slots are `slots`), and the last number given out:
-    /// both kept in rp_transition, so that a number is never given out twice for the service.
-    public private(set) var workingGeneration: UInt32 = 1
-    public private(set) var lastGeneration: UInt32 = 1
-    /// The generation of each slot holding a socket (a leaving slot keeps its own until it retires).
-    public private(set) var slotGenerations: [UInt32: UInt32] = [:]
+    public var transitionStartedNs: Int64? { model.transitionStartedNs }
+    /// The generation taking new flows, and the last number given out (kept in rp_transition).
+    public var workingGeneration: UInt32 { model.workingGeneration }
+    public var lastGeneration: UInt32 { model.lastGeneration }
+    /// The generation of each slot holding a socket.
+    public var slotGenerations: [UInt32: UInt32] { model.slotGenerations }
     /// A generation whose slots hold sockets but take no flow yet: its workers are starting.
-    public private(set) var startingGeneration: StartingGeneration?
-    /// The generation the pending change makes the working one at its switch (nil: the change
-    /// keeps the working generation, as a scale does).
-    public private(set) var pendingGeneration: UInt32?
+    public var startingGeneration: StartingGeneration? { model.startingGeneration }
+    /// The generation the pending change makes the working one at its switch.
+    public var pendingGeneration: UInt32? { model.pendingGeneration }
+    /// Whether changes of this plane learn and pin flows.
+    public var tracksFlows: Bool { model.tracksFlows }
 
     /// Binds `slotCount` sockets on each endpoint, loads and attaches the program, fills the
     /// arrays and writes the configuration, an even bucket table and the fallback table.
@@ -159,9 +166,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true,
                 existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = []) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
-        _ = try SlotCount(slotCount)
-        _ = try BucketCount(options.bucketCount)
-        self.options = options
+        model = try PlacementModel(bucketCount: options.bucketCount, slotCount: slotCount, tracking: options.tracking,
+                                   hasUDP: endpoints.contains { $0.transport == .udp })
+        settings = options
         var listeners: [Listener] = []
         var shared: DispatchMaps?
         for (index, requested) in endpoints.enumerated() {
@@ -173,31 +180,21 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         self.maps = shared!
         self.listeners = listeners
-        self.slots = Array(0..<UInt32(slotCount))
-        self.buckets = BucketAssignment.initial(bucketCount: options.bucketCount, slots: slots)
-        self.effectiveBuckets = buckets
-        self.bucketFlags = Array(repeating: 0, count: options.bucketCount)
-        self.fallback = BucketAssignment.initial(bucketCount: Int(RP_FALLBACK_BUCKETS), slots: slots)
-        for slot in slots { try insertSockets(slot) }
         try maps.writeQuicSteering(options.quic)
-        try maps.writeBuckets(buckets)
-        try maps.writeFallback(fallback)
-        try persist(now: 0)
-        try spreadFallback(over: liveSlots)
+        try apply(model.initialEffects())
+        checkInvariants()
     }
 
-    /// Resumes the placement change a previous daemon left in `pinned` (its maps, opened from its
-    /// pins; `change.phase` is not NONE): the new programs use those very maps, so every flow
-    /// record, the bucket table with its flags and the counters carry on. Slots
-    /// 0..<socket_slots get new sockets (and, from the caller, new workers) at the same indices,
-    /// so a recorded flow goes to the same slot. A change that was learning switches at its
-    /// switch time (CLOCK_MONOTONIC, which a restart does not reset); one that was draining
-    /// retires its leaving slots as before. Failover is not resumed: every slot starts afresh,
-    /// and the table keeps lent buckets where they are (no flow moves).
+    /// Resumes the placement a previous daemon left in `pinned` (its maps, opened from its pins):
+    /// the new programs use those very maps, so every flow record, the bucket table with its
+    /// flags and the counters carry on. The slots its rows name get new sockets (and, from the
+    /// caller, new workers) at the same indices, so a recorded flow goes to the same slot. A
+    /// change that was learning switches at its switch time (CLOCK_MONOTONIC, which a restart
+    /// does not reset); one that was draining retires its leaving slots as before. Failover is
+    /// not resumed: every slot starts afresh, and the table keeps lent buckets where they are (no
+    /// flow moves). What the pins say is read into a model by `PlacementModel(resuming:)`.
     ///
-    /// `existing`: as for the other initializer. A change need not be in progress: with phase
-    /// NONE this takes over a previous daemon's maps and tables as they are (the workers it
-    /// adopts keep their sockets: `existing`).
+    /// `existing`: as for the other initializer (those slots hold sockets whatever the rows say).
     ///
     /// `socketArrays`: each listener's pinned REUSEPORT_SOCKARRAY, which the new program uses
     /// too. A socket can be in one array only (net/core/sock_reuseport.c: its sk_user_data
@@ -207,16 +204,16 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public init(endpoints: [Endpoint], resuming pinned: DispatchMaps, options: Options,
                 existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = []) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
-        let config = try pinned.readConfig()
-        let change = try pinned.readTransition()
         try pinned.checkConfiguredABI()
-        guard Int(config.bucket_count) == options.bucketCount, config.seed == options.seed else {
-            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(config.bucket_count), seed "
-                + "\(config.seed); the configuration says \(options.bucketCount), \(options.seed)")
+        let image = try PinnedPlacement(reading: pinned, bucketCount: options.bucketCount)
+        guard Int(image.config.bucket_count) == options.bucketCount, image.config.seed == options.seed else {
+            throw ReuseportError.invalidArgument("the pinned change has bucket_count \(image.config.bucket_count), seed "
+                + "\(image.config.seed); the configuration says \(options.bucketCount), \(options.seed)")
         }
-        let nominal = try SlotCount(Int(config.slot_count)).value
-        let socketSlots = try SlotCount(max(Self.pinnedSlotBound(pinned), nominal), what: "socket_slots").value
-        self.options = options
+        model = try PlacementModel(resuming: image, tracking: options.tracking,
+                                   hasUDP: endpoints.contains { $0.transport == .udp }, existing: Set(existing.keys),
+                                   now: MonotonicClock.nanoseconds())
+        settings = options
         var listeners: [Listener] = []
         for (index, requested) in endpoints.enumerated() {
             let program = try DispatchProgram(sharing: pinned, trackedFlows: options.tracking.maxFlows,
@@ -226,57 +223,15 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         maps = pinned
         self.listeners = listeners
-        // Slots hold sockets where the previous daemon published a worker; those of the working
-        // generation are the slots in use (after an upgrade they need not start at 0).
-        workingGeneration = max(change.working_generation, 1)
-        lastGeneration = max(change.last_generation, workingGeneration)
-        var rows: [UInt32: rp_slot_state] = [:]
-        for slot in 0..<UInt32(socketSlots) {
-            if let row = try? pinned.readSlotState(slot), row.state != RP_WORKER_EMPTY.rawValue { rows[slot] = row }
-        }
-        // The rows say which slots are the set (RP_SLOT_IN_SET). Pins of a daemon that did not
-        // mark them: the working generation's rows that neither leave nor join, then any of the
-        // working generation (a slot leaving a change's set still has its generation), then 0..<n.
-        let workingNow = workingGeneration
-        let inSet = rows.filter { $0.value.flags & UInt32(RP_SLOT_IN_SET) != 0 }.keys.sorted()
-        let moving = UInt32(RP_SLOT_LEAVING) | UInt32(RP_SLOT_JOINING)
-        let staying = rows.filter { $0.value.generation == workingNow && $0.value.flags & moving == 0 }.keys.sorted()
-        let working = rows.filter { $0.value.generation == workingNow }.keys.sorted()
-        slots = [inSet, staying, working].first { $0.count == nominal } ?? Array(0..<UInt32(nominal))
-        let values = try pinned.readBucketValues(count: options.bucketCount)
-        buckets = values.map { rp_bucket_slot($0) }
-        effectiveBuckets = buckets
-        bucketFlags = values.map { $0 & UInt32(RP_BUCKET_FLAGS) }
-        fallback = try pinned.readFallback()
-        transitionStartedNs = change.phase == RP_TRANSITION_NONE.rawValue ? nil : Int64(change.started_ns)
-        // The change finishes with the idle timeout it started with; the file's applies after it.
-        if change.idle_timeout_ns > 0, Int(change.idle_timeout_ns / 1_000_000) != options.tracking.idleTimeoutMs {
-            deferredTracking = options.tracking
-            self.options.tracking.idleTimeoutMs = Int(change.idle_timeout_ns / 1_000_000)
-        }
-        if change.phase == RP_TRANSITION_LEARNING.rawValue {
-            let after = try SlotCount(Int(change.slots_after), what: "slots_after").value
-            // rp_next_buckets holds the table the switch writes (failover laid over it already).
-            let next = try pinned.readNextBuckets(count: options.bucketCount)
-            let named = Set(next).sorted()
-            pending = PendingPlacement(buckets: next, slots: named.count == after ? named : Array(0..<UInt32(after)),
-                                       failed: [], switchNs: Int64(change.switch_ns))
-            // A generation change that was learning: its slots' rows name the generation it makes working.
-            pendingGeneration = named.compactMap { rows[$0]?.generation }.first { $0 != workingGeneration }
-        } else {
-            drainDeadlineNs = change.drain_deadline_ns == 0 ? nil : Int64(change.drain_deadline_ns)
-        }
-        let held = rows.isEmpty ? Set(0..<UInt32(socketSlots)) : Set(rows.keys)
-        // An adopted slot's socket stays at its slot, named by a row or not.
-        for slot in held.union(slots).union(pending?.slots ?? []).union(existing.keys).sorted() {
-            try insertSockets(slot, generation: rows[slot]?.generation ?? workingGeneration)
-        }
-        leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
-        try spreadFallback(over: fallbackSlots)
+        try apply(model.liveSlots.map { .insertSockets(slot: $0) })
+        var model = self.model
+        try apply(model.spreadFallback(over: model.fallbackSlots))
+        self.model = model
         try maps.writeQuicSteering(options.quic)
         // The pins describe this plane from now on (socket_slots above all: pins of an earlier
         // version may not have bounded the slots outside a change).
-        try persist(now: MonotonicClock.nanoseconds())
+        try apply([.writeTransition(model.transitionRecord)])
+        checkInvariants()
     }
 
     /// Every slot a previous daemon's pins name is below this: rp_config's slot_count,
@@ -351,16 +306,84 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// empties a slot on all listeners together).
     public var liveSlots: [UInt32] { listeners[0].sockets.keys.sorted() }
 
-    /// Binds (if not yet bound) and inserts the slot's socket on every listener. The fallback
-    /// table is the caller's to spread over it.
-    private func insertSockets(_ slot: UInt32, generation: UInt32? = nil) throws {
-        slotGenerations[slot] = generation ?? slotGenerations[slot] ?? workingGeneration
+    // MARK: carrying out the model's writes
+
+    /// Makes the writes, in order. Returns the sockets the writes took out of the arrays
+    /// (`takeSockets`), by slot, in listener order: the caller's now.
+    @discardableResult
+    private func apply(_ effects: [PlacementEffect]) throws -> [UInt32: [ReuseportSocket]] {
+        var taken: [UInt32: [ReuseportSocket]] = [:]
+        for effect in effects {
+            switch effect {
+            case .insertSockets(let slot):
+                try insertSockets(slot)
+            case .closeSockets(let slot):
+                for socket in try takeSockets(slot) { socket.close() }
+            case .takeSockets(let slot):
+                taken[slot] = try takeSockets(slot)
+            case .writeFallback(let table, let previous):
+                try maps.writeFallback(table, previous: previous)
+            case .writeConfig(let slotCount, let liveCount, let recordCostNs):
+                try maps.writeConfig(seed: settings.seed, bucketCount: settings.bucketCount, slotCount: slotCount,
+                                     liveCount: liveCount, recordCostNs: recordCostNs)
+            case .writeBuckets(let values, let previous):
+                try maps.writeBuckets(values, previous: previous)
+            case .writeNextBuckets(let table):
+                try maps.writeNextBuckets(table)
+            case .writeTransition(let record):
+                try maps.writeTransition(record)
+            case .clearRecords:
+                for (key, _) in try maps.flows.entries(as: (rp_flow_key, rp_flow).self) { try maps.flows.delete(key: key) }
+            case .clearUntrackedMarkers:
+                var keys: [rp_flow_key] = []
+                try maps.untracked.forEachEntry(as: (rp_flow_key, UInt32).self) { key, _ in keys.append(key) }
+                for key in keys { try maps.untracked.delete(key: key) }
+            }
+        }
+        return taken
+    }
+
+    /// Runs one operation of the model: on a copy, whose writes are then made; the copy becomes
+    /// the plane's model once all are made. If a write fails, the kernel's state is not known:
+    /// the writes that say the previous model again are made (`restoreEffects`), and the error
+    /// is thrown. Sockets the operation took stay taken (they are the caller's only on success:
+    /// here they close).
+    private func run<Result>(_ operation: (inout PlacementModel) throws -> (Result, [PlacementEffect])) throws
+        -> (result: Result, taken: [UInt32: [ReuseportSocket]])
+    {
+        var next = model
+        let (result, effects) = try operation(&next)
+        let taken: [UInt32: [ReuseportSocket]]
+        do {
+            taken = try apply(effects)
+        } catch {
+            try? apply(model.restoreEffects(held: Set(liveSlots)))
+            throw error
+        }
+        model = next
+        checkInvariants()
+        return (result, taken)
+    }
+
+    /// Records what `PlacementModel.violations` finds, and that the sockets held are the model's.
+    private func checkInvariants() {
+        var found = model.violations()
+        if Set(liveSlots) != Set(model.slotGenerations.keys) {
+            found.append("the plane holds sockets at slots \(liveSlots) but the placement at \(model.liveSlots)")
+        }
+        guard !found.isEmpty else { return }
+        invariantViolationCount += found.count
+        invariantViolations = Array((invariantViolations + found).suffix(16))
+    }
+
+    /// Binds (if not yet bound) and inserts the slot's socket on every listener.
+    private func insertSockets(_ slot: UInt32) throws {
         // A slot keeping its socket (adopted) keeps its counters; a new socket starts at zero.
         if listeners[0].sockets[slot] == nil { try maps.resetSlotCounters(slot) }
         for listener in listeners {
             let socket = try listener.sockets[slot]
-                ?? ReuseportSocket(endpoint: listener.endpoint, receiveBuffer: options.receiveBuffer,
-                                   v6Only: options.v6Only)
+                ?? ReuseportSocket(endpoint: listener.endpoint, receiveBuffer: settings.receiveBuffer,
+                                   v6Only: settings.v6Only)
             listener.sockets[slot] = socket
             // An adopted socket may be in the (reused) array at this slot already: inserting it
             // again would be EBUSY.
@@ -387,27 +410,8 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     static let adoptionWaitNs: Int64 = 2_000_000_000
 
-    /// Takes the slot's sockets out of the arrays and closes them. The fallback table must no
-    /// longer name the slot.
-    private func removeSockets(_ slot: UInt32) throws {
-        for socket in try takeSockets(slot) { socket.close() }
-    }
-
-    /// Takes the slot's sockets out of the arrays and out of this plane, open, in listener
-    /// order. The fallback table must no longer name the slot.
-    /// Hands every slot's sockets to the caller, open, by slot (in listener order), and takes
-    /// them out of this plane's arrays. For a plane that was replaced in its groups (another
-    /// plane's program is attached now, `attachPrograms`): nothing is steered to these sockets
-    /// any more, and what is queued in them is read by their workers while the caller drains.
-    /// Leaving slots too: their workers still read what their records steered there.
-    public func handOverSockets() throws -> [UInt32: [ReuseportSocket]] {
-        var taken: [UInt32: [ReuseportSocket]] = [:]
-        for slot in liveSlots { taken[slot] = try takeSockets(slot) }
-        return taken
-    }
-
+    /// Takes the slot's sockets out of the arrays and out of this plane, open, in listener order.
     private func takeSockets(_ slot: UInt32) throws -> [ReuseportSocket] {
-        slotGenerations.removeValue(forKey: slot)
         var taken: [ReuseportSocket] = []
         for listener in listeners {
             try listener.program.sockets.remove(at: slot)
@@ -416,34 +420,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
         return taken
     }
 
-    /// Writes rp_fallback spread over `live` (moving the fewest entries), then rp_config with
-    /// its live count: a socket enters the array before the fallback names it, and leaves it
-    /// only after the fallback no longer does. With no live slot, live_count 0 tells the
-    /// program to drop, and the table stays as it was.
-    private func spreadFallback(over live: [UInt32]) throws {
-        if !live.isEmpty {
-            let table = BucketAssignment.rebalance(fallback, to: live)
-            try maps.writeFallback(table, previous: fallback)
-            fallback = table
-        }
-        try maps.writeConfig(seed: options.seed, bucketCount: options.bucketCount, slotCount: slots.count,
-                             liveCount: live.count, recordCostNs: options.tracking.recordCostNs)
-    }
-
-    /// Writes `table` to rp_buckets (the entries that differ from `effectiveBuckets`), each with
-    /// its flags (`flags`, default: as they are). If a write fails, the kernel's table is not
-    /// known: the whole previous table is written back.
-    private func writeEffective(_ table: [UInt32], flags: [UInt32]? = nil) throws {
-        let flags = flags ?? bucketFlags
-        let old = zip(effectiveBuckets, bucketFlags).map { $0 | $1 }
-        do {
-            try maps.writeBuckets(zip(table, flags).map { $0 | $1 }, previous: old)
-        } catch {
-            try? maps.writeBuckets(old)
-            throw error
-        }
-        effectiveBuckets = table
-        bucketFlags = flags
+    /// Hands every slot's sockets to the caller, open, by slot (in listener order), and takes
+    /// them out of this plane's arrays. For a plane that was replaced in its groups (another
+    /// plane's program is attached now, `attachPrograms`): nothing is steered to these sockets
+    /// any more, and what is queued in them is read by their workers while the caller drains.
+    /// Leaving slots too: their workers still read what their records steered there. The plane
+    /// is done after this: its placement holds no socket.
+    public func handOverSockets() throws -> [UInt32: [ReuseportSocket]] {
+        try run { model in ((), model.liveSlots.map { model.takeSockets($0) }) }.taken
     }
 
     /// The sockets of `slot`, one per listener, in listener order: what its worker gets.
@@ -451,15 +435,13 @@ public final class ServiceDataPlane: @unchecked Sendable {
         listeners.compactMap { $0.sockets[slot] }
     }
 
+    // MARK: operations that apply at once
+
     /// Changes the number of slots to `count` (slots 0..<count), moving the fewest buckets.
     /// New slots' sockets are bound and inserted before any bucket points at them; removed
     /// slots lose their buckets before their sockets leave the arrays and close. A slot that
-    /// is failed over stays so (its buckets are never given back, not even between two
-    /// writes); a removed one is no longer. Returns the number of nominal buckets that moved.
-    ///
-    /// If binding or inserting a new slot's socket or writing the table fails, the table is
-    /// written back and the new slots' sockets leave the arrays and close before the error is
-    /// thrown: a socket left in an array would make the next insert at its slot fail with EBUSY.
+    /// is failed over stays so; a removed one is no longer. Returns the number of nominal
+    /// buckets that moved. If a write fails, the previous placement is written back.
     @discardableResult
     public func resize(to count: Int) throws -> Int {
         let (moved, removed) = try resizeKeepingRemoved(to: count)
@@ -476,201 +458,79 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// frees its receive queue (udp_destruct_common in net/ipv4/udp.c). The
     /// caller owns the sockets now and closes them when their queues are empty.
     public func resizeKeepingRemoved(to count: Int) throws -> (moved: Int, removed: [UInt32: [ReuseportSocket]]) {
-        _ = try SlotCount(count)
-        let target = Array(0..<UInt32(count))
-        let table = BucketAssignment.rebalance(buckets, to: target)
-        let failed = failedOver.filter { $0 < UInt32(count) }
-        let added = target.filter { !slots.contains($0) }
-        do {
-            for slot in added { try insertSockets(slot) }
-            try spreadFallback(over: liveSlots)
-            try writeEffective(BucketAssignment.overlay(table, slots: target, failed: failed))
-        } catch {
-            try? spreadFallback(over: liveSlots.filter { !added.contains($0) })
-            for slot in added { try? removeSockets(slot) }
-            throw error
-        }
-        let moved = BucketAssignment.moved(from: buckets, to: table)
-        let removed = slots.filter { $0 >= UInt32(count) }
-        buckets = table
-        failedOver = failed
-        slots = target
-        // No bucket names a removed slot any more: once the fallback does not either, their
-        // sockets may leave (and slot_count shrinks with it).
-        try spreadFallback(over: liveSlots.filter { $0 < UInt32(count) })
-        var taken: [UInt32: [ReuseportSocket]] = [:]
-        for slot in removed { taken[slot] = try takeSockets(slot) }
-        try persist(now: MonotonicClock.nanoseconds())
+        let now = MonotonicClock.nanoseconds()
+        let (moved, taken) = try run { try $0.resize(to: count, now: now) }
         return (moved, taken)
     }
 
     /// Replaces the nominal bucket table; rp_buckets gets it with the failover laid over it.
     public func setBuckets(_ table: [UInt32]) throws {
-        guard table.count == options.bucketCount else {
-            throw ReuseportError.invalidArgument("bucket table has \(table.count) entries, expected \(options.bucketCount)")
-        }
-        try writeEffective(BucketAssignment.overlay(table, slots: slots, failed: failedOver))
-        buckets = table
+        _ = try run { ((), try $0.setBuckets(table)) }
     }
 
     /// Spreads `slot`'s buckets over the other slots that are not failed over, moving no other
     /// bucket. Returns how many buckets it lent.
     @discardableResult
     public func failOver(_ slot: UInt32) throws -> Int {
-        try setFailedOver(failedOver.union([slot]), slot)
+        let now = MonotonicClock.nanoseconds()
+        return try run { try $0.setFailedOver(slot, failing: true, now: now) }.result
     }
 
     /// Gives a failed-over slot back exactly the buckets it lent. Returns how many.
     @discardableResult
     public func restore(_ slot: UInt32) throws -> Int {
-        try setFailedOver(failedOver.subtracting([slot]), slot)
-    }
-
-    private func setFailedOver(_ failed: Set<UInt32>, _ slot: UInt32) throws -> Int {
-        guard slots.contains(slot) || pending?.slots.contains(slot) == true else {
-            throw ReuseportError.invalidArgument("slot \(slot) is not in use (slots 0...\(slots.count - 1))")
-        }
-        let table = BucketAssignment.overlay(buckets, slots: slots, failed: failed)
-        let moved = BucketAssignment.moved(from: effectiveBuckets, to: table)
-        // A change being learned keeps its target, with this slot failed over or back too; the
-        // buckets that move at its switch are the ones that learn.
-        var flags = bucketFlags
-        var next = pending
-        if var change = next {
-            if failed.contains(slot) { change.failed.insert(slot) } else { change.failed.remove(slot) }
-            let target = change.effective
-            var newlyLearning = false
-            for bucket in flags.indices {
-                let learn = tracksFlows && target[bucket] != table[bucket]
-                if learn && flags[bucket] & UInt32(RP_BUCKET_LEARN) == 0 { newlyLearning = true }
-                flags[bucket] = (flags[bucket] & UInt32(RP_BUCKET_PINNED)) | (learn ? UInt32(RP_BUCKET_LEARN) : 0)
-            }
-            // A bucket that starts learning now gets a whole idle timeout to see its live flows.
-            if newlyLearning {
-                let window = Int64(options.tracking.idleTimeoutMs) * 1_000_000
-                change.switchNs = max(change.switchNs, MonotonicClock.nanoseconds() + window)
-            }
-            next = change
-        }
-        try writeEffective(table, flags: flags)
-        if let next { try maps.writeNextBuckets(next.effective) }
-        failedOver = failed
-        pending = next
-        if pending != nil { try persist(now: MonotonicClock.nanoseconds()) }
-        return moved
+        let now = MonotonicClock.nanoseconds()
+        return try run { try $0.setFailedOver(slot, failing: false, now: now) }.result
     }
 
     /// Takes the slot's sockets out of the arrays and closes them; its flows fall back. The
     /// fallback table stops naming the slot first.
     public func closeSlot(_ slot: UInt32) throws {
-        try spreadFallback(over: liveSlots.filter { $0 != slot })
-        try removeSockets(slot)
+        _ = try run { ((), $0.closeSlot(slot)) }
     }
 
     /// Puts a fresh socket at `slot` on every listener (after `closeSlot`, or to replace one).
     public func reopenSlot(_ slot: UInt32) throws {
-        if listeners.contains(where: { $0.sockets[slot] != nil }) { try closeSlot(slot) }
-        try insertSockets(slot)
-        try spreadFallback(over: liveSlots)
+        _ = try run { ((), $0.reopenSlot(slot)) }
     }
 
-    // MARK: placement changes that keep live flows (transitions)
+    // MARK: placement changes that keep live flows
 
-    /// Takes new tracking settings (not `maxFlows`: rp_flows is sized at load).
-    /// While a change runs, the new settings wait for its end: the change keeps the idle timeout,
-    /// drain timeout and rate it started with.
+    /// Takes new tracking settings (not `maxFlows`: rp_flows is sized at load). While a change
+    /// runs, they wait for its end: it keeps the settings it started with.
     public func setTracking(_ tracking: FlowTracking) throws {
-        var tracking = tracking
-        tracking.maxFlows = options.tracking.maxFlows
-        guard transitionStartedNs == nil else {
-            deferredTracking = tracking
-            return
-        }
-        options.tracking = tracking
-        try spreadFallback(over: fallbackSlots)
+        _ = try run { ((), $0.setTracking(tracking)) }
     }
 
-    /// Settings given while a change ran, applied when it ends.
-    private var deferredTracking: FlowTracking?
-
-    /// Whether changes of this plane learn and pin flows: tracking on and a UDP listener (a TCP
-    /// connection, once accepted, never moves: SYNs simply follow the table).
-    public var tracksFlows: Bool {
-        options.tracking.enabled && listeners.contains { $0.endpoint.transport == .udp }
-    }
-
-    /// The slots the fallback table may name: holding a socket, and neither leaving nor about
-    /// to leave at the switch.
-    private var fallbackSlots: [UInt32] { fallbackSlots(staying: pending?.slots ?? slots) }
-
-    private func fallbackSlots(staying: [UInt32]) -> [UInt32] {
-        let staying = Set(staying)
-        return liveSlots.filter { staying.contains($0) && !leaving.contains($0) }
-    }
-
-    /// Starts (or extends) a change to `count` slots, 0..<count. New slots get their sockets now
-    /// and take new flows from the switch on; until then the buckets that will move record the
-    /// flows they see (learning, for one idle timeout, `learnNs`). Slots beyond `count` leave the
-    /// fallback table at once and retire after the switch, once drained. Returns the plan.
-    ///
-    /// A change while another learns replaces its target and learns again for `learnNs`: records
-    /// made so far stay. A change while another drains starts learning on top of it: pinned
-    /// buckets stay pinned. With `learnNs` 0 (or tracking off) nothing is learned: `advance`
-    /// switches at its next call.
+    /// Starts (or extends) a change to `count` slots (PlacementModel.beginResize).
     @discardableResult
     public func beginResize(to count: Int, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
-        if let generation = pendingGeneration {
-            throw ReuseportError.invalidArgument("generation \(generation) is learning the live flows it takes over: "
-                + "scale once it switched")
-        }
-        let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
-        let target = try targetSlots(resizing: base.slots, to: count)
-        let next = PendingPlacement(buckets: BucketAssignment.rebalance(base.buckets, to: target), slots: target,
-                                    failed: base.failed.intersection(target), switchNs: now)
-        let added = target.filter { !liveSlots.contains($0) }
-        let wasLeaving = leaving
-        do {
-            for slot in added { try insertSockets(slot) }
-            leaving.subtract(target)
-            return try plan(next, now: now, learnNs: learnNs)
-        } catch {
-            leaving = wasLeaving
-            try? spreadFallback(over: fallbackSlots)
-            for slot in added { try? removeSockets(slot) }
-            throw error
-        }
+        let records = try liveRecordsBySlot(now: now)
+        return try run { try $0.beginResize(to: count, now: now, learnNs: learnNs, records: records) }.result
     }
 
-    /// Starts giving a failed-over slot its buckets back as a change: the flows the other slots
-    /// took over while it was down are recorded and stay there; new flows go to the slot from the
-    /// switch on. Without tracking, as `restore(_:)`.
+    /// Gives starved slots their share back as a change (PlacementModel.rebalanceIfStarved): after
+    /// taking over pins whose failover was not pinned. Returns the plan, nil when none was starved.
+    @discardableResult
+    public func rebalanceIfStarved(now: Int64) throws -> TransitionPlan? {
+        guard model.isStarved else { return nil }
+        let records = try liveRecordsBySlot(now: now)
+        return try run { model -> (TransitionPlan?, [PlacementEffect]) in
+            guard let (plan, effects) = model.rebalanceIfStarved(now: now, records: records) else { return (nil, []) }
+            return (plan, effects)
+        }.result
+    }
+
+    /// Starts giving a failed-over slot its buckets back as a change (PlacementModel.beginRestore).
     @discardableResult
     public func beginRestore(_ slot: UInt32, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
-        let base = pending ?? PendingPlacement(buckets: buckets, slots: slots, failed: failedOver, switchNs: now)
-        var next = base
-        next.failed.remove(slot)
-        return try plan(next, now: now, learnNs: learnNs)
+        let records = try liveRecordsBySlot(now: now)
+        return try run { $0.beginRestore(slot, now: now, learnNs: learnNs, records: records) }.result
     }
 
-    /// The slots of a change to `count` slots from `base`: the lowest `count` of them when
-    /// shrinking; when growing, `base` and the lowest indices held by no other generation (a
-    /// leaving slot of the working generation may join again: its worker runs the same program).
+    /// The slots of a change to `count` slots from `base` (PlacementModel.targetSlots).
     public func targetSlots(resizing base: [UInt32], to count: Int) throws -> [UInt32] {
-        _ = try SlotCount(count)
-        let sorted = base.sorted()
-        guard count > sorted.count else { return Array(sorted.prefix(count)) }
-        var target = Set(sorted)
-        let starting = Set(startingGeneration?.slots ?? [])
-        for candidate in 0..<UInt32(RP_MAX_SLOTS) where target.count < count {
-            guard !target.contains(candidate), !starting.contains(candidate) else { continue }
-            if let generation = slotGenerations[candidate], generation != workingGeneration { continue }
-            target.insert(candidate)
-        }
-        guard target.count == count else {
-            throw ReuseportError.invalidArgument("no room for \(count) slots: older generations still hold slots, "
-                + "and a service has at most \(RP_MAX_SLOTS)")
-        }
-        return target.sorted()
+        try model.targetSlots(resizing: base, to: count)
     }
 
     // MARK: a rebuild (reload) that keeps the placement
@@ -678,60 +538,22 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// Takes the placement of `old`, the plane a reload rebuilds, on this plane built beside it
     /// and not attached yet (nothing steers through it, so the order of these writes does not
     /// matter): the slots that hold sockets there and the generation of each, the bucket table,
-    /// the fallback table, and the change in progress (pending placement, each bucket's learn and
-    /// pinned flags, leaving slots, drain deadline, the idle timeout it runs with) with its flow
-    /// records. Once attached, every flow goes to the slot it went to before, and the change goes
-    /// on here; a fresh plane's even table would move about (N−1)/N of the flows of a table that
-    /// a scale left.
+    /// the fallback table, and the change in progress with its flow records
+    /// (PlacementModel.carry). Once attached, every flow goes to the slot it went to before, and
+    /// the change goes on here; a fresh plane's even table would move about (N−1)/N of the flows
+    /// of a table that a scale left.
     ///
     /// Only with the same bucket count and seed (otherwise a flow's bucket is another one, and
-    /// flows move by nature): returns false then, and changes nothing. Not carried: the slots of a
-    /// generation still starting (no flow reached them), failover (every slot gets a new worker:
-    /// a failed-over slot's buckets go back to it), and a generation change learning its flows,
-    /// which goes on as a change within the working generation (a rebuild starts the file's
-    /// definition on every slot of the working and pending generations). Slots of an older
-    /// generation keep its number; the others are in the working one. Called once
+    /// flows move by nature): returns false then, and changes nothing. Called once
     /// `continueGenerations` numbered this plane's working generation. Records are copied again
     /// just before the switch (`copyRecords`): the old program makes them until then.
     @discardableResult
     public func carryPlacement(from old: ServiceDataPlane, now: Int64) throws -> Bool {
         guard old.options.bucketCount == options.bucketCount, old.options.seed == options.seed else { return false }
-        let starting = Set(old.startingGeneration?.slots ?? [])
-        let carried = old.liveSlots.filter { !starting.contains($0) }
-        let current: Set<UInt32> = [old.workingGeneration, old.pendingGeneration ?? old.workingGeneration]
-        // Sockets first at the slots that are new here, then away from the others: a listener
-        // bound with port 0 keeps its port through a socket bound to it.
-        for slot in carried {
-            let generation = old.slotGenerations[slot].map { current.contains($0) ? workingGeneration : $0 }
-            try insertSockets(slot, generation: generation ?? workingGeneration)
-        }
-        for slot in liveSlots where !carried.contains(slot) { try removeSockets(slot) }
-        slots = old.slots
-        buckets = old.buckets
-        failedOver = []
-        effectiveBuckets = BucketAssignment.overlay(buckets, slots: slots, failed: [])
-        bucketFlags = old.bucketFlags
-        pending = old.pending.map { PendingPlacement(buckets: $0.buckets, slots: $0.slots, failed: [], switchNs: $0.switchNs) }
-        leaving = old.leaving
-        drainDeadlineNs = old.drainDeadlineNs
-        transitionStartedNs = old.transitionStartedNs
-        if transitionStartedNs != nil {
-            // The change finishes with the settings it started with; the file's (this plane's)
-            // apply after it. rp_flows is this plane's, sized by the file.
-            var running = old.options.tracking
-            running.maxFlows = options.tracking.maxFlows
-            if running != options.tracking {
-                deferredTracking = options.tracking
-                options.tracking = running
-            }
-        }
-        try maps.writeBuckets(zip(effectiveBuckets, bucketFlags).map { $0 | $1 })
-        if let pending { try maps.writeNextBuckets(pending.effective) }
-        try maps.writeFallback(old.fallback)
-        fallback = old.fallback
-        try spreadFallback(over: fallbackSlots)
+        let previous = old.model
+        _ = try run { model in ((), model.carry(from: previous)) }
         try copyRecords(from: old)
-        try persist(now: now)
+        try apply([.writeTransition(model.transitionRecord)])
         return true
     }
 
@@ -749,217 +571,71 @@ public final class ServiceDataPlane: @unchecked Sendable {
 
     // MARK: generations
 
-    /// Generations older than the working one that may hold slots at once. Each keeps its
-    /// workers and sockets while its flows live; a bound keeps a run of bad deploys from piling
-    /// up processes. Beyond it a new generation is refused, with the reason, until one retires.
-    public static let maxDrainingGenerations = 3
+    /// Generations older than the working one that may hold slots at once.
+    public static let maxDrainingGenerations = PlacementModel.maxDrainingGenerations
 
     /// Takes the generation counter a previous plane of the service reached (its pins, or the
-    /// plane a reload replaces): numbers go on from there, and the working generation keeps its
-    /// number. Only before any other generation started on this plane.
+    /// plane a reload replaces): numbers go on from there.
     public func continueGenerations(working: UInt32, last: UInt32) throws {
-        guard startingGeneration == nil, Set(slotGenerations.values).count <= 1 else {
-            throw ReuseportError.invalidArgument("the generations of this plane have started already")
-        }
-        workingGeneration = max(working, 1)
-        lastGeneration = max(last, workingGeneration)
-        for slot in slotGenerations.keys { slotGenerations[slot] = workingGeneration }
-        try persist(now: MonotonicClock.nanoseconds())
+        _ = try run { ((), try $0.continueGenerations(working: working, last: last)) }
     }
 
-    /// Starts a new generation of `count` slots beside the working one: the next number, and
-    /// sockets at the lowest indices no slot holds. Nothing steers to them yet: no bucket and no
-    /// fallback entry names them until `switchGeneration`, so a generation whose workers never
-    /// become ready never takes a flow. Refused while a change learns or another generation starts.
+    /// Starts a new generation of `count` slots beside the working one (PlacementModel.startGeneration).
     public func startGeneration(count: Int, now: Int64) throws -> StartingGeneration {
-        _ = try SlotCount(count)
-        if let starting = startingGeneration {
-            throw ReuseportError.invalidArgument("generation \(starting.generation) is starting already")
-        }
-        guard pending == nil else {
-            throw ReuseportError.invalidArgument("a placement change is learning its live flows: start the "
-                + "generation once it switched")
-        }
-        let draining = Set(slotGenerations.values).subtracting([workingGeneration]).sorted()
-        guard draining.count < Self.maxDrainingGenerations else {
-            throw ReuseportError.invalidArgument("generations \(draining.map(String.init).joined(separator: ", ")) "
-                + "still drain, and at most \(Self.maxDrainingGenerations) may: start the next once one has retired "
-                + "(its flows idle, or at drain_timeout_ms)")
-        }
-        let held = Set(liveSlots)
-        let free = (0..<UInt32(RP_MAX_SLOTS)).lazy.filter { !held.contains($0) }.prefix(count)
-        guard free.count == count else {
-            throw ReuseportError.invalidArgument("no room for \(count) more slots beside the \(held.count) held "
-                + "(a service has at most \(RP_MAX_SLOTS)); wait until older generations have drained")
-        }
-        let generation = lastGeneration &+ 1
-        let added = Array(free)
-        do {
-            for slot in added { try insertSockets(slot, generation: generation) }
-        } catch {
-            for slot in added where listeners.contains(where: { $0.sockets[slot] != nil }) { try? removeSockets(slot) }
-            throw error
-        }
-        lastGeneration = generation
-        startingGeneration = StartingGeneration(generation: generation, slots: added)
-        try persist(now: now)
-        return startingGeneration!
+        try run { try $0.startGeneration(count: count) }.result
     }
 
-    /// Gives up the starting generation: its sockets leave the arrays and close. No flow was
-    /// ever steered to them; its number is not given out again.
+    /// Gives up the starting generation: its sockets leave the arrays and close.
     public func abandonGeneration(now: Int64) throws {
-        guard let starting = startingGeneration else { return }
-        startingGeneration = nil
-        for slot in starting.slots { try removeSockets(slot) }
-        try persist(now: now)
+        _ = try run { ((), $0.abandonGeneration()) }
     }
 
-    /// Makes the starting generation the working one, as a placement change of every bucket:
-    /// for one idle timeout every bucket learns the live flows of the slots it names now, then
-    /// all switch to the new generation's slots (balanced), and the old slots leave, each
-    /// retiring once its recorded flows are idle (`sweep`, `retire`), as in a scale-down.
+    /// Makes the starting generation the working one, as a placement change of every bucket
+    /// (PlacementModel.switchGeneration).
     @discardableResult
     public func switchGeneration(now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
-        guard let starting = startingGeneration else {
-            throw ReuseportError.invalidArgument("no generation is starting")
-        }
-        let plan = try changeGeneration(to: starting.slots, generation: starting.generation, now: now, learnNs: learnNs)
-        startingGeneration = nil
-        try persist(now: now)
-        return plan
+        let records = try liveRecordsBySlot(now: now)
+        return try run { try $0.switchGeneration(now: now, learnNs: learnNs, records: records) }.result
     }
 
-    /// Makes a generation whose slots are still leaving (draining since a switch) the working one
-    /// again: from the switch on its slots take the new flows, and the generation working now
-    /// leaves, its live flows recorded while learning and kept until idle.
+    /// Makes a generation whose slots are still leaving the working one again (PlacementModel.rollBack).
     @discardableResult
     public func rollBack(to generation: UInt32, now: Int64, learnNs: Int64? = nil) throws -> TransitionPlan {
-        guard startingGeneration == nil, pending == nil else {
-            throw ReuseportError.invalidArgument("a generation is starting or a change is learning: roll back once it switched")
-        }
-        let target = liveSlots.filter { slotGenerations[$0] == generation && leaving.contains($0) }
-        guard !target.isEmpty, generation != workingGeneration else {
-            throw ReuseportError.invalidArgument("generation \(generation) has no slot left to roll back to")
-        }
-        return try changeGeneration(to: target, generation: generation, now: now, learnNs: learnNs)
-    }
-
-    private func changeGeneration(to target: [UInt32], generation: UInt32, now: Int64, learnNs: Int64?) throws
-        -> TransitionPlan
-    {
-        let next = PendingPlacement(buckets: BucketAssignment.rebalance(buckets, to: target), slots: target,
-                                    failed: [], switchNs: now)
-        let wasLeaving = leaving
-        leaving.subtract(target)
-        do {
-            let plan = try plan(next, now: now, learnNs: learnNs)
-            pendingGeneration = generation
-            return plan
-        } catch {
-            leaving = wasLeaving
-            try? spreadFallback(over: fallbackSlots)
-            throw error
-        }
-    }
-
-    /// Makes `next` the pending placement: flags the buckets that move for learning, persists
-    /// the change in rp_transition and rp_next_buckets.
-    private func plan(_ next: PendingPlacement, now: Int64, learnNs: Int64?) throws -> TransitionPlan {
-        var next = next
-        let learn = tracksFlows ? (learnNs ?? Int64(options.tracking.idleTimeoutMs) * 1_000_000) : 0
-        next.switchNs = now + learn
-        let target = next.effective
-        var flags = bucketFlags
-        var moving = 0
-        for bucket in flags.indices {
-            let moves = target[bucket] != effectiveBuckets[bucket]
-            if moves { moving += 1 }
-            flags[bucket] = (flags[bucket] & UInt32(RP_BUCKET_PINNED)) | (moves && learn > 0 ? UInt32(RP_BUCKET_LEARN) : 0)
-        }
         let records = try liveRecordsBySlot(now: now)
-        let leavingAtSwitch = Set(liveSlots).subtracting(next.slots).subtracting(startingGeneration?.slots ?? [])
-        // Flows a full table turned away in an earlier change may be recorded in this one.
-        if learn > 0 { try clearUntrackedMarkers() }
-        // The kernel's tables first; this plane's state once they are written.
-        try spreadFallback(over: fallbackSlots(staying: next.slots))
-        try writeEffective(effectiveBuckets, flags: flags)
-        // The table the switch writes, failover included: what a daemon started again switches to.
-        try maps.writeNextBuckets(target)
-        pending = next
-        if transitionStartedNs == nil { transitionStartedNs = now }
-        try persist(now: now)
-        return TransitionPlan(movingBuckets: moving, bucketCount: options.bucketCount, switchNs: next.switchNs,
-                              leaving: leavingAtSwitch.sorted(),
-                              recordedFlowsOnLeaving: leavingAtSwitch.reduce(0) { $0 + (records[$1] ?? 0) })
+        return try run { try $0.rollBack(to: generation, now: now, learnNs: learnNs, records: records) }.result
     }
 
-    /// Switches a pending change whose learning is over (or any, with `force`): every bucket
-    /// takes its new slot, and those that moved are pinned in the same write, so a recorded
-    /// flow never sees its bucket's new slot. Returns the buckets moved, nil when nothing was
-    /// due. With `drainNow`, the leaving slots' deadline is now.
+    /// Switches a pending change whose learning is over (or any, with `force`). Returns the
+    /// buckets moved, nil when nothing was due. With `drainNow`, the leaving slots' deadline is now.
     @discardableResult
     public func advance(now: Int64, force: Bool = false, drainNow: Bool = false) throws -> Int? {
-        guard let next = pending, force || now >= next.switchNs else { return nil }
-        let target = next.effective
-        var flags = bucketFlags
-        var moved = 0
-        for bucket in flags.indices {
-            let pinned = flags[bucket] & UInt32(RP_BUCKET_PINNED)
-            if target[bucket] != effectiveBuckets[bucket] {
-                moved += 1
-                flags[bucket] = tracksFlows ? UInt32(RP_BUCKET_PINNED) : 0
-            } else {
-                flags[bucket] = pinned
-            }
-        }
-        try writeEffective(target, flags: flags)
-        buckets = next.buckets
-        slots = next.slots
-        failedOver = next.failed
-        pending = nil
-        if let generation = pendingGeneration { workingGeneration = generation }
-        pendingGeneration = nil
-        leaving.formUnion(Set(liveSlots).subtracting(slots).subtracting(startingGeneration?.slots ?? []))
-        // The drain timeout bounds how long leaving slots wait; records of staying slots keep
-        // their flows until those are idle, however long that takes.
-        let drainMs = options.tracking.drainTimeoutMs
-        drainDeadlineNs = drainNow || !tracksFlows ? now : (drainMs > 0 ? now + Int64(drainMs) * 1_000_000 : nil)
-        try spreadFallback(over: fallbackSlots)
-        try persist(now: now)
-        return moved
+        guard model.pending != nil else { return nil }
+        return try run { model -> (Int?, [PlacementEffect]) in
+            guard let (moved, effects) = model.advance(now: now, force: force, drainNow: drainNow) else { return (nil, []) }
+            return (moved, effects)
+        }.result
     }
 
     /// Takes a leaving slot's sockets out of the arrays and out of this plane, open (in listener
     /// order), for the caller to drain and close. Its recorded flows, if any are left, follow
     /// the table from now on.
     public func retire(_ slot: UInt32, now: Int64) throws -> [ReuseportSocket] {
-        guard leaving.contains(slot) else {
-            throw ReuseportError.invalidArgument("slot \(slot) is not leaving")
-        }
-        let sockets = try takeSockets(slot)
-        leaving.remove(slot)
-        try persist(now: now)
-        return sockets
+        try run { ((), try $0.retire(slot)) }.taken[slot] ?? []
     }
 
-    /// Live records by slot: read every record, delete those idle longer than the idle timeout
-    /// and those naming a slot in `forget` (a failed-over slot: its flows have no worker).
-    /// Once no change is pending or leaving and no record is live, the change is over: the
-    /// pinned flags are cleared and the untracked markers removed.
+    /// Live records by slot: read every record, delete the stale ones
+    /// (PlacementModel.recordIsStale; `forget`: failed-over slots, whose flows have no worker).
+    /// Once no change is pending or leaving and no record is live, the change is over
+    /// (PlacementModel.finishIfDone).
     public func sweep(now: Int64, forget: Set<UInt32> = []) throws -> SweepResult {
-        let idleNs = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
         let clock = UInt64(now)
-        // A record naming a slot that holds no socket (retired at the drain timeout) steers
-        // nothing any more: it goes too, so that the change can end.
-        let holding = Set(liveSlots)
         var live: [UInt32: Int] = [:]
         var expired = 0
         // Raw entries: a sweep of a million records must not build a million FlowTuples.
         var stale: [rp_flow_key] = []
         try maps.flows.forEachEntry(as: (rp_flow_key, rp_flow).self) { key, record in
             let idle = clock > record.last_seen_ns ? clock - record.last_seen_ns : 0
-            if idle > idleNs || forget.contains(record.slot) || !holding.contains(record.slot) {
+            if model.recordIsStale(slot: record.slot, idleNs: idle, forget: forget) {
                 stale.append(key)
             } else {
                 live[record.slot, default: 0] += 1
@@ -968,17 +644,17 @@ public final class ServiceDataPlane: @unchecked Sendable {
         // Deleted after the walk: a batch walk over a hash table that changes under it may skip
         // or repeat a bucket.
         for key in stale where try maps.flows.delete(key: key) { expired += 1 }
-        var finished = false
-        if pending == nil, leaving.isEmpty, transitionStartedNs != nil, live.isEmpty {
-            try endTransition(now: now)
-            finished = true
-        }
+        let total = live.values.reduce(0, +)
+        let finished = try run { model -> (Bool, [PlacementEffect]) in
+            guard let effects = model.finishIfDone(live: total) else { return (false, []) }
+            return (true, effects)
+        }.result
         return SweepResult(liveBySlot: live, expired: expired, finished: finished)
     }
 
     /// Live records by slot, without deleting anything.
     public func liveRecordsBySlot(now: Int64) throws -> [UInt32: Int] {
-        let idleNs = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
+        let idleNs = UInt64(model.tracking.idleTimeoutMs) * 1_000_000
         let clock = UInt64(now)
         var live: [UInt32: Int] = [:]
         try maps.flows.forEachEntry(as: (rp_flow_key, rp_flow).self) { _, record in
@@ -986,49 +662,6 @@ public final class ServiceDataPlane: @unchecked Sendable {
             if clock <= seen || clock - seen <= idleNs { live[record.slot, default: 0] += 1 }
         }
         return live
-    }
-
-    /// Clears every pinned flag and every record: the table alone decides again.
-    private func endTransition(now: Int64) throws {
-        try writeEffective(effectiveBuckets, flags: Array(repeating: 0, count: bucketFlags.count))
-        for (key, _) in try maps.flows.entries(as: (rp_flow_key, rp_flow).self) { try maps.flows.delete(key: key) }
-        try clearUntrackedMarkers()
-        transitionStartedNs = nil
-        drainDeadlineNs = nil
-        if let deferred = deferredTracking {
-            deferredTracking = nil
-            options.tracking = deferred
-            try spreadFallback(over: fallbackSlots)
-        }
-        try persist(now: now)
-    }
-
-    private func clearUntrackedMarkers() throws {
-        var keys: [rp_flow_key] = []
-        try maps.untracked.forEachEntry(as: (rp_flow_key, UInt32).self) { key, _ in keys.append(key) }
-        for key in keys { try maps.untracked.delete(key: key) }
-    }
-
-    /// Writes rp_transition: what a daemon started again needs to finish the change, and, change
-    /// or not, which slots it must look at.
-    private func persist(now: Int64) throws {
-        var state = rp_transition()
-        // Kept with or without a change: once a generation change has ended, the slots in use
-        // are not 0..<slot_count (the new generation's may be 4..7), and a daemon started on
-        // these pins adopts the workers of every slot below this bound and none above it.
-        state.socket_slots = liveSlots.max().map { $0 + 1 } ?? 0
-        if let started = transitionStartedNs {
-            state.phase = pending != nil ? RP_TRANSITION_LEARNING.rawValue : RP_TRANSITION_DRAINING.rawValue
-            state.slots_after = UInt32((pending?.slots ?? slots).count)
-            state.moving_buckets = UInt32(bucketFlags.filter { $0 != 0 }.count)
-            state.started_ns = UInt64(started)
-            state.switch_ns = UInt64(pending?.switchNs ?? 0)
-            state.drain_deadline_ns = UInt64(drainDeadlineNs ?? 0)
-            state.idle_timeout_ns = UInt64(options.tracking.idleTimeoutMs) * 1_000_000
-        }
-        state.working_generation = workingGeneration
-        state.last_generation = lastGeneration
-        try maps.writeTransition(state)
     }
 
     /// Attaches every listener's program to its group through the listener's first socket

@@ -22,11 +22,18 @@ struct Report {
         (output.hasSuffix(".md") ? String(output.dropLast(3)) : output) + ".png"
     }
 
+    /// Sections below this line are not the benchmark's (figures other runs measured, such as the
+    /// OpenVPN comparison of the tests): a new report replaces what is above it and keeps the rest.
+    static let keptMarker = "<!-- Not written by make bench: it keeps what follows this line. -->"
+
     func write(to output: String) throws {
         let chart = Self.chartPath(for: output)
         let chartName = chart.split(separator: "/").last.map(String.init) ?? chart
         let drawn = try Chart(report: self).draw(to: chart)
         var text = markdown(chartName: drawn ? chartName : nil)
+        if let previous = try? readText(output), let kept = previous.range(of: Self.keptMarker) {
+            text += "\n" + previous[kept.lowerBound...]
+        }
         try writeFile(output, &text)
     }
 

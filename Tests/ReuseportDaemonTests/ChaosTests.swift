@@ -178,6 +178,15 @@ final class ChaosRun {
             // Its connections end with it: replaced by new ones.
             let lost = tcp.indices.filter { tcp[$0].pid == pid }
             tcp.removeAll { $0.pid == pid }
+            // Until the daemon has reaped it, the status still names the killed worker as running:
+            // settling then would check the next step against a dead worker.
+            do {
+                try daemon.waitFor("the daemon saw pid \(pid) of slot \(victim.slot) die", timeoutMs: 30_000) { services in
+                    services[0].slots.first { $0.slot == victim.slot }?.pid != pid
+                }
+            } catch {
+                violations.append("after killWorker slot \(victim.slot): \(String("\(error)".prefix(300)))")
+            }
             try settle("worker of slot \(victim.slot) killed")
             for _ in lost { try openConnection() }
         case .killDaemon:
@@ -295,6 +304,9 @@ final class ChaosRun {
            global.dropped_no_slot + global.select_errors + global.migrate_failed > 0 {
             violations.append("after \(step): the program dropped \(global.dropped_no_slot) packets for want of a slot, "
                 + "\(global.select_errors) select errors, \(global.migrate_failed) failed migrations")
+        }
+        for broken in status.invariantViolations ?? [] {
+            violations.append("after \(step): the placement's invariant is broken: \(broken)")
         }
         let pinned = Set(daemon.pinnedWorkers()[Self.service] ?? [])
         let listed = Set(status.slots.compactMap(\.pid))

@@ -41,6 +41,7 @@ struct ConfigurationTests {
             notify = true
             ready_timeout_ms = 20000
             drain_signal = "SIGUSR2"
+            preload_bind = true
             """, file: "full.toml")
         #expect(configuration.stopTimeoutMs == 1500)
         let service = configuration.services[0]
@@ -53,6 +54,7 @@ struct ConfigurationTests {
         #expect(service.tracking == ServiceDataPlane.FlowTracking(enabled: false, idleTimeoutMs: 2500, maxFlows: 4096,
                                                                   recordsPerSecond: 500, drainTimeoutMs: 60000))
         #expect(service.notify && service.readyTimeoutMs == 20000 && service.drainSignal == SIGUSR2)
+        #expect(service.preloadBind && service.workerDefinition.preloadBind)
     }
 
     /// Without the keys: tracking on, 60 s idle timeout, 262,144 records, new records bounded to
@@ -147,6 +149,9 @@ struct ConfigurationTests {
         ("ready_timeout_ms = 0", "service[0].ready_timeout_ms: must be at least 1"),
         ("drain_signal = \"SIGTERM\"", "service[0].drain_signal: 'SIGTERM' is not a signal a worker may get to start "
             + "draining: use \"none\" or one of SIGCONT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH"),
+        ("preload_bind = 1", "service[0].preload_bind: must be true or false, not integer"),
+        ("preload_bind = true", "service[0].preload_bind: applies to an exec program that binds its own sockets; a "
+            + "built-in worker serves the sockets it is given"),
     ])
     func eachMistakeIsNamed(line: String, expected: String) throws {
         var keys = ["name = \"s\"", "listen = [\"udp://127.0.0.1:0\"]", "workers = 3", "builtin = \"echo\""]

@@ -272,7 +272,11 @@ func httpGet(_ address: ReuseportKit.SocketAddress, _ path: String) throws -> (s
     let client = try FlowClient(.tcp, local: ReuseportKit.SocketAddress(.loopbackV4, 0))
     try client.connect(to: address)
     let request = Array("GET \(path) HTTP/1.0\r\nHost: \(address)\r\nConnection: close\r\n\r\n".utf8)
-    #expect(request.withUnsafeBytes { Glibc.write(client.fd, $0.baseAddress, $0.count) } == request.count)
+    // A server that closed just after it accepted (the keeper replacing it at a rescan) fails the
+    // write, as a refused connect fails above: thrown, for the callers that retry to retry.
+    guard request.withUnsafeBytes({ Glibc.write(client.fd, $0.baseAddress, $0.count) }) == request.count else {
+        throw HarnessError("GET \(path) to \(address): write: \(String(cString: strerror(errno)))")
+    }
     var response: [UInt8] = []
     while let chunk = try client.receive(timeoutMs: 5000), !chunk.isEmpty { response += chunk }
     let text = String(decoding: response, as: UTF8.self)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the Debian package that `make deb` built, as a user would get it: its control fields,
 # its conffile, every file the README promises (owned by root), binaries that run (the daemon fully
-# static, reuseportctl needing only what Depends names), a configuration that passes --check, units
+# static, reuseportctl needing only what Depends names), a configuration that passes --check (and one
+# with preload_bind, which needs the bind preload library where the daemon looks), units
 # that name the installed binaries, man pages that render. Then lintian, when installed (its
 # findings are printed, not fatal).
 #
@@ -50,7 +51,8 @@ for file in usr/bin/reuseportd usr/bin/reuseportctl \
     usr/share/doc/reuseportd/examples/worker.go usr/share/doc/reuseportd/examples/quic.toml \
     usr/share/doc/reuseportd/cli.md usr/share/doc/reuseportd/quic.md usr/share/doc/reuseportd/fuzzing.md \
     usr/share/doc/reuseportd/architecture.md usr/share/doc/reuseportd/kernel-support.md \
-    usr/share/doc/reuseportd/benchmarks.md usr/share/doc/reuseportd/benchmarks.png; do
+    usr/share/doc/reuseportd/benchmarks.md usr/share/doc/reuseportd/benchmarks.png \
+    usr/lib/reuseportd/libreuseportd-preload.so; do
     check "file /$file, root/root" has_file "$file"
 done
 
@@ -80,6 +82,15 @@ for binary in reuseportd reuseportctl; do
 done
 check "the shipped configuration passes --check" \
     "$root/usr/bin/reuseportd" --config "$root/etc/reuseportd/reuseportd.toml" --check
+# preload_bind: the installed daemon finds the bind preload library beside its bin/ folder
+# (lib/reuseportd/), which --check requires to exist and be root's. /bin/true stands for a
+# dynamically linked server.
+printf '[[service]]\nname = "selfbind"\nlisten = ["udp://127.0.0.1:0"]\nworkers = 1\nexec = ["/bin/true"]\npreload_bind = true\n' \
+    >"$root/preload.toml"
+check "a preload_bind service passes --check (the library found in /usr/lib/reuseportd)" \
+    env -u REUSEPORTD_PRELOAD_LIBRARY "$root/usr/bin/reuseportd" --config "$root/preload.toml" --check
+check "the bind preload library is a shared object that loads" \
+    env LD_PRELOAD="$root/usr/lib/reuseportd/libreuseportd-preload.so" /bin/true
 check "reuseportd.service runs /usr/bin/reuseportd with /etc/reuseportd/reuseportd.toml" \
     grep -q '^ExecStart=/usr/bin/reuseportd --config /etc/reuseportd/reuseportd.toml ' \
     "$root/usr/lib/systemd/system/reuseportd.service"

@@ -74,19 +74,26 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     /// Sent to the old generation's workers when an upgrade switches (nil: none); they are
     /// stopped with SIGTERM once their recorded flows are idle, as in a scale-down.
     public var drainSignal: Int32?
+    /// `preload_bind = true`: the workers get the bind preload library (LD_PRELOAD), which turns
+    /// the program's own bind() of a listener's address into the slot's socket (BindPreload.swift).
+    public var preloadBind = false
 
     public static let defaultReadyTimeoutMs = 30_000
 
     /// What a generation's workers run: a change here is an upgrade (new slots, new workers),
     /// a change elsewhere applies to the running workers.
     public var workerDefinition: WorkerDefinition {
-        get { WorkerDefinition(program: program, user: user, group: group, environment: environment, notify: notify) }
+        get {
+            WorkerDefinition(program: program, user: user, group: group, environment: environment, notify: notify,
+                             preloadBind: preloadBind)
+        }
         set {
             program = newValue.program
             user = newValue.user
             group = newValue.group
             environment = newValue.environment
             notify = newValue.notify
+            preloadBind = newValue.preloadBind
         }
     }
 
@@ -126,6 +133,7 @@ public struct WorkerDefinition: Sendable, Equatable, Codable {
     public var group: String?
     public var environment: [String]
     public var notify: Bool
+    public var preloadBind: Bool
 }
 
 /// When a slot's worker is started again after it exits.

@@ -51,6 +51,7 @@ public enum ConfigurationParser {
         for (index, service) in configuration.services.enumerated() {
             try checkProgram(service, key: "service[\(index)].exec[0]", file: path)
             try checkArguments(service, key: "service[\(index)].exec", file: path)
+            try checkPreloadBind(service, key: "service[\(index)].preload_bind", file: path)
         }
         return configuration
     }
@@ -59,24 +60,42 @@ public enum ConfigurationParser {
     /// root, the daemon's user or the worker's own user can change. A program that does not
     /// exist is left to fail at its start, unless someone else could create it.
     static func checkProgram(_ service: ServiceConfiguration, key: String, file: String) throws(ConfigurationError) {
-        guard case .exec(let argv) = service.program, let name = argv.first else { return }
+        guard let program = programPath(service) else { return }
         var owners = TrustedPath.defaultOwners
         if let user = service.user, let entry = UserIdentity.lookUpUser(user) { owners.insert(entry.uid) }
-        var program = name
-        if !name.contains("/") {
-            let directories = WorkerEnvironment.searchPath(service).split(separator: ":").map(String.init)
-            guard let found = directories.map({ (directory: String) -> String in "\(directory)/\(name)" })
-                .first(where: { (candidate: String) -> Bool in access(candidate, X_OK) == 0 }) else {
-                return
-            }
-            program = found
-        }
         do throws(UntrustedPathError) {
             try TrustedPath.checkFile(program, missing: .allowIfOnlyTrustedCanCreate, owners: owners)
         } catch {
             throw ConfigurationError(file: file, key: key,
                                      problem: "program \(program) refused: \(error); root starts only a program that "
                                          + "nobody but root or the worker's user can change")
+        }
+    }
+
+    /// The `exec` program as the worker's execvp(3) finds it: a name without `/` looked up in the
+    /// worker's PATH; nil for a built-in worker or a name found nowhere.
+    static func programPath(_ service: ServiceConfiguration) -> String? {
+        guard case .exec(let argv) = service.program, let name = argv.first else { return nil }
+        guard !name.contains("/") else { return name }
+        return WorkerEnvironment.searchPath(service).split(separator: ":").map { "\($0)/\(name)" }
+            .first { access($0, X_OK) == 0 }
+    }
+
+    /// `preload_bind = true`: the library must be there and trusted (root loads it into every
+    /// worker), and the program one the dynamic loader preloads it into (BindPreload.problem).
+    static func checkPreloadBind(_ service: ServiceConfiguration, key: String, file: String) throws(ConfigurationError) {
+        guard service.preloadBind else { return }
+        let library = BindPreload.libraryPath()
+        do throws(UntrustedPathError) {
+            try TrustedPath.checkFile(library, missing: .refuse)
+        } catch {
+            throw ConfigurationError(file: file, key: key, problem: "the bind preload library \(library) refused: "
+                + "\(error); it is installed with the daemon (\(BindPreload.installedLocation) beside its bin/ folder), "
+                + "or named by \(BindPreload.libraryVariable)")
+        }
+        guard let program = programPath(service) else { return }
+        if let problem = BindPreload.problem(program: program) {
+            throw ConfigurationError(file: file, key: key, problem: problem)
         }
     }
 
@@ -163,7 +182,7 @@ public enum ConfigurationParser {
         "restart_backoff_min_ms", "restart_backoff_max_ms", "healthy_after_ms", "ready_after_ms",
         "failover_after_ms", "watchdog_ms", "environment", "flow_tracking", "flow_idle_timeout_ms",
         "max_tracked_flows", "max_new_flows_per_second", "drain_timeout_ms", "quic", "notify", "ready_timeout_ms",
-        "drain_signal",
+        "drain_signal", "preload_bind",
     ]
 
     /// The signals `drain_signal` may name: those a server commonly takes as "finish what you
@@ -349,6 +368,11 @@ public enum ConfigurationParser {
         }
         service.tracking = try parseTracking(reader)
         service.quic = try parseQuic(reader, listen: listen)
+        service.preloadBind = try reader.boolean("preload_bind") ?? false
+        if service.preloadBind, case .builtin = program {
+            throw reader.error("preload_bind", "applies to an exec program that binds its own sockets; a built-in "
+                + "worker serves the sockets it is given")
+        }
         return service
     }
 

@@ -36,7 +36,7 @@ struct ControlCommands {
             if let busy = supervisor.reexecRefusal { return .failure(busy) }
             supervisor.reexecRequested = true
             return ControlResponse(ok: true, message: "re-executing \(supervisor.executable) in pid \(getpid()): "
-                + "\(supervisor.workers.count) workers stay and are adopted")
+                + "\(supervisor.table.servingCount) workers stay and are adopted")
         case .restart(let position, let index):
             let service = supervisor.services[position]
             guard let slot = service.slot(index) else {
@@ -219,7 +219,8 @@ extension Supervisor {
                 leaving: leavingWorkers(of: service.name),
                 settings: ServiceSettings(flowTracking: service.plane.tracksFlows,
                                           flowIdleTimeoutMs: service.plane.options.tracking.idleTimeoutMs,
-                                          readyTimeoutMs: service.configuration.readyTimeoutMs))
+                                          readyTimeoutMs: service.configuration.readyTimeoutMs),
+                invariantViolations: service.plane.invariantViolations + workerInvariantViolations)
         }
     }
 

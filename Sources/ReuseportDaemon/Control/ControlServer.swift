@@ -37,15 +37,6 @@ final class ControlServer {
         var refusal: String?
     }
 
-    /// Another daemon answers on the control socket.
-    struct AlreadyRunning: Error, CustomStringConvertible {
-        var path: String
-        var description: String {
-            "another reuseportd is running: its control socket \(path) answers "
-                + "(use another --run-dir and --pin-dir to run a second one)"
-        }
-    }
-
     /// The run folder's mode when the daemon makes it. Search (x) for everyone, read and write
     /// for root alone: a worker of any `user` must reach `notify.sock` in it (NotifySocket, mode
     /// 0666; who sent a notification is the kernel's word, not the path's), as any process
@@ -62,7 +53,7 @@ final class ControlServer {
         path = ControlDefaults.socketPath(runDirectory: runDirectory)
         try TrustedPath.makeDirectory(runDirectory, mode: ControlServer.runDirectoryMode)
         try ControlServer.letWorkersThrough(runDirectory, logger: logger)
-        if ControlServer.answers(path) { throw AlreadyRunning(path: path) }
+        if ControlServer.answers(path) { throw DaemonError.alreadyRunning(controlSocket: path) }
         unlink(path)
         descriptor = try Syscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), nonBlocking: true, "AF_UNIX")
         try Syscall.bind(descriptor.fd, unixPath: path)

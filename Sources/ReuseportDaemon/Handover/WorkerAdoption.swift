@@ -74,7 +74,7 @@ struct WorkerAdoption {
                 do {
                     let cookies = try arrays.enumerated().map { index, array in
                         guard let array, let cookie = try array.cookie(at: slot) else {
-                            throw AdoptionError("listener \(index) has no socket at slot \(slot) in its pinned array")
+                            throw DaemonError.adoption("listener \(index) has no socket at slot \(slot) in its pinned array")
                         }
                         return cookie
                     }
@@ -125,7 +125,7 @@ struct WorkerAdoption {
         }
         return try cookies.enumerated().map { index, cookie in
             guard let socket = found.removeValue(forKey: cookie) else {
-                throw AdoptionError("pid \(pid) holds no socket with listener \(index)'s cookie \(cookie)"
+                throw DaemonError.adoption("pid \(pid) holds no socket with listener \(index)'s cookie \(cookie)"
                     + (lastError.map { " (\($0))" } ?? ""))
             }
             return socket
@@ -133,7 +133,3 @@ struct WorkerAdoption {
     }
 }
 
-struct AdoptionError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}

@@ -83,7 +83,7 @@ final class ServiceManagerNotifier {
         let running = slots.filter { $0.state == .running }.count
         var line = "\(services.count) service\(services.count == 1 ? "" : "s"), "
         if supervisor.stopping {
-            let left = supervisor.workers.count + supervisor.retiring.count + supervisor.draining.count
+            let left = supervisor.table.pids.count
             line += "stopping, \(left) worker\(left == 1 ? "" : "s") left"
         } else {
             line += "\(running)/\(slots.count) workers running"

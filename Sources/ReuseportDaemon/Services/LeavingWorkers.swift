@@ -12,12 +12,15 @@ import ReuseportKit
 extension Supervisor {
     /// The leaving workers of `service`, by pid.
     func leaving(of service: String) -> [LeavingRecords.Record] {
-        processes.filter { $0.value.origin.service == service && !$0.value.leaderExited && workers[$0.key] == nil }
+        table.entries.filter { pid, entry in
+            entry.processes.origin.service == service && !entry.processes.leaderExited && table.serving(pid) == nil
+        }
             .sorted { $0.key < $1.key }
-            .map { pid, started in
+            .map { pid, entry in
+                let started = entry.processes
                 var state = RP_LEAVING_STOPPING
                 var hold: UInt64 = 0
-                if let drain = draining[pid] {
+                if let drain = table.drain(of: pid) {
                     if let until = drain.holdWorkerUntil, drain.sockets.isEmpty {
                         state = RP_LEAVING_HOLDING
                         hold = UInt64(max(until, 0))
@@ -47,7 +50,7 @@ extension Supervisor {
     /// stop timeout): the queue it drained is no longer this daemon's to watch.
     func adoptLeaving(of service: ServiceRuntime) {
         let now = MonotonicClock.nanoseconds()
-        for record in service.takeInheritedLeaving() where processes[record.pid] == nil {
+        for record in service.takeInheritedLeaving() where !table.contains(record.pid) {
             let pid = record.pid
             let row = record.value
             switch WorkerAdoption.identify(pid, startTime: row.start_time) {
@@ -66,11 +69,11 @@ extension Supervisor {
                     let drain = SlotDrain(service: service, slot: row.slot, sockets: [],
                                           deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
                     drain.holdWorkerUntil = hold
-                    draining[pid] = drain
+                    table.startDrain(pid, drain)
                     service.logger.notice(
                         "slot \(row.slot): adopted leaving worker pid \(pid) of generation \(row.generation); it keeps its connections for \((hold - now) / 1_000_000) ms")
                 } else {
-                    retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+                    table.stop(pid, killAt: now + configuration.stopTimeoutMs.msAsNs)
                     try? Syscall.pidfdSignal(pidfd, SIGTERM)
                     service.logger.notice(
                         "slot \(row.slot): adopted leaving worker pid \(pid) of generation \(row.generation): stopping it")

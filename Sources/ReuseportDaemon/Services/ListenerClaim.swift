@@ -13,20 +13,12 @@ import ReuseportKit
 /// group of this user: both together identify the case. (TCP probes set SO_REUSEADDR so that
 /// connections in TIME_WAIT from an earlier run do not count.)
 enum ListenerClaim {
-    struct Taken: Error, CustomStringConvertible {
-        var endpoint: Endpoint
-        var description: String {
-            "\(endpoint) is already bound by another socket (another reuseportd, or a server using SO_REUSEPORT): "
-                + "joining its reuseport group would take over that group's traffic, so the daemon will not start it"
-        }
-    }
-
-    /// Throws `Taken` if a reuseport group holds `endpoint`. A holder without SO_REUSEPORT is
+    /// Throws `DaemonError.listenerTaken` if a reuseport group holds `endpoint`. A holder without SO_REUSEPORT is
     /// left to the real bind, whose EADDRINUSE then names the address.
     static func checkFree(_ endpoint: Endpoint) throws {
         guard endpoint.address.port != 0, !probeBinds(endpoint, reusePort: false), probeBinds(endpoint, reusePort: true)
         else { return }
-        throw Taken(endpoint: endpoint)
+        throw DaemonError.listenerTaken(endpoint)
     }
 
     /// Whether a fresh socket can bind `endpoint` now (errors other than EADDRINUSE count as yes:

@@ -199,6 +199,15 @@ final class ServiceRuntime {
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
                                          existing: existing,
                                          socketArrays: pinnedArrays)
+            // Slots that were failed over lent their buckets, and the pins keep the lent table:
+            // their new workers get their share back as a change, which keeps the live flows.
+            do {
+                if let plan = try plane.rebalanceIfStarved(now: MonotonicClock.nanoseconds()) {
+                    logger.notice("slots without their share of buckets (failed over before the restart): \(plan.movingBuckets) buckets come back once their live flows are recorded")
+                }
+            } catch {
+                logger.error("cannot give starved slots their buckets back: \(error)")
+            }
             let change = try plane.maps.readTransition()
             if change.phase != RP_TRANSITION_NONE.rawValue {
                 self.configuration.workers = (plane.pending?.slots ?? plane.slots).count
@@ -376,10 +385,10 @@ final class ServiceRuntime {
         for (slot, byListener) in inherited {
             do {
                 checked[slot] = try endpoints.indices.map { index in
-                    guard let descriptor = byListener[index] else { throw AdoptionError("no socket for listener \(index)") }
+                    guard let descriptor = byListener[index] else { throw DaemonError.adoption("no socket for listener \(index)") }
                     let socket = try ReuseportSocket(adopting: descriptor, expected: endpoints[index])
                     guard let cookie = try arrays[index]?.cookie(at: slot), try socket.cookie() == cookie else {
-                        throw AdoptionError("listener \(index)'s socket is not the one the pinned array holds at the slot")
+                        throw DaemonError.adoption("listener \(index)'s socket is not the one the pinned array holds at the slot")
                     }
                     return socket
                 }
@@ -457,7 +466,7 @@ final class ServiceRuntime {
     }
 
     /// Records a state change and publishes the slot's row in rp_slot_state.
-    func transition(_ slot: SlotRecord, to state: WorkerState) {
+    func setWorkerState(_ slot: SlotRecord, to state: WorkerState) {
         if slot.state != state {
             slot.state = state
             slot.sinceNs = WallClock.nanoseconds()
@@ -466,14 +475,10 @@ final class ServiceRuntime {
     }
 
     func publish(_ slot: SlotRecord) {
-        var flags: UInt32 = 0
-        if isLeaving(slot) { flags |= UInt32(RP_SLOT_LEAVING) }
-        if isJoining(slot) { flags |= UInt32(RP_SLOT_JOINING) }
-        if plane.slots.contains(slot.index) { flags |= UInt32(RP_SLOT_IN_SET) }
         let row = rp_slot_state(pid: UInt32(slot.pid ?? 0), state: slot.state.rawValue, restarts: slot.restarts,
                                 generation: slot.generation, since_ns: slot.sinceNs, socket_cookie: slot.socketCookie,
                                 stalls: slot.stalls, watchdog_restarts: slot.watchdogRestarts,
-                                records: UInt32(clamping: slot.records), flags: flags,
+                                records: UInt32(clamping: slot.records), flags: plane.model.rowFlags(of: slot.index),
                                 start_time: slot.pid == nil ? 0 : slot.startTime)
         do {
             try plane.publish(row, slot: slot.index)
@@ -482,17 +487,28 @@ final class ServiceRuntime {
         }
     }
 
-    /// Whether the slot's buckets are lent to the live slots, or will be at the switch of the
-    /// change being learned (a restore in progress is not: its slot is back at the switch).
-    func isFailedOver(_ slot: SlotRecord) -> Bool { (plane.pending?.failed ?? plane.failedOver).contains(slot.index) }
-
-    /// A slot a scale-down removes: from the switch on it takes no new flow; it retires once drained.
-    func isLeaving(_ slot: SlotRecord) -> Bool {
-        plane.leaving.contains(slot.index) || plane.pending.map { !$0.slots.contains(slot.index) } == true
+    /// Logs the invariants of the placement that an operation broke since the last call
+    /// (ServiceDataPlane.invariantViolations): a bug, said once, with what is wrong.
+    func reportBrokenInvariants() {
+        let count = plane.invariantViolationCount
+        guard count > reportedViolations else { return }
+        for broken in plane.invariantViolations.suffix(min(count - reportedViolations, plane.invariantViolations.count)) {
+            logger.error("placement invariant broken (a bug; please report it with `reuseportctl map dump`): \(broken)")
+        }
+        reportedViolations = count
     }
 
+    private var reportedViolations = 0
+
+    /// Whether the slot's buckets are lent to the live slots, or will be at the switch of the
+    /// change being learned (a restore in progress is not: its slot is back at the switch).
+    func isFailedOver(_ slot: SlotRecord) -> Bool { plane.model.isFailedOver(slot.index) }
+
+    /// A slot a scale-down removes: from the switch on it takes no new flow; it retires once drained.
+    func isLeaving(_ slot: SlotRecord) -> Bool { plane.model.isLeaving(slot.index) }
+
     /// A slot a scale-up added: it takes flows from the switch on.
-    func isJoining(_ slot: SlotRecord) -> Bool { !plane.slots.contains(slot.index) && !plane.leaving.contains(slot.index) }
+    func isJoining(_ slot: SlotRecord) -> Bool { plane.model.isJoining(slot.index) }
 
     /// Lends the slot's buckets to the live slots (the data plane moves no other bucket).
     /// Returns how many moved, or nil when the table could not be written (logged).

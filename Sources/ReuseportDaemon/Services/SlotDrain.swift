@@ -105,7 +105,7 @@ extension Supervisor {
     /// holds its connections (`holdWorkerUntil`): then only the sockets close, and the worker is
     /// stopped when the hold ends.
     func checkDrain(_ pid: pid_t, now: Int64) {
-        guard let drain = draining[pid] else { return }
+        guard let drain = table.drain(of: pid) else { return }
         if drain.listenersReleased {
             guard let hold = drain.holdWorkerUntil, now < hold else {
                 endDrain(pid, now: now, counting: false)
@@ -161,13 +161,13 @@ extension Supervisor {
     /// Ends a drain: stops its worker unless it `exited` (reaped already), counts what is still
     /// queued when `counting`, closes the daemon's copies of the sockets.
     func endDrain(_ pid: pid_t, now: Int64, counting: Bool, reason: String = "", exited: Bool = false) {
-        guard let drain = draining.removeValue(forKey: pid) else { return }
+        guard let drain = table.endDrain(pid) else { return }
         if counting {
             finish(drain, reason: reason)
         } else {
             drain.closeSockets()
         }
-        if !exited { retire(pid, now: now) }
+        if !exited { stopWorker(pid, now: now) }
     }
 
     /// Counts and logs what is still queued at a removed slot, and closes its sockets.

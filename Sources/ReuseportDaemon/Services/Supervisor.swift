@@ -18,22 +18,12 @@ final class Supervisor {
     let executable: String
     let logger: Logger
     var services: [ServiceRuntime] = []
-    /// Live workers that belong to a slot.
-    var workers: [pid_t: (service: ServiceRuntime, slot: SlotRecord)] = [:]
-    /// Workers being stopped (restarted, scaled away, at shutdown, or exited with processes
-    /// left behind), by the worker's pid → SIGKILL deadline. One leaves this list when the
-    /// worker and every process it started are gone.
-    var retiring: [pid_t: Int64] = [:]
-    /// The processes of every worker start not yet entirely gone, by the worker's pid.
-    private(set) var processes: [pid_t: WorkerProcesses] = [:]
-    /// Workers taken over from a previous daemon (WorkerAdoption), by pid: their pidfds, which
-    /// the loop polls, since a process that is not this one's child sends no SIGCHLD.
-    private(set) var pidfds: [pid_t: OwnedDescriptor] = [:]
+    /// Every worker started or taken over, until it and its processes are gone: serving a slot,
+    /// draining a removed one, or stopping (WorkerTable).
+    var table = WorkerTable()
     /// Where each worker start gets a cgroup (nil: process groups only). Set by `prepareWorkers`.
     private(set) var cgroups: WorkerCgroups?
     private var workerStarts = 0
-    /// Workers of removed slots still reading what was queued at their sockets (scale-down).
-    var draining: [pid_t: SlotDrain] = [:]
     /// The workers' output pipes, by their read end.
     private(set) var outputs: [FileDescriptor: WorkerOutput] = [:]
     /// Output lines not logged (rate limit), by service name and slot, since the daemon started.
@@ -70,8 +60,24 @@ final class Supervisor {
         self.logger = logger
     }
 
+    /// What `WorkerTable.violations` found broken between the table and the slots since the
+    /// daemon started (the last few; a bug if ever not empty), and how many.
+    private(set) var workerInvariantViolations: [String] = []
+    private var lastWorkerViolations: Set<String> = []
+
+    /// Checks the worker table against the slots once a turn of the loop, when everything the
+    /// turn did is done; logs what is newly broken.
+    func checkWorkerTable() {
+        let found = Set(table.violations(services: services))
+        for broken in found.subtracting(lastWorkerViolations).sorted() {
+            logger.error("worker table invariant broken (a bug; please report it): \(broken)")
+            workerInvariantViolations = Array((workerInvariantViolations + ["workers: " + broken]).suffix(16))
+        }
+        lastWorkerViolations = found
+    }
+
     /// Stopping, and every worker has exited.
-    var isStopped: Bool { stopping && workers.isEmpty && retiring.isEmpty && draining.isEmpty }
+    var isStopped: Bool { stopping && table.servingCount == 0 && table.stoppingPids.isEmpty && table.drainingPids.isEmpty }
 
     // MARK: services
 
@@ -86,7 +92,7 @@ final class Supervisor {
                                          ownGroups: ownGroups, inherited: inheritedSockets.take(service: configuration.name),
                                          store: socketStore)
         } catch {
-            throw ServiceStartError(service: configuration.name, underlying: error)
+            throw DaemonError.serviceStart(service: configuration.name, underlying: error)
         }
         services.append(service)
         socketStore?.store(service)
@@ -106,14 +112,14 @@ final class Supervisor {
             return try ServiceRuntime(configuration: configuration, pinRoot: pinRoot, logger: logger,
                                       ownGroups: ownGroups, staged: true, predecessor: predecessor)
         } catch {
-            throw ServiceStartError(service: configuration.name, underlying: error)
+            throw DaemonError.serviceStart(service: configuration.name, underlying: error)
         }
     }
 
     /// Puts a staged service in service, in place of `old` if given: starts its workers on its
     /// sockets (which get no traffic yet), switches every group to its program at once, waits
     /// until the old sockets hold no datagram (after the switch none enters them; the old
-    /// workers answer what is queued), then retires the old workers, closes the old sockets,
+    /// workers answer what is queued), then stops the old workers, closes the old sockets,
     /// and pins the new maps where the old ones were. If the switch fails, the new service is
     /// discarded, the old one serves on, and the error is thrown.
     func replace(_ old: ServiceRuntime?, with new: ServiceRuntime) throws {
@@ -122,7 +128,7 @@ final class Supervisor {
             try new.takeOver(from: old)
         } catch {
             discard(new)
-            throw ServiceStartError(service: new.name, underlying: error)
+            throw DaemonError.serviceStart(service: new.name, underlying: error)
         }
         // The new sockets take the old ones' names in the fd store: the old go first (a removal
         // drops every descriptor of a name).
@@ -137,8 +143,8 @@ final class Supervisor {
                 let drain = SlotDrain(service: new, slot: slot.index, sockets: sockets[slot.index] ?? [],
                                       deadline: now + configuration.stopTimeoutMs.msAsNs, now: now, kind: "replaced")
                 if let pid = slot.pid {
-                    workers.removeValue(forKey: pid)
-                    draining[pid] = drain
+                    table.leaveSlot(pid)
+                    table.startDrain(pid, drain)
                 } else {
                     finish(drain, reason: "it had no worker")
                 }
@@ -153,7 +159,7 @@ final class Supervisor {
             try new.pinInPlace()
         } catch {
             new.logger.error("service \(new.name) serves, but its maps could not be pinned: \(error)")
-            throw ServiceStartError(service: new.name, underlying: error)
+            throw DaemonError.serviceStart(service: new.name, underlying: error)
         }
         new.logger.notice(
             "service \(new.name) listening on \(listeners) with \(new.slots.count) workers, maps pinned at \(new.pins.serviceDirectory)")
@@ -164,7 +170,7 @@ final class Supervisor {
     private func discard(_ service: ServiceRuntime) {
         let now = MonotonicClock.nanoseconds()
         for slot in service.slots {
-            if let pid = slot.pid { retire(pid, now: now) }
+            if let pid = slot.pid { stopWorker(pid, now: now) }
             slot.pid = nil
         }
         service.close()
@@ -214,9 +220,9 @@ final class Supervisor {
 
     /// Stops a service's workers (in the background) and closes its sockets and pins now.
     func stopService(_ service: ServiceRuntime, now: Int64) {
-        for (pid, drain) in draining where drain.service === service { endDrain(pid, now: now, counting: false) }
+        for pid in table.drainingPids where table.drain(of: pid)?.service === service { endDrain(pid, now: now, counting: false) }
         for slot in service.slots {
-            if let pid = slot.pid { retire(pid, now: now) }
+            if let pid = slot.pid { stopWorker(pid, now: now) }
             slot.pid = nil
             slot.nextStartAt = nil
         }
@@ -257,22 +263,22 @@ final class Supervisor {
             output.logger[metadataKey: "pid"] = "\(pid)"
             output.pid = pid
             outputs[output.descriptor.fd] = output
-            workers[pid] = (service, slot)
-            processes[pid] = WorkerProcesses(leader: pid, cgroup: cgroup, origin: WorkerOrigin(
+            let started = WorkerProcesses(leader: pid, cgroup: cgroup, origin: WorkerOrigin(
                 service: service.name, slot: slot.index, generation: slot.generation, startTime: 0))
             if slot.everStarted { slot.restarts &+= 1 }
             slot.everStarted = true
             slot.pid = pid
             // Our child, not yet reaped: the pid cannot have been reused.
             slot.startTime = (try? Syscall.processStartTime(pid)) ?? 0
-            processes[pid]?.origin.startTime = slot.startTime
+            started.origin.startTime = slot.startTime
+            table.serve(pid, processes: started, service: service, slot: slot)
             slot.startedAt = now
             let watchdogMs = service.configuration.watchdogMs
             slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
             slot.notifiedReady = false
             slot.notifiedStatus = nil
             slot.readySinceNs = nil
-            service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
+            service.setWorkerState(slot, to: service.isFailedOver(slot) ? .failedOver : .starting)
             logger.info("worker started, pid \(pid)")
             return nil
         } catch {
@@ -290,7 +296,7 @@ final class Supervisor {
     /// socket copies, with which it sees the queue empty, live only in this image.
     var reexecRefusal: String? {
         if stopping { return "the daemon is stopping" }
-        let busy = draining.values.filter { !$0.sockets.isEmpty }.count
+        let busy = table.drainingPids.compactMap(table.drain(of:)).filter { !$0.sockets.isEmpty }.count
         guard busy == 0 else {
             return "\(busy) workers are draining what was queued at their removed slots (at most stop_timeout_ms, \(configuration.stopTimeoutMs) ms): ask again once they are done"
         }
@@ -309,12 +315,10 @@ final class Supervisor {
                 stopAdopted(service, worker.slot, worker.pid, worker.pidfd, now: now, reason: "its slot is not in the maps")
                 continue
             }
-            workers[worker.pid] = (service, slot)
-            processes[worker.pid] = WorkerProcesses(leader: worker.pid, cgroup: WorkerCgroups.cgroup(of: worker.pid),
-                                                    origin: WorkerOrigin(service: service.name, slot: slot.index,
-                                                                         generation: slot.generation,
-                                                                         startTime: worker.startTime))
-            pidfds[worker.pid] = worker.pidfd
+            table.serve(worker.pid, processes: WorkerProcesses(
+                leader: worker.pid, cgroup: WorkerCgroups.cgroup(of: worker.pid),
+                origin: WorkerOrigin(service: service.name, slot: slot.index, generation: slot.generation,
+                                     startTime: worker.startTime)), pidfd: worker.pidfd, service: service, slot: slot)
             slot.pid = worker.pid
             slot.startTime = worker.startTime
             slot.startedAt = now
@@ -327,7 +331,7 @@ final class Supervisor {
             slot.downSince = nil
             service.lastReadyAt = now
             service.adoptedWorkers += 1
-            service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .running)
+            service.setWorkerState(slot, to: service.isFailedOver(slot) ? .failedOver : .running)
             if let pipe = inheritedOutputs.removeValue(forKey: worker.pid) {
                 var logger = service.logger
                 logger[metadataKey: "slot"] = "\(slot.index)"
@@ -363,23 +367,21 @@ final class Supervisor {
     /// SIGTERM through the pidfd, SIGKILL (to its process group) at the stop timeout; the pidfd
     /// is polled, so its exit is seen although it is not this process's child.
     private func stopThroughPidfd(_ pid: pid_t, _ pidfd: OwnedDescriptor, now: Int64, origin: WorkerOrigin) {
-        processes[pid] = WorkerProcesses(leader: pid, cgroup: nil, origin: origin)
-        pidfds[pid] = pidfd
-        retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+        table.track(pid, processes: WorkerProcesses(leader: pid, cgroup: nil, origin: origin), pidfd: pidfd)
+        table.stop(pid, killAt: now + configuration.stopTimeoutMs.msAsNs)
         try? Syscall.pidfdSignal(pidfd, SIGTERM)
     }
 
     /// Tracks a previous daemon's process, proven by `pidfd`, until it has exited.
     func track(adopted started: WorkerProcesses, pidfd: OwnedDescriptor) {
-        processes[started.leader] = started
-        pidfds[started.leader] = pidfd
+        table.track(started.leader, processes: started, pidfd: pidfd)
     }
 
     /// An adopted worker's pidfd became readable: it exited. Its status is known only if it is
     /// this process's child (a worker of the image before an exec).
     func adoptedExited(_ fd: FileDescriptor) {
-        guard let pid = pidfds.first(where: { $0.value.fd == fd })?.key else { return }
-        pidfds.removeValue(forKey: pid)?.close()
+        guard let pid = table.pid(ofPidfd: fd) else { return }
+        table.closePidfd(of: pid)
         let status = (try? Syscall.wait(pid, block: false))?.status
         processExited(pid, status: status, now: MonotonicClock.nanoseconds())
         forgetFinishedWorkers()
@@ -463,7 +465,7 @@ final class Supervisor {
         // not workers': they are reaped and otherwise ignored).
         while let (pid, status) = try? Syscall.wait(block: false) {
             // An adopted child (after an exec) is reaped here; its pidfd is no longer needed.
-            pidfds.removeValue(forKey: pid)?.close()
+            table.closePidfd(of: pid)
             processExited(pid, status: status, now: now)
         }
         forgetFinishedWorkers()
@@ -472,24 +474,24 @@ final class Supervisor {
     /// A worker's process ended (`status`: nil when it was not this process's child, an adopted
     /// worker of a previous daemon): stop what it left behind, end its drain, or restart its slot.
     private func processExited(_ pid: pid_t, status: WaitStatus?, now: Int64) {
-        guard let exited = processes[pid] else { return }
+        guard let exited = table.processes(of: pid) else { return }
         exited.leaderDidExit()
-        if retiring[pid] == nil, !exited.isEmpty {
+        if table.killAt(pid) == nil, !exited.isEmpty {
             // They hold the slot's socket and would read beside the replacement: stop them.
             let stopMs = configuration.stopTimeoutMs
             logger.warning("worker pid \(pid) left processes behind: SIGTERM to them, SIGKILL after \(stopMs) ms")
             exited.signalAll(SIGTERM)
-            retiring[pid] = now + stopMs.msAsNs
+            table.stop(pid, killAt: now + stopMs.msAsNs)
         }
         let sentence = status?.sentence ?? "exited (an adopted worker: its status is its old parent's)"
         // An adopted worker's status is unknown: count it as a signal death (restart at once
         // after a healthy run, as for any worker killed from outside).
         let status = status ?? .killed(signal: SIGKILL)
-        if draining[pid] != nil {
+        if table.drain(of: pid) != nil {
             endDrain(pid, now: now, counting: true, reason: "its worker \(sentence)", exited: true)
             return
         }
-        guard let (service, slot) = workers.removeValue(forKey: pid) else { return }
+        guard let (service, slot) = table.leaveSlot(pid) else { return }
         let lived = now - (slot.startedAt ?? now)
         slot.pid = nil
         slot.startedAt = nil
@@ -504,10 +506,7 @@ final class Supervisor {
 
     /// Drops every worker start whose worker has exited and whose processes are all gone.
     func forgetFinishedWorkers() {
-        for (pid, left) in processes where left.leaderExited && left.release() {
-            processes.removeValue(forKey: pid)
-            retiring.removeValue(forKey: pid)
-        }
+        table.forgetFinished()
     }
 
     /// After an exit (`status`; nil: the worker could not be spawned): start again at once after
@@ -544,21 +543,21 @@ final class Supervisor {
             var random = SystemRandomNumberGenerator()
             delay = RestartPolicy.jittered(delay, using: &random)
             slot.nextStartAt = now + delay.msAsNs
-            service.transition(slot, to: service.isFailedOver(slot) ? .failedOver : .backoff)
+            service.setWorkerState(slot, to: service.isFailedOver(slot) ? .failedOver : .backoff)
             service.logger.info("slot \(slot.index): next start in \(delay) ms")
         }
     }
 
     /// Sends SIGTERM to every process of a worker; SIGKILL follows at the stop timeout.
-    func retire(_ pid: pid_t, now: Int64) {
-        workers.removeValue(forKey: pid)
-        retiring[pid] = now + configuration.stopTimeoutMs.msAsNs
+    func stopWorker(_ pid: pid_t, now: Int64) {
+        table.leaveSlot(pid)
+        table.stop(pid, killAt: now + configuration.stopTimeoutMs.msAsNs)
         signal(pid, SIGTERM)
     }
 
     /// Sends `signal` to every process of the worker `pid`.
     func signal(_ pid: pid_t, _ signal: Int32) {
-        if let tracked = processes[pid] {
+        if let tracked = table.processes(of: pid) {
             tracked.signalAll(signal)
         } else {
             // The worker leads its own process group: its children go too.
@@ -572,7 +571,7 @@ final class Supervisor {
     @discardableResult
     func restart(_ service: ServiceRuntime, _ slot: SlotRecord) -> Error? {
         let now = MonotonicClock.nanoseconds()
-        if let pid = slot.pid { retire(pid, now: now) }
+        if let pid = slot.pid { stopWorker(pid, now: now) }
         slot.pid = nil
         slot.quickExits = 0
         return startWorker(service, slot, now: now)
@@ -669,8 +668,8 @@ final class Supervisor {
                               deadline: now + configuration.stopTimeoutMs.msAsNs, now: now)
         drain.holdWorkerUntil = connectionHold(service, slot, now: now)
         if let pid = slot.pid {
-            workers.removeValue(forKey: pid)
-            draining[pid] = drain
+            table.leaveSlot(pid)
+            table.startDrain(pid, drain)
             // An upgrade's old workers got it at the switch; a scale-down's get it as they leave:
             // a server that takes it finishes its connections and exits by itself.
             if drain.holdWorkerUntil != nil, slot.generation == service.plane.workingGeneration,
@@ -701,20 +700,20 @@ final class Supervisor {
     // MARK: stop
 
     func beginStop(reason: String) {
-        logger.notice("\(reason): stopping \(workers.count) workers (SIGKILL after \(configuration.stopTimeoutMs) ms)")
+        logger.notice("\(reason): stopping \(table.servingCount) workers (SIGKILL after \(configuration.stopTimeoutMs) ms)")
         stopping = true
         let now = MonotonicClock.nanoseconds()
-        for pid in Array(draining.keys) { endDrain(pid, now: now, counting: false) }
-        for (pid, worker) in workers {
+        for pid in table.drainingPids { endDrain(pid, now: now, counting: false) }
+        for worker in table.serving {
             worker.slot.pid = nil
             worker.slot.nextStartAt = nil
-            worker.service.transition(worker.slot, to: .stopping)
-            retire(pid, now: now)
+            worker.service.setWorkerState(worker.slot, to: .stopping)
+            stopWorker(worker.pid, now: now)
         }
         for service in services {
             for slot in service.slots where slot.state != .stopping {
                 slot.nextStartAt = nil
-                service.transition(slot, to: .stopping)
+                service.setWorkerState(slot, to: .stopping)
             }
         }
         // A worker the pins name that this daemon does not supervise (one an adoption missed)
@@ -739,7 +738,7 @@ final class Supervisor {
             for slot in 0..<UInt32(ServiceDataPlane.pinnedSlotBound(maps)) {
                 guard let row = try? maps.readSlotState(slot), row.pid != 0 else { continue }
                 let pid = pid_t(row.pid)
-                guard processes[pid] == nil, workers[pid] == nil, draining[pid] == nil, retiring[pid] == nil,
+                guard !table.contains(pid),
                       case .worker(let pidfd) = WorkerAdoption.identify(pid, startTime: row.start_time)
                 else { continue }
                 found.append((service, slot, pid, pidfd))
@@ -753,30 +752,24 @@ final class Supervisor {
     /// Empty once the stop did what it says.
     func survivingWorkers() -> [(service: String?, pid: pid_t)] {
         unsupervisedPinnedWorkers().map { ($0.service.name, $0.pid) }
-            + processes.filter { !$0.value.leaderExited || !$0.value.isEmpty }.keys.sorted().map { (nil, $0) }
+            + table.entries.filter { !$0.value.processes.leaderExited || !$0.value.processes.isEmpty }.keys.sorted()
+            .map { (nil, $0) }
     }
 
-    /// A second stop signal: the retiring workers' SIGKILL deadlines are now.
-    func killRetiringNow() {
-        for pid in Array(retiring.keys) { retiring[pid] = 0 }
+    /// A second stop signal: the stopping workers' SIGKILL deadlines are now.
+    func killStoppingNow() {
+        table.killStoppingNow()
     }
 
     /// When the daemon cannot go on: SIGKILL to every worker, reap them all, close every
     /// service. Nothing is left running.
     func killAllAndClose() {
         stopping = true
-        for pid in Set(workers.keys).union(retiring.keys).union(processes.keys).union(draining.keys) {
-            signal(pid, SIGKILL)
-        }
+        for pid in table.pids { signal(pid, SIGKILL) }
         // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
         while (try? Syscall.wait(block: true)) != nil {}
-        for drain in draining.values { for socket in drain.sockets { socket.close() } }
-        for pidfd in pidfds.values { pidfd.close() }
-        pidfds.removeAll()
-        workers.removeAll()
-        retiring.removeAll()
-        processes.removeAll()
-        draining.removeAll()
+        for drain in table.drainingPids.compactMap(table.drain(of:)) { drain.closeSockets() }
+        table.removeAll()
         closeServices(drainingOutput: true)
     }
 }

@@ -14,7 +14,7 @@ enum SupervisorTimer {
     case ready(ServiceRuntime, SlotRecord)
     /// A slot has been down `failoverAfterMs`: its buckets go to live slots.
     case failover(ServiceRuntime, SlotRecord)
-    /// A retiring worker did not stop in time: SIGKILL.
+    /// A worker being stopped did not stop in time: SIGKILL.
     case kill(pid_t)
     /// A removed slot's worker is reading what was queued at its sockets: check the queues.
     case drain(pid_t)
@@ -30,7 +30,7 @@ enum SupervisorTimer {
 }
 
 extension Supervisor {
-    /// Every timer, slot by slot (start, ready, failover, watchdog), then the retiring and
+    /// Every timer, slot by slot (start, ready, failover, watchdog), then the stopping and
     /// draining workers, then the stall check.
     func timers() -> [SupervisorTimer] {
         var timers: [SupervisorTimer] = []
@@ -41,7 +41,7 @@ extension Supervisor {
                            .watchdog(service, slot)]
             }
         }
-        return timers + retiring.keys.map { .kill($0) } + draining.keys.map { .drain($0) } + [.stallCheck]
+        return timers + table.stoppingPids.map { .kill($0) } + table.drainingPids.map { .drain($0) } + [.stallCheck]
     }
 
     /// When `timer` is due, or nil while its condition does not hold.
@@ -61,10 +61,10 @@ extension Supervisor {
             return down + service.configuration.failoverAfterMs.msAsNs
         case .kill(let pid):
             // Int64.max: SIGKILL sent, waiting for SIGCHLD.
-            guard let deadline = retiring[pid], deadline != Int64.max else { return nil }
+            guard let deadline = table.killAt(pid), deadline != Int64.max else { return nil }
             return deadline
         case .drain(let pid):
-            return draining[pid]?.nextCheck
+            return table.drain(of: pid)?.nextCheck
         case .watchdog(let service, let slot):
             guard slot.pid != nil, !stopping, service.configuration.watchdogMs > 0 else { return nil }
             return slot.watchdogDeadline
@@ -99,8 +99,8 @@ extension Supervisor {
                 signal(pid, SIGKILL)
                 // One watched through a pidfd (adopted or found in the pins) need not lead its
                 // process group, which the line above signals: the pidfd names it in any case.
-                if let pidfd = pidfds[pid] { try? Syscall.pidfdSignal(pidfd, SIGKILL) }
-                retiring[pid] = Int64.max
+                if let pidfd = table.pidfd(of: pid) { try? Syscall.pidfdSignal(pidfd, SIGKILL) }
+                table.killSent(pid)
             case .drain(let pid):
                 checkDrain(pid, now: now)
             case .watchdog(let service, let slot):
@@ -128,7 +128,7 @@ extension Supervisor {
             }
         }
         slot.readySinceNs = WallClock.nanoseconds()
-        service.transition(slot, to: .running)
+        service.setWorkerState(slot, to: .running)
         checkUpgrade(service, now: MonotonicClock.nanoseconds())
     }
 
@@ -149,6 +149,6 @@ extension Supervisor {
         }
         service.logger.warning(
             "slot \(slot.index) down for \(service.configuration.failoverAfterMs) ms: its \(lent) buckets now point at live slots (failover \(service.failovers))")
-        service.transition(slot, to: .failedOver)
+        service.setWorkerState(slot, to: .failedOver)
     }
 }

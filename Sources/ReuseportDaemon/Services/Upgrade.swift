@@ -51,7 +51,7 @@ extension Supervisor {
         let now = MonotonicClock.nanoseconds()
         if let current = service.upgrade, current.inProgress {
             guard current.status.phase == .starting else {
-                throw UpgradeError("generation \(current.status.generation) is learning the live flows it takes over; "
+                throw DaemonError.upgrade("generation \(current.status.generation) is learning the live flows it takes over; "
                     + "start another upgrade once it switched")
             }
             abandonUpgrade(service, reason: "replaced by a newer upgrade", now: now)
@@ -91,7 +91,7 @@ extension Supervisor {
             if let error = startWorker(service, record, now: now) {
                 let reason = "slot \(record.index)'s worker could not start: \(error)"
                 abandonUpgrade(service, reason: reason, now: now)
-                throw UpgradeError("generation \(starting.generation) abandoned: \(reason)")
+                throw DaemonError.upgrade("generation \(starting.generation) abandoned: \(reason)")
             }
         }
         return upgrade
@@ -104,7 +104,7 @@ extension Supervisor {
     func rollBack(_ service: ServiceRuntime) throws -> Upgrade {
         let plane = service.plane
         guard let last = service.upgrade, last.status.phase == .switched else {
-            throw UpgradeError("nothing to roll back to: \(service.name) has no switched upgrade "
+            throw DaemonError.upgrade("nothing to roll back to: \(service.name) has no switched upgrade "
                 + (service.upgrade.map { "(the last is \($0.status.phase.rawValue))" } ?? "since the daemon started"))
         }
         let target = UInt32(last.status.previous)
@@ -113,7 +113,7 @@ extension Supervisor {
         do {
             plan = try plane.rollBack(to: target, now: now)
         } catch {
-            throw UpgradeError("cannot roll \(service.name) back to generation \(target): \(error)")
+            throw DaemonError.upgrade("cannot roll \(service.name) back to generation \(target): \(error)")
         }
         let records = service.slots.filter { $0.generation == target }
         // Its workers are running already: ready, and learning, from now.
@@ -226,7 +226,7 @@ extension Supervisor {
     func abandonUpgrade(_ service: ServiceRuntime, reason: String, now: Int64) {
         guard let upgrade = service.upgrade, upgrade.status.phase == .starting else { return }
         for record in upgrade.records {
-            if let pid = record.pid { retire(pid, now: now) }
+            if let pid = record.pid { stopWorker(pid, now: now) }
             service.clear(record)
         }
         let removed = Set(upgrade.records.map(ObjectIdentifier.init))
@@ -272,11 +272,6 @@ extension Supervisor {
     }
 }
 
-/// Why an upgrade could not start or roll back.
-struct UpgradeError: Error, CustomStringConvertible {
-    var description: String
-    init(_ description: String) { self.description = description }
-}
 
 /// "4, 5, 6".
 private func list(_ slots: [UInt32]) -> String { slots.map(String.init).joined(separator: ", ") }

@@ -40,7 +40,7 @@ public struct BuiltinWorker {
                                             hint: "fd \(fd) is not a socket")
             }
             guard type == Int32(SOCK_DGRAM.rawValue) || type == Int32(SOCK_STREAM.rawValue) else {
-                throw WorkerError("fd \(fd) is neither a datagram nor a stream socket")
+                throw DaemonError.worker("fd \(fd) is neither a datagram nor a stream socket")
             }
             listeners[fd] = type == Int32(SOCK_STREAM.rawValue)
             try? Syscall.setNonBlocking(FileDescriptor(rawValue: fd), true)

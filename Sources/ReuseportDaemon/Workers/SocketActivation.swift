@@ -41,10 +41,10 @@ public struct ActivatedSockets: Sendable {
     /// Reads and checks `LISTEN_*` as sd_listen_fds() does: `LISTEN_PID` must be this
     /// process, the descriptors are made close-on-exec, and the variables are removed so
     /// that a child of the worker does not take them for its own.
-    public static func fromEnvironment() throws(WorkerError) -> ActivatedSockets {
+    public static func fromEnvironment() throws(DaemonError) -> ActivatedSockets {
         let environment = ProcessEnvironment.current
         guard let sockets = try take(from: environment, limit: 1023) else {
-            throw WorkerError("no sockets were passed (LISTEN_FDS is not set): start this worker from reuseportd, "
+            throw DaemonError.worker("no sockets were passed (LISTEN_FDS is not set): start this worker from reuseportd, "
                 + "or under systemd-socket-activate (e.g. systemd-socket-activate --datagram -l 5300 reuseportd worker whoami)")
         }
         return sockets
@@ -56,20 +56,20 @@ public struct ActivatedSockets: Sendable {
     /// variables are malformed, name another process (`LISTEN_PID`) or more than `limit`
     /// descriptors, or one of them is not open. Takes them: close-on-exec, and the variables
     /// are removed from this process's environment so that no child takes them for its own.
-    static func take(from environment: [String: String], limit: Int) throws(WorkerError) -> ActivatedSockets? {
+    static func take(from environment: [String: String], limit: Int) throws(DaemonError) -> ActivatedSockets? {
         guard let countText = environment[ActivationEnvironment.listenFDs] else { return nil }
         guard let count = Int(countText), count > 0, count <= limit else {
-            throw WorkerError("LISTEN_FDS=\(countText) is not a number of sockets (1 to \(limit))")
+            throw DaemonError.worker("LISTEN_FDS=\(countText) is not a number of sockets (1 to \(limit))")
         }
         if let pidText = environment[ActivationEnvironment.listenPID] {
             guard let pid = Int32(pidText), pid == getpid() else {
-                throw WorkerError("LISTEN_PID=\(pidText) is not this process (\(getpid())): the sockets are meant for another")
+                throw DaemonError.worker("LISTEN_PID=\(pidText) is not this process (\(getpid())): the sockets are meant for another")
             }
         }
         let descriptors = (0..<Int32(count)).map { ActivationEnvironment.firstDescriptor + $0 }
         for fd in descriptors {
             guard fcntl(fd, F_SETFD, FD_CLOEXEC) == 0 else {
-                throw WorkerError("fd \(fd) of LISTEN_FDS=\(count) is not open: \(String(cString: strerror(errno)))")
+                throw DaemonError.worker("fd \(fd) of LISTEN_FDS=\(count) is not open: \(String(cString: strerror(errno)))")
             }
         }
         var names = environment[ActivationEnvironment.listenFDNames]?.split(separator: ":", omittingEmptySubsequences: false)
@@ -84,13 +84,6 @@ public struct ActivatedSockets: Sendable {
     }
 }
 
-/// A worker that cannot start for a reason of its own: a missing or foreign activation
-/// environment, a user that does not exist, a daemon already gone. Failed calls are
-/// `ReuseportError`s.
-public struct WorkerError: Error, CustomStringConvertible {
-    public var description: String
-    public init(_ description: String) { self.description = description }
-}
 
 /// The process environment as a dictionary (reading `environ`).
 enum ProcessEnvironment {

@@ -29,16 +29,16 @@ public struct UserIdentity: Sendable, Equatable {
     }
 
     /// Resolves the configured `user` and `group`; nil for both means "stay as we are".
-    public static func resolve(user: String?, group: String?) -> Result<UserIdentity, IdentityError> {
+    public static func resolve(user: String?, group: String?) -> Result<UserIdentity, DaemonError> {
         var identity = UserIdentity()
         if let user {
-            guard let entry = lookUpUser(user) else { return .failure(IdentityError(what: "no such user '\(user)'")) }
+            guard let entry = lookUpUser(user) else { return .failure(DaemonError.identity("no such user '\(user)'")) }
             identity.uid = entry.uid
             identity.gid = entry.gid
             identity.userName = entry.name
         }
         if let group {
-            guard let gid = lookUpGroup(group) else { return .failure(IdentityError(what: "no such group '\(group)'")) }
+            guard let gid = lookUpGroup(group) else { return .failure(DaemonError.identity("no such group '\(group)'")) }
             identity.gid = gid
         }
         return .success(identity)
@@ -46,31 +46,21 @@ public struct UserIdentity: Sendable, Equatable {
 
     /// Drops to this identity: supplementary groups, then gid, then uid (the order matters:
     /// after setuid the process may no longer change its groups).
-    public func apply() -> Result<Void, IdentityError> {
+    public func apply() -> Result<Void, DaemonError> {
         // Already that user and group (a daemon not run as root, configured with its own user):
         // nothing to change, and setgroups would need privileges.
         guard uid.map({ $0 != getuid() }) ?? false || gid.map({ $0 != getgid() }) ?? false else { return .success(()) }
         if let gid {
             if let userName, uid != nil {
-                if initgroups(userName, gid) != 0 { return .failure(.system("initgroups(\(userName), \(gid))")) }
+                if initgroups(userName, gid) != 0 { return .failure(.identityCall("initgroups(\(userName), \(gid))")) }
             } else {
                 var groups = [gid]
-                if setgroups(1, &groups) != 0 { return .failure(.system("setgroups([\(gid)])")) }
+                if setgroups(1, &groups) != 0 { return .failure(.identityCall("setgroups([\(gid)])")) }
             }
-            if setgid(gid) != 0 { return .failure(.system("setgid(\(gid))")) }
+            if setgid(gid) != 0 { return .failure(.identityCall("setgid(\(gid))")) }
         }
-        if let uid, setuid(uid) != 0 { return .failure(.system("setuid(\(uid))")) }
+        if let uid, setuid(uid) != 0 { return .failure(.identityCall("setuid(\(uid))")) }
         return .success(())
     }
 }
 
-public struct IdentityError: Error, CustomStringConvertible {
-    public var what: String
-    public var description: String { what }
-
-    static func system(_ call: String) -> IdentityError {
-        let code = errno
-        let hint = code == EPERM ? " (changing user or group needs root or CAP_SETUID/CAP_SETGID)" : ""
-        return IdentityError(what: "\(call): \(String(cString: strerror(code)))\(hint)")
-    }
-}

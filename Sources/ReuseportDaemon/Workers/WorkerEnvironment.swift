@@ -16,7 +16,8 @@ import ReuseportKit
 ///    `LISTEN_PID` is set by the worker itself before exec) and `REUSEPORT_SLOT`,
 ///    `REUSEPORT_SERVICE`, `REUSEPORT_GENERATION`; for a service with QUIC steering, `REUSEPORT_QUIC_SERVER_ID`,
 ///    `REUSEPORT_QUIC_CID_LENGTH`, `REUSEPORT_QUIC_CONFIG_ROTATION`. A configuration may not set
-///    these (`reserved`).
+///    these (`reserved`). With `preload_bind`, `LD_PRELOAD` names the bind preload library
+///    (BindPreload.swift) before anything the service's own `LD_PRELOAD` names.
 enum WorkerEnvironment {
     /// systemd's default for services (`DEFAULT_PATH` in src/basic/path-util.h, split /usr).
     static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -56,6 +57,16 @@ enum WorkerEnvironment {
                 (ActivationEnvironment.quicCIDLength, "\(quic.cidLength)"),
                 (ActivationEnvironment.quicConfigRotation, "\(quic.configRotation)"),
             ]
+        }
+        // preload_bind: the bind preload library first, so that its bind() is the one the program
+        // calls, before any the service's own LD_PRELOAD names (ld.so(8): space-separated).
+        if service.preloadBind {
+            let library = BindPreload.libraryPath()
+            if let index = entries.firstIndex(where: { $0.name == "LD_PRELOAD" }) {
+                entries[index].value = library + " " + entries[index].value
+            } else {
+                entries.append(("LD_PRELOAD", library))
+            }
         }
         // The notification protocol (sd_notify(3)): the daemon's socket for this worker, and the
         // watchdog interval when the service has one. WATCHDOG_PID is set by the worker itself.

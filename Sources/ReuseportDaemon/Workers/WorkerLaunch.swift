@@ -87,7 +87,7 @@ public struct WorkerExec {
         }
         switch UserIdentity.resolve(user: user, group: group).flatMap({ $0.apply() }) {
         case .success: break
-        case .failure(let error): throw WorkerError("cannot run as user \(user ?? "-") group \(group ?? "-"): \(error)")
+        case .failure(let error): throw DaemonError.worker("cannot run as user \(user ?? "-") group \(group ?? "-"): \(error)")
         }
         // A change between two non-zero uids keeps the ambient set, which execve() passes on.
         try Syscall.clearAmbientCapabilities()
@@ -100,7 +100,7 @@ public struct WorkerExec {
         // execs itself leaves them serving, and the next one adopts them (WorkerAdoption). A
         // daemon gone before the program even starts could not have published this pid, so no
         // later daemon would know the worker: then it does not start.
-        guard getppid() == parent else { throw WorkerError("the daemon (pid \(parent)) is gone; not starting") }
+        guard getppid() == parent else { throw DaemonError.worker("the daemon (pid \(parent)) is gone; not starting") }
         // As systemd's IgnoreSIGPIPE= (on by default) does for services: a worker whose daemon
         // died writes its output into a pipe without reader, and gets EPIPE, not a fatal signal.
         signal(SIGPIPE, SIG_IGN)

@@ -23,7 +23,7 @@ extension Supervisor {
     /// of a slot (`worker(of:)`): a helper the worker forked may speak for it, as with systemd's
     /// NotifyAccess=all limited to the worker.
     func notified(_ message: NotifyMessage, from sender: pid_t, now: Int64) -> Bool {
-        guard let leader = worker(of: sender), let (service, slot) = workers[leader], slot.pid == leader else {
+        guard let leader = worker(of: sender), let (service, slot) = table.serving(leader), slot.pid == leader else {
             return false
         }
         let watchdogMs = service.configuration.watchdogMs
@@ -53,12 +53,12 @@ extension Supervisor {
     /// are root's. Workers are now started in a session of their own (`WorkerSpawn`), so the
     /// process group of a worker without a cgroup can be joined only from inside that worker.
     func worker(of pid: pid_t) -> pid_t? {
-        if workers[pid] != nil { return pid }
+        if table.serving(pid) != nil { return pid }
         if let cgroup = WorkerCgroups.cgroup(ofProcess: pid),
-           let owner = processes.first(where: { workers[$0.key] != nil && $0.value.cgroup == cgroup })?.key {
+           let owner = table.serving.first(where: { table.processes(of: $0.pid)?.cgroup == cgroup })?.pid {
             return owner
         }
-        guard let group = Syscall.processGroup(of: pid), workers[group] != nil, processes[group]?.cgroup == nil
+        guard let group = Syscall.processGroup(of: pid), table.serving(group) != nil, table.processes(of: group)?.cgroup == nil
         else { return nil }
         return group
     }
@@ -73,7 +73,7 @@ extension Supervisor {
         service.logger.error(
             "slot \(slot.index): worker pid \(pid) sent no WATCHDOG=1 for \(service.configuration.watchdogMs) ms: SIGABRT, SIGKILL after \(stopMs) ms (watchdog restart \(slot.watchdogRestarts))")
         signal(pid, SIGABRT)
-        if retiring[pid] == nil { retiring[pid] = now + stopMs.msAsNs }
+        table.stop(pid, killAt: now + stopMs.msAsNs, keepingEarlier: true)
         service.publish(slot)
     }
 
@@ -110,10 +110,10 @@ extension Supervisor {
                     slot.stalls &+= 1
                     service.logger.error(
                         "slot \(slot.index): worker pid \(slot.pid ?? 0) is not reading: its receive queue is full and the kernel dropped \(sample.newDrops) datagrams in the last second (stall \(slot.stalls))")
-                    service.transition(slot, to: .stalled)
+                    service.setWorkerState(slot, to: .stalled)
                 } else if slot.state == .stalled, sample.drained {
                     service.logger.notice("slot \(slot.index): receive queue drained, running again")
-                    service.transition(slot, to: .running)
+                    service.setWorkerState(slot, to: .running)
                 }
             }
         }
