@@ -56,8 +56,9 @@ APT_PACKAGES += prometheus
 # ... Debian's unbound: an unmodified third-party worker the upgrade tests deploy (socket activation,
 # sd_notify); the tests run the binary as a worker, not the package's own service.
 APT_PACKAGES += unbound
-# ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c).
-APT_PACKAGES += gcc libc6-dev
+# ... a C compiler: ExampleWorkerTests builds the C example worker (docs/examples/worker.c), and Go
+# the Go one (docs/examples/worker.go; standard library only, Debian's Go).
+APT_PACKAGES += gcc libc6-dev golang-go
 # ... OpenVPN (Debian's 2.6) and ping: BindPreloadOpenVPNTests run unmodified OpenVPN servers as
 # workers through the bind preload library, with clients in network namespaces.
 APT_PACKAGES += openvpn iputils-ping
@@ -378,6 +379,9 @@ unit-check: $(OUTPUT)/.unit-deps
 # `make build` has mostly done, and runs each with --experimental-dump-help; it needs no network);
 # bash, zsh and fish completions from --generate-completion-script.
 DIST_DIR      := $(OUTPUT)/dist
+# The man pages are finished by dist/man/finish.awk: these internal subcommands left out (the plugin
+# lists them although they are hidden from --help), and EXIT STATUS from dist/man/<product>.exit-status.
+MAN_HIDDEN    := exec-worker check-config
 DIST_PRODUCTS := reuseportd reuseportctl
 MAN_DATE      := $(shell date -u -d @$(SOURCE_DATE_EPOCH) +%Y-%m-%d)
 
@@ -397,7 +401,9 @@ dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps $(PRELOAD_LIB)
 	$(Q)$(SWIFT) package $(SWIFT_FLAGS) plugin generate-manual --configuration debug --section 8 --date $(MAN_DATE) \
 		>$(OUTPUT)/generate-manual.log 2>&1 || { cat $(OUTPUT)/generate-manual.log; exit 1; }
 	$(Q)for product in $(DIST_PRODUCTS); do \
-		gzip -9n <.build/plugins/GenerateManual/outputs/$$product/$$product.8 >$(DIST_DIR)/man/$$product.8.gz || exit 1; \
+		awk -v HIDDEN="$(MAN_HIDDEN)" -v EXIT=dist/man/$$product.exit-status -f dist/man/finish.awk \
+			.build/plugins/GenerateManual/outputs/$$product/$$product.8 >$(DIST_DIR)/man/$$product.8 && \
+			gzip -9nf $(DIST_DIR)/man/$$product.8 || exit 1; \
 		for shell in bash zsh fish; do \
 			$(DIST_DIR)/bin/$$product --generate-completion-script $$shell >$(DIST_DIR)/completions/$$product.$$shell \
 				|| exit 1; \
@@ -405,22 +411,30 @@ dist: $(OUTPUT)/.abi-stamp $(OUTPUT)/.dist-deps $(PRELOAD_LIB)
 	done
 
 # `make install` (PREFIX, DESTDIR). The units name /usr/bin and /usr/share/doc (the package's
-# paths): they are rewritten for PREFIX. An existing configuration file is never replaced.
+# paths): they are rewritten for PREFIX. The configuration has one path whatever the PREFIX,
+# /etc/reuseportd/reuseportd.toml (the units, the docs and the package name it; SYSCONFDIR=
+# moves it, and the units with it). An existing configuration file is never replaced.
 PREFIX      ?= /usr/local
 DESTDIR     ?=
 BINDIR      := $(PREFIX)/bin
 PRELOADDIR  := $(PREFIX)/lib/reuseportd
-SYSCONFDIR  ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+SYSCONFDIR  ?= /etc
 UNITDIR     ?= $(PREFIX)/lib/systemd/system
 MANDIR      := $(PREFIX)/share/man
 DOCDIR      := $(PREFIX)/share/doc/reuseportd
 COMPLETIONS := bash:share/bash-completion/completions/% zsh:share/zsh/vendor-completions/_% \
 	fish:share/fish/vendor_completions.d/%.fish
 UNITS       := dist/reuseportd.service dist/reuseportd-metrics.service
-DOCS        := README.md docs/operations.md docs/configuration.md docs/cli.md docs/architecture.md \
-	docs/kernel-support.md docs/benchmarks.md docs/benchmarks.png
-# The example workers (docs/examples: C and Python; ExampleWorkerTests runs both as workers).
-EXAMPLES    := docs/examples/worker.c docs/examples/worker.py
+# Every doc, flat in DOCDIR (README.md beside the rest); DOC_LINKS rewrites the links that cross the
+# source tree's folders so that they resolve there (README's docs/X, the docs' ../README.md, the units
+# under ../dist, which are installed in UNITDIR: ../../../lib/systemd/system from DOCDIR). make deb-check
+# checks every relative link of the installed docs (Tests/systemd-vm/check-doc-links.py).
+DOCS        := README.md $(wildcard docs/*.md) docs/benchmarks.png
+DOC_LINKS   := -e 's|](docs/|](|g' -e 's|](\.\./README\.md|](README.md|g' \
+	-e 's|](\.\./dist/\(reuseportd[a-z-]*\.service\)|](../../../lib/systemd/system/\1|g'
+# The example workers and configurations (docs/examples: C, Python and Go workers, which ExampleWorkerTests
+# runs as workers; the QUIC service docs/cli.md's examples run against).
+EXAMPLES    := docs/examples/worker.c docs/examples/worker.py docs/examples/worker.go docs/examples/quic.toml
 UNIT_PATHS  := -e 's|/usr/bin/|$(BINDIR)/|g' -e 's|/etc/reuseportd/|$(SYSCONFDIR)/reuseportd/|g' \
 	-e 's|/usr/share/doc/reuseportd/|$(DOCDIR)/|g'
 
@@ -439,12 +453,19 @@ install-files:
 	done
 	$(Q)[ -e $(DESTDIR)$(SYSCONFDIR)/reuseportd/reuseportd.toml ] || \
 		install -m 0644 dist/reuseportd.toml $(DESTDIR)$(SYSCONFDIR)/reuseportd/reuseportd.toml
-	$(Q)install -m 0644 $(DIST_DIR)/man/*.8.gz $(DESTDIR)$(MANDIR)/man8/
+	$(Q)for page in $(DIST_DIR)/man/*.8.gz; do \
+		zcat $$page | sed $(UNIT_PATHS) | gzip -9n >$(DESTDIR)$(MANDIR)/man8/$$(basename $$page) && \
+		chmod 0644 $(DESTDIR)$(MANDIR)/man8/$$(basename $$page) || exit 1; \
+	done
 	$(Q)for product in $(DIST_PRODUCTS); do for entry in $(COMPLETIONS); do \
 		shell=$${entry%%:*}; path=$(DESTDIR)$(PREFIX)/$$(echo $${entry#*:} | sed "s/%/$$product/"); \
 		install -D -m 0644 $(DIST_DIR)/completions/$$product.$$shell $$path || exit 1; \
 	done; done
-	$(Q)install -m 0644 $(DOCS) $(DESTDIR)$(DOCDIR)/
+	$(Q)for doc in $(DOCS); do \
+		case $$doc in *.md) sed $(DOC_LINKS) $$doc >$(DESTDIR)$(DOCDIR)/$$(basename $$doc) && \
+			chmod 0644 $(DESTDIR)$(DOCDIR)/$$(basename $$doc) || exit 1;; \
+		*) install -m 0644 $$doc $(DESTDIR)$(DOCDIR)/ || exit 1;; esac; \
+	done
 	$(Q)install -d $(DESTDIR)$(DOCDIR)/examples && install -m 0644 $(EXAMPLES) $(DESTDIR)$(DOCDIR)/examples/
 
 # `make deb`: the package, with dpkg-deb (no debhelper): `make install` with PREFIX=/usr into a

@@ -128,7 +128,9 @@ let package = Package(
         ]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         // CLibbpf: raw map calls on descriptors copied out of the metrics server (their exact errno).
-        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl", "CLibbpf"],
+        // reuseportctl: its registry of metric families, which the docs' tables are held to.
+        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl", "CLibbpf",
+                                                             "reuseportctl"],
                     exclude: ["golden"]),
         // Runs the real reuseportd binary (built beside the test bundle) against real sockets.
         .testTarget(

@@ -60,16 +60,19 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
         let bpf = call.hasPrefix("bpf")
         let mapCall = call.hasPrefix("bpf_map_")
         // Calls on paths (pins, the run folder): a permission error there is about who we are.
-        let fileCall = ["bpf_obj_get", "bpf_obj_pin", "open", "mkdir", "unlink", "rmdir", "chmod"].contains {
+        // A Unix socket's bind names its path (`bind(/run/reuseportd/control.sock)`): a file call, not a port.
+        let fileCall = ["bpf_obj_get", "bpf_obj_pin", "open", "mkdir", "unlink", "rmdir", "chmod", "bind(/"].contains {
             call.hasPrefix($0)
         }
         switch errno {
         case EPERM where bpf || call.hasPrefix("mount"):
             return "needs root, or CAP_BPF with CAP_NET_ADMIN (and CAP_SYS_ADMIN to mount bpffs)"
-        case EPERM where call.hasPrefix("bind"), EACCES where call.hasPrefix("bind"):
-            return "ports below 1024 need root or CAP_NET_BIND_SERVICE"
         case EPERM where fileCall, EACCES where fileCall:
             return "needs root"
+        case EPERM where call.hasPrefix("bind"), EACCES where call.hasPrefix("bind"):
+            return "ports below 1024 need root or CAP_NET_BIND_SERVICE"
+        case EADDRINUSE where call.hasPrefix("bind(/"):
+            return "a file is in the way at that path"
         case EADDRINUSE where call.hasPrefix("bind") || call.hasPrefix("listen"):
             return "another socket holds this address without SO_REUSEPORT, or under another user"
         case EADDRNOTAVAIL where call.hasPrefix("bind"):

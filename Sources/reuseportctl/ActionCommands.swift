@@ -158,7 +158,16 @@ struct RestartCommand: ParsableCommand {
 
     func run() throws {
         let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: action.timeout)
-        let name = try location.actionService(service.service, client: client)
+        let status = try location.actionServiceStatus(service.service, client: client)
+        let name = status.name
+        // A slot the service does not have is a bad argument (status 2), as a slot beyond any
+        // service's is in validate(); only the daemon knows which slots a service has.
+        let slots = status.slots.map(\.slot)
+        guard slots.contains(slot) else {
+            throw CtlError.badArgument("SLOT \(slot): service \(name) has no such slot; "
+                + (slots.min().map { "its slots are \($0) to \(slots.max() ?? $0)" } ?? "it has none"),
+                command: Self.self)
+        }
         let before = location.pinnedSnapshot(name)?.slots.first { $0.index == slot }
         let response = try client.perform(ControlRequest(command: .restart, service: name, slot: slot))
         print(response.message ?? "restart of slot \(slot) of \(name) accepted")

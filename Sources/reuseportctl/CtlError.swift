@@ -1,3 +1,4 @@
+import ArgumentParser
 import ReuseportKit
 
 /// A runtime failure of a command: the daemon, the pins or the kernel did not give what was
@@ -21,6 +22,9 @@ enum CtlError: Error, CustomStringConvertible {
     case upgradeAbandoned(service: String, generation: Int, reason: String)
     case canaryRolledBack(service: String, generation: Int, reason: String)
     case kernel(Error)
+    /// An argument only the daemon's answer shows to be wrong (a slot the service does not have):
+    /// `main` exits with status 2, as for the argument errors found while parsing, with `command`'s usage.
+    case badArgument(String, command: ParsableCommand.Type)
     /// Some services were shown, these could not be read.
     case unreadable([CtlError])
 
@@ -56,6 +60,8 @@ enum CtlError: Error, CustomStringConvertible {
             return "\(service): generation \(generation)'s canary was rolled back: \(reason)"
         case .kernel(let error):
             return "\(error)"
+        case .badArgument(let reason, _):
+            return reason
         case .unreadable(let failures):
             return failures.map(\.description).joined(separator: "\nreuseportctl: error: ")
         }

@@ -25,7 +25,7 @@ struct FeaturesCommand: ParsableCommand {
             """
     )
 
-    @Flag(help: "Print JSON (schema: docs/cli.md).")
+    @Flag(help: "Print JSON (schema: cli.md in /usr/share/doc/reuseportd).")
     var json = false
 
     func run() throws {

@@ -37,7 +37,7 @@ struct MapDumpCommand: ParsableCommand {
     @OptionGroup(title: "Locations") var location: LocationOptions
     @OptionGroup var service: ServiceOption
 
-    @Flag(help: "Print JSON (schema: docs/cli.md, \"version\": \(MapDump.version)).")
+    @Flag(help: "Print JSON (schema: cli.md in /usr/share/doc/reuseportd, \"version\": \(MapDump.version)).")
     var json = false
 
     func run() throws {

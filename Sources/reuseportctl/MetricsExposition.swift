@@ -10,8 +10,9 @@ enum MetricsExposition {
     typealias DaemonStatus = [String: ServiceStatus]
 
     /// The text exposition format (0.0.4) of `services`.
-    static func render(_ services: [ServiceSnapshot], daemon: DaemonStatus? = nil, unreadable: Int? = nil) -> String {
-        registry(services, daemon: daemon, unreadable: unreadable).emitToString()
+    static func render(_ services: [ServiceSnapshot], daemon: DaemonStatus? = nil, daemonVersion: String? = nil,
+                       unreadable: Int? = nil) -> String {
+        registry(services, daemon: daemon, daemonVersion: daemonVersion, unreadable: unreadable).emitToString()
     }
 
     /// The daemon's status, if its control socket answers within a second; nil otherwise (no
@@ -31,176 +32,140 @@ enum MetricsExposition {
         return Dictionary(services.map { ($0.name, $0) }) { first, _ in first }
     }
 
-    static func registry(_ services: [ServiceSnapshot], daemon: DaemonStatus? = nil,
+    static func registry(_ services: [ServiceSnapshot], daemon: DaemonStatus? = nil, daemonVersion: String? = nil,
                          unreadable: Int? = nil) -> PrometheusCollectorRegistry {
         let registry = PrometheusCollectorRegistry()
         let builder = Builder(registry: registry)
+        builder.addBuild("reuseportctl", BuildVersion.string)
+        if let daemonVersion { builder.addBuild("reuseportd", daemonVersion) }
         for service in services {
             builder.add(service)
             if let status = daemon?[service.name] { builder.add(status, of: service.name) }
         }
-        if let unreadable {
-            registry.makeGauge(descriptor: descriptor("reuseport_unreadable_services",
-                                                      "Services whose maps could not be read at this scrape."))
-                .set(Int64(unreadable))
-        }
+        if let unreadable { builder.gauge(.unreadableServices, [], UInt64(unreadable)) }
         return registry
     }
 
-    /// Our names are whole (unit suffix included), as docs/cli.md lists them.
-    private static func descriptor(_ name: String, _ help: String) -> MetricNameDescriptor {
-        MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+    /// The commit of a version string as `make` writes it (`0.1.0~gitDATE.COMMIT`, `-dirty`
+    /// kept); "unknown" when the version does not have that form (a build without make).
+    static func commit(of version: String) -> String {
+        guard version.contains("~git"), let dot = version.lastIndex(of: ".") else { return "unknown" }
+        return String(version[version.index(after: dot)...])
     }
 
     private struct Builder {
         let registry: PrometheusCollectorRegistry
 
-        func counter(_ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
-            registry.makeCounter(descriptor: descriptor(name, help), labels: labels).increment(by: Int64(clamping: value))
+        /// Our names are whole (unit suffix included), as docs/cli.md lists them.
+        private func descriptor(_ family: MetricFamily) -> MetricNameDescriptor {
+            MetricNameDescriptor(metricName: family.rawValue, unitName: "", helpText: family.help)
         }
 
-        func gauge(_ name: String, _ help: String, _ labels: [(String, String)], _ value: UInt64) {
-            registry.makeGauge(descriptor: descriptor(name, help), labels: labels).set(Int64(clamping: value))
+        func counter(_ family: MetricFamily, _ labels: [(String, String)], _ value: UInt64) {
+            precondition(family.kind == .counter && labels.map(\.0) == family.labels, "\(family) as registered")
+            registry.makeCounter(descriptor: descriptor(family), labels: labels).increment(by: Int64(clamping: value))
+        }
+
+        func gauge(_ family: MetricFamily, _ labels: [(String, String)], _ value: UInt64) {
+            precondition(family.kind == .gauge && labels.map(\.0) == family.labels, "\(family) as registered")
+            registry.makeGauge(descriptor: descriptor(family), labels: labels).set(Int64(clamping: value))
+        }
+
+        /// `reuseport_build_info`: 1, with the binary's version and commit as labels (the usual
+        /// Prometheus way to join a build to the other series).
+        func addBuild(_ binary: String, _ version: String) {
+            let commit = MetricsExposition.commit(of: version)
+            gauge(.buildInfo, [("binary", binary), ("version", version), ("commit", commit)], 1)
         }
 
         func add(_ service: ServiceSnapshot) {
             let name = ("service", service.name)
             for slot in service.slots {
                 let labels = [name, ("slot", "\(slot.index)")]
-                counter("reuseport_slot_packets_total",
-                        "Datagrams (UDP) or connection requests (TCP) the program steered to the slot.",
+                counter(.slotPacketsTotal,
                         labels, slot.counters.packets)
-                counter("reuseport_slot_bytes_total", "UDP payload bytes the program steered to the slot.",
+                counter(.slotBytesTotal,
                         labels, slot.counters.bytes)
-                counter("reuseport_slot_fallbacks_total",
-                        "Packets steered to the slot because their own slot had no socket.", labels,
-                        slot.counters.fallbacks)
+                counter(.slotFallbacksTotal, labels, slot.counters.fallbacks)
                 for socket in slot.sockets {
                     guard let drops = socket.diagnosis?.drops else { continue }
-                    counter("reuseport_slot_receive_drops_total",
-                            "Packets the kernel dropped at the slot's socket (sk_drops), per listener.",
+                    counter(.slotReceiveDropsTotal,
                             labels + [("listener", "\(socket.listener)")], drops)
                 }
-                gauge("reuseport_slot_buckets", "Entries of the bucket table that name the slot.", labels,
-                      UInt64(slot.buckets))
-                counter("reuseport_slot_worker_restarts_total", "Worker starts after the first, per slot.", labels,
-                        UInt64(slot.state.restarts))
-                counter("reuseport_slot_stalls_total",
-                        "Times the slot was marked stalled: its receive queue stayed full while the kernel dropped datagrams.",
+                gauge(.slotBuckets, labels, UInt64(slot.buckets))
+                counter(.slotWorkerRestartsTotal, labels, UInt64(slot.state.restarts))
+                counter(.slotStallsTotal,
                         labels, UInt64(slot.state.stalls))
-                gauge("reuseport_slot_flow_records", "Live flow records naming the slot (daemon's last sweep).", labels,
-                      UInt64(slot.state.records))
-                gauge("reuseport_slot_leaving", "1 while a scale-down drains the slot.", labels, slot.isLeaving ? 1 : 0)
-                gauge("reuseport_slot_generation", "The generation of the slot's worker definition.", labels,
-                      UInt64(slot.state.generation))
-                counter("reuseport_slot_watchdog_restarts_total",
-                        "Workers stopped (SIGABRT) for sending no WATCHDOG=1 within watchdog_ms, per slot.", labels,
-                        UInt64(slot.state.watchdog_restarts))
+                gauge(.slotFlowRecords, labels, UInt64(slot.state.records))
+                gauge(.slotLeaving, labels, slot.isLeaving ? 1 : 0)
+                gauge(.slotGeneration, labels, UInt64(slot.state.generation))
+                counter(.slotWatchdogRestartsTotal, labels, UInt64(slot.state.watchdog_restarts))
                 for state in WorkerState.all {
-                    gauge("reuseport_slot_state", "The slot's worker state (1 for the current state).",
+                    gauge(.slotState,
                           labels + [("state", "\(state)")], slot.workerState == state ? 1 : 0)
                 }
                 if service.quic != nil {
-                    counter("reuseport_slot_quic_cid_steered_total",
-                            "QUIC packets steered to the slot by the server ID in their connection ID.", labels,
-                            slot.quic.cid_steered)
-                    counter("reuseport_slot_quic_dcid_hashed_total",
-                            "QUIC long-header packets steered to the slot by the hash of their DCID.", labels,
-                            slot.quic.dcid_hashed)
+                    counter(.slotQuicCidSteeredTotal, labels, slot.quic.cid_steered)
+                    counter(.slotQuicDcidHashedTotal, labels, slot.quic.dcid_hashed)
                 }
                 for listener in service.listeners {
-                    gauge("reuseport_slot_socket_up", "1 if the slot has a socket in the listener's array.",
+                    gauge(.slotSocketUp,
                           labels + [("listener", "\(listener.index)")], listener.cookies[slot.index] == nil ? 0 : 1)
                 }
             }
-            gauge("reuseport_slots", "Slots configured (rp_config.slot_count).", [name], UInt64(service.config.slot_count))
-            gauge("reuseport_live_slots",
-                  "Slots holding a socket, over which the fallback table is spread (rp_config.live_count).", [name],
-                  UInt64(service.config.live_count))
-            gauge("reuseport_buckets", "Entries of the bucket table in use.", [name], UInt64(service.config.bucket_count))
+            gauge(.slots, [name], UInt64(service.config.slot_count))
+            gauge(.liveSlots, [name], UInt64(service.config.live_count))
+            gauge(.buckets, [name], UInt64(service.config.bucket_count))
             let global = service.global
-            counter("reuseport_dropped_no_slot_total",
-                    "Packets dropped because no slot had a socket (or no configuration).", [name], global.dropped_no_slot)
-            counter("reuseport_unparsable_total", "Packets the program could not parse (dropped).", [name],
-                    global.unparsable)
-            counter("reuseport_fallbacks_total", "Packets whose slot had no socket, sent to a live one.", [name],
-                    global.fallbacks)
-            counter("reuseport_select_errors_total", "bpf_sk_select_reuseport() failures other than an empty slot.",
+            counter(.droppedNoSlotTotal, [name], global.dropped_no_slot)
+            counter(.unparsableTotal, [name], global.unparsable)
+            counter(.fallbacksTotal, [name], global.fallbacks)
+            counter(.selectErrorsTotal,
                     [name], global.select_errors)
-            counter("reuseport_tcp_migrated_total",
-                    "TCP requests of a closing listener the program moved to a live slot (Linux 5.14+).", [name],
-                    global.migrated)
-            counter("reuseport_tcp_migrate_failed_total",
-                    "TCP requests of a closing listener that found no live slot (the kernel resets them).", [name],
-                    global.migrate_failed)
+            counter(.tcpMigratedTotal, [name], global.migrated)
+            counter(.tcpMigrateFailedTotal, [name], global.migrate_failed)
             let flows = service.flows
-            counter("reuseport_flow_records_created_total",
-                    "Flow records made while buckets learned for a placement change.", [name], flows.recorded)
-            counter("reuseport_flows_untracked_total",
-                    "Flows not recorded because max_tracked_flows was reached (each counted once).", [name],
-                    flows.untracked)
-            counter("reuseport_flows_untracked_uncounted_total",
-                    "Packets of unrecorded flows that could not even be counted once (marker table full).", [name],
-                    flows.untracked_uncounted)
-            counter("reuseport_flow_records_rate_refused_total",
-                    "Packets whose new flow was refused a record by max_new_flows_per_second.", [name],
-                    flows.rate_refused)
-            counter("reuseport_flow_pinned_packets_total", "Packets sent to the slot their flow record names.", [name],
-                    flows.pinned)
-            counter("reuseport_flow_stale_packets_total",
-                    "Packets whose recorded slot had no socket: they followed the table.", [name], flows.stale)
-            gauge("reuseport_flow_records", "Flow records held now.", [name], UInt64(service.records))
-            gauge("reuseport_flow_records_capacity", "max_tracked_flows: the records rp_flows can hold.", [name],
-                  UInt64(service.trackedCapacity))
-            gauge("reuseport_placement_change_phase", "0: none, 1: learning, 2: draining.", [name],
-                  UInt64(service.transition.phase))
-            gauge("reuseport_working_generation", "The generation taking new flows (0: none recorded).", [name],
-                  UInt64(service.transition.working_generation))
-            gauge("reuseport_last_generation", "The last generation number given out; never given again.", [name],
-                  UInt64(service.transition.last_generation))
+            counter(.flowRecordsCreatedTotal, [name], flows.recorded)
+            counter(.flowsUntrackedTotal, [name], flows.untracked)
+            counter(.flowsUntrackedUncountedTotal, [name], flows.untracked_uncounted)
+            counter(.flowRecordsRateRefusedTotal, [name], flows.rate_refused)
+            counter(.flowPinnedPacketsTotal, [name], flows.pinned)
+            counter(.flowStalePacketsTotal, [name], flows.stale)
+            gauge(.flowRecords, [name], UInt64(service.records))
+            gauge(.flowRecordsCapacity, [name], UInt64(service.trackedCapacity))
+            gauge(.placementChangePhase, [name], UInt64(service.transition.phase))
+            gauge(.workingGeneration, [name], UInt64(service.transition.working_generation))
+            gauge(.lastGeneration, [name], UInt64(service.transition.last_generation))
             if service.quic != nil { addQuic(service.quicCounters, [name]) }
         }
 
         /// The service's QUIC counters (rp_quic_stats), when it steers QUIC by connection ID.
         func addQuic(_ quic: rp_quic_stats, _ labels: [(String, String)]) {
-            let counters: [(String, String, UInt64)] = [
-                ("reuseport_quic_cid_steered_total", "QUIC packets steered by the server ID in their connection ID.",
-                 quic.cid_steered),
-                ("reuseport_quic_initials_total", "QUIC long-header Initial packets.", quic.initials),
-                ("reuseport_quic_dcid_hashed_total", "QUIC long-header packets steered by the hash of their DCID.",
-                 quic.dcid_hashed),
-                ("reuseport_quic_unknown_cid_total",
-                 "QUIC short-header packets whose CID is not of the service's layout (flow steering).", quic.unknown_cid),
-                ("reuseport_quic_fallbacks_total",
-                 "QUIC short-header packets whose CID names a slot without a socket (flow steering).", quic.fallbacks),
-                ("reuseport_quic_version_negotiation_total", "QUIC version negotiation packets (dropped).",
-                 quic.version_negotiation),
-                ("reuseport_quic_unparsable_total", "UDP payloads too short for a QUIC header and DCID (dropped).",
-                 quic.unparsable),
+            let counters: [(MetricFamily, UInt64)] = [
+                (.quicCidSteeredTotal, quic.cid_steered),
+                (.quicInitialsTotal, quic.initials),
+                (.quicDcidHashedTotal, quic.dcid_hashed),
+                (.quicUnknownCidTotal, quic.unknown_cid),
+                (.quicFallbacksTotal, quic.fallbacks),
+                (.quicVersionNegotiationTotal, quic.version_negotiation),
+                (.quicUnparsableTotal, quic.unparsable),
             ]
-            for (metric, help, value) in counters { counter(metric, help, labels, value) }
+            for (family, value) in counters { counter(family, labels, value) }
         }
 
         /// The daemon's own counters (since it started): absent from an older daemon's answer.
         func add(_ status: ServiceStatus, of service: String) {
             let name = ("service", service)
-            let perService: [(String, String, Int?)] = [
-                ("reuseport_failovers_total", "Slots failed over (their buckets moved to live slots) since the daemon started.",
-                 status.failovers),
-                ("reuseport_rescue_starts_total",
-                 "Workers started at once, without back-off, because every other slot was down.", status.rescueStarts),
-                ("reuseport_removed_slot_drops_total",
-                 "Datagrams left unread at removed slots' sockets after a scale-down.", status.removedSlotDrops),
-                ("reuseport_upgrades_started_total", "Upgrades (new generations) started since the daemon started.",
-                 status.upgrades?.started),
-                ("reuseport_upgrades_switched_total",
-                 "Upgrades and roll backs whose buckets switched to their generation.", status.upgrades?.switched),
-                ("reuseport_upgrades_abandoned_total",
-                 "Upgrades given up before their switch (a worker exited or was not ready in time).",
-                 status.upgrades?.abandoned),
+            let perService: [(MetricFamily, Int?)] = [
+                (.failoversTotal, status.failovers),
+                (.rescueStartsTotal, status.rescueStarts),
+                (.removedSlotDropsTotal, status.removedSlotDrops),
+                (.upgradesStartedTotal, status.upgrades?.started),
+                (.upgradesSwitchedTotal, status.upgrades?.switched),
+                (.upgradesAbandonedTotal, status.upgrades?.abandoned),
             ]
-            for (metric, help, value) in perService {
-                if let value { counter(metric, help, [name], UInt64(clamping: value)) }
+            for (family, value) in perService {
+                if let value { counter(family, [name], UInt64(clamping: value)) }
             }
             if let upgrade = status.upgrade, upgrade.phase == .canary {
                 let labels = [name, ("generation", "\(upgrade.generation)")]
@@ -213,14 +178,10 @@ enum MetricsExposition {
             for slot in status.slots {
                 let labels = [name, ("slot", "\(slot.slot)")]
                 if let lines = slot.droppedOutputLines {
-                    counter("reuseport_slot_dropped_output_lines_total",
-                            "Lines of the slot's worker output the daemon did not log (over its rate limit).", labels,
-                            UInt64(clamping: lines))
+                    counter(.slotDroppedOutputLinesTotal, labels, UInt64(clamping: lines))
                 }
                 if let bytes = slot.droppedOutputBytes {
-                    counter("reuseport_slot_dropped_output_bytes_total",
-                            "Bytes of the slot's worker output the daemon did not log (over its rate limit).", labels,
-                            UInt64(clamping: bytes))
+                    counter(.slotDroppedOutputBytesTotal, labels, UInt64(clamping: bytes))
                 }
                 if let health = slot.health { add(health, labels) }
             }
@@ -248,6 +209,215 @@ enum MetricsExposition {
                   health.healthy ? 1 : 0)
             gauge("reuseport_slot_health_consecutive_failures", "Failed health probes in a row of the slot's worker.",
                   labels, UInt64(clamping: health.consecutiveFailures))
+        }
+    }
+}
+
+/// Every metric family reuseportctl emits (`stats --prometheus`, `serve-metrics`): its name, type,
+/// labels and help. The builder below can emit nothing else, and MetricDocsTests holds the tables of
+/// docs/cli.md to this list, types and labels included.
+enum MetricFamily: String, CaseIterable, Sendable {
+    case buildInfo = "reuseport_build_info"
+    case slotPacketsTotal = "reuseport_slot_packets_total"
+    case slotBytesTotal = "reuseport_slot_bytes_total"
+    case slotFallbacksTotal = "reuseport_slot_fallbacks_total"
+    case slotReceiveDropsTotal = "reuseport_slot_receive_drops_total"
+    case slotBuckets = "reuseport_slot_buckets"
+    case slotWorkerRestartsTotal = "reuseport_slot_worker_restarts_total"
+    case slotStallsTotal = "reuseport_slot_stalls_total"
+    case slotFlowRecords = "reuseport_slot_flow_records"
+    case slotLeaving = "reuseport_slot_leaving"
+    case slotGeneration = "reuseport_slot_generation"
+    case slotWatchdogRestartsTotal = "reuseport_slot_watchdog_restarts_total"
+    case slotState = "reuseport_slot_state"
+    case slotQuicCidSteeredTotal = "reuseport_slot_quic_cid_steered_total"
+    case slotQuicDcidHashedTotal = "reuseport_slot_quic_dcid_hashed_total"
+    case slotSocketUp = "reuseport_slot_socket_up"
+    case slots = "reuseport_slots"
+    case liveSlots = "reuseport_live_slots"
+    case buckets = "reuseport_buckets"
+    case droppedNoSlotTotal = "reuseport_dropped_no_slot_total"
+    case unparsableTotal = "reuseport_unparsable_total"
+    case fallbacksTotal = "reuseport_fallbacks_total"
+    case selectErrorsTotal = "reuseport_select_errors_total"
+    case tcpMigratedTotal = "reuseport_tcp_migrated_total"
+    case tcpMigrateFailedTotal = "reuseport_tcp_migrate_failed_total"
+    case flowRecordsCreatedTotal = "reuseport_flow_records_created_total"
+    case flowsUntrackedTotal = "reuseport_flows_untracked_total"
+    case flowsUntrackedUncountedTotal = "reuseport_flows_untracked_uncounted_total"
+    case flowRecordsRateRefusedTotal = "reuseport_flow_records_rate_refused_total"
+    case flowPinnedPacketsTotal = "reuseport_flow_pinned_packets_total"
+    case flowStalePacketsTotal = "reuseport_flow_stale_packets_total"
+    case flowRecords = "reuseport_flow_records"
+    case flowRecordsCapacity = "reuseport_flow_records_capacity"
+    case placementChangePhase = "reuseport_placement_change_phase"
+    case workingGeneration = "reuseport_working_generation"
+    case lastGeneration = "reuseport_last_generation"
+    case slotDroppedOutputLinesTotal = "reuseport_slot_dropped_output_lines_total"
+    case slotDroppedOutputBytesTotal = "reuseport_slot_dropped_output_bytes_total"
+    case unreadableServices = "reuseport_unreadable_services"
+    case quicCidSteeredTotal = "reuseport_quic_cid_steered_total"
+    case quicInitialsTotal = "reuseport_quic_initials_total"
+    case quicDcidHashedTotal = "reuseport_quic_dcid_hashed_total"
+    case quicUnknownCidTotal = "reuseport_quic_unknown_cid_total"
+    case quicFallbacksTotal = "reuseport_quic_fallbacks_total"
+    case quicVersionNegotiationTotal = "reuseport_quic_version_negotiation_total"
+    case quicUnparsableTotal = "reuseport_quic_unparsable_total"
+    case failoversTotal = "reuseport_failovers_total"
+    case rescueStartsTotal = "reuseport_rescue_starts_total"
+    case removedSlotDropsTotal = "reuseport_removed_slot_drops_total"
+    case upgradesStartedTotal = "reuseport_upgrades_started_total"
+    case upgradesSwitchedTotal = "reuseport_upgrades_switched_total"
+    case upgradesAbandonedTotal = "reuseport_upgrades_abandoned_total"
+
+    enum Kind: String, Sendable { case counter, gauge }
+
+    var kind: Kind {
+        switch self {
+        case .buildInfo, .slotBuckets, .slotFlowRecords, .slotLeaving, .slotGeneration, .slotState, .slotSocketUp,
+             .slots, .liveSlots, .buckets, .flowRecords, .flowRecordsCapacity, .placementChangePhase,
+             .workingGeneration, .lastGeneration, .unreadableServices:
+            return .gauge
+        default:
+            return .counter
+        }
+    }
+
+    /// The labels of its samples, in the order they are written.
+    var labels: [String] {
+        switch self {
+        case .slotPacketsTotal, .slotBytesTotal, .slotFallbacksTotal, .slotBuckets, .slotWorkerRestartsTotal,
+             .slotStallsTotal, .slotFlowRecords, .slotLeaving, .slotGeneration, .slotWatchdogRestartsTotal,
+             .slotQuicCidSteeredTotal, .slotQuicDcidHashedTotal, .slotDroppedOutputLinesTotal,
+             .slotDroppedOutputBytesTotal:
+            return ["service", "slot"]
+        case .slotReceiveDropsTotal, .slotSocketUp:
+            return ["service", "slot", "listener"]
+        case .slotState:
+            return ["service", "slot", "state"]
+        case .slots, .liveSlots, .buckets, .droppedNoSlotTotal, .unparsableTotal, .fallbacksTotal, .selectErrorsTotal,
+             .tcpMigratedTotal, .tcpMigrateFailedTotal, .flowRecordsCreatedTotal, .flowsUntrackedTotal,
+             .flowsUntrackedUncountedTotal, .flowRecordsRateRefusedTotal, .flowPinnedPacketsTotal,
+             .flowStalePacketsTotal, .flowRecords, .flowRecordsCapacity, .placementChangePhase, .workingGeneration,
+             .lastGeneration, .quicCidSteeredTotal, .quicInitialsTotal, .quicDcidHashedTotal, .quicUnknownCidTotal,
+             .quicFallbacksTotal, .quicVersionNegotiationTotal, .quicUnparsableTotal, .failoversTotal,
+             .rescueStartsTotal, .removedSlotDropsTotal, .upgradesStartedTotal, .upgradesSwitchedTotal,
+             .upgradesAbandonedTotal:
+            return ["service"]
+        case .unreadableServices:
+            return []
+        case .buildInfo:
+            return ["binary", "version", "commit"]
+        }
+    }
+
+    var help: String {
+        switch self {
+        case .buildInfo:
+            return "1, labelled with the build of reuseportctl and (stats --prometheus, when it answers) of the daemon."
+        case .slotPacketsTotal:
+            return "Datagrams (UDP) or connection requests (TCP) the program steered to the slot."
+        case .slotBytesTotal:
+            return "UDP payload bytes the program steered to the slot."
+        case .slotFallbacksTotal:
+            return "Packets steered to the slot because their own slot had no socket."
+        case .slotReceiveDropsTotal:
+            return "Packets the kernel dropped at the slot's socket (sk_drops), per listener."
+        case .slotBuckets:
+            return "Entries of the bucket table that name the slot."
+        case .slotWorkerRestartsTotal:
+            return "Worker starts after the first, per slot."
+        case .slotStallsTotal:
+            return "Times the slot was marked stalled: its receive queue stayed full while the kernel dropped "
+                + "datagrams."
+        case .slotFlowRecords:
+            return "Live flow records naming the slot (daemon's last sweep)."
+        case .slotLeaving:
+            return "1 while a scale-down drains the slot."
+        case .slotGeneration:
+            return "The generation of the slot's worker definition."
+        case .slotWatchdogRestartsTotal:
+            return "Workers stopped (SIGABRT) for sending no WATCHDOG=1 within watchdog_ms, per slot."
+        case .slotState:
+            return "The slot's worker state (1 for the current state)."
+        case .slotQuicCidSteeredTotal:
+            return "QUIC packets steered to the slot by the server ID in their connection ID."
+        case .slotQuicDcidHashedTotal:
+            return "QUIC long-header packets steered to the slot by the hash of their DCID."
+        case .slotSocketUp:
+            return "1 if the slot has a socket in the listener's array."
+        case .slots:
+            return "Slots configured (rp_config.slot_count)."
+        case .liveSlots:
+            return "Slots holding a socket, over which the fallback table is spread (rp_config.live_count)."
+        case .buckets:
+            return "Entries of the bucket table in use."
+        case .droppedNoSlotTotal:
+            return "Packets dropped because no slot had a socket (or no configuration)."
+        case .unparsableTotal:
+            return "Packets the program could not parse (dropped)."
+        case .fallbacksTotal:
+            return "Packets whose slot had no socket, sent to a live one."
+        case .selectErrorsTotal:
+            return "bpf_sk_select_reuseport() failures other than an empty slot."
+        case .tcpMigratedTotal:
+            return "TCP requests of a closing listener the program moved to a live slot (Linux 5.14+)."
+        case .tcpMigrateFailedTotal:
+            return "TCP requests of a closing listener that found no live slot (the kernel resets them)."
+        case .flowRecordsCreatedTotal:
+            return "Flow records made while buckets learned for a placement change."
+        case .flowsUntrackedTotal:
+            return "Flows not recorded because max_tracked_flows was reached (each counted once)."
+        case .flowsUntrackedUncountedTotal:
+            return "Packets of unrecorded flows that could not even be counted once (marker table full)."
+        case .flowRecordsRateRefusedTotal:
+            return "Packets whose new flow was refused a record by max_new_flows_per_second."
+        case .flowPinnedPacketsTotal:
+            return "Packets sent to the slot their flow record names."
+        case .flowStalePacketsTotal:
+            return "Packets whose recorded slot had no socket: they followed the table."
+        case .flowRecords:
+            return "Flow records held now."
+        case .flowRecordsCapacity:
+            return "max_tracked_flows: the records rp_flows can hold."
+        case .placementChangePhase:
+            return "0: none, 1: learning, 2: draining."
+        case .workingGeneration:
+            return "The generation taking new flows (0: none recorded)."
+        case .lastGeneration:
+            return "The last generation number given out; never given again."
+        case .slotDroppedOutputLinesTotal:
+            return "Lines of the slot's worker output the daemon did not log (over its rate limit)."
+        case .slotDroppedOutputBytesTotal:
+            return "Bytes of the slot's worker output the daemon did not log (over its rate limit)."
+        case .unreadableServices:
+            return "Services whose maps could not be read at this scrape."
+        case .quicCidSteeredTotal:
+            return "QUIC packets steered by the server ID in their connection ID."
+        case .quicInitialsTotal:
+            return "QUIC long-header Initial packets."
+        case .quicDcidHashedTotal:
+            return "QUIC long-header packets steered by the hash of their DCID."
+        case .quicUnknownCidTotal:
+            return "QUIC short-header packets whose CID is not of the service's layout (flow steering)."
+        case .quicFallbacksTotal:
+            return "QUIC short-header packets whose CID names a slot without a socket (flow steering)."
+        case .quicVersionNegotiationTotal:
+            return "QUIC version negotiation packets (dropped)."
+        case .quicUnparsableTotal:
+            return "UDP payloads too short for a QUIC header and DCID (dropped)."
+        case .failoversTotal:
+            return "Slots failed over (their buckets moved to live slots) since the daemon started."
+        case .rescueStartsTotal:
+            return "Workers started at once, without back-off, because every other slot was down."
+        case .removedSlotDropsTotal:
+            return "Datagrams left unread at removed slots' sockets after a scale-down."
+        case .upgradesStartedTotal:
+            return "Upgrades (new generations) started since the daemon started."
+        case .upgradesSwitchedTotal:
+            return "Upgrades and roll backs whose buckets switched to their generation."
+        case .upgradesAbandonedTotal:
+            return "Upgrades given up before their switch (a worker exited or was not ready in time)."
         }
     }
 }

@@ -170,6 +170,14 @@ struct MetricsServer {
         guard let account = UserAccount.lookUp(command.user) else {
             throw CtlError.unanswerable("no such user '\(command.user)'")
         }
+        // Whoever took over the server after the drop gains nothing by exec (a set-user-ID program,
+        // file capabilities), and its bounding set holds nothing to gain: what the unit's
+        // NoNewPrivileges= and CapabilityBoundingSet= give it, also when it is started by hand as
+        // root. Emptying the bounding set needs CAP_SETPCAP, which the unit does not leave.
+        try Syscall.setNoNewPrivileges()
+        if (try? Syscall.capabilities())?.effective.contains(.setpcap) == true {
+            for capability in try Syscall.boundingSet().members { try Syscall.dropFromBoundingSet(capability) }
+        }
         try Syscall.becomeUser(account)
         // Ends with the keeper, even if it is killed (SIGKILL) and cannot stop us.
         try Syscall.setParentDeathSignal(SIGTERM)

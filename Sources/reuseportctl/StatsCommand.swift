@@ -58,8 +58,10 @@ struct StatsCommand: ParsableCommand {
         let (snapshots, failures) = reader.readEach(names)
         if snapshots.isEmpty, failures.count == 1 { throw failures[0] }
         if prometheus {
-            let daemon = MetricsExposition.daemonStatus(runDirectory: location.runDirectory)
-            print(MetricsExposition.render(snapshots, daemon: daemon), terminator: "")
+            let answer = MetricsExposition.daemonAnswer(runDirectory: location.runDirectory)
+            print(MetricsExposition.render(snapshots, daemon: answer.flatMap(MetricsExposition.byService),
+                                           daemonVersion: answer?.daemon?.version),
+                  terminator: "")
         } else {
             print(snapshots.map { StatsCommand.render($0, previous: nil, seconds: 0) }.joined(separator: "\n"),
                   terminator: "")

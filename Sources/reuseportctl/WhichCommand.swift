@@ -57,7 +57,7 @@ struct WhichCommand: ParsableCommand {
             help: ArgumentHelp("A QUIC destination connection ID in hex: where its packets go.", valueName: "HEX"))
     var quicDCID: String?
 
-    @Flag(help: "Print JSON (schema: docs/cli.md).")
+    @Flag(help: "Print JSON (schema: cli.md in /usr/share/doc/reuseportd).")
     var json = false
 
     func validate() throws {

@@ -34,11 +34,21 @@ func writeStandardError(_ text: String) {
 
 /// Ends the process for `error`: help and clean exits 0 (ArgumentParser prints them),
 /// argument errors 2 with ArgumentParser's message and usage, anything else 1.
+/// Every error, an argument error too, is printed as `reuseportctl: error: ...` (ArgumentParser's
+/// own prefix, `Error: `, is replaced), with the usage after an argument error.
 func exit(for error: Error) -> Never {
+    if case .badArgument(let reason, let command) = error as? CtlError {
+        writeStandardError("reuseportctl: error: \(reason)\n"
+            + "Usage: \(ReuseportCtl.usageString(for: command))\n"
+            + "  See 'reuseportctl \(command.configuration.commandName ?? "") --help' for more information.\n")
+        exit(2)
+    }
     let code = ReuseportCtl.exitCode(for: error)
     if code == .success { ReuseportCtl.exit(withError: error) }
     if code == .validationFailure {
-        writeStandardError(ReuseportCtl.fullMessage(for: error) + "\n")
+        var message = ReuseportCtl.fullMessage(for: error)
+        if message.hasPrefix("Error: ") { message = "reuseportctl: error: " + message.dropFirst("Error: ".count) }
+        writeStandardError(message + "\n")
         exit(2)
     }
     if let exitCode = error as? ExitCode { exit(exitCode.rawValue) }

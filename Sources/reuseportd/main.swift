@@ -24,7 +24,8 @@ struct Reuseportd: ParsableCommand {
             The daemon's options are those of 'run', the default subcommand (see 'reuseportd help run'). \
             Without --config it runs the built-in demo: service "demo" on udp://127.0.0.1:5300 with 4 whoami \
             workers. SIGHUP reloads the configuration; SIGTERM or SIGINT stops gracefully. \
-            See docs/configuration.md and docs/operations.md.
+            The configuration file, the operations and the exit statuses: configuration.md and operations.md in \
+            /usr/share/doc/reuseportd/.
             """,
         version: BuildVersion.string,
         subcommands: [Run.self, Worker.self, ExecWorker.self, CheckConfig.self],

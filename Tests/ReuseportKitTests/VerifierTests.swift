@@ -33,6 +33,15 @@ struct VerifierTests {
         #expect(!load.description.contains("the key is beyond"), "\(load)")
     }
 
+    /// A Unix socket's bind (the control socket) is about its folder, not about ports below 1024.
+    @Test func aUnixSocketsBindIsNotAPortHint() {
+        let unix = ReuseportError.system("bind(/run/reuseportd/control.sock)", EACCES)
+        #expect(!unix.description.contains("ports below 1024"), "\(unix)")
+        #expect(unix.description.contains("needs root"), "\(unix)")
+        let port = ReuseportError.system("bind(udp://127.0.0.1:53)", EACCES)
+        #expect(port.description.contains("ports below 1024"), "\(port)")
+    }
+
     @Test func verdictIsTheLastMessageWithTheStatistics() {
         let log = """
             0: R1=ctx() R10=fp0

@@ -48,6 +48,10 @@ for file in usr/bin/reuseportd usr/bin/reuseportctl \
     usr/share/doc/reuseportd/configuration.md usr/share/doc/reuseportd/copyright \
     usr/share/doc/reuseportd/changelog.Debian.gz \
     usr/share/doc/reuseportd/examples/worker.c usr/share/doc/reuseportd/examples/worker.py \
+    usr/share/doc/reuseportd/examples/worker.go usr/share/doc/reuseportd/examples/quic.toml \
+    usr/share/doc/reuseportd/cli.md usr/share/doc/reuseportd/quic.md usr/share/doc/reuseportd/fuzzing.md \
+    usr/share/doc/reuseportd/architecture.md usr/share/doc/reuseportd/kernel-support.md \
+    usr/share/doc/reuseportd/benchmarks.md usr/share/doc/reuseportd/benchmarks.png \
     usr/lib/reuseportd/libreuseportd-preload.so; do
     check "file /$file, root/root" has_file "$file"
 done
@@ -55,10 +59,20 @@ done
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 dpkg-deb --extract "$deb" "$root"
+check "every relative link in the installed docs resolves (file and #heading)" \
+    "$(dirname "$0")/check-doc-links.py" "$root" /usr/share/doc/reuseportd
+{ "$(dirname "$0")/check-doc-links.py" "$root" /usr/share/doc/reuseportd || true; } | sed 's/^/          /'
 # ldd refuses a static executable ("not a dynamic executable").
 check "reuseportd is statically linked" bash -c '! ldd "$0"' "$root/usr/bin/reuseportd"
 check "reuseportctl needs no Swift library, finds every other" \
     bash -c 'ldd "$0" | grep -qv swift && ! ldd "$0" | grep -Eq "not found|libswift|libFoundation"' "$root/usr/bin/reuseportctl"
+# Every shared library reuseportctl names (NEEDED) is in a package Depends: names.
+check "every library reuseportctl needs is in a package Depends: names" \
+    bash -c 'depends=$(sed -n "s/^ Depends: //p" <<<"$1" | tr "," "\n" | sed "s/^ *//; s/ .*//");
+        for lib in $(readelf -d "$0" | sed -n "s/.*NEEDED.*\[\(.*\)\]/\1/p"); do
+            package=$(dpkg -S "*/$lib" 2>/dev/null | grep -v "^diversion" | head -1 | cut -d: -f1);
+            [ -n "$package" ] && grep -qx "$package" <<<"$depends" || { echo "$lib ($package)"; exit 1; };
+        done' "$root/usr/bin/reuseportctl" "$info"
 # The binaries were built with the version the package is named with (the Makefile's DEB_VERSION).
 version=$(sed -n 's/^ Version: //p' <<<"$info")
 for binary in reuseportd reuseportctl; do
@@ -89,6 +103,19 @@ for page in reuseportd reuseportctl; do
     check "man page $page(8) renders with its NAME" \
         bash -c 'zcat "$0" | MANWIDTH=80 man -l - 2>/dev/null | grep -q "^NAME"' "$root/usr/share/man/man8/$page.8.gz"
 done
+# EXIT STATUS lists what each status means (dist/man/*.exit-status), not "exits 0 on success, >0 if an
+# error occurs"; the internal subcommands are left out; the docs the pages name are installed.
+check "reuseportd(8): EXIT STATUS explains 0, 1, 2 and 64" \
+    bash -c 'zcat "$0" | MANWIDTH=200 man -l - 2>/dev/null | sed -n "/^EXIT STATUS/,/^[A-Z]/p" |
+        grep -Eq "^ +64 +A bad command line" ' "$root/usr/share/man/man8/reuseportd.8.gz"
+check "reuseportctl(8): EXIT STATUS explains 0, 1 and 2" \
+    bash -c 'zcat "$0" | MANWIDTH=200 man -l - 2>/dev/null | sed -n "/^EXIT STATUS/,/^[A-Z]/p" |
+        grep -Eq "^ +2 +Bad arguments" ' "$root/usr/share/man/man8/reuseportctl.8.gz"
+check "reuseportd(8) lists neither exec-worker nor check-config" \
+    bash -c '! zcat "$0" | grep -Eq "exec-worker|check-config"' "$root/usr/share/man/man8/reuseportd.8.gz"
+check "the docs folder reuseportd(8) names is installed" \
+    bash -c 'zcat "$0" | grep -q "/usr/share/doc/reuseportd/" && [ -f "$1/usr/share/doc/reuseportd/configuration.md" ]' \
+    "$root/usr/share/man/man8/reuseportd.8.gz" "$root"
 check "bash completion parses" bash -n "$root/usr/share/bash-completion/completions/reuseportctl"
 
 echo "$passed passed, $failed failed"

@@ -140,6 +140,17 @@ check dpkg-install "$(tail -n1 /tmp/dpkg.log)" test $? = 0
 check unit-loaded "LoadState=$(prop LoadState) UnitFileState=$(prop UnitFileState)" test "$(prop LoadState)" = loaded
 check conffile "$(dpkg-query -W -f='${Conffiles}' reuseportd | xargs)" \
     bash -c 'dpkg-query -W -f="\${Conffiles}" reuseportd | grep -q /etc/reuseportd/reuseportd.toml'
+# The man pages as a user reads them: EXIT STATUS says what each status means (not "exits 0 on
+# success, >0 if an error occurs"), and the internal subcommands are not listed.
+exit_status() { MANWIDTH=120 man "$1" 2>/dev/null | sed -n '/^EXIT STATUS/,/^[A-Z]/p' | grep -E '^ +[0-9]+ ' | xargs; }
+check man-reuseportd-exit-status "$(exit_status reuseportd | cut -c1-160)" \
+    bash -c 'MANWIDTH=120 man reuseportd 2>/dev/null | sed -n "/^EXIT STATUS/,/^[A-Z]/p" | grep -Eq "^ +64 +A bad command line"'
+check man-reuseportctl-exit-status "$(exit_status reuseportctl | cut -c1-160)" \
+    bash -c 'MANWIDTH=120 man reuseportctl 2>/dev/null | sed -n "/^EXIT STATUS/,/^[A-Z]/p" | grep -Eq "^ +2 +Bad arguments"'
+check man-no-internal-commands "$(man reuseportd 2>/dev/null | grep -cE 'exec-worker|check-config') mentions" \
+    bash -c '! man reuseportd 2>/dev/null | grep -qE "exec-worker|check-config"'
+check docs-installed "$(ls /usr/share/doc/reuseportd | xargs)" \
+    bash -c 'cd /usr/share/doc/reuseportd && test -f quic.md -a -f fuzzing.md -a -f cli.md -a -f configuration.md -a -f examples/worker.py'
 
 # Workers count as running after ready_after_ms = 2000: READY=1 cannot come before that. A short
 # watchdog period for the test, and a short abort timeout (a stopped daemon cannot act on SIGABRT).

@@ -27,13 +27,15 @@ vm_dir=$(realpath "$vm_dir")
 # The root: a minimal Debian with systemd as init, what the guest test calls (socat for datagrams,
 # procps for pgrep), and the package's dependencies (the guest has no network: dpkg -i must find
 # them installed; apt picks a suite's sole provider of a name, libcurl4t64 for libcurl4 in trixie).
-# Built once per suite and dependency list (about 20 s and 60 MB of packages).
+# man-db: the guest reads the installed man pages as a user would (`man reuseportd`).
+# Built once per suite and package list (about 20 s and 60 MB of packages).
 depends=$(dpkg-deb -f "$deb" Depends | tr ',' '\n' | sed 's/(.*)//; s/|.*//; s/ //g' | grep . | paste -sd, -)
-root_tar=$vm_dir/$suite-root-$(echo "$depends" | md5sum | cut -c1-8).tar
+packages="systemd,systemd-sysv,iproute2,procps,socat,man-db,$depends"
+root_tar=$vm_dir/$suite-root-$(echo "$packages" | md5sum | cut -c1-8).tar
 if [ ! -s "$root_tar" ]; then
     printf '  %-8s %s\n' ROOT "mmdebstrap $suite (cached in $root_tar)"
     mmdebstrap --quiet --variant=minbase --format=tar \
-        --include="systemd,systemd-sysv,iproute2,procps,socat,$depends" "$suite" "$root_tar.tmp"
+        --include="$packages" "$suite" "$root_tar.tmp"
     mv "$root_tar.tmp" "$root_tar"
 fi
 
