@@ -169,11 +169,10 @@ enum MetricsExposition {
             }
             if let upgrade = status.upgrade, upgrade.phase == .canary {
                 let labels = [name, ("generation", "\(upgrade.generation)")]
-                gauge("reuseport_canary_buckets", "Buckets whose new flows go to the canary generation while it bakes.",
-                      labels, UInt64(clamping: upgrade.canaryBuckets ?? 0))
+                gauge(.canaryBuckets, labels, UInt64(clamping: upgrade.canaryBuckets ?? 0))
                 let now = WallClock.nanoseconds()
-                gauge("reuseport_canary_bake_seconds_left", "Seconds until the canary's bake ends (0 while it learns).",
-                      labels, upgrade.bakeEndsNs.map { $0 > now ? ($0 - now) / 1_000_000_000 : 0 } ?? 0)
+                gauge(.canaryBakeSecondsLeft, labels,
+                      upgrade.bakeEndsNs.map { $0 > now ? ($0 - now) / 1_000_000_000 : 0 } ?? 0)
             }
             for slot in status.slots {
                 let labels = [name, ("slot", "\(slot.slot)")]
@@ -189,26 +188,17 @@ enum MetricsExposition {
 
         /// A slot's active health checks ([service.health_check]).
         func add(_ health: SlotHealthStatus, _ labels: [(String, String)]) {
-            let counters: [(String, String, Int)] = [
-                ("reuseport_slot_health_probes_passed_total", "Health probes the slot's worker answered as expected.",
-                 health.passed),
-                ("reuseport_slot_health_probes_failed_total",
-                 "Health probes that reached the slot (its counter grew) and got no healthy answer in time.",
-                 health.failed),
-                ("reuseport_slot_health_probes_unreached_total",
-                 "Health probes the slot's counter did not see (not counted against the worker).", health.unreached),
-                ("reuseport_slot_health_probes_unaddressable_total",
-                 "Health probes not sent: no source port landed on the slot.", health.unaddressable),
-                ("reuseport_slot_health_restarts_total",
-                 "Workers replaced for failing their health checks in a row.", health.restarts),
-                ("reuseport_slot_health_failovers_total",
-                 "Times the slot failed over for staying unhealthy through restarts.", health.failovers),
+            let counters: [(MetricFamily, Int)] = [
+                (.slotHealthProbesPassedTotal, health.passed),
+                (.slotHealthProbesFailedTotal, health.failed),
+                (.slotHealthProbesUnreachedTotal, health.unreached),
+                (.slotHealthProbesUnaddressableTotal, health.unaddressable),
+                (.slotHealthRestartsTotal, health.restarts),
+                (.slotHealthFailoversTotal, health.failovers),
             ]
-            for (metric, help, value) in counters { counter(metric, help, labels, UInt64(clamping: value)) }
-            gauge("reuseport_slot_healthy", "1 while the slot's worker passes its health checks, 0 while not.", labels,
-                  health.healthy ? 1 : 0)
-            gauge("reuseport_slot_health_consecutive_failures", "Failed health probes in a row of the slot's worker.",
-                  labels, UInt64(clamping: health.consecutiveFailures))
+            for (family, value) in counters { counter(family, labels, UInt64(clamping: value)) }
+            gauge(.slotHealthy, labels, health.healthy ? 1 : 0)
+            gauge(.slotHealthConsecutiveFailures, labels, UInt64(clamping: health.consecutiveFailures))
         }
     }
 }
@@ -269,6 +259,16 @@ enum MetricFamily: String, CaseIterable, Sendable {
     case upgradesStartedTotal = "reuseport_upgrades_started_total"
     case upgradesSwitchedTotal = "reuseport_upgrades_switched_total"
     case upgradesAbandonedTotal = "reuseport_upgrades_abandoned_total"
+    case canaryBuckets = "reuseport_canary_buckets"
+    case canaryBakeSecondsLeft = "reuseport_canary_bake_seconds_left"
+    case slotHealthProbesPassedTotal = "reuseport_slot_health_probes_passed_total"
+    case slotHealthProbesFailedTotal = "reuseport_slot_health_probes_failed_total"
+    case slotHealthProbesUnreachedTotal = "reuseport_slot_health_probes_unreached_total"
+    case slotHealthProbesUnaddressableTotal = "reuseport_slot_health_probes_unaddressable_total"
+    case slotHealthRestartsTotal = "reuseport_slot_health_restarts_total"
+    case slotHealthFailoversTotal = "reuseport_slot_health_failovers_total"
+    case slotHealthy = "reuseport_slot_healthy"
+    case slotHealthConsecutiveFailures = "reuseport_slot_health_consecutive_failures"
 
     enum Kind: String, Sendable { case counter, gauge }
 
@@ -276,7 +276,8 @@ enum MetricFamily: String, CaseIterable, Sendable {
         switch self {
         case .buildInfo, .slotBuckets, .slotFlowRecords, .slotLeaving, .slotGeneration, .slotState, .slotSocketUp,
              .slots, .liveSlots, .buckets, .flowRecords, .flowRecordsCapacity, .placementChangePhase,
-             .workingGeneration, .lastGeneration, .unreadableServices:
+             .workingGeneration, .lastGeneration, .unreadableServices, .canaryBuckets, .canaryBakeSecondsLeft,
+             .slotHealthy, .slotHealthConsecutiveFailures:
             return .gauge
         default:
             return .counter
@@ -289,8 +290,12 @@ enum MetricFamily: String, CaseIterable, Sendable {
         case .slotPacketsTotal, .slotBytesTotal, .slotFallbacksTotal, .slotBuckets, .slotWorkerRestartsTotal,
              .slotStallsTotal, .slotFlowRecords, .slotLeaving, .slotGeneration, .slotWatchdogRestartsTotal,
              .slotQuicCidSteeredTotal, .slotQuicDcidHashedTotal, .slotDroppedOutputLinesTotal,
-             .slotDroppedOutputBytesTotal:
+             .slotDroppedOutputBytesTotal, .slotHealthProbesPassedTotal, .slotHealthProbesFailedTotal,
+             .slotHealthProbesUnreachedTotal, .slotHealthProbesUnaddressableTotal, .slotHealthRestartsTotal,
+             .slotHealthFailoversTotal, .slotHealthy, .slotHealthConsecutiveFailures:
             return ["service", "slot"]
+        case .canaryBuckets, .canaryBakeSecondsLeft:
+            return ["service", "generation"]
         case .slotReceiveDropsTotal, .slotSocketUp:
             return ["service", "slot", "listener"]
         case .slotState:
@@ -418,6 +423,26 @@ enum MetricFamily: String, CaseIterable, Sendable {
             return "Upgrades and roll backs whose buckets switched to their generation."
         case .upgradesAbandonedTotal:
             return "Upgrades given up before their switch (a worker exited or was not ready in time)."
+        case .canaryBuckets:
+            return "Buckets whose new flows go to the canary generation while it bakes."
+        case .canaryBakeSecondsLeft:
+            return "Seconds until the canary's bake ends (0 while it learns)."
+        case .slotHealthProbesPassedTotal:
+            return "Health probes the slot's worker answered as expected."
+        case .slotHealthProbesFailedTotal:
+            return "Health probes that reached the slot (its counter grew) and got no healthy answer in time."
+        case .slotHealthProbesUnreachedTotal:
+            return "Health probes the slot's counter did not see (not counted against the worker)."
+        case .slotHealthProbesUnaddressableTotal:
+            return "Health probes not sent: no source port landed on the slot."
+        case .slotHealthRestartsTotal:
+            return "Workers replaced for failing their health checks in a row."
+        case .slotHealthFailoversTotal:
+            return "Times the slot failed over for staying unhealthy through restarts."
+        case .slotHealthy:
+            return "1 while the slot's worker passes its health checks, 0 while not."
+        case .slotHealthConsecutiveFailures:
+            return "Failed health probes in a row of the slot's worker."
         }
     }
 }
