@@ -212,7 +212,7 @@ public struct PlacementModel: Sendable, Equatable {
     /// slots get sockets before any table names them; removed slots lose their buckets and their
     /// fallback entries before their sockets leave (handed to the caller: `takeSockets`). A
     /// failed-over slot stays so; a removed one no longer. Returns the nominal buckets moved.
-    public mutating func resize(to count: Int, now: Int64) throws -> (moved: Int, effects: [PlacementEffect]) {
+    public mutating func resize(to count: Int) throws -> (moved: Int, effects: [PlacementEffect]) {
         _ = try SlotCount(count)
         try refuseDuringCanary("resize")
         let target = Array(0..<UInt32(count))
@@ -230,7 +230,6 @@ public struct PlacementModel: Sendable, Equatable {
         effects += spreadFallback(over: liveSlots.filter { $0 < UInt32(count) })
         effects += removed.map { takeSockets($0) }
         effects.append(.writeTransition(transitionRecord))
-        _ = now
         return (moved, effects)
     }
 

@@ -463,8 +463,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// frees its receive queue (udp_destruct_common in net/ipv4/udp.c). The
     /// caller owns the sockets now and closes them when their queues are empty.
     public func resizeKeepingRemoved(to count: Int) throws -> (moved: Int, removed: [UInt32: [ReuseportSocket]]) {
-        let now = MonotonicClock.nanoseconds()
-        let (moved, taken) = try run { try $0.resize(to: count, now: now) }
+        let (moved, taken) = try run { try $0.resize(to: count) }
         return (moved, taken)
     }
 

@@ -153,7 +153,6 @@ import Testing
         /// due, sweep the records, retire each leaving slot without live records.
         mutating func check() {
             attempt("switch") { [now] model in model.advance(now: now)?.effects ?? [] }
-            let idleNs = UInt64(PlacementModelTests.idleMs) * 1_000_000
             var live: [UInt32: Int] = [:]
             for (flow, record) in maps.records {
                 let idle = UInt64(max(0, now - record.seen))
@@ -162,7 +161,6 @@ import Testing
                 } else {
                     live[record.slot, default: 0] += 1
                 }
-                _ = idleNs
             }
             let total = live.values.reduce(0, +)
             attempt("sweep") { model in model.finishIfDone(live: total) ?? [] }

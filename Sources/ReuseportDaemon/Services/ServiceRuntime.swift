@@ -492,7 +492,7 @@ final class ServiceRuntime {
     func reportBrokenInvariants() {
         let count = plane.invariantViolationCount
         guard count > reportedViolations else { return }
-        for broken in plane.invariantViolations.suffix(min(count - reportedViolations, plane.invariantViolations.count)) {
+        for broken in plane.invariantViolations.suffix(count - reportedViolations) {
             logger.error("placement invariant broken (a bug; please report it with `reuseportctl map dump`): \(broken)")
         }
         reportedViolations = count

@@ -225,7 +225,7 @@ final class Supervisor {
 
     /// Stops a service's workers (in the background) and closes its sockets and pins now.
     func stopService(_ service: ServiceRuntime, now: Int64) {
-        for pid in table.drainingPids where table.drain(of: pid)?.service === service { endDrain(pid, now: now, counting: false) }
+        for (pid, drain) in table.draining where drain.service === service { endDrain(pid, now: now, counting: false) }
         for slot in service.slots {
             if let pid = slot.pid { stopWorker(pid, now: now) }
             slot.pid = nil
@@ -301,7 +301,7 @@ final class Supervisor {
     /// socket copies, with which it sees the queue empty, live only in this image.
     var reexecRefusal: String? {
         if stopping { return "the daemon is stopping" }
-        let busy = table.drainingPids.compactMap(table.drain(of:)).filter { !$0.sockets.isEmpty }.count
+        let busy = table.draining.filter { !$0.drain.sockets.isEmpty }.count
         guard busy == 0 else {
             return "\(busy) workers are draining what was queued at their removed slots (at most stop_timeout_ms, \(configuration.stopTimeoutMs) ms): ask again once they are done"
         }
@@ -777,7 +777,7 @@ final class Supervisor {
         for pid in table.pids { signal(pid, SIGKILL) }
         // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
         while (try? Syscall.wait(block: true)) != nil {}
-        for drain in table.drainingPids.compactMap(table.drain(of:)) { drain.closeSockets() }
+        for (_, drain) in table.draining { drain.closeSockets() }
         table.removeAll()
         closeServices(drainingOutput: true)
     }

@@ -65,7 +65,14 @@ struct WorkerTable {
     }
 
     var servingCount: Int { serving.count }
-    var drainingPids: [pid_t] { entries.filter { if case .draining = $0.value.role { return true } else { return false } }.map(\.key) }
+    /// Workers draining a removed slot, with their drains.
+    var draining: [(pid: pid_t, drain: SlotDrain)] {
+        entries.compactMap { pid, entry in
+            guard case .draining(let drain) = entry.role else { return nil }
+            return (pid, drain)
+        }
+    }
+    var drainingPids: [pid_t] { draining.map(\.pid) }
     var stoppingPids: [pid_t] { entries.filter { $0.value.killAt != nil }.map(\.key) }
     /// Entries whose worker still runs or left processes: nothing may be forgotten before.
     var pids: [pid_t] { Array(entries.keys) }
@@ -73,8 +80,6 @@ struct WorkerTable {
     var pidfds: [FileDescriptor] { entries.values.compactMap { $0.pidfd?.fd } }
     func pid(ofPidfd fd: FileDescriptor) -> pid_t? { entries.first { $0.value.pidfd?.fd == fd }?.key }
 
-    /// Stopping, and every worker has exited and left nothing.
-    var isEmpty: Bool { entries.isEmpty }
 
     // MARK: changes
 
