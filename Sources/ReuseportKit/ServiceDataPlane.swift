@@ -320,7 +320,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
             case .insertSockets(let slot):
                 try insertSockets(slot)
             case .closeSockets(let slot):
-                for socket in try takeSockets(slot) { socket.close() }
+                // Their workers, if any, are being stopped and answer nothing more: out of the
+                // port first, so that no close swallows the group's datagrams (leavePort).
+                for socket in try takeSockets(slot) { _ = socket.leavePortAndClose() }
             case .takeSockets(let slot):
                 taken[slot] = try takeSockets(slot)
             case .writeFallback(let table, let previous):
@@ -450,7 +452,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     @discardableResult
     public func resize(to count: Int) throws -> Int {
         let (moved, removed) = try resizeKeepingRemoved(to: count)
-        for socket in removed.values.joined() { socket.close() }
+        for socket in removed.values.joined() { _ = socket.leavePortAndClose() }
         return moved
     }
 
@@ -731,9 +733,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
     }
 
     /// Closes every socket. The program and maps go when the last fd to them closes.
-    public func close() {
+    /// `leavingPort`: each UDP socket leaves its port first (ReuseportSocket.leavePort), for a
+    /// plane whose groups go on serving another plane (a rebuild that failed); its workers must
+    /// be answering nothing.
+    public func close(leavingPort: Bool = false) {
         for listener in listeners {
-            for socket in listener.sockets.values { socket.close() }
+            for socket in listener.sockets.values {
+                if leavingPort { _ = socket.leavePortAndClose() } else { socket.close() }
+            }
             listener.sockets.removeAll()
         }
     }

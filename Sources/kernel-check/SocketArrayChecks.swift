@@ -8,7 +8,7 @@ import ReuseportTestSupport
 /// The rules of REUSEPORT_SOCKARRAY (net/core/reuseport_array.c) the kit relies on, and
 /// what a connected UDP socket does to the group.
 enum SocketArrayChecks {
-    static let all: [Check] = [unboundIsRefused, sameSocketTwiceIsBusy, lookupReturnsCookie, connectedUDP]
+    static let all: [Check] = [unboundIsRefused, sameSocketTwiceIsBusy, lookupReturnsCookie, connectedUDP, leavingPort]
 
     /// Writes `fd` at `slot` straight through libbpf; returns 0 or the errno.
     static func update(_ array: SocketArray, slot: UInt32, fd: Int32) -> Int32 {
@@ -26,6 +26,29 @@ enum SocketArrayChecks {
 
     static func service(slots: Int) throws -> ServiceDataPlane {
         try Fixture.service(.udp, on: .loopbackV4, slots: slots)
+    }
+
+    /// What the daemon does before the last close of a UDP socket leaving a serving group
+    /// (ReuseportSocket.leavePort: SO_BINDTOIFINDEX to an index no device has, 5.0): while a
+    /// flood goes to slot 0, sockets join the group and leave it, and not one datagram is lost.
+    /// `--break` closes them without leaving the port first, which loses some (the kernel's close
+    /// race; a kernel that loses none there fails the broken run, which is then no proof).
+    static let leavingPort = Check(
+        "leave-port", "a UDP socket that leaves its port first (SO_BINDTOIFINDEX) takes no datagram of its group with it",
+        breakable: true
+    ) { context in
+        // The mechanism, deterministic on any number of CPUs: a socket that left gets nothing.
+        let (stayed, left) = try LeavingSocketScenario.leftSocketGetsNothing()
+        context.record("flows_to_left_socket", left)
+        try context.expect(stayed == 64 && left == 0, "of 64 flows, \(stayed) reached the staying socket and \(left) the one that left its port")
+        // The race it closes, where two CPUs let the close and the flood overlap.
+        let outcome = try LeavingSocketScenario.run(datagrams: 20_000, leavingPort: !context.broken)
+        context.record("sent", outcome.sent)
+        context.record("leavings", outcome.leavings)
+        context.record("lost", outcome.lost)
+        try context.expect(outcome.leavings > 0 && outcome.drops == 0, "\(outcome)")
+        try context.expect(outcome.lost == 0, "\(outcome)")
+        return "\(outcome.sent) datagrams, \(outcome.leavings) sockets left the group, 0 lost"
     }
 
     static let unboundIsRefused = Check(

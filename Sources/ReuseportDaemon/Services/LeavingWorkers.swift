@@ -21,7 +21,7 @@ extension Supervisor {
                 var state = RP_LEAVING_STOPPING
                 var hold: UInt64 = 0
                 if let drain = table.drain(of: pid) {
-                    if let until = drain.holdWorkerUntil, drain.sockets.isEmpty {
+                    if let until = drain.holdWorkerUntil, drain.listenersReleased {
                         state = RP_LEAVING_HOLDING
                         hold = UInt64(max(until, 0))
                     } else {

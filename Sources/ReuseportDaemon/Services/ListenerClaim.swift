@@ -33,7 +33,13 @@ enum ListenerClaim {
             try? Syscall.setOption(probe.fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, Int32(1), "IPV6_V6ONLY")
         }
         do {
-            try withExtendedLifetime(probe) { try Syscall.bind(probe.fd, endpoint.address, "\(endpoint)") }
+            try withExtendedLifetime(probe) {
+                try Syscall.bind(probe.fd, endpoint.address, "\(endpoint)")
+                // Bound with SO_REUSEPORT, the probe joined the holders' group: it leaves the port
+                // before it closes, or its close could swallow one of their datagrams
+                // (ReuseportSocket.leavePort).
+                if reusePort, endpoint.transport == .udp { try? ReuseportSocket.leavePort(probe.fd, "probe \(endpoint)") }
+            }
             return true
         } catch {
             return (error as? ReuseportError)?.errno != EADDRINUSE

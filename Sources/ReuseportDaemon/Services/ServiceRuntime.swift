@@ -619,8 +619,8 @@ final class ServiceRuntime {
     /// Closes every socket and removes the pins if they are this runtime's (unless `keepingPins`:
     /// a worker still holds the service's sockets, and a later daemon adopts it from them).
     /// Workers must be stopped by the caller.
-    func close(keepingPins: Bool = false) {
-        plane.close()
+    func close(keepingPins: Bool = false, leavingPort: Bool = false) {
+        plane.close(leavingPort: leavingPort)
         if pinned && !keepingPins { pins.remove() }
         pinned = false
     }

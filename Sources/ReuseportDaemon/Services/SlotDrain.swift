@@ -16,6 +16,11 @@ import ReuseportKit
 /// At `stop_timeout_ms` after the scale, or when the worker dies first, what is still queued is
 /// read off and counted (`removedSlotDrops`, logged).
 ///
+/// The daemon's copies outlive the worker (the worker table keeps the ended drain until every
+/// process of the worker is gone: `release`), so that each socket's last close is the daemon's,
+/// after the socket left the port (ReuseportSocket.leavePort): a UDP socket's plain last close
+/// can take datagrams the program steered to the remaining slots.
+///
 /// A TCP listener is waited for the same way, on its accept queue (TCP_INFO): the worker accepts
 /// what completed its handshake before the listener left the array. Where the kernel migrates a
 /// closing listener's requests (5.14, ReuseportMigration), a handshake still in flight when it
@@ -30,8 +35,9 @@ import ReuseportKit
 final class SlotDrain {
     let service: ServiceRuntime
     let slot: UInt32
-    /// The daemon's copies, taken out of the data plane (ServiceDataPlane.resizeKeepingRemoved);
-    /// empty once closed while the worker is held (`holdWorkerUntil`).
+    /// The daemon's copies, taken out of the data plane (ServiceDataPlane.resizeKeepingRemoved):
+    /// the TCP listeners' until the worker is held (`holdWorkerUntil`), the rest until the worker
+    /// is gone (`release`).
     private(set) var sockets: [ReuseportSocket]
     /// A slot of an older generation with TCP listeners: once its queues are empty, or at the
     /// deadline, its sockets close, but its worker is not stopped before this (the switch +
@@ -39,7 +45,8 @@ final class SlotDrain {
     /// itself (after `drain_signal`, say) or the drain timeout. Nil: stopped once the queues are
     /// empty, or at the deadline.
     var holdWorkerUntil: Int64?
-    /// The sockets were closed and the worker is held until `holdWorkerUntil`.
+    /// The queues are done with: the TCP listeners' copies were closed (the UDP sockets' wait for
+    /// the worker to be gone) and the worker is held until `holdWorkerUntil`.
     var listenersReleased = false
     /// `stop_timeout_ms` after the scale: the queue is discarded and counted then (a held worker
     /// keeps running: only its sockets close).
@@ -82,20 +89,35 @@ final class SlotDrain {
             .reduce(0) { $0 + ((try? Syscall.acceptQueueLength($1.fd)) ?? 0) }
     }
 
-    /// Closes the daemon's copies of the sockets (the worker keeps its own).
-    func closeSockets() {
-        for socket in sockets { socket.close() }
-        sockets = []
+    /// Closes the daemon's copies of the TCP listeners, so that each closes with the worker's
+    /// copy (then the kernel migrates what waits in its queue, 5.14). The UDP sockets are kept
+    /// until the worker is gone (`release`).
+    func closeListeners() {
+        for socket in sockets where socket.endpoint.transport == .tcp { socket.close() }
+        sockets.removeAll { $0.endpoint.transport == .tcp }
     }
 
     /// Reads off and discards every queued datagram; returns how many.
     func discardQueued() -> Int {
-        var count = 0
-        for socket in sockets where socket.endpoint.transport == .udp {
-            // Bounded: nothing new is steered here, so this only empties what was there.
-            while count < 1_000_000, (try? Syscall.discardDatagram(socket.fd)) == true { count += 1 }
+        // Bounded (ReuseportSocket.discardQueued): nothing new is steered here, so this only
+        // empties what was there.
+        sockets.reduce(0) { $0 + $1.discardQueued() }
+    }
+
+    /// Once no process of the worker is left: each UDP socket leaves its port before its last
+    /// close (ReuseportSocket.leavePort: a plain close may swallow datagrams the program steered
+    /// to other slots), what it still holds is read off, and every socket closes. Returns how
+    /// many datagrams were read off, and the sockets that could not leave their port first.
+    func release() -> (discarded: Int, failures: [String]) {
+        var discarded = 0
+        var failures: [String] = []
+        for socket in sockets {
+            let (count, error) = socket.leavePortAndClose()
+            discarded += count
+            if let error { failures.append("\(socket.endpoint): \(error)") }
         }
-        return count
+        sockets = []
+        return (discarded, failures)
     }
 }
 
@@ -143,11 +165,8 @@ extension Supervisor {
         // closes once the worker's copy does too, and then the kernel moves what waits in its
         // queue to a live slot (the migrate program, 5.14; before, those are reset).
         let waiting = drain.queuedConnections
-        if timedOut {
-            finish(drain, reason: reason)
-        } else {
-            drain.closeSockets()
-        }
+        if timedOut { finish(drain, reason: reason) }
+        drain.closeListeners()
         drain.listenersReleased = true
         let fate = ReuseportMigration.isSupported ? "go to a live slot" : "are reset"
         let waitingSentence = waiting > 0
@@ -158,22 +177,32 @@ extension Supervisor {
         drain.nextCheck = min(hold, now + 60_000_000_000)
     }
 
-    /// Ends a drain: stops its worker unless it `exited` (reaped already), counts what is still
-    /// queued when `counting`, closes the daemon's copies of the sockets.
+    /// Ends a drain: stops its worker unless it `exited` (reaped already), and counts what is
+    /// still queued when `counting`. The daemon's copies of the sockets are released once no
+    /// process of the worker is left (`releaseSockets`, from `forgetFinishedWorkers`): the
+    /// socket's last close is then the daemon's, after it left the port.
     func endDrain(_ pid: pid_t, now: Int64, counting: Bool, reason: String = "", exited: Bool = false) {
         guard let drain = table.endDrain(pid) else { return }
-        if counting {
-            finish(drain, reason: reason)
-        } else {
-            drain.closeSockets()
-        }
+        if counting { finish(drain, reason: reason) }
         if !exited { stopWorker(pid, now: now) }
     }
 
-    /// Counts and logs what is still queued at a removed slot, and closes its sockets.
+    /// Counts and logs what is still queued at a removed slot, and reads it off.
     func finish(_ drain: SlotDrain, reason: String) {
-        let dropped = drain.discardQueued()
-        drain.closeSockets()
+        count(drain, dropped: drain.discardQueued(), reason: reason)
+    }
+
+    /// Releases the sockets of a drain whose worker is gone (SlotDrain.release), counting what
+    /// they still held.
+    func releaseSockets(_ drain: SlotDrain) {
+        let (discarded, failures) = drain.release()
+        for failure in failures {
+            drain.service.logger.error("\(drain.kind) slot \(drain.slot): closed without leaving its port first: \(failure)")
+        }
+        count(drain, dropped: discarded, reason: "they reached its sockets after its worker stopped reading")
+    }
+
+    private func count(_ drain: SlotDrain, dropped: Int, reason: String) {
         guard dropped > 0 else { return }
         drain.service.removedSlotDrops += dropped
         drain.service.logger.warning(

@@ -149,6 +149,7 @@ final class Supervisor {
                     table.startDrain(pid, drain)
                 } else {
                     finish(drain, reason: "it had no worker")
+                    releaseSockets(drain)
                 }
                 slot.pid = nil
                 slot.nextStartAt = nil
@@ -175,7 +176,9 @@ final class Supervisor {
             if let pid = slot.pid { stopWorker(pid, now: now) }
             slot.pid = nil
         }
-        service.close()
+        // Its sockets joined the groups of the service it was to replace, which serves on: they
+        // leave the port before they close (its workers never got a datagram to answer).
+        service.close(leavingPort: true)
     }
 
     /// Reads a process's output as a worker's (a canary's gate).
@@ -301,7 +304,7 @@ final class Supervisor {
     /// socket copies, with which it sees the queue empty, live only in this image.
     var reexecRefusal: String? {
         if stopping { return "the daemon is stopping" }
-        let busy = table.draining.filter { !$0.drain.sockets.isEmpty }.count
+        let busy = table.draining.filter { !$0.drain.listenersReleased }.count
         guard busy == 0 else {
             return "\(busy) workers are draining what was queued at their removed slots (at most stop_timeout_ms, \(configuration.stopTimeoutMs) ms): ask again once they are done"
         }
@@ -513,7 +516,7 @@ final class Supervisor {
 
     /// Drops every worker start whose worker has exited and whose processes are all gone.
     func forgetFinishedWorkers() {
-        table.forgetFinished()
+        for drain in table.forgetFinished() { releaseSockets(drain) }
     }
 
     /// After an exit (`status`; nil: the worker could not be spawned): start again at once after
@@ -686,6 +689,7 @@ final class Supervisor {
             }
         } else {
             finish(drain, reason: "it had no worker")
+            releaseSockets(drain)
         }
         service.clear(slot)
         service.pruneDefinitions()
@@ -777,8 +781,7 @@ final class Supervisor {
         for pid in table.pids { signal(pid, SIGKILL) }
         // Every child: the workers and the orphans of theirs the daemon reaps, until none is left.
         while (try? Syscall.wait(block: true)) != nil {}
-        for (_, drain) in table.draining { drain.closeSockets() }
-        table.removeAll()
+        for drain in table.removeAll() { releaseSockets(drain) }
         closeServices(drainingOutput: true)
     }
 }

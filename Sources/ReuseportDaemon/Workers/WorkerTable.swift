@@ -33,6 +33,10 @@ struct WorkerTable {
         /// A process that is not this daemon's child (a previous daemon's, taken over): its exit
         /// is seen by polling this pidfd, and signals go through it.
         var pidfd: OwnedDescriptor?
+        /// The drain that ended for this worker, whose sockets the daemon keeps until no process
+        /// of the worker is left: they are released then (`forgetFinished`), so that their last
+        /// close is the daemon's, after they left the port.
+        var ended: SlotDrain?
     }
 
     private(set) var entries: [pid_t: Entry] = [:]
@@ -110,10 +114,11 @@ struct WorkerTable {
         entries[pid]?.role = .draining(drain)
     }
 
-    /// Its drain ended; returns it.
+    /// Its drain ended; returns it. The drain stays with the entry until it is forgotten.
     mutating func endDrain(_ pid: pid_t) -> SlotDrain? {
         guard let drain = drain(of: pid) else { return nil }
         entries[pid]?.role = .left
+        entries[pid]?.ended = drain
         return drain
     }
 
@@ -140,22 +145,30 @@ struct WorkerTable {
         entries[pid]?.pidfd = nil
     }
 
-    /// Forgets every worker that exited and whose processes are all gone; returns their pids.
-    @discardableResult
-    mutating func forgetFinished() -> [pid_t] {
-        var forgotten: [pid_t] = []
+    /// Forgets every worker that exited and whose processes are all gone; returns the drains
+    /// whose sockets are now the daemon's alone, to release.
+    mutating func forgetFinished() -> [SlotDrain] {
+        var released: [SlotDrain] = []
         for (pid, entry) in entries where entry.processes.leaderExited && entry.processes.release() {
             entry.pidfd?.close()
             entries.removeValue(forKey: pid)
-            forgotten.append(pid)
+            released += [entry.ended, drain(in: entry)].compactMap { $0 }
         }
-        return forgotten
+        return released
     }
 
-    /// Forgets everything (after SIGKILL to all and every child reaped), closing the pidfds.
-    mutating func removeAll() {
+    /// Forgets everything (after SIGKILL to all and every child reaped), closing the pidfds;
+    /// returns every drain, ended or not, to release.
+    mutating func removeAll() -> [SlotDrain] {
         for entry in entries.values { entry.pidfd?.close() }
+        let drains = entries.values.flatMap { [$0.ended, drain(in: $0)].compactMap { $0 } }
         entries.removeAll()
+        return drains
+    }
+
+    private func drain(in entry: Entry) -> SlotDrain? {
+        guard case .draining(let drain) = entry.role else { return nil }
+        return drain
     }
 
     // MARK: invariants
