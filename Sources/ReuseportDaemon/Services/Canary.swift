@@ -73,6 +73,32 @@ extension Supervisor {
                          healthFailures: healthChecks.record(service.name, slot.index)?.failed ?? 0)
     }
 
+    /// Why a reload that would give `service` the configuration `new` must wait, or nil: while
+    /// a canary learns or bakes, a new worker definition, worker count or data plane would
+    /// replace the canary (or the generation it is compared with) and move its flows, so the
+    /// canary ends first. Other keys apply as usual.
+    func reloadRefusal(_ service: ServiceRuntime, to new: ServiceConfiguration) -> String? {
+        guard let upgrade = service.upgrade, upgrade.status.phase == .canary, let bake = upgrade.bake else { return nil }
+        let running = service.configuration
+        var changes: [String] = []
+        if new.workerDefinition != running.workerDefinition { changes.append("its worker definition") }
+        if new.workers != running.workers { changes.append("its workers (\(running.workers) to \(new.workers))") }
+        if new.dataPlaneShape != running.dataPlaneShape { changes.append("its sockets or program") }
+        guard !changes.isEmpty else { return nil }
+        let status = upgrade.status
+        let state: String
+        if let endsAt = bake.endsAt {
+            let left = (max(endsAt - MonotonicClock.nanoseconds(), 0) + 999_999_999) / 1_000_000_000
+            state = "its bake ends in \(left) s"
+        } else {
+            state = "it learns its live flows before a bake of \(bake.settings.bakeMs) ms"
+        }
+        return "\(service.name): generation \(status.generation) is a canary of \(bake.settings.percent)% beside "
+            + "generation \(status.previous) and \(state); the new configuration changes "
+            + changes.joined(separator: " and ") + ". End the canary first (reuseportctl upgrade --promote, or "
+            + "reuseportctl upgrade --rollback), then reload"
+    }
+
     /// Starts an upgrade as a canary: `percent` and `bakeMs` override the service's settings.
     func beginCanary(_ service: ServiceRuntime, percent: Int?, bakeMs: Int?) throws -> Upgrade {
         var settings = service.configuration.canary ?? CanarySettings(percent: percent ?? 0)
