@@ -32,8 +32,8 @@ struct UpgradeCommand: ParsableCommand {
             every new worker is ready, PERCENT of the buckets (exactly, in the bucket table) send \
             their new flows to it, after learning their live flows, which stay. For --bake \
             DURATION the daemon compares the two generations (quick exits, crashes, watchdog \
-            misses, stalls, health-check failures, per worker); a canary worse in any is rolled \
-            back at once, naming why. At the end of the bake the service's canary_gate, if set, \
+            misses, stalls, health-check failures, per worker; kernel drops per packet at their \
+            sockets); a canary worse in any is rolled back at once, naming why. At the end of the bake the service's canary_gate, if set, \
             decides by its exit status; then the canary is promoted: the other buckets learn and \
             switch, moving no live flow. --promote and --rollback end a bake at any time. The wait \
             follows the canary to its end. A reload that would change the service's workers \

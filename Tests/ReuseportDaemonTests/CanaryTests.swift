@@ -27,6 +27,24 @@ struct CanaryDecisionTests {
             .hasPrefix("generation 3 had 1 quick exits") == true)
     }
 
+    /// Kernel drops per packet: more than the margin (1 percentage point) above the working
+    /// generation's is worse, once the canary was sent enough packets to tell; checked first.
+    @Test func aCanaryThatDropsMoreOfItsPacketsIsWorse() {
+        let working = GenerationEvents(packets: 10_000, drops: 100)
+        #expect(GenerationEvents(packets: 1000, drops: 19).worse(than: working, workers: 2, workingWorkers: 2,
+                                                                 canary: 2, previous: 1) == nil)
+        #expect(GenerationEvents(packets: 1000, drops: 25).worse(than: working, workers: 2, workingWorkers: 2,
+                                                                 canary: 2, previous: 1)
+            == "generation 2's sockets dropped 25 of 1000 packets (2.50%), generation 1's 100 of 10000 (1.00%): "
+            + "more than 1.00 percentage points above")
+        // Too few packets to tell: 199 of 199 dropped is not yet worse.
+        #expect(GenerationEvents(packets: 199, drops: 199).worse(than: GenerationEvents(), workers: 2,
+                                                                 workingWorkers: 2, canary: 2, previous: 1) == nil)
+        let both = GenerationEvents(healthFailures: 5, packets: 400, drops: 300)
+        #expect(both.worse(than: GenerationEvents(packets: 400), workers: 2, workingWorkers: 2, canary: 2, previous: 1)?
+            .hasPrefix("generation 2's sockets dropped 300 of 400 packets (75.00%)") == true)
+    }
+
     @Test(arguments: [
         ("canary_percent = 0", "service[0].canary_percent: must be between 1 and 99 (percent of the buckets), got 0"),
         ("canary_bake_ms = 5", "service[0].canary_bake_ms: needs canary_percent"),
@@ -220,6 +238,48 @@ struct CanaryTests {
         }
         let reason = after[0].upgrade?.reason ?? ""
         #expect(reason.hasPrefix(expected), "\(reason)")
+        #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
+        #expect(daemon.stop() == 0)
+    }
+
+    /// A canary whose workers never read their sockets (a program that only sleeps) drops
+    /// what it is sent: its kernel drops per packet, against the working generation's, roll it
+    /// back during the bake, named; the live flows (all on generation 1) do not move.
+    @Test func aCanaryThatDoesNotReadIsRolledBackForItsDrops() throws {
+        func config(_ program: String) -> String {
+            serviceTable("c", workers: 2, program: program, extra: """
+                flow_idle_timeout_ms = 500
+                canary_percent = 50
+                canary_bake_ms = 600000
+                """)
+        }
+        let daemon = try TestDaemon(config: config("builtin = \"whoami\""))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "c")
+        let clients = try Traffic.clients(32, on: .loopbackV4)
+        let live = LiveFlows(clients, first: try Whoami.ask(clients, to: destination))
+        try daemon.rewriteConfig(config("exec = [\"/bin/sleep\", \"3600\"]"))
+        let reload = try daemon.request(ControlRequest(command: .reload))
+        #expect(reload.ok, "\(reload)")
+        _ = try daemon.waitFor("the canary bakes", timeoutMs: 60_000) { services in
+            live.round(to: destination)
+            return services[0].upgrade?.bakeEndsNs != nil
+        }
+        // New flows, half of them the canary's, sent without waiting for answers that never come.
+        let senders = try Traffic.clients(300, on: .loopbackV4)
+        let rolled = try daemon.waitFor("the canary rolled back for its drops", timeoutMs: 60_000) { services in
+            for sender in senders { try? sender.send(Array("drop me".utf8), to: destination) }
+            live.round(to: destination)
+            return services[0].upgrade?.phase == .rolledBack
+        }
+        let upgrade = try #require(rolled[0].upgrade)
+        let reason = upgrade.reason ?? ""
+        #expect(reason.hasPrefix("automatic, during the bake: generation 2's sockets dropped "), "\(reason)")
+        #expect(reason.contains("percentage points above; its live flows stay on it until idle"), "\(reason)")
+        let traffic = Dictionary(uniqueKeysWithValues: (upgrade.bakeTraffic ?? []).map { ($0.generation, $0) })
+        let canary = try #require(traffic[2], "\(upgrade)")
+        #expect(canary.packets >= 200 && canary.drops * 2 > canary.packets, "\(canary)")
+        #expect(traffic[1].map { $0.packets > 0 } == true, "\(upgrade)")
+        #expect(upgrade.comparison?.contains("kernel drops in") == true, "\(upgrade)")
         #expect(live.moved == 0 && live.lost == 0, "live flows: \(live.moved) moved, \(live.lost) lost")
         #expect(daemon.stop() == 0)
     }
