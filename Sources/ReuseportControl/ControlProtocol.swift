@@ -318,6 +318,19 @@ public struct SlotHealthStatus: Codable, Sendable, Equatable {
 
 /// An upgrade: a new generation of a service's workers, from its start to its switch, or to
 /// its end without one. Times are CLOCK_REALTIME, ns since the epoch.
+/// One generation's traffic during a canary's bake.
+public struct BakeTraffic: Codable, Sendable, Equatable {
+    public var generation: Int
+    public var packets: UInt64
+    public var drops: UInt64
+
+    public init(generation: Int, packets: UInt64, drops: UInt64) {
+        self.generation = generation
+        self.packets = packets
+        self.drops = drops
+    }
+}
+
 public struct UpgradeStatus: Codable, Sendable, Equatable {
     public enum Phase: String, Codable, Sendable {
         /// The new workers start; no flow reaches them.
@@ -360,6 +373,9 @@ public struct UpgradeStatus: Codable, Sendable, Equatable {
     public var bakeEndsNs: UInt64?
     /// What the bake compared, per generation, at the last check: one line.
     public var comparison: String?
+    /// Per generation, packets steered to its slots and datagrams the kernel dropped at their
+    /// UDP sockets since the bake began, at the last check (the canary first). Nil before.
+    public var bakeTraffic: [BakeTraffic]?
 
     public init(generation: Int, previous: Int, phase: Phase, slots: [UInt32], reason: String? = nil,
                 startedNs: UInt64, readyNs: UInt64? = nil, learningNs: UInt64? = nil, switchedNs: UInt64? = nil,

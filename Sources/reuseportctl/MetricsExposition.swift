@@ -173,6 +173,11 @@ enum MetricsExposition {
                 let now = WallClock.nanoseconds()
                 gauge(.canaryBakeSecondsLeft, labels,
                       upgrade.bakeEndsNs.map { $0 > now ? ($0 - now) / 1_000_000_000 : 0 } ?? 0)
+                for traffic in upgrade.bakeTraffic ?? [] {
+                    let labels = [name, ("generation", "\(traffic.generation)")]
+                    gauge(.canaryPackets, labels, traffic.packets)
+                    gauge(.canaryReceiveDrops, labels, traffic.drops)
+                }
             }
             for slot in status.slots {
                 let labels = [name, ("slot", "\(slot.slot)")]
@@ -261,6 +266,8 @@ enum MetricFamily: String, CaseIterable, Sendable {
     case upgradesAbandonedTotal = "reuseport_upgrades_abandoned_total"
     case canaryBuckets = "reuseport_canary_buckets"
     case canaryBakeSecondsLeft = "reuseport_canary_bake_seconds_left"
+    case canaryPackets = "reuseport_canary_packets"
+    case canaryReceiveDrops = "reuseport_canary_receive_drops"
     case slotHealthProbesPassedTotal = "reuseport_slot_health_probes_passed_total"
     case slotHealthProbesFailedTotal = "reuseport_slot_health_probes_failed_total"
     case slotHealthProbesUnreachedTotal = "reuseport_slot_health_probes_unreached_total"
@@ -277,7 +284,7 @@ enum MetricFamily: String, CaseIterable, Sendable {
         case .buildInfo, .slotBuckets, .slotFlowRecords, .slotLeaving, .slotGeneration, .slotState, .slotSocketUp,
              .slots, .liveSlots, .buckets, .flowRecords, .flowRecordsCapacity, .placementChangePhase,
              .workingGeneration, .lastGeneration, .unreadableServices, .canaryBuckets, .canaryBakeSecondsLeft,
-             .slotHealthy, .slotHealthConsecutiveFailures:
+             .canaryPackets, .canaryReceiveDrops, .slotHealthy, .slotHealthConsecutiveFailures:
             return .gauge
         default:
             return .counter
@@ -294,7 +301,7 @@ enum MetricFamily: String, CaseIterable, Sendable {
              .slotHealthProbesUnreachedTotal, .slotHealthProbesUnaddressableTotal, .slotHealthRestartsTotal,
              .slotHealthFailoversTotal, .slotHealthy, .slotHealthConsecutiveFailures:
             return ["service", "slot"]
-        case .canaryBuckets, .canaryBakeSecondsLeft:
+        case .canaryBuckets, .canaryBakeSecondsLeft, .canaryPackets, .canaryReceiveDrops:
             return ["service", "generation"]
         case .slotReceiveDropsTotal, .slotSocketUp:
             return ["service", "slot", "listener"]
@@ -427,6 +434,10 @@ enum MetricFamily: String, CaseIterable, Sendable {
             return "Buckets whose new flows go to the canary generation while it bakes."
         case .canaryBakeSecondsLeft:
             return "Seconds until the canary's bake ends (0 while it learns)."
+        case .canaryPackets:
+            return "Packets steered to the generation's slots since the canary's bake began (the canary and the working one)."
+        case .canaryReceiveDrops:
+            return "Datagrams the kernel dropped at the generation's UDP sockets since the canary's bake began."
         case .slotHealthProbesPassedTotal:
             return "Health probes the slot's worker answered as expected."
         case .slotHealthProbesFailedTotal:

@@ -32,11 +32,20 @@ struct UpgradeCommand: ParsableCommand {
             every new worker is ready, PERCENT of the buckets (exactly, in the bucket table) send \
             their new flows to it, after learning their live flows, which stay. For --bake \
             DURATION the daemon compares the two generations (quick exits, crashes, watchdog \
-            misses, stalls, health-check failures, per worker); a canary worse in any is rolled \
-            back at once, naming why. At the end of the bake the service's canary_gate, if set, \
+            misses, stalls, health-check failures, per worker; kernel drops per packet at their \
+            sockets); a canary worse in any is rolled back at once, naming why. At the end of the bake the service's canary_gate, if set, \
             decides by its exit status; then the canary is promoted: the other buckets learn and \
             switch, moving no live flow. --promote and --rollback end a bake at any time. The wait \
-            follows the canary to its end.
+            follows the canary to its end. A reload that would change the service's workers \
+            (definition, count, sockets) is refused while a canary learns or bakes.
+
+            --watch starts nothing: it follows the upgrade or canary in progress (started by \
+            another reuseportctl, or by a reload) and prints a line at each change: the phase, each \
+            generation's share of the buckets, its workers' health, the packets steered to it \
+            since the watch began, the bake's time left and comparison. It exits 0 once the upgrade \
+            switched (a canary promoted), 1 once it was rolled back or abandoned; without \
+            --timeout it waits as long as that takes. An upgrade already ended is reported, with \
+            the same exit status.
 
             Examples:
               reuseportctl upgrade
@@ -44,6 +53,7 @@ struct UpgradeCommand: ParsableCommand {
               reuseportctl upgrade --rollback
               reuseportctl upgrade --canary 10 --bake 10m
               reuseportctl upgrade --promote
+              reuseportctl upgrade --watch --service dns
             """
     )
 
@@ -72,6 +82,10 @@ struct UpgradeCommand: ParsableCommand {
     @Flag(help: "Promote the canary that bakes now.")
     var promote = false
 
+    @Flag(help: ArgumentHelp("Start nothing: follow the upgrade or canary in progress to its end, one line at each "
+                             + "change (exit status 0 once it switched, 1 once rolled back or abandoned)."))
+    var watch = false
+
     func validate() throws {
         try ChangeWait.validate(timeout)
         if let canary, !(1...99).contains(canary) {
@@ -80,9 +94,10 @@ struct UpgradeCommand: ParsableCommand {
         if let bake, Self.milliseconds(bake) == nil {
             throw ValidationError("--bake: '\(bake)' is not a duration: give e.g. 90s, 10m, 1h or 500ms")
         }
-        if [rollback, promote, canary != nil || bake != nil].filter({ $0 }).count > 1 {
-            throw ValidationError("give one of --rollback, --promote, or --canary/--bake")
+        if [rollback, promote, canary != nil || bake != nil, watch].filter({ $0 }).count > 1 {
+            throw ValidationError("give one of --rollback, --promote, --watch, or --canary/--bake")
         }
+        if watch, noWait { throw ValidationError("--watch waits: it takes no --no-wait") }
     }
 
     /// "90s", "10m", "1h", "500ms", or a bare number of seconds, as milliseconds.
@@ -99,6 +114,7 @@ struct UpgradeCommand: ParsableCommand {
         let client = ControlClient(socketPath: location.controlSocket, timeoutSeconds: ChangeWait.answerSeconds(timeout))
         let target = try location.actionServiceStatus(service.service, client: client)
         let name = target.name
+        if watch { return try follow(target, client: client) }
         let request = promote || canary != nil || bake != nil
             ? ControlRequest.canary(service: name, percent: canary, bakeMs: bake.flatMap(Self.milliseconds), promote: promote)
             : ControlRequest(command: .upgrade, service: name, rollback: rollback)
@@ -112,36 +128,135 @@ struct UpgradeCommand: ParsableCommand {
             wait.seconds += (Double(bakeMs) + idle) / 1000
         }
         wait.announce("the switch")
-        let deadline = MonotonicClock.seconds() + wait.seconds
         var last = started
-        while MonotonicClock.seconds() < deadline {
-            let status = try client.perform(ControlRequest(command: .status, service: name))
-            guard let upgrade = status.services?.first?.upgrade, upgrade.generation == started.generation else {
-                throw CtlError.timeout("\(name): the upgrade to generation \(started.generation) was replaced")
-            }
+        try Self.poll(name, generation: started.generation, client: client, seconds: wait.seconds) { service, upgrade in
             if upgrade.phase != last.phase || upgrade.bakeEndsNs != last.bakeEndsNs {
                 print("\(name): \(MapDumpCommand.upgradeSummary(upgrade))")
             }
             last = upgrade
-            switch upgrade.phase {
-            case .switched:
-                print("\(name): generation \(upgrade.generation) works; generation \(upgrade.previous) drains")
-                return
-            case .abandoned:
-                throw CtlError.upgradeAbandoned(service: name, generation: upgrade.generation,
-                                                reason: upgrade.reason ?? "no reason given")
-            case .rolledBack:
-                if promote || canary != nil || bake != nil || !rollback {
-                    throw CtlError.canaryRolledBack(service: name, generation: upgrade.generation,
-                                                    reason: upgrade.reason ?? "no reason given")
-                }
+            if upgrade.phase == .rolledBack, rollback, canary == nil, !promote {
                 print("\(name): generation \(upgrade.generation)'s canary rolled back: \(upgrade.reason ?? "")")
-                return
-            case .starting, .learning, .canary:
-                usleep(100_000)
+                return true
             }
+            return try Self.ended(name, upgrade)
         }
-        throw CtlError.timeout("\(name): generation \(started.generation) is still \(last.phase.rawValue) after "
-            + "\(Int(wait.seconds)) s (see map dump)")
+    }
+
+    /// `--watch`: the upgrade in progress, or the last one, followed to its end.
+    private func follow(_ target: ServiceStatus, client: ControlClient) throws {
+        let name = target.name
+        guard let first = target.upgrade else {
+            throw CtlError.unanswerable("\(name) has had no upgrade since the daemon started: nothing to watch")
+        }
+        let baseline = WatchLine.packets(name, pinDirectory: location.pinDirectory)
+        var shown: WatchLine?
+        try Self.poll(name, generation: first.generation, client: client, seconds: timeout, status: target) {
+            service, upgrade in
+            let line = WatchLine(service, upgrade, packets: WatchLine.packets(name, pinDirectory: location.pinDirectory),
+                                 since: baseline)
+            if line != shown { print("\(name): \(line.text())") }
+            shown = line
+            return try Self.ended(name, upgrade)
+        }
+    }
+
+    /// Asks the status every 100 ms and hands the upgrade to `step` until it says the upgrade
+    /// ended, or until `seconds` (forever without); the upgrade being replaced by another ends it.
+    private static func poll(_ name: String, generation: Int, client: ControlClient, seconds: Double?,
+                             status first: ServiceStatus? = nil,
+                             _ step: (ServiceStatus, UpgradeStatus) throws -> Bool) throws {
+        let deadline = seconds.map { MonotonicClock.seconds() + $0 }
+        var phase = "starting"
+        var next = first
+        while deadline.map({ MonotonicClock.seconds() < $0 }) ?? true {
+            let service = try next ?? client.perform(ControlRequest(command: .status, service: name)).services?.first
+            next = nil
+            guard let service, let upgrade = service.upgrade, upgrade.generation == generation else {
+                throw CtlError.timeout("\(name): the upgrade to generation \(generation) was replaced")
+            }
+            phase = upgrade.phase.rawValue
+            if try step(service, upgrade) { return }
+            usleep(100_000)
+        }
+        throw CtlError.timeout("\(name): generation \(generation) is still \(phase) after "
+            + "\(Int(seconds ?? 0)) s (see map dump)")
+    }
+
+    /// True once `upgrade` switched; throws once it was abandoned or rolled back.
+    private static func ended(_ name: String, _ upgrade: UpgradeStatus) throws -> Bool {
+        switch upgrade.phase {
+        case .switched:
+            print("\(name): generation \(upgrade.generation) works; generation \(upgrade.previous) drains")
+            return true
+        case .abandoned:
+            throw CtlError.upgradeAbandoned(service: name, generation: upgrade.generation,
+                                            reason: upgrade.reason ?? "no reason given")
+        case .rolledBack:
+            throw CtlError.canaryRolledBack(service: name, generation: upgrade.generation,
+                                            reason: upgrade.reason ?? "no reason given")
+        case .starting, .learning, .canary:
+            return false
+        }
+    }
+}
+
+/// One line of `upgrade --watch`: shown again when anything but the packets and the bake's
+/// time left changed.
+struct WatchLine: Equatable {
+    struct Generation: Equatable {
+        var generation: Int
+        var buckets = 0
+        var workers = 0
+        var healthy = 0
+        var checked = false
+    }
+
+    var upgrade: UpgradeStatus
+    var generations: [Generation]
+    /// Packets steered to each generation since the watch began: not part of the comparison.
+    var packets: [Int: UInt64]
+
+    init(_ service: ServiceStatus, _ upgrade: UpgradeStatus, packets now: [UInt32: UInt64]?,
+         since: [UInt32: UInt64]?) {
+        var byGeneration: [Int: Generation] = [:]
+        var packets: [Int: UInt64] = [:]
+        for slot in service.slots {
+            let number = slot.generation ?? upgrade.previous
+            var generation = byGeneration[number] ?? Generation(generation: number)
+            generation.buckets += slot.buckets
+            generation.workers += 1
+            if let health = slot.health {
+                generation.checked = true
+                if health.healthy { generation.healthy += 1 }
+            }
+            byGeneration[number] = generation
+            if let count = now?[slot.slot] { packets[number, default: 0] += count - min(since?[slot.slot] ?? 0, count) }
+        }
+        self.upgrade = upgrade
+        generations = byGeneration.values.sorted { $0.generation > $1.generation }
+        self.packets = packets
+    }
+
+    static func == (a: WatchLine, b: WatchLine) -> Bool {
+        a.upgrade == b.upgrade && a.generations == b.generations
+    }
+
+    func text() -> String {
+        let total = max(generations.reduce(0) { $0 + $1.buckets }, 1)
+        let shares = generations.map { generation in
+            var part = "generation \(generation.generation) \(generation.buckets) buckets ("
+                + String(format: "%.1f", Double(generation.buckets) * 100 / Double(total)) + "%), "
+                + "\(generation.workers) workers"
+            if generation.checked { part += " (\(generation.healthy) healthy)" }
+            return part + ", \(packets[generation.generation] ?? 0) packets"
+        }
+        return MapDumpCommand.upgradeSummary(upgrade) + " | " + shares.joined(separator: "; ")
+    }
+
+    /// Packets the program steered to each slot (rp_slot_stats), from the pins; nil when they
+    /// cannot be read (then every generation shows 0).
+    static func packets(_ name: String, pinDirectory: String) -> [UInt32: UInt64]? {
+        guard let snapshot = try? ServiceReader(root: pinDirectory).read([name], sockets: false).first else { return nil }
+        return Dictionary(snapshot.slots.map { ($0.index, $0.counters.packets) }, uniquingKeysWith: +)
     }
 }

@@ -39,7 +39,13 @@ import Testing
         let bake = try reuseportctl(["upgrade", "--canary", "10", "--bake", "soon"])
         #expect(bake.stderr.contains("--bake: 'soon' is not a duration: give e.g. 90s, 10m, 1h or 500ms"), "\(bake)")
         let both = try reuseportctl(["upgrade", "--promote", "--rollback"])
-        #expect(both.stderr.contains("give one of --rollback, --promote, or --canary/--bake"), "\(both)")
+        #expect(both.stderr.contains("give one of --rollback, --promote, --watch, or --canary/--bake"), "\(both)")
+        let watchWhat = try reuseportctl(["upgrade", "--watch", "--canary", "10"])
+        #expect(watchWhat.status == 2)
+        #expect(watchWhat.stderr.contains("give one of --rollback, --promote, --watch, or --canary/--bake"), "\(watchWhat)")
+        let watchNoWait = try reuseportctl(["upgrade", "--watch", "--no-wait"])
+        #expect(watchNoWait.status == 2)
+        #expect(watchNoWait.stderr.contains("--watch waits: it takes no --no-wait"), "\(watchNoWait)")
     }
 
     /// No daemon: status 1 and the socket path tried.

@@ -19,6 +19,12 @@ public struct CanarySettings: Sendable, Equatable, Codable {
     public static let checkIntervalNs: Int64 = 250_000_000
     /// A gate still running this long after the bake is stopped (SIGKILL), and the canary rolled back.
     public static let gateTimeoutMs = 60_000
+    /// A canary whose sockets drop more than this share of its packets above the working
+    /// generation's share fails the bake (1 percentage point: a queue that overflows now and
+    /// then under a burst is not a failure; a worker that stopped reading drops nearly all).
+    public static let dropsMargin = 0.01
+    /// Packets the canary must have been sent before its drops are compared.
+    public static let dropsMinimumPackets = 200
 
     public init(percent: Int, bakeMs: Int = CanarySettings.defaultBakeMs, gate: [String]? = nil) {
         self.percent = percent

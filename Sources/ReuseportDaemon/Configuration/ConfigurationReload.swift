@@ -34,6 +34,13 @@ struct ConfigurationReload {
         } catch {
             return .failure("the configuration is invalid, nothing changed: \(error)")
         }
+        let waiting = next.services.compactMap { new in
+            supervisor.service(named: new.name).flatMap { supervisor.reloadRefusal($0, to: new) }
+        }
+        if !waiting.isEmpty {
+            return .failure("the configuration cannot be applied while a canary bakes, nothing changed: "
+                + waiting.joined(separator: "; "))
+        }
         var notes: [String] = []
         var failures: [String] = []
         let wanted = Dictionary(uniqueKeysWithValues: next.services.map { ($0.name, $0) })

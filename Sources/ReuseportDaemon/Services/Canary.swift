@@ -15,31 +15,58 @@ struct GenerationEvents: Equatable, CustomStringConvertible {
     var watchdogMisses = 0
     var stalls = 0
     var healthFailures = 0
+    /// Packets steered to the generation's slots, and datagrams the kernel dropped at their UDP
+    /// sockets (a full receive queue): sampled with the stall check, once a second.
+    var packets = 0
+    var drops = 0
 
     static func + (a: GenerationEvents, b: GenerationEvents) -> GenerationEvents {
         GenerationEvents(quickExits: a.quickExits + b.quickExits, crashes: a.crashes + b.crashes,
                          watchdogMisses: a.watchdogMisses + b.watchdogMisses, stalls: a.stalls + b.stalls,
-                         healthFailures: a.healthFailures + b.healthFailures)
+                         healthFailures: a.healthFailures + b.healthFailures, packets: a.packets + b.packets,
+                         drops: a.drops + b.drops)
     }
 
     static func - (a: GenerationEvents, b: GenerationEvents) -> GenerationEvents {
         GenerationEvents(quickExits: a.quickExits - b.quickExits, crashes: a.crashes - b.crashes,
                          watchdogMisses: a.watchdogMisses - b.watchdogMisses, stalls: a.stalls - b.stalls,
-                         healthFailures: a.healthFailures - b.healthFailures)
+                         healthFailures: a.healthFailures - b.healthFailures, packets: a.packets - b.packets,
+                         drops: a.drops - b.drops)
     }
+
+    /// Kernel drops per packet steered; 0 before any packet.
+    var dropsPerPacket: Double { packets > 0 ? Double(drops) / Double(packets) : 0 }
 
     var kinds: [(name: String, count: Int)] {
         [("quick exits", quickExits), ("crashes by a signal", crashes), ("watchdog misses", watchdogMisses),
          ("stalls", stalls), ("health-check failures", healthFailures)]
     }
 
-    var description: String { kinds.map { "\($0.count) \($0.name)" }.joined(separator: ", ") }
+    var description: String {
+        kinds.map { "\($0.count) \($0.name)" }.joined(separator: ", ") + ", \(drops) kernel drops in \(packets) packets"
+    }
+
+    /// 0.125 → "12.50".
+    private static func points(_ share: Double) -> String {
+        let hundredths = Int((share * 10_000).rounded())
+        return "\(hundredths / 100)." + (hundredths % 100 < 10 ? "0" : "") + "\(hundredths % 100)"
+    }
 
     /// Why the canary (`self`, on `workers` workers) is worse than the working generation
     /// (`working` on `workingWorkers`), or nil when it is not: per worker, more of any kind.
     /// Pure: the bake's decision, tested in process (CanaryDecisionTests).
+    /// Then kernel drops per packet: once the canary was sent `CanarySettings.dropsMinimumPackets`,
+    /// more than `CanarySettings.dropsMargin` above the working generation's is worse.
     func worse(than working: GenerationEvents, workers: Int, workingWorkers: Int, canary: UInt32,
                previous: UInt32) -> String? {
+        if packets >= CanarySettings.dropsMinimumPackets,
+           dropsPerPacket > working.dropsPerPacket + CanarySettings.dropsMargin
+        {
+            return "generation \(canary)'s sockets dropped \(drops) of \(packets) packets "
+                + "(\(Self.points(dropsPerPacket))%), generation \(previous)'s \(working.drops) of \(working.packets) "
+                + "(\(Self.points(working.dropsPerPacket))%): more than \(Self.points(CanarySettings.dropsMargin)) "
+                + "percentage points above"
+        }
         for (mine, theirs) in zip(kinds, working.kinds) where mine.count * max(workingWorkers, 1)
             > theirs.count * max(workers, 1)
         {
@@ -70,7 +97,34 @@ extension Supervisor {
     /// A slot's counters that a bake compares (exits are counted as they happen: `noteExit`).
     func events(of service: ServiceRuntime, _ slot: SlotRecord) -> GenerationEvents {
         GenerationEvents(watchdogMisses: Int(slot.watchdogRestarts), stalls: Int(slot.stalls),
-                         healthFailures: healthChecks.record(service.name, slot.index)?.failed ?? 0)
+                         healthFailures: healthChecks.record(service.name, slot.index)?.failed ?? 0,
+                         packets: Int(clamping: slot.traffic?.packets ?? 0), drops: Int(clamping: slot.traffic?.drops ?? 0))
+    }
+
+    /// Why a reload that would give `service` the configuration `new` must wait, or nil: while
+    /// a canary learns or bakes, a new worker definition, worker count or data plane would
+    /// replace the canary (or the generation it is compared with) and move its flows, so the
+    /// canary ends first. Other keys apply as usual.
+    func reloadRefusal(_ service: ServiceRuntime, to new: ServiceConfiguration) -> String? {
+        guard let upgrade = service.upgrade, upgrade.status.phase == .canary, let bake = upgrade.bake else { return nil }
+        let running = service.configuration
+        var changes: [String] = []
+        if new.workerDefinition != running.workerDefinition { changes.append("its worker definition") }
+        if new.workers != running.workers { changes.append("its workers (\(running.workers) to \(new.workers))") }
+        if new.dataPlaneShape != running.dataPlaneShape { changes.append("its sockets or program") }
+        guard !changes.isEmpty else { return nil }
+        let status = upgrade.status
+        let state: String
+        if let endsAt = bake.endsAt {
+            let left = (max(endsAt - MonotonicClock.nanoseconds(), 0) + 999_999_999) / 1_000_000_000
+            state = "its bake ends in \(left) s"
+        } else {
+            state = "it learns its live flows before a bake of \(bake.settings.bakeMs) ms"
+        }
+        return "\(service.name): generation \(status.generation) is a canary of \(bake.settings.percent)% beside "
+            + "generation \(status.previous) and \(state); the new configuration changes "
+            + changes.joined(separator: " and ") + ". End the canary first (reuseportctl upgrade --promote, or "
+            + "reuseportctl upgrade --rollback), then reload"
     }
 
     /// Starts an upgrade as a canary: `percent` and `bakeMs` override the service's settings.
@@ -153,6 +207,9 @@ extension Supervisor {
         let (mine, workers) = sum(canary)
         let (theirs, workingWorkers) = sum(previous)
         upgrade.status.comparison = "generation \(canary): \(mine); generation \(previous): \(theirs)"
+        upgrade.status.bakeTraffic = [(canary, mine), (previous, theirs)].map {
+            BakeTraffic(generation: Int($0.0), packets: UInt64(max($0.1.packets, 0)), drops: UInt64(max($0.1.drops, 0)))
+        }
         if let reason = mine.worse(than: theirs, workers: workers, workingWorkers: workingWorkers, canary: canary,
                                    previous: previous) {
             return rollBackCanaryQuietly(service, reason: "automatic, during the bake: \(reason)")

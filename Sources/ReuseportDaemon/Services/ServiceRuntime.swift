@@ -40,6 +40,9 @@ final class SlotRecord {
     /// Times the slot was marked stalled, and what the stall check saw last (SlotStallCheck).
     var stalls: UInt32 = 0
     var stallSamples = StallSamples()
+    /// Packets steered to the slot (rp_slot_stats) and datagrams the kernel dropped at its UDP
+    /// sockets (sock_diag), read together at the last stall check: a canary's bake compares them.
+    var traffic: SlotTraffic?
     /// Live flow records naming the slot at the last sweep of a placement change.
     var records = 0
     /// The generation whose worker definition the slot runs.

@@ -106,6 +106,9 @@ extension Supervisor {
                 let seen = sockets.compactMap { socket in (try? socket.cookie()).flatMap { diagnoses[$0] } }
                 guard !seen.isEmpty else { continue }
                 let sample = slot.stallSamples.add(seen)
+                if let packets = try? service.plane.maps.slotCounters(slot.index).packets {
+                    slot.traffic = SlotTraffic(packets: packets, drops: sample.drops)
+                }
                 if slot.state == .running, sample.fullWithGrowingDrops >= Supervisor.stallSamplesToMark {
                     slot.stalls &+= 1
                     service.logger.error(
@@ -124,6 +127,8 @@ extension Supervisor {
 struct StallSamples {
     /// Drops summed over the slot's sockets at the last sample.
     private var lastDrops: UInt64?
+    /// The same, 0 before the first sample.
+    var drops: UInt64 { lastDrops ?? 0 }
     /// Samples in a row with a full queue and more drops than the sample before.
     private(set) var fullWithGrowingDrops = 0
     private(set) var newDrops: UInt64 = 0
@@ -154,4 +159,10 @@ struct StallSamples {
         drained = sockets.allSatisfy(StallSamples.isDrained)
         return self
     }
+}
+
+/// What one slot was sent and what the kernel dropped at its sockets, both since they opened.
+struct SlotTraffic: Equatable {
+    var packets: UInt64
+    var drops: UInt64
 }
