@@ -149,6 +149,15 @@ final class ServiceRuntime {
                 logger.warning("the leaving workers pinned at \(pins.serviceDirectory) cannot be read (\(error)): they are not taken over")
             }
         }
+        // The daemon's records among the pins (bpf/records.h) are versioned apart from the
+        // program: of a version this daemon cannot read (a newer daemon's), the service does not
+        // start, and the workers they name serve on, never signalled; of an older one it knows,
+        // they are taken over once migrated (ServiceRecords.Version).
+        var recordsVersion = ServiceRecords.Version.current
+        if !staged, pins.exists {
+            recordsVersion = ServiceRecords.Version(found: try ServiceRecords.Version.pinned(at: pins))
+            if let refusal = recordsVersion.refusal(at: pins) { throw DaemonError.adoption(refusal) }
+        }
         // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
         // its running workers are adopted with their sockets, and a placement change it left is
         // finished, not dropped, so no flow moves.
@@ -194,6 +203,9 @@ final class ServiceRuntime {
             try ListenerClaim.checkFree(endpoint)
         }
         if let pinned, let adoption {
+            if case .migrate(let old) = recordsVersion {
+                logger.notice("the records pinned at \(pins.serviceDirectory) are of records version \(old): migrated to version \(RP_RECORDS_VERSION)")
+            }
             resumed = true
             tookOverPins = true
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
