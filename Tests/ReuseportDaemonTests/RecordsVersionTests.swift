@@ -84,4 +84,41 @@ import Testing
         #expect(sessions.lost == 0 && sessions.moved.isEmpty, "\(sessions.report)")
         #expect(try ServiceRecords.Version.pinned(at: layout) == UInt32(RP_RECORDS_VERSION))
     }
+
+    /// The daemon of the previous records version, built from the last commit that wrote it
+    /// (`make records-upgrade-test` builds it and names it here; a second build is too slow for
+    /// `make test`).
+    static let previousDaemon = ProcessInfo.processInfo.environment["REUSEPORT_PREVIOUS_DAEMON"]
+
+    /// The previous records version's daemon runs the workers under 64 flows; its binary is
+    /// replaced as a package upgrade does and it reexecs into this build's daemon, which migrates
+    /// the records it pinned and adopts every worker: same daemon pid, same workers, every
+    /// datagram answered by the same worker, and the pins then say this version.
+    @Test(.enabled(if: previousDaemon != nil, "needs REUSEPORT_PREVIOUS_DAEMON: make records-upgrade-test"))
+    func reexecFromThePreviousRecordsVersionAdoptsEveryWorker() throws {
+        let folder = try TemporaryDirectory("reuseportd-records")
+        let binary = "\(folder.path)/reuseportd"
+        try FileManager.default.copyItem(atPath: try #require(Self.previousDaemon), toPath: binary)
+        let daemon = try TestDaemon(config: Self.config, binary: binary)
+        let services = try daemon.waitForWorkers()
+        let layout = PinLayout(root: daemon.pinRoot, service: "records")
+        let previousVersion = try ServiceRecords.Version.pinned(at: layout)
+        #expect(previousVersion == UInt32(RP_RECORDS_VERSION) - 1, "the previous daemon pinned the previous version")
+        let destination = try udpEndpoint(services, "records")
+        let pids = services[0].slots.map(\.pid)
+        let replacement = "\(folder.path)/new"
+        try FileManager.default.copyItem(atPath: TestDaemon.builtBinary, toPath: replacement)
+        #expect(rename(replacement, binary) == 0)
+        let sessions = try Sessions(64, periodMs: 100)
+        let status = try reexec(daemon, under: sessions, rounds: 30, at: 10, to: destination)
+        print("reexec from records version \(previousVersion) to \(RP_RECORDS_VERSION): \(sessions.lost) datagrams lost, "
+            + "\(sessions.moved.count) flows changed worker; adopted \(status.adoptedWorkers ?? -1), "
+            + "pids \(pids) → \(status.slots.map(\.pid))")
+        #expect(daemon.checkExited() == nil, "the daemon process lives on: \(daemon.logTail(8))")
+        #expect(status.slots.map(\.pid) == pids && status.adoptedWorkers == 3, "\(daemon.logTail(8))")
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty, "\(sessions.report)")
+        #expect(daemon.log.contains("are of records version \(previousVersion): migrated to version \(RP_RECORDS_VERSION)"),
+                "\(daemon.logTail(8))")
+        #expect(try ServiceRecords.Version.pinned(at: layout) == UInt32(RP_RECORDS_VERSION))
+    }
 }
