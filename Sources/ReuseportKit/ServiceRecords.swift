@@ -93,16 +93,18 @@ public struct ServiceRecords: @unchecked Sendable {
             return try map.lookup(0, as: UInt32.self) ?? 0
         }
 
-        /// Why records of this version are not taken over, naming both versions; nil when they are.
-        public func refusal(at layout: PinLayout) -> String? {
-            guard case .refuse(let found) = self else { return nil }
-            let newer = found > UInt32(RP_RECORDS_VERSION)
-            return "the records pinned at \(layout.serviceDirectory) are of records version \(found) "
-                + (newer ? "(a newer daemon's)" : "(not one this daemon reads)")
-                + "; this daemon reads version \(RP_RECORDS_VERSION)"
-                + (ServiceRecords.migrations.isEmpty ? "" : " and migrates \(ServiceRecords.migrations.map(String.init).joined(separator: ", "))")
-                + ": it does not take over the workers they name, which serve on. Run the daemon that pinned them, "
-                + "or stop those workers and remove the pins to start afresh"
+        /// Throws `recordsVersion` (naming both versions) unless records of this version are taken
+        /// over, as they are or migrated.
+        public func check(at layout: PinLayout) throws {
+            guard case .refuse(let found) = self else { return }
+            throw ReuseportError.recordsVersion(directory: layout.serviceDirectory, found: found)
+        }
+
+        /// The decision for the records pinned at `layout` (`pinned(at:)`), checked (`check(at:)`).
+        public static func checked(at layout: PinLayout) throws -> Version {
+            let version = Version(found: try pinned(at: layout))
+            try version.check(at: layout)
+            return version
         }
     }
 

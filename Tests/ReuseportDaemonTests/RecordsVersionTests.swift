@@ -52,7 +52,7 @@ import Testing
         print("records version \(newer) met by a daemon of \(RP_RECORDS_VERSION): exit \(status ?? -1), "
             + "\(sessions.lost) datagrams lost, \(sessions.moved.count) flows changed worker")
         #expect(status != nil && status != 0, "the daemon does not start the service: \(refused.logTail(8))")
-        #expect(log.contains("records version \(newer) (a newer daemon's); this daemon reads version \(RP_RECORDS_VERSION)"),
+        #expect(log.contains("records version \(newer) (a newer reuseportd's); this build reads version \(RP_RECORDS_VERSION)"),
                 "\(refused.logTail(8))")
         #expect(sessions.lost == 0 && sessions.moved.isEmpty, "\(sessions.report)")
         #expect(pids.compactMap { $0 }.allSatisfy(processExists), "every worker lives on")

@@ -14,13 +14,14 @@ import Testing
 
     @Test func recordsOfThisVersionAreTakenOverAsTheyAre() {
         #expect(Version(found: UInt32(RP_RECORDS_VERSION)) == .current)
-        #expect(Version(found: UInt32(RP_RECORDS_VERSION)).refusal(at: PinLayout(root: "/x", service: "s")) == nil)
+        #expect(throws: Never.self) { try Version(found: UInt32(RP_RECORDS_VERSION)).check(at: PinLayout(root: "/x", service: "s")) }
     }
 
     /// Version 1 (the three maps in the object, no rp_records_version) is migrated, not refused.
-    @Test func version1IsMigrated() {
+    @Test func version1IsMigrated() throws {
         #expect(RP_RECORDS_VERSION == 2)
         #expect(Version(found: 1) == .migrate(from: 1))
+        try Version(found: 1).check(at: PinLayout(root: "/x", service: "s"))
     }
 
     /// A newer daemon's records, and a version no daemon wrote (0), are refused, and the refusal
@@ -29,7 +30,10 @@ import Testing
     func recordsOfAnUnknownVersionAreRefused(found: UInt32) throws {
         let version = Version(found: found)
         #expect(version == .refuse(found: found))
-        let refusal = try #require(version.refusal(at: PinLayout(root: "/sys/fs/bpf/rp", service: "dns")))
+        let layout = PinLayout(root: "/sys/fs/bpf/rp", service: "dns")
+        let error = ReuseportError.recordsVersion(directory: layout.serviceDirectory, found: found)
+        #expect(throws: error) { try version.check(at: layout) }
+        let refusal = error.description
         #expect(refusal.contains("records version \(found)") && refusal.contains("reads version \(RP_RECORDS_VERSION)"))
         #expect(refusal.contains("/sys/fs/bpf/rp/dns"), "\(refusal)")
         #expect(refusal.contains("newer") == (found > UInt32(RP_RECORDS_VERSION)), "\(refusal)")

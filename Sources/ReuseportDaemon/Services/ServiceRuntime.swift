@@ -155,8 +155,12 @@ final class ServiceRuntime {
         // they are taken over once migrated (ServiceRecords.Version).
         var recordsVersion = ServiceRecords.Version.current
         if !staged, pins.exists {
-            recordsVersion = ServiceRecords.Version(found: try ServiceRecords.Version.pinned(at: pins))
-            if let refusal = recordsVersion.refusal(at: pins) { throw DaemonError.adoption(refusal) }
+            do {
+                recordsVersion = try ServiceRecords.Version.checked(at: pins)
+            } catch let error as ReuseportError {
+                throw DaemonError.adoption("\(error): the workers they name are not taken over and serve on. Run the "
+                    + "reuseportd that pinned them, or stop those workers and remove the pins to start afresh")
+            }
         }
         // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
         // its running workers are adopted with their sockets, and a placement change it left is
