@@ -78,7 +78,7 @@ public struct ServiceRecords: @unchecked Sendable {
         public init(found: UInt32, current: UInt32 = UInt32(RP_RECORDS_VERSION)) {
             switch found {
             case current: self = .current
-            case 1..<current where ServiceRecords.migrations.contains(found): self = .migrate(from: found)
+            case _ where found < current && ServiceRecords.migrations.contains(found): self = .migrate(from: found)
             default: self = .refuse(found: found)
             }
         }
@@ -113,5 +113,4 @@ public struct ServiceRecords: @unchecked Sendable {
     /// the pins anyway), and `pin(at:)` adds rp_records_version. A later version that changes a
     /// layout reads the old one here and writes the new.
     static let migrations: Set<UInt32> = [1]
-
 }

@@ -45,6 +45,7 @@ import Testing
         #expect(Version(found: 1, current: 3) == .migrate(from: 1))
         #expect(Version(found: 2, current: 3) == .refuse(found: 2))
         #expect(Version(found: 3, current: 3) == .current)
+        #expect(Version(found: 1, current: 1) == .current && Version(found: 2, current: 1) == .refuse(found: 2))
     }
 
     /// The object has none of the records' maps (a change of them changes no RP_ABI_VERSION); a
