@@ -15,6 +15,8 @@
 #   make chaos      random operation sequences: on the placement model (PLACEMENT_SEQUENCES=10000), then on
 #                   the real daemon for CHAOS_SECONDS=600 (CHAOS_SEED=N replays)
 #   make print-version  the version both binaries and the package get (git commit, -dirty)
+#   make records-upgrade-test  reexec from the daemon of the previous records version (bpf/records.h),
+#                   built from git history, into this one (a second build: minutes)
 #   make V=1 ...    show full commands
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := all
@@ -96,12 +98,12 @@ BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(ARCH)-linux-gnu 
 	-fdebug-prefix-map=$(CURDIR)=.
 
 .PHONY: all bpf preload build run test unit-test kernel-test vmtest deps clean help vectors bench unit-check fuzz chaos \
-	test-least-privilege dist install install-files deb deb-check systemd-test version print-version
+	test-least-privilege records-upgrade-test dist install install-files deb deb-check systemd-test version print-version
 
 all: build
 
 help:
-	@sed -n '1,17p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,20p' Makefile | sed 's/^# \{0,1\}//'
 
 # Installs what is missing when run as root; otherwise names it and stops.
 define apt_install
@@ -283,6 +285,26 @@ test-least-privilege: $(OUTPUT)/.abi-stamp $(QUIC_VENV)/.stamp
 		--skip $(QUIC_ALONE)
 	$(Q)REUSEPORT_TEST_LAUNCHER="$(LEAST_PRIVILEGE)" REUSEPORT_TEST_PYTHON=$(CURDIR)/$(QUIC_VENV)/bin/python3 \
 		$(SWIFT) test $(SWIFT_FLAGS) --filter $(QUIC_ALONE)
+
+# A reexec across a change of the daemon's records (bpf/records.h): the daemon of the last commit
+# of the previous RP_RECORDS_VERSION (RECORDS_BASE, found in git history; a git checkout is needed),
+# built from `git archive` in $(RECORDS_BASE_DIR) (with our checkouts of its dependencies), runs
+# the workers and reexecs into this build's (RecordsVersionTests). A second build: minutes, so not
+# part of `make test`.
+RECORDS_VERSION  := $(shell sed -n 's/^\#define RP_RECORDS_VERSION //p' bpf/records.h)
+RECORDS_BASE     ?= $(shell git log -1 --format=%H -S'define RP_RECORDS_VERSION $(RECORDS_VERSION)' -- bpf/records.h)^
+RECORDS_BASE_DIR := $(OUTPUT)/records-base
+records-upgrade-test: build
+	$(call msg,BUILD,reuseportd of $(RECORDS_BASE) in $(RECORDS_BASE_DIR))
+	$(Q)rm -rf $(RECORDS_BASE_DIR) && mkdir -p $(RECORDS_BASE_DIR)
+	$(Q)git archive $(RECORDS_BASE) | tar -x -C $(RECORDS_BASE_DIR)
+	$(Q)mkdir -p $(RECORDS_BASE_DIR)/.build && cp -a .build/checkouts .build/repositories \
+		.build/workspace-state.json $(RECORDS_BASE_DIR)/.build/
+	$(Q)if [ -f Package.resolved ]; then cp Package.resolved $(RECORDS_BASE_DIR)/; fi
+	$(Q)$(MAKE) -C $(RECORDS_BASE_DIR) build
+	$(call msg,TEST,swift test --filter RecordsVersionTests)
+	$(Q)REUSEPORT_PREVIOUS_DAEMON=$(abspath $(RECORDS_BASE_DIR))/.build/$(CONFIG)/reuseportd \
+		$(SWIFT) test $(SWIFT_FLAGS) --filter RecordsVersionTests
 
 # The suite in VMs (Tests/vm/): fully static kernel-check and reuseportd in a busybox initramfs, booted
 # under QEMU on each kernel of KERNELS (Debian cloud kernels, fetched and cached under

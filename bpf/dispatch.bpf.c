@@ -77,13 +77,6 @@ struct {
 	__type(value, struct rp_global_stats);
 } rp_global_stats SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, RP_MAX_SLOTS);
-	__type(key, __u32);
-	__type(value, struct rp_slot_state);
-} rp_slot_state SEC(".maps");
-
 /* max_entries is the service's max_tracked_flows, set by user space before the load. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -114,20 +107,6 @@ struct {
 	__type(key, __u32);
 	__type(value, struct rp_record_budget);
 } rp_record_budget SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct rp_transition);
-} rp_transition SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, RP_MAX_BUCKETS);
-	__type(key, __u32);
-	__type(value, rp_slot_t);
-} rp_next_buckets SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -33,7 +33,10 @@
  *    adopts.
  * 8: one configuration lookup per packet: rp_config holds the QUIC layout (rp_config.quic; the
  *    rp_quic_config map is gone) and flags (RP_CONFIG_CHANGING: the program reads the bucket flags
- *    only while a change runs; RP_CONFIG_QUIC); rp_config is 48 bytes.
+ *    only while a change runs; RP_CONFIG_QUIC); rp_config is 48 bytes. rp_slot_state,
+ *    rp_transition and rp_next_buckets left the object: the program never read them, and bumps
+ *    3, 6 and 7 changed only them. They are the daemon's records now (bpf/records.h, records
+ *    version 2), created by the daemon and versioned apart.
  */
 #define RP_ABI_VERSION 8
 
@@ -73,14 +76,11 @@
 #define RP_MAP_SOCKETS "rp_sockets"
 #define RP_MAP_SLOT_STATS "rp_slot_stats"
 #define RP_MAP_GLOBAL_STATS "rp_global_stats"
-#define RP_MAP_SLOT_STATE "rp_slot_state"
 #define RP_MAP_FALLBACK "rp_fallback"
 #define RP_MAP_FLOWS "rp_flows"
 #define RP_MAP_UNTRACKED "rp_untracked"
 #define RP_MAP_FLOW_STATS "rp_flow_stats"
 #define RP_MAP_RECORD_BUDGET "rp_record_budget"
-#define RP_MAP_TRANSITION "rp_transition"
-#define RP_MAP_NEXT_BUCKETS "rp_next_buckets"
 #define RP_MAP_QUIC_STATS "rp_quic_stats"
 #define RP_MAP_QUIC_SLOT_STATS "rp_quic_slot_stats"
 /*
@@ -200,38 +200,6 @@ struct rp_record_budget {
 	__u64 last_ns;
 };
 
-/*
- * rp_transition: ARRAY with one entry, written by the daemon only (the program never reads
- * it): the placement change in progress, so that a daemon started again finishes it.
- * rp_next_buckets: ARRAY like rp_buckets, value __u32 slot: while learning, the table the
- * switch will write (without flags).
- */
-enum rp_transition_phase {
-	RP_TRANSITION_NONE = 0,
-	RP_TRANSITION_LEARNING = 1,  /* recording the flows of the buckets that will move */
-	RP_TRANSITION_DRAINING = 2,  /* switched; recorded flows keep their slot until idle */
-};
-
-struct rp_transition {
-	__u32 phase;            /* enum rp_transition_phase */
-	__u32 slots_after;      /* slot count after the switch */
-	__u32 socket_slots;     /* every slot holding a socket is below it (leaving ones included);
-				 * kept with or without a change: a later daemon adopts the workers of
-				 * the slots below it, which after an upgrade need not be 0..slot_count */
-	__u32 moving_buckets;   /* buckets whose slot changes at the switch */
-	__u64 started_ns;       /* CLOCK_MONOTONIC */
-	__u64 switch_ns;        /* learning ends (CLOCK_MONOTONIC) */
-	__u64 drain_deadline_ns; /* leaving slots retire by then, records or not; 0 before the switch */
-	__u64 idle_timeout_ns;  /* flow_idle_timeout of the change */
-	/*
-	 * Generations (sets of slots running one worker definition): the one taking new flows, and
-	 * the last number given out. Kept here, phase or not, so that a daemon started again never
-	 * gives a number out twice (a worker may encode its generation in connection IDs).
-	 */
-	__u32 working_generation;
-	__u32 last_generation;
-};
-
 /* rp_slot_stats: PERCPU_ARRAY, key __u32 slot. Sum over CPUs in user space. */
 struct rp_slot_stats {
 	__u64 packets;    /* datagrams (UDP) or connection requests (TCP) steered here */
@@ -249,62 +217,13 @@ struct rp_global_stats {
 	__u64 migrate_failed;    /* ... that found no live slot: the kernel resets them */
 };
 
-/*
- * Worker state, as the daemon reports it (rp_slot_state). New values are added at the
- * end. RP_WORKER_STALLED: the worker is alive but its socket's receive queue stays full
- * while the kernel drops datagrams at it (it closed the socket or stopped reading); the
- * daemon samples sock_diag every second and goes back to RUNNING when the queue drains.
- */
-enum rp_worker_state {
-	RP_WORKER_EMPTY = 0,     /* slot unused */
-	RP_WORKER_STARTING = 1,  /* spawned, not yet seen healthy */
-	RP_WORKER_RUNNING = 2,
-	RP_WORKER_BACKOFF = 3,   /* exited, waiting before the next start */
-	RP_WORKER_FAILED_OVER = 4, /* down too long: buckets point at live slots */
-	RP_WORKER_STOPPING = 5,
-	RP_WORKER_STALLED = 6,   /* running, but its receive queue stays full and drops grow */
-};
-
-/* rp_slot_state.flags */
-#define RP_SLOT_LEAVING 1u   /* a scale-down removes the slot: it takes no new flow and retires once drained */
-#define RP_SLOT_JOINING 2u   /* a scale-up added the slot: it takes flows from the switch on */
-#define RP_SLOT_IN_SET 4u    /* one of the service's slots now (rp_config.slot_count of them): the set a
-			      * daemon started on the pins resumes, whatever their indices (the program
-			      * never reads flags: a new bit changes no layout and no RP_ABI_VERSION) */
-#define RP_SLOT_IN_NEXT_SET 8u /* one of the slots the pending change switches to: the target a daemon
-				* started on the pins resumes (rp_next_buckets alone does not name a
-				* failed-over slot) */
-
-/*
- * rp_slot_state: ARRAY, key __u32 slot. Written only by the daemon; the BPF
- * program never reads it. It lives in the object so that it is pinned beside
- * the other maps and reuseportctl can read it while the daemon is wedged.
- */
-struct rp_slot_state {
-	__u32 pid;           /* worker pid, 0 if none */
-	__u32 state;         /* enum rp_worker_state */
-	__u32 restarts;      /* worker starts after the first */
-	__u32 generation;    /* the generation of the slot's worker definition (rp_transition) */
-	__u64 since_ns;      /* CLOCK_REALTIME of the last state change */
-	__u64 socket_cookie; /* cookie of the slot's socket in the first listener */
-	__u32 stalls;        /* times the slot was marked RP_WORKER_STALLED */
-	__u32 watchdog_restarts; /* workers stopped for missing their watchdog (WATCHDOG=1) */
-	__u32 records;       /* live flow records naming the slot, at the daemon's last sweep */
-	__u32 flags;         /* RP_SLOT_* */
-	__u64 start_time;    /* the worker's start time, in clock ticks after boot (proc(5),
-			      * /proc/<pid>/stat field 22): with pid, it names one process, so a
-			      * daemon started later never adopts a process that reused the pid */
-};
-
 _Static_assert(sizeof(struct rp_config) == 48, "rp_config layout");
 _Static_assert(sizeof(struct rp_slot_stats) == 24, "rp_slot_stats layout");
 _Static_assert(sizeof(struct rp_global_stats) == 48, "rp_global_stats layout");
-_Static_assert(sizeof(struct rp_slot_state) == 56, "rp_slot_state layout");
 _Static_assert(sizeof(struct rp_flow_key) == 40, "rp_flow_key layout");
 _Static_assert(sizeof(struct rp_flow) == 16, "rp_flow layout");
 _Static_assert(sizeof(struct rp_flow_stats) == 48, "rp_flow_stats layout");
 _Static_assert(sizeof(struct rp_record_budget) == 16, "rp_record_budget layout");
-_Static_assert(sizeof(struct rp_transition) == 56, "rp_transition layout");
 _Static_assert(RP_MAX_SLOTS <= RP_BUCKET_SLOT_MASK, "a slot fits beside the bucket flags");
 _Static_assert(sizeof(rp_slot_t) == 4, "slot index is a __u32");
 _Static_assert((RP_MAX_BUCKETS & (RP_MAX_BUCKETS - 1)) == 0, "bucket limit is a power of two");

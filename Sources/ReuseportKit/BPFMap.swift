@@ -42,6 +42,19 @@ public final class BPFMap: @unchecked Sendable {
         }
     }
 
+    /// A new map of the daemon's own (bpf_map_create, the same privilege as loading the program:
+    /// CAP_BPF, or root), not one of an object's: its records (bpf/records.h).
+    convenience init(creating type: bpf_map_type, name: String, keySize: Int, valueSize: Int, maxEntries: UInt32,
+                     flags: UInt32 = 0) throws {
+        var options = zeroedOptions(bpf_map_create_opts())
+        options.sz = MemoryLayout<bpf_map_create_opts>.size
+        options.map_flags = flags
+        let fd = bpf_map_create(type, name, UInt32(keySize), UInt32(valueSize), maxEntries, &options)
+        if fd < 0 { throw ReuseportError.system("bpf_map_create(\(name))", errno) }
+        try self.init(owning: OwnedDescriptor(adopting: FileDescriptor(rawValue: fd)), name: name, keySize: keySize,
+                      valueSize: valueSize)
+    }
+
     /// Opens the map pinned at `path` (bpf_obj_get). `readOnly`: the fd is BPF_F_RDONLY, and
     /// the kernel refuses every update and delete through it with EPERM (map_get_sys_perms(),
     /// kernel/bpf/syscall.c) whoever holds it, even after a fork, an exec or pidfd_getfd: for a

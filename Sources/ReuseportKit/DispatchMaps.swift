@@ -5,9 +5,9 @@ import CLibbpf
 import CReuseportABI
 import SystemPackage
 
-/// The maps shared by every listener of one service (bpf/dispatch.h): configuration,
-/// bucket table, fallback table, counters and worker state. Each listener has its own
-/// socket array.
+/// The maps shared by every listener of one service: the program's (bpf/dispatch.h:
+/// configuration, bucket table, fallback table, counters) and the daemon's records beside them
+/// (bpf/records.h: worker state, the change in progress). Each listener has its own socket array.
 ///
 /// Anyone may read them (reuseportctl opens the pins); only the service's
 /// `ServiceDataPlane` writes them: the write operations are internal to ReuseportKit.
@@ -26,15 +26,18 @@ public final class DispatchMaps: @unchecked Sendable {
     /// The placement change in progress and its target table (Transition.swift).
     public let transition: BPFMap
     public let nextBuckets: BPFMap
+    /// The daemon's records among these (slotState, transition, nextBuckets): not the object's.
+    public let records: ServiceRecords
     /// QUIC connection-ID steering's counters (its layout is rp_config.quic).
     public let quicStats: BPFMap
     public let quicSlotStats: BPFMap
 
-    /// The names, in the object and as pin file names.
-    public static let names = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
-                               RP_MAP_SLOT_STATE, RP_MAP_FLOWS, RP_MAP_UNTRACKED, RP_MAP_FLOW_STATS,
-                               RP_MAP_RECORD_BUDGET, RP_MAP_TRANSITION, RP_MAP_NEXT_BUCKETS, RP_MAP_QUIC_STATS,
-                               RP_MAP_QUIC_SLOT_STATS]
+    /// The program's maps, by their names in the object (and as pin file names).
+    static let programNames = [RP_MAP_CONFIG, RP_MAP_BUCKETS, RP_MAP_FALLBACK, RP_MAP_SLOT_STATS, RP_MAP_GLOBAL_STATS,
+                               RP_MAP_FLOWS, RP_MAP_UNTRACKED, RP_MAP_FLOW_STATS, RP_MAP_RECORD_BUDGET,
+                               RP_MAP_QUIC_STATS, RP_MAP_QUIC_SLOT_STATS]
+    /// Every pin file name of these maps: the program's and the records'.
+    public static let names = programNames + ServiceRecords.names
 
     /// Key and value size of each map.
     static let layouts: [String: (key: Int, value: Int)] = [
@@ -43,34 +46,39 @@ public final class DispatchMaps: @unchecked Sendable {
         RP_MAP_FALLBACK: (4, MemoryLayout<rp_slot_t>.size),
         RP_MAP_SLOT_STATS: (4, MemoryLayout<rp_slot_stats>.size),
         RP_MAP_GLOBAL_STATS: (4, MemoryLayout<rp_global_stats>.size),
-        RP_MAP_SLOT_STATE: (4, MemoryLayout<rp_slot_state>.size),
         RP_MAP_FLOWS: (MemoryLayout<rp_flow_key>.size, MemoryLayout<rp_flow>.size),
         RP_MAP_UNTRACKED: (MemoryLayout<rp_flow_key>.size, 4),
         RP_MAP_FLOW_STATS: (4, MemoryLayout<rp_flow_stats>.size),
         RP_MAP_RECORD_BUDGET: (4, MemoryLayout<rp_record_budget>.size),
-        RP_MAP_TRANSITION: (4, MemoryLayout<rp_transition>.size),
-        RP_MAP_NEXT_BUCKETS: (4, MemoryLayout<rp_slot_t>.size),
         RP_MAP_QUIC_STATS: (4, MemoryLayout<rp_quic_stats>.size),
         RP_MAP_QUIC_SLOT_STATS: (4, MemoryLayout<rp_quic_slot_stats>.size),
     ]
 
-    init(open: (_ name: String, _ keySize: Int, _ valueSize: Int) throws -> BPFMap) throws {
-        func map(_ name: String) throws -> BPFMap {
-            let layout = DispatchMaps.layouts[name]!
-            return try open(name, layout.key, layout.value)
-        }
+    /// A map opener: name, key size, value size.
+    typealias Opener = (_ name: String, _ keySize: Int, _ valueSize: Int) throws -> BPFMap
+
+    /// Opens `name` with `open` at its layout in `layouts` (this type's or `ServiceRecords`').
+    static func open(_ name: String, layouts: [String: (key: Int, value: Int)], with open: Opener) throws -> BPFMap {
+        let layout = layouts[name]!
+        return try open(name, layout.key, layout.value)
+    }
+
+    /// `open` gives the program's maps by name; `records` are the daemon's.
+    init(records: ServiceRecords, open: Opener) throws {
+        func map(_ name: String) throws -> BPFMap { try Self.open(name, layouts: Self.layouts, with: open) }
         config = try map(RP_MAP_CONFIG)
         buckets = try map(RP_MAP_BUCKETS)
         fallback = try map(RP_MAP_FALLBACK)
         slotStats = try map(RP_MAP_SLOT_STATS)
         globalStats = try map(RP_MAP_GLOBAL_STATS)
-        slotState = try map(RP_MAP_SLOT_STATE)
+        slotState = records.slotState
         flows = try map(RP_MAP_FLOWS)
         untracked = try map(RP_MAP_UNTRACKED)
         flowStats = try map(RP_MAP_FLOW_STATS)
         recordBudget = try map(RP_MAP_RECORD_BUDGET)
-        transition = try map(RP_MAP_TRANSITION)
-        nextBuckets = try map(RP_MAP_NEXT_BUCKETS)
+        transition = records.transition
+        nextBuckets = records.nextBuckets
+        self.records = records
         quicStats = try map(RP_MAP_QUIC_STATS)
         quicSlotStats = try map(RP_MAP_QUIC_SLOT_STATS)
     }
@@ -78,20 +86,25 @@ public final class DispatchMaps: @unchecked Sendable {
     /// Opens the maps a daemon pinned for one service; `readOnly` (BPF_F_RDONLY) for a reader:
     /// the write operations then fail with EPERM.
     public convenience init(pinned layout: PinLayout, readOnly: Bool = false) throws {
-        try self.init { name, keySize, valueSize in
+        try self.init(records: ServiceRecords(pinned: layout, readOnly: readOnly)) { name, keySize, valueSize in
             try BPFMap(pinnedAt: layout.path(ofShared: name), name: name, keySize: keySize, valueSize: valueSize,
                        readOnly: readOnly)
         }
     }
 
-    /// Every shared map, in the order of `names`.
-    public var all: [BPFMap] {
-        [config, buckets, fallback, slotStats, globalStats, slotState, flows, untracked, flowStats, recordBudget,
-         transition, nextBuckets, quicStats, quicSlotStats]
+    /// The program's maps, in the order of `programNames`: what a second listener's program reuses.
+    var programMaps: [BPFMap] {
+        [config, buckets, fallback, slotStats, globalStats, flows, untracked, flowStats, recordBudget, quicStats,
+         quicSlotStats]
     }
 
+    /// Every shared map, in the order of `names`.
+    public var all: [BPFMap] { programMaps + records.all }
+
+    /// Pins every shared map at `layout`, the records with their version (rp_records_version).
     public func pin(_ layout: PinLayout) throws {
-        for map in all { try map.pin(at: layout.path(ofShared: map.name)) }
+        for map in programMaps { try map.pin(at: layout.path(ofShared: map.name)) }
+        try records.pin(at: layout)
     }
 
     // MARK: configuration

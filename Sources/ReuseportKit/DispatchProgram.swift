@@ -32,8 +32,8 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     /// Loads the program. With `shared`, the new instance uses those maps instead of
     /// creating its own (a second listener of the same service, or the maps a previous daemon
     /// pinned: their sizes are what that daemon made them). Otherwise rp_flows and rp_untracked
-    /// are created for `trackedFlows` records, and rp_buckets and rp_next_buckets for
-    /// `bucketCount` entries (the object's RP_MAX_BUCKETS is the upper bound): a service of 4,096
+    /// are created for `trackedFlows` records, and rp_buckets and the daemon's rp_next_buckets
+    /// (ServiceRecords) for `bucketCount` entries (the object's RP_MAX_BUCKETS is the upper bound): a service of 4,096
     /// buckets holds 32 KiB in each, not 512 KiB.
     ///
     /// `object`: another build of bpf/dispatch.bpf.c with the same maps (the benchmarks' build
@@ -47,14 +47,12 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
             ?? EmbeddedObject(rp_dispatch_object(), count: rp_dispatch_object_size(), name: "dispatch.bpf.o")
         if let socketArray { try object.reuse(map: RP_MAP_SOCKETS, fd: socketArray.map.fd) }
         if let shared {
-            for map in shared.all { try object.reuse(map: map.name, fd: map.fd) }
+            for map in shared.programMaps { try object.reuse(map: map.name, fd: map.fd) }
         } else {
             let records = try TrackedFlowCount(trackedFlows)
             try object.setMaxEntries(map: RP_MAP_FLOWS, UInt32(records.value))
             try object.setMaxEntries(map: RP_MAP_UNTRACKED, UInt32(max(records.value, Int(RP_MIN_UNTRACKED_MARKERS))))
-            let buckets = try BucketCount(bucketCount)
-            try object.setMaxEntries(map: RP_MAP_BUCKETS, UInt32(buckets.value))
-            try object.setMaxEntries(map: RP_MAP_NEXT_BUCKETS, UInt32(buckets.value))
+            try object.setMaxEntries(map: RP_MAP_BUCKETS, UInt32(try BucketCount(bucketCount).value))
         }
         try object.setConstant(RP_CONST_COARSE_CLOCK, CoarseClock.isSupported ? 1 : 0)
         migrates = ReuseportMigration.isSupported
@@ -65,7 +63,8 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
         verifier = object.verifierReports[name] ?? VerifierReport(log: "")
         // Keep our own copies: the object (and its fds) is closed when init returns.
         descriptor = try object.programFD(name)
-        maps = try DispatchMaps { name, keySize, valueSize in
+        maps = try DispatchMaps(records: shared?.records ?? ServiceRecords(bucketCount: bucketCount)) {
+            name, keySize, valueSize in
             try object.openMap(name, keySize: keySize, valueSize: valueSize)
         }
         sockets = try SocketArray(RP_MAP_SOCKETS, in: object)

@@ -42,14 +42,9 @@ public final class LeavingRecords: @unchecked Sendable {
 
     /// A new, empty map (allocated per entry: it costs memory only while workers leave).
     public init() throws {
-        var options = zeroedOptions(bpf_map_create_opts())
-        options.sz = MemoryLayout<bpf_map_create_opts>.size
-        options.map_flags = UInt32(BPF_F_NO_PREALLOC)
-        let fd = bpf_map_create(BPF_MAP_TYPE_HASH, RP_MAP_LEAVING, UInt32(MemoryLayout<UInt32>.size),
-                                UInt32(Self.valueSize), UInt32(RP_MAX_LEAVING), &options)
-        if fd < 0 { throw ReuseportError.system("bpf_map_create(\(RP_MAP_LEAVING))", errno) }
-        map = try BPFMap(owning: OwnedDescriptor(adopting: FileDescriptor(rawValue: fd)), name: RP_MAP_LEAVING,
-                         keySize: MemoryLayout<UInt32>.size, valueSize: Self.valueSize)
+        map = try BPFMap(creating: BPF_MAP_TYPE_HASH, name: RP_MAP_LEAVING, keySize: MemoryLayout<UInt32>.size,
+                         valueSize: Self.valueSize, maxEntries: UInt32(RP_MAX_LEAVING),
+                         flags: UInt32(BPF_F_NO_PREALLOC))
     }
 
     /// The records pinned at `layout` by a previous daemon; empty when none are pinned. Throws

@@ -9,6 +9,9 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
     case system(call: String, errno: Int32, hint: String?)
     /// A map's key or value size in the kernel disagrees with the layout Swift was built with.
     case abiMismatch(map: String, field: String, kernel: Int, expected: Int)
+    /// The daemon's records pinned at `directory` are of records version `found`
+    /// (bpf/records.h), which this build neither reads nor migrates (`ServiceRecords.Version`).
+    case recordsVersion(directory: String, found: UInt32)
     /// Input that can never work: a malformed address, a slot out of range.
     case invalidArgument(String)
     /// The kernel's verifier refused `program` of `object`: `verdict` is what it said last (for
@@ -25,6 +28,11 @@ public enum ReuseportError: Error, CustomStringConvertible, Equatable, Sendable 
         case .abiMismatch(let map, let field, let kernel, let expected):
             return "map \(map): \(field) is \(kernel) bytes in the kernel but \(expected) in this build"
                 + "; the pinned maps belong to another version of reuseportd (remove the pins or use that version)"
+        case .recordsVersion(let directory, let found):
+            let migrated = ServiceRecords.migrations.sorted().map(String.init).joined(separator: ", ")
+            return "the records pinned at \(directory) are of records version \(found)"
+                + (found > UInt32(RP_RECORDS_VERSION) ? " (a newer reuseportd's)" : " (not one this build knows)")
+                + "; this build reads version \(RP_RECORDS_VERSION)" + (migrated.isEmpty ? "" : " and migrates \(migrated)")
         case .invalidArgument(let text):
             return text
         case .programRefused(let object, let program, let errno, let verdict, let logPath):

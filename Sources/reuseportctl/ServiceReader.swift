@@ -206,6 +206,9 @@ struct ServiceReader {
     func open(_ name: String) throws -> OpenedService {
         let layout = PinLayout(root: root, service: name)
         do {
+            // Records of a version this build does not know could be misread (same sizes, other
+            // meanings); those of an older one it migrates read as they are (version 1's layouts).
+            _ = try ServiceRecords.Version.checked(at: layout)
             let maps = try DispatchMaps(pinned: layout, readOnly: true)
             let arrays = try layout.listeners().map {
                 (index: $0, array: try SocketArray(pinned: layout, listener: $0, readOnly: true))

@@ -118,14 +118,7 @@ import Testing
         let pids = services[0].slots.map(\.pid)
         let before = try daemon.request(ControlRequest(command: .status)).daemon
         let sessions = try Sessions(256, periodMs: 100)
-        var answer: ControlResponse?
-        try sessions.run(30, to: destination) { round in
-            if round == 10 { answer = try daemon.request(ControlRequest(command: .reexec)) }
-        }
-        #expect(answer?.ok == true, "\(String(describing: answer))")
-        let status = try daemon.waitFor("the new image") { _ in
-            (try? daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs) != before?.startedAtNs
-        }[0]
+        let status = try reexec(daemon, under: sessions, rounds: 30, at: 10, to: destination)
         let after = try daemon.request(ControlRequest(command: .status)).daemon
         print("reexec under 256 flows × \(sessions.rounds) rounds: \(sessions.lost) lost, \(sessions.moved.count) "
             + "changed worker; daemon \(String(describing: before)) → \(String(describing: after)); "

@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import Testing
 
 /// The slot of every bucket, read from the pinned table.
 func pinnedBuckets(_ daemon: TestDaemon, service: String) throws -> [UInt32] {
@@ -155,4 +156,20 @@ final class Sessions {
     var moved: [Int] { answers.indices.filter { answers[$0].count != 1 } }
     /// The first field of each flow's first label (the slot, with the default label).
     var slots: [UInt32] { answers.map { UInt32($0.sorted().first!.split(separator: "/")[0]) ?? UInt32.max } }
+}
+
+/// Sends `rounds` rounds of `sessions` to `destination`, asking `daemon` to reexec itself before
+/// round `at`; returns the first service's status as the new image reports it.
+func reexec(_ daemon: TestDaemon, under sessions: Sessions, rounds: Int, at: Int, to destination: SocketAddress) throws
+    -> ServiceStatus
+{
+    let before = try daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs
+    var answer: ControlResponse?
+    try sessions.run(rounds, to: destination) { round in
+        if round == at { answer = try daemon.request(ControlRequest(command: .reexec)) }
+    }
+    #expect(answer?.ok == true, "\(String(describing: answer))")
+    return try daemon.waitFor("the new image") { _ in
+        (try? daemon.request(ControlRequest(command: .status)).daemon?.startedAtNs) != before
+    }[0]
 }

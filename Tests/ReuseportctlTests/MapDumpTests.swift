@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CLibbpf
 import Foundation
 import ReuseportControl
 import ReuseportKit
@@ -162,6 +163,28 @@ struct MapDumpTests {
             if fields.count >= 13, Int(fields[9]) == inode { return Int(fields[fields.count - 1]) }
         }
         return nil
+    }
+
+    /// A service whose records (bpf/records.h) are of a newer version is not read as if they were
+    /// this build's: it is named with both versions, the others are shown, and the status is 1.
+    @Test func recordsOfANewerVersionAreNotMisread() throws {
+        let root = PinRoot("dump-records")
+        let good = try PinnedService(root: root, name: "good", slots: 2)
+        let newer = try PinnedService(root: root, name: "newer", slots: 2)
+        _ = good
+        let fd = bpf_obj_get(newer.layout.path(ofShared: RP_MAP_RECORDS_VERSION))
+        #expect(fd >= 0)
+        var key: UInt32 = 0
+        var version = UInt32(RP_RECORDS_VERSION) + 1
+        #expect(bpf_map_update_elem(fd, &key, &version, 0) == 0)
+        close(fd)
+
+        let table = try reuseportctl(["map", "dump", "--pin-dir", root.path])
+        #expect(table.status == 1)
+        #expect(table.stdout.contains("service good") && !table.stdout.contains("service newer"), "\(table)")
+        #expect(table.stderr.contains("cannot read the maps of service 'newer'")
+                && table.stderr.contains("records version \(version) (a newer reuseportd's); this build reads version \(RP_RECORDS_VERSION)"),
+                "\(table)")
     }
 
     /// A service whose pins are half gone (a daemon starting or removing it) does not hide the

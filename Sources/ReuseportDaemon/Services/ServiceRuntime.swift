@@ -152,6 +152,19 @@ final class ServiceRuntime {
                 logger.warning("the leaving workers pinned at \(pins.serviceDirectory) cannot be read (\(error)): they are not taken over")
             }
         }
+        // The daemon's records among the pins (bpf/records.h) are versioned apart from the
+        // program: of a version this daemon cannot read (a newer daemon's), the service does not
+        // start, and the workers they name serve on, never signalled; of an older one it knows,
+        // they are taken over once migrated (ServiceRecords.Version).
+        var recordsVersion = ServiceRecords.Version.current
+        if !staged, pins.exists {
+            do {
+                recordsVersion = try ServiceRecords.Version.checked(at: pins)
+            } catch let error as ReuseportError {
+                throw DaemonError.adoption("\(error): the workers they name are not taken over and serve on. Run the "
+                    + "reuseportd that pinned them, or stop those workers and remove the pins to start afresh")
+            }
+        }
         // What a previous daemon left in the pins (it crashed, was killed, or exec'ed this one):
         // its running workers are adopted with their sockets, and a placement change it left is
         // finished, not dropped, so no flow moves.
@@ -197,6 +210,9 @@ final class ServiceRuntime {
             try ListenerClaim.checkFree(endpoint)
         }
         if let pinned, let adoption {
+            if case .migrate(let old) = recordsVersion {
+                logger.notice("the records pinned at \(pins.serviceDirectory) are of records version \(old): migrated to version \(RP_RECORDS_VERSION)")
+            }
             resumed = true
             tookOverPins = true
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
