@@ -187,9 +187,13 @@ struct HealthCheckTests {
 
     /// Every slot is probed through the shared port and passes: the program sent each probe to
     /// its slot (unreached 0: every probe grew its slot's rp_slot_stats counter, and nothing else
-    /// sends here). UDP on a specific IPv4 address and TCP on the IPv6 wildcard.
+    /// sends here). UDP on a specific IPv4 address, on a specific IPv6 one and on the IPv6
+    /// wildcard, TCP on the IPv6 wildcard and on a specific IPv4 address.
     @Test(arguments: [("udp://127.0.0.1:0", "send = \"ping\"\nexpect = \"slot=\""),
-                      ("tcp://[::]:0", "send = \"ping\\n\"\nexpect_regex = \"^slot=[0-9]+ pid=\"")])
+                      ("udp://[::1]:0", "send = \"ping\"\nexpect = \"slot=\""),
+                      ("udp://[::]:0", "send = \"ping\"\nexpect = \"slot=\""),
+                      ("tcp://[::]:0", "send = \"ping\\n\"\nexpect_regex = \"^slot=[0-9]+ pid=\""),
+                      ("tcp://127.0.0.1:0", "send = \"ping\\n\"\nexpect_regex = \"^slot=[0-9]+ pid=\"")])
     func everySlotIsReachedThroughTheSharedPort(listen: String, check: String) throws {
         let daemon = try TestDaemon(config: serviceTable("hc", listen: [listen], workers: 4, extra: Self.healthTable(
             check + "\ninterval_ms = 200\ntimeout_ms = 150\nfailures = 3")))
