@@ -165,6 +165,56 @@ import Testing
                 "adopted \(adopted.slots.map(\.pid)) of \(pids); daemon log: \(next.keepLog())")
     }
 
+    /// A removed slot's worker still draining its queue when the daemon is killed: the next
+    /// daemon takes it over as draining (it is not stopped at once), holds a copy of its socket
+    /// (copied out of it), lets it answer every datagram queued at its slot, and stops it only
+    /// then; the copy is released once the worker is gone (it leaves the port, then closes).
+    @Test func aDrainInterruptedByADaemonKillGoesOn() throws {
+        let config = "stop_timeout_ms = 20000\n"
+            + serviceTable("drainkill", workers: 4, extra: "rcvbuf = 8388608\nflow_tracking = false")
+        let first = try TestDaemon(config: config)
+        let services = try first.waitForWorkers()
+        let destination = try udpEndpoint(services, "drainkill")
+        let leaving = try #require(services[0].slots.first { $0.slot == 3 }?.pid)
+        let cookie = try #require(try Self.cookies(first, "drainkill", slots: 4)[3])
+        // Slot 3's worker reads nothing while stopped: its flows' datagrams wait in its queue.
+        kill(leaving, SIGSTOP)
+        defer { kill(leaving, SIGCONT) }
+        let numbered = NumberedFlows(try Traffic.clients(128, on: .loopbackV4))
+        try numbered.send(0, to: destination)
+        try numbered.receive(until: nowMs() + 1000)
+        let waiting = numbered.answered.filter(\.isEmpty).count
+        #expect(waiting > 0, "some flows are slot 3's")
+        let scaled = try first.request(ControlRequest(command: .scale, service: "drainkill", workers: 3))
+        #expect(scaled.ok, "\(scaled.error ?? "")")
+        _ = try first.waitFor("slot 3's worker draining") { services in
+            services[0].leaving?.contains { $0.pid == leaving && $0.state == .draining } == true
+        }
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+        let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
+        let adopted = try second.waitFor("the leaving worker taken over") { services in
+            services.first?.leaving?.contains { $0.pid == leaving } == true
+        }
+        let state = adopted[0].leaving?.first { $0.pid == leaving }?.state
+        kill(leaving, SIGCONT)
+        try numbered.receive(until: nowMs() + 10_000, orAll: 1)
+        let unanswered = numbered.unanswered(rounds: 1)
+        _ = try second.waitFor("the leaving worker stopped once drained") { _ in !processExists(leaving) }
+        let socketGone = (0..<100).contains { _ in
+            if (try? SocketDiagnostics.sockets([.udp]))?[cookie] == nil { return true }
+            usleep(20_000)
+            return false
+        }
+        print("a drain interrupted by a daemon kill: \(waiting) of 128 datagrams waited at slot 3; the next daemon "
+            + "took its worker over as \(state.map(\.rawValue) ?? "-"); \(unanswered.count) unanswered; its socket "
+            + (socketGone ? "closed" : "still open"))
+        #expect(state == .draining, "taken over as \(String(describing: state)): \(second.logTail(8))")
+        #expect(unanswered.isEmpty, "\(unanswered.prefix(5))")
+        #expect(socketGone, "slot 3's socket outlived its worker: the daemon did not release its copy")
+        #expect(second.log.contains("it drains on what was queued at its slot"), "\(second.logTail(8))")
+    }
+
     /// Workers that run as another user (nobody) are adopted too: copying their sockets out
     /// (pidfd_getfd) takes CAP_SYS_PTRACE, which the daemon keeps (and `make
     /// test-least-privilege` runs this with only the documented capabilities).

@@ -122,6 +122,12 @@ struct WorkerTable {
         return drain
     }
 
+    /// Keeps `drain`'s sockets with the worker's entry until every process of the worker is
+    /// gone (`forgetFinished` returns it then), for a worker that does not drain.
+    mutating func keepUntilGone(_ pid: pid_t, _ drain: SlotDrain) {
+        entries[pid]?.ended = drain
+    }
+
     /// The worker is being stopped: SIGKILL at `killAt`. Its role stays (`leaveSlot` first to
     /// take it off its slot). `keepingEarlier`: a deadline set already stays (a worker that
     /// missed its watchdog while stopping is not given longer).
