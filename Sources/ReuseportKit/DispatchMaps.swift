@@ -331,7 +331,8 @@ public final class SocketArray: @unchecked Sendable {
     init(map: BPFMap) { self.map = map }
 
     /// Takes over a socket array from a descriptor (kept in systemd's fd store by a previous
-    /// daemon): refused unless it is a REUSEPORT_SOCKARRAY of this layout and size.
+    /// daemon): refused unless it is a REUSEPORT_SOCKARRAY of this layout, of 1...RP_MAX_SLOTS
+    /// slots (its size is kept: the service's other slot maps are made at least as large).
     public convenience init(adopting descriptor: OwnedDescriptor) throws {
         try self.init(map: BPFMap(owning: descriptor, name: RP_MAP_SOCKETS, keySize: SocketArray.keySize,
                                   valueSize: SocketArray.valueSize))
