@@ -36,12 +36,24 @@
  *    only while a change runs; RP_CONFIG_QUIC); rp_config is 48 bytes. rp_slot_state,
  *    rp_transition and rp_next_buckets left the object: the program never read them, and bumps
  *    3, 6 and 7 changed only them. They are the daemon's records now (bpf/records.h, records
- *    version 2), created by the daemon and versioned apart.
+ *    version 2), created by the daemon and versioned apart. Map sizes follow the configuration:
+ *    the slot-indexed maps (rp_sockets, rp_slot_stats, rp_quic_slot_stats) hold the service's
+ *    slot capacity (RP_SLOTS_PER_WORKER per worker, a power of two, RP_MAX_SLOTS at most), and
+ *    rp_flows by default RP_TRACKED_FLOWS_PER_WORKER records per worker, rp_untracked a quarter
+ *    of rp_flows' entries (at least RP_MIN_UNTRACKED_MARKERS): the program bounds every index by
+ *    the map's own size (the array lookup and bpf_sk_select_reuseport() check it).
  */
 #define RP_ABI_VERSION 8
 
 /* Limits. Map sizes are fixed at load time. */
 #define RP_MAX_SLOTS 1024     /* sockets (= workers) per listener */
+/*
+ * The slot-indexed maps hold the next power of two of at least RP_SLOTS_PER_WORKER slots per
+ * worker and RP_MIN_SLOT_CAPACITY, up to RP_MAX_SLOTS: room for an upgrade's new generation
+ * beside the old ones still draining, a canary, a scale-up (ReuseportKit/Limits.swift, SlotCapacity).
+ */
+#define RP_SLOTS_PER_WORKER 4
+#define RP_MIN_SLOT_CAPACITY 16
 #define RP_MAX_BUCKETS 65536  /* entries in the bucket table */
 #define RP_DEFAULT_BUCKETS 4096
 /*
@@ -57,18 +69,23 @@
  */
 #define RP_FALLBACK_TRIES 4
 /*
- * Flow records kept while a placement change is in progress (rp_flows), by default. Each
- * costs about 130 bytes of kernel memory while it exists (a hash table without
- * preallocation: nothing is used in steady state), so the default bounds a service's
- * records at about 34 MiB. Configurable per service (max_tracked_flows).
+ * Flow records kept while a placement change is in progress (rp_flows): by default
+ * RP_TRACKED_FLOWS_PER_WORKER per worker the service starts with, at most
+ * RP_DEFAULT_TRACKED_FLOWS. Each costs about 130 bytes of kernel memory while it exists (a hash
+ * table without preallocation), but the table's buckets, 16 bytes per entry rounded up to a
+ * power of two, are allocated when the map is made and held in steady state too
+ * (kernel/bpf/hashtab.c, htab_map_alloc()): 512 KiB for 32,768 records, 4 MiB for 262,144.
+ * Configurable per service (max_tracked_flows).
  */
+#define RP_TRACKED_FLOWS_PER_WORKER 8192
 #define RP_DEFAULT_TRACKED_FLOWS 262144
 #define RP_MAX_TRACKED_FLOWS 16777216
 /*
- * rp_untracked holds at least this many markers (or max_tracked_flows if larger), so that the
- * flows a full table turns away are counted once each up to that many.
+ * rp_untracked holds a quarter of max_tracked_flows markers, at least this many, so that the
+ * flows a full table turns away are counted once each up to that many (the others' packets are
+ * counted in untracked_uncounted).
  */
-#define RP_MIN_UNTRACKED_MARKERS 65536
+#define RP_MIN_UNTRACKED_MARKERS 1024
 
 /* Map names as libbpf sees them in the object (and the file names of the pins). */
 #define RP_MAP_CONFIG "rp_config"

@@ -92,6 +92,17 @@ public final class DispatchMaps: @unchecked Sendable {
         }
     }
 
+    /// How many slots the slot-indexed maps hold: the least of their sizes (pins of an earlier
+    /// build hold RP_MAX_SLOTS each). Every slot a placement uses is below it.
+    public var slotCapacity: Int {
+        Int(min(slotStats.maxEntries, quicSlotStats.maxEntries, slotState.maxEntries))
+    }
+
+    /// Whether the slot-indexed maps have room for a service of `workers` as `SlotCapacity` sizes one.
+    public func holdsSlots(forWorkers workers: Int) -> Bool {
+        SlotCapacity.sized(workers: workers).value <= slotCapacity
+    }
+
     /// The program's maps, in the order of `programNames`: what a second listener's program reuses.
     var programMaps: [BPFMap] {
         [config, buckets, fallback, slotStats, globalStats, flows, untracked, flowStats, recordBudget, quicStats,
@@ -320,11 +331,13 @@ public final class SocketArray: @unchecked Sendable {
     init(map: BPFMap) { self.map = map }
 
     /// Takes over a socket array from a descriptor (kept in systemd's fd store by a previous
-    /// daemon): refused unless it is a REUSEPORT_SOCKARRAY of this layout and size.
+    /// daemon): refused unless it is a REUSEPORT_SOCKARRAY of this layout, of 1...RP_MAX_SLOTS
+    /// slots (its size is kept: the service's other slot maps are made at least as large).
     public convenience init(adopting descriptor: OwnedDescriptor) throws {
         try self.init(map: BPFMap(owning: descriptor, name: RP_MAP_SOCKETS, keySize: SocketArray.keySize,
                                   valueSize: SocketArray.valueSize))
-        guard map.type == BPF_MAP_TYPE_REUSEPORT_SOCKARRAY.rawValue, map.maxEntries == UInt32(RP_MAX_SLOTS) else {
+        guard map.type == BPF_MAP_TYPE_REUSEPORT_SOCKARRAY.rawValue, SlotCapacity.range.contains(Int(map.maxEntries))
+        else {
             throw ReuseportError.invalidArgument(
                 "not a socket array of this daemon (map type \(map.type), \(map.maxEntries) entries)")
         }

@@ -32,27 +32,37 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
     /// Loads the program. With `shared`, the new instance uses those maps instead of
     /// creating its own (a second listener of the same service, or the maps a previous daemon
     /// pinned: their sizes are what that daemon made them). Otherwise rp_flows and rp_untracked
-    /// are created for `trackedFlows` records, and rp_buckets and the daemon's rp_next_buckets
+    /// are created for `trackedFlows` records (rp_untracked: `TrackedFlowCount.untrackedMarkers`),
+    /// the slot-indexed maps (rp_slot_stats, rp_quic_slot_stats, the daemon's rp_slot_state) for
+    /// `slotCapacity` slots, and rp_buckets and the daemon's rp_next_buckets
     /// (ServiceRecords) for `bucketCount` entries (the object's RP_MAX_BUCKETS is the upper bound): a service of 4,096
     /// buckets holds 32 KiB in each, not 512 KiB.
     ///
     /// `object`: another build of bpf/dispatch.bpf.c with the same maps (the benchmarks' build
     /// without flow tracking); default: the one embedded in this binary. `socketArray`: use
-    /// that listener's array too (a socket can be in one array only), for such a build.
+    /// that listener's array too (a socket can be in one array only), for such a build. This
+    /// listener's own rp_sockets holds as many slots as the service's rp_slot_stats.
     public init(sharing shared: DispatchMaps? = nil, trackedFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
-                bucketCount: Int = Int(RP_MAX_BUCKETS),
+                bucketCount: Int = Int(RP_MAX_BUCKETS), slotCapacity: Int = Int(RP_MAX_SLOTS),
                 object bytes: (pointer: UnsafePointer<UInt8>, count: Int, name: String)? = nil,
                 socketArray: SocketArray? = nil) throws {
         let object = try bytes.map { try EmbeddedObject($0.pointer, count: $0.count, name: $0.name) }
             ?? EmbeddedObject(rp_dispatch_object(), count: rp_dispatch_object_size(), name: "dispatch.bpf.o")
-        if let socketArray { try object.reuse(map: RP_MAP_SOCKETS, fd: socketArray.map.fd) }
+        let capacity = try shared?.slotCapacity ?? SlotCapacity(slotCapacity).value
+        if let socketArray {
+            try object.reuse(map: RP_MAP_SOCKETS, fd: socketArray.map.fd)
+        } else {
+            try object.setMaxEntries(map: RP_MAP_SOCKETS, UInt32(capacity))
+        }
         if let shared {
             for map in shared.programMaps { try object.reuse(map: map.name, fd: map.fd) }
         } else {
             let records = try TrackedFlowCount(trackedFlows)
             try object.setMaxEntries(map: RP_MAP_FLOWS, UInt32(records.value))
-            try object.setMaxEntries(map: RP_MAP_UNTRACKED, UInt32(max(records.value, Int(RP_MIN_UNTRACKED_MARKERS))))
+            try object.setMaxEntries(map: RP_MAP_UNTRACKED, UInt32(records.untrackedMarkers))
             try object.setMaxEntries(map: RP_MAP_BUCKETS, UInt32(try BucketCount(bucketCount).value))
+            try object.setMaxEntries(map: RP_MAP_SLOT_STATS, UInt32(capacity))
+            try object.setMaxEntries(map: RP_MAP_QUIC_SLOT_STATS, UInt32(capacity))
         }
         try object.setConstant(RP_CONST_COARSE_CLOCK, CoarseClock.isSupported ? 1 : 0)
         migrates = ReuseportMigration.isSupported
@@ -63,7 +73,8 @@ public final class DispatchProgram: ReuseportProgram, @unchecked Sendable {
         verifier = object.verifierReports[name] ?? VerifierReport(log: "")
         // Keep our own copies: the object (and its fds) is closed when init returns.
         descriptor = try object.programFD(name)
-        maps = try DispatchMaps(records: shared?.records ?? ServiceRecords(bucketCount: bucketCount)) {
+        maps = try DispatchMaps(records: shared?.records ?? ServiceRecords(bucketCount: bucketCount,
+                                                                            slotCapacity: capacity)) {
             name, keySize, valueSize in
             try object.openMap(name, keySize: keySize, valueSize: valueSize)
         }

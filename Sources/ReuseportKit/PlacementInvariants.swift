@@ -20,6 +20,8 @@ extension PlacementModel {
               "the tables have \(buckets.count), \(effectiveBuckets.count), \(bucketFlags.count) buckets, not \(bucketCount)")
         check(fallback.count == Int(RP_FALLBACK_BUCKETS), "the fallback table has \(fallback.count) entries")
         check(!slots.isEmpty && slots.count <= Int(RP_MAX_SLOTS), "the set has \(slots.count) slots")
+        let past = held.filter { Int($0) >= slotCapacity }
+        check(past.isEmpty, "slots \(list(past)) are past the \(slotCapacity) the maps hold")
 
         // Every slot a table or a role names holds a socket.
         check(Set(slots).isSubset(of: steerable), "slots \(list(Set(slots).subtracting(steerable))) are in the set but hold no socket")

@@ -22,6 +22,9 @@ public struct PlacementModel: Sendable, Equatable {
     public typealias FlowTracking = ServiceDataPlane.FlowTracking
 
     public let bucketCount: Int
+    /// How many slots the service's slot-indexed maps hold (`SlotCapacity`): every slot an
+    /// operation takes is below it, and one that needs more is refused (its data plane sets it).
+    public internal(set) var slotCapacity = Int(RP_MAX_SLOTS)
     /// The tracking settings in force: a change runs with those it started with.
     public internal(set) var tracking: FlowTracking
     /// Settings given while a change ran, applied when it ends.
@@ -215,6 +218,7 @@ public struct PlacementModel: Sendable, Equatable {
     public mutating func resize(to count: Int) throws -> (moved: Int, effects: [PlacementEffect]) {
         _ = try SlotCount(count)
         try refuseDuringCanary("resize")
+        guard count <= slotCapacity else { throw capacityError(needed: count) }
         let target = Array(0..<UInt32(count))
         let table = BucketAssignment.rebalance(buckets, to: target)
         let failed = failedOver.filter { $0 < UInt32(count) }
@@ -393,16 +397,25 @@ public struct PlacementModel: Sendable, Equatable {
         guard count > sorted.count else { return Array(sorted.prefix(count)) }
         var target = Set(sorted)
         let starting = Set(startingGeneration?.slots ?? [])
-        for candidate in 0..<UInt32(RP_MAX_SLOTS) where target.count < count {
+        for candidate in 0..<UInt32(slotCapacity) where target.count < count {
             guard !target.contains(candidate), !starting.contains(candidate) else { continue }
             if let generation = slotGenerations[candidate], generation != workingGeneration { continue }
             target.insert(candidate)
         }
         guard target.count == count else {
+            if count > slotCapacity { throw capacityError(needed: count) }
             throw ReuseportError.invalidArgument("no room for \(count) slots: older generations still hold slots, "
-                + "and a service has at most \(RP_MAX_SLOTS)")
+                + "and this service's maps hold \(slotCapacity)")
         }
         return target.sorted()
+    }
+
+    /// A change needs more slots than the maps hold: what to do about it.
+    func capacityError(needed: Int) -> ReuseportError {
+        .invalidArgument("the service's maps hold \(slotCapacity) slots (sized from its workers when it was built), "
+            + "and this needs \(needed)"
+            + (slotCapacity < Int(RP_MAX_SLOTS) ? ": set the worker count in the configuration and reload, which "
+                + "rebuilds the service with larger maps, make-before-break" : ""))
     }
 
     /// Makes `next` the pending placement: flags the buckets that move for learning, writes the
@@ -561,10 +574,13 @@ public struct PlacementModel: Sendable, Equatable {
                 + "(its flows idle, or at drain_timeout_ms)")
         }
         let held = Set(liveSlots)
-        let free = Array((0..<UInt32(RP_MAX_SLOTS)).lazy.filter { !held.contains($0) }.prefix(count))
+        let free = Array((0..<UInt32(slotCapacity)).lazy.filter { !held.contains($0) }.prefix(count))
         guard free.count == count else {
+            if held.count + count > slotCapacity && slotCapacity < Int(RP_MAX_SLOTS) {
+                throw capacityError(needed: held.count + count)
+            }
             throw ReuseportError.invalidArgument("no room for \(count) more slots beside the \(held.count) held "
-                + "(a service has at most \(RP_MAX_SLOTS)); wait until older generations have drained")
+                + "(this service's maps hold \(slotCapacity)); wait until older generations have drained")
         }
         let generation = lastGeneration &+ 1
         var effects = free.map { insertSockets($0, generation: generation) }

@@ -44,8 +44,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var enabled: Bool
         /// A flow is live while it has sent within this; a change learns for this long.
         public var idleTimeoutMs: Int
-        /// rp_flows' capacity.
-        public var maxFlows: Int
+        /// rp_flows' capacity; nil: `TrackedFlowCount.sized(workers:)` for the workers the service
+        /// is built with (its data plane resolves it: the plane's `options` always name one).
+        public var maxFlows: Int?
         /// New records per second for the whole service: nil (the default) spreads `maxFlows` over
         /// one learning window plus the one second of credit the token bucket starts with (at
         /// least 1 a second), so that new tuples sprayed while a change learns cannot fill the
@@ -54,7 +55,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         /// Leaving slots retire at most this long after the switch, live records or not (0: never).
         public var drainTimeoutMs: Int
 
-        public init(enabled: Bool = true, idleTimeoutMs: Int = 60_000, maxFlows: Int = Int(RP_DEFAULT_TRACKED_FLOWS),
+        public init(enabled: Bool = true, idleTimeoutMs: Int = 60_000, maxFlows: Int? = nil,
                     recordsPerSecond: Int? = nil, drainTimeoutMs: Int = 3_600_000) {
             self.enabled = enabled
             self.idleTimeoutMs = idleTimeoutMs
@@ -71,7 +72,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         public var effectiveRecordsPerSecond: Int {
             if let recordsPerSecond { return recordsPerSecond }
             let window = Swift.max(idleTimeoutMs, 1) + 1000
-            return Swift.max(1, maxFlows * 1000 / window)
+            return Swift.max(1, (maxFlows ?? Int(RP_DEFAULT_TRACKED_FLOWS)) * 1000 / window)
         }
 
         /// rp_config.record_cost_ns: the credit one record costs in the service's token bucket.
@@ -163,17 +164,28 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// `socketArrays`: each listener's previous socket array (kept in systemd's fd store), which
     /// the new program uses as its own: the `existing` sockets are in it already, so attaching
     /// the new program replaces the old one in the group in one step (see the other initializer).
+    ///
+    /// `slotCapacity`: at least this many slots in the slot-indexed maps (a rebuild passes the
+    /// running plane's, so its placement fits); they hold `SlotCapacity.sized(workers: slotCount)`,
+    /// or more where the `existing` sockets or `socketArrays` need it.
     public init(endpoints: [Endpoint], slotCount: Int, options: Options = Options(), attach: Bool = true,
-                existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = []) throws {
+                existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = [],
+                slotCapacity: Int = 1) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
+        var options = options
+        options.tracking.maxFlows = options.tracking.maxFlows ?? TrackedFlowCount.sized(workers: slotCount).value
+        let adopted = socketArrays.compactMap { $0.map { Int($0.map.maxEntries) } }
+        var wanted = max(SlotCapacity.sized(workers: slotCount).value, slotCapacity, adopted.max() ?? 0)
+        while wanted < (existing.keys.max().map { Int($0) + 1 } ?? 0) { wanted *= 2 }
+        wanted = min(wanted, Int(RP_MAX_SLOTS))
         model = try PlacementModel(bucketCount: options.bucketCount, slotCount: slotCount, tracking: options.tracking,
                                    hasUDP: endpoints.contains { $0.transport == .udp })
         settings = options
         var listeners: [Listener] = []
         var shared: DispatchMaps?
         for (index, requested) in endpoints.enumerated() {
-            let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows,
-                                              bucketCount: options.bucketCount,
+            let program = try DispatchProgram(sharing: shared, trackedFlows: options.tracking.maxFlows!,
+                                              bucketCount: options.bucketCount, slotCapacity: try SlotCapacity(wanted).value,
                                               socketArray: index < socketArrays.count ? socketArrays[index] : nil)
             shared = shared ?? program.maps
             listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
@@ -181,6 +193,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
         }
         self.maps = shared!
         self.listeners = listeners
+        model.slotCapacity = Self.slotCapacity(maps: maps, listeners: listeners)
         try apply(model.initialEffects())
         checkInvariants()
     }
@@ -216,16 +229,20 @@ public final class ServiceDataPlane: @unchecked Sendable {
         model = try PlacementModel(resuming: image, tracking: options.tracking,
                                    hasUDP: endpoints.contains { $0.transport == .udp }, existing: Set(existing.keys),
                                    now: MonotonicClock.nanoseconds())
-        settings = options
+        var resolved = options
+        resolved.tracking.maxFlows = Int(pinned.flows.maxEntries)
+        model.tracking.maxFlows = resolved.tracking.maxFlows
+        settings = resolved
         var listeners: [Listener] = []
         for (index, requested) in endpoints.enumerated() {
-            let program = try DispatchProgram(sharing: pinned, trackedFlows: options.tracking.maxFlows,
+            let program = try DispatchProgram(sharing: pinned, trackedFlows: Int(pinned.flows.maxEntries),
                                               socketArray: index < socketArrays.count ? socketArrays[index] : nil)
             listeners.append(try Self.listener(requested, index: index, program: program, existing: existing,
-                                               options: options, attach: true))
+                                               options: resolved, attach: true))
         }
         maps = pinned
         self.listeners = listeners
+        model.slotCapacity = Self.slotCapacity(maps: maps, listeners: listeners)
         try apply(model.liveSlots.map { .insertSockets(slot: $0) })
         var model = self.model
         try apply(model.spreadFallback(over: model.fallbackSlots))
@@ -245,8 +262,9 @@ public final class ServiceDataPlane: @unchecked Sendable {
     public static func pinnedSlotBound(_ maps: DispatchMaps) -> Int {
         let config = try? maps.readConfig()
         let change = try? maps.readTransition()
-        let pinned = min(max(Int(config?.slot_count ?? 0), Int(change?.socket_slots ?? 0)), Int(RP_MAX_SLOTS))
-        for slot in stride(from: Int(RP_MAX_SLOTS) - 1, through: pinned, by: -1) {
+        let rows = min(Int(maps.slotState.maxEntries), Int(RP_MAX_SLOTS))
+        let pinned = min(max(Int(config?.slot_count ?? 0), Int(change?.socket_slots ?? 0)), rows)
+        for slot in stride(from: rows - 1, through: pinned, by: -1) {
             guard let row = try? maps.readSlotState(UInt32(slot)) else { continue }
             if row.pid != 0 || row.state != RP_WORKER_EMPTY.rawValue { return slot + 1 }
         }
@@ -303,6 +321,14 @@ public final class ServiceDataPlane: @unchecked Sendable {
         else { return nil }
         return (change.working_generation, change.last_generation)
     }
+
+    /// The slots the plane can use: what its slot-indexed maps and every listener's socket array hold.
+    private static func slotCapacity(maps: DispatchMaps, listeners: [Listener]) -> Int {
+        listeners.map { Int($0.program.sockets.map.maxEntries) }.reduce(maps.slotCapacity, min)
+    }
+
+    /// How many slots the service's slot-indexed maps hold (`SlotCapacity`).
+    public var slotCapacity: Int { model.slotCapacity }
 
     /// The slots that hold a socket (on the first listener; every operation here fills and
     /// empties a slot on all listeners together).

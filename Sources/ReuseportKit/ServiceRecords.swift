@@ -31,9 +31,10 @@ public struct ServiceRecords: @unchecked Sendable {
         nextBuckets = try map(RP_MAP_NEXT_BUCKETS)
     }
 
-    /// New, zeroed records; rp_next_buckets has `bucketCount` entries, like the service's rp_buckets.
-    public init(bucketCount: Int) throws {
-        let entries: [String: UInt32] = [RP_MAP_SLOT_STATE: UInt32(RP_MAX_SLOTS), RP_MAP_TRANSITION: 1,
+    /// New, zeroed records; rp_next_buckets has `bucketCount` entries, like the service's rp_buckets,
+    /// and rp_slot_state `slotCapacity` rows, like its slot-indexed maps.
+    public init(bucketCount: Int, slotCapacity: Int = Int(RP_MAX_SLOTS)) throws {
+        let entries: [String: UInt32] = [RP_MAP_SLOT_STATE: UInt32(try SlotCapacity(slotCapacity).value), RP_MAP_TRANSITION: 1,
                                          RP_MAP_NEXT_BUCKETS: UInt32(try BucketCount(bucketCount).value)]
         try self.init { name, keySize, valueSize in
             try BPFMap(creating: BPF_MAP_TYPE_ARRAY, name: name, keySize: keySize, valueSize: valueSize,

@@ -113,6 +113,33 @@ public enum QuicScenario {
         return Fallback(landings: landings, counters: try plane.maps.quicCounters())
     }
 
+    /// Short headers whose CID names a slot past the end of the service's slot-indexed maps
+    /// (sized from its workers: `ServiceDataPlane.slotCapacity`), up to the last slot a CID can
+    /// name: bpf_sk_select_reuseport() finds no socket there (the array's lookup bounds the index
+    /// by the map's own size, net/core/filter.c and kernel/bpf/reuseport_array.c), so they go by
+    /// the flow hash, counted as fallbacks, with no select error and no per-slot counter beyond
+    /// the map. Returns the landings and the counters.
+    public static func beyondTheSlotMaps(_ plane: ServiceDataPlane, clients count: Int = 32) throws
+        -> (fallback: Fallback, selectErrors: UInt64)
+    {
+        let destination = plane.listeners[0].endpoint.address
+        let steering = plane.options.quic!
+        let snapshot = try plane.snapshot()
+        let beyond = [UInt32(plane.slotCapacity), UInt32(plane.slotCapacity) + 1, UInt32(RP_MAX_SLOTS) - 1]
+        let clients = try Traffic.clients(count, on: destination.address)
+        for (index, client) in clients.enumerated() {
+            try client.send(QuicHeader.short(dcid: steering.connectionID(slot: beyond[index % beyond.count])),
+                            to: destination)
+        }
+        let deliveries = try Traffic.receive(from: plane.listeners[0].sockets, expected: count)
+        try require(deliveries.count == count, "\(deliveries.count) of \(count) datagrams arrived")
+        let landings = deliveries.map { delivery in
+            (delivery.slot, snapshot.placement(of: FlowTuple(.udp, from: delivery.source, to: destination)).slot)
+        }
+        return (Fallback(landings: landings, counters: try plane.maps.quicCounters()),
+                try plane.maps.globalCounters().select_errors)
+    }
+
     public struct Garbage: Sendable {
         public var sent: Int
         public var delivered: Int

@@ -9,7 +9,7 @@ import ReuseportTestSupport
 /// straight from the packet (ctx->data points at the UDP header; the program reads the QUIC
 /// header past it), and the steering program sends QUIC packets where their CID says.
 enum QuicChecks {
-    static let all: [Check] = [directPacketAccess, steering, garbage]
+    static let all: [Check] = [directPacketAccess, steering, beyondTheSlotMaps, garbage]
 
     /// sk_reuseport_is_valid_access() (net/core/filter.c) gives data and data_end as packet
     /// pointers: a read past the UDP header is accepted after a bounds check against data_end,
@@ -86,6 +86,26 @@ enum QuicChecks {
         context.record("cid_steered", fallback.counters.cid_steered)
         context.record("dcid_hashed", fallback.counters.dcid_hashed)
         return "64 short headers on their CID's slot, 32 DCIDs' Initials each on one predicted slot, 32 stale/unknown by flow"
+    }
+
+    /// The slot-indexed maps are sized from the workers (16 slots for 4), smaller than the slots a
+    /// CID can name: the program relies on the kernel bounding each index by the map's size.
+    static let beyondTheSlotMaps = Check(
+        "quic-cid-beyond-slot-maps",
+        "short headers naming a slot past the end of the service's (sized) socket array go by flow, counted as "
+            + "fallbacks, with no select error"
+    ) { context in
+        let plane = try QuicScenario.service(slots: 4)
+        let (fallback, selectErrors) = try QuicScenario.beyondTheSlotMaps(plane, clients: 32)
+        context.record("slot_capacity", plane.slotCapacity)
+        context.record("fallbacks", fallback.counters.fallbacks)
+        try context.expect(plane.slotCapacity == 16, "a 4-worker service's maps hold \(plane.slotCapacity) slots, not 16")
+        try context.expect(fallback.landings.allSatisfy { $0.reached == $0.predicted },
+                           "a CID naming a slot past the array did not land where the flow hash predicts")
+        try context.expect(fallback.counters.fallbacks == 32 && fallback.counters.cid_steered == 0,
+                           "fallbacks \(fallback.counters.fallbacks), cid_steered \(fallback.counters.cid_steered)")
+        try context.expect(selectErrors == 0, "select_errors \(selectErrors)")
+        return "32 short headers naming slots 16, 17 and 1023 of a 16-slot array went by flow, as predicted"
     }
 
     static let garbage = Check(

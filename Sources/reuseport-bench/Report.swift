@@ -532,7 +532,9 @@ extension Report {
     func scaleSection(_ s: ScaleBench) -> [String] {
         var lines = ["## 6. Scale", ""]
         lines.append("**Map memory.** The maps are sized once, at load: the bucket tables by the service's `buckets`, "
-            + "the flow tables by its `max_tracked_flows`, the slot-indexed maps by RP_MAX_SLOTS = \(RP_MAX_SLOTS). "
+            + "the flow tables by its `max_tracked_flows` (by default \(RP_TRACKED_FLOWS_PER_WORKER) per worker, at most "
+            + "\(RP_DEFAULT_TRACKED_FLOWS)), the slot-indexed maps by its workers (\(RP_SLOTS_PER_WORKER) slots each, a power "
+            + "of two of at least \(RP_MIN_SLOT_CAPACITY), at most RP_MAX_SLOTS = \(RP_MAX_SLOTS)). "
             + "Bytes as the kernel charges them (`memlock` in /proc/self/fdinfo), on this \(sysconf(Int32(_SC_NPROCESSORS_CONF)))-CPU "
             + "machine (per-CPU maps grow with the CPU count); the service of \(RP_MAX_SLOTS) slots with default settings:")
         lines.append("")

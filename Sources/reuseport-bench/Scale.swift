@@ -52,7 +52,7 @@ struct ScaleBench {
         let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: slots)
         defer { plane.close() }
         let (maps, program) = try mapMemory(plane)
-        return ServiceMemory(slots: slots, buckets: plane.options.bucketCount, trackedFlows: plane.options.tracking.maxFlows,
+        return ServiceMemory(slots: slots, buckets: plane.options.bucketCount, trackedFlows: plane.options.tracking.maxFlows ?? 0,
                              maps: maps, programBytes: program)
     }
 

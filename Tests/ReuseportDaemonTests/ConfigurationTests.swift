@@ -69,7 +69,7 @@ struct ConfigurationTests {
             """, file: "d.toml").services[0]
         #expect(service.tracking == ServiceDataPlane.FlowTracking())
         #expect(service.tracking.enabled && service.tracking.idleTimeoutMs == 60_000
-                    && service.tracking.maxFlows == 262_144 && service.tracking.recordsPerSecond == nil
+                    && service.tracking.maxFlows == nil && service.tracking.recordsPerSecond == nil
                     && service.tracking.effectiveRecordsPerSecond == 4297 && service.tracking.drainTimeoutMs == 3_600_000)
     }
 

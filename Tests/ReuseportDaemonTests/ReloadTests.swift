@@ -269,6 +269,45 @@ struct ReloadTests {
         #expect(slots.map(\.slot) == (0..<UInt32(workers)).map { $0 })
     }
 
+    /// The slot-indexed maps hold 4 slots per worker (16 for 4 workers). A `scale` beyond them is
+    /// refused with the way out, and changes nothing; a reload to a worker count whose maps would
+    /// be larger (8 workers: 32 slots) rebuilds the service with maps of that size,
+    /// make-before-break: the rebuild keeps every live flow's slot, the file's count applies as a
+    /// scale that keeps live flows too, and no datagram is lost.
+    @Test func aReloadToMoreWorkersThanTheMapsHoldRebuildsThem() throws {
+        func config(workers: Int) -> String {
+            serviceTable("grow", listen: ["udp://127.0.0.1:0"], workers: workers, extra: """
+                rcvbuf = 8388608
+                flow_idle_timeout_ms = 1000
+                """)
+        }
+        let daemon = try TestDaemon(config: config(workers: 4))
+        let destination = try udpEndpoint(try daemon.waitForWorkers(), "grow")
+        let layout = PinLayout(root: daemon.pinRoot, service: "grow")
+        let maps = try DispatchMaps(pinned: layout)
+        #expect(maps.slotCapacity == 16 && maps.flows.maxEntries == 4 * RP_TRACKED_FLOWS_PER_WORKER)
+        let refused = try daemon.request(ControlRequest(command: .scale, service: "grow", workers: 17))
+        #expect(!refused.ok && refused.error?.contains("hold 16 slots") == true
+                    && refused.error?.contains("reload") == true, "\(refused)")
+        #expect(try daemon.status()[0].slots.count == 4, "the refused scale changed nothing")
+
+        let sessions = try Sessions(64) { "\($0.slot)" }
+        try sessions.run(3, to: destination)
+        try daemon.rewriteConfig(config(workers: 8))
+        var response: ControlResponse?
+        try sessions.run(10, to: destination) { _ in
+            guard response == nil else { return }
+            response = try daemon.request(ControlRequest(command: .reload))
+        }
+        #expect(response?.ok == true && response?.message?.contains("rebuilt grow") == true, "\(String(describing: response))")
+        let rebuilt = try DispatchMaps(pinned: layout)
+        #expect(rebuilt.slotCapacity == 32 && rebuilt.holdsSlots(forWorkers: 8) && !maps.holdsSlots(forWorkers: 8))
+        #expect(sessions.moved.isEmpty, "\(sessions.moved.count) of 64 live flows changed slot")
+        #expect(sessions.lost == 0, "no datagram lost")
+        let slots = try daemon.waitFor("8 slots", timeoutMs: 15_000) { $0[0].slots.count == 8 }[0].slots
+        #expect(slots.map(\.slot) == (0..<UInt32(8)).map { $0 })
+    }
+
     /// v1 → v2 (an upgrade), then, while v1's live flows still drain on its slots, a reload that
     /// adds a listener rebuilds the service: every live flow keeps its slot, and the flows of the
     /// draining generation stay with a worker of v1's definition (the rebuilt plane keeps each

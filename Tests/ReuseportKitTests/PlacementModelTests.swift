@@ -103,6 +103,9 @@ import Testing
             model = try PlacementModel(bucketCount: 64, slotCount: 4,
                                        tracking: .init(idleTimeoutMs: PlacementModelTests.idleMs, drainTimeoutMs: 0),
                                        hasUDP: true)
+            // Maps of 8 slots, fewer than the data plane gives 4 workers (16), so that the
+            // sequences often need more: such upgrades and scales are refused and change nothing.
+            model.slotCapacity = 8
             for effect in model.initialEffects() { maps.apply(effect) }
             for _ in 0..<24 { addFlow() }
         }
@@ -221,6 +224,8 @@ import Testing
             for (flow, was) in on where model.canary?.slots.contains(was) == true { on.removeValue(forKey: flow) }
             var rebuilt = try PlacementModel(bucketCount: model.bucketCount, slotCount: model.slots.count,
                                              tracking: model.deferredTracking ?? model.tracking, hasUDP: true)
+            // New maps, at least as large as the running ones (ServiceRuntime passes their capacity).
+            rebuilt.slotCapacity = max(SlotCapacity.sized(workers: model.slots.count).value, model.slotCapacity)
             var fresh = SimulatedMaps()
             for effect in rebuilt.initialEffects() { fresh.apply(effect) }
             for effect in try rebuilt.continueGenerations(working: model.workingGeneration, last: model.lastGeneration) {
@@ -240,6 +245,7 @@ import Testing
             let resumed = try PlacementModel(resuming: model.pinnedImage(), tracking: model.deferredTracking ?? model.tracking,
                                              hasUDP: true, now: now)
             var shell = resumed
+            shell.slotCapacity = model.slotCapacity  // the pinned maps keep their size
             var effects = resumed.liveSlots.map { PlacementEffect.insertSockets(slot: $0) }
             effects += shell.spreadFallback(over: shell.fallbackSlots)
             effects.append(.writeTransition(shell.transitionRecord))
@@ -258,8 +264,10 @@ import Testing
             if let disagreement = maps.disagreement(with: model) {
                 problems.append("after \(log.last ?? "start"): the maps disagree with the model: \(disagreement)")
             }
-            if let resumed = try? PlacementModel(resuming: model.pinnedImage(), tracking: model.tracking, hasUDP: true,
+            if var resumed = try? PlacementModel(resuming: model.pinnedImage(), tracking: model.tracking, hasUDP: true,
                                                  now: now) {
+                // The capacity is the maps' size, not something the pins say.
+                resumed.slotCapacity = model.slotCapacity
                 let expected = PlacementModelTests.resumable(model, now: now)
                 if resumed != expected {
                     problems.append("after \(log.last ?? "start"): the model read back from its pins differs: "

@@ -52,6 +52,18 @@ struct QuicSteeringTests {
         #expect(outcome.counters.cid_steered == 0)
     }
 
+    /// The slot-indexed maps of 4 workers hold 16 slots: a CID naming slot 16, 17 or 1023 goes by
+    /// the flow hash (to the predicted slot), counted as a fallback, with no select error.
+    @Test(arguments: families)
+    func cidsNamingSlotsPastTheMapsFallBackToFlowSteering(address: IPAddress) throws {
+        let plane = try QuicScenario.service(slots: 4, address: address)
+        let (outcome, selectErrors) = try QuicScenario.beyondTheSlotMaps(plane, clients: 32)
+        #expect(plane.slotCapacity == 16)
+        for landing in outcome.landings { #expect(landing.reached == landing.predicted) }
+        #expect(outcome.counters.fallbacks == 32 && outcome.counters.cid_steered == 0)
+        #expect(selectErrors == 0)
+    }
+
     /// Random datagrams of 0 to 1500 octets from many sources: every one is received on a slot
     /// of the service or counted as dropped; none reaches a foreign socket on the port.
     @Test(arguments: [true, false])

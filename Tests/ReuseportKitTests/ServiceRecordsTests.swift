@@ -69,7 +69,7 @@ import Testing
         row.state = RP_WORKER_RUNNING.rawValue
         try plane.publish(row, slot: 1)
         let records = try ServiceRecords(pinned: layout)
-        #expect(records.slotState.type == BPF_MAP_TYPE_ARRAY.rawValue && records.slotState.maxEntries == UInt32(RP_MAX_SLOTS))
+        #expect(records.slotState.type == BPF_MAP_TYPE_ARRAY.rawValue && records.slotState.maxEntries == UInt32(SlotCapacity.sized(workers: 2).value))
         #expect(records.transition.maxEntries == 1 && records.nextBuckets.maxEntries == 64)
         #expect(try records.slotState.lookup(1, as: rp_slot_state.self)?.pid == 42, "the pins are the plane's records")
         #expect(try Version.pinned(at: layout) == UInt32(RP_RECORDS_VERSION))

@@ -234,6 +234,89 @@ struct SteeringTests {
         #expect(ServiceDataPlane.resumable(at: layout, options: larger) == nil, "another bucket count starts afresh")
     }
 
+    /// What the kernel charges for a map (`memlock:` in /proc/self/fdinfo: what kernels before
+    /// 5.11 count against RLIMIT_MEMLOCK and later ones charge to the memory cgroup).
+    func memlock(_ map: BPFMap) throws -> Int {
+        let file = try #require(fopen("/proc/self/fdinfo/\(map.fd)", "r"))
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, Int32(line.count), file) != nil {
+            let text = String(cString: line)
+            guard text.hasPrefix("memlock:") else { continue }
+            return try #require(Int(text.dropFirst("memlock:".count).filter(\.isNumber)))
+        }
+        throw ReuseportError.invalidArgument("no memlock in the fdinfo of \(map.name)")
+    }
+
+    /// A service of 4 workers with default settings holds at most 1 MiB of maps: the slot-indexed
+    /// maps are sized from its workers and the flow tables, whose hash buckets the kernel allocates
+    /// at creation, hold 8,192 records per worker (docs/benchmarks.md, item 6; 8.3 MiB before).
+    /// Every map's size is read back from the kernel (bpf_map_info), and steering still works.
+    @Test func aDefaultServiceOfFourWorkersHoldsAtMostOneMebibyte() throws {
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 4)
+        defer { plane.close() }
+        let maps = plane.maps.all + plane.listeners.map(\.program.sockets.map)
+        #expect(maps.count == DispatchMaps.names.count + 1)
+        var total = 0
+        var report: [String] = []
+        for map in maps {
+            var info = bpf_map_info()
+            var length = UInt32(MemoryLayout<bpf_map_info>.size)
+            #expect(bpf_obj_get_info_by_fd(map.fd, &info, &length) == 0, "bpf_obj_get_info_by_fd(\(map.name)): \(errno)")
+            let bytes = try memlock(map)
+            total += bytes
+            report.append("\(map.name): \(info.max_entries) entries, \(bytes) B")
+            switch map.name {
+            case RP_MAP_SOCKETS, RP_MAP_SLOT_STATS, RP_MAP_QUIC_SLOT_STATS, RP_MAP_SLOT_STATE:
+                #expect(info.max_entries == 16, "\(map.name): 4 slots per worker, at least RP_MIN_SLOT_CAPACITY")
+            case RP_MAP_FLOWS:
+                #expect(info.max_entries == 4 * RP_TRACKED_FLOWS_PER_WORKER)
+            case RP_MAP_UNTRACKED:
+                #expect(info.max_entries == RP_TRACKED_FLOWS_PER_WORKER)
+            default:
+                break
+            }
+        }
+        #expect(total <= 1 << 20, "\(total) B: \(report.joined(separator: "; "))")
+        #expect(plane.slotCapacity == 16 && plane.options.tracking.maxFlows == 4 * Int(RP_TRACKED_FLOWS_PER_WORKER))
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let steered = try Traffic.slotsOf(clients: clients, sending: plane.listeners[0].endpoint.address,
+                                          sockets: sockets(plane))
+        let counted = try (0..<UInt32(4)).reduce(UInt64(0)) { $0 + (try plane.maps.slotCounters($1).packets) }
+        #expect(steered.count == 64 && counted == 64)
+    }
+
+    /// The slot-indexed maps hold the slot capacity of the workers (`SlotCapacity`): a scale or a
+    /// new generation within it works, one beyond it is refused with the way out, and changes
+    /// nothing. A configured max_tracked_flows is taken as it is.
+    @Test func changesBeyondTheSlotCapacityAreRefused() throws {
+        let tracking = ServiceDataPlane.FlowTracking(maxFlows: 100)
+        let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
+                                         options: .init(bucketCount: 64, tracking: tracking))
+        defer { plane.close() }
+        #expect(plane.maps.flows.maxEntries == 100 && plane.maps.untracked.maxEntries == RP_MIN_UNTRACKED_MARKERS)
+        #expect(plane.slotCapacity == 16 && plane.listeners[0].program.sockets.map.maxEntries == 16)
+        #expect(try plane.resize(to: 16) > 0)
+        #expect(try plane.resize(to: 8) > 0)
+        do {
+            _ = try plane.resize(to: 17)
+            Issue.record("a scale to 17 slots in maps of 16 was taken")
+        } catch let ReuseportError.invalidArgument(message) {
+            #expect(message.contains("hold 16 slots") && message.contains("reload"), "\(message)")
+        }
+        #expect(plane.slots == Array(0..<8) && plane.liveSlots == Array(0..<8))
+        // A generation of 8 beside the 8 working slots fills the maps; one more slot does not fit.
+        let starting = try plane.startGeneration(count: 8, now: MonotonicClock.nanoseconds())
+        #expect(starting.slots == Array(8..<16))
+        try plane.abandonGeneration(now: MonotonicClock.nanoseconds())
+        #expect(throws: ReuseportError.self) { try plane.startGeneration(count: 9, now: MonotonicClock.nanoseconds()) }
+        #expect(plane.liveSlots == Array(0..<8))
+        let clients = try Traffic.clients(64, on: .loopbackV4)
+        let steered = try Traffic.slotsOf(clients: clients, sending: plane.listeners[0].endpoint.address,
+                                          sockets: sockets(plane))
+        #expect(steered.count == 64 && Set(steered.values).isSubset(of: Set(0..<8)))
+    }
+
     /// The array's rules, with exact errno values.
     @Test func socketArrayRules() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 2)

@@ -72,7 +72,7 @@ struct MapDumpTests {
                                      "records", "max_tracked_flows", "record_bytes", "recorded", "untracked",
                                      "untracked_uncounted", "rate_refused", "pinned", "stale", "working_generation",
                                      "last_generation"])
-        #expect(change["phase"] as? String == "none" && change["max_tracked_flows"] as? Int == Int(RP_DEFAULT_TRACKED_FLOWS))
+        #expect(change["phase"] as? String == "none" && change["max_tracked_flows"] as? Int == TrackedFlowCount.sized(workers: 4).value)
         #expect(change["working_generation"] as? Int == 1 && change["last_generation"] as? Int == 1)
         #expect(Set(listeners[0].keys) == ["index", "endpoint", "live_slots"])
         #expect(Set(global.keys) == ["dropped_no_slot", "unparsable", "fallbacks", "select_errors", "migrated",
@@ -121,7 +121,7 @@ struct MapDumpTests {
               global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0  migrated 0  migrate_failed 0
               change     none
               generation 1 working (slots 0,1,2)  last 1
-              flows      records 0 of \(RP_DEFAULT_TRACKED_FLOWS) (about 0 B)  recorded 0  untracked 0  untracked_uncounted 0  rate_refused 0  pinned 0  stale 0
+              flows      records 0 of \(TrackedFlowCount.sized(workers: 3).value) (about 0 B)  recorded 0  untracked 0  untracked_uncounted 0  rate_refused 0  pinned 0  stale 0
 
               SLOT  GEN  PID  STATE    RESTARTS  IN STATE  BUCKETS  PACKETS    BYTES  FALLBACKS  DROPS  RECORDS  CHANGE  \(right("COOKIE", width))
             \(line(0, "101", "running", "0", "1h02m"))

@@ -124,7 +124,8 @@ public struct ServiceConfiguration: Sendable, Equatable, Codable {
     /// What the sockets and the program depend on: a change here needs new sockets
     /// (the service is rebuilt), a change elsewhere does not.
     var dataPlaneShape: [String] {
-        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)", "\(tracking.maxFlows)",
+        listen.map(\.description) + ["\(receiveBuffer ?? -1)", "\(bucketCount)", "\(seed)",
+                                      tracking.maxFlows.map { "\($0)" } ?? "sized from the workers",
                                       "\(String(describing: quic))"]
     }
 }

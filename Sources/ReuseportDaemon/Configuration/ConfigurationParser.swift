@@ -389,10 +389,13 @@ public enum ConfigurationParser {
         guard tracking.idleTimeoutMs >= 100 else {
             throw reader.error("flow_idle_timeout_ms", "must be at least 100 milliseconds, got \(tracking.idleTimeoutMs)")
         }
-        tracking.maxFlows = try reader.integer("max_tracked_flows") ?? tracking.maxFlows
-        guard TrackedFlowCount.range.contains(tracking.maxFlows) else {
-            throw reader.error("max_tracked_flows",
-                               "must be between 1 and \(TrackedFlowCount.range.upperBound), got \(tracking.maxFlows)")
+        // Absent: sized from the workers when the service is built (TrackedFlowCount.sized).
+        if let maxFlows = try reader.integer("max_tracked_flows") {
+            guard TrackedFlowCount.range.contains(maxFlows) else {
+                throw reader.error("max_tracked_flows",
+                                   "must be between 1 and \(TrackedFlowCount.range.upperBound), got \(maxFlows)")
+            }
+            tracking.maxFlows = maxFlows
         }
         if let rate = try reader.integer("max_new_flows_per_second") {
             guard (0...1_000_000_000).contains(rate) else {

@@ -51,7 +51,9 @@ struct ConfigurationReload {
         var staged: [(new: ServiceRuntime, old: ServiceRuntime?)] = []
         for new in next.services {
             let old = supervisor.service(named: new.name)
-            if let old, old.configuration.dataPlaneShape == new.dataPlaneShape { continue }
+            // A worker count the running maps have no room for (SlotCapacity) rebuilds the service too.
+            if let old, old.configuration.dataPlaneShape == new.dataPlaneShape,
+               old.plane.maps.holdsSlots(forWorkers: new.workers) { continue }
             do {
                 staged.append((try supervisor.stageService(new, ownGroups: ownGroups, predecessor: old), old))
             } catch {

@@ -274,9 +274,10 @@ final class ServiceRuntime {
                     try existing.values.lazy.compactMap { listener < $0.count ? $0[listener] : nil }.first?.detachProgram()
                 }
             }
+            // A rebuild carries the running plane's slots over (carryPlacement): its maps hold them.
             plane = try ServiceDataPlane(endpoints: endpoints, slotCount: configuration.workers, options: options,
                                          attach: !staged && existing.isEmpty, existing: existing,
-                                         socketArrays: arrays ?? [])
+                                         socketArrays: arrays ?? [], slotCapacity: predecessor?.plane.slotCapacity ?? 1)
             // Attached only now, with the tables written: a program attached to a group whose
             // sockets are in its arrays already would otherwise meet an unconfigured rp_config.
             if !existing.isEmpty && !staged { try plane.attachPrograms() }
