@@ -98,9 +98,13 @@ public final class DispatchMaps: @unchecked Sendable {
         Int(min(slotStats.maxEntries, quicSlotStats.maxEntries, slotState.maxEntries))
     }
 
-    /// Whether the slot-indexed maps have room for a service of `workers` as `SlotCapacity` sizes one.
+    /// Whether the slot-indexed maps have room for a service of `workers` and an upgrade's new
+    /// generation beside them (twice the workers). A service is built with more room than that
+    /// (`SlotCapacity.sized`: four times), but one that has this much keeps its maps, its sockets
+    /// and its workers: only beyond it does a reload (or a start on pins) build the service
+    /// again with larger maps, which gives every slot a new socket and worker.
     public func holdsSlots(forWorkers workers: Int) -> Bool {
-        SlotCapacity.sized(workers: workers).value <= slotCapacity
+        2 * max(1, workers) <= slotCapacity
     }
 
     /// The program's maps, in the order of `programNames`: what a second listener's program reuses.

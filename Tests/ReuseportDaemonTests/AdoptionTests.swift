@@ -215,6 +215,38 @@ import Testing
         #expect(second.log.contains("it drains on what was queued at its slot"), "\(second.logTail(8))")
     }
 
+    /// A daemon killed, then started on its pins with more workers than its maps hold with room
+    /// for an upgrade (9 in the 16 slots of 4): it takes the workers over, then builds the service
+    /// again beside them with maps sized for 9 (64 slots), as a reload would, and scales to 9.
+    /// Every live flow keeps its slot and no datagram is lost.
+    @Test func aStartWithMoreWorkersThanThePinnedMapsHoldRebuildsThem() throws {
+        func config(_ workers: Int) -> String {
+            serviceTable("outgrow", workers: workers, extra: "rcvbuf = 8388608\nflow_idle_timeout_ms = 1000")
+        }
+        let first = try TestDaemon(config: config(4))
+        let destination = try udpEndpoint(try first.waitForWorkers(), "outgrow")
+        let layout = PinLayout(root: first.pinRoot, service: "outgrow")
+        #expect(try DispatchMaps(pinned: layout).slotCapacity == 16)
+        let sessions = try Sessions(64) { "\($0.slot)" }
+        try sessions.run(3, to: destination)
+        first.signal(SIGKILL)
+        _ = first.waitForExit(timeoutMs: 5000)
+        var second: TestDaemon?
+        try sessions.run(10, to: destination) { round in
+            if round == 5 { second = try TestDaemon(config: config(9), pinRoot: first.pinRoot) }
+        }
+        let next = try #require(second)
+        let slots = try next.waitFor("9 slots", timeoutMs: 20_000) { $0[0].slots.count == 9 }[0].slots
+        try sessions.run(5, to: destination)
+        let capacity = try DispatchMaps(pinned: layout).slotCapacity
+        print("a start with 9 workers on the pins of 4: maps of \(capacity) slots, slots \(slots.map(\.slot)); "
+            + "\(sessions.lost) lost, \(sessions.moved.count) of 64 live flows changed slot")
+        #expect(capacity == 64, "\(next.logTail(8))")
+        #expect(next.log.contains("building the service again beside them"), "\(next.logTail(8))")
+        #expect(slots.map(\.slot) == (0..<UInt32(9)).map { $0 })
+        #expect(sessions.lost == 0 && sessions.moved.isEmpty, "\(sessions.report)")
+    }
+
     /// Workers that run as another user (nobody) are adopted too: copying their sockets out
     /// (pidfd_getfd) takes CAP_SYS_PTRACE, which the daemon keeps (and `make
     /// test-least-privilege` runs this with only the documented capabilities).

@@ -270,8 +270,9 @@ struct ReloadTests {
     }
 
     /// The slot-indexed maps hold 4 slots per worker (16 for 4 workers). A `scale` beyond them is
-    /// refused with the way out, and changes nothing; a reload to a worker count whose maps would
-    /// be larger (8 workers: 32 slots) rebuilds the service with maps of that size,
+    /// refused with the way out, and changes nothing. A reload to 8 workers, which the maps hold
+    /// with room for an upgrade beside them, scales in place: every worker stays. A reload to 9
+    /// (18 slots with an upgrade's) rebuilds the service with maps sized for it (64 slots),
     /// make-before-break: the rebuild keeps every live flow's slot, the file's count applies as a
     /// scale that keeps live flows too, and no datagram is lost.
     @Test func aReloadToMoreWorkersThanTheMapsHoldRebuildsThem() throws {
@@ -293,7 +294,14 @@ struct ReloadTests {
 
         let sessions = try Sessions(64) { "\($0.slot)" }
         try sessions.run(3, to: destination)
+        let pids = try daemon.status()[0].slots.map(\.pid)
         try daemon.rewriteConfig(config(workers: 8))
+        let inPlace = try daemon.request(ControlRequest(command: .reload))
+        #expect(inPlace.ok && inPlace.message?.contains("rebuilt") == false, "\(inPlace)")
+        let grown = try daemon.waitFor("8 slots", timeoutMs: 15_000) { $0[0].slots.count == 8 }[0].slots
+        #expect(Array(grown.map(\.pid).prefix(4)) == pids, "the 4 workers stay through a scale in place")
+        #expect(try DispatchMaps(pinned: layout).slotCapacity == 16, "the maps stay")
+        try daemon.rewriteConfig(config(workers: 9))
         var response: ControlResponse?
         try sessions.run(10, to: destination) { _ in
             guard response == nil else { return }
@@ -301,11 +309,11 @@ struct ReloadTests {
         }
         #expect(response?.ok == true && response?.message?.contains("rebuilt grow") == true, "\(String(describing: response))")
         let rebuilt = try DispatchMaps(pinned: layout)
-        #expect(rebuilt.slotCapacity == 32 && rebuilt.holdsSlots(forWorkers: 8) && !maps.holdsSlots(forWorkers: 8))
+        #expect(rebuilt.slotCapacity == 64 && rebuilt.holdsSlots(forWorkers: 9) && !maps.holdsSlots(forWorkers: 9))
         #expect(sessions.moved.isEmpty, "\(sessions.moved.count) of 64 live flows changed slot")
         #expect(sessions.lost == 0, "no datagram lost")
-        let slots = try daemon.waitFor("8 slots", timeoutMs: 15_000) { $0[0].slots.count == 8 }[0].slots
-        #expect(slots.map(\.slot) == (0..<UInt32(8)).map { $0 })
+        let slots = try daemon.waitFor("9 slots", timeoutMs: 15_000) { $0[0].slots.count == 9 }[0].slots
+        #expect(slots.map(\.slot) == (0..<UInt32(9)).map { $0 })
     }
 
     /// v1 → v2 (an upgrade), then, while v1's live flows still drain on its slots, a reload that

@@ -209,11 +209,15 @@ final class Supervisor {
             adoptLeaving(of: service)
             startWorkers(of: service)
             if let count = workersAfter {
-                service.logger.notice("the configuration says \(count) workers, the maps taken over \(service.slots.count): scaling")
-                do {
-                    _ = try scaleReportingStarts(service, to: count)
-                } catch {
-                    service.logger.error("cannot scale to the configured \(count) workers: \(error)")
+                if service.plane.maps.holdsSlots(forWorkers: count) {
+                    service.logger.notice("the configuration says \(count) workers, the maps taken over \(service.slots.count): scaling")
+                    do {
+                        _ = try scaleReportingStarts(service, to: count)
+                    } catch {
+                        service.logger.error("cannot scale to the configured \(count) workers: \(error)")
+                    }
+                } else {
+                    rebuild(service, workers: count)
                 }
             }
         }
@@ -225,6 +229,25 @@ final class Supervisor {
     }
 
     func service(named name: String) -> ServiceRuntime? { services.first { $0.name == name } }
+
+    /// The configuration asks for more workers than the maps taken over have slots for (they
+    /// were sized for fewer: SlotCapacity): the service is built again beside them with maps
+    /// of the size asked for, carrying the placement and the live flows over (as a reload that
+    /// raises `workers` does), then scaled to `workers`. If that fails, the adopted service
+    /// serves on at its size, and the log says why.
+    func rebuild(_ service: ServiceRuntime, workers: Int) {
+        service.logger.notice(
+            "the configuration says \(workers) workers, the maps taken over have room for fewer (\(service.plane.maps.slotCapacity) slots): building the service again beside them")
+        var wanted = service.configuration
+        wanted.workers = workers
+        do {
+            let new = try stageService(wanted, ownGroups: Set(services.flatMap(\.listeners)), predecessor: service)
+            try replace(service, with: new)
+            if new.slots.count != workers { _ = try scaleReportingStarts(new, to: workers) }
+        } catch {
+            service.logger.error("cannot grow the maps for the configured \(workers) workers: \(error); serving on with \(service.slots.count) (a reload tries again)")
+        }
+    }
 
     /// Stops a service's workers (in the background) and closes its sockets and pins now.
     func stopService(_ service: ServiceRuntime, now: Int64) {
