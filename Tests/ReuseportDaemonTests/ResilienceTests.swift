@@ -56,7 +56,8 @@ struct ResilienceTests {
     }
 
     /// With RLIMIT_NOFILE just above what the daemon holds (set on the running daemon, as `ulimit -n`
-    /// would: room for the 23 new slots' sockets and little more), `scale 25` is answered
+    /// would: room for the 13 new slots' sockets and little more), `scale 15` (as many slots as
+    /// the maps of 2 workers hold, 16, allow) is answered
     /// with the slots that could not start and why; then 2 idle control connections take the
     /// last descriptors and a `status` request waits in the backlog. The daemon must not spin
     /// (< 5 % CPU over 2 s, from utime + stime in /proc/PID/stat), must log the limit once, and
@@ -73,7 +74,7 @@ struct ResilienceTests {
         try daemon.waitForWorkers()
         // The limit follows what the daemon holds (its maps' fds grow with the ABI): room for one
         // socket per new slot (and a few more), not for their workers' pipes.
-        let limit = openDescriptors(daemon.pid) + 26
+        let limit = openDescriptors(daemon.pid) + 16
         // prlimit(2) is not in Swift's Glibc module (a GNU extension): util-linux's prlimit(1) calls it.
         let prlimit = Process()
         prlimit.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
@@ -82,10 +83,10 @@ struct ResilienceTests {
         prlimit.waitUntilExit()
         try #require(prlimit.terminationStatus == 0, "prlimit --nofile=\(limit): on the daemon")
 
-        let scaled = try daemon.request(ControlRequest(command: .scale, service: "many", workers: 25))
+        let scaled = try daemon.request(ControlRequest(command: .scale, service: "many", workers: 15))
         #expect(scaled.ok, "\(scaled)")
         let failures = scaled.startFailures ?? []
-        print("scale 25 under RLIMIT_NOFILE \(limit): \(scaled.message ?? "-"); \(openDescriptors(daemon.pid)) fds open")
+        print("scale 15 under RLIMIT_NOFILE \(limit): \(scaled.message ?? "-"); \(openDescriptors(daemon.pid)) fds open")
         #expect(!failures.isEmpty, "a slot cannot start with \(limit) descriptors: \(scaled)")
         for failure in failures {
             #expect(failure.error.contains("Too many open files (errno \(EMFILE))"), "\(failure)")
@@ -146,7 +147,7 @@ struct ResilienceTests {
             answer += buffer[0..<count]
         }
         let response = try? ControlFraming.decode(ControlResponse.self, from: Data(answer.prefix { $0 != 0x0a }))
-        #expect(response?.ok == true && response?.services?.first?.workers == 25,
+        #expect(response?.ok == true && response?.services?.first?.workers == 15,
                 "the waiting status is answered: \(String(decoding: answer.prefix(200), as: UTF8.self))")
         #expect(daemon.log.contains("control: accepting clients again"), "\(daemon.logTail())")
     }
