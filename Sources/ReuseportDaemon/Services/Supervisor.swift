@@ -207,6 +207,7 @@ final class Supervisor {
         for service in services {
             let workersAfter = adoptWorkers(of: service)
             adoptLeaving(of: service)
+            resumeCanary(of: service)
             startWorkers(of: service)
             if let count = workersAfter {
                 service.logger.notice("the configuration says \(count) workers, the maps taken over \(service.slots.count): scaling")
