@@ -40,6 +40,32 @@ struct CanaryResumeTests {
         throw HarnessError("\(what): not within \(timeoutMs) ms")
     }
 
+    /// Replaces `first` as `restart` says while `sessions` send: its own exec (the same process,
+    /// returned as it is), or SIGKILL, 1 s without a daemon, and a new daemon on the same pins
+    /// (returned second, to be kept alive). Returns once the daemon serving has every slot running.
+    static func replace(_ first: TestDaemon, _ restart: Restart, config: String, under sessions: [Sessions],
+                        to destination: SocketAddress) throws -> (TestDaemon, TestDaemon?) {
+        switch restart {
+        case .reexec:
+            let before = try first.request(ControlRequest(command: .status)).daemon?.startedAtNs
+            let answer = try first.request(ControlRequest(command: .reexec))
+            #expect(answer.ok, "\(answer)")
+            _ = try rounds(sessions, to: destination, daemon: first, "the new image") { _ in
+                (try? first.request(ControlRequest(command: .status)).daemon?.startedAtNs) != before
+            }
+            return (first, nil)
+        case .kill:
+            first.signal(SIGKILL)
+            #expect(first.waitForExit(timeoutMs: 5000) == 128 + SIGKILL)
+            for session in sessions { try session.run(5, to: destination) }
+            let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
+            _ = try rounds(sessions, to: destination, daemon: second, "the new daemon's workers") {
+                $0.first?.slots.allSatisfy { $0.state == "running" } == true
+            }
+            return (second, second)
+        }
+    }
+
     /// A canary of 25% with a bake of 20 s; 64 flows on generation 1 and 64 started once it bakes
     /// (some of them on the canary) send every 100 ms throughout. The daemon is replaced during
     /// the bake; the new one says it resumed the canary, shows the bake's time left (what was
@@ -65,26 +91,8 @@ struct CanaryResumeTests {
         try onCanary.run(3, to: destination)
         let sessions = [working, onCanary]
 
-        var daemon = first
-        var second: TestDaemon?
-        switch restart {
-        case .reexec:
-            let before = try first.request(ControlRequest(command: .status)).daemon?.startedAtNs
-            _ = try first.request(ControlRequest(command: .reexec))
-            _ = try Self.rounds(sessions, to: destination, daemon: first, "the new image") { _ in
-                (try? first.request(ControlRequest(command: .status)).daemon?.startedAtNs) != before
-            }
-        case .kill:
-            first.signal(SIGKILL)
-            #expect(first.waitForExit(timeoutMs: 5000) == 128 + SIGKILL)
-            try working.run(5, to: destination)
-            try onCanary.run(5, to: destination)
-            second = try TestDaemon(config: Self.config(gate: gate), pinRoot: first.pinRoot)
-            daemon = try #require(second)
-            _ = try Self.rounds(sessions, to: destination, daemon: daemon, "the new daemon's workers") {
-                $0.first?.slots.allSatisfy { $0.state == "running" } == true
-            }
-        }
+        let (daemon, second) = try Self.replace(first, restart, config: Self.config(gate: gate), under: sessions,
+                                                to: destination)
         let resumed = try daemon.request(ControlRequest(command: .status)).services ?? []
         let upgrade = try #require(resumed.first?.upgrade, "the new daemon knows no upgrade: \(resumed)")
         #expect(upgrade.phase == .canary && upgrade.generation == canary.generation
@@ -118,6 +126,102 @@ struct CanaryResumeTests {
         #expect(onCanary.answers.contains { $0.contains { label in canaryPids.contains { label.hasSuffix("/\($0)") } } },
                 "some flows were the canary's")
         #expect(daemon.stop() == 0)
-        withExtendedLifetime(first) {}
+        withExtendedLifetime((first, second)) {}
+    }
+
+    static func config(bakeMs: Int, idleMs: Int = 1000, gate: String? = nil) -> String {
+        serviceTable("c", workers: 2, extra: """
+            flow_idle_timeout_ms = \(idleMs)
+            canary_percent = 25
+            canary_bake_ms = \(bakeMs)
+            """ + (gate.map { "\ncanary_gate = [\"/bin/sh\", \"-c\", \"\($0)\"]" } ?? ""))
+    }
+
+    /// A resumed canary is ended by hand as any: promoted after a reexec, rolled back after a
+    /// kill, long before its bake (10 min) would end. No live flow moves.
+    @Test(arguments: [(Restart.reexec, true), (.kill, false)])
+    func aResumedCanaryIsPromotedOrRolledBackByHand(restart: Restart, promote: Bool) throws {
+        let config = Self.config(bakeMs: 600_000)
+        let first = try TestDaemon(config: config)
+        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
+        let working = try Sessions(64, periodMs: 100)
+        try working.run(3, to: destination)
+        #expect(try first.request(.canary(service: "c")).ok)
+        _ = try Self.rounds([working], to: destination, daemon: first, "the canary bakes") {
+            $0[0].upgrade?.bakeEndsNs != nil
+        }
+        let onCanary = try Sessions(64, periodMs: 100)
+        let sessions = [working, onCanary]
+        try onCanary.run(3, to: destination)
+        let (daemon, second) = try Self.replace(first, restart, config: config, under: sessions, to: destination)
+        let resumed = try daemon.request(ControlRequest(command: .status)).services?.first?.upgrade
+        #expect(resumed?.phase == .canary, "\(String(describing: resumed))")
+        let answer = promote ? try daemon.request(.canary(service: "c", promote: true))
+            : try daemon.request(ControlRequest(command: .upgrade, service: "c", rollback: true))
+        #expect(answer.ok, "\(answer)")
+        let phase: UpgradeStatus.Phase = promote ? .switched : .rolledBack
+        let ended = try Self.rounds(sessions, to: destination, daemon: daemon, "the canary ended by hand") {
+            $0[0].upgrade?.phase == phase
+        }
+        #expect(ended[0].upgrade?.reason?.hasPrefix(promote ? "promoted: asked" : "asked") == true,
+                "\(String(describing: ended[0].upgrade))")
+        for session in sessions { try session.run(5, to: destination) }
+        #expect(working.lost == 0 && working.moved.isEmpty, "flows on generation 1: \(working.report)")
+        #expect(onCanary.lost == 0 && onCanary.moved.isEmpty, "flows started during the bake: \(onCanary.report)")
+        #expect(daemon.stop() == 0)
+        withExtendedLifetime((first, second)) {}
+    }
+
+    /// A canary whose buckets still learn their live flows (for one flow_idle_timeout_ms, 8 s
+    /// here) when the daemon is killed: the new daemon resumes it learning; its buckets switch at
+    /// the time the first daemon set, the bake (3 s) follows, and it is promoted. No flow moves.
+    @Test func aLearningCanaryIsResumedLearning() throws {
+        let config = Self.config(bakeMs: 3000, idleMs: 8000)
+        let first = try TestDaemon(config: config)
+        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
+        let working = try Sessions(64, periodMs: 100)
+        try working.run(3, to: destination)
+        #expect(try first.request(.canary(service: "c")).ok)
+        _ = try Self.rounds([working], to: destination, daemon: first, "the canary learns") {
+            $0[0].upgrade?.phase == .canary && $0[0].upgrade?.canaryBuckets != nil
+        }
+        let (daemon, second) = try Self.replace(first, .kill, config: config, under: [working], to: destination)
+        let resumed = try #require(try daemon.request(ControlRequest(command: .status)).services?.first?.upgrade)
+        #expect(resumed.phase == .canary && resumed.bakeEndsNs == nil && resumed.canaryBuckets == 1024, "\(resumed)")
+        #expect(daemon.log.contains("its buckets learn their live flows, then its bake of 3000 ms begins"), "\(daemon.log)")
+        let ended = try Self.rounds([working], to: destination, daemon: daemon, "promoted", timeoutMs: 90_000) {
+            $0[0].upgrade?.phase == .switched
+        }
+        #expect(ended[0].upgrade?.reason?.hasPrefix("promoted: the bake of 3000 ms passed") == true,
+                "\(String(describing: ended[0].upgrade))")
+        try working.run(5, to: destination)
+        #expect(working.lost == 0 && working.moved.isEmpty, "\(working.report)")
+        #expect(daemon.stop() == 0)
+        withExtendedLifetime((first, second)) {}
+    }
+
+    /// The daemon is killed while the gate runs (it sleeps 3 s, then says 0): the new daemon finds
+    /// the bake over, runs the gate again, and its verdict promotes the canary.
+    @Test func aGateThatRanWhenTheDaemonDiedRunsAgain() throws {
+        let config = Self.config(bakeMs: 1000, gate: "sleep 3; exit 0")
+        let first = try TestDaemon(config: config)
+        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
+        let working = try Sessions(64, periodMs: 100)
+        try working.run(3, to: destination)
+        #expect(try first.request(.canary(service: "c")).ok)
+        _ = try Self.rounds([working], to: destination, daemon: first, "the gate runs") { _ in
+            first.log.contains("the bake passed; the gate decides: /bin/sh -c sleep 3; exit 0")
+        }
+        let (daemon, second) = try Self.replace(first, .kill, config: config, under: [working], to: destination)
+        #expect(daemon.log.contains("its bake was over and the gate running: the gate runs again"), "\(daemon.log)")
+        let ended = try Self.rounds([working], to: destination, daemon: daemon, "promoted by the gate") {
+            $0[0].upgrade?.phase == .switched
+        }
+        #expect(ended[0].upgrade?.reason == "promoted: the bake passed and the gate (/bin/sh -c sleep 3; exit 0) exited "
+            + "with status 0", "\(String(describing: ended[0].upgrade))")
+        try working.run(5, to: destination)
+        #expect(working.lost == 0 && working.moved.isEmpty, "\(working.report)")
+        #expect(daemon.stop() == 0)
+        withExtendedLifetime((first, second)) {}
     }
 }
