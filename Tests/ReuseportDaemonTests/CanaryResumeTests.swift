@@ -137,17 +137,27 @@ struct CanaryResumeTests {
             """ + (gate.map { "\ncanary_gate = [\"/bin/sh\", \"-c\", \"\($0)\"]" } ?? ""))
     }
 
+    /// A daemon of `config` with 64 flows on generation 1 sending every 100 ms; a canary started
+    /// (the configuration's percent and bake), the flows sending until `condition` holds.
+    static func canary(_ config: String, until what: String, _ condition: @escaping ([ServiceStatus]) -> Bool) throws
+        -> (TestDaemon, SocketAddress, Sessions, [ServiceStatus])
+    {
+        let first = try TestDaemon(config: config)
+        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
+        let working = try Sessions(64, periodMs: 100)
+        try working.run(3, to: destination)
+        let started = try first.request(.canary(service: "c"))
+        #expect(started.ok, "\(started)")
+        let services = try rounds([working], to: destination, daemon: first, what, until: condition)
+        return (first, destination, working, services)
+    }
+
     /// A resumed canary is ended by hand as any: promoted after a reexec, rolled back after a
     /// kill, long before its bake (10 min) would end. No live flow moves.
     @Test(arguments: [(Restart.reexec, true), (.kill, false)])
     func aResumedCanaryIsPromotedOrRolledBackByHand(restart: Restart, promote: Bool) throws {
         let config = Self.config(bakeMs: 600_000)
-        let first = try TestDaemon(config: config)
-        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
-        let working = try Sessions(64, periodMs: 100)
-        try working.run(3, to: destination)
-        #expect(try first.request(.canary(service: "c")).ok)
-        _ = try Self.rounds([working], to: destination, daemon: first, "the canary bakes") {
+        let (first, destination, working, _) = try Self.canary(config, until: "the canary bakes") {
             $0[0].upgrade?.bakeEndsNs != nil
         }
         let onCanary = try Sessions(64, periodMs: 100)
@@ -177,12 +187,7 @@ struct CanaryResumeTests {
     /// the time the first daemon set, the bake (3 s) follows, and it is promoted. No flow moves.
     @Test func aLearningCanaryIsResumedLearning() throws {
         let config = Self.config(bakeMs: 3000, idleMs: 8000)
-        let first = try TestDaemon(config: config)
-        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
-        let working = try Sessions(64, periodMs: 100)
-        try working.run(3, to: destination)
-        #expect(try first.request(.canary(service: "c")).ok)
-        _ = try Self.rounds([working], to: destination, daemon: first, "the canary learns") {
+        let (first, destination, working, _) = try Self.canary(config, until: "the canary learns") {
             $0[0].upgrade?.phase == .canary && $0[0].upgrade?.canaryBuckets != nil
         }
         let (daemon, second) = try Self.replace(first, .kill, config: config, under: [working], to: destination)
@@ -204,11 +209,9 @@ struct CanaryResumeTests {
     /// the bake over, runs the gate again, and its verdict promotes the canary.
     @Test func aGateThatRanWhenTheDaemonDiedRunsAgain() throws {
         let config = Self.config(bakeMs: 1000, gate: "sleep 3; exit 0")
-        let first = try TestDaemon(config: config)
-        let destination = try udpEndpoint(try first.waitForWorkers(), "c")
-        let working = try Sessions(64, periodMs: 100)
-        try working.run(3, to: destination)
-        #expect(try first.request(.canary(service: "c")).ok)
+        let (first, destination, working, _) = try Self.canary(config, until: "the canary bakes") {
+            $0[0].upgrade?.bakeEndsNs != nil
+        }
         _ = try Self.rounds([working], to: destination, daemon: first, "the gate runs") { _ in
             first.log.contains("the bake passed; the gate decides: /bin/sh -c sleep 3; exit 0")
         }
