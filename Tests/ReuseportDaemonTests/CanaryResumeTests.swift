@@ -57,6 +57,11 @@ struct CanaryResumeTests {
         case .kill:
             first.signal(SIGKILL)
             #expect(first.waitForExit(timeoutMs: 5000) == 128 + SIGKILL)
+            // With no daemon, map dump shows the canary as the records keep it.
+            let locations = ["--pin-dir", first.pinRoot, "--run-dir", first.runDirectory]
+            let dump = try Subprocess.run(BuiltProducts.path("reuseportctl"), ["map", "dump"] + locations).output
+            #expect(dump.contains("upgrade    generation 2 canary (from 1, slots 2,3; pinned, no daemon answers); "
+                + "canary 25% = 1024 buckets, "), "\(dump)")
             for session in sessions { try session.run(5, to: destination) }
             let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
             _ = try rounds(sessions, to: destination, daemon: second, "the new daemon's workers") {
