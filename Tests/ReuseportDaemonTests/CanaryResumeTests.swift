@@ -131,6 +131,7 @@ struct CanaryResumeTests {
         #expect(onCanary.answers.contains { $0.contains { label in canaryPids.contains { label.hasSuffix("/\($0)") } } },
                 "some flows were the canary's")
         #expect(daemon.stop() == 0)
+        #expect(!PinLayout(root: daemon.pinRoot, service: "c").exists, "a graceful stop leaves no pin, the canary's neither")
         withExtendedLifetime((first, second)) {}
     }
 

@@ -130,5 +130,7 @@ struct CanaryRecordTests {
         #expect(try CanaryRecords.pinned(at: layout, bucketCount: 1024) == nil, "another bucket count: none")
         try maps.publish(nil)
         #expect(try CanaryRecords.pinned(at: layout, bucketCount: 4096) == nil)
+        layout.remove()
+        #expect(!layout.exists, "removing the pins removes the canary's too")
     }
 }

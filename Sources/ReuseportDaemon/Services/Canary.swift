@@ -309,19 +309,18 @@ extension Supervisor {
         else { return nil }
         let canary = UInt32(upgrade.status.generation), previous = UInt32(upgrade.status.previous)
         let phase: PinnedCanary.Phase = !placement.switched ? .learning : bake.gatePid != nil ? .gate : .baking
-        let now = MonotonicClock.nanoseconds()
         return PinnedCanary(
             phase: phase, generation: canary, previous: previous, percent: bake.settings.percent,
             bakeMs: bake.settings.bakeMs, bakeEndsNs: placement.switched ? bake.endsAt : nil,
-            bakeEndsWallNs: placement.switched ? bake.endsAt.map { WallClock.nanoseconds() + UInt64(max($0 - now, 0)) } : nil,
+            bakeEndsWallNs: placement.switched && bake.endsAt != nil ? upgrade.status.bakeEndsNs : nil,
             gated: bake.settings.gate != nil || bake.waitsForOperator,
             counted: ((bake.counted[canary] ?? bake.carried[canary] ?? GenerationEvents()).pinned,
                       (bake.counted[previous] ?? bake.carried[previous] ?? GenerationEvents()).pinned),
             original: placement.original)
     }
 
-    /// Writes every service's canary to its rp_canary (what changed only; the wall clock of the
-    /// bake's end is written with the rest, not on its own).
+    /// Writes every service's canary to its rp_canary, at every turn of the loop: what changed
+    /// only (a step of the canary, or a check's counts, at most every 250 ms).
     func publishCanaries() {
         for service in services where service.pinned {
             do {
