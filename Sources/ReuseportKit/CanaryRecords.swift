@@ -31,8 +31,9 @@ public struct PinnedCanary: Equatable, Sendable {
 
         var value: rp_bake_events {
             func u32(_ n: Int) -> UInt32 { UInt32(clamping: max(n, 0)) }
-            return rp_bake_events(quick_exits: u32(quickExits), crashes: u32(crashes), watchdog_misses: u32(watchdogMisses),
-                                  stalls: u32(stalls), health_failures: u32(healthFailures), pad: 0,
+            return rp_bake_events(quick_exits: u32(quickExits), crashes: u32(crashes),
+                                  watchdog_misses: u32(watchdogMisses), stalls: u32(stalls),
+                                  health_failures: u32(healthFailures), pad: 0,
                                   packets: UInt64(max(packets, 0)), drops: UInt64(max(drops, 0)))
         }
 
@@ -160,7 +161,9 @@ public final class CanaryRecords: @unchecked Sendable {
                                  keySize: MemoryLayout<UInt32>.size, valueSize: MemoryLayout<UInt32>.size,
                                  readOnly: true)
         guard Int(buckets.maxEntries) == bucketCount else { return nil }
-        let table = try (0..<UInt32(bucketCount)).map { try buckets.lookup($0, as: UInt32.self) ?? RP_CANARY_NOT_A_BUCKET }
+        let table = try (0..<UInt32(bucketCount)).map {
+            try buckets.lookup($0, as: UInt32.self) ?? RP_CANARY_NOT_A_BUCKET
+        }
         return PinnedCanary(value: value, buckets: table)
     }
 

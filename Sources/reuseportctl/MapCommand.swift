@@ -224,8 +224,9 @@ struct MapDumpCommand: ParsableCommand {
     /// A canary as the daemon pinned it for the next one (rp_canary), when no daemon tells more.
     static func pinnedCanarySummary(_ canary: PinnedCanary, service: ServiceSnapshot, now: UInt64) -> String {
         let slots = service.slots.filter { $0.state.generation == canary.generation }.map { String($0.index) }
-        let bake = canary.bakeEndsWallNs.map { ", bake ends in \(HumanFormat.duration(Double($0 > now ? $0 - now : 0) / 1e9))" }
-            ?? (canary.phase == .learning ? ", learning its live flows" : ", bake not begun")
+        let bake = canary.bakeEndsWallNs.map {
+            ", bake ends in \(HumanFormat.duration(Double($0 > now ? $0 - now : 0) / 1e9))"
+        } ?? (canary.phase == .learning ? ", learning its live flows" : ", bake not begun")
         return "generation \(canary.generation) canary (from \(canary.previous), slots \(slots.joined(separator: ","))"
             + "; pinned, no daemon answers); canary \(canary.percent)% = \(canary.original.count) buckets\(bake)"
             + (canary.phase == .gate ? "; the gate was running" : "")

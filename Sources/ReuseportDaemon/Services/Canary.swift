@@ -232,7 +232,8 @@ extension Supervisor {
         }
         func sum(_ generation: UInt32) -> (GenerationEvents, Int) {
             let slots = service.slots.filter { $0.generation == generation && !plane.leaving.contains($0.index) }
-            let start = (bake.carried[generation] ?? GenerationEvents()) + (bake.exits[generation] ?? GenerationEvents())
+            let start = (bake.carried[generation] ?? GenerationEvents())
+                + (bake.exits[generation] ?? GenerationEvents())
             let counted = slots.reduce(start) {
                 $0 + (events(of: service, $1) - (bake.baseline[$1.index] ?? GenerationEvents()))
             }
