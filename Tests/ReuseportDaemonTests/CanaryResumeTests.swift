@@ -158,17 +158,23 @@ struct CanaryResumeTests {
         return (first, destination, working, services)
     }
 
+    /// `canary(config)` until the canary bakes, then 64 more flows (some of them the canary's).
+    static func baking(_ config: String) throws -> (TestDaemon, SocketAddress, Sessions, Sessions) {
+        let (first, destination, working, _) = try canary(config, until: "the canary bakes") {
+            $0[0].upgrade?.bakeEndsNs != nil
+        }
+        let onCanary = try Sessions(64, periodMs: 100)
+        try onCanary.run(3, to: destination)
+        return (first, destination, working, onCanary)
+    }
+
     /// A resumed canary is ended by hand as any: promoted after a reexec, rolled back after a
     /// kill, long before its bake (10 min) would end. No live flow moves.
     @Test(arguments: [(Restart.reexec, true), (.kill, false)])
     func aResumedCanaryIsPromotedOrRolledBackByHand(restart: Restart, promote: Bool) throws {
         let config = Self.config(bakeMs: 600_000)
-        let (first, destination, working, _) = try Self.canary(config, until: "the canary bakes") {
-            $0[0].upgrade?.bakeEndsNs != nil
-        }
-        let onCanary = try Sessions(64, periodMs: 100)
+        let (first, destination, working, onCanary) = try Self.baking(config)
         let sessions = [working, onCanary]
-        try onCanary.run(3, to: destination)
         let (daemon, second) = try Self.replace(first, restart, config: config, under: sessions, to: destination)
         let resumed = try daemon.request(ControlRequest(command: .status)).services?.first?.upgrade
         #expect(resumed?.phase == .canary, "\(String(describing: resumed))")
@@ -232,5 +238,33 @@ struct CanaryResumeTests {
         #expect(working.lost == 0 && working.moved.isEmpty, "\(working.report)")
         #expect(daemon.stop() == 0)
         withExtendedLifetime((first, second)) {}
+    }
+
+    /// In sequence: a canary resumed twice (SIGKILL and a new daemon, then that daemon's own
+    /// reexec), promoted by hand, then a scale to 3 workers and a graceful stop. No live flow
+    /// moves or is lost at any step, and the stop leaves no pin.
+    @Test func aCanaryThroughAKillAReexecAPromotionAScaleAndAStop() throws {
+        let config = Self.config(bakeMs: 600_000)
+        let (first, destination, working, onCanary) = try Self.baking(config)
+        let sessions = [working, onCanary]
+        let (second, kept) = try Self.replace(first, .kill, config: config, under: sessions, to: destination)
+        let (daemon, _) = try Self.replace(second, .reexec, config: config, under: sessions, to: destination)
+        let resumed = try daemon.request(ControlRequest(command: .status)).services?.first?.upgrade
+        #expect(resumed?.phase == .canary && resumed?.canaryBuckets == 1024, "\(String(describing: resumed))")
+        #expect(daemon.log.components(separatedBy: "resumed the canary of 25%").count == 3, "resumed twice")
+        #expect(try daemon.request(.canary(service: "c", promote: true)).ok)
+        _ = try Self.rounds(sessions, to: destination, daemon: daemon, "promoted") { $0[0].upgrade?.phase == .switched }
+        let scaled = try daemon.request(ControlRequest(command: .scale, service: "c", workers: 3))
+        #expect(scaled.ok, "\(scaled)")
+        // Generation 1's slots drain meanwhile: its live flows keep them (they never idle here).
+        _ = try Self.rounds(sessions, to: destination, daemon: daemon, "3 workers of generation 2") { services in
+            services[0].slots.filter { $0.generation == 2 && $0.state == "running" }.count == 3
+        }
+        for session in sessions { try session.run(5, to: destination) }
+        #expect(working.lost == 0 && working.moved.isEmpty, "flows on generation 1: \(working.report)")
+        #expect(onCanary.lost == 0 && onCanary.moved.isEmpty, "flows started during the bake: \(onCanary.report)")
+        #expect(daemon.stop() == 0)
+        #expect(!PinLayout(root: daemon.pinRoot, service: "c").exists)
+        withExtendedLifetime((first, kept)) {}
     }
 }
