@@ -15,13 +15,16 @@
  *    and had the layouts of version 2; no rp_records_version map.
  * 2: rp_slot_state, rp_transition and rp_next_buckets are records, created by the daemon;
  *    rp_records_version. Migrating from 1 rewrites nothing: the layouts are the same.
+ * 3: rp_canary and rp_canary_buckets, a canary's bake and buckets. Migrating from 2 (or 1)
+ *    rewrites nothing: those maps are new, and pins without them had no canary recorded (a
+ *    daemon of version 2 kept its canary in memory only: its successor did not resume it).
  */
 #ifndef REUSEPORTD_RECORDS_H
 #define REUSEPORTD_RECORDS_H
 
 #include <linux/types.h>
 
-#define RP_RECORDS_VERSION 2
+#define RP_RECORDS_VERSION 3
 
 /*
  * rp_records_version: ARRAY with one entry, value __u32: the RP_RECORDS_VERSION of the daemon
@@ -143,5 +146,65 @@ struct rp_leaving_worker {
 };
 
 _Static_assert(sizeof(struct rp_leaving_worker) == 32, "rp_leaving_worker layout");
+
+/*
+ * rp_canary: ARRAY with one entry: the canary of the service's upgrade while it learns or bakes,
+ * so that a daemon started on the pins (after a kill, or its own exec) resumes it instead of
+ * dropping it. phase RP_CANARY_NONE: no canary. The daemon writes it at each step of the canary
+ * and at each check of the bake (once a second), from its bake and the placement's canary.
+ *
+ * rp_canary_buckets: ARRAY like rp_buckets (as many entries as the service's bucket count),
+ * value __u32: the slot a canary bucket named before the canary (where a rollback sends it back
+ * and the table promotion rebalances from), RP_CANARY_NOT_A_BUCKET for every other bucket.
+ * Which buckets are the canary's is not in rp_buckets while they learn, and the slot they
+ * named before never is once they switched.
+ */
+#define RP_MAP_CANARY "rp_canary"
+#define RP_MAP_CANARY_BUCKETS "rp_canary_buckets"
+#define RP_CANARY_NOT_A_BUCKET 0xffffffffu
+
+enum rp_canary_phase {
+	RP_CANARY_NONE = 0,
+	RP_CANARY_LEARNING = 1,	/* its buckets learn their live flows; the bake has not begun */
+	RP_CANARY_BAKING = 2,	/* its buckets switched; the bake ends at bake_ends_ns */
+	RP_CANARY_GATE = 3,	/* the bake passed and the gate ran (a later daemon runs it again) */
+};
+
+/* rp_canary.flags */
+#define RP_CANARY_GATED 1u	/* a gate decides at the end of the bake */
+
+/*
+ * What a bake counted for one generation until the daemon's last check (GenerationEvents):
+ * counters of processes (exits) and of the daemon's own checks (health failures) that a later
+ * daemon cannot read back from the kernel, and the kernel's packets and drops of the
+ * generation's slots since the bake began.
+ */
+struct rp_bake_events {
+	__u32 quick_exits;
+	__u32 crashes;
+	__u32 watchdog_misses;
+	__u32 stalls;
+	__u32 health_failures;
+	__u32 pad;
+	__u64 packets;
+	__u64 drops;
+};
+
+struct rp_canary {
+	__u32 phase;		/* enum rp_canary_phase */
+	__u32 generation;	/* the canary's */
+	__u32 previous;		/* the working generation it is compared with */
+	__u32 percent;		/* of the buckets */
+	__u32 buckets;		/* the canary's buckets (rp_canary_buckets names them) */
+	__u32 flags;		/* RP_CANARY_* */
+	__u64 bake_ms;
+	__u64 bake_ends_ns;	/* CLOCK_MONOTONIC (one clock for every process of a boot, never set
+				 * back; the pins do not outlive a boot); 0 before the bake began */
+	__u64 bake_ends_wall_ns; /* CLOCK_REALTIME, for reuseportctl */
+	struct rp_bake_events counted[2]; /* [0] the canary, [1] the working generation */
+};
+
+_Static_assert(sizeof(struct rp_bake_events) == 40, "rp_bake_events layout");
+_Static_assert(sizeof(struct rp_canary) == 128, "rp_canary layout");
 
 #endif

@@ -142,6 +142,7 @@ public final class Daemon {
         while true {
             // Every change of the turn before is in the pins before the next exec, kill or turn.
             supervisor.publishLeaving()
+            supervisor.publishCanaries()
             for service in supervisor.services { service.reportBrokenInvariants() }
             supervisor.checkWorkerTable()
             if supervisor.reexecRequested { reexec() }

@@ -68,7 +68,9 @@ public struct PinLayout: Sendable, Hashable {
                 _ = try? Syscall.removeEntry(listenerDirectory(listener))
             }
         }
-        for name in DispatchMaps.names + [RP_MAP_RECORDS_VERSION, RP_MAP_LEAVING] { _ = unlink(path(ofShared: name)) }
+        for name in DispatchMaps.names + [RP_MAP_RECORDS_VERSION, RP_MAP_LEAVING] + CanaryRecords.names {
+            _ = unlink(path(ofShared: name))
+        }
         _ = rmdir(serviceDirectory)
         _ = rmdir(root)  // only if no other service is left
     }

@@ -16,9 +16,11 @@ public struct PinnedPlacement: Sendable {
     /// rp_next_buckets, read while a change learns.
     public var nextBuckets: [UInt32]?
     public var fallback: [UInt32]
+    /// The canary rp_canary and rp_canary_buckets record (`CanaryRecords`), if one learned or baked.
+    public var canary: PinnedCanary?
 
     public init(config: rp_config, change: rp_transition, rows: [UInt32: rp_slot_state], socketSlots: Int,
-                bucketValues: [UInt32], nextBuckets: [UInt32]?, fallback: [UInt32]) {
+                bucketValues: [UInt32], nextBuckets: [UInt32]?, fallback: [UInt32], canary: PinnedCanary? = nil) {
         self.config = config
         self.change = change
         self.rows = rows
@@ -26,10 +28,13 @@ public struct PinnedPlacement: Sendable {
         self.bucketValues = bucketValues
         self.nextBuckets = nextBuckets
         self.fallback = fallback
+        self.canary = canary
     }
 
-    /// Reads the pinned maps of a service whose configuration has `bucketCount` buckets.
-    public init(reading maps: DispatchMaps, bucketCount: Int) throws {
+    /// Reads the pinned maps of a service whose configuration has `bucketCount` buckets; `canary`
+    /// is what its canary records say (`CanaryRecords.pinned`).
+    public init(reading maps: DispatchMaps, bucketCount: Int, canary: PinnedCanary? = nil) throws {
+        self.canary = canary
         config = try maps.readConfig()
         change = try maps.readTransition()
         let nominal = try SlotCount(Int(config.slot_count)).value
@@ -52,7 +57,8 @@ extension PlacementModel {
     /// A change that was learning goes on to its switch; one that was draining goes on retiring
     /// its leaving slots. Not resumed: failover (every slot starts afresh; lent buckets stay
     /// where they are, so no flow moves) and a starting generation (its slots leave, as no flow
-    /// reached them). Slots that leave with no change running (a starting generation's) leave
+    /// reached them), unless it is the canary the records name (`resumeCanary`): then its slots
+    /// stay a starting generation's, with its buckets. Slots that leave with no change running leave
     /// as a change that starts `now`: the daemon's check retires them once no record names them,
     /// which, with no change before, is at its first check.
     public init(resuming pinned: PinnedPlacement, tracking: FlowTracking, hasUDP: Bool, existing: Set<UInt32> = [],
@@ -99,13 +105,54 @@ extension PlacementModel {
         } else {
             drainDeadlineNs = change.drain_deadline_ns == 0 ? nil : Int64(change.drain_deadline_ns)
         }
+        if let record = pinned.canary { resumeCanary(record, rows: rows, change: change, next: pinned.nextBuckets) }
         let held = rows.isEmpty ? Set(0..<UInt32(pinned.socketSlots)) : Set(rows.keys)
         slotGenerations = [:]
         for slot in held.union(slots).union(pending?.slots ?? []).union(existing) {
             slotGenerations[slot] = rows[slot]?.generation ?? workingNow
         }
-        leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? [])
+        leaving = Set(liveSlots).subtracting(slots).subtracting(pending?.slots ?? []).subtracting(canary?.slots ?? [])
         if !leaving.isEmpty, transitionStartedNs == nil { transitionStartedNs = now }
+    }
+
+    /// Takes back the canary `record` names, if the pins agree with it: its generation is not
+    /// the working one and has slots (rows of its generation, outside the set); switched (it
+    /// bakes), each of its buckets names in rp_buckets the canary slot promotion gives it, as it
+    /// did when it started (the table promotion rebalances is rp_buckets with each canary
+    /// bucket's slot before it, which the record keeps); learning, rp_next_buckets names them so
+    /// and rp_buckets does not yet. Otherwise the canary is not resumed: its slots leave as a
+    /// starting generation's, and its buckets go back as after a failover (`isStarved`).
+    mutating func resumeCanary(_ record: PinnedCanary, rows: [UInt32: rp_slot_state], change: rp_transition,
+                               next: [UInt32]?) {
+        let set = Set(slots)
+        let canarySlots = rows.filter { $0.value.generation == record.generation }.keys.sorted()
+        guard record.generation != workingGeneration, record.previous == workingGeneration, !canarySlots.isEmpty,
+              set.isDisjoint(with: canarySlots), record.original.keys.allSatisfy({ buckets.indices.contains($0) })
+        else { return }
+        let learning = record.phase == .learning
+        guard learning == (change.phase == RP_TRANSITION_LEARNING.rawValue) else { return }
+        // The table the canary's buckets are laid over: the switched (or pending) table with each
+        // of them back at the slot it named before.
+        var nominal = learning ? (next ?? []) : buckets
+        guard nominal.count == bucketCount else { return }
+        for (bucket, slot) in record.original { nominal[bucket] = slot }
+        let promoted = BucketAssignment.rebalance(nominal, to: canarySlots)
+        let laid = learning ? next! : buckets
+        guard record.original.keys.allSatisfy({ laid[$0] == promoted[$0] }) else { return }
+        var placement = CanaryPlacement(generation: record.generation, slots: canarySlots,
+                                        buckets: record.original.keys.sorted(), promoted: promoted,
+                                        original: record.original)
+        if learning, var change = pending {
+            change.buckets = nominal
+            change.canary = placement.assignment
+            pending = change
+        } else {
+            placement.switched = true
+            buckets = nominal
+        }
+        canary = placement
+        startingGeneration = StartingGeneration(generation: record.generation, slots: canarySlots)
+        lastGeneration = max(lastGeneration, record.generation)
     }
 
     /// What this placement's pins say, as `ServiceDataPlane` writes them: rp_config, rp_transition,

@@ -208,6 +208,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// flow moves). What the pins say is read into a model by `PlacementModel(resuming:)`.
     ///
     /// `existing`: as for the other initializer (those slots hold sockets whatever the rows say).
+    /// `canary`: the canary the records name (`CanaryRecords.pinned`), resumed if the pins agree.
     ///
     /// `socketArrays`: each listener's pinned REUSEPORT_SOCKARRAY, which the new program uses
     /// too. A socket can be in one array only (net/core/sock_reuseport.c: its sk_user_data
@@ -215,10 +216,11 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// stays alive while that program is attached: reusing the array keeps every socket where
     /// it is, and the new program replaces the old one in the group in one step.
     public init(endpoints: [Endpoint], resuming pinned: DispatchMaps, options: Options,
-                existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = []) throws {
+                existing: [UInt32: [ReuseportSocket]] = [:], socketArrays: [SocketArray?] = [],
+                canary: PinnedCanary? = nil) throws {
         guard !endpoints.isEmpty else { throw ReuseportError.invalidArgument("a service needs at least one listener") }
         try pinned.checkConfiguredABI()
-        let image = try PinnedPlacement(reading: pinned, bucketCount: options.bucketCount)
+        let image = try PinnedPlacement(reading: pinned, bucketCount: options.bucketCount, canary: canary)
         guard Int(image.config.bucket_count) == options.bucketCount, image.config.seed == options.seed,
               pinned.holdsBuckets(options.bucketCount)
         else {

@@ -111,7 +111,9 @@ public struct ServiceRecords: @unchecked Sendable {
 
     /// The older versions this daemon migrates. 1 → 2 rewrites nothing: the three maps kept their
     /// layouts when they left the object (ABI 8, which `DispatchMaps.checkConfiguredABI` requires of
-    /// the pins anyway), and `pin(at:)` adds rp_records_version. A later version that changes a
-    /// layout reads the old one here and writes the new.
-    static let migrations: Set<UInt32> = [1]
+    /// the pins anyway), and `pin(at:)` adds rp_records_version. 2 → 3 rewrites nothing either:
+    /// version 3 adds rp_canary and rp_canary_buckets (`CanaryRecords`), and pins without them
+    /// recorded no canary (the daemon pins its own when it takes the records over). A later
+    /// version that changes a layout reads the old one here and writes the new.
+    static let migrations: Set<UInt32> = [1, 2]
 }

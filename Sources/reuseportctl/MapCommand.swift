@@ -81,7 +81,11 @@ struct MapDumpCommand: ParsableCommand {
         text += "  global     \(globalSummary(service.global))\n"
         text += "  change     \(changeSummary(service))\n"
         text += "  generation \(generationSummary(service))\n"
-        if let upgrade = daemon?.upgrade { text += "  upgrade    \(upgradeSummary(upgrade))\n" }
+        if let upgrade = daemon?.upgrade {
+            text += "  upgrade    \(upgradeSummary(upgrade))\n"
+        } else if let canary = service.canary {
+            text += "  upgrade    \(pinnedCanarySummary(canary, service: service, now: now))\n"
+        }
         text += "  flows      \(flowSummary(service))\n"
         if let quic = service.quic {
             text += "  quic       \(quicLayout(quic))\n"
@@ -215,6 +219,17 @@ struct MapDumpCommand: ParsableCommand {
             if let comparison = upgrade.comparison { text += "; \(comparison)" }
         }
         return text + (upgrade.reason.map { ": \($0)" } ?? "")
+    }
+
+    /// A canary as the daemon pinned it for the next one (rp_canary), when no daemon tells more.
+    static func pinnedCanarySummary(_ canary: PinnedCanary, service: ServiceSnapshot, now: UInt64) -> String {
+        let slots = service.slots.filter { $0.state.generation == canary.generation }.map { String($0.index) }
+        let bake = canary.bakeEndsWallNs.map {
+            ", bake ends in \(HumanFormat.duration(Double($0 > now ? $0 - now : 0) / 1e9))"
+        } ?? (canary.phase == .learning ? ", learning its live flows" : ", bake not begun")
+        return "generation \(canary.generation) canary (from \(canary.previous), slots \(slots.joined(separator: ","))"
+            + "; pinned, no daemon answers); canary \(canary.percent)% = \(canary.original.count) buckets\(bake)"
+            + (canary.phase == .gate ? "; the gate was running" : "")
     }
 
     /// Flow records and what could not be recorded.

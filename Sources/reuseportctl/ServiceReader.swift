@@ -74,6 +74,8 @@ struct ServiceSnapshot: Sendable {
     /// The QUIC connection-ID layout (rp_config.quic), nil when steering is off, and its counters.
     var quic: QuicSteering?
     var quicCounters: rp_quic_stats
+    /// The canary the daemon pinned for its successor (rp_canary), shown when no daemon answers.
+    var canary: PinnedCanary?
     /// Why drops are missing, if sock_diag failed.
     var diagnosticsProblem: String?
 
@@ -293,6 +295,9 @@ struct OpenedService {
             snapshot.records = try FlowRecords.count(maps)
             snapshot.learningBuckets = values.filter { $0 & UInt32(RP_BUCKET_LEARN) != 0 }.count
             snapshot.pinnedBuckets = values.filter { $0 & UInt32(RP_BUCKET_PINNED) != 0 }.count
+            // Through the pins (not kept open: read only while a canary runs); none when they
+            // cannot be reached, as after `serve-metrics` dropped root.
+            snapshot.canary = try? CanaryRecords.pinned(at: layout, bucketCount: Int(config.bucket_count))
             return snapshot
         } catch {
             throw CtlError.unreadablePins(service: name, directory: layout.serviceDirectory, underlying: error)

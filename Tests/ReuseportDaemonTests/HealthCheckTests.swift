@@ -275,6 +275,49 @@ struct HealthCheckTests {
         #expect(daemon.stop() == 0)
     }
 
+    /// Health checks restart for the workers a new daemon adopts (after its own `reexec`, or
+    /// SIGKILL and a new daemon on the same pins): every adopted slot passes probes again, and an
+    /// adopted worker that stops answering is restarted for its health. Each slot's failure
+    /// streak starts from zero in the new process (documented: a streak is the daemon's memory,
+    /// not the kernel's), so it takes `failures` new failed probes.
+    @Test(arguments: ["reexec", "kill"])
+    func adoptedWorkersAreProbedAgain(restart: String) throws {
+        let config = serviceTable("hc", workers: 3, extra: Self.healthTable("""
+            send = "ping"
+            expect = "slot="
+            interval_ms = 200
+            timeout_ms = 150
+            failures = 3
+            """))
+        let first = try TestDaemon(config: config)
+        let before = try Self.waitForPasses(first, 2)
+        let pids = before[0].slots.map(\.pid)
+        var second: TestDaemon?
+        if restart == "reexec" {
+            let started = try first.request(ControlRequest(command: .status)).daemon?.startedAtNs
+            #expect(try first.request(ControlRequest(command: .reexec)).ok)
+            _ = try first.waitFor("the new image") { _ in
+                (try? first.request(ControlRequest(command: .status)).daemon?.startedAtNs) != started
+            }
+        } else {
+            first.signal(SIGKILL)
+            #expect(first.waitForExit(timeoutMs: 5000) == 128 + SIGKILL)
+            second = try TestDaemon(config: config, pinRoot: first.pinRoot)
+        }
+        let daemon = second ?? first
+        let adopted = try Self.waitForPasses(daemon, 2, "every adopted slot passes probes again")
+        #expect(adopted[0].slots.map(\.pid) == pids, "the same workers, adopted")
+        let victim = try #require(adopted[0].slots.first { $0.slot == 1 }?.pid)
+        try Syscall.kill(victim, SIGSTOP)
+        let after = try daemon.waitFor("the adopted worker of slot 1 restarted for its health") { services in
+            guard let slot = services[0].slots.first(where: { $0.slot == 1 }) else { return false }
+            return slot.health?.restarts == 1 && slot.pid != nil && slot.pid != victim
+        }
+        #expect(after[0].slots.first { $0.slot == 1 }?.health?.failed == 3)
+        #expect(daemon.stop() == 0)
+        withExtendedLifetime(first) {}
+    }
+
     /// Debian's unbound as the worker, a DNS query as the probe: SIGSTOP one unbound, and it is
     /// replaced; the other slots' queries are all answered.
     @Test(.enabled(if: access(unboundPath, X_OK) == 0, "Debian's unbound is not installed: `make test` installs it"))

@@ -17,11 +17,13 @@ import Testing
         #expect(throws: Never.self) { try Version(found: UInt32(RP_RECORDS_VERSION)).check(at: PinLayout(root: "/x", service: "s")) }
     }
 
-    /// Version 1 (the three maps in the object, no rp_records_version) is migrated, not refused.
-    @Test func version1IsMigrated() throws {
-        #expect(RP_RECORDS_VERSION == 2)
-        #expect(Version(found: 1) == .migrate(from: 1))
-        try Version(found: 1).check(at: PinLayout(root: "/x", service: "s"))
+    /// Version 1 (the three maps in the object, no rp_records_version) and version 2 (no canary
+    /// records) are migrated, not refused.
+    @Test(arguments: [UInt32(1), 2])
+    func earlierVersionsAreMigrated(found: UInt32) throws {
+        #expect(RP_RECORDS_VERSION == 3)
+        #expect(Version(found: found) == .migrate(from: found))
+        try Version(found: found).check(at: PinLayout(root: "/x", service: "s"))
     }
 
     /// A newer daemon's records, and a version no daemon wrote (0), are refused, and the refusal
@@ -42,8 +44,8 @@ import Testing
     /// A later daemon migrates only the versions it knows a way from: one that skipped a version
     /// without a migration refuses it rather than read it in the wrong layout.
     @Test func aLaterDaemonMigratesOnlyWhatItKnows() {
-        #expect(Version(found: 1, current: 3) == .migrate(from: 1))
-        #expect(Version(found: 2, current: 3) == .refuse(found: 2))
+        #expect(Version(found: 1, current: 4) == .migrate(from: 1))
+        #expect(Version(found: 3, current: 5) == .refuse(found: 3))
         #expect(Version(found: 3, current: 3) == .current)
         #expect(Version(found: 1, current: 1) == .current && Version(found: 2, current: 1) == .refuse(found: 2))
     }

@@ -89,8 +89,33 @@ final class CanaryBake {
     var exits: [UInt32: GenerationEvents] = [:]
     var gatePid: pid_t?
     var gateDeadline: Int64?
+    /// What the last check counted, by generation (the canary's, the working one's): pinned
+    /// (rp_canary) for a daemon that resumes the bake.
+    var counted: [UInt32: GenerationEvents] = [:]
+    /// What a previous daemon's bake had counted when it stopped (rp_canary), by generation: a
+    /// resumed bake counts on from there. Its baseline is taken again at the first check that has
+    /// each slot's kernel counters (`awaitsBaseline`): counters kept by the daemon (health-check
+    /// failures) start from zero in a new process, the kernel's (packets, drops) carry on.
+    var carried: [UInt32: GenerationEvents] = [:]
+    var awaitsBaseline: Int64?
+    /// A resumed bake whose record says a gate decides, while the configuration now names none:
+    /// its end promotes nothing by itself (promote or roll back by hand).
+    var waitsForOperator = false
 
     init(settings: CanarySettings) { self.settings = settings }
+}
+
+extension GenerationEvents {
+    init(_ counted: PinnedCanary.Counted) {
+        self.init(quickExits: counted.quickExits, crashes: counted.crashes, watchdogMisses: counted.watchdogMisses,
+                  stalls: counted.stalls, healthFailures: counted.healthFailures, packets: counted.packets,
+                  drops: counted.drops)
+    }
+
+    var pinned: PinnedCanary.Counted {
+        PinnedCanary.Counted(quickExits: quickExits, crashes: crashes, watchdogMisses: watchdogMisses, stalls: stalls,
+                             healthFailures: healthFailures, packets: packets, drops: drops)
+    }
 }
 
 extension Supervisor {
@@ -190,6 +215,14 @@ extension Supervisor {
         guard plane.model.canary?.switched == true else { return }
         let canary = UInt32(upgrade.status.generation)
         let previous = UInt32(upgrade.status.previous)
+        if let since = bake.awaitsBaseline {
+            // A resumed bake: its baseline is each slot's counters once the stall check sampled
+            // its sockets (at most a few seconds after the start).
+            let sampled = service.slots.allSatisfy { $0.traffic != nil || ![canary, previous].contains($0.generation) }
+            guard sampled || now - since >= 5_000_000_000 else { return }
+            for slot in service.slots { bake.baseline[slot.index] = events(of: service, slot) }
+            bake.awaitsBaseline = nil
+        }
         if bake.endsAt == nil {
             bake.endsAt = now + bake.settings.bakeMs.msAsNs
             upgrade.status.bakeEndsNs = WallClock.nanoseconds() + UInt64(bake.settings.bakeMs) * 1_000_000
@@ -199,13 +232,16 @@ extension Supervisor {
         }
         func sum(_ generation: UInt32) -> (GenerationEvents, Int) {
             let slots = service.slots.filter { $0.generation == generation && !plane.leaving.contains($0.index) }
-            let counted = slots.reduce(bake.exits[generation] ?? GenerationEvents()) {
+            let start = (bake.carried[generation] ?? GenerationEvents())
+                + (bake.exits[generation] ?? GenerationEvents())
+            let counted = slots.reduce(start) {
                 $0 + (events(of: service, $1) - (bake.baseline[$1.index] ?? GenerationEvents()))
             }
             return (counted, slots.count)
         }
         let (mine, workers) = sum(canary)
         let (theirs, workingWorkers) = sum(previous)
+        bake.counted = [canary: mine, previous: theirs]
         upgrade.status.comparison = "generation \(canary): \(mine); generation \(previous): \(theirs)"
         upgrade.status.bakeTraffic = [(canary, mine), (previous, theirs)].map {
             BakeTraffic(generation: Int($0.0), packets: UInt64(max($0.1.packets, 0)), drops: UInt64(max($0.1.drops, 0)))
@@ -214,7 +250,7 @@ extension Supervisor {
                                    previous: previous) {
             return rollBackCanaryQuietly(service, reason: "automatic, during the bake: \(reason)")
         }
-        guard let endsAt = bake.endsAt, now >= endsAt else { return }
+        guard let endsAt = bake.endsAt, now >= endsAt, !bake.waitsForOperator else { return }
         guard let gate = bake.settings.gate else {
             return promoteCanary(service, reason: "the bake of \(bake.settings.bakeMs) ms passed: \(mine)")
         }
@@ -264,6 +300,95 @@ extension Supervisor {
             rollBackCanaryQuietly(service, reason: "the gate (\(gate)) \(status?.sentence ?? "ended") after the bake")
         }
         return true
+    }
+
+    /// What `service`'s canary pins for a later daemon (rp_canary): derived from the upgrade's
+    /// bake and the placement's canary; nil when no canary learns or bakes.
+    func canaryRecord(of service: ServiceRuntime) -> PinnedCanary? {
+        guard let upgrade = service.upgrade, upgrade.status.phase == .canary, let bake = upgrade.bake,
+              let placement = service.plane.model.canary
+        else { return nil }
+        let canary = UInt32(upgrade.status.generation), previous = UInt32(upgrade.status.previous)
+        let phase: PinnedCanary.Phase = !placement.switched ? .learning : bake.gatePid != nil ? .gate : .baking
+        return PinnedCanary(
+            phase: phase, generation: canary, previous: previous, percent: bake.settings.percent,
+            bakeMs: bake.settings.bakeMs, bakeEndsNs: placement.switched ? bake.endsAt : nil,
+            bakeEndsWallNs: placement.switched && bake.endsAt != nil ? upgrade.status.bakeEndsNs : nil,
+            gated: bake.settings.gate != nil || bake.waitsForOperator,
+            counted: ((bake.counted[canary] ?? bake.carried[canary] ?? GenerationEvents()).pinned,
+                      (bake.counted[previous] ?? bake.carried[previous] ?? GenerationEvents()).pinned),
+            original: placement.original)
+    }
+
+    /// Writes every service's canary to its rp_canary, at every turn of the loop: what changed
+    /// only (a step of the canary, or a check's counts, at most every 250 ms).
+    func publishCanaries() {
+        for service in services where service.pinned {
+            do {
+                try service.canaryRecords?.publish(canaryRecord(of: service))
+            } catch {
+                service.logger.error("cannot write the canary to \(RP_MAP_CANARY): \(error)")
+            }
+        }
+    }
+
+    /// Takes over the canary a previous daemon pinned (rp_canary) once the plane resumed its
+    /// placement (its slots, its buckets): the upgrade is a canary again, its adopted workers the
+    /// canary's, and the bake goes on with the time it had left (CLOCK_MONOTONIC: the same clock
+    /// in every process of a boot) and what it had counted. A gate that was running when the
+    /// previous daemon stopped is run again once this one's first check finds the bake over (the
+    /// gate's run was lost with the daemon that waited for it; a gate is a check, run twice it
+    /// decides once). The gate is the configuration's; a record that says a gate decides, met by
+    /// a configuration that names none, leaves the decision to `upgrade --promote` or
+    /// `--rollback`.
+    func resumeCanary(of service: ServiceRuntime) {
+        guard let record = service.takeInheritedCanary(), let placement = service.plane.model.canary,
+              placement.generation == record.generation
+        else { return }
+        let now = MonotonicClock.nanoseconds()
+        let wall = WallClock.nanoseconds()
+        var settings = service.configuration.canary ?? CanarySettings(percent: record.percent)
+        settings.percent = record.percent
+        settings.bakeMs = record.bakeMs
+        if !record.gated { settings.gate = nil }
+        let records = service.slots.filter { $0.generation == record.generation }
+        var status = UpgradeStatus(generation: Int(record.generation), previous: Int(record.previous), phase: .canary,
+                                   slots: records.map(\.index), startedNs: wall,
+                                   readyNs: wall, learningNs: wall)
+        status.canaryPercent = record.percent
+        status.bakeMs = record.bakeMs
+        status.canaryBuckets = placement.buckets.count
+        let upgrade = Upgrade(status: status, records: records, readyDeadline: nil,
+                              previousDefinition: service.configuration.workerDefinition,
+                              previousWorkers: service.configuration.workers)
+        let bake = CanaryBake(settings: settings)
+        bake.waitsForOperator = record.gated && settings.gate == nil
+        bake.carried = [record.generation: GenerationEvents(record.counted.canary),
+                        record.previous: GenerationEvents(record.counted.working)]
+        bake.nextCheck = now
+        let state: String
+        if placement.switched, let endsAt = record.bakeEndsNs {
+            bake.endsAt = endsAt
+            bake.awaitsBaseline = now
+            upgrade.status.bakeEndsNs = wall + UInt64(max(endsAt - now, 0))
+            let left = max(endsAt - now, 0) / 1_000_000
+            state = left > 0 ? "its bake ends in \(left) ms" : (record.phase == .gate && settings.gate != nil
+                ? "its bake was over and the gate running: the gate runs again" : "its bake is over")
+        } else if placement.switched {
+            bake.awaitsBaseline = now
+            state = "its bake of \(record.bakeMs) ms begins now"
+        } else {
+            state = "its buckets learn their live flows, then its bake of \(record.bakeMs) ms begins"
+        }
+        upgrade.bake = bake
+        service.upgrade = upgrade
+        let gate = bake.waitsForOperator
+            ? "; the records say a gate decides but the configuration names none: it waits for upgrade --promote or --rollback"
+            : settings.gate.map { "; the gate decides at its end: \($0.joined(separator: " "))" } ?? ""
+        service.logger.notice(
+            "generation \(record.generation): resumed the canary of \(record.percent)% left in the pins (\(placement.buckets.count) buckets, slots \(list(records.map(\.index))), beside generation \(record.previous)); \(state)\(gate); counted so far: \(GenerationEvents(record.counted.canary)) against \(GenerationEvents(record.counted.working))")
+        lastEvent = "\(service.name): generation \(record.generation)'s canary resumed"
+        service.nextTransitionCheck = now
     }
 
     /// Counts a worker's exit towards its generation's bake.

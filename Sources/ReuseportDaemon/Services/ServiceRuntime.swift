@@ -103,6 +103,10 @@ final class ServiceRuntime {
     let leavingRecords: LeavingRecords?
     /// The leaving workers a previous daemon pinned, until the supervisor takes them over.
     private var inheritedLeaving: [LeavingRecords.Record] = []
+    /// The service's rp_canary and rp_canary_buckets (the supervisor writes them; nil if they could not be made).
+    let canaryRecords: CanaryRecords?
+    /// The canary a previous daemon pinned, resumed by the plane, until the supervisor takes it over.
+    private var inheritedCanary: PinnedCanary?
     let logger: Logger
 
     var name: String { configuration.name }
@@ -144,6 +148,12 @@ final class ServiceRuntime {
         } catch {
             leavingRecords = nil
             logger.error("cannot make \(RP_MAP_LEAVING): a daemon started after this one will not know its leaving workers: \(error)")
+        }
+        do {
+            canaryRecords = try CanaryRecords(bucketCount: configuration.bucketCount)
+        } catch {
+            canaryRecords = nil
+            logger.error("cannot make \(RP_MAP_CANARY): a daemon started after this one will not resume a canary: \(error)")
         }
         if !staged {
             do {
@@ -215,9 +225,22 @@ final class ServiceRuntime {
             }
             resumed = true
             tookOverPins = true
+            var canary: PinnedCanary?
+            do {
+                canary = try CanaryRecords.pinned(at: pins, bucketCount: configuration.bucketCount)
+            } catch {
+                logger.warning("the canary pinned at \(pins.serviceDirectory) cannot be read (\(error)): it is not resumed")
+            }
             plane = try ServiceDataPlane(endpoints: endpoints, resuming: pinned, options: options,
                                          existing: existing,
-                                         socketArrays: pinnedArrays)
+                                         socketArrays: pinnedArrays, canary: canary)
+            if let canary {
+                if plane.model.canary?.generation == canary.generation {
+                    inheritedCanary = canary
+                } else {
+                    logger.warning("generation \(canary.generation)'s canary, pinned at \(pins.serviceDirectory), does not match the pinned placement: not resumed; its slots leave and its buckets go back to generation \(plane.workingGeneration) once their live flows are recorded")
+                }
+            }
             // Slots that were failed over lent their buckets, and the pins keep the lent table:
             // their new workers get their share back as a change, which keeps the live flows.
             do {
@@ -355,6 +378,7 @@ final class ServiceRuntime {
             try plane.pin(pins)
             pinned = true
             try leavingRecords?.pin(at: pins)
+            try canaryRecords?.pin(at: pins)
         } catch {
             pins.remove()
             throw error
@@ -420,6 +444,12 @@ final class ServiceRuntime {
     }
 
     /// Hands what was found of a previous daemon's workers to the supervisor, once.
+    /// The canary a previous daemon pinned, resumed by the plane, once (Supervisor.resumeCanary).
+    func takeInheritedCanary() -> PinnedCanary? {
+        defer { inheritedCanary = nil }
+        return inheritedCanary
+    }
+
     /// The leaving workers a previous daemon pinned, once (Supervisor.adoptLeaving).
     func takeInheritedLeaving() -> [LeavingRecords.Record] {
         defer { inheritedLeaving = [] }

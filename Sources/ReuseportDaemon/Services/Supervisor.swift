@@ -207,6 +207,7 @@ final class Supervisor {
         for service in services {
             let workersAfter = adoptWorkers(of: service)
             adoptLeaving(of: service)
+            resumeCanary(of: service)
             startWorkers(of: service)
             if let count = workersAfter {
                 if service.plane.maps.holdsSlots(forWorkers: count) {

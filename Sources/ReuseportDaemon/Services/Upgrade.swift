@@ -275,4 +275,4 @@ extension Supervisor {
 
 
 /// "4, 5, 6".
-private func list(_ slots: [UInt32]) -> String { slots.map(String.init).joined(separator: ", ") }
+func list(_ slots: [UInt32]) -> String { slots.map(String.init).joined(separator: ", ") }
