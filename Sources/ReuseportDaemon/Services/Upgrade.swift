@@ -177,7 +177,7 @@ extension Supervisor {
         service.logger.notice(
             "generation \(upgrade.status.generation) works: \(moved) buckets switched; slots \(list(old.map(\.index))) drain, each stopped once its recorded flows are idle\(signalled)")
         lastEvent = "\(service.name): generation \(upgrade.status.generation) works"
-        if let looping = upgrade.records.first(where: { $0.quickExits >= Supervisor.crashLoopExits }) {
+        if let looping = upgrade.records.first(where: { $0.lifecycle.crashLoops }) {
             rollBackCrashLoop(service, looping)
         }
     }
@@ -193,15 +193,11 @@ extension Supervisor {
             && service.slots.contains { $0.generation == UInt32(upgrade.status.previous) }
     }
 
-    /// Quick exits in a row (each within `healthy_after_ms` of its start) of one slot of a
-    /// generation that switched, while the one before it still drains, that roll it back.
-    static let crashLoopExits = 3
-
     /// After a worker of `slot` exited: a generation that switched and whose workers keep dying
-    /// (`crashLoopExits` quick exits in a row on one slot) is rolled back to the generation still
-    /// draining, whose workers never stopped serving their flows.
+    /// (`SlotLifecycle.crashLoopExits` quick exits in a row on one slot) is rolled back to the
+    /// generation still draining, whose workers never stopped serving their flows.
     func checkCrashLoop(_ service: ServiceRuntime, _ slot: SlotRecord) {
-        guard slot.quickExits >= Supervisor.crashLoopExits, let upgrade = service.upgrade,
+        guard slot.lifecycle.crashLoops, let upgrade = service.upgrade,
               upgrade.status.phase == .switched, upgrade.status.rollback != true,
               UInt32(upgrade.status.generation) == slot.generation
         else { return }
