@@ -19,6 +19,10 @@ import Testing
     struct Shell {
         let policy: RestartPolicy
         let failoverAfterMs: Int
+        let watchdogMs: Int
+        /// Workers sent SIGABRT by their watchdog, which die of it at the next `+ ms`.
+        var aborted: Set<Int32> = []
+        var watchdogMisses = 0
         var slots: [SlotLifecycle]
         var pid: [Int32?]
         var ready: [Bool]
@@ -33,6 +37,8 @@ import Testing
         /// The slots' generation is on trial (a new generation baking or learning).
         var onTrial = false
         var random: SeededRandom
+        /// Workers that sent WATCHDOG=trigger.
+        var triggered: Set<Int32> = []
         var log: [String] = []
         var problems: [String] = []
 
@@ -43,6 +49,7 @@ import Testing
             policy = RestartPolicy(backoffMinimumMs: minimum, backoffMaximumMs: minimum * [4, 20, 100][Int(seed / 12 % 3)],
                                    healthyAfterMs: [1_000, 10_000][Int(seed / 36 % 2)], readyAfterMs: 500)
             failoverAfterMs = [300, 2_000][Int(seed / 72 % 2)]
+            watchdogMs = [0, 400, 3_000][Int(seed / 144 % 3)]
             slots = Array(repeating: SlotLifecycle(), count: count)
             pid = Array(repeating: nil, count: count)
             ready = Array(repeating: false, count: count)
@@ -60,7 +67,7 @@ import Testing
             pid[slot] = nextPid
             live.insert(nextPid)
             ready[slot] = false
-            slots[slot].started(now: now)
+            slots[slot].started(now: now, watchdogMs: watchdogMs)
         }
 
         /// The worker of `slot` exited with `status` (nil: could not be spawned).
@@ -68,6 +75,7 @@ import Testing
             guard let running = pid[slot] else { return }
             if !live.contains(running) { problems.append("pid \(running) exited but was not tracked") }
             live.remove(running)
+            aborted.remove(running)
             pid[slot] = nil
             ready[slot] = false
             let lived = slots[slot].workerExited(now: now)
@@ -112,6 +120,8 @@ import Testing
                 if let at = slots[slot].readyDeadline(waitsForReady: pid[slot] != nil && !ready[slot], policy: policy) {
                     due.append((at, slot, "ready"))
                 }
+                if let at = slots[slot].watchdogTimer(hasWorker: pid[slot] != nil, stopping: stopping,
+                                                      watchdogMs: watchdogMs) { due.append((at, slot, "watchdog")) }
                 if let at = slots[slot].failoverDeadline(failoverAfterMs: failoverAfterMs, failedOver: failedOver[slot],
                                                          stopping: stopping) { due.append((at, slot, "failover")) }
             }
@@ -133,6 +143,15 @@ import Testing
                 switch next.kind {
                 case "start": start(next.slot)
                 case "ready": becameReady(next.slot)
+                case "watchdog":
+                    if let deadline = slots[next.slot].watchdogDeadline, let started = slots[next.slot].startedAt,
+                       deadline - started < Int64(watchdogMs) * ms, !triggered.contains(pid[next.slot] ?? 0) {
+                        problems.append("slot \(next.slot)'s watchdog fired \((deadline - started) / ms) ms after its start")
+                    }
+                    if slots[next.slot].watchdogExpired(hasWorker: pid[next.slot] != nil), let running = pid[next.slot] {
+                        watchdogMisses += 1
+                        aborted.insert(running)
+                    }
                 default:
                     if let down = slots[next.slot].downSince, now - down < Int64(failoverAfterMs) * ms {
                         problems.append("slot \(next.slot) failed over after \((now - down) / ms) ms down")
@@ -142,6 +161,8 @@ import Testing
                 if problems.count > 0 { return }
             }
             now = end
+            // SIGABRT kills what the watchdog stopped.
+            for slot in pid.indices { if let running = pid[slot], aborted.contains(running) { exit(slot, .killed(signal: SIGABRT)) } }
         }
 
         mutating func perform(_ code: UInt16) {
@@ -164,6 +185,13 @@ import Testing
             case 5:
                 onTrial.toggle()
                 log.append(onTrial ? "on trial" : "not on trial")
+            case 6 where argument % 4 == 0:
+                log.append("slot \(slot) WATCHDOG=trigger")
+                if let running = pid[slot] { triggered.insert(running) }
+                slots[slot].watchdogNotified(now: now, watchdogMs: 0, trigger: true)
+            case 6 where argument % 4 == 1:
+                log.append("slot \(slot) WATCHDOG=1")
+                if pid[slot] != nil { slots[slot].watchdogNotified(now: now, watchdogMs: watchdogMs) }
             case 6:
                 log.append("slot \(slot) READY=1")
                 if pid[slot] != nil, !ready[slot] { becameReady(slot) }
@@ -195,6 +223,13 @@ import Testing
                 }
                 if ready[slot], lifecycle.downSince != nil { problems.append("slot \(slot) ready and down since \(lifecycle.downSince!)") }
                 if failedOver[slot], ready[slot] { problems.append("slot \(slot) ready and failed over") }
+                if pid[slot] == nil, lifecycle.watchdogTimer(hasWorker: false, stopping: stopping, watchdogMs: watchdogMs) != nil {
+                    problems.append("slot \(slot) has no worker and a watchdog due")
+                }
+                if let running = pid[slot], !stopping, watchdogMs > 0, !aborted.contains(running),
+                   lifecycle.watchdogDeadline == nil {
+                    problems.append("slot \(slot)'s worker pid \(running) runs without its watchdog")
+                }
                 if lifecycle.quickExits < 0 { problems.append("slot \(slot): \(lifecycle.quickExits) quick exits") }
                 if let at = lifecycle.nextStartAt, pid[slot] == nil, !stopping {
                     let maximum = Int64(policy.backoffMaximumMs + policy.backoffMaximumMs / 4) * ms

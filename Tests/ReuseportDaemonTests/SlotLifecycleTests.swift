@@ -183,4 +183,42 @@ struct SlotLifecycleTests {
         #expect((100...125).contains(delay) && at == Int64(delay) * Self.ms)
         #expect(slot.quickExits == 2 && slot.downSince == 0 && rescue.starts == 0)
     }
+
+    /// The watchdog runs from the start, `WATCHDOG=1` pushes it back, `WATCHDOG=trigger` makes it
+    /// due now; once it fired it is off until the next start, and a slot without a worker has none.
+    @Test func theWatchdogIsFedFiresOnceAndRestartsWithTheWorker() {
+        var slot = SlotLifecycle()
+        slot.started(now: 0, watchdogMs: 1_000)
+        #expect(slot.watchdogTimer(hasWorker: true, stopping: false, watchdogMs: 1_000) == 1_000 * Self.ms)
+        slot.watchdogNotified(now: 800 * Self.ms, watchdogMs: 1_000)
+        #expect(slot.watchdogTimer(hasWorker: true, stopping: false, watchdogMs: 1_000) == 1_800 * Self.ms)
+        #expect(slot.watchdogTimer(hasWorker: false, stopping: false, watchdogMs: 1_000) == nil)
+        #expect(slot.watchdogTimer(hasWorker: true, stopping: true, watchdogMs: 1_000) == nil)
+        slot.watchdogNotified(now: 900 * Self.ms, watchdogMs: 0, trigger: true)
+        #expect(slot.watchdogDeadline == 900 * Self.ms)
+        let abort = slot.watchdogExpired(hasWorker: true)
+        #expect(abort)
+        #expect(slot.watchdogDeadline == nil)
+        // Fed after it fired: stays off (the worker is being stopped).
+        slot.watchdogNotified(now: 950 * Self.ms, watchdogMs: 1_000)
+        #expect(slot.watchdogDeadline == nil)
+        let abortNone = slot.watchdogExpired(hasWorker: false)
+        #expect(!abortNone)
+        slot.started(now: 2_000 * Self.ms, watchdogMs: 1_000)
+        #expect(slot.watchdogDeadline == 3_000 * Self.ms)
+        slot.started(now: 4_000 * Self.ms, watchdogMs: 0)
+        #expect(slot.watchdogDeadline == nil)
+    }
+
+    /// A running slot is stalled after `samplesToMark` full samples with growing drops, a
+    /// stalled one runs again once drained; no other state changes.
+    @Test func theStallMarkingNeedsSamplesInARowAndADrainedQueue() {
+        #expect(StallVerdict(state: .running, fullWithGrowingDrops: 1, drained: false, samplesToMark: 2) == .unchanged)
+        #expect(StallVerdict(state: .running, fullWithGrowingDrops: 2, drained: false, samplesToMark: 2) == .stalled)
+        #expect(StallVerdict(state: .starting, fullWithGrowingDrops: 5, drained: false, samplesToMark: 2) == .unchanged)
+        #expect(StallVerdict(state: .failedOver, fullWithGrowingDrops: 5, drained: false, samplesToMark: 2) == .unchanged)
+        #expect(StallVerdict(state: .stalled, fullWithGrowingDrops: 3, drained: false, samplesToMark: 2) == .unchanged)
+        #expect(StallVerdict(state: .stalled, fullWithGrowingDrops: 0, drained: true, samplesToMark: 2) == .runningAgain)
+        #expect(StallVerdict(state: .running, fullWithGrowingDrops: 0, drained: true, samplesToMark: 2) == .unchanged)
+    }
 }

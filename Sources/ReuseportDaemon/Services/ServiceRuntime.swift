@@ -46,7 +46,10 @@ final class SlotRecord {
     }
     /// When the current worker's watchdog expires (`watchdog_ms` after its start or its last
     /// `WATCHDOG=1`); nil without a watchdog, or once it fired.
-    var watchdogDeadline: Int64?
+    var watchdogDeadline: Int64? {
+        get { lifecycle.watchdogDeadline }
+        set { lifecycle.watchdogDeadline = newValue }
+    }
     /// Workers stopped for missing their watchdog.
     var watchdogRestarts: UInt32 = 0
     /// The current worker sent `READY=1`; its last `STATUS=`.

@@ -19,12 +19,17 @@ public struct SlotLifecycle: Equatable, Sendable {
     public var nextStartAt: Int64?
     /// Exits in a row of workers that did not live `healthyAfterMs`.
     public var quickExits = 0
+    /// When the current worker's watchdog expires (`watchdog_ms` after its start or its last
+    /// `WATCHDOG=1`); nil without a watchdog, or once it fired.
+    public var watchdogDeadline: Int64?
 
-    public init(startedAt: Int64? = nil, downSince: Int64? = nil, nextStartAt: Int64? = nil, quickExits: Int = 0) {
+    public init(startedAt: Int64? = nil, downSince: Int64? = nil, nextStartAt: Int64? = nil, quickExits: Int = 0,
+                watchdogDeadline: Int64? = nil) {
         self.startedAt = startedAt
         self.downSince = downSince
         self.nextStartAt = nextStartAt
         self.quickExits = quickExits
+        self.watchdogDeadline = watchdogDeadline
     }
 
     /// Quick exits in a row of one slot of a generation that switched, while the one before it
@@ -80,10 +85,31 @@ public enum RestartDecision: Equatable, Sendable {
 }
 
 extension SlotLifecycle {
-    /// A worker started on the slot at `now`.
-    public mutating func started(now: Int64) {
+    /// A worker started on the slot (or was adopted) at `now`; `watchdogMs` 0: no watchdog.
+    public mutating func started(now: Int64, watchdogMs: Int = 0) {
         nextStartAt = nil
         startedAt = now
+        watchdogDeadline = watchdogMs > 0 ? now + Int64(watchdogMs) * 1_000_000 : nil
+    }
+
+    /// The worker sent `WATCHDOG=1` (`trigger`: `WATCHDOG=trigger`, which expires it now). A
+    /// watchdog that fired stays off until the next start.
+    public mutating func watchdogNotified(now: Int64, watchdogMs: Int, trigger: Bool = false) {
+        guard watchdogDeadline != nil else { return }
+        if watchdogMs > 0 { watchdogDeadline = now + Int64(watchdogMs) * 1_000_000 }
+        if trigger { watchdogDeadline = now }
+    }
+
+    /// The watchdog timer: due while the slot has a worker and the daemon does not stop.
+    public func watchdogTimer(hasWorker: Bool, stopping: Bool, watchdogMs: Int) -> Int64? {
+        hasWorker && !stopping && watchdogMs > 0 ? watchdogDeadline : nil
+    }
+
+    /// The watchdog fired: it is off until the next start. True when the worker is to be
+    /// stopped with SIGABRT and the miss counted (the slot has a worker).
+    public mutating func watchdogExpired(hasWorker: Bool) -> Bool {
+        watchdogDeadline = nil
+        return hasWorker
     }
 
     /// The slot's worker became ready at `now` (lived `readyAfterMs`, or sent READY=1): the slot
@@ -153,4 +179,26 @@ extension SlotLifecycle {
 
     /// The failover could not be written: try again after another failover delay, not in a busy loop.
     public mutating func failoverNotWritten(now: Int64) { downSince = now }
+}
+
+/// What the stall check makes of one slot's samples.
+public enum StallVerdict: Equatable, Sendable {
+    case unchanged
+    /// A running worker's queue stayed full while its drops grew for `samplesToMark` samples in
+    /// a row: the slot is stalled (counted, logged, its state `stalled`).
+    case stalled
+    /// A stalled slot's queues drained: running again.
+    case runningAgain
+
+    /// `fullWithGrowingDrops`: samples in a row with a full queue and more drops; `drained`: every
+    /// queue holds less than half its buffer.
+    public init(state: WorkerState, fullWithGrowingDrops: Int, drained: Bool, samplesToMark: Int) {
+        if state == .running, fullWithGrowingDrops >= samplesToMark {
+            self = .stalled
+        } else if state == .stalled, drained {
+            self = .runningAgain
+        } else {
+            self = .unchanged
+        }
+    }
 }

@@ -303,9 +303,7 @@ final class Supervisor {
             slot.startTime = (try? Syscall.processStartTime(pid)) ?? 0
             started.origin.startTime = slot.startTime
             table.serve(pid, processes: started, service: service, slot: slot)
-            slot.lifecycle.started(now: now)
-            let watchdogMs = service.configuration.watchdogMs
-            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
+            slot.lifecycle.started(now: now, watchdogMs: service.configuration.watchdogMs)
             slot.notifiedReady = false
             slot.notifiedStatus = nil
             slot.readySinceNs = nil
@@ -352,15 +350,13 @@ final class Supervisor {
                                      startTime: worker.startTime)), pidfd: worker.pidfd, service: service, slot: slot)
             slot.pid = worker.pid
             slot.startTime = worker.startTime
-            slot.startedAt = now
+            slot.lifecycle.started(now: now, watchdogMs: service.configuration.watchdogMs)
             slot.everStarted = true
             slot.restarts = worker.row.restarts
             slot.stalls = worker.row.stalls
             slot.watchdogRestarts = worker.row.watchdog_restarts
-            let watchdogMs = service.configuration.watchdogMs
-            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
-            slot.downSince = nil
-            service.lastReadyAt = now
+            // Adopted running: ready now.
+            slot.lifecycle.ready(now: now, rescue: &service.rescue)
             service.adoptedWorkers += 1
             service.setWorkerState(slot, to: service.isFailedOver(slot) ? .failedOver : .running)
             if let pipe = inheritedOutputs.removeValue(forKey: worker.pid) {

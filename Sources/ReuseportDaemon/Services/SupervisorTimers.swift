@@ -68,8 +68,8 @@ extension Supervisor {
         case .drain(let pid):
             return table.drain(of: pid)?.nextCheck
         case .watchdog(let service, let slot):
-            guard slot.pid != nil, !stopping, service.configuration.watchdogMs > 0 else { return nil }
-            return slot.watchdogDeadline
+            return slot.lifecycle.watchdogTimer(hasWorker: slot.pid != nil, stopping: stopping,
+                                                watchdogMs: service.configuration.watchdogMs)
         case .stallCheck:
             guard !stopping, hasStallCheck else { return nil }
             return nextStallCheck
