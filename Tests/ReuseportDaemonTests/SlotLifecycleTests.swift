@@ -1,4 +1,5 @@
 import Glibc
+import ReuseportControl
 import ReuseportDaemon
 import ReuseportKit
 import Testing
@@ -220,5 +221,53 @@ struct SlotLifecycleTests {
         #expect(StallVerdict(state: .stalled, fullWithGrowingDrops: 3, drained: false, samplesToMark: 2) == .unchanged)
         #expect(StallVerdict(state: .stalled, fullWithGrowingDrops: 0, drained: true, samplesToMark: 2) == .runningAgain)
         #expect(StallVerdict(state: .running, fullWithGrowingDrops: 0, drained: true, samplesToMark: 2) == .unchanged)
+    }
+
+    /// A new generation is on trial from its learning until its predecessor is gone, never in a
+    /// rollback; an exit before the switch abandons it; a crash loop after the switch rolls it back.
+    @Test func theNewGenerationIsOnTrialUntilItsPredecessorIsGone() {
+        func trial(_ phase: UpgradeStatus.Phase, rollback: Bool = false, previousHasSlots: Bool = true) -> GenerationTrial {
+            GenerationTrial(phase: phase, isRollback: rollback, generation: 2, previous: 1, previousHasSlots: previousHasSlots)
+        }
+        #expect(trial(.learning).isOnTrial(slotGeneration: 2))
+        #expect(trial(.switched).isOnTrial(slotGeneration: 2))
+        #expect(!trial(.switched).isOnTrial(slotGeneration: 1))
+        #expect(!trial(.switched, previousHasSlots: false).isOnTrial(slotGeneration: 2))
+        #expect(!trial(.switched, rollback: true).isOnTrial(slotGeneration: 2))
+        for phase in [UpgradeStatus.Phase.starting, .abandoned, .canary] {
+            #expect(!trial(phase).isOnTrial(slotGeneration: 2), "\(phase)")
+        }
+        #expect(trial(.starting).abandons(newSlot: true))
+        #expect(!trial(.starting).abandons(newSlot: false))
+        #expect(!trial(.learning).abandons(newSlot: true))
+        let looping = SlotLifecycle(quickExits: SlotLifecycle.crashLoopExits)
+        let twice = SlotLifecycle(quickExits: SlotLifecycle.crashLoopExits - 1)
+        #expect(trial(.switched).rollsBack(slotGeneration: 2, looping))
+        #expect(!trial(.switched).rollsBack(slotGeneration: 2, twice))
+        #expect(!trial(.switched).rollsBack(slotGeneration: 1, looping))
+        #expect(!trial(.learning).rollsBack(slotGeneration: 2, looping))
+        #expect(!trial(.switched, rollback: true).rollsBack(slotGeneration: 2, looping))
+    }
+
+    /// A ready worker of the new generation killed by SIGSEGV three times in a row after the
+    /// switch: each death counts (on trial), and the third rolls the generation back.
+    @Test func signalDeathsAfterReadyOnTrialRollTheSwitchedGenerationBack() {
+        let switched = GenerationTrial(phase: .switched, isRollback: false, generation: 2, previous: 1,
+                                       previousHasSlots: true)
+        var slot = SlotLifecycle()
+        var rescue = RescueBudget(lastReadyAt: 0)
+        var now: Int64 = 0
+        var rolledBackAt: Int?
+        for death in 1...3 {
+            slot.started(now: now)
+            slot.ready(now: now + 500 * Self.ms, rescue: &rescue)
+            now += 2_000 * Self.ms
+            let decision = Self.exit(&slot, at: now, status: .killed(signal: SIGSEGV),
+                                     onTrial: switched.isOnTrial(slotGeneration: 2), rescue: &rescue)
+            if switched.rollsBack(slotGeneration: 2, slot), rolledBackAt == nil { rolledBackAt = death }
+            if case .startAt(let at, _) = decision { now = at }
+        }
+        #expect(rolledBackAt == 3)
+        #expect(rescue.starts == 0)
     }
 }

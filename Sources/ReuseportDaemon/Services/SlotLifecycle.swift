@@ -1,3 +1,4 @@
+import ReuseportControl
 import ReuseportKit
 
 /// One slot's worker lifecycle as a value: when its worker started, since when the slot has had
@@ -200,5 +201,44 @@ public enum StallVerdict: Equatable, Sendable {
         } else {
             self = .unchanged
         }
+    }
+}
+
+/// What the last upgrade of a service makes of its slots' worker exits: which generation is on
+/// trial, whether an exit abandons the upgrade, whether a crash loop rolls it back.
+public struct GenerationTrial: Equatable, Sendable {
+    public var phase: UpgradeStatus.Phase
+    /// The upgrade is itself a rollback (`reuseportctl upgrade --rollback`, or an automatic one).
+    public var isRollback: Bool
+    public var generation: UInt32
+    public var previous: UInt32
+    /// A slot of the previous generation is still there (draining): it can be rolled back to.
+    public var previousHasSlots: Bool
+
+    public init(phase: UpgradeStatus.Phase, isRollback: Bool, generation: UInt32, previous: UInt32,
+                previousHasSlots: Bool) {
+        self.phase = phase
+        self.isRollback = isRollback
+        self.generation = generation
+        self.previous = previous
+        self.previousHasSlots = previousHasSlots
+    }
+
+    /// A slot of the new generation from the start of its learning until the generation before
+    /// it has retired (while it can still be rolled back to that one): its workers' deaths by a
+    /// signal all count as crashes (`SlotLifecycle.afterExit`'s `onTrial`).
+    public func isOnTrial(slotGeneration: UInt32) -> Bool {
+        guard !isRollback, phase == .learning || phase == .switched else { return false }
+        return slotGeneration == generation && previousHasSlots
+    }
+
+    /// A worker of a generation still starting exited: the upgrade is abandoned (a program that
+    /// cannot stay up must not take flows). `newSlot`: the slot is one of the upgrade's.
+    public func abandons(newSlot: Bool) -> Bool { phase == .starting && newSlot }
+
+    /// After an exit: a generation that switched and crash-loops on a slot is rolled back to the
+    /// generation still draining, whose workers never stopped serving their flows.
+    public func rollsBack(slotGeneration: UInt32, _ lifecycle: SlotLifecycle) -> Bool {
+        lifecycle.crashLoops && phase == .switched && !isRollback && slotGeneration == generation
     }
 }
