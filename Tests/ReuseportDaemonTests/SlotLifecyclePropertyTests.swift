@@ -46,7 +46,8 @@ import Testing
             random = SeededRandom(seed: seed)
             let count = Int(seed % 4) + 1
             let minimum = [50, 100, 250][Int(seed / 4 % 3)]
-            policy = RestartPolicy(backoffMinimumMs: minimum, backoffMaximumMs: minimum * [4, 20, 100][Int(seed / 12 % 3)],
+            policy = RestartPolicy(backoffMinimumMs: minimum,
+                                   backoffMaximumMs: minimum * [4, 20, 100][Int(seed / 12 % 3)],
                                    healthyAfterMs: [1_000, 10_000][Int(seed / 36 % 2)], readyAfterMs: 500)
             failoverAfterMs = [300, 2_000][Int(seed / 72 % 2)]
             watchdogMs = [0, 400, 3_000][Int(seed / 144 % 3)]
@@ -103,7 +104,9 @@ import Testing
                 if rescued != nil, !(couldRescue && killed) { problems.append("slot \(slot): a rescue not allowed") }
                 start(slot)
             case .startAt(let at, let delay):
-                if couldRescue && killed { problems.append("slot \(slot): every slot dark and a rescue allowed, backs off \(delay) ms") }
+                if couldRescue && killed {
+                    problems.append("slot \(slot): every slot dark and a rescue allowed, backs off \(delay) ms")
+                }
                 if at < now { problems.append("slot \(slot) scheduled in the past: \(at) < \(now)") }
                 let maximum = policy.backoffMaximumMs + policy.backoffMaximumMs / 4
                 if delay < policy.backoffMinimumMs || delay > maximum {
@@ -116,7 +119,9 @@ import Testing
         func nextDeadline() -> (at: Int64, slot: Int, kind: String)? {
             var due: [(at: Int64, slot: Int, kind: String)] = []
             for slot in slots.indices {
-                if let at = slots[slot].startDeadline(hasWorker: pid[slot] != nil, stopping: stopping) { due.append((at, slot, "start")) }
+                if let at = slots[slot].startDeadline(hasWorker: pid[slot] != nil, stopping: stopping) {
+                    due.append((at, slot, "start"))
+                }
                 if let at = slots[slot].readyDeadline(waitsForReady: pid[slot] != nil && !ready[slot], policy: policy) {
                     due.append((at, slot, "ready"))
                 }
@@ -138,7 +143,9 @@ import Testing
         mutating func advance(by duration: Int64) {
             let end = now + duration
             while let next = nextDeadline(), next.at <= end {
-                if next.at < now { problems.append("slot \(next.slot)'s \(next.kind) timer at \(next.at), in the past of \(now)") }
+                if next.at < now {
+                    problems.append("slot \(next.slot)'s \(next.kind) timer at \(next.at), in the past of \(now)")
+                }
                 now = max(now, next.at)
                 switch next.kind {
                 case "start": start(next.slot)
@@ -162,7 +169,7 @@ import Testing
             }
             now = end
             // SIGABRT kills what the watchdog stopped.
-            for slot in pid.indices { if let running = pid[slot], aborted.contains(running) { exit(slot, .killed(signal: SIGABRT)) } }
+            for slot in pid.indices where pid[slot].map(aborted.contains) == true { exit(slot, .killed(signal: SIGABRT)) }
         }
 
         mutating func perform(_ code: UInt16) {
@@ -219,11 +226,15 @@ import Testing
                     problems.append("slot \(slot)'s start at \(at) was missed (now \(now))")
                 }
                 if (pid[slot] == nil) != (lifecycle.startedAt == nil) {
-                    problems.append("slot \(slot): worker \(pid[slot].map(String.init) ?? "none"), started at \(lifecycle.startedAt.map(String.init) ?? "none")")
+                    let started = lifecycle.startedAt.map(String.init) ?? "none"
+                    problems.append("slot \(slot): worker \(pid[slot].map(String.init) ?? "none"), started at \(started)")
                 }
-                if ready[slot], lifecycle.downSince != nil { problems.append("slot \(slot) ready and down since \(lifecycle.downSince!)") }
+                if ready[slot], let down = lifecycle.downSince {
+                    problems.append("slot \(slot) ready and down since \(down)")
+                }
                 if failedOver[slot], ready[slot] { problems.append("slot \(slot) ready and failed over") }
-                if pid[slot] == nil, lifecycle.watchdogTimer(hasWorker: false, stopping: stopping, watchdogMs: watchdogMs) != nil {
+                if pid[slot] == nil,
+                   lifecycle.watchdogTimer(hasWorker: false, stopping: stopping, watchdogMs: watchdogMs) != nil {
                     problems.append("slot \(slot) has no worker and a watchdog due")
                 }
                 if let running = pid[slot], !stopping, watchdogMs > 0, !aborted.contains(running),
@@ -233,7 +244,9 @@ import Testing
                 if lifecycle.quickExits < 0 { problems.append("slot \(slot): \(lifecycle.quickExits) quick exits") }
                 if let at = lifecycle.nextStartAt, pid[slot] == nil, !stopping {
                     let maximum = Int64(policy.backoffMaximumMs + policy.backoffMaximumMs / 4) * ms
-                    if at - now > maximum { problems.append("slot \(slot) starts in \((at - now) / ms) ms, beyond the maximum") }
+                    if at - now > maximum {
+                        problems.append("slot \(slot) starts in \((at - now) / ms) ms, beyond the maximum")
+                    }
                 }
             }
             if !stopping, pid.allSatisfy({ $0 == nil }), slots.allSatisfy({ $0.nextStartAt == nil }) {
@@ -257,8 +270,8 @@ import Testing
                 shell.verify()
                 if !shell.problems.isEmpty { break }
             }
-            #expect(shell.problems.isEmpty,
-                    "seed \(seed), events: \(shell.log.joined(separator: " → "))\n\(shell.problems.prefix(5).joined(separator: "\n"))")
+            let problems = shell.problems.prefix(5).joined(separator: "\n")
+            #expect(shell.problems.isEmpty, "seed \(seed), events: \(shell.log.joined(separator: " → "))\n\(problems)")
         }
         print("SlotLifecycle: \(Self.sequences) sequences of up to 60 events in \(clock.now - started)")
     }
