@@ -2,6 +2,7 @@ import Foundation
 import PropertyBased
 import ReuseportDaemon
 import ReuseportKit
+import Synchronization
 import Testing
 
 /// `SlotLifecycle` under random sequences of events on a service of 1 to 4 slots, in process,
@@ -23,6 +24,8 @@ import Testing
         /// Workers sent SIGABRT by their watchdog, which die of it at the next `+ ms`.
         var aborted: Set<Int32> = []
         var watchdogMisses = 0
+        var failovers = 0
+        var backOffs = 0
         var slots: [SlotLifecycle]
         var pid: [Int32?]
         var ready: [Bool]
@@ -104,6 +107,7 @@ import Testing
                 if rescued != nil, !(couldRescue && killed) { problems.append("slot \(slot): a rescue not allowed") }
                 start(slot)
             case .startAt(let at, let delay):
+                backOffs += 1
                 if couldRescue && killed {
                     problems.append("slot \(slot): every slot dark and a rescue allowed, backs off \(delay) ms")
                 }
@@ -164,6 +168,7 @@ import Testing
                         problems.append("slot \(next.slot) failed over after \((now - down) / ms) ms down")
                     }
                     failedOver[next.slot] = true
+                    failovers += 1
                 }
                 if problems.count > 0 { return }
             }
@@ -259,6 +264,8 @@ import Testing
     }
 
     @Test func everySequenceOfEventsKeepsTheInvariants() async {
+        // What the sequences did, summed: proof that the rules were exercised, not only held.
+        let seen = Mutex([0, 0, 0, 0, 0])
         let clock = ContinuousClock()
         let started = clock.now
         await propertyCheck(count: Self.sequences, input: Gen.uint64(in: 1...UInt64.max),
@@ -270,9 +277,14 @@ import Testing
                 shell.verify()
                 if !shell.problems.isEmpty { break }
             }
+            let counts = [codes.count, shell.backOffs, shell.rescue.starts, shell.failovers, shell.watchdogMisses]
+            seen.withLock { $0 = zip($0, counts).map(+) }
             let problems = shell.problems.prefix(5).joined(separator: "\n")
             #expect(shell.problems.isEmpty, "seed \(seed), events: \(shell.log.joined(separator: " → "))\n\(problems)")
         }
-        print("SlotLifecycle: \(Self.sequences) sequences of up to 60 events in \(clock.now - started)")
+        let totals = seen.withLock { $0 }
+        print("SlotLifecycle: \(Self.sequences) sequences, \(totals[0]) events, in \(clock.now - started): "
+            + "\(totals[1]) back-offs, \(totals[2]) rescue starts, \(totals[3]) failovers, \(totals[4]) watchdog misses")
+        #expect(totals[1...].allSatisfy { $0 > 0 }, "every rule exercised: \(totals)")
     }
 }
