@@ -132,10 +132,12 @@ let package = Package(
         .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl", "CLibbpf",
                                                              "reuseportctl"],
                     exclude: ["golden"]),
-        // Runs the real reuseportd binary (built beside the test bundle) against real sockets.
+        // Runs the real reuseportd binary (built beside the test bundle) against real sockets; and the
+        // supervisor's decisions in process (SlotLifecycle), with random sequences of events.
         .testTarget(
             name: "ReuseportDaemonTests",
-            dependencies: ["ReuseportDaemon", "ReuseportControl", "ReuseportKit", "ReuseportTestSupport"]
+            dependencies: ["ReuseportDaemon", "ReuseportControl", "ReuseportKit", "ReuseportTestSupport",
+                           .product(name: "PropertyBased", package: "swift-property-based")]
         ),
     ],
     // C23 for #embed of the BPF object (Sources/CReuseportABI/object.c).

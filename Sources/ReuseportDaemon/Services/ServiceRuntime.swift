@@ -18,20 +18,38 @@ final class SlotRecord {
     /// Worker starts after the first.
     var restarts: UInt32 = 0
     var everStarted = false
+    /// Its worker's lifecycle: start, down, quick exits, next start (SlotLifecycle: the restart
+    /// decisions are its pure functions).
+    var lifecycle = SlotLifecycle()
     /// Exits in a row of workers that did not live `healthyAfterMs`.
-    var quickExits = 0
+    var quickExits: Int {
+        get { lifecycle.quickExits }
+        set { lifecycle.quickExits = newValue }
+    }
     /// Monotonic start time of the current worker.
-    var startedAt: Int64?
+    var startedAt: Int64? {
+        get { lifecycle.startedAt }
+        set { lifecycle.startedAt = newValue }
+    }
     /// The current worker's start time in clock ticks after boot (/proc/<pid>/stat), published
     /// with its pid so that a later daemon can tell it from a process that reused the pid.
     var startTime: UInt64 = 0
     /// Since when the slot has had no ready worker (nil while one is ready).
-    var downSince: Int64?
+    var downSince: Int64? {
+        get { lifecycle.downSince }
+        set { lifecycle.downSince = newValue }
+    }
     /// In back-off: when to start the next worker.
-    var nextStartAt: Int64?
+    var nextStartAt: Int64? {
+        get { lifecycle.nextStartAt }
+        set { lifecycle.nextStartAt = newValue }
+    }
     /// When the current worker's watchdog expires (`watchdog_ms` after its start or its last
     /// `WATCHDOG=1`); nil without a watchdog, or once it fired.
-    var watchdogDeadline: Int64?
+    var watchdogDeadline: Int64? {
+        get { lifecycle.watchdogDeadline }
+        set { lifecycle.watchdogDeadline = newValue }
+    }
     /// Workers stopped for missing their watchdog.
     var watchdogRestarts: UInt32 = 0
     /// The current worker sent `READY=1`; its last `STATUS=`.
@@ -76,8 +94,9 @@ final class ServiceRuntime {
     /// worker died, or `stop_timeout_ms` passed): read and discarded by the daemon, unanswered.
     var removedSlotDrops = 0
     /// Workers started at once instead of after their back-off, because every other slot of the
-    /// service was down (Supervisor.scheduleRestart).
-    var rescueStarts = 0
+    /// service was down, and when a worker last became ready (SlotLifecycle.afterExit).
+    var rescue = RescueBudget()
+    var rescueStarts: Int { rescue.starts }
     /// Live recorded flows of leaving slots that retired at the drain timeout (they moved).
     var flowsMovedAtDeadline = 0
     /// What was found of a previous daemon's workers (WorkerAdoption), until the supervisor
@@ -90,9 +109,10 @@ final class ServiceRuntime {
     var adoptedWorkers = 0
     var refusedAdoptions = 0
     /// When a worker of this service last became ready: proof that its program can start.
-    var lastReadyAt: Int64?
-    /// When a rescue start last happened: each needs a worker to have become ready since.
-    var lastRescueAt: Int64?
+    var lastReadyAt: Int64? {
+        get { rescue.lastReadyAt }
+        set { rescue.lastReadyAt = newValue }
+    }
     /// What each generation with a slot runs; the working generation's is `configuration`'s.
     var definitions: [UInt32: WorkerDefinition] = [:]
     /// The upgrade in progress, or the last one (with how it ended).

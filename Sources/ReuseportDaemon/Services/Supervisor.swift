@@ -304,9 +304,7 @@ final class Supervisor {
             slot.startTime = (try? Syscall.processStartTime(pid)) ?? 0
             started.origin.startTime = slot.startTime
             table.serve(pid, processes: started, service: service, slot: slot)
-            slot.startedAt = now
-            let watchdogMs = service.configuration.watchdogMs
-            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
+            slot.lifecycle.started(now: now, watchdogMs: service.configuration.watchdogMs)
             slot.notifiedReady = false
             slot.notifiedStatus = nil
             slot.readySinceNs = nil
@@ -353,15 +351,13 @@ final class Supervisor {
                                      startTime: worker.startTime)), pidfd: worker.pidfd, service: service, slot: slot)
             slot.pid = worker.pid
             slot.startTime = worker.startTime
-            slot.startedAt = now
+            slot.lifecycle.started(now: now, watchdogMs: service.configuration.watchdogMs)
             slot.everStarted = true
             slot.restarts = worker.row.restarts
             slot.stalls = worker.row.stalls
             slot.watchdogRestarts = worker.row.watchdog_restarts
-            let watchdogMs = service.configuration.watchdogMs
-            slot.watchdogDeadline = watchdogMs > 0 ? now + watchdogMs.msAsNs : nil
-            slot.downSince = nil
-            service.lastReadyAt = now
+            // Adopted running: ready now.
+            slot.lifecycle.ready(now: now, rescue: &service.rescue)
             service.adoptedWorkers += 1
             service.setWorkerState(slot, to: service.isFailedOver(slot) ? .failedOver : .running)
             if let pipe = inheritedOutputs.removeValue(forKey: worker.pid) {
@@ -525,9 +521,8 @@ final class Supervisor {
             return
         }
         guard let (service, slot) = table.leaveSlot(pid) else { return }
-        let lived = now - (slot.startedAt ?? now)
+        let lived = slot.lifecycle.workerExited(now: now)
         slot.pid = nil
-        slot.startedAt = nil
         var logger = service.logger
         logger[metadataKey: "slot"] = "\(slot.index)"
         logger.warning("worker pid \(pid) \(sentence) after \(lived / 1_000_000) ms")
@@ -543,40 +538,26 @@ final class Supervisor {
         for drain in table.forgetFinished() { releaseSockets(drain) }
     }
 
-    /// After an exit (`status`; nil: the worker could not be spawned): start again at once after
-    /// a healthy run or after a signal killed a ready worker, else after the back-off (jittered).
-    ///
-    /// A service never has every slot in back-off while one could start: when a signal killed
-    /// this worker and no other slot has a worker, it starts at once, provided a worker of the
-    /// service became ready since the last such rescue. A program that cannot start never
-    /// becomes ready, so it still backs off; one that dies of a signal right after every start
-    /// is rescued at most once per ready worker.
+    /// After an exit (`status`; nil: the worker could not be spawned): carries out what
+    /// `SlotLifecycle.afterExit` decides (the back-off, the quick exits, the rescue start).
     func scheduleRestart(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64, livedNs: Int64,
                          status: WaitStatus?) {
-        if slot.downSince == nil { slot.downSince = now }
-        var killed = false
-        // A new generation on trial dies of a signal as a crash, however it dies (a segfault
-        // right after READY=1 must count towards its rollback, not restart at once for ever).
-        if case .killed = status, !isOnTrial(service, slot) { killed = true }
-        var delay: Int
-        (delay, slot.quickExits) = service.configuration.restart.afterExit(
-            livedMs: Int(livedNs / 1_000_000), quickExits: slot.quickExits, killedBySignal: killed)
-        if stopping { return }
-        if delay > 0, killed, !service.slots.contains(where: { $0 !== slot && $0.pid != nil }),
-           let ready = service.lastReadyAt, ready > (service.lastRescueAt ?? Int64.min)
-        {
-            service.lastRescueAt = now
-            service.rescueStarts += 1
-            service.logger.warning(
-                "slot \(slot.index): every other slot is down, starting at once instead of in \(delay) ms (rescue \(service.rescueStarts))")
-            delay = 0
-        }
-        if delay == 0 {
+        var random = SystemRandomNumberGenerator()
+        let decision = slot.lifecycle.afterExit(
+            livedNs: livedNs, status: status, now: now, policy: service.configuration.restart,
+            onTrial: isOnTrial(service, slot), stopping: stopping,
+            anotherSlotHasWorker: service.slots.contains { $0 !== slot && $0.pid != nil },
+            rescue: &service.rescue, random: &random)
+        switch decision {
+        case .none:
+            return
+        case .startNow(let rescue):
+            if let rescue {
+                service.logger.warning(
+                    "slot \(slot.index): every other slot is down, starting at once instead of in \(rescue.insteadOfMs) ms (rescue \(rescue.count))")
+            }
             startWorker(service, slot, now: now)
-        } else {
-            var random = SystemRandomNumberGenerator()
-            delay = RestartPolicy.jittered(delay, using: &random)
-            slot.nextStartAt = now + delay.msAsNs
+        case .startAt(_, let delay):
             service.setWorkerState(slot, to: service.isFailedOver(slot) ? .failedOver : .backoff)
             service.logger.info("slot \(slot.index): next start in \(delay) ms")
         }

@@ -51,17 +51,16 @@ extension Supervisor {
     func deadline(of timer: SupervisorTimer) -> Int64? {
         switch timer {
         case .start(_, let slot):
-            guard slot.pid == nil, !stopping else { return nil }
-            return slot.nextStartAt
+            return slot.lifecycle.startDeadline(hasWorker: slot.pid != nil, stopping: stopping)
         case .ready(let service, let slot):
             // A worker that speaks sd_notify (`notify = true`) is ready when it says so (`notified`).
-            guard let started = slot.startedAt, slot.pid != nil, slot.state == .starting || slot.state == .failedOver,
-                  !service.notifies(slot)
-            else { return nil }
-            return started + service.configuration.restart.readyAfterMs.msAsNs
+            return slot.lifecycle.readyDeadline(
+                waitsForReady: slot.pid != nil && (slot.state == .starting || slot.state == .failedOver)
+                    && !service.notifies(slot),
+                policy: service.configuration.restart)
         case .failover(let service, let slot):
-            guard let down = slot.downSince, !service.isFailedOver(slot), !stopping else { return nil }
-            return down + service.configuration.failoverAfterMs.msAsNs
+            return slot.lifecycle.failoverDeadline(failoverAfterMs: service.configuration.failoverAfterMs,
+                                                   failedOver: service.isFailedOver(slot), stopping: stopping)
         case .kill(let pid):
             // Int64.max: SIGKILL sent, waiting for SIGCHLD.
             guard let deadline = table.killAt(pid), deadline != Int64.max else { return nil }
@@ -69,8 +68,8 @@ extension Supervisor {
         case .drain(let pid):
             return table.drain(of: pid)?.nextCheck
         case .watchdog(let service, let slot):
-            guard slot.pid != nil, !stopping, service.configuration.watchdogMs > 0 else { return nil }
-            return slot.watchdogDeadline
+            return slot.lifecycle.watchdogTimer(hasWorker: slot.pid != nil, stopping: stopping,
+                                                watchdogMs: service.configuration.watchdogMs)
         case .stallCheck:
             guard !stopping, hasStallCheck else { return nil }
             return nextStallCheck
@@ -124,8 +123,7 @@ extension Supervisor {
     }
 
     func becameReady(_ service: ServiceRuntime, _ slot: SlotRecord) {
-        slot.downSince = nil
-        service.lastReadyAt = MonotonicClock.nanoseconds()
+        slot.lifecycle.ready(now: MonotonicClock.nanoseconds(), rescue: &service.rescue)
         if service.isFailedOver(slot), let restored = service.restore(slot, now: MonotonicClock.nanoseconds()) {
             if service.plane.pending != nil {
                 service.logger.notice(
@@ -152,7 +150,7 @@ extension Supervisor {
         }
         guard let lent = service.failOver(slot) else {
             // Not written (logged): try again after another failover delay, not in a busy loop.
-            slot.downSince = MonotonicClock.nanoseconds()
+            slot.lifecycle.failoverNotWritten(now: MonotonicClock.nanoseconds())
             return
         }
         service.logger.warning(

@@ -177,7 +177,7 @@ extension Supervisor {
         service.logger.notice(
             "generation \(upgrade.status.generation) works: \(moved) buckets switched; slots \(list(old.map(\.index))) drain, each stopped once its recorded flows are idle\(signalled)")
         lastEvent = "\(service.name): generation \(upgrade.status.generation) works"
-        if let looping = upgrade.records.first(where: { $0.quickExits >= Supervisor.crashLoopExits }) {
+        if let looping = upgrade.records.first(where: { $0.lifecycle.crashLoops }) {
             rollBackCrashLoop(service, looping)
         }
     }
@@ -186,25 +186,23 @@ extension Supervisor {
     /// of its learning until the generation before it has retired (while it can still be rolled
     /// back to that one). Its workers' deaths all count as crashes.
     func isOnTrial(_ service: ServiceRuntime, _ slot: SlotRecord) -> Bool {
-        guard let upgrade = service.upgrade, upgrade.status.rollback != true,
-              upgrade.status.phase == .learning || upgrade.status.phase == .switched
-        else { return false }
-        return UInt32(upgrade.status.generation) == slot.generation
-            && service.slots.contains { $0.generation == UInt32(upgrade.status.previous) }
+        trial(of: service)?.isOnTrial(slotGeneration: slot.generation) == true
     }
 
-    /// Quick exits in a row (each within `healthy_after_ms` of its start) of one slot of a
-    /// generation that switched, while the one before it still drains, that roll it back.
-    static let crashLoopExits = 3
+    /// The last upgrade of `service` as `GenerationTrial` sees it; nil without one.
+    func trial(of service: ServiceRuntime) -> GenerationTrial? {
+        guard let status = service.upgrade?.status else { return nil }
+        let previous = UInt32(status.previous)
+        return GenerationTrial(phase: status.phase, isRollback: status.rollback == true,
+                               generation: UInt32(status.generation), previous: previous,
+                               previousHasSlots: service.slots.contains { $0.generation == previous })
+    }
 
     /// After a worker of `slot` exited: a generation that switched and whose workers keep dying
-    /// (`crashLoopExits` quick exits in a row on one slot) is rolled back to the generation still
-    /// draining, whose workers never stopped serving their flows.
+    /// (`SlotLifecycle.crashLoopExits` quick exits in a row on one slot) is rolled back to the
+    /// generation still draining, whose workers never stopped serving their flows.
     func checkCrashLoop(_ service: ServiceRuntime, _ slot: SlotRecord) {
-        guard slot.quickExits >= Supervisor.crashLoopExits, let upgrade = service.upgrade,
-              upgrade.status.phase == .switched, upgrade.status.rollback != true,
-              UInt32(upgrade.status.generation) == slot.generation
-        else { return }
+        guard trial(of: service)?.rollsBack(slotGeneration: slot.generation, slot.lifecycle) == true else { return }
         rollBackCrashLoop(service, slot)
     }
 
@@ -253,8 +251,8 @@ extension Supervisor {
     /// program that cannot stay up must not take flows). True when the worker was one of those.
     func upgradeWorkerExited(_ service: ServiceRuntime, _ slot: SlotRecord, pid: pid_t, status: WaitStatus,
                              livedNs: Int64, now: Int64) -> Bool {
-        guard let upgrade = service.upgrade, upgrade.status.phase == .starting,
-              upgrade.records.contains(where: { $0 === slot })
+        guard let upgrade = service.upgrade,
+              trial(of: service)?.abandons(newSlot: upgrade.records.contains { $0 === slot }) == true
         else { return false }
         abandonUpgrade(service, reason: "slot \(slot.index)'s worker pid \(pid) \(status.sentence) after "
             + "\(livedNs / 1_000_000) ms, before the switch", now: now)

@@ -26,11 +26,10 @@ extension Supervisor {
         guard let leader = worker(of: sender), let (service, slot) = table.serving(leader), slot.pid == leader else {
             return false
         }
-        let watchdogMs = service.configuration.watchdogMs
-        if message.watchdog, watchdogMs > 0, slot.watchdogDeadline != nil {
-            slot.watchdogDeadline = now + watchdogMs.msAsNs
+        if message.watchdog || message.watchdogTrigger {
+            slot.lifecycle.watchdogNotified(now: now, watchdogMs: message.watchdog ? service.configuration.watchdogMs : 0,
+                                            trigger: message.watchdogTrigger)
         }
-        if message.watchdogTrigger, slot.watchdogDeadline != nil { slot.watchdogDeadline = now }
         if message.ready, !slot.notifiedReady {
             slot.notifiedReady = true
             service.logger.debug("slot \(slot.index): worker pid \(leader) sent READY=1")
@@ -66,8 +65,7 @@ extension Supervisor {
     /// A worker missed its watchdog: SIGABRT to every process of it (SIGKILL at the stop
     /// timeout), as systemd does for `WatchdogSec=`. Its exit restarts the slot the usual way.
     func watchdogExpired(_ service: ServiceRuntime, _ slot: SlotRecord, now: Int64) {
-        slot.watchdogDeadline = nil
-        guard let pid = slot.pid else { return }
+        guard slot.lifecycle.watchdogExpired(hasWorker: slot.pid != nil), let pid = slot.pid else { return }
         slot.watchdogRestarts &+= 1
         let stopMs = configuration.stopTimeoutMs
         service.logger.error(
@@ -109,14 +107,18 @@ extension Supervisor {
                 if let packets = try? service.plane.maps.slotCounters(slot.index).packets {
                     slot.traffic = SlotTraffic(packets: packets, drops: sample.drops)
                 }
-                if slot.state == .running, sample.fullWithGrowingDrops >= Supervisor.stallSamplesToMark {
+                switch StallVerdict(state: slot.state, fullWithGrowingDrops: sample.fullWithGrowingDrops,
+                                    drained: sample.drained, samplesToMark: Supervisor.stallSamplesToMark) {
+                case .stalled:
                     slot.stalls &+= 1
                     service.logger.error(
                         "slot \(slot.index): worker pid \(slot.pid ?? 0) is not reading: its receive queue is full and the kernel dropped \(sample.newDrops) datagrams in the last second (stall \(slot.stalls))")
                     service.setWorkerState(slot, to: .stalled)
-                } else if slot.state == .stalled, sample.drained {
+                case .runningAgain:
                     service.logger.notice("slot \(slot.index): receive queue drained, running again")
                     service.setWorkerState(slot, to: .running)
+                case .unchanged:
+                    break
                 }
             }
         }
