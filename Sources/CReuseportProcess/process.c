@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <linux/membarrier.h>
 #include <linux/sched.h>
 
 #include "CReuseportProcess.h"
@@ -258,6 +259,11 @@ int rpd_pidfd_open(pid_t pid)
 int rpd_pidfd_getfd(int pidfd, int fd)
 {
 	return (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
+}
+
+int rpd_membarrier_global(void)
+{
+	return (int)syscall(SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0);
 }
 
 int rpd_pidfd_send_signal(int pidfd, int sig)

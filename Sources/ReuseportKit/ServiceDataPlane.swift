@@ -350,7 +350,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
             case .closeSockets(let slot):
                 // Their workers, if any, are being stopped and answer nothing more: out of the
                 // port first, so that no close swallows the group's datagrams (leavePort).
-                for socket in try takeSockets(slot) { _ = socket.leavePortAndClose() }
+                _ = ReuseportSocket.leavePortAndClose(try takeSockets(slot))
             case .takeSockets(let slot):
                 taken[slot] = try takeSockets(slot)
             case .writeFallback(let table, let previous):
@@ -480,7 +480,7 @@ public final class ServiceDataPlane: @unchecked Sendable {
     @discardableResult
     public func resize(to count: Int) throws -> Int {
         let (moved, removed) = try resizeKeepingRemoved(to: count)
-        for socket in removed.values.joined() { _ = socket.leavePortAndClose() }
+        _ = ReuseportSocket.leavePortAndClose(Array(removed.values.joined()))
         return moved
     }
 
@@ -765,11 +765,12 @@ public final class ServiceDataPlane: @unchecked Sendable {
     /// plane whose groups go on serving another plane (a rebuild that failed); its workers must
     /// be answering nothing.
     public func close(leavingPort: Bool = false) {
-        for listener in listeners {
-            for socket in listener.sockets.values {
-                if leavingPort { _ = socket.leavePortAndClose() } else { socket.close() }
-            }
-            listener.sockets.removeAll()
+        let sockets = listeners.flatMap(\.sockets.values)
+        for listener in listeners { listener.sockets.removeAll() }
+        if leavingPort {
+            _ = ReuseportSocket.leavePortAndClose(sockets)
+        } else {
+            for socket in sockets { socket.close() }
         }
     }
 

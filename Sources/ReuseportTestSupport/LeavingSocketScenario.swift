@@ -28,47 +28,115 @@ public enum LeavingSocketScenario {
         }
     }
 
-    /// A UDP service of one slot on `address` takes `datagrams` datagrams from one client on one
-    /// thread while, on this one, sockets join its group (bound with SO_REUSEPORT to its port:
-    /// each is the newest, met first by lookups, as a slot added by a scale-up is) and leave it
-    /// again, each by close alone or, with `leavingPort`, by `leavePortAndClose()`. None of them
-    /// is in the program's array, so the program steers every datagram to slot 0.
-    public static func run(address: IPAddress = .loopbackV4, datagrams: Int = 60_000, leavingPort: Bool) throws
-        -> Outcome
-    {
-        // Room for every datagram at slot 0 (about 1 KiB of truesize each): it is read at the end.
+    /// A UDP service of one slot on `address` takes a flood from one client (its own thread)
+    /// while, on this thread, `leavings` sockets join its group (bound with SO_REUSEPORT to its
+    /// port: each is the newest, met first by lookups, as a slot added by a scale-up is) and leave
+    /// it again, each by close alone or, with `leavingPort`, by `leavePortAndClose()`; a third
+    /// thread reads slot 0 all along. None of the joining sockets is in the program's array, so
+    /// the program steers every datagram to slot 0.
+    public static func run(address: IPAddress = .loopbackV4, leavings: Int, leavingPort: Bool) throws -> Outcome {
         let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(address, 0))], slotCount: 1,
-                                         options: .init(receiveBuffer: 128 << 20))
+                                         options: .init(receiveBuffer: 32 << 20))
         defer { plane.close() }
         let slot0 = plane.listeners[0].sockets[0]!
         let destination = plane.listeners[0].endpoint
         let client = try Traffic.clients(1, on: address)[0]
-        let sender = Sender(client: client, destination: destination.address, count: datagrams)
-        let thread = Thread { sender.run() }
-        thread.start()
-        var leavings = 0
+        let sender = Sender(client: client, destination: destination.address)
+        let reader = Reader(socket: slot0)
+        let threads = [Thread { sender.run() }, Thread { reader.run() }]
+        for thread in threads { thread.start() }
         var readOff = 0
-        while !sender.finished {
-            let joining = try ReuseportSocket(endpoint: destination)
-            if leavingPort {
-                let (discarded, error) = joining.leavePortAndClose()
-                if let error { throw error }
-                readOff += discarded
-            } else {
-                joining.close()
+        var failure: Error?
+        for _ in 0..<leavings {
+            do {
+                let joining = try ReuseportSocket(endpoint: destination)
+                if leavingPort {
+                    let (discarded, error) = joining.leavePortAndClose()
+                    if let error { throw error }
+                    readOff += discarded
+                } else {
+                    joining.close()
+                }
+            } catch {
+                failure = error
+                break
             }
-            leavings += 1
         }
-        if let failure = sender.failure { throw failure }
+        sender.stop()
+        let sent = sender.waitUntilDone()
         // What the loopback still carries reaches slot 0 within moments.
-        var received = 0
         let deadline = MonotonicClock.nanoseconds() + 2_000_000_000
-        while received + readOff < datagrams, MonotonicClock.nanoseconds() < deadline {
-            while (try? Syscall.discardDatagram(slot0.fd)) == true { received += 1 }
-            if received + readOff < datagrams { usleep(10_000) }
-        }
+        usleep(100_000)
+        while MonotonicClock.nanoseconds() < deadline, (try? Syscall.queuedBytes(slot0.fd)) ?? 0 > 0 { usleep(10_000) }
+        reader.stop()
+        let received = reader.waitUntilDone()
+        if let failure = failure ?? sender.failure { throw failure }
         let drops = try SocketDiagnostics.sockets([.udp])[slot0.cookie()]?.drops ?? 0
-        return Outcome(sent: sender.sent, received: received, readOff: readOff, drops: drops, leavings: leavings)
+        return Outcome(sent: sent, received: received, readOff: readOff, drops: drops, leavings: leavings)
+    }
+
+    /// A loop on its own thread until `stop()`; `waitUntilDone()` returns its count.
+    class Loop: @unchecked Sendable {
+        private let lock = NSLock()
+        private var stopping = false
+        private let done = DispatchSemaphore(value: 0)
+        /// What the loop did: datagrams sent or read. Read by others only after `waitUntilDone()`.
+        var count = 0
+
+        var stopped: Bool { lock.withLock { stopping } }
+        func stop() { lock.withLock { stopping = true } }
+        func waitUntilDone() -> Int {
+            done.wait()
+            return count
+        }
+        func run() {
+            while !stopped, step() {}
+            finish()
+            done.signal()
+        }
+        /// One unit of work; false ends the loop.
+        func step() -> Bool { false }
+        func finish() {}
+    }
+
+    /// Sends one-byte datagrams as fast as it can, after every 64 letting others run.
+    final class Sender: Loop, @unchecked Sendable {
+        let client: FlowClient
+        let destination: SocketAddress
+        private(set) var failure: Error?
+
+        init(client: FlowClient, destination: SocketAddress) {
+            self.client = client
+            self.destination = destination
+        }
+
+        override func step() -> Bool {
+            do {
+                try client.send([0x2a], to: destination)
+                count += 1
+            } catch {
+                failure = error
+                return false
+            }
+            if count % 64 == 63 { sched_yield() }
+            return true
+        }
+    }
+
+    /// Reads slot 0 until stopped, then what is left.
+    final class Reader: Loop, @unchecked Sendable {
+        let socket: ReuseportSocket
+
+        init(socket: ReuseportSocket) { self.socket = socket }
+
+        override func step() -> Bool {
+            if (try? Syscall.discardDatagram(socket.fd)) == true { count += 1 } else { usleep(200) }
+            return true
+        }
+
+        override func finish() {
+            while (try? Syscall.discardDatagram(socket.fd)) == true { count += 1 }
+        }
     }
 
     /// The mechanism alone, deterministic even on one CPU: two sockets of a group without a
@@ -89,36 +157,5 @@ public enum LeavingSocketScenario {
             if stayed < flows { usleep(10_000) }
         }
         return (stayed, leaving.discardQueued())
-    }
-
-    /// Sends `count` one-byte datagrams as fast as it can, from its own thread.
-    final class Sender: @unchecked Sendable {
-        let client: FlowClient
-        let destination: SocketAddress
-        let count: Int
-        private let lock = NSLock()
-        private var done = false
-        private(set) var sent = 0
-        private(set) var failure: Error?
-
-        init(client: FlowClient, destination: SocketAddress, count: Int) {
-            self.client = client
-            self.destination = destination
-            self.count = count
-        }
-
-        var finished: Bool { lock.withLock { done } }
-
-        func run() {
-            do {
-                for _ in 0..<count {
-                    try client.send([0x2a], to: destination)
-                    sent += 1
-                }
-            } catch {
-                failure = error
-            }
-            lock.withLock { done = true }
-        }
     }
 }

@@ -42,13 +42,13 @@ enum SocketArrayChecks {
         context.record("flows_to_left_socket", left)
         try context.expect(stayed == 64 && left == 0, "of 64 flows, \(stayed) reached the staying socket and \(left) the one that left its port")
         // The race it closes, where two CPUs let the close and the flood overlap.
-        let outcome = try LeavingSocketScenario.run(datagrams: 20_000, leavingPort: !context.broken)
+        let outcome = try LeavingSocketScenario.run(leavings: context.broken ? 3000 : 60, leavingPort: !context.broken)
         context.record("sent", outcome.sent)
         context.record("leavings", outcome.leavings)
         context.record("lost", outcome.lost)
-        try context.expect(outcome.leavings > 0 && outcome.drops == 0, "\(outcome)")
+        try context.expect(outcome.drops == 0, "\(outcome)")
         try context.expect(outcome.lost == 0, "\(outcome)")
-        return "\(outcome.sent) datagrams, \(outcome.leavings) sockets left the group, 0 lost"
+        return "\(outcome.sent) datagrams, \(outcome.leavings) sockets left the group, \(outcome.readOff) read off them, 0 lost"
     }
 
     static let unboundIsRefused = Check(

@@ -109,6 +109,12 @@ int rpd_pidfd_open(pid_t pid);
  * non-dumpable, process). -1 and errno on failure. */
 int rpd_pidfd_getfd(int pidfd, int fd);
 
+/* membarrier(MEMBARRIER_CMD_GLOBAL) (4.3): returns once every CPU went through a quiescent
+ * state, that is after synchronize_rcu() (kernel/sched/membarrier.c): every packet whose
+ * socket lookup had begun by the call has been delivered. Returns at once on one CPU (nothing
+ * runs beside the caller). -1 and errno on failure (EINVAL on nohz_full kernels). */
+int rpd_membarrier_global(void);
+
 /* pidfd_send_signal(2) (Linux 5.1): a signal to exactly the process `pidfd` names, never to
  * one that reused its pid. -1 and errno on failure (ESRCH once it has exited). */
 int rpd_pidfd_send_signal(int pidfd, int sig);

@@ -38,7 +38,11 @@ enum ListenerClaim {
                 // Bound with SO_REUSEPORT, the probe joined the holders' group: it leaves the port
                 // before it closes, or its close could swallow one of their datagrams
                 // (ReuseportSocket.leavePort).
-                if reusePort, endpoint.transport == .udp { try? ReuseportSocket.leavePort(probe.fd, "probe \(endpoint)") }
+                if reusePort, endpoint.transport == .udp, (try? ReuseportSocket.leavePort(probe.fd, "probe \(endpoint)")) != nil {
+                    // What a lookup under way still put into it is the holders': dropped, but not
+                    // by a close that would free it unseen while lookups still meet the probe.
+                    Syscall.waitForInFlightLookups()
+                }
             }
             return true
         } catch {

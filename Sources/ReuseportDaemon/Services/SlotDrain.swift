@@ -109,15 +109,9 @@ final class SlotDrain {
     /// to other slots), what it still holds is read off, and every socket closes. Returns how
     /// many datagrams were read off, and the sockets that could not leave their port first.
     func release() -> (discarded: Int, failures: [String]) {
-        var discarded = 0
-        var failures: [String] = []
-        for socket in sockets {
-            let (count, error) = socket.leavePortAndClose()
-            discarded += count
-            if let error { failures.append("\(socket.endpoint): \(error)") }
-        }
+        let (discarded, failures) = ReuseportSocket.leavePortAndClose(sockets)
         sockets = []
-        return (discarded, failures)
+        return (discarded, failures.map { "\($0.socket): \($0.error)" })
     }
 }
 

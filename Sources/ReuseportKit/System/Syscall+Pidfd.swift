@@ -15,6 +15,13 @@ extension Syscall {
         return OwnedDescriptor(adopting: FileDescriptor(rawValue: copy))
     }
 
+    /// membarrier(2) MEMBARRIER_CMD_GLOBAL: waits for an RCU grace period, after which every
+    /// socket lookup begun before the call has delivered its packet. On a nohz_full kernel
+    /// (EINVAL) it waits 100 ms instead, many grace periods.
+    public static func waitForInFlightLookups() {
+        if rpd_membarrier_global() != 0 { usleep(100_000) }
+    }
+
     /// pidfd_send_signal(2): `signal` to exactly the process `pidfd` names.
     public static func pidfdSignal(_ pidfd: OwnedDescriptor, _ signal: Int32) throws {
         try pidfd.withFD { pidfd in
