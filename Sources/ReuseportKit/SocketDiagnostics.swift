@@ -170,3 +170,15 @@ public enum SocketDiagnostics {
                                receiveMemory: receiveMemory, receiveBuffer: receiveBuffer)
     }
 }
+
+extension ReuseportSocket {
+    /// The datagrams the kernel dropped at this socket (its receive buffer full, say), from
+    /// getsockopt(SO_MEMINFO): no sock_diag module needed (a kernel may build udp_diag as a
+    /// module that is not loaded). 0 if the kernel will not say.
+    public func receiveDrops() -> UInt64 {
+        var info = [UInt32](repeating: 0, count: Int(SK_MEMINFO_VARS))
+        var length = socklen_t(info.count * MemoryLayout<UInt32>.size)
+        let result = info.withUnsafeMutableBytes { getsockopt(fd.rawValue, SOL_SOCKET, SO_MEMINFO, $0.baseAddress, &length) }
+        return result == 0 ? UInt64(info[Int(SK_MEMINFO_DROPS)]) : 0
+    }
+}

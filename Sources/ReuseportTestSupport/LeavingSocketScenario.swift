@@ -71,8 +71,7 @@ public enum LeavingSocketScenario {
         reader.stop()
         let received = reader.waitUntilDone()
         if let failure = failure ?? sender.failure { throw failure }
-        let drops = try SocketDiagnostics.sockets([.udp])[slot0.cookie()]?.drops ?? 0
-        return Outcome(sent: sent, received: received, readOff: readOff, drops: drops, leavings: leavings)
+        return Outcome(sent: sent, received: received, readOff: readOff, drops: slot0.receiveDrops(), leavings: leavings)
     }
 
     /// A loop on its own thread until `stop()`; `waitUntilDone()` returns its count.
