@@ -62,6 +62,14 @@ struct CanaryResumeTests {
             let dump = try Subprocess.run(BuiltProducts.path("reuseportctl"), ["map", "dump"] + locations).output
             #expect(dump.contains("upgrade    generation 2 canary (from 1, slots 2,3; pinned, no daemon answers); "
                 + "canary 25% = 1024 buckets, "), "\(dump)")
+            // --json shows the same canary, from the same pins.
+            let json = try Subprocess.run(BuiltProducts.path("reuseportctl"), ["map", "dump", "--json"] + locations).output
+            let services = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])["services"]
+            let canary = try #require(((services as? [[String: Any]])?.first)?["pinned_canary"] as? [String: Any], "\(json)")
+            #expect(canary["generation"] as? Int == 2 && canary["previous"] as? Int == 1, "\(canary)")
+            #expect(canary["percent"] as? Int == 25 && canary["buckets"] as? Int == 1024, "\(canary)")
+            #expect(canary["slots"] as? [Int] == [2, 3] && canary["phase"] as? String == "baking", "\(canary)")
+            #expect(canary["bake_ends_ns"] as? Int != nil && canary["bake_seconds_left"] as? Double != nil, "\(canary)")
             for session in sessions { try session.run(5, to: destination) }
             let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
             _ = try rounds(sessions, to: destination, daemon: second, "the new daemon's workers") {
