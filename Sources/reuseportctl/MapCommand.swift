@@ -81,6 +81,10 @@ struct MapDumpCommand: ParsableCommand {
         text += "  global     \(globalSummary(service.global))\n"
         text += "  change     \(changeSummary(service))\n"
         text += "  generation \(generationSummary(service))\n"
+        let shares = GenerationShare.all(service)
+        if !shares.isEmpty {
+            text += "  shares     " + shares.map(\.text).joined(separator: "; ") + "\n"
+        }
         if let upgrade = daemon?.upgrade {
             text += "  upgrade    \(upgradeSummary(upgrade))\n"
         } else if let canary = service.canary {
@@ -283,6 +287,29 @@ struct MapDump: Encodable {
         @Nullable var socketDiagnosticsError: String?
         /// The daemon's upgrade in progress or its last one; null when the daemon does not answer.
         @Nullable var upgrade: UpgradeStatus?
+        /// Per generation: its slots, its share of the buckets and its live recorded flows.
+        var generations: [GenerationShare]
+        /// The canary the pins record (rp_canary) while it learns or bakes; null without one.
+        @Nullable var pinnedCanary: PinnedCanaryState?
+    }
+
+    /// rp_canary: what `map dump`'s `upgrade` line shows while no daemon answers.
+    struct PinnedCanaryState: Encodable {
+        /// "learning", "baking" or "gate".
+        var phase: String
+        var generation: UInt32
+        var previous: UInt32
+        var slots: [UInt32]
+        var percent: Int
+        var buckets: Int
+        var bakeMs: Int
+        /// CLOCK_REALTIME; null before the bake began.
+        @Nullable var bakeEndsNs: UInt64?
+        @Nullable var bakeSecondsLeft: Double?
+        /// The service has a canary_gate.
+        var gated: Bool
+        /// The gate was running (phase "gate").
+        var gateRunning: Bool
     }
 
     struct Quic: Encodable {
@@ -445,7 +472,9 @@ struct MapDump: Encodable {
                                 fallbacks: counters.fallbacks, versionNegotiation: counters.version_negotiation,
                                 unparsable: counters.unparsable)
                 },
-                socketDiagnosticsError: service.diagnosticsProblem, upgrade: status?.upgrade)
+                socketDiagnosticsError: service.diagnosticsProblem, upgrade: status?.upgrade,
+                generations: GenerationShare.all(service),
+                pinnedCanary: service.canary.map { PinnedCanaryState($0, service: service, now: now) })
         }
     }
 
@@ -501,5 +530,66 @@ extension MapDump.Change {
         stale = service.flows.stale
         workingGeneration = change.working_generation
         lastGeneration = change.last_generation
+    }
+}
+
+extension MapDump.PinnedCanaryState {
+    init(_ canary: PinnedCanary, service: ServiceSnapshot, now: UInt64) {
+        switch canary.phase {
+        case .learning: phase = "learning"
+        case .baking: phase = "baking"
+        case .gate: phase = "gate"
+        }
+        generation = canary.generation
+        previous = canary.previous
+        slots = service.slots.filter { $0.state.generation == canary.generation }.map(\.index).sorted()
+        percent = canary.percent
+        buckets = canary.original.count
+        bakeMs = canary.bakeMs
+        bakeEndsNs = canary.bakeEndsWallNs
+        bakeSecondsLeft = canary.bakeEndsWallNs.map { (Double($0 > now ? $0 - now : 0) / 1e6).rounded() / 1000 }
+        gated = canary.gated
+        gateRunning = canary.phase == .gate
+    }
+}
+
+/// One generation's part of a service, from the pins: its slots, the buckets that name them
+/// and the live flows recorded for them (the slots' records, swept while a change runs; 0
+/// when none runs).
+struct GenerationShare: Equatable, Encodable {
+    var generation: UInt32
+    /// "working", "canary", "draining" or "starting".
+    var role: String
+    var slots: [UInt32]
+    var buckets: Int
+    var flows: Int
+    /// The table's size, for the share: not written to the JSON.
+    var bucketCount: Int
+
+    private enum CodingKeys: String, CodingKey { case generation, role, slots, buckets, flows }
+
+    var text: String {
+        "generation \(generation) \(buckets) buckets ("
+            + String(format: "%.1f", Double(buckets) * 100 / Double(max(bucketCount, 1))) + "%), \(flows) flows"
+    }
+
+    /// Every generation with a slot (generation 0, none, left out), the working one first, as
+    /// `map dump` groups them; empty while no generation is recorded.
+    static func all(_ service: ServiceSnapshot) -> [GenerationShare] {
+        let working = service.transition.working_generation
+        guard working > 0 else { return [] }
+        let groups = Dictionary(grouping: service.slots.filter { $0.state.generation != 0 }, by: \.state.generation)
+        let total = Int(service.config.bucket_count)
+        return groups.keys.sorted {
+            MapDumpCommand.generationRank($0, working: working) < MapDumpCommand.generationRank($1, working: working)
+        }.map { generation in
+            let slots = groups[generation]!
+            return GenerationShare(
+                generation: generation,
+                role: generation == working ? "working" : generation == service.canary?.generation ? "canary"
+                    : generation < working ? "draining" : "starting",
+                slots: slots.map(\.index).sorted(), buckets: slots.reduce(0) { $0 + $1.buckets },
+                flows: slots.reduce(0) { $0 + Int($1.state.records) }, bucketCount: total)
+        }
     }
 }

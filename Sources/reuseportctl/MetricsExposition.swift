@@ -136,6 +136,9 @@ enum MetricsExposition {
             gauge(.placementChangePhase, [name], UInt64(service.transition.phase))
             gauge(.workingGeneration, [name], UInt64(service.transition.working_generation))
             gauge(.lastGeneration, [name], UInt64(service.transition.last_generation))
+            for share in GenerationShare.all(service) {
+                gauge(.generationFlows, [name, ("generation", "\(share.generation)")], UInt64(share.flows))
+            }
             if service.quic != nil { addQuic(service.quicCounters, [name]) }
         }
 
@@ -248,6 +251,7 @@ enum MetricFamily: String, CaseIterable, Sendable {
     case placementChangePhase = "reuseport_placement_change_phase"
     case workingGeneration = "reuseport_working_generation"
     case lastGeneration = "reuseport_last_generation"
+    case generationFlows = "reuseport_generation_flows"
     case slotDroppedOutputLinesTotal = "reuseport_slot_dropped_output_lines_total"
     case slotDroppedOutputBytesTotal = "reuseport_slot_dropped_output_bytes_total"
     case unreadableServices = "reuseport_unreadable_services"
@@ -283,8 +287,8 @@ enum MetricFamily: String, CaseIterable, Sendable {
         switch self {
         case .buildInfo, .slotBuckets, .slotFlowRecords, .slotLeaving, .slotGeneration, .slotState, .slotSocketUp,
              .slots, .liveSlots, .buckets, .flowRecords, .flowRecordsCapacity, .placementChangePhase,
-             .workingGeneration, .lastGeneration, .unreadableServices, .canaryBuckets, .canaryBakeSecondsLeft,
-             .canaryPackets, .canaryReceiveDrops, .slotHealthy, .slotHealthConsecutiveFailures:
+             .workingGeneration, .lastGeneration, .generationFlows, .unreadableServices, .canaryBuckets,
+             .canaryBakeSecondsLeft, .canaryPackets, .canaryReceiveDrops, .slotHealthy, .slotHealthConsecutiveFailures:
             return .gauge
         default:
             return .counter
@@ -301,7 +305,7 @@ enum MetricFamily: String, CaseIterable, Sendable {
              .slotHealthProbesUnreachedTotal, .slotHealthProbesUnaddressableTotal, .slotHealthRestartsTotal,
              .slotHealthFailoversTotal, .slotHealthy, .slotHealthConsecutiveFailures:
             return ["service", "slot"]
-        case .canaryBuckets, .canaryBakeSecondsLeft, .canaryPackets, .canaryReceiveDrops:
+        case .canaryBuckets, .canaryBakeSecondsLeft, .canaryPackets, .canaryReceiveDrops, .generationFlows:
             return ["service", "generation"]
         case .slotReceiveDropsTotal, .slotSocketUp:
             return ["service", "slot", "listener"]
@@ -398,6 +402,8 @@ enum MetricFamily: String, CaseIterable, Sendable {
             return "The generation taking new flows (0: none recorded)."
         case .lastGeneration:
             return "The last generation number given out; never given again."
+        case .generationFlows:
+            return "Live flows recorded for the generation's slots while a change runs (0 when none runs)."
         case .slotDroppedOutputLinesTotal:
             return "Lines of the slot's worker output the daemon did not log (over its rate limit)."
         case .slotDroppedOutputBytesTotal:

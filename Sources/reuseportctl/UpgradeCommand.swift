@@ -42,7 +42,7 @@ struct UpgradeCommand: ParsableCommand {
             --watch starts nothing: it follows the upgrade or canary in progress (started by \
             another reuseportctl, or by a reload) and prints a line at each change: the phase, each \
             generation's share of the buckets, its workers' health, the packets steered to it \
-            since the watch began, the bake's time left and comparison. It exits 0 once the upgrade \
+            since the watch began and its live flows (recorded while a change runs), the bake's time left and comparison. It exits 0 once the upgrade \
             switched (a canary promoted), 1 once it was rolled back or abandoned; without \
             --timeout it waits as long as that takes. An upgrade already ended is reported, with \
             the same exit status.
@@ -148,12 +148,12 @@ struct UpgradeCommand: ParsableCommand {
         guard let first = target.upgrade else {
             throw CtlError.unanswerable("\(name) has had no upgrade since the daemon started: nothing to watch")
         }
-        let baseline = WatchLine.packets(name, pinDirectory: location.pinDirectory)
+        let baseline = WatchLine.read(name, pinDirectory: location.pinDirectory)?.packets
         var shown: WatchLine?
         try Self.poll(name, generation: first.generation, client: client, seconds: timeout, status: target) {
             service, upgrade in
-            let line = WatchLine(service, upgrade, packets: WatchLine.packets(name, pinDirectory: location.pinDirectory),
-                                 since: baseline)
+            let pins = WatchLine.read(name, pinDirectory: location.pinDirectory)
+            let line = WatchLine(service, upgrade, packets: pins?.packets, since: baseline, records: pins?.records)
             if line != shown { print("\(name): \(line.text())") }
             shown = line
             return try Self.ended(name, upgrade)
@@ -200,8 +200,8 @@ struct UpgradeCommand: ParsableCommand {
     }
 }
 
-/// One line of `upgrade --watch`: shown again when anything but the packets and the bake's
-/// time left changed.
+/// One line of `upgrade --watch`: shown again when anything but the packets, the flows and the
+/// bake's time left changed.
 struct WatchLine: Equatable {
     struct Generation: Equatable {
         var generation: Int
@@ -215,11 +215,15 @@ struct WatchLine: Equatable {
     var generations: [Generation]
     /// Packets steered to each generation since the watch began: not part of the comparison.
     var packets: [Int: UInt64]
+    /// Live flows recorded for each generation's slots (the sum of their records, swept while a
+    /// change runs; 0 when none runs): not part of the comparison either.
+    var flows: [Int: UInt64]
 
     init(_ service: ServiceStatus, _ upgrade: UpgradeStatus, packets now: [UInt32: UInt64]?,
-         since: [UInt32: UInt64]?) {
+         since: [UInt32: UInt64]?, records: [UInt32: UInt64]? = nil) {
         var byGeneration: [Int: Generation] = [:]
         var packets: [Int: UInt64] = [:]
+        var flows: [Int: UInt64] = [:]
         for slot in service.slots {
             let number = slot.generation ?? upgrade.previous
             var generation = byGeneration[number] ?? Generation(generation: number)
@@ -231,10 +235,12 @@ struct WatchLine: Equatable {
             }
             byGeneration[number] = generation
             if let count = now?[slot.slot] { packets[number, default: 0] += count - min(since?[slot.slot] ?? 0, count) }
+            if let count = records?[slot.slot] { flows[number, default: 0] += count }
         }
         self.upgrade = upgrade
         generations = byGeneration.values.sorted { $0.generation > $1.generation }
         self.packets = packets
+        self.flows = flows
     }
 
     static func == (a: WatchLine, b: WatchLine) -> Bool {
@@ -248,15 +254,18 @@ struct WatchLine: Equatable {
                 + String(format: "%.1f", Double(generation.buckets) * 100 / Double(total)) + "%), "
                 + "\(generation.workers) workers"
             if generation.checked { part += " (\(generation.healthy) healthy)" }
-            return part + ", \(packets[generation.generation] ?? 0) packets"
+            return part + ", \(packets[generation.generation] ?? 0) packets, \(flows[generation.generation] ?? 0) flows"
         }
         return MapDumpCommand.upgradeSummary(upgrade) + " | " + shares.joined(separator: "; ")
     }
 
-    /// Packets the program steered to each slot (rp_slot_stats), from the pins; nil when they
-    /// cannot be read (then every generation shows 0).
-    static func packets(_ name: String, pinDirectory: String) -> [UInt32: UInt64]? {
+    /// Packets the program steered to each slot (rp_slot_stats) and the live flow records naming
+    /// it (rp_slot_state), from the pins; nil when they cannot be read (then every generation
+    /// shows 0).
+    static func read(_ name: String, pinDirectory: String)
+        -> (packets: [UInt32: UInt64], records: [UInt32: UInt64])? {
         guard let snapshot = try? ServiceReader(root: pinDirectory).read([name], sockets: false).first else { return nil }
-        return Dictionary(snapshot.slots.map { ($0.index, $0.counters.packets) }, uniquingKeysWith: +)
+        return (Dictionary(snapshot.slots.map { ($0.index, $0.counters.packets) }, uniquingKeysWith: +),
+                Dictionary(snapshot.slots.map { ($0.index, UInt64($0.state.records)) }, uniquingKeysWith: +))
     }
 }

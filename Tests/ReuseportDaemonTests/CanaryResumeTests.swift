@@ -62,6 +62,19 @@ struct CanaryResumeTests {
             let dump = try Subprocess.run(BuiltProducts.path("reuseportctl"), ["map", "dump"] + locations).output
             #expect(dump.contains("upgrade    generation 2 canary (from 1, slots 2,3; pinned, no daemon answers); "
                 + "canary 25% = 1024 buckets, "), "\(dump)")
+            // --json shows the same canary, from the same pins.
+            let json = try Subprocess.run(BuiltProducts.path("reuseportctl"), ["map", "dump", "--json"] + locations).output
+            let services = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])["services"]
+            let canary = try #require(((services as? [[String: Any]])?.first)?["pinned_canary"] as? [String: Any], "\(json)")
+            #expect(canary["generation"] as? Int == 2 && canary["previous"] as? Int == 1, "\(canary)")
+            #expect(canary["percent"] as? Int == 25 && canary["buckets"] as? Int == 1024, "\(canary)")
+            #expect(canary["slots"] as? [Int] == [2, 3], "\(canary)")
+            // Learning, baking, or with the gate running when the daemon died; the bake's end once it began.
+            let phase = try #require(canary["phase"] as? String)
+            #expect(["learning", "baking", "gate"].contains(phase), "\(canary)")
+            #expect((canary["bake_ends_ns"] is NSNull) == (phase == "learning"), "\(canary)")
+            #expect((canary["bake_seconds_left"] is NSNull) == (phase == "learning"), "\(canary)")
+            #expect(canary["gate_running"] as? Bool == (phase == "gate"), "\(canary)")
             for session in sessions { try session.run(5, to: destination) }
             let second = try TestDaemon(config: config, pinRoot: first.pinRoot)
             _ = try rounds(sessions, to: destination, daemon: second, "the new daemon's workers") {

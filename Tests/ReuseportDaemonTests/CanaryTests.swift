@@ -159,6 +159,17 @@ struct CanaryTests {
         let metrics = try Subprocess.run(ctl, ["stats", "--prometheus"] + locations).output
         let gauge = metrics.split(separator: "\n").first { $0.hasPrefix("reuseport_canary_buckets{") }
         #expect(gauge.map { $0.hasSuffix(" 410") || $0.hasSuffix(" 410.0") } == true, "\(metrics)")
+        // Flows per generation: map dump's shares line and its JSON, and the gauge, one per generation.
+        #expect(dump.contains("  shares     generation 1 3686 buckets (90.0%), "), "\(dump)")
+        #expect(dump.contains("; generation 2 410 buckets (10.0%), "), "\(dump)")
+        let flowGauges = metrics.split(separator: "\n").filter { $0.hasPrefix("reuseport_generation_flows{") }
+        #expect(flowGauges.count == 2 && flowGauges.contains { $0.contains("generation=\"2\"") }, "\(metrics)")
+        let json = try Subprocess.run(ctl, ["map", "dump", "--json"] + locations).output
+        let document = try #require(try JSONSerialization.jsonObject(with: Data(json.utf8)) as? [String: Any])
+        let generations = try #require(((document["services"] as? [[String: Any]])?.first)?["generations"] as? [[String: Any]])
+        #expect(generations.map { $0["generation"] as? Int } == [1, 2], "\(json)")
+        #expect(generations.map { $0["buckets"] as? Int } == [3686, 410], "\(json)")
+        #expect(generations.allSatisfy { $0["flows"] is Int }, "\(json)")
         // Some flows of the canary stay live through the promotion.
         let canaryClients = try Traffic.clients(200, on: .loopbackV4)
         let onIt = LiveFlows(canaryClients, first: try Whoami.ask(canaryClients, to: destination))
@@ -366,6 +377,9 @@ struct CanaryTests {
         #expect(lines.contains { $0.hasPrefix("c: generation 2 canary (from 1, slots 2,3); canary 50% = 2048 buckets, bake ends in ")
             && $0.contains(" | generation 2 2048 buckets (50.0%), 2 workers, ")
             && $0.contains("; generation 1 2048 buckets (50.0%), 2 workers, ") }, "\(output)")
+        // Each generation's packets, then its live flows (the records of its slots).
+        #expect(lines.contains { $0.contains(" | ") && $0.hasSuffix(" flows")
+            && $0.components(separatedBy: " flows").count == 3 }, "\(output)")
         if exitStatus == 0 {
             #expect(lines.last == "c: generation 2 works; generation 1 drains", "\(output)")
         } else {

@@ -66,7 +66,14 @@ struct MapDumpTests {
         #expect((dump["errors"] as? [Any])?.isEmpty == true)
         #expect(Set(svc.keys) == ["name", "pin_directory", "abi_version", "seed", "bucket_count", "slot_count",
                                   "live_count", "listeners", "global", "socket_diagnostics_error", "slots", "change", "quic",
-                                  "upgrade"])
+                                  "upgrade", "generations", "pinned_canary"])
+        #expect(svc["pinned_canary"] is NSNull)
+        let generations = try #require(svc["generations"] as? [[String: Any]])
+        #expect(generations.count == 1, "\(generations)")
+        #expect(Set(generations[0].keys) == ["generation", "role", "slots", "buckets", "flows"])
+        #expect(generations[0]["generation"] as? Int == 1 && generations[0]["role"] as? String == "working")
+        #expect(generations[0]["slots"] as? [Int] == [0, 1, 2, 3] && generations[0]["buckets"] as? Int == 64)
+        #expect(generations[0]["flows"] as? Int == 0)
         let change = try #require(svc["change"] as? [String: Any])
         #expect(Set(change.keys) == ["phase", "learning_buckets", "pinned_buckets", "switch_ns", "drain_deadline_ns",
                                      "records", "max_tracked_flows", "record_bytes", "recorded", "untracked",
@@ -121,6 +128,7 @@ struct MapDumpTests {
               global     dropped_no_slot 0  unparsable 0  fallbacks 0  select_errors 0  migrated 0  migrate_failed 0
               change     none
               generation 1 working (slots 0,1,2)  last 1
+              shares     generation 1 12 buckets (100.0%), 0 flows
               flows      records 0 of \(TrackedFlowCount.sized(workers: 3).value) (about 0 B)  recorded 0  untracked 0  untracked_uncounted 0  rate_refused 0  pinned 0  stale 0
 
               SLOT  GEN  PID  STATE    RESTARTS  IN STATE  BUCKETS  PACKETS    BYTES  FALLBACKS  DROPS  RECORDS  CHANGE  \(right("COOKIE", width))
