@@ -145,7 +145,20 @@ public func spawn(_ arguments: [String], output: String, environment: [String]? 
         throw HarnessError("fcntl(\(descriptors[failed]), F_DUPFD_CLOEXEC): \(String(cString: strerror(errno)))")
     }
     let passed = copies.enumerated().map { ProcessSpawn.FileAction.duplicate($1, to: 3 + Int32($0)) }
-    return try ProcessSpawn(path: arguments[0], arguments: arguments, environment: environment,
-                            fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
-                                          .duplicate(1, to: 2)] + passed).start()
+    let spawn = ProcessSpawn(path: arguments[0], arguments: arguments, environment: environment,
+                             fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
+                                           .duplicate(1, to: 2)] + passed)
+    // A program written a moment ago (a test's copy of the daemon binary) can still be open for
+    // writing in a child that another test's thread forked while the copy's descriptor was open,
+    // until that child execs or exits: exec then fails with ETXTBSY (execve(2)). Seen once in a
+    // full parallel run (AdoptionTests, "Text file busy"); retried briefly, as Go's os/exec does.
+    var attempt = 0
+    while true {
+        do {
+            return try spawn.start()
+        } catch let error as ReuseportError where error.errno == ETXTBSY && attempt < 100 {
+            attempt += 1
+            usleep(10_000)
+        }
+    }
 }
