@@ -162,7 +162,7 @@ public final class ReuseportSocket: @unchecked Sendable {
     /// to be freed and is lost uncounted. IPv4 reuseport sockets are added at the head of the
     /// chain, so the newest socket (a slot just removed by a scale-down) is met first. Measured
     /// here: 2–3 % of a flood to a group lost while another socket of the group is bound and
-    /// closed in a loop; LeavingSocketTests shows it on every run.
+    /// closed in a loop; `kernel-check --break leave-port` shows it on any kernel.
     ///
     /// How: binding the socket to an interface index that no device has (SO_BINDTOIFINDEX, 5.0)
     /// makes compute_score() reject it for every packet from the moment the index is written,
