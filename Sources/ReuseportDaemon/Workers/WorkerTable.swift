@@ -37,6 +37,13 @@ struct WorkerTable {
         /// of the worker is left: they are released then (`forgetFinished`), so that their last
         /// close is the daemon's, after they left the port.
         var ended: SlotDrain?
+
+        /// Every drain whose sockets the entry holds: the one that ended, and one still going.
+        var drains: [SlotDrain] {
+            var drains = ended.map { [$0] } ?? []
+            if case .draining(let drain) = role { drains.append(drain) }
+            return drains
+        }
     }
 
     private(set) var entries: [pid_t: Entry] = [:]
@@ -158,7 +165,7 @@ struct WorkerTable {
         for (pid, entry) in entries where entry.processes.leaderExited && entry.processes.release() {
             entry.pidfd?.close()
             entries.removeValue(forKey: pid)
-            released += [entry.ended, drain(in: entry)].compactMap { $0 }
+            released += entry.drains
         }
         return released
     }
@@ -167,15 +174,12 @@ struct WorkerTable {
     /// returns every drain, ended or not, to release.
     mutating func removeAll() -> [SlotDrain] {
         for entry in entries.values { entry.pidfd?.close() }
-        let drains = entries.values.flatMap { [$0.ended, drain(in: $0)].compactMap { $0 } }
+        let drains = entries.values.flatMap(\.drains)
         entries.removeAll()
         return drains
     }
 
-    private func drain(in entry: Entry) -> SlotDrain? {
-        guard case .draining(let drain) = entry.role else { return nil }
-        return drain
-    }
+
 
     // MARK: invariants
 
