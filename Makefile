@@ -41,6 +41,13 @@ BENCH_BUILDS := untracked norefresh
 BENCH_DEFINE_untracked := RP_NO_FLOW_TRACKING
 BENCH_DEFINE_norefresh := RP_BENCH_NO_REFRESH
 BPF_OBJS    := $(patsubst %,$(OUTPUT)/%.bpf.o,$(BPF_NAMES)) $(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS))
+# bpf/flow_key_cost.bpf.c, rp_dispatch's pinned path alone, for the benchmarks only (item 7: what a
+# flow key sized per family would save), twice: with the 40-octet rp_flow_key (shared) and with
+# the 16-octet IPv4 key (ipv4: RP_FLOW_KEY_IPV4).
+FLOW_KEY_BUILDS := shared ipv4
+FLOW_KEY_DEFINE_shared :=
+FLOW_KEY_DEFINE_ipv4 := -DRP_FLOW_KEY_IPV4
+BPF_OBJS    += $(patsubst %,$(OUTPUT)/flow_key_%.bpf.o,$(FLOW_KEY_BUILDS))
 # ... and the steering program as it was at BENCH_REFERENCE, built from git, for the benchmarks'
 # paired comparison (item 2). By default 746545c: the last program before QUIC steering and flow
 # tracking (ABI 1). Without git or that commit the bench says the reference was not built.
@@ -140,6 +147,12 @@ $(patsubst %,$(OUTPUT)/dispatch_%.bpf.o,$(BENCH_BUILDS)): $(OUTPUT)/dispatch_%.b
 		$(OUTPUT)/.deps
 	$(call msg,BPF,$@)
 	$(Q)$(CLANG) $(BPF_CFLAGS) -D$(BENCH_DEFINE_$*) -c $< -o $@.tmp
+	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
+	$(Q)rm -f $@.tmp
+$(patsubst %,$(OUTPUT)/flow_key_%.bpf.o,$(FLOW_KEY_BUILDS)): $(OUTPUT)/flow_key_%.bpf.o: bpf/flow_key_cost.bpf.c \
+		$(BPF_HEADERS) $(OUTPUT)/.deps
+	$(call msg,BPF,$@)
+	$(Q)$(CLANG) $(BPF_CFLAGS) $(FLOW_KEY_DEFINE_$*) -c $< -o $@.tmp
 	$(Q)$(OBJCOPY) --strip-debug $@.tmp $@
 	$(Q)rm -f $@.tmp
 

@@ -37,6 +37,21 @@ size_t rp_bench_norefresh_object_size(void)
 	return sizeof(norefresh_object);
 }
 
+// Built by `make` (the Makefile's FLOW_KEY_BUILDS): bpf/flow_key_cost.bpf.c with the 40-octet key
+// rp_flows has (shared) and with the 16-octet IPv4 key (ipv4). #embed names a missing object itself.
+const unsigned char *rp_bench_flow_key_object(int ipv4, size_t *size)
+{
+	static const unsigned char shared[] = {
+#embed "../../.output/flow_key_shared.bpf.o"
+	};
+	static const unsigned char ipv4_key[] = {
+#embed "../../.output/flow_key_ipv4.bpf.o"
+	};
+
+	*size = ipv4 ? sizeof(ipv4_key) : sizeof(shared);
+	return ipv4 ? ipv4_key : shared;
+}
+
 // Built by `make` from git (the Makefile's dispatch_reference rule): rp_dispatch at another revision,
 // BENCH_REFERENCE. Empty when git could not provide it: the bench then runs without it.
 #if __has_embed("../../.output/dispatch_reference.bpf.o") == __STDC_EMBED_FOUND__

@@ -73,7 +73,7 @@ struct Chart {
                 title: "2. BPF run time per packet (kernel statistics)", ylabel: "ns per run",
                 series: ProgramCostBench.programs.map(\.rawValue),
                 rows: ProgramCostBench.families.map { family in
-                    (family.isV4 ? "IPv4" : "IPv6", ProgramCostBench.programs.map { Summary(c.perRun(family, $0)) })
+                    (family.familyName, ProgramCostBench.programs.map { Summary(c.perRun(family, $0)) })
                 }))
         }
         if let d = report.death, d.error == nil {

@@ -33,7 +33,7 @@ struct ProgramCostBench {
                     result.runs[family, default: [:]][group.selection, default: []].append(cost.runs)
                 }
             }
-            Log.note("  program cost: \(family.isV4 ? "IPv4" : "IPv6") done")
+            Log.note("  program cost: \(family.familyName) done")
         }
         return result
     }
@@ -64,4 +64,37 @@ func measureCost(_ group: SocketGroup, flows: FlowSet, seconds: Double, cpus: CP
         throw BenchError("\(group.selection.rawValue): the program did not run (are BPF statistics enabled?)")
     }
     return (Double(after.nanoseconds - before.nanoseconds) / Double(runs), runs)
+}
+
+/// One variant of a paired measurement: `flows` sent at `group`, with `program` attached in place
+/// of the group's own for the variant's trials (nil: the group's own program).
+struct CostVariant<Name: Hashable> {
+    var name: Name
+    var group: SocketGroup
+    var flows: FlowSet
+    var program: (any ReuseportProgram)? = nil
+}
+
+/// ns per run of every variant, `settings.costRepeats` times, interleaved (the order rotates every
+/// repeat, as item 2's): element i of each list is repeat i, so the lists pair by index. Each
+/// group is warmed up once first.
+func measureInterleaved<Name: Hashable>(_ variants: [CostVariant<Name>], _ settings: Settings, cpus: CPUPlan) throws
+    -> [Name: [Double]]
+{
+    var warmed: [ObjectIdentifier] = []
+    for variant in variants where !warmed.contains(ObjectIdentifier(variant.group)) {
+        warmed.append(ObjectIdentifier(variant.group))
+        _ = runTrial(variant.group, flows: variant.flows, workers: variant.group.sockets.count, seconds: 0.05,
+                     cpus: cpus)
+    }
+    var result: [Name: [Double]] = [:]
+    for rep in 0..<settings.costRepeats {
+        for variant in interleaved(variants, repeat: rep) {
+            if let program = variant.program { try variant.group.replaceProgram(with: program) }
+            let cost = try measureCost(variant.group, flows: variant.flows, seconds: settings.costSeconds, cpus: cpus)
+            if variant.program != nil { try variant.group.restoreProgram() }
+            result[variant.name, default: []].append(cost.perRun)
+        }
+    }
+    return result
 }

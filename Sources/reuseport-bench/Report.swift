@@ -154,20 +154,28 @@ struct Report {
         }
         if let tables = tracking?.tables {
             for table in tables {
-                let extra = Summary(zip(table.pinned, table.steady).map { $0 - $1 })
-                guard let extra else { continue }
-                lines.append("| a packet pinned by its flow record (\(table.records) records) ≤ +50 ns over steady state "
-                    + "| \(signedText(extra.median)) ns, paired (item 7)\(learnedNote(table.learned)) "
+                guard let extra = table.pinnedExtra else { continue }
+                lines.append("| a packet pinned by its flow record (\(table.records) records, "
+                    + "\(table.family.familyName)) ≤ +50 ns over steady state | \(signedText(extra.median)) ns, "
+                    + "paired (item 7)"
+                    + "\(learnedNote(table.learned)) | \(extra.median <= 50 ? "yes" : "**no**") |")
+            }
+        }
+        if let g = generations {
+            for family in GenerationBench.families {
+                guard let figures = g.figures[family], let extra = figures.oldFlowsExtra else { continue }
+                lines.append("| an old generation's flows while two generations run ≤ +50 ns (\(family.familyName)) "
+                    + "| \(signedText(extra.median)) ns, paired (item 8)\(learnedNote(figures.learned, of: g.flows)) "
                     + "| \(extra.median <= 50 ? "yes" : "**no**") |")
             }
         }
-        if let g = generations, let extra = Summary(zip(g.oldFlows, g.steady).map { $0 - $1 }) {
-            lines.append("| an old generation's flows while two generations run ≤ +50 ns | \(signedText(extra.median)) ns, "
-                + "paired (item 8)\(learnedNote(g.learned, of: g.flows)) | \(extra.median <= 50 ? "yes" : "**no**") |")
-        }
-        if let steady = tracking?.steadyCost {
-            lines.append("| flow tracking costs ≤ 5 ns/packet in steady state | tracked − untracked build, paired: "
-                + "\(fixed(steady.median, 1)) ns (item 7) | \(steady.median <= 5 ? "yes" : "**no**") |")
+        if let tracking {
+            let costs = FlowTrackingBench.families.map { tracking.steadyCost($0)?.median }
+            if costs.allSatisfy({ $0 != nil }) {
+                lines.append("| flow tracking costs ≤ 5 ns/packet in steady state | tracked − untracked build, paired, "
+                    + "IPv4, IPv6: " + costs.map { "\(fixed($0!, 1)) ns" }.joined(separator: ", ") + " (item 7) | "
+                    + "\(costs.allSatisfy { $0! <= 5 } ? "yes" : "**no**") |")
+            }
         }
         lines.append("")
         return lines
@@ -183,7 +191,8 @@ struct Report {
 
     /// How items 7 and 8 measure, as item 2 does: the sentence that opens their sections.
     func runTimeMethod(as item: String, flows: String) -> String {
-        "Nanoseconds per run from the BPF run-time statistics, as \(item): UDP over IPv4 from \(flows), "
+        "Nanoseconds per run from the BPF run-time statistics, as \(item): UDP over IPv4 and IPv6 (127.0.0.1 and "
+            + "::1) from \(flows), "
             + "\(settings.costSeconds) s per trial, \(settings.costRepeats) repeats, the variants interleaved and "
             + "paired by repeat."
     }
@@ -191,16 +200,23 @@ struct Report {
     func trackingSection(_ t: FlowTrackingBench) -> [String] {
         var lines = ["## 7. Flow tracking", ""]
         lines.append(runTimeMethod(as: "item 2", flows: "\(settings.flows) flows, 4 sockets")
-            + " **Steady state:** `rp_dispatch` against the same source built "
+            + " Both families' variants are interleaved in one run, each family on sockets and tables of its own. "
+            + "**Steady state:** `rp_dispatch` against the same source built "
             + "without flow tracking (`-DRP_NO_FLOW_TRACKING`), on the same sockets and tables: what reading the "
             + "bucket's flags costs when no change runs.")
         lines.append("")
-        lines.append("| program | ns/run |")
-        lines.append("| --- | --- |")
-        lines.append("| rp_dispatch (flow tracking, no change running) | \(summaryText(Summary(t.tracked), digits: 1)) |")
-        lines.append("| rp_dispatch built without flow tracking | \(summaryText(Summary(t.untracked), digits: 1)) |")
-        lines.append("| difference (paired) | \(summaryText(t.steadyCost, digits: 1)) |")
+        lines.append("| program | IPv4 ns/run | IPv6 ns/run |")
+        lines.append("| --- | --- | --- |")
+        let families = FlowTrackingBench.families
+        func row(_ label: String, _ cell: (IPAddress) -> Summary?) {
+            let cells = families.map { summaryText(cell($0), digits: 1) }
+            lines.append("| \(label) | " + cells.joined(separator: " | ") + " |")
+        }
+        row("rp_dispatch (flow tracking, no change running)") { Summary(t.tracked[$0] ?? []) }
+        row("rp_dispatch built without flow tracking") { Summary(t.untracked[$0] ?? []) }
+        row("difference (paired)") { t.steadyCost($0) }
         lines.append("")
+        let ipv6Sizes = Set(t.tables.filter { !$0.family.isV4 }.map(\.records))
         lines.append("**During a change:** a service grows 4 → 8; the bench's flows are all in buckets that move, were "
             + "recorded while learning, and the buckets switched, so every packet looks its record up in `rp_flows` "
             + "(a hash table without preallocation) and goes to its recorded slot. The table also holds random "
@@ -209,25 +225,34 @@ struct Report {
             + "table's fixed part is its bucket array, 16 bytes per entry of capacity rounded up to a power of two. "
             + "The refresh (a clock read, `last_seen_ns` and `packets` written on every pinned packet) is measured "
             + "by attaching, between trials, the same program built without it (`RP_BENCH_NO_REFRESH`) to the same "
-            + "sockets and tables.")
+            + "sockets and tables. IPv6 is measured at "
+            + (ipv6Sizes.isEmpty ? "no table size" : ipv6Sizes.sorted().map(String.init).joined(separator: ", ")
+                + " records only")
+            + ", interleaved with the IPv4 variants of that size, to keep the run time of the same order: its key is "
+            + "the same 40 octets, so the larger tables would tell about IPv6 what they tell about IPv4, at about "
+            + "twice their run time and memory.")
         lines.append("")
         for table in t.tables where table.learned < settings.flows {
-            lines.append("With \(table.records) records, learning recorded \(table.learned) of \(settings.flows) flows "
-                + "within 2 s (a busy machine): the others were measured too, following the table.")
+            lines.append("With \(table.records) records (\(table.family.familyName)), learning recorded "
+                + "\(table.learned) of \(settings.flows) flows within 2 s (a busy machine): the others were measured "
+                + "too, following the table.")
             lines.append("")
         }
-        lines.append("| records | pinned packet ns/run | steady ns/run | difference (paired) | of it, the record's refresh (paired) | rp_flows memory | per record | empty table | fill time |")
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| records | family | pinned packet ns/run | steady ns/run | difference (paired) "
+            + "| of it, the record's refresh (paired) | rp_flows memory | per record | empty table | fill time |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for table in t.tables {
-            let difference = Summary(zip(table.pinned, table.steady).map { $0 - $1 })
             let refresh = Summary(zip(table.pinned, table.unrefreshed).map { $0 - $1 })
-            lines.append("| \(table.records) | \(summaryText(Summary(table.pinned), digits: 1)) | "
-                + "\(summaryText(Summary(table.steady), digits: 1)) | \(summaryText(difference, digits: 1)) | "
-                + "\(summaryText(refresh, digits: 1)) | "
+            lines.append("| \(table.records) | \(table.family.familyName) | "
+                + "\(summaryText(Summary(table.pinned), digits: 1)) | \(summaryText(Summary(table.steady), digits: 1)) "
+                + "| \(summaryText(table.pinnedExtra, digits: 1)) | \(summaryText(refresh, digits: 1)) | "
                 + "\(mebibytes(table.bytes)) | \(fixed(table.bytesPerRecord, 0)) B | \(mebibytes(table.emptyBytes)) | "
                 + "\(fixed(table.fillSeconds, 1)) s |")
         }
         lines.append("")
+        for table in t.tables {
+            if let keys = table.keys { lines += keyCostLines(keys, table: table) }
+        }
         if let r = t.rescale {
             lines.append("**A rescale under \(r.flows) live flows.** Each flow has a source address of its own in 127/8 "
                 + "(one socket, `IP_PKTINFO` picks the source) and sends one datagram per round; a round of every flow "
@@ -250,6 +275,44 @@ struct Report {
                 + "daemon checks every quarter of the idle timeout), plus the write of the moving buckets. A sweep "
                 + "(read every record in batches, delete the idle ones) is what the daemon's loop does every quarter "
                 + "of the idle timeout while a change drains; the loop serves nothing else meanwhile.")
+            lines.append("")
+        }
+        return lines
+    }
+
+    /// What a flow key sized per family would save (item 7, bpf/flow_key_cost.bpf.c).
+    func keyCostLines(_ keys: FlowTrackingBench.KeyCost, table: FlowTrackingBench.Table) -> [String] {
+        var lines = ["### A flow key sized per family", ""]
+        lines.append("`struct rp_flow_key` is 40 octets for both families; an IPv4 flow needs 16 (family, protocol, "
+            + "reserved, ports, two addresses). To decide on figures, `bpf/flow_key_cost.bpf.c` does per packet only "
+            + "what `rp_dispatch` does for a pinned flow's record (the key from the packet, its lookup in a hash table "
+            + "without preallocation, the refresh of `last_seen_ns` and `packets`, the select of the recorded slot), "
+            + "built twice, with the 40-octet key and with a 16-octet one, the code the same otherwise. Each build "
+            + "is attached in turn in place of `rp_dispatch` to the \(table.family.familyName) sockets of the "
+            + "\(table.records)-record table above, its own table holding a copy of that `rp_flows`' "
+            + "\(keys.records) records (each key cut to its first 16 octets for the short one), interleaved with "
+            + "the variants above and paired by repeat. Memory per record is `memlock` of each copy, full minus "
+            + "empty. \(keys.pinned) packets went to their recorded slot, \(keys.missed) found no record (dropped).")
+        lines.append("")
+        lines.append("| \(table.family.familyName), pinned by its record | ns/run "
+            + "| − rp_dispatch's pinned packet (paired) | memory per record |")
+        lines.append("| --- | --- | --- | --- |")
+        lines.append("| rp_dispatch (the table above) | \(summaryText(Summary(table.pinned), digits: 1)) | | "
+            + "\(fixed(table.bytesPerRecord, 0)) B |")
+        let builds = [("pinned path alone, 40-octet key (today's)", keys.shared, keys.sharedBytesPerRecord),
+                      ("pinned path alone, 16-octet IPv4 key", keys.ipv4, keys.ipv4BytesPerRecord)]
+        for (name, costs, bytes) in builds {
+            let overDispatch = Summary(zip(costs, table.pinned).map { $0 - $1 })
+            lines.append("| \(name) | \(summaryText(Summary(costs), digits: 1)) | "
+                + "\(summaryText(overDispatch, digits: 1)) | \(fixed(bytes, 0)) B |")
+        }
+        lines.append("| 40-octet − 16-octet key (paired) | \(summaryText(keys.saving, digits: 1)) | | "
+            + "\(fixed(keys.sharedBytesPerRecord - keys.ipv4BytesPerRecord, 0)) B |")
+        lines.append("")
+        if let saving = keys.saving {
+            lines.append("A per-family key would save \(fixed(saving.median, 1)) ns per pinned IPv4 packet "
+                + "(paired median) and \(fixed(keys.sharedBytesPerRecord - keys.ipv4BytesPerRecord, 0)) bytes per "
+                + "IPv4 record.")
             lines.append("")
         }
         return lines
@@ -593,6 +656,11 @@ extension Report {
         lines.append("")
         return lines
     }
+}
+
+extension IPAddress {
+    /// "IPv4" or "IPv6", as the tables name a family.
+    var familyName: String { isV4 ? "IPv4" : "IPv6" }
 }
 
 func percent(_ share: Double) -> String { "\(fixed(share * 100, 1)) %" }

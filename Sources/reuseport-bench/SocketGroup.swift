@@ -54,8 +54,9 @@ final class SocketGroup {
     let plane: ServiceDataPlane?
     let baseline: BaselineProgram?
     private(set) var reference: ReferenceProgram?
-    /// Another build of rp_dispatch attached in place of the plane's own (item 7).
-    private(set) var replacement: DispatchProgram?
+    /// Another program attached in place of the plane's own (item 7: other builds of rp_dispatch,
+    /// bpf/flow_key_cost.bpf.c), sharing its socket array.
+    private(set) var replacement: (any ReuseportProgram)?
 
     static let receiveBuffer = 4 << 20
 
@@ -116,9 +117,9 @@ final class SocketGroup {
         destination = sockets[0].endpoint.address
     }
 
-    /// Attaches `program` (sharing the plane's maps and socket array) in place of the plane's:
-    /// the same tables and sockets, another build of the program.
-    func replaceProgram(with program: DispatchProgram) throws {
+    /// Attaches `program` (sharing the plane's socket array, and its maps if it is a build of
+    /// rp_dispatch) in place of the plane's: the same sockets, another program.
+    func replaceProgram(with program: any ReuseportProgram) throws {
         try sockets[0].attach(program)
         replacement = program
     }

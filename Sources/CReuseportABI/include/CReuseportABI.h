@@ -12,6 +12,7 @@
 #include <linux/magic.h> /* BPF_FS_MAGIC */
 #include "../../../bpf/dispatch.h"
 #include "../../../bpf/baseline.h"
+#include "../../../bpf/flow_key_cost.h"
 #include "../../../bpf/records.h"
 #include <linux/bpf.h>
 

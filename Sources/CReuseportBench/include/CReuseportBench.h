@@ -45,6 +45,10 @@ size_t rp_bench_untracked_object_size(void);
 const unsigned char *rp_bench_norefresh_object(void);
 size_t rp_bench_norefresh_object_size(void);
 
+/* flow_key_ipv4.bpf.o (ipv4 != 0: the 16-octet IPv4 key) or flow_key_shared.bpf.o (the 40-octet
+ * rp_flow_key), its size in *size: bpf/flow_key_cost.bpf.c, built twice by the Makefile (FLOW_KEY_BUILDS). */
+const unsigned char *rp_bench_flow_key_object(int ipv4, size_t *size);
+
 /* dispatch_reference.bpf.o: bpf/dispatch.bpf.c at BENCH_REFERENCE, from git (Makefile); NULL and 0
  * when it was not built. */
 const unsigned char *rp_bench_reference_object(void);
