@@ -233,6 +233,10 @@ $(QUIC_VENV)/.stamp: Makefile $(OUTPUT)/.deps
 		$(QUIC_VENV)/bin/pip install --quiet --disable-pip-version-check $(QUIC_PACKAGES)
 	$(Q)touch $@
 
+# How many tests may block at once (Sources/ReuseportTestTraits): the daemon and kernel tests wait
+# in poll, waitpid and sleeps, and Swift Testing's own executor has one thread per CPU.
+export REUSEPORT_TEST_THREADS ?= 4
+
 # The QUIC migration test runs alone, after the others: its 64 aioquic clients and 4 Python workers
 # keep both CPUs busy for some 20 s, which starved the timing-sensitive daemon tests beside it.
 QUIC_ALONE := QuicMigrationTests

@@ -109,6 +109,8 @@ let package = Package(
         .target(name: "ReuseportTestSupport", dependencies: ["ReuseportKit", "ReuseportControl", "CReuseportTestPrograms"]),
         // BPF objects built only for the tests (bpf/too_large.bpf.c), embedded like CReuseportABI's.
         .target(name: "CReuseportTestPrograms"),
+        // Swift Testing traits the test targets share: the harness's own threads for tests that block.
+        .target(name: "ReuseportTestTraits"),
         // libFuzzer targets for the two inputs from outside the root daemon (docs/fuzzing.md):
         // `make fuzz` builds them with -sanitize=fuzzer in .build-fuzz; the normal build makes
         // tools that replay inputs through the same checks.
@@ -121,23 +123,23 @@ let package = Package(
             path: "Tests/fuzz/fuzz-control"
         ),
         // The benchmark's own arithmetic and parsing (no timings).
-        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport"]),
+        .testTarget(name: "ReuseportBenchTests", dependencies: ["reuseport-bench", "ReuseportTestSupport", "ReuseportTestTraits"]),
         .testTarget(name: "ReuseportKitTests", dependencies: [
-            "ReuseportKit", "ReuseportTestSupport", "CReuseportABI", "CLibbpf",
+            "ReuseportKit", "ReuseportTestSupport", "ReuseportTestTraits", "CReuseportABI", "CLibbpf",
             .product(name: "PropertyBased", package: "swift-property-based"),
         ]),
         // Runs the built reuseportctl (and reuseportd) as subprocesses against real pins and sockets.
         // CLibbpf: raw map calls on descriptors copied out of the metrics server (their exact errno).
         // reuseportctl: its registry of metric families, which the docs' tables are held to.
-        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportControl", "CLibbpf",
-                                                             "reuseportctl"],
+        .testTarget(name: "ReuseportctlTests", dependencies: ["ReuseportKit", "ReuseportTestSupport", "ReuseportTestTraits",
+                                                             "ReuseportControl", "CLibbpf", "reuseportctl"],
                     exclude: ["golden"]),
         // Runs the real reuseportd binary (built beside the test bundle) against real sockets; and the
         // supervisor's decisions in process (SlotLifecycle), with random sequences of events.
         .testTarget(
             name: "ReuseportDaemonTests",
             dependencies: ["ReuseportDaemon", "ReuseportControl", "ReuseportKit", "ReuseportTestSupport",
-                           .product(name: "PropertyBased", package: "swift-property-based")]
+                           "ReuseportTestTraits", .product(name: "PropertyBased", package: "swift-property-based")]
         ),
     ],
     // C23 for #embed of the BPF object (Sources/CReuseportABI/object.c).

@@ -6,6 +6,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Adoption once an upgrade has completed: the working generation's slots are 4..7 (or, after
@@ -13,7 +14,7 @@ import Testing
 /// that execs itself, or one started on the pins of a killed daemon, must find and adopt every
 /// worker from what the pins say, move no live flow, and its graceful stop must leave no worker
 /// behind. Real daemon, whoami workers, datagrams on loopback.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct AdoptionAfterUpgradeTests {
     static func config(_ name: String, listen: [String] = ["udp://127.0.0.1:0"], workers: Int = 4) -> String {
         // A short idle timeout so the upgrade's change learns, switches and ends in seconds; a

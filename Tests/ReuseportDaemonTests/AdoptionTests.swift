@@ -6,13 +6,14 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The data plane outlives its daemon: workers keep serving when the daemon is killed, and a
 /// daemon started on its pins adopts them (same pids, same sockets), proving each is the slot's
 /// worker by its start time and its sockets by their cookies. Real daemon, whoami workers,
 /// datagrams on loopback.
-@Suite(.serialized) struct AdoptionTests {
+@Suite(.onTestThreads, .serialized) struct AdoptionTests {
     static func config(_ name: String, workers: Int = 4) -> String {
         serviceTable(name, workers: workers, extra: "rcvbuf = 8388608")
     }

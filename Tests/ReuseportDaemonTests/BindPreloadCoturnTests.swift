@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// A STUN Binding exchange (RFC 8489): the request a client sends to learn its address as the
@@ -37,7 +38,7 @@ enum StunBinding {
 /// unmodified, as 2 workers on a UDP and a TCP listener through `preload_bind`. Every Binding
 /// request is answered with the client's own port (coturn parsed it), and each went through the
 /// steering program (the per-slot counters count exactly what was sent) to both slots.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct BindPreloadCoturnTests {
     @Test func coturnAnswersStunOnTheSlotsSockets() throws {
         let port = try PreloadLibrary.freePort()

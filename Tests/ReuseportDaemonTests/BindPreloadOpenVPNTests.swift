@@ -6,6 +6,7 @@ import ReuseportControl
 import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Network namespaces of one OpenVPN run, made for it and deleted with it (even when the test
@@ -132,7 +133,7 @@ final class Pings {
 /// with the kernel's own SO_REUSEPORT (each server binding the port itself, one killed and started
 /// again) other clients move to a server that does not know them, and their tunnels break too.
 /// Then, with reuseportd, a scale 4 → 5 and an upgrade: no tunnel breaks or moves.
-@Suite(.serialized, .enabled(if: isRoot, "network namespaces, tun devices and the daemon's BPF program need root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "network namespaces, tun devices and the daemon's BPF program need root"))
 struct BindPreloadOpenVPNTests {
     static let folder = "\(PreloadLibrary.repository)/Tests/preload/openvpn"
     static let servers = 4

@@ -6,6 +6,7 @@ import ReuseportControl
 @testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The bind preload library (preload/bind_preload.c) that `make` built: `REUSEPORT_TEST_PRELOAD`,
@@ -47,7 +48,7 @@ enum PreloadLibrary {
 /// slot's socket, proven by the answers (from the slot's worker, on an inherited socket) and by
 /// the program's per-slot counters; a bind() elsewhere is left alone; the fd flags and options
 /// the server set stay its own; a killed worker's replacement takes the same socket.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct BindPreloadTests {
     static let server = "\(PreloadLibrary.repository)/Tests/preload/bind_server.py"
 
@@ -141,7 +142,7 @@ struct BindPreloadTests {
 /// What the loader cannot preload into is refused when the configuration is read, naming the
 /// program and why: a statically linked program and a set-user-ID one (both compiled here), and
 /// a missing library. `reuseportd --check` runs the same checks as a start.
-@Suite(.enabled(if: isRoot, "the refused programs are checked as root checks them (trusted paths)"))
+@Suite(.onTestThreads, .enabled(if: isRoot, "the refused programs are checked as root checks them (trusted paths)"))
 struct BindPreloadRefusalTests {
     /// Compiles a do-nothing C program into `folder` with `flags`; returns its path.
     static func compile(_ name: String, in folder: TemporaryDirectory, flags: [String] = []) throws -> String {

@@ -5,13 +5,14 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// A canary that bakes while the daemon is replaced (its own `reexec`, or SIGKILL and a new
 /// daemon on the same pins): the new daemon resumes it from the records (rp_canary), with the
 /// bake's time left, and no live flow moves or is lost, on the working generation or on the
 /// canary, through the restart and the promotion (or the rollback) that ends the bake.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct CanaryResumeTests {
     enum Restart: String, CustomStringConvertible {
         case reexec, kill

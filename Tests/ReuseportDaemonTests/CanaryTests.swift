@@ -6,6 +6,7 @@ import ReuseportControl
 @testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import SystemPackage
 import Testing
 
@@ -60,7 +61,7 @@ struct CanaryDecisionTests {
 }
 
 /// Canary generations on a real daemon, with real workers and packets.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct CanaryTests {
     /// Flows that keep sending: each must be answered by the worker it had, every round.
     final class LiveFlows {

@@ -6,6 +6,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Operations one after the other, as operators and failures bring them: random sequences of
@@ -27,7 +28,7 @@ import Testing
 /// on how many slots a step found, so a replay is exact while the daemon answers alike),
 /// `CHAOS_STEPS` sets its length, `CHAOS_SECONDS` runs sequences until that much time has passed
 /// (30 s by default, `make chaos` 600).
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ChaosTests {
     @Test func randomSequencesKeepEveryFlowOnItsWorker() throws {
         let environment = ProcessInfo.processInfo.environment

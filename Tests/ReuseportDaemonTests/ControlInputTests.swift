@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Bad control requests get an error that names what is wrong; none of them crashes the
 /// daemon, stalls it, or disturbs a slot.
-@Suite(.serialized, .enabled(if: isRoot && TestDaemon.isBuilt, "needs root and the reuseportd binary"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot && TestDaemon.isBuilt, "needs root and the reuseportd binary"))
 struct ControlInputTests {
     func answer(_ daemon: TestDaemon, _ text: String) throws -> ControlResponse? {
         guard let bytes = try daemon.exchange(Array(text.utf8)) else { return nil }

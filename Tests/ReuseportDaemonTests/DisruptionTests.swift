@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The daemon keeps serving whatever its workers and operators do: something outside killing
 /// workers, scale-downs right after scale-ups. Real daemon binary, real signals and flows.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct DisruptionTests {
     /// A slot that has a worker: starting, running, or failed over with a trial worker.
     static func isLit(_ slot: SlotStatus) -> Bool {

@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The example workers of docs/examples (Python, C and Go; installed under /usr/share/doc/reuseportd/examples), run
@@ -12,7 +13,7 @@ import Testing
 /// Each says READY=1 and STATUS=, keeps its watchdog, answers datagrams and connections on the
 /// sockets it was given, and, when a scale-down takes its slot, serves its open connection to the
 /// end and exits by itself.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ExampleWorkerTests {
     static let examples = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
         .deletingLastPathComponent().appendingPathComponent("docs/examples").path

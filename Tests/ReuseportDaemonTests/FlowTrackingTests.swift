@@ -5,12 +5,13 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Synchronization
 import Testing
 
 /// Placement changes that keep live flows on their worker: the real daemon, real whoami
 /// workers, real datagrams; the records and counters read back from the pinned maps.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct FlowTrackingTests {
     /// A 1 s idle timeout: the change learns for 1 s; flows send every 200 ms.
     static let idleMs = 1000

@@ -7,6 +7,7 @@ import ReuseportControl
 @testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import SystemPackage
 import Testing
 
@@ -170,7 +171,7 @@ struct HealthCheckDecisionTests {
 }
 
 /// Probes through the shared port of a real daemon.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct HealthCheckTests {
     static func healthTable(_ lines: String) -> String {
         "\n[service.health_check]\n" + lines

@@ -4,10 +4,11 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Reload, stop and bad input, with the real daemon binary.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct LifecycleTests {
     /// The immediate path (flow tracking off): FlowTrackingTests covers changes that keep live flows.
     static func config(workers: Int) -> String { serviceTable("grow", workers: workers, extra: "flow_tracking = false") }

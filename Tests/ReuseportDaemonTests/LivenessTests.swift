@@ -6,10 +6,11 @@ import ReuseportControl
 @testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Workers' notifications (NOTIFY_SOCKET) and systemd's watchdog, per worker, on the real daemon.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct LivenessTests {
     /// A worker that sends READY=1, STATUS= and WATCHDOG=1 every 200 ms for 3 s and then
     /// hangs (alive, silent) is stopped after `watchdog_ms` and replaced; the restart is counted

@@ -5,12 +5,13 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Synchronization
 import Testing
 
 /// Operations that fail half-way on the running kernel, with the real daemon binary: what they
 /// did must be undone, so that nothing is left half-changed and the operation can be retried.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct PartialFailureTests {
     /// Sets the daemon's soft limit of open files so that exactly `free` more descriptors fit.
     static func limitDescriptors(of pid: pid_t, free: Int?) throws {

@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Least privilege (docs/operations.md, "Privileges"): the daemon works with only the
 /// capabilities the documentation lists, and holds no more than those once it has started.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct PrivilegeTests {
     /// The list in docs/operations.md and dist/reuseportd.service's CapabilityBoundingSet=.
     static let documented: [(Capability, String)] = [

@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The Python with aioquic that `make test` installs (`.output/venv`, from PyPI): named by
@@ -24,7 +25,7 @@ enum AioquicPython {
 /// exists. 4 workers (Tests/quic/worker.py) take their socket by socket activation and issue
 /// CIDs that carry their server ID; 64 clients (Tests/quic/clients.py) talk to them through
 /// a relay that changes its source port every 200 ms, each for 5 s.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs: needs root"),
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs: needs root"),
        .enabled(if: AioquicPython.usable, "aioquic is not installed: `make test` installs it into .output/venv"))
 struct QuicMigrationTests {
     struct Connection: Decodable {

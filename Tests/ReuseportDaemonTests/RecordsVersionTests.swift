@@ -6,13 +6,14 @@ import Foundation
 import ReuseportControl
 @testable import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// A daemon started on records (bpf/records.h) of another RP_RECORDS_VERSION than its own: a real
 /// daemon pins them, is killed with SIGKILL, and its rp_records_version is made to say another
 /// version (or removed, as the daemons of version 1 pinned none) before the next daemon starts on
 /// the pins. Whoami workers, datagrams on loopback: the workers serve on throughout.
-@Suite(.serialized) struct RecordsVersionTests {
+@Suite(.onTestThreads, .serialized) struct RecordsVersionTests {
     static let config = serviceTable("records", workers: 3)
 
     /// A daemon killed with its workers serving and 64 flows sending every 100 ms.

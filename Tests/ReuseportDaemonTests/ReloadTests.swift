@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Reloads that rebuild a service, or cannot, while flows send: make-before-break, and a
 /// refused reload changes nothing.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ReloadTests {
     /// What the flows saw around one reload: the daemon's answer, and per flow the datagrams
     /// answered and the slot of each answer.

@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The daemon keeps serving whatever its workers and operators do: a worker that floods its
 /// output, a daemon out of file descriptors, a datagram too large to echo.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ResilienceTests {
     /// A worker writes 100 MB of output as fast as it can beside a 2-worker whoami service.
     /// Throughout, `status` is answered within 100 ms, the other service's workers come up, the

@@ -5,12 +5,13 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// What the daemon tells the service manager that started it (sd_notify(3)), read from a real
 /// Unix datagram socket given to a real daemon as its `NOTIFY_SOCKET`, as systemd would. The
 /// same sequence under a real systemd is `make systemd-test` (Tests/systemd-vm).
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ServiceManagerTests {
     /// The service manager's end: a bound datagram socket, and what arrived on it.
     final class NotifyReceiver {

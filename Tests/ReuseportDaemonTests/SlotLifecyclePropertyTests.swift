@@ -2,6 +2,7 @@ import Foundation
 import PropertyBased
 import ReuseportDaemon
 import ReuseportKit
+import ReuseportTestTraits
 import Synchronization
 import Testing
 
@@ -11,7 +12,7 @@ import Testing
 /// deadlines, fails a slot over and restores it), so the decisions checked are the daemon's own;
 /// after every event the invariants hold. A failing sequence shrinks to the shortest list of the
 /// smallest event codes.
-@Suite struct SlotLifecyclePropertyTests {
+@Suite(.onTestThreads) struct SlotLifecyclePropertyTests {
     static let ms: Int64 = 1_000_000
 
     /// How many sequences: 2,000 by default, `LIFECYCLE_SEQUENCES` for a longer run.

@@ -6,6 +6,7 @@ import ReuseportControl
 @testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The names and messages of systemd's fd store (SocketStore.swift), without a daemon.
@@ -51,7 +52,7 @@ struct StoredSocketNameTests {
 /// The fd store with a real daemon: a datagram socket stands in for systemd's notify socket and
 /// keeps what the daemon stores; a second daemon gets those descriptors as systemd passes them
 /// after a restart (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID).
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct SocketStoreTests {
     typealias Receiver = ServiceManagerTests.NotifyReceiver
 

@@ -4,10 +4,11 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The daemon's timers while it stops, with the real daemon binary.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct StopTimerTests {
     /// CPU time (user + system) of a process so far, in milliseconds (/proc/<pid>/stat).
     static func cpuMs(_ pid: pid_t) throws -> Double {

@@ -4,10 +4,11 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Worker supervision on the running kernel, with the real daemon binary and real flows.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct SupervisionTests {
     /// 256 flows send a numbered datagram every 25 ms while each of the 4 workers is
     /// SIGKILLed in turn. Every flow must stay on its slot (the whoami answers say which),

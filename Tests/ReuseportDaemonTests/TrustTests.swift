@@ -6,12 +6,13 @@ import ReuseportControl
 import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// No local user steers the root daemon: through the pin root or run folder (made before the
 /// daemon, or a link planted in them), through a configuration file or program someone else
 /// can write, or through the daemon's own environment reaching its workers.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon runs as root, pins maps and chowns files to nobody"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon runs as root, pins maps and chowns files to nobody"))
 struct TrustTests {
     static let demo = """
         [[service]]

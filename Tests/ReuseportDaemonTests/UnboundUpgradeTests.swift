@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import SystemPackage
 import Testing
 
@@ -15,7 +16,7 @@ let unboundPath = "/usr/sbin/unbound"
 /// socket activation (`use-systemd: yes`: sd_listen_fds) and says READY=1 by sd_notify. An
 /// upgrade from one configuration to another that answers a test name differently, while
 /// queries from 128 source ports keep flowing.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"),
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"),
        .enabled(if: access(unboundPath, X_OK) == 0, "Debian's unbound is not installed: `make test` installs it"))
 struct UnboundUpgradeTests {
     static let unbound = unboundPath

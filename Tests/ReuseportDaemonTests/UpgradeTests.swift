@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Synchronization
 import SystemPackage
 import Testing
@@ -25,7 +26,7 @@ enum UpgradeWorker {
 /// worker said READY=1; live flows keep their old worker until idle, and a bad deploy never
 /// takes a flow. The real daemon, python workers, real datagrams; the tables read back from the
 /// pinned maps.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"),
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"),
        .enabled(if: access(UpgradeWorker.python, X_OK) == 0, "the upgrade tests' worker is a python3 script"))
 struct UpgradeTests {
     static let idleMs = 1000

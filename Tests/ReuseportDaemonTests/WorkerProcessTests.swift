@@ -5,11 +5,12 @@ import Foundation
 @testable import ReuseportDaemon
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// What a worker forks is the daemon's to stop, with the worker: when the worker exits by
 /// itself, and when the daemon stops. Nothing may be left holding a slot's socket.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct WorkerProcessTests {
     /// A worker forks 10 `sleep` helpers and exits after a second, again and again. The helpers
     /// of an exited worker are stopped before they pile up (each worker start has its own

@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// What a worker gets (sockets, environment, user, output, death with the daemon), the
 /// built-in workers over TCP and IPv6, and the control socket's actions.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct WorkerTests {
     /// Each worker runs as `nobody` with its sockets on fd 3 and 4, LISTEN_PID equal to its own
     /// pid, stdin from /dev/null, and its output in the daemon's log marked with its slot.

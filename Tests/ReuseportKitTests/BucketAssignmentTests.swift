@@ -1,7 +1,8 @@
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
-@Suite struct BucketAssignmentTests {
+@Suite(.onTestThreads) struct BucketAssignmentTests {
     func counts(_ table: [UInt32]) -> [UInt32: Int] {
         table.reduce(into: [:]) { $0[$1, default: 0] += 1 }
     }

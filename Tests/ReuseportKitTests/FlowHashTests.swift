@@ -1,4 +1,5 @@
 import CReuseportABI
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
@@ -6,7 +7,7 @@ import Testing
 /// compiles) against vectors printed by a C program from the same header: a change of the
 /// hash, or of how Swift lays out its inputs, shows here. The placement tests then hold the
 /// running program to the same hash.
-@Suite struct FlowHashTests {
+@Suite(.onTestThreads) struct FlowHashTests {
     struct Vector {
         var seed: UInt32
         var flow: FlowTuple

@@ -4,12 +4,13 @@ import Glibc
 import CLibbpf
 import CReuseportABI
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
 /// The program's flow records on the running kernel: the rate bound on new records, and the
 /// user-space view of a record. Real sockets and packets; counters read back from the maps.
-@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
 struct FlowRecordTests {
     /// While a change learns, 600 one-datagram flows (a source spraying new tuples) meet a bound
     /// of 100 new records per second: at most about a second's worth is recorded and the rest is

@@ -1,5 +1,6 @@
 import Foundation
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
@@ -7,7 +8,7 @@ import Testing
 /// (`ReuseportSocket.leavePort()`): the cause of the one datagram in a few dozen runs that a
 /// scale-down lost without any counter (DisruptionTests). Real sockets, a real flood, the real
 /// program; needs root (loading BPF).
-@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
 struct LeavingSocketTests {
     /// The kernel's behaviour the daemon works around, shown: while a flood goes to slot 0,
     /// sockets join the group and close again, each the newest of its port; the close of each

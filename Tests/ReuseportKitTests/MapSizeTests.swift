@@ -1,11 +1,12 @@
 import CReuseportABI
+import ReuseportTestTraits
 import Testing
 
 @testable import ReuseportKit
 
 /// The rules that size a service's maps from its configuration (ReuseportKit/Limits.swift): pure,
 /// without root. What the kernel then charges is SteeringTests' (a real service of 4 workers).
-@Suite struct MapSizeTests {
+@Suite(.onTestThreads) struct MapSizeTests {
     /// 4 slots per worker, a power of two of at least 16, at most RP_MAX_SLOTS.
     @Test func theSlotCapacityIsAPowerOfTwoWithRoomForGenerations() throws {
         let expected = [1: 16, 4: 16, 5: 32, 8: 32, 9: 64, 100: 512, 256: 1024, 257: 1024, 1024: 1024]

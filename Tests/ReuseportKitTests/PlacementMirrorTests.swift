@@ -4,11 +4,12 @@ import Glibc
 import CReuseportABI
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The prediction (SteeringSnapshot) against rp_dispatch() in the branches a healthy service
 /// rarely takes.
-@Suite(.serialized)
+@Suite(.onTestThreads, .serialized)
 struct PlacementMirrorTests {
     /// A bucket may name a slot at or beyond slot_count that has a socket: while a resize grows
     /// the slots, the buckets move before slot_count is written. The program selects that slot

@@ -1,6 +1,7 @@
 import CReuseportABI
 import Foundation
 import PropertyBased
+import ReuseportTestTraits
 import Testing
 
 @testable import ReuseportKit
@@ -18,7 +19,7 @@ import Testing
 ///   simulated maps say exactly what the model says, and the model read back from its own pins
 ///   is the same placement.
 /// A failing sequence shrinks to the fewest, simplest operations; its seed replays it.
-@Suite struct PlacementModelTests {
+@Suite(.onTestThreads) struct PlacementModelTests {
     static let idleMs = 3_000
     static let stepNs: Int64 = 1_000_000_000
 

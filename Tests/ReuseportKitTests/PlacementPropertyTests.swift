@@ -1,5 +1,6 @@
 import PropertyBased
 import ReuseportKit
+import ReuseportTestTraits
 import Testing
 
 /// The bucket table under random sequences of slot sets and failovers, in process and without
@@ -7,7 +8,7 @@ import Testing
 /// from `BucketAssignment`, so what holds for any sequence here holds for the tables the daemon
 /// writes. Each sequence is a list of 16-bit masks (bit i: slot i is in the set; a second mask
 /// picks the failed-over slots); a failing one shrinks to the shortest list with the smallest masks.
-@Suite struct PlacementPropertyTests {
+@Suite(.onTestThreads) struct PlacementPropertyTests {
     static func slots(_ mask: UInt16) -> [UInt32] { (0..<16).filter { mask & (1 << $0) != 0 }.map(UInt32.init) }
 
     static func counts(_ table: [UInt32]) -> [UInt32: Int] {

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
@@ -10,7 +11,7 @@ import Testing
 /// service, as the test daemons of a full parallel run, all root and all on 127.0.0.1:0, could.
 /// Before the fix the UDP case failed here (19 of 900 holders shared a port, and 10 or more of
 /// 400 sockets joined a holder's group). No root needed.
-@Suite struct PortZeroTests {
+@Suite(.onTestThreads) struct PortZeroTests {
     /// An address of its own, so that no other test's sockets count.
     static let address = IPAddress("127.0.0.77")!
     static let held = 900

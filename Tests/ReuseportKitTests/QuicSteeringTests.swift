@@ -3,12 +3,13 @@ import Glibc
 #endif
 import CReuseportABI
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
 /// QUIC connection-ID steering on the running kernel (QuicScenario): real sockets, real
 /// datagrams, the program's counters read back from rp_quic_stats and rp_quic_slot_stats.
-@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
 struct QuicSteeringTests {
     static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
 
@@ -105,7 +106,7 @@ struct QuicSteeringTests {
 }
 
 /// The layout's rules and the one parser (bpf/dispatch.h), called from Swift: no kernel needed.
-@Suite struct QuicLayoutTests {
+@Suite(.onTestThreads) struct QuicLayoutTests {
     @Test func serverIDCarriesPrefixAndSlot() throws {
         let steering = try QuicSteering(cidLength: 12, serverIDLength: 4, hostPrefix: [0xab, 0xcd], configRotation: 2)
         #expect(steering.serverID(slot: 0x123) == [0xab, 0xcd, 0x01, 0x23])

@@ -4,12 +4,13 @@ import Glibc
 import CReuseportABI
 @testable import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The daemon's records (bpf/records.h) are versioned apart from the program: what a daemon does
 /// with records of each version (pure), and that the program's object no longer holds them while
 /// a data plane still has them, made by the daemon and pinned with their version.
-@Suite struct ServiceRecordsTests {
+@Suite(.onTestThreads) struct ServiceRecordsTests {
     typealias Version = ServiceRecords.Version
 
     @Test func recordsOfThisVersionAreTakenOverAsTheyAre() {

@@ -3,12 +3,13 @@ import Glibc
 #endif
 import CReuseportABI
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
 /// The steering program on the running kernel: real sockets, real packets, counters read
 /// back from the maps. Needs root (loading BPF); every test here says so when it skips.
-@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
 struct SteeringTests {
     static let families: [IPAddress] = [.loopbackV4, .loopbackV6]
 

@@ -3,11 +3,12 @@ import Glibc
 #endif
 import CReuseportABI
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 @testable import ReuseportKit
 
 /// What the verifier says of our programs on the running kernel, and what a refusal reports.
-@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "loading BPF programs needs root (or CAP_BPF + CAP_NET_ADMIN)"))
 struct VerifierTests {
     /// The steering program's verification cost stays inside its budget (VerifierScenario).
     @Test func dispatchIsWithinTheVerifierBudget() throws {
@@ -25,7 +26,7 @@ struct VerifierTests {
 }
 
 /// Hints are chosen by the call and the errno together.
-@Suite struct ErrorHintTests {
+@Suite(.onTestThreads) struct ErrorHintTests {
     @Test func e2bigIsAMapHintOnlyForMapCalls() {
         let map = ReuseportError.system("bpf_map_lookup_elem(rp_buckets[70000])", E2BIG)
         #expect(map.description.contains("the key is beyond the map's size"))

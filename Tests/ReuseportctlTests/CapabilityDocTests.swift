@@ -5,6 +5,7 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The capabilities the daemon, its workers, the metrics keeper and its HTTP server hold at run
@@ -12,7 +13,7 @@ import Testing
 /// processes, decoded to names, and compared with the generated block of docs/operations.md: the
 /// doc says what a test saw, not what someone copied. When they differ, the test fails and prints
 /// the block it saw; `REUSEPORT_WRITE_DOCS=1` writes it into the doc instead (then review the diff).
-@Suite(.serialized, .enabled(if: isRoot, "starting the daemon and dropping to another user need root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "starting the daemon and dropping to another user need root"))
 struct CapabilityDocTests {
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path

@@ -4,10 +4,11 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// What needs no pins: help, argument errors, the daemon missing, the kernel probe.
-@Suite struct CommandLineTests {
+@Suite(.onTestThreads) struct CommandLineTests {
     static let golden = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("golden")
 
     /// `--help` of the root and of each command, exactly as checked in under golden/
@@ -79,7 +80,7 @@ import Testing
 }
 
 /// Without privileges the tool says so instead of blaming the kernel or the daemon.
-@Suite(.enabled(if: isRoot && access("/usr/bin/setpriv", X_OK) == 0, "drops to nobody with setpriv, as root"))
+@Suite(.onTestThreads, .enabled(if: isRoot && access("/usr/bin/setpriv", X_OK) == 0, "drops to nobody with setpriv, as root"))
 struct UnprivilegedTests {
     func asNobody(_ arguments: [String]) throws -> CtlResult {
         try run("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",

@@ -4,12 +4,13 @@ import Glibc
 import Foundation
 import ReuseportControl
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Documentation that runs (docs/doctests.md): every command of README.md and docs/cli.md is run
 /// as written, in a namespace of its own with the daemon the doc starts, and its output and exit
 /// status compared with what the doc shows. A changed output fails here until the doc changes with it.
-@Suite struct DocTests {
+@Suite(.onTestThreads) struct DocTests {
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path
 

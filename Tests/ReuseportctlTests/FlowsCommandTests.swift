@@ -4,11 +4,12 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// `flows`, `which` and `map dump` while a placement change runs: a pinned service grows 4 → 8,
 /// its flows are recorded by the program, and the CLI reads the records from the pins.
-@Suite(.serialized, .enabled(if: isRoot, "loading BPF programs needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "loading BPF programs needs root"))
 struct FlowsCommandTests {
     @Test func recordsAreListedAndWhichSaysWhenOnePinsAFlow() throws {
         let root = PinRoot("flows-cli")

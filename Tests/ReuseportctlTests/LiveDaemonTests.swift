@@ -4,6 +4,7 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// The real reuseportd (ReuseportTestSupport's launcher) with its own configuration (port 0),
@@ -91,7 +92,7 @@ func askWhoami(_ clients: [FlowClient], at address: SocketAddress, payload: [UIn
 
 /// reuseportctl against a live reuseportd: what it shows must be what the daemon and the
 /// kernel do.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct LiveDaemonTests {
     /// `map dump --json` lists the daemon's slots with the pids that answer, and each slot's
     /// counters equal the datagrams it answered.

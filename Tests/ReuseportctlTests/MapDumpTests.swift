@@ -6,10 +6,11 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// `map dump` against a service the test pins itself: real maps, real sockets, real datagrams.
-@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
 struct MapDumpTests {
     /// The JSON lists every slot with the pid and state written, and its counters equal the
     /// datagrams each slot received.

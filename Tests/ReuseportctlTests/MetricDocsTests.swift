@@ -1,5 +1,6 @@
 import Foundation
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 @testable import reuseportctl
 
@@ -7,7 +8,7 @@ import Testing
 /// (MetricFamily, which MetricsExposition's builder alone emits from): every family emitted is in a
 /// table, with its type and labels; every name in a table is emitted; a table is one table (a
 /// blank line in it would start a second one, with no header, whose rows no reader takes for metrics).
-@Suite struct MetricDocsTests {
+@Suite(.onTestThreads) struct MetricDocsTests {
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path
 

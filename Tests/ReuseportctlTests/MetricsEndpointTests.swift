@@ -5,11 +5,12 @@ import CLibbpf
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// `serve-metrics` against real pins and real datagrams: its HTTP answer passes promtool, a real
 /// Prometheus server scrapes it, and the process that answers is not root.
-@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and dropping to another user need root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "pinning BPF maps and dropping to another user need root"))
 struct MetricsEndpointTests {
     @Test func prometheusScrapesTheSlotCountersFromAnUnprivilegedServer() throws {
         let root = PinRoot("serve-metrics")

@@ -4,11 +4,12 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// Pins in states a running daemon does not leave, but a crashed one, another version or a
 /// hand-edited map can: the tool says what it sees and never crashes or guesses.
-@Suite(.serialized, .enabled(if: isRoot, "the tests pin BPF maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the tests pin BPF maps: needs root"))
 struct OddPinTests {
     /// A configuration whose bucket_count the program refuses (0, or above RP_MAX_BUCKETS): the
     /// program drops every packet, and `which` says so instead of dividing by zero or naming a slot.

@@ -4,11 +4,12 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// reuseportctl on a pinned service with QUIC steering: `which --quic-dcid` names the slot the
 /// kernel delivered to, and the dump, stats and Prometheus views show the program's counters.
-@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
 struct QuicCtlTests {
     /// Short headers and Initials: `which --quic-dcid` agrees with where the datagrams landed.
     @Test func whichAgreesWithTheKernel() throws {

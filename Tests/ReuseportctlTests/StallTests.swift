@@ -5,11 +5,12 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// A slot whose worker stopped reading, as the daemon's stall check sees it and reuseportctl
 /// shows it.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct StallTests {
     /// The first worker never reads its socket (it sleeps); under a flood its queue fills and the
     /// kernel drops: the slot shows `stalled` in `status`, `map dump --json` and `stats

@@ -4,9 +4,10 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
-@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
 struct StatsTests {
     /// The exposition has HELP and TYPE for each family and one sample per slot with the
     /// counts of the datagrams sent.

@@ -4,10 +4,11 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// reuseportctl demands of a pin root what the daemon does before it reads anything there.
-@Suite(.serialized, .enabled(if: isRoot, "the test pins maps and chowns a folder to nobody: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the test pins maps and chowns a folder to nobody: needs root"))
 struct UntrustedPinTests {
     /// A pin root another user owns (with a real service pinned in it, so that only the
     /// check stands between the tool and the pins): refused, naming the folder, owner and mode.

@@ -5,12 +5,13 @@ import Foundation
 import ReuseportControl
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// One version for both binaries, the one `make` computes for the Debian package (the git commit,
 /// -dirty when the tree has changes); the daemon says which it runs in its log and in every
 /// status answer, and `map dump` shows it beside reuseportctl's own.
-@Suite struct VersionTests {
+@Suite(.onTestThreads) struct VersionTests {
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
         .deletingLastPathComponent().deletingLastPathComponent().path
 

@@ -4,13 +4,14 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// `scale` and `upgrade` without `--timeout`, against the real daemon: the wait they default to
 /// follows from the service's settings (ready_timeout_ms, flow_idle_timeout_ms, read from the
 /// daemon's status), so that a change that takes one idle timeout to switch is waited for and
 /// reported as done, not as failed.
-@Suite(.serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct WaitDefaultTests {
     static func daemon(idleMs: Int, workers: Int = 2) throws -> LiveDaemon {
         try LiveDaemon(config: """

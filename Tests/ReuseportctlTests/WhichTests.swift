@@ -4,10 +4,11 @@ import Glibc
 import Foundation
 import ReuseportKit
 import ReuseportTestSupport
+import ReuseportTestTraits
 import Testing
 
 /// `which` against a pinned service: its answer must be where the kernel delivered the datagram.
-@Suite(.serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
+@Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "pinning BPF maps and loading the program needs root"))
 struct WhichTests {
     func answers(_ result: CtlResult) throws -> [[String: Any]] {
         #expect(result.status == 0, "\(result)")
