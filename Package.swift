@@ -19,6 +19,7 @@ import PackageDescription
 //   Sources/reuseport-bench   the benchmark suite (Sources/CReuseportBench: the libc calls it needs)
 //   Sources/ReuseportTestSupport  real-socket helpers for the tests, kernel-check and the bench
 //                             (Sources/CReuseportTestPrograms: BPF objects built only for tests)
+//   Sources/ReuseportTestTraits   Swift Testing traits of the test targets (the threads tests block on)
 //   Tests/fuzz                the fuzz targets of `make fuzz`, their seed corpora and dictionaries
 let package = Package(
     name: "reuseportd",
