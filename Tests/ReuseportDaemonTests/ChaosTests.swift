@@ -27,10 +27,11 @@ import Testing
 /// `CHAOS_SEED` replays a sequence (each failure prints its seed; the operations drawn also depend
 /// on how many slots a step found, so a replay is exact while the daemon answers alike),
 /// `CHAOS_STEPS` sets its length, `CHAOS_SECONDS` runs sequences until that much time has passed
-/// (30 s by default, `make chaos` 600).
+/// (30 s by default, `make chaos` 600). It runs alone: "no datagram lost" holds below saturation,
+/// and other tests' daemons beside it can saturate the workers.
 @Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct ChaosTests {
-    @Test func randomSequencesKeepEveryFlowOnItsWorker() throws {
+    @Test(.alone) func randomSequencesKeepEveryFlowOnItsWorker() throws {
         let environment = ProcessInfo.processInfo.environment
         // `make test`: sequences for 30 s (at least one); `make chaos`: 10 minutes.
         let seconds = environment["CHAOS_SECONDS"].flatMap(Double.init) ?? 30

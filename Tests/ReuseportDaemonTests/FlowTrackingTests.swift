@@ -184,7 +184,7 @@ struct FlowTrackingTests {
         try sessions.run(5, to: destination)
         #expect(!sessions.slots.contains(1), "while slot 1 is down its flows are served by the others")
         try sessions.run(20, to: destination) { round in
-            if round == 5 { FileManager.default.createFile(atPath: marker, contents: nil) }
+            if round == 5 { _ = FileManager.default.createFile(atPath: marker, contents: nil) }
         }
         let maps = try Self.maps(daemon, "back")
         let counters = try maps.flowCounters()
