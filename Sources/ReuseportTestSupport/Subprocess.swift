@@ -25,6 +25,9 @@ public final class Subprocess {
         let stderr = captureStandardError ? try Syscall.pipe() : nil
         var actions: [ProcessSpawn.FileAction] = [.duplicate(stdout.write.fd.rawValue, to: 1), .nullInput]
         if let stderr { actions.append(.duplicate(stderr.write.fd.rawValue, to: 2)) }
+        // Nothing else: other tests' descriptors opened without O_CLOEXEC (Foundation's files)
+        // would live on in the child.
+        actions.append(.closeFrom(3))
         pid = try ProcessSpawn(path, arguments, environment: environment, fileActions: actions).start()
         // Closing them here also keeps the write ends open until the child has its copies.
         stdout.write.close()

@@ -129,6 +129,23 @@ public enum Traffic {
     }
 }
 
+/// A port free on 127.0.0.1, 127.0.0.2 and [::1] for both UDP and TCP, from 20000–29999: below
+/// the ephemeral range (32768 on), so that no other test's port-0 socket takes it before the
+/// daemon (or the server a test starts) binds it. A port the kernel gave out for port 0 and took
+/// back is free only until the next such socket, and the tests run side by side.
+public func freePort() throws -> UInt16 {
+    for _ in 0..<200 {
+        let port = UInt16.random(in: 20000...29999)
+        let free = (try? [
+            FlowClient(.udp, local: SocketAddress(.loopbackV4, port)), FlowClient(.tcp, local: SocketAddress(.loopbackV4, port)),
+            FlowClient(.udp, local: SocketAddress(.loopbackV6, port)), FlowClient(.tcp, local: SocketAddress(.loopbackV6, port)),
+            FlowClient(.udp, local: SocketAddress(IPAddress("127.0.0.2")!, port)),
+        ]) != nil
+        if free { return port }
+    }
+    throw HarnessError("no free port in 20000-29999 after 200 tries")
+}
+
 /// Whether this process may load BPF programs (root). Tests that need it say why they skip.
 public var isRoot: Bool { geteuid() == 0 }
 
@@ -147,11 +164,15 @@ public func spawn(_ arguments: [String], output: String, environment: [String]? 
     let passed = copies.enumerated().map { ProcessSpawn.FileAction.duplicate($1, to: 3 + Int32($0)) }
     let spawn = ProcessSpawn(path: arguments[0], arguments: arguments, environment: environment,
                              fileActions: [.nullInput, .open(1, path: output, flags: O_WRONLY | O_CREAT | O_APPEND, mode: 0o644),
-                                           .duplicate(1, to: 2)] + passed)
+                                           .duplicate(1, to: 2)] + passed
+                                           // Nothing else: the tests run side by side in this process,
+                                           // and Foundation opens files without O_CLOEXEC.
+                                           + [.closeFrom(3 + Int32(descriptors.count))])
     // A program written a moment ago (a test's copy of the daemon binary) can still be open for
     // writing in a child that another test's thread forked while the copy's descriptor was open,
-    // until that child execs or exits: exec then fails with ETXTBSY (execve(2)). Seen once in a
-    // full parallel run (AdoptionTests, "Text file busy"); retried briefly, as Go's os/exec does.
+    // until that child reaches its exec (which closes it: every child started here closes what it
+    // inherited beyond its own descriptors): exec then fails with ETXTBSY (execve(2)). Seen once
+    // in a full parallel run (AdoptionTests, "Text file busy"); retried briefly, as Go's os/exec does.
     var attempt = 0
     while true {
         do {

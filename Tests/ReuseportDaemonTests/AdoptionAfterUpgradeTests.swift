@@ -175,8 +175,8 @@ struct AdoptionAfterUpgradeTests {
         let name = "upkill\(workers)"
         // Fixed ports, as a real configuration has: the next daemon must bind the same ones, and
         // finds them held by the workers it is to adopt.
-        let udpPort = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
-        let tcpPort = try FlowClient(.tcp, local: SocketAddress(.loopbackV6, 0)).local.port
+        let udpPort = try freePort()
+        let tcpPort = try freePort()
         let listen = ["udp://127.0.0.1:\(udpPort)", "tcp://[::1]:\(tcpPort)"]
         let first = try TestDaemon(config: Self.config(name, listen: listen))
         var status = try Self.upgradeToCompletion(first, name, workers: 4, seen: seen)[0]
@@ -240,7 +240,7 @@ struct AdoptionAfterUpgradeTests {
     /// old one) still finds the workers of slots 4..7 from the rows and adopts them all.
     @Test func pinsOfThePreviousReleaseAfterAnUpgradeAreAdopted() throws {
         let seen = Witnessed()
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let port = try freePort()
         let config = Self.config("legacy", listen: ["udp://127.0.0.1:\(port)"])
         let first = try TestDaemon(config: config)
         let upgraded = try Self.upgradeToCompletion(first, "legacy", workers: 4, seen: seen)[0]

@@ -41,7 +41,7 @@ enum StunBinding {
 @Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct BindPreloadCoturnTests {
     @Test func coturnAnswersStunOnTheSlotsSockets() throws {
-        let port = try PreloadLibrary.freePort()
+        let port = try freePort()
         let server = SocketAddress(.loopbackV4, port)
         // -n: no configuration file; no TLS/DTLS listeners (their ports are no listener of the service).
         let argv = ["/usr/bin/turnserver", "-n", "--listening-ip=127.0.0.1", "--listening-port=\(port)", "--no-tls",

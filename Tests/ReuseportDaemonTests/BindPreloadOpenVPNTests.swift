@@ -355,7 +355,7 @@ struct BindPreloadOpenVPNTests {
                 "the live tunnels keep generation 1's slots: \(switched[0].slots)")
     }
 
-    @Test func oneServerKilledBreaksOnlyItsOwnClientsTunnels() throws {
+    @Test(.alone) func oneServerKilledBreaksOnlyItsOwnClientsTunnels() throws {
         let managed = try Self.run(.reuseportd)
         print("OpenVPN, \(Self.clients) clients over \(Self.servers) servers, one SIGKILLed, reuseportd: \(managed.summary)")
         let kernel = try Self.run(.kernel)

@@ -26,21 +26,6 @@ enum PreloadLibrary {
 
     /// The daemon's environment that names it.
     static func daemonEnvironment() throws -> [String: String] { [BindPreload.libraryVariable: try path()] }
-
-    /// A port free on 127.0.0.1 and [::1] for both UDP and TCP, from 20000–29999: below the
-    /// ephemeral range (32768 on), so no other test's port-0 socket can take it meanwhile. The
-    /// server binds it itself, so the daemon cannot pick it (port 0) for the test.
-    static func freePort() throws -> UInt16 {
-        for _ in 0..<200 {
-            let port = UInt16.random(in: 20000...29999)
-            let free = (try? [
-                FlowClient(.udp, local: SocketAddress(.loopbackV4, port)), FlowClient(.tcp, local: SocketAddress(.loopbackV4, port)),
-                FlowClient(.udp, local: SocketAddress(.loopbackV6, port)), FlowClient(.udp, local: SocketAddress(IPAddress("127.0.0.2")!, port)),
-            ]) != nil
-            if free { return port }
-        }
-        throw HarnessError("no free port in 20000-29999 after 200 tries")
-    }
 }
 
 /// `preload_bind = true` with a server that binds its own sockets (Tests/preload/bind_server.py,
@@ -53,7 +38,7 @@ struct BindPreloadTests {
     static let server = "\(PreloadLibrary.repository)/Tests/preload/bind_server.py"
 
     @Test func aServerThatBindsItsOwnSocketsServesTheSlotsSockets() throws {
-        let port = try PreloadLibrary.freePort()
+        let port = try freePort()
         let udp = SocketAddress(.loopbackV4, port), tcp = SocketAddress(.loopbackV4, port)
         let udp6 = SocketAddress(.loopbackV6, port), elsewhere = SocketAddress(IPAddress("127.0.0.2")!, port)
         let specs = ["udp:127.0.0.1:\(port)", "tcp:127.0.0.1:\(port)", "udp:[::1]:\(port)", "udp:127.0.0.2:\(port)"]

@@ -212,7 +212,7 @@ struct FlowTrackingTests {
     /// flows reach the new slots.
     @Test(arguments: ["learning", "draining"])
     func aDaemonKilledMidChangeFinishesIt(_ phase: String) throws {
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let port = try freePort()
         let config = serviceTable("resume", listen: ["udp://127.0.0.1:\(port)"], workers: 4, extra: """
             rcvbuf = 8388608
             flow_idle_timeout_ms = 2000

@@ -170,7 +170,8 @@ struct HealthCheckDecisionTests {
     }
 }
 
-/// Probes through the shared port of a real daemon.
+/// Probes through the shared port of a real daemon. The tests with probes of 150 ms that count
+/// failures exactly run alone: a CPU shared with other tests' daemons can delay an answer past that.
 @Suite(.onTestThreads, .serialized, .enabled(if: isRoot, "the daemon loads BPF programs and pins maps: needs root"))
 struct HealthCheckTests {
     static func healthTable(_ lines: String) -> String {
@@ -190,7 +191,7 @@ struct HealthCheckTests {
     /// its slot (unreached 0: every probe grew its slot's rp_slot_stats counter, and nothing else
     /// sends here). UDP on a specific IPv4 address, on a specific IPv6 one and on the IPv6
     /// wildcard, TCP on the IPv6 wildcard and on a specific IPv4 address.
-    @Test(arguments: [("udp://127.0.0.1:0", "send = \"ping\"\nexpect = \"slot=\""),
+    @Test(.alone, arguments: [("udp://127.0.0.1:0", "send = \"ping\"\nexpect = \"slot=\""),
                       ("udp://[::1]:0", "send = \"ping\"\nexpect = \"slot=\""),
                       ("udp://[::]:0", "send = \"ping\"\nexpect = \"slot=\""),
                       ("tcp://[::]:0", "send = \"ping\\n\"\nexpect_regex = \"^slot=[0-9]+ pid=\""),
@@ -210,7 +211,7 @@ struct HealthCheckTests {
 
     /// A worker that stops answering (SIGSTOP) is found after `failures` failed probes and
     /// restarted at its slot; the other slots' flows are answered by the same workers throughout.
-    @Test func aStoppedWorkerIsRestartedAndTheOtherSlotsLoseNothing() throws {
+    @Test(.alone) func aStoppedWorkerIsRestartedAndTheOtherSlotsLoseNothing() throws {
         let daemon = try TestDaemon(config: serviceTable("hc", workers: 4, extra: Self.healthTable("""
             send = "ping"
             expect = "slot="
@@ -281,7 +282,7 @@ struct HealthCheckTests {
     /// adopted worker that stops answering is restarted for its health. Each slot's failure
     /// streak starts from zero in the new process (documented: a streak is the daemon's memory,
     /// not the kernel's), so it takes `failures` new failed probes.
-    @Test(arguments: ["reexec", "kill"])
+    @Test(.alone, arguments: ["reexec", "kill"])
     func adoptedWorkersAreProbedAgain(restart: String) throws {
         let config = serviceTable("hc", workers: 3, extra: Self.healthTable("""
             send = "ping"
@@ -321,10 +322,10 @@ struct HealthCheckTests {
 
     /// Debian's unbound as the worker, a DNS query as the probe: SIGSTOP one unbound, and it is
     /// replaced; the other slots' queries are all answered.
-    @Test(.enabled(if: access(unboundPath, X_OK) == 0, "Debian's unbound is not installed: `make test` installs it"))
+    @Test(.alone, .enabled(if: access(unboundPath, X_OK) == 0, "Debian's unbound is not installed: `make test` installs it"))
     func aStoppedUnboundIsReplaced() throws {
         let folder = try TemporaryDirectory()
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let port = try freePort()
         let conf = try folder.write("unbound.conf", UnboundUpgradeTests.unboundConfig(port: port, answer: "healthy",
                                                                                       directory: folder.path))
         // The query `test.example. TXT` with id 0x4843; a healthy answer has that id and QR set.

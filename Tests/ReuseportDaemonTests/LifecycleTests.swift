@@ -116,7 +116,7 @@ struct LifecycleTests {
     /// A reload that needs new sockets on a fixed port (here: another rcvbuf) rebuilds the service
     /// although its old workers still hold the old sockets for a moment: its own group is not "taken".
     @Test func reloadRebuildsAServiceOnAFixedPort() throws {
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let port = try freePort()
         let listen = ["udp://127.0.0.1:\(port)"]
         let daemon = try TestDaemon(config: serviceTable("fixed", listen: listen, workers: 2))
         let before = try daemon.waitForWorkers()[0].slots.compactMap(\.pid)

@@ -123,7 +123,7 @@ struct ReloadTests {
     /// workers start on them, the new program is attached (one switch), then the old workers
     /// go. No datagram is lost; the answer reports the share of flows that moved, and the
     /// flows' own moves agree with it.
-    @Test func aSeedChangeUnderTrafficLosesNoDatagram() throws {
+    @Test(.alone) func aSeedChangeUnderTrafficLosesNoDatagram() throws {
         let daemon = try TestDaemon(config: serviceTable("rf", workers: 4, extra: "seed = 1"))
         let before = try daemon.waitForWorkers()
         let destination = try udpEndpoint(before, "rf")

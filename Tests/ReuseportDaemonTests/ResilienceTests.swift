@@ -16,7 +16,7 @@ struct ResilienceTests {
     /// Throughout, `status` is answered within 100 ms, the other service's workers come up, the
     /// lines over the log's rate limit are counted as dropped on the chatty slot, and SIGTERM
     /// stops the daemon.
-    @Test func aChattyWorkerStarvesNothingElse() throws {
+    @Test(.alone) func aChattyWorkerStarvesNothingElse() throws {
         let daemon = try TestDaemon(
             config: serviceTable("chatty", workers: 1,
                                  program: #"exec = ["/bin/sh", "-c", "yes | head -c 100000000; exec sleep 300"]"#)
@@ -77,12 +77,9 @@ struct ResilienceTests {
         // socket per new slot (and a few more), not for their workers' pipes.
         let limit = openDescriptors(daemon.pid) + 16
         // prlimit(2) is not in Swift's Glibc module (a GNU extension): util-linux's prlimit(1) calls it.
-        let prlimit = Process()
-        prlimit.executableURL = URL(fileURLWithPath: "/usr/bin/prlimit")
-        prlimit.arguments = ["--pid", "\(daemon.pid)", "--nofile=\(limit):"]
-        try prlimit.run()
-        prlimit.waitUntilExit()
-        try #require(prlimit.terminationStatus == 0, "prlimit --nofile=\(limit): on the daemon")
+        let prlimit = try Subprocess.run("/usr/bin/prlimit", ["--pid", "\(daemon.pid)", "--nofile=\(limit):"],
+                                         captureStandardError: true)
+        try #require(prlimit.status == .exited(0), "prlimit --nofile=\(limit): on the daemon: \(prlimit.errors)")
 
         let scaled = try daemon.request(ControlRequest(command: .scale, service: "many", workers: 15))
         #expect(scaled.ok, "\(scaled)")

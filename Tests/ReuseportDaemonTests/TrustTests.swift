@@ -297,8 +297,8 @@ struct TrustTests {
     /// configured entries: nothing of the daemon's own environment.
     @Test(arguments: [nil, "nobody"])
     func aWorkerGetsExactlyTheDocumentedEnvironment(user: String?) throws {
-        setenv("REUSEPORTD_TEST_LEAK", "the daemon's own", 1)
-        defer { unsetenv("REUSEPORTD_TEST_LEAK") }
+        // A variable of the daemon's own environment (set for the daemon alone: setenv here would
+        // reach the other tests' processes too).
         let daemon = try TestDaemon(config: """
             [[service]]
             name = "env"
@@ -307,7 +307,7 @@ struct TrustTests {
             exec = ["/bin/sh", "-c", "env | sed 's/^/envline /'; exec sleep 60"]
             environment = ["GREETING=hello world", "PATH=/usr/bin:/bin"]
             \(user.map { "user = \"\($0)\"" } ?? "")
-            """)
+            """, environment: ["REUSEPORTD_TEST_LEAK": "the daemon's own"])
         let pid = try #require(try daemon.waitForWorkers()[0].slots[0].pid)
         var lines: [String] = []
         for _ in 0..<100 {

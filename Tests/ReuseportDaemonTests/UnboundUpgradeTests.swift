@@ -106,7 +106,7 @@ struct UnboundUpgradeTests {
     /// new flows get the new one, and the old unbound processes are stopped once idle.
     @Test func unboundUpgradeKeepsEveryFlowsAnswer() throws {
         let folder = try TemporaryDirectory()
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let port = try freePort()
         func config(_ answer: String) throws -> String {
             let path = try folder.write("unbound-\(answer).conf",
                                         Self.unboundConfig(port: port, answer: answer, directory: folder.path))

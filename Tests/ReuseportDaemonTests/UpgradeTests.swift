@@ -384,7 +384,7 @@ extension UpgradeTests {
     /// never given twice.
     @Test(arguments: [UpgradeStatus.Phase.learning, .switched])
     func aDaemonKilledMidUpgradeResumes(_ phase: UpgradeStatus.Phase) throws {
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        let port = try freePort()
         func config(_ version: String) -> String {
             serviceTable("gen", listen: ["udp://127.0.0.1:\(port)"], workers: 4,
                          program: UpgradeWorker.program(version), extra: """

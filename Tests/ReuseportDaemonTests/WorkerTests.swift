@@ -177,8 +177,8 @@ struct WorkerTests {
     /// The built-in worker under systemd-socket-activate (no REUSEPORT_* variables: slot and service are "-").
     @Test(.enabled(if: access("/usr/bin/systemd-socket-activate", X_OK) == 0, "systemd-socket-activate is not installed"))
     func builtinWorkerRunsUnderSystemdSocketActivate() throws {
-        // A free port: bound by a client that is gone again (systemd-socket-activate binds without SO_REUSEPORT).
-        let port = try FlowClient(.udp, local: SocketAddress(.loopbackV4, 0)).local.port
+        // A free port (systemd-socket-activate binds without SO_REUSEPORT).
+        let port = try freePort()
         let directory = try TemporaryDirectory()
         let pid = try spawn(["/usr/bin/systemd-socket-activate", "--datagram", "-l", "127.0.0.1:\(port)",
                              TestDaemon.builtBinary, "worker", "whoami"], output: "\(directory.path)/log")

@@ -64,7 +64,7 @@ import Testing
         let plane = try ServiceDataPlane(endpoints: [Endpoint(.udp, SocketAddress(.loopbackV4, 0))], slotCount: 2,
                                          options: .init(bucketCount: 64))
         defer { plane.close() }
-        let layout = PinLayout(root: "/sys/fs/bpf/reuseportd-test-\(getpid())", service: "records")
+        let layout = PinLayout(root: TestPinRoot.unique("records"), service: "records")
         try plane.pin(layout)
         defer { layout.remove() }
         var row = rp_slot_state()

@@ -186,7 +186,7 @@ struct SteeringTests {
     /// Pinned maps reopen, in this process and from a second one (bpftool), with the same slots.
     @Test func pinnedMapsReopenFromASecondProcess() throws {
         let plane = try service(.udp, on: .loopbackV4, slots: 4)
-        let layout = PinLayout(root: "/sys/fs/bpf/reuseportd-test-\(getpid())", service: "pins")
+        let layout = PinLayout(root: TestPinRoot.unique("pins"), service: "pins")
         try plane.pin(layout)
         defer { layout.remove() }
 
@@ -225,7 +225,7 @@ struct SteeringTests {
         let counted = try (0..<UInt32(4)).reduce(UInt64(0)) { $0 + (try plane.maps.slotCounters($1).packets) }
         #expect(steered.count == 64 && counted == 64)
 
-        let layout = PinLayout(root: "/sys/fs/bpf/reuseportd-test-\(getpid())", service: "sized")
+        let layout = PinLayout(root: TestPinRoot.unique("sized"), service: "sized")
         try plane.pin(layout)
         defer { layout.remove() }
         let pinned = try #require(ServiceDataPlane.resumable(at: layout, options: options))

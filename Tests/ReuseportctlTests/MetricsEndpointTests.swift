@@ -236,8 +236,7 @@ final class PrometheusServer {
                 static_configs:
                   - targets: ['\(target)']
             """.write(toFile: folder + "/prometheus.yml", atomically: true, encoding: .utf8)
-        // A port the kernel just gave out and took back: free unless another process races for it.
-        address = try FlowClient(.tcp, local: ReuseportKit.SocketAddress(.loopbackV4, 0)).local
+        address = ReuseportKit.SocketAddress(.loopbackV4, try freePort())
         process = try Subprocess("/usr/bin/prometheus", [
             "--config.file=\(folder)/prometheus.yml", "--storage.tsdb.path=\(folder)/data",
             "--web.listen-address=\(address)", "--log.level=warn",
