@@ -247,6 +247,12 @@ struct OpenedService {
 
     func snapshot() throws -> ServiceSnapshot {
         do {
+            // The change's record first, the tables it describes after: the daemon writes a
+            // switch's buckets, fallback and configuration before the record that says it
+            // switched, so tables read after a record are at least as new as it says. Read the
+            // other way round, a wait for the switch could see it in the record and still hold the
+            // buckets from before (`scale` then reported "0 of 4096 buckets moved").
+            let change = try maps.readTransition()
             let config = try maps.readConfig()
             if config.abi_version != 0 { try maps.checkConfiguredABI() }
             // The program reads no entry of a bucket_count it refuses (0, above RP_MAX_BUCKETS); the map has
@@ -270,7 +276,6 @@ struct OpenedService {
             // daemon records generations, the configured slots need not be 0..<slot_count (after
             // an upgrade they are the new generation's): a blank row (no generation, worker, socket
             // or bucket) is then a slot the service does not have, such as one an upgrade retired.
-            let change = try maps.readTransition()
             var slots: [ServiceSnapshot.Slot] = []
             for slot in 0..<UInt32(RP_MAX_SLOTS) {
                 let state = try maps.readSlotState(slot)
